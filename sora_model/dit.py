@@ -1,0 +1,265 @@
+"""The Diffusion Transformer over spatio-temporal patches (article 1.1).
+
+Conditioning follows DiT and PixArt-alpha: the timestep embedding plus the pooled caption vector
+modulate each block through adaLN-Zero (shift, scale, gate), and the caption's tokens enter through
+cross-attention. Gates and output projections start at zero, so every block starts as the identity
+and the network starts by predicting zero: training begins from a stable point at any depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionScope, CrossAttention, SelfAttention, TokenLayout
+from .config import DiTConfig
+from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
+from .rope import rope_angles, rope_frequencies
+
+TIMESTEP_MAX_PERIOD = 10000.0
+"""Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's value)."""
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: (B, N, D) normalised tokens, (B, D) shift and scale."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> sinusoidal features -> MLP."""
+
+    def __init__(self, hidden_size: int, freq_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(TIMESTEP_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, F/2)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention, text cross-attention, adaLN-Zero MLP."""
+
+    def __init__(self, cfg: DiTConfig, scope: AttentionScope):
+        super().__init__()
+        d = cfg.hidden_size
+        self.scope = scope
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        layout: TokenLayout,
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, layout, self.scope)  # (B, N, D)
+        x = x + self.cross_attn(self.norm2(x), context, context_mask)  # (B, N, D)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))  # (B, N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, P)
+
+
+def block_scopes(cfg: DiTConfig) -> list[AttentionScope]:
+    """The attention scope of each block: temporal windows cycle over depth; factorised alternates."""
+    scopes = []
+    for i in range(cfg.depth):
+        window = cfg.temporal_windows[i % len(cfg.temporal_windows)]
+        if cfg.attention == "factorized":
+            scopes.append(AttentionScope("spatial") if i % 2 == 0 else AttentionScope("temporal", window))
+        else:
+            scopes.append(AttentionScope("full", window))
+    return scopes
+
+
+class DiT(nn.Module):
+    """Text-conditioned Diffusion Transformer on (B, C, T, H, W) clips or pre-patchified tokens."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.patch_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim)
+        self.pooled_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.context_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        # The null condition for classifier-free guidance: one learned token and pooled vector, in text space.
+        self.null_text_token = nn.Parameter(torch.zeros(cfg.text_dim))
+        self.null_text_pooled = nn.Parameter(torch.zeros(cfg.text_dim))
+        self.blocks = nn.ModuleList([DiTBlock(cfg, scope) for scope in block_scopes(cfg)])
+        self.final_layer = FinalLayer(d, cfg.patch_dim)
+        self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_split, cfg.rope_theta)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Transformer linears: Xavier-uniform, zero bias (DiT).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Patch embedding is a linear map per patch: initialise it like one, on its flattened view.
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        # Timestep MLP: small normal, as in DiT, so early embeddings don't saturate the SiLU.
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Null condition: small normal, distinct from any real caption from the first step.
+        nn.init.normal_(self.null_text_token, std=0.02)
+        nn.init.normal_(self.null_text_pooled, std=0.02)
+        for block in self.blocks:
+            # adaLN-Zero: zero shift/scale/gate, so each block starts as the identity.
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            # Cross-attention is not gated: zero its output so the identity-at-init holds for it too.
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+        # Output layer: zero, so the untrained model predicts 0 (the mean target) everywhere.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # -- conditioning ---------------------------------------------------------------------------
+
+    def _condition(
+        self,
+        timestep: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
+        drop_text: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> c (B, D) for adaLN, context (B, L, D) and its mask (B, L) for cross-attention."""
+        if text_tokens.shape[-1] != self.cfg.text_dim:
+            raise ValueError(
+                f"text embeddings have width {text_tokens.shape[-1]} but the model expects model.text_dim={self.cfg.text_dim}"
+            )
+        text_mask = text_mask.bool()
+        if drop_text is not None:
+            drop = drop_text.bool().to(text_tokens.device)
+            null_tokens = self.null_text_token.to(text_tokens.dtype).expand_as(text_tokens)
+            text_tokens = torch.where(drop[:, None, None], null_tokens, text_tokens)  # (B, L, Dt)
+            only_first = torch.zeros_like(text_mask)
+            only_first[:, 0] = True
+            text_mask = torch.where(drop[:, None], only_first, text_mask)  # (B, L)
+            text_pooled = torch.where(drop[:, None], self.null_text_pooled.to(text_pooled.dtype).expand_as(text_pooled), text_pooled)
+        # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
+        text_mask = text_mask.clone()
+        text_mask[~text_mask.any(-1), 0] = True
+        dtype = self.t_embedder.mlp[0].weight.dtype
+        c = self.t_embedder(timestep) + self.pooled_embedder(text_pooled.to(dtype))  # (B, D)
+        context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
+        return c, context, text_mask
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        timestep: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        grid: tuple[int, int, int] | None = None,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoise pre-patchified tokens; clips of different sizes share a batch through padding.
+
+        tokens (B, N, P), positions (B, N, 3) or (N, 3), token_mask (B, N) True for real tokens,
+        grid: the common (T', H', W') when all clips share it and nothing is padded (enables fast attention).
+        Returns (B, N, P); padded positions are zero.
+        """
+        # 1. Embed patches and conditions.
+        x = self.patch_embed.embed_tokens(tokens.to(self.patch_embed.proj.weight.dtype))  # (B, N, D)
+        c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
+        if positions.ndim == 2:
+            positions = positions.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, 3)
+        if token_mask is not None and bool(token_mask.all()):
+            token_mask = None
+        layout = TokenLayout(positions=positions, token_mask=token_mask, grid=grid if token_mask is None else None)
+        rope = rope_angles(positions, self.rope_freqs)  # cos, sin: (B, 1, N, Dh/2)
+        # 2. Transformer blocks and the output projection back to patches.
+        out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
+        if token_mask is not None:
+            out = out * token_mask[..., None]
+        return out
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        timestep: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
+        drop_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Denoise a batch of same-size clips: (B, C, T, H, W) -> prediction (B, C, T, H, W)."""
+        if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}"
+            )
+        # 1. Embed patches and conditions; every clip shares the grid, so RoPE is computed once.
+        grid = patch_grid(tuple(video.shape[2:]), self.cfg.patch_size)
+        x = self.patch_embed(video)  # (B, N, D)
+        c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
+        positions = grid_positions(grid, device=video.device)[None]  # (1, N, 3)
+        layout = TokenLayout(positions=positions.expand(x.shape[0], -1, -1), grid=grid)
+        rope = rope_angles(positions, self.rope_freqs)  # cos, sin: (1, 1, N, Dh/2)
+        # 2. Blocks, output projection, and back to a clip.
+        out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
+        return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
+
+    def _blocks(self, x, c, context, context_mask, rope, layout) -> torch.Tensor:
+        """(B, N, D) embedded tokens -> (B, N, P) predictions."""
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, context, context_mask, rope, layout, use_reentrant=False)
+            else:
+                x = block(x, c, context, context_mask, rope, layout)  # (B, N, D)
+        return self.final_layer(x, c)  # (B, N, P)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(B,) bool: which captions to replace by the null condition in training (CFG's condition dropout)."""
+    if p <= 0:
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    return (torch.rand(batch_size, generator=generator) < p).to(device)
+
+
+__all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "null_text_drop"]

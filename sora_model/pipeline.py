@@ -1,0 +1,254 @@
+"""Text-to-video: prompts -> text embeddings -> sampling with guidance -> decode -> uint8 frames.
+
+The same object serves `sora generate`, the Serve replicas, the trainer's stage samples and the
+evaluator. An export is a folder of `model.safetensors` (+ optional `ema.safetensors`) and
+`config.json` (the `PipelineConfig`): loading reads only safetensors and JSON, never a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
+from .config import PipelineConfig, from_dict, to_dict
+from .diffusion import build_diffusion
+from .dit import DiT
+from .text import TextEmbedding, TextEncoder, build_text_encoder
+
+EXPORT_FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+CONFIG_FILE = "config.json"
+Precision = Literal["fp32", "bf16", "int8"]
+STOCHASTIC_SAMPLERS = ("ddpm",)
+"""Samplers that draw fresh noise every step: batched requests must each get their own noise stream."""
+
+
+def save_export(export_dir: str, config: PipelineConfig, state_dict: dict[str, torch.Tensor], ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Write an export folder; tensors are made contiguous CPU copies (safetensors requires it)."""
+    os.makedirs(export_dir, exist_ok=True)
+
+    def clean(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+    save_file(clean(state_dict), os.path.join(export_dir, MODEL_FILE))
+    if ema_state_dict is not None:
+        save_file(clean(ema_state_dict), os.path.join(export_dir, EMA_FILE))
+    with open(os.path.join(export_dir, CONFIG_FILE), "w") as f:
+        json.dump({"format_version": EXPORT_FORMAT_VERSION, **to_dict(config)}, f, indent=2)
+    return export_dir
+
+
+def load_export_config(export_dir: str) -> PipelineConfig:
+    """The `PipelineConfig` of an export; a clear error when the folder is not one."""
+    path = os.path.join(export_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{export_dir}' is not an export folder: {CONFIG_FILE} is missing")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+    version = data.pop("format_version", EXPORT_FORMAT_VERSION)
+    if version > EXPORT_FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version}; this version of sora reads up to {EXPORT_FORMAT_VERSION}")
+    return from_dict(PipelineConfig, data)
+
+
+def _row(emb: TextEmbedding, i: int) -> TextEmbedding:
+    """The i-th caption of a batch of embeddings, keeping the batch dimension."""
+    return TextEmbedding(*(x[i : i + 1] for x in emb))
+
+
+class TextToVideoPipeline:
+    """A DiT, its noise process, a text encoder and an autoencoder, with the export's sampling defaults."""
+
+    def __init__(
+        self,
+        model: DiT,
+        config: PipelineConfig,
+        text_encoder: TextEncoder | None = None,
+        autoencoder: Autoencoder | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.config = config
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.diffusion = build_diffusion(config.diffusion)
+        self.text_encoder = text_encoder or build_text_encoder(config.text_encoder, device=self.device)
+        self.autoencoder = (autoencoder or build_autoencoder(config.autoencoder)).to(self.device).eval()
+        if self.text_encoder.dim != config.model.text_dim:
+            raise ValueError(
+                f"text encoder '{config.text_encoder.name_or_path}' gives width {self.text_encoder.dim} "
+                f"but model.text_dim is {config.model.text_dim}"
+            )
+        self.autocast_dtype: torch.dtype | None = None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, device: str | torch.device = "cpu", **kw) -> TextToVideoPipeline:
+        """A pipeline around a freshly initialised model."""
+        return cls(DiT(config.model), config, device=device, **kw)
+
+    @classmethod
+    def load(
+        cls,
+        export_dir: str,
+        device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
+        use_ema: bool = True,
+        **kw,
+    ) -> TextToVideoPipeline:
+        """Rebuild from an export. EMA weights are preferred when present (they sample better).
+
+        precision: `fp32`; `bf16` (autocast on GPU, weights kept fp32 for exactness of norms); `int8`
+        (dynamic quantisation of every Linear, CPU only: ~4x smaller weights, faster matmuls).
+        """
+        config = load_export_config(export_dir)
+        weights = os.path.join(export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"'{export_dir}' is not an export folder: {MODEL_FILE} is missing")
+        model = DiT(config.model)
+        state = load_file(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match config.json's model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        pipe = cls(model, config, device=device, **kw)
+        pipe.set_precision(precision)
+        return pipe
+
+    def set_precision(self, precision: Precision) -> None:
+        if precision == "int8":
+            if self.device.type != "cpu":
+                raise ValueError("precision 'int8' (dynamic quantisation) runs on CPU only; use 'bf16' on GPU")
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif precision == "bf16":
+            self.autocast_dtype = torch.bfloat16
+        elif precision != "fp32":
+            raise ValueError(f"precision must be one of fp32, bf16, int8, got '{precision}'")
+
+    def save(self, export_dir: str, ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
+        return save_export(export_dir, self.config, self.model.state_dict(), ema_state_dict)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> TextEmbedding:
+        emb = self.text_encoder.encode(list(prompts))
+        return TextEmbedding(emb.tokens.to(self.device), emb.mask.to(self.device), emb.pooled.to(self.device))
+
+    def guided_model_fn(
+        self,
+        cond: TextEmbedding,
+        guidance_scale: torch.Tensor,
+        uncond: TextEmbedding | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """model_fn(x, t) with classifier-free guidance, cond and uncond in one batched forward pass.
+
+        guidance_scale is (B,) so requests with different scales share a batch. uncond None uses the
+        learned null condition (what condition dropout trained); otherwise a negative prompt's embedding.
+        """
+        b = cond.tokens.shape[0]
+        scale = guidance_scale.to(self.device, torch.float32).view(b, 1, 1, 1, 1)
+        need_uncond = bool((guidance_scale != 1).any())
+        if need_uncond:
+            neg = uncond if uncond is not None else cond
+            tokens = torch.cat([cond.tokens, neg.tokens])  # (2B, L, Dt)
+            mask = torch.cat([cond.mask, neg.mask])  # (2B, L)
+            pooled = torch.cat([cond.pooled, neg.pooled])  # (2B, Dt)
+            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.full((b,), uncond is None)]).to(self.device)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                if not need_uncond:
+                    return self.model(x, t, cond.tokens, cond.mask, cond.pooled).float()
+                out = self.model(torch.cat([x, x]), torch.cat([t, t]), tokens, mask, pooled, drop_text=drop).float()
+            out_cond, out_uncond = out.chunk(2)  # (B, C, T, H, W) each
+            return out_uncond + scale * (out_cond - out_uncond)
+
+        return model_fn
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
+        seed: int | Sequence[int] = 0,
+        sampler: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Generate clips: (B, T, H, W, 3) uint8. Unset options come from the export's defaults.
+
+        Each prompt's noise comes from its own seed, so a clip is the same whether it was sampled
+        alone or in a batch with others (what the server's dynamic batching relies on).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        b = len(prompts)
+        if b == 0:
+            raise ValueError("prompts must not be empty")
+        s = self.config.sample
+        frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
+        steps = steps or self.config.diffusion.num_sampling_steps
+        sampler = sampler or self.config.diffusion.sampler
+        guidance = self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale
+        guidance = torch.as_tensor([guidance] * b if np.isscalar(guidance) else list(guidance), dtype=torch.float32)
+        seeds = [seed] * b if isinstance(seed, int) else list(seed)
+        if len(seeds) != b or guidance.numel() != b:
+            raise ValueError(f"got {b} prompts but {len(seeds)} seeds and {guidance.numel()} guidance scales")
+        # 1. Shapes: the clip in model space (after the autoencoder's compression) and its token count.
+        lt, lh, lw = self.autoencoder.latent_shape(frames, height, width)
+        pt, ph, pw = self.config.model.patch_size
+        if lt % pt or lh % ph or lw % pw:
+            raise ValueError(
+                f"{frames} frames at {height}x{width} give a latent grid {lt}x{lh}x{lw} not divisible by the patch "
+                f"{pt}x{ph}x{pw}; pick frames/height/width that are multiples of it"
+            )
+        shape = (self.autoencoder.latent_channels, lt, lh, lw)
+        num_tokens = (lt // pt) * (lh // ph) * (lw // pw)
+        # 2. Text conditions.
+        cond = self.encode_prompts(prompts)
+        uncond = None
+        if negative_prompt is not None:
+            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+            uncond = self.encode_prompts(negs)
+        # 3. Sample. Deterministic samplers take per-prompt initial noise in one batch; stochastic ones
+        # run per prompt so each keeps its own noise stream.
+        generators = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
+        if sampler in STOCHASTIC_SAMPLERS and b > 1:
+            parts = [
+                self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback)
+                for i in range(b)
+            ]
+            latents = torch.cat(parts)
+        else:
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, T, H, W)
+            latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise)
+        # 4. Decode to pixels.
+        video = self.autoencoder.decode(latents.to(self.device))  # (B, 3, T, H, W) in [-1, 1]
+        return model_to_pixels(video).cpu().numpy()  # (B, T, H, W, 3) uint8
+
+    def _sample(self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None):
+        if noise is None:
+            noise = torch.randn((1, *shape), generator=generator).to(self.device)
+            shape = noise.shape
+        model_fn = self.guided_model_fn(cond, guidance, uncond)
+        return self.diffusion.sample(
+            model_fn, tuple(noise.shape), steps=steps, sampler=sampler, generator=generator,
+            num_tokens=num_tokens, noise=noise, callback=callback,
+        )
