@@ -228,7 +228,7 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dit(hidden: int, depth: int, heads: int, patch: tuple[int, int, int], **kw: Any) -> DiTConfig:
+def _dit(hidden: int, depth: int, heads: int, patch: tuple[int, int, int], /, **kw: Any) -> DiTConfig:
     """A preset's sizes; any DiTConfig field in `kw` overrides them (recipes tweak presets this way)."""
     unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(DiTConfig)})
     if unknown:

@@ -36,12 +36,12 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(TIMESTEP_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]  # (B, F/2)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
+        return self.mlp(emb.to(dtype))  # (B, D)
 
 
 class DiTBlock(nn.Module):
@@ -177,8 +177,8 @@ class DiT(nn.Module):
         # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
         text_mask = text_mask.clone()
         text_mask[~text_mask.any(-1), 0] = True
-        dtype = self.t_embedder.mlp[0].weight.dtype
-        c = self.t_embedder(timestep) + self.pooled_embedder(text_pooled.to(dtype))  # (B, D)
+        dtype = self.dtype
+        c = self.t_embedder(timestep, dtype) + self.pooled_embedder(text_pooled.to(dtype))  # (B, D)
         context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
         return c, context, text_mask
 
@@ -203,7 +203,7 @@ class DiT(nn.Module):
         Returns (B, N, P); padded positions are zero.
         """
         # 1. Embed patches and conditions.
-        x = self.patch_embed.embed_tokens(tokens.to(self.patch_embed.proj.weight.dtype))  # (B, N, D)
+        x = self.patch_embed.embed_tokens(tokens.to(self.dtype))  # (B, N, D)
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
         if positions.ndim == 2:
             positions = positions.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, 3)
@@ -250,6 +250,11 @@ class DiT(nn.Module):
             else:
                 x = block(x, c, context, context_mask, rope, layout)  # (B, N, D)
         return self.final_layer(x, c)  # (B, N, P)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, read off the patch embedding (a Conv3d, which int8 quantisation leaves as is)."""
+        return self.patch_embed.proj.weight.dtype
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -113,7 +113,13 @@ def test_rope_keeps_norm_and_dtype():
 
 @pytest.mark.parametrize(
     "scope",
-    [AttentionScope("full", 0), AttentionScope("full", 2), AttentionScope("spatial"), AttentionScope("temporal", 0), AttentionScope("temporal", 2)],
+    [
+        AttentionScope("full", 0),
+        AttentionScope("full", 2),
+        AttentionScope("spatial"),
+        AttentionScope("temporal", 0),
+        AttentionScope("temporal", 2),
+    ],
 )
 def test_fast_attention_path_equals_masked_path(scope):
     torch.manual_seed(0)
@@ -173,7 +179,11 @@ def test_padded_tokens_leave_valid_outputs_unchanged(name):
     alone = []
     for i, clip in enumerate([small, large]):
         grid = patch_grid(tuple(clip.shape[2:]), cfg.patch_size)
-        alone.append(model.forward_tokens(patchify(clip, cfg.patch_size), t[i : i + 1], tt[i : i + 1], tm[i : i + 1], tp[i : i + 1], grid_positions(grid)))
+        alone.append(
+            model.forward_tokens(
+                patchify(clip, cfg.patch_size), t[i : i + 1], tt[i : i + 1], tm[i : i + 1], tp[i : i + 1], grid_positions(grid)
+            )
+        )
     # pad both into one batch
     n = max(a.shape[1] for a in alone)
     tokens = torch.zeros(2, n, cfg.patch_dim)
@@ -272,7 +282,13 @@ def test_bad_input_shapes_are_clear():
     with pytest.raises(ValueError, match="not divisible by the patch"):
         model(torch.randn(1, 3, 2, 7, 8), torch.tensor([1.0]), *text(1))
     with pytest.raises(ValueError, match="model.text_dim=16"):
-        model(torch.randn(1, 3, 2, 8, 8), torch.tensor([1.0]), torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.bool), torch.randn(1, 8))
+        model(
+            torch.randn(1, 3, 2, 8, 8),
+            torch.tensor([1.0]),
+            torch.randn(1, 5, 8),
+            torch.ones(1, 5, dtype=torch.bool),
+            torch.randn(1, 8),
+        )
 
 
 # -- configs ----------------------------------------------------------------------------------

