@@ -1,0 +1,103 @@
+"""`sora data ...` sub-commands; the same parsers serve `python -m pipelines.data.synth|prepare`.
+
+sora data synth --out data/shapes --num-videos 168
+sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --resolution 32 --frames 8 --fps 8
+ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ... --out ... --resolution 32 --frames 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pipelines.data.prepare import DEFAULT_PATCH
+
+
+def add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder: videos/*.mp4 and captions.jsonl")
+    p.add_argument("--num-videos", type=int, required=True, help="videos to render (84 combinations are cycled)")
+    p.add_argument("--size", type=int, default=32, help="frame width and height in pixels, even (default 32)")
+    p.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
+    p.add_argument("--fps", type=float, default=8, help="frame rate written into the MP4 (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start positions (default 0)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar='"COLOR SHAPE DIRECTION"',
+        help='leave out matching combinations, e.g. "red circle left" or "* triangle *"; repeatable',
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--manifest", required=True, help="JSONL or CSV (path + caption|text), or a folder of videos with NAME.txt captions"
+    )
+    p.add_argument("--out", required=True, help="output folder (refused if it holds something else; resumed if interrupted)")
+    p.add_argument("--resolution", type=int, help="square clip size in pixels, after short-side resize and centre crop")
+    p.add_argument("--frames", type=int, help="frames per clip (1 makes image clips)")
+    p.add_argument("--buckets", help="instead of --resolution/--frames: FxHxW,... e.g. 1x32x32,8x32x32; one folder each")
+    p.add_argument("--fps", type=float, help="clip frame rate, resampled from the source (default: the source's own)")
+    p.add_argument("--clips-per-video", type=int, default=1, help="clips per video, --stride apart; 0 = all that fit (default 1)")
+    p.add_argument("--stride", type=float, help="seconds between clip starts (default: one clip length)")
+    p.add_argument(
+        "--patch",
+        default="x".join(map(str, DEFAULT_PATCH)),
+        help="the model's patch size TxHxW; must equal the recipe's model.patch_size (default %(default)s, DiT-demo)",
+    )
+    p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder")
+    p.add_argument("--max-text-length", type=int, default=32, help="text tokens kept per caption (default 32)")
+    p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
+    p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard (default 256)")
+    p.add_argument("--workers", type=int, help="decode actors at most (default: cluster CPUs - 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from pipelines.data.synth import synth
+
+    synth(
+        args.out,
+        args.num_videos,
+        size=args.size,
+        frames=args.frames,
+        fps=args.fps,
+        seed=args.seed,
+        exclude=args.exclude,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from pipelines.data.prepare import options_from_args, prepare
+
+    prepare(options_from_args(args))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    data = subparsers.add_parser(
+        "data",
+        help="make and prepare video datasets (Ray Data)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    sub.required = True
+    synth = sub.add_parser("synth", help="render the synthetic shapes dataset (MP4 + captions.jsonl)")
+    add_synth_arguments(synth)
+    synth.set_defaults(func=run_synth)
+    prepare = sub.add_parser("prepare", help="videos + captions -> Parquet shards of patches and text embeddings")
+    add_prepare_arguments(prepare)
+    prepare.set_defaults(func=run_prepare)
+
+
+def run_module(name: str, argv: list[str] | None = None) -> int:
+    """`python -m pipelines.data.NAME ARGS` == `sora data NAME ARGS`: same parser, same one-line errors."""
+    from pipelines.cli import main
+
+    return main(["data", name, *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,190 @@
+"""Reading prepared datasets back: a Ray Dataset for training, plain numpy for tests and notebooks.
+
+    from pipelines.data.load import load_prepared, read_prepared, read_dataset_info, list_buckets
+
+    ds = load_prepared("data/prepared", bucket="8x32x32")   # ray.data.Dataset, iter_torch_batches-ready
+    for batch in ds.iter_torch_batches(batch_size=16):
+        batch["patches"]        # (B, N, P) float32
+    arrays = read_prepared("data/prepared")                 # dict of numpy arrays, no Ray
+
+A prepared folder holds one sub-folder per bucket (`<frames>x<height>x<width>`). Clips of different
+buckets have different token counts, so a dataset is read one bucket at a time (one per curriculum
+stage); `bucket=None` is allowed when the folder has exactly one non-empty bucket. Several folders
+(`sora train --data A,B`) are read as one dataset when their patch size, channels and text encoder agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.data.prepare import DATASET_INFO, RUN_STATE, SHARD_PREFIX, SHARD_SUFFIX
+
+TENSOR_COLUMNS = ("patches", "grid", "text_tokens", "text_mask", "text_pooled")
+TRAIN_COLUMNS = (*TENSOR_COLUMNS, "start_s", "fps")
+"""What `load_prepared` reads by default: every numeric column, so `iter_torch_batches` works as is
+(strings cannot become tensors; ask for `clip_id`/`caption`/`source` with `columns=` and `iter_batches`)."""
+SCALAR_COLUMNS = ("clip_id", "source", "start_s", "fps", "caption")
+MUST_AGREE = ("patch_size", "in_channels", "patch_dim", "autoencoder")
+"""dataset.json keys that must match across folders read together (text encoder is checked too)."""
+
+
+def read_dataset_info(path: str | Path) -> dict[str, Any]:
+    """The dataset.json of a prepared folder; a one-line FileNotFoundError when it is not one."""
+    folder = Path(path)
+    info_path = folder / DATASET_INFO
+    if not info_path.is_file():
+        if (folder / RUN_STATE).is_file():
+            raise FileNotFoundError(
+                f"{folder} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same command to finish it"
+            )
+        what = "does not exist" if not folder.exists() else f"has no {DATASET_INFO}"
+        raise FileNotFoundError(f"{folder} is not a prepared dataset ({what}); make one with `sora data prepare`")
+    try:
+        return json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{info_path} is not valid JSON: {err}") from None
+
+
+def list_buckets(path: str | Path) -> list[dict[str, Any]]:
+    """The buckets of a prepared folder as recorded in dataset.json ({frames, height, width, grid, num_clips, path, name})."""
+    return read_dataset_info(path)["buckets"]
+
+
+def _bucket_name(bucket: str | Sequence[int] | None) -> str | None:
+    if bucket is None or isinstance(bucket, str):
+        return bucket
+    f, h, w = bucket
+    return f"{f}x{h}x{w}"
+
+
+def _select_bucket(path: Path, info: dict[str, Any], bucket: str | Sequence[int] | None) -> dict[str, Any]:
+    name = _bucket_name(bucket)
+    buckets = info["buckets"]
+    names = ", ".join(f"{b['name']} ({b['num_clips']} clips)" for b in buckets)
+    if name is None:
+        full = [b for b in buckets if b["num_clips"] > 0]
+        if len(full) != 1:
+            raise ValueError(f"{path} has {len(full)} non-empty buckets; pass bucket= one of: {names}")
+        return full[0]
+    for b in buckets:
+        if b["name"] == name:
+            return b
+    raise ValueError(f"{path} has no bucket {name}; it has: {names}")
+
+
+def bucket_files(path: str | Path, bucket: str | Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(dataset info, bucket info, sorted shard paths) of one bucket of a prepared folder."""
+    folder = Path(path)
+    info = read_dataset_info(folder)
+    b = _select_bucket(folder, info, bucket)
+    files = sorted(str(p) for p in (folder / b["path"]).glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}"))
+    return info, b, files
+
+
+def _check_compatible(infos: list[tuple[Path, dict[str, Any], dict[str, Any]]]) -> None:
+    (p0, i0, b0), *rest = infos
+    for p, i, b in rest:
+        for key in MUST_AGREE:
+            if i[key] != i0[key]:
+                raise ValueError(f"{p} and {p0} differ in {key} ({i[key]} vs {i0[key]}); they cannot be read as one dataset")
+        if {k: i["text_encoder"][k] for k in ("name_or_path", "dim")} != {
+            k: i0["text_encoder"][k] for k in ("name_or_path", "dim")
+        }:
+            raise ValueError(f"{p} and {p0} use different text encoders; they cannot be read as one dataset")
+        if b["grid"] != b0["grid"]:
+            raise ValueError(f"{p} bucket {b['name']} has grid {b['grid']}, {p0} has {b0['grid']}: token counts differ")
+
+
+def _column_to_numpy(column: Any) -> np.ndarray:
+    """Arrow column of (nested) fixed-size lists -> ndarray (rows, d1, ..., dk); strings/numbers -> 1-d."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    shape = [len(arr)]
+    typ = arr.type
+    while pa.types.is_fixed_size_list(typ):
+        shape.append(typ.list_size)
+        typ = typ.value_type
+    if len(shape) == 1:
+        return arr.to_numpy(zero_copy_only=False)
+    flat = arr
+    for _ in range(len(shape) - 1):
+        flat = flat.flatten()
+    return flat.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def table_to_numpy(table: Any, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A Parquet/Arrow table of prepared rows -> {column: ndarray}, tensor columns with their full shapes."""
+    names = columns or table.column_names
+    return {name: _column_to_numpy(table.column(name)) for name in names}
+
+
+def _to_tensors(batch: Any) -> dict[str, np.ndarray]:
+    return table_to_numpy(batch)
+
+
+def load_prepared(
+    path_or_paths: str | Path | Sequence[str | Path],
+    bucket: str | Sequence[int] | None = None,
+    columns: Sequence[str] | None = None,
+) -> Any:
+    """A `ray.data.Dataset` of one bucket of one or more prepared folders (a "A,B" string works too).
+
+    Rows come out as numpy tensors of the shapes in `prepare`'s row contract, so `iter_torch_batches`
+    gives (B, N, P) float32 patches, (B, L, D) float16 text tokens, and so on. `columns` defaults to
+    TRAIN_COLUMNS (the numeric ones); pass `prepare.COLUMNS` for all of them.
+    """
+    import ray
+
+    from pipelines.data.runtime import ensure_ray
+
+    if isinstance(path_or_paths, (str, Path)):
+        paths = [Path(p) for p in str(path_or_paths).split(",") if p.strip()]
+    else:
+        paths = [Path(p) for p in path_or_paths]
+    if not paths:
+        raise ValueError("no prepared dataset path given")
+    infos, files = [], []
+    for p in paths:
+        info, b, fs = bucket_files(p, bucket)
+        infos.append((p, info, b))
+        files.extend(fs)
+    _check_compatible(infos)
+    if not files:
+        raise ValueError(f"bucket {infos[0][2]['name']} holds no clips in {', '.join(map(str, paths))}")
+    ensure_ray()
+    ds = ray.data.read_parquet(files, columns=list(columns or TRAIN_COLUMNS))
+    return ds.map_batches(_to_tensors, batch_format="pyarrow", zero_copy_batch=True)
+
+
+def iter_prepared(
+    path: str | Path, bucket: str | Sequence[int] | None = None, columns: Sequence[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Rows of one bucket as dicts of numpy values, shard by shard, without Ray."""
+    import pyarrow.parquet as pq
+
+    _, _, files = bucket_files(path, bucket)
+    for f in files:
+        arrays = table_to_numpy(pq.read_table(f, columns=list(columns) if columns else None))
+        n = len(next(iter(arrays.values())))
+        for i in range(n):
+            yield {k: v[i] for k, v in arrays.items()}
+
+
+def read_prepared(
+    path: str | Path, bucket: str | Sequence[int] | None = None, columns: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """One bucket of a prepared folder as {column: ndarray} (all rows, in shard order), without Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, _, files = bucket_files(path, bucket)
+    if not files:
+        raise ValueError(f"{path}: the bucket holds no clips")
+    table = pa.concat_tables([pq.read_table(f, columns=list(columns) if columns else None) for f in files])
+    return table_to_numpy(table)

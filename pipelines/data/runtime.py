@@ -1,0 +1,30 @@
+"""Connecting to Ray: an existing cluster when RAY_ADDRESS is set (or under `ray job submit`), else a local one."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray() -> None:
+    """Initialise Ray once per process; a no-op when the caller (a test, a notebook, a job) already did."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        # A laptop run: every core, and no dashboard (it needs extra packages and a port nobody looks at).
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
