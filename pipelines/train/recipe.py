@@ -1,0 +1,361 @@
+"""Training recipes: YAML curricula loaded into typed dataclasses (unknown keys and wrong types are errors).
+
+    recipe = load_recipe("cluster/recipes/smoke-cpu.yaml")
+    buckets = resolve_stage_data(recipe, ["data/images", "data/clips"])   # stage name -> prepared folders
+
+A recipe is one model trained through a list of stages (the article's curriculum, 4.1): each stage
+names a prepared bucket (`FRAMESxHEIGHTxWIDTH`, as `sora data prepare` writes it), its batch, steps,
+learning rate and loss weights, and starts from the weights the previous stage ended with. Every error
+is one line naming the key, e.g. `stages[1].lr must be a number, got 'fast'`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sora_model.config import (
+    AutoencoderConfig,
+    ConfigError,
+    DiffusionConfig,
+    DiTConfig,
+    LossConfig,
+    PipelineConfig,
+    SampleConfig,
+    TextEncoderConfig,
+    dit_preset,
+    from_dict,
+    to_dict,
+)
+
+DATASET_INFO = "dataset.json"
+
+
+@dataclass
+class ModelSpec:
+    """A named preset (`sora_model.config.DIT_PRESETS`) with field overrides."""
+
+    preset: str = "DiT-demo"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Any `DiTConfig` field, e.g. `{patch_size: [1, 4, 4], gradient_checkpointing: true}`; typed like the config."""
+
+    def build(self) -> DiTConfig:
+        base = to_dict(dit_preset(self.preset))
+        # Round-trip through from_dict so overrides are checked (names and types) like any other key.
+        return from_dict(DiTConfig, {**base, **self.overrides}, "model.overrides")
+
+
+@dataclass
+class DeepSpeedSpec:
+    """DeepSpeed engine settings shared by every stage."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """ZeRO-3 partitions parameters, gradients and optimizer state: per-rank memory falls as 1/world size."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (needs DeepSpeed's CPU Adam build on GPU machines)."""
+    offload_params: bool = False
+    """Keep ZeRO-3 parameter partitions in CPU memory between uses (stage 3 only)."""
+    bf16: bool | Literal["auto"] = "auto"
+    """`auto`: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and gloo reduces fp32 anyway)."""
+    gradient_clipping: float = 1.0
+    """Global-norm clip; DiT-style training diverges without it at large learning rates."""
+    weight_decay: float = 0.0
+    """AdamW decay; 0 as in DiT (diffusion models gain little from it)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage 3")
+        if self.gradient_clipping < 0:
+            raise ConfigError(f"deepspeed.gradient_clipping must be >= 0, got {self.gradient_clipping}")
+
+
+@dataclass
+class EMASpec:
+    """Exponential moving average of the weights (kept per ZeRO-3 partition, gathered at export)."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    """Averaging horizon ~ 1 / (1 - decay) steps; 0.9999 for long GPU runs, lower for short CPU runs."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class SampleSpec:
+    """Stage-end sample grids and the generation defaults written into the export."""
+
+    steps: int | None = None
+    """Sampling steps for the stage-end grids; None uses diffusion.num_sampling_steps. Keep small on CPU."""
+    seed: int = 0
+    fps: int = 8
+    """Frame rate of the sample GIFs and of the export's generation default."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"sample.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class StageSpec:
+    """One curriculum stage; starts from the weights the previous stage ended with."""
+
+    name: str
+    dataset: str
+    """Bucket `FRAMESxHEIGHTxWIDTH` inside one of the `--data` folders (or a folder path holding one bucket)."""
+    resolution: int
+    """Square clip size in pixels; must equal the bucket's height and width."""
+    frames: int
+    """Frames per clip; must equal the bucket's frames (1 for image stages)."""
+    steps: int
+    """Optimizer steps in this stage."""
+    lr: float
+    micro_batch: int = 1
+    """Clips per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step: global batch = micro_batch * grad_accum * workers."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 at the start of the stage (a new resolution or length shocks the model)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: constant, or cosine decay to `min_lr_ratio * lr` by the stage's end."""
+    min_lr_ratio: float = 0.1
+    loss: LossConfig = field(default_factory=LossConfig)
+    cond_dropout: float | None = None
+    """Caption dropout for classifier-free guidance; None uses diffusion.cond_dropout."""
+    checkpoint_every: int = 0
+    """Checkpoint every N steps (and always at the stage end); 0 only at the end."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts sampled into RUN/samples/<stage>.gif at the stage end; empty skips sampling."""
+
+    def __post_init__(self) -> None:
+        for key in ("resolution", "frames", "steps", "micro_batch", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.cond_dropout is not None and not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+
+
+@dataclass
+class Recipe:
+    """A model, its noise process and conditioning, the engine settings, and the curriculum."""
+
+    name: str
+    """Run name: the Ray Train run is `RUN/ray_results/<name>`, which `--resume` finds again."""
+    stages: list[StageSpec]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    sample: SampleSpec = field(default_factory=SampleSpec)
+    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
+    ema: EMASpec = field(default_factory=EMASpec)
+    workers: int = 2
+    """Ray Train workers (one DeepSpeed rank each); `--workers` overrides."""
+    max_failures: int = 2
+    """Worker/node losses survived by restarting from the last checkpoint (Ray Train FailureConfig)."""
+    max_nonfinite_steps: int = 5
+    """Consecutive micro-batches with a non-finite loss before the run stops (each one is skipped and counted)."""
+    seed: int = 0
+    """Seeds initial weights and every step's timesteps, noise and caption dropout."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the Ray run folder (oldest deleted first)."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages must list at least one stage")
+        names = [s.name for s in self.stages]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ConfigError(f"stages[{i}].name '{n}' is used twice; stage names must be unique")
+            if not n or "/" in n or n.startswith("."):
+                raise ConfigError(f"stages[{i}].name must be a plain name (it names files), got {n!r}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def model_config(self) -> DiTConfig:
+        return self.model.build()
+
+    def pipeline_config(self) -> PipelineConfig:
+        """The export's config.json: generation defaults are the last stage's clip size and the recipe's sampler."""
+        last = self.stages[-1]
+        return PipelineConfig(
+            model=self.model_config(),
+            diffusion=self.diffusion,
+            text_encoder=self.text_encoder,
+            autoencoder=self.autoencoder,
+            sample=SampleConfig(num_frames=last.frames, height=last.resolution, width=last.resolution, fps=self.sample.fps),
+            preset=self.model.preset,
+        )
+
+
+def _check_stage_shapes(recipe: Recipe, model: DiTConfig) -> None:
+    for i, stage in enumerate(recipe.stages):
+        pt, ph, pw = model.patch_size
+        if stage.frames % pt or stage.resolution % ph or stage.resolution % pw:
+            raise ConfigError(
+                f"stages[{i}]: {stage.frames} frames at {stage.resolution}px do not divide by model.patch_size {list(model.patch_size)}"
+            )
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """A Recipe from a parsed YAML mapping; ConfigError (one line, naming the key) when it is wrong."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    # Stage errors name the stage by index: `stages[1].lr ...`. from_dict does that for list items,
+    # but the stage-level __post_init__ checks raise without the prefix, so add it here.
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        parsed = []
+        for i, s in enumerate(stages):
+            try:
+                parsed.append(from_dict(StageSpec, s, f"stages[{i}]"))
+            except ConfigError as err:
+                msg = str(err)
+                parsed_msg = msg if msg.startswith(("stages[", "unknown key")) else f"stages[{i}].{msg}"
+                raise ConfigError(parsed_msg) from None
+        data["stages"] = parsed
+    recipe = from_dict(Recipe, data)
+    model = recipe.model_config()
+    _check_stage_shapes(recipe, model)
+    if recipe.text_encoder.max_length < 1:
+        raise ConfigError(f"text_encoder.max_length must be >= 1, got {recipe.text_encoder.max_length}")
+    if recipe.deepspeed.offload_params and recipe.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage 3")
+    return recipe
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{path} is not valid YAML: {first}") from None
+    return parse_recipe(data, path)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """JSON-ready form (what the workers receive and `parse_recipe` reads back)."""
+    return to_dict(recipe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: which prepared folder holds each stage's bucket
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageData:
+    """Where a stage's clips are and what they look like."""
+
+    paths: list[str]
+    """Prepared dataset roots holding the bucket (passed to `pipelines.data.load.load_prepared`)."""
+    bucket: str
+    bucket_dirs: list[str]
+    num_clips: int
+    grid: tuple[int, int, int]
+    info: dict[str, Any]
+
+
+def read_info(root: str) -> dict[str, Any]:
+    path = os.path.join(root, DATASET_INFO)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{root}' is not a prepared dataset: {DATASET_INFO} is missing (run `sora data prepare`)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _bucket_name(b: dict[str, Any]) -> str:
+    return b.get("name") or f"{b['frames']}x{b['height']}x{b['width']}"
+
+
+def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]:
+    """Find each stage's bucket in the `--data` folders and check it fits the model and the stage.
+
+    A stage's `dataset` is a bucket name (`8x32x32`) looked up in every root, or a path to a prepared
+    root (then its only bucket is used). Errors name the stage and list the buckets that exist.
+    """
+    roots = [os.path.abspath(r) for r in roots]
+    infos = {r: read_info(r) for r in roots}
+    model = recipe.model_config()
+    out: dict[str, StageData] = {}
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}].dataset"
+        hits: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+        if os.path.isfile(os.path.join(stage.dataset, DATASET_INFO)):
+            root = os.path.abspath(stage.dataset)
+            info = infos.get(root) or read_info(root)
+            if len(info["buckets"]) != 1:
+                names = ", ".join(_bucket_name(b) for b in info["buckets"])
+                raise ConfigError(f"{where} '{stage.dataset}' holds several buckets ({names}); name one instead")
+            hits.append((root, info, info["buckets"][0]))
+        else:
+            empty = []
+            for root, info in infos.items():
+                for b in info["buckets"]:
+                    if _bucket_name(b) == stage.dataset:
+                        (hits if int(b["num_clips"]) > 0 else empty).append((root, info, b))
+            if not hits and empty:
+                raise ConfigError(f"{where} '{stage.dataset}' holds no clips in {', '.join(r for r, _, _ in empty)}")
+        if not hits:
+            have = sorted({_bucket_name(b) for info in infos.values() for b in info["buckets"]})
+            raise ConfigError(
+                f"{where} '{stage.dataset}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}"
+            )
+        _, info, bucket = hits[0]
+        frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
+        if (frames, height, width) != (stage.frames, stage.resolution, stage.resolution):
+            raise ConfigError(
+                f"stages[{i}] wants {stage.frames} frames at {stage.resolution}x{stage.resolution} but bucket "
+                f"'{stage.dataset}' holds {frames}x{height}x{width}"
+            )
+        if tuple(info["patch_size"]) != tuple(model.patch_size):
+            raise ConfigError(
+                f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}"
+            )
+        if int(info["in_channels"]) != model.in_channels:
+            raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
+        text_dim = int(info.get("text_encoder", {}).get("dim", model.text_dim))
+        if text_dim != model.text_dim:
+            raise ConfigError(f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}")
+        num = sum(int(b["num_clips"]) for _, _, b in hits)
+        if num < 1:
+            raise ConfigError(f"{where} '{stage.dataset}' holds no clips")
+        out[stage.name] = StageData(
+            paths=[r for r, _, _ in hits],
+            bucket=_bucket_name(bucket),
+            bucket_dirs=[os.path.join(r, b.get("path", _bucket_name(b))) for r, _, b in hits],
+            num_clips=num,
+            grid=tuple(int(g) for g in bucket["grid"]),
+            info=info,
+        )
+    return out
