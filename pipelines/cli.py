@@ -72,4 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import by package name: run as a script this module is `__main__`, and its UserError would not
+    # be the `pipelines.cli.UserError` the stages raise.
+    from pipelines.cli import main as package_main
+
+    sys.exit(package_main())

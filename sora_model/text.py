@@ -186,6 +186,8 @@ def _load(folder: str, name: str, max_length: int) -> tuple[Any, Any, str]:
         model_cls, pooling = transformers.CLIPTextModel, "pooler"
     else:
         model_cls, pooling = transformers.AutoModel, "mean"
+    # A weight-loading bar per replica/worker/CLI call interleaves with our own progress and one-line errors.
+    transformers.utils.logging.disable_progress_bar()
     model = model_cls.from_pretrained(folder, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     # T5 has relative positions (no limit); absolute-position models cannot read past their table.

@@ -1,0 +1,405 @@
+"""The HTTP surface: OpenAI Videos API schemas, limit checks, and OpenAI-shaped errors.
+
+Pure pydantic and dataclasses (no Ray, no torch), so it is unit-tested on its own. The ingress parses
+a create request into `VideoCreateRequest`, then `resolve()` checks it against the configured limits
+and the model's defaults and gives the `GenerationParams` a generator replica samples.
+
+Errors are `{"error": {"message", "type", "param", "code"}}`, the shape the `openai` SDK parses into
+`openai.BadRequestError` and friends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import urllib.parse
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import Limits, ServeSettings, Tier
+
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+MAX_SEED = 2**63 - 1
+"""torch.Generator.manual_seed takes 64-bit seeds; JSON clients handle signed 64-bit best."""
+PREVIEW_SUFFIX = "-preview"
+VIDEO_VARIANTS = ("video", "thumbnail")
+"""`spritesheet` (the third OpenAI variant) is not produced; asking for it is a 400 that says so."""
+MAX_LIST_LIMIT = 100
+MAX_BODY_BYTES = 20 * 1024 * 1024
+"""A create carries a prompt and at most a reference image; anything bigger is refused unread."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        if type is None:
+            type = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+        self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def from_validation_error(err: ValidationError) -> ApiError:
+    """The first problem pydantic found, as a 400 naming the parameter."""
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    kind = first["type"]
+    if kind == "missing":
+        return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return ApiError(400, f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    got = first.get("input")
+    shown = repr(got) if not isinstance(got, str) or len(got) < 60 else repr(got[:57] + "...")
+    return ApiError(400, f"Invalid type for '{param}': {first['msg'].lower()}, got {shown}.", param=param, code="invalid_type")
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and responses
+# ---------------------------------------------------------------------------------------------
+
+
+class VideoCreateRequest(BaseModel):
+    """`POST /v1/videos`: the OpenAI fields plus our sampling extensions.
+
+    Multipart forms send every value as a string; pydantic's lax mode turns "8" into 8 for the
+    numeric fields, while a JSON body with the wrong type ("prompt": 3) is rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    seconds: str | float | None = None
+    """OpenAI sends "4", "8", "12"; any positive number is accepted and becomes seconds x fps frames."""
+    size: str | None = None
+    """"WIDTHxHEIGHT"."""
+    input_reference: Any = None
+    # Extensions (sent with the SDK's `extra_body=`).
+    num_frames: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    negative_prompt: str | None = None
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoObject(BaseModel):
+    """What every video endpoint answers; the OpenAI `Video` fields plus the parameters we sampled with."""
+
+    id: str
+    object: str = "video"
+    model: str
+    status: str
+    progress: int = 0
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    size: str
+    seconds: str
+    prompt: str | None = None
+    remixed_from_video_id: str | None = None
+    error: VideoError | None = None
+    # Extensions.
+    num_frames: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: str
+    negative_prompt: str | None = None
+
+
+class ListQuery(BaseModel):
+    limit: int = Field(default=20, ge=1, le=MAX_LIST_LIMIT)
+    after: str | None = None
+    order: str = Field(default="desc", pattern="^(asc|desc)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a request against limits and the model's defaults
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the ingress needs to know about the export, asked once from a generator replica."""
+
+    num_frames: int
+    height: int
+    width: int
+    fps: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    samplers: tuple[str, ...]
+    """Samplers valid for the export's noise schedule."""
+    spatial_multiple: int
+    """height and width must be multiples of this (autoencoder downsampling x patch size)."""
+    frame_multiple: int
+    """frames (minus 1 for causal video VAEs) must be multiples of this."""
+    causal_frames: bool = False
+    """True for a video VAE that encodes the first frame alone: frames = 1 + k x frame_multiple."""
+
+    def check_frames(self, frames: int) -> str | None:
+        if self.causal_frames:
+            if (frames - 1) % self.frame_multiple:
+                return f"num_frames must be 1 + a multiple of {self.frame_multiple} for this model, got {frames}"
+        elif frames % self.frame_multiple:
+            return f"num_frames must be a multiple of {self.frame_multiple} for this model, got {frames}"
+        return None
+
+
+def model_card(pipe: Any) -> ModelCard:
+    """The defaults and shape rules of a loaded pipeline, for validating requests without the model."""
+    from sora_model.diffusion import SAMPLER_NAMES
+
+    cfg = pipe.config
+    _, ph, pw = cfg.model.patch_size
+    ae = pipe.autoencoder
+    family = "flow" if cfg.diffusion.schedule == "rectified_flow" else "gaussian"
+    causal = ae.temporal_factor > 1
+    return ModelCard(
+        num_frames=cfg.sample.num_frames,
+        height=cfg.sample.height,
+        width=cfg.sample.width,
+        fps=cfg.sample.fps,
+        steps=cfg.diffusion.num_sampling_steps,
+        guidance_scale=cfg.diffusion.guidance_scale,
+        sampler=cfg.diffusion.sampler,
+        samplers=tuple(SAMPLER_NAMES[family]),
+        spatial_multiple=ae.spatial_factor * math.lcm(ph, pw),
+        frame_multiple=ae.temporal_factor if causal else cfg.model.patch_size[0],
+        causal_frames=causal,
+    )
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything a generator needs for one clip; frozen and hashable into the result-cache key."""
+
+    prompt: str
+    num_frames: int
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: str
+    negative_prompt: str | None
+    fps: int
+    model: str
+
+    @property
+    def shape_key(self) -> tuple:
+        """Requests with equal keys are sampled in one pipeline call (guidance, seeds, prompts may differ).
+        Negative prompts replace the learned null condition for the whole call, so they split groups too."""
+        return (self.num_frames, self.height, self.width, self.steps, self.sampler, self.negative_prompt is not None)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def seconds(self) -> str:
+        return format_seconds(self.num_frames / self.fps)
+
+    def cache_key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def format_seconds(s: float) -> str:
+    """"4" for whole seconds (what OpenAI answers), "0.5" otherwise."""
+    return str(int(s)) if float(s).is_integer() else f"{s:.3g}"
+
+
+def effective_limit(global_value: int, tier_value: int | None) -> int:
+    return global_value if tier_value is None else min(global_value, tier_value)
+
+
+def resolve(
+    req: VideoCreateRequest,
+    card: ModelCard,
+    settings: ServeSettings,
+    tier: Tier,
+    random_seed: int,
+) -> GenerationParams:
+    """Check a request against the limits (global, tightened by the tier) and fill in defaults.
+
+    Raises ApiError (400) naming the parameter and the limit it broke.
+    """
+    limits: Limits = settings.limits
+    # 1. Model: ours, its preview variant, or an OpenAI alias of ours.
+    name = settings.model_name
+    model = req.model or name
+    preview = model == name + PREVIEW_SUFFIX
+    if model != name and not preview and model not in settings.model_aliases:
+        known = ", ".join([name, name + PREVIEW_SUFFIX, *settings.model_aliases])
+        raise ApiError(400, f"The model '{model}' does not exist; available models: {known}.", param="model", code="model_not_found")
+    if req.input_reference is not None:
+        raise invalid("input_reference", "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).", code="unsupported_parameter")
+    # 2. Prompts.
+    prompt = req.prompt.strip()
+    if not prompt:
+        raise invalid("prompt", "'prompt' must not be empty.")
+    if len(prompt) > limits.max_prompt_chars:
+        raise invalid("prompt", f"'prompt' has {len(prompt)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).", code="string_above_max_length")
+    negative = req.negative_prompt.strip() if req.negative_prompt is not None else None
+    if negative is not None and len(negative) > limits.max_prompt_chars:
+        raise invalid("negative_prompt", f"'negative_prompt' has {len(negative)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).", code="string_above_max_length")
+    negative = negative or None
+    # 3. Size.
+    width, height = card.width, card.height
+    if req.size is not None:
+        m = SIZE_PATTERN.match(req.size)
+        if not m:
+            raise invalid("size", f"'size' must be 'WIDTHxHEIGHT' with positive integers, e.g. '{card.width}x{card.height}'; got {req.size!r}.")
+        width, height = int(m.group(1)), int(m.group(2))
+    if width < 1 or height < 1:
+        raise invalid("size", f"'size' must have a positive width and height, got {width}x{height}.")
+    if max(width, height) > limits.max_side:
+        raise invalid("size", f"'size' {width}x{height} has a side over {limits.max_side} pixels (limits.max_side).")
+    max_pixels = effective_limit(limits.max_pixels, tier.max_pixels)
+    if width * height > max_pixels:
+        raise invalid("size", f"'size' {width}x{height} is {width * height} pixels per frame; the limit is {max_pixels} (limits.max_pixels).")
+    if width % card.spatial_multiple or height % card.spatial_multiple:
+        raise invalid("size", f"'size' width and height must be multiples of {card.spatial_multiple} for this model, got {width}x{height}.")
+    # 4. Length: num_frames wins over seconds.
+    max_frames = effective_limit(limits.max_frames, tier.max_frames)
+    if req.num_frames is not None:
+        frames, param = req.num_frames, "num_frames"
+    elif req.seconds is not None:
+        try:
+            secs = float(req.seconds)
+        except ValueError:
+            raise invalid("seconds", f"'seconds' must be a number of seconds such as \"4\", got {req.seconds!r}.", code="invalid_type") from None
+        if not math.isfinite(secs) or secs <= 0:
+            raise invalid("seconds", f"'seconds' must be > 0, got {req.seconds!r}.")
+        if secs > limits.max_seconds:
+            raise invalid("seconds", f"'seconds' is {secs:g}; the limit is {limits.max_seconds:g} (limits.max_seconds).")
+        frames, param = max(1, round(secs * card.fps)), "seconds"
+    else:
+        frames, param = card.num_frames, "num_frames"
+    if frames < 1:
+        raise invalid(param, f"'{param}' must give at least 1 frame, got {frames}.")
+    if frames > max_frames:
+        raise invalid(param, f"'{param}' asks for {frames} frames; the limit is {max_frames} (limits.max_frames).")
+    problem = card.check_frames(frames)
+    if problem:
+        raise invalid(param, problem + ".")
+    # 5. Sampling.
+    max_steps = effective_limit(limits.max_steps, tier.max_steps)
+    default_steps = settings.preview_steps if preview else (tier.default_steps or card.steps)
+    steps = req.steps if req.steps is not None else min(default_steps, max_steps)
+    if steps < 1 or steps > max_steps:
+        raise invalid("steps", f"'steps' must be between 1 and {max_steps} (limits.max_steps), got {steps}.")
+    guidance = card.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    if not math.isfinite(guidance) or not limits.min_guidance <= guidance <= limits.max_guidance:
+        raise invalid("guidance_scale", f"'guidance_scale' must be between {limits.min_guidance:g} and {limits.max_guidance:g} (limits.min_guidance, limits.max_guidance), got {guidance:g}.")
+    allowed = [s for s in (limits.samplers or card.samplers) if s in card.samplers]
+    sampler = req.sampler or card.sampler
+    if sampler not in allowed:
+        raise invalid("sampler", f"'sampler' must be one of {', '.join(allowed)} for this model, got {sampler!r}.")
+    seed = random_seed if req.seed is None else req.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise invalid("seed", f"'seed' must be between 0 and {MAX_SEED}, got {seed}.")
+    return GenerationParams(
+        prompt=prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=float(guidance),
+        seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model,
+    )
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
+    """Fields of a multipart/form-data body (what the SDK sends), with the standard library's MIME
+    parser; file parts come back as bytes. Raises ApiError on a body that is not valid multipart."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    if "boundary=" not in content_type:
+        raise ApiError(400, "multipart/form-data request without a boundary.", code="invalid_body")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ApiError(400, "The request body is not valid multipart/form-data.", code="invalid_body")
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            fields[name] = payload
+        else:
+            fields[name] = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+    return fields
+
+
+async def read_create_fields(request: Any) -> dict[str, Any]:
+    """The create request's fields from multipart (what the SDK sends), url-encoded forms or JSON."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise ApiError(413, f"The request body is {size} bytes; the limit is {MAX_BODY_BYTES}.", code="request_too_large")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes.", code="request_too_large")
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        return parse_multipart(body, ctype)
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        return dict(urllib.parse.parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
+    if not body.strip():
+        raise ApiError(400, "The request body is empty; send JSON or multipart/form-data with at least 'prompt'.", code="invalid_body")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"The request body is not valid JSON: {err}.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"The request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    return data
+
+
+def parse_create(fields: dict[str, Any]) -> VideoCreateRequest:
+    try:
+        return VideoCreateRequest.model_validate(fields)
+    except ValidationError as err:
+        raise from_validation_error(err) from None
+
+
+def video_object(job: dict[str, Any]) -> dict[str, Any]:
+    """The public view of a stored job (internal bookkeeping stripped)."""
+    return VideoObject.model_validate({k: v for k, v in job.items() if k in VideoObject.model_fields}).model_dump()

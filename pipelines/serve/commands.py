@@ -1,0 +1,145 @@
+"""`sora generate` and `sora serve`.
+
+    sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
+    sora serve --model runs/demo/export [--port 8000] [--host 0.0.0.0] [--config cluster/serve/local.yaml]
+    sora serve --hash-key KEY            # the sha256 digest to put under `api_keys:` in a Serve config
+    RAY_ADDRESS=ray://head:10001 sora serve --model /shared/export    # onto an existing cluster
+
+`sora serve` deploys the same application `serve run cluster/serve/local.yaml` does, blocks, and on
+Ctrl-C removes it (and stops the local Ray it started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from . import generate as generate_module
+
+DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+APP_IMPORT_PREFIX = "pipelines.serve.app:"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="export folder to serve (overrides the config's args.model)")
+    p.add_argument("--port", type=int, help=f"HTTP port (default: the config's http_options.port, else {DEFAULT_PORT})")
+    p.add_argument("--host", help=f"HTTP host; 0.0.0.0 to listen on every interface (default {DEFAULT_HOST})")
+    p.add_argument("--config", help="a Serve config YAML (cluster/serve/NAME.yaml): its app args and deployment options")
+    p.add_argument("--store", help="job store folder or fsspec URI (overrides the config's args.store)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="generator weights: int8 (CPU) or bf16 (GPU)")
+    p.add_argument("--hash-key", metavar="KEY", help="print the sha256 digest of an API key for `api_keys:` and exit")
+
+
+def read_serve_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(app args, deployment overrides by name, http_options) of our application in a Serve config YAML,
+    validated with Ray's own ServeDeploySchema so `sora serve` and `serve run` accept the same files."""
+    import yaml
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.cli import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"--config '{path}' does not exist")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise UserError(f"--config '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"--config '{path}' is not a valid Serve config: {where}: {first['msg']}") from None
+    apps = [a for a in schema.applications if a.import_path.startswith(APP_IMPORT_PREFIX)]
+    if not apps:
+        raise UserError(f"--config '{path}' has no application with import_path {APP_IMPORT_PREFIX}app_builder")
+    app = apps[0]
+    deployments = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
+    http = schema.http_options.model_dump(exclude_unset=True)
+    return dict(app.args), deployments, http
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pipelines.cli import UserError
+
+    from .config import APP_NAME, hash_key, load_settings
+
+    if args.hash_key is not None:
+        print(hash_key(args.hash_key))
+        return 0
+    app_args: dict[str, Any] = {}
+    deployments: dict[str, dict[str, Any]] = {}
+    http: dict[str, Any] = {}
+    if args.config:
+        app_args, deployments, http = read_serve_config(args.config)
+    for key in ("model", "store", "precision"):
+        if getattr(args, key):
+            app_args[key] = getattr(args, key)
+    if not app_args.get("model"):
+        raise UserError("--model is required (or args.model in --config)")
+    if "://" not in app_args["model"] and not os.path.isfile(os.path.join(app_args["model"], "config.json")):
+        raise UserError(f"--model '{app_args['model']}' is not an export folder: config.json is missing")
+    settings = load_settings(app_args)
+    host = args.host or http.get("host") or DEFAULT_HOST
+    port = args.port or http.get("port") or DEFAULT_PORT
+
+    import ray
+    from ray import serve
+
+    from pipelines.data.runtime import ensure_ray
+
+    from .app import build_app
+
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings, deployments), name=APP_NAME, route_prefix="/", blocking=False)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    keys = f"API keys on ({len(settings.api_keys)} keys, tiers: {', '.join(settings.tiers)})" if settings.api_keys else "API keys off"
+    print(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}")
+    print("sora serve: Ctrl-C to stop", flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (a container or `kill`) stops as cleanly as Ctrl-C; SIGINT too when started in the background.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("sora serve: shutting down", file=sys.stderr)
+    finally:
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    gen = subparsers.add_parser(
+        "generate",
+        help="sample a clip from an export (MP4/GIF/NPZ)",
+        description=generate_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate_module.add_arguments(gen)
+    gen.set_defaults(func=generate_module.run)
+    srv = subparsers.add_parser(
+        "serve",
+        help="serve an export over HTTP (OpenAI Videos API) with Ray Serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(srv)
+    srv.set_defaults(func=run_serve)

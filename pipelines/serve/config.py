@@ -1,0 +1,186 @@
+"""Settings of the serving application: the `args` of a Serve config and the `user_config` of its deployments.
+
+One typed tree, loaded with `sora_model.config.from_dict` (unknown keys and wrong types fail with a
+one-line message naming the key). `ServeSettings` is what `app_builder(args)` takes; the runtime part
+(`limits`, `tiers`, `api_keys`, `queue`, ...) can be changed on a live application through the ingress
+deployment's `user_config`, and `batching` through the generator's, without restarting replicas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sora_model.config import ConfigError, from_dict
+
+INGRESS_NAME = "VideoAPI"
+GENERATOR_NAME = "Generator"
+APP_NAME = "sora"
+DEFAULT_STORE = os.path.join("~", ".cache", "sora-ray", "videos")
+"""Where jobs and results go when `store` is unset: a folder that outlives replicas and restarts."""
+MODEL_ENV = "SORA_MODEL"
+STORE_ENV = "SORA_SERVE_STORE"
+"""Environment variables the module-level `app` reads (for `serve run pipelines.serve.app:app`)."""
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. Every rejection names the field here that it broke."""
+
+    max_prompt_chars: int = 2000
+    """Long enough for any caption; the text encoder truncates to its max_length tokens anyway."""
+    max_frames: int = 128
+    max_pixels: int = 512 * 512
+    """height x width of one frame; cost grows with its square (full attention over all tokens)."""
+    max_side: int = 1024
+    max_steps: int = 100
+    """More sampling steps stop helping long before this; it bounds the time one request can hold a replica."""
+    min_guidance: float = 1.0
+    """1 turns classifier-free guidance off; below 1 pushes away from the prompt, which nobody wants."""
+    max_guidance: float = 20.0
+    samplers: list[str] | None = None
+    """Samplers a request may pick; None allows every sampler valid for the export's noise schedule."""
+    max_seconds: float = 60.0
+    """Upper bound of the OpenAI `seconds` field, before it is turned into frames."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_chars", "max_frames", "max_pixels", "max_side", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_guidance <= self.max_guidance:
+            raise ConfigError(f"limits need 0 <= min_guidance <= max_guidance, got {self.min_guidance}, {self.max_guidance}")
+
+
+@dataclass
+class Tier:
+    """A class of user, picked by API key: its own limits (tightening the global ones) and priority."""
+
+    priority: int = 0
+    """Higher is dispatched to the generator first when jobs wait."""
+    max_frames: int | None = None
+    max_pixels: int | None = None
+    max_steps: int | None = None
+    default_steps: int | None = None
+    """Steps when the request gives none; a preview tier sets few (cheaper, blurrier)."""
+    max_pending_jobs: int | None = None
+    """Jobs of this tier waiting or running at once (per ingress replica); beyond it answers 429."""
+
+
+@dataclass
+class QueueConfig:
+    """The ingress's own bounded job queue in front of the generator (the article's queue of 100)."""
+
+    max_pending_jobs: int = 100
+    """Accepted jobs not yet finished, per ingress replica; beyond it a create answers 503 + Retry-After."""
+    max_in_flight: int = 16
+    """Jobs handed to the generator deployment at once; must be >= the batch size for batching to fill."""
+    retry_after_s: int = 5
+    """What a 429/503 tells the client to wait."""
+    max_attempts: int = 3
+    """Tries per job when a generator replica dies under it (the job is retried on another replica)."""
+    poll_after_ms: int = 500
+    """`openai-poll-after-ms` on unfinished jobs: the SDK's create_and_poll waits this long between polls."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending_jobs", "max_in_flight", "max_attempts", "poll_after_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"queue.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class BatchConfig:
+    """Dynamic batching on the generator (`@serve.batch`)."""
+
+    max_batch_size: int = 4
+    """Requests sampled in one pipeline call (same frames, size, steps and sampler)."""
+    batch_wait_timeout_s: float = 0.05
+    """How long the first request of a batch waits for company; small next to a generation's seconds."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"batching.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batching.batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+
+
+@dataclass
+class ServeSettings:
+    """The application: which export, where results go, and the runtime policy."""
+
+    model: str
+    """Export folder (`model.safetensors` + `config.json`), local or shared by all nodes."""
+    model_name: str = "sora-ray"
+    """The id `/v1/models` lists and video objects carry; `<model_name>-preview` is the few-step variant."""
+    model_aliases: list[str] = field(default_factory=lambda: ["sora-2", "sora-2-pro"])
+    """OpenAI model names accepted as this model, so code written for OpenAI runs unchanged."""
+    store: str | None = None
+    """Job store: a folder or any fsspec URI (s3://, gs://) shared by replicas; None is a local cache folder."""
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
+    """`int8` dynamic quantisation (CPU) or `bf16` autocast (GPU): cheaper sampling, slightly different pixels."""
+    device: str = "auto"
+    """`auto` takes the replica's GPU when it has one."""
+    preview_steps: int = 8
+    """Sampling steps of the preview model variant (and of `preview` tiers that leave default_steps unset)."""
+    result_cache: bool = True
+    """Answer a repeated (prompt, parameters, seed) request with the stored result, without sampling."""
+    limits: Limits = field(default_factory=Limits)
+    tiers: dict[str, Tier] = field(default_factory=lambda: {"default": Tier()})
+    default_tier: str = "default"
+    """The tier of every request when API keys are off."""
+    api_keys: dict[str, str] = field(default_factory=dict)
+    """sha256 hex digest of a key -> tier name. Empty turns keys off (local use). `sora serve --hash-key KEY`."""
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    batching: BatchConfig = field(default_factory=BatchConfig)
+
+    def __post_init__(self) -> None:
+        if self.default_tier not in self.tiers:
+            raise ConfigError(f"default_tier '{self.default_tier}' is not one of tiers: {', '.join(self.tiers)}")
+        for digest, tier in self.api_keys.items():
+            if tier not in self.tiers:
+                raise ConfigError(f"api_keys maps a key to tier '{tier}', which is not one of: {', '.join(self.tiers)}")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora serve --hash-key KEY`")
+        if self.preview_steps < 1:
+            raise ConfigError(f"preview_steps must be >= 1, got {self.preview_steps}")
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or os.path.expanduser(DEFAULT_STORE)
+
+
+RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "queue", "result_cache", "preview_steps", "model_aliases")
+"""Settings the ingress's `user_config` may change on a live replica."""
+
+
+def load_settings(args: dict[str, Any]) -> ServeSettings:
+    """ServeSettings from an app's `args` (YAML or `sora serve`); relative local paths become absolute
+    so replicas, whose working folder differs, find them."""
+    settings = from_dict(ServeSettings, dict(args))
+    if "://" not in settings.model:
+        settings.model = os.path.abspath(os.path.expanduser(settings.model))
+    if settings.store and "://" not in settings.store:
+        settings.store = os.path.abspath(os.path.expanduser(settings.store))
+    return settings
+
+
+def apply_user_config(settings: ServeSettings, user_config: dict[str, Any] | None, allowed: tuple[str, ...]) -> ServeSettings:
+    """A copy of `settings` with `user_config` applied; keys outside `allowed` need a redeploy, not a reconfigure."""
+    user_config = dict(user_config or {})
+    unknown = sorted(set(user_config) - set(allowed))
+    if unknown:
+        raise ConfigError(f"user_config key '{unknown[0]}' cannot change on a live replica (allowed: {', '.join(allowed)})")
+    base = settings_to_dict(settings)
+    base.update(user_config)
+    return from_dict(ServeSettings, base)
+
+
+def settings_to_dict(settings: ServeSettings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def hash_key(key: str) -> str:
+    """How API keys are stored: sha256 hex of the key, so the config never holds a usable secret."""
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,114 @@
+"""`sora generate`: sample one clip locally with the same `TextToVideoPipeline` the Serve replicas use.
+
+    sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
+    sora generate --model runs/demo/export --prompt "..." --steps 8 --seed 3 --precision int8 --out clip.npz
+    python -m pipelines.serve.generate --model ... --prompt ... --out clip.gif
+    ray job submit --working-dir . -- python -m pipelines.serve.generate --model ... --prompt ... --out clip.mp4
+
+Every unset option takes the export's `config.json` default (what the model was trained and tuned for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any
+
+OUTPUT_EXTENSIONS = (".mp4", ".gif", ".npz")
+MAX_SEED = 2**63 - 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="export folder (model.safetensors + config.json)")
+    p.add_argument("--prompt", required=True, help="what the clip shows")
+    p.add_argument("--out", required=True, help="output file: .mp4 (H.264), .gif, or .npz (key 'frames', uint8 (T, H, W, 3))")
+    p.add_argument("--frames", type=int, help="frames (default: the export's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the export's)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the export's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the export's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the export's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same clip (default 0)")
+    p.add_argument("--sampler", help="euler|heun (flow) or ddpm|ddim (DDPM schedules) (default: the export's)")
+    p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
+    p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model: fail in milliseconds, before torch loads."""
+    from pipelines.cli import UserError
+
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in OUTPUT_EXTENSIONS:
+        raise UserError(f"--out must end in {', '.join(OUTPUT_EXTENSIONS)}, got '{args.out}'")
+    if not os.path.isdir(args.model):
+        raise UserError(f"--model '{args.model}' is not a folder; give an export folder (model.safetensors + config.json)")
+    if not args.prompt.strip():
+        raise UserError("--prompt must not be empty")
+    for name in ("frames", "height", "width", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise UserError(f"--fps must be > 0, got {args.fps}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+
+
+def generate(args: argparse.Namespace) -> str:
+    """Load, check against the model, sample with a progress bar, write. Returns the output path."""
+    import torch
+    from tqdm import tqdm
+
+    from pipelines.cli import UserError
+    from sora_model.pipeline import TextToVideoPipeline
+    from sora_model.video import write_video
+
+    from .api import model_card
+
+    check_arguments(args)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = TextToVideoPipeline.load(args.model, device=device, precision=args.precision)
+    card = model_card(pipe)
+    frames = args.frames or card.num_frames
+    height, width = args.height or card.height, args.width or card.width
+    steps = args.steps or card.steps
+    sampler = args.sampler or card.sampler
+    if sampler not in card.samplers:
+        raise UserError(f"--sampler must be one of {', '.join(card.samplers)} for this model, got '{sampler}'")
+    if height % card.spatial_multiple or width % card.spatial_multiple:
+        raise UserError(f"--height and --width must be multiples of {card.spatial_multiple} for this model, got {height}x{width}")
+    problem = card.check_frames(frames)
+    if problem:
+        raise UserError(problem.replace("num_frames", "--frames"))
+    bar: Any = tqdm(total=steps, desc="sampling", unit="step", disable=args.no_progress, file=sys.stderr)
+    try:
+        clip = pipe(
+            args.prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=args.guidance,
+            seed=args.seed, sampler=sampler, negative_prompt=args.negative_prompt,
+            callback=lambda step, total: bar.update(1),
+        )[0]  # (T, H, W, 3) uint8
+    finally:
+        bar.close()
+    out = write_video(args.out, clip, fps=args.fps or card.fps)
+    print(f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    generate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,211 @@
+"""The generator deployment: one `TextToVideoPipeline` per replica, dynamic batching, results to the store.
+
+Each call carries one job (`{"id", "params"}`); `@serve.batch` collects concurrent calls and the batch
+is split by shape (frames, size, steps, sampler, negative prompt or not). Each shape group is one
+pipeline call: prompts, seeds and guidance scales stay per request (the pipeline gives every prompt
+its own noise, so a clip is the same batched or alone). The replica moves the job to `in_progress`,
+reports progress per step, writes the MP4 and thumbnail to the store, then marks it `completed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from typing import Any
+
+from ray import serve
+
+from .api import GenerationParams, model_card
+from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
+from .metrics import generator_metrics
+from .store import JobStore
+
+logger = logging.getLogger("ray.serve")
+PROGRESS_WRITE_INTERVAL_S = 0.25
+"""Progress is written to the store at most this often: enough for a poller, cheap for an object store."""
+SAMPLING_SHARE = 95
+"""Percent of a job's progress bar spent sampling; encoding and upload take the rest."""
+
+
+def encode_clip(frames: Any, fps: int) -> tuple[bytes, bytes]:
+    """(MP4 bytes, PNG thumbnail bytes) of one (T, H, W, 3) uint8 clip."""
+    from sora_model.video import write_video
+
+    with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
+        mp4, png = os.path.join(tmp, "clip.mp4"), os.path.join(tmp, "thumb.png")
+        write_video(mp4, frames, fps=fps)
+        write_video(png, frames[:1], fps=fps)  # the first frame
+        with open(mp4, "rb") as f, open(png, "rb") as g:
+            return f.read(), g.read()
+
+
+@serve.deployment(
+    name=GENERATOR_NAME,
+    max_ongoing_requests=8,
+    max_queued_requests=32,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 10, "downscale_delay_s": 120},
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+)
+class Generator:
+    """Loads the export once; samples batches of same-shape requests."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import torch
+
+        from sora_model.pipeline import TextToVideoPipeline
+
+        self.settings = _from_dict(settings)
+        if not self.settings.model:
+            raise ValueError(f"no export to serve: set {MODEL_ENV}=EXPORT_DIR or give the application's args a 'model'")
+        device = self.settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        started = time.perf_counter()
+        self.pipe = TextToVideoPipeline.load(self.settings.model, device=device, precision=self.settings.precision)
+        self.card = model_card(self.pipe)
+        self.store = JobStore(self.settings.store_uri)
+        self.replica = _replica_id()
+        self.load_s = time.perf_counter() - started
+        self.stats: Counter[str] = Counter()
+        self.batch_sizes: Counter[int] = Counter()
+        self._fatal: str | None = None
+        self._apply_batching()
+        logger.info("generator %s loaded %s on %s (%s) in %.1fs", self.replica, self.settings.model, device, self.settings.precision, self.load_s)
+
+    def _apply_batching(self) -> None:
+        b = self.settings.batching
+        self._batched.set_max_batch_size(b.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config: {batching: {max_batch_size, batch_wait_timeout_s}}` applies without a restart."""
+        self.settings = apply_user_config(self.settings, user_config, ("batching",))
+        self._apply_batching()
+
+    def check_health(self) -> None:
+        if self._fatal:
+            raise RuntimeError(f"generator is unhealthy: {self._fatal}")
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self.card)
+
+    def get_stats(self) -> dict[str, Any]:
+        cache = self.pipe.text_encoder.cache
+        return {
+            "replica": self.replica,
+            "pid": os.getpid(),
+            "load_s": round(self.load_s, 3),
+            **self.stats,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "max_batch_size": self.settings.batching.max_batch_size,
+            "text_cache": {"hits": cache.hits, "misses": cache.misses, "size": len(cache)},
+        }
+
+    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One job -> `{"ok", "batch_id", "batch_size", "error"}`; the clip itself goes to the store."""
+        return await self._batched(job)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        params = [GenerationParams(**j["params"]) for j in jobs]
+        for i, p in enumerate(params):
+            groups[p.shape_key].append(i)
+        results: list[dict[str, Any]] = [{}] * len(jobs)
+        for idxs in groups.values():
+            out = await asyncio.to_thread(self._run_group, [jobs[i]["id"] for i in idxs], [params[i] for i in idxs])
+            for i, r in zip(idxs, out, strict=True):
+                results[i] = r
+        return results
+
+    def _run_group(self, ids: list[str], params: list[GenerationParams]) -> list[dict[str, Any]]:
+        """Sample one same-shape group in one pipeline call (runs in a worker thread)."""
+        metrics = generator_metrics()
+        now = int(time.time())
+        live = [self.store.update(i, status="in_progress", progress=0, _started_at=now, _replica=self.replica) is not None for i in ids]
+        run = [(i, p) for i, p, ok in zip(ids, params, live, strict=True) if ok]  # deleted jobs drop out
+        batch_id = uuid.uuid4().hex[:12]
+        results = {i: {"ok": True, "batch_id": batch_id, "batch_size": len(run), "skipped": True} for i in ids}
+        if not run:
+            return [results[i] for i in ids]
+        first = run[0][1]
+        lock, last = threading.Lock(), [0.0]
+
+        def on_step(step: int, total: int) -> None:
+            now_s = time.monotonic()
+            with lock:
+                if now_s - last[0] < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
+                    return
+                last[0] = now_s
+            pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
+            for i, _ in run:
+                self.store.update(i, progress=pct)
+
+        started = time.perf_counter()
+        try:
+            clips = self.pipe(
+                [p.prompt for _, p in run],
+                num_frames=first.num_frames, height=first.height, width=first.width, steps=first.steps,
+                guidance_scale=[p.guidance_scale for _, p in run],
+                seed=[p.seed for _, p in run],
+                sampler=first.sampler,
+                negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
+                callback=on_step,
+            )  # (B, T, H, W, 3) uint8
+        except (ValueError, TypeError) as err:  # a request the limits let through but the model refuses
+            return self._fail(ids, run, results, f"generation failed: {err}", "invalid_request")
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail these jobs, keep the replica serving
+            if "CUDA" in str(err) and "out of memory" not in str(err):
+                self._fatal = str(err)  # a broken device: let Serve replace the replica
+            logger.exception("generation failed for %s", [i for i, _ in run])
+            return self._fail(ids, run, results, f"generation failed: {type(err).__name__}: {err}", "generation_failed")
+        seconds = time.perf_counter() - started
+        metrics["batch_size"].observe(len(run))
+        metrics["generation"].observe(seconds)
+        self.stats["pipeline_calls"] += 1
+        self.stats["clips"] += len(run)
+        self.batch_sizes[len(run)] += 1
+        for (job_id, p), clip in zip(run, clips, strict=True):
+            video, thumb = encode_clip(clip, p.fps)
+            self.store.put_content(job_id, "video", video)
+            self.store.put_content(job_id, "thumbnail", thumb)
+            job = self.store.update(job_id, status="completed", progress=100, completed_at=int(time.time()), error=None, _batch_id=batch_id, _batch_size=len(run))
+            if job is None:  # deleted while sampling: drop what was just written
+                self.store.delete(job_id)
+            elif job.get("_cache_key"):
+                self.store.cache_put(job["_cache_key"], job_id)
+            results[job_id] = {"ok": True, "batch_id": batch_id, "batch_size": len(run), "seconds": seconds}
+            metrics["clips"].inc(tags={"status": "completed"})
+        cache = self.pipe.text_encoder.cache
+        metrics["text_cache"].set(cache.hits, tags={"result": "hit"})
+        metrics["text_cache"].set(cache.misses, tags={"result": "miss"})
+        return [results[i] for i in ids]
+
+    def _fail(self, ids, run, results, message: str, code: str) -> list[dict[str, Any]]:
+        for job_id, _ in run:
+            self.store.update(job_id, status="failed", error={"code": code, "message": message}, completed_at=int(time.time()))
+            results[job_id] = {"ok": False, "error": message, "code": code}
+            generator_metrics()["clips"].inc(tags={"status": "failed"})
+        return [results[i] for i in ids]
+
+
+def _from_dict(settings: dict[str, Any]) -> ServeSettings:
+    from sora_model.config import from_dict
+
+    return from_dict(ServeSettings, settings)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit use)
+        return f"local-{os.getpid()}"

@@ -1,0 +1,302 @@
+"""The Serve application on a local Ray, keys off, driven by the official `openai` SDK and raw HTTP.
+
+One Ray + Serve app for the module; the replica-kill test runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = 8311
+BASE = f"http://127.0.0.1:{PORT}"
+GENERATOR_OPTIONS = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4},
+    "ray_actor_options": {"num_cpus": 1},
+    "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}},
+}
+
+
+def make_tiny_export(folder: Path) -> Path:
+    from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
+    from sora_model.pipeline import TextToVideoPipeline
+
+    config = PipelineConfig(
+        model=dit_preset("DiT-tiny", text_dim=384),
+        sample=SampleConfig(num_frames=4, height=16, width=16, fps=8),
+        diffusion=DiffusionConfig(num_sampling_steps=4),
+    )
+    pipe = TextToVideoPipeline.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an untrained model gives constant clips; perturb so seeds matter
+        for p in pipe.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pipe.save(str(folder))
+    return folder
+
+
+def serve_config(export: Path, store: Path, ingress_user_config: dict | None = None) -> dict:
+    """cluster/serve/local.yaml, pointed at the test's export and store and sized for 2 cores."""
+    config = yaml.safe_load((ROOT / "cluster" / "serve" / "local.yaml").read_text())
+    config["http_options"]["port"] = PORT
+    app = config["applications"][0]
+    app["args"].update(model=str(export), store=str(store))
+    deployments = {d["name"]: d for d in app["deployments"]}
+    deployments["Generator"].update(GENERATOR_OPTIONS)
+    ingress = deployments["VideoAPI"]["user_config"]
+    ingress["queue"]["poll_after_ms"] = 100
+    ingress.update(ingress_user_config or {})
+    return config
+
+
+def deploy(config: dict) -> None:
+    """What `serve deploy` does: a declarative config, so a user_config change reconfigures live replicas."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    export = make_tiny_export(tmp_path_factory.mktemp("export"))
+    store = tmp_path_factory.mktemp("store")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(num_cpus=2, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    started = time.perf_counter()
+    deploy(serve_config(export, store))
+    print(f"\nserve app up in {time.perf_counter() - started:.1f}s")
+    try:
+        yield {"export": export, "store": store}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=BASE, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(service):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def wait_done(http: httpx.Client, video_id: str, timeout: float = 90) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = http.get(f"/v1/videos/{video_id}").json()
+        if job["status"] in ("completed", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"{video_id} did not finish: {job}")
+
+
+def create_many(payloads: list[dict]) -> list[httpx.Response]:
+    """POST concurrently (one client per thread), as independent users would."""
+    out: list = [None] * len(payloads)
+
+    def post(i: int) -> None:
+        with httpx.Client(base_url=BASE, timeout=60) as c:
+            out[i] = c.post("/v1/videos", json=payloads[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def assert_openai_error(r: httpx.Response, status_range=(400, 499)) -> dict:
+    assert status_range[0] <= r.status_code <= status_range[1], (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_sdk_create_poll_download_list_delete(sdk):
+    started = time.perf_counter()
+    video = sdk.videos.create_and_poll(prompt="a red circle moving left", model="sora-ray", seconds="1", size="16x16", poll_interval_ms=100)
+    latency = time.perf_counter() - started
+    print(f"\none request through the SDK: {latency:.2f}s")
+    assert video.status == "completed" and video.progress == 100 and video.error is None, video
+    assert video.size == "16x16" and video.seconds == "1" and video.model == "sora-ray" and video.completed_at >= video.created_at
+    content = sdk.videos.download_content(video.id)
+    assert content.content[4:8] == b"ftyp"
+    thumb = sdk.videos.download_content(video.id, variant="thumbnail")
+    assert thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sdk.videos.retrieve(video.id).id == video.id
+    assert video.id in [v.id for v in sdk.videos.list(limit=50)]
+    deleted = sdk.videos.delete(video.id)
+    assert deleted.deleted and deleted.id == video.id
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        sdk.videos.retrieve(video.id)
+
+
+def test_list_is_newest_first_and_pages(sdk):
+    ids = [sdk.videos.create(prompt=f"a green square {i}", extra_body={"steps": 1}).id for i in range(3)]
+    page = sdk.videos.list(limit=2)
+    assert [v.id for v in page.data] == ids[::-1][:2] and page.has_more
+    assert sdk.videos.list(limit=2, after=ids[1]).data[0].id == ids[0]
+    assert [v.id for v in sdk.videos.list(order="asc", limit=100).data][-3:] == ids
+
+
+def test_same_seed_same_bytes_and_result_cache(sdk, http):
+    def make(model: str, seed: int) -> tuple[bytes, str]:
+        v = sdk.videos.create_and_poll(prompt="a blue triangle moving up", model=model, extra_body={"seed": seed, "steps": 3}, poll_interval_ms=100)
+        assert v.status == "completed", v
+        return sdk.videos.download_content(v.id).content, v.id
+
+    hits = http.get("/healthz").json()["stats"].get("result_cache_hits", 0)
+    a, _ = make("sora-ray", 11)
+    b, _ = make("sora-2", 11)  # an alias: a different cache key, so this one is sampled again
+    c, _ = make("sora-ray", 12)
+    assert a == b and a != c
+    again, _ = make("sora-ray", 11)  # identical request: answered from the result cache
+    assert again == a
+    assert http.get("/healthz").json()["stats"]["result_cache_hits"] == hits + 1
+
+
+BAD_REQUESTS = [
+    ("post", "/v1/videos", {"content": b"{not json", "headers": {"content-type": "application/json"}}, None),
+    ("post", "/v1/videos", {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, None),
+    ("post", "/v1/videos", {"content": b"", "headers": {"content-type": "application/json"}}, None),
+    ("post", "/v1/videos", {"json": {}}, "prompt"),
+    ("post", "/v1/videos", {"json": {"prompt": 5}}, "prompt"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "steps": "many"}}, "steps"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "seed": 1.5}}, "seed"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "size": "-16x16"}}, "size"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "size": "100000x100000"}}, "size"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "size": "15x16"}}, "size"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "num_frames": -4}}, "num_frames"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "num_frames": 10**9}}, "num_frames"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "steps": 0}}, "steps"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "guidance_scale": 1e9}}, "guidance_scale"),
+    ("post", "/v1/videos", {"json": {"prompt": ""}}, "prompt"),
+    ("post", "/v1/videos", {"json": {"prompt": "x" * 100_000}}, "prompt"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "sampler": "dpm++"}}, "sampler"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "model": "nope"}}, "model"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "format": "webm"}}, "format"),
+    ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"seconds": (None, "soon")}}, "seconds"),
+    ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"input_reference": ("r.png", b"\x89PNG", "image/png")}}, "input_reference"),
+    ("get", "/v1/videos/video_doesnotexist", {}, "video_id"),
+    ("get", "/v1/videos/video_doesnotexist/content", {}, "video_id"),
+    ("delete", "/v1/videos/video_doesnotexist", {}, "video_id"),
+    ("get", "/v1/videos?limit=0", {}, "limit"),
+    ("get", "/v1/videos?limit=abc", {}, "limit"),
+    ("get", "/v1/videos?order=sideways", {}, "order"),
+    ("get", "/v1/nothing-here", {}, None),
+]
+
+
+def test_malformed_requests_get_openai_errors_and_the_service_keeps_answering(http):
+    for method, path, kw, param in BAD_REQUESTS:
+        err = assert_openai_error(getattr(http, method)(path, **kw))
+        if param is not None:
+            assert err["param"] == param, (path, kw, err)
+    # An unknown content variant of a real video.
+    vid = http.post("/v1/videos", json={"prompt": "a cyan circle", "steps": 1}).json()["id"]
+    assert wait_done(http, vid)["status"] == "completed"
+    assert assert_openai_error(http.get(f"/v1/videos/{vid}/content?variant=spritesheet"))["param"] == "variant"
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert wait_done(http, http.post("/v1/videos", json={"prompt": "still fine", "steps": 1}).json()["id"])["status"] == "completed"
+
+
+def test_progress_is_reported_while_in_progress(http):
+    vid = http.post("/v1/videos", json={"prompt": "a white square moving right", "steps": 30, "num_frames": 8}).json()["id"]
+    seen = set()
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        r = http.get(f"/v1/videos/{vid}")
+        job = r.json()
+        seen.add((job["status"], job["progress"]))
+        if job["status"] == "completed":
+            break
+        assert int(r.headers["openai-poll-after-ms"]) == 100
+        time.sleep(0.05)
+    statuses = {s for s, _ in seen}
+    assert "completed" in statuses and "in_progress" in statuses, seen
+    assert any(0 < p < 100 for s, p in seen if s == "in_progress"), seen
+
+
+def test_concurrent_requests_share_one_forward_pass(http):
+    before = http.get("/healthz").json()["stats"]
+    payloads = [{"prompt": f"a magenta circle {i}", "seed": 100 + i, "guidance_scale": 1 + i, "steps": 20, "size": "16x16"} for i in range(4)]
+    t0 = time.perf_counter()
+    responses = create_many(payloads)
+    ids = [r.json()["id"] for r in responses]
+    jobs = [wait_done(http, i) for i in ids]
+    batched_s = time.perf_counter() - t0
+    assert all(j["status"] == "completed" for j in jobs)
+    after = http.get("/healthz").json()
+    calls = after["stats"]["pipeline_calls"] - before.get("pipeline_calls", 0)
+    print(f"\n4 concurrent requests: {calls} pipeline call(s), {batched_s:.2f}s; batch sizes {after['stats']['batch_sizes']}")
+    assert calls < 4, after["stats"]
+    assert max(int(k) for k in after["stats"]["batch_sizes"]) > 1
+    assert max(int(k) for k in after["generator"]["batch_sizes"]) > 1
+    # Batched clips equal the same requests sampled alone (per-request seeds and guidance).
+    alone = http.post("/v1/videos", json={**payloads[2], "model": "sora-2"}).json()["id"]
+    assert wait_done(http, alone)["status"] == "completed"
+    batched = http.get(f"/v1/videos/{ids[2]}/content").content
+    assert http.get(f"/v1/videos/{alone}/content").content == batched
+
+
+def test_models_and_health(http):
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["sora-ray", "sora-ray-preview"]
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok" and health["api_keys"] is False and "text_cache" in health["generator"]
+    assert health["generator"]["text_cache"]["hits"] > 0  # repeated prompts skipped the text encoder
+
+
+def test_reconfigure_applies_new_limits_without_restart(service, http):
+    pid = http.get("/healthz").json()["pid"]
+    deploy(serve_config(service["export"], service["store"], {"limits": {"max_prompt_chars": 10}}))
+    deadline = time.time() + 30
+    while http.get("/healthz").json()["limits"]["max_prompt_chars"] != 10 and time.time() < deadline:
+        time.sleep(0.2)
+    err = assert_openai_error(http.post("/v1/videos", json={"prompt": "a prompt longer than ten"}))
+    assert "limits.max_prompt_chars" in err["message"] and "10" in err["message"]
+    assert http.get("/healthz").json()["pid"] == pid  # same replica process: reconfigured, not restarted
+    deploy(serve_config(service["export"], service["store"]))
+    while http.get("/healthz").json()["limits"]["max_prompt_chars"] == 10 and time.time() < deadline + 30:
+        time.sleep(0.2)
+    assert http.post("/v1/videos", json={"prompt": "a prompt longer than ten", "steps": 1}).status_code == 200
+
+
+def test_killed_generator_replica_is_replaced_and_accepted_jobs_finish(http):
+    import ray
+
+    replica_before = http.get("/healthz").json()["generator"]["replica"]
+    ids = [http.post("/v1/videos", json={"prompt": f"a yellow square {i}", "steps": 20, "num_frames": 8, "seed": i}).json()["id"] for i in range(3)]
+    time.sleep(0.5)  # let the first batch start sampling
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Generator" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    jobs = [wait_done(http, i, timeout=120) for i in ids]
+    assert all(j["status"] == "completed" for j in jobs), jobs
+    health = http.get("/healthz").json()
+    assert health["generator"]["replica"] != replica_before
+    assert health["stats"].get("generator_retries", 0) >= 1
+    assert http.get(f"/v1/videos/{ids[0]}/content").content[4:8] == b"ftyp"

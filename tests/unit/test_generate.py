@@ -1,0 +1,110 @@
+"""`sora generate` on a tiny export: MP4/GIF/NPZ out, deterministic per seed, one-line errors with exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.cli import main
+from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
+from sora_model.pipeline import TextToVideoPipeline
+
+
+def make_tiny_export(folder: Path) -> Path:
+    """DiT-tiny, 4 frames of 16x16, 4 steps; weights perturbed so clips depend on prompt and seed."""
+    config = PipelineConfig(
+        model=dit_preset("DiT-tiny", text_dim=384),
+        sample=SampleConfig(num_frames=4, height=16, width=16, fps=8),
+        diffusion=DiffusionConfig(num_sampling_steps=4),
+    )
+    pipe = TextToVideoPipeline.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pipe.save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return make_tiny_export(tmp_path_factory.mktemp("export"))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def npz_seed1(export, tmp_path_factory) -> np.ndarray:
+    out = tmp_path_factory.mktemp("gen") / "seed1.npz"
+    assert main(["generate", "--model", str(export), "--prompt", "a red circle moving left", "--seed", "1", "--out", str(out), "--no-progress"]) == 0
+    return np.load(out)["frames"]
+
+
+def test_npz_has_uint8_frames_with_export_defaults(npz_seed1):
+    assert npz_seed1.dtype == np.uint8 and npz_seed1.shape == (4, 16, 16, 3)
+
+
+def test_mp4_and_gif_with_options(export, tmp_path, capsys):
+    mp4, gif = tmp_path / "clip.mp4", tmp_path / "clip.gif"
+    code, out, err = run(capsys, "--model", str(export), "--prompt", "a blue square moving up", "--out", str(mp4),
+                         "--frames", "2", "--height", "8", "--width", "12", "--steps", "2", "--guidance", "1", "--sampler", "heun")
+    assert code == 0, err
+    assert mp4.read_bytes()[4:8] == b"ftyp" and "wrote" in out and "sampling" in err  # the progress bar
+    code, _, err = run(capsys, "--model", str(export), "--prompt", "a blue square", "--out", str(gif), "--negative-prompt", "red", "--no-progress")
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.size == (16, 16) and im.n_frames == 4
+
+
+def test_same_seed_same_clip_other_seed_other_clip(export, npz_seed1, tmp_path):
+    for seed, same in (("1", True), ("2", False)):
+        out = tmp_path / f"s{seed}.npz"
+        assert main(["generate", "--model", str(export), "--prompt", "a red circle moving left", "--seed", seed, "--out", str(out), "--no-progress"]) == 0
+        assert np.array_equal(np.load(out)["frames"], npz_seed1) == same
+
+
+def test_int8_precision_runs(export, tmp_path):
+    out = tmp_path / "q.npz"
+    assert main(["generate", "--model", str(export), "--prompt", "x", "--precision", "int8", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert np.load(out)["frames"].shape == (4, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--model", "{missing}", "--out", "{tmp}/a.mp4"], ["not a folder"]),
+        (["--out", "{tmp}/a.avi"], ["--out", ".mp4"]),
+        (["--out", "{tmp}/a.mp4", "--frames", "0"], ["--frames", ">= 1"]),
+        (["--out", "{tmp}/a.mp4", "--steps", "-2"], ["--steps"]),
+        (["--out", "{tmp}/a.mp4", "--height", "15"], ["multiples of 2"]),
+        (["--out", "{tmp}/a.mp4", "--sampler", "ddpm"], ["--sampler", "euler, heun"]),
+        (["--out", "{tmp}/a.mp4", "--guidance", "nan"], ["--guidance"]),
+        (["--out", "{tmp}/a.mp4", "--seed", "-1"], ["--seed"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(export, tmp_path, capsys, argv, words):
+    argv = [a.format(missing=tmp_path / "nope", tmp=tmp_path) for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", str(export), *argv]
+    code, _, err = run(capsys, "--prompt", "a red circle", "--no-progress", *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sora generate: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not list(tmp_path.glob("a.*"))
+
+
+def test_export_without_config_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "--model", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path / "a.npz"))
+    assert code == 2 and "config.json is missing" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,267 @@
+"""The serving stage without Ray: request schemas and limits, OpenAI error shapes, the job store,
+the settings tree, and the Serve config YAML against Ray's own schema."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from pipelines.serve import api
+from pipelines.serve.api import ApiError, ModelCard
+from pipelines.serve.config import RUNTIME_KEYS, ServeSettings, Tier, apply_user_config, hash_key, load_settings
+from pipelines.serve.store import JobStore
+from sora_model.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CARD = ModelCard(
+    num_frames=8, height=32, width=32, fps=8, steps=30, guidance_scale=4.0, sampler="euler",
+    samplers=("euler", "heun"), spatial_multiple=4, frame_multiple=1,
+)
+
+
+def settings(**kw) -> ServeSettings:
+    return ServeSettings(model="/nonexistent/export", **kw)
+
+
+def resolve(fields: dict, tier: Tier | None = None, s: ServeSettings | None = None) -> api.GenerationParams:
+    return api.resolve(api.parse_create(fields), CARD, s or settings(), tier or Tier(), random_seed=123)
+
+
+def rejects(fields: dict, param: str, *words: str, tier: Tier | None = None, s: ServeSettings | None = None) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        resolve(fields, tier, s)
+    err = info.value
+    assert 400 <= err.status < 500
+    assert err.param == param, (err.param, err.message)
+    for w in words:
+        assert w in err.message, err.message
+    body = err.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return err
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+def test_defaults_come_from_the_model():
+    p = resolve({"prompt": "  a red circle moving left "})
+    assert (p.prompt, p.num_frames, p.height, p.width, p.steps, p.guidance_scale, p.sampler) == (
+        "a red circle moving left", 8, 32, 32, 30, 4.0, "euler")
+    assert p.seed == 123 and p.model == "sora-ray" and p.size == "32x32" and p.seconds == "1"
+
+
+def test_openai_fields_and_extensions():
+    # What the SDK's multipart form sends: every value a string.
+    p = resolve({"prompt": "x", "model": "sora-2", "seconds": "2", "size": "64x16", "steps": "12", "guidance_scale": "2.5",
+                 "seed": "7", "sampler": "heun", "negative_prompt": "blur"})
+    assert (p.num_frames, p.width, p.height, p.steps, p.guidance_scale, p.seed, p.sampler, p.negative_prompt) == (
+        16, 64, 16, 12, 2.5, 7, "heun", "blur")
+    assert p.model == "sora-2" and p.seconds == "2"
+    assert resolve({"prompt": "x", "seconds": "2", "num_frames": 3}).num_frames == 3  # num_frames wins
+    assert resolve({"prompt": "x", "num_frames": 4}).seconds == "0.5"
+
+
+def test_preview_model_and_tier_defaults():
+    assert resolve({"prompt": "x", "model": "sora-ray-preview"}).steps == settings().preview_steps
+    assert resolve({"prompt": "x"}, tier=Tier(default_steps=5)).steps == 5
+    assert resolve({"prompt": "x"}, tier=Tier(max_steps=10)).steps == 10  # the default is clipped to the tier
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"prompt": ""}, "prompt", ["empty"]),
+        ({"prompt": "   "}, "prompt", ["empty"]),
+        ({"prompt": "x" * 2001}, "prompt", ["2001", "2000", "limits.max_prompt_chars"]),
+        ({"prompt": "x", "negative_prompt": "n" * 3000}, "negative_prompt", ["limits.max_prompt_chars"]),
+        ({"prompt": "x", "size": "-16x16"}, "size", ["WIDTHxHEIGHT"]),
+        ({"prompt": "x", "size": "0x16"}, "size", ["positive"]),
+        ({"prompt": "x", "size": "16by16"}, "size", ["WIDTHxHEIGHT"]),
+        ({"prompt": "x", "size": "100000x100000"}, "size", ["limits.max_side"]),
+        ({"prompt": "x", "size": "1024x1024"}, "size", ["1048576", "limits.max_pixels"]),
+        ({"prompt": "x", "size": "30x32"}, "size", ["multiples of 4"]),
+        ({"prompt": "x", "num_frames": 0}, "num_frames", ["at least 1"]),
+        ({"prompt": "x", "num_frames": -3}, "num_frames", ["at least 1"]),
+        ({"prompt": "x", "num_frames": 10**6}, "num_frames", ["limits.max_frames"]),
+        ({"prompt": "x", "seconds": "-1"}, "seconds", ["> 0"]),
+        ({"prompt": "x", "seconds": "abc"}, "seconds", ["number"]),
+        ({"prompt": "x", "seconds": "1e9"}, "seconds", ["limits.max_seconds"]),
+        ({"prompt": "x", "steps": 0}, "steps", ["limits.max_steps"]),
+        ({"prompt": "x", "steps": 10**6}, "steps", ["limits.max_steps"]),
+        ({"prompt": "x", "guidance_scale": 100}, "guidance_scale", ["limits.max_guidance"]),
+        ({"prompt": "x", "guidance_scale": "nan"}, "guidance_scale", ["between"]),
+        ({"prompt": "x", "sampler": "dpm++"}, "sampler", ["euler, heun"]),
+        ({"prompt": "x", "sampler": "ddpm"}, "sampler", ["euler, heun"]),
+        ({"prompt": "x", "seed": -1}, "seed", ["between 0"]),
+        ({"prompt": "x", "seed": 2**64}, "seed", ["between 0"]),
+        ({"prompt": "x", "model": "gpt-4"}, "model", ["does not exist", "sora-ray"]),
+        ({"prompt": "x", "input_reference": b"\x89PNG"}, "input_reference", ["cannot use"]),
+    ],
+)
+def test_limits_name_the_parameter_and_the_limit(fields, param, words):
+    rejects(fields, param, *words)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({}, "prompt", "missing_required_parameter"),
+        ({"prompt": 3}, "prompt", "invalid_type"),
+        ({"prompt": ["a"]}, "prompt", "invalid_type"),
+        ({"prompt": "x", "steps": "abc"}, "steps", "invalid_type"),
+        ({"prompt": "x", "seed": 1.5}, "seed", "invalid_type"),
+        ({"prompt": "x", "num_frames": {"a": 1}}, "num_frames", "invalid_type"),
+        ({"prompt": "x", "resolution": 5}, "resolution", "unknown_parameter"),
+    ],
+)
+def test_wrong_types_and_unknown_fields(fields, param, code):
+    with pytest.raises(ApiError) as info:
+        api.parse_create(fields)
+    assert info.value.status == 400 and info.value.param == param and info.value.code == code
+
+
+def test_tier_tightens_limits():
+    rejects({"prompt": "x", "steps": 20}, "steps", "10", tier=Tier(max_steps=10))
+    rejects({"prompt": "x", "size": "64x64"}, "size", "1024", tier=Tier(max_pixels=1024))
+    rejects({"prompt": "x", "num_frames": 16}, "num_frames", "8", tier=Tier(max_frames=8))
+
+
+def test_global_cap_applies_over_a_generous_tier():
+    rejects({"prompt": "x", "steps": 200}, "steps", "100", tier=Tier(max_steps=500))
+
+
+def test_configured_samplers_and_causal_frames():
+    s = settings(limits=api.Limits(samplers=["euler"]))
+    rejects({"prompt": "x", "sampler": "heun"}, "sampler", "euler", s=s)
+    card = ModelCard(**{**CARD.__dict__, "frame_multiple": 4, "causal_frames": True})
+    assert card.check_frames(9) is None and "1 + a multiple of 4" in card.check_frames(8)
+
+
+def test_cache_key_covers_every_parameter():
+    a = resolve({"prompt": "x", "seed": 1})
+    assert a.cache_key() == resolve({"prompt": "x", "seed": 1}).cache_key()
+    for change in ({"seed": 2}, {"steps": 3}, {"guidance_scale": 2}, {"prompt": "y"}, {"model": "sora-2"}, {"size": "16x16"}):
+        assert resolve({"prompt": "x", "seed": 1, **change}).cache_key() != a.cache_key(), change
+    assert a.shape_key == resolve({"prompt": "other", "seed": 9, "guidance_scale": 7}).shape_key
+    assert a.shape_key != resolve({"prompt": "x", "negative_prompt": "n"}).shape_key
+
+
+def test_multipart_parsing_matches_what_httpx_sends():
+    req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "a red circle é", "seconds": "4", "size": "32x32"},
+                        files={"input_reference": ("ref.png", b"\x89PNG\r\n", "image/png")})
+    body = req.read()
+    fields = api.parse_multipart(body, req.headers["content-type"])
+    assert fields == {"prompt": "a red circle é", "seconds": "4", "size": "32x32", "input_reference": b"\x89PNG\r\n"}
+    with pytest.raises(ApiError):
+        api.parse_multipart(b"garbage", "multipart/form-data")
+
+
+def test_video_object_hides_internal_fields():
+    job = {"id": "video_1", "object": "video", "model": "m", "status": "queued", "progress": 0, "created_at": 1, "size": "8x8",
+           "seconds": "1", "num_frames": 8, "steps": 2, "guidance_scale": 1.0, "seed": 0, "sampler": "euler", "_owner": "k", "_params": {}}
+    out = api.video_object(job)
+    assert not any(k.startswith("_") for k in out) and out["error"] is None and out["completed_at"] is None
+
+
+# -- store -----------------------------------------------------------------------------------------
+
+
+def job(i: int, **kw) -> dict:
+    return {"id": f"video_{i}", "object": "video", "status": "queued", "created_at": int(time.time()), "_created_ns": i, **kw}
+
+
+def test_store_roundtrip_list_and_delete(tmp_path):
+    store = JobStore(str(tmp_path / "store"))
+    for i in range(5):
+        store.put(job(i))
+    assert store.get("video_3")["_created_ns"] == 3 and store.get("nope") is None and store.get("../etc") is None
+    page, more = store.list(limit=2)
+    assert [j["id"] for j in page] == ["video_4", "video_3"] and more
+    page, more = store.list(limit=2, after="video_3")
+    assert [j["id"] for j in page] == ["video_2", "video_1"] and more
+    page, more = store.list(limit=10, after="video_1")
+    assert [j["id"] for j in page] == ["video_0"] and not more
+    assert [j["id"] for j in store.list(limit=2, order="asc")[0]] == ["video_0", "video_1"]
+    assert store.update("video_2", status="completed")["status"] == "completed"
+    assert [j["id"] for j in store.unfinished()] == ["video_0", "video_1", "video_3", "video_4"]
+    store.put_content("video_2", "video", b"mp4")
+    store.put_content("video_2", "thumbnail", b"png")
+    assert store.get_content("video_2", "video") == b"mp4" and store.get_content("video_2", "thumbnail") == b"png"
+    store.cache_put("k" * 64, "video_2")
+    assert store.cache_get("k" * 64) == "video_2" and store.cache_get("z" * 64) is None
+    assert store.delete("video_2") and not store.delete("video_2")
+    assert store.get_content("video_2", "video") is None and store.update("video_2", status="x") is None
+    # A second store on the same root (a restarted replica) sees everything.
+    assert len(JobStore(str(tmp_path / "store")).all_jobs()) == 4
+
+
+def test_store_scopes_lists_by_owner(tmp_path):
+    store = JobStore(str(tmp_path))
+    store.put(job(1, _owner="a"))
+    store.put(job(2, _owner="b"))
+    store.put(job(3))
+    assert [j["id"] for j in store.list(owner="a")[0]] == ["video_1"]
+    assert [j["id"] for j in store.list(owner=None)[0]] == ["video_3"]
+
+
+def test_store_works_on_fsspec_uris():
+    store = JobStore("memory://sora-serve-test")
+    store.put(job(1))
+    store.put_content("video_1", "video", b"abc")
+    assert store.get("video_1")["id"] == "video_1" and store.get_content("video_1", "video") == b"abc"
+    assert store.delete("video_1") and store.all_jobs() == []
+
+
+# -- settings and the Serve config ------------------------------------------------------------------
+
+
+def test_settings_are_strict(tmp_path):
+    s = load_settings({"model": "rel/export", "store": "rel/store"})
+    assert Path(s.model).is_absolute() and Path(s.store).is_absolute()
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_settings({"modle": "x"})
+    with pytest.raises(ConfigError, match="limits.max_steps"):
+        load_settings({"model": "x", "limits": {"max_steps": "many"}})
+    with pytest.raises(ConfigError, match="sha256"):
+        load_settings({"model": "x", "api_keys": {"plaintext-key": "default"}})
+    with pytest.raises(ConfigError, match="tier 'gold'"):
+        load_settings({"model": "x", "api_keys": {hash_key("k"): "gold"}})
+    assert load_settings({"model": "x", "api_keys": {hash_key("k"): "default"}}).api_keys
+
+
+def test_user_config_changes_only_runtime_settings():
+    s = settings()
+    changed = apply_user_config(s, {"limits": {"max_steps": 7}, "queue": {"max_pending_jobs": 3}}, RUNTIME_KEYS)
+    assert changed.limits.max_steps == 7 and changed.queue.max_pending_jobs == 3 and changed.model == s.model
+    assert s.limits.max_steps == 100  # the base is untouched, so a later reconfigure starts from it
+    with pytest.raises(ConfigError, match="cannot change on a live replica"):
+        apply_user_config(s, {"model": "other"}, RUNTIME_KEYS)
+
+
+def test_hash_key_is_sha256():
+    assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_local_serve_yaml_validates_with_ray_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve.commands import read_serve_config
+    from pipelines.serve.config import GENERATOR_NAME, INGRESS_NAME
+
+    path = ROOT / "cluster" / "serve" / "local.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "pipelines.serve.app:app_builder"
+    assert {d.name for d in app.deployments} == {INGRESS_NAME, GENERATOR_NAME}
+    args, deployments, http = read_serve_config(str(path))
+    s = load_settings(args)  # the args are ServeSettings
+    apply_user_config(s, deployments[INGRESS_NAME]["user_config"], RUNTIME_KEYS)
+    apply_user_config(s, deployments[GENERATOR_NAME]["user_config"], ("batching",))
+    gen = deployments[GENERATOR_NAME]
+    assert gen["autoscaling_config"]["max_replicas"] >= gen["autoscaling_config"]["min_replicas"] >= 1
+    assert gen["max_ongoing_requests"] >= gen["user_config"]["batching"]["max_batch_size"]
+    assert http["port"] == 8000
