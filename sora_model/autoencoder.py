@@ -18,6 +18,7 @@ the config or the VAE's own config, never hard-coded:
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Callable
@@ -51,7 +52,7 @@ def model_to_pixels(video: Tensor) -> Tensor:
     return pixels.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()  # (B, T, H, W, 3)
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
     """Maps [-1, 1] video to model space and back.
 
     `temporal_factor` > 1 means a causal video VAE: the first frame is encoded alone and each further
@@ -64,13 +65,13 @@ class Autoencoder(nn.Module):
     odd_latent_frames: bool = False
     """CogVideoX decodes only an odd number of latent frames back to 1 + k * temporal_factor frames."""
 
+    @abc.abstractmethod
     def encode(self, video: Tensor) -> Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, C, T', H', W') model-space latents."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, T', H', W') model-space latents -> (B, 3, T, H, W), about [-1, 1], not clamped."""
-        raise NotImplementedError
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """(T', H', W') of a clip; ValueError when the clip does not fit the compression factors."""

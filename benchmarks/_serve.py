@@ -1,0 +1,114 @@
+"""Shared setup of the two Serve figures: a tiny export, the real app on a local Ray, an HTTP client.
+
+The export is the CPU demo's model (DiT-demo: width 128, depth 6, patch 1x4x4, MiniLM text) with fresh
+weights: sampling cost does not depend on whether the weights are trained. Requests are 8 frames at
+32x32 with the export's default steps and guidance, sent as the OpenAI SDK would (POST /v1/videos, then
+polling GET /v1/videos/{id} until `completed`, here every 20 ms so polling adds little).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+PORT = 8765
+POLL_S = 0.02
+REQUEST = {"prompt": "a red circle moving left", "size": "32x32", "num_frames": 8}
+
+
+def make_export(folder: str, steps: int) -> str:
+    import torch
+
+    from sora_model.config import DiffusionConfig, PipelineConfig, dit_preset
+    from sora_model.pipeline import TextToVideoPipeline
+
+    torch.manual_seed(0)
+    cfg = PipelineConfig(model=dit_preset("DiT-demo"), diffusion=DiffusionConfig(num_sampling_steps=steps), preset="DiT-demo")
+    TextToVideoPipeline.from_config(cfg).save(folder)
+    return folder
+
+
+def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int = 16) -> None:
+    """The real application (`pipelines.serve.app.build_app`), one generator replica, result cache off
+    (every request must sample), batching as given."""
+    from ray import serve
+
+    from pipelines.serve.app import build_app
+    from pipelines.serve.config import load_settings
+
+    settings = load_settings({
+        "model": export, "store": store, "result_cache": False,
+        "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.05},
+        "queue": {"max_in_flight": max_in_flight},
+    })  # fmt: skip
+    fixed = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+    app = build_app(settings, {"Generator": {"autoscaling_config": fixed}})
+    serve.start(http_options={"port": PORT, "host": "127.0.0.1"})
+    serve.run(app, name="sora", route_prefix="/", blocking=False)
+    wait_ready()
+
+
+def wait_ready(timeout: float = 180.0) -> None:
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if httpx.get(f"http://127.0.0.1:{PORT}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("serve app did not become healthy")
+
+
+async def one_request(client: Any, body: dict[str, Any]) -> float:
+    """Seconds from POST to `completed` (what a client waits)."""
+    import asyncio
+
+    t0 = time.perf_counter()
+    r = await client.post(f"http://127.0.0.1:{PORT}/v1/videos", json=body)
+    r.raise_for_status()
+    vid = r.json()["id"]
+    while True:
+        job = (await client.get(f"http://127.0.0.1:{PORT}/v1/videos/{vid}")).json()
+        if job["status"] == "completed":
+            return time.perf_counter() - t0
+        if job["status"] == "failed":
+            raise RuntimeError(f"request failed: {job.get('error')}")
+        await asyncio.sleep(POLL_S)
+
+
+def session(steps: int):
+    """(tmp folder, export path, store path) with Ray started on 2 CPUs."""
+    import ray
+
+    work = tempfile.mkdtemp(prefix="bench-serve-")
+    export = make_export(os.path.join(work, "export"), steps)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return work, export, os.path.join(work, "store")
+
+
+def shutdown(work: str) -> None:
+    import shutil
+
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def generator_stats() -> dict[str, Any]:
+    """The generator replica's own counters (batch sizes it actually ran)."""
+    from ray import serve
+
+    try:
+        return serve.get_deployment_handle("Generator", "sora").get_stats.remote().result(timeout_s=30)
+    except Exception as err:  # noqa: BLE001 - stats are a detail; never fail the figure on them
+        return {"error": f"{type(err).__name__}: {err}"}

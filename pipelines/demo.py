@@ -1,0 +1,391 @@
+"""`sora demo`: the embedded default, end to end on one machine with no GPU and no network.
+
+    sora demo                           # ~15 minutes on 2 CPU cores; writes ./demo-output/
+    sora demo --minutes 30 --out /tmp/demo
+    ray job submit --working-dir . -- python -m pipelines.demo --out /mnt/shared/demo
+
+Steps, each showing progress and each skipped on a second run when its output is already there
+with the same settings (a changed `--minutes` retrains, a finished run is reused):
+
+    1. synth     the shapes dataset, holding out some colour/shape/direction combinations
+    2. prepare   Ray Data: one prepared folder per curriculum bucket (images, short clips, clips)
+    3. train     Ray Train + DeepSpeed ZeRO-3 on 2 workers through cluster/recipes/demo-cpu.yaml
+                 (stage steps scaled by --minutes), exporting OUT/run/export
+    4. generate  a grid of seen and held-out prompts as GIF, PNG and MP4
+    5. evaluate  attribute accuracy (seen / held-out), temporal consistency, diversity
+    6. serve     the Serve app on the export, one HTTP request through the OpenAI-style API, shut down
+    7. report    OUT/report/report.md with the numbers, the sample grid and the loss curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RECIPE = Path(__file__).resolve().parents[1] / "cluster" / "recipes" / "demo-cpu.yaml"
+DEFAULT_MINUTES = 15.0
+"""The budget demo-cpu.yaml's step counts are sized for on 2 cores; --minutes scales training steps by minutes/15."""
+FIXED_MINUTES = 6.0
+"""Time the non-training steps take on 2 cores (Ray start, synth, prepare, DeepSpeed start, eval, serve)."""
+HELD_OUT = (
+    # Left out of training; every colour, shape and direction still appears in other combinations.
+    "red triangle up",
+    "green circle down",
+    "blue square left",
+    "yellow triangle right",
+    "magenta square down",
+    "cyan circle up",
+    "white square right",
+    "blue triangle left",
+)
+VIDEOS_PER_COMBINATION = 6
+VIDEO_FRAMES = 16
+SEEN_EVAL_PROMPTS = 24
+EVAL_SEEDS = 3
+SHOWCASE_SCALE = 4
+"""Sample sheets are upscaled 4x (nearest) so 32-pixel clips can be seen."""
+
+
+def _log(msg: str) -> None:
+    print(f"[sora demo] {msg}", flush=True)
+
+
+class Steps:
+    """Markers in OUT/.steps/<name>.json: a step is done when its marker holds the same settings."""
+
+    def __init__(self, out: Path):
+        self.dir = out / ".steps"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str, settings: dict[str, Any]) -> bool:
+        path = self.dir / f"{name}.json"
+        return path.is_file() and json.loads(path.read_text()).get("settings") == settings
+
+    def mark(self, name: str, settings: dict[str, Any], result: dict[str, Any] | None = None) -> None:
+        (self.dir / f"{name}.json").write_text(json.dumps({"settings": settings, "result": result or {}}, indent=2))
+
+    def result(self, name: str) -> dict[str, Any]:
+        path = self.dir / f"{name}.json"
+        return json.loads(path.read_text()).get("result", {}) if path.is_file() else {}
+
+    def forget(self, *names: str) -> None:
+        for name in names:
+            (self.dir / f"{name}.json").unlink(missing_ok=True)
+
+
+def scaled_recipe(recipe_path: Path, minutes: float | None, out: Path) -> tuple[Path, Any]:
+    """The recipe, with every stage's steps scaled to the training share of `minutes` (None: as written)."""
+    import yaml
+
+    from pipelines.train.recipe import load_recipe, recipe_to_dict
+
+    recipe = load_recipe(str(recipe_path))
+    data = recipe_to_dict(recipe)
+    if minutes is not None:
+        scale = max(0.05, (minutes - FIXED_MINUTES) / (DEFAULT_MINUTES - FIXED_MINUTES))
+        for stage in data["stages"]:
+            stage["steps"] = max(10, round(stage["steps"] * scale))
+            stage["checkpoint_every"] = max(10, stage["steps"] // 3)
+    path = out / "recipe.yaml"
+    note = f"scaled to --minutes {minutes:g}" if minutes is not None else "as written"
+    path.write_text(f"# {recipe_path.name} {note}\n" + yaml.safe_dump(data, sort_keys=False))
+    return path, load_recipe(str(path))
+
+
+def eval_prompts() -> list[dict[str, Any]]:
+    from pipelines.data import grammar
+
+    held = [tuple(c.split()) for c in HELD_OUT]
+    seen = [c for c in grammar.all_combinations() if c not in held]
+    stride = max(1, len(seen) // SEEN_EVAL_PROMPTS)
+    picked = seen[::stride][:SEEN_EVAL_PROMPTS]
+    rows = [{"prompt": grammar.caption(*c), "held_out": False} for c in picked]
+    rows += [{"prompt": grammar.caption(*c), "held_out": True} for c in held]
+    return rows
+
+
+def showcase(frames: np.ndarray, prompts: list[str], report: Path) -> dict[str, str]:
+    """Write the sample grid as GIF and MP4 (prompts tiled, animated) and PNG (rows = prompts, columns = frames)."""
+    from sora_model.video import make_grid, write_video
+
+    big = frames.repeat(SHOWCASE_SCALE, axis=2).repeat(SHOWCASE_SCALE, axis=3)  # (N, T, 4H, 4W, 3)
+    grid = make_grid(big, ncols=int(np.ceil(np.sqrt(len(prompts)))))
+    n, t, h, w, _ = big.shape
+    sheet = np.zeros((n * (h + 2), t * (w + 2), 3), dtype=np.uint8)
+    for i in range(n):
+        for j in range(t):
+            sheet[i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = big[i, j]
+    paths = {"gif": str(report / "samples.gif"), "mp4": str(report / "samples.mp4"), "png": str(report / "samples.png")}
+    write_video(paths["gif"], grid, fps=4)
+    write_video(paths["mp4"], grid, fps=4)
+    write_video(paths["png"], sheet[None], fps=1)
+    (report / "samples.txt").write_text("\n".join(f"{i}: {p}" for i, p in enumerate(prompts)) + "\n")
+    return paths
+
+
+def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
+    """Start the Serve app on the export, create one video over HTTP, download it, shut Serve down."""
+    import httpx
+    from ray import serve
+
+    from pipelines.serve.app import app_builder
+
+    store = out / "serve-store"
+    t0 = time.perf_counter()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder({"model": export, "store": str(store)}), name="sora-demo", route_prefix="/", blocking=False)
+    started = time.perf_counter() - t0
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        t1 = time.perf_counter()
+        with httpx.Client(timeout=60) as client:
+            video = client.post(f"{base}/videos", json={"prompt": "a red circle moving right", "seed": 0}).raise_for_status().json()
+            while video["status"] in ("queued", "in_progress"):
+                time.sleep(0.5)
+                video = client.get(f"{base}/videos/{video['id']}").raise_for_status().json()
+            if video["status"] != "completed":
+                raise RuntimeError(f"the served request failed: {video.get('error')}")
+            content = client.get(f"{base}/videos/{video['id']}/content").raise_for_status().content
+        path = out / "report" / "served.mp4"
+        path.write_bytes(content)
+        return {"status": video["status"], "id": video["id"], "bytes": len(content), "file": str(path),
+                "startup_s": round(started, 1), "request_s": round(time.perf_counter() - t1, 2)}  # fmt: skip
+    finally:
+        serve.shutdown()
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> Path:
+    report = out / "report"
+    acc = summary["eval"]["attribute_accuracy"]
+
+    def row(name: str, a: dict | None) -> str:
+        if not a:
+            return f"| {name} | – | – | – | – | – |"
+        return f"| {name} | {a['color']:.0%} | {a['shape']:.0%} | {a['direction']:.0%} | **{a['all']:.0%}** | {a['n']} |"
+
+    train = summary["train"]
+    serve_line = (
+        f"one request through Ray Serve: {summary['serve']['status']} in {summary['serve']['request_s']} s "
+        f"(app start {summary['serve']['startup_s']} s), {summary['serve']['bytes']} bytes → `served.mp4`"
+        if summary.get("serve") else "skipped (--no-serve)"
+    )  # fmt: skip
+    lines = [
+        "# sora demo report",
+        "",
+        f"Run on {time.strftime('%Y-%m-%d %H:%M')} with `{summary['command']}`; total {summary['seconds'] / 60:.1f} min.",
+        "",
+        "## Data",
+        f"- {summary['synth']['videos']} synthetic videos ({VIDEO_FRAMES} frames, 32x32); held out of training: "
+        + ", ".join(f"`{c}`" for c in HELD_OUT),
+        *(f"- bucket `{b}`: {n} clips" for b, n in summary["prepare"].items()),
+        "",
+        "## Training",
+        f"- recipe `{summary['recipe']}` ({train['steps']} steps over {len(train['stages'])} stages: "
+        + ", ".join(train["stages"]) + f"), 2 workers, DeepSpeed ZeRO-3; {train['seconds'] / 60:.1f} min",
+        f"- final loss {train['final_loss']:.4f} (first logged {train['first_loss']:.4f}); curve: `loss.png`",
+        "",
+        "## Prompt following (judged by `sora eval`'s attribute detector)",
+        "",
+        "| prompts | colour | shape | direction | all three | clips |",
+        "| --- | --- | --- | --- | --- | --- |",
+        row("seen combinations", acc.get("seen")),
+        row("held-out combinations", acc.get("held_out")),
+        row("all", acc.get("overall")),
+        "",
+        f"Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips. "
+        f"Temporal consistency {summary['eval']['temporal_consistency']:.3f}, diversity across seeds {summary['eval']['diversity']:.3f}.",
+        "",
+        "## Samples",
+        "`samples.gif` / `samples.mp4` (animated grid, prompts in `samples.txt`), `samples.png` (rows = prompts, columns = frames).",
+        "",
+        "![samples](samples.png)",
+        "",
+        "## Serving",
+        serve_line,
+        "",
+        "## Files",
+        f"- export: `{summary['export']}` (try `sora generate --model {summary['export']} --prompt \"a red circle moving left\" --out clip.gif`)",
+        f"- run folder: `{out / 'run'}` (metrics.csv, tensorboard/, samples/)",
+        "- metrics: `metrics.json`",
+    ]
+    path = report / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_demo(
+    out: Path,
+    minutes: float,
+    workers: int,
+    serve_port: int | None,
+    recipe_path: Path | None = None,
+    videos_per_combination: int = VIDEOS_PER_COMBINATION,
+) -> dict[str, Any]:
+    """Run (or resume) every step; `recipe_path` replaces demo-cpu.yaml and is then not scaled by `minutes`."""
+    from pipelines.data.prepare import Bucket, PrepareOptions, prepare
+    from pipelines.data.runtime import ensure_ray
+    from pipelines.data.synth import synth
+    from pipelines.train.trainer import TrainOptions, train
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report").mkdir(exist_ok=True)
+    steps = Steps(out)
+    ensure_ray()
+    summary: dict[str, Any] = {"minutes": minutes, "command": "sora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "sora demo"}
+
+    # 1. Synthesise.
+    from pipelines.data import grammar
+
+    num_videos = videos_per_combination * (len(grammar.all_combinations()) - len(HELD_OUT))
+    synth_settings = {"videos": num_videos, "frames": VIDEO_FRAMES, "held_out": list(HELD_OUT)}
+    shapes = out / "data" / "shapes"
+    if not steps.done("synth", synth_settings):
+        _log(f"1/7 synthesising {num_videos} videos, holding out {len(HELD_OUT)} combinations")
+        steps.forget("prepare", "train")
+        shutil.rmtree(shapes, ignore_errors=True)
+        synth(str(shapes), num_videos, size=32, frames=VIDEO_FRAMES, fps=8, seed=0, exclude=list(HELD_OUT))
+        steps.mark("synth", synth_settings)
+    else:
+        _log("1/7 synthetic videos: reusing " + str(shapes))
+    summary["synth"] = synth_settings
+
+    # 2. Prepare one folder per bucket the recipe's stages use.
+    recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out)
+    buckets = sorted({s.dataset for s in recipe.stages})
+    prepare_settings = {"buckets": buckets, "synth": synth_settings}
+    folders = {b: out / "data" / b for b in buckets}
+    if not steps.done("prepare", prepare_settings):
+        steps.forget("train")
+        counts = {}
+        for i, name in enumerate(buckets, 1):
+            _log(f"2/7 preparing bucket {name} with Ray Data ({i}/{len(buckets)})")
+            result = prepare(PrepareOptions(
+                manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
+                clips_per_video=0, overwrite=True,
+            ))  # fmt: skip
+            counts[name] = result.get("num_clips", 0)
+        steps.mark("prepare", prepare_settings, counts)
+    else:
+        _log("2/7 prepared data: reusing " + ", ".join(map(str, folders.values())))
+    summary["prepare"] = steps.result("prepare")
+
+    # 3. Train.
+    run_dir = out / "run"
+    export = run_dir / "export"
+    train_settings = {"recipe": recipe_path.read_text(), "workers": workers, "data": prepare_settings}
+    if not steps.done("train", train_settings) or not (export / "config.json").is_file():
+        resume = (run_dir / "ray_results" / recipe.name).is_dir() and steps.result("train_started") == train_settings
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _log(f"3/7 training {recipe.total_steps} steps with Ray Train + DeepSpeed ZeRO-3 on {workers} workers"
+             + (" (resuming)" if resume else ""))  # fmt: skip
+        steps.mark("train_started", {}, train_settings)
+        result = train(TrainOptions(recipe=str(recipe_path), data=[str(folders[b]) for b in buckets],
+                                    run_dir=str(run_dir), workers=workers, resume=resume))  # fmt: skip
+        steps.mark("train", train_settings, {"seconds": result["seconds"]})
+    else:
+        _log("3/7 trained model: reusing " + str(export))
+    metrics = _read_metrics(run_dir / "metrics.csv")
+    summary["train"] = {
+        "seconds": steps.result("train").get("seconds", 0.0),
+        "steps": recipe.total_steps,
+        "stages": [f"{s.name} ({s.frames}x{s.resolution}², {s.steps} steps)" for s in recipe.stages],
+        "first_loss": float(np.mean(metrics[:10])) if metrics else float("nan"),
+        "final_loss": float(np.mean(metrics[-20:])) if metrics else float("nan"),
+    }
+    summary["recipe"] = str(recipe_path)
+    summary["export"] = str(export)
+    if (run_dir / "loss.png").is_file():
+        shutil.copyfile(run_dir / "loss.png", out / "report" / "loss.png")
+
+    # 4 + 5. Generate the grid and evaluate (the same clips: eval generates, we keep them).
+    from pipelines.evaluate.run import evaluate_export
+    from sora_model.pipeline import TextToVideoPipeline
+
+    _log("4/7 generating seen and held-out prompts")
+    pipe = TextToVideoPipeline.load(str(export))
+    prompts = eval_prompts()
+    showcase_prompts = [p["prompt"] for p in prompts if not p["held_out"]][:8] + [p["prompt"] for p in prompts if p["held_out"]]
+    frames = pipe(showcase_prompts, seed=list(range(len(showcase_prompts))))
+    summary["samples"] = showcase(frames, showcase_prompts, out / "report")
+    _log(f"5/7 evaluating {len(prompts)} prompts x {EVAL_SEEDS} seeds")
+    summary["eval"] = evaluate_export(str(export), prompts, seeds=EVAL_SEEDS, pipeline=pipe,
+                                      out=str(out / "report" / "metrics.json"))  # fmt: skip
+
+    # 6. Serve.
+    if serve_port is not None:
+        _log(f"6/7 serving the export with Ray Serve on port {serve_port} and making one request")
+        summary["serve"] = serve_smoke(str(export), out, serve_port)
+    else:
+        _log("6/7 serving: skipped")
+
+    # 7. Report.
+    summary["seconds"] = time.perf_counter() - t_start
+    report = write_report(out, summary)
+    (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    acc = summary["eval"]["attribute_accuracy"]
+    _log(f"7/7 report: {report}")
+    for key in ("seen", "held_out"):
+        a = acc.get(key) or {}
+        if a:
+            _log(f"    {key:8s}: colour {a['color']:.0%}  shape {a['shape']:.0%}  direction {a['direction']:.0%}  all {a['all']:.0%}")
+    _log(f"    samples: {summary['samples']['gif']}, {summary['samples']['png']}; loss curve: {out / 'report' / 'loss.png'}")
+    _log(f"    export:  {export}")
+    return summary
+
+
+def _read_metrics(path: Path) -> list[float]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss") not in (None, "", "nan")]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-output", help="output folder (default %(default)s); a second run reuses it")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="time budget on 2 CPU cores (default %(default)s); scales training")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port for the serving step (default %(default)s)")
+    p.add_argument("--no-serve", action="store_true", help="skip the serving step")
+    p.add_argument("--recipe", help="train this recipe as written instead of demo-cpu.yaml scaled by --minutes")
+    p.add_argument("--videos-per-combination", type=int, default=VIDEOS_PER_COMBINATION,
+                   help="synthetic videos per seen colour/shape/direction combination (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.cli import UserError
+
+    if args.minutes < FIXED_MINUTES + 1:
+        raise UserError(f"--minutes must be at least {FIXED_MINUTES + 1:g} (the fixed steps alone take ~{FIXED_MINUTES:g}), got {args.minutes:g}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.videos_per_combination < 1:
+        raise UserError(f"--videos-per-combination must be >= 1, got {args.videos_per_combination}")
+    recipe = Path(args.recipe).resolve() if args.recipe else None
+    if recipe is not None and not recipe.is_file():
+        raise UserError(f"recipe not found: {args.recipe}")
+    run_demo(Path(args.out).resolve(), args.minutes, args.workers, None if args.no_serve else args.port, recipe,
+             args.videos_per_combination)  # fmt: skip
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="the embedded default end to end: synth, prepare, train, generate, eval, serve")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
