@@ -177,6 +177,9 @@ class DiT(nn.Module):
         # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
         text_mask = text_mask.clone()
         text_mask[~text_mask.any(-1), 0] = True
+        # Captions are padded to the encoder's max_length; columns no caption uses only cost cross-attention time.
+        keep = int(text_mask.any(0).nonzero().max()) + 1
+        text_tokens, text_mask = text_tokens[:, :keep], text_mask[:, :keep]  # (B, L', Dt), (B, L')
         dtype = self.dtype
         c = self.t_embedder(timestep, dtype) + self.pooled_embedder(text_pooled.to(dtype))  # (B, D)
         context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
