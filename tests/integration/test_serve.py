@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import yaml
+from helpers import make_tiny_export
 
 pytestmark = pytest.mark.slow
 
@@ -25,24 +25,6 @@ GENERATOR_OPTIONS = {
     "ray_actor_options": {"num_cpus": 1},
     "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}},
 }
-
-
-def make_tiny_export(folder: Path) -> Path:
-    from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
-    from sora_model.pipeline import TextToVideoPipeline
-
-    config = PipelineConfig(
-        model=dit_preset("DiT-tiny", text_dim=384),
-        sample=SampleConfig(num_frames=4, height=16, width=16, fps=8),
-        diffusion=DiffusionConfig(num_sampling_steps=4),
-    )
-    pipe = TextToVideoPipeline.from_config(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # an untrained model gives constant clips; perturb so seeds matter
-        for p in pipe.model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    pipe.save(str(folder))
-    return folder
 
 
 def serve_config(export: Path, store: Path, ingress_user_config: dict | None = None) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from helpers import make_tiny_export
 
 pytestmark = pytest.mark.slow
 
@@ -20,24 +20,6 @@ PORT = 8312
 BASE = f"http://127.0.0.1:{PORT}"
 FREE_KEY, PRO_KEY = "sk-free-test", "sk-pro-test"
 MAX_PENDING = 6
-
-
-def make_tiny_export(folder: Path) -> Path:
-    from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
-    from sora_model.pipeline import TextToVideoPipeline
-
-    config = PipelineConfig(
-        model=dit_preset("DiT-tiny", text_dim=384),
-        sample=SampleConfig(num_frames=4, height=16, width=16, fps=8),
-        diffusion=DiffusionConfig(num_sampling_steps=4),
-    )
-    pipe = TextToVideoPipeline.from_config(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    pipe.save(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

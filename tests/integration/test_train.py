@@ -12,59 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import smoke_training_data
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "cluster" / "recipes" / "smoke-cpu.yaml")
-
-
-def prepared_data(tmp_path_factory) -> str:
-    """DIR_images,DIR_clips for smoke-cpu.yaml (24 synthetic 16x16 videos), made once per session."""
-    from pipelines.cli import main
-
-    base = tmp_path_factory.getbasetemp() / "train-data"
-    images, clips = base / "images", base / "clips"
-    if not (clips / "dataset.json").is_file():
-        assert (
-            main(
-                [
-                    "data",
-                    "synth",
-                    "--out",
-                    str(base / "shapes"),
-                    "--num-videos",
-                    "24",
-                    "--size",
-                    "16",
-                    "--frames",
-                    "8",
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
-        manifest = str(base / "shapes" / "captions.jsonl")
-        for out, frames in ((images, "1"), (clips, "8")):
-            assert (
-                main(
-                    [
-                        "data",
-                        "prepare",
-                        "--manifest",
-                        manifest,
-                        "--out",
-                        str(out),
-                        "--resolution",
-                        "16",
-                        "--frames",
-                        frames,
-                        "--no-progress",
-                    ]
-                )
-                == 0
-            )
-    return f"{images},{clips}"
 
 
 def read_metrics(run: Path) -> list[dict[str, str]]:
@@ -83,7 +36,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def data(ray_local, tmp_path_factory):
-    return prepared_data(tmp_path_factory)
+    return smoke_training_data(tmp_path_factory.getbasetemp() / "train-data")
 
 
 def run_train(data: str, run: Path, **kw):

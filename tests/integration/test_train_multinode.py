@@ -7,58 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import smoke_training_data
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def prepared_data(tmp_path_factory) -> str:
-    """Same data as test_train.py (reused when that module made it in this session)."""
-    from pipelines.cli import main
-
-    base = tmp_path_factory.getbasetemp() / "train-data"
-    images, clips = base / "images", base / "clips"
-    if not (clips / "dataset.json").is_file():
-        assert (
-            main(
-                [
-                    "data",
-                    "synth",
-                    "--out",
-                    str(base / "shapes"),
-                    "--num-videos",
-                    "24",
-                    "--size",
-                    "16",
-                    "--frames",
-                    "8",
-                    "--no-progress",
-                ]
-            )
-            == 0
-        )
-        manifest = str(base / "shapes" / "captions.jsonl")
-        for out, frames in ((images, "1"), (clips, "8")):
-            assert (
-                main(
-                    [
-                        "data",
-                        "prepare",
-                        "--manifest",
-                        manifest,
-                        "--out",
-                        str(out),
-                        "--resolution",
-                        "16",
-                        "--frames",
-                        frames,
-                        "--no-progress",
-                    ]
-                )
-                == 0
-            )
-    return f"{images},{clips}"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +33,7 @@ def test_workers_spread_over_both_nodes(two_nodes, tmp_path_factory, tmp_path):
 
     from pipelines.train.trainer import TrainOptions, train
 
-    data = prepared_data(tmp_path_factory)
+    data = smoke_training_data(tmp_path_factory.getbasetemp() / "train-data")
     recipe = yaml.safe_load((ROOT / "cluster" / "recipes" / "smoke-cpu.yaml").read_text())
     for stage in recipe["stages"]:  # placement is the point here, not training: keep it short
         stage.update(steps=2, checkpoint_every=0, sample_prompts=[])

@@ -6,27 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import make_tiny_export
 
 from pipelines.cli import main
-from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
-from sora_model.pipeline import TextToVideoPipeline
-
-
-def make_tiny_export(folder: Path) -> Path:
-    """DiT-tiny, 4 frames of 16x16, 4 steps; weights perturbed so clips depend on prompt and seed."""
-    config = PipelineConfig(
-        model=dit_preset("DiT-tiny", text_dim=384),
-        sample=SampleConfig(num_frames=4, height=16, width=16, fps=8),
-        diffusion=DiffusionConfig(num_sampling_steps=4),
-    )
-    pipe = TextToVideoPipeline.from_config(config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    pipe.save(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""pytest puts this folder on sys.path (rootdir-relative conftest), so tests import `helpers` directly."""

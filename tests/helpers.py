@@ -1,0 +1,41 @@
+"""Shared test fixtures' building blocks: the tiny export and the smoke-recipe data several modules use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_tiny_export(folder: Path) -> Path:
+    """DiT-tiny, 4 frames of 16x16, 4 steps; weights perturbed so clips depend on prompt and seed."""
+    from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
+    from sora_model.pipeline import TextToVideoPipeline
+
+    config = PipelineConfig(
+        model=dit_preset("DiT-tiny", text_dim=384),
+        sample=SampleConfig(num_frames=4, height=16, width=16, fps=8),
+        diffusion=DiffusionConfig(num_sampling_steps=4),
+    )
+    pipe = TextToVideoPipeline.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an untrained model gives constant clips; perturb so seeds matter
+        for p in pipe.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pipe.save(str(folder))
+    return folder
+
+
+def smoke_training_data(base: Path) -> str:
+    """DIR_images,DIR_clips for smoke-cpu.yaml (24 synthetic 16x16 videos), made once under `base`."""
+    from pipelines.cli import main
+
+    images, clips = base / "images", base / "clips"
+    if not (clips / "dataset.json").is_file():
+        synth = ["data", "synth", "--out", str(base / "shapes"), "--num-videos", "24", "--size", "16", "--frames", "8"]
+        assert main([*synth, "--no-progress"]) == 0
+        manifest = str(base / "shapes" / "captions.jsonl")
+        for out, frames in ((images, "1"), (clips, "8")):
+            prepare = ["data", "prepare", "--manifest", manifest, "--out", str(out), "--resolution", "16", "--frames", frames]
+            assert main([*prepare, "--no-progress"]) == 0
+    return f"{images},{clips}"
