@@ -87,7 +87,7 @@ def test_synth_writes_the_grammar_and_is_deterministic(shapes, tmp_path):
         spec = SynthSpec(size=32, frames=16, fps=8, seed=0)
         decoded = read_frames(str(again / r["path"]), range(16)).astype(int)
         np.testing.assert_allclose(decoded, read_frames(str(shapes / r["path"]), range(16)).astype(int), atol=3)
-        assert np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 3  # the file holds the seeded rendering
+        assert np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 8  # the seeded rendering (1.6-3.2 seen), not a neighbour (12-38)
     other = tmp_path / "other"
     synth(str(other), num_videos=2, seed=1, progress=False)
     assert not np.array_equal(read_frames(str(other / "videos/0000.mp4"), [0]), read_frames(str(shapes / "videos/0000.mp4"), [0]))
