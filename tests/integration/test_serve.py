@@ -271,8 +271,11 @@ def test_killed_generator_replica_is_replaced_and_accepted_jobs_finish(http):
     import ray
 
     replica_before = http.get("/healthz").json()["generator"]["replica"]
-    ids = [http.post("/v1/videos", json={"prompt": f"a yellow square {i}", "steps": 20, "num_frames": 8, "seed": i}).json()["id"] for i in range(3)]
-    time.sleep(0.5)  # let the first batch start sampling
+    # Long enough jobs (100 steps, 16 frames: seconds here) that the kill lands while one is sampling.
+    ids = [http.post("/v1/videos", json={"prompt": f"a yellow square {i}", "steps": 100, "num_frames": 16, "seed": i}).json()["id"] for i in range(3)]
+    deadline = time.time() + 60
+    while not any(http.get(f"/v1/videos/{i}").json()["status"] == "in_progress" for i in ids) and time.time() < deadline:
+        time.sleep(0.05)
     names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Generator" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
