@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -39,3 +40,15 @@ def smoke_training_data(base: Path) -> str:
             prepare = ["data", "prepare", "--manifest", manifest, "--out", str(out), "--resolution", "16", "--frames", frames]
             assert main([*prepare, "--no-progress"]) == 0
     return f"{images},{clips}"
+
+
+def wait_done(http, video_id: str, timeout: float = 120) -> dict:
+    """Poll a video job over HTTP (an httpx.Client with base_url) until it is completed or failed."""
+    deadline = time.time() + timeout
+    job: dict = {}
+    while time.time() < deadline:
+        job = http.get(f"/v1/videos/{video_id}").json()
+        if job["status"] in ("completed", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"{video_id} did not finish: {job}")

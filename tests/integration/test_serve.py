@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import make_tiny_export
+from helpers import make_tiny_export, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -81,15 +81,6 @@ def sdk(service):
 
     return OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=60)
 
-
-def wait_done(http: httpx.Client, video_id: str, timeout: float = 90) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = http.get(f"/v1/videos/{video_id}").json()
-        if job["status"] in ("completed", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"{video_id} did not finish: {job}")
 
 
 def create_many(payloads: list[dict]) -> list[httpx.Response]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import make_tiny_export
+from helpers import make_tiny_export, wait_done
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +61,6 @@ def client(key: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=BASE, timeout=60, headers=headers)
 
-
-def wait_done(c: httpx.Client, video_id: str, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = c.get(f"/v1/videos/{video_id}").json()
-        if job["status"] in ("completed", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"{video_id} did not finish: {job}")
 
 
 def wait_idle(timeout: float = 120) -> None:
