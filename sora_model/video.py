@@ -370,9 +370,12 @@ def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
     rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 30000/1001
     # faststart puts the index first, so HTTP clients can play the file while it downloads.
     with av.open(path, "w", format="mp4", options={"movflags": "faststart"}) as container:
-        # One encoder thread: x264's threaded lookahead made a few pixels differ by 1-2 between runs under load,
-        # and the same seed must give the same bytes (the server's result cache and tests rely on it).
-        stream = container.add_stream(MP4_CODEC, rate=rate, options={"crf": MP4_CRF, "threads": "1"})
+        # Same frames must give the same bytes (the server's result cache and the synth tests rely on it). x264's
+        # macroblock-tree rate control reads uninitialised memory on tiny frames (32x32 gave 5 different files in 100
+        # encodes of one clip; 64x64 and up did not), and threaded lookahead depends on timing, so both are off.
+        # PyAV's codec context defaults to thread_count=0 (auto), which overrides a "threads" option, so it is set here.
+        stream = container.add_stream(MP4_CODEC, rate=rate, options={"crf": MP4_CRF, "x264-params": "mbtree=0"})
+        stream.codec_context.thread_count = 1
         stream.width, stream.height, stream.pix_fmt = w + pw, h + ph, MP4_PIX_FMT
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

@@ -81,12 +81,11 @@ def test_synth_writes_the_grammar_and_is_deterministic(shapes, tmp_path):
     rows2 = [json.loads(line) for line in (again / "captions.jsonl").read_text().splitlines()]
     assert rows2 == rows[:5]
     for i, r in enumerate(rows2):
-        # Rendering is seeded per video; the H.264 round trip may differ by a level or two, as seen
-        # once in ~5 runs under heavy load, so the decoded clips are compared within the codec's noise.
+        # Rendering is seeded per video and the encoder is deterministic, so the files are byte-identical.
+        assert (again / r["path"]).read_bytes() == (shapes / r["path"]).read_bytes(), r["path"]
         combo = tuple(r["attributes"][k] for k in grammar.ATTRIBUTES)
         spec = SynthSpec(size=32, frames=16, fps=8, seed=0)
         decoded = read_frames(str(again / r["path"]), range(16)).astype(int)
-        np.testing.assert_allclose(decoded, read_frames(str(shapes / r["path"]), range(16)).astype(int), atol=3)
         assert np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 8  # the seeded rendering (1.6-3.2 seen), not a neighbour (12-38)
     other = tmp_path / "other"
     synth(str(other), num_videos=2, seed=1, progress=False)
