@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the export's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the export's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same clip (default 0)")
-    p.add_argument("--sampler", help="euler|heun (flow) or ddpm|ddim (DDPM schedules) (default: the export's)")
+    p.add_argument("--sampler", help="euler|heun|ab2 (flow) or ddpm|ddim (DDPM schedules) (default: the export's)")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
     p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")

@@ -5,7 +5,8 @@ callables and picks the time grid; these functions only integrate:
 
 - `ddpm_sample` / `ddim_sample` take `denoise(x_t, train_index) -> (x0_hat, eps_hat)` and the training
   chain's `alphas_cumprod`, walking a strided subset of the training timesteps (respacing);
-- `euler_sample` / `heun_sample` take `velocity(x_t, t) -> v_hat` for rectified flow and a time grid 1 -> 0.
+- `euler_sample` / `heun_sample` / `ab2_sample` take `velocity(x_t, t) -> v_hat` for rectified flow and a
+  time grid 1 -> 0.
 
 All randomness comes from the given generator, so one seed gives bitwise the same output.
 """
@@ -25,7 +26,7 @@ VelocityField = Callable[[Tensor, float], Tensor]
 StepCallback = Callable[[int, int], None]
 """callback(step_index, total_steps), called after each step; step_index counts from 0."""
 
-SAMPLER_NAMES: dict[str, tuple[str, ...]] = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+SAMPLER_NAMES: dict[str, tuple[str, ...]] = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "ab2")}
 """Samplers valid for each family of schedules (DDPM-style Gaussian chains, rectified flow)."""
 
 
@@ -168,6 +169,35 @@ def heun_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, ca
     return x
 
 
+@torch.no_grad()
+def ab2_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None) -> Tensor:
+    """Second-order Adams-Bashforth (linear multistep) on the same grid: one network call per step, like
+    Euler, but each step also uses the previous step's velocity to cancel Euler's first-order error.
+
+    Variable step sizes h_i = t_{i+1} - t_i (the grid may be shifted):
+        x_{i+1} = x_i + h_i * ((1 + r) v_i - r v_{i-1}),   r = h_i / (2 h_{i-1}),
+    the first step is Euler (no previous velocity yet). Like Euler it never evaluates the network at
+    t = 0. On the exact velocity of a Gaussian mixture it reaches DDPM-1000's sample quality at ~12 network
+    calls where Euler needs ~75 (benchmarks/bench_sampler_nfe_for_ddpm_quality.py): the same idea as
+    DPM-Solver++(2M) for diffusion models, here on the straight rectified-flow ODE."""
+    x = x_1
+    total = len(t_grid) - 1
+    prev: tuple[Tensor, float] | None = None  # (velocity, step size) of the previous step
+    for i in range(total):
+        t, t_next = t_grid[i], t_grid[i + 1]
+        h = t_next - t
+        v = velocity(x, t)
+        if prev is None:
+            x = x + h * v
+        else:
+            r = h / (2.0 * prev[1])
+            x = x + h * ((1.0 + r) * v - r * prev[0])
+        prev = (v, h)
+        if callback is not None:
+            callback(i, total)
+    return x
+
+
 def sampler_nfe(sampler: str, steps: int) -> int:
     """Network function evaluations for `steps` steps (before classifier-free guidance doubles them)."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+    return 2 * steps - 1 if sampler == "heun" else steps  # euler, ab2, ddpm, ddim: one per step

@@ -403,7 +403,7 @@ class RectifiedFlow(Diffusion):
             tt = torch.full((batch,), t, device=x.device, dtype=torch.float32)
             return model_fn(x, self.model_timestep(tt))  # (B, C, T, H, W)
 
-        integrate = S.heun_sample if sampler == "heun" else S.euler_sample
+        integrate = {"euler": S.euler_sample, "heun": S.heun_sample, "ab2": S.ab2_sample}[sampler]
         return integrate(velocity, noise, grid, callback=callback)
 
 

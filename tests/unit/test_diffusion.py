@@ -45,8 +45,9 @@ ALL_SAMPLERS = [
     (ddpm_cfg(ddim_eta=1.0), "ddim"),
     (flow_cfg(), "euler"),
     (flow_cfg(), "heun"),
+    (flow_cfg(), "ab2"),
 ]
-IDS = ["ddpm-eps", "ddim-eps", "ddpm-v", "ddim-v", "ddim-eta1", "euler", "heun"]
+IDS = ["ddpm-eps", "ddim-eps", "ddpm-v", "ddim-v", "ddim-eta1", "euler", "heun", "ab2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_flow_grid_and_respacing():
     assert respace_timesteps(1000, 1) == [999]
     with pytest.raises(ValueError):
         respace_timesteps(1000, 1001)
-    assert sampler_nfe("heun", 10) == 19 and sampler_nfe("euler", 10) == 10
+    assert sampler_nfe("heun", 10) == 19 and sampler_nfe("euler", 10) == 10 and sampler_nfe("ab2", 10) == 10
 
 
 def test_video_complexity():
@@ -280,6 +281,34 @@ def test_heun_beats_euler_on_gaussian_data(shift):
         # honest NFE: Heun at 16 steps makes 31 calls and still beats Euler with 31 calls
         assert sampler_nfe("heun", 16) == 31
         assert errors["heun", 16] < error("euler", 31)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_ab2_is_second_order_at_euler_cost(shift):
+    """The multistep sampler: one network call per step like Euler, second-order error like Heun."""
+    mu, sigma = 0.5, 0.2
+    diff = build_diffusion(flow_cfg(shift=shift))
+    oracle = gaussian_oracle(diff, mu, sigma)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = mu + sigma * z
+    calls = []
+
+    def counting(x, t):
+        calls.append(1)
+        return oracle(x, t)
+
+    def error(sampler: str, steps: int) -> float:
+        return (diff.sample(counting, SHAPE, steps=steps, sampler=sampler, noise=z) - exact).abs().max().item()
+
+    errors = {(s, n): error(s, n) for s in ("euler", "ab2") for n in (8, 16, 32)}
+    calls.clear()
+    error("ab2", 8)
+    assert len(calls) == 8 == sampler_nfe("ab2", 8)  # never evaluates at t = 0, one call per step
+    for steps in (8, 16, 32):
+        assert errors["ab2", steps] < errors["euler", steps]
+    if shift == 1.0:
+        assert errors["ab2", 16] / errors["ab2", 32] > 3.0  # ~h^2 (Euler halves, see above)
+        assert errors["ab2", 32] < 0.01
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
