@@ -394,7 +394,9 @@ class VideoAPI:
             job = await asyncio.to_thread(self.store.get, job_id)
             if job is None or job["status"] in TERMINAL:  # deleted while waiting, or finished by another replica
                 return
-            item = {"id": job_id, "params": job["_params"]}
+            # Nothing else waits here: the generator need not hold this job for company (batch wait).
+            alone = self._queue.empty() and self._in_flight == 1
+            item = {"id": job_id, "params": job["_params"], "alone": alone}
             attempts, waits = 0, 0
             while True:
                 try:

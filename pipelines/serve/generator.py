@@ -4,7 +4,10 @@ Each call carries one job (`{"id", "params"}`); `@serve.batch` collects concurre
 is split by shape (frames, size, steps, sampler, negative prompt or not). Each shape group is one
 pipeline call: prompts, seeds and guidance scales stay per request (the pipeline gives every prompt
 its own noise, so a clip is the same batched or alone). The replica moves the job to `in_progress`,
-reports progress per step, writes the MP4 and thumbnail to the store, then marks it `completed`.
+reports progress while sampling, and hands each clip back to its own call, which writes the MP4 and
+thumbnail to the store and marks the job `completed`. That last part runs outside the batch: the next
+batch starts sampling while the previous one's clips are encoded and uploaded, and the clips of one
+batch are encoded side by side rather than one after another.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Generator:
         self.stats: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()
         self._fatal: str | None = None
+        self._idle: asyncio.Event | None = None  # set while no batch is sampling; made on the replica's loop
         self._apply_batching()
         logger.info("generator %s loaded %s on %s (%s) in %.1fs", self.replica, self.settings.model, device, self.settings.precision, self.load_s)
 
@@ -107,12 +111,29 @@ class Generator:
             **self.stats,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch_size": self.settings.batching.max_batch_size,
+            "torch_threads": _torch_threads(),
             "text_cache": {"hits": cache.hits, "misses": cache.misses, "size": len(cache)},
         }
 
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
         """One job -> `{"ok", "batch_id", "batch_size", "error"}`; the clip itself goes to the store."""
-        return await self._batched(job)
+        # Hold new requests while a batch samples, then let them all in together: what queued during a
+        # batch becomes the next batch (up to max_batch_size). `@serve.batch` alone forms the next batch as
+        # soon as the current one starts, from whatever arrives within its wait, so under steady load it
+        # would mostly sample batches of one.
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            self._idle.set()
+        await self._idle.wait()
+        if job.get("alone"):
+            # The ingress has nothing else queued: do not hold this job for company that is not coming
+            # (the batch it starts restores the configured wait, see _batched).
+            self._batched.set_batch_wait_timeout_s(0.0)
+        result = await self._batched(job)
+        clip = result.pop("clip", None)
+        if clip is None:  # failed, or deleted before it was sampled
+            return result
+        return await asyncio.to_thread(self._finish, job["id"], clip, result)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,18 +142,27 @@ class Generator:
         for i, p in enumerate(params):
             groups[p.shape_key].append(i)
         results: list[dict[str, Any]] = [{}] * len(jobs)
-        for idxs in groups.values():
-            out = await asyncio.to_thread(self._run_group, [jobs[i]["id"] for i in idxs], [params[i] for i in idxs])
-            for i, r in zip(idxs, out, strict=True):
-                results[i] = r
+        self._batched.set_batch_wait_timeout_s(self.settings.batching.batch_wait_timeout_s)
+        if self._idle is not None:
+            self._idle.clear()
+        try:
+            for idxs in groups.values():
+                out = await asyncio.to_thread(self._run_group, [jobs[i]["id"] for i in idxs], [params[i] for i in idxs])
+                for i, r in zip(idxs, out, strict=True):
+                    results[i] = r
+        finally:
+            if self._idle is not None:
+                self._idle.set()
         return results
 
     def _run_group(self, ids: list[str], params: list[GenerationParams]) -> list[dict[str, Any]]:
         """Sample one same-shape group in one pipeline call (runs in a worker thread)."""
         metrics = generator_metrics()
         now = int(time.time())
-        live = [self.store.update(i, status="in_progress", progress=0, _started_at=now, _replica=self.replica) is not None for i in ids]
-        run = [(i, p) for i, p, ok in zip(ids, params, live, strict=True) if ok]  # deleted jobs drop out
+        started_ns = time.time_ns()
+        live = [self.store.update(i, status="in_progress", progress=0, _started_at=now, _replica=self.replica) for i in ids]
+        run = [(i, p) for i, p, job in zip(ids, params, live, strict=True) if job is not None]  # deleted jobs drop out
+        queued_s = {job["id"]: (started_ns - job.get("_created_ns", started_ns)) / 1e9 for job in live if job is not None}
         batch_id = uuid.uuid4().hex[:12]
         results = {i: {"ok": True, "batch_id": batch_id, "batch_size": len(run), "skipped": True} for i in ids}
         if not run:
@@ -175,20 +205,34 @@ class Generator:
         self.stats["clips"] += len(run)
         self.batch_sizes[len(run)] += 1
         for (job_id, p), clip in zip(run, clips, strict=True):
-            video, thumb = encode_clip(clip, p.fps)
-            self.store.put_content(job_id, "video", video)
-            self.store.put_content(job_id, "thumbnail", thumb)
-            job = self.store.update(job_id, status="completed", progress=100, completed_at=int(time.time()), error=None, _batch_id=batch_id, _batch_size=len(run))
-            if job is None:  # deleted while sampling: drop what was just written
-                self.store.delete(job_id)
-            elif job.get("_cache_key"):
-                self.store.cache_put(job["_cache_key"], job_id)
-            results[job_id] = {"ok": True, "batch_id": batch_id, "batch_size": len(run), "seconds": seconds}
-            metrics["clips"].inc(tags={"status": "completed"})
+            results[job_id] = {
+                "ok": True, "batch_id": batch_id, "batch_size": len(run), "seconds": seconds,
+                "clip": clip, "fps": p.fps, "queued_s": queued_s[job_id],
+            }  # fmt: skip
         cache = self.pipe.text_encoder.cache
         metrics["text_cache"].set(cache.hits, tags={"result": "hit"})
         metrics["text_cache"].set(cache.misses, tags={"result": "miss"})
         return [results[i] for i in ids]
+
+    def _finish(self, job_id: str, clip: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """Encode one sampled clip, store it and mark its job completed (a worker thread, outside the batch)."""
+        queued_s, fps = result.pop("queued_s"), result.pop("fps")
+        encode_started = time.perf_counter()
+        video, thumb = encode_clip(clip, fps)
+        self.store.put_content(job_id, "video", video)
+        self.store.put_content(job_id, "thumbnail", thumb)
+        # Where the job's time went, for monitoring (internal field: not in the API's video object).
+        timing = {"queued": round(queued_s, 4), "sampling": round(result["seconds"], 4), "encode_store": round(time.perf_counter() - encode_started, 4)}
+        job = self.store.update(
+            job_id, status="completed", progress=100, completed_at=int(time.time()), error=None,
+            _batch_id=result["batch_id"], _batch_size=result["batch_size"], _timing_s=timing,
+        )  # fmt: skip
+        if job is None:  # deleted while sampling: drop what was just written
+            self.store.delete(job_id)
+        elif job.get("_cache_key"):
+            self.store.cache_put(job["_cache_key"], job_id)
+        generator_metrics()["clips"].inc(tags={"status": "completed"})
+        return result
 
     def _fail(self, ids, run, results, message: str, code: str) -> list[dict[str, Any]]:
         for job_id, _ in run:
@@ -202,6 +246,13 @@ def _from_dict(settings: dict[str, Any]) -> ServeSettings:
     from sora_model.config import from_dict
 
     return from_dict(ServeSettings, settings)
+
+
+def _torch_threads() -> int:
+    """Intra-op threads sampling uses: Ray sets OMP_NUM_THREADS to the replica's num_cpus, which torch follows."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _replica_id() -> str:
