@@ -2,8 +2,9 @@
 
 What is compared: one client, one request at a time (no queueing), the same prompt, size, frames,
 steps and guidance, fresh seeds. Through Serve: HTTP POST /v1/videos, ingress queue, generator
-replica (`@serve.batch` with its 50 ms wait, since a lone request waits for company), sampling, MP4 +
-thumbnail encoding and the job store, until GET /v1/videos/{id} says `completed` (polled every 20 ms).
+replica (`@serve.batch`; its 50 ms wait for company is skipped when the ingress has nothing else
+queued), sampling, MP4 + thumbnail encoding and the job store, until GET /v1/videos/{id} says
+`completed` (polled every 50 ms, see benchmarks/_serve.py for why not finer).
 Direct: `pipe(prompt, ...)` in this process on one torch thread, the replica's CPU share. The details
 also give the ratio against direct sampling + MP4 encoding (the work a client of the pipeline would
 still do to get a file), which isolates what Serve itself adds.
@@ -65,6 +66,7 @@ def run(quick: bool) -> dict:
                 times["serve"].append(asyncio.run(via_serve(seed)))
                 times["direct_plus_encode"].append(direct(seed, True))
                 times["direct"].append(direct(seed, False))
+        replica = _serve.replica_timings(store)
     finally:
         _serve.shutdown(work)
     p50 = {n: median(ts) for n, ts in times.items()}
@@ -78,6 +80,8 @@ def run(quick: bool) -> dict:
             "seconds": {n: summary(ts, 3) for n, ts in times.items()},
             "ratio_vs_direct_plus_mp4_encode": round(p50["serve"] / p50["direct_plus_encode"], 3),
             "serve_minus_direct_p50_s": round(p50["serve"] - p50["direct"], 3),
+            "replica_timing_s_median": replica,
+            "poll_interval_s": _serve.POLL_S,
         },
     }
 
