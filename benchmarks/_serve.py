@@ -123,6 +123,22 @@ def replica_timings(store: str) -> dict[str, Any]:
     return {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]} if rows else {}
 
 
+def sampling_s_per_video_by_batch_size(store: str) -> dict[str, float]:
+    """Median replica sampling seconds per clip, by the batch size it was sampled in: whether one batched
+    forward pass is cheaper per clip than one alone on this hardware."""
+    import glob
+    import json
+    import statistics
+
+    by: dict[str, list[float]] = {}
+    for path in glob.glob(os.path.join(store, "jobs", "*.json")):
+        with open(path) as f:
+            job = json.load(f)
+        if job.get("_timing_s") and job.get("_batch_size"):
+            by.setdefault(str(job["_batch_size"]), []).append(job["_timing_s"]["sampling"] / job["_batch_size"])
+    return {k: round(statistics.median(v), 4) for k, v in sorted(by.items(), key=lambda kv: int(kv[0]))}
+
+
 def generator_stats() -> dict[str, Any]:
     """The generator replica's own counters (batch sizes it actually ran)."""
     from ray import serve

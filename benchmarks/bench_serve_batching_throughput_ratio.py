@@ -5,7 +5,9 @@ generator deployment with `@serve.batch`), one generator replica on one CPU, the
 (benchmarks/_serve.py), 8 clients each sending one request at a time over HTTP and polling for the
 result, as the OpenAI SDK does. "With batching" is the generator's `max_batch_size` 8 (so all 8
 concurrent requests can share a pipeline call); "without" is `max_batch_size` 1. Everything else is
-the same, including the 50 ms batch wait and MP4 encoding per clip.
+the same, including the 50 ms batch wait and MP4 encoding per clip. Both sides run the same
+generator code: requests that arrive while a batch samples wait and form the next batch, and clips are
+encoded outside the batch (pipelines/serve/generator.py).
 
 Why fair: the two settings alternate round by round in one command (the app is redeployed with the
 other setting between rounds; deployment time is not counted), and throughput is completed videos
@@ -59,6 +61,8 @@ def run(quick: bool) -> dict:
                 _serve.start_app(export, store, max_batch_size=mbs)
                 times[name].append(asyncio.run(round_trip()))
                 stats[name] = _serve.generator_stats().get("batch_sizes")
+        per_clip = _serve.sampling_s_per_video_by_batch_size(store)
+        threads = _serve.generator_stats().get("torch_threads")
     finally:
         _serve.shutdown(work)
     videos = CONCURRENCY * per_client
@@ -73,6 +77,8 @@ def run(quick: bool) -> dict:
             "videos_per_s": {n: round(videos / (sum(ts) / len(ts)), 3) for n, ts in times.items()},
             "round_seconds": {n: summary(ts, 2) for n, ts in times.items()},
             "generator_batch_sizes_last_round": stats,
+            "replica_sampling_s_per_clip_by_batch_size": per_clip,
+            "replica_torch_threads": threads,
         },
     }
 
