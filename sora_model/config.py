@@ -49,6 +49,11 @@ class DiTConfig:
     rope_split: tuple[int, int, int] | None = None
     """How many of each head's dims rotate with t, h and w. None splits evenly (rounded to even numbers),
     giving the remainder to t."""
+    absolute_positions: bool = False
+    """Also add fixed 3D sin-cos embeddings of each token's (t, h, w) index to the patch embeddings (DiT, Latte).
+    RoPE alone only tells attention relative offsets, so the network cannot place a shape in the frame or a frame
+    in the clip; where the data ties content to absolute places (the demo's shapes start by the edge they leave),
+    this makes that learnable in far fewer steps. Computed from the grid, so it still runs at any size."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward: trades ~30% more compute for memory linear in depth."""
     timestep_freq_dim: int = 256

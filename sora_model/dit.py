@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttentionScope, CrossAttention, SelfAttention, TokenLayout
 from .config import DiTConfig
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
-from .rope import rope_angles, rope_frequencies
+from .rope import rope_angles, rope_frequencies, sincos_position_embedding
 
 TIMESTEP_MAX_PERIOD = 10000.0
 """Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's value)."""
@@ -210,6 +210,7 @@ class DiT(nn.Module):
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
         if positions.ndim == 2:
             positions = positions.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, 3)
+        x = self._add_absolute_positions(x, positions)
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None
         layout = TokenLayout(positions=positions, token_mask=token_mask, grid=grid if token_mask is None else None)
@@ -239,11 +240,18 @@ class DiT(nn.Module):
         x = self.patch_embed(video)  # (B, N, D)
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
         positions = grid_positions(grid, device=video.device)[None]  # (1, N, 3)
+        x = self._add_absolute_positions(x, positions)
         layout = TokenLayout(positions=positions.expand(x.shape[0], -1, -1), grid=grid)
         rope = rope_angles(positions, self.rope_freqs)  # cos, sin: (1, 1, N, Dh/2)
         # 2. Blocks, output projection, and back to a clip.
         out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
         return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
+
+    def _add_absolute_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens + fixed sin-cos features of their (B or 1, N, 3) positions, when configured."""
+        if not self.cfg.absolute_positions:
+            return x
+        return x + sincos_position_embedding(positions, self.cfg.hidden_size).to(device=x.device, dtype=x.dtype)
 
     def _blocks(self, x, c, context, context_mask, rope, layout) -> torch.Tensor:
         """(B, N, D) embedded tokens -> (B, N, P) predictions."""

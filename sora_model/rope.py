@@ -44,3 +44,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = xf[..., 0], xf[..., 1]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, d/2, 2)
     return out.flatten(-2).to(x.dtype)  # (B, H, N, d)
+
+
+def sincos_position_embedding(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """(..., 3) integer (t, h, w) positions -> (..., dim) fixed sin-cos features, dims split like `rope_split`.
+
+    Each axis gets sin and cos of its coordinate at geometric frequencies (Transformer / DiT style).
+    """
+    if dim % 2:
+        raise ValueError(f"absolute position embeddings need an even width, got {dim}")
+    pos = positions.to(torch.float64)
+    parts = []
+    for axis, d in enumerate(rope_split(dim)):
+        if d == 0:
+            continue
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)  # (d/2,)
+        angles = pos[..., axis, None] * freqs  # (..., d/2)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1).float()  # (..., dim)

@@ -28,6 +28,7 @@ VARIANTS = {
     "factorized": tiny_config(attention="factorized", temporal_windows=(2,)),
     "patch2x2x2": tiny_config(patch_size=(2, 2, 2)),
     "no-qk-norm": tiny_config(qk_norm=False),
+    "absolute-positions": tiny_config(absolute_positions=True),
 }
 
 
@@ -200,6 +201,23 @@ def test_padded_tokens_leave_valid_outputs_unchanged(name):
         k = alone[i].shape[1]
         torch.testing.assert_close(batched[i, :k], alone[i][0], rtol=1e-4, atol=1e-5)
         assert (batched[i, k:] == 0).all()
+
+
+def test_absolute_positions_tell_places_apart():
+    """A uniform clip makes every token identical. With RoPE alone attention then returns the same value
+    everywhere, so every place gets the same output; absolute sin-cos positions make the places differ."""
+    clip = torch.full((1, 3, 4, 8, 8), 0.3)
+    t, (tt, tm, tp) = torch.tensor([400.0]), text(1)
+    rope_only = patchify(perturbed(tiny_config()).eval()(clip, t, tt, tm, tp), (1, 2, 2))  # (1, N, P)
+    torch.testing.assert_close(rope_only, rope_only[:, :1].expand_as(rope_only), rtol=1e-4, atol=1e-5)
+    absolute = perturbed(tiny_config(absolute_positions=True)).eval()
+    out = absolute(clip, t, tt, tm, tp)
+    assert (out[:, :, 0] - out[:, :, -1]).abs().mean() > 1e-3  # first and last frame
+    assert (out[..., 0] - out[..., -1]).abs().mean() > 1e-3  # left and right column
+    # The token path adds the same embeddings as the video path.
+    grid = patch_grid((4, 8, 8), absolute.cfg.patch_size)
+    tokens = absolute.forward_tokens(patchify(clip, absolute.cfg.patch_size), t, tt, tm, tp, grid_positions(grid))
+    torch.testing.assert_close(unpatchify(tokens, grid, absolute.cfg.patch_size, 3), out, rtol=1e-4, atol=1e-5)
 
 
 def test_block_is_identity_at_init():
