@@ -234,6 +234,43 @@ def probe_video(path: str) -> VideoInfo:
     return _probe_av(path)
 
 
+PACKET_REORDER_MARGIN = 16
+"""Packets past a frame's index that `require_frames_present` also asks for: with B-frames a frame's packet
+comes up to a few places after its display index (x264 reorders at most 16)."""
+
+
+def require_frames_present(path: str, index: int, num_frames: int) -> None:
+    """Raise VideoReadError ("truncated/undecodable") unless the file holds the data of frames 0..index.
+
+    Demuxes packets without decoding them (a fraction of a millisecond on a small clip, where decoding
+    the frame costs milliseconds), so a file cut after a front index is caught at probe time for the
+    price of reading it. A packet that is present but corrupt still fails later, in `read_frames`.
+    """
+    import av
+
+    path = str(path)
+    _check_file(path)
+    if _is_image(path):
+        _check_indices(path, [index], 1)
+        return
+    need = min(int(index) + 1 + PACKET_REORDER_MARGIN, int(num_frames))
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise _open_failure(path, err) from None
+    count = 0
+    with container:
+        _require_video_stream(path, container)
+        try:
+            for packet in container.demux(container.streams.video[0]):
+                count += bool(packet.size)  # the flush packet at the end is empty
+                if count >= need:
+                    return
+        except (av.FFmpegError, OSError, ValueError) as err:
+            raise VideoReadError(path, "truncated/undecodable", f"after packet {count}: {err}") from None
+    raise VideoReadError(path, "truncated/undecodable", f"only {count} of {num_frames} frames' data present, frame {index} needed")
+
+
 def _check_indices(path: str, indices: Sequence[int], num_frames: int) -> list[int]:
     idx = [int(i) for i in indices]
     if not idx:

@@ -19,6 +19,7 @@ from sora_model.video import (
     probe_video,
     read_frames,
     read_video,
+    require_frames_present,
     sample_indices,
     write_video,
 )
@@ -246,6 +247,10 @@ def test_truncated_after_front_index_fails_on_read(tmp_path: Path) -> None:
         return
     with pytest.raises(VideoReadError, match="^truncated/undecodable"):
         read_frames(str(cut), list(range(info.num_frames)))
+    # The demux-only check finds the cut without decoding; the whole file passes it.
+    with pytest.raises(VideoReadError, match="^truncated/undecodable"):
+        require_frames_present(str(cut), info.num_frames - 1, info.num_frames)
+    require_frames_present(path, 39, 40)
 
 
 def test_directory_is_not_a_video(tmp_path: Path) -> None:
