@@ -7,13 +7,20 @@
 
 The pipeline (each step a Ray Data operator; progress bars come from Ray Data):
 
-    manifest rows --probe (actor pool)--> clip plans ----------------------------- rejects.jsonl
-                                            |  (metadata, materialised: it is small and read twice)
-    unique captions --text encoder (actor pool)--> embedding table (object store)
-                                            |
-    per bucket: plans --decode+resize+crop (actor pool)--> uint8 clips
-                      --autoencoder + patchify + text lookup (actor pool, num_gpus on GPU)--> rows
+    manifest rows --probe (tasks)--> clip plans ---------------------------------- rejects.jsonl
+                                       |  (metadata, materialised: it is small and read twice)
+    unique captions --text encoder (one task, run while probing)--> embedding table (object store)
+                                       |
+    per bucket: plans --decode+resize+crop, identity autoencoder + patchify + text lookup (tasks)--> rows
                       --ShardDatasink--> OUT/<F>x<H>x<W>/part-<hash>.parquet       (streaming)
+    with a diffusers VAE the decode tasks feed a GPU actor pool (autoencoder + patchify + text) instead.
+
+Stateless stages run as Ray tasks, not actor pools: a task reuses a warm worker process, where each
+actor pool would start processes and import torch and the video libraries again (seconds each on a
+small machine, more than the work itself on a small dataset). Only the VAE, which has weights to
+load once, keeps an actor pool; captions (a few thousand at most, usually) are embedded in one task
+that loads the text encoder once and runs beside the probe; a very large caption set falls back to an
+actor pool after probing.
 
 On disk (format version 1), one folder per bucket, one row per clip:
 
@@ -97,6 +104,9 @@ PARQUET_COMPRESSION = "zstd"
 """zstd shrinks float32 pixel tokens ~2x against snappy's ~1.2x at similar read speed."""
 TEXT_BATCH_SIZE = 64
 """Captions per text-encoder call: short captions, so a large batch keeps the matmuls efficient."""
+TEXT_TASK_MAX_CAPTIONS = 20_000
+"""Up to this many unique captions are embedded in one task beside the probe (one encoder load); beyond,
+an actor pool shares them out after probing."""
 DECODE_BATCH_SIZE = 4
 """Clips per decode call: small, so the pool balances well and a 1080p batch stays a few hundred MB."""
 ASPECT_TOLERANCE = 1e-3
@@ -431,7 +441,7 @@ class ProbeInputs:
         self.files = LocalFiles()
 
     def __call__(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
-        from sora_model.video import VideoReadError, probe_video, read_frames, sample_indices
+        from sora_model.video import VideoReadError, probe_video, require_frames_present, sample_indices
 
         if entry["error"]:
             return [_reject(entry, "bad entry", entry["error"])]
@@ -497,15 +507,21 @@ class ProbeInputs:
             k += 1
             if bucket.frames == 1 and info.num_frames == 1:
                 break  # a still gives one clip
-        # A file cut after a front index probes fine and fails on the missing frames: decode the last frame
-        # we will need now, so truncation is a reject with its reason rather than a failure mid-run.
+        # A file cut after a front index probes fine and fails on the missing frames: check now that the
+        # data of the last frame we will need is there (demuxing, not decoding: the decode stage decodes
+        # it), so truncation is a reject with its reason rather than a failure mid-run.
         try:
-            read_frames(local, [max(max(p["indices"]) for p in plans)])
+            require_frames_present(local, max(max(p["indices"]) for p in plans), info.num_frames)
         except VideoReadError as err:
             return [_reject(entry, _VIDEO_ERROR_REASONS.get(err.reason, "unreadable"), str(err))]
         except Exception as err:  # noqa: BLE001
             return [_reject(entry, "truncated", f"{type(err).__name__}: {err}")]
         return plans
+
+
+def probe_entry(entry: dict[str, Any], buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None) -> list[dict[str, Any]]:
+    """ProbeInputs as a stateless Ray Data task (flat_map): one manifest entry -> its plans or a reject."""
+    return ProbeInputs(buckets, fps, clips_per_video, stride_s)(entry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +637,6 @@ class EncodeClips:
     """
 
     def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], text_table: list[Any]):
-        import ray
         import torch
 
         from sora_model.autoencoder import build_autoencoder
@@ -629,7 +644,7 @@ class EncodeClips:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autoencoder = build_autoencoder(autoencoder).to(self.device).eval()
         self.patch = patch
-        table = ray.get(text_table[0]) if text_table and isinstance(text_table[0], ray.ObjectRef) else text_table[0]
+        table = _text_table(text_table[0])
         self.text = table
         self.row_of = {c: i for i, c in enumerate(table["captions"])}
 
@@ -663,6 +678,42 @@ class EncodeClips:
             _fixed_list(self.text["pooled"][rows], pa.float32()),
         ]
         return pa.Table.from_arrays(columns, schema=schema)
+
+
+_TEXT_TABLES: dict[Any, dict[str, Any]] = {}
+"""Per worker process: the run's text table, fetched from the object store once per run (keyed by its ref)."""
+
+
+def _text_table(ref: Any) -> dict[str, Any]:
+    import ray
+
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    key = ref.hex()
+    if key not in _TEXT_TABLES:
+        _TEXT_TABLES.clear()  # one run's table at a time
+        _TEXT_TABLES[key] = ray.get(ref)
+    return _TEXT_TABLES[key]
+
+
+def decode_and_encode(
+    batch: dict[str, np.ndarray], bucket: Bucket, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], text_table: list[Any]
+) -> Any:
+    """DecodeClips then EncodeClips in one stateless task, for autoencoders that need no weights loaded
+    (identity): the pixels never cross processes, and no actor has to start."""
+    return EncodeClips(autoencoder, patch, text_table)(DecodeClips(bucket, rejects_dir)(batch))
+
+
+def embed_captions(captions: list[str], config: TextEncoderConfig) -> dict[str, Any]:
+    """The text table of `captions`, in one process (one encoder load): {captions, tokens, mask, pooled}."""
+    embed = EmbedCaptions(config)
+    parts = [embed({"caption": np.asarray(captions[i : i + TEXT_BATCH_SIZE], dtype=object)}) for i in range(0, len(captions), TEXT_BATCH_SIZE)]
+    return {
+        "captions": [str(c) for p in parts for c in p["caption"]],
+        "tokens": np.concatenate([p["tokens"] for p in parts]),  # (U, L, D) float16
+        "mask": np.concatenate([p["mask"] for p in parts]),  # (U, L) bool
+        "pooled": np.concatenate([p["pooled"] for p in parts]),  # (U, D) float32
+    }
 
 
 class EmbedCaptions:
@@ -886,16 +937,22 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     cpus = cluster_cpus()
     workers = opts.workers or max(1, cpus - 1)
 
+    # 0. Text embeddings of every caption the manifest could use, each once, in one task that runs
+    # while the inputs are probed (a caption whose input is rejected costs one row of a small table).
+    manifest_captions = sorted({e["caption"] for e in entries if e["caption"] and not e["error"]})
+    text_task = None
+    if manifest_captions and len(manifest_captions) <= TEXT_TASK_MAX_CAPTIONS:
+        text_task = ray.remote(embed_captions).options(num_cpus=1).remote(manifest_captions, opts.text_encoder)
+
     # 1-2. Probe every input and plan its clips (metadata only, so it is materialised and read twice).
-    probe = ray.data.from_items(entries).flat_map(
-        ProbeInputs,
-        fn_constructor_kwargs={
+    probe = ray.data.from_items(entries, override_num_blocks=max(1, min(len(entries) // 8, 4 * cpus, 200))).flat_map(
+        probe_entry,
+        fn_kwargs={
             "buckets": opts.buckets,
             "fps": opts.fps,
             "clips_per_video": opts.clips_per_video,
             "stride_s": opts.stride_s,
         },
-        compute=ActorPoolStrategy(min_size=1, max_size=workers),
         num_cpus=1,
     )
     planned = probe.take_all()
@@ -929,10 +986,13 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     if resuming:
         print(f"resuming {out}: {skipped} clips already written, {sum(map(len, by_bucket.values()))} to go")
 
-    # 3. Text embeddings, each caption once, in their own actor pool.
+    # 3. Text embeddings: the task started before probing, or an actor pool for a very large caption set.
     captions = sorted({r["caption"] for rows in by_bucket.values() for r in rows})
     text_ref = None
-    if captions:
+    if captions and text_task is not None:
+        text_ref = text_task  # the encode stage fetches the table itself; wait here so its time is "text"
+        text_dim = int(ray.get(text_task)["tokens"].shape[2])
+    elif captions:
         text_ds = ray.data.from_items([{"caption": c} for c in captions]).map_batches(
             EmbedCaptions,
             fn_constructor_kwargs={"config": opts.text_encoder},
@@ -954,21 +1014,31 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
             continue
         plan_cols = [{k: r[k] for k in (*PLAN_COLUMNS, "indices")} for r in rows]
         ds = ray.data.from_items(plan_cols, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH_SIZE, 4 * cpus, 200)))
-        ds = ds.map_batches(
-            DecodeClips,
-            fn_constructor_kwargs={"bucket": b, "rejects_dir": str(rejects_dir)},
-            batch_size=DECODE_BATCH_SIZE,
-            compute=ActorPoolStrategy(min_size=1, max_size=workers),
-            num_cpus=1,
-        )
-        encode_args: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
-        ds = ds.map_batches(
-            EncodeClips,
-            fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "text_table": [text_ref]},
-            batch_size=min(opts.rows_per_file, 64),
-            compute=ActorPoolStrategy(min_size=1, max_size=max(1, cluster_gpus() if use_gpu else 1)),
-            **encode_args,
-        )
+        if opts.autoencoder.kind == "identity":
+            # No weights to load: decode, patchify and attach text in one task per batch of clips.
+            ds = ds.map_batches(
+                decode_and_encode,
+                fn_kwargs={"bucket": b, "rejects_dir": str(rejects_dir), "autoencoder": opts.autoencoder, "patch": opts.patch, "text_table": [text_ref]},
+                batch_size=DECODE_BATCH_SIZE,
+                num_cpus=1,
+                concurrency=workers if opts.workers else None,
+            )  # fmt: skip
+        else:
+            ds = ds.map_batches(
+                DecodeClips,
+                fn_constructor_kwargs={"bucket": b, "rejects_dir": str(rejects_dir)},
+                batch_size=DECODE_BATCH_SIZE,
+                compute=ActorPoolStrategy(min_size=1, max_size=workers),
+                num_cpus=1,
+            )
+            encode_args: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
+            ds = ds.map_batches(
+                EncodeClips,
+                fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "text_table": [text_ref]},
+                batch_size=min(opts.rows_per_file, 64),
+                compute=ActorPoolStrategy(min_size=1, max_size=max(1, cluster_gpus() if use_gpu else 1)),
+                **encode_args,
+            )
         ds.write_datasink(_make_datasink(str(out / b.name), opts.rows_per_file), ray_remote_args={"num_cpus": 0.25})
         stats_lines.append(f"==== bucket {b.name}: {len(rows)} clips ====\n{ds.stats()}\n")
 
