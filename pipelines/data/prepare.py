@@ -108,7 +108,13 @@ TEXT_TASK_MAX_CAPTIONS = 20_000
 """Up to this many unique captions are embedded in one task beside the probe (one encoder load); beyond,
 an actor pool shares them out after probing."""
 DECODE_BATCH_SIZE = 4
-"""Clips per decode call: small, so the pool balances well and a 1080p batch stays a few hundred MB."""
+"""Clips per decode call when a VAE actor pool follows: small, so the pool balances well and a 1080p batch
+stays a few hundred MB."""
+FUSED_BATCH_BYTES = 128 * 2**20
+"""Resized pixels per call of the fused decode + patchify task (identity autoencoder): large batches
+(up to FUSED_BATCH_MAX clips) amortise its ~20 ms per-call cost (Arrow tables, setup), which at 4 clips
+of 16x32x32 per call was more than the decoding itself; the bound keeps large buckets' batches small."""
+FUSED_BATCH_MAX = 64
 ASPECT_TOLERANCE = 1e-3
 """Aspect ratios closer than this (in log space) count as equal when choosing a bucket."""
 
@@ -986,12 +992,12 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     if resuming:
         print(f"resuming {out}: {skipped} clips already written, {sum(map(len, by_bucket.values()))} to go")
 
-    # 3. Text embeddings: the task started before probing, or an actor pool for a very large caption set.
+    # 3. Text embeddings: the task started before probing (not awaited: the clip tasks fetch its table
+    # when they need it, so decoding starts at once), or an actor pool for a very large caption set.
     captions = sorted({r["caption"] for rows in by_bucket.values() for r in rows})
     text_ref = None
     if captions and text_task is not None:
-        text_ref = text_task  # the encode stage fetches the table itself; wait here so its time is "text"
-        text_dim = int(ray.get(text_task)["tokens"].shape[2])
+        text_ref = text_task
     elif captions:
         text_ds = ray.data.from_items([{"caption": c} for c in captions]).map_batches(
             EmbedCaptions,
@@ -1016,10 +1022,11 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
         ds = ray.data.from_items(plan_cols, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH_SIZE, 4 * cpus, 200)))
         if opts.autoencoder.kind == "identity":
             # No weights to load: decode, patchify and attach text in one task per batch of clips.
+            clip_bytes = b.frames * b.height * b.width * 3
             ds = ds.map_batches(
                 decode_and_encode,
                 fn_kwargs={"bucket": b, "rejects_dir": str(rejects_dir), "autoencoder": opts.autoencoder, "patch": opts.patch, "text_table": [text_ref]},
-                batch_size=DECODE_BATCH_SIZE,
+                batch_size=max(1, min(FUSED_BATCH_MAX, FUSED_BATCH_BYTES // clip_bytes)),
                 num_cpus=1,
                 concurrency=workers if opts.workers else None,
             )  # fmt: skip
@@ -1079,6 +1086,8 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     if num_clips == 0:
         raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {out / REJECTS}")
+    if text_ref is not None and text_task is not None:
+        text_dim = int(ray.get(text_task)["tokens"].shape[2])  # done: the clips used it
     if text_ref is None:  # resumed with nothing left to do: dimensions from an existing shard
         first = next(p for bi in bucket_infos for p in shard_files(out / bi["path"]))
         text_dim = pq.ParquetFile(first).schema_arrow.field("text_pooled").type.list_size
