@@ -264,8 +264,19 @@ class VideoAPI:
     async def retrieve_video(self, video_id: str, request: Request) -> JSONResponse:
         _, owner = self._caller(request)
         job = self._job_for(video_id, owner)
-        headers = {} if job["status"] in TERMINAL else {"openai-poll-after-ms": str(self.settings.queue.poll_after_ms)}
+        headers = {} if job["status"] in TERMINAL else {"openai-poll-after-ms": str(self._poll_after_ms(job))}
         return JSONResponse(api.video_object(job), headers=headers)
+
+    def _poll_after_ms(self, job: dict[str, Any]) -> int:
+        """When to poll an unfinished job again: the time left when the generator has estimated it (see
+        `_eta_ns`), the shortest hint for a job about to start or just started, else the longest."""
+        q = self.settings.queue
+        eta_ns = job.get("_eta_ns")
+        if job["status"] == "in_progress":
+            left_ms = q.min_poll_after_ms if eta_ns is None else (eta_ns - time.time_ns()) / 1e6
+        else:  # queued: about to start while the generator has free slots, else it waits its turn
+            left_ms = q.min_poll_after_ms if self._in_flight < q.max_in_flight else q.poll_after_ms
+        return int(min(max(left_ms, q.min_poll_after_ms), q.poll_after_ms))
 
     @fastapi_app.get("/v1/videos/{video_id}/content")
     async def download_video(self, video_id: str, request: Request, variant: str = "video") -> Response:

@@ -82,12 +82,18 @@ class QueueConfig:
     max_attempts: int = 3
     """Tries per job when a generator replica dies under it (the job is retried on another replica)."""
     poll_after_ms: int = 500
-    """`openai-poll-after-ms` on unfinished jobs: the SDK's create_and_poll waits this long between polls."""
+    """Longest `openai-poll-after-ms` on unfinished jobs (the SDK's create_and_poll waits what the header says).
+    A job whose sampling time is known gets the time left instead when that is shorter, so a client polls
+    about when it finishes rather than up to this long after."""
+    min_poll_after_ms: int = 20
+    """Shortest poll hint: for a job about to finish, or one that has just started (its speed not yet known)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_pending_jobs", "max_in_flight", "max_attempts", "poll_after_ms"):
+        for name in ("max_pending_jobs", "max_in_flight", "max_attempts", "poll_after_ms", "min_poll_after_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"queue.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_poll_after_ms > self.poll_after_ms:
+            raise ConfigError(f"queue needs min_poll_after_ms <= poll_after_ms, got {self.min_poll_after_ms} > {self.poll_after_ms}")
 
 
 @dataclass

@@ -169,6 +169,7 @@ class Generator:
             return [results[i] for i in ids]
         first = run[0][1]
         lock, last = threading.Lock(), [0.0]
+        started = time.perf_counter()
 
         def on_step(step: int, total: int) -> None:
             now_s = time.monotonic()
@@ -177,10 +178,12 @@ class Generator:
                     return
                 last[0] = now_s
             pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
+            # When sampling will end at the pace so far: the ingress tells pollers to come back then.
+            left_s = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
+            eta_ns = time.time_ns() + int(left_s * 1e9)
             for i, _ in run:
-                self.store.update(i, progress=pct)
+                self.store.update(i, progress=pct, _eta_ns=eta_ns)
 
-        started = time.perf_counter()
         try:
             clips = self.pipe(
                 [p.prompt for _, p in run],

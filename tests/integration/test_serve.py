@@ -206,7 +206,8 @@ def test_progress_is_reported_while_in_progress(http):
         seen.add((job["status"], job["progress"]))
         if job["status"] == "completed":
             break
-        assert int(r.headers["openai-poll-after-ms"]) == 100
+        # The hint is the time left once the generator knows its pace, within [min_poll_after_ms, poll_after_ms].
+        assert 20 <= int(r.headers["openai-poll-after-ms"]) <= 100
         time.sleep(0.05)
     statuses = {s for s, _ in seen}
     assert "completed" in statuses and "in_progress" in statuses, seen
