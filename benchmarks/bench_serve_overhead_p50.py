@@ -4,7 +4,7 @@ What is compared: one client, one request at a time (no queueing), the same prom
 steps and guidance, fresh seeds. Through Serve: HTTP POST /v1/videos, ingress queue, generator
 replica (`@serve.batch`; its 50 ms wait for company is skipped when the ingress has nothing else
 queued), sampling, MP4 + thumbnail encoding and the job store, until GET /v1/videos/{id} says
-`completed` (polled every 50 ms, see benchmarks/_serve.py for why not finer).
+`completed` (polled when the server's `openai-poll-after-ms` says, as the SDK does; see benchmarks/_serve.py).
 Direct: `pipe(prompt, ...)` in this process on one torch thread, the replica's CPU share. The details
 also give the ratio against direct sampling + MP4 encoding (the work a client of the pipeline would
 still do to get a file), which isolates what Serve itself adds.
@@ -81,7 +81,7 @@ def run(quick: bool) -> dict:
             "ratio_vs_direct_plus_mp4_encode": round(p50["serve"] / p50["direct_plus_encode"], 3),
             "serve_minus_direct_p50_s": round(p50["serve"] - p50["direct"], 3),
             "replica_timing_s_median": replica,
-            "poll_interval_s": _serve.POLL_S,
+            "polling": "as each answer's openai-poll-after-ms says (20-500 ms, the job's time left when known)",
         },
     }
 
