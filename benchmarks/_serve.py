@@ -5,8 +5,9 @@ weights: sampling cost does not depend on whether the weights are trained. Reque
 32x32 with the export's default steps and guidance, sent as the OpenAI SDK would (POST /v1/videos, then
 polling GET /v1/videos/{id} until `completed` and waiting what each answer's `openai-poll-after-ms` says
 between polls, as the SDK's create_and_poll does (the SDK reads it from the first answer only). The
-server's hint is the job's time left once the generator knows its pace, within [20 ms, 500 ms]
-(QueueConfig), so the client polls about when the clip is done. A fixed fine interval instead costs
+server's hint is the job's time left once the generator knows its pace, before that a backoff (as long
+as the job has waited so far), within [20 ms, 500 ms] (QueueConfig), so the client polls about when the
+clip is done and waiting jobs are polled ever less often. A fixed fine interval instead costs
 CPU: each poll takes ~3-4 ms across client, Serve proxy and ingress, and polling every 20 ms slowed
 the replica's sampling by ~0.3 s of 1.7 s on a loaded 2-core machine (the replica's own timings,
 `_timing_s` in the job record, say so).

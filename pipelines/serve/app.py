@@ -268,15 +268,18 @@ class VideoAPI:
         return JSONResponse(api.video_object(job), headers=headers)
 
     def _poll_after_ms(self, job: dict[str, Any]) -> int:
-        """When to poll an unfinished job again: the time left when the generator has estimated it (see
-        `_eta_ns`), the shortest hint for a job about to start or just started, else the longest."""
+        """When to poll an unfinished job again: the time left once the generator has estimated it
+        (`_eta_ns`, from its pace so far); before that, as long as the job has already waited in its
+        current state (a backoff: a job that just started or was just queued is looked at again soon,
+        one waiting its turn behind others ever less often). Within [min_poll_after_ms, poll_after_ms]."""
         q = self.settings.queue
-        eta_ns = job.get("_eta_ns")
-        if job["status"] == "in_progress":
-            left_ms = q.min_poll_after_ms if eta_ns is None else (eta_ns - time.time_ns()) / 1e6
-        else:  # queued: about to start while the generator has free slots, else it waits its turn
-            left_ms = q.min_poll_after_ms if self._in_flight < q.max_in_flight else q.poll_after_ms
-        return int(min(max(left_ms, q.min_poll_after_ms), q.poll_after_ms))
+        now_ns = time.time_ns()
+        if job["status"] == "in_progress" and job.get("_eta_ns") is not None:
+            wait_ms = (job["_eta_ns"] - now_ns) / 1e6
+        else:
+            since_ns = job.get("_started_ns") if job["status"] == "in_progress" else None
+            wait_ms = (now_ns - (since_ns or job.get("_created_ns", now_ns))) / 1e6
+        return int(min(max(wait_ms, q.min_poll_after_ms), q.poll_after_ms))
 
     @fastapi_app.get("/v1/videos/{video_id}/content")
     async def download_video(self, video_id: str, request: Request, variant: str = "video") -> Response:

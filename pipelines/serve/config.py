@@ -86,7 +86,7 @@ class QueueConfig:
     A job whose sampling time is known gets the time left instead when that is shorter, so a client polls
     about when it finishes rather than up to this long after."""
     min_poll_after_ms: int = 20
-    """Shortest poll hint: for a job about to finish, or one that has just started (its speed not yet known)."""
+    """Shortest poll hint: for a job about to finish, or one just queued or started (its pace not yet known)."""
 
     def __post_init__(self) -> None:
         for name in ("max_pending_jobs", "max_in_flight", "max_attempts", "poll_after_ms", "min_poll_after_ms"):

@@ -160,7 +160,7 @@ class Generator:
         metrics = generator_metrics()
         now = int(time.time())
         started_ns = time.time_ns()
-        live = [self.store.update(i, status="in_progress", progress=0, _started_at=now, _replica=self.replica) for i in ids]
+        live = [self.store.update(i, status="in_progress", progress=0, _started_at=now, _started_ns=started_ns, _replica=self.replica) for i in ids]
         run = [(i, p) for i, p, job in zip(ids, params, live, strict=True) if job is not None]  # deleted jobs drop out
         queued_s = {job["id"]: (started_ns - job.get("_created_ns", started_ns)) / 1e9 for job in live if job is not None}
         batch_id = uuid.uuid4().hex[:12]
