@@ -992,12 +992,14 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     if resuming:
         print(f"resuming {out}: {skipped} clips already written, {sum(map(len, by_bucket.values()))} to go")
 
-    # 3. Text embeddings: the task started before probing (not awaited: the clip tasks fetch its table
-    # when they need it, so decoding starts at once), or an actor pool for a very large caption set.
+    # 3. Text embeddings: the task started before probing, or an actor pool for a very large caption set.
+    # Awaited here rather than inside the clip tasks: a task blocked in ray.get gives its CPU back and Ray
+    # starts another worker process for the next one (seconds of imports), which cost more than it saved.
     captions = sorted({r["caption"] for rows in by_bucket.values() for r in rows})
     text_ref = None
     if captions and text_task is not None:
         text_ref = text_task
+        text_dim = int(ray.get(text_task)["tokens"].shape[2])
     elif captions:
         text_ds = ray.data.from_items([{"caption": c} for c in captions]).map_batches(
             EmbedCaptions,
@@ -1086,8 +1088,6 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     if num_clips == 0:
         raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {out / REJECTS}")
-    if text_ref is not None and text_task is not None:
-        text_dim = int(ray.get(text_task)["tokens"].shape[2])  # done: the clips used it
     if text_ref is None:  # resumed with nothing left to do: dimensions from an existing shard
         first = next(p for bi in bucket_infos for p in shard_files(out / bi["path"]))
         text_dim = pq.ParquetFile(first).schema_arrow.field("text_pooled").type.list_size
