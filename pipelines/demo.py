@@ -32,7 +32,7 @@ import numpy as np
 RECIPE = Path(__file__).resolve().parents[1] / "cluster" / "recipes" / "demo-cpu.yaml"
 DEFAULT_MINUTES = 15.0
 """The budget demo-cpu.yaml's step counts are sized for on 2 cores; --minutes scales training steps by minutes/15."""
-FIXED_MINUTES = 6.0
+FIXED_MINUTES = 3.0
 """Time the non-training steps take on 2 cores (Ray start, synth, prepare, DeepSpeed start, eval, serve)."""
 HELD_OUT = (
     # Left out of training; every colour, shape and direction still appears in other combinations.
