@@ -258,14 +258,17 @@ def test_ddim_eta0_and_ddpm_full_chain_recover_point_mass():
         assert torch.allclose(out, x0, atol=1e-3), (sampler, steps)
 
 
+def gaussian_flow_case(shift: float, mu: float = 0.5, sigma: float = 0.2):
+    """x0 ~ N(mu, sigma^2): the flow, its exact oracle, fixed noise z and where the exact flow takes z."""
+    diff = build_diffusion(flow_cfg(shift=shift))
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return diff, gaussian_oracle(diff, mu, sigma), z, mu + sigma * z
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_heun_beats_euler_on_gaussian_data(shift):
     """For x0 ~ N(mu, sigma^2) the exact flow maps noise z to mu + sigma z along curved paths."""
-    mu, sigma = 0.5, 0.2
-    diff = build_diffusion(flow_cfg(shift=shift))
-    oracle = gaussian_oracle(diff, mu, sigma)
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = mu + sigma * z
+    diff, oracle, z, exact = gaussian_flow_case(shift)
 
     def error(sampler: str, steps: int) -> float:
         return (diff.sample(oracle, SHAPE, steps=steps, sampler=sampler, noise=z) - exact).abs().max().item()
@@ -286,11 +289,7 @@ def test_heun_beats_euler_on_gaussian_data(shift):
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_ab2_is_second_order_at_euler_cost(shift):
     """The multistep sampler: one network call per step like Euler, second-order error like Heun."""
-    mu, sigma = 0.5, 0.2
-    diff = build_diffusion(flow_cfg(shift=shift))
-    oracle = gaussian_oracle(diff, mu, sigma)
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = mu + sigma * z
+    diff, oracle, z, exact = gaussian_flow_case(shift)
     calls = []
 
     def counting(x, t):
