@@ -262,7 +262,9 @@ def run_demo(
     # 2. Prepare one folder per bucket the recipe's stages use.
     recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out)
     buckets = sorted({s.dataset for s in recipe.stages})
-    prepare_settings = {"buckets": buckets, "synth": synth_settings}
+    from sora_model.config import to_dict
+
+    prepare_settings = {"buckets": buckets, "synth": synth_settings, "text_encoder": to_dict(recipe.text_encoder)}
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):
         steps.forget("train")
@@ -271,7 +273,7 @@ def run_demo(
             _log(f"2/7 preparing bucket {name} with Ray Data ({i}/{len(buckets)})")
             result = prepare(PrepareOptions(
                 manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
-                clips_per_video=0, overwrite=True,
+                clips_per_video=0, overwrite=True, text_encoder=recipe.text_encoder,
             ))  # fmt: skip
             counts[name] = result.get("num_clips", 0)
         steps.mark("prepare", prepare_settings, counts)

@@ -183,6 +183,10 @@ class TextEncoderConfig:
     """Caption tokens kept; short captions make 32 plenty and attention over text cheap."""
     cache_size: int = 4096
     """Captions whose embeddings are kept in memory (LRU); 0 disables the cache."""
+    hidden_layer: int = -1
+    """Which hidden state becomes the condition tokens: -1 the last layer, 0 the token embeddings, k the
+    output of layer k (negative counts from the end, as in "CLIP skip"). Early layers keep words apart that
+    the last layer blurs: MiniLM's last layer puts "left" and "right" at cosine 0.78, its embeddings at 0.50."""
 
 
 @dataclass

@@ -43,7 +43,7 @@ class TextEmbedding(NamedTuple):
     pooled: Tensor  # (B, D) float32
 
 
-CacheKey = tuple[str, int, str]  # (encoder name, max_length, caption)
+CacheKey = tuple[str, int, int, str]  # (encoder name, max_length, hidden_layer, caption)
 
 
 class EmbeddingCache:
@@ -115,9 +115,20 @@ class TextEncoder:
         max_length: int,
         pooling: str,
         cache: EmbeddingCache | None = None,
+        hidden_layer: int = -1,
     ) -> None:
         if pooling not in ("mean", "pooler"):
             raise ValueError(f"pooling must be 'mean' or 'pooler', got '{pooling}'")
+        layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "num_layers", 0))
+        if not -(layers + 1) <= hidden_layer <= layers:
+            raise ValueError(
+                f"text_encoder.hidden_layer {hidden_layer} is out of range for '{name_or_path}' ({layers} layers: "
+                f"use {-(layers + 1)}..{layers}; 0 = token embeddings, -1 = last layer)"
+            )
+        # Index into hidden_states (embeddings + one per layer); the last layer reads last_hidden_state.
+        self.hidden_layer = hidden_layer
+        self._state_index = hidden_layer % (layers + 1)
+        self._last = self._state_index == layers
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path
@@ -139,10 +150,11 @@ class TextEncoder:
         batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)  # (B, L)
         mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
-        out = self.model(input_ids=ids, attention_mask=mask.long())
+        out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=not self._last)
+        states = out.last_hidden_state if self._last else out.hidden_states[self._state_index]
         # Zero the padding so a row means the same whatever model reads it, mask or not.
-        tokens = out.last_hidden_state.float() * mask[..., None]  # (B, L, D)
-        if self.pooling == "pooler":
+        tokens = states.float() * mask[..., None]  # (B, L, D)
+        if self.pooling == "pooler":  # CLIP's pooled EOS token always comes from the last layer
             pooled = out.pooler_output.float()  # (B, D)
         else:
             pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
@@ -155,7 +167,7 @@ class TextEncoder:
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of captions, got a single string")
-        keys = [(self.name_or_path, self.max_length, t) for t in texts]
+        keys = [(self.name_or_path, self.max_length, self.hidden_layer, t) for t in texts]
         found = [self.cache.get(k) for k in keys]
         missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))  # unique, in order
         fresh: dict[str, TextEmbedding] = {}
@@ -164,7 +176,7 @@ class TextEncoder:
             for i, text in enumerate(missing):
                 one = TextEmbedding(emb.tokens[i].cpu(), emb.mask[i].cpu(), emb.pooled[i].cpu())
                 fresh[text] = one
-                self.cache.put((self.name_or_path, self.max_length, text), one)
+                self.cache.put((self.name_or_path, self.max_length, self.hidden_layer, text), one)
         rows = [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
         if not rows:
             return TextEmbedding(
@@ -208,5 +220,7 @@ def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu
             f"text encoder '{name}' not found: give '{MINILM_NAME}' or a local folder saved with save_pretrained"
         )
     model, tokenizer, pooling = _load(folder, name, cfg.max_length)
-    encoder = TextEncoder(model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size))
+    encoder = TextEncoder(
+        model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size), hidden_layer=cfg.hidden_layer
+    )
     return encoder.to(device)

@@ -49,6 +49,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder")
     p.add_argument("--max-text-length", type=int, default=32, help="text tokens kept per caption (default 32)")
+    p.add_argument(
+        "--text-hidden-layer", type=int, default=-1,
+        help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
+    )  # fmt: skip
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard (default 256)")
     p.add_argument("--workers", type=int, help="decode actors at most (default: cluster CPUs - 1)")

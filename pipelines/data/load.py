@@ -86,15 +86,19 @@ def bucket_files(path: str | Path, bucket: str | Sequence[int] | None = None) ->
     return info, b, files
 
 
+def text_encoder_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What decides a prepared dataset's text embeddings (hidden_layer -1 for data written before it existed)."""
+    te = info.get("text_encoder", {})
+    return {"name_or_path": te.get("name_or_path"), "dim": te.get("dim"), "hidden_layer": int(te.get("hidden_layer", -1))}
+
+
 def _check_compatible(infos: list[tuple[Path, dict[str, Any], dict[str, Any]]]) -> None:
     (p0, i0, b0), *rest = infos
     for p, i, b in rest:
         for key in MUST_AGREE:
             if i[key] != i0[key]:
                 raise ValueError(f"{p} and {p0} differ in {key} ({i[key]} vs {i0[key]}); they cannot be read as one dataset")
-        if {k: i["text_encoder"][k] for k in ("name_or_path", "dim")} != {
-            k: i0["text_encoder"][k] for k in ("name_or_path", "dim")
-        }:
+        if text_encoder_identity(i) != text_encoder_identity(i0):
             raise ValueError(f"{p} and {p0} use different text encoders; they cannot be read as one dataset")
         if b["grid"] != b0["grid"]:
             raise ValueError(f"{p} bucket {b['name']} has grid {b['grid']}, {p0} has {b0['grid']}: token counts differ")

@@ -227,7 +227,11 @@ class PrepareOptions:
             "clips_per_video": self.clips_per_video,
             "stride_s": self.stride_s,
             "patch": list(self.patch),
-            "text_encoder": {"name_or_path": self.text_encoder.name_or_path, "max_length": self.text_encoder.max_length},
+            "text_encoder": {
+                "name_or_path": self.text_encoder.name_or_path,
+                "max_length": self.text_encoder.max_length,
+                "hidden_layer": self.text_encoder.hidden_layer,
+            },
             "autoencoder": to_dict(self.autoencoder),
         }
 
@@ -1105,6 +1109,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
         "text_encoder": {
             "name_or_path": opts.text_encoder.name_or_path,
             "max_length": opts.text_encoder.max_length,
+            "hidden_layer": opts.text_encoder.hidden_layer,
             "dim": text_dim,
         },
         "manifest": {"path": str(opts.manifest), "sha256": manifest_sha},
@@ -1149,7 +1154,9 @@ def options_from_args(args: Any) -> PrepareOptions:
         clips_per_video=args.clips_per_video,
         stride_s=args.stride,
         patch=parse_patch(args.patch),
-        text_encoder=TextEncoderConfig(name_or_path=args.text_encoder, max_length=args.max_text_length),
+        text_encoder=TextEncoderConfig(
+            name_or_path=args.text_encoder, max_length=args.max_text_length, hidden_layer=args.text_hidden_layer
+        ),
         autoencoder=autoencoder,
         rows_per_file=args.rows_per_file,
         overwrite=args.overwrite,

@@ -344,6 +344,13 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
             )
         if int(info["in_channels"]) != model.in_channels:
             raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
+        data_layer = int(info.get("text_encoder", {}).get("hidden_layer", -1))
+        if data_layer != recipe.text_encoder.hidden_layer:
+            raise ConfigError(
+                f"{where}: the data's captions were embedded from text encoder layer {data_layer} but "
+                f"text_encoder.hidden_layer is {recipe.text_encoder.hidden_layer}; prepare with "
+                f"--text-hidden-layer {recipe.text_encoder.hidden_layer}"
+            )
         text_dim = int(info.get("text_encoder", {}).get("dim", model.text_dim))
         if text_dim != model.text_dim:
             raise ConfigError(f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}")

@@ -150,7 +150,7 @@ def test_prepare_rows_and_shapes(mixed):
     assert info == read_dataset_info(out)
     assert info["num_clips"] == 14 and info["num_rejected"] == len(mixed["expected_rejects"])
     assert info["patch_size"] == [1, 4, 4] and info["in_channels"] == 3 and info["patch_dim"] == 48
-    assert info["text_encoder"] == {"name_or_path": "minilm", "max_length": 32, "dim": 384}
+    assert info["text_encoder"] == {"name_or_path": "minilm", "max_length": 32, "hidden_layer": -1, "dim": 384}
     assert len(info["manifest"]["sha256"]) == 64
     buckets = {b["name"]: b for b in info["buckets"]}
     assert buckets["8x32x32"]["num_clips"] == 12 and buckets["8x32x32"]["grid"] == [8, 8, 8]

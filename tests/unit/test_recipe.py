@@ -68,13 +68,15 @@ def test_bad_recipe_is_one_line_naming_the_key(edit, message):
     assert "\n" not in str(err.value)
 
 
-def _fake_prepared(root: Path, buckets: list[tuple[int, int, int, int]], patch=(1, 4, 4)) -> str:
+def _fake_prepared(root: Path, buckets: list[tuple[int, int, int, int]], patch=(1, 4, 4), text_layer=None) -> str:
     root.mkdir(parents=True)
     info = {
         "buckets": [{"frames": f, "height": h, "width": w, "name": f"{f}x{h}x{w}", "path": f"{f}x{h}x{w}",
                      "grid": [f // patch[0], h // patch[1], w // patch[2]], "num_clips": n} for f, h, w, n in buckets],
         "patch_size": list(patch), "in_channels": 3, "text_encoder": {"name_or_path": "minilm", "dim": 384},
     }  # fmt: skip
+    if text_layer is not None:
+        info["text_encoder"]["hidden_layer"] = text_layer
     (root / "dataset.json").write_text(json.dumps(info))
     return str(root)
 
@@ -100,6 +102,16 @@ def test_patch_mismatch_is_a_clear_error(tmp_path):
     data = _fake_prepared(tmp_path / "d", [(1, 16, 16, 4), (8, 16, 16, 4)], patch=(1, 2, 2))
     with pytest.raises(ConfigError, match="prepared with patch"):
         resolve_stage_data(recipe, [data])
+
+
+def test_text_layer_mismatch_is_a_clear_error(tmp_path):
+    data = smoke()
+    data["text_encoder"] = {"hidden_layer": 0}
+    recipe = parse_recipe(data)
+    buckets = [(1, 16, 16, 4), (8, 16, 16, 4)]
+    with pytest.raises(ConfigError, match="embedded from text encoder layer -1 but text_encoder.hidden_layer is 0; prepare with --text-hidden-layer 0"):
+        resolve_stage_data(recipe, [_fake_prepared(tmp_path / "old", buckets)])  # written before the option: last layer
+    assert resolve_stage_data(recipe, [_fake_prepared(tmp_path / "new", buckets, text_layer=0)])
 
 
 def test_lr_schedule_warms_up_and_decays_per_stage():

@@ -60,6 +60,26 @@ def test_minilm_similar_captions_are_closer(minilm: TextEncoder) -> None:
     assert sim[0, 1] > sim[0, 2] + 0.3
 
 
+def test_hidden_layer_picks_the_hidden_state(minilm: TextEncoder) -> None:
+    captions = ["a red circle moving left", "a red circle moving right"]
+    batch = minilm.tokenizer(captions, padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        states = minilm.model(**batch, output_hidden_states=True).hidden_states  # embeddings + 6 layers
+    mask = batch["attention_mask"].bool()[..., None]
+    for layer, index in ((0, 0), (2, 2), (-1, 6), (6, 6), (-7, 0)):
+        enc = build_text_encoder(TextEncoderConfig(hidden_layer=layer))
+        emb = enc.encode(captions)
+        torch.testing.assert_close(emb.tokens, states[index] * mask)
+        torch.testing.assert_close(emb.pooled, (states[index] * mask).sum(1) / mask.sum(1))
+    # Why the option exists: the embeddings keep "left" and "right" further apart than the last layer.
+    word = int(batch["attention_mask"][0].sum()) - 2  # the direction, before [SEP]
+    cos = lambda t: torch.nn.functional.cosine_similarity(t[0, word], t[1, word], dim=0)  # noqa: E731
+    assert cos(states[0]) < cos(states[6]) - 0.2
+    for bad in (7, -8):
+        with pytest.raises(ValueError, match=rf"hidden_layer {bad} is out of range for 'minilm' \(6 layers: use -7..6"):
+            build_text_encoder(TextEncoderConfig(hidden_layer=bad))
+
+
 def test_cache_counts_hits_and_returns_identical_tensors() -> None:
     enc = build_text_encoder(TextEncoderConfig(cache_size=2))
     first = enc.encode(CAPTIONS)  # the repeated caption is encoded once
@@ -160,6 +180,9 @@ def test_tiny_models_from_folders(tmp_path: Path, tokenizer, make, model_type: s
     if pooling == "mean":
         torch.testing.assert_close(emb.pooled[0], emb.tokens[0][emb.mask[0]].mean(0))
     assert enc.cache.hits == 0 and enc.cache.misses == 3
+    first = build_text_encoder(TextEncoderConfig(name_or_path=str(folder), max_length=12, hidden_layer=0)).encode(CAPTIONS)
+    _check_embedding(first, 3, 12, 16)
+    assert not torch.allclose(first.tokens, emb.tokens)  # the token embeddings, not the last layer
 
 
 def test_max_length_beyond_positions(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
