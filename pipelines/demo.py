@@ -49,6 +49,10 @@ VIDEOS_PER_COMBINATION = 8
 VIDEO_FRAMES = 8
 """Each video crosses 3/4 of the frame in 8 frames (2 px a frame): the long stage trains on whole videos,
 where the motion is clear enough to learn and to judge."""
+CLIPS_PER_VIDEO = 1
+"""Every bucket takes each video's first frames: a caption describes a whole video (the shape starts by the
+edge it leaves), so a clip cut from the middle, or a middle frame as an image, would teach the model that
+where the shape is at time 0 does not depend on the direction, and it then draws still shapes."""
 SEEN_EVAL_PROMPTS = 24
 EVAL_SEEDS = 3
 SHOWCASE_SCALE = 4
@@ -264,7 +268,10 @@ def run_demo(
     buckets = sorted({s.dataset for s in recipe.stages})
     from sora_model.config import to_dict
 
-    prepare_settings = {"buckets": buckets, "synth": synth_settings, "text_encoder": to_dict(recipe.text_encoder)}
+    prepare_settings = {
+        "buckets": buckets, "synth": synth_settings, "text_encoder": to_dict(recipe.text_encoder),
+        "clips_per_video": CLIPS_PER_VIDEO,
+    }  # fmt: skip
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):
         steps.forget("train")
@@ -273,7 +280,7 @@ def run_demo(
             _log(f"2/7 preparing bucket {name} with Ray Data ({i}/{len(buckets)})")
             result = prepare(PrepareOptions(
                 manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
-                clips_per_video=0, overwrite=True, text_encoder=recipe.text_encoder,
+                clips_per_video=CLIPS_PER_VIDEO, overwrite=True, text_encoder=recipe.text_encoder,
             ))  # fmt: skip
             counts[name] = result.get("num_clips", 0)
         steps.mark("prepare", prepare_settings, counts)
