@@ -104,6 +104,20 @@ def minilm_path() -> str:
     return str(folder)
 
 
+def encoder_depth(config: Any) -> int:
+    """Transformer layers of a Hugging Face text encoder config (a whole CLIP config: its text tower's)."""
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "num_layers", 0))
+
+
+def check_hidden_layer(hidden_layer: int, layers: int, name: str) -> None:
+    if not -(layers + 1) <= hidden_layer <= layers:
+        raise ValueError(
+            f"text_encoder.hidden_layer {hidden_layer} is out of range for '{name}' ({layers} layers: "
+            f"use {-(layers + 1)}..{layers}; 0 = token embeddings, -1 = last layer)"
+        )
+
+
 class TextEncoder:
     """A Hugging Face encoder and its tokenizer, inference only (eval mode, no grad)."""
 
@@ -119,12 +133,8 @@ class TextEncoder:
     ) -> None:
         if pooling not in ("mean", "pooler"):
             raise ValueError(f"pooling must be 'mean' or 'pooler', got '{pooling}'")
-        layers = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "num_layers", 0))
-        if not -(layers + 1) <= hidden_layer <= layers:
-            raise ValueError(
-                f"text_encoder.hidden_layer {hidden_layer} is out of range for '{name_or_path}' ({layers} layers: "
-                f"use {-(layers + 1)}..{layers}; 0 = token embeddings, -1 = last layer)"
-            )
+        layers = encoder_depth(model.config)
+        check_hidden_layer(hidden_layer, layers, name_or_path)
         # Index into hidden_states (embeddings + one per layer); the last layer reads last_hidden_state.
         self.hidden_layer = hidden_layer
         self._state_index = hidden_layer % (layers + 1)
@@ -209,8 +219,11 @@ def _load(folder: str, name: str, max_length: int) -> tuple[Any, Any, str]:
     return model, tokenizer, pooling
 
 
-def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
-    """The encoder a config names, on `device`, with an LRU cache of `cfg.cache_size` captions."""
+def check_text_encoder(cfg: TextEncoderConfig) -> str:
+    """The local folder `cfg` names, after checking what can be checked without loading weights
+    (max_length, the folder, hidden_layer against the config's depth): errors come before any work starts."""
+    import transformers
+
     if cfg.max_length < 1:
         raise ValueError(f"text_encoder.max_length must be >= 1, got {cfg.max_length}")
     name = cfg.name_or_path
@@ -219,6 +232,14 @@ def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu
         raise FileNotFoundError(
             f"text encoder '{name}' not found: give '{MINILM_NAME}' or a local folder saved with save_pretrained"
         )
+    check_hidden_layer(cfg.hidden_layer, encoder_depth(transformers.AutoConfig.from_pretrained(folder, local_files_only=True)), name)
+    return folder
+
+
+def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
+    """The encoder a config names, on `device`, with an LRU cache of `cfg.cache_size` captions."""
+    folder = check_text_encoder(cfg)
+    name = cfg.name_or_path
     model, tokenizer, pooling = _load(folder, name, cfg.max_length)
     encoder = TextEncoder(
         model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size), hidden_layer=cfg.hidden_layer

@@ -917,13 +917,19 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     from pipelines.data.runtime import cluster_cpus, cluster_gpus, ensure_ray
     from sora_model.autoencoder import build_autoencoder
     from sora_model.patch import patch_grid
+    from sora_model.text import check_text_encoder
 
     t0 = time.perf_counter()
     opts = options
     out = Path(opts.out).resolve()
     entries, manifest_sha = read_manifest(opts.manifest)
 
-    # Fail on shapes the autoencoder or the patch cannot take before any work starts.
+    # Fail on a text encoder that cannot load, or shapes the autoencoder or the patch cannot take,
+    # before any work starts.
+    try:
+        check_text_encoder(opts.text_encoder)
+    except (ValueError, OSError, ImportError) as err:
+        raise PrepareError(str(err)) from None
     autoencoder = build_autoencoder(opts.autoencoder)
     grids = {}
     for b in opts.buckets:

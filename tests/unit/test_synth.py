@@ -144,3 +144,21 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\nnot json\n{"caption": "y"}\n')
     rows, _ = read_manifest(str(tmp_path / "m.jsonl"))
     assert [bool(r["error"]) for r in rows] == [False, True, True]
+
+
+def test_prepare_checks_the_text_encoder_before_any_work(tmp_path, monkeypatch):
+    from pipelines.data import runtime
+    from pipelines.data.prepare import Bucket, PrepareError, PrepareOptions, prepare
+    from sora_model.config import TextEncoderConfig
+
+    monkeypatch.setattr(runtime, "ensure_ray", lambda: pytest.fail("Ray must not start on a bad text encoder"))
+    (tmp_path / "m.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\n')
+    for encoder, message in (
+        (TextEncoderConfig(hidden_layer=9), r"hidden_layer 9 is out of range for 'minilm' \(6 layers: use -7..6"),
+        (TextEncoderConfig(name_or_path=str(tmp_path / "nope")), "not found: give 'minilm'"),
+    ):
+        opts = PrepareOptions(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out"), buckets=[Bucket.parse("1x16x16")],
+                              text_encoder=encoder)  # fmt: skip
+        with pytest.raises(PrepareError, match=message):
+            prepare(opts)
+    assert not (tmp_path / "out").exists()
