@@ -266,11 +266,10 @@ def run_demo(
     # 2. Prepare one folder per bucket the recipe's stages use.
     recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out)
     buckets = sorted({s.dataset for s in recipe.stages})
-    from sora_model.config import to_dict
-
+    text = recipe.text_encoder  # what decides the embeddings (not the cache size)
     prepare_settings = {
-        "buckets": buckets, "synth": synth_settings, "text_encoder": to_dict(recipe.text_encoder),
-        "clips_per_video": CLIPS_PER_VIDEO,
+        "buckets": buckets, "synth": synth_settings, "clips_per_video": CLIPS_PER_VIDEO,
+        "text_encoder": {"name_or_path": text.name_or_path, "max_length": text.max_length, "hidden_layer": text.hidden_layer},
     }  # fmt: skip
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):

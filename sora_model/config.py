@@ -186,7 +186,8 @@ class TextEncoderConfig:
     hidden_layer: int = -1
     """Which hidden state becomes the condition tokens: -1 the last layer, 0 the token embeddings, k the
     output of layer k (negative counts from the end, as in "CLIP skip"). Early layers keep words apart that
-    the last layer blurs: MiniLM's last layer puts "left" and "right" at cosine 0.78, its embeddings at 0.50."""
+    the last layer blurs: MiniLM's last layer puts "left" and "right" at cosine 0.78, its embeddings at 0.50.
+    Prepared data records the number as given and training compares it as given: spell a layer one way."""
 
 
 @dataclass

@@ -111,6 +111,8 @@ def encoder_depth(config: Any) -> int:
 
 
 def check_hidden_layer(hidden_layer: int, layers: int, name: str) -> None:
+    if layers < 1 and hidden_layer != -1:
+        raise ValueError(f"text_encoder.hidden_layer {hidden_layer}: '{name}' does not say how many layers it has; use -1")
     if not -(layers + 1) <= hidden_layer <= layers:
         raise ValueError(
             f"text_encoder.hidden_layer {hidden_layer} is out of range for '{name}' ({layers} layers: "

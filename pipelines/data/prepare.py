@@ -929,7 +929,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     try:
         check_text_encoder(opts.text_encoder)
     except (ValueError, OSError, ImportError) as err:
-        raise PrepareError(str(err)) from None
+        raise PrepareError(" ".join(str(err).split())) from None
     autoencoder = build_autoencoder(opts.autoencoder)
     grids = {}
     for b in opts.buckets:

@@ -1,7 +1,7 @@
 """`sora train`: Ray Train + DeepSpeed ZeRO-3 through a recipe's curriculum, then `RUN/export/`.
 
     sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
-    python -m pipelines.train.trainer --recipe cluster/recipes/demo-cpu.yaml --data data/img,data/clips --run-dir runs/demo
+    python -m pipelines.train.trainer --recipe cluster/recipes/demo-cpu.yaml --data data/images,data/short,data/long --run-dir runs/demo
     ray job submit --working-dir . -- python -m pipelines.train.trainer \
         --recipe cluster/recipes/article-5stage.yaml --data /mnt/prepared/s1,/mnt/prepared/s2 --run-dir /mnt/runs/article
 

@@ -248,6 +248,7 @@ def test_rayjob_entrypoints_parse_and_match_the_recipe():
         assert tuple(int(x) for x in a.patch.split("x")) == tuple(model.patch_size)
         assert a.text_encoder == recipe.text_encoder.name_or_path
         assert a.max_text_length == recipe.text_encoder.max_length
+        assert a.text_hidden_layer == recipe.text_encoder.hidden_layer
         assert a.autoencoder_path == recipe.autoencoder.path
     assert train.workers == recipe.workers
     gpus = sum(
