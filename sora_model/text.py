@@ -234,7 +234,8 @@ def check_text_encoder(cfg: TextEncoderConfig) -> str:
         raise FileNotFoundError(
             f"text encoder '{name}' not found: give '{MINILM_NAME}' or a local folder saved with save_pretrained"
         )
-    check_hidden_layer(cfg.hidden_layer, encoder_depth(transformers.AutoConfig.from_pretrained(folder, local_files_only=True)), name)
+    depth = encoder_depth(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
+    check_hidden_layer(cfg.hidden_layer, depth, name)
     return folder
 
 

@@ -109,7 +109,8 @@ def test_text_layer_mismatch_is_a_clear_error(tmp_path):
     data["text_encoder"] = {"hidden_layer": 0}
     recipe = parse_recipe(data)
     buckets = [(1, 16, 16, 4), (8, 16, 16, 4)]
-    with pytest.raises(ConfigError, match="embedded from text encoder layer -1 but text_encoder.hidden_layer is 0; prepare with --text-hidden-layer 0"):
+    message = "embedded from text encoder layer -1 but text_encoder.hidden_layer is 0; prepare with --text-hidden-layer 0"
+    with pytest.raises(ConfigError, match=message):
         resolve_stage_data(recipe, [_fake_prepared(tmp_path / "old", buckets)])  # written before the option: last layer
     assert resolve_stage_data(recipe, [_fake_prepared(tmp_path / "new", buckets, text_layer=0)])
 
