@@ -365,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default %(default)s); a second run reuses it")
     p.add_argument(
         "--minutes", type=float, default=DEFAULT_MINUTES,
-        help="time budget on 2 CPU cores (default %(default)s); scales training; 45 reaches the accuracy target",
+        help="time budget on 2 CPU cores (default %(default)s); scales training; 25 reaches the accuracy target",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port for the serving step (default %(default)s)")
