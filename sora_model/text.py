@@ -172,6 +172,9 @@ class TextEncoder:
             pooled = tokens.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
         return TextEmbedding(tokens, mask, pooled)
 
+    def _cache_key(self, text: str) -> CacheKey:
+        return (self.name_or_path, self.max_length, self.hidden_layer, text)
+
     def encode(self, texts: list[str]) -> TextEmbedding:
         """Captions -> TextEmbedding with L = max_length, on this encoder's device.
 
@@ -179,7 +182,7 @@ class TextEncoder:
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of captions, got a single string")
-        keys = [(self.name_or_path, self.max_length, self.hidden_layer, t) for t in texts]
+        keys = [self._cache_key(t) for t in texts]
         found = [self.cache.get(k) for k in keys]
         missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))  # unique, in order
         fresh: dict[str, TextEmbedding] = {}
@@ -188,7 +191,7 @@ class TextEncoder:
             for i, text in enumerate(missing):
                 one = TextEmbedding(emb.tokens[i].cpu(), emb.mask[i].cpu(), emb.pooled[i].cpu())
                 fresh[text] = one
-                self.cache.put((self.name_or_path, self.max_length, self.hidden_layer, text), one)
+                self.cache.put(self._cache_key(text), one)
         rows = [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
         if not rows:
             return TextEmbedding(
@@ -221,11 +224,8 @@ def _load(folder: str, name: str, max_length: int) -> tuple[Any, Any, str]:
     return model, tokenizer, pooling
 
 
-def check_text_encoder(cfg: TextEncoderConfig) -> str:
-    """The local folder `cfg` names, after checking what can be checked without loading weights
-    (max_length, the folder, hidden_layer against the config's depth): errors come before any work starts."""
-    import transformers
-
+def _resolve_folder(cfg: TextEncoderConfig) -> str:
+    """The local folder `cfg` names (max_length checked too); FileNotFoundError names what is missing."""
     if cfg.max_length < 1:
         raise ValueError(f"text_encoder.max_length must be >= 1, got {cfg.max_length}")
     name = cfg.name_or_path
@@ -234,14 +234,23 @@ def check_text_encoder(cfg: TextEncoderConfig) -> str:
         raise FileNotFoundError(
             f"text encoder '{name}' not found: give '{MINILM_NAME}' or a local folder saved with save_pretrained"
         )
+    return folder
+
+
+def check_text_encoder(cfg: TextEncoderConfig) -> str:
+    """`cfg`'s folder, after checking what can be checked without loading weights (max_length, the folder,
+    hidden_layer against the config's depth), so a job can fail before any work starts."""
+    import transformers
+
+    folder = _resolve_folder(cfg)
     depth = encoder_depth(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
-    check_hidden_layer(cfg.hidden_layer, depth, name)
+    check_hidden_layer(cfg.hidden_layer, depth, cfg.name_or_path)
     return folder
 
 
 def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
     """The encoder a config names, on `device`, with an LRU cache of `cfg.cache_size` captions."""
-    folder = check_text_encoder(cfg)
+    folder = _resolve_folder(cfg)  # TextEncoder checks hidden_layer against the loaded model
     name = cfg.name_or_path
     model, tokenizer, pooling = _load(folder, name, cfg.max_length)
     encoder = TextEncoder(
