@@ -42,8 +42,11 @@ MP4_PIX_FMT = "yuv420p"
 MP4_CRF = "18"
 """x264 quality (lower is better, 23 is its default): small clips stay small, and 18 keeps a
 read-back within a few grey levels, which sample sheets and tests rely on."""
-DECORD_THREADS = 0
-"""0 lets FFmpeg pick; Ray actors bound the cores they get through num_cpus."""
+DECORD_THREADS = 1
+"""Decoder threads per open file. Parallelism comes from decoding many files at once (Ray gives each
+task one CPU); FFmpeg's own threads (0 = one per core) oversubscribe those CPUs and, on short clips,
+cost more to start than they save: opening and decoding 16 frames of a 64x64 clip took 3.3 ms with
+0 and 1.8 ms with 1 on a 2-core machine."""
 _MAX_INDEX = 2**31
 """Upper bound for index checks when only decoding can tell the frame count (PyAV path)."""
 
