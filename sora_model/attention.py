@@ -109,8 +109,21 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int
     return out.reshape(b, h, n, d)  # (B, H, N, D)
 
 
+def _qk_norm(qk: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> torch.Tensor:
+    """RMS-normalise stacked queries and keys (B, N, 2, H, Dh) in one pass, each with its own weight."""
+    if isinstance(q_norm, nn.Identity):
+        return qk
+    weight = torch.stack([q_norm.weight, k_norm.weight])[:, None]  # (2, 1, Dh): broadcast over heads
+    return F.rms_norm(qk, (qk.shape[-1],), eps=q_norm.eps) * weight.to(qk.dtype)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with QK-norm and 3D RoPE, restricted to a scope."""
+    """Multi-head self-attention with QK-norm and 3D RoPE, restricted to a scope.
+
+    Queries and keys are normalised and rotated together, in the (B, N, H, Dh) layout the QKV
+    projection produces; SDPA reads them through transposed views, so the spatial and full scopes
+    copy nothing between the projection and the output (only temporal grouping must gather).
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -121,14 +134,12 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: TokenLayout, scope: AttentionScope
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, layout: TokenLayout, scope: AttentionScope) -> torch.Tensor:
         b, n, dim = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
+        qk, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).split((2, 1), dim=2)  # (B, N, 2|1, H, Dh)
+        qk = apply_rope(_qk_norm(qk, self.q_norm, self.k_norm), rope)  # (B, N, 2, H, Dh)
+        q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # (B, H, N, Dh) views
+        v = v.squeeze(2).transpose(1, 2)  # (B, H, N, Dh) view
         out = _windowed(q, k, v, layout.grid, scope) if layout.grid is not None else None
         if out is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attention_mask(scope))  # (B, H, N, Dh)
@@ -150,9 +161,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         b, n, dim = x.shape
-        q = self.q_norm(self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2))  # (B, H, N, Dh)
-        kv = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = self.k_norm(kv[0]), kv[1]  # (B, H, L, Dh)
+        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, self.head_dim))).transpose(1, 2)  # (B, H, N, Dh)
+        kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, L, 2, H, Dh)
+        k, v = self.k_norm(kv[:, :, 0]).transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, L, Dh)
         mask = context_mask[:, None, None, :]  # (B, 1, 1, L)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))  # (B, N, D)

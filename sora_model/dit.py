@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttentionScope, CrossAttention, SelfAttention, TokenLayout
 from .config import DiTConfig
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
-from .rope import rope_angles, rope_frequencies, sincos_position_embedding
+from .rope import rope_frequencies, rope_rotation, sincos_position_embedding
 
 TIMESTEP_MAX_PERIOD = 10000.0
 """Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's value)."""
@@ -66,7 +66,7 @@ class DiTBlock(nn.Module):
         c: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         layout: TokenLayout,
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
@@ -214,7 +214,7 @@ class DiT(nn.Module):
         if token_mask is not None and bool(token_mask.all()):
             token_mask = None
         layout = TokenLayout(positions=positions, token_mask=token_mask, grid=grid if token_mask is None else None)
-        rope = rope_angles(positions, self.rope_freqs)  # cos, sin: (B, 1, N, Dh/2)
+        rope = rope_rotation(positions, self.rope_freqs)  # (B, N, 1, Dh/2) complex
         # 2. Transformer blocks and the output projection back to patches.
         out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
         if token_mask is not None:
@@ -242,7 +242,7 @@ class DiT(nn.Module):
         positions = grid_positions(grid, device=video.device)[None]  # (1, N, 3)
         x = self._add_absolute_positions(x, positions)
         layout = TokenLayout(positions=positions.expand(x.shape[0], -1, -1), grid=grid)
-        rope = rope_angles(positions, self.rope_freqs)  # cos, sin: (1, 1, N, Dh/2)
+        rope = rope_rotation(positions, self.rope_freqs)  # (1, N, 1, Dh/2) complex
         # 2. Blocks, output projection, and back to a clip.
         out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
         return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)

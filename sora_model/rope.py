@@ -26,27 +26,31 @@ def rope_frequencies(head_dim: int, split: tuple[int, int, int] | None = None, t
     return [theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) if d else torch.zeros(0, dtype=torch.float64) for d in rope_split(head_dim, split)]
 
 
-def rope_angles(positions: torch.Tensor, freqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, 3) or (N, 3) integer positions -> cos, sin of shape (B, 1, N, head_dim/2), broadcast over heads."""
+def rope_rotation(positions: torch.Tensor, freqs: list[torch.Tensor]) -> torch.Tensor:
+    """(B, N, 3) or (N, 3) integer positions -> (B, N, 1, head_dim/2) complex64 unit rotations.
+
+    One complex number per (token, dimension pair), broadcast over heads: built once per forward pass
+    and shared by every block's queries and keys.
+    """
     if positions.ndim == 2:
         positions = positions.unsqueeze(0)  # (1, N, 3)
     pos = positions.to(torch.float64)
     angles = torch.cat(
         [pos[..., axis, None] * f.to(pos.device) for axis, f in enumerate(freqs)], dim=-1
     )  # (B, N, head_dim/2); float64 so large positions keep their precision
-    angles = angles.unsqueeze(1)  # (B, 1, N, head_dim/2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(2)  # (B, N, 1, head_dim/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x (B, H, N, d) by the angles; returns x's dtype (bf16 stays bf16).
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, N, ..., H, d) by `rope_rotation`'s (B, N, 1, d/2); keeps x's dtype.
 
     Each pair is a complex number and the rotation one complex multiply: a single fused kernel where
     the real-arithmetic form (two products, a difference, a sum and a stack) took ~10x longer on CPU.
+    Axes between N and H (queries and keys stacked, say) share the rotation.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, H, N, d/2) complex
-    rotated = pairs * torch.complex(cos, sin)  # (B, H, N, d/2)
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (B, H, N, d)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, N, ..., H, d/2)
+    rotation = rotation.reshape(*rotation.shape[:2], *([1] * (x.ndim - 3)), rotation.shape[-1])
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)  # (B, N, ..., H, d)
 
 
 def sincos_position_embedding(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:

@@ -12,7 +12,7 @@ from sora_model.attention import AttentionScope, SelfAttention, TokenLayout
 from sora_model.config import ConfigError, DiTConfig, LossConfig, PipelineConfig, dit_preset, from_dict, to_dict
 from sora_model.dit import DiT, DiTBlock
 from sora_model.patch import PatchEmbed, grid_positions, patch_grid, patchify, unpatchify
-from sora_model.rope import apply_rope, rope_angles, rope_frequencies
+from sora_model.rope import apply_rope, rope_frequencies, rope_rotation
 
 TEXT_DIM = 16
 
@@ -86,13 +86,11 @@ def test_patch_errors_are_clear():
 def test_rope_depends_only_on_relative_position():
     head_dim = 24
     freqs = rope_frequencies(head_dim)
-    q = torch.randn(1, 1, 1, head_dim)
+    q = torch.randn(1, 1, 1, head_dim)  # (B, N, H, Dh)
     k = torch.randn(1, 1, 1, head_dim)
 
     def logit(pq, pk):
-        cq, sq = rope_angles(torch.tensor([pq]), freqs)
-        ck, sk = rope_angles(torch.tensor([pk]), freqs)
-        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+        return (apply_rope(q, rope_rotation(torch.tensor([pq]), freqs)) * apply_rope(k, rope_rotation(torch.tensor([pk]), freqs))).sum()
 
     base = logit((1, 2, 3), (4, 0, 5))
     shifted = logit((1 + 7, 2 + 11, 3 + 13), (4 + 7, 0 + 11, 5 + 13))
@@ -102,11 +100,33 @@ def test_rope_depends_only_on_relative_position():
 
 def test_rope_keeps_norm_and_dtype():
     freqs = rope_frequencies(16)
-    x = torch.randn(2, 2, 6, 16, dtype=torch.bfloat16)
-    cos, sin = rope_angles(grid_positions((1, 2, 3)), freqs)
-    out = apply_rope(x, cos, sin)
+    x = torch.randn(2, 6, 2, 16, dtype=torch.bfloat16)  # (B, N, H, Dh)
+    out = apply_rope(x, rope_rotation(grid_positions((1, 2, 3)), freqs))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().norm(dim=-1), x.float().norm(dim=-1), rtol=2e-2, atol=2e-2)
+
+
+def test_rope_rotates_stacked_queries_and_keys_alike():
+    """(B, N, 2, H, Dh): queries and keys rotated in one call equal each rotated alone."""
+    rotation = rope_rotation(grid_positions((2, 2, 3)), rope_frequencies(24))
+    qk = torch.randn(3, 12, 2, 4, 24)
+    both = apply_rope(qk, rotation)
+    torch.testing.assert_close(both[:, :, 0], apply_rope(qk[:, :, 0], rotation))
+    torch.testing.assert_close(both[:, :, 1], apply_rope(qk[:, :, 1], rotation))
+
+
+def test_self_attention_qk_norm_uses_each_weight():
+    """The fused QK-norm equals RMSNorm applied to queries and keys with their own weights."""
+    from sora_model.attention import _qk_norm
+
+    attn = SelfAttention(32, 2)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(-1.5, -0.5)
+    qk = torch.randn(2, 7, 2, 2, 16)
+    out = _qk_norm(qk, attn.q_norm, attn.k_norm)
+    torch.testing.assert_close(out[:, :, 0], attn.q_norm(qk[:, :, 0]))
+    torch.testing.assert_close(out[:, :, 1], attn.k_norm(qk[:, :, 1]))
 
 
 # -- attention --------------------------------------------------------------------------------
@@ -128,7 +148,7 @@ def test_fast_attention_path_equals_masked_path(scope):
     grid = (4, 2, 3)
     pos = grid_positions(grid)[None].expand(2, -1, -1)
     x = torch.randn(2, pos.shape[1], 32)
-    rope = rope_angles(pos, rope_frequencies(16))
+    rope = rope_rotation(pos, rope_frequencies(16))
     fast = attn(x, rope, TokenLayout(pos, grid=grid), scope)
     masked = attn(x, rope, TokenLayout(pos), scope)
     torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
@@ -140,7 +160,7 @@ def test_windowed_attention_isolates_windows():
     attn = SelfAttention(32, 2)
     grid = (4, 2, 2)
     pos = grid_positions(grid)[None]
-    rope = rope_angles(pos, rope_frequencies(16))
+    rope = rope_rotation(pos, rope_frequencies(16))
     x = torch.randn(1, 16, 32)
     y = x.clone()
     y[:, 8:] += 1.0  # change frames 2-3
@@ -226,7 +246,7 @@ def test_block_is_identity_at_init():
     assert isinstance(block, DiTBlock)
     x = torch.randn(2, 12, 32)
     pos = grid_positions((3, 2, 2))[None].expand(2, -1, -1)
-    rope = rope_angles(pos, rope_frequencies(16))
+    rope = rope_rotation(pos, rope_frequencies(16))
     ctx = torch.randn(2, 5, 32)
     out = block(x, torch.randn(2, 32), ctx, torch.ones(2, 5, dtype=torch.bool), rope, TokenLayout(pos, grid=(3, 2, 2)))
     torch.testing.assert_close(out, x)
