@@ -11,9 +11,10 @@ The pipeline (probing is plain Ray tasks; every later step a Ray Data operator, 
                                        |  (metadata, materialised: it is small and read twice)
     unique captions --text encoder (one task, run while probing)--> embedding table (object store)
                                        |
-    per bucket: plans --decode+resize+crop, identity autoencoder + patchify + text lookup (tasks)--> rows
-                      --ShardDatasink--> OUT/<F>x<H>x<W>/part-<hash>.parquet       (streaming)
-    with a diffusers VAE the decode tasks feed a GPU actor pool (autoencoder + patchify + text) instead.
+    per bucket: plans --decode+resize+crop, identity autoencoder + patchify + text lookup, write (tasks)-->
+                      OUT/<F>x<H>x<W>/part-<hash>.parquet, one shard per task     (streaming)
+    with a diffusers VAE the decode tasks feed a GPU actor pool (autoencoder + patchify + text) and a
+    ShardDatasink writes the shards instead.
 
 Stateless stages run as Ray tasks, not actor pools: a task reuses a warm worker process, where each
 actor pool would start processes and import torch and the video libraries again (seconds each on a
@@ -114,10 +115,10 @@ DECODE_BATCH_SIZE = 4
 """Clips per decode call when a VAE actor pool follows: small, so the pool balances well and a 1080p batch
 stays a few hundred MB."""
 FUSED_BATCH_BYTES = 128 * 2**20
-"""Resized pixels per call of the fused decode + patchify task (identity autoencoder): large batches
-(up to FUSED_BATCH_MAX clips) amortise its ~20 ms per-call cost (Arrow tables, setup), which at 4 clips
-of 16x32x32 per call was more than the decoding itself; the bound keeps large buckets' batches small."""
-FUSED_BATCH_MAX = 64
+"""Most resized pixels per call of the fused decode + patchify + write task (identity autoencoder), whose
+batch is one shard: large batches amortise its per-call cost (Arrow tables, setup, the Parquet file),
+which at 4 clips of 16x32x32 per call was more than the decoding itself; the bound keeps large buckets'
+batches (and shards) a few hundred MB at most."""
 ASPECT_TOLERANCE = 1e-3
 """Aspect ratios closer than this (in log space) count as equal when choosing a bucket."""
 
@@ -743,12 +744,30 @@ def _text_table(ref: Any) -> dict[str, Any]:
     return _TEXT_TABLES[key]
 
 
-def decode_and_encode(
-    batch: dict[str, np.ndarray], bucket: Bucket, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], text_table: list[Any]
-) -> Any:
-    """DecodeClips then EncodeClips in one stateless task, for autoencoders that need no weights loaded
-    (identity): the pixels never cross processes, and no actor has to start."""
-    return EncodeClips(autoencoder, patch, text_table)(DecodeClips(bucket, rejects_dir)(batch))
+def decode_encode_write(
+    batch: dict[str, np.ndarray],
+    bucket: Bucket,
+    rejects_dir: str,
+    autoencoder: AutoencoderConfig,
+    patch: tuple[int, int, int],
+    text_table: list[Any],
+    folder: str,
+) -> dict[str, np.ndarray]:
+    """DecodeClips, EncodeClips and one shard write in one stateless task, for autoencoders that need no
+    weights loaded (identity): pixels and rows never cross processes, no actor has to start, and no
+    writer task needs a worker process of its own (on a small machine, starting one costs seconds).
+    Returns the shard written: {"shard": [name], "rows": [n]}, or empty when every clip was rejected."""
+    table = EncodeClips(autoencoder, patch, text_table)(DecodeClips(bucket, rejects_dir)(batch))
+    if not table.num_rows:
+        return {"shard": np.asarray([], dtype=object), "rows": np.asarray([], dtype=np.int64)}
+    name = write_shard(table, folder)
+    return {"shard": np.asarray([name], dtype=object), "rows": np.asarray([table.num_rows], dtype=np.int64)}
+
+
+def fused_rows_per_task(num_clips: int, clip_bytes: int, rows_per_file: int, cpus: int) -> int:
+    """Clips per decode-encode-write task (and so per shard): at most `rows_per_file` and FUSED_BATCH_BYTES
+    of pixels, and few enough that every CPU gets two tasks (equal tasks keep the cores busy to the end)."""
+    return max(1, min(rows_per_file, FUSED_BATCH_BYTES // clip_bytes, math.ceil(num_clips / (2 * cpus))))
 
 
 def embed_captions(captions: list[str], config: TextEncoderConfig) -> dict[str, Any]:
@@ -797,12 +816,7 @@ def _make_datasink(folder: str, rows_per_file: int) -> Any:
     from ray.data import Datasink
 
     class ShardDatasink(Datasink):
-        """Writes blocks as `part-<sha1 of clip ids>.parquet` of at most `rows_per_file` rows, atomically.
-
-        Each file is written under a temporary name and renamed when closed, so a file either holds all
-        its rows or does not exist: the basis of resuming. The name is a hash of its clip ids, so a
-        retried task rewrites the same file rather than adding a copy.
-        """
+        """Writes blocks as shards of at most `rows_per_file` rows (`write_shard`: atomic, named by clip ids)."""
 
         def __init__(self) -> None:
             self.folder, self.rows_per_file = folder, rows_per_file
@@ -816,28 +830,38 @@ def _make_datasink(folder: str, rows_per_file: int) -> Any:
 
         def write(self, blocks: Any, ctx: Any) -> list[tuple[str, int]]:
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
             tables = [b for b in blocks if b.num_rows]
             if not tables:
                 return []
             table = pa.concat_tables(tables)
-            os.makedirs(self.folder, exist_ok=True)
-            written = []
             # Even split: 20 rows at 16 per file give 10 + 10, not 16 + 4.
             num_files = math.ceil(table.num_rows / self.rows_per_file)
             bounds = [round(k * table.num_rows / num_files) for k in range(num_files + 1)]
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                part = table.slice(lo, hi - lo)
-                ids = sorted(part.column("clip_id").to_pylist())
-                name = SHARD_PREFIX + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + SHARD_SUFFIX
-                tmp = os.path.join(self.folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}")
-                pq.write_table(part, tmp, compression=PARQUET_COMPRESSION)
-                os.replace(tmp, os.path.join(self.folder, name))
-                written.append((name, part.num_rows))
-            return written
+            return [
+                (write_shard(table.slice(lo, hi - lo), self.folder), hi - lo)
+                for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
 
     return ShardDatasink()
+
+
+def write_shard(table: Any, folder: str) -> str:
+    """Write an Arrow table of clips as `part-<sha1 of its clip ids>.parquet`, atomically; returns the name.
+
+    Written under a temporary name and renamed when closed, so a file either holds all its rows or does
+    not exist: the basis of resuming. The name is a hash of its clip ids, so a retried task rewrites the
+    same file rather than adding a copy.
+    """
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    ids = sorted(table.column("clip_id").to_pylist())
+    name = SHARD_PREFIX + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + SHARD_SUFFIX
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}")
+    pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
+    os.replace(tmp, os.path.join(folder, name))
+    return name
 
 
 def shard_files(folder: str | Path) -> list[Path]:
@@ -1058,18 +1082,27 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
         if not rows:
             continue
         plan_cols = [{k: r[k] for k in (*PLAN_COLUMNS, "indices")} for r in rows]
-        ds = ray.data.from_items(plan_cols, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH_SIZE, 4 * cpus, 200)))
         if opts.autoencoder.kind == "identity":
-            # No weights to load: decode, patchify and attach text in one task per batch of clips.
-            clip_bytes = b.frames * b.height * b.width * 3
-            ds = ds.map_batches(
-                decode_and_encode,
-                fn_kwargs={"bucket": b, "rejects_dir": str(rejects_dir), "autoencoder": opts.autoencoder, "patch": opts.patch, "text_table": [text_ref]},
-                batch_size=max(1, min(FUSED_BATCH_MAX, FUSED_BATCH_BYTES // clip_bytes)),
-                num_cpus=1,
-                concurrency=workers if opts.workers else None,
-            )  # fmt: skip
+            # No weights to load: decode, patchify, attach text and write the shard in one task per batch.
+            # One operator of one-CPU tasks: Ray Data's default per-operator CPU reservation only let it
+            # run one task at a time on 2 cores (CPU 55% busy; without it 95%, 1008 clips 3.7 -> 2.7 s).
+            # Datasets copy the context when created; the caller's is restored afterwards.
+            per_task = fused_rows_per_task(len(rows), b.frames * b.height * b.width * 3, opts.rows_per_file, cpus)
+            reservation = ctx.op_resource_reservation_enabled
+            ctx.op_resource_reservation_enabled = False
+            try:
+                ds = ray.data.from_items(plan_cols, override_num_blocks=math.ceil(len(rows) / per_task)).map_batches(
+                    decode_encode_write,
+                    fn_kwargs={"bucket": b, "rejects_dir": str(rejects_dir), "autoencoder": opts.autoencoder, "patch": opts.patch,
+                               "text_table": [text_ref], "folder": str(out / b.name)},
+                    batch_size=per_task,
+                    num_cpus=1,
+                    concurrency=workers if opts.workers else None,
+                ).materialize()  # fmt: skip
+            finally:
+                ctx.op_resource_reservation_enabled = reservation
         else:
+            ds = ray.data.from_items(plan_cols, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH_SIZE, 4 * cpus, 200)))
             ds = ds.map_batches(
                 DecodeClips,
                 fn_constructor_kwargs={"bucket": b, "rejects_dir": str(rejects_dir)},
@@ -1085,7 +1118,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
                 compute=ActorPoolStrategy(min_size=1, max_size=max(1, cluster_gpus() if use_gpu else 1)),
                 **encode_args,
             )
-        ds.write_datasink(_make_datasink(str(out / b.name), opts.rows_per_file), ray_remote_args={"num_cpus": 0.25})
+            ds.write_datasink(_make_datasink(str(out / b.name), opts.rows_per_file), ray_remote_args={"num_cpus": 0.25})
         stats_lines.append(f"==== bucket {b.name}: {len(rows)} clips ====\n{ds.stats()}\n")
 
     timings["clips"] = time.perf_counter() - t0 - sum(timings.values())

@@ -157,6 +157,9 @@ def test_prepare_rows_and_shapes(mixed):
     assert buckets["1x32x32"]["num_clips"] == 2 and buckets["1x32x32"]["grid"] == [1, 8, 8]
     files = sorted((out / "8x32x32").glob("part-*.parquet"))
     assert len(files) >= 3  # rows_per_file=5
+    import pyarrow.parquet as pq
+
+    assert all(pq.ParquetFile(f).metadata.num_rows <= 5 for f in files)
     data = read_prepared(out, bucket="8x32x32")
     assert set(data) == set(info["columns"])
     assert data["patches"].shape == (12, 512, 48) and data["patches"].dtype == np.float32
