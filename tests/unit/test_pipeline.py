@@ -58,6 +58,22 @@ def test_defaults_come_from_the_export(text_encoder):
     assert pipe("x", num_frames=3, height=4, width=12).shape == (1, 3, 4, 12, 3)
 
 
+def test_cpu_calls_split_the_batch_without_changing_it(monkeypatch, text_encoder):
+    """On CPU the model runs in calls of CPU_TOKENS_PER_CALL tokens; the clips are those of one call."""
+    import sora_model.pipeline as pipeline_module
+
+    pipe = perturbed_pipeline(tiny_pipeline_config(), text_encoder)
+    prompts = ["a red circle moving left", "a blue square moving up", "a green triangle moving down"]
+    whole = pipe(prompts, seed=[1, 2, 3], guidance_scale=[3.0, 1.0, 5.0])
+    calls = []
+    forward = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda x, *a, **k: calls.append(x.shape[0]) or forward(x, *a, **k))
+    monkeypatch.setattr(pipeline_module, "CPU_TOKENS_PER_CALL", 2 * 32)  # 2x8x8 at patch 1x2x2: 32 tokens a sample
+    split = pipe(prompts, seed=[1, 2, 3], guidance_scale=[3.0, 1.0, 5.0])
+    assert set(calls) == {2} and len(calls) == 3 * 4  # 6 samples with guidance -> 3 calls, at each of 4 steps
+    assert np.abs(split.astype(int) - whole.astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize(
     "schedule,sampler",
     [("rectified_flow", "euler"), ("rectified_flow", "heun"), ("ddpm_linear", "ddim"), ("ddpm_linear", "ddpm")],
