@@ -146,8 +146,18 @@ def measure(mode: str, quick: bool) -> dict[str, Any]:
     tokens = s.batch * s.tokens_per_sample
     tps = {n: tokens / median(ts) for n, ts in times.items()}
     ratio = paired_ratio(times["latte"], times["ours_factorized"])  # latte time / our time = our tokens/s / latte's
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     return {
         "value": round(ratio, 3),
+        "note": (
+            f"both run the same matrix products per token except what our blocks add: cross-attention in the "
+            f"temporal blocks too (Latte's have none), a modulation MLP per block (Latte shares one table), "
+            f"QK-norm and 3D RoPE ({params['ours_factorized'] / 1e6:.1f}M parameters against Latte's "
+            f"{params['latte'] / 1e6:.1f}M). The same torch kernels (matrix products, GELU, attention) run both "
+            f"and are about three quarters of Latte's step (profiled), so even with nothing else to pay 1.3x "
+            f"would need less arithmetic per token than Latte does, not faster code. Our full 3D attention "
+            f"(every token sees every token) measures {paired_ratio(times['latte'], times['ours_full']):.2f}."
+        ),
         "compared": (
             f"{'train step (fwd+bwd+AdamW)' if mode == 'train' else 'forward'} tokens/s, our DiT (factorized, "
             f"{s.blocks} blocks) / diffusers LatteTransformer3DModel ({s.blocks // 2} spatial + {s.blocks // 2} temporal), "
@@ -163,7 +173,7 @@ def measure(mode: str, quick: bool) -> dict[str, Any]:
             "clock": "process CPU time, torch on 1 thread (headline); wall time in wall_seconds",
             "ratio_ours_full_vs_latte": round(paired_ratio(times["latte"], times["ours_full"]), 3),
             "ratio_of_fastest_runs": round(min(times["latte"]) / min(times["ours_factorized"]), 3),
-            "params": {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
+            "params": params,
             "torch_threads": torch.get_num_threads(),
             "headline": "ours_factorized (alternating spatial/temporal, like Latte)",
         },

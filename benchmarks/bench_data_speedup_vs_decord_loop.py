@@ -15,8 +15,8 @@ run a job has them; on a 2-core machine their first start costs seconds, more th
 whole job) and warms the loop's imports and file cache the same way. The cold round's times are kept
 in the details. Ray's workers are limited to the machine's 2 CPUs (the issue's setting); the loop uses torch's
 default threads; both decode with one decoder thread per file (`sora_model.video.DECORD_THREADS`).
-Whether 2 cores give a speedup depends on the job being large against Ray's fixed cost per run (about
-a second and a half here: starting the Ray Data execution, the last shard's write running alone), so
+Whether 2 cores give a speedup depends on the job being large against Ray's fixed costs per run (about a
+second here: starting the probe tasks and the Ray Data execution, the text task's encoder load), so
 clips are 16 frames of 64x64 video resized to 32x32 and even the quick mode prepares 504 videos
 (8 ms of work a clip in the loop; at 96 videos the loop's whole job takes about that fixed cost).
 """

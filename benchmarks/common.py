@@ -110,7 +110,10 @@ def goal_met(value: float | None, goal: tuple[str, float]) -> bool | None:
 
 
 def main(module: Any) -> int:
-    """The command line of one benchmark script."""
+    """The command line of one benchmark script.
+
+    `run` may add a "note": why a goal is not met, from what it measured; RESULTS.md lists it.
+    """
     name = module.__spec__.name if getattr(module, "__spec__", None) else module.__name__
     p = argparse.ArgumentParser(prog=f"python -m {name}", description=(module.__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (2-core machines)")

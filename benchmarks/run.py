@@ -108,6 +108,11 @@ def write_markdown(results: dict) -> None:
             f"| `{name}` | {fmt(r.get('value'))} | {GOALS[name]} | {met} | {what.replace('|', '/')} | {where} | "
             f"{(r.get('date') or '')[:16]} | `{r.get('run_command', '')}` |"
         )
+    unmet = [(name, figs[name]) for name in FIGURES if name in figs and figs[name].get("met") is False]
+    if unmet:
+        lines += ["", "## Goals not met", ""]
+        for name, r in unmet:
+            lines.append(f"- `{name}` ({fmt(r.get('value'))}, goal {GOALS[name]}): {r.get('note') or 'no explanation recorded.'}")
     lines += ["", "## GPU figures", "", "| figure | value | what | status |", "| --- | --- | --- | --- |"]
     gpu = results.get("gpu") or {}
     for key, what in GPU_FIGURES:

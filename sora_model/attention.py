@@ -110,11 +110,14 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int
 
 
 def _qk_norm(qk: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> torch.Tensor:
-    """RMS-normalise stacked queries and keys (B, N, 2, H, Dh) in one pass, each with its own weight."""
+    """RMS-normalise stacked queries and keys (B, N, 2, H, Dh), each through its own module.
+
+    Calling the modules (rather than reading their weights into one fused op) is what lets DeepSpeed
+    ZeRO-3 gather a partitioned weight: it does so in the module's forward hook.
+    """
     if isinstance(q_norm, nn.Identity):
         return qk
-    weight = torch.stack([q_norm.weight, k_norm.weight])[:, None]  # (2, 1, Dh): broadcast over heads
-    return F.rms_norm(qk, (qk.shape[-1],), eps=q_norm.eps) * weight.to(qk.dtype)
+    return torch.stack([q_norm(qk[:, :, 0]), k_norm(qk[:, :, 1])], dim=2)  # (B, N, 2, H, Dh)
 
 
 class SelfAttention(nn.Module):

@@ -28,12 +28,12 @@ EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 Precision = Literal["fp32", "bf16", "int8"]
 STOCHASTIC_SAMPLERS = ("ddpm",)
+"""Samplers that draw fresh noise every step: batched requests must each get their own noise stream."""
 CPU_TOKENS_PER_CALL = 2048
 """On CPU the model runs over at most this many tokens per call (whole samples, at least one), so a small
 model's activations stay in cache: one call over 8 clips of 8x32x32 (16 samples with guidance, DiT-demo,
 one thread) cost 15% more per clip than a clip alone; in calls of 4 samples it costs the same. On a GPU
 the whole batch goes in one call, which is what batching is for there."""
-"""Samplers that draw fresh noise every step: batched requests must each get their own noise stream."""
 
 
 def save_export(export_dir: str, config: PipelineConfig, state_dict: dict[str, torch.Tensor], ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:

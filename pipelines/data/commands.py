@@ -54,8 +54,8 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
     )  # fmt: skip
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
-    p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard (default 256)")
-    p.add_argument("--workers", type=int, help="decode actors at most (default: cluster CPUs - 1)")
+    p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
+    p.add_argument("--workers", type=int, help="decode tasks (or, with a VAE, decode actors) at once at most (default: every CPU; CPUs - 1 actors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -448,7 +448,7 @@ class LocalFiles:
 
 
 class ProbeInputs:
-    """Ray Data actor: one manifest entry -> its clip plans, or one reject with the reason."""
+    """One manifest entry -> its clip plans, or one reject with the reason (run by `probe_chunk` tasks)."""
 
     def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None):
         self.buckets, self.fps, self.clips_per_video, self.stride_s = buckets, fps, clips_per_video, stride_s
@@ -531,11 +531,6 @@ class ProbeInputs:
         except Exception as err:  # noqa: BLE001
             return [_reject(entry, "truncated", f"{type(err).__name__}: {err}")]
         return plans
-
-
-def probe_entry(entry: dict[str, Any], buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None) -> list[dict[str, Any]]:
-    """ProbeInputs on one manifest entry: its plans or a reject."""
-    return ProbeInputs(buckets, fps, clips_per_video, stride_s)(entry)
 
 
 def probe_chunk(entries: list[dict[str, Any]], buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None) -> list[dict[str, Any]]:
@@ -759,15 +754,16 @@ def decode_encode_write(
     Returns the shard written: {"shard": [name], "rows": [n]}, or empty when every clip was rejected."""
     table = EncodeClips(autoencoder, patch, text_table)(DecodeClips(bucket, rejects_dir)(batch))
     if not table.num_rows:
-        return {"shard": np.asarray([], dtype=object), "rows": np.asarray([], dtype=np.int64)}
+        return {"shard": np.asarray([], dtype=np.str_), "rows": np.asarray([], dtype=np.int64)}
     name = write_shard(table, folder)
-    return {"shard": np.asarray([name], dtype=object), "rows": np.asarray([table.num_rows], dtype=np.int64)}
+    return {"shard": np.asarray([name], dtype=np.str_), "rows": np.asarray([table.num_rows], dtype=np.int64)}
 
 
-def fused_rows_per_task(num_clips: int, clip_bytes: int, rows_per_file: int, cpus: int) -> int:
+def fused_rows_per_task(num_clips: int, clip_bytes: int, rows_per_file: int, workers: int) -> int:
     """Clips per decode-encode-write task (and so per shard): at most `rows_per_file` and FUSED_BATCH_BYTES
-    of pixels, and few enough that every CPU gets two tasks (equal tasks keep the cores busy to the end)."""
-    return max(1, min(rows_per_file, FUSED_BATCH_BYTES // clip_bytes, math.ceil(num_clips / (2 * cpus))))
+    of pixels, and few enough that every worker gets two tasks (equal tasks keep the cores busy to the end).
+    Shards are therefore smaller than `rows_per_file` on small datasets, many CPUs or large clips."""
+    return max(1, min(rows_per_file, FUSED_BATCH_BYTES // clip_bytes, math.ceil(num_clips / (2 * workers))))
 
 
 def embed_captions(captions: list[str], config: TextEncoderConfig) -> dict[str, Any]:
@@ -1087,7 +1083,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
             # One operator of one-CPU tasks: Ray Data's default per-operator CPU reservation only let it
             # run one task at a time on 2 cores (CPU 55% busy; without it 95%, 1008 clips 3.7 -> 2.7 s).
             # Datasets copy the context when created; the caller's is restored afterwards.
-            per_task = fused_rows_per_task(len(rows), b.frames * b.height * b.width * 3, opts.rows_per_file, cpus)
+            per_task = fused_rows_per_task(len(rows), b.frames * b.height * b.width * 3, opts.rows_per_file, opts.workers or cpus)
             reservation = ctx.op_resource_reservation_enabled
             ctx.op_resource_reservation_enabled = False
             try:
@@ -1095,7 +1091,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
                     decode_encode_write,
                     fn_kwargs={"bucket": b, "rejects_dir": str(rejects_dir), "autoencoder": opts.autoencoder, "patch": opts.patch,
                                "text_table": [text_ref], "folder": str(out / b.name)},
-                    batch_size=per_task,
+                    batch_size=None,  # each block (at most per_task rows) is one batch, one task and one shard
                     num_cpus=1,
                     concurrency=workers if opts.workers else None,
                 ).materialize()  # fmt: skip
