@@ -266,10 +266,9 @@ def run_demo(
     # 2. Prepare one folder per bucket the recipe's stages use.
     recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out)
     buckets = sorted({s.dataset for s in recipe.stages})
-    text = recipe.text_encoder  # what decides the embeddings (not the cache size)
     prepare_settings = {
         "buckets": buckets, "synth": synth_settings, "clips_per_video": CLIPS_PER_VIDEO,
-        "text_encoder": {"name_or_path": text.name_or_path, "max_length": text.max_length, "hidden_layer": text.hidden_layer},
+        "text_encoder": recipe.text_encoder.embedding_settings(),
     }  # fmt: skip
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):

@@ -189,6 +189,10 @@ class TextEncoderConfig:
     the last layer blurs: MiniLM's last layer puts "left" and "right" at cosine 0.78, its embeddings at 0.50.
     Prepared data records the number as given and training compares it as given: spell a layer one way."""
 
+    def embedding_settings(self) -> dict[str, Any]:
+        """What decides a caption's embedding (not the cache size): prepared data and demo steps key on it."""
+        return {"name_or_path": self.name_or_path, "max_length": self.max_length, "hidden_layer": self.hidden_layer}
+
 
 @dataclass
 class AutoencoderConfig:

@@ -8,6 +8,7 @@ evaluator. An export is a folder of `model.safetensors` (+ optional `ema.safeten
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -20,6 +21,7 @@ from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
 from .diffusion import build_diffusion
 from .dit import DiT
+from .patch import patch_grid
 from .text import TextEmbedding, TextEncoder, build_text_encoder
 
 EXPORT_FORMAT_VERSION = 1
@@ -187,8 +189,8 @@ class TextToVideoPipeline:
         n = x.shape[0]
         per_call = n
         if self.device.type == "cpu":
-            grid = [size // p for size, p in zip(x.shape[2:], self.config.model.patch_size, strict=True)]
-            per_call = max(1, CPU_TOKENS_PER_CALL // max(1, int(np.prod(grid))))
+            tokens_per_sample = math.prod(patch_grid(tuple(x.shape[2:]), self.config.model.patch_size))
+            per_call = max(1, CPU_TOKENS_PER_CALL // tokens_per_sample)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             outs = [
                 self.model(

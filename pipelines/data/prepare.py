@@ -231,11 +231,7 @@ class PrepareOptions:
             "clips_per_video": self.clips_per_video,
             "stride_s": self.stride_s,
             "patch": list(self.patch),
-            "text_encoder": {
-                "name_or_path": self.text_encoder.name_or_path,
-                "max_length": self.text_encoder.max_length,
-                "hidden_layer": self.text_encoder.hidden_layer,
-            },
+            "text_encoder": self.text_encoder.embedding_settings(),
             "autoencoder": to_dict(self.autoencoder),
         }
 
