@@ -1,12 +1,16 @@
-"""`sora train ...`: see `pipelines.train.trainer` for the run folder and the Ray job form.
+"""`sora train ...` and `sora export ...`: see `pipelines.train.trainer` for the run folder and the Ray job form.
 
 sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
 ray job submit --working-dir . -- python -m pipelines.train.trainer --recipe ... --data ... --run-dir ...
+sora export --checkpoint runs/smoke/ray_results/smoke-cpu/checkpoint_0000008 --out export8 --ema
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,3 +23,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(p)
     p.set_defaults(func=run)
+
+    e = subparsers.add_parser(
+        "export",
+        help="write an export folder from any training checkpoint (offline: no Ray, no GPU)",
+        description="Gather a checkpoint's fp32 master weights (written by any number of ranks) into an export: "
+        "model.safetensors + config.json, and ema.safetensors with --ema.",
+    )
+    e.add_argument("--checkpoint", required=True, help="a checkpoint folder or URI: RUN/ray_results/NAME/checkpoint_NNNNNNN")
+    e.add_argument("--out", required=True, help="export folder to write (model.safetensors, config.json)")
+    e.add_argument("--ema", action="store_true", help="also write the EMA weights (ema.safetensors, what generation prefers)")
+    e.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pipelines.cli import UserError
+    from pipelines.train.checkpoint import export_checkpoint
+    from pipelines.train.storage import RunStore
+
+    store = RunStore(args.checkpoint)
+    if not store.exists():
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise UserError(f"--out {args.out} exists and is not empty; choose a new folder")
+    tmp = tempfile.mkdtemp(prefix="sora-export-") if store.remote else None
+    try:
+        local = store.download("", os.path.join(tmp, "ckpt")) if tmp else store.url()
+        out = export_checkpoint(local, args.out, ema=args.ema)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0

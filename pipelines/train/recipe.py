@@ -49,16 +49,34 @@ class ModelSpec:
 
 @dataclass
 class DeepSpeedSpec:
-    """DeepSpeed engine settings shared by every stage."""
+    """DeepSpeed engine settings shared by every stage (mapped one to one by `engine.ds_config`)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 3
-    """ZeRO-3 partitions parameters, gradients and optimizer state: per-rank memory falls as 1/world size."""
+    """ZeRO-3 partitions parameters, gradients and optimizer state: per-rank memory falls as 1/world size.
+    1 partitions optimizer state only, 2 also gradients; 0 is plain data parallelism."""
     offload_optimizer: bool = False
-    """Keep optimizer state in CPU memory (needs DeepSpeed's CPU Adam build on GPU machines)."""
+    """Keep optimizer state in CPU memory and step it there (DeepSpeed's CPU Adam, on the worker's
+    `cpus_per_worker` threads: give GPU workers 8 or more CPUs when this is on)."""
     offload_params: bool = False
     """Keep ZeRO-3 parameter partitions in CPU memory between uses (stage 3 only)."""
     bf16: bool | Literal["auto"] = "auto"
-    """`auto`: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and gloo reduces fp32 anyway)."""
+    """`auto`: bf16 on cuda, fp32 on cpu (CPU bf16 matmuls are slow and gloo reduces fp32 anyway)."""
+    fp32_reduce: bool = True
+    """Under bf16, reduce gradients across ranks and accumulate micro-batches in fp32: bf16's 8-bit
+    mantissa loses small gradients when many ranks or micro-batches are summed."""
+    hpz_partition_size: int = 1
+    """ZeRO++ hierarchical partitioning: a secondary copy of the weights sharded within groups of this
+    many ranks (the GPUs of one node, e.g. 8), so forward all-gathers stay on NVLink. 1 = off."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduce-scatter bucket: larger buckets mean fewer, faster collectives, more memory."""
+    prefetch_bucket_size: int = 50_000_000
+    """ZeRO-3: elements of upcoming layers' parameters gathered ahead of use (overlaps communication)."""
+    param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters this small stay whole on every rank (gathering them costs more than they weigh)."""
+    max_live_parameters: int = 1_000_000_000
+    """ZeRO-3: gathered parameter elements allowed at once before released ones must be freed."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass (costs bucket-sized buffers)."""
     gradient_clipping: float = 1.0
     """Global-norm clip; DiT-style training diverges without it at large learning rates."""
     weight_decay: float = 0.0
@@ -70,6 +88,15 @@ class DeepSpeedSpec:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage 3")
         if self.gradient_clipping < 0:
             raise ConfigError(f"deepspeed.gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        if self.hpz_partition_size < 1:
+            raise ConfigError(f"deepspeed.hpz_partition_size must be >= 1, got {self.hpz_partition_size}")
+        if self.hpz_partition_size > 1 and self.zero_stage != 3:
+            raise ConfigError("deepspeed.hpz_partition_size > 1 needs deepspeed.zero_stage 3")
+        for key in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"deepspeed.{key} must be >= 1, got {getattr(self, key)}")
+        if self.param_persistence_threshold < 0:
+            raise ConfigError(f"deepspeed.param_persistence_threshold must be >= 0, got {self.param_persistence_threshold}")
 
 
 @dataclass
@@ -94,10 +121,42 @@ class SampleSpec:
     seed: int = 0
     fps: int = 8
     """Frame rate of the sample GIFs and of the export's generation default."""
+    num_cpus: float | None = None
+    """CPUs reserved for the actor that renders stage-end grids from each stage's export beside training (no
+    rank waits for it). None: 1 on cuda; 0 on cpu, where it briefly shares the workers' cores at stage ends."""
+    num_gpus: float = 0.0
+    """GPUs (or a fraction) for that actor; 0 samples on CPU."""
+    timeout_s: float = 1800.0
+    """How long the driver waits at the end of the run for outstanding sample grids before giving up on them."""
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"sample.steps must be >= 1, got {self.steps}")
+        if (self.num_cpus or 0) < 0 or self.num_gpus < 0:
+            raise ConfigError(f"sample.num_cpus and sample.num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"sample.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class DataSpec:
+    """How each rank reads its clips (Ray Data -> the training device)."""
+
+    shuffle: Literal["global", "local"] = "global"
+    """`global`: every epoch reads the shard files and their row groups in a new seeded order, then mixes
+    rows in a local buffer; `local`: files in order, local buffer only (reproduces older runs)."""
+    shuffle_buffer: int = 64
+    """Rows in the per-rank shuffle buffer (rows of one file arrive together otherwise)."""
+    prefetch_batches: int = 2
+    """Micro-batches prepared ahead of the step (decoded, collated and, on cuda, copied to the device)."""
+    pin_memory: bool = True
+    """On cuda, stage batches in page-locked host memory so the copy to the GPU overlaps compute."""
+
+    def __post_init__(self) -> None:
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
 
 
 @dataclass
@@ -160,8 +219,17 @@ class Recipe:
     sample: SampleSpec = field(default_factory=SampleSpec)
     deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
     ema: EMASpec = field(default_factory=EMASpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the workers train, declared, never guessed from what the cluster holds at submit time:
+    `cuda` workers always ask Ray for a GPU each (so an autoscaler adds GPU nodes); `--device` overrides."""
     workers: int = 2
     """Ray Train workers (one DeepSpeed rank each); `--workers` overrides."""
+    cpus_per_worker: float | None = None
+    """CPUs Ray reserves per worker (its loader threads and OMP threads). None: 8 on cuda (one CPU starves
+    a GPU's loader); on cpu 1, or an equal share of a machine with fewer CPUs than workers (a laptop)."""
+    process_group_timeout_s: int = 1800
+    """Seconds a collective may wait for the slowest rank before the process group fails the run."""
     max_failures: int = 2
     """Worker/node losses survived by restarting from the last checkpoint (Ray Train FailureConfig)."""
     max_nonfinite_steps: int = 5
@@ -188,6 +256,15 @@ class Recipe:
             raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.process_group_timeout_s < 1:
+            raise ConfigError(f"process_group_timeout_s must be >= 1, got {self.process_group_timeout_s}")
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the engine trains in bf16 (`deepspeed.bf16: auto` means on cuda)."""
+        return self.deepspeed.bf16 is True or (self.deepspeed.bf16 == "auto" and self.device == "cuda")
 
     # -- derived --------------------------------------------------------------------------------
 

@@ -22,21 +22,27 @@ A lost worker or node restarts the workers from the last checkpoint (up to the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.train.checkpoint import make_portable
 from pipelines.train.recipe import Recipe, StageData, load_recipe, recipe_to_dict, resolve_stage_data
+from pipelines.train.samples import finish_sampler, start_sampler
+from pipelines.train.storage import RunStore
+from pipelines.train.worker import FATAL_FILE
 
 RAY_RESULTS = "ray_results"
 CRASH_ENV = "SORA_TRAIN_CRASH_AT_STEP"
 """Fault injection for tests: the last rank dies once after this global step (a lost worker)."""
 NAN_ENV = "SORA_TRAIN_NAN_AT_STEP"
 """Fault injection for tests: a non-finite loss in this step (`N` or `N:COUNT` micro-batches in a row)."""
+DEFAULT_GPU_WORKER_CPUS = 8.0
+"""CPUs per GPU worker when the recipe does not say: its loader, the host side of the step, CPU offload."""
 
 
 def _user_error(message: str) -> Exception:
@@ -51,85 +57,142 @@ class TrainOptions:
     data: list[str]
     run_dir: str
     workers: int | None = None
+    device: str | None = None
+    """`cpu` or `cuda`; None keeps the recipe's `device`."""
     resume: bool = False
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this global step; `--resume` continues. For job slots and tests."""
 
 
-def _check_run_dir(opts: TrainOptions, recipe: Recipe) -> str:
-    run_dir = os.path.abspath(opts.run_dir)
-    ray_run = os.path.join(run_dir, RAY_RESULTS, recipe.name)
+def _check_run_dir(opts: TrainOptions, recipe: Recipe) -> RunStore:
+    store = RunStore(opts.run_dir)
     if opts.resume:
-        if not os.path.isdir(ray_run):
-            raise _user_error(f"nothing to resume: {ray_run} does not exist (start the run without --resume)")
-    elif os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise _user_error(f"run dir {run_dir} already exists; pass --resume to continue it, or choose a new --run-dir")
-    return run_dir
+        if not store.exists(f"{RAY_RESULTS}/{recipe.name}"):
+            raise _user_error(f"nothing to resume: {store.url(RAY_RESULTS + '/' + recipe.name)} does not exist (start the run without --resume)")
+    elif not store.is_empty():
+        raise _user_error(f"run dir {store.url()} already exists; pass --resume to continue it, or choose a new --run-dir")
+    return store
 
 
-def _resources(num_workers: int, use_gpu: bool, cluster_cpus: float) -> tuple[dict[str, float], bool]:
-    """Per-worker resources, and whether the datasets must be materialised before training starts.
+def _resources(recipe: Recipe, num_workers: int, cluster_cpus: float) -> dict[str, float]:
+    """Per-worker resources, from the declared device (never from what the cluster holds right now).
 
-    One CPU per worker when the cluster has them (and Ray sets OMP threads to match), else an equal
-    share so N workers fit a laptop. When the workers leave less than a CPU free, Ray Data's read
-    tasks could never be scheduled during training, so the (small) datasets are read up front.
+    cuda: one GPU and `cpus_per_worker` CPUs (default 8) per worker, whether or not the GPUs exist yet,
+    so an autoscaler sees the demand and adds GPU nodes. cpu: `cpus_per_worker`, or one CPU per worker
+    when the cluster has them, else an equal share so N workers fit a laptop.
     """
-    cpus = 1.0 if cluster_cpus >= num_workers else cluster_cpus / num_workers
-    resources: dict[str, float] = {"CPU": cpus}
-    if use_gpu:
-        resources["GPU"] = 1.0
-    return resources, cluster_cpus - cpus * num_workers < 1
+    if recipe.device == "cuda":
+        return {"CPU": recipe.cpus_per_worker or DEFAULT_GPU_WORKER_CPUS, "GPU": 1.0}
+    if recipe.cpus_per_worker is not None:
+        return {"CPU": recipe.cpus_per_worker}
+    return {"CPU": 1.0 if cluster_cpus >= num_workers else cluster_cpus / num_workers}
 
 
-def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], run_dir: str):
-    """The TorchTrainer for a run (Ray must be initialised)."""
+def autoscaler_running() -> bool:
+    """Whether an autoscaler serves this cluster (v2 reports its state to the GCS; v1 publishes a status key)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
 
-    from pipelines.data.load import load_prepared
-    from pipelines.train.worker import BATCH_COLUMNS, train_loop_per_worker
+    if _internal_kv_get(DEBUG_AUTOSCALING_STATUS):
+        return True
+    try:
+        from ray._raylet import GcsClient
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
-    num_workers = opts.workers or recipe.workers
-    resources = ray.cluster_resources()
-    use_gpu = resources.get("GPU", 0) >= num_workers
-    per_worker, materialize = _resources(num_workers, use_gpu, float(resources.get("CPU", 1)))
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
+        return reply.HasField("autoscaling_state") and reply.autoscaling_state.autoscaler_state_version > 0
+    except Exception:  # noqa: BLE001 - an older GCS without the call: no v2 autoscaler
+        return False
+
+
+def check_devices(recipe: Recipe, num_workers: int) -> None:
+    """Fail in seconds, not never, when the declared GPUs cannot come: none now and no autoscaler to add them."""
+    import ray
+
+    if recipe.device != "cuda":
+        return
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have >= num_workers:
+        return
+    if autoscaler_running():
+        print(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return
+    raise _user_error(
+        f"device cuda needs {num_workers} GPUs (one per worker) but this cluster has {have:g} and no autoscaler to add "
+        "more; run on a GPU cluster, lower --workers, or train with --device cpu"
+    )
+
+
+def _stage_plans(recipe: Recipe, stage_data: dict[str, StageData], num_workers: int) -> tuple[dict, dict]:
+    """Per stage: (grid and clip count, the file plan of its stream); errors for stages too small to split."""
+    from pipelines.data.load import bucket_files
+    from pipelines.train.data import StagePlan
 
     stages: dict[str, dict[str, Any]] = {}
-    datasets = {}
+    plans: dict[str, dict[str, Any]] = {}
     for i, stage in enumerate(recipe.stages):
         sd = stage_data[stage.name]
-        per_rank = sd.num_clips // num_workers
-        batches_per_epoch = per_rank // stage.micro_batch
-        if batches_per_epoch < 1:
+        if sd.num_clips < stage.micro_batch * num_workers:
             raise _user_error(
                 f"stages[{i}] ({stage.name}): {sd.num_clips} clips in bucket {sd.bucket} are fewer than "
                 f"micro_batch {stage.micro_batch} x {num_workers} workers; prepare more clips or lower micro_batch"
             )
-        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "batches_per_epoch": batches_per_epoch}
-        ds = load_prepared(sd.paths, bucket=sd.bucket, columns=list(BATCH_COLUMNS))
-        datasets[stage.name] = ds.materialize() if materialize else ds
+        files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
+        plan = StagePlan.from_files(files, recipe.seed, i, shuffle=recipe.data.shuffle == "global")
+        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips}
+        plans[stage.name] = dataclasses.asdict(plan)
+    return stages, plans
 
+
+def latest_checkpoint(store: RunStore, name: str) -> str | None:
+    """Run-relative path of the newest checkpoint (the one Ray Train restores: steps only grow)."""
+    folder = f"{RAY_RESULTS}/{name}"
+    names = [n for n in store.listdir(folder) if n.startswith("checkpoint_")]
+    return f"{folder}/{max(names)}" if names else None
+
+
+def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], store: RunStore, sampler: Any = None):
+    """The TorchTrainer for a run (Ray must be initialised)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train.worker import train_loop_per_worker
+
+    num_workers = opts.workers or recipe.workers
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
+    per_worker = _resources(recipe, num_workers, cluster_cpus)
+    stages, plans = _stage_plans(recipe, stage_data, num_workers)
+    # Read tasks take what CPU the workers leave; on a laptop they leave none, and reading Parquet is light.
+    spare = cluster_cpus - per_worker["CPU"] * num_workers
     nan_at, _, nan_count = os.environ.get(NAN_ENV, "").partition(":")
     config = {
         "recipe": recipe_to_dict(recipe),
-        "run_dir": run_dir,
+        "run_dir": store.uri,
+        "device": recipe.device,
         "stages": stages,
-        "use_gpu": use_gpu,
+        "plans": plans,
+        "read_cpus": max(0.0, min(1.0, spare)) if spare >= 0.25 else 0.0,
+        "sampler": sampler,
         "crash_at_step": int(os.environ.get(CRASH_ENV) or 0),
         "nan_at_step": int(nan_at or 0),
         "nan_count": int(nan_count or 1),
         "stop_at_step": opts.stop_at_step or 0,
     }
-    env_vars = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    env_vars = {"DS_ACCELERATOR": "cpu"} if recipe.device == "cpu" else {}
+    fs, path = store.pyarrow_filesystem()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-        datasets=datasets,
+        torch_config=TorchConfig(timeout_s=recipe.process_group_timeout_s),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=recipe.device == "cuda", resources_per_worker=per_worker),
         run_config=RunConfig(
             name=recipe.name,
-            storage_path=os.path.join(run_dir, RAY_RESULTS),
+            storage_path=f"{path}/{RAY_RESULTS}",
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=recipe.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.keep_checkpoints),
             worker_runtime_env={"env_vars": env_vars},
@@ -137,43 +200,71 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
     )
 
 
+def _record_start(opts: TrainOptions, store: RunStore, num_workers: int) -> None:
+    if not opts.resume:
+        with open(opts.recipe) as f:
+            store.write_text("recipe.yaml", f.read())
+    history = store.read_text("run.json") if store.exists("run.json") else ""
+    args = {"recipe": os.path.abspath(opts.recipe), "data": [os.path.abspath(d) for d in opts.data], "device": opts.device,
+            "workers": num_workers, "resume": opts.resume, "stop_at_step": opts.stop_at_step,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    store.write_text("run.json", history + json.dumps(args) + "\n")
+    if store.exists(FATAL_FILE):  # a --resume after a diverged attempt: its reason is history now
+        store.fs.rm(store._path(FATAL_FILE))
+
+
 def train(opts: TrainOptions) -> dict[str, Any]:
     """Validate everything that can be checked without Ray, then run the trainer; returns a summary."""
     recipe = load_recipe(opts.recipe)
+    if opts.device is not None:
+        recipe.device = opts.device
     if opts.workers is not None and opts.workers < 1:
         raise _user_error(f"--workers must be >= 1, got {opts.workers}")
     if opts.stop_at_step is not None and opts.stop_at_step < 1:
         raise _user_error(f"--stop-at-step must be >= 1, got {opts.stop_at_step}")
     if not opts.data:
         raise _user_error("--data needs at least one prepared folder")
+    num_workers = opts.workers or recipe.workers
     stage_data = resolve_stage_data(recipe, opts.data)
-    run_dir = _check_run_dir(opts, recipe)
-    os.makedirs(run_dir, exist_ok=True)
-    if not opts.resume:
-        shutil.copyfile(opts.recipe, os.path.join(run_dir, "recipe.yaml"))
-    with open(os.path.join(run_dir, "run.json"), "a") as f:
-        args = {"recipe": os.path.abspath(opts.recipe), "data": [os.path.abspath(d) for d in opts.data],
-                "workers": opts.workers or recipe.workers, "resume": opts.resume, "stop_at_step": opts.stop_at_step,
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        f.write(json.dumps(args) + "\n")
+    store = _check_run_dir(opts, recipe)
+    store.makedirs()
 
     from pipelines.data.runtime import ensure_ray
 
     ensure_ray()
-    trainer = build_trainer(opts, recipe, stage_data, run_dir)
+    check_devices(recipe, num_workers)
+    _record_start(opts, store, num_workers)
+    if opts.resume:
+        ckpt = latest_checkpoint(store, recipe.name)
+        if ckpt and make_portable(store, ckpt, num_workers):
+            print(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    sample = recipe.sample
+    wants_samples = any(s.sample_prompts for s in recipe.stages)
+    sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
+    sampler = start_sampler(store.uri, sample_cpus, sample.num_gpus) if wants_samples else None
+    trainer = build_trainer(opts, recipe, stage_data, store, sampler)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own one-line message
+        finish_sampler(sampler, 1)
         raise RuntimeError(_root_message(err)) from err
-    summary = {
-        "run_dir": run_dir,
+    samples = finish_sampler(sampler, sample.timeout_s)
+    for failure in samples["failed"]:
+        print(f"[sora train] sample grid not written: {failure}", file=sys.stderr, flush=True)
+    if store.exists(FATAL_FILE):
+        fatal = json.loads(store.read_text(FATAL_FILE))
+        raise _user_error(fatal["reason"])
+    export = store.url("export") if store.exists("export/config.json") else None
+    return {
+        "run_dir": store.url(),
         "seconds": round(time.perf_counter() - t0, 1),
         "metrics": dict(result.metrics or {}),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": os.path.join(run_dir, "export") if os.path.isfile(os.path.join(run_dir, "export", "config.json")) else None,
+        "export": export,
+        "samples": samples["written"],
     }
-    return summary
 
 
 def _root_message(err: BaseException) -> str:
@@ -196,8 +287,9 @@ def _root_message(err: BaseException) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="curriculum YAML, e.g. cluster/recipes/smoke-cpu.yaml")
     p.add_argument("--data", required=True, help="prepared folder(s), comma-separated; stages name buckets inside them")
-    p.add_argument("--run-dir", required=True, help="run folder: checkpoints, metrics, samples, export")
+    p.add_argument("--run-dir", required=True, help="run folder or URI (s3://bucket/runs/x): checkpoints, metrics, samples, exports")
     p.add_argument("--workers", type=int, help="Ray Train workers / DeepSpeed ranks (default: the recipe's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where the workers train (default: the recipe's `device`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this global step (continue with --resume)")
 
@@ -208,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
         data=[d for d in args.data.split(",") if d.strip()],
         run_dir=args.run_dir,
         workers=args.workers,
+        device=args.device,
         resume=args.resume,
         stop_at_step=args.stop_at_step,
     )

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.train.engine import lr_at
 from pipelines.train.recipe import load_recipe, parse_recipe, resolve_stage_data
-from pipelines.train.worker import lr_at
 from sora_model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

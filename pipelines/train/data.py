@@ -1,0 +1,170 @@
+"""What each stage reads: a stream of clips in a new seeded order every epoch, resumable at any row.
+
+    plan = StagePlan.from_files(files, seed=0, stage_index=1)          # driver: row counts from Parquet footers
+    ds = stage_dataset(plan, start_sample=12_345, num_samples=80_000)    # Ray Data, streamed to the ranks
+    for batch in device_batches(shard, stage, recipe.data, device):      # inside a worker
+        batch["patches"]    # (B, N, P) float32, already on the device
+
+The stage's clips are one stream in which epoch e visits every shard file once, in the permutation
+seeded by (seed, stage, e); rows within a file are mixed by each rank's local shuffle buffer. A
+position in the stream is a count of samples, so resuming at sample s starts reading at the file that
+holds it (later in the same epoch or not, the cost is the same): nothing already consumed is read
+again, and the count does not depend on the number of ranks, so a run resumed with other workers
+continues where the stream stood. Ranks draw from it through Ray Train's streaming split.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.train.recipe import DataSpec, StageSpec
+
+BATCH_COLUMNS = ("patches", "text_tokens", "text_mask", "text_pooled")
+MAX_READ_BLOCKS = 4096
+"""Upper bound on the read tasks of a stage's stream (each reads one file of one epoch)."""
+
+
+@dataclass
+class StagePlan:
+    """The files of a stage's bucket and their row counts (enough to place any sample of any epoch)."""
+
+    files: list[str]
+    rows: list[int]
+    seed: int
+    stage_index: int
+    shuffle: bool = True
+
+    @classmethod
+    def from_files(cls, files: list[str], seed: int, stage_index: int, shuffle: bool = True) -> StagePlan:
+        """Row counts from the Parquet footers (no data read), in a thread pool: footers on S3 take a round trip."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.parquet as pq
+
+        def count(path: str) -> int:
+            return pq.ParquetFile(path).metadata.num_rows
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            rows = list(pool.map(count, files))
+        keep = [(f, r) for f, r in zip(files, rows) if r > 0]
+        return cls([f for f, _ in keep], [r for _, r in keep], seed, stage_index, shuffle)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return sum(self.rows)
+
+    def order(self, epoch: int) -> list[int]:
+        """File indices in the order epoch `epoch` reads them."""
+        idx = list(range(len(self.files)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.stage_index * 7_919 + epoch).shuffle(idx)
+        return idx
+
+    def locate(self, sample: int) -> tuple[int, int, int]:
+        """(epoch, position in that epoch's file order, row inside the file) of stream sample `sample`."""
+        epoch, within = divmod(sample, self.rows_per_epoch)
+        for pos, i in enumerate(self.order(epoch)):
+            if within < self.rows[i]:
+                return epoch, pos, within
+            within -= self.rows[i]
+        raise AssertionError("unreachable")
+
+    def units(self, start_sample: int, num_samples: int) -> list[tuple[int, int, int, int]]:
+        """(epoch, file index, first row, end row) reads covering samples [start, start + num_samples)."""
+        out = []
+        epoch, pos, row = self.locate(start_sample)
+        left = num_samples
+        while left > 0:
+            order = self.order(epoch)
+            while pos < len(order) and left > 0:
+                i = order[pos]
+                end = min(self.rows[i], row + left)
+                out.append((epoch, i, row, end))
+                left -= end - row
+                pos, row = pos + 1, 0
+            epoch, pos = epoch + 1, 0
+        return out
+
+
+class _ReadUnits:
+    """Ray Data map_batches callable: unit indices -> the rows those units name (numpy tensors)."""
+
+    def __init__(self, files: list[str], units: np.ndarray, columns: tuple[str, ...]):
+        self.files, self.units, self.columns = files, units, list(columns)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipelines.data.load import table_to_numpy
+
+        tables, epochs = [], []
+        for u in batch["id"]:
+            epoch, i, start, end = (int(v) for v in self.units[int(u)])
+            tables.append(pq.read_table(self.files[i], columns=self.columns).slice(start, end - start))
+            epochs.append(np.full(end - start, epoch, dtype=np.int64))
+        arrays = table_to_numpy(pa.concat_tables(tables), self.columns)
+        arrays["epoch"] = np.concatenate(epochs)
+        return arrays
+
+
+def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0) -> Any:
+    """The stream of samples [start, start + num_samples) of a stage as a Ray Dataset (lazy; nothing read yet)."""
+    import ray
+
+    units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
+    blocks = min(len(units), MAX_READ_BLOCKS)
+    return ray.data.range(len(units), override_num_blocks=blocks).map_batches(
+        _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus
+    )
+
+
+class Collate:
+    """Numpy rows -> tensors: patches in fp32, caption embeddings kept in half precision until the device.
+
+    Text tokens are the largest part of a clip's row after the patches (L x Dt, 226 x 4096 for T5-XXL);
+    they travel host -> device in fp16, as `sora data prepare` stored them, and the step casts them.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {
+            "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)
+            "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)),  # (B, L, Dt)
+            "text_mask": torch.as_tensor(np.asarray(batch["text_mask"], dtype=bool)),  # (B, L)
+            "text_pooled": torch.as_tensor(np.asarray(batch["text_pooled"], dtype=np.float16)),  # (B, Dt)
+            "epoch": torch.as_tensor(np.asarray(batch["epoch"], dtype=np.int64)),  # (B,)
+        }
+
+
+def _collate_fn() -> Any:
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class NumpyCollate(NumpyBatchCollateFn):
+        def __init__(self):
+            super().__init__()
+            self.inner = Collate()
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return self.inner(batch)
+
+    return NumpyCollate()
+
+
+def device_batches(shard: Any, stage: StageSpec, spec: DataSpec, device: torch.device, seed: int) -> Any:
+    """A rank's micro-batches of its shard of the stage stream, prefetched onto `device`."""
+    cuda = device.type == "cuda"
+    return shard.iter_torch_batches(
+        batch_size=stage.micro_batch,
+        collate_fn=_collate_fn(),
+        device=device,
+        prefetch_batches=spec.prefetch_batches,
+        pin_memory=spec.pin_memory and cuda,
+        drop_last=True,
+        local_shuffle_buffer_size=max(spec.shuffle_buffer, stage.micro_batch),
+        local_shuffle_seed=seed,
+    )

@@ -1,0 +1,127 @@
+"""One optimizer step on one rank: micro-batches -> losses -> backward (ZeRO reduce-scatter) -> engine.step.
+
+A micro-batch whose loss is not finite on any rank is skipped by every rank alike (its backward would be
+a collective) and counted; `max_nonfinite_steps` in a row end the run. That end is decided collectively
+(every rank sees the same all-reduced flag), so the ranks stop together and return normally instead of
+raising: Ray Train retries worker errors, and a diverged run must end once, not `max_failures` times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.train.recipe import Recipe, StageSpec
+
+LOSS_TERMS = ("loss", "diffusion", "temporal_consistency", "motion_smoothness", "perceptual")
+
+
+def step_seed(seed: int, global_step: int, rank: int, micro: int) -> int:
+    """Seed of one micro-batch's randomness; independent of how the run was split into attempts."""
+    return (seed * 1_000_003 + global_step * 10_007 + rank * 101 + micro) % (2**63 - 1)
+
+
+@dataclass
+class StepResult:
+    means: np.ndarray
+    """Mean over micro-batches and ranks of LOSS_TERMS."""
+    epoch: int
+    skipped: int
+    """Non-finite micro-batches skipped during this step."""
+    fatal: str | None = None
+    """Set when `max_nonfinite_steps` consecutive micro-batches were non-finite: the run must end."""
+
+
+@dataclass
+class Stepper:
+    """Runs optimizer steps of one stage on this rank."""
+
+    recipe: Recipe
+    stage: StageSpec
+    engine: Any
+    diffusion: Any
+    grid: tuple[int, int, int]
+    rank: int
+    world: int
+    device: torch.device
+    perceptual: torch.nn.Module | None = None
+    nan_at: int = 0
+    """Fault injection for tests: a NaN loss on rank 0 in this global step..."""
+    nan_count: int = 0
+    """...for this many micro-batches in a row."""
+    bad_in_row: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.dtype = torch.bfloat16 if self.recipe.bf16 else torch.float32
+        self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.model_cfg = self.recipe.model_config()
+        cfg = self.recipe.diffusion
+        self.cond_dropout = cfg.cond_dropout if self.stage.cond_dropout is None else self.stage.cond_dropout
+
+    def _allreduce(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _losses(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        from sora_model.dit import null_text_drop
+        from sora_model.patch import unpatchify
+
+        cfg = self.model_cfg
+        x0 = unpatchify(batch["patches"].float(), self.grid, cfg.patch_size, cfg.in_channels)  # (B, C, T, H, W)
+        tokens = batch["text_tokens"].to(self.dtype)  # (B, L, Dt): fp16 in transit
+        mask = batch["text_mask"]  # (B, L)
+        pooled = batch["text_pooled"].to(self.dtype)  # (B, Dt)
+        drop = null_text_drop(x0.shape[0], self.cond_dropout, gen, device=self.device)  # (B,)
+        engine, dtype = self.engine, self.dtype
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return engine(x_t.to(dtype), t, tokens, mask, pooled, drop_text=drop).float()
+
+        return self.diffusion.training_losses(
+            model_fn, x0, self.stage.loss, generator=gen, num_tokens=self.num_tokens, perceptual_net=self.perceptual
+        )
+
+    def run(self, batches: Any, global_step: int, consumed: int) -> tuple[StepResult, int]:
+        """One optimizer step (global step `global_step + 1`); returns the result and micro-batches drawn so far."""
+        stage = self.stage
+        sums = np.zeros(len(LOSS_TERMS))
+        micro = skipped = epoch = 0
+        while micro < stage.grad_accum:
+            batch = next(batches)
+            consumed += 1
+            epoch = int(batch["epoch"][0])
+            gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, global_step, self.rank, consumed))
+            self.engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
+            terms = self._losses(batch, gen)
+            if self.nan_at and global_step + 1 == self.nan_at and self.nan_count > 0:
+                self.nan_count -= 1
+                if self.rank == 0:
+                    terms["loss"] = terms["loss"] * float("nan")
+            values = [float(terms[key]) for key in LOSS_TERMS]
+            bad = not all(math.isfinite(v) for v in values)
+            reduced = self._allreduce([*(0.0 if bad else v for v in values), float(bad)])
+            if reduced[-1] > 0:
+                del terms
+                skipped += 1
+                self.bad_in_row += 1
+                if self.bad_in_row >= self.recipe.max_nonfinite_steps:
+                    fatal = (
+                        f"{self.bad_in_row} consecutive non-finite losses in stage '{stage.name}' at step "
+                        f"{global_step + 1}: stopped; the last good checkpoint is intact (lower the stage's lr or "
+                        "raise warmup_steps, then --resume)"
+                    )
+                    return StepResult(sums, epoch, skipped, fatal), consumed
+                continue
+            self.bad_in_row = 0
+            sums += np.asarray(reduced[:-1]) / self.world
+            self.engine.backward(terms["loss"])
+            self.engine.step()
+            micro += 1
+        return StepResult(sums / stage.grad_accum, epoch, skipped), consumed
