@@ -147,3 +147,23 @@ def read_ema_files(paths: list[str]) -> dict[str, torch.Tensor]:
     if meta.get("layout") == LAYOUT_FULL:
         return {n: parts[0].reshape(shapes[n]).clone() for n, parts in slices.items()}
     return {n: assemble(parts, shapes[n]) for n, parts in slices.items()}
+
+
+@torch.no_grad()
+def weights_digest(module: torch.nn.Module, bf16: bool = False) -> dict[str, float]:
+    """{name: sum of the full fp32 master tensor}, from slice sums and one all-reduce (every rank calls it).
+
+    Recorded in workers.json when an attempt starts: it shows which weights a run (re)started from
+    without gathering the model anywhere (ZeRO pads slices with zeros, which add nothing).
+    """
+    import torch.distributed as dist
+
+    masters = master_partitions(module, bf16)
+    names = list(masters)
+    sums = torch.tensor([float(masters[n].double().sum()) for n in names], dtype=torch.float64)
+    partitioned = any(is_zero3(p) for p in module.parameters())
+    if partitioned and dist.is_initialized() and dist.get_world_size() > 1:
+        device = next(iter(masters.values())).device
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    return dict(zip(names, sums.cpu().tolist()))

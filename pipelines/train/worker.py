@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from pipelines.train.checkpoint import write_rank0_files, write_rank_files
-    from pipelines.train.ema import is_zero3
+    from pipelines.train.ema import is_zero3, weights_digest
     from pipelines.train.engine import lr_at
     from pipelines.train.step import Stepper
     from sora_model.config import to_dict
@@ -181,9 +181,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     placement: list[Any] = [None] * world
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "partition_numel": local_numel}
     dist.all_gather_object(placement, me)
+    digest = weights_digest(module, bf16)
     zero = rank == 0 and RankZero(run_uri, recipe, state["global_step"], {
         "total_numel": num_params, "world_size": world, "zero_stage": recipe.deepspeed.zero_stage, "bf16": bf16,
-        "device": str(device), "start": note, "workers": placement})  # fmt: skip
+        "device": str(device), "start": note, "workers": placement, "weights_digest": digest})  # fmt: skip
     if zero:
         print(f"[sora train] {world} workers, ZeRO-{recipe.deepspeed.zero_stage}, {'bf16' if bf16 else 'fp32'} on "
               f"{recipe.device}, {num_params:,} parameters ({local_numel:,} on rank 0); {note}", file=sys.stderr, flush=True)  # fmt: skip
