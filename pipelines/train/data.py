@@ -27,6 +27,8 @@ from pipelines.train.recipe import DataSpec, StageSpec
 BATCH_COLUMNS = ("patches", "text_tokens", "text_mask", "text_pooled")
 MAX_READ_BLOCKS = 4096
 """Upper bound on the read tasks of a stage's stream (each reads one file of one epoch)."""
+STREAM_SLACK_EPOCHS = 1
+"""Extra epochs of a stage stream beyond its steps, for micro-batches skipped as non-finite (lazy: unread)."""
 
 
 @dataclass
@@ -114,12 +116,17 @@ class _ReadUnits:
 
 
 def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0) -> Any:
-    """The stream of samples [start, start + num_samples) of a stage as a Ray Dataset (lazy; nothing read yet)."""
+    """The stream of samples [start, start + num_samples) of a stage as a Ray Dataset (lazy; nothing read yet).
+
+    The unit indices are put in the object store as blocks (no read tasks: on a laptop the workers
+    hold every CPU), and read tasks ask for `read_cpus` each (0 there: reading Parquet is light).
+    """
+    import pyarrow as pa
     import ray
 
     units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
-    blocks = min(len(units), MAX_READ_BLOCKS)
-    return ray.data.range(len(units), override_num_blocks=blocks).map_batches(
+    blocks = np.array_split(np.arange(len(units)), min(len(units), MAX_READ_BLOCKS))
+    return ray.data.from_arrow([pa.table({"id": b}) for b in blocks]).map_batches(
         _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus
     )
 

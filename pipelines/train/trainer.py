@@ -1,28 +1,35 @@
-"""`sora train`: Ray Train + DeepSpeed ZeRO-3 through a recipe's curriculum, then `RUN/export/`.
+"""`sora train`: Ray Train + DeepSpeed through a recipe's curriculum, then `RUN/export/`.
 
     sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
+    sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke --resume --workers 1
     python -m pipelines.train.trainer --recipe cluster/recipes/demo-cpu.yaml --data data/images,data/short,data/long --run-dir runs/demo
-    ray job submit --working-dir . -- python -m pipelines.train.trainer \
-        --recipe cluster/recipes/article-5stage.yaml --data /mnt/prepared/s1,/mnt/prepared/s2 --run-dir /mnt/runs/article
+    ray job submit --working-dir . -- python -m pipelines.train.trainer --device cuda \
+        --recipe cluster/recipes/article-5stage.yaml --data /mnt/prepared/s1,/mnt/prepared/s2 --run-dir s3://bucket/runs/article
 
-The run folder (rank 0 writes it, so on a multi-node cluster it must be on shared storage):
+The device is declared (recipe `device:` or `--device`): cuda workers each ask Ray for a GPU, so an
+autoscaler adds GPU nodes; a cluster with too few GPUs and no autoscaler is an error in seconds. The run
+folder is a local path (shared storage on a multi-node cluster) or any fsspec URI (`s3://...`):
 
-    RUN/recipe.yaml, RUN/run.json         the recipe and arguments the run started with
-    RUN/ray_results/<recipe name>/        Ray Train's run: checkpoint_<step>/ (every rank's DeepSpeed shard,
-                                          ema/rank<r>.safetensors, rng/rank<r>.json, trainer_state.json)
-    RUN/metrics.csv, RUN/tensorboard/     one row / event per optimizer step
-    RUN/workers.json                      rank -> node id, ZeRO-3 partition size
-    RUN/samples/<stage>.gif               the stage's sample prompts at its end
-    RUN/loss.png, RUN/export/             at the end: loss curve; model.safetensors (+ ema) and config.json
+    RUN/recipe.yaml, RUN/run.json         the recipe and arguments the run started (and resumed) with
+    RUN/ray_results/<recipe name>/        Ray Train's run: checkpoint_<step>/ (see checkpoint.py), one set of
+                                          files per rank, convertible to any other number of ranks
+    RUN/metrics.csv, RUN/tensorboard/     one row / event per optimizer step (rank 0)
+    RUN/workers.json                      rank -> node id, ZeRO-3 partition size, digest of the start weights
+    RUN/exports/<stage>/                  at each stage end: model.safetensors (+ ema) and config.json
+    RUN/samples/<stage>.gif               the stage's sample prompts, rendered from that export by an actor
+    RUN/loss.png, RUN/export/             at the end: loss curve; the final export (what `sora serve` loads)
+    RUN/fatal.json                        why a run ended for good (diverged), with the step
 
 A lost worker or node restarts the workers from the last checkpoint (up to the recipe's `max_failures`);
-`--resume` continues a stopped or failed run (the same RUN, so the same Ray storage path and name).
+a diverged loss ends the run once. `--resume` continues a stopped or failed run (the same RUN), with any
+number of workers: a checkpoint of another world size is first converted to DeepSpeed's universal form.
+The loop itself is in worker.py, with engine.py, step.py, checkpoint.py, ema.py, data.py, metrics.py,
+samples.py and storage.py beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -30,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.train.checkpoint import make_portable
+from pipelines.train.checkpoint import TRAINER_STATE, make_portable
 from pipelines.train.recipe import Recipe, StageData, load_recipe, recipe_to_dict, resolve_stage_data
 from pipelines.train.samples import finish_sampler, start_sampler
 from pipelines.train.storage import RunStore
@@ -126,13 +133,19 @@ def check_devices(recipe: Recipe, num_workers: int) -> None:
     )
 
 
-def _stage_plans(recipe: Recipe, stage_data: dict[str, StageData], num_workers: int) -> tuple[dict, dict]:
-    """Per stage: (grid and clip count, the file plan of its stream); errors for stages too small to split."""
-    from pipelines.data.load import bucket_files
-    from pipelines.train.data import StagePlan
+def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers: int, start: dict[str, Any] | None,
+                   read_cpus: float) -> tuple[dict, dict]:  # fmt: skip
+    """Per stage still to run: (its grid, clip count and start sample; its Ray Data stream from that sample on).
 
+    `start` is the trainer state of the checkpoint the run resumes from (None for a fresh run): the
+    stream of the stage it stopped in begins at its `consumed_samples`, so nothing consumed is read again.
+    """
+    from pipelines.data.load import bucket_files
+    from pipelines.train.data import STREAM_SLACK_EPOCHS, StagePlan, stage_dataset
+
+    first = start["stage_index"] if start else 0
     stages: dict[str, dict[str, Any]] = {}
-    plans: dict[str, dict[str, Any]] = {}
+    datasets: dict[str, Any] = {}
     for i, stage in enumerate(recipe.stages):
         sd = stage_data[stage.name]
         if sd.num_clips < stage.micro_batch * num_workers:
@@ -140,11 +153,16 @@ def _stage_plans(recipe: Recipe, stage_data: dict[str, StageData], num_workers: 
                 f"stages[{i}] ({stage.name}): {sd.num_clips} clips in bucket {sd.bucket} are fewer than "
                 f"micro_batch {stage.micro_batch} x {num_workers} workers; prepare more clips or lower micro_batch"
             )
+        if i < first:
+            continue
+        begin = int(start.get("consumed_samples", 0)) if start and i == first else 0
         files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
         plan = StagePlan.from_files(files, recipe.seed, i, shuffle=recipe.data.shuffle == "global")
-        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips}
-        plans[stage.name] = dataclasses.asdict(plan)
-    return stages, plans
+        # Every sample the stage's steps draw, plus slack for micro-batches skipped as non-finite (lazy: unread).
+        needed = stage.steps * stage.grad_accum * stage.micro_batch * num_workers + STREAM_SLACK_EPOCHS * plan.rows_per_epoch
+        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin}
+        datasets[stage.name] = stage_dataset(plan, begin, needed, read_cpus)
+    return stages, datasets
 
 
 def latest_checkpoint(store: RunStore, name: str) -> str | None:
@@ -154,8 +172,9 @@ def latest_checkpoint(store: RunStore, name: str) -> str | None:
     return f"{folder}/{max(names)}" if names else None
 
 
-def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], store: RunStore, sampler: Any = None):
-    """The TorchTrainer for a run (Ray must be initialised)."""
+def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], store: RunStore, sampler: Any = None,
+                  start: dict[str, Any] | None = None):  # fmt: skip
+    """The TorchTrainer for a run (Ray must be initialised); `start`: the trainer state it resumes from."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -165,17 +184,15 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
     num_workers = opts.workers or recipe.workers
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
     per_worker = _resources(recipe, num_workers, cluster_cpus)
-    stages, plans = _stage_plans(recipe, stage_data, num_workers)
     # Read tasks take what CPU the workers leave; on a laptop they leave none, and reading Parquet is light.
     spare = cluster_cpus - per_worker["CPU"] * num_workers
+    stages, datasets = _stage_streams(recipe, stage_data, num_workers, start, max(0.0, min(1.0, spare)) if spare >= 0.25 else 0.0)
     nan_at, _, nan_count = os.environ.get(NAN_ENV, "").partition(":")
     config = {
         "recipe": recipe_to_dict(recipe),
         "run_dir": store.uri,
         "device": recipe.device,
         "stages": stages,
-        "plans": plans,
-        "read_cpus": max(0.0, min(1.0, spare)) if spare >= 0.25 else 0.0,
         "sampler": sampler,
         "crash_at_step": int(os.environ.get(CRASH_ENV) or 0),
         "nan_at_step": int(nan_at or 0),
@@ -189,6 +206,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         train_loop_config=config,
         torch_config=TorchConfig(timeout_s=recipe.process_group_timeout_s),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=recipe.device == "cuda", resources_per_worker=per_worker),
+        datasets=datasets,
         run_config=RunConfig(
             name=recipe.name,
             storage_path=f"{path}/{RAY_RESULTS}",
@@ -234,16 +252,18 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     ensure_ray()
     check_devices(recipe, num_workers)
     _record_start(opts, store, num_workers)
-    if opts.resume:
-        ckpt = latest_checkpoint(store, recipe.name)
-        if ckpt and make_portable(store, ckpt, num_workers):
+    start = None
+    ckpt = latest_checkpoint(store, recipe.name) if opts.resume else None
+    if ckpt:
+        start = json.loads(store.read_text(f"{ckpt}/{TRAINER_STATE}"))
+        if make_portable(store, ckpt, num_workers):
             print(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)",
                   file=sys.stderr, flush=True)  # fmt: skip
     sample = recipe.sample
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
     sampler = start_sampler(store.uri, sample_cpus, sample.num_gpus) if wants_samples else None
-    trainer = build_trainer(opts, recipe, stage_data, store, sampler)
+    trainer = build_trainer(opts, recipe, stage_data, store, sampler, start)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()

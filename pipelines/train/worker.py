@@ -34,8 +34,6 @@ FATAL_FILE = "fatal.json"
 """Written by rank 0 when the run ends for a reason a retry cannot fix (the driver reads and reports it)."""
 EXPORT_DIR = "export"
 STAGE_EXPORTS = "exports"
-STREAM_SLACK_EPOCHS = 1
-"""Extra epochs of the stage stream beyond its steps, for micro-batches skipped as non-finite (lazy: unread)."""
 
 
 class RankZero:
@@ -117,21 +115,24 @@ def _restore(recipe: Recipe, world: int, rank: int, bf16: bool) -> tuple[Any, to
     return engine, module, ema, saved
 
 
-def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sample: int, world: int, rank: int, device):
-    """This rank's micro-batches of the stage stream from `start_sample` (rank 0 builds the split, all share it)."""
-    import torch.distributed as dist
+def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sample: int, world: int, device):
+    """This rank's micro-batches of the stage stream, from `start_sample` on.
 
-    from pipelines.train.data import StagePlan, device_batches, stage_dataset
+    The driver started the stream at the position the run (re)started from; after a restart inside the
+    same run (a lost worker), the checkpoint may stand further on, and the rows in between are drawn and
+    dropped (`--resume` never does this: its stream starts at the checkpoint).
+    """
+    import ray.train
 
-    recipe_steps_left = stage.steps * stage.grad_accum * stage.micro_batch * world
-    plan = StagePlan(**config["plans"][stage.name])
-    shards: list[Any] = [None]
-    if rank == 0:
-        ds = stage_dataset(plan, start_sample, recipe_steps_left + STREAM_SLACK_EPOCHS * plan.rows_per_epoch, config["read_cpus"])
-        shards = [ds.streaming_split(world, equal=True)]
-    dist.broadcast_object_list(shards, src=0)
+    from pipelines.train.data import device_batches
+
     spec = parse_recipe(config["recipe"]).data
-    return iter(device_batches(shards[0][rank], stage, spec, device, seed=config["recipe"]["seed"] * 7919 + si))
+    shard = ray.train.get_dataset_shard(stage.name)
+    batches = iter(device_batches(shard, stage, spec, device, seed=config["recipe"]["seed"] * 7919 + si))
+    skip = (start_sample - config["stages"][stage.name]["start_sample"]) // (stage.micro_batch * world)
+    for _ in range(max(0, skip)):
+        next(batches)
+    return batches
 
 
 def _export(module: torch.nn.Module, ema: Any, rank: int, bf16: bool) -> tuple[dict | None, dict | None]:
@@ -234,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             perceptual = perceptual_nets[path]
         stepper = Stepper(recipe, stage, engine, diffusion, grid, rank, world, device, perceptual,
                           nan_at=int(config.get("nan_at_step") or 0), nan_count=int(config.get("nan_count") or 1))  # fmt: skip
-        batches = _stage_stream(config, si, stage, start_sample, world, rank, device)
+        batches = _stage_stream(config, si, stage, start_sample, world, device)
         drawn = 0
         if zero:
             zero.progress.set_description(f"{stage.name} ({si + 1}/{len(recipe.stages)})")
