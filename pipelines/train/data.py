@@ -115,11 +115,12 @@ class _ReadUnits:
         return arrays
 
 
-def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0) -> Any:
+def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0, readers: int = 2) -> Any:
     """The stream of samples [start, start + num_samples) of a stage as a Ray Dataset (lazy; nothing read yet).
 
     The unit indices are put in the object store as blocks (no read tasks: on a laptop the workers
-    hold every CPU), and read tasks ask for `read_cpus` each (0 there: reading Parquet is light).
+    hold every CPU), and at most `readers` read tasks run at once, asking for `read_cpus` each (0 on a
+    laptop: reading Parquet is light; an uncapped 0-CPU map would start a process per block).
     """
     import pyarrow as pa
     import ray
@@ -127,7 +128,7 @@ def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpu
     units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
     blocks = np.array_split(np.arange(len(units)), min(len(units), MAX_READ_BLOCKS))
     return ray.data.from_arrow([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus
+        _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus, concurrency=max(1, readers)
     )
 
 

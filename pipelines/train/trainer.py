@@ -161,7 +161,7 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
         # Every sample the stage's steps draw, plus slack for micro-batches skipped as non-finite (lazy: unread).
         needed = stage.steps * stage.grad_accum * stage.micro_batch * num_workers + STREAM_SLACK_EPOCHS * plan.rows_per_epoch
         stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin}
-        datasets[stage.name] = stage_dataset(plan, begin, needed, read_cpus)
+        datasets[stage.name] = stage_dataset(plan, begin, needed, read_cpus, readers=2 * num_workers)
     return stages, datasets
 
 
