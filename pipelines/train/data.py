@@ -128,7 +128,8 @@ def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpu
     units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
     blocks = np.array_split(np.arange(len(units)), min(len(units), MAX_READ_BLOCKS))
     return ray.data.from_arrow([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus, concurrency=max(1, readers)
+        _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
     )
 
 

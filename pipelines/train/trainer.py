@@ -168,7 +168,7 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
 def latest_checkpoint(store: RunStore, name: str) -> str | None:
     """Run-relative path of the newest checkpoint (the one Ray Train restores: steps only grow)."""
     folder = f"{RAY_RESULTS}/{name}"
-    names = [n for n in store.listdir(folder) if n.startswith("checkpoint_")]
+    names = [n for n in store.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()]
     return f"{folder}/{max(names)}" if names else None
 
 

@@ -146,166 +146,216 @@ def _export(module: torch.nn.Module, ema: Any, rank: int, bf16: bool) -> tuple[d
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Run (or resume) the recipe's curriculum on this rank; rank 0 writes metrics, exports and hands out samples."""
-    import ray.train
     import torch.distributed as dist
 
-    from pipelines.train.checkpoint import write_rank0_files, write_rank_files
-    from pipelines.train.ema import is_zero3, weights_digest
-    from pipelines.train.engine import lr_at
-    from pipelines.train.step import Stepper
-    from sora_model.config import to_dict
-    from sora_model.diffusion import build_diffusion, load_perceptual_network
+    run = RankRun(config)
+    for si in range(run.state["stage_index"], len(run.recipe.stages)):
+        if not run.train_stage(si):
+            return  # stopped (--stop-at-step) or ended for good (diverged); checkpointed either way
+    run.finish()
+    dist.barrier()
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = _device(config, ctx.get_local_rank())
-    recipe = parse_recipe(config["recipe"])
-    bf16 = recipe.bf16
-    run_uri: str = config["run_dir"]
-    stop_at = int(config.get("stop_at_step") or 0)
-    crash_at = int(config.get("crash_at_step") or 0)
-    sampler = config.get("sampler")
 
-    # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
-    engine, module, ema, saved = _restore(recipe, world, rank, bf16)
-    diffusion = build_diffusion(recipe.diffusion)
-    state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
-    if saved is not None:
-        state.update({k: saved[k] for k in state if k in saved})
-    note = f"resumed at step {state['global_step']}" if saved is not None else "fresh start"
-    if saved is not None and saved["world_size"] != world:
-        note += f" (checkpoint of {saved['world_size']} workers, re-partitioned for {world})"
+class RankRun:
+    """One rank's run: its engine, EMA and position, and the curriculum stage by stage."""
 
-    # 2. Where this rank's parameters live: the partition sizes prove ZeRO-3 sharded them.
-    local_numel = sum((p.ds_tensor if is_zero3(p) else p).numel() for p in module.parameters())
-    num_params = sum(int(p.ds_numel) if is_zero3(p) else p.numel() for p in module.parameters())
-    placement: list[Any] = [None] * world
-    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "partition_numel": local_numel}
-    dist.all_gather_object(placement, me)
-    digest = weights_digest(module, bf16)
-    zero = rank == 0 and RankZero(run_uri, recipe, state["global_step"], {
-        "total_numel": num_params, "world_size": world, "zero_stage": recipe.deepspeed.zero_stage, "bf16": bf16,
-        "device": str(device), "start": note, "workers": placement, "weights_digest": digest})  # fmt: skip
-    if zero:
-        print(f"[sora train] {world} workers, ZeRO-{recipe.deepspeed.zero_stage}, {'bf16' if bf16 else 'fp32'} on "
-              f"{recipe.device}, {num_params:,} parameters ({local_numel:,} on rank 0); {note}", file=sys.stderr, flush=True)  # fmt: skip
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
 
-    def checkpoint(si: int, stage_step: int, consumed_samples: int, metrics: dict[str, Any]) -> None:
+        from sora_model.diffusion import build_diffusion
+
+        ctx = ray.train.get_context()
+        self.config = config
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = _device(config, ctx.get_local_rank())
+        self.recipe = parse_recipe(config["recipe"])
+        self.bf16 = self.recipe.bf16
+        self.stop_at = int(config.get("stop_at_step") or 0)
+        # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
+        self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16)
+        self.diffusion = build_diffusion(self.recipe.diffusion)
+        self.state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
+        if saved is not None:
+            self.state.update({k: saved[k] for k in self.state if k in saved})
+        note = f"resumed at step {self.state['global_step']}" if saved is not None else "fresh start"
+        if saved is not None and saved["world_size"] != self.world:
+            note += f" (checkpoint of {saved['world_size']} workers, re-partitioned for {self.world})"
+        self.zero = self._start_rank_zero(note)
+        self.perceptual_nets: dict[str, torch.nn.Module] = {}
+        self.last_metrics: dict[str, Any] = {}
+        self.final: tuple[dict | None, dict | None] = (None, None)
+        self.exported = False
+
+    def _start_rank_zero(self, note: str) -> RankZero | None:
+        """Where each rank's parameters live (the partition sizes prove ZeRO-3 sharded them); rank 0 records it."""
+        import ray
+        import torch.distributed as dist
+
+        from pipelines.train.ema import is_zero3, weights_digest
+
+        params = list(self.module.parameters())
+        self.local_numel = sum((p.ds_tensor if is_zero3(p) else p).numel() for p in params)
+        self.num_params = sum(int(p.ds_numel) if is_zero3(p) else p.numel() for p in params)
+        self.placement: list[Any] = [None] * self.world
+        me = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+              "partition_numel": self.local_numel}  # fmt: skip
+        dist.all_gather_object(self.placement, me)
+        digest = weights_digest(self.module, self.bf16)
+        if self.rank != 0:
+            return None
+        r = self.recipe
+        info = {"total_numel": self.num_params, "world_size": self.world, "zero_stage": r.deepspeed.zero_stage, "bf16": self.bf16,
+                "device": str(self.device), "start": note, "workers": self.placement, "weights_digest": digest}  # fmt: skip
+        print(f"[sora train] {self.world} workers, ZeRO-{r.deepspeed.zero_stage}, {'bf16' if self.bf16 else 'fp32'} on "
+              f"{r.device}, {self.num_params:,} parameters ({self.local_numel:,} on rank 0); {note}", file=sys.stderr, flush=True)  # fmt: skip
+        return RankZero(self.config["run_dir"], r, self.state["global_step"], info)
+
+    def checkpoint(self, si: int, stage_step: int, consumed_samples: int) -> None:
         """Every rank writes its shard (+ EMA slices, RNG) and reports; Ray Train merges the folders."""
-        tmp = tempfile.mkdtemp(prefix=f"sora-ckpt-r{rank}-")
+        import ray.train
+
+        from pipelines.train.checkpoint import write_rank0_files, write_rank_files
+        from sora_model.config import to_dict
+
+        tmp = tempfile.mkdtemp(prefix=f"sora-ckpt-r{self.rank}-")
         try:
-            write_rank_files(tmp, engine, ema, rank)
-            if zero:
-                saved_state = {**state, "stage_index": si, "stage_step": stage_step, "consumed_samples": consumed_samples,
-                               "world_size": world, "stage": recipe.stages[si].name}  # fmt: skip
-                write_rank0_files(tmp, saved_state, to_dict(recipe.pipeline_config()))
-                zero.sync()
-            report = {**metrics, "step": state["global_step"], "stage": recipe.stages[si].name, "partition_numel": local_numel,
-                      "total_numel": num_params, **{f"partition_numel_rank{p['rank']}": p["partition_numel"] for p in placement},
-                      **{f"node_id_rank{p['rank']}": p["node_id"] for p in placement}}  # fmt: skip
+            write_rank_files(tmp, self.engine, self.ema, self.rank)
+            stage = self.recipe.stages[si].name
+            if self.zero:
+                saved = {**self.state, "stage_index": si, "stage_step": stage_step, "consumed_samples": consumed_samples,
+                         "world_size": self.world, "stage": stage}  # fmt: skip
+                write_rank0_files(tmp, saved, to_dict(self.recipe.pipeline_config()))
+                self.zero.sync()
+            report = {**self.last_metrics, "step": self.state["global_step"], "stage": stage, "partition_numel": self.local_numel,
+                      "total_numel": self.num_params,
+                      **{f"partition_numel_rank{p['rank']}": p["partition_numel"] for p in self.placement},
+                      **{f"node_id_rank{p['rank']}": p["node_id"] for p in self.placement}}  # fmt: skip
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{state['global_step']:07d}")  # fmt: skip
+                             checkpoint_dir_name=f"checkpoint_{self.state['global_step']:07d}")  # fmt: skip
             # Wait until the controller has registered it: a worker lost right after report() would
             # otherwise take a not-yet-collected checkpoint with it, and the restart would begin earlier.
             ray.train.get_all_reported_checkpoints()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    perceptual_nets: dict[str, torch.nn.Module] = {}
-    last_metrics: dict[str, Any] = {}
-    final: tuple[dict | None, dict | None] = (None, None)
-    exported = False
+    def _stepper(self, stage: StageSpec) -> Any:
+        from pipelines.train.step import Stepper
+        from sora_model.diffusion import load_perceptual_network
 
-    # 3. The curriculum.
-    for si in range(state["stage_index"], len(recipe.stages)):
-        stage = recipe.stages[si]
-        here = si == state["stage_index"]
-        k0 = state["stage_step"] if here else 0
-        start_sample = state["consumed_samples"] if here else 0
-        if k0 >= stage.steps:
-            continue  # finished (and checkpointed) before this attempt began
-        grid = tuple(config["stages"][stage.name]["grid"])
-        engine.set_train_micro_batch_size(stage.micro_batch)
-        engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * world)
         perceptual = None
         if stage.loss.perceptual > 0:
             path = stage.loss.perceptual_network
-            if path not in perceptual_nets:
-                perceptual_nets[path] = load_perceptual_network(path).to(device)
-            perceptual = perceptual_nets[path]
-        stepper = Stepper(recipe, stage, engine, diffusion, grid, rank, world, device, perceptual,
-                          nan_at=int(config.get("nan_at_step") or 0), nan_count=int(config.get("nan_count") or 1))  # fmt: skip
-        batches = _stage_stream(config, si, stage, start_sample, world, device)
-        drawn = 0
-        if zero:
-            zero.progress.set_description(f"{stage.name} ({si + 1}/{len(recipe.stages)})")
-        engine.train()
+            if path not in self.perceptual_nets:
+                self.perceptual_nets[path] = load_perceptual_network(path).to(self.device)
+            perceptual = self.perceptual_nets[path]
+        grid = tuple(self.config["stages"][stage.name]["grid"])
+        return Stepper(self.recipe, stage, self.engine, self.diffusion, grid, self.rank, self.world, self.device, perceptual,
+                       nan_at=int(self.config.get("nan_at_step") or 0), nan_count=int(self.config.get("nan_count") or 1))  # fmt: skip
 
+    def train_stage(self, si: int) -> bool:
+        """Steps of stage `si` from where the run stands; False when the run stops here."""
+        stage = self.recipe.stages[si]
+        here = si == self.state["stage_index"]
+        k0 = self.state["stage_step"] if here else 0
+        start_sample = self.state["consumed_samples"] if here else 0
+        if k0 >= stage.steps:
+            return True  # finished (and checkpointed) before this attempt began
+        self.engine.set_train_micro_batch_size(stage.micro_batch)
+        self.engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * self.world)
+        stepper = self._stepper(stage)
+        batches = _stage_stream(self.config, si, stage, start_sample, self.world, self.device)
+        drawn = 0
+        if self.zero:
+            self.zero.progress.set_description(f"{stage.name} ({si + 1}/{len(self.recipe.stages)})")
+        self.engine.train()
         for k in range(k0, stage.steps):
             t0 = time.perf_counter()
-            result, drawn = stepper.run(batches, state["global_step"], drawn)
-            consumed_samples = start_sample + drawn * stage.micro_batch * world
-            state["nonfinite_total"] += result.skipped
+            result, drawn = stepper.run(batches, self.state["global_step"], drawn)
+            self.state["nonfinite_total"] += result.skipped
             if result.fatal:
-                if zero:
-                    print(f"[sora train] {result.fatal}", file=sys.stderr, flush=True)
-                    zero.write_fatal(result.fatal, state["global_step"] + 1)
-                    zero.close()
-                return
-            if result.skipped and zero:
-                print(f"[sora train] non-finite loss at step {state['global_step'] + 1} (stage {stage.name}); "
-                      f"{result.skipped} micro-batch(es) skipped", file=sys.stderr, flush=True)  # fmt: skip
-            state["global_step"] += 1
-            step_time = time.perf_counter() - t0
-            if ema is not None:
-                ema.update(module)
-            if zero:
-                grad_norm = engine.get_global_grad_norm()
-                samples = stage.micro_batch * stage.grad_accum * world
-                m = result.means
-                row = {
-                    "step": state["global_step"], "stage": stage.name, "stage_step": k + 1, "epoch": result.epoch,
-                    "loss": m[0], "diffusion": m[1], "temporal_consistency": m[2], "motion_smoothness": m[3], "perceptual": m[4],
-                    "lr": lr_at(recipe, state["global_step"] - 1), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "samples_per_s": samples / step_time, "tokens_per_s": samples * stepper.num_tokens / step_time,
-                    "step_time_s": step_time, "nonfinite_skipped": state["nonfinite_total"], "time": time.time(),
-                }  # fmt: skip
-                zero.log.log(row)
-                zero.progress.update(1)
-                zero.progress.set_postfix(loss=f"{m[0]:.4f}", lr=f"{row['lr']:.2e}")
-                last_metrics = {key: row[key] for key in ("loss", "diffusion", "lr", "grad_norm", "samples_per_s", "tokens_per_s")}
+                self._end_for_good(result.fatal)
+                return False
+            self.state["global_step"] += 1
+            if self.ema is not None:
+                self.ema.update(self.module)
+            self._record(stage, k, result, stepper.num_tokens, time.perf_counter() - t0)
+            _maybe_crash(int(self.config.get("crash_at_step") or 0), self.state["global_step"], self.rank, self.world,
+                         self.config["run_dir"])  # fmt: skip
+            if not self._after_step(si, k, start_sample + drawn * stage.micro_batch * self.world):
+                return False
+        return True
 
-            _maybe_crash(crash_at, state["global_step"], rank, world, run_uri)
-            stage_end = k + 1 == stage.steps
-            last = stage_end and si == len(recipe.stages) - 1
-            stopping = stop_at and state["global_step"] == stop_at and not last
-            # Checkpoint first: whatever follows (exports, samples) may fail without losing the step.
-            if stage_end or stopping or (stage.checkpoint_every and (k + 1) % stage.checkpoint_every == 0):
-                checkpoint(si, k + 1, consumed_samples, last_metrics)
-            if stage_end:
-                final, exported = _export(module, ema, rank, bf16), True
-                if zero:
-                    rel = f"{STAGE_EXPORTS}/{stage.name}"
-                    zero.write_export(rel, *final)
-                    if stage.sample_prompts and sampler is not None:
-                        steps = recipe.sample.steps or recipe.diffusion.num_sampling_steps
-                        sampler.sample.remote(rel, stage.name, list(stage.sample_prompts), stage.frames, stage.resolution,
-                                              steps, recipe.sample.seed, recipe.sample.fps)  # fmt: skip
-            if stopping:
-                if zero:
-                    print(f"[sora train] stopped after step {stop_at} (checkpointed); continue with --resume", file=sys.stderr, flush=True)
-                    zero.close()
-                return
+    def _record(self, stage: StageSpec, k: int, result: Any, num_tokens: int, step_time: float) -> None:
+        """Rank 0: one metrics row, the progress bar, and a line when micro-batches were skipped."""
+        from pipelines.train.engine import lr_at
 
-    # 4. The export: the last stage's, gathered at its end (or now, if that stage ended in an earlier attempt).
-    if not exported:
-        final = _export(module, ema, rank, bf16)
-    if zero:
-        zero.write_export(EXPORT_DIR, *final)
-        print(f"[sora train] done: {state['global_step']} steps; export in {zero.mirror.store.url(EXPORT_DIR)}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        zero.close(plot=True)
-    dist.barrier()
+        if not self.zero:
+            return
+        step = self.state["global_step"]
+        if result.skipped:
+            print(f"[sora train] non-finite loss at step {step} (stage {stage.name}); {result.skipped} micro-batch(es) "
+                  "skipped", file=sys.stderr, flush=True)  # fmt: skip
+        grad_norm = self.engine.get_global_grad_norm()
+        samples = stage.micro_batch * stage.grad_accum * self.world
+        m = result.means
+        row = {
+            "step": step, "stage": stage.name, "stage_step": k + 1, "epoch": result.epoch, "loss": m[0], "diffusion": m[1],
+            "temporal_consistency": m[2], "motion_smoothness": m[3], "perceptual": m[4], "lr": lr_at(self.recipe, step - 1),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "samples_per_s": samples / step_time,
+            "tokens_per_s": samples * num_tokens / step_time, "step_time_s": step_time,
+            "nonfinite_skipped": self.state["nonfinite_total"], "time": time.time(),
+        }  # fmt: skip
+        self.zero.log.log(row)
+        self.zero.progress.update(1)
+        self.zero.progress.set_postfix(loss=f"{m[0]:.4f}", lr=f"{row['lr']:.2e}")
+        self.last_metrics = {key: row[key] for key in ("loss", "diffusion", "lr", "grad_norm", "samples_per_s", "tokens_per_s")}
+
+    def _after_step(self, si: int, k: int, consumed_samples: int) -> bool:
+        """Checkpoint, stage-end export and samples; False when --stop-at-step stops the run here."""
+        stage = self.recipe.stages[si]
+        step = self.state["global_step"]
+        stage_end = k + 1 == stage.steps
+        last = stage_end and si == len(self.recipe.stages) - 1
+        stopping = bool(self.stop_at and step == self.stop_at and not last)
+        # Checkpoint first: whatever follows (exports, samples) may fail without losing the step.
+        if stage_end or stopping or (stage.checkpoint_every and (k + 1) % stage.checkpoint_every == 0):
+            self.checkpoint(si, k + 1, consumed_samples)
+        if stage_end:
+            self._stage_export(stage)
+        if stopping and self.zero:
+            print(f"[sora train] stopped after step {step} (checkpointed); continue with --resume", file=sys.stderr, flush=True)
+            self.zero.close()
+        return not stopping
+
+    def _stage_export(self, stage: StageSpec) -> None:
+        """RUN/exports/<stage> from the fp32 masters (every rank gathers), then the sample actor takes it over."""
+        self.final, self.exported = _export(self.module, self.ema, self.rank, self.bf16), True
+        sampler = self.config.get("sampler")
+        if not self.zero:
+            return
+        rel = f"{STAGE_EXPORTS}/{stage.name}"
+        self.zero.write_export(rel, *self.final)
+        if stage.sample_prompts and sampler is not None:
+            r = self.recipe
+            sampler.sample.remote(rel, stage.name, list(stage.sample_prompts), stage.frames, stage.resolution,
+                                  r.sample.steps or r.diffusion.num_sampling_steps, r.sample.seed, r.sample.fps)  # fmt: skip
+
+    def _end_for_good(self, reason: str) -> None:
+        """A diverged run: every rank stops together (the decision was all-reduced); rank 0 says why."""
+        if self.zero:
+            print(f"[sora train] {reason}", file=sys.stderr, flush=True)
+            self.zero.write_fatal(reason, self.state["global_step"] + 1)
+            self.zero.close()
+
+    def finish(self) -> None:
+        """The final export: the last stage's, gathered at its end (or now, if it ended in an earlier attempt)."""
+        if not self.exported:
+            self.final = _export(self.module, self.ema, self.rank, self.bf16)
+        if self.zero:
+            self.zero.write_export(EXPORT_DIR, *self.final)
+            where = self.zero.mirror.store.url(EXPORT_DIR)
+            print(f"[sora train] done: {self.state['global_step']} steps; export in {where}", file=sys.stderr, flush=True)
+            self.zero.close(plot=True)
 
 
 def _maybe_crash(crash_at: int, step: int, rank: int, world: int, run_uri: str) -> None:

@@ -257,6 +257,16 @@ def test_rayjob_entrypoints_parse_and_match_the_recipe():
         for g in cluster_spec(d)["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]
     )  # fmt: skip
     assert gpus >= train.workers, f"{gpus} GPUs for {train.workers} workers"
+    # The device is declared, and each GPU pod has the CPUs its workers ask for, with some left for reads.
+    assert recipe.device == "cuda" and train.device in (None, "cuda")
+    for _, d in kuberay_resources():
+        if d["metadata"]["name"] != "sora-train":
+            continue
+        for g in cluster_spec(d)["workerGroupSpecs"]:
+            for c in g["template"]["spec"]["containers"]:
+                per_pod = int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+                if per_pod:
+                    assert recipe.cpus_per_worker * per_pod < float(c["resources"]["limits"]["cpu"])
 
     # Serving reads the export the train job writes.
     prod = serve_configs()["serve/production.yaml"]
