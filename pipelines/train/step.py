@@ -96,7 +96,7 @@ class Stepper:
         while micro < stage.grad_accum:
             batch = next(batches)
             consumed += 1
-            epoch = int(batch["epoch"][0])
+            epoch = int(batch["epoch"].max())  # the shuffle buffer mixes the last rows of an epoch with the next
             gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, global_step, self.rank, consumed))
             self.engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
             terms = self._losses(batch, gen)

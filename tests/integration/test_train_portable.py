@@ -147,7 +147,8 @@ def test_resume_with_another_number_of_workers(data, tmp_path, before, after):
     from pipelines.train.engine import lr_at
     from pipelines.train.recipe import load_recipe
 
-    recipe_path = small_recipe(tmp_path, f"resume{before}{after}", stages={"steps": 3, "micro_batch": 2, "grad_accum": 1})
+    recipe_path = small_recipe(tmp_path, f"resume{before}{after}", keep_checkpoints=10,
+                               stages={"steps": 3, "micro_batch": 2, "grad_accum": 1})  # fmt: skip
     recipe = load_recipe(recipe_path)
     run_dir = tmp_path / "run"
     stop = 4  # the second stage's first step: mid-stage
