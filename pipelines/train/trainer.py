@@ -96,22 +96,33 @@ def _resources(recipe: Recipe, num_workers: int, cluster_cpus: float) -> dict[st
 
 
 def autoscaler_running() -> bool:
-    """Whether an autoscaler serves this cluster (v2 reports its state to the GCS; v1 publishes a status key)."""
+    """Whether an autoscaler that can add nodes serves this cluster.
+
+    Autoscaler v2 reports its state to the GCS. Every cluster started by `ray start`/`ray.init` also runs
+    the v1 monitor, but without a cluster config its node provider is read-only: it names each node's type
+    `node_<node id>` and can launch nothing, so only a status naming other node types counts.
+    """
+    import json
+
     import ray
     from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
     from ray.experimental.internal_kv import _internal_kv_get
 
-    if _internal_kv_get(DEBUG_AUTOSCALING_STATUS):
-        return True
     try:
         from ray._raylet import GcsClient
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
         reply = GetClusterStatusReply()
         reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
-        return reply.HasField("autoscaling_state") and reply.autoscaling_state.autoscaler_state_version > 0
-    except Exception:  # noqa: BLE001 - an older GCS without the call: no v2 autoscaler
+        if reply.HasField("autoscaling_state") and reply.autoscaling_state.autoscaler_state_version > 0:
+            return True
+    except Exception:  # noqa: BLE001 - a GCS without the call: no v2 autoscaler
+        pass
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    if not raw:
         return False
+    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
 def check_devices(recipe: Recipe, num_workers: int) -> None:
