@@ -214,7 +214,8 @@ class VideoAPI:
         tier_name, owner = self._caller(request)
         tier = self.settings.tiers[tier_name]
         self.stats["create_requests"] += 1
-        req = api.parse_create(await api.read_create_fields(request))
+        fields, is_json = await api.read_create_fields(request)
+        req = api.parse_create(fields, strict=is_json)
         params = api.resolve(req, await self._model_card(), self.settings, tier, random_seed=random.SystemRandom().randrange(2**31))
         # Result cache: a repeated (prompt, parameters, seed) request is answered from the store.
         cache_key = params.cache_key() if req.seed is not None else None

@@ -124,6 +124,65 @@ def test_wrong_types_and_unknown_fields(fields, param, code):
     assert info.value.status == 400 and info.value.param == param and info.value.code == code
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"prompt": "x", "steps": True}, "steps", "invalid_type"),
+        ({"prompt": "x", "num_frames": 8.0}, "num_frames", "invalid_type"),
+        ({"prompt": "x", "seed": 2.0}, "seed", "invalid_type"),
+        ({"prompt": "x", "guidance_scale": "2.5"}, "guidance_scale", "invalid_type"),
+        ({"prompt": "x", "guidance_scale": False}, "guidance_scale", "invalid_type"),
+        ({"prompt": "x", "seconds": True}, "seconds", "invalid_type"),
+        ({"prompt": "x", "steps": "4"}, "steps", "invalid_type"),
+        ({"prompt": "\ud800 lone surrogate"}, "prompt", "invalid_encoding"),
+        ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt", "invalid_encoding"),
+        ({"prompt": "nul \x00 inside"}, "prompt", "invalid_encoding"),
+        ({"prompt": "x", "model": "m" * 65}, "model", "string_above_max_length"),
+        ({"prompt": "x", "size": "1" * 65}, "size", "string_above_max_length"),
+    ],
+)
+def test_json_bodies_are_validated_strictly(fields, param, code):
+    """A JSON value of the wrong type is a 400 naming the field, not silently coerced (forms stay lax: all strings)."""
+    with pytest.raises(ApiError) as info:
+        api.parse_create(fields, strict=True)
+    assert info.value.status == 400 and info.value.param == param and info.value.code == code, info.value.message
+    assert api.parse_create({"prompt": "x", "seconds": 4, "guidance_scale": 3}, strict=True).guidance_scale == 3.0
+
+
+def test_bodies_with_invalid_unicode_or_non_numbers_are_400s():
+    import asyncio
+
+    class FakeRequest:
+        def __init__(self, body: bytes, ctype: str) -> None:
+            self.headers = {"content-type": ctype}
+            self.body = body
+
+        async def stream(self):
+            for i in range(0, len(self.body), 7):
+                yield self.body[i : i + 7]
+
+    def read(body: bytes, ctype: str):
+        return asyncio.run(api.read_create_fields(FakeRequest(body, ctype)))
+
+    for body in (b'{"prompt": "x", "guidance_scale": NaN}', b'{"prompt": "x", "steps": Infinity}', b'{"prompt": "\xff\xfe"}'):
+        with pytest.raises(ApiError) as info:
+            read(body, "application/json")
+        assert info.value.status == 400 and info.value.code == "invalid_json", body
+    with pytest.raises(ApiError) as info:
+        read(b"prompt=%ff%fe", "application/x-www-form-urlencoded")
+    assert info.value.param == "prompt" and info.value.code == "invalid_encoding"
+    req = httpx.Request("POST", "http://x", files={"prompt": (None, b"\xff\xfe bad")})
+    with pytest.raises(ApiError) as info:
+        read(req.read(), req.headers["content-type"])
+    assert info.value.param == "prompt" and info.value.code == "invalid_encoding"
+    assert read(b"prompt=a+red+circle&steps=3", "application/x-www-form-urlencoded") == ({"prompt": "a red circle", "steps": "3"}, False)
+    # A streamed (chunked) body over the limit is cut off at the limit.
+    big = FakeRequest(b"x" * 100, "application/json")
+    with pytest.raises(ApiError) as info:
+        asyncio.run(api.read_body(big, limit=50))
+    assert info.value.status == 413 and "50" in info.value.message
+
+
 def test_tier_tightens_limits():
     rejects({"prompt": "x", "steps": 20}, "steps", "10", tier=Tier(max_steps=10))
     rejects({"prompt": "x", "size": "64x64"}, "size", "1024", tier=Tier(max_pixels=1024))
