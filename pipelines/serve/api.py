@@ -469,3 +469,33 @@ def parse_create(fields: dict[str, Any], strict: bool = False) -> VideoCreateReq
 def video_object(job: dict[str, Any]) -> dict[str, Any]:
     """The public view of a stored job (internal bookkeeping stripped)."""
     return VideoObject.model_validate({k: v for k, v in job.items() if k in VideoObject.model_fields}).model_dump()
+
+
+RANGE_PATTERN = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte, inclusive, of a single-range `Range` header (RFC 9110 14.1.2); None to send the
+    whole body (no header, several ranges, or one we do not parse, which RFC 9110 says to ignore).
+    A range that starts past the end is a 416 naming the size."""
+    if not header:
+        return None
+    m = RANGE_PATTERN.match(header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # a suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise _unsatisfiable(header, size)
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise _unsatisfiable(header, size)
+    return start, end
+
+
+def _unsatisfiable(header: str, size: int) -> ApiError:
+    return ApiError(416, f"Range {header[:60]!r} is outside the content ({size} bytes).", param="range", code="range_not_satisfiable",
+                    headers={"Content-Range": f"bytes */{size}"})

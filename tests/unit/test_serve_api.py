@@ -3,7 +3,6 @@ the settings tree, and the Serve config YAML against Ray's own schema."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,6 @@ import yaml
 from pipelines.serve import api
 from pipelines.serve.api import ApiError, ModelCard
 from pipelines.serve.config import RUNTIME_KEYS, ServeSettings, Tier, apply_user_config, hash_key, load_settings
-from pipelines.serve.store import JobStore
 from sora_model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,53 +224,22 @@ def test_video_object_hides_internal_fields():
     assert not any(k.startswith("_") for k in out) and out["error"] is None and out["completed_at"] is None
 
 
-# -- store -----------------------------------------------------------------------------------------
+# -- downloads ------------------------------------------------------------------------------------
 
 
-def job(i: int, **kw) -> dict:
-    return {"id": f"video_{i}", "object": "video", "status": "queued", "created_at": int(time.time()), "_created_ns": i, **kw}
-
-
-def test_store_roundtrip_list_and_delete(tmp_path):
-    store = JobStore(str(tmp_path / "store"))
-    for i in range(5):
-        store.put(job(i))
-    assert store.get("video_3")["_created_ns"] == 3 and store.get("nope") is None and store.get("../etc") is None
-    page, more = store.list(limit=2)
-    assert [j["id"] for j in page] == ["video_4", "video_3"] and more
-    page, more = store.list(limit=2, after="video_3")
-    assert [j["id"] for j in page] == ["video_2", "video_1"] and more
-    page, more = store.list(limit=10, after="video_1")
-    assert [j["id"] for j in page] == ["video_0"] and not more
-    assert [j["id"] for j in store.list(limit=2, order="asc")[0]] == ["video_0", "video_1"]
-    assert store.update("video_2", status="completed")["status"] == "completed"
-    assert [j["id"] for j in store.unfinished()] == ["video_0", "video_1", "video_3", "video_4"]
-    store.put_content("video_2", "video", b"mp4")
-    store.put_content("video_2", "thumbnail", b"png")
-    assert store.get_content("video_2", "video") == b"mp4" and store.get_content("video_2", "thumbnail") == b"png"
-    store.cache_put("k" * 64, "video_2")
-    assert store.cache_get("k" * 64) == "video_2" and store.cache_get("z" * 64) is None
-    assert store.delete("video_2") and not store.delete("video_2")
-    assert store.get_content("video_2", "video") is None and store.update("video_2", status="x") is None
-    # A second store on the same root (a restarted replica) sees everything.
-    assert len(JobStore(str(tmp_path / "store")).all_jobs()) == 4
-
-
-def test_store_scopes_lists_by_owner(tmp_path):
-    store = JobStore(str(tmp_path))
-    store.put(job(1, _owner="a"))
-    store.put(job(2, _owner="b"))
-    store.put(job(3))
-    assert [j["id"] for j in store.list(owner="a")[0]] == ["video_1"]
-    assert [j["id"] for j in store.list(owner=None)[0]] == ["video_3"]
-
-
-def test_store_works_on_fsspec_uris():
-    store = JobStore("memory://sora-serve-test")
-    store.put(job(1))
-    store.put_content("video_1", "video", b"abc")
-    assert store.get("video_1")["id"] == "video_1" and store.get_content("video_1", "video") == b"abc"
-    assert store.delete("video_1") and store.all_jobs() == []
+def test_range_headers():
+    assert api.parse_range(None, 100) is None and api.parse_range("", 100) is None
+    assert api.parse_range("bytes=0-9", 100) == (0, 9)
+    assert api.parse_range("bytes=90-", 100) == (90, 99)
+    assert api.parse_range("bytes=90-1000", 100) == (90, 99)
+    assert api.parse_range("bytes=-10", 100) == (90, 99)
+    assert api.parse_range("bytes=-1000", 100) == (0, 99)
+    assert api.parse_range("bytes=0-1,5-6", 100) is None  # several ranges: the whole body (RFC 9110 allows it)
+    assert api.parse_range("items=0-1", 100) is None
+    for bad in ("bytes=100-", "bytes=5-2", "bytes=-0"):
+        with pytest.raises(ApiError) as info:
+            api.parse_range(bad, 100)
+        assert info.value.status == 416 and info.value.headers["Content-Range"] == "bytes */100"
 
 
 # -- settings and the Serve config ------------------------------------------------------------------
@@ -290,6 +257,26 @@ def test_settings_are_strict(tmp_path):
     with pytest.raises(ConfigError, match="tier 'gold'"):
         load_settings({"model": "x", "api_keys": {hash_key("k"): "gold"}})
     assert load_settings({"model": "x", "api_keys": {hash_key("k"): "default"}}).api_keys
+    with pytest.raises(ConfigError, match="tier 'gold'"):
+        load_settings({"model": "x", "api_keys": {hash_key("k"): {"tier": "gold"}}})
+    with pytest.raises(ConfigError, match="db must be an SQLAlchemy URL"):
+        load_settings({"model": "x", "db": "mysql://host/db"})
+    with pytest.raises(ConfigError, match="lease_ttl_s"):
+        load_settings({"model": "x", "queue": {"lease_ttl_s": 0}})
+    with pytest.raises(ConfigError, match="max_pending_per_key"):
+        load_settings({"model": "x", "tiers": {"default": {"max_pending_per_key": 0}}})
+
+
+def test_database_defaults_beside_the_store_and_owners_outlive_keys(tmp_path):
+    s = load_settings({"model": "x", "store": str(tmp_path / "store")})
+    assert s.db_url == f"sqlite:///{tmp_path}/store/jobs.db"
+    assert load_settings({"model": "x", "db": "sqlite:///rel/jobs.db"}).db.startswith("sqlite:////")  # absolute
+    assert load_settings({"model": "x", "store": "s3://b/v"}).db_url.endswith("/.cache/sora-ray/videos/jobs.db")
+    old, new, bare = hash_key("old"), hash_key("new"), hash_key("bare")
+    s = load_settings({"model": "x", "tiers": {"default": {}, "pro": {}}, "api_keys": {
+        old: {"tier": "pro", "owner": "alice"}, new: {"tier": "pro", "owner": "alice"}, bare: "default"}})
+    assert s.key_entry(old) == s.key_entry(new) == ("pro", "alice")  # a rotated key keeps the owner
+    assert s.key_entry(bare) == ("default", bare[:16]) and s.key_entry(hash_key("nope")) is None
 
 
 def test_user_config_changes_only_runtime_settings():
