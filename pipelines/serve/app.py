@@ -56,7 +56,7 @@ from .config import (
     settings_to_dict,
 )
 from .db import TERMINAL, JobDB, new_token
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, replica_id
 from .generator import Generator
 from .metrics import ingress_metrics
 from .store import CHUNK_BYTES, CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
@@ -141,7 +141,7 @@ class VideoAPI:
         self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
         self.card: ModelCard | None = None
         self.stats: Counter[str] = Counter()
-        self.worker = f"{_replica_id()}-{uuid.uuid4().hex[:8]}"
+        self.worker = f"{replica_id()}-{uuid.uuid4().hex[:8]}"
         path = self.settings.model
         self.model_created = int(os.path.getmtime(path)) if "://" not in path and os.path.exists(path) else 0
         self.dispatcher: Dispatcher | None = None
@@ -410,13 +410,6 @@ class VideoAPI:
         job.update(status="completed", progress=100, completed_at=now, expires_at=None if retention is None else now + int(retention), _content_ref=ref)
         self.db.insert(job, owner, "cache", 0, None, key)
         return job
-
-
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside Serve (unit use)
-        return f"local-{os.getpid()}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
 """Waits between tries when the generator pushes back or a replica died (then the last one, repeated)."""
 
 
+def replica_id() -> str:
+    """The Serve replica's id (what `serve status` shows); the process id outside Serve."""
+    import os
+
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit use)
+        return f"local-{os.getpid()}"
+
+
 class Dispatcher:
     def __init__(self, db: JobDB, content: ContentStore, generator: Any, settings: Callable[[], ServeSettings], worker: str, stats: Counter) -> None:
         self.db = db
