@@ -16,6 +16,7 @@ command, medians over the repetitions.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 from benchmarks.common import main, median, summary
@@ -51,7 +52,8 @@ def run(quick: bool) -> dict:
             t0 = time.perf_counter()
             clip = pipe(_serve.REQUEST["prompt"], num_frames=8, height=32, width=32, seed=seed)
             if encode:
-                encode_clip(clip[0], 8)
+                with tempfile.TemporaryDirectory() as tmp:
+                    encode_clip(clip[0], 8, tmp)
             return time.perf_counter() - t0
 
         asyncio.run(via_serve(10_000))  # warm-up: first-request costs on both sides

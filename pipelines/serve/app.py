@@ -42,7 +42,6 @@ from . import api
 from .api import ApiError, ModelCard
 from .config import (
     APP_NAME,
-    DB_ENV,
     GENERATOR_NAME,
     INGRESS_NAME,
     MODEL_ENV,
@@ -146,6 +145,7 @@ class VideoAPI:
         self.model_created = int(os.path.getmtime(path)) if "://" not in path and os.path.exists(path) else 0
         self.dispatcher: Dispatcher | None = None
         self._loops: list[asyncio.Task] = []
+        self._admission = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -217,10 +217,13 @@ class VideoAPI:
                 ingress_metrics()["cache_hits"].inc(tags={"cache": "result"})
                 self.stats["result_cache_hits"] += 1
                 return JSONResponse(api.video_object(cached))
-        await asyncio.to_thread(self._admit, tier_name, tier, owner)
         job = self._new_job(params)
         deadline = None if tier.job_deadline_s is None else job["_created_ns"] + int(tier.job_deadline_s * 1e9)
-        await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key)
+        # Count and insert under one lock, so a burst on this replica cannot all pass the same count.
+        # Replicas admit independently: together they can overshoot a limit by at most one job each.
+        async with self._admission:
+            await asyncio.to_thread(self._admit, tier_name, tier, owner)
+            await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key)
         self.dispatcher.wake()
         return JSONResponse(api.video_object(job))
 
@@ -438,12 +441,10 @@ def _settings_from_env() -> ServeSettings:
     args: dict[str, Any] = {"model": os.environ.get(MODEL_ENV, "")}
     if os.environ.get(STORE_ENV):
         args["store"] = os.environ[STORE_ENV]
-    if os.environ.get(DB_ENV):
-        args["db"] = os.environ[DB_ENV]
     return load_settings(args) if args["model"] else ServeSettings(model="")
 
 
 app = build_app(_settings_from_env())
-"""`serve run pipelines.serve.app:app` with SORA_MODEL=EXPORT_DIR (and optionally SORA_SERVE_STORE, SORA_SERVE_DB)."""
+"""`serve run pipelines.serve.app:app` with SORA_MODEL=EXPORT_DIR (and optionally SORA_SERVE_STORE; SORA_SERVE_DB is read by every replica)."""
 
 __all__ = ["APP_NAME", "Generator", "VideoAPI", "app", "app_builder", "build_app"]

@@ -221,9 +221,10 @@ class ServeSettings:
 
     @property
     def db_url(self) -> str:
-        """`db`, else an SQLite file beside a local store (or in the local default folder for a remote one)."""
-        if self.db:
-            return self.db
+        """`db`, else $SORA_SERVE_DB (read where the replica runs: a Kubernetes Secret keeps the password out
+        of the config), else an SQLite file beside a local store (or in the local default folder for a remote one)."""
+        if self.db or os.environ.get(DB_ENV):
+            return self.db or os.environ[DB_ENV]
         folder = self.store_uri if "://" not in self.store_uri else os.path.expanduser(DEFAULT_STORE)
         return f"sqlite:///{os.path.join(folder, DB_FILE)}"
 

@@ -81,6 +81,10 @@ class Dispatcher:
                 if time.monotonic() - self._last_sweep >= s.sweep_interval_s:
                     self._last_sweep = time.monotonic()
                     await self._sweep(s)
+            except RuntimeError as err:
+                if "after shutdown" in str(err):  # the replica is stopping: its leases lapse, others re-claim
+                    return
+                logger.exception("dispatcher: claim or sweep failed; trying again")
             except Exception:  # noqa: BLE001 - a database hiccup must not stop dispatching for good
                 logger.exception("dispatcher: claim or sweep failed; trying again")
             self._update_depth()
