@@ -1,6 +1,8 @@
-"""Many replicas on a local Ray: two ingress replicas sharing one job database (SQLite here, one machine),
-the generator autoscaled 1 -> 2 -> 1 under load, and replicas killed mid-job. The checks read the job
-database itself: every accepted job completed, and sampled to completion exactly once.
+"""Many replicas on a local Ray, as on a cluster: job state in a PostgreSQL server and videos in S3 (moto's
+server on loopback), both started by this module. The OpenAI SDK flow end to end on them; two ingress
+replicas sharing the queue (claims with FOR UPDATE SKIP LOCKED); the generator autoscaled 1 -> 2 -> 1
+under load; replicas killed mid-job. The checks read the job database itself: every accepted job
+completed, and sampled to completion exactly once. (test_serve.py runs the SDK flow on the SQLite default.)
 
 Small on purpose (2 cores): a short lease (3 s) so a dead replica's jobs are re-claimed quickly, and a
 fast autoscaling config so the scale-up and the scale-down both happen within a minute.
@@ -16,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import make_tiny_export, wait_done
+from serve_services import postgres_server, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +31,20 @@ LONG_JOB = {"steps": 60, "num_frames": 16, "size": "16x16"}
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
+    export = make_tiny_export(tmp_path_factory.mktemp("export"))
+    with postgres_server() as db_url, s3_server() as s3_options:  # before ray.init: replicas inherit the S3 env
+        yield from _deployed(export, db_url, s3_options)
+
+
+def _deployed(export: Path, db_url: str, s3_options: dict):
     import ray
     from ray import serve
 
     from pipelines.serve.app import build_app
     from pipelines.serve.config import APP_NAME, load_settings
 
-    export = make_tiny_export(tmp_path_factory.mktemp("export"))
-    store = tmp_path_factory.mktemp("store")
     settings = load_settings({
-        "model": str(export), "store": str(store), "result_cache": False,
+        "model": str(export), "db": db_url, "store": "s3://sora/videos", "storage_options": s3_options, "result_cache": False,
         "queue": {"max_pending_jobs": 100, "max_in_flight": 4, "lease_ttl_s": 3, "claim_interval_s": 0.2, "poll_after_ms": 100},
     })  # fmt: skip
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -96,6 +103,26 @@ def submit(http: httpx.Client, n: int, prefix: str, **extra) -> list[str]:
     return [http.post("/v1/videos", json={"prompt": f"{prefix} {i}", "seed": i, **LONG_JOB, **extra}).json()["id"] for i in range(n)]
 
 
+def test_sdk_flow_on_postgresql_and_s3(http, service):
+    import openai
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=60)
+    video = sdk.videos.create_and_poll(prompt="a red circle moving left", seconds="1", size="16x16", poll_interval_ms=100)
+    assert video.status == "completed" and video.expires_at > video.completed_at, video
+    mp4 = sdk.videos.download_content(video.id).content
+    assert mp4[4:8] == b"ftyp"
+    assert sdk.videos.download_content(video.id, variant="thumbnail").content[:4] == b"\x89PNG"
+    part = http.get(f"/v1/videos/{video.id}/content", headers={"Range": "bytes=4-11"})
+    assert part.status_code == 206 and part.content == mp4[4:12] and part.headers["content-range"] == f"bytes 4-11/{len(mp4)}"
+    assert http.get(f"/v1/videos/{video.id}/content", headers={"Range": f"bytes={len(mp4)}-"}).status_code == 416
+    assert sdk.videos.retrieve(video.id).id == video.id and video.id in [v.id for v in sdk.videos.list()]
+    assert service.dialect == "postgresql" and service.get(video.id)["_runs"] == 1
+    assert sdk.videos.delete(video.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        sdk.videos.retrieve(video.id)
+
+
 def test_generator_scales_1_to_2_under_load_and_back_to_1_when_idle(http):
     deadline = time.time() + 120
     while running("Generator") != 1 and time.time() < deadline:
@@ -125,8 +152,12 @@ def test_generator_killed_mid_job_the_job_completes_on_another_replica(http, ser
     while (job := service.get(vid))["status"] != "in_progress" and time.time() < deadline:
         time.sleep(0.05)
     assert job["status"] == "in_progress"
+    from sqlalchemy import select
+
+    from pipelines.serve.db import jobs
+
     with service.engine.connect() as conn:  # the generator replica that started it holds the lease
-        sampling_on = conn.exec_driver_sql("SELECT lease_owner FROM sora_jobs WHERE id = ?", (vid,)).scalar()
+        sampling_on = conn.execute(select(jobs.c.lease_owner).where(jobs.c.id == vid)).scalar()
     (actor,) = [a for a in replicas("Generator") if a["name"].endswith(sampling_on)]
     kill(actor)
     done = wait_done(http, vid, timeout=120)
