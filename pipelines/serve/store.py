@@ -45,8 +45,12 @@ class ContentStore:
         return self._path("content", f"{job_id}-{ref}{CONTENT_SUFFIX[variant]}")
 
     def ping(self) -> None:
-        """Raises when the store cannot be reached (a health check): one metadata call, not a listing."""
-        self.fs.info(self._path("content"))
+        """Raises when the store cannot be reached (a health check): one metadata call, not a listing.
+        "Not found" is an answer (object stores have no empty folders), so it passes."""
+        try:
+            self.fs.info(self._path("content"))
+        except FileNotFoundError:
+            pass
 
     # -- writing ------------------------------------------------------------------------------------
 
