@@ -32,7 +32,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -295,7 +295,8 @@ class VideoAPI:
 
     @fastapi_app.get("/v1/videos/{video_id}/content")
     async def download_video(self, video_id: str, request: Request, variant: str = "video") -> Response:
-        """The clip, streamed from the store a chunk at a time; `Range: bytes=...` answers 206 with that part."""
+        """The clip: a 307 to a presigned URL on object stores that sign; else streamed from the store a chunk at
+        a time, where `Range: bytes=...` answers 206 with that part."""
         _, owner = self._caller(request)
         if variant not in api.VIDEO_VARIANTS:
             raise api.invalid("variant", f"'variant' must be one of {', '.join(api.VIDEO_VARIANTS)}, got {variant[:40]!r}.")
@@ -303,6 +304,10 @@ class VideoAPI:
         if job["status"] != "completed":
             raise ApiError(409, f"Video '{video_id}' is {job['status']}; its content is available once it is completed.", param="video_id", code="video_not_ready")
         ref = job["_content_ref"]
+        if ref and self.settings.download_redirect_s is not None:
+            signed = await asyncio.to_thread(self.content.sign, video_id, ref, variant, self.settings.download_redirect_s)
+            if signed is not None:  # the object store serves the bytes (and Range) itself
+                return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "private, no-store"})
         size = await asyncio.to_thread(self.content.size, video_id, ref, variant) if ref else None
         if size is None:
             raise ApiError(404, f"Content of video '{video_id}' is missing from the store.", param="video_id", code="content_not_found")

@@ -174,6 +174,11 @@ class ServeSettings:
     db: str | None = None
     """Where job state lives: an SQLAlchemy URL. None: an SQLite file beside a local store (one machine);
     `postgresql://user:pass@host/db` for several nodes (SQLite needs every replica on one machine)."""
+    download_redirect_s: float | None = 900.0
+    """On stores that presign (s3://, gs://) a content request answers 307 to a signed URL valid this long:
+    the client fetches the bytes (with Range) from the object store itself. Ray 2.60's HTTP proxy has no
+    backpressure on streamed bodies (a fast replica's chunks queue in the proxy and the replica while a
+    slower client reads), so big files are best kept out of it. None: always stream through the ingress."""
     retention_s: float | None = 7 * 24 * 3600
     """Finished jobs and their files are deleted this long after they finish (`expires_at` says when);
     a week, like a download link. None keeps them forever."""
@@ -210,6 +215,8 @@ class ServeSettings:
             raise ConfigError(f"preview_steps must be >= 1, got {self.preview_steps}")
         if self.retention_s is not None and self.retention_s <= 0:
             raise ConfigError(f"retention_s must be > 0 (or null to keep jobs), got {self.retention_s}")
+        if self.download_redirect_s is not None and not 1 <= self.download_redirect_s <= 7 * 24 * 3600:
+            raise ConfigError(f"download_redirect_s must be between 1 and 604800 (S3's longest), got {self.download_redirect_s}")
         if self.sweep_interval_s <= 0:
             raise ConfigError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
         if self.db is not None and not self.db.startswith(DB_SCHEMES):
@@ -238,7 +245,8 @@ class ServeSettings:
         return entry, digest[:16]
 
 
-RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s")
+RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
+                "download_redirect_s")
 """Settings the ingress's `user_config` may change on a live replica."""
 
 

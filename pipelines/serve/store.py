@@ -7,7 +7,8 @@ Job state is not here (see db.py); this holds only bytes:
 `ref` is the lease token of the run that produced the clip, so a stale generator whose lease was taken
 over writes (and cleans up) its own files and never touches the winner's. Writes are whole-object:
 an atomic rename on a local disk, one upload on object stores, so a reader never sees half a video.
-Reads are ranged and chunked (`open_range`), so a download costs a chunk of memory, not the video.
+Reads are ranged and chunked (`open_range`); on object stores that presign (S3, GCS) a download is a
+redirect to a short-lived signed URL instead (`sign`), so the bytes never pass through Serve at all.
 """
 
 from __future__ import annotations
@@ -110,6 +111,15 @@ class ContentStore:
         if start:
             f.seek(start)
         return f
+
+    def sign(self, job_id: str, ref: str, variant: str, expires_s: float) -> str | None:
+        """A presigned URL of the object (S3, GCS: `fs.sign`), or None where the store cannot sign (a folder)."""
+        if self.local:
+            return None
+        try:
+            return self.fs.sign(self.path(job_id, ref, variant), expiration=int(expires_s))
+        except NotImplementedError:
+            return None
 
     def read_all(self, job_id: str, ref: str, variant: str) -> bytes | None:
         """Whole small files only (tests, thumbnails): downloads go through open_range."""

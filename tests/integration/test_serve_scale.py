@@ -113,9 +113,11 @@ def test_sdk_flow_on_postgresql_and_s3(http, service):
     mp4 = sdk.videos.download_content(video.id).content
     assert mp4[4:8] == b"ftyp"
     assert sdk.videos.download_content(video.id, variant="thumbnail").content[:4] == b"\x89PNG"
-    part = http.get(f"/v1/videos/{video.id}/content", headers={"Range": "bytes=4-11"})
+    # On S3 the content is a redirect to a presigned URL (the SDK follows it): S3 serves the bytes and ranges.
+    redirect = http.get(f"/v1/videos/{video.id}/content")
+    assert redirect.status_code == 307 and "Signature=" in redirect.headers["location"]
+    part = http.get(f"/v1/videos/{video.id}/content", headers={"Range": "bytes=4-11"}, follow_redirects=True)
     assert part.status_code == 206 and part.content == mp4[4:12] and part.headers["content-range"] == f"bytes 4-11/{len(mp4)}"
-    assert http.get(f"/v1/videos/{video.id}/content", headers={"Range": f"bytes={len(mp4)}-"}).status_code == 416
     assert sdk.videos.retrieve(video.id).id == video.id and video.id in [v.id for v in sdk.videos.list()]
     assert service.dialect == "postgresql" and service.get(video.id)["_runs"] == 1
     assert sdk.videos.delete(video.id).deleted
