@@ -38,9 +38,9 @@ def make_export(folder: str, steps: int) -> str:
     return folder
 
 
-def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int = 16) -> None:
+def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int = 16, **args: Any) -> None:
     """The real application (`pipelines.serve.app.build_app`), one generator replica, result cache off
-    (every request must sample), batching as given."""
+    (every request must sample), batching as given; `args`: more ServeSettings (db, storage_options)."""
     from ray import serve
 
     from pipelines.serve.app import build_app
@@ -49,7 +49,7 @@ def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int =
     settings = load_settings({
         "model": export, "store": store, "result_cache": False,
         "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.05},
-        "queue": {"max_in_flight": max_in_flight},
+        "queue": {"max_in_flight": max_in_flight}, **args,
     })  # fmt: skip
     fixed = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
     app = build_app(settings, {"Generator": {"autoscaling_config": fixed}})
