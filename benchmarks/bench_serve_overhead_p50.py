@@ -3,7 +3,7 @@
 What is compared: one client, one request at a time (no queueing), the same prompt, size, frames,
 steps and guidance, fresh seeds. Through Serve: HTTP POST /v1/videos, ingress queue, generator
 replica (`@serve.batch`; its 50 ms wait for company is skipped when the ingress has nothing else
-queued), sampling, MP4 + thumbnail encoding and the job store, until GET /v1/videos/{id} says
+queued), sampling, MP4 + thumbnail encoding, the video store and the job database, until GET /v1/videos/{id} says
 `completed` (polled when the server's `openai-poll-after-ms` says, as the SDK does; see benchmarks/_serve.py).
 Direct: `pipe(prompt, ...)` in this process on one torch thread, the replica's CPU share. The details
 also give the ratio against direct sampling + MP4 encoding (the work a client of the pipeline would

@@ -22,7 +22,7 @@ APP_NAME = "sora"
 DEFAULT_STORE = os.path.join("~", ".cache", "sora-ray", "videos")
 """Where jobs and results go when `store` is unset: a folder that outlives replicas and restarts."""
 DB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgres://")
-"""Databases the job store is tested against: SQLite (embedded) and PostgreSQL (psycopg 3)."""
+"""Databases job state is tested against: SQLite (embedded) and PostgreSQL (psycopg 3)."""
 DB_FILE = "jobs.db"
 """The default SQLite database's file name, in the store folder."""
 MODEL_ENV = "SORA_MODEL"
