@@ -311,3 +311,16 @@ def test_local_serve_yaml_validates_with_ray_schema():
     assert gen["autoscaling_config"]["max_replicas"] >= gen["autoscaling_config"]["min_replicas"] >= 1
     assert gen["max_ongoing_requests"] >= gen["user_config"]["batching"]["max_batch_size"]
     assert http["port"] == 8000
+
+
+def test_serve_cli_refuses_a_bad_database_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    assert main(["serve", "--model", str(export), "--db", "mysql://host/db"]) == 2
+    assert "db must be an SQLAlchemy URL" in capsys.readouterr().err
+    assert main(["serve", "--model", str(export), "--db", "postgresql://sora:secret@127.0.0.1:1/sora"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be used" in err and "secret" not in err and "***" in err and len(err.strip().splitlines()) == 1
