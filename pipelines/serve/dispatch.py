@@ -101,6 +101,11 @@ class Dispatcher:
             tokens = list(self.held.values())
             try:
                 kept = await asyncio.to_thread(self.db.renew, tokens, ttl)
+            except RuntimeError as err:
+                if "after shutdown" in str(err):  # the replica is stopping
+                    return
+                logger.exception("dispatcher: lease renewal failed")
+                continue
             except Exception:  # noqa: BLE001 - the next renewal (a third of the TTL later) may succeed
                 logger.exception("dispatcher: lease renewal failed")
                 continue

@@ -166,7 +166,7 @@ def test_generator_killed_mid_job_the_job_completes_on_another_replica(http, ser
     assert done["status"] == "completed", done
     final = service.get(vid)
     assert final["_extra"]["replica"] != sampling_on and final["_runs"] == 2, final
-    assert http.get(f"/v1/videos/{vid}/content").content[4:8] == b"ftyp"
+    assert http.get(f"/v1/videos/{vid}/content", follow_redirects=True).content[4:8] == b"ftyp"
 
 
 def test_two_ingress_replicas_one_killed_under_load_every_job_completes_exactly_once(http, service):
@@ -205,4 +205,4 @@ def test_two_ingress_replicas_one_killed_under_load_every_job_completes_exactly_
     # Exactly once: each job started sampling once (no generator died here), whichever replica held it.
     assert all(r["_runs"] == 1 for r in rows), [(r["id"], r["_runs"], r["_attempts"]) for r in rows]
     print(f"\n{len(accepted)} jobs accepted under load; re-claimed after the kill: {sum(r['_attempts'] > 1 for r in rows)}")
-    assert all(http.get(f"/v1/videos/{i}/content").status_code == 200 for i in accepted[:3])
+    assert all(http.get(f"/v1/videos/{i}/content", follow_redirects=True).status_code == 200 for i in accepted[:3])
