@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
 from .diffusion import build_diffusion
-from .dit import DiT
+from .dit import DiT, trim_text_padding
 from .patch import patch_grid
 from .text import TextEmbedding, TextEncoder, build_text_encoder
 
@@ -173,6 +173,10 @@ class TextToVideoPipeline:
             mask = torch.cat([cond.mask, neg.mask])  # (2B, L)
             pooled = torch.cat([cond.pooled, neg.pooled])  # (2B, Dt)
             drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.full((b,), uncond is None)]).to(self.device)
+            # Caption padding trimmed once per generation (as the model did in every step before).
+            tokens, mask = trim_text_padding(tokens, mask)
+        else:
+            cond = TextEmbedding(*trim_text_padding(cond.tokens, cond.mask), cond.pooled)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()

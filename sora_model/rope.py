@@ -21,9 +21,14 @@ def rope_split(head_dim: int, split: tuple[int, int, int] | None = None) -> tupl
     return split
 
 
-def rope_frequencies(head_dim: int, split: tuple[int, int, int] | None = None, theta: float = 10000.0) -> list[torch.Tensor]:
-    """Inverse frequencies per axis: [(d_t/2,), (d_h/2,), (d_w/2,)]."""
-    return [theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d) if d else torch.zeros(0, dtype=torch.float64) for d in rope_split(head_dim, split)]
+def rope_frequencies(
+    head_dim: int, split: tuple[int, int, int] | None = None, theta: float = 10000.0, device: torch.device | None = None
+) -> list[torch.Tensor]:
+    """Inverse frequencies per axis: [(d_t/2,), (d_h/2,), (d_w/2,)], made on `device` (no host-to-device copy)."""
+    return [
+        theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d) if d else torch.zeros(0, dtype=torch.float64, device=device)
+        for d in rope_split(head_dim, split)
+    ]
 
 
 def rope_rotation(positions: torch.Tensor, freqs: list[torch.Tensor]) -> torch.Tensor:

@@ -106,11 +106,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Numpy batch of prepared rows -> float32/bool tensors (text tokens are stored in fp16)."""
+    """Numpy batch of prepared rows -> float32/bool tensors (text tokens are stored in fp16).
+
+    Caption columns no row uses are dropped here, on the host, so the model never syncs to find them.
+    """
+    mask = np.asarray(batch["text_mask"], dtype=bool)
+    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1
     return {
         "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)
-        "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float32)),  # (B, L, Dt)
-        "text_mask": torch.as_tensor(np.asarray(batch["text_mask"], dtype=bool)),  # (B, L)
+        "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float32)[:, :keep]),  # (B, L', Dt)
+        "text_mask": torch.as_tensor(mask[:, :keep]),  # (B, L')
         "text_pooled": torch.as_tensor(np.asarray(batch["text_pooled"], dtype=np.float32)),  # (B, Dt)
     }
 

@@ -132,28 +132,6 @@ def test_self_attention_qk_norm_uses_each_weight():
 # -- attention --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "scope",
-    [
-        AttentionScope("full", 0),
-        AttentionScope("full", 2),
-        AttentionScope("spatial"),
-        AttentionScope("temporal", 0),
-        AttentionScope("temporal", 2),
-    ],
-)
-def test_fast_attention_path_equals_masked_path(scope):
-    torch.manual_seed(0)
-    attn = SelfAttention(32, 2)
-    grid = (4, 2, 3)
-    pos = grid_positions(grid)[None].expand(2, -1, -1)
-    x = torch.randn(2, pos.shape[1], 32)
-    rope = rope_rotation(pos, rope_frequencies(16))
-    fast = attn(x, rope, TokenLayout(pos, grid=grid), scope)
-    masked = attn(x, rope, TokenLayout(pos), scope)
-    torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
-
-
 def test_windowed_attention_isolates_windows():
     """With window 2, tokens in frames 0-1 must not depend on frames 2-3."""
     torch.manual_seed(0)
@@ -164,8 +142,8 @@ def test_windowed_attention_isolates_windows():
     x = torch.randn(1, 16, 32)
     y = x.clone()
     y[:, 8:] += 1.0  # change frames 2-3
-    out_x = attn(x, rope, TokenLayout(pos, grid=grid), AttentionScope("full", 2))
-    out_y = attn(y, rope, TokenLayout(pos, grid=grid), AttentionScope("full", 2))
+    out_x = attn(x, rope, TokenLayout.dense(grid, 1), AttentionScope("full", 2))
+    out_y = attn(y, rope, TokenLayout.dense(grid, 1), AttentionScope("full", 2))
     torch.testing.assert_close(out_x[:, :8], out_y[:, :8])
     assert not torch.allclose(out_x[:, 8:], out_y[:, 8:])
 
@@ -248,7 +226,7 @@ def test_block_is_identity_at_init():
     pos = grid_positions((3, 2, 2))[None].expand(2, -1, -1)
     rope = rope_rotation(pos, rope_frequencies(16))
     ctx = torch.randn(2, 5, 32)
-    out = block(x, torch.randn(2, 32), ctx, torch.ones(2, 5, dtype=torch.bool), rope, TokenLayout(pos, grid=(3, 2, 2)))
+    out = block(x, torch.randn(2, 32), ctx, torch.ones(2, 5, dtype=torch.bool), rope, TokenLayout.dense((3, 2, 2), 2))
     torch.testing.assert_close(out, x)
 
 
