@@ -115,6 +115,13 @@ def test_rope_rotates_stacked_queries_and_keys_alike():
     torch.testing.assert_close(both[:, :, 1], apply_rope(qk[:, :, 1], rotation))
 
 
+def test_rope_real_form_equals_complex_form():
+    """The (cos, sin) rotation compiled code uses equals the complex one eager code uses."""
+    pos, freqs = grid_positions((3, 4, 5)), rope_frequencies(24)
+    qk = torch.randn(2, 60, 2, 3, 24)
+    torch.testing.assert_close(apply_rope(qk, rope_rotation(pos, freqs, real=True)), apply_rope(qk, rope_rotation(pos, freqs)))
+
+
 def test_self_attention_qk_norm_uses_each_weight():
     """The fused QK-norm equals RMSNorm applied to queries and keys with their own weights."""
     from sora_model.attention import _qk_norm
