@@ -58,6 +58,9 @@ class TokenLayout:
     """((grid, count), ...): `count` clips of grid (T', H', W'), tokens clip after clip, t-major."""
     packed: bool = False
     """True: tokens are one (1, ΣN, D) sequence; False: a single segment held as (count, N, D)."""
+    shard: tuple[int, int] = (0, 1)
+    """(index, count): this call holds the index-th of `count` equal contiguous pieces of each clip's tokens
+    (sequence parallelism, single segment only); attention's hook brings in the rest. (0, 1): all of them."""
 
     @staticmethod
     def dense(grid: Grid, batch: int) -> TokenLayout:

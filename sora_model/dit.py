@@ -205,6 +205,7 @@ class DiT(nn.Module):
         text_pooled: torch.Tensor,
         drop_text: torch.Tensor | None = None,
         grids: tuple[tuple[int, int, int], ...] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Denoise a batch of same-size clips, or a packed batch of clips of any sizes.
 
@@ -213,7 +214,12 @@ class DiT(nn.Module):
         concatenated clip after clip, (ΣN, P) or (1, ΣN, P), and the prediction has the same shape (NaViT
         packing: no padding, each clip attends only to itself and its own caption and timestep).
         timestep (clips,), text_tokens (clips, L, Dt), text_mask (clips, L), text_pooled (clips, Dt).
+        With `shard=(index, count)` and `grids=(grid,)`: `video` is (B, N/count, P), the index-th contiguous
+        piece of B same-grid clips' tokens, and so is the result. Only correct with an attention hook that
+        gives attention the whole sequence (sequence parallelism: `pipelines/train/sequence_parallel.py`).
         """
+        if shard is not None:
+            return self._denoise_shard(video, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard)
         if grids is not None:
             layout = TokenLayout.from_grids(grids)
             tokens = video.reshape(1, -1, video.shape[-1])  # (1, ΣN, P)
@@ -236,6 +242,23 @@ class DiT(nn.Module):
         layout = TokenLayout.dense(grid, video.shape[0])
         out = self._denoise(self.patch_embed(video), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)  # (B, N, P)
         return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
+
+    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard) -> torch.Tensor:
+        """(B, N/count, P) tokens of one sequence shard -> their (B, N/count, P) predictions."""
+        index, count = shard
+        if grids is None or len(grids) != 1:
+            raise ValueError("a sequence shard needs grids=(grid,): the one (T', H', W') its clips share")
+        grid = tuple(grids[0])
+        n = math.prod(grid)
+        if n % count or self.cfg.num_heads % count or not 0 <= index < count:
+            raise ValueError(
+                f"sequence parallelism over {count} ranks needs the tokens per clip ({n}) and model.num_heads "
+                f"({self.cfg.num_heads}) divisible by {count}"
+            )
+        if tokens.ndim != 3 or tokens.shape[1] != n // count:
+            raise ValueError(f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}")
+        layout = TokenLayout(((grid, tokens.shape[0]),), shard=(index, count))
+        return self._denoise(self.patch_embed(tokens), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)
 
     def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text) -> torch.Tensor:
         """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P) predictions."""
@@ -310,7 +333,9 @@ class DiT(nn.Module):
 def layout_positions(layout: TokenLayout, device: torch.device) -> torch.Tensor:
     """(1, N, 3) integer (t, h, w) positions of a layout's tokens: every clip counts from its own origin."""
     if not layout.packed:
-        return grid_positions(layout.segments[0][0], device=device)[None]  # (1, N, 3)
+        positions = grid_positions(layout.segments[0][0], device=device)  # (N, 3)
+        index, count = layout.shard
+        return positions.chunk(count)[index][None]  # (1, N/count, 3)
     return torch.cat([grid_positions(grid, device=device).repeat(count, 1) for grid, count in layout.segments])[None]  # (1, ΣN, 3)
 
 
