@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.train.parallelize import parallelize
 from pipelines.train.recipe import Recipe, StageSpec, parse_recipe
 
 METRICS_FILE = "metrics.csv"
@@ -365,6 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=make_scheduler, config=ds_config, dist_init_required=False,
     )  # fmt: skip
     module = engine.module
+    par = parallelize(engine, recipe, world)  # sequence parallelism and compile, as the recipe asks
     diffusion = build_diffusion(recipe.diffusion)
     ema = PartitionEMA(module, recipe.ema.decay) if recipe.ema.enabled else None
 
@@ -484,8 +486,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch = 0
             while micro < stage.grad_accum:
                 epoch, batch = next(batches)
+                batch = par.share(batch)
                 consumed += 1
-                gen = torch.Generator().manual_seed(step_seed(recipe.seed, state["global_step"], rank, consumed))
+                gen = torch.Generator().manual_seed(step_seed(recipe.seed, state["global_step"], par.dp_rank, consumed))
                 x0 = unpatchify(batch["patches"], grid, model_cfg.patch_size, model_cfg.in_channels).to(device)  # (B, C, T, H, W)
                 tokens = batch["text_tokens"].to(device)  # (B, L, Dt)
                 mask = batch["text_mask"].to(device)  # (B, L)
@@ -494,7 +497,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 dtype = torch.bfloat16 if bf16 else torch.float32
 
                 def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    return engine(x_t.to(dtype), t, tokens.to(dtype), mask, pooled.to(dtype), drop_text=drop).float()  # noqa: B023
+                    return par.forward(engine, x_t.to(dtype), t, tokens.to(dtype), mask, pooled.to(dtype), drop).float()  # noqa: B023
 
                 engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
                 terms = diffusion.training_losses(model_fn, x0, stage.loss, generator=gen, num_tokens=num_tokens, perceptual_net=perceptual)
@@ -523,7 +526,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     continue
                 bad_in_row = 0
                 sums += np.asarray(reduced[:5]) / world
-                engine.backward(terms["loss"])
+                engine.backward(terms["loss"] * par.loss_scale)
                 engine.step()
                 micro += 1
 
@@ -533,7 +536,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ema.update(module)
             if rank == 0:
                 grad_norm = engine.get_global_grad_norm()
-                samples = stage.micro_batch * stage.grad_accum * world
+                samples = stage.micro_batch * stage.grad_accum * world // par.sp
                 mean = sums / stage.grad_accum
                 row = {
                     "step": state["global_step"], "stage": stage.name, "stage_step": k + 1, "epoch": epoch,
