@@ -19,19 +19,32 @@ from .config import DiTConfig
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
 from .rope import rope_frequencies, rope_rotation, sincos_position_embedding
 
+FP32_MODULES = ("t_embedder", "pooled_embedder", "norm2")
+"""Submodules `DiT.to_inference_dtype` keeps in fp32: the timestep and caption embedders (small) and the affine
+LayerNorm. The per-block adaLN Linears (6 D² of a block's 22 D² parameters) go to bf16 with the rest, so the
+weights take half the memory; their inputs and outputs stay fp32 (`full_precision`)."""
+
 TIMESTEP_MAX_PERIOD = 10000.0
 """Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's value)."""
 
 
 def full_precision(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` outside autocast: the timestep path and adaLN modulation stay in the weights' precision.
+    """`module(x)` outside autocast, returned in fp32: adaLN modulation keeps the precision of its inputs.
 
-    Under bf16 autocast the conditions that scale and gate every token (and the residual stream they
-    gate) would otherwise round to 8 bits of mantissa; Wan and Open-Sora keep them in fp32 for that reason.
-    Without autocast this is exactly `module(x)`.
+    Under bf16 autocast the shift, scale and gate of every token (and the residual stream they gate)
+    would otherwise round to 8 bits of mantissa; Wan and Open-Sora keep them in fp32 for that reason.
+    With bf16 inference weights the Linear computes in bf16 and its fp32 output is used as is. Without
+    autocast and with fp32 weights this is exactly `module(x)`.
     """
+    dtype = next((input_dtype(m) for m in module.modules() if isinstance(m, nn.Linear)), x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return module(x)
+        return module(x.to(dtype)).float()
+
+
+def input_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a Linear computes in: its weight's; fp32 for a dynamically quantised one (int8 takes float in)."""
+    weight = getattr(linear, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
 
 
 class TimestepEmbedder(nn.Module):
@@ -77,9 +90,11 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         """x (B, N, D) tokens, c (clips, D) conditions (fp32 under autocast), context (clips, L, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = full_precision(self.adaLN_modulation, c).chunk(6, dim=-1)  # 6 x (clips, D)
-        x = x + layout.gate(self.attn(layout.modulate(self.norm1(x), shift1, scale1), rope, layout, self.scope), gate1)  # (B, N, D)
-        x = x + self.cross_attn(self.norm2(x), context, context_mask, layout)  # (B, N, D)
-        x = x + layout.gate(self.mlp(layout.modulate(self.norm3(x), shift2, scale2)), gate2)  # (B, N, D)
+        # The residual stream x stays in fp32; each sublayer computes in its weights' dtype (a no-op cast in fp32).
+        dt = input_dtype(self.attn.qkv)
+        x = x + layout.gate(self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
+        x = x + self.cross_attn(self.norm2(x).to(dt), context, context_mask, layout)  # (B, N, D)
+        x = x + layout.gate(self.mlp(layout.modulate(self.norm3(x), shift2, scale2).to(dt)), gate2)  # (B, N, D)
         return x
 
 
@@ -92,7 +107,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         shift, scale = full_precision(self.adaLN_modulation, c).chunk(2, dim=-1)  # (clips, D) each
-        return self.linear(layout.modulate(self.norm(x), shift, scale))  # (B, N, P)
+        return self.linear(layout.modulate(self.norm(x), shift, scale).to(input_dtype(self.linear)))  # (B, N, P)
 
 
 def block_scopes(cfg: DiTConfig) -> list[AttentionScope]:
@@ -188,9 +203,9 @@ class DiT(nn.Module):
         # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
         first = text_mask[:, :1] | ~text_mask.any(-1, keepdim=True)  # (B, 1)
         text_mask = torch.cat([first, text_mask[:, 1:]], dim=1)  # (B, L)
-        dtype = self.dtype
+        dtype, cond_dtype = self.dtype, input_dtype(self.t_embedder.mlp[0])  # fp32 unless all weights are low-precision
         with torch.autocast(text_tokens.device.type, enabled=False):
-            c = self.t_embedder(timestep, dtype) + self.pooled_embedder(text_pooled.to(dtype))  # (B, D)
+            c = self.t_embedder(timestep, cond_dtype) + self.pooled_embedder(text_pooled.to(cond_dtype))  # (B, D)
         context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
         return c, context, text_mask
 
@@ -233,14 +248,14 @@ class DiT(nn.Module):
                     f"a packed batch of {layout.num_clips} clips needs one timestep and caption per clip, "
                     f"got {timestep.shape[0]} timesteps and {text_tokens.shape[0]} captions"
                 )
-            return self._denoise(self.patch_embed(tokens), layout, timestep, text_tokens, text_mask, text_pooled, drop_text).reshape(video.shape)
+            return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text).reshape(video.shape)
         if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
             raise ValueError(
                 f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}"
             )
         grid = patch_grid(tuple(video.shape[2:]), self.cfg.patch_size)
         layout = TokenLayout.dense(grid, video.shape[0])
-        out = self._denoise(self.patch_embed(video), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)  # (B, N, P)
+        out = self._denoise(self.patch_embed(video.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)  # (B, N, P)
         return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
 
     def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard) -> torch.Tensor:
@@ -258,14 +273,14 @@ class DiT(nn.Module):
         if tokens.ndim != 3 or tokens.shape[1] != n // count:
             raise ValueError(f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}")
         layout = TokenLayout(((grid, tokens.shape[0]),), shard=(index, count))
-        return self._denoise(self.patch_embed(tokens), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)
+        return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)
 
     def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text) -> torch.Tensor:
         """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P) predictions."""
         # 1. Conditions, positions (built on the device from the layout's ints: nothing copied from the host).
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
         positions = layout_positions(layout, x.device)  # (1, N, 3)
-        x = self._add_absolute_positions(x, positions)  # (B, N, D)
+        x = self._add_absolute_positions(x.float(), positions)  # (B, N, D) fp32: the residual stream
         rope = rope_rotation(positions, rope_frequencies(self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_theta, x.device))
         # 2. Transformer blocks and the output projection back to patches.
         for block in self.blocks:
@@ -315,6 +330,19 @@ class DiT(nn.Module):
         if not self.cfg.absolute_positions:
             return x
         return x + sincos_position_embedding(positions, self.cfg.hidden_size).to(device=x.device, dtype=x.dtype)
+
+    def to_inference_dtype(self, dtype: torch.dtype = torch.bfloat16) -> DiT:
+        """Cast the weights to `dtype` for inference, except the conditioning path and norms with weights.
+
+        Half the memory of fp32 weights under autocast. The timestep and pooled-caption embedders and the
+        affine cross-attention norms stay fp32 (`FP32_MODULES`, as Wan keeps its time embedding); adaLN's
+        shift, scale and gate and the residual stream they act on are fp32 whatever the weights' dtype.
+        """
+        self.to(dtype)
+        for name, module in self.named_modules():
+            if name.split(".")[-1] in FP32_MODULES:
+                module.float()
+        return self
 
     def set_attention_hook(self, hook: AttentionHook | None) -> None:
         """Wrap every self-attention's local attention (sequence parallelism installs its all-to-all here)."""
