@@ -176,8 +176,10 @@ class Recipe:
     per clip. Composes with ZeRO-3: the data-parallel degree is workers / sequence_parallel_size."""
     compile: bool = False
     """`torch.compile` the model in the trainer (DeepSpeed `engine.compile`, Inductor, one graph per bucket).
-    Off by default: on CPU a compiled DiT-demo step is ~1.2x faster but each bucket's compile takes minutes,
-    which a 15-minute demo never earns back (benchmarks/RESULTS.md, compile_train_step_ratio); on for long runs."""
+    Off by default: on CPU a compiled DiT-demo step is ~1.14x faster but each bucket's compile takes minutes,
+    which a 15-minute demo never earns back (benchmarks/RESULTS.md, compile_train_step_ratio); on for long runs.
+    Needs deepspeed.zero_stage <= 2: ZeRO-3's per-module parameter hooks made Dynamo recompile on every module
+    (its limit of 64 graphs was hit within the first step, measured on CPU)."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -196,6 +198,10 @@ class Recipe:
             raise ConfigError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.compile and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "compile: true needs deepspeed.zero_stage <= 2 (ZeRO-3's parameter hooks recompile the graph per module)"
+            )
         if self.sequence_parallel_size < 1:
             raise ConfigError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
 
