@@ -7,6 +7,8 @@ Per rank, per optimizer step:
     shard.iter_torch_batches(micro_batch)  ->  unpatchify to (B, C, T, H, W)  ->  caption dropout
     ->  diffusion.training_losses  ->  all-reduce of (loss terms, non-finite flag)  ->  backward (ZeRO-3
     reduce-scatter)  ->  engine.step at the accumulation boundary  ->  EMA of the local partition
+With `sequence_parallel_size` > 1 a group of ranks shares each micro-batch and splits its clips' tokens
+(`parallelize.py`, `sequence_parallel.py`); `compile: true` compiles the model once per bucket.
 
 Resumption is exact in what matters: the checkpoint holds every rank's DeepSpeed shard (weights,
 AdamW state, LR schedule), the EMA partition, RNG states and the position (stage, step, micro-batches
