@@ -7,6 +7,8 @@ Per rank, per optimizer step:
     shard.iter_torch_batches(micro_batch)  ->  unpatchify to (B, C, T, H, W)  ->  caption dropout
     ->  diffusion.training_losses  ->  all-reduce of (loss terms, non-finite flag)  ->  backward (ZeRO-3
     reduce-scatter)  ->  engine.step at the accumulation boundary  ->  EMA of the local partition
+With `sequence_parallel_size` > 1 a group of ranks shares each micro-batch and splits its clips' tokens
+(`parallelize.py`, `sequence_parallel.py`); `compile: true` compiles the model once per bucket.
 
 Resumption is exact in what matters: the checkpoint holds every rank's DeepSpeed shard (weights,
 AdamW state, LR schedule), the EMA partition, RNG states and the position (stage, step, micro-batches
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.train.parallelize import parallelize
 from pipelines.train.recipe import Recipe, StageSpec, parse_recipe
 
 METRICS_FILE = "metrics.csv"
@@ -106,11 +109,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Numpy batch of prepared rows -> float32/bool tensors (text tokens are stored in fp16)."""
+    """Numpy batch of prepared rows -> float32/bool tensors (text tokens are stored in fp16).
+
+    Caption columns no row uses are dropped here, on the host, so the model never syncs to find them.
+    """
+    mask = np.asarray(batch["text_mask"], dtype=bool)
+    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1
     return {
         "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)
-        "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float32)),  # (B, L, Dt)
-        "text_mask": torch.as_tensor(np.asarray(batch["text_mask"], dtype=bool)),  # (B, L)
+        "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float32)[:, :keep]),  # (B, L', Dt)
+        "text_mask": torch.as_tensor(mask[:, :keep]),  # (B, L')
         "text_pooled": torch.as_tensor(np.asarray(batch["text_pooled"], dtype=np.float32)),  # (B, Dt)
     }
 
@@ -360,6 +368,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=make_scheduler, config=ds_config, dist_init_required=False,
     )  # fmt: skip
     module = engine.module
+    par = parallelize(engine, recipe, world)  # sequence parallelism and compile, as the recipe asks
     diffusion = build_diffusion(recipe.diffusion)
     ema = PartitionEMA(module, recipe.ema.decay) if recipe.ema.enabled else None
 
@@ -479,8 +488,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch = 0
             while micro < stage.grad_accum:
                 epoch, batch = next(batches)
+                batch = par.share(batch)
                 consumed += 1
-                gen = torch.Generator().manual_seed(step_seed(recipe.seed, state["global_step"], rank, consumed))
+                gen = torch.Generator().manual_seed(step_seed(recipe.seed, state["global_step"], par.dp_rank, consumed))
                 x0 = unpatchify(batch["patches"], grid, model_cfg.patch_size, model_cfg.in_channels).to(device)  # (B, C, T, H, W)
                 tokens = batch["text_tokens"].to(device)  # (B, L, Dt)
                 mask = batch["text_mask"].to(device)  # (B, L)
@@ -489,7 +499,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 dtype = torch.bfloat16 if bf16 else torch.float32
 
                 def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                    return engine(x_t.to(dtype), t, tokens.to(dtype), mask, pooled.to(dtype), drop_text=drop).float()  # noqa: B023
+                    return par.forward(engine, x_t.to(dtype), t, tokens.to(dtype), mask, pooled.to(dtype), drop).float()  # noqa: B023
 
                 engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
                 terms = diffusion.training_losses(model_fn, x0, stage.loss, generator=gen, num_tokens=num_tokens, perceptual_net=perceptual)
@@ -518,7 +528,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     continue
                 bad_in_row = 0
                 sums += np.asarray(reduced[:5]) / world
-                engine.backward(terms["loss"])
+                engine.backward(terms["loss"] * par.loss_scale)
                 engine.step()
                 micro += 1
 
@@ -528,7 +538,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ema.update(module)
             if rank == 0:
                 grad_norm = engine.get_global_grad_norm()
-                samples = stage.micro_batch * stage.grad_accum * world
+                samples = stage.micro_batch * stage.grad_accum * world // par.sp
                 mean = sums / stage.grad_accum
                 row = {
                     "step": state["global_step"], "stage": stage.name, "stage_step": k + 1, "epoch": epoch,
