@@ -38,9 +38,9 @@ def make_export(folder: str, steps: int) -> str:
     return folder
 
 
-def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int = 16) -> None:
+def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int = 16, **args: Any) -> None:
     """The real application (`pipelines.serve.app.build_app`), one generator replica, result cache off
-    (every request must sample), batching as given."""
+    (every request must sample), batching as given; `args`: more ServeSettings (db, storage_options)."""
     from ray import serve
 
     from pipelines.serve.app import build_app
@@ -49,7 +49,7 @@ def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int =
     settings = load_settings({
         "model": export, "store": store, "result_cache": False,
         "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.05},
-        "queue": {"max_in_flight": max_in_flight},
+        "queue": {"max_in_flight": max_in_flight}, **args,
     })  # fmt: skip
     fixed = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
     app = build_app(settings, {"Generator": {"autoscaling_config": fixed}})
@@ -114,34 +114,38 @@ def shutdown(work: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _completed_extras(store: str) -> list[dict[str, Any]]:
+    """The monitoring fields (`extra`: timing_s, batch_size) of the completed jobs in the app's default
+    SQLite job database beside the store."""
+    from sqlalchemy import select
+
+    from pipelines.serve.db import JobDB, jobs
+
+    db = JobDB(f"sqlite:///{os.path.join(store, 'jobs.db')}")
+    try:
+        with db.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(jobs.c.extra).where(jobs.c.status == "completed")) if r[0]]
+    finally:
+        db.close()
+
+
 def replica_timings(store: str) -> dict[str, Any]:
-    """Medians of where the completed jobs' time went inside the replica (`_timing_s`, seconds)."""
-    import glob
-    import json
+    """Medians of where the completed jobs' time went inside the replica (`timing_s`, seconds)."""
     import statistics
 
-    rows = []
-    for path in glob.glob(os.path.join(store, "jobs", "*.json")):
-        with open(path) as f:
-            timing = json.load(f).get("_timing_s")
-        if timing:
-            rows.append(timing)
+    rows = [e["timing_s"] for e in _completed_extras(store) if e.get("timing_s")]
     return {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]} if rows else {}
 
 
 def sampling_s_per_video_by_batch_size(store: str) -> dict[str, float]:
     """Median replica sampling seconds per clip, by the batch size it was sampled in: whether one batched
     forward pass is cheaper per clip than one alone on this hardware."""
-    import glob
-    import json
     import statistics
 
     by: dict[str, list[float]] = {}
-    for path in glob.glob(os.path.join(store, "jobs", "*.json")):
-        with open(path) as f:
-            job = json.load(f)
-        if job.get("_timing_s") and job.get("_batch_size"):
-            by.setdefault(str(job["_batch_size"]), []).append(job["_timing_s"]["sampling"] / job["_batch_size"])
+    for e in _completed_extras(store):
+        if e.get("timing_s") and e.get("batch_size"):
+            by.setdefault(str(e["batch_size"]), []).append(e["timing_s"]["sampling"] / e["batch_size"])
     return {k: round(statistics.median(v), 4) for k, v in sorted(by.items(), key=lambda kv: int(kv[0]))}
 
 

@@ -1,6 +1,6 @@
 """Videos/s through the real Serve app with dynamic batching ÷ without, at a fixed concurrency of 8.
 
-What is compared: the same application (`pipelines.serve.app.build_app`: FastAPI ingress, job store,
+What is compared: the same application (`pipelines.serve.app.build_app`: FastAPI ingress, job database and video store,
 generator deployment with `@serve.batch`), one generator replica on one CPU, the same tiny export
 (benchmarks/_serve.py), 8 clients each sending one request at a time over HTTP and polling for the
 result, as the OpenAI SDK does. "With batching" is the generator's `max_batch_size` 8 (so all 8

@@ -3,7 +3,7 @@
 What is compared: one client, one request at a time (no queueing), the same prompt, size, frames,
 steps and guidance, fresh seeds. Through Serve: HTTP POST /v1/videos, ingress queue, generator
 replica (`@serve.batch`; its 50 ms wait for company is skipped when the ingress has nothing else
-queued), sampling, MP4 + thumbnail encoding and the job store, until GET /v1/videos/{id} says
+queued), sampling, MP4 + thumbnail encoding, the video store and the job database, until GET /v1/videos/{id} says
 `completed` (polled when the server's `openai-poll-after-ms` says, as the SDK does; see benchmarks/_serve.py).
 Direct: `pipe(prompt, ...)` in this process on one torch thread, the replica's CPU share. The details
 also give the ratio against direct sampling + MP4 encoding (the work a client of the pipeline would
@@ -16,6 +16,7 @@ command, medians over the repetitions.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 from benchmarks.common import main, median, summary
@@ -51,7 +52,8 @@ def run(quick: bool) -> dict:
             t0 = time.perf_counter()
             clip = pipe(_serve.REQUEST["prompt"], num_frames=8, height=32, width=32, seed=seed)
             if encode:
-                encode_clip(clip[0], 8)
+                with tempfile.TemporaryDirectory() as tmp:
+                    encode_clip(clip[0], 8, tmp)
             return time.perf_counter() - t0
 
         asyncio.run(via_serve(10_000))  # warm-up: first-request costs on both sides

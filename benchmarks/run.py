@@ -34,6 +34,10 @@ FIGURES = (
     "sampler_nfe_for_ddpm_quality",
     "serve_batching_throughput_ratio",
     "serve_overhead_p50",
+    "serve_poll_latency_ratio_100k_over_100",
+    "serve_download_peak_rss_mb",
+    "compile_train_step_ratio",
+    "packed_vs_padded_tokens_ratio",
 )
 GOALS = {
     "data_speedup_vs_decord_loop": ">= 1.6",
@@ -44,6 +48,10 @@ GOALS = {
     "sampler_nfe_for_ddpm_quality": "<= 25",
     "serve_batching_throughput_ratio": ">= 1.5",
     "serve_overhead_p50": "<= 1.10",
+    "serve_poll_latency_ratio_100k_over_100": "<= 1.2",
+    "serve_download_peak_rss_mb": "<= 64",
+    "compile_train_step_ratio": ">= 1.0",
+    "packed_vs_padded_tokens_ratio": ">= 1.3",
 }
 GPU_FIGURES = (
     ("gpu_dit_l_tokens_per_s_bf16", "tokens/s of a DiT-L/2-sized model, bf16, >= 8k tokens/sample"),

@@ -1,4 +1,4 @@
-"""Attention on `scaled_dot_product_attention`: full 3D, factorised, temporally windowed, with masks.
+"""Attention on `scaled_dot_product_attention`: full 3D, factorised, temporally windowed; never an N×N mask.
 
 A block attends within a *scope* (article 2.1 and 2.2):
 - `full` with window 0: every token sees every token of its clip (3D attention);
@@ -7,16 +7,24 @@ A block attends within a *scope* (article 2.1 and 2.2):
   multi-scale temporal modelling;
 - `spatial`: tokens of the same frame; `temporal` (optionally windowed): tokens at the same (h, w).
 
-Two ways to compute the same thing. When every clip in the batch has the same grid and no padding
-(the training case: batches come from one bucket), tokens are reshaped into windows and SDPA runs
-on dense, smaller sequences: real savings. When clips differ in size (padded, with a token mask),
-the scope becomes a boolean mask over all N tokens; slower, but exact, and a test checks that both
-paths agree.
+Every scope runs as dense SDPA over reshaped groups of tokens, never as a boolean mask over all N tokens
+(a (B, N, N) mask is 8 GB at 90k tokens, and SDPA turns it into a bias that costs global attention in
+every windowed block). A window that does not divide the clip's T' (T' = 21 with window 4: every causal-VAE
+clip) is the full windows as one call plus the shorter last window as another.
+
+A batch is a `TokenLayout`: a sequence of *segments*, each `count` clips of one grid, their tokens
+concatenated clip after clip (t-major inside a clip, as `patch.py` lays them out). A batch of one bucket
+is a single segment: (B, N, D) tokens, pure views. A packed batch (NaViT) mixes grids in one (1, ΣN, D)
+sequence; each segment is attended as its own dense batch, so no clip ever sees another's tokens and no
+token is padding. Everything a layout holds is Python ints: shapes never depend on tensor data, so
+`torch.compile` traces one graph per layout (one per bucket) with no graph break.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,6 +34,13 @@ from torch import nn
 from .rope import apply_rope
 
 ScopeKind = Literal["full", "spatial", "temporal"]
+Grid = tuple[int, int, int]
+
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Local attention: (q, k, v) each (B, H, N, Dh) in token order -> (B, H, N, Dh)."""
+AttentionHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttendFn], torch.Tensor]
+"""Wraps the local attention of every self-attention layer: hook(q, k, v, attend) -> out. Sequence
+parallelism (`pipelines/train/sequence_parallel.py`) installs one that re-shards around `attend`."""
 
 
 @dataclass(frozen=True)
@@ -35,78 +50,134 @@ class AttentionScope:
     """Temporal window in latent frames; 0 = global."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenLayout:
-    """Where each token of a batch sits, shared by every block of one forward pass."""
+    """Where each token of a batch sits: consecutive segments of same-grid clips (Python ints only)."""
 
-    positions: torch.Tensor
-    """(B, N, 3) integer (t, h, w) coordinates."""
-    token_mask: torch.Tensor | None = None
-    """(B, N) bool, True for real tokens; None when nothing is padded."""
-    grid: tuple[int, int, int] | None = None
-    """(T', H', W') when all clips share it and nothing is padded: enables the reshape fast path."""
-    _masks: dict[AttentionScope, torch.Tensor] = field(default_factory=dict, repr=False)
+    segments: tuple[tuple[Grid, int], ...]
+    """((grid, count), ...): `count` clips of grid (T', H', W'), tokens clip after clip, t-major."""
+    packed: bool = False
+    """True: tokens are one (1, ΣN, D) sequence; False: a single segment held as (count, N, D)."""
+    shard: tuple[int, int] = (0, 1)
+    """(index, count): this call holds the index-th of `count` equal contiguous pieces of each clip's tokens
+    (sequence parallelism, single segment only); attention's hook brings in the rest. (0, 1): all of them."""
 
-    def attention_mask(self, scope: AttentionScope) -> torch.Tensor | None:
-        """(B, 1, N, N) bool: may query i attend to key j. Built once per scope and reused by every block."""
-        if scope.kind == "full" and scope.window == 0:
-            if self.token_mask is None:
-                return None
-            return self.token_mask[:, None, None, :]  # (B, 1, 1, N)
-        if scope not in self._masks:
-            pos = self.positions
-            t = pos[..., 0]
-            same = torch.ones(pos.shape[0], pos.shape[1], pos.shape[1], dtype=torch.bool, device=pos.device)
-            if scope.kind == "spatial":
-                same &= t[:, :, None] == t[:, None, :]
-            if scope.kind == "temporal":
-                same &= (pos[:, :, None, 1:] == pos[:, None, :, 1:]).all(-1)
-            if scope.window:
-                tw = torch.div(t, scope.window, rounding_mode="floor")
-                same &= tw[:, :, None] == tw[:, None, :]
-            if self.token_mask is not None:
-                same &= self.token_mask[:, None, :]
-                # Padded queries would otherwise see no key at all (NaN rows); let them see themselves.
-                same |= torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
-            self._masks[scope] = same[:, None]  # (B, 1, N, N)
-        return self._masks[scope]
+    @staticmethod
+    def dense(grid: Grid, batch: int) -> TokenLayout:
+        """B clips of one grid, tokens (B, N, D)."""
+        return TokenLayout(((tuple(grid), batch),))
+
+    @staticmethod
+    def from_grids(grids: tuple[Grid, ...] | list[Grid]) -> TokenLayout:
+        """Packed clips in the given order; neighbours with equal grids share a segment (one SDPA call)."""
+        if not grids:
+            raise ValueError("a packed batch needs at least one clip grid")
+        segments: list[tuple[Grid, int]] = []
+        for g in grids:
+            g = tuple(int(s) for s in g)
+            if len(g) != 3 or min(g) < 1:
+                raise ValueError(f"clip grids must be three positive ints (T', H', W'), got {g}")
+            if segments and segments[-1][0] == g:
+                segments[-1] = (g, segments[-1][1] + 1)
+            else:
+                segments.append((g, 1))
+        return TokenLayout(tuple(segments), packed=True)
+
+    @property
+    def num_clips(self) -> int:
+        return sum(count for _, count in self.segments)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(math.prod(grid) * count for grid, count in self.segments)
+
+    def grids(self) -> list[Grid]:
+        """One grid per clip, in order."""
+        return [grid for grid, count in self.segments for _ in range(count)]
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, N, ...) tokens (one segment) or (1, ΣN, ...) (packed) -> per segment (count, N_seg, ...)."""
+        if not self.packed:
+            return [x]
+        flat = x.reshape(-1, *x.shape[2:])  # (ΣN, ...)
+        sizes = [math.prod(grid) * count for grid, count in self.segments]
+        return [part.reshape(count, math.prod(grid), *x.shape[2:]) for part, (grid, count) in zip(flat.split(sizes), self.segments)]
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `split`: per segment (count, N_seg, ...) -> the batch's token tensor."""
+        if not self.packed:
+            return parts[0]
+        return torch.cat([p.reshape(-1, *p.shape[2:]) for p in parts]).unsqueeze(0)  # (1, ΣN, ...)
+
+    def per_clip(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """(clips, ...) per-clip values (timestep features, captions) -> per segment (count, ...)."""
+        return list(c.split([count for _, count in self.segments]))
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """adaLN: tokens times (1 + their clip's scale) plus its shift; shift, scale (clips, D)."""
+        parts = zip(self.split(x), self.per_clip(shift), self.per_clip(scale))
+        return self.merge([p * (1 + sc[:, None]) + sh[:, None] for p, sh, sc in parts])
+
+    def gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Tokens times their clip's (clips, D) gate."""
+        return self.merge([p * g[:, None] for p, g in zip(self.split(x), self.per_clip(gate))])
 
 
-def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], scope: AttentionScope) -> torch.Tensor | None:
-    """Dense attention inside the scope's groups by reshaping; None when the grid does not allow it."""
+def _sdpa_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, ungroup) -> torch.Tensor:
+    return ungroup(F.scaled_dot_product_attention(group(q), group(k), group(v)))
+
+
+def scoped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, scope: AttentionScope) -> torch.Tensor:
+    """Dense attention of B same-grid clips inside `scope`: q, k, v (B, H, N, Dh) -> (B, H, N, Dh).
+
+    Groups are reshaped out of the token order, so each SDPA call is a batch of equal, short sequences.
+    A ragged last window is a second call over the remaining frames: memory and time stay those of the
+    windows actually attended, never those of a mask over all N tokens.
+    """
     b, h, n, d = q.shape
     gt, gh, gw = grid
     s = gh * gw
     window = scope.window if 0 < scope.window < gt else 0
-    if window and gt % window:
-        return None  # ragged last window: use the mask path
     if scope.kind == "full" and not window:
-        return F.scaled_dot_product_attention(q, k, v)
-
-    def group(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(b, h, gt, s, d)  # (B, H, T', S, D)
-        if scope.kind == "spatial":
-            return x.transpose(1, 2).reshape(b * gt, h, s, d)  # (B*T', H, S, D)
-        if scope.kind == "temporal":
-            x = x.permute(0, 3, 1, 2, 4)  # (B, S, H, T', D)
-            w = window or gt
-            x = x.reshape(b, s, h, gt // w, w, d).permute(0, 1, 3, 2, 4, 5)  # (B, S, T'/w, H, w, D)
-            return x.reshape(b * s * (gt // w), h, w, d)  # (B*S*T'/w, H, w, D)
-        # full attention inside blocks of `window` frames
-        x = x.reshape(b, h, gt // window, window * s, d).transpose(1, 2)  # (B, T'/w, H, w*S, D)
-        return x.reshape(b * (gt // window), h, window * s, d)  # (B*T'/w, H, w*S, D)
-
-    out = F.scaled_dot_product_attention(group(q), group(k), group(v))
-    # undo the grouping
+        return F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
     if scope.kind == "spatial":
-        out = out.reshape(b, gt, h, s, d).transpose(1, 2)  # (B, H, T', S, D)
-    elif scope.kind == "temporal":
-        w = window or gt
-        out = out.reshape(b, s, gt // w, h, w, d).permute(0, 1, 3, 2, 4, 5)  # (B, S, H, T'/w, w, D)
-        out = out.reshape(b, s, h, gt, d).permute(0, 2, 3, 1, 4)  # (B, H, T', S, D)
-    else:
-        out = out.reshape(b, gt // window, h, window * s, d).transpose(1, 2)  # (B, H, T'/w, w*S, D)
-    return out.reshape(b, h, n, d)  # (B, H, N, D)
+        return _sdpa_groups(
+            q, k, v,
+            lambda x: x.reshape(b, h, gt, s, d).transpose(1, 2).reshape(b * gt, h, s, d),  # (B*T', H, S, Dh)
+            lambda o: o.reshape(b, gt, h, s, d).transpose(1, 2).reshape(b, h, n, d),  # (B, H, N, Dh)
+        )  # fmt: skip
+    w = window or gt
+    full, rest = divmod(gt, w)
+    if scope.kind == "temporal":
+        # (B, H, T', S, Dh) -> per (b, s): the frames of one spatial position, cut into windows.
+        qs, ks, vs = (x.reshape(b, h, gt, s, d).permute(0, 3, 1, 2, 4) for x in (q, k, v))  # (B, S, H, T', Dh)
+        outs = []
+        for t0, length, count in ((0, full * w, full), (full * w, rest, 1)):
+            if length == 0:
+                continue
+            wl = length // count
+
+            def group(x, t0=t0, length=length, count=count, wl=wl):
+                x = x[:, :, :, t0 : t0 + length].reshape(b, s, h, count, wl, d).permute(0, 1, 3, 2, 4, 5)  # (B, S, c, H, wl, Dh)
+                return x.reshape(b * s * count, h, wl, d)  # (B*S*c, H, wl, Dh)
+
+            out = F.scaled_dot_product_attention(group(qs), group(ks), group(vs))
+            outs.append(out.reshape(b, s, count, h, wl, d).permute(0, 1, 3, 2, 4, 5).reshape(b, s, h, length, d))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # (B, S, H, T', Dh)
+        return out.permute(0, 2, 3, 1, 4).reshape(b, h, n, d)  # (B, H, N, Dh)
+    # full attention inside blocks of w frames: in t-major order a window is a contiguous run of w*S tokens.
+    outs = []
+    for n0, length, count in ((0, full * w * s, full), (full * w * s, rest * s, 1)):
+        if length == 0:
+            continue
+
+        def group(x, n0=n0, length=length, count=count):
+            x = x[:, :, n0 : n0 + length].reshape(b, h, count, length // count, d).transpose(1, 2)  # (B, c, H, wS, Dh)
+            return x.reshape(b * count, h, length // count, d)  # (B*c, H, wS, Dh)
+
+        out = F.scaled_dot_product_attention(group(q), group(k), group(v))  # (B*c, H, wS, Dh)
+        outs.append(out.reshape(b, count, h, length // count, d).transpose(1, 2).reshape(b, h, length, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, N, Dh)
 
 
 def _qk_norm(qk: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> torch.Tensor:
@@ -126,6 +197,7 @@ class SelfAttention(nn.Module):
     Queries and keys are normalised and rotated together, in the (B, N, H, Dh) layout the QKV
     projection produces; SDPA reads them through transposed views, so the spatial and full scopes
     copy nothing between the projection and the output (only temporal grouping must gather).
+    `hook` (None by default) wraps the local attention: sequence parallelism sets it from outside.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
@@ -136,6 +208,7 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.hook: AttentionHook | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, layout: TokenLayout, scope: AttentionScope) -> torch.Tensor:
         b, n, dim = x.shape
@@ -143,14 +216,21 @@ class SelfAttention(nn.Module):
         qk = apply_rope(_qk_norm(qk, self.q_norm, self.k_norm), rope)  # (B, N, 2, H, Dh)
         q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # (B, H, N, Dh) views
         v = v.squeeze(2).transpose(1, 2)  # (B, H, N, Dh) view
-        out = _windowed(q, k, v, layout.grid, scope) if layout.grid is not None else None
-        if out is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attention_mask(scope))  # (B, H, N, Dh)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if not layout.packed:
+                return scoped_attention(q, k, v, layout.segments[0][0], scope)  # (B, H, N, Dh)
+            parts = zip(*(layout.split(t.transpose(1, 2)) for t in (q, k, v)), layout.segments)  # (c, N_seg, H, Dh)
+            outs = [scoped_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), grid, scope).transpose(1, 2)
+                    for qs, ks, vs, (grid, _) in parts]  # fmt: skip
+            return layout.merge(outs).transpose(1, 2)  # (1, H, ΣN, Dh)
+
+        out = attend(q, k, v) if self.hook is None else self.hook(q, k, v, attend)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))  # (B, N, D)
 
 
 class CrossAttention(nn.Module):
-    """Queries from video tokens, keys and values from text tokens (article 3.2), text-masked."""
+    """Queries from video tokens, keys and values from their own clip's text tokens (article 3.2), text-masked."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -162,11 +242,13 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         b, n, dim = x.shape
-        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, self.head_dim))).transpose(1, 2)  # (B, H, N, Dh)
-        kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, L, 2, H, Dh)
-        k, v = self.k_norm(kv[:, :, 0]).transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, H, L, Dh)
-        mask = context_mask[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, Dh)
-        return self.proj(out.transpose(1, 2).reshape(b, n, dim))  # (B, N, D)
+        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)))  # (B, N, H, Dh)
+        kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))  # (clips, L, 2, H, Dh)
+        k, v = self.k_norm(kv[:, :, 0]).transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (clips, H, L, Dh)
+        mask = context_mask[:, None, None, :]  # (clips, 1, 1, L)
+        parts = zip(layout.split(q), layout.per_clip(k), layout.per_clip(v), layout.per_clip(mask))
+        outs = [F.scaled_dot_product_attention(qs.transpose(1, 2), ks, vs, attn_mask=ms).transpose(1, 2)
+                for qs, ks, vs, ms in parts]  # fmt: skip  # (c, N_seg, H, Dh) each
+        return self.proj(layout.merge(outs).reshape(b, n, dim))  # (B, N, D)

@@ -160,7 +160,9 @@ class DiffusersAutoencoder(Autoencoder):
     clips. Compression factors come from the loaded model (see VAE_CLASSES for the rule per class).
     """
 
-    def __init__(self, path: str, scaling_factor: float | None = None, shift_factor: float | None = None) -> None:
+    def __init__(
+        self, path: str, scaling_factor: float | None = None, shift_factor: float | None = None, tiling: bool = True
+    ) -> None:
         super().__init__()
         folder = Path(path)
         config_file = folder / "config.json"
@@ -179,6 +181,8 @@ class DiffusersAutoencoder(Autoencoder):
             raise ValueError(f"the installed diffusers {diffusers.__version__} has no {class_name}; upgrade diffusers")
         vae = getattr(diffusers, class_name).from_pretrained(str(folder), local_files_only=True)
         vae.eval().requires_grad_(False)  # frozen: diffusion trains on its latents, never the VAE
+        if tiling and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()  # long clips decode tile by tile instead of all at once (AutoencoderConfig.tiling)
         self.vae = vae
         self.class_name = class_name
         self.is_video, rule = VAE_CLASSES[class_name]
@@ -258,5 +262,5 @@ def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
             raise FileNotFoundError(
                 f"autoencoder.path '{cfg.path}' not found: give a local folder saved by diffusers' save_pretrained"
             )
-        return DiffusersAutoencoder(cfg.path, cfg.scaling_factor, cfg.shift_factor)
+        return DiffusersAutoencoder(cfg.path, cfg.scaling_factor, cfg.shift_factor, tiling=cfg.tiling)
     raise ValueError(f"unknown autoencoder.kind '{cfg.kind}'; choose 'identity' or 'diffusers'")

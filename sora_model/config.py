@@ -206,6 +206,9 @@ class AutoencoderConfig:
     """None takes the VAE's own `scaling_factor` from its config (never a hard-coded 0.18215)."""
     shift_factor: float | None = None
     """None takes the VAE's own `shift_factor` (0 when it has none)."""
+    tiling: bool = True
+    """Encode and decode in overlapping tiles (the VAE's own `enable_tiling`, spatial and, for 3D VAEs that have
+    it, temporal), so long and large clips fit in memory; clips below the VAE's tile size run untiled, unchanged."""
 
     def __post_init__(self) -> None:
         if self.kind == "diffusers" and not self.path:

@@ -14,18 +14,37 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionScope, CrossAttention, SelfAttention, TokenLayout
+from .attention import AttentionHook, AttentionScope, CrossAttention, SelfAttention, TokenLayout
 from .config import DiTConfig
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
 from .rope import rope_frequencies, rope_rotation, sincos_position_embedding
+
+FP32_MODULES = ("t_embedder", "pooled_embedder", "norm2")
+"""Submodules `DiT.to_inference_dtype` keeps in fp32: the timestep and caption embedders (small) and the affine
+LayerNorm. The per-block adaLN Linears (6 D² of a block's 22 D² parameters) go to bf16 with the rest, so the
+weights take half the memory; their inputs and outputs stay fp32 (`full_precision`)."""
 
 TIMESTEP_MAX_PERIOD = 10000.0
 """Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's value)."""
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: (B, N, D) normalised tokens, (B, D) shift and scale."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+def full_precision(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` outside autocast, returned in fp32: adaLN modulation keeps the precision of its inputs.
+
+    Under bf16 autocast the shift, scale and gate of every token (and the residual stream they gate)
+    would otherwise round to 8 bits of mantissa; Wan and Open-Sora keep them in fp32 for that reason.
+    With bf16 inference weights the Linear computes in bf16 and its fp32 output is used as is. Without
+    autocast and with fp32 weights this is exactly `module(x)`.
+    """
+    dtype = next((input_dtype(m) for m in module.modules() if isinstance(m, nn.Linear)), x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.to(dtype)).float()
+
+
+def input_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a Linear computes in: its weight's; fp32 for a dynamically quantised one (int8 takes float in)."""
+    weight = getattr(linear, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
 
 
 class TimestepEmbedder(nn.Module):
@@ -69,10 +88,13 @@ class DiTBlock(nn.Module):
         rope: torch.Tensor,
         layout: TokenLayout,
     ) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, layout, self.scope)  # (B, N, D)
-        x = x + self.cross_attn(self.norm2(x), context, context_mask)  # (B, N, D)
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))  # (B, N, D)
+        """x (B, N, D) tokens, c (clips, D) conditions (fp32 under autocast), context (clips, L, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = full_precision(self.adaLN_modulation, c).chunk(6, dim=-1)  # 6 x (clips, D)
+        # The residual stream x stays in fp32; each sublayer computes in its weights' dtype (a no-op cast in fp32).
+        dt = input_dtype(self.attn.qkv)
+        x = x + layout.gate(self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
+        x = x + self.cross_attn(self.norm2(x).to(dt), context, context_mask, layout)  # (B, N, D)
+        x = x + layout.gate(self.mlp(layout.modulate(self.norm3(x), shift2, scale2).to(dt)), gate2)  # (B, N, D)
         return x
 
 
@@ -83,9 +105,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, D) each
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, P)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        shift, scale = full_precision(self.adaLN_modulation, c).chunk(2, dim=-1)  # (clips, D) each
+        return self.linear(layout.modulate(self.norm(x), shift, scale).to(input_dtype(self.linear)))  # (B, N, P)
 
 
 def block_scopes(cfg: DiTConfig) -> list[AttentionScope]:
@@ -116,7 +138,6 @@ class DiT(nn.Module):
         self.null_text_pooled = nn.Parameter(torch.zeros(cfg.text_dim))
         self.blocks = nn.ModuleList([DiTBlock(cfg, scope) for scope in block_scopes(cfg)])
         self.final_layer = FinalLayer(d, cfg.patch_dim)
-        self.rope_freqs = rope_frequencies(cfg.head_dim, cfg.rope_split, cfg.rope_theta)
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.initialize_weights()
 
@@ -160,7 +181,12 @@ class DiT(nn.Module):
         text_pooled: torch.Tensor,
         drop_text: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> c (B, D) for adaLN, context (B, L, D) and its mask (B, L) for cross-attention."""
+        """-> c (clips, D) for adaLN (fp32 under autocast), context (clips, L, D) and its mask (clips, L).
+
+        No host syncs and no data-dependent shapes: dropped captions and empty masks are selected with
+        `where`, never by indexing with a boolean tensor. (Trimming caption padding is the caller's job,
+        once per batch: see `trim_text_padding`.)
+        """
         if text_tokens.shape[-1] != self.cfg.text_dim:
             raise ValueError(
                 f"text embeddings have width {text_tokens.shape[-1]} but the model expects model.text_dim={self.cfg.text_dim}"
@@ -175,17 +201,94 @@ class DiT(nn.Module):
             text_mask = torch.where(drop[:, None], only_first, text_mask)  # (B, L)
             text_pooled = torch.where(drop[:, None], self.null_text_pooled.to(text_pooled.dtype).expand_as(text_pooled), text_pooled)
         # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
-        text_mask = text_mask.clone()
-        text_mask[~text_mask.any(-1), 0] = True
-        # Captions are padded to the encoder's max_length; columns no caption uses only cost cross-attention time.
-        keep = int(text_mask.any(0).nonzero().max()) + 1
-        text_tokens, text_mask = text_tokens[:, :keep], text_mask[:, :keep]  # (B, L', Dt), (B, L')
-        dtype = self.dtype
-        c = self.t_embedder(timestep, dtype) + self.pooled_embedder(text_pooled.to(dtype))  # (B, D)
+        first = text_mask[:, :1] | ~text_mask.any(-1, keepdim=True)  # (B, 1)
+        text_mask = torch.cat([first, text_mask[:, 1:]], dim=1)  # (B, L)
+        dtype, cond_dtype = self.dtype, input_dtype(self.t_embedder.mlp[0])  # fp32 unless all weights are low-precision
+        with torch.autocast(text_tokens.device.type, enabled=False):
+            c = self.t_embedder(timestep, cond_dtype) + self.pooled_embedder(text_pooled.to(cond_dtype))  # (B, D)
         context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
         return c, context, text_mask
 
     # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        timestep: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        text_pooled: torch.Tensor,
+        drop_text: torch.Tensor | None = None,
+        grids: tuple[tuple[int, int, int], ...] | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Denoise a batch of same-size clips, or a packed batch of clips of any sizes.
+
+        Without `grids`: video (B, C, T, H, W) -> prediction (B, C, T, H, W).
+        With `grids` (one (T', H', W') per clip, Python ints): `video` is the clips' patchified tokens
+        concatenated clip after clip, (ΣN, P) or (1, ΣN, P), and the prediction has the same shape (NaViT
+        packing: no padding, each clip attends only to itself and its own caption and timestep).
+        timestep (clips,), text_tokens (clips, L, Dt), text_mask (clips, L), text_pooled (clips, Dt).
+        With `shard=(index, count)` and `grids=(grid,)`: `video` is (B, N/count, P), the index-th contiguous
+        piece of B same-grid clips' tokens, and so is the result. Only correct with an attention hook that
+        gives attention the whole sequence (sequence parallelism: `pipelines/train/sequence_parallel.py`).
+        """
+        if shard is not None:
+            return self._denoise_shard(video, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard)
+        if grids is not None:
+            layout = TokenLayout.from_grids(grids)
+            tokens = video.reshape(1, -1, video.shape[-1])  # (1, ΣN, P)
+            if tokens.shape[1] != layout.num_tokens or tokens.shape[2] != self.cfg.patch_dim:
+                raise ValueError(
+                    f"packed tokens of shape {tuple(video.shape)} do not match {layout.num_clips} clip grids "
+                    f"(expected {layout.num_tokens} tokens of width model.patch_dim={self.cfg.patch_dim})"
+                )
+            if timestep.shape[0] != layout.num_clips or text_tokens.shape[0] != layout.num_clips:
+                raise ValueError(
+                    f"a packed batch of {layout.num_clips} clips needs one timestep and caption per clip, "
+                    f"got {timestep.shape[0]} timesteps and {text_tokens.shape[0]} captions"
+                )
+            return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text).reshape(video.shape)
+        if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}"
+            )
+        grid = patch_grid(tuple(video.shape[2:]), self.cfg.patch_size)
+        layout = TokenLayout.dense(grid, video.shape[0])
+        out = self._denoise(self.patch_embed(video.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)  # (B, N, P)
+        return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
+
+    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard) -> torch.Tensor:
+        """(B, N/count, P) tokens of one sequence shard -> their (B, N/count, P) predictions."""
+        index, count = shard
+        if grids is None or len(grids) != 1:
+            raise ValueError("a sequence shard needs grids=(grid,): the one (T', H', W') its clips share")
+        grid = tuple(grids[0])
+        n = math.prod(grid)
+        if n % count or self.cfg.num_heads % count or not 0 <= index < count:
+            raise ValueError(
+                f"sequence parallelism over {count} ranks needs the tokens per clip ({n}) and model.num_heads "
+                f"({self.cfg.num_heads}) divisible by {count}"
+            )
+        if tokens.ndim != 3 or tokens.shape[1] != n // count:
+            raise ValueError(f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}")
+        layout = TokenLayout(((grid, tokens.shape[0]),), shard=(index, count))
+        return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)
+
+    def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text) -> torch.Tensor:
+        """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P) predictions."""
+        # 1. Conditions, positions (built on the device from the layout's ints: nothing copied from the host).
+        c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
+        positions = layout_positions(layout, x.device)  # (1, N, 3)
+        x = self._add_absolute_positions(x.float(), positions)  # (B, N, D) fp32: the residual stream
+        rope = rope_rotation(positions, rope_frequencies(self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_theta, x.device))
+        # 2. Transformer blocks and the output projection back to patches.
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, context, context_mask, rope, layout, use_reentrant=False)
+            else:
+                x = block(x, c, context, context_mask, rope, layout)  # (B, N, D)
+        return self.final_layer(x, c, layout)  # (B, N, P)
 
     def forward_tokens(
         self,
@@ -199,53 +302,28 @@ class DiT(nn.Module):
         grid: tuple[int, int, int] | None = None,
         drop_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise pre-patchified tokens; clips of different sizes share a batch through padding.
+        """Denoise pre-patchified, right-padded tokens: a convenience over the packed `forward`.
 
-        tokens (B, N, P), positions (B, N, 3) or (N, 3), token_mask (B, N) True for real tokens,
-        grid: the common (T', H', W') when all clips share it and nothing is padded (enables fast attention).
-        Returns (B, N, P); padded positions are zero.
+        tokens (B, N, P) in t-major grid order, positions (B, N, 3) or (N, 3), token_mask (B, N) True for
+        real tokens (a prefix of each row). Returns (B, N, P); padded positions are zero. Reading the
+        clips' lengths and grids off the mask costs host syncs: training and compiled code call `forward`
+        with `grids` directly. Goes through `__call__`, so ZeRO-3's hooks gather every weight it uses.
         """
-        # 1. Embed patches and conditions.
-        x = self.patch_embed.embed_tokens(tokens.to(self.dtype))  # (B, N, D)
-        c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
+        b, n, p = tokens.shape
         if positions.ndim == 2:
-            positions = positions.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, 3)
-        x = self._add_absolute_positions(x, positions)
-        if token_mask is not None and bool(token_mask.all()):
-            token_mask = None
-        layout = TokenLayout(positions=positions, token_mask=token_mask, grid=grid if token_mask is None else None)
-        rope = rope_rotation(positions, self.rope_freqs)  # (B, N, 1, Dh/2) complex
-        # 2. Transformer blocks and the output projection back to patches.
-        out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
-        if token_mask is not None:
-            out = out * token_mask[..., None]
-        return out
-
-    def forward(
-        self,
-        video: torch.Tensor,
-        timestep: torch.Tensor,
-        text_tokens: torch.Tensor,
-        text_mask: torch.Tensor,
-        text_pooled: torch.Tensor,
-        drop_text: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Denoise a batch of same-size clips: (B, C, T, H, W) -> prediction (B, C, T, H, W)."""
-        if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}"
-            )
-        # 1. Embed patches and conditions; every clip shares the grid, so RoPE is computed once.
-        grid = patch_grid(tuple(video.shape[2:]), self.cfg.patch_size)
-        x = self.patch_embed(video)  # (B, N, D)
-        c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
-        positions = grid_positions(grid, device=video.device)[None]  # (1, N, 3)
-        x = self._add_absolute_positions(x, positions)
-        layout = TokenLayout(positions=positions.expand(x.shape[0], -1, -1), grid=grid)
-        rope = rope_rotation(positions, self.rope_freqs)  # (1, N, 1, Dh/2) complex
-        # 2. Blocks, output projection, and back to a clip.
-        out = self._blocks(x, c, context, context_mask, rope, layout)  # (B, N, P)
-        return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
+            positions = positions.unsqueeze(0).expand(b, -1, -1)  # (B, N, 3)
+        lengths = [n] * b if token_mask is None else token_mask.sum(-1).tolist()
+        grids = tuple(grid if grid is not None and length == n else tuple(int(v) + 1 for v in positions[i, length - 1].tolist())
+                      for i, length in enumerate(lengths))  # fmt: skip
+        for i, (length, g) in enumerate(zip(lengths, grids)):
+            if length == 0 or math.prod(g) != length or (token_mask is not None and not bool(token_mask[i, :length].all())):
+                raise ValueError(f"clip {i}: its {length} real tokens must be the first tokens of its row, in t-major order of a full grid")
+        packed = torch.cat([tokens[i, :length] for i, length in enumerate(lengths)])  # (ΣN, P)
+        out = self(packed, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=grids)  # (ΣN, P)
+        result = out.new_zeros(b, n, out.shape[-1])
+        for i, part in enumerate(out.split(lengths)):
+            result[i, : lengths[i]] = part
+        return result  # (B, N, P)
 
     def _add_absolute_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens + fixed sin-cos features of their (B or 1, N, 3) positions, when configured."""
@@ -253,14 +331,23 @@ class DiT(nn.Module):
             return x
         return x + sincos_position_embedding(positions, self.cfg.hidden_size).to(device=x.device, dtype=x.dtype)
 
-    def _blocks(self, x, c, context, context_mask, rope, layout) -> torch.Tensor:
-        """(B, N, D) embedded tokens -> (B, N, P) predictions."""
+    def to_inference_dtype(self, dtype: torch.dtype = torch.bfloat16) -> DiT:
+        """Cast the weights to `dtype` for inference, except the conditioning path and norms with weights.
+
+        Half the memory of fp32 weights under autocast. The timestep and pooled-caption embedders and the
+        affine cross-attention norms stay fp32 (`FP32_MODULES`, as Wan keeps its time embedding); adaLN's
+        shift, scale and gate and the residual stream they act on are fp32 whatever the weights' dtype.
+        """
+        self.to(dtype)
+        for name, module in self.named_modules():
+            if name.split(".")[-1] in FP32_MODULES:
+                module.float()
+        return self
+
+    def set_attention_hook(self, hook: AttentionHook | None) -> None:
+        """Wrap every self-attention's local attention (sequence parallelism installs its all-to-all here)."""
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, context, context_mask, rope, layout, use_reentrant=False)
-            else:
-                x = block(x, c, context, context_mask, rope, layout)  # (B, N, D)
-        return self.final_layer(x, c)  # (B, N, P)
+            block.attn.hook = hook
 
     @property
     def dtype(self) -> torch.dtype:
@@ -271,6 +358,26 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def layout_positions(layout: TokenLayout, device: torch.device) -> torch.Tensor:
+    """(1, N, 3) integer (t, h, w) positions of a layout's tokens: every clip counts from its own origin."""
+    if not layout.packed:
+        positions = grid_positions(layout.segments[0][0], device=device)  # (N, 3)
+        index, count = layout.shard
+        return positions.chunk(count)[index][None]  # (1, N/count, 3)
+    return torch.cat([grid_positions(grid, device=device).repeat(count, 1) for grid, count in layout.segments])[None]  # (1, ΣN, 3)
+
+
+def trim_text_padding(text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop caption columns no caption of the batch uses: (B, L, Dt), (B, L) -> (B, L', Dt), (B, L').
+
+    Captions are padded to the encoder's max_length; the unused columns only cost cross-attention time.
+    One host sync, so call it once per batch (per generation, per data batch), never inside the model.
+    """
+    used = text_mask.bool().any(0)
+    keep = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return text_tokens[:, :keep], text_mask[:, :keep]
+
+
 def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """(B,) bool: which captions to replace by the null condition in training (CFG's condition dropout)."""
     if p <= 0:
@@ -278,4 +385,4 @@ def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None 
     return (torch.rand(batch_size, generator=generator) < p).to(device)
 
 
-__all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "null_text_drop"]
+__all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "layout_positions", "null_text_drop", "trim_text_padding"]

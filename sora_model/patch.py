@@ -10,7 +10,6 @@ Images are videos of one frame (T = 1), which needs p_t = 1.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -73,13 +72,20 @@ class PatchEmbed(nn.Module):
         self.in_channels = in_channels
         self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch, stride=self.patch)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, N, D)."""
-        patch_grid(tuple(video.shape[2:]), self.patch)  # clear error before Conv3d silently drops the remainder
-        x = self.proj(video)  # (B, D, T', H', W')
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) video, or (B, N, P) pre-patchified tokens -> (B, N, D).
+
+        Both go through the Conv3d module (tokens as N one-patch videos), never by reading its weight:
+        under DeepSpeed ZeRO-3 a weight is only gathered inside its own module's call.
+        """
+        if x.ndim == 3:
+            b, n, _ = x.shape
+            patches = x.reshape(b * n, self.in_channels, *self.patch)  # (B*N, C, pt, ph, pw)
+            return self.proj(patches).reshape(b, n, -1)  # (B, N, D)
+        patch_grid(tuple(x.shape[2:]), self.patch)  # clear error before Conv3d silently drops the remainder
+        x = self.proj(x)  # (B, D, T', H', W')
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, P) pre-patchified tokens -> (B, N, D); equals `forward` on the unpatchified video."""
-        weight = self.proj.weight.flatten(1)  # (D, P)
-        return F.linear(tokens, weight, self.proj.bias)  # (B, N, D)
+        return self(tokens)

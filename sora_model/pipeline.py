@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
 from .diffusion import build_diffusion
-from .dit import DiT
+from .dit import DiT, trim_text_padding
 from .patch import patch_grid
 from .text import TextEmbedding, TextEncoder, build_text_encoder
 
@@ -96,7 +96,6 @@ class TextToVideoPipeline:
                 f"text encoder '{config.text_encoder.name_or_path}' gives width {self.text_encoder.dim} "
                 f"but model.text_dim is {config.model.text_dim}"
             )
-        self.autocast_dtype: torch.dtype | None = None
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -116,7 +115,8 @@ class TextToVideoPipeline:
     ) -> TextToVideoPipeline:
         """Rebuild from an export. EMA weights are preferred when present (they sample better).
 
-        precision: `fp32`; `bf16` (autocast on GPU, weights kept fp32 for exactness of norms); `int8`
+        precision: `fp32`; `bf16` (bf16 weights, conditioning path and residual stream fp32; the text encoder
+        in bf16 too on GPU); `int8`
         (dynamic quantisation of every Linear, CPU only: ~4x smaller weights, faster matmuls).
         """
         config = load_export_config(export_dir)
@@ -140,7 +140,10 @@ class TextToVideoPipeline:
                 raise ValueError("precision 'int8' (dynamic quantisation) runs on CPU only; use 'bf16' on GPU")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         elif precision == "bf16":
-            self.autocast_dtype = torch.bfloat16
+            # bf16 weights, not autocast over fp32 ones: half the memory; the conditioning path stays fp32.
+            self.model = self.model.to_inference_dtype(torch.bfloat16)
+            if self.device.type == "cuda":  # on CPU bf16 matmuls are slower than fp32; the encoder is small there
+                self.text_encoder.model.to(torch.bfloat16)
         elif precision != "fp32":
             raise ValueError(f"precision must be one of fp32, bf16, int8, got '{precision}'")
 
@@ -173,6 +176,10 @@ class TextToVideoPipeline:
             mask = torch.cat([cond.mask, neg.mask])  # (2B, L)
             pooled = torch.cat([cond.pooled, neg.pooled])  # (2B, Dt)
             drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.full((b,), uncond is None)]).to(self.device)
+            # Caption padding trimmed once per generation (as the model did in every step before).
+            tokens, mask = trim_text_padding(tokens, mask)
+        else:
+            cond = TextEmbedding(*trim_text_padding(cond.tokens, cond.mask), cond.pooled)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
@@ -191,14 +198,13 @@ class TextToVideoPipeline:
         if self.device.type == "cpu":
             tokens_per_sample = math.prod(patch_grid(tuple(x.shape[2:]), self.config.model.patch_size))
             per_call = max(1, CPU_TOKENS_PER_CALL // tokens_per_sample)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            outs = [
-                self.model(
-                    x[i : i + per_call], t[i : i + per_call], tokens[i : i + per_call], mask[i : i + per_call],
-                    pooled[i : i + per_call], drop_text=None if drop is None else drop[i : i + per_call],
-                ).float()
-                for i in range(0, n, per_call)
-            ]  # fmt: skip
+        outs = [
+            self.model(
+                x[i : i + per_call], t[i : i + per_call], tokens[i : i + per_call], mask[i : i + per_call],
+                pooled[i : i + per_call], drop_text=None if drop is None else drop[i : i + per_call],
+            ).float()
+            for i in range(0, n, per_call)
+        ]  # fmt: skip
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()

@@ -31,6 +31,14 @@ VIDEO_VARIANTS = ("video", "thumbnail")
 MAX_LIST_LIMIT = 100
 MAX_BODY_BYTES = 20 * 1024 * 1024
 """A create carries a prompt and at most a reference image; anything bigger is refused unread."""
+MAX_TEXT_CHARS = 100_000
+"""Hard cap on prompt strings before the configurable `limits.max_prompt_chars` check (a cheap first fence)."""
+MAX_SHORT_CHARS = 64
+"""model, size, sampler and string seconds: names and numbers, never long."""
+VIDEO_ID = re.compile(r"^video_[0-9a-f]{32}$")
+"""What `new_job_id` makes: anything else is an unknown id without asking the database."""
+FORBIDDEN_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters (NUL above all: PostgreSQL text cannot hold it); tab and newlines stay allowed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +83,7 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
 def from_validation_error(err: ValidationError) -> ApiError:
     """The first problem pydantic found, as a 400 naming the parameter."""
     first = err.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    param = str(first["loc"][0]) if first["loc"] else None  # a union's branch names (seconds.str) stay out
     kind = first["type"]
     if kind == "missing":
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
@@ -83,6 +91,10 @@ def from_validation_error(err: ValidationError) -> ApiError:
         return ApiError(400, f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
     got = first.get("input")
     shown = repr(got) if not isinstance(got, str) or len(got) < 60 else repr(got[:57] + "...")
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    if kind.startswith("string_too_long"):
+        return ApiError(400, f"'{param}' is too long: {first['msg'].lower()}.", param=param, code="string_above_max_length")
     return ApiError(400, f"Invalid type for '{param}': {first['msg'].lower()}, got {shown}.", param=param, code="invalid_type")
 
 
@@ -94,17 +106,18 @@ def from_validation_error(err: ValidationError) -> ApiError:
 class VideoCreateRequest(BaseModel):
     """`POST /v1/videos`: the OpenAI fields plus our sampling extensions.
 
-    Multipart forms send every value as a string; pydantic's lax mode turns "8" into 8 for the
-    numeric fields, while a JSON body with the wrong type ("prompt": 3) is rejected.
+    Multipart forms send every value as a string, so a form is validated in lax mode ("8" becomes 8);
+    a JSON body is validated strictly: `true` is not a step count, `2.0` not a seed, `"2.5"` not a
+    guidance scale (each a 400 naming the field, where lax mode would silently coerce it).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    model: str | None = None
-    seconds: str | float | None = None
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
+    model: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
+    seconds: str | float | None = Field(default=None, union_mode="left_to_right")
     """OpenAI sends "4", "8", "12"; any positive number is accepted and becomes seconds x fps frames."""
-    size: str | None = None
+    size: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
     """"WIDTHxHEIGHT"."""
     input_reference: Any = None
     # Extensions (sent with the SDK's `extra_body=`).
@@ -112,8 +125,8 @@ class VideoCreateRequest(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
-    sampler: str | None = None
-    negative_prompt: str | None = None
+    sampler: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
 
 
 class VideoError(BaseModel):
@@ -365,37 +378,90 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
         if part.get_filename() is not None:
             fields[name] = payload
         else:
-            fields[name] = payload.decode(part.get_content_charset() or "utf-8", errors="replace")
+            fields[name] = decode_text(payload, name, part.get_content_charset() or "utf-8")
     return fields
 
 
-async def read_create_fields(request: Any) -> dict[str, Any]:
-    """The create request's fields from multipart (what the SDK sends), url-encoded forms or JSON."""
+def decode_text(raw: bytes, param: str, charset: str = "utf-8") -> str:
+    """Text of a form field; bytes that are not valid in its charset are a 400 naming the field
+    (never replaced by U+FFFD and accepted, never a 500 further on)."""
+    try:
+        return raw.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        raise invalid(param, f"'{param}' is not valid {charset} text.", code="invalid_encoding") from None
+
+
+def parse_urlencoded(body: bytes) -> dict[str, Any]:
+    """An application/x-www-form-urlencoded body, decoded strictly field by field."""
+    fields: dict[str, Any] = {}
+    for pair in body.split(b"&"):
+        if not pair:
+            continue
+        raw_name, _, raw_value = pair.partition(b"=")
+        name = decode_text(urllib.parse.unquote_to_bytes(raw_name.replace(b"+", b" ")), "body")
+        fields[name] = decode_text(urllib.parse.unquote_to_bytes(raw_value.replace(b"+", b" ")), name)
+    return fields
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_text(fields: dict[str, Any]) -> None:
+    """Every string field is encodable Unicode without control characters: JSON's \\ud800 escapes give
+    lone surrogates that fail later when encoded, and NUL cannot be stored in PostgreSQL."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(str(name), f"'{name}' is not valid Unicode (it holds a lone surrogate).", code="invalid_encoding") from None
+        if FORBIDDEN_CHARS.search(value):
+            raise invalid(str(name), f"'{name}' contains control characters; only printable text, tabs and newlines are allowed.", code="invalid_encoding")
+
+
+async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body read as a stream and cut off at `limit` bytes: a chunked upload (no
+    Content-Length) larger than the limit is refused once the limit is passed, never buffered whole."""
     size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise ApiError(413, f"The request body is {size} bytes; the limit is {MAX_BODY_BYTES}.", code="request_too_large")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"The request body is over {MAX_BODY_BYTES} bytes.", code="request_too_large")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise ApiError(413, f"The request body is {size} bytes; the limit is {limit}.", code="request_too_large")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"The request body is over {limit} bytes (the limit); stopped reading it there.", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_create_fields(request: Any) -> tuple[dict[str, Any], bool]:
+    """The create request's fields from multipart (what the SDK sends), url-encoded forms or JSON,
+    and whether they came as JSON (typed values, validated strictly) rather than a form (strings)."""
+    body = await read_body(request)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        return parse_multipart(body, ctype)
+        return parse_multipart(body, ctype), False
     if ctype.startswith("application/x-www-form-urlencoded"):
-        return dict(urllib.parse.parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
+        return parse_urlencoded(body), False
     if not body.strip():
         raise ApiError(400, "The request body is empty; send JSON or multipart/form-data with at least 'prompt'.", code="invalid_body")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"The request body is not valid JSON: {err}.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"The request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
-    return data
+    return data, True
 
 
-def parse_create(fields: dict[str, Any]) -> VideoCreateRequest:
+def parse_create(fields: dict[str, Any], strict: bool = False) -> VideoCreateRequest:
+    """Fields -> request; `strict` for JSON bodies (no type coercion), lax for forms (all strings)."""
+    check_text(fields)
     try:
-        return VideoCreateRequest.model_validate(fields)
+        return VideoCreateRequest.model_validate(fields, strict=strict)
     except ValidationError as err:
         raise from_validation_error(err) from None
 
@@ -403,3 +469,33 @@ def parse_create(fields: dict[str, Any]) -> VideoCreateRequest:
 def video_object(job: dict[str, Any]) -> dict[str, Any]:
     """The public view of a stored job (internal bookkeeping stripped)."""
     return VideoObject.model_validate({k: v for k, v in job.items() if k in VideoObject.model_fields}).model_dump()
+
+
+RANGE_PATTERN = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte, inclusive, of a single-range `Range` header (RFC 9110 14.1.2); None to send the
+    whole body (no header, several ranges, or one we do not parse, which RFC 9110 says to ignore).
+    A range that starts past the end is a 416 naming the size."""
+    if not header:
+        return None
+    m = RANGE_PATTERN.match(header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # a suffix: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise _unsatisfiable(header, size)
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or (last and int(last) < start):
+        raise _unsatisfiable(header, size)
+    return start, end
+
+
+def _unsatisfiable(header: str, size: int) -> ApiError:
+    return ApiError(416, f"Range {header[:60]!r} is outside the content ({size} bytes).", param="range", code="range_not_satisfiable",
+                    headers={"Content-Range": f"bytes */{size}"})

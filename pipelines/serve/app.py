@@ -7,30 +7,32 @@
 
 then `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x").videos.create_and_poll(prompt="a red circle moving left")`.
 
-Job flow: POST validates against the limits (global, then the caller's tier), writes a `queued` job to
-the store and puts it in this replica's bounded priority queue; a dispatcher hands jobs to the
-generator deployment (at most `queue.max_in_flight` at once, higher tiers first), retrying on a dead
-replica or Serve backpressure. The generator moves the job through `in_progress` to `completed` and
-writes the clip; everything a client sees is read back from the store.
+Job flow: POST validates against the limits (global, then the caller's tier and key), writes a `queued`
+row to the job database (db.py) and wakes this replica's dispatcher (dispatch.py). Every ingress
+replica's dispatcher claims jobs from the database with leases (higher tiers first, at most
+`queue.max_in_flight` each) and hands them to the generator deployment, retrying on a dead replica or
+Serve backpressure. The generator moves the job through `in_progress` to `completed` and writes the clip
+to the store (store.py, fsspec); everything a client sees is read back from the database, and downloads
+stream from the store in chunks with HTTP Range support. Run any number of ingress replicas.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real parameter types through serve.ingress.
 
 import asyncio
 import hmac
-import itertools
 import logging
 import os
 import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -46,18 +48,19 @@ from .config import (
     RUNTIME_KEYS,
     STORE_ENV,
     ServeSettings,
+    Tier,
     apply_user_config,
     hash_key,
     load_settings,
     settings_to_dict,
 )
+from .db import TERMINAL, JobDB, new_token
+from .dispatch import Dispatcher, replica_id
 from .generator import Generator
 from .metrics import ingress_metrics
-from .store import TERMINAL, JobStore
+from .store import CHUNK_BYTES, CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
 
 logger = logging.getLogger("ray.serve")
-RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
-"""Waits between tries when the generator pushes back or a replica died (then the last one, repeated)."""
 OVERLOADED_CODE = "server_overloaded"
 
 fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API compatible text-to-video service.")
@@ -124,7 +127,8 @@ async def _count(request: Request, call_next):
 )
 @serve.ingress(fastapi_app)
 class VideoAPI:
-    """HTTP in, jobs to the store and the generator. Holds no state a restart would lose (see store.py)."""
+    """HTTP in, jobs to the database, a dispatcher to the generator. Holds nothing a restart would lose:
+    job state is in the database, clips in the store, leases lapse and are re-claimed (see dispatch.py)."""
 
     def __init__(self, generator: DeploymentHandle, settings: dict[str, Any]) -> None:
         from sora_model.config import from_dict
@@ -132,51 +136,39 @@ class VideoAPI:
         self.base_settings = from_dict(ServeSettings, settings)
         self.settings = self.base_settings
         self.generator = generator
-        self.store = JobStore(self.settings.store_uri)
+        self.db = JobDB(self.settings.db_url)
+        self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
         self.card: ModelCard | None = None
         self.stats: Counter[str] = Counter()
-        self.batch_sizes: Counter[int] = Counter()
-        self.batch_ids: set[str] = set()
-        self._queue: asyncio.PriorityQueue | None = None
-        self._seq = itertools.count()
-        self._pending: dict[str, str] = {}  # job id -> tier, accepted and not finished
-        self._in_flight = 0
-        self._slot_freed: asyncio.Event | None = None
-        self._dispatcher: asyncio.Task | None = None
-        self._ready: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self.worker = f"{replica_id()}-{uuid.uuid4().hex[:8]}"
+        path = self.settings.model
+        self.model_created = int(os.path.getmtime(path)) if "://" not in path and os.path.exists(path) else 0
+        self.dispatcher: Dispatcher | None = None
+        self._loops: list[asyncio.Task] = []
+        self._admission = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config` (limits, tiers, api_keys, queue, ...) replaces those settings on the live replica."""
         self.settings = apply_user_config(self.base_settings, user_config, RUNTIME_KEYS)
-        if self._slot_freed is not None:
-            self._slot_freed.set()  # max_in_flight may have grown
+        if self.dispatcher is not None:
+            self.dispatcher.wake()  # max_in_flight may have grown
         logger.info("reconfigured: %s", sorted((user_config or {}).keys()))
 
     async def check_health(self) -> None:
-        await self._ensure_started()
-        await asyncio.to_thread(self.store.ping)
-        if self._dispatcher is not None and self._dispatcher.done():
-            raise RuntimeError(f"job dispatcher stopped: {self._dispatcher.exception()!r}")
+        self._ensure_started()
+        await asyncio.to_thread(self.db.ping)
+        await asyncio.to_thread(self.content.ping)
+        for loop in self._loops:
+            if loop.done():
+                raise RuntimeError(f"job dispatcher stopped: {loop.exception()!r}")
 
-    async def _ensure_started(self) -> None:
-        """Start the dispatcher on the replica's event loop and re-queue jobs a previous replica accepted.
-
-        Every endpoint awaits this, so no create is admitted before the re-queueing is done (which would
-        otherwise see the new job in the store as unfinished and queue it twice)."""
-        if self._ready is None:
-            self._ready = asyncio.Event()
-            self._queue = asyncio.PriorityQueue()
-            self._slot_freed = asyncio.Event()
-            for job in await asyncio.to_thread(self.store.unfinished):
-                logger.info("re-queueing %s (%s) found in the store", job["id"], job["status"])
-                self._pending[job["id"]] = job.get("_tier", self.settings.default_tier)
-                self._enqueue(job)
-            self._dispatcher = asyncio.create_task(self._dispatch_loop())
-            self._ready.set()
-        await self._ready.wait()
+    def _ensure_started(self) -> None:
+        """Start the dispatcher on the replica's event loop (the constructor runs outside it)."""
+        if self.dispatcher is None:
+            self.dispatcher = Dispatcher(self.db, self.content, self.generator, lambda: self.settings, self.worker, self.stats)
+            self._loops = self.dispatcher.start()
 
     async def _model_card(self) -> ModelCard:
         if self.card is None:
@@ -185,38 +177,39 @@ class VideoAPI:
 
     # -- auth ---------------------------------------------------------------------------------------
 
-    def _caller(self, request: Request) -> tuple[str, str | None]:
-        """(tier, owner) of a request. Keys off: the default tier, no owner. Keys on: 401 unless a known key."""
-        keys = self.settings.api_keys
-        if not keys:
-            return self.settings.default_tier, None
+    def _caller(self, request: Request) -> tuple[str, str]:
+        """(tier, owner) of a request. Keys off: the default tier, owner "". Keys on: 401 unless a known key;
+        the owner is the key's owner id (kept across key rotation), not the key."""
+        if not self.settings.api_keys:
+            return self.settings.default_tier, ""
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key", type="invalid_request_error")
         digest = hash_key(key.strip())
-        for known, tier in keys.items():
+        for known in self.settings.api_keys:
             if hmac.compare_digest(known, digest):
-                return tier, digest[:16]
+                return self.settings.key_entry(known)
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key", type="invalid_request_error")
 
-    def _job_for(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        job = self.store.get(job_id)
-        if job is None or job.get("_owner") != owner:
-            raise ApiError(404, f"Video '{job_id}' not found.", param="video_id", code="video_not_found")
+    async def _job_for(self, job_id: str, owner: str) -> dict[str, Any]:
+        job = await asyncio.to_thread(self.db.get, job_id) if api.VIDEO_ID.match(job_id) else None
+        if job is None or job["_owner"] != owner:
+            raise ApiError(404, f"Video '{job_id[:80]}' not found.", param="video_id", code="video_not_found")
         return job
 
     # -- endpoints ----------------------------------------------------------------------------------
 
     @fastapi_app.post("/v1/videos")
     async def create_video(self, request: Request) -> JSONResponse:
-        await self._ensure_started()
+        self._ensure_started()
         tier_name, owner = self._caller(request)
         tier = self.settings.tiers[tier_name]
         self.stats["create_requests"] += 1
-        req = api.parse_create(await api.read_create_fields(request))
+        fields, is_json = await api.read_create_fields(request)
+        req = api.parse_create(fields, strict=is_json)
         params = api.resolve(req, await self._model_card(), self.settings, tier, random_seed=random.SystemRandom().randrange(2**31))
-        # Result cache: a repeated (prompt, parameters, seed) request is answered from the store.
+        # Result cache: a repeated (prompt, parameters, seed) request is answered from a stored clip.
         cache_key = params.cache_key() if req.seed is not None else None
         if self.settings.result_cache and cache_key:
             cached = await asyncio.to_thread(self._from_cache, cache_key, params, owner)
@@ -224,27 +217,44 @@ class VideoAPI:
                 ingress_metrics()["cache_hits"].inc(tags={"cache": "result"})
                 self.stats["result_cache_hits"] += 1
                 return JSONResponse(api.video_object(cached))
-        # Admission: the replica's bounded queue, then the tier's share of it.
+        job = self._new_job(params)
+        deadline = None if tier.job_deadline_s is None else job["_created_ns"] + int(tier.job_deadline_s * 1e9)
+        # Count and insert under one lock, so a burst on this replica cannot all pass the same count.
+        # Replicas admit independently: together they can overshoot a limit by at most one job each.
+        async with self._admission:
+            await asyncio.to_thread(self._admit, tier_name, tier, owner)
+            await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key)
+        self.dispatcher.wake()
+        return JSONResponse(api.video_object(job))
+
+    def _admit(self, tier_name: str, tier: Tier, owner: str) -> None:
+        """Admission, all replicas together (counts along the database's indexes): the service's queue,
+        the tier's share of it, the key's in-flight cap and its hourly quota. 503/429 + Retry-After."""
         q = self.settings.queue
         retry = {"Retry-After": str(q.retry_after_s)}
-        if len(self._pending) >= q.max_pending_jobs:
-            ingress_metrics()["rejected"].inc(tags={"reason": "queue_full"})
+
+        def refuse(status: int, reason: str, message: str, headers: dict[str, str] = retry) -> None:
+            ingress_metrics()["rejected"].inc(tags={"reason": reason})
             self.stats["rejected"] += 1
-            raise ApiError(503, f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after {q.retry_after_s}s.", code=OVERLOADED_CODE, headers=retry)
-        tier_pending = sum(1 for t in self._pending.values() if t == tier_name)
-        if tier.max_pending_jobs is not None and tier_pending >= tier.max_pending_jobs:
-            ingress_metrics()["rejected"].inc(tags={"reason": "tier_limit"})
-            self.stats["rejected"] += 1
-            raise ApiError(429, f"Tier '{tier_name}' already has {tier_pending} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry after {q.retry_after_s}s.", code="rate_limit_exceeded", headers=retry)
-        job = self._new_job(params, owner, tier_name, tier.priority, cache_key)
-        self._pending[job["id"]] = tier_name  # hold the slot now: concurrent creates check it while this one writes
-        try:
-            await asyncio.to_thread(self.store.put, job)
-        except BaseException:
-            self._pending.pop(job["id"], None)
-            raise
-        self._enqueue(job)
-        return JSONResponse(api.video_object(job))
+            code = OVERLOADED_CODE if status == 503 else "rate_limit_exceeded"
+            raise ApiError(status, message, code=code, headers=headers)
+
+        pending = self.db.count_unfinished()
+        if pending >= q.max_pending_jobs:
+            refuse(503, "queue_full", f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after {q.retry_after_s}s.")
+        if tier.max_pending_jobs is not None:
+            n = self.db.count_unfinished(tier=tier_name)
+            if n >= tier.max_pending_jobs:
+                refuse(429, "tier_limit", f"Tier '{tier_name}' already has {n} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry after {q.retry_after_s}s.")
+        if tier.max_pending_per_key is not None:
+            n = self.db.count_unfinished(owner=owner)
+            if n >= tier.max_pending_per_key:
+                refuse(429, "key_in_flight", f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} (tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.")
+        if tier.max_jobs_per_hour_per_key is not None:
+            n = self.db.count_created_since(owner, time.time_ns() - 3600 * 10**9)
+            if n >= tier.max_jobs_per_hour_per_key:
+                hour = {"Retry-After": str(max(q.retry_after_s, 60))}
+                refuse(429, "key_quota", f"This API key created {n} jobs in the last hour; the quota is {tier.max_jobs_per_hour_per_key} (tiers.{tier_name}.max_jobs_per_hour_per_key).", hour)
 
     @fastapi_app.get("/v1/videos")
     async def list_videos(self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc") -> JSONResponse:
@@ -253,7 +263,9 @@ class VideoAPI:
             q = api.ListQuery(limit=limit, after=after, order=order)
         except ValidationError as err:
             raise api.from_validation_error(err) from None
-        jobs, has_more = await asyncio.to_thread(self.store.list, q.limit, q.after, q.order, owner)
+        if q.after is not None and not api.VIDEO_ID.match(q.after):
+            raise api.invalid("after", f"'after' must be a video id (video_ + 32 hex digits), got {q.after[:80]!r}.")
+        jobs, has_more = await asyncio.to_thread(self.db.list, owner, q.limit, q.after, q.order)
         data = [api.video_object(j) for j in jobs]
         return JSONResponse({
             "object": "list", "data": data, "has_more": has_more,
@@ -263,7 +275,7 @@ class VideoAPI:
     @fastapi_app.get("/v1/videos/{video_id}")
     async def retrieve_video(self, video_id: str, request: Request) -> JSONResponse:
         _, owner = self._caller(request)
-        job = self._job_for(video_id, owner)
+        job = await self._job_for(video_id, owner)
         headers = {} if job["status"] in TERMINAL else {"openai-poll-after-ms": str(self._poll_after_ms(job))}
         return JSONResponse(api.video_object(job), headers=headers)
 
@@ -283,58 +295,90 @@ class VideoAPI:
 
     @fastapi_app.get("/v1/videos/{video_id}/content")
     async def download_video(self, video_id: str, request: Request, variant: str = "video") -> Response:
+        """The clip: a 307 to a presigned URL on object stores that sign; else streamed from the store a chunk at
+        a time, where `Range: bytes=...` answers 206 with that part."""
         _, owner = self._caller(request)
         if variant not in api.VIDEO_VARIANTS:
-            raise api.invalid("variant", f"'variant' must be one of {', '.join(api.VIDEO_VARIANTS)}, got {variant!r}.")
-        job = self._job_for(video_id, owner)
+            raise api.invalid("variant", f"'variant' must be one of {', '.join(api.VIDEO_VARIANTS)}, got {variant[:40]!r}.")
+        job = await self._job_for(video_id, owner)
         if job["status"] != "completed":
             raise ApiError(409, f"Video '{video_id}' is {job['status']}; its content is available once it is completed.", param="video_id", code="video_not_ready")
-        data = await asyncio.to_thread(self.store.get_content, video_id, variant)
-        if data is None:
+        ref = job["_content_ref"]
+        if ref and self.settings.download_redirect_s is not None:
+            signed = await asyncio.to_thread(self.content.sign, video_id, ref, variant, self.settings.download_redirect_s)
+            if signed is not None:  # the object store serves the bytes (and Range) itself
+                return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "private, no-store"})
+        size = await asyncio.to_thread(self.content.size, video_id, ref, variant) if ref else None
+        if size is None:
             raise ApiError(404, f"Content of video '{video_id}' is missing from the store.", param="video_id", code="content_not_found")
-        media = "video/mp4" if variant == "video" else "image/png"
-        return Response(content=data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{video_id}{".mp4" if variant == "video" else ".png"}"'})
+        span = api.parse_range(request.headers.get("range"), size)
+        start, end = span or (0, size - 1)
+        headers = {
+            "Content-Length": str(end - start + 1), "Accept-Ranges": "bytes", "ETag": f'"{ref}"',
+            "Content-Disposition": f'attachment; filename="{video_id}{CONTENT_SUFFIX[variant]}"',
+        }  # fmt: skip
+        if span is not None:
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        body = self._stream(video_id, ref, variant, start, end - start + 1)
+        return StreamingResponse(body, status_code=206 if span else 200, media_type=MEDIA_TYPE[variant], headers=headers)
+
+    async def _stream(self, video_id: str, ref: str, variant: str, start: int, length: int) -> AsyncIterator[bytes]:
+        f = await asyncio.to_thread(self.content.open_range, video_id, ref, variant, start)
+        try:
+            while length > 0:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK_BYTES, length))
+                if not chunk:
+                    break
+                length -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
 
     @fastapi_app.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str, request: Request) -> JSONResponse:
         _, owner = self._caller(request)
-        self._job_for(video_id, owner)
-        await asyncio.to_thread(self.store.delete, video_id)
+        await self._job_for(video_id, owner)
+        ref = await asyncio.to_thread(self.db.delete, video_id)
+        await asyncio.to_thread(self.content.remove, video_id, ref)
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
     @fastapi_app.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         self._caller(request)
         name = self.settings.model_name
-        created = int(os.path.getmtime(self.settings.model)) if os.path.exists(self.settings.model) else 0
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "sora-ray"} for m in (name, name + api.PREVIEW_SUFFIX)]
+        data = [{"id": m, "object": "model", "created": self.model_created, "owned_by": "sora-ray"} for m in (name, name + api.PREVIEW_SUFFIX)]
         return JSONResponse({"object": "list", "data": data})
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        await self._ensure_started()
+        self._ensure_started()
         try:
             generator = await asyncio.wait_for(self.generator.get_stats.remote(), timeout=5)
         except Exception as err:  # noqa: BLE001 - report, do not fail: the ingress itself is up
             generator = {"error": f"{type(err).__name__}: {err}"}
+        pending = await asyncio.to_thread(self.db.count_unfinished)
+        d = self.dispatcher
         return JSONResponse({
             "status": "ok",
             "model": self.settings.model_name,
             "api_keys": bool(self.settings.api_keys),
             "pid": os.getpid(),
+            "worker": self.worker,
+            "db": self.db.dialect,
             "limits": asdict(self.settings.limits),
-            "queue": {"pending": len(self._pending), "in_flight": self._in_flight, "max_pending_jobs": self.settings.queue.max_pending_jobs},
+            "queue": {"pending": pending, "in_flight": len(d.held), "max_pending_jobs": self.settings.queue.max_pending_jobs},
             "stats": {
                 **self.stats,
-                "pipeline_calls": len(self.batch_ids),
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "pipeline_calls": len(d.batch_ids),
+                "batch_sizes": {str(k): v for k, v in sorted(d.batch_sizes.items())},
             },
             "generator": generator,
         })
 
     # -- jobs ---------------------------------------------------------------------------------------
 
-    def _new_job(self, params: api.GenerationParams, owner: str | None, tier: str, priority: int, cache_key: str | None) -> dict[str, Any]:
+    @staticmethod
+    def _new_job(params: api.GenerationParams) -> dict[str, Any]:
         now_ns = time.time_ns()
         return {
             "id": f"video_{uuid.uuid4().hex}",
@@ -344,6 +388,7 @@ class VideoAPI:
             "progress": 0,
             "created_at": now_ns // 10**9,
             "completed_at": None,
+            "expires_at": None,
             "size": params.size,
             "seconds": params.seconds,
             "prompt": params.prompt,
@@ -355,101 +400,24 @@ class VideoAPI:
             "sampler": params.sampler,
             "negative_prompt": params.negative_prompt,
             "_created_ns": now_ns,
-            "_owner": owner,
-            "_tier": tier,
-            "_priority": priority,
-            "_cache_key": cache_key,
             "_params": asdict(params),
         }
 
-    def _from_cache(self, key: str, params: api.GenerationParams, owner: str | None) -> dict[str, Any] | None:
-        source_id = self.store.cache_get(key)
-        source = self.store.get(source_id) if source_id else None
-        if source is None or source.get("status") != "completed" or source.get("_params") != asdict(params):
+    def _from_cache(self, key: str, params: api.GenerationParams, owner: str) -> dict[str, Any] | None:
+        """A completed job with the same parameters: its clip copied (server-side on object stores) into a
+        new completed job of this owner. None when there is none, or its files are gone."""
+        source = self.db.cache_lookup(key)
+        if source is None or source.get("_params") != asdict(params):
             return None
-        video, thumb = self.store.get_content(source_id, "video"), self.store.get_content(source_id, "thumbnail")
-        if video is None or thumb is None:
+        job = self._new_job(params)
+        ref = new_token()
+        if not self.content.copy((source["id"], source["_content_ref"]), (job["id"], ref)):
             return None
-        job = self._new_job(params, owner, "cache", 0, key)
-        job.update(status="completed", progress=100, completed_at=int(time.time()), _cached_from=source_id)
-        self.store.put_content(job["id"], "video", video)
-        self.store.put_content(job["id"], "thumbnail", thumb)
-        self.store.put(job)
+        now = int(time.time())
+        retention = self.settings.retention_s
+        job.update(status="completed", progress=100, completed_at=now, expires_at=None if retention is None else now + int(retention), _content_ref=ref)
+        self.db.insert(job, owner, "cache", 0, None, key)
         return job
-
-    def _enqueue(self, job: dict[str, Any]) -> None:
-        self._queue.put_nowait((-int(job.get("_priority", 0)), next(self._seq), job["id"]))
-        self._update_depth()
-
-    def _update_depth(self) -> None:
-        m = ingress_metrics()["queue_depth"]
-        m.set(len(self._pending) - self._in_flight, tags={"state": "waiting"})
-        m.set(self._in_flight, tags={"state": "running"})
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            _, _, job_id = await self._queue.get()
-            while self._in_flight >= self.settings.queue.max_in_flight:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-            self._in_flight += 1
-            self._update_depth()
-            task = asyncio.create_task(self._run_job(job_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run_job(self, job_id: str) -> None:
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-
-        started = time.perf_counter()
-        status = "failed"
-        try:
-            job = await asyncio.to_thread(self.store.get, job_id)
-            if job is None or job["status"] in TERMINAL:  # deleted while waiting, or finished by another replica
-                return
-            # Nothing else waits here: the generator need not hold this job for company (batch wait).
-            alone = self._queue.empty() and self._in_flight == 1
-            item = {"id": job_id, "params": job["_params"], "alone": alone}
-            attempts, waits = 0, 0
-            while True:
-                try:
-                    result = await self.generator.generate.remote(item)
-                    break
-                except BackPressureError:
-                    self.stats["generator_backpressure"] += 1  # the job keeps its place; it was accepted
-                except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as err:
-                    attempts += 1
-                    self.stats["generator_retries"] += 1
-                    logger.warning("generator replica lost under %s (try %d): %s", job_id, attempts, type(err).__name__)
-                    if attempts >= self.settings.queue.max_attempts:
-                        await asyncio.to_thread(self._mark_failed, job_id, f"generation failed after {attempts} tries: the generator replica died ({type(err).__name__})", "replica_failed")
-                        return
-                await asyncio.sleep(RETRY_BACKOFF_S[min(waits, len(RETRY_BACKOFF_S) - 1)])
-                waits += 1
-            if result.get("ok"):
-                status = "completed"
-                self.stats["completed"] += 1
-                if not result.get("skipped"):
-                    self.batch_ids.add(result["batch_id"])
-                    if len(self.batch_ids) > 100_000:
-                        self.batch_ids.clear()
-                    self.batch_sizes[result["batch_size"]] += 1
-            else:
-                self.stats["failed"] += 1
-        except Exception as err:  # noqa: BLE001 - one job's failure never stops the dispatcher
-            logger.exception("job %s failed", job_id)
-            self.stats["failed"] += 1
-            await asyncio.to_thread(self._mark_failed, job_id, f"generation failed: {type(err).__name__}", "generation_failed")
-        finally:
-            self._pending.pop(job_id, None)
-            self._in_flight -= 1
-            self._slot_freed.set()
-            self._update_depth()
-            ingress_metrics()["job_latency"].observe(time.perf_counter() - started, tags={"status": status})
-
-    def _mark_failed(self, job_id: str, message: str, code: str) -> None:
-        self.store.update(job_id, status="failed", error={"code": code, "message": message}, completed_at=int(time.time()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +450,6 @@ def _settings_from_env() -> ServeSettings:
 
 
 app = build_app(_settings_from_env())
-"""`serve run pipelines.serve.app:app` with SORA_MODEL=EXPORT_DIR (and optionally SORA_SERVE_STORE)."""
+"""`serve run pipelines.serve.app:app` with SORA_MODEL=EXPORT_DIR (and optionally SORA_SERVE_STORE; SORA_SERVE_DB is read by every replica)."""
 
 __all__ = ["APP_NAME", "Generator", "VideoAPI", "app", "app_builder", "build_app"]

@@ -2,6 +2,7 @@
 
     sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
     sora serve --model runs/demo/export [--port 8000] [--host 0.0.0.0] [--config cluster/serve/local.yaml]
+    sora serve --model /shared/export --db postgresql://sora:PW@db:5432/sora --store s3://bucket/sora   # a cluster's
     sora serve --hash-key KEY            # the sha256 digest to put under `api_keys:` in a Serve config
     RAY_ADDRESS=ray://head:10001 sora serve --model /shared/export    # onto an existing cluster
 
@@ -30,7 +31,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help=f"HTTP port (default: the config's http_options.port, else {DEFAULT_PORT})")
     p.add_argument("--host", help=f"HTTP host; 0.0.0.0 to listen on every interface (default {DEFAULT_HOST})")
     p.add_argument("--config", help="a Serve config YAML (cluster/serve/NAME.yaml): its app args and deployment options")
-    p.add_argument("--store", help="job store folder or fsspec URI (overrides the config's args.store)")
+    p.add_argument("--store", help="where videos live: a folder or fsspec URI such as s3://bucket/sora (overrides args.store)")
+    p.add_argument("--db", help="where job state lives: sqlite:///PATH or postgresql://USER:PW@HOST/DB (default: SQLite beside the store)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="generator weights: int8 (CPU) or bf16 (GPU)")
     p.add_argument("--hash-key", metavar="KEY", help="print the sha256 digest of an API key for `api_keys:` and exit")
 
@@ -68,6 +70,7 @@ def read_serve_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
 
 def run_serve(args: argparse.Namespace) -> int:
     from pipelines.cli import UserError
+    from sora_model.config import ConfigError
 
     from .config import APP_NAME, hash_key, load_settings
 
@@ -79,14 +82,18 @@ def run_serve(args: argparse.Namespace) -> int:
     http: dict[str, Any] = {}
     if args.config:
         app_args, deployments, http = read_serve_config(args.config)
-    for key in ("model", "store", "precision"):
+    for key in ("model", "store", "db", "precision"):
         if getattr(args, key):
             app_args[key] = getattr(args, key)
     if not app_args.get("model"):
         raise UserError("--model is required (or args.model in --config)")
     if "://" not in app_args["model"] and not os.path.isfile(os.path.join(app_args["model"], "config.json")):
         raise UserError(f"--model '{app_args['model']}' is not an export folder: config.json is missing")
-    settings = load_settings(app_args)
+    try:
+        settings = load_settings(app_args)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    check_database(settings.db_url)
     host = args.host or http.get("host") or DEFAULT_HOST
     port = args.port or http.get("port") or DEFAULT_PORT
 
@@ -103,7 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.run(build_app(settings, deployments), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     keys = f"API keys on ({len(settings.api_keys)} keys, tiers: {', '.join(settings.tiers)})" if settings.api_keys else "API keys off"
-    print(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}")
+    print(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}")
     print("sora serve: Ctrl-C to stop", flush=True)
 
     def stop(signum: int, frame: Any) -> None:
@@ -124,6 +131,31 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             serve.delete(APP_NAME)
     return 0
+
+
+def check_database(url: str) -> None:
+    """Connect once before deploying: a wrong URL or a server that is down is one line here, not replicas
+    failing their health checks in a loop."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipelines.cli import UserError
+
+    from .db import JobDB
+
+    try:
+        JobDB(url).close()
+    except (SQLAlchemyError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--db '{_redacted(url)}' cannot be used: {first}") from None
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given (it holds no usable password then)
+        return url
 
 
 def register(subparsers: Any) -> None:

@@ -21,8 +21,13 @@ GENERATOR_NAME = "Generator"
 APP_NAME = "sora"
 DEFAULT_STORE = os.path.join("~", ".cache", "sora-ray", "videos")
 """Where jobs and results go when `store` is unset: a folder that outlives replicas and restarts."""
+DB_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgres://")
+"""Databases job state is tested against: SQLite (embedded) and PostgreSQL (psycopg 3)."""
+DB_FILE = "jobs.db"
+"""The default SQLite database's file name, in the store folder."""
 MODEL_ENV = "SORA_MODEL"
 STORE_ENV = "SORA_SERVE_STORE"
+DB_ENV = "SORA_SERVE_DB"
 """Environment variables the module-level `app` reads (for `serve run pipelines.serve.app:app`)."""
 
 
@@ -66,7 +71,33 @@ class Tier:
     default_steps: int | None = None
     """Steps when the request gives none; a preview tier sets few (cheaper, blurrier)."""
     max_pending_jobs: int | None = None
-    """Jobs of this tier waiting or running at once (per ingress replica); beyond it answers 429."""
+    """Jobs of this tier waiting or running at once (all replicas together); beyond it answers 429."""
+    max_pending_per_key: int | None = None
+    """Jobs one API key (its owner) may have waiting or running at once: the in-flight cap that keeps one
+    busy client from filling its tier's share; beyond it answers 429."""
+    max_jobs_per_hour_per_key: int | None = None
+    """Quota: jobs one owner may create in a rolling hour; beyond it answers 429 with when to retry."""
+    job_deadline_s: float | None = None
+    """A job not finished this long after it was accepted fails with `deadline_exceeded` (queued or
+    sampling), so a backlog never holds a client's job forever. None: no deadline."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending_jobs", "max_pending_per_key", "max_jobs_per_hour_per_key"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"tiers.*.{name} must be >= 1, got {value}")
+        if self.job_deadline_s is not None and self.job_deadline_s <= 0:
+            raise ConfigError(f"tiers.*.job_deadline_s must be > 0, got {self.job_deadline_s}")
+
+
+@dataclass
+class ApiKey:
+    """One API key's entry: its tier and the owner its videos belong to."""
+
+    tier: str
+    owner: str | None = None
+    """A stable user id: give a rotated key the same owner and the user keeps their videos. None: the
+    first 16 hex digits of the key's digest (videos then belong to that key alone)."""
 
 
 @dataclass
@@ -74,9 +105,18 @@ class QueueConfig:
     """The ingress's own bounded job queue in front of the generator (the article's queue of 100)."""
 
     max_pending_jobs: int = 100
-    """Accepted jobs not yet finished, per ingress replica; beyond it a create answers 503 + Retry-After."""
+    """Accepted jobs not yet finished, all ingress replicas together (counted in the database); beyond it
+    a create answers 503 + Retry-After."""
     max_in_flight: int = 16
-    """Jobs handed to the generator deployment at once; must be >= the batch size for batching to fill."""
+    """Jobs one ingress replica has leased and handed to the generator deployment at once; must be >= the
+    batch size for batching to fill."""
+    lease_ttl_s: float = 30.0
+    """How long a claimed job stays with its holder without a renewal. Holders renew every third of it
+    (the generator at each sampling step), so a job whose replica died is claimable again after at
+    most this long. Must exceed the longest gap between two sampling steps."""
+    claim_interval_s: float = 0.5
+    """How often an idle dispatcher looks for claimable jobs (jobs accepted by the replica itself, and
+    freed slots, wake it at once): the delay before another replica's job or a lapsed lease is picked up."""
     retry_after_s: int = 5
     """What a 429/503 tells the client to wait."""
     max_attempts: int = 3
@@ -92,6 +132,10 @@ class QueueConfig:
         for name in ("max_pending_jobs", "max_in_flight", "max_attempts", "poll_after_ms", "min_poll_after_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"queue.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.5 <= self.lease_ttl_s <= 3600:
+            raise ConfigError(f"queue.lease_ttl_s must be between 0.5 and 3600, got {self.lease_ttl_s}")
+        if not 0.01 <= self.claim_interval_s <= self.lease_ttl_s:
+            raise ConfigError(f"queue.claim_interval_s must be between 0.01 and lease_ttl_s, got {self.claim_interval_s}")
         if self.min_poll_after_ms > self.poll_after_ms:
             raise ConfigError(f"queue needs min_poll_after_ms <= poll_after_ms, got {self.min_poll_after_ms} > {self.poll_after_ms}")
 
@@ -123,7 +167,23 @@ class ServeSettings:
     model_aliases: list[str] = field(default_factory=lambda: ["sora-2", "sora-2-pro"])
     """OpenAI model names accepted as this model, so code written for OpenAI runs unchanged."""
     store: str | None = None
-    """Job store: a folder or any fsspec URI (s3://, gs://) shared by replicas; None is a local cache folder."""
+    """Where videos live: a folder or any fsspec URI (s3://, gs://) shared by replicas; None is a local cache folder."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options of the store (e.g. {endpoint_url: ...} for an S3-compatible service); credentials
+    come from the environment (AWS_ACCESS_KEY_ID, ...), never from this config."""
+    db: str | None = None
+    """Where job state lives: an SQLAlchemy URL. None: an SQLite file beside a local store (one machine);
+    `postgresql://user:pass@host/db` for several nodes (SQLite needs every replica on one machine)."""
+    download_redirect_s: float | None = 900.0
+    """On stores that presign (s3://, gs://) a content request answers 307 to a signed URL valid this long:
+    the client fetches the bytes (with Range) from the object store itself. Ray 2.60's HTTP proxy has no
+    backpressure on streamed bodies (a fast replica's chunks queue in the proxy and the replica while a
+    slower client reads), so big files are best kept out of it. None: always stream through the ingress."""
+    retention_s: float | None = 7 * 24 * 3600
+    """Finished jobs and their files are deleted this long after they finish (`expires_at` says when);
+    a week, like a download link. None keeps them forever."""
+    sweep_interval_s: float = 60.0
+    """How often each ingress replica purges expired jobs and fails jobs past their deadline."""
     precision: Literal["fp32", "bf16", "int8"] = "fp32"
     """`int8` dynamic quantisation (CPU) or `bf16` autocast (GPU): cheaper sampling, slightly different pixels."""
     device: str = "auto"
@@ -136,28 +196,57 @@ class ServeSettings:
     tiers: dict[str, Tier] = field(default_factory=lambda: {"default": Tier()})
     default_tier: str = "default"
     """The tier of every request when API keys are off."""
-    api_keys: dict[str, str] = field(default_factory=dict)
-    """sha256 hex digest of a key -> tier name. Empty turns keys off (local use). `sora serve --hash-key KEY`."""
+    api_keys: dict[str, str | ApiKey] = field(default_factory=dict)
+    """sha256 hex digest of a key -> tier name, or -> {tier, owner} (owner: a user id that outlives key
+    rotation). Empty turns keys off (local use). `sora serve --hash-key KEY` prints a digest."""
     queue: QueueConfig = field(default_factory=QueueConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         if self.default_tier not in self.tiers:
             raise ConfigError(f"default_tier '{self.default_tier}' is not one of tiers: {', '.join(self.tiers)}")
-        for digest, tier in self.api_keys.items():
+        for digest, entry in self.api_keys.items():
+            tier = entry.tier if isinstance(entry, ApiKey) else entry
             if tier not in self.tiers:
                 raise ConfigError(f"api_keys maps a key to tier '{tier}', which is not one of: {', '.join(self.tiers)}")
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError("api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora serve --hash-key KEY`")
         if self.preview_steps < 1:
             raise ConfigError(f"preview_steps must be >= 1, got {self.preview_steps}")
+        if self.retention_s is not None and self.retention_s <= 0:
+            raise ConfigError(f"retention_s must be > 0 (or null to keep jobs), got {self.retention_s}")
+        if self.download_redirect_s is not None and not 1 <= self.download_redirect_s <= 7 * 24 * 3600:
+            raise ConfigError(f"download_redirect_s must be between 1 and 604800 (S3's longest), got {self.download_redirect_s}")
+        if self.sweep_interval_s <= 0:
+            raise ConfigError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
+        if self.db is not None and not self.db.startswith(DB_SCHEMES):
+            raise ConfigError(f"db must be an SQLAlchemy URL starting with {' or '.join(DB_SCHEMES)}, got '{self.db}'")
 
     @property
     def store_uri(self) -> str:
         return self.store or os.path.expanduser(DEFAULT_STORE)
 
+    @property
+    def db_url(self) -> str:
+        """`db`, else $SORA_SERVE_DB (read where the replica runs: a Kubernetes Secret keeps the password out
+        of the config), else an SQLite file beside a local store (or in the local default folder for a remote one)."""
+        if self.db or os.environ.get(DB_ENV):
+            return self.db or os.environ[DB_ENV]
+        folder = self.store_uri if "://" not in self.store_uri else os.path.expanduser(DEFAULT_STORE)
+        return f"sqlite:///{os.path.join(folder, DB_FILE)}"
 
-RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "queue", "result_cache", "preview_steps", "model_aliases")
+    def key_entry(self, digest: str) -> tuple[str, str] | None:
+        """(tier, owner) of a known key digest."""
+        entry = self.api_keys.get(digest)
+        if entry is None:
+            return None
+        if isinstance(entry, ApiKey):
+            return entry.tier, entry.owner or digest[:16]
+        return entry, digest[:16]
+
+
+RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
+                "download_redirect_s")
 """Settings the ingress's `user_config` may change on a live replica."""
 
 
@@ -169,6 +258,8 @@ def load_settings(args: dict[str, Any]) -> ServeSettings:
         settings.model = os.path.abspath(os.path.expanduser(settings.model))
     if settings.store and "://" not in settings.store:
         settings.store = os.path.abspath(os.path.expanduser(settings.store))
+    if settings.db and settings.db.startswith("sqlite:///") and not settings.db.startswith("sqlite:////"):
+        settings.db = "sqlite:///" + os.path.abspath(os.path.expanduser(settings.db[len("sqlite:///") :]))
     return settings
 
 

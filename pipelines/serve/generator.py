@@ -1,6 +1,6 @@
 """The generator deployment: one `TextToVideoPipeline` per replica, dynamic batching, results to the store.
 
-Each call carries one job (`{"id", "params"}`); `@serve.batch` collects concurrent calls and the batch
+Each call carries one leased job (`{"id", "token", "params", "deadline_ns", ...}`, see dispatch.py); `@serve.batch` collects concurrent calls and the batch
 is split by shape (frames, size, steps, sampler, negative prompt or not). Each shape group is one
 pipeline call: prompts, seeds and guidance scales stay per request (the pipeline gives every prompt
 its own noise, so a clip is the same batched or alone). The replica moves the job to `in_progress`,
@@ -8,6 +8,11 @@ reports progress while sampling, and hands each clip back to its own call, which
 thumbnail to the store and marks the job `completed`. That last part runs outside the batch: the next
 batch starts sampling while the previous one's clips are encoded and uploaded, and the clips of one
 batch are encoded side by side rather than one after another.
+
+Every write names the job's lease token (db.py): starting a job counts a run and renews the lease, each
+progress write renews it again, and the completion only lands while the token still holds. A job whose
+lease was taken over (this replica was thought dead) is dropped, its files removed; a call whose jobs
+are all lost or past their deadline stops sampling at the next step.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from ray import serve
 
 from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
+from .db import JobDB
 from .metrics import generator_metrics
-from .store import JobStore
+from .store import ContentStore
 
 logger = logging.getLogger("ray.serve")
 PROGRESS_WRITE_INTERVAL_S = 0.25
@@ -37,16 +43,18 @@ SAMPLING_SHARE = 95
 """Percent of a job's progress bar spent sampling; encoding and upload take the rest."""
 
 
-def encode_clip(frames: Any, fps: int) -> tuple[bytes, bytes]:
-    """(MP4 bytes, PNG thumbnail bytes) of one (T, H, W, 3) uint8 clip."""
+class StopSampling(Exception):
+    """Raised from the progress callback: every job of the call lost its lease or passed its deadline."""
+
+
+def encode_clip(frames: Any, fps: int, folder: str) -> tuple[str, str]:
+    """Paths of the MP4 and the PNG thumbnail (first frame) of one (T, H, W, 3) uint8 clip, in `folder`."""
     from sora_model.video import write_video
 
-    with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
-        mp4, png = os.path.join(tmp, "clip.mp4"), os.path.join(tmp, "thumb.png")
-        write_video(mp4, frames, fps=fps)
-        write_video(png, frames[:1], fps=fps)  # the first frame
-        with open(mp4, "rb") as f, open(png, "rb") as g:
-            return f.read(), g.read()
+    mp4, png = os.path.join(folder, "clip.mp4"), os.path.join(folder, "thumb.png")
+    write_video(mp4, frames, fps=fps)
+    write_video(png, frames[:1], fps=fps)
+    return mp4, png
 
 
 @serve.deployment(
@@ -75,7 +83,8 @@ class Generator:
         started = time.perf_counter()
         self.pipe = TextToVideoPipeline.load(self.settings.model, device=device, precision=self.settings.precision)
         self.card = model_card(self.pipe)
-        self.store = JobStore(self.settings.store_uri)
+        self.db = JobDB(self.settings.db_url)
+        self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
         self.replica = _replica_id()
         self.load_s = time.perf_counter() - started
         self.stats: Counter[str] = Counter()
@@ -133,7 +142,7 @@ class Generator:
         clip = result.pop("clip", None)
         if clip is None:  # failed, or deleted before it was sampled
             return result
-        return await asyncio.to_thread(self._finish, job["id"], clip, result)
+        return await asyncio.to_thread(self._finish, job, clip, result)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -147,7 +156,7 @@ class Generator:
             self._idle.clear()
         try:
             for idxs in groups.values():
-                out = await asyncio.to_thread(self._run_group, [jobs[i]["id"] for i in idxs], [params[i] for i in idxs])
+                out = await asyncio.to_thread(self._run_group, [jobs[i] for i in idxs], [params[i] for i in idxs])
                 for i, r in zip(idxs, out, strict=True):
                     results[i] = r
         finally:
@@ -155,19 +164,23 @@ class Generator:
                 self._idle.set()
         return results
 
-    def _run_group(self, ids: list[str], params: list[GenerationParams]) -> list[dict[str, Any]]:
+    def _run_group(self, items: list[dict[str, Any]], params: list[GenerationParams]) -> list[dict[str, Any]]:
         """Sample one same-shape group in one pipeline call (runs in a worker thread)."""
         metrics = generator_metrics()
-        now = int(time.time())
+        ids = [it["id"] for it in items]
+        ttl = items[0]["lease_ttl_s"]
         started_ns = time.time_ns()
-        live = [self.store.update(i, status="in_progress", progress=0, _started_at=now, _started_ns=started_ns, _replica=self.replica) for i in ids]
-        run = [(i, p) for i, p, job in zip(ids, params, live, strict=True) if job is not None]  # deleted jobs drop out
-        queued_s = {job["id"]: (started_ns - job.get("_created_ns", started_ns)) / 1e9 for job in live if job is not None}
+        live = [self.db.start(it["id"], it["token"], self.replica, ttl) for it in items]
+        # Deleted, finished elsewhere, or taken over while waiting: those drop out of the call.
+        run = [(it, p) for it, p, job in zip(items, params, live, strict=True) if job is not None]
+        queued_s = {job["id"]: (started_ns - job["_created_ns"]) / 1e9 for job in live if job is not None}
         batch_id = uuid.uuid4().hex[:12]
         results = {i: {"ok": True, "batch_id": batch_id, "batch_size": len(run), "skipped": True} for i in ids}
         if not run:
             return [results[i] for i in ids]
         first = run[0][1]
+        held = {it["id"]: it["token"] for it, _ in run}
+        deadlines = [it["deadline_ns"] for it, _ in run]
         lock, last = threading.Lock(), [0.0]
         started = time.perf_counter()
 
@@ -177,12 +190,16 @@ class Generator:
                 if now_s - last[0] < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
                     return
                 last[0] = now_s
+            if all(d is not None and time.time_ns() > d for d in deadlines):
+                raise StopSampling("deadline")
             pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
             # When sampling will end at the pace so far: the ingress tells pollers to come back then.
             left_s = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
-            eta_ns = time.time_ns() + int(left_s * 1e9)
-            for i, _ in run:
-                self.store.update(i, progress=pct, _eta_ns=eta_ns)
+            kept = self.db.progress(dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl)  # also renews the leases
+            for job_id in set(held) - kept:
+                held.pop(job_id)
+            if not held:
+                raise StopSampling("lease")
 
         try:
             clips = self.pipe(
@@ -194,12 +211,17 @@ class Generator:
                 negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
                 callback=on_step,
             )  # (B, T, H, W, 3) uint8
+        except StopSampling as why:
+            if str(why) == "deadline":
+                return self._fail(ids, run, results, "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)", "deadline_exceeded")
+            logger.warning("generator %s: leases of %s were taken over; stopped sampling", self.replica, ids)
+            return [results[i] for i in ids]
         except (ValueError, TypeError) as err:  # a request the limits let through but the model refuses
             return self._fail(ids, run, results, f"generation failed: {err}", "invalid_request")
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail these jobs, keep the replica serving
             if "CUDA" in str(err) and "out of memory" not in str(err):
                 self._fatal = str(err)  # a broken device: let Serve replace the replica
-            logger.exception("generation failed for %s", [i for i, _ in run])
+            logger.exception("generation failed for %s", ids)
             return self._fail(ids, run, results, f"generation failed: {type(err).__name__}: {err}", "generation_failed")
         seconds = time.perf_counter() - started
         metrics["batch_size"].observe(len(run))
@@ -207,40 +229,43 @@ class Generator:
         self.stats["pipeline_calls"] += 1
         self.stats["clips"] += len(run)
         self.batch_sizes[len(run)] += 1
-        for (job_id, p), clip in zip(run, clips, strict=True):
-            results[job_id] = {
+        for (it, p), clip in zip(run, clips, strict=True):
+            if it["id"] not in held:  # lost its lease mid-call: another replica owns it now
+                continue
+            results[it["id"]] = {
                 "ok": True, "batch_id": batch_id, "batch_size": len(run), "seconds": seconds,
-                "clip": clip, "fps": p.fps, "queued_s": queued_s[job_id],
+                "clip": clip, "fps": p.fps, "queued_s": queued_s[it["id"]],
             }  # fmt: skip
         cache = self.pipe.text_encoder.cache
         metrics["text_cache"].set(cache.hits, tags={"result": "hit"})
         metrics["text_cache"].set(cache.misses, tags={"result": "miss"})
         return [results[i] for i in ids]
 
-    def _finish(self, job_id: str, clip: Any, result: dict[str, Any]) -> dict[str, Any]:
-        """Encode one sampled clip, store it and mark its job completed (a worker thread, outside the batch)."""
+    def _finish(self, item: dict[str, Any], clip: Any, result: dict[str, Any]) -> dict[str, Any]:
+        """Encode one sampled clip, store it under its token and mark the job completed (a worker thread,
+        outside the batch). Nothing is kept when the lease was lost meanwhile."""
+        job_id, token = item["id"], item["token"]
         queued_s, fps = result.pop("queued_s"), result.pop("fps")
         encode_started = time.perf_counter()
-        video, thumb = encode_clip(clip, fps)
-        self.store.put_content(job_id, "video", video)
-        self.store.put_content(job_id, "thumbnail", thumb)
-        # Where the job's time went, for monitoring (internal field: not in the API's video object).
+        with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
+            mp4, png = encode_clip(clip, fps, tmp)
+            self.content.put_file(mp4, job_id, token, "video")
+            self.content.put_file(png, job_id, token, "thumbnail")
+        # Where the job's time went, for monitoring (not in the API's video object).
         timing = {"queued": round(queued_s, 4), "sampling": round(result["seconds"], 4), "encode_store": round(time.perf_counter() - encode_started, 4)}
-        job = self.store.update(
-            job_id, status="completed", progress=100, completed_at=int(time.time()), error=None,
-            _batch_id=result["batch_id"], _batch_size=result["batch_size"], _timing_s=timing,
-        )  # fmt: skip
-        if job is None:  # deleted while sampling: drop what was just written
-            self.store.delete(job_id)
-        elif job.get("_cache_key"):
-            self.store.cache_put(job["_cache_key"], job_id)
+        extra = {"batch_id": result["batch_id"], "batch_size": result["batch_size"], "timing_s": timing, "replica": self.replica}
+        if not self.db.complete(job_id, token, item["retention_s"], extra):
+            self.content.remove(job_id, token)  # deleted, or taken over while encoding: drop our files only
+            self.stats["completions_fenced"] += 1
+            return {"ok": True, "batch_id": result["batch_id"], "batch_size": result["batch_size"], "skipped": True}
+        self.stats["completed"] += 1
         generator_metrics()["clips"].inc(tags={"status": "completed"})
         return result
 
     def _fail(self, ids, run, results, message: str, code: str) -> list[dict[str, Any]]:
-        for job_id, _ in run:
-            self.store.update(job_id, status="failed", error={"code": code, "message": message}, completed_at=int(time.time()))
-            results[job_id] = {"ok": False, "error": message, "code": code}
+        for it, _ in run:
+            self.db.fail(it["id"], it["token"], code, message, it["retention_s"])
+            results[it["id"]] = {"ok": False, "error": message, "code": code}
             generator_metrics()["clips"].inc(tags={"status": "failed"})
         return [results[i] for i in ids]
 

@@ -1,168 +1,129 @@
-"""The job store: video objects, their MP4s and PNG thumbnails, in a folder or any fsspec URI.
+"""Video files in a folder or object storage, through fsspec: `/srv/sora/store`, `s3://bucket/sora`, `gs://...`.
 
-Everything a client was told about lives here, not in a replica's memory, so a replica that dies or
-restarts loses nothing that was accepted: the ingress re-queues unfinished jobs it finds at start,
-and any replica can answer for any job.
+Job state is not here (see db.py); this holds only bytes:
+    content/<id>-<ref>.mp4     the clip
+    content/<id>-<ref>.png     its thumbnail
 
-Layout under the root:
-    jobs/<id>.json       the job record (the public video object plus internal fields, `_`-prefixed)
-    content/<id>.mp4     the clip
-    content/<id>.png     its thumbnail
-    cache/<key>.json     result cache: a (prompt, parameters, seed) hash -> the id that produced it
-
-Writes are whole-object: atomic rename on a local disk, single PUTs on object stores, so readers
-never see half a record or half a video.
+`ref` is the lease token of the run that produced the clip, so a stale generator whose lease was taken
+over writes (and cleans up) its own files and never touches the winner's. Writes are whole-object:
+an atomic rename on a local disk, one upload on object stores, so a reader never sees half a video.
+Reads are ranged and chunked (`open_range`); on object stores that presign (S3, GCS) a download is a
+redirect to a short-lived signed URL instead (`sign`), so the bytes never pass through Serve at all.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import tempfile
-import threading
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 CONTENT_SUFFIX = {"video": ".mp4", "thumbnail": ".png"}
-TERMINAL = ("completed", "failed")
+MEDIA_TYPE = {"video": "video/mp4", "thumbnail": "image/png"}
+CHUNK_BYTES = 1024 * 1024
+"""One read of a streamed download: big enough for object-store throughput, small next to any replica's memory."""
 
 
-class JobStore:
-    """Thread-safe access to one store root (the generator writes from its sampling thread)."""
+class ContentStore:
+    """Thread-safe: every call opens its own file handle."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
         self.uri = uri
-        self.fs, root = fsspec.core.url_to_fs(uri)
+        self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
-        self._lock = threading.Lock()
-        for sub in ("jobs", "content", "cache"):
-            self.fs.makedirs(self._path(sub), exist_ok=True)
+        self.fs.makedirs(self._path("content"), exist_ok=True)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    # -- raw I/O --------------------------------------------------------------------------------
+    def path(self, job_id: str, ref: str, variant: str) -> str:
+        if not job_id or "/" in job_id or "/" in ref or job_id.startswith("."):
+            raise KeyError(job_id)
+        return self._path("content", f"{job_id}-{ref}{CONTENT_SUFFIX[variant]}")
 
-    def _write(self, path: str, data: bytes) -> None:
+    def ping(self) -> None:
+        """Raises when the store cannot be reached (a health check): one metadata call, not a listing.
+        "Not found" is an answer (object stores have no empty folders), so it passes."""
+        try:
+            self.fs.info(self._path("content"))
+        except FileNotFoundError:
+            pass
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def put_file(self, local_path: str, job_id: str, ref: str, variant: str) -> None:
+        """Upload a finished local file (streamed by fsspec, never read whole here)."""
+        dest = self.path(job_id, ref, variant)
         if self.local:
-            folder = os.path.dirname(path)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(dest))
+            os.close(fd)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, dest)
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.put_file(local_path, dest)
 
-    def _read(self, path: str) -> bytes | None:
+    def put_bytes(self, data: bytes, job_id: str, ref: str, variant: str) -> None:
+        with tempfile.NamedTemporaryFile(prefix="sora-put-") as f:
+            f.write(data)
+            f.flush()
+            self.put_file(f.name, job_id, ref, variant)
+
+    def copy(self, src: tuple[str, str], dst: tuple[str, str]) -> bool:
+        """Copy both variants of job src=(id, ref) to dst=(id, ref), server-side on object stores; False if missing."""
         try:
-            return self.fs.cat_file(path)
-        except (FileNotFoundError, OSError):
-            return None
-
-    def _remove(self, path: str) -> None:
-        try:
-            self.fs.rm_file(path)
-        except (FileNotFoundError, OSError):
-            pass
-
-    def ping(self) -> None:
-        """Raises when the store cannot be listed (a health check)."""
-        self.fs.ls(self._path("jobs"), detail=False)
-
-    # -- jobs -----------------------------------------------------------------------------------
-
-    def _job_path(self, job_id: str) -> str:
-        if not job_id or "/" in job_id or job_id.startswith("."):
-            raise KeyError(job_id)
-        return self._path("jobs", f"{job_id}.json")
-
-    def put(self, job: dict[str, Any]) -> None:
-        self._write(self._job_path(job["id"]), json.dumps(job).encode())
-
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            data = self._read(self._job_path(job_id))
-        except KeyError:
-            return None
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except json.JSONDecodeError:
-            return None
-
-    def update(self, job_id: str, **fields: Any) -> dict[str, Any] | None:
-        """Merge fields into a job; None (and nothing written) when it was deleted meanwhile."""
-        with self._lock:
-            job = self.get(job_id)
-            if job is None:
-                return None
-            job.update(fields)
-            self.put(job)
-            return job
-
-    def all_jobs(self) -> list[dict[str, Any]]:
-        try:
-            names = self.fs.ls(self._path("jobs"), detail=False)
-        except FileNotFoundError:
-            return []
-        jobs = []
-        for name in names:
-            base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.endswith(".json") and not base.startswith("."):
-                job = self.get(base[: -len(".json")])
-                if job is not None:
-                    jobs.append(job)
-        return jobs
-
-    def list(self, limit: int = 20, after: str | None = None, order: str = "desc", owner: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """Jobs newest first (or oldest with order='asc'), `limit` of them after the id `after`; and whether more remain."""
-        jobs = [j for j in self.all_jobs() if j.get("_owner") == owner]
-        jobs.sort(key=lambda j: (j.get("_created_ns", j["created_at"] * 10**9), j["id"]), reverse=order == "desc")
-        if after is not None:
-            ids = [j["id"] for j in jobs]
-            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
-        return jobs[:limit], len(jobs) > limit
-
-    def unfinished(self) -> list[dict[str, Any]]:
-        """Jobs accepted but not finished, oldest first: what an ingress re-queues when it starts."""
-        jobs = [j for j in self.all_jobs() if j.get("status") not in TERMINAL]
-        return sorted(jobs, key=lambda j: j.get("_created_ns", 0))
-
-    def delete(self, job_id: str) -> bool:
-        with self._lock:
-            job = self.get(job_id)
-            if job is None:
-                return False
             for variant in CONTENT_SUFFIX:
-                self._remove(self._content_path(job_id, variant))
-            self._remove(self._job_path(job_id))
+                self.fs.copy(self.path(*src, variant), self.path(*dst, variant))
             return True
+        except (FileNotFoundError, OSError):
+            self.remove(*dst)
+            return False
 
-    # -- content --------------------------------------------------------------------------------
+    def remove(self, job_id: str, ref: str | None) -> None:
+        if not ref:
+            return
+        for variant in CONTENT_SUFFIX:
+            try:
+                self.fs.rm_file(self.path(job_id, ref, variant))
+            except (FileNotFoundError, OSError, KeyError):
+                pass
 
-    def _content_path(self, job_id: str, variant: str) -> str:
-        return self._path("content", f"{job_id}{CONTENT_SUFFIX[variant]}")
+    # -- reading ------------------------------------------------------------------------------------
 
-    def put_content(self, job_id: str, variant: str, data: bytes) -> None:
-        self._write(self._content_path(job_id, variant), data)
+    def size(self, job_id: str, ref: str, variant: str) -> int | None:
+        try:
+            return int(self.fs.size(self.path(job_id, ref, variant)))
+        except (FileNotFoundError, OSError, KeyError):
+            return None
 
-    def get_content(self, job_id: str, variant: str) -> bytes | None:
-        return self._read(self._content_path(job_id, variant))
+    def open_range(self, job_id: str, ref: str, variant: str, start: int) -> IO[bytes]:
+        """A binary file positioned at `start`; the caller reads CHUNK_BYTES at a time and closes it.
+        On object stores fsspec turns reads into ranged GETs (block_size caps what it buffers)."""
+        f = self.fs.open(self.path(job_id, ref, variant), "rb", block_size=CHUNK_BYTES)
+        if start:
+            f.seek(start)
+        return f
 
-    # -- result cache ---------------------------------------------------------------------------
+    def sign(self, job_id: str, ref: str, variant: str, expires_s: float) -> str | None:
+        """A presigned URL of the object (S3, GCS: `fs.sign`), or None where the store cannot sign (a folder)."""
+        if self.local:
+            return None
+        try:
+            return self.fs.sign(self.path(job_id, ref, variant), expiration=int(expires_s))
+        except NotImplementedError:
+            return None
 
-    def cache_put(self, key: str, job_id: str) -> None:
-        self._write(self._path("cache", f"{key}.json"), json.dumps({"id": job_id}).encode())
-
-    def cache_get(self, key: str) -> str | None:
-        data = self._read(self._path("cache", f"{key}.json"))
-        return json.loads(data)["id"] if data else None
+    def read_all(self, job_id: str, ref: str, variant: str) -> bytes | None:
+        """Whole small files only (tests, thumbnails): downloads go through open_range."""
+        try:
+            return self.fs.cat_file(self.path(job_id, ref, variant))
+        except (FileNotFoundError, OSError, KeyError):
+            return None

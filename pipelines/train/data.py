@@ -141,10 +141,13 @@ class Collate:
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        # Caption columns no row of the batch uses are dropped here, on the host, so the model never syncs to find them.
+        mask = np.asarray(batch["text_mask"], dtype=bool)
+        keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1
         return {
             "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)
-            "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)),  # (B, L, Dt)
-            "text_mask": torch.as_tensor(np.asarray(batch["text_mask"], dtype=bool)),  # (B, L)
+            "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)[:, :keep]),  # (B, L', Dt)
+            "text_mask": torch.as_tensor(mask[:, :keep]),  # (B, L')
             "text_pooled": torch.as_tensor(np.asarray(batch["text_pooled"], dtype=np.float16)),  # (B, Dt)
             "epoch": torch.as_tensor(np.asarray(batch["epoch"], dtype=np.int64)),  # (B,)
         }

@@ -238,6 +238,16 @@ class Recipe:
     """Seeds initial weights and every step's timesteps, noise and caption dropout."""
     keep_checkpoints: int = 2
     """Checkpoints kept in the Ray run folder (oldest deleted first)."""
+    sequence_parallel_size: int = 1
+    """Ranks that share one clip's tokens (DeepSpeed-Ulysses: all-to-all around attention), for clips too long
+    for one device's activations; 1 = off. Must divide the workers, model.num_heads and every stage's tokens
+    per clip. Composes with ZeRO-3: the data-parallel degree is workers / sequence_parallel_size."""
+    compile: bool = False
+    """`torch.compile` the model in the trainer (DeepSpeed `engine.compile`, Inductor, one graph per bucket).
+    Off by default: on CPU a compiled DiT-demo step is ~1.14x faster but each bucket's compile takes minutes,
+    which a 15-minute demo never earns back (benchmarks/RESULTS.md, compile_train_step_ratio); on for long runs.
+    Needs deepspeed.zero_stage <= 2: ZeRO-3's per-module parameter hooks made Dynamo recompile on every module
+    (its limit of 64 graphs was hit within the first step, measured on CPU)."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -260,6 +270,12 @@ class Recipe:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.process_group_timeout_s < 1:
             raise ConfigError(f"process_group_timeout_s must be >= 1, got {self.process_group_timeout_s}")
+        if self.compile and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "compile: true needs deepspeed.zero_stage <= 2 (ZeRO-3's parameter hooks recompile the graph per module)"
+            )
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
 
     @property
     def bf16(self) -> bool:
@@ -289,12 +305,18 @@ class Recipe:
 
 
 def _check_stage_shapes(recipe: Recipe, model: DiTConfig) -> None:
+    sp = recipe.sequence_parallel_size
+    if model.num_heads % sp:
+        raise ConfigError(f"sequence_parallel_size {sp} must divide model.num_heads ({model.num_heads})")
     for i, stage in enumerate(recipe.stages):
         pt, ph, pw = model.patch_size
         if stage.frames % pt or stage.resolution % ph or stage.resolution % pw:
             raise ConfigError(
                 f"stages[{i}]: {stage.frames} frames at {stage.resolution}px do not divide by model.patch_size {list(model.patch_size)}"
             )
+        tokens = (stage.frames // pt) * (stage.resolution // ph) * (stage.resolution // pw)
+        if tokens % sp:
+            raise ConfigError(f"stages[{i}]: {tokens} tokens per clip do not divide by sequence_parallel_size {sp}")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -49,6 +49,8 @@ class Stepper:
     world: int
     device: torch.device
     perceptual: torch.nn.Module | None = None
+    par: Any = None
+    """`parallelize.Parallel`: sequence parallelism (a group shares a micro-batch and its noise); None = plain DP."""
     nan_at: int = 0
     """Fault injection for tests: a NaN loss on rank 0 in this global step..."""
     nan_count: int = 0
@@ -79,9 +81,11 @@ class Stepper:
         mask = batch["text_mask"]  # (B, L)
         pooled = batch["text_pooled"].to(self.dtype)  # (B, Dt)
         drop = null_text_drop(x0.shape[0], self.cond_dropout, gen, device=self.device)  # (B,)
-        engine, dtype = self.engine, self.dtype
+        engine, dtype, par = self.engine, self.dtype, self.par
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if par is not None:
+                return par.forward(engine, x_t.to(dtype), t, tokens, mask, pooled, drop).float()
             return engine(x_t.to(dtype), t, tokens, mask, pooled, drop_text=drop).float()
 
         return self.diffusion.training_losses(
@@ -97,7 +101,10 @@ class Stepper:
             batch = next(batches)
             consumed += 1
             epoch = int(batch["epoch"].max())  # the shuffle buffer mixes the last rows of an epoch with the next
-            gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, global_step, self.rank, consumed))
+            if self.par is not None:
+                batch = self.par.share({k: v for k, v in batch.items() if k != "epoch"})
+            seed_rank = self.par.dp_rank if self.par is not None else self.rank  # a sequence-parallel group draws alike
+            gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, global_step, seed_rank, consumed))
             self.engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
             terms = self._losses(batch, gen)
             if self.nan_at and global_step + 1 == self.nan_at and self.nan_count > 0:
@@ -121,7 +128,7 @@ class Stepper:
                 continue
             self.bad_in_row = 0
             sums += np.asarray(reduced[:-1]) / self.world
-            self.engine.backward(terms["loss"])
+            self.engine.backward(terms["loss"] * (self.par.loss_scale if self.par is not None else 1.0))
             self.engine.step()
             micro += 1
         return StepResult(sums / stage.grad_accum, epoch, skipped), consumed

@@ -7,6 +7,9 @@ is launched and for the run folder). It reads like the curriculum:
     -> checkpoints (checkpoint.py) -> at the stage end: checkpoint, export from the fp32 masters (ema.py),
     hand the export to the sample actor (samples.py) -> final export
 
+With `sequence_parallel_size` > 1 a group of ranks shares each micro-batch and splits its clips' tokens
+(`parallelize.py`, `sequence_parallel.py`); `compile: true` compiles the model once per bucket.
+
 Each step's randomness (timesteps, noise, caption dropout) comes from a generator seeded by (seed,
 global step, rank, micro-batch), so a resumed step draws the same noise it would have. The stage's
 clips are one stream positioned by a sample count (data.py), so a resume starts reading where the
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pipelines.train.parallelize import parallelize
 from pipelines.train.recipe import Recipe, StageSpec, parse_recipe
 
 WORKERS_FILE = "workers.json"
@@ -173,6 +177,7 @@ class RankRun:
         self.stop_at = int(config.get("stop_at_step") or 0)
         # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
         self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16)
+        self.par = parallelize(self.engine, self.recipe, self.world)  # sequence parallelism and compile, as the recipe asks
         self.diffusion = build_diffusion(self.recipe.diffusion)
         self.state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
         if saved is not None:
@@ -250,7 +255,7 @@ class RankRun:
             perceptual = self.perceptual_nets[path]
         grid = tuple(self.config["stages"][stage.name]["grid"])
         return Stepper(self.recipe, stage, self.engine, self.diffusion, grid, self.rank, self.world, self.device, perceptual,
-                       nan_at=int(self.config.get("nan_at_step") or 0), nan_count=int(self.config.get("nan_count") or 1))  # fmt: skip
+                       par=self.par, nan_at=int(self.config.get("nan_at_step") or 0), nan_count=int(self.config.get("nan_count") or 1))  # fmt: skip
 
     def train_stage(self, si: int) -> bool:
         """Steps of stage `si` from where the run stands; False when the run stops here."""
@@ -296,7 +301,7 @@ class RankRun:
             print(f"[sora train] non-finite loss at step {step} (stage {stage.name}); {result.skipped} micro-batch(es) "
                   "skipped", file=sys.stderr, flush=True)  # fmt: skip
         grad_norm = self.engine.get_global_grad_norm()
-        samples = stage.micro_batch * stage.grad_accum * self.world
+        samples = stage.micro_batch * stage.grad_accum * self.world // self.par.sp  # a sequence-parallel group shares clips
         m = result.means
         row = {
             "step": step, "stage": stage.name, "stage_step": k + 1, "epoch": result.epoch, "loss": m[0], "diffusion": m[1],

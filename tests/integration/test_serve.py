@@ -115,6 +115,15 @@ def test_sdk_create_poll_download_list_delete(sdk):
     assert video.size == "16x16" and video.seconds == "1" and video.model == "sora-ray" and video.completed_at >= video.created_at
     content = sdk.videos.download_content(video.id)
     assert content.content[4:8] == b"ftyp"
+    # A local store streams through the ingress, with Range support.
+    url = f"{BASE}/v1/videos/{video.id}/content"
+    part = httpx.get(url, headers={"Range": "bytes=4-7"})
+    size = len(content.content)
+    assert part.status_code == 206 and part.content == b"ftyp" and part.headers["content-range"] == f"bytes 4-7/{size}"
+    assert httpx.get(url, headers={"Range": "bytes=-2"}).content == content.content[-2:]
+    beyond = httpx.get(url, headers={"Range": f"bytes={size}-"})
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{size}"
+    assert beyond.json()["error"]["code"] == "range_not_satisfiable"
     thumb = sdk.videos.download_content(video.id, variant="thumbnail")
     assert thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert sdk.videos.retrieve(video.id).id == video.id
@@ -171,6 +180,12 @@ BAD_REQUESTS = [
     ("post", "/v1/videos", {"json": {"prompt": "x", "sampler": "dpm++"}}, "sampler"),
     ("post", "/v1/videos", {"json": {"prompt": "x", "model": "nope"}}, "model"),
     ("post", "/v1/videos", {"json": {"prompt": "x", "format": "webm"}}, "format"),
+    ("post", "/v1/videos", {"content": b'{"prompt": "\\ud800 lone"}', "headers": {"content-type": "application/json"}}, "prompt"),
+    ("post", "/v1/videos", {"content": b'{"prompt": "x", "steps": true}', "headers": {"content-type": "application/json"}}, "steps"),
+    ("post", "/v1/videos", {"content": b'{"prompt": "x", "guidance_scale": "2.5"}', "headers": {"content-type": "application/json"}}, "guidance_scale"),
+    ("post", "/v1/videos", {"content": b'{"prompt": "x", "guidance_scale": NaN}', "headers": {"content-type": "application/json"}}, None),
+    ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"negative_prompt": (None, b"\xff\xfe")}}, "negative_prompt"),
+    ("get", "/v1/videos?after=not-an-id", {}, "after"),
     ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"seconds": (None, "soon")}}, "seconds"),
     ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"input_reference": ("r.png", b"\x89PNG", "image/png")}}, "input_reference"),
     ("get", "/v1/videos/video_doesnotexist", {}, "video_id"),
@@ -194,6 +209,26 @@ def test_malformed_requests_get_openai_errors_and_the_service_keeps_answering(ht
     assert assert_openai_error(http.get(f"/v1/videos/{vid}/content?variant=spritesheet"))["param"] == "variant"
     assert http.get("/healthz").json()["status"] == "ok"
     assert wait_done(http, http.post("/v1/videos", json={"prompt": "still fine", "steps": 1}).json()["id"])["status"] == "completed"
+
+
+def test_a_chunked_upload_over_the_limit_is_cut_off(http):
+    from pipelines.serve.api import MAX_BODY_BYTES
+
+    sent = [0]
+
+    def body():  # no Content-Length: the server only learns the size by reading
+        while sent[0] < 2 * MAX_BODY_BYTES:
+            sent[0] += 2**20
+            yield b" " * 2**20
+
+    try:
+        r = http.post("/v1/videos", content=body(), headers={"content-type": "application/json"})
+    except httpx.HTTPError:  # the server may close the connection while the client still sends
+        r = None
+    if r is not None:
+        err = assert_openai_error(r)
+        assert r.status_code == 413 and err["code"] == "request_too_large" and str(MAX_BODY_BYTES) in err["message"]
+    assert http.get("/healthz").json()["status"] == "ok"
 
 
 def test_progress_is_reported_while_in_progress(http):

@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PORT = 8312
 BASE = f"http://127.0.0.1:{PORT}"
 FREE_KEY, PRO_KEY = "sk-free-test", "sk-pro-test"
+OLD_KEY, NEW_KEY = "sk-alice-2025", "sk-alice-2026"
+"""Two keys of one user (owner "alice"): the second replaces the first in a key rotation."""
+METERED_KEY, HURRIED_KEY = "sk-metered-test", "sk-hurried-test"
 MAX_PENDING = 6
 
 
@@ -34,9 +37,16 @@ def service(tmp_path_factory):
     settings = load_settings({
         "model": str(export),
         "store": str(tmp_path_factory.mktemp("store")),
-        "tiers": {"free": {"priority": 0, "max_steps": 4, "max_pending_jobs": 2}, "pro": {"priority": 10}},
+        "tiers": {
+            "free": {"priority": 0, "max_steps": 4, "max_pending_jobs": 2}, "pro": {"priority": 10},
+            "metered": {"max_pending_per_key": 1, "max_jobs_per_hour_per_key": 3, "max_steps": 4},
+            "hurried": {"job_deadline_s": 1.5},
+        },
         "default_tier": "free",
-        "api_keys": {hash_key(FREE_KEY): "free", hash_key(PRO_KEY): "pro"},
+        "api_keys": {
+            hash_key(FREE_KEY): "free", hash_key(PRO_KEY): "pro", hash_key(METERED_KEY): "metered", hash_key(HURRIED_KEY): "hurried",
+            hash_key(OLD_KEY): {"tier": "pro", "owner": "alice"}, hash_key(NEW_KEY): {"tier": "pro", "owner": "alice"},
+        },
         "queue": {"max_pending_jobs": MAX_PENDING, "max_in_flight": 2, "retry_after_s": 3, "poll_after_ms": 100},
     })
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -126,6 +136,44 @@ def test_tiers_have_their_own_limits(service):
         assert wait_done(c, job["id"])["status"] == "completed"
     with client(PRO_KEY) as c:
         assert c.post("/v1/videos", json={"prompt": "x", "steps": 8}).status_code == 200
+
+
+def test_key_rotation_keeps_a_users_videos(service):
+    with client(OLD_KEY) as old:
+        vid = old.post("/v1/videos", json={"prompt": "alice's circle", "steps": 2}).json()["id"]
+        assert wait_done(old, vid)["status"] == "completed"
+    with client(NEW_KEY) as new:  # the rotated key: same owner id, so the same videos
+        assert new.get(f"/v1/videos/{vid}").json()["id"] == vid
+        assert vid in [v["id"] for v in new.get("/v1/videos").json()["data"]]
+        assert new.get(f"/v1/videos/{vid}/content").content[4:8] == b"ftyp"
+    with client(PRO_KEY) as other:  # same tier, another owner
+        assert other.get(f"/v1/videos/{vid}").status_code == 404
+        assert other.delete(f"/v1/videos/{vid}").status_code == 404
+
+
+def test_per_key_in_flight_cap_and_hourly_quota(service):
+    with client(METERED_KEY) as c:
+        first = c.post("/v1/videos", json={"prompt": "metered 0", "steps": 1})
+        assert first.status_code == 200
+        r = c.post("/v1/videos", json={"prompt": "metered 1", "steps": 1})  # the first is still queued or running
+        assert r.status_code == 429 and "max_pending_per_key" in r.json()["error"]["message"] and r.headers["retry-after"]
+        assert wait_done(c, first.json()["id"])["status"] == "completed"
+        for i in range(2):  # the quota is 3 per hour: two more, one at a time
+            vid = c.post("/v1/videos", json={"prompt": f"metered {i + 2}", "steps": 1}).json()["id"]
+            assert wait_done(c, vid)["status"] == "completed"
+        r = c.post("/v1/videos", json={"prompt": "metered 4", "steps": 1})
+        err = r.json()["error"]
+        assert r.status_code == 429 and err["code"] == "rate_limit_exceeded" and "max_jobs_per_hour_per_key" in err["message"], err
+    with client(PRO_KEY) as c:  # other keys are not affected
+        assert c.post("/v1/videos", json={"prompt": "unmetered", "steps": 1}).status_code == 200
+
+
+def test_a_job_past_its_deadline_fails_saying_so(service):
+    with client(HURRIED_KEY) as c:
+        vid = c.post("/v1/videos", json={"prompt": "too slow", "steps": 100, "num_frames": 64}).json()["id"]
+        job = wait_done(c, vid, timeout=120)
+        assert job["status"] == "failed" and job["error"]["code"] == "deadline_exceeded", job
+        assert job["expires_at"] > job["completed_at"]
 
 
 def test_tier_queue_share_answers_429(service):

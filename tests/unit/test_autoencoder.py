@@ -157,6 +157,8 @@ def test_wan_video_vae_with_channel_stats(tmp_path: Path) -> None:
         latents_std=std,
     )
     ae = DiffusersAutoencoder(_save(vae, tmp_path / "wan"))
+    assert ae.vae.use_tiling  # long clips decode tile by tile; this 16 px clip is below the tile size
+    assert not DiffusersAutoencoder(str(tmp_path / "wan"), tiling=False).vae.use_tiling
     assert (ae.latent_channels, ae.spatial_factor, ae.temporal_factor) == (4, 8, 4)
     _check_round_trip(ae, frames=5, size=16)
     video = _video(1, 5, 16, 16)

@@ -164,3 +164,18 @@ def test_cli_refuses_existing_run_dir_without_resume(tmp_path):
         )
         == 2
     )
+
+
+def test_parallelism_fields_are_checked():
+    from pipelines.train.recipe import parse_recipe
+
+    base = {"name": "r", "model": {"preset": "DiT-tiny"},
+            "stages": [{"name": "s", "dataset": "8x16x16", "resolution": 16, "frames": 8, "steps": 1, "lr": 1e-3}]}  # fmt: skip
+    assert parse_recipe({**base, "sequence_parallel_size": 2}).sequence_parallel_size == 2
+    with pytest.raises(ConfigError, match="sequence_parallel_size must be >= 1"):
+        parse_recipe({**base, "sequence_parallel_size": 0})
+    with pytest.raises(ConfigError, match=r"sequence_parallel_size 4 must divide model.num_heads \(2\)"):
+        parse_recipe({**base, "sequence_parallel_size": 4})
+    with pytest.raises(ConfigError, match="compile: true needs deepspeed.zero_stage <= 2"):
+        parse_recipe({**base, "compile": True})
+    assert parse_recipe({**base, "compile": True, "deepspeed": {"zero_stage": 2}}).compile

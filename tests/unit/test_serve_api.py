@@ -3,7 +3,6 @@ the settings tree, and the Serve config YAML against Ray's own schema."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,6 @@ import yaml
 from pipelines.serve import api
 from pipelines.serve.api import ApiError, ModelCard
 from pipelines.serve.config import RUNTIME_KEYS, ServeSettings, Tier, apply_user_config, hash_key, load_settings
-from pipelines.serve.store import JobStore
 from sora_model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +122,65 @@ def test_wrong_types_and_unknown_fields(fields, param, code):
     assert info.value.status == 400 and info.value.param == param and info.value.code == code
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"prompt": "x", "steps": True}, "steps", "invalid_type"),
+        ({"prompt": "x", "num_frames": 8.0}, "num_frames", "invalid_type"),
+        ({"prompt": "x", "seed": 2.0}, "seed", "invalid_type"),
+        ({"prompt": "x", "guidance_scale": "2.5"}, "guidance_scale", "invalid_type"),
+        ({"prompt": "x", "guidance_scale": False}, "guidance_scale", "invalid_type"),
+        ({"prompt": "x", "seconds": True}, "seconds", "invalid_type"),
+        ({"prompt": "x", "steps": "4"}, "steps", "invalid_type"),
+        ({"prompt": "\ud800 lone surrogate"}, "prompt", "invalid_encoding"),
+        ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt", "invalid_encoding"),
+        ({"prompt": "nul \x00 inside"}, "prompt", "invalid_encoding"),
+        ({"prompt": "x", "model": "m" * 65}, "model", "string_above_max_length"),
+        ({"prompt": "x", "size": "1" * 65}, "size", "string_above_max_length"),
+    ],
+)
+def test_json_bodies_are_validated_strictly(fields, param, code):
+    """A JSON value of the wrong type is a 400 naming the field, not silently coerced (forms stay lax: all strings)."""
+    with pytest.raises(ApiError) as info:
+        api.parse_create(fields, strict=True)
+    assert info.value.status == 400 and info.value.param == param and info.value.code == code, info.value.message
+    assert api.parse_create({"prompt": "x", "seconds": 4, "guidance_scale": 3}, strict=True).guidance_scale == 3.0
+
+
+def test_bodies_with_invalid_unicode_or_non_numbers_are_400s():
+    import asyncio
+
+    class FakeRequest:
+        def __init__(self, body: bytes, ctype: str) -> None:
+            self.headers = {"content-type": ctype}
+            self.body = body
+
+        async def stream(self):
+            for i in range(0, len(self.body), 7):
+                yield self.body[i : i + 7]
+
+    def read(body: bytes, ctype: str):
+        return asyncio.run(api.read_create_fields(FakeRequest(body, ctype)))
+
+    for body in (b'{"prompt": "x", "guidance_scale": NaN}', b'{"prompt": "x", "steps": Infinity}', b'{"prompt": "\xff\xfe"}'):
+        with pytest.raises(ApiError) as info:
+            read(body, "application/json")
+        assert info.value.status == 400 and info.value.code == "invalid_json", body
+    with pytest.raises(ApiError) as info:
+        read(b"prompt=%ff%fe", "application/x-www-form-urlencoded")
+    assert info.value.param == "prompt" and info.value.code == "invalid_encoding"
+    req = httpx.Request("POST", "http://x", files={"prompt": (None, b"\xff\xfe bad")})
+    with pytest.raises(ApiError) as info:
+        read(req.read(), req.headers["content-type"])
+    assert info.value.param == "prompt" and info.value.code == "invalid_encoding"
+    assert read(b"prompt=a+red+circle&steps=3", "application/x-www-form-urlencoded") == ({"prompt": "a red circle", "steps": "3"}, False)
+    # A streamed (chunked) body over the limit is cut off at the limit.
+    big = FakeRequest(b"x" * 100, "application/json")
+    with pytest.raises(ApiError) as info:
+        asyncio.run(api.read_body(big, limit=50))
+    assert info.value.status == 413 and "50" in info.value.message
+
+
 def test_tier_tightens_limits():
     rejects({"prompt": "x", "steps": 20}, "steps", "10", tier=Tier(max_steps=10))
     rejects({"prompt": "x", "size": "64x64"}, "size", "1024", tier=Tier(max_pixels=1024))
@@ -167,53 +224,22 @@ def test_video_object_hides_internal_fields():
     assert not any(k.startswith("_") for k in out) and out["error"] is None and out["completed_at"] is None
 
 
-# -- store -----------------------------------------------------------------------------------------
+# -- downloads ------------------------------------------------------------------------------------
 
 
-def job(i: int, **kw) -> dict:
-    return {"id": f"video_{i}", "object": "video", "status": "queued", "created_at": int(time.time()), "_created_ns": i, **kw}
-
-
-def test_store_roundtrip_list_and_delete(tmp_path):
-    store = JobStore(str(tmp_path / "store"))
-    for i in range(5):
-        store.put(job(i))
-    assert store.get("video_3")["_created_ns"] == 3 and store.get("nope") is None and store.get("../etc") is None
-    page, more = store.list(limit=2)
-    assert [j["id"] for j in page] == ["video_4", "video_3"] and more
-    page, more = store.list(limit=2, after="video_3")
-    assert [j["id"] for j in page] == ["video_2", "video_1"] and more
-    page, more = store.list(limit=10, after="video_1")
-    assert [j["id"] for j in page] == ["video_0"] and not more
-    assert [j["id"] for j in store.list(limit=2, order="asc")[0]] == ["video_0", "video_1"]
-    assert store.update("video_2", status="completed")["status"] == "completed"
-    assert [j["id"] for j in store.unfinished()] == ["video_0", "video_1", "video_3", "video_4"]
-    store.put_content("video_2", "video", b"mp4")
-    store.put_content("video_2", "thumbnail", b"png")
-    assert store.get_content("video_2", "video") == b"mp4" and store.get_content("video_2", "thumbnail") == b"png"
-    store.cache_put("k" * 64, "video_2")
-    assert store.cache_get("k" * 64) == "video_2" and store.cache_get("z" * 64) is None
-    assert store.delete("video_2") and not store.delete("video_2")
-    assert store.get_content("video_2", "video") is None and store.update("video_2", status="x") is None
-    # A second store on the same root (a restarted replica) sees everything.
-    assert len(JobStore(str(tmp_path / "store")).all_jobs()) == 4
-
-
-def test_store_scopes_lists_by_owner(tmp_path):
-    store = JobStore(str(tmp_path))
-    store.put(job(1, _owner="a"))
-    store.put(job(2, _owner="b"))
-    store.put(job(3))
-    assert [j["id"] for j in store.list(owner="a")[0]] == ["video_1"]
-    assert [j["id"] for j in store.list(owner=None)[0]] == ["video_3"]
-
-
-def test_store_works_on_fsspec_uris():
-    store = JobStore("memory://sora-serve-test")
-    store.put(job(1))
-    store.put_content("video_1", "video", b"abc")
-    assert store.get("video_1")["id"] == "video_1" and store.get_content("video_1", "video") == b"abc"
-    assert store.delete("video_1") and store.all_jobs() == []
+def test_range_headers():
+    assert api.parse_range(None, 100) is None and api.parse_range("", 100) is None
+    assert api.parse_range("bytes=0-9", 100) == (0, 9)
+    assert api.parse_range("bytes=90-", 100) == (90, 99)
+    assert api.parse_range("bytes=90-1000", 100) == (90, 99)
+    assert api.parse_range("bytes=-10", 100) == (90, 99)
+    assert api.parse_range("bytes=-1000", 100) == (0, 99)
+    assert api.parse_range("bytes=0-1,5-6", 100) is None  # several ranges: the whole body (RFC 9110 allows it)
+    assert api.parse_range("items=0-1", 100) is None
+    for bad in ("bytes=100-", "bytes=5-2", "bytes=-0"):
+        with pytest.raises(ApiError) as info:
+            api.parse_range(bad, 100)
+        assert info.value.status == 416 and info.value.headers["Content-Range"] == "bytes */100"
 
 
 # -- settings and the Serve config ------------------------------------------------------------------
@@ -231,6 +257,26 @@ def test_settings_are_strict(tmp_path):
     with pytest.raises(ConfigError, match="tier 'gold'"):
         load_settings({"model": "x", "api_keys": {hash_key("k"): "gold"}})
     assert load_settings({"model": "x", "api_keys": {hash_key("k"): "default"}}).api_keys
+    with pytest.raises(ConfigError, match="tier 'gold'"):
+        load_settings({"model": "x", "api_keys": {hash_key("k"): {"tier": "gold"}}})
+    with pytest.raises(ConfigError, match="db must be an SQLAlchemy URL"):
+        load_settings({"model": "x", "db": "mysql://host/db"})
+    with pytest.raises(ConfigError, match="lease_ttl_s"):
+        load_settings({"model": "x", "queue": {"lease_ttl_s": 0}})
+    with pytest.raises(ConfigError, match="max_pending_per_key"):
+        load_settings({"model": "x", "tiers": {"default": {"max_pending_per_key": 0}}})
+
+
+def test_database_defaults_beside_the_store_and_owners_outlive_keys(tmp_path):
+    s = load_settings({"model": "x", "store": str(tmp_path / "store")})
+    assert s.db_url == f"sqlite:///{tmp_path}/store/jobs.db"
+    assert load_settings({"model": "x", "db": "sqlite:///rel/jobs.db"}).db.startswith("sqlite:////")  # absolute
+    assert load_settings({"model": "x", "store": "s3://b/v"}).db_url.endswith("/.cache/sora-ray/videos/jobs.db")
+    old, new, bare = hash_key("old"), hash_key("new"), hash_key("bare")
+    s = load_settings({"model": "x", "tiers": {"default": {}, "pro": {}}, "api_keys": {
+        old: {"tier": "pro", "owner": "alice"}, new: {"tier": "pro", "owner": "alice"}, bare: "default"}})
+    assert s.key_entry(old) == s.key_entry(new) == ("pro", "alice")  # a rotated key keeps the owner
+    assert s.key_entry(bare) == ("default", bare[:16]) and s.key_entry(hash_key("nope")) is None
 
 
 def test_user_config_changes_only_runtime_settings():
@@ -265,3 +311,16 @@ def test_local_serve_yaml_validates_with_ray_schema():
     assert gen["autoscaling_config"]["max_replicas"] >= gen["autoscaling_config"]["min_replicas"] >= 1
     assert gen["max_ongoing_requests"] >= gen["user_config"]["batching"]["max_batch_size"]
     assert http["port"] == 8000
+
+
+def test_serve_cli_refuses_a_bad_database_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    assert main(["serve", "--model", str(export), "--db", "mysql://host/db"]) == 2
+    assert "db must be an SQLAlchemy URL" in capsys.readouterr().err
+    assert main(["serve", "--model", str(export), "--db", "postgresql://sora:secret@127.0.0.1:1/sora"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be used" in err and "secret" not in err and "***" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,377 @@
+"""Job state in a database: SQLAlchemy Core, one code path for SQLite (the embedded default) and PostgreSQL.
+
+    sora serve --model EXPORT [--db sqlite:////var/sora/jobs.db | --db postgresql://user:pw@host/sora]
+
+Every query is by primary key or along an index (see `jobs`): a status poll, a list page, an admission
+count or a claim costs the same with 100 jobs as with millions. Nothing reads every job.
+
+Work is handed out with leases. A dispatcher (any ingress replica) claims queued jobs: one statement
+sets `lease_token` (a fresh random token), `lease_owner` and `lease_until_ns`. On PostgreSQL the rows are
+picked with `FOR UPDATE SKIP LOCKED`, so concurrent dispatchers never wait on or take the same row; on
+SQLite the same `UPDATE ... WHERE id IN (SELECT ... LIMIT n) RETURNING` is atomic because SQLite has one
+writer at a time. The holder renews the lease while the job waits in the generator, and the generator
+renews it with every progress write while sampling. Every write about a running job names its token
+(a fencing token): once a lease lapses and another dispatcher re-claims the job, the old holder's writes
+match no row, so a job never runs to completion twice and a stale replica can never overwrite a newer
+result. A job whose holder died is claimable again as soon as `lease_until_ns` passes.
+
+Why not Ray Serve's own asynchronous inference (`ray.serve.task_consumer`, Ray 2.60, alpha): it puts
+tasks in a Celery broker (Redis or RabbitMQ) and scales consumers on the broker's queue length. Here
+(1) the job record must live in a database anyway (retrieve, list by owner, retention, per-key counts),
+so a broker would be a second source of truth to keep in step; (2) Celery redelivers a long task once
+its visibility timeout passes with no renewal while it runs, so a generation longer than the timeout
+runs twice at once, which leases renewed from the progress callback rule out; (3) it needs a broker
+server, where `sora serve` and the demo must need nothing but pip packages (SQLite). Its queue-length
+autoscaling idea is kept: the generator deployment scales on the requests the dispatchers keep in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+UNFINISHED = ("queued", "in_progress")
+TERMINAL = ("completed", "failed")
+
+metadata = MetaData()
+jobs = Table(
+    "sora_jobs",
+    metadata,
+    Column("id", String(48), primary_key=True),
+    Column("owner", String(64), nullable=False),  # "" when API keys are off; else the key's owner id
+    Column("tier", String(64), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("progress", Integer, nullable=False),
+    Column("created_ns", BigInteger, nullable=False),
+    Column("completed_at", BigInteger),
+    Column("expires_at", BigInteger),  # unix seconds; the row and its files are purged after it
+    Column("deadline_ns", BigInteger),  # not finished by then: failed with `deadline_exceeded`
+    Column("cache_key", String(64)),
+    Column("lease_token", String(32)),
+    Column("lease_owner", String(96)),
+    Column("lease_until_ns", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),  # claims so far (a lapsed lease or a dead generator adds one)
+    Column("runs", Integer, nullable=False),  # times a generator started sampling it (exactly-once checks)
+    Column("started_ns", BigInteger),
+    Column("eta_ns", BigInteger),
+    Column("content_ref", String(32)),  # the token whose clip is stored: content/<id>-<ref>.mp4
+    Column("error", JSON),
+    Column("doc", JSON, nullable=False),  # the public fields fixed at creation, and the GenerationParams
+    Column("extra", JSON),  # timing, batch, replica: monitoring only
+    Index("ix_sora_jobs_owner_created", "owner", "created_ns", "id"),  # list pages (keyset), quotas
+    Index("ix_sora_jobs_owner_status", "owner", "status"),  # per-key in-flight counts
+    Index("ix_sora_jobs_claim", "status", "priority", "created_ns"),  # claims, admission counts
+    Index("ix_sora_jobs_expires", "expires_at"),  # retention sweeps
+    Index("ix_sora_jobs_cache", "cache_key"),  # result cache
+)
+
+
+def engine_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here (SQLAlchemy would otherwise pick psycopg2, not installed)."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def make_engine(url: str) -> Engine:
+    u = make_url(engine_url(url))
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(u.database)), exist_ok=True)
+        # One file shared by the processes of one machine: WAL lets readers run beside the writer, and a
+        # writer waits (busy_timeout) rather than failing while another commits.
+        engine = create_engine(u, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=8)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(u, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+class JobDB:
+    """Thread-safe (a connection per call from the engine's pool): the ingress calls it from worker
+    threads (`asyncio.to_thread`), the generator from its sampling thread."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._create_lock = threading.Lock()
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        # Several replicas start at once: a CREATE that loses the race to another is fine.
+        for attempt in range(5):
+            try:
+                with self._create_lock:
+                    metadata.create_all(self.engine, checkfirst=True)
+                return
+            except (IntegrityError, ProgrammingError, OperationalError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    # -- rows <-> job dicts --------------------------------------------------------------------------
+
+    @staticmethod
+    def _job(row: Any) -> dict[str, Any]:
+        """A row as the job dict the API renders: public fields plus `_`-prefixed internal ones."""
+        r = row._mapping
+        job = dict(r["doc"])
+        job.update(
+            status=r["status"], progress=r["progress"], completed_at=r["completed_at"], expires_at=r["expires_at"],
+            error=r["error"], _owner=r["owner"], _tier=r["tier"], _priority=r["priority"], _created_ns=r["created_ns"],
+            _deadline_ns=r["deadline_ns"], _cache_key=r["cache_key"], _lease_token=r["lease_token"], _attempts=r["attempts"],
+            _runs=r["runs"], _started_ns=r["started_ns"], _eta_ns=r["eta_ns"], _content_ref=r["content_ref"], _extra=r["extra"],
+        )  # fmt: skip
+        return job
+
+    def insert(self, job: dict[str, Any], owner: str, tier: str, priority: int, deadline_ns: int | None, cache_key: str | None) -> None:
+        """A new job: `job` holds the public fields and `_params`; `status`, `progress`... start here."""
+        doc = {k: v for k, v in job.items() if k not in ("status", "progress", "completed_at", "expires_at", "error")}
+        values = dict(
+            id=job["id"], owner=owner, tier=tier, priority=priority, status=job["status"], progress=job["progress"],
+            created_ns=job["_created_ns"], completed_at=job.get("completed_at"), expires_at=job.get("expires_at"),
+            deadline_ns=deadline_ns, cache_key=cache_key, lease_until_ns=0, attempts=0, runs=0, error=job.get("error"),
+            content_ref=job.get("_content_ref"), doc={k: v for k, v in doc.items() if not k.startswith("_") or k == "_params"},
+        )  # fmt: skip
+        with self.engine.begin() as conn:
+            conn.execute(insert(jobs).values(**values))
+
+    def get(self, job_id: str, now: float | None = None) -> dict[str, Any] | None:
+        """The job, or None when unknown or past its `expires_at` (a sweep removes it soon after)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            return None
+        expires = row._mapping["expires_at"]
+        if expires is not None and expires <= (now or time.time()):
+            return None
+        return self._job(row)
+
+    def list(self, owner: str, limit: int, after: str | None = None, order: str = "desc") -> tuple[list[dict[str, Any]], bool]:
+        """A page of the owner's jobs, newest first (or oldest), after the id `after`: a keyset walk of
+        (owner, created_ns, id), so page N costs what page 1 does."""
+        now = int(time.time())
+        desc = order == "desc"
+        q = select(jobs).where(jobs.c.owner == owner, or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now))
+        if after is not None:
+            with self.engine.connect() as conn:
+                anchor = conn.execute(select(jobs.c.created_ns).where(jobs.c.id == after, jobs.c.owner == owner)).scalar()
+            if anchor is None:
+                return [], False
+            before = (jobs.c.created_ns < anchor) | and_(jobs.c.created_ns == anchor, jobs.c.id < after)
+            later = (jobs.c.created_ns > anchor) | and_(jobs.c.created_ns == anchor, jobs.c.id > after)
+            q = q.where(before if desc else later)
+        keys = (jobs.c.created_ns.desc(), jobs.c.id.desc()) if desc else (jobs.c.created_ns.asc(), jobs.c.id.asc())
+        with self.engine.connect() as conn:
+            rows = conn.execute(q.order_by(*keys).limit(limit + 1)).fetchall()
+        return [self._job(r) for r in rows[:limit]], len(rows) > limit
+
+    def delete(self, job_id: str) -> str | None:
+        """Remove the row; the content ref its files are stored under (None if it had none or was gone)."""
+        with self.engine.begin() as conn:
+            ref = conn.execute(select(jobs.c.content_ref).where(jobs.c.id == job_id)).scalar()
+            gone = conn.execute(delete(jobs).where(jobs.c.id == job_id)).rowcount
+        return ref if gone else None
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def count_unfinished(self, owner: str | None = None, tier: str | None = None) -> int:
+        """Jobs queued or running (all, one owner's, or one tier's): walks the unfinished part of an index."""
+        q = select(func.count()).select_from(jobs).where(jobs.c.status.in_(UNFINISHED))
+        if owner is not None:
+            q = q.where(jobs.c.owner == owner)
+        if tier is not None:
+            q = q.where(jobs.c.tier == tier)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def count_created_since(self, owner: str, since_ns: int) -> int:
+        q = select(func.count()).select_from(jobs).where(jobs.c.owner == owner, jobs.c.created_ns >= since_ns)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    def cache_lookup(self, key: str) -> dict[str, Any] | None:
+        """A completed, unexpired job made with these exact parameters (the result cache)."""
+        now = int(time.time())
+        q = (
+            select(jobs)
+            .where(jobs.c.cache_key == key, jobs.c.status == "completed", jobs.c.content_ref.is_not(None))
+            .where(or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now + 60))
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return self._job(row) if row is not None else None
+
+    # -- leases -------------------------------------------------------------------------------------
+
+    def claim(self, worker: str, n: int, ttl_s: float) -> list[dict[str, Any]]:
+        """Lease up to `n` claimable jobs (queued, or unfinished with a lapsed lease), highest priority then
+        oldest first; each gets a fresh token. Never the same job to two callers while a lease holds."""
+        if n < 1:
+            return []
+        now = time.time_ns()
+        claimable = and_(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < now)
+        pick = (
+            select(jobs.c.id)
+            .where(claimable)
+            .order_by(jobs.c.priority.desc(), jobs.c.created_ns.asc())
+            .limit(n)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer, so the UPDATE is atomic
+        )
+        token = new_token()
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id.in_(pick), claimable)  # re-checked on the locked row (PostgreSQL READ COMMITTED)
+            .values(lease_token=token, lease_owner=worker, lease_until_ns=now + int(ttl_s * 1e9), attempts=jobs.c.attempts + 1)
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(stmt).fetchall()
+        claimed = sorted((self._job(r) for r in rows), key=lambda j: (-j["_priority"], j["_created_ns"]))
+        return claimed
+
+    def renew(self, tokens: list[str], ttl_s: float) -> set[str]:
+        """Extend the leases of unfinished jobs held under `tokens`; the tokens still held."""
+        if not tokens:
+            return set()
+        until = time.time_ns() + int(ttl_s * 1e9)
+        stmt = (
+            update(jobs)
+            .where(jobs.c.lease_token.in_(tokens), jobs.c.status.in_(UNFINISHED))
+            .values(lease_until_ns=until)
+            .returning(jobs.c.lease_token)
+        )
+        with self.engine.begin() as conn:
+            return {r[0] for r in conn.execute(stmt)}
+
+    def release(self, job_id: str, token: str) -> None:
+        """Give a lease back early (the holder is stopping): another dispatcher can claim it at once."""
+        with self.engine.begin() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED)).values(lease_until_ns=0))
+
+    def start(self, job_id: str, token: str, replica: str, ttl_s: float) -> dict[str, Any] | None:
+        """A generator begins sampling: `in_progress`, one more run. None when the lease was lost, the job
+        was deleted, or it already finished (then the generator skips it)."""
+        now = time.time_ns()
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED))
+            .values(status="in_progress", progress=0, started_ns=now, eta_ns=None, runs=jobs.c.runs + 1, lease_until_ns=now + int(ttl_s * 1e9), lease_owner=replica)
+            .returning(*jobs.c)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+        return self._job(row) if row is not None else None
+
+    def progress(self, held: dict[str, str], pct: int, eta_ns: int | None, ttl_s: float) -> set[str]:
+        """Progress of the jobs {id: token} of one pipeline call, renewing their leases; the ids still held."""
+        until = time.time_ns() + int(ttl_s * 1e9)
+        kept: set[str] = set()
+        with self.engine.begin() as conn:
+            for job_id, token in held.items():
+                stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress")
+                if conn.execute(stmt.values(progress=pct, eta_ns=eta_ns, lease_until_ns=until)).rowcount:
+                    kept.add(job_id)
+        return kept
+
+    def complete(self, job_id: str, token: str, retention_s: float | None, extra: dict[str, Any]) -> bool:
+        """`completed` with the clip stored under `token`, if this token still holds the lease."""
+        now = int(time.time())
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED))
+            .values(status="completed", progress=100, completed_at=now, error=None, content_ref=token, lease_until_ns=0,
+                    expires_at=_expiry(now, retention_s), extra=extra)
+        )  # fmt: skip
+        with self.engine.begin() as conn:
+            return bool(conn.execute(stmt).rowcount)
+
+    def fail(self, job_id: str, token: str | None, code: str, message: str, retention_s: float | None) -> bool:
+        """`failed` with an error; with a token only while it holds the lease, without one unconditionally."""
+        now = int(time.time())
+        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(UNFINISHED))
+        if token is not None:
+            stmt = stmt.where(jobs.c.lease_token == token)
+        values = dict(status="failed", completed_at=now, error={"code": code, "message": message}, lease_until_ns=0, expires_at=_expiry(now, retention_s))
+        with self.engine.begin() as conn:
+            return bool(conn.execute(stmt.values(**values)).rowcount)
+
+    # -- sweeps -------------------------------------------------------------------------------------
+
+    def fail_past_deadline(self, retention_s: float | None, limit: int = 100) -> list[str]:
+        """Jobs past their deadline that nobody holds (queued, or their holder died): failed. Running ones
+        are stopped by their generator, which checks the deadline at every step."""
+        now_ns = time.time_ns()
+        with self.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(
+                select(jobs.c.id).where(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < now_ns, jobs.c.deadline_ns < now_ns).limit(limit)
+            )]  # fmt: skip
+        failed = []
+        for job_id in ids:
+            if self.fail(job_id, None, "deadline_exceeded", "The job was not finished by its deadline (tiers.*.job_deadline_s).", retention_s):
+                failed.append(job_id)
+        return failed
+
+    def expired(self, limit: int = 500) -> list[tuple[str, str | None]]:
+        """(id, content_ref) of jobs past `expires_at`, oldest first, along the expiry index."""
+        now = int(time.time())
+        q = select(jobs.c.id, jobs.c.content_ref).where(jobs.c.expires_at <= now).order_by(jobs.c.expires_at).limit(limit)
+        with self.engine.connect() as conn:
+            return [(r[0], r[1]) for r in conn.execute(q)]
+
+    def purge(self, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(delete(jobs).where(jobs.c.id.in_(ids))).rowcount
+
+
+def _expiry(now: int, retention_s: float | None) -> int | None:
+    return None if retention_s is None else now + int(retention_s)

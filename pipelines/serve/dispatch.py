@@ -1,0 +1,202 @@
+"""The dispatcher each ingress replica runs: claim jobs from the database, run them on the generator
+deployment, hold their leases meanwhile, and sweep expired and overdue jobs.
+
+    accepted job (queued row) ──claim (lease, token)──► generator.generate.remote ──► completed row + clip
+                  ▲                                            │ renew every ttl/3 (here while it waits,
+                  └──── lease lapses (replica died) ◄──────────┘ in the generator at every step)
+
+Any number of ingress replicas run one each against the same database: they share the queue, never take
+the same job while a lease holds (see db.py), and pick up the jobs of a replica that died once its
+leases lapse. Nothing here blocks the event loop: every database and storage call runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from .config import ServeSettings
+from .db import JobDB
+from .metrics import ingress_metrics
+from .store import ContentStore
+
+logger = logging.getLogger("ray.serve")
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+"""Waits between tries when the generator pushes back or a replica died (then the last one, repeated)."""
+
+
+def replica_id() -> str:
+    """The Serve replica's id (what `serve status` shows); the process id outside Serve."""
+    import os
+
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (unit use)
+        return f"local-{os.getpid()}"
+
+
+class Dispatcher:
+    def __init__(self, db: JobDB, content: ContentStore, generator: Any, settings: Callable[[], ServeSettings], worker: str, stats: Counter) -> None:
+        self.db = db
+        self.content = content
+        self.generator = generator
+        self.settings = settings
+        self.worker = worker
+        self.stats = stats
+        self.batch_sizes: Counter[int] = Counter()
+        self.batch_ids: set[str] = set()
+        self.held: dict[str, str] = {}  # job id -> lease token, claimed here and not finished
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._last_sweep = 0.0
+
+    def wake(self) -> None:
+        """Look for work now (a job was just accepted here, or a slot freed)."""
+        self._wake.set()
+
+    def start(self) -> list[asyncio.Task]:
+        loops = [asyncio.create_task(self._claim_loop()), asyncio.create_task(self._renew_loop())]
+        for t in loops:
+            self._tasks.add(t)
+        return loops
+
+    # -- loops --------------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            s = self.settings()
+            free = s.queue.max_in_flight - len(self.held)
+            try:
+                if free > 0:
+                    claimed = await asyncio.to_thread(self.db.claim, self.worker, free, s.queue.lease_ttl_s)
+                    alone = len(claimed) == 1 and not self.held and len(claimed) < free
+                    for job in claimed:
+                        self._spawn(job, alone)
+                if time.monotonic() - self._last_sweep >= s.sweep_interval_s:
+                    self._last_sweep = time.monotonic()
+                    await self._sweep(s)
+            except RuntimeError as err:
+                if "after shutdown" in str(err):  # the replica is stopping: its leases lapse, others re-claim
+                    return
+                logger.exception("dispatcher: claim or sweep failed; trying again")
+            except Exception:  # noqa: BLE001 - a database hiccup must not stop dispatching for good
+                logger.exception("dispatcher: claim or sweep failed; trying again")
+            self._update_depth()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=s.queue.claim_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _renew_loop(self) -> None:
+        while True:
+            ttl = self.settings().queue.lease_ttl_s
+            await asyncio.sleep(ttl / 3)
+            tokens = list(self.held.values())
+            try:
+                kept = await asyncio.to_thread(self.db.renew, tokens, ttl)
+            except RuntimeError as err:
+                if "after shutdown" in str(err):  # the replica is stopping
+                    return
+                logger.exception("dispatcher: lease renewal failed")
+                continue
+            except Exception:  # noqa: BLE001 - the next renewal (a third of the TTL later) may succeed
+                logger.exception("dispatcher: lease renewal failed")
+                continue
+            lost = [i for i, t in self.held.items() if t not in kept]
+            if lost:  # finished meanwhile, or a lapse let another replica take it: its writes are fenced
+                logger.info("dispatcher: %d leases no longer held (finished or taken over)", len(lost))
+
+    async def _sweep(self, s: ServeSettings) -> None:
+        """Fail jobs past their deadline that nobody holds; purge expired jobs and their files."""
+        failed = await asyncio.to_thread(self.db.fail_past_deadline, s.retention_s)
+        if failed:
+            self.stats["deadline_exceeded"] += len(failed)
+        expired = await asyncio.to_thread(self.db.expired)
+        for job_id, ref in expired:
+            await asyncio.to_thread(self.content.remove, job_id, ref)
+        purged = await asyncio.to_thread(self.db.purge, [i for i, _ in expired])
+        if purged:
+            self.stats["expired_purged"] += purged
+            logger.info("dispatcher: purged %d expired jobs", purged)
+
+    # -- one job ------------------------------------------------------------------------------------
+
+    def _spawn(self, job: dict[str, Any], alone: bool) -> None:
+        self.held[job["id"]] = job["_lease_token"]
+        task = asyncio.create_task(self._run_job(job, alone))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, job: dict[str, Any], alone: bool) -> None:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        s = self.settings()
+        job_id, token = job["id"], job["_lease_token"]
+        started = time.perf_counter()
+        status = "failed"
+        try:
+            if job["_attempts"] > s.queue.max_attempts:
+                message = f"generation failed: claimed {job['_attempts'] - 1} times without finishing (its replicas kept dying; queue.max_attempts)"
+                await asyncio.to_thread(self.db.fail, job_id, token, "replica_failed", message, s.retention_s)
+                return
+            if job["_attempts"] > 1:
+                self.stats["reclaimed"] += 1
+                logger.info("dispatcher: re-claimed %s (attempt %d; its lease had lapsed)", job_id, job["_attempts"])
+            item = {
+                "id": job_id, "token": token, "params": job["_params"], "alone": alone, "deadline_ns": job["_deadline_ns"],
+                "lease_ttl_s": s.queue.lease_ttl_s, "retention_s": s.retention_s,
+            }  # fmt: skip
+            tries, waits = 0, 0
+            while True:
+                try:
+                    result = await self.generator.generate.remote(item)
+                    break
+                except BackPressureError:
+                    self.stats["generator_backpressure"] += 1  # the job keeps its lease; it was accepted
+                except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as err:
+                    tries += 1
+                    self.stats["generator_retries"] += 1
+                    logger.warning("generator replica lost under %s (try %d): %s", job_id, tries, type(err).__name__)
+                    if tries >= s.queue.max_attempts:
+                        message = f"generation failed after {tries} tries: the generator replica died ({type(err).__name__})"
+                        await asyncio.to_thread(self.db.fail, job_id, token, "replica_failed", message, s.retention_s)
+                        return
+                await asyncio.sleep(RETRY_BACKOFF_S[min(waits, len(RETRY_BACKOFF_S) - 1)])
+                waits += 1
+            status = self._record(result)
+        except Exception as err:  # noqa: BLE001 - one job's failure never stops the dispatcher
+            logger.exception("job %s failed", job_id)
+            self.stats["failed"] += 1
+            await asyncio.to_thread(self.db.fail, job_id, token, "generation_failed", f"generation failed: {type(err).__name__}", s.retention_s)
+        finally:
+            self.held.pop(job_id, None)
+            self.wake()
+            ingress_metrics()["job_latency"].observe(time.perf_counter() - started, tags={"status": status})
+
+    def _record(self, result: dict[str, Any]) -> str:
+        if not result.get("ok"):
+            self.stats["failed"] += 1
+            return "failed"
+        if result.get("skipped"):  # deleted, finished elsewhere, or its lease was taken over
+            self.stats["skipped"] += 1
+            return "skipped"
+        self.stats["completed"] += 1
+        self.batch_ids.add(result["batch_id"])
+        if len(self.batch_ids) > 100_000:
+            self.batch_ids.clear()
+        self.batch_sizes[result["batch_size"]] += 1
+        return "completed"
+
+    def _update_depth(self) -> None:
+        try:
+            ingress_metrics()["queue_depth"].set(len(self.held), tags={"state": "running"})
+        except Exception:  # noqa: BLE001 - metrics never stop dispatching
+            pass

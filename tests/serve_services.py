@@ -1,0 +1,88 @@
+"""Real services the serving tests run against, started and stopped by the tests themselves:
+a PostgreSQL server (the Debian server binaries, initdb + pg_ctl in a temp folder on a loopback port)
+and an S3 endpoint (moto's server mode on loopback)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bindir() -> str | None:
+    """Where initdb and pg_ctl are: PATH, else the newest /usr/lib/postgresql/*/bin (Debian puts them there)."""
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return os.path.dirname(shutil.which("initdb"))
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0)
+    return dirs[-1] if dirs and os.path.exists(os.path.join(dirs[-1], "pg_ctl")) else None
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server; yields its SQLAlchemy URL. Skips (saying why) where none can start.
+    As root the server must run as another user: the `postgres` account, through runuser."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine; apt-get install postgresql")
+    prefix: list[str] = []
+    folder = tempfile.mkdtemp(prefix="sora-pg-")
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data, log, port = os.path.join(folder, "data"), os.path.join(folder, "server.log"), free_port()
+
+    def run(*args: str) -> None:
+        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
+
+    run(os.path.join(bindir, "initdb"), "-D", data, "-U", "sora", "--auth=trust", "-E", "UTF8", "--no-sync")
+    opts = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    run(os.path.join(bindir, "pg_ctl"), "-D", data, "-o", opts, "-l", log, "-w", "-t", "60", "start")
+    try:
+        yield f"postgresql://sora@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def s3_server() -> Iterator[dict]:
+    """moto's S3 in server mode on a loopback port, with a bucket `sora`; yields fsspec storage options.
+    Credentials are moto's dummies, set in the environment as real deployments would set theirs."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        import s3fs
+
+        endpoint = f"http://127.0.0.1:{port}"
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("sora")
+        yield {"client_kwargs": {"endpoint_url": endpoint}}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
