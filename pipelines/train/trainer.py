@@ -249,14 +249,13 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         recipe.device = opts.device
     if opts.workers is not None and opts.workers < 1:
         raise _user_error(f"--workers must be >= 1, got {opts.workers}")
-    workers = opts.workers or recipe.workers
-    if workers % recipe.sequence_parallel_size:
-        raise _user_error(f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({workers})")
+    num_workers = opts.workers or recipe.workers
+    if num_workers % recipe.sequence_parallel_size:
+        raise _user_error(f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({num_workers})")
     if opts.stop_at_step is not None and opts.stop_at_step < 1:
         raise _user_error(f"--stop-at-step must be >= 1, got {opts.stop_at_step}")
     if not opts.data:
         raise _user_error("--data needs at least one prepared folder")
-    num_workers = opts.workers or recipe.workers
     stage_data = resolve_stage_data(recipe, opts.data)
     store = _check_run_dir(opts, recipe)
     store.makedirs()
