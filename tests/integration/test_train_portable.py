@@ -226,7 +226,7 @@ def test_run_folder_on_object_storage(data, s3, tmp_path):
                  "export/ema.safetensors", "export/config.json", "exports/images/model.safetensors"):  # fmt: skip
         assert name in names, name
     assert any(n.startswith("tensorboard/") for n in names)
-    ckpts = sorted({n.split("/")[2] for n in names if n.startswith("ray_results/s3run/checkpoint_")})
+    ckpts = sorted({n.split("/")[2] for n in names if n.startswith("ray_results/s3run/checkpoint_0")})
     assert ckpts[-1] == "checkpoint_0000004"
     with fs.open("runs/smoke/metrics.csv") as f:
         assert len(f.read().decode().strip().splitlines()) == 1 + 4
