@@ -45,7 +45,8 @@ def decord_loop(manifest: str, out: str, frames: int, res: int, fps: float, patc
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.data.prepare import PARQUET_COMPRESSION, _fixed_list, clip_id, resize_center_crop, row_schema
+    from pipelines.data.prepare import PARQUET_COMPRESSION, clip_id, resize_center_crop, row_schema
+    from pipelines.data.prepare.encode import _fixed_list
     from sora_model.autoencoder import pixels_to_model
     from sora_model.config import TextEncoderConfig
     from sora_model.patch import patch_grid, patchify

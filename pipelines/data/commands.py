@@ -8,10 +8,9 @@ ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ..
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from pipelines.data.prepare import DEFAULT_PATCH
+from pipelines.data.prepare.options import DEFAULT_PATCH
 
 
 def add_synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,10 +97,3 @@ def register(subparsers: Any) -> None:
     prepare = sub.add_parser("prepare", help="videos + captions -> Parquet shards of patches and text embeddings")
     add_prepare_arguments(prepare)
     prepare.set_defaults(func=run_prepare)
-
-
-def run_module(name: str, argv: list[str] | None = None) -> int:
-    """`python -m pipelines.data.NAME ARGS` == `sora data NAME ARGS`: same parser, same one-line errors."""
-    from pipelines.cli import main
-
-    return main(["data", name, *(sys.argv[1:] if argv is None else argv)])
