@@ -67,13 +67,12 @@ Modules, one idea each (this package re-exports what callers use):
 """
 
 from pipelines.data.prepare.decode import resize_center_crop
-from pipelines.data.prepare.encode import fused_rows_per_task, row_schema
+from pipelines.data.prepare.encode import batch_rows, row_schema
 from pipelines.data.prepare.manifest import read_manifest
 from pipelines.data.prepare.options import (
     COLUMNS,
     DATASET_INFO,
     DEFAULT_PATCH,
-    FUSED_BATCH_BYTES,
     PARQUET_COMPRESSION,
     REJECTS,
     RUN_STATE,
@@ -92,7 +91,6 @@ __all__ = [
     "COLUMNS",
     "DATASET_INFO",
     "DEFAULT_PATCH",
-    "FUSED_BATCH_BYTES",
     "PARQUET_COMPRESSION",
     "REJECTS",
     "RUN_STATE",
@@ -103,7 +101,7 @@ __all__ = [
     "PrepareOptions",
     "choose_bucket",
     "clip_id",
-    "fused_rows_per_task",
+    "batch_rows",
     "options_from_args",
     "parse_buckets",
     "prepare",

@@ -1,7 +1,20 @@
-"""Caption embeddings: the text encoder over unique captions, tokens in half precision."""
+"""Caption embeddings, inside the stream: an actor stage between planning and decoding.
+
+Each actor loads the text encoder once (on a GPU when the cluster has them), takes batches of clip plans,
+embeds their captions deduplicated by caption hash (within the batch, and across batches through the
+encoder's LRU cache of CAPTION_CACHE_ENTRIES), and attaches the embeddings to the rows in half
+precision. No process ever holds a table of every caption: memory is one batch plus the cache.
+
+A clip's first caption fills `caption`, `text_tokens`, `text_mask` and `text_pooled` (what every reader
+of the format knows); the others, for multi-caption clips, go to `extra_captions`, `extra_text_tokens`,
+`extra_text_mask` and `extra_text_pooled` (lists, empty for most clips). The loader draws one of a
+clip's captions each time it reads the row (`pipelines.data.load`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -9,55 +22,76 @@ import numpy as np
 from pipelines.data.prepare.options import TEXT_BATCH_SIZE
 from sora_model.config import TextEncoderConfig
 
+CAPTION_CACHE_ENTRIES = 8192
+"""Embeddings an actor keeps (LRU): ~200 MB at 32 x 384 fp32 tokens; multi-caption rows and repeated
+prompts of a dataset hit it, and a cache miss only costs one more encoder row."""
+CAPTION_ROWS = 64
+"""Clip plans per actor call: a full encoder batch (TEXT_BATCH_SIZE) for single-caption clips, and small
+enough that decoding downstream starts early (the batch is also the unit the next stage receives)."""
+TEXT_COLUMNS = ("caption", "text_tokens", "text_mask", "text_pooled")
+EXTRA_COLUMNS = ("extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled")
 
-def embed_captions(captions: list[str], config: TextEncoderConfig) -> dict[str, Any]:
-    """The text table of `captions`, in one process (one encoder load): {captions, tokens, mask, pooled}."""
-    embed = EmbedCaptions(config)
-    parts = [embed({"caption": np.asarray(captions[i : i + TEXT_BATCH_SIZE], dtype=object)}) for i in range(0, len(captions), TEXT_BATCH_SIZE)]
-    return {
-        "captions": [str(c) for p in parts for c in p["caption"]],
-        "tokens": np.concatenate([p["tokens"] for p in parts]),  # (U, L, D) float16
-        "mask": np.concatenate([p["mask"] for p in parts]),  # (U, L) bool
-        "pooled": np.concatenate([p["pooled"] for p in parts]),  # (U, D) float32
-    }
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha1(caption.encode()).hexdigest()
 
 
 class EmbedCaptions:
-    """Ray Data actor: unique captions -> text tokens (fp16), mask and pooled embedding."""
+    """Ray Data actor: plans with `captions` (list of strings) -> plus the text columns (see the module)."""
 
     def __init__(self, config: TextEncoderConfig):
+        import torch
+
         from sora_model.text import build_text_encoder
 
-        self.encoder = build_text_encoder(config)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # on CPU it shares the cores with the decoders; one thread each
+        self.encoder = build_text_encoder(dataclasses.replace(config, cache_size=CAPTION_CACHE_ENTRIES))
+        self.embedded = 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captions = [str(c) for c in batch["caption"]]
-        emb = self.encoder.encode(captions)
+    def embed(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """Unique-by-hash captions -> {tokens (U, L, D) fp16, mask (U, L) bool, pooled (U, D) fp32}, in order."""
+        parts = [self.encoder.encode(captions[i : i + TEXT_BATCH_SIZE]) for i in range(0, len(captions), TEXT_BATCH_SIZE)]
+        self.embedded += len(captions)
         return {
-            "caption": np.asarray(captions, dtype=object),
-            "tokens": _numpy(emb.tokens).astype(np.float16),  # (B, L, D)
-            "mask": _numpy(emb.mask).astype(bool),  # (B, L)
-            "pooled": _numpy(emb.pooled).astype(np.float32),  # (B, D)
+            "tokens": np.concatenate([_numpy(p.tokens).astype(np.float16) for p in parts]),  # (U, L, D)
+            "mask": np.concatenate([_numpy(p.mask).astype(bool) for p in parts]),  # (U, L)
+            "pooled": np.concatenate([_numpy(p.pooled).astype(np.float32) for p in parts]),  # (U, D)
         }
+
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
+        from pipelines.data.prepare.encode import _fixed_list
+
+        per_clip = table.column("captions").to_pylist()
+        unique = {caption_key(c): c for caps in per_clip for c in caps}
+        row_of = {k: i for i, k in enumerate(unique)}
+        emb = self.embed(list(unique.values()))
+        first = np.asarray([row_of[caption_key(caps[0])] for caps in per_clip], dtype=np.int64)
+        extra = np.asarray([row_of[caption_key(c)] for caps in per_clip for c in caps[1:]], dtype=np.int64)
+        offsets = pa.array(np.cumsum([0] + [len(caps) - 1 for caps in per_clip]), pa.int32())
+
+        def listed(values: Any) -> Any:
+            return pa.ListArray.from_arrays(offsets, values)
+
+        columns = {
+            "caption": pa.array([caps[0] for caps in per_clip], pa.string()),
+            "text_tokens": _fixed_list(emb["tokens"][first], pa.float16()),
+            "text_mask": _fixed_list(emb["mask"][first], pa.bool_()),
+            "text_pooled": _fixed_list(emb["pooled"][first], pa.float32()),
+            "extra_captions": listed(pa.array([c for caps in per_clip for c in caps[1:]], pa.string())),
+            "extra_text_tokens": listed(_fixed_list(emb["tokens"][extra], pa.float16())),
+            "extra_text_mask": listed(_fixed_list(emb["mask"][extra], pa.bool_())),
+            "extra_text_pooled": listed(_fixed_list(emb["pooled"][extra], pa.float32())),
+        }
+        table = table.drop_columns(["captions"])
+        for name, col in columns.items():
+            table = table.append_column(name, col)
+        return table
 
 
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().float().cpu().numpy() if x.dtype.is_floating_point else x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-
-def _collect_text_table(ds: Any) -> dict[str, Any]:
-    captions, tokens, mask, pooled = [], [], [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        captions.extend(str(c) for c in batch["caption"])
-        tokens.append(batch["tokens"])
-        mask.append(batch["mask"])
-        pooled.append(batch["pooled"])
-    return {
-        "captions": captions,
-        "tokens": np.concatenate(tokens),  # (U, L, D) float16
-        "mask": np.concatenate(mask),  # (U, L) bool
-        "pooled": np.concatenate(pooled),  # (U, D) float32
-    }

@@ -1,15 +1,17 @@
-"""Decoding clips: frames at the planned indices, resized and centre-cropped to the bucket."""
+"""Decoding clips: frames at the planned indices, resized and centre-cropped to the bucket.
+
+`decode_rows` decodes the clips of a batch of plans, grouped by source (a remote file is fetched once per
+batch and removed after); a clip that fails becomes a reject row with the reason and is dropped.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.options import _VIDEO_ERROR_REASONS, Bucket
+from pipelines.data.prepare.options import Bucket
 from pipelines.data.prepare.storage import LocalFiles
 
 
@@ -34,52 +36,45 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     return out
 
 
-def _append_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+Decoder = Callable[[str, list[int], int, int], np.ndarray]
+"""(local path, frame indices, height, width) -> (F, height, width, 3) uint8."""
 
 
-PLAN_COLUMNS = ("clip_id", "source", "start_s", "fps", "caption", "line", "path")
+def decode_frames(local: str, indices: list[int], height: int, width: int) -> np.ndarray:
+    """The in-process decoder: read the frames, resize and crop them."""
+    from sora_model.video import read_frames
+
+    return resize_center_crop(read_frames(local, indices), height, width)
 
 
-class DecodeClips:
-    """Ray Data actor: clip plans -> (B, F, H, W, 3) uint8 `pixels`, resized and centre-cropped to the bucket.
+def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, decoder: Decoder = decode_frames
+                ) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+    """(kept row indices, pixels (K, F, H, W, 3) uint8, reject rows) of plans of one bucket."""
+    from pipelines.data.prepare.probe import _reason
 
-    A clip that fails here (a file changed since probing, a corrupt frame past the probed one) is
-    appended to OUT/_rejects/ by this actor and dropped; the run goes on.
-    """
+    by_source: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_source.setdefault(r["source"], []).append(i)
+    kept, clips, rejects = [], [], []
+    for source, idx in by_source.items():
+        try:
+            with files.local(source) as local:
+                for i in idx:
+                    try:
+                        clips.append(decoder(local, list(rows[i]["indices"]), bucket.height, bucket.width))
+                        kept.append(i)
+                    except Exception as err:  # noqa: BLE001 - one clip's failure is that clip's reject
+                        rejects.extend(_clip_rejects(rows[i], *_reason(err)))
+        except Exception as err:  # noqa: BLE001 - the file could not be fetched
+            rejects.extend(r for i in idx if i not in kept for r in _clip_rejects(rows[i], *_reason(err)))
+    order = np.argsort(kept, kind="stable")
+    kept = [kept[j] for j in order]
+    pixels = np.stack([clips[j] for j in order]) if clips else np.zeros((0, bucket.frames, bucket.height, bucket.width, 3), np.uint8)
+    return kept, pixels, rejects
 
-    def __init__(self, bucket: Bucket, rejects_dir: str):
-        self.bucket = bucket
-        self.rejects_path = os.path.join(rejects_dir, f"decode-{uuid.uuid4().hex}.jsonl")
-        self.files = LocalFiles()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from sora_model.video import VideoReadError, read_frames
-
-        b = self.bucket
-        keep, clips, rejects = [], [], []
-        for i in range(len(batch["clip_id"])):
-            source = str(batch["source"][i])
-            try:
-                frames = read_frames(self.files.get(source), [int(x) for x in batch["indices"][i]])
-                clips.append(resize_center_crop(frames, b.height, b.width))  # (F, H, W, 3)
-                keep.append(i)
-            except (VideoReadError, ValueError, RuntimeError) as err:
-                reason = _VIDEO_ERROR_REASONS.get(getattr(err, "reason", ""), "unreadable")
-                rejects.append(
-                    {
-                        "line": int(batch["line"][i]),
-                        "path": str(batch["path"][i]),
-                        "source": source,
-                        "reason": reason,
-                        "detail": " ".join(f"clip at {float(batch['start_s'][i]):g}s: {err}".split()),
-                    }
-                )
-        if rejects:
-            _append_jsonl(self.rejects_path, rejects)
-        out = {k: np.asarray(batch[k])[keep] for k in PLAN_COLUMNS}
-        out["pixels"] = np.stack(clips) if clips else np.zeros((0, b.frames, b.height, b.width, 3), np.uint8)
-        return out
+def _clip_rejects(row: dict[str, Any], reason: str, detail: str) -> list[dict[str, Any]]:
+    """One reject per manifest line whose caption this clip carried."""
+    detail = " ".join(f"clip at {float(row['start_s']):g}s: {detail}".split())
+    return [{"line": int(line), "path": row["path"], "source": row["source"], "reason": reason, "detail": detail}
+            for line in row["lines"]]  # fmt: skip

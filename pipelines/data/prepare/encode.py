@@ -1,19 +1,49 @@
-"""Encoding clips: pixels -> autoencoder -> patch tokens, as Arrow rows with the caption's embeddings."""
+"""Encoding clips: pixels -> autoencoder -> patch tokens, as Arrow rows of the shard format.
+
+Two shapes of the same work:
+- identity autoencoder (pixels are the model space): `decode_encode_write`, one stateless task per batch
+  that decodes, patchifies and writes its shards. Nothing crosses processes, no actor has to start.
+- a diffusers VAE (weights to load once, a GPU to feed): `decode_to_pixels` tasks, then `EncodeClips`
+  actors (one per GPU), then `write_rows` tasks. The actor cuts what it gets into sub-batches of at most
+  VAE_BATCH_BYTES of float input and converts uint8 to float on the device, so a 64-frame 1024x1024
+  batch is a few GB of bytes crossing the bus, never a 50 GB float tensor built on the host.
+"""
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
+import os
 from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.decode import DecodeClips
-from pipelines.data.prepare.options import FUSED_BATCH_BYTES, Bucket
-from pipelines.data.prepare.shards import write_shard
+from pipelines.data.prepare.decode import Decoder, decode_frames, decode_rows
+from pipelines.data.prepare.options import DECODE_BATCH_ROWS, Bucket
+from pipelines.data.prepare.shards import write_rejects, write_shard
+from pipelines.data.prepare.storage import LocalFiles
 from sora_model.config import AutoencoderConfig
+
+VAE_BATCH_BYTES = 2 << 30
+"""Float input bytes per autoencoder call at most (2 GB: a 16x512x512 clip is 50 MB at fp32, so 40 of
+them; a 64x1024x1024 clip is 805 MB, so 2): activations scale with it and must fit beside the weights."""
+PASS_THROUGH = ("clip_id", "source", "start_s", "fps", "caption", "text_tokens", "text_mask", "text_pooled",
+                "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips")  # fmt: skip
+"""Plan columns that go to the shard as they are (the order of the shard's columns, tokens inserted)."""
+
+
+def _fixed_list(values: np.ndarray, item_type: Any) -> Any:
+    """(B, d1, ..., dk) ndarray -> Arrow array of nested fixed-size lists, zero-copy for numeric types."""
+    import pyarrow as pa
+
+    arr = pa.array(np.ascontiguousarray(values).reshape(-1), type=item_type)
+    for size in reversed(values.shape[1:]):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
 
 
 def row_schema(n: int, p: int, length: int, dim: int) -> Any:
+    """The first ten columns of a shard (what every reader of format 1 knows)."""
     import pyarrow as pa
 
     return pa.schema(
@@ -32,23 +62,31 @@ def row_schema(n: int, p: int, length: int, dim: int) -> Any:
     )
 
 
-def _fixed_list(values: np.ndarray, item_type: Any) -> Any:
-    """(B, d1, ..., dk) ndarray -> Arrow array of nested fixed-size lists, zero-copy for numeric types."""
+def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> Any:
+    """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table."""
     import pyarrow as pa
 
-    arr = pa.array(np.ascontiguousarray(values).reshape(-1), type=item_type)
-    for size in reversed(values.shape[1:]):
-        arr = pa.FixedSizeListArray.from_arrays(arr, size)
-    return arr
+    b = plans.num_rows
+    arrays, names = [], []
+    for name in PASS_THROUGH:
+        col = plans.column(name)
+        if name == "start_s":
+            col = col.cast(pa.float64())
+        elif name == "fps":
+            col = col.cast(pa.float32())
+        arrays.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+        names.append(name)
+        if name == "caption":
+            arrays += [_fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
+                       _fixed_list(np.broadcast_to(np.asarray(grid, np.int32), (b, 3)), pa.int32())]  # fmt: skip
+            names += ["patches", "grid"]
+    return pa.Table.from_arrays(arrays, names=names)
 
 
-class EncodeClips:
-    """Ray Data actor: pixels -> autoencoder -> patchify -> Arrow rows with the caption's text embeddings.
+class Patchify:
+    """pixels (B, F, H, W, 3) uint8 -> autoencoder -> tokens (B, N, P) float32, on the best device here."""
 
-    Identity runs on CPU next to decoding; a diffusers VAE gets its own GPU actors (`num_gpus=1`).
-    """
-
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], text_table: list[Any]):
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int]):
         import torch
 
         from sora_model.autoencoder import build_autoencoder
@@ -56,80 +94,151 @@ class EncodeClips:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autoencoder = build_autoencoder(autoencoder).to(self.device).eval()
         self.patch = patch
-        table = _text_table(text_table[0])
-        self.text = table
-        self.row_of = {c: i for i, c in enumerate(table["captions"])}
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        import pyarrow as pa
+    def rows_per_call(self, pixels_shape: tuple[int, ...]) -> int:
+        """Clips per autoencoder call: VAE_BATCH_BYTES of float32 input at most, at least one."""
+        return max(1, VAE_BATCH_BYTES // (int(np.prod(pixels_shape[1:])) * 4))
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         import torch
 
         from sora_model.autoencoder import pixels_to_model
         from sora_model.patch import patch_grid, patchify
 
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))  # (B, F, H, W, 3) uint8
+        step = self.rows_per_call(pixels.shape)
+        parts, grid = [], (0, 0, 0)
         with torch.no_grad():
-            video = pixels_to_model(pixels).to(self.device)  # (B, 3, F, H, W)
-            latents = self.autoencoder.encode(video).float()  # (B, C, T', H', W')
-            tokens = patchify(latents, self.patch).cpu().numpy()  # (B, N, P)
-        grid = np.asarray(patch_grid(tuple(latents.shape[2:]), self.patch), dtype=np.int32)
-        rows = np.asarray([self.row_of[str(c)] for c in batch["caption"]], dtype=np.int64)
-        b = len(rows)
-        text_tokens = self.text["tokens"][rows]  # (B, L, D) float16
-        schema = row_schema(tokens.shape[1], tokens.shape[2], text_tokens.shape[1], text_tokens.shape[2])
-        columns = [
-            pa.array([str(x) for x in batch["clip_id"]], pa.string()),
-            pa.array([str(x) for x in batch["source"]], pa.string()),
-            pa.array(np.asarray(batch["start_s"], dtype=np.float64)),
-            pa.array(np.asarray(batch["fps"], dtype=np.float32)),
-            pa.array([str(x) for x in batch["caption"]], pa.string()),
-            _fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
-            _fixed_list(np.broadcast_to(grid, (b, 3)), pa.int32()),
-            _fixed_list(text_tokens, pa.float16()),
-            _fixed_list(self.text["mask"][rows], pa.bool_()),
-            _fixed_list(self.text["pooled"][rows], pa.float32()),
-        ]
-        return pa.Table.from_arrays(columns, schema=schema)
+            for i in range(0, len(pixels), step):
+                # uint8 crosses to the device (4x less than float) and becomes float there.
+                chunk = torch.from_numpy(np.ascontiguousarray(pixels[i : i + step])).to(self.device)  # (b, F, H, W, 3)
+                latents = self.autoencoder.encode(pixels_to_model(chunk)).float()  # (b, C, T', H', W')
+                parts.append(patchify(latents, self.patch).cpu().numpy())  # (b, N, P)
+                grid = patch_grid(tuple(latents.shape[2:]), self.patch)
+        return np.concatenate(parts), grid
 
 
-_TEXT_TABLES: dict[Any, dict[str, Any]] = {}
-"""Per worker process: the run's text table, fetched from the object store once per run (keyed by its ref)."""
+_STATE: dict[str, Any] = {}
+"""Per worker process: the identity Patchify and the LocalFiles, built once and reused by every task."""
 
 
-def _text_table(ref: Any) -> dict[str, Any]:
-    import ray
-
-    if not isinstance(ref, ray.ObjectRef):
-        return ref
-    key = ref.hex()
-    if key not in _TEXT_TABLES:
-        _TEXT_TABLES.clear()  # one run's table at a time
-        _TEXT_TABLES[key] = ray.get(ref)
-    return _TEXT_TABLES[key]
+def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int]) -> tuple[Patchify, LocalFiles]:
+    key = json.dumps([str(autoencoder), list(patch)])
+    if _STATE.get("key") != key:
+        _STATE.update(key=key, patchify=Patchify(autoencoder, patch), files=LocalFiles())
+    return _STATE["patchify"], _STATE["files"]
 
 
-def decode_encode_write(
-    batch: dict[str, np.ndarray],
-    bucket: Bucket,
-    rejects_dir: str,
-    autoencoder: AutoencoderConfig,
-    patch: tuple[int, int, int],
-    text_table: list[Any],
-    folder: str,
-) -> dict[str, np.ndarray]:
-    """DecodeClips, EncodeClips and one shard write in one stateless task, for autoencoders that need no
-    weights loaded (identity): pixels and rows never cross processes, no actor has to start, and no
-    writer task needs a worker process of its own (on a small machine, starting one costs seconds).
-    Returns the shard written: {"shard": [name], "rows": [n]}, or empty when every clip was rejected."""
-    table = EncodeClips(autoencoder, patch, text_table)(DecodeClips(bucket, rejects_dir)(batch))
-    if not table.num_rows:
-        return {"shard": np.asarray([], dtype=np.str_), "rows": np.asarray([], dtype=np.int64)}
-    name = write_shard(table, folder)
-    return {"shard": np.asarray([name], dtype=np.str_), "rows": np.asarray([table.num_rows], dtype=np.int64)}
+def take_rows(table: Any, rows: Any) -> Any:
+    """table.take(rows), made safe: pyarrow 26's take on a *sliced* nested fixed-size list of float16 (our
+    text tokens, in every batch Ray Data cuts from a block) reads the wrong rows, so columns are compacted
+    to offset 0 first."""
+    import pyarrow as pa
+
+    rows = pa.array(np.asarray(rows, dtype=np.int64))
+    columns = []
+    for col in table.columns:
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        columns.append((pa.concat_arrays([arr]) if arr.offset else arr).take(rows))
+    return pa.Table.from_arrays(columns, schema=table.schema)
 
 
-def fused_rows_per_task(num_clips: int, clip_bytes: int, rows_per_file: int, workers: int) -> int:
-    """Clips per decode-encode-write task (and so per shard): at most `rows_per_file` and FUSED_BATCH_BYTES
-    of pixels, and few enough that every worker gets two tasks (equal tasks keep the cores busy to the end).
-    Shards are therefore smaller than `rows_per_file` on small datasets, many CPUs or large clips."""
-    return max(1, min(rows_per_file, FUSED_BATCH_BYTES // clip_bytes, math.ceil(num_clips / (2 * workers))))
+def by_bucket(table: Any) -> dict[str, Any]:
+    """{bucket name: the rows of that bucket}, without the bucket column."""
+    names = np.asarray(table.column("bucket").to_pylist(), dtype=object)
+    rest = table.drop_columns(["bucket"])
+    return {str(n): take_rows(rest, np.flatnonzero(names == n)) for n in dict.fromkeys(names.tolist())}
+
+
+def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
+                        out: str, decoder: Decoder | None = None) -> Any:  # fmt: skip
+    """Identity path: decode, patchify and write one shard per bucket in this batch.
+
+    Returns {bucket, shard, rows} per shard written (what the driver counts for progress)."""
+    import pyarrow as pa
+
+    patchify, files = _process_state(autoencoder, patch)
+    written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
+    rejects = []
+    for name, plans in by_bucket(table).items():
+        kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
+                                        Bucket.parse(name), files, decoder or decode_frames)  # fmt: skip
+        rejects += bad
+        if not kept:
+            continue
+        tokens, grid = patchify(pixels)
+        shard = shard_table(take_rows(plans, kept), tokens, grid)
+        written["bucket"].append(name)
+        written["shard"].append(write_shard(shard, os.path.join(out, name)))
+        written["rows"].append(shard.num_rows)
+    write_rejects(rejects, rejects_dir, "decode")
+    return pa.table({"bucket": pa.array(written["bucket"], pa.string()), "shard": pa.array(written["shard"], pa.string()),
+                     "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
+
+
+def decode_to_pixels(table: Any, rejects_dir: str, decoder: Decoder | None = None) -> Any:
+    """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors."""
+    import pyarrow as pa
+
+    files = _STATE.setdefault("files", LocalFiles())
+    parts, rejects = [], []
+    for name, plans in by_bucket(table).items():
+        kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
+                                        Bucket.parse(name), files, decoder or decode_frames)  # fmt: skip
+        rejects += bad
+        if kept:
+            rows = take_rows(plans, kept).drop_columns(["indices"])
+            flat = pa.array(pixels.reshape(-1), pa.uint8())
+            offsets = pa.array(np.arange(len(kept) + 1, dtype=np.int64) * int(np.prod(pixels.shape[1:])), pa.int64())
+            rows = rows.append_column("pixels", pa.LargeListArray.from_arrays(offsets, flat))
+            parts.append(rows.append_column("bucket", pa.array([name] * len(kept), pa.string())))
+    write_rejects(rejects, rejects_dir, "decode")
+    return pa.concat_tables(parts) if parts else None
+
+
+class EncodeClips:
+    """Ray Data actor (one per GPU): decoded rows -> shard rows, with their bucket, for `write_rows`."""
+
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int]):
+        self.patchify = Patchify(autoencoder, patch)
+
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
+        parts = []
+        for name, rows in by_bucket(table).items():
+            b = Bucket.parse(name)
+            flat = rows.column("pixels").combine_chunks().flatten().to_numpy()
+            pixels = flat.reshape(rows.num_rows, b.frames, b.height, b.width, 3)  # (B, F, H, W, 3) uint8
+            tokens, grid = self.patchify(pixels)
+            shard = shard_table(rows.drop_columns(["pixels"]), tokens, grid)
+            parts.append(shard.append_column("bucket", pa.array([name] * shard.num_rows, pa.string())))
+        return pa.concat_tables(parts)
+
+
+def write_rows(table: Any, out: str, rows_per_file: int) -> Any:
+    """VAE path, last step: shard rows -> shards of at most `rows_per_file` rows, split evenly, per bucket."""
+    import math
+
+    import pyarrow as pa
+
+    written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
+    for name, rows in by_bucket(table).items():
+        n_files = math.ceil(rows.num_rows / rows_per_file)
+        bounds = [round(k * rows.num_rows / n_files) for k in range(n_files + 1)]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            written["bucket"].append(name)
+            written["shard"].append(write_shard(rows.slice(lo, hi - lo), os.path.join(out, name)))
+            written["rows"].append(hi - lo)
+    return pa.table({"bucket": pa.array(written["bucket"], pa.string()), "shard": pa.array(written["shard"], pa.string()),
+                     "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
+
+
+def batch_rows(clip_bytes: int, rows_per_file: int, batch_bytes: int) -> int:
+    """Clips per decode batch (and so per shard on the identity path): at most `rows_per_file` and
+    `batch_bytes` of decoded pixels, at least one."""
+    return max(1, min(rows_per_file, DECODE_BATCH_ROWS, batch_bytes // max(1, clip_bytes)))
+
+
+def content_name(prefix: str, keys: list[str]) -> str:
+    """A file name from the hash of what it holds: a retried task rewrites its file instead of adding one."""
+    return prefix + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]

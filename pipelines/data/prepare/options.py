@@ -28,7 +28,27 @@ COLUMNS = (
     "text_tokens",
     "text_mask",
     "text_pooled",
+    "extra_captions",
+    "extra_text_tokens",
+    "extra_text_mask",
+    "extra_text_pooled",
+    "lines",
+    "line_clips",
 )
+"""A shard's columns. The first ten are one clip with its first caption (what every reader knows); the
+`extra_*` lists hold a multi-caption clip's other captions; `lines`/`line_clips` are what resume reads."""
+DTYPES = {
+    "patches": "float32",
+    "grid": "int32",
+    "text_tokens": "float16",
+    "text_mask": "bool",
+    "text_pooled": "float32",
+    "extra_text_tokens": "list of float16",
+    "extra_text_mask": "list of bool",
+    "extra_text_pooled": "list of float32",
+    "lines": "list of int64",
+    "line_clips": "list of int32",
+}
 DEFAULT_PATCH = (1, 4, 4)
 """The DiT-demo model's patch. Tokens are cut at prepare time, so this must equal the recipe's model.patch_size."""
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp", ".ogv", ".gif")
@@ -38,19 +58,15 @@ PARQUET_COMPRESSION = "zstd"
 """zstd shrinks float32 pixel tokens ~2x against snappy's ~1.2x at similar read speed."""
 TEXT_BATCH_SIZE = 64
 """Captions per text-encoder call: short captions, so a large batch keeps the matmuls efficient."""
-TEXT_TASK_MAX_CAPTIONS = 20_000
-"""Up to this many unique captions are embedded in one task beside the probe (one encoder load); beyond,
-an actor pool shares them out after probing."""
-PROBE_CHUNK_MIN = 8
-"""Fewest manifest entries per probe task (a probe is ~2 ms on a short clip; a task costs about as much)."""
-DECODE_BATCH_SIZE = 4
-"""Clips per decode call when a VAE actor pool follows: small, so the pool balances well and a 1080p batch
-stays a few hundred MB."""
-FUSED_BATCH_BYTES = 128 * 2**20
-"""Most resized pixels per call of the fused decode + patchify + write task (identity autoencoder), whose
-batch is one shard: large batches amortise its per-call cost (Arrow tables, setup, the Parquet file),
-which at 4 clips of 16x32x32 per call was more than the decoding itself; the bound keeps large buckets'
-batches (and shards) a few hundred MB at most."""
+MANIFEST_CHUNKS_PER_CPU = 4
+"""Manifest chunks (parse tasks, and so sorted blocks to plan) per CPU: enough that planning spreads over
+the cluster and decoding starts after the first few blocks, few enough that a task outweighs its cost."""
+DECODE_BATCH_ROWS = 64
+"""Clips per decode task (and at most per shard on the identity path): large enough to amortise a task's
+fixed cost (Arrow tables, the Parquet file: at 4 clips of 16x32x32 it outweighed decoding), small enough
+that the first shards are written while later files are still being probed."""
+DECODE_BATCH_BYTES = 128 * 2**20
+"""Decoded pixels per decode task at most, so a batch of large clips stays a few hundred MB."""
 ASPECT_TOLERANCE = 1e-3
 """Aspect ratios closer than this (in log space) count as equal when choosing a bucket."""
 
@@ -64,6 +80,8 @@ REJECT_REASONS = (
     "no caption",
     "bad entry",
     "duplicate",
+    "decoder crashed",
+    "decoder timed out",
 )
 _VIDEO_ERROR_REASONS = {
     # sora_model.video.VideoReadError.reason -> our reject reason

@@ -1,54 +1,97 @@
-"""The run: manifest -> probe -> decode -> encode -> shards, and dataset.json at the end."""
+"""The run: one streaming Ray Data plan from the manifest to the shards, and dataset.json at the end.
+
+    manifest chunks --parse (drop finished lines)--> entries --sort by source--> plan (probe each file once,
+    clips with all their captions; drop written clips) --captions (actors, batched, fp16)--> decode +
+    patchify + write shards (tasks)  |  with a VAE: decode (tasks) --> encode (GPU actors) --> write (tasks)
+
+The driver holds the manifest's scan (bounded), the plan and a counter; rows stream through the object
+store, and the first clips are decoded while later files are still being probed. The sort is the one
+barrier, over the manifest's small rows only: it brings every row of a file into one block, so the file
+is probed once and a clip listed with several captions is decoded once.
+"""
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
-from pipelines.data.prepare.captions import EmbedCaptions, _collect_text_table, embed_captions
-from pipelines.data.prepare.decode import PLAN_COLUMNS, DecodeClips
-from pipelines.data.prepare.encode import EncodeClips, decode_encode_write, fused_rows_per_task
-from pipelines.data.prepare.manifest import read_manifest
+from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions
+from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
+from pipelines.data.prepare.manifest import ManifestScan, parse_chunks, scan_manifest
 from pipelines.data.prepare.options import (
     COLUMNS,
     DATASET_INFO,
-    DECODE_BATCH_SIZE,
+    DECODE_BATCH_BYTES,
     DECODE_REJECTS_DIR,
+    DTYPES,
     FORMAT_VERSION,
+    MANIFEST_CHUNKS_PER_CPU,
     REJECTS,
     RUN_STATE,
     STATS_LOG,
-    TEXT_BATCH_SIZE,
-    TEXT_TASK_MAX_CAPTIONS,
     PrepareError,
     PrepareOptions,
 )
-from pipelines.data.prepare.probe import probe_all
-from pipelines.data.prepare.shards import _make_datasink, done_clip_ids, shard_files
-from pipelines.data.prepare.state import _prepare_output, _settings_hash, _write_json
+from pipelines.data.prepare.probe import plan_block
+from pipelines.data.prepare.shards import filesystem, join, merge_rejects, resume_state, shard_files, shard_rows
+from pipelines.data.prepare.state import prepare_output, settings_hash, write_json
+from pipelines.data.prepare.storage import is_uri
 from sora_model.config import to_dict
 
 
 def prepare(options: PrepareOptions) -> dict[str, Any]:
     """Run the pipeline; returns the dataset.json contents. Ray is started (or joined) on demand."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from pipelines.data.runtime import cluster_cpus, cluster_gpus, ensure_ray
+    from pipelines.data.runtime import cluster_cpus, ensure_ray
+
+    t0 = time.perf_counter()
+    opts = options
+    out = opts.out.rstrip("/") if is_uri(opts.out) else str(__import__("pathlib").Path(opts.out).resolve())
+    scan = scan_manifest(opts.manifest)
+    grids, channels = check_shapes(opts)
+    settings = opts.settings(scan.sha256)
+    resuming = prepare_output(out, settings, opts.overwrite)
+    write_json(join(out, RUN_STATE), {"settings_hash": settings_hash(settings), "settings": settings})
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled)
+    ctx.enable_progress_bars = opts.progress  # the caller's context: a library call with progress=False stays quiet
+    # Ray Data reserves CPUs per operator; on a small machine that held the decode stage to one task at a
+    # time (2 cores: 55% busy). Without it every stage takes what is free (the streaming executor still
+    # bounds each operator's queued output, which is what keeps memory flat).
+    ctx.op_resource_reservation_enabled = False
+    try:
+        done = None
+        if resuming:
+            summary_ref, done = ray.remote(_resume_summary).options(num_cpus=0, num_returns=2).remote(out, [b.name for b in opts.buckets])
+            summary = ray.get(summary_ref)
+            if opts.progress:
+                print(f"resuming {out}: {summary['written']} clips already written, {summary['lines']} manifest lines finished"
+                      + (f", {summary['damaged']} damaged shards set aside to be rewritten" if summary["damaged"] else ""),
+                      file=sys.stderr)  # fmt: skip
+        ds = build_plan(scan, opts, out, done, cluster_cpus())
+        written, shards = _drain(ds, opts.progress, scan.num_rows, t0)
+        stats = ds.stats()
+    finally:
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+
+    num_rejected = merge_rejects(join(out, DECODE_REJECTS_DIR), join(out, REJECTS))
+    _append_stats(out, stats, written, shards, time.perf_counter() - t0)
+    return _finish(opts, out, scan, grids, channels, num_rejected, time.perf_counter() - t0)
+
+
+def check_shapes(opts: PrepareOptions) -> tuple[dict[str, Any], int]:
+    """Fail on a text encoder that cannot load, or shapes the autoencoder or the patch cannot take, before
+    any work starts; returns each bucket's token grid and the autoencoder's channels."""
     from sora_model.autoencoder import build_autoencoder
     from sora_model.patch import patch_grid
     from sora_model.text import check_text_encoder
 
-    t0 = time.perf_counter()
-    opts = options
-    out = Path(opts.out).resolve()
-    entries, manifest_sha = read_manifest(opts.manifest)
-
-    # Fail on a text encoder that cannot load, or shapes the autoencoder or the patch cannot take,
-    # before any work starts.
     try:
         check_text_encoder(opts.text_encoder)
     except (ValueError, OSError, ImportError) as err:
@@ -57,172 +100,102 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     grids = {}
     for b in opts.buckets:
         try:
-            latent = autoencoder.latent_shape(b.frames, b.height, b.width)
-            grids[b.name] = patch_grid(latent, opts.patch)
+            grids[b.name] = patch_grid(autoencoder.latent_shape(b.frames, b.height, b.width), opts.patch)
         except ValueError as err:
             raise PrepareError(f"bucket {b.name}: {err}") from None
-    channels = autoencoder.latent_channels
-    del autoencoder
+    return grids, autoencoder.latent_channels
 
-    settings = opts.settings(manifest_sha)
-    resuming = _prepare_output(out, settings, opts.overwrite)
-    _write_json(out / RUN_STATE, {"settings_hash": _settings_hash(settings), "settings": settings})
-    rejects_dir = out / DECODE_REJECTS_DIR
 
-    ensure_ray()
-    timings = {"setup": time.perf_counter() - t0}  # manifest, shape checks, Ray start or connect
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = opts.progress  # the caller's context: a library call with progress=False stays quiet
-    cpus = cluster_cpus()
-    workers = opts.workers or max(1, cpus - 1)
+def _resume_summary(out: str, buckets: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    state = resume_state(out, buckets)
+    return {"written": state["written"], "lines": len(state["lines"]), "damaged": state["damaged"]}, state
 
-    # 0. Text embeddings of every caption the manifest could use, each once, in one task that runs
-    # while the inputs are probed (a caption whose input is rejected costs one row of a small table).
-    manifest_captions = sorted({e["caption"] for e in entries if e["caption"] and not e["error"]})
-    text_task = None
-    if manifest_captions and len(manifest_captions) <= TEXT_TASK_MAX_CAPTIONS:
-        text_task = ray.remote(embed_captions).options(num_cpus=1).remote(manifest_captions, opts.text_encoder)
 
-    # 1-2. Probe every input and plan its clips (metadata only, so it is materialised and read twice).
-    planned = probe_all(entries, opts, cpus)
-    timings["probe"] = time.perf_counter() - t0 - sum(timings.values())
-    rejects = [r for r in planned if r["kind"] == "reject"]
-    clips = sorted((r for r in planned if r["kind"] == "clip"), key=lambda r: (r["line"], r["start_s"]))
-    first_line: dict[str, int] = {}
-    unique_clips = []
-    for r in clips:  # the same file listed twice would otherwise give two rows with one clip id
-        if r["clip_id"] in first_line:
-            if first_line[r["clip_id"]] != r["line"]:
-                rejects.append(
-                    {**r, "kind": "reject", "reason": "duplicate", "detail": f"same clip as line {first_line[r['clip_id']]}"}
-                )
-            continue
-        first_line[r["clip_id"]] = r["line"]
-        unique_clips.append(r)
-    clips = unique_clips
+def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cpus: int) -> Any:
+    """The Ray Data plan (lazy): manifest -> shards; its output rows are {bucket, shard, rows} per shard."""
+    import ray
+    from ray.data import ActorPoolStrategy
 
-    # Resume: skip every clip already in a complete shard.
-    by_bucket: dict[str, list[dict[str, Any]]] = {b.name: [] for b in opts.buckets}
-    skipped = 0
-    for b in opts.buckets:
-        done = done_clip_ids(out / b.name) if resuming else set()
-        for r in clips:
-            if r["bucket"] == b.name:
-                if r["clip_id"] in done:
-                    skipped += 1
-                else:
-                    by_bucket[b.name].append(r)
-    if resuming:
-        print(f"resuming {out}: {skipped} clips already written, {sum(map(len, by_bucket.values()))} to go")
+    from pipelines.data.runtime import cluster_gpus
 
-    # 3. Text embeddings: the task started before probing, or an actor pool for a very large caption set.
-    # Awaited here rather than inside the clip tasks: a task blocked in ray.get gives its CPU back and Ray
-    # starts another worker process for the next one (seconds of imports), which cost more than it saved.
-    captions = sorted({r["caption"] for rows in by_bucket.values() for r in rows})
-    text_ref = None
-    if captions and text_task is not None:
-        text_ref = text_task
-        text_dim = int(ray.get(text_task)["tokens"].shape[2])
-    elif captions:
-        text_ds = ray.data.from_items([{"caption": c} for c in captions]).map_batches(
-            EmbedCaptions,
-            fn_constructor_kwargs={"config": opts.text_encoder},
-            batch_size=TEXT_BATCH_SIZE,
-            compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(workers, math.ceil(len(captions) / TEXT_BATCH_SIZE)))),
-            num_cpus=1,
-        )
-        text_table = _collect_text_table(text_ds)
-        text_dim = int(text_table["tokens"].shape[2])
-        text_ref = ray.put(text_table)
-    timings["text"] = time.perf_counter() - t0 - sum(timings.values())
+    rejects_dir = join(out, DECODE_REJECTS_DIR)
+    workers = opts.workers or cpus
+    gpus = cluster_gpus()
+    chunks = scan.chunks(math.ceil(scan.num_rows / (MANIFEST_CHUNKS_PER_CPU * cpus)))
+    scan_ref = ray.put(replace(scan, offsets=[]))
+    ds = ray.data.from_items([{"start": s, "end": e, "line": line} for s, e, line in chunks], override_num_blocks=len(chunks))
+    ds = ds.map_batches(parse_chunks, fn_kwargs={"scan": [scan_ref], "done": [done]}, batch_size=None, batch_format="pyarrow")
+    # Every row of a source in one block: one probe per file, one clip per (file, start) with all its captions.
+    ds = ds.sort("source")
+    ds = ds.map_batches(
+        plan_block,
+        fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
+                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done]},
+        # A concurrency cap keeps Ray Data from fusing this into the sort's reduce, an all-to-all step whose
+        # output only flows on when every reduce is done: fused, nothing would be decoded until all is probed.
+        batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
+    )  # fmt: skip
+    # Captions: GPU actors when the cluster has GPUs; on CPU one actor that asks for no CPU of its own (its
+    # encoder runs one thread, a small share of the work; a reserved core would idle a decoder).
+    caption_resources = {"num_gpus": 1} if gpus else {"num_cpus": 0}
+    ds = ds.map_batches(
+        EmbedCaptions, fn_constructor_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS, batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1), **caption_resources,
+    )  # fmt: skip
+    largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
+    rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
+    concurrency = {"concurrency": workers} if opts.workers else {}
+    if opts.autoencoder.kind == "identity":
+        return ds.map_batches(
+            decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
+            fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out},
+        )  # fmt: skip
+    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir},
+                        **concurrency)  # fmt: skip
+    ds = ds.map_batches(
+        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch}, batch_size=rows,
+        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
+        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+    )  # fmt: skip
+    return ds.map_batches(write_rows, batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=0.25,
+                          fn_kwargs={"out": out, "rows_per_file": opts.rows_per_file})  # fmt: skip
 
-    # 4-7. Per bucket, stream: decode -> encode + patchify + text -> Parquet shards.
-    use_gpu = opts.autoencoder.kind != "identity" and cluster_gpus() > 0
-    stats_lines = []
-    for b in opts.buckets:
-        rows = by_bucket[b.name]
-        if not rows:
-            continue
-        plan_cols = [{k: r[k] for k in (*PLAN_COLUMNS, "indices")} for r in rows]
-        if opts.autoencoder.kind == "identity":
-            # No weights to load: decode, patchify, attach text and write the shard in one task per batch.
-            # One operator of one-CPU tasks: Ray Data's default per-operator CPU reservation only let it
-            # run one task at a time on 2 cores (CPU 55% busy; without it 95%, 1008 clips 3.7 -> 2.7 s).
-            # Datasets copy the context when created; the caller's is restored afterwards.
-            per_task = fused_rows_per_task(len(rows), b.frames * b.height * b.width * 3, opts.rows_per_file, opts.workers or cpus)
-            reservation = ctx.op_resource_reservation_enabled
-            ctx.op_resource_reservation_enabled = False
-            try:
-                ds = ray.data.from_items(plan_cols, override_num_blocks=math.ceil(len(rows) / per_task)).map_batches(
-                    decode_encode_write,
-                    fn_kwargs={"bucket": b, "rejects_dir": str(rejects_dir), "autoencoder": opts.autoencoder, "patch": opts.patch,
-                               "text_table": [text_ref], "folder": str(out / b.name)},
-                    batch_size=None,  # each block (at most per_task rows) is one batch, one task and one shard
-                    num_cpus=1,
-                    concurrency=workers if opts.workers else None,
-                ).materialize()  # fmt: skip
-            finally:
-                ctx.op_resource_reservation_enabled = reservation
-        else:
-            ds = ray.data.from_items(plan_cols, override_num_blocks=max(1, min(len(rows) // DECODE_BATCH_SIZE, 4 * cpus, 200)))
-            ds = ds.map_batches(
-                DecodeClips,
-                fn_constructor_kwargs={"bucket": b, "rejects_dir": str(rejects_dir)},
-                batch_size=DECODE_BATCH_SIZE,
-                compute=ActorPoolStrategy(min_size=1, max_size=workers),
-                num_cpus=1,
-            )
-            encode_args: dict[str, Any] = {"num_gpus": 1} if use_gpu else {"num_cpus": 0.5}
-            ds = ds.map_batches(
-                EncodeClips,
-                fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "text_table": [text_ref]},
-                batch_size=min(opts.rows_per_file, 64),
-                compute=ActorPoolStrategy(min_size=1, max_size=max(1, cluster_gpus() if use_gpu else 1)),
-                **encode_args,
-            )
-            ds.write_datasink(_make_datasink(str(out / b.name), opts.rows_per_file), ray_remote_args={"num_cpus": 0.25})
-        stats_lines.append(f"==== bucket {b.name}: {len(rows)} clips ====\n{ds.stats()}\n")
 
-    timings["clips"] = time.perf_counter() - t0 - sum(timings.values())
+def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]:
+    """Run the plan; the driver only sees one small row per shard written. Returns (clips, shards)."""
+    written = shards = 0
+    last = 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        written += sum(batch.column("rows").to_pylist())
+        shards += batch.num_rows
+        now = time.perf_counter()
+        if progress and now - last > 2:
+            last = now
+            print(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return written, shards
 
-    # Rejects: the probe's plus any clip the decoders dropped.
-    for path in sorted(rejects_dir.glob("*.jsonl")) if rejects_dir.is_dir() else []:
-        rejects.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    reject_rows = [
-        {k: r.get(k) for k in ("line", "path", "source", "reason", "detail")} for r in sorted(rejects, key=lambda r: r["line"])
-    ]
-    with open(out / REJECTS, "w") as f:
-        for r in reject_rows:
-            f.write(json.dumps(r) + "\n")
-    if stats_lines:
-        with open(out / STATS_LOG, "a") as f:
-            phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-            f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} phases: {phases}\n" + "".join(stats_lines))
 
+def _append_stats(out: str, stats: str, written: int, shards: int, seconds: float) -> None:
+    fs, p = filesystem(join(out, STATS_LOG))
+    with fs.open(p, "ab" if not is_uri(out) else "wb") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode())
+
+
+def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int, num_rejected: int,
+            elapsed: float) -> dict[str, Any]:  # fmt: skip
     import pyarrow.parquet as pq
 
     bucket_infos = []
     for b in opts.buckets:
-        n = sum(pq.ParquetFile(p).metadata.num_rows for p in shard_files(out / b.name))
-        bucket_infos.append(
-            {
-                "frames": b.frames,
-                "height": b.height,
-                "width": b.width,
-                "name": b.name,
-                "grid": list(grids[b.name]),
-                "num_clips": n,
-                "path": b.name,
-            }
-        )
+        bucket_infos.append({"frames": b.frames, "height": b.height, "width": b.width, "name": b.name,
+                             "grid": list(grids[b.name]), "num_clips": shard_rows(join(out, b.name)), "path": b.name})  # fmt: skip
     num_clips = sum(bi["num_clips"] for bi in bucket_infos)
-    num_rejected = len({r["line"] for r in reject_rows})
-    elapsed = time.perf_counter() - t0
     if num_clips == 0:
-        raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {out / REJECTS}")
-    if text_ref is None:  # resumed with nothing left to do: dimensions from an existing shard
-        first = next(p for bi in bucket_infos for p in shard_files(out / bi["path"]))
-        text_dim = pq.ParquetFile(first).schema_arrow.field("text_pooled").type.list_size
+        raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}")
+    first = next(f for bi in bucket_infos for f in shard_files(join(out, bi["path"])))
+    fs, p = filesystem(first)
+    text_dim = pq.read_schema(p, filesystem=fs).field("text_pooled").type.list_size
     pt, ph, pw = opts.patch
     info = {
         "format_version": FORMAT_VERSION,
@@ -240,22 +213,15 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
             "hidden_layer": opts.text_encoder.hidden_layer,
             "dim": text_dim,
         },
-        "manifest": {"path": str(opts.manifest), "sha256": manifest_sha},
+        "manifest": {"path": str(opts.manifest), "sha256": scan.sha256, "rows": scan.num_rows},
         "clips_per_video": opts.clips_per_video,
         "stride_s": opts.stride_s,
         "columns": list(COLUMNS),
-        "dtypes": {
-            "patches": "float32",
-            "grid": "int32",
-            "text_tokens": "float16",
-            "text_mask": "bool",
-            "text_pooled": "float32",
-        },
+        "dtypes": DTYPES,
         "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 2),
-        "phase_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
-    _write_json(out / DATASET_INFO, info)
+    write_json(join(out, DATASET_INFO), info)
     print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")
     return info

@@ -1,15 +1,21 @@
-"""Probing inputs and planning their clips: which bucket, which frames, or a reject with the reason."""
+"""Probing inputs and planning their clips: which bucket, which frames, or a reject with the reason.
+
+The plan stage sees the manifest sorted by source, so every row naming one file is in one block: the
+file is probed once however many rows list it, and rows that give the same clip (same source and start)
+become one clip with several captions (multi-caption datasets: MSR-VTT lists each video 20 times), not
+duplicates. Only a row repeating another row's clip *and* caption is a "duplicate" reject.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines.data.prepare.options import _VIDEO_ERROR_REASONS, ASPECT_TOLERANCE, PROBE_CHUNK_MIN, Bucket, PrepareOptions
+import numpy as np
+
+from pipelines.data.prepare.options import _VIDEO_ERROR_REASONS, ASPECT_TOLERANCE, Bucket
 from pipelines.data.prepare.storage import LocalFiles
 
 
@@ -42,48 +48,80 @@ def choose_bucket(buckets: Sequence[Bucket], width: int, height: int, still: boo
     return min(candidates, key=key)
 
 
-def _reject(entry: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
-    return {**_plan_row(entry), "kind": "reject", "reason": reason, "detail": " ".join(detail.split())}
+def reject_row(entry: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    """One line of rejects.jsonl."""
+    return {"line": int(entry["line"]), "path": entry["path"], "source": entry["source"], "reason": reason,
+            "detail": " ".join(detail.split())}  # fmt: skip
 
 
-def _plan_row(entry: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "kind": "clip",
-        "line": int(entry["line"]),
-        "path": entry["path"],
-        "source": entry["source"],
-        "caption": entry["caption"],
-        "reason": "",
-        "detail": "",
-        "clip_id": "",
-        "start_s": 0.0,
-        "fps": 0.0,
-        "bucket": "",
-        "indices": [],
-    }
+class PlanInputs:
+    """All manifest rows of one source -> (clip plans, rejects); one probe of the file for all of them.
 
-
-class ProbeInputs:
-    """One manifest entry -> its clip plans, or one reject with the reason (run by `probe_chunk` tasks)."""
+    A plan: {clip_id, source, path, start_s, fps, bucket, indices, lines, line_clips, captions}, where
+    `lines` are the manifest rows whose captions the clip carries and `line_clips[i]` how many clips row
+    `lines[i]` planned (a resume counts a row done when that many of its clips are written).
+    """
 
     def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None):
         self.buckets, self.fps, self.clips_per_video, self.stride_s = buckets, fps, clips_per_video, stride_s
         self.files = LocalFiles()
 
-    def __call__(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
-        from sora_model.video import VideoReadError, probe_video, require_frames_present, sample_indices
+    def __call__(self, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rejects, good, seen = [], [], {}
+        for e in sorted(entries, key=lambda e: e["line"]):
+            if e["error"]:
+                rejects.append(reject_row(e, "bad entry", e["error"]))
+            elif not e["caption"]:
+                rejects.append(reject_row(e, "no caption", "empty caption" if e["path"] else "no caption given"))
+            elif (key := (e["start_s"], e["end_s"], e["caption"])) in seen:
+                rejects.append(reject_row(e, "duplicate", f"same clip and caption as line {seen[key]}"))
+            else:
+                seen[key] = e["line"]
+                good.append(e)
+        if not good:
+            return [], rejects
+        try:
+            with self.files.local(good[0]["source"]) as local:
+                plans, more = self._plan_source(good, local)
+        except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
+            reason, detail = _reason(err)
+            plans, more = [], [reject_row(e, reason, detail) for e in good]
+        return plans, sorted(rejects + more, key=lambda r: r["line"])
 
-        if entry["error"]:
-            return [_reject(entry, "bad entry", entry["error"])]
-        if not entry["caption"]:
-            return [_reject(entry, "no caption", "empty caption" if entry["path"] else "no caption given")]
-        local = self.files.get(entry["source"])
+    def _plan_source(self, good: list[dict[str, Any]], local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from sora_model.video import probe_video, require_frames_present
+
         try:
             info = probe_video(local)
-        except VideoReadError as err:
-            return [_reject(entry, _VIDEO_ERROR_REASONS.get(err.reason, "unreadable"), str(err))]
         except Exception as err:  # noqa: BLE001 - any library failure on one input is that input's reject
-            return [_reject(entry, "unreadable", f"{type(err).__name__}: {err}")]
+            reason, detail = _reason(err)
+            return [], [reject_row(e, reason, detail) for e in good]
+        plans: dict[str, dict[str, Any]] = {}
+        rejects = []
+        for e in good:
+            rows, reject = self._plan_entry(e, info)
+            if reject:
+                rejects.append(reject)
+            for row in rows:
+                clip = plans.setdefault(row["clip_id"], {**row, "lines": [], "line_clips": [], "captions": []})
+                clip["lines"].append(int(e["line"]))
+                clip["line_clips"].append(len(rows))
+                if e["caption"] not in clip["captions"]:
+                    clip["captions"].append(e["caption"])
+        if plans:
+            # A file cut after a front index probes fine and fails on the missing frames: check now that the
+            # data of the last frame needed is there (demuxing, not decoding), so truncation is a reject.
+            try:
+                require_frames_present(local, max(i for p in plans.values() for i in p["indices"]), info.num_frames)
+            except Exception as err:  # noqa: BLE001
+                reason, detail = _reason(err, default="truncated")
+                by_line = {e["line"]: e for e in good}
+                lines = sorted({line for p in plans.values() for line in p["lines"]})
+                return [], rejects + [reject_row(by_line[line], reason, detail) for line in lines]
+        return list(plans.values()), rejects
+
+    def _plan_entry(self, entry: dict[str, Any], info: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        from sora_model.video import sample_indices
 
         start0 = float(entry["start_s"] or 0.0)
         end_s = entry["end_s"]
@@ -103,81 +141,79 @@ class ProbeInputs:
         still = info.num_frames == 1
         bucket = choose_bucket(self.buckets, info.width, info.height, still, lambda b: clip_at(b, start0) is not None)
         if bucket is None:
-            if still:
-                b = self.buckets[0]
-                detail = f"a still image (1 frame) but every bucket needs more frames; add a 1x{b.height}x{b.width} bucket"
-            else:
-                smallest = min((b for b in self.buckets if b.frames > 1), key=lambda b: b.frames)
-                rate = f"{self.fps:g} fps" if self.fps else "its own fps"
-                detail = (
-                    f"{info.duration:.3f}s ({info.num_frames} frames at {info.fps:g} fps) from {start0:g}s "
-                    f"cannot give {smallest.frames} frames at {rate}"
-                )
-            return [_reject(entry, "too short", detail)]
-
+            return [], reject_row(entry, "too short", self._too_short(info, start0, still))
         rate = info.fps if (self.fps is None or bucket.frames == 1) else self.fps
         stride = self.stride_s or bucket.frames / rate
         plans = []
-        k = 0
-        while self.clips_per_video == 0 or k < self.clips_per_video:
-            start = round(start0 + k * stride, 6)
+        while self.clips_per_video == 0 or len(plans) < self.clips_per_video:
+            start = round(start0 + len(plans) * stride, 6)
             idx = clip_at(bucket, start)
             if idx is None:
                 break
-            plans.append(
-                {
-                    **_plan_row(entry),
-                    "clip_id": clip_id(entry["source"], start),
-                    "start_s": start,
-                    "fps": float(rate),
-                    "bucket": bucket.name,
-                    "indices": idx,
-                }
-            )
-            k += 1
+            plans.append({"clip_id": clip_id(entry["source"], start), "source": entry["source"], "path": entry["path"],
+                          "start_s": start, "fps": float(rate), "bucket": bucket.name, "indices": idx})  # fmt: skip
             if bucket.frames == 1 and info.num_frames == 1:
                 break  # a still gives one clip
-        # A file cut after a front index probes fine and fails on the missing frames: check now that the
-        # data of the last frame we will need is there (demuxing, not decoding: the decode stage decodes
-        # it), so truncation is a reject with its reason rather than a failure mid-run.
-        try:
-            require_frames_present(local, max(max(p["indices"]) for p in plans), info.num_frames)
-        except VideoReadError as err:
-            return [_reject(entry, _VIDEO_ERROR_REASONS.get(err.reason, "unreadable"), str(err))]
-        except Exception as err:  # noqa: BLE001
-            return [_reject(entry, "truncated", f"{type(err).__name__}: {err}")]
-        return plans
+        return plans, None
+
+    def _too_short(self, info: Any, start0: float, still: bool) -> str:
+        if still:
+            b = self.buckets[0]
+            return f"a still image (1 frame) but every bucket needs more frames; add a 1x{b.height}x{b.width} bucket"
+        smallest = min((b for b in self.buckets if b.frames > 1), key=lambda b: b.frames)
+        rate = f"{self.fps:g} fps" if self.fps else "its own fps"
+        return (f"{info.duration:.3f}s ({info.num_frames} frames at {info.fps:g} fps) from {start0:g}s "
+                f"cannot give {smallest.frames} frames at {rate}")  # fmt: skip
 
 
-def probe_chunk(entries: list[dict[str, Any]], buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None) -> list[dict[str, Any]]:
-    """ProbeInputs over a run of manifest entries, one Ray task: plans and rejects in entry order."""
-    probe = ProbeInputs(buckets, fps, clips_per_video, stride_s)
-    return [row for entry in entries for row in probe(entry)]
+def _reason(err: BaseException, default: str = "unreadable") -> tuple[str, str]:
+    """(reject reason, one-line detail) of an exception raised while reading an input."""
+    from pipelines.data.prepare.storage import StorageError
+    from sora_model.video import VideoReadError
+
+    if isinstance(err, VideoReadError):
+        return _VIDEO_ERROR_REASONS.get(err.reason, default), str(err)
+    if isinstance(err, StorageError):
+        return err.reason, str(err)
+    return default, f"{type(err).__name__}: {err}"
 
 
-def probe_all(entries: list[dict[str, Any]], options: PrepareOptions, cpus: int) -> list[dict[str, Any]]:
-    """Probe every entry with plain Ray tasks, a few chunks per CPU, and show how far it got.
+def plan_schema() -> Any:
+    import pyarrow as pa
 
-    Plain tasks rather than a Ray Data operator: the output is small metadata the driver needs whole
-    (dedup, resume, buckets), and starting a Ray Data execution costs ~0.7 s on a 2-core machine,
-    about what probing 1000 short videos takes on both cores.
-    """
-    import ray
+    return pa.schema([("clip_id", pa.string()), ("source", pa.string()), ("path", pa.string()), ("start_s", pa.float64()),
+                      ("fps", pa.float32()), ("bucket", pa.string()), ("indices", pa.list_(pa.int32())),
+                      ("lines", pa.list_(pa.int64())), ("line_clips", pa.list_(pa.int32())),
+                      ("captions", pa.list_(pa.string()))])  # fmt: skip
 
-    if not entries:
-        return []
-    remote = ray.remote(probe_chunk).options(num_cpus=1)
-    kwargs = {"buckets": options.buckets, "fps": options.fps, "clips_per_video": options.clips_per_video, "stride_s": options.stride_s}
-    n_chunks = max(1, min(math.ceil(len(entries) / PROBE_CHUNK_MIN), 4 * cpus, 200))
-    bounds = [round(i * len(entries) / n_chunks) for i in range(n_chunks + 1)]
-    pending = {remote.remote(entries[a:b], **kwargs): (i, b - a) for i, (a, b) in enumerate(itertools.pairwise(bounds))}
-    parts: dict[int, list[dict[str, Any]]] = {}
-    done = 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i, size = pending.pop(ready[0])
-        parts[i] = ray.get(ready[0])
-        done += size
-        if options.progress:
-            print(f"\rprobed {done}/{len(entries)} inputs", end="" if pending else "\n", file=sys.stderr, flush=True)
-    return [row for i in sorted(parts) for row in parts[i]]
+
+_PLANNERS: dict[str, PlanInputs] = {}
+"""Per worker process: the planner of the run's settings (its LocalFiles keeps one temp folder)."""
+
+
+def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
+               rejects_dir: str, done: list[Any]) -> Any:  # fmt: skip
+    """Ray Data stage over the manifest sorted by source: every source of the block probed once, its rows
+    planned into clips; rejects go to a file under `rejects_dir`; clips already written (a resume) are
+    dropped. Returns the plans (`plan_schema`)."""
+    import pyarrow as pa
+
+    from pipelines.data.prepare.shards import write_rejects
+    from pipelines.data.prepare.state import shared
+
+    key = repr((buckets, fps, clips_per_video, stride_s))
+    planner = _PLANNERS.get(key) or _PLANNERS.setdefault(key, PlanInputs(buckets, fps, clips_per_video, stride_s))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in table.to_pylist():
+        groups.setdefault(e["source"] or f"\0line {e['line']}", []).append(e)
+    plans, rejects = [], []
+    for entries in groups.values():
+        p, r = planner(entries)
+        plans += p
+        rejects += r
+    write_rejects(rejects, rejects_dir, "probe")
+    written = shared(done[0])["clips"] if done[0] is not None else None
+    if written is not None and len(written) and plans:
+        ids = np.asarray([p["clip_id"] for p in plans], dtype="S16")
+        plans = [p for p, w in zip(plans, np.isin(ids, written), strict=True) if not w]
+    return pa.Table.from_pylist(plans, schema=plan_schema())
