@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from pipelines.data.prepare.options import DEFAULT_PATCH
 
 
@@ -55,6 +56,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
     p.add_argument("--workers", type=int, help="decode tasks (or, with a VAE, decode actors) at once at most (default: every CPU; CPUs - 1 actors)")
+    p.add_argument(
+        "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
+        help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

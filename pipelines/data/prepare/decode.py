@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from pipelines.data.prepare.options import Bucket
 from pipelines.data.prepare.storage import LocalFiles
 
@@ -47,10 +48,20 @@ def decode_frames(local: str, indices: list[int], height: int, width: int) -> np
     return resize_center_crop(read_frames(local, indices), height, width)
 
 
-def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, decoder: Decoder = decode_frames
-                ) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:  # fmt: skip
-    """(kept row indices, pixels (K, F, H, W, 3) uint8, reject rows) of plans of one bucket."""
+def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, decoder: Decoder | None = None,
+                decode_timeout_s: float = DECODE_TIMEOUT_S) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+    """(kept row indices, pixels (K, F, H, W, 3) uint8, reject rows) of plans of one bucket.
+
+    By default each clip is decoded in this process's decoder child (`isolate.py`), so a clip that crashes
+    or hangs the decoder is a reject ("decoder crashed" / "decoder timed out") and the batch goes on."""
+    from pipelines.data.prepare.isolate import isolated
     from pipelines.data.prepare.probe import _reason
+
+    if decoder is None:
+        calls = isolated(decode_timeout_s)
+
+        def decoder(local: str, indices: list[int], height: int, width: int) -> np.ndarray:
+            return calls(decode_frames, local, indices, height, width)
 
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from sora_model.config import AutoencoderConfig, TextEncoderConfig, to_dict
 
 FORMAT_VERSION = 1
@@ -158,6 +159,8 @@ class PrepareOptions:
     workers: int | None = None
     """Decode actors at most; None: one per CPU of the cluster, less one for the other stages."""
     progress: bool = True
+    decode_timeout_s: float = DECODE_TIMEOUT_S
+    """Seconds a probe or a clip's decode may take before the input is rejected as "decoder timed out"."""
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -166,6 +169,8 @@ class PrepareOptions:
             raise PrepareError(f"--clips-per-video must be >= 0, got {self.clips_per_video}")
         if self.stride_s is not None and not self.stride_s > 0:
             raise PrepareError(f"--stride must be > 0 seconds, got {self.stride_s}")
+        if not self.decode_timeout_s > 0:
+            raise PrepareError(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout_s}")
         if self.rows_per_file < 1:
             raise PrepareError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if any(p < 1 for p in self.patch):
@@ -216,4 +221,5 @@ def options_from_args(args: Any) -> PrepareOptions:
         overwrite=args.overwrite,
         workers=args.workers,
         progress=not args.no_progress,
+        decode_timeout_s=args.decode_timeout,
     )

@@ -130,7 +130,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     ds = ds.map_batches(
         plan_block,
         fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
-                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done]},
+                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s},
         # A concurrency cap keeps Ray Data from fusing this into the sort's reduce, an all-to-all step whose
         # output only flows on when every reduce is done: fused, nothing would be decoded until all is probed.
         batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
@@ -148,9 +148,10 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     if opts.autoencoder.kind == "identity":
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
-            fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out},
+            fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out,
+                       "decode_timeout_s": opts.decode_timeout_s},
         )  # fmt: skip
-    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir},
+    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s},
                         **concurrency)  # fmt: skip
     ds = ds.map_batches(
         EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch}, batch_size=rows,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S, DecoderFailed, isolated
 from pipelines.data.prepare.options import _VIDEO_ERROR_REASONS, ASPECT_TOLERANCE, Bucket
 from pipelines.data.prepare.storage import LocalFiles
 
@@ -62,9 +63,11 @@ class PlanInputs:
     `lines[i]` planned (a resume counts a row done when that many of its clips are written).
     """
 
-    def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None):
+    def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
+                 decode_timeout_s: float = DECODE_TIMEOUT_S):  # fmt: skip
         self.buckets, self.fps, self.clips_per_video, self.stride_s = buckets, fps, clips_per_video, stride_s
         self.files = LocalFiles()
+        self.calls = isolated(decode_timeout_s)  # probing runs the decoder libraries too: same isolation
 
     def __call__(self, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rejects, good, seen = [], [], {}
@@ -92,7 +95,7 @@ class PlanInputs:
         from sora_model.video import probe_video, require_frames_present
 
         try:
-            info = probe_video(local)
+            info = self.calls(probe_video, local)
         except Exception as err:  # noqa: BLE001 - any library failure on one input is that input's reject
             reason, detail = _reason(err)
             return [], [reject_row(e, reason, detail) for e in good]
@@ -112,7 +115,7 @@ class PlanInputs:
             # A file cut after a front index probes fine and fails on the missing frames: check now that the
             # data of the last frame needed is there (demuxing, not decoding), so truncation is a reject.
             try:
-                require_frames_present(local, max(i for p in plans.values() for i in p["indices"]), info.num_frames)
+                self.calls(require_frames_present, local, max(i for p in plans.values() for i in p["indices"]), info.num_frames)
             except Exception as err:  # noqa: BLE001
                 reason, detail = _reason(err, default="truncated")
                 by_line = {e["line"]: e for e in good}
@@ -173,7 +176,7 @@ def _reason(err: BaseException, default: str = "unreadable") -> tuple[str, str]:
 
     if isinstance(err, VideoReadError):
         return _VIDEO_ERROR_REASONS.get(err.reason, default), str(err)
-    if isinstance(err, StorageError):
+    if isinstance(err, (StorageError, DecoderFailed)):
         return err.reason, str(err)
     return default, f"{type(err).__name__}: {err}"
 
@@ -192,7 +195,7 @@ _PLANNERS: dict[str, PlanInputs] = {}
 
 
 def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
-               rejects_dir: str, done: list[Any]) -> Any:  # fmt: skip
+               rejects_dir: str, done: list[Any], decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:  # fmt: skip
     """Ray Data stage over the manifest sorted by source: every source of the block probed once, its rows
     planned into clips; rejects go to a file under `rejects_dir`; clips already written (a resume) are
     dropped. Returns the plans (`plan_schema`)."""
@@ -201,8 +204,11 @@ def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_v
     from pipelines.data.prepare.shards import write_rejects
     from pipelines.data.prepare.state import shared
 
-    key = repr((buckets, fps, clips_per_video, stride_s))
-    planner = _PLANNERS.get(key) or _PLANNERS.setdefault(key, PlanInputs(buckets, fps, clips_per_video, stride_s))
+    key = repr((buckets, fps, clips_per_video, stride_s, decode_timeout_s))
+    if key not in _PLANNERS:
+        _PLANNERS.clear()
+        _PLANNERS[key] = PlanInputs(buckets, fps, clips_per_video, stride_s, decode_timeout_s)
+    planner = _PLANNERS[key]
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in table.to_pylist():
         groups.setdefault(e["source"] or f"\0line {e['line']}", []).append(e)
