@@ -357,3 +357,43 @@ def test_cli_bad_manifest_is_one_line_exit_2(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "purple" in proc.stderr
+
+
+def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_path):
+    """Resume reads what is written: finished lines are not probed again, no reject row is written twice,
+    and a shard that does not parse is set aside (not deleted) and its clips written again."""
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (shapes / "captions.jsonl").read_text().splitlines()][:4]
+    for r in rows:
+        shutil.copy(shapes / r["path"], tmp_path / Path(r["path"]).name)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    manifest = [{"path": Path(r["path"]).name, "caption": r["caption"]} for r in rows]
+    manifest += [{"path": "broken.mp4", "caption": "a red circle moving up"},
+                 {"path": Path(rows[0]["path"]).name, "caption": "the same clip, another caption"}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    out = tmp_path / "prepared"
+    opts = dict(fps=8, rows_per_file=1)
+    first = prepare(_options(tmp_path / "m.jsonl", out, **opts))
+    assert first["num_clips"] == 4 and first["num_rejected"] == 1
+    rejects_before = (out / "rejects.jsonl").read_text()
+    shard_of = {pq.read_table(p, columns=["source"]).column("source")[0].as_py(): p for p in (out / "8x32x32").glob("part-*.parquet")}
+    names = [str(tmp_path / Path(r["path"]).name) for r in rows]
+    extra = read_prepared(out, columns=["source", "extra_captions"])
+    assert [list(c) for s, c in zip(extra["source"], extra["extra_captions"], strict=True) if s == names[0]] == [
+        ["the same clip, another caption"]
+    ]
+
+    # An interruption: no dataset.json, one shard gone, one damaged; a finished input's file replaced by
+    # garbage (probed again, it would be rejected).
+    (out / "dataset.json").unlink()
+    shard_of[names[1]].unlink()
+    damaged = shard_of[names[2]]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (tmp_path / Path(rows[3]["path"]).name).write_bytes(b"garbage")
+    resumed = prepare(_options(tmp_path / "m.jsonl", out, **opts))
+    assert resumed["num_clips"] == 4 and resumed["num_rejected"] == 1
+    assert (out / "rejects.jsonl").read_text() == rejects_before  # no duplicate rows, no new reject
+    assert sorted(read_prepared(out, columns=["source"])["source"]) == sorted(names)
+    aside = list((out / "_damaged").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith(damaged.name) and aside[0].stat().st_size == 100

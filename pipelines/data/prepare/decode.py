@@ -48,39 +48,57 @@ def decode_frames(local: str, indices: list[int], height: int, width: int) -> np
     return resize_center_crop(read_frames(local, indices), height, width)
 
 
-def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, decoder: Decoder | None = None,
+def decode_many(local: str, indices: list[list[int]], height: int, width: int, decode: Decoder = decode_frames) -> list[Any]:
+    """Clips of one file, in one call of the decoder child: per clip its frames or (class, reason, message)."""
+    out: list[Any] = []
+    for idx in indices:
+        try:
+            out.append(decode(local, idx, height, width))
+        except Exception as err:  # noqa: BLE001 - this clip's failure, handed back
+            out.append((type(err), getattr(err, "reason", None), str(err)))
+    return out
+
+
+def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, decode: Decoder = decode_frames,
                 decode_timeout_s: float = DECODE_TIMEOUT_S) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:  # fmt: skip
     """(kept row indices, pixels (K, F, H, W, 3) uint8, reject rows) of plans of one bucket.
 
-    By default each clip is decoded in this process's decoder child (`isolate.py`), so a clip that crashes
-    or hangs the decoder is a reject ("decoder crashed" / "decoder timed out") and the batch goes on."""
-    from pipelines.data.prepare.isolate import isolated
+    The clips of each file are decoded in one call of this process's decoder child (`isolate.py`). When
+    that call crashes or times out, the file's clips are decoded again one call each, so only the clip
+    that crashes or hangs the decoder becomes a reject ("decoder crashed" / "decoder timed out")."""
+    from pipelines.data.prepare.isolate import _restore, isolated
     from pipelines.data.prepare.probe import _reason
 
-    if decoder is None:
-        calls = isolated(decode_timeout_s)
-
-        def decoder(local: str, indices: list[int], height: int, width: int) -> np.ndarray:
-            return calls(decode_frames, local, indices, height, width)
-
+    calls = isolated(decode_timeout_s)
     by_source: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_source.setdefault(r["source"], []).append(i)
-    kept, clips, rejects = [], [], []
+    got: dict[int, np.ndarray] = {}
+    rejects = []
     for source, idx in by_source.items():
         try:
             with files.local(source) as local:
-                for i in idx:
-                    try:
-                        clips.append(decoder(local, list(rows[i]["indices"]), bucket.height, bucket.width))
-                        kept.append(i)
-                    except Exception as err:  # noqa: BLE001 - one clip's failure is that clip's reject
+                wanted = [list(rows[i]["indices"]) for i in idx]
+                try:
+                    results = calls(decode_many, local, wanted, bucket.height, bucket.width, decode)
+                except Exception:  # noqa: BLE001 - crash or hang somewhere in the file: one clip at a time
+                    results = []
+                    for w in wanted:
+                        try:
+                            results.append(calls(decode, local, w, bucket.height, bucket.width))
+                        except Exception as err:  # noqa: BLE001
+                            results.append(err)
+                for i, res in zip(idx, results, strict=True):
+                    if isinstance(res, np.ndarray):
+                        got[i] = res
+                    else:
+                        err = res if isinstance(res, BaseException) else _restore(*res)
                         rejects.extend(_clip_rejects(rows[i], *_reason(err)))
         except Exception as err:  # noqa: BLE001 - the file could not be fetched
-            rejects.extend(r for i in idx if i not in kept for r in _clip_rejects(rows[i], *_reason(err)))
-    order = np.argsort(kept, kind="stable")
-    kept = [kept[j] for j in order]
-    pixels = np.stack([clips[j] for j in order]) if clips else np.zeros((0, bucket.frames, bucket.height, bucket.width, 3), np.uint8)
+            rejects.extend(r for i in idx if i not in got for r in _clip_rejects(rows[i], *_reason(err)))
+    kept = sorted(got)
+    shape = (0, bucket.frames, bucket.height, bucket.width, 3)
+    pixels = np.stack([got[i] for i in kept]) if kept else np.zeros(shape, np.uint8)
     return kept, pixels, rejects
 
 

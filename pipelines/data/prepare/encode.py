@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.decode import Decoder, decode_rows
+from pipelines.data.prepare.decode import decode_rows
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from pipelines.data.prepare.options import DECODE_BATCH_ROWS, Bucket
 from pipelines.data.prepare.shards import write_rejects, write_shard
@@ -151,7 +151,7 @@ def by_bucket(table: Any) -> dict[str, Any]:
 
 
 def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
-                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S, decoder: Decoder | None = None) -> Any:  # fmt: skip
+                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:  # fmt: skip
     """Identity path: decode, patchify and write one shard per bucket in this batch.
 
     Returns {bucket, shard, rows} per shard written (what the driver counts for progress)."""
@@ -162,7 +162,7 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
     rejects = []
     for name, plans in by_bucket(table).items():
         kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
-                                        Bucket.parse(name), files, decoder, decode_timeout_s)  # fmt: skip
+                                        Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
         rejects += bad
         if not kept:
             continue
@@ -176,7 +176,7 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
                      "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
 
 
-def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S, decoder: Decoder | None = None) -> Any:
+def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:
     """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors."""
     import pyarrow as pa
 
@@ -184,7 +184,7 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
     parts, rejects = [], []
     for name, plans in by_bucket(table).items():
         kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
-                                        Bucket.parse(name), files, decoder, decode_timeout_s)  # fmt: skip
+                                        Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
         rejects += bad
         if kept:
             rows = take_rows(plans, kept).drop_columns(["indices"])

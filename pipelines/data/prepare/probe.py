@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,7 @@ class PlanInputs:
 
     def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
                  decode_timeout_s: float = DECODE_TIMEOUT_S):  # fmt: skip
-        self.buckets, self.fps, self.clips_per_video, self.stride_s = buckets, fps, clips_per_video, stride_s
+        self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s)
         self.files = LocalFiles()
         self.calls = isolated(decode_timeout_s)  # probing runs the decoder libraries too: same isolation
 
@@ -85,17 +86,30 @@ class PlanInputs:
             return [], rejects
         try:
             with self.files.local(good[0]["source"]) as local:
-                plans, more = self._plan_source(good, local)
+                # One call to the decoder child per file: probe, plan every row, check the last frame.
+                plans, more = self.calls(self.planner.plan_source, good, local)
         except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
             reason, detail = _reason(err)
             plans, more = [], [reject_row(e, reason, detail) for e in good]
         return plans, sorted(rejects + more, key=lambda r: r["line"])
 
-    def _plan_source(self, good: list[dict[str, Any]], local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+
+
+@dataclass
+class ClipPlanner:
+    """The clips of a probed file's rows (picklable: it runs in the decoder child)."""
+
+    buckets: list[Bucket]
+    fps: float | None
+    clips_per_video: int
+    stride_s: float | None
+
+    def plan_source(self, good: list[dict[str, Any]], local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(plans, rejects) of the usable rows of one file (see PlanInputs)."""
         from sora_model.video import probe_video, require_frames_present
 
         try:
-            info = self.calls(probe_video, local)
+            info = probe_video(local)
         except Exception as err:  # noqa: BLE001 - any library failure on one input is that input's reject
             reason, detail = _reason(err)
             return [], [reject_row(e, reason, detail) for e in good]
@@ -115,7 +129,7 @@ class PlanInputs:
             # A file cut after a front index probes fine and fails on the missing frames: check now that the
             # data of the last frame needed is there (demuxing, not decoding), so truncation is a reject.
             try:
-                self.calls(require_frames_present, local, max(i for p in plans.values() for i in p["indices"]), info.num_frames)
+                require_frames_present(local, max(i for p in plans.values() for i in p["indices"]), info.num_frames)
             except Exception as err:  # noqa: BLE001
                 reason, detail = _reason(err, default="truncated")
                 by_line = {e["line"]: e for e in good}

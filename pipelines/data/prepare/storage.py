@@ -59,6 +59,8 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff
         except FileNotFoundError as err:
             raise StorageError("missing", f"{what}: not found ({err})") from None
         except Exception as err:  # noqa: BLE001 - classified below
+            if not is_transient(err) and not isinstance(err, OSError):
+                raise  # not an I/O failure (e.g. a file that does not parse): the caller's to judge
             if not is_transient(err) or attempt == retries:
                 tries = f" after {attempt} tries" if attempt > 1 else ""
                 raise StorageError("unreadable", f"{what}: {type(err).__name__}: {' '.join(str(err).split())}{tries}") from None
