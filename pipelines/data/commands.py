@@ -55,7 +55,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
-    p.add_argument("--workers", type=int, help="decode tasks (or, with a VAE, decode actors) at once at most (default: every CPU; CPUs - 1 actors)")
+    p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
     p.add_argument(
         "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
         help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",

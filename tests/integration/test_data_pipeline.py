@@ -397,3 +397,28 @@ def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_p
     assert sorted(read_prepared(out, columns=["source"])["source"]) == sorted(names)
     aside = list((out / "_damaged").iterdir())
     assert len(aside) == 1 and aside[0].name.startswith(damaged.name) and aside[0].stat().st_size == 100
+
+
+def test_vae_path_writes_the_vaes_latents(shapes, tmp_path):
+    """--autoencoder-path: decode tasks -> VAE actors (batches sized by bytes) -> write tasks."""
+    diffusers = pytest.importorskip("diffusers")
+    from sora_model.autoencoder import build_autoencoder, pixels_to_model
+    from sora_model.config import AutoencoderConfig
+    from sora_model.patch import patchify
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1)  # fmt: skip
+    vae.save_pretrained(str(tmp_path / "vae"))
+    config = AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae"))
+    info = prepare(_options(shapes / "captions.jsonl", tmp_path / "out", fps=8, rows_per_file=5, autoencoder=config))
+    assert info["num_clips"] == 12 and info["in_channels"] == 4 and info["patch_dim"] == 4 * 16
+    data = read_prepared(tmp_path / "out")
+    assert data["patches"].shape == (12, 8 * 4 * 4, 64) and (data["grid"] == [8, 4, 4]).all()
+    ae = build_autoencoder(config).eval()
+    i = 3
+    frames = _expected_frames(str(data["source"][i]), float(data["start_s"][i]), Bucket(8, 32, 32), 8).astype(np.uint8)
+    with torch.no_grad():
+        want = patchify(ae.encode(pixels_to_model(torch.from_numpy(frames)[None])).float(), PATCH)[0].numpy()
+    np.testing.assert_allclose(data["patches"][i], want, atol=1e-4)

@@ -165,3 +165,23 @@ def _crashes_on_frame_5(local, indices, height, width):
     if indices == [5]:
         _segfault(local)
     return decode_frames(local, indices, height, width)
+
+
+def test_autoencoder_batches_are_sized_by_bytes(monkeypatch):
+    from pipelines.data.prepare import encode
+    from sora_model.config import AutoencoderConfig
+
+    patchify = encode.Patchify(AutoencoderConfig(), (1, 4, 4))
+    clip = (4, 16, 16, 3)
+    monkeypatch.setattr(encode, "VAE_BATCH_BYTES", 2 * int(np.prod(clip)) * 4 + 1)  # two clips of float32 input
+    calls = []
+    real = patchify.autoencoder.encode
+    monkeypatch.setattr(patchify.autoencoder, "encode", lambda x: calls.append(tuple(x.shape)) or real(x))
+    pixels = np.random.default_rng(0).integers(0, 255, (5, *clip), dtype=np.uint8)
+    tokens, grid = patchify(pixels)
+    assert [c[0] for c in calls] == [2, 2, 1] and grid == (4, 4, 4)
+    whole, _ = encode.Patchify(AutoencoderConfig(), (1, 4, 4))(pixels)
+    np.testing.assert_array_equal(tokens, whole)
+    monkeypatch.undo()
+    big = (64, 1024, 1024, 3)  # 805 MB of float32 input per clip: 64 of them would be a 50 GB batch
+    assert patchify.rows_per_call((64, *big)) == encode.VAE_BATCH_BYTES // (int(np.prod(big)) * 4) == 2

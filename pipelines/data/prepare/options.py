@@ -157,7 +157,7 @@ class PrepareOptions:
     rows_per_file: int = 256
     overwrite: bool = False
     workers: int | None = None
-    """Decode actors at most; None: one per CPU of the cluster, less one for the other stages."""
+    """Decode tasks at once at most; None: no cap (one per free CPU, and more as an autoscaler adds CPUs)."""
     progress: bool = True
     decode_timeout_s: float = DECODE_TIMEOUT_S
     """Seconds a probe or a clip's decode may take before the input is rejected as "decoder timed out"."""

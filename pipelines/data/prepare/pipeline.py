@@ -119,7 +119,6 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     from pipelines.data.runtime import cluster_gpus
 
     rejects_dir = join(out, DECODE_REJECTS_DIR)
-    workers = opts.workers or cpus
     gpus = cluster_gpus()
     chunks = scan.chunks(math.ceil(scan.num_rows / (MANIFEST_CHUNKS_PER_CPU * cpus)))
     scan_ref = ray.put(replace(scan, offsets=[]))
@@ -144,7 +143,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     )  # fmt: skip
     largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
     rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
-    concurrency = {"concurrency": workers} if opts.workers else {}
+    concurrency = {"concurrency": opts.workers} if opts.workers else {}
     if opts.autoencoder.kind == "identity":
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
