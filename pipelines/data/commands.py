@@ -60,6 +60,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
         help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
     )  # fmt: skip
+    p.add_argument(
+        "--caption-actors", type=int,
+        help="text-encoder actors (default: one per GPU; on CPU-only clusters 0 = tasks keeping the encoder loaded)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

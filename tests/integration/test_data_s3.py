@@ -58,7 +58,9 @@ def test_prepare_reads_and_writes_s3(s3, tmp_path):
     manifest.append({"path": rows[0]["path"], "caption": "the first video, said otherwise"})  # a second caption
     fs.pipe(f"{BUCKET}/manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())
     out = f"s3://{BUCKET}/prepared"
-    opts = dict(manifest=f"s3://{BUCKET}/manifest.jsonl", buckets=parse_buckets("8x32x32"), fps=8, progress=False)
+    # caption_actors=1: the actor stage a GPU cluster uses, here on CPU (the other tests use the task stage).
+    opts = dict(manifest=f"s3://{BUCKET}/manifest.jsonl", buckets=parse_buckets("8x32x32"), fps=8, progress=False,
+                caption_actors=1)  # fmt: skip
     info = prepare(PrepareOptions(out=out, **opts))
     assert info["num_clips"] == 4 and info["num_rejected"] == 1
 

@@ -91,6 +91,23 @@ class EmbedCaptions:
         return table
 
 
+_ENCODERS: dict[str, EmbedCaptions] = {}
+"""Per worker process: the encoder of the caption stage when it runs as tasks (see `embed_task`)."""
+
+
+def embed_task(table: Any, config: TextEncoderConfig) -> Any:
+    """The caption stage as plain tasks: EmbedCaptions kept loaded per worker process, across tasks and runs.
+
+    For CPU-only clusters (`caption_actors=0`, their default): a Ray Data actor is a fresh process per
+    run that imports torch and loads the encoder before the first caption (measured below), on the path of
+    every clip; a warm task worker has both already."""
+    key = repr(config)
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[key] = EmbedCaptions(config)
+    return _ENCODERS[key](table)
+
+
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().float().cpu().numpy() if x.dtype.is_floating_point else x.detach().cpu().numpy()

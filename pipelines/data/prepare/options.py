@@ -159,6 +159,10 @@ class PrepareOptions:
     workers: int | None = None
     """Decode tasks at once at most; None: no cap (one per free CPU, and more as an autoscaler adds CPUs)."""
     progress: bool = True
+    caption_actors: int | None = None
+    """Caption-encoder actors; None: one per GPU of the cluster, and on a CPU-only cluster 0, which runs the
+    caption stage as tasks keeping the encoder loaded per worker process (an actor's start is a new
+    process importing torch and loading the encoder, on the path of every clip of a run)."""
     decode_timeout_s: float = DECODE_TIMEOUT_S
     """Seconds a probe or a clip's decode may take before the input is rejected as "decoder timed out"."""
 
@@ -169,6 +173,8 @@ class PrepareOptions:
             raise PrepareError(f"--clips-per-video must be >= 0, got {self.clips_per_video}")
         if self.stride_s is not None and not self.stride_s > 0:
             raise PrepareError(f"--stride must be > 0 seconds, got {self.stride_s}")
+        if self.caption_actors is not None and self.caption_actors < 0:
+            raise PrepareError(f"--caption-actors must be >= 0, got {self.caption_actors}")
         if not self.decode_timeout_s > 0:
             raise PrepareError(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout_s}")
         if self.rows_per_file < 1:
@@ -222,4 +228,5 @@ def options_from_args(args: Any) -> PrepareOptions:
         workers=args.workers,
         progress=not args.no_progress,
         decode_timeout_s=args.decode_timeout,
+        caption_actors=args.caption_actors,
     )

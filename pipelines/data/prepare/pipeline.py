@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions
+from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
 from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
 from pipelines.data.prepare.manifest import ManifestScan, parse_chunks, scan_manifest
 from pipelines.data.prepare.options import (
@@ -134,13 +134,17 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         # output only flows on when every reduce is done: fused, nothing would be decoded until all is probed.
         batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
     )  # fmt: skip
-    # Captions: GPU actors when the cluster has GPUs; on CPU one actor that asks for no CPU of its own (its
-    # encoder runs one thread, a small share of the work; a reserved core would idle a decoder).
-    caption_resources = {"num_gpus": 1} if gpus else {"num_cpus": 0}
-    ds = ds.map_batches(
-        EmbedCaptions, fn_constructor_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS, batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1), **caption_resources,
-    )  # fmt: skip
+    # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
+    # tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors.
+    actors = opts.caption_actors if opts.caption_actors is not None else gpus
+    if actors:
+        ds = ds.map_batches(
+            EmbedCaptions, fn_constructor_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS, batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=actors), **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        )  # fmt: skip
+    else:
+        ds = ds.map_batches(embed_task, fn_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS,
+                            batch_format="pyarrow", num_cpus=1)  # fmt: skip
     largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
     rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
     concurrency = {"concurrency": opts.workers} if opts.workers else {}
