@@ -6,6 +6,7 @@ batch and removed after); a clip that fails becomes a reject row with the reason
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,10 +49,11 @@ def decode_frames(local: str, indices: list[int], height: int, width: int) -> np
     return resize_center_crop(read_frames(local, indices), height, width)
 
 
-def decode_many(local: str, indices: list[list[int]], height: int, width: int, decode: Decoder = decode_frames) -> list[Any]:
-    """Clips of one file, in one call of the decoder child: per clip its frames or (class, reason, message)."""
+def decode_many(clips: list[tuple[str, list[int]]], height: int, width: int, decode: Decoder = decode_frames) -> list[Any]:
+    """(local path, frame indices) of a batch's clips, in one call of the decoder child: per clip its frames
+    or (class, reason, message)."""
     out: list[Any] = []
-    for idx in indices:
+    for local, idx in clips:
         try:
             out.append(decode(local, idx, height, width))
         except Exception as err:  # noqa: BLE001 - this clip's failure, handed back
@@ -63,42 +65,46 @@ def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, d
                 decode_timeout_s: float = DECODE_TIMEOUT_S) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:  # fmt: skip
     """(kept row indices, pixels (K, F, H, W, 3) uint8, reject rows) of plans of one bucket.
 
-    The clips of each file are decoded in one call of this process's decoder child (`isolate.py`). When
-    that call crashes or times out, the file's clips are decoded again one call each, so only the clip
-    that crashes or hangs the decoder becomes a reject ("decoder crashed" / "decoder timed out")."""
+    All clips of the batch are decoded in one call of this process's decoder child (`isolate.py`): one
+    round trip per batch, not per clip. When that call crashes or times out, the clips are decoded again
+    one call each, so only a clip that crashes or hangs the decoder becomes a reject ("decoder crashed" /
+    "decoder timed out"). Remote files are fetched for the batch and removed after it."""
     from pipelines.data.prepare.isolate import _restore, isolated
     from pipelines.data.prepare.probe import _reason
 
     calls = isolated(decode_timeout_s)
-    by_source: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_source.setdefault(r["source"], []).append(i)
-    got: dict[int, np.ndarray] = {}
-    rejects = []
-    for source, idx in by_source.items():
-        try:
-            with files.local(source) as local:
-                wanted = [list(rows[i]["indices"]) for i in idx]
+    rejects: list[dict[str, Any]] = []
+    results: dict[int, Any] = {}
+    with contextlib.ExitStack() as stack:
+        local_of: dict[str, str] = {}
+        for i, r in enumerate(rows):
+            if r["source"] not in local_of:
                 try:
-                    results = calls(decode_many, local, wanted, bucket.height, bucket.width, decode)
-                except Exception:  # noqa: BLE001 - crash or hang somewhere in the file: one clip at a time
-                    results = []
-                    for w in wanted:
-                        try:
-                            results.append(calls(decode, local, w, bucket.height, bucket.width))
-                        except Exception as err:  # noqa: BLE001
-                            results.append(err)
-                for i, res in zip(idx, results, strict=True):
-                    if isinstance(res, np.ndarray):
-                        got[i] = res
-                    else:
-                        err = res if isinstance(res, BaseException) else _restore(*res)
-                        rejects.extend(_clip_rejects(rows[i], *_reason(err)))
-        except Exception as err:  # noqa: BLE001 - the file could not be fetched
-            rejects.extend(r for i in idx if i not in got for r in _clip_rejects(rows[i], *_reason(err)))
-    kept = sorted(got)
+                    local_of[r["source"]] = stack.enter_context(files.local(r["source"]))
+                except Exception as err:  # noqa: BLE001 - the file could not be fetched: its clips' reject
+                    local_of[r["source"]] = ""
+                    results[i] = err
+            elif not local_of[r["source"]]:
+                results[i] = next(v for j, v in results.items() if rows[j]["source"] == r["source"])
+        todo = [i for i in range(len(rows)) if i not in results]
+        wanted = [(local_of[rows[i]["source"]], list(rows[i]["indices"])) for i in todo]
+        try:
+            answers = calls(decode_many, wanted, bucket.height, bucket.width, decode) if todo else []
+        except Exception:  # noqa: BLE001 - a crash or hang somewhere in the batch: one clip at a time
+            answers = []
+            for local, idx in wanted:
+                try:
+                    answers.append(calls(decode, local, idx, bucket.height, bucket.width))
+                except Exception as err:  # noqa: BLE001
+                    answers.append(err)
+        results.update(zip(todo, answers, strict=True))
+    kept = sorted(i for i, res in results.items() if isinstance(res, np.ndarray))
+    for i, res in sorted(results.items()):
+        if not isinstance(res, np.ndarray):
+            err = res if isinstance(res, BaseException) else _restore(*res)
+            rejects.extend(_clip_rejects(rows[i], *_reason(err)))
     shape = (0, bucket.frames, bucket.height, bucket.width, 3)
-    pixels = np.stack([got[i] for i in kept]) if kept else np.zeros(shape, np.uint8)
+    pixels = np.stack([results[i] for i in kept]) if kept else np.zeros(shape, np.uint8)
     return kept, pixels, rejects
 
 

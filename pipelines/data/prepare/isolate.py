@@ -34,7 +34,10 @@ class DecoderFailed(Exception):
 
 def _serve(conn: Any) -> None:
     """The child's loop: (fn, args) -> (True, result) or (False, exception)."""
+    import faulthandler
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which kills us
+    faulthandler.disable()  # a crash here is reported by the parent as the input's reject, not as a stack dump
     while True:
         try:
             fn, args = conn.recv()

@@ -8,6 +8,7 @@ duplicates. Only a row repeating another row's clip *and* caption is a "duplicat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Sequence
@@ -71,6 +72,26 @@ class PlanInputs:
         self.calls = isolated(decode_timeout_s)  # probing runs the decoder libraries too: same isolation
 
     def __call__(self, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(plans, rejects) of the rows of one source."""
+        return self.plan_groups([entries])
+
+    def plan_groups(self, groups: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(plans, rejects) of several sources' rows: PROBE_BATCH files per call of the decoder child (one
+        round trip, not one per file); a call that crashes or hangs is redone one file per call, so only
+        the file at fault is rejected."""
+        plans, rejects, usable = [], [], []
+        for entries in groups:
+            good, bad = self._usable(entries)
+            rejects += bad
+            if good:
+                usable.append(good)
+        for k in range(0, len(usable), PROBE_BATCH):
+            p, r = self._plan_batch(usable[k : k + PROBE_BATCH])
+            plans += p
+            rejects += r
+        return plans, sorted(rejects, key=lambda r: r["line"])
+
+    def _usable(self, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rejects, good, seen = [], [], {}
         for e in sorted(entries, key=lambda e: e["line"]):
             if e["error"]:
@@ -82,17 +103,31 @@ class PlanInputs:
             else:
                 seen[key] = e["line"]
                 good.append(e)
-        if not good:
-            return [], rejects
-        try:
-            with self.files.local(good[0]["source"]) as local:
-                # One call to the decoder child per file: probe, plan every row, check the last frame.
-                plans, more = self.calls(self.planner.plan_source, good, local)
-        except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
-            reason, detail = _reason(err)
-            plans, more = [], [reject_row(e, reason, detail) for e in good]
-        return plans, sorted(rejects + more, key=lambda r: r["line"])
+        return good, rejects
 
+    def _plan_batch(self, batch: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        plans, rejects, work = [], [], []
+        with contextlib.ExitStack() as stack:
+            for good in batch:
+                try:
+                    work.append((good, stack.enter_context(self.files.local(good[0]["source"]))))
+                except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
+                    reason, detail = _reason(err)
+                    rejects += [reject_row(e, reason, detail) for e in good]
+            try:
+                answers = self.calls(self.planner.plan_sources, work) if work else []
+            except Exception:  # noqa: BLE001 - a crash or hang somewhere in the batch: one file per call
+                answers = []
+                for good, local in work:
+                    try:
+                        answers.append(self.calls(self.planner.plan_source, good, local))
+                    except Exception as err:  # noqa: BLE001
+                        reason, detail = _reason(err)
+                        answers.append(([], [reject_row(e, reason, detail) for e in good]))
+        for p, r in answers:
+            plans += p
+            rejects += r
+        return plans, rejects
 
 
 @dataclass
@@ -103,6 +138,9 @@ class ClipPlanner:
     fps: float | None
     clips_per_video: int
     stride_s: float | None
+
+    def plan_sources(self, work: list[tuple[list[dict[str, Any]], str]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        return [self.plan_source(good, local) for good, local in work]
 
     def plan_source(self, good: list[dict[str, Any]], local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(plans, rejects) of the usable rows of one file (see PlanInputs)."""
@@ -204,6 +242,8 @@ def plan_schema() -> Any:
                       ("captions", pa.list_(pa.string()))])  # fmt: skip
 
 
+PROBE_BATCH = 32
+"""Files probed per call of the decoder child (remote ones are downloaded for the call, then removed)."""
 _PLANNERS: dict[str, PlanInputs] = {}
 """Per worker process: the planner of the run's settings (its LocalFiles keeps one temp folder)."""
 
@@ -226,11 +266,7 @@ def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_v
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in table.to_pylist():
         groups.setdefault(e["source"] or f"\0line {e['line']}", []).append(e)
-    plans, rejects = [], []
-    for entries in groups.values():
-        p, r = planner(entries)
-        plans += p
-        rejects += r
+    plans, rejects = planner.plan_groups(list(groups.values()))
     write_rejects(rejects, rejects_dir, "probe")
     written = shared(done[0])["clips"] if done[0] is not None else None
     if written is not None and len(written) and plans:
