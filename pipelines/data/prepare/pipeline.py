@@ -121,9 +121,13 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     rejects_dir = join(out, DECODE_REJECTS_DIR)
     gpus = cluster_gpus()
     chunks = scan.chunks(math.ceil(scan.num_rows / (MANIFEST_CHUNKS_PER_CPU * cpus)))
-    scan_ref = ray.put(replace(scan, offsets=[]))
+    # The scan goes by value: a task that calls ray.get gives its CPU back while it waits, and Ray starts
+    # another worker process (seconds of imports on a small machine) for the next task. It is small (the
+    # manifest's path and header; a folder manifest's file list). The resume filter, only on resumes, goes
+    # by reference so the driver never holds it.
+    scan_light = replace(scan, offsets=[])
     ds = ray.data.from_items([{"start": s, "end": e, "line": line} for s, e, line in chunks], override_num_blocks=len(chunks))
-    ds = ds.map_batches(parse_chunks, fn_kwargs={"scan": [scan_ref], "done": [done]}, batch_size=None, batch_format="pyarrow")
+    ds = ds.map_batches(parse_chunks, fn_kwargs={"scan": [scan_light], "done": [done]}, batch_size=None, batch_format="pyarrow")
     # Every row of a source in one block: one probe per file, one clip per (file, start) with all its captions.
     ds = ds.sort("source")
     ds = ds.map_batches(
