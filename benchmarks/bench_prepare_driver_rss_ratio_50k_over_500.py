@@ -40,14 +40,15 @@ def _rss_mb() -> float:
 
 
 def write_manifest(path: str, videos: list[str], rows: int) -> None:
-    """Row i: clip c = i // CAPTIONS_PER_CLIP, video c % VIDEOS at a start distinct per clip (within the 8 s
-    video), caption i % 500. Rows are written clip by clip's caption k, so a clip's rows lie far apart."""
+    """Row i: clip c = i % clips (its k = i // clips-th caption), video c % VIDEOS at a start distinct per
+    clip (within the 8 s video), caption (c * CAPTIONS_PER_CLIP + k) % 500: a clip's rows lie far apart in
+    the manifest and carry different captions."""
     clips = rows // CAPTIONS_PER_CLIP
     with open(path, "w") as f:
         for i in range(rows):
             c = i % clips
             start = (c // VIDEOS) * (7.9 / (clips // VIDEOS + 1))
-            caption = f"a shape moving, take {i % CAPTIONS}"
+            caption = f"a shape moving, take {(c * CAPTIONS_PER_CLIP + i // clips) % CAPTIONS}"
             f.write(json.dumps({"path": videos[c % VIDEOS], "caption": caption, "start_s": round(start, 6)}) + "\n")
 
 

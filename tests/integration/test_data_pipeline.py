@@ -238,6 +238,7 @@ def test_output_is_not_clobbered(mixed, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_csv_jsonl_and_folder_manifests_agree(shapes, mixed, tmp_path):
     rows = mixed["rows"][:3]
     folder = tmp_path / "folder"
@@ -270,6 +271,7 @@ def test_csv_jsonl_and_folder_manifests_agree(shapes, mixed, tmp_path):
     assert not set(copied["clip_id"]) & set(by_id)  # other paths, other ids
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_neither_duplicates_nor_drops(shapes, tmp_path):
     manifest = shapes / "captions.jsonl"
     out = tmp_path / "prepared"
@@ -359,6 +361,7 @@ def test_cli_bad_manifest_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "purple" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_path):
     """Resume reads what is written: finished lines are not probed again, no reject row is written twice,
     and a shard that does not parse is set aside (not deleted) and its clips written again."""
@@ -399,6 +402,7 @@ def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_p
     assert len(aside) == 1 and aside[0].name.startswith(damaged.name) and aside[0].stat().st_size == 100
 
 
+@pytest.mark.slow
 def test_vae_path_writes_the_vaes_latents(shapes, tmp_path):
     """--autoencoder-path: decode tasks -> VAE actors (batches sized by bytes) -> write tasks."""
     diffusers = pytest.importorskip("diffusers")

@@ -17,6 +17,8 @@ from pipelines.data.load import table_to_numpy  # noqa: E402
 from pipelines.data.prepare import PrepareOptions, parse_buckets, prepare  # noqa: E402
 from pipelines.data.synth import synth  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a moto server, a local Ray and two prepare runs: over a minute on 2 cores
+
 BUCKET = "videos"
 
 
