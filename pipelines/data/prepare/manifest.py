@@ -157,9 +157,14 @@ def parse_chunk(scan: ManifestScan, start: int, end: int, first_line: int) -> li
     """The entries of one chunk {line, path, source, caption, start_s, end_s, error}, read where it runs."""
     if scan.kind == "folder":
         return [_folder_entry(scan, i, line) for line, i in enumerate(range(start, end), start=first_line)]
-    with _open(scan.manifest) as f:
-        f.seek(start)
-        data = f.read(end - start)
+    from pipelines.data.prepare.storage import with_retries
+
+    def read() -> bytes:  # a ranged read; retried with backoff on throttling or a dropped connection
+        with _open(scan.manifest) as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    data = with_retries(read, scan.manifest)
     text = data.decode("utf-8-sig" if start == 0 else "utf-8", errors="replace")
     if scan.kind == "csv":
         return _parse_csv(text, scan, first_line)

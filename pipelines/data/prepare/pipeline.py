@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
@@ -50,7 +51,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     opts = options
-    out = opts.out.rstrip("/") if is_uri(opts.out) else str(__import__("pathlib").Path(opts.out).resolve())
+    out = opts.out.rstrip("/") if is_uri(opts.out) else str(Path(opts.out).resolve())
     scan = scan_manifest(opts.manifest)
     grids, channels = check_shapes(opts)
     settings = opts.settings(scan.sha256)
@@ -186,7 +187,7 @@ def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]
 
 def _append_stats(out: str, stats: str, written: int, shards: int, seconds: float) -> None:
     fs, p = filesystem(join(out, STATS_LOG))
-    with fs.open(p, "ab" if not is_uri(out) else "wb") as f:
+    with fs.open(p, "ab" if not is_uri(out) else "wb") as f:  # object stores cannot append: the last run's stats
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode())
 
 
