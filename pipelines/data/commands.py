@@ -8,10 +8,10 @@ ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ..
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from pipelines.data.prepare import DEFAULT_PATCH
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
+from pipelines.data.prepare.options import DEFAULT_PATCH
 
 
 def add_synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,15 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
-    p.add_argument("--workers", type=int, help="decode tasks (or, with a VAE, decode actors) at once at most (default: every CPU; CPUs - 1 actors)")
+    p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
+    p.add_argument(
+        "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
+        help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
+        "--caption-actors", type=int,
+        help="text-encoder actors (default: one per GPU; on CPU-only clusters 0 = tasks keeping the encoder loaded)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -98,10 +106,3 @@ def register(subparsers: Any) -> None:
     prepare = sub.add_parser("prepare", help="videos + captions -> Parquet shards of patches and text embeddings")
     add_prepare_arguments(prepare)
     prepare.set_defaults(func=run_prepare)
-
-
-def run_module(name: str, argv: list[str] | None = None) -> int:
-    """`python -m pipelines.data.NAME ARGS` == `sora data NAME ARGS`: same parser, same one-line errors."""
-    from pipelines.cli import main
-
-    return main(["data", name, *(sys.argv[1:] if argv is None else argv)])

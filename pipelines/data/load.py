@@ -7,6 +7,10 @@
         batch["patches"]        # (B, N, P) float32
     arrays = read_prepared("data/prepared")                 # dict of numpy arrays, no Ray
 
+A clip listed with several captions (multi-caption datasets) is one row holding all of them; each time a
+row is read for training, `load_prepared` draws one of its captions at random (uniformly) into `caption`,
+`text_tokens`, `text_mask` and `text_pooled`, so each epoch pairs the clip with a fresh caption.
+
 A prepared folder holds one sub-folder per bucket (`<frames>x<height>x<width>`). Clips of different
 buckets have different token counts, so a dataset is read one bucket at a time (one per curriculum
 stage); `bucket=None` is allowed when the folder has exactly one non-empty bucket. Several folders
@@ -22,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare import DATASET_INFO, RUN_STATE, SHARD_PREFIX, SHARD_SUFFIX
+from pipelines.data.prepare.options import DATASET_INFO, RUN_STATE, SHARD_PREFIX, SHARD_SUFFIX
 
 TENSOR_COLUMNS = ("patches", "grid", "text_tokens", "text_mask", "text_pooled")
 TRAIN_COLUMNS = (*TENSOR_COLUMNS, "start_s", "fps")
@@ -132,6 +136,37 @@ def _to_tensors(batch: Any) -> dict[str, np.ndarray]:
     return table_to_numpy(batch)
 
 
+EXTRA_OF = {"caption": "extra_captions", "text_tokens": "extra_text_tokens", "text_mask": "extra_text_mask",
+            "text_pooled": "extra_text_pooled"}  # fmt: skip
+"""A clip's first caption's fields -> the list columns holding its other captions' (one list per row)."""
+
+
+def draw_captions(batch: Any, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """A batch with extra-caption columns -> numpy, each row's caption fields replaced by one of its
+    captions drawn uniformly (the first or an extra); the extra columns are dropped."""
+    import pyarrow as pa
+
+    rng = rng or np.random.default_rng()
+    out = table_to_numpy(batch, [c for c in batch.column_names if not c.startswith("extra_")])
+    extra = batch.column("extra_text_tokens")
+    extra = extra.combine_chunks() if isinstance(extra, pa.ChunkedArray) else extra
+    offsets = extra.offsets.to_numpy()  # (B + 1,), not rebased when the batch is a slice
+    counts = np.diff(offsets)
+    pick = np.floor(rng.random(len(counts)) * (counts + 1)).astype(np.int64)  # 0: the first caption, k: extra k-1
+    rows = np.flatnonzero(pick > 0)
+    if not len(rows):
+        return out
+    values = offsets[rows] - offsets[0] + pick[rows] - 1  # indices into the flattened extras of this batch
+    for name, extra_name in EXTRA_OF.items():
+        if name in out and extra_name in batch.column_names:
+            col = batch.column(extra_name)
+            col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+            flat = _column_to_numpy(pa.concat_arrays([col]).flatten())  # (E, ...) every extra caption's values
+            out[name] = out[name].copy()
+            out[name][rows] = flat[values]
+    return out
+
+
 def load_prepared(
     path_or_paths: str | Path | Sequence[str | Path],
     bucket: str | Sequence[int] | None = None,
@@ -162,7 +197,13 @@ def load_prepared(
     if not files:
         raise ValueError(f"bucket {infos[0][2]['name']} holds no clips in {', '.join(map(str, paths))}")
     ensure_ray()
-    ds = ray.data.read_parquet(files, columns=list(columns or TRAIN_COLUMNS))
+    wanted = list(columns or TRAIN_COLUMNS)
+    multi = [EXTRA_OF[c] for c in EXTRA_OF if c in wanted]
+    if multi and all("extra_captions" in i.get("columns", ()) for _, i, _ in infos):
+        # Multi-caption rows: read the other captions too and draw one per row each time the row is read.
+        ds = ray.data.read_parquet(files, columns=wanted + ["extra_text_tokens", *[m for m in multi if m != "extra_text_tokens"]])
+        return ds.map_batches(draw_captions, batch_format="pyarrow", zero_copy_batch=True)
+    ds = ray.data.read_parquet(files, columns=wanted)
     return ds.map_batches(_to_tensors, batch_format="pyarrow", zero_copy_batch=True)
 
 

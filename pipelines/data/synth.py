@@ -186,6 +186,7 @@ def synth(
 
 
 if __name__ == "__main__":
-    from pipelines.data.commands import run_module
+    # The CLI's parser and one-line errors; imported here only, so this module never imports the CLI.
+    from pipelines.cli import main
 
-    sys.exit(run_module("synth"))
+    sys.exit(main(["data", "synth", *sys.argv[1:]]))

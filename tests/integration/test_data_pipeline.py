@@ -238,6 +238,7 @@ def test_output_is_not_clobbered(mixed, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_csv_jsonl_and_folder_manifests_agree(shapes, mixed, tmp_path):
     rows = mixed["rows"][:3]
     folder = tmp_path / "folder"
@@ -270,6 +271,7 @@ def test_csv_jsonl_and_folder_manifests_agree(shapes, mixed, tmp_path):
     assert not set(copied["clip_id"]) & set(by_id)  # other paths, other ids
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_neither_duplicates_nor_drops(shapes, tmp_path):
     manifest = shapes / "captions.jsonl"
     out = tmp_path / "prepared"
@@ -357,3 +359,70 @@ def test_cli_bad_manifest_is_one_line_exit_2(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "purple" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_path):
+    """Resume reads what is written: finished lines are not probed again, no reject row is written twice,
+    and a shard that does not parse is set aside (not deleted) and its clips written again."""
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (shapes / "captions.jsonl").read_text().splitlines()][:4]
+    for r in rows:
+        shutil.copy(shapes / r["path"], tmp_path / Path(r["path"]).name)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    manifest = [{"path": Path(r["path"]).name, "caption": r["caption"]} for r in rows]
+    manifest += [{"path": "broken.mp4", "caption": "a red circle moving up"},
+                 {"path": Path(rows[0]["path"]).name, "caption": "the same clip, another caption"}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    out = tmp_path / "prepared"
+    opts = dict(fps=8, rows_per_file=1)
+    first = prepare(_options(tmp_path / "m.jsonl", out, **opts))
+    assert first["num_clips"] == 4 and first["num_rejected"] == 1
+    rejects_before = (out / "rejects.jsonl").read_text()
+    shard_of = {pq.read_table(p, columns=["source"]).column("source")[0].as_py(): p for p in (out / "8x32x32").glob("part-*.parquet")}
+    names = [str(tmp_path / Path(r["path"]).name) for r in rows]
+    extra = read_prepared(out, columns=["source", "extra_captions"])
+    assert [list(c) for s, c in zip(extra["source"], extra["extra_captions"], strict=True) if s == names[0]] == [
+        ["the same clip, another caption"]
+    ]
+
+    # An interruption: no dataset.json, one shard gone, one damaged; a finished input's file replaced by
+    # garbage (probed again, it would be rejected).
+    (out / "dataset.json").unlink()
+    shard_of[names[1]].unlink()
+    damaged = shard_of[names[2]]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (tmp_path / Path(rows[3]["path"]).name).write_bytes(b"garbage")
+    resumed = prepare(_options(tmp_path / "m.jsonl", out, **opts))
+    assert resumed["num_clips"] == 4 and resumed["num_rejected"] == 1
+    assert (out / "rejects.jsonl").read_text() == rejects_before  # no duplicate rows, no new reject
+    assert sorted(read_prepared(out, columns=["source"])["source"]) == sorted(names)
+    aside = list((out / "_damaged").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith(damaged.name) and aside[0].stat().st_size == 100
+
+
+@pytest.mark.slow
+def test_vae_path_writes_the_vaes_latents(shapes, tmp_path):
+    """--autoencoder-path: decode tasks -> VAE actors (batches sized by bytes) -> write tasks."""
+    diffusers = pytest.importorskip("diffusers")
+    from sora_model.autoencoder import build_autoencoder, pixels_to_model
+    from sora_model.config import AutoencoderConfig
+    from sora_model.patch import patchify
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1)  # fmt: skip
+    vae.save_pretrained(str(tmp_path / "vae"))
+    config = AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae"))
+    info = prepare(_options(shapes / "captions.jsonl", tmp_path / "out", fps=8, rows_per_file=5, autoencoder=config))
+    assert info["num_clips"] == 12 and info["in_channels"] == 4 and info["patch_dim"] == 4 * 16
+    data = read_prepared(tmp_path / "out")
+    assert data["patches"].shape == (12, 8 * 4 * 4, 64) and (data["grid"] == [8, 4, 4]).all()
+    ae = build_autoencoder(config).eval()
+    i = 3
+    frames = _expected_frames(str(data["source"][i]), float(data["start_s"][i]), Bucket(8, 32, 32), 8).astype(np.uint8)
+    with torch.no_grad():
+        want = patchify(ae.encode(pixels_to_model(torch.from_numpy(frames)[None])).float(), PATCH)[0].numpy()
+    np.testing.assert_allclose(data["patches"][i], want, atol=1e-4)

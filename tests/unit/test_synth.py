@@ -164,11 +164,12 @@ def test_prepare_checks_the_text_encoder_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_fused_rows_per_task_bounds():
-    from pipelines.data.prepare import FUSED_BATCH_BYTES, fused_rows_per_task
+def test_batch_rows_bounds():
+    from pipelines.data.prepare.encode import batch_rows
+    from pipelines.data.prepare.options import DECODE_BATCH_BYTES, DECODE_BATCH_ROWS
 
-    assert fused_rows_per_task(1008, 16 * 32 * 32 * 3, 256, 2) == 252  # two tasks per CPU, one shard each
-    assert fused_rows_per_task(100_000, 16 * 32 * 32 * 3, 256, 2) == 256  # rows_per_file caps the shard
+    assert batch_rows(16 * 32 * 32 * 3, 256, DECODE_BATCH_BYTES) == DECODE_BATCH_ROWS  # small clips: the row bound
+    assert batch_rows(16 * 32 * 32 * 3, 5, DECODE_BATCH_BYTES) == 5  # rows_per_file caps the shard
     big = 16 * 720 * 1280 * 3
-    assert fused_rows_per_task(100_000, big, 256, 2) == FUSED_BATCH_BYTES // big  # the pixel budget caps it
-    assert fused_rows_per_task(3, 10**10, 256, 8) == 1  # never zero
+    assert batch_rows(big, 256, DECODE_BATCH_BYTES) == DECODE_BATCH_BYTES // big  # the pixel budget caps it
+    assert batch_rows(10**10, 256, DECODE_BATCH_BYTES) == 1  # never zero

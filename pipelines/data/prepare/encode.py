@@ -1,0 +1,245 @@
+"""Encoding clips: pixels -> autoencoder -> patch tokens, as Arrow rows of the shard format.
+
+Two shapes of the same work:
+- identity autoencoder (pixels are the model space): `decode_encode_write`, one stateless task per batch
+  that decodes, patchifies and writes its shards. Nothing crosses processes, no actor has to start.
+- a diffusers VAE (weights to load once, a GPU to feed): `decode_to_pixels` tasks, then `EncodeClips`
+  actors (one per GPU), then `write_rows` tasks. The actor cuts what it gets into sub-batches of at most
+  VAE_BATCH_BYTES of float input and converts uint8 to float on the device, so a 64-frame 1024x1024
+  batch is a few GB of bytes crossing the bus, never a 50 GB float tensor built on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from pipelines.data.prepare.decode import decode_rows
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
+from pipelines.data.prepare.options import DECODE_BATCH_ROWS, Bucket
+from pipelines.data.prepare.shards import write_rejects, write_shard
+from pipelines.data.prepare.storage import LocalFiles
+from sora_model.config import AutoencoderConfig
+
+VAE_BATCH_BYTES = 2 << 30
+"""Float input bytes per autoencoder call at most (2 GB: a 16x512x512 clip is 50 MB at fp32, so 40 of
+them; a 64x1024x1024 clip is 805 MB, so 2): activations scale with it and must fit beside the weights."""
+PASS_THROUGH = ("clip_id", "source", "start_s", "fps", "caption", "text_tokens", "text_mask", "text_pooled",
+                "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips")  # fmt: skip
+"""Plan columns that go to the shard as they are (the order of the shard's columns, tokens inserted)."""
+
+
+def _fixed_list(values: np.ndarray, item_type: Any) -> Any:
+    """(B, d1, ..., dk) ndarray -> Arrow array of nested fixed-size lists, zero-copy for numeric types."""
+    import pyarrow as pa
+
+    arr = pa.array(np.ascontiguousarray(values).reshape(-1), type=item_type)
+    for size in reversed(values.shape[1:]):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
+    return arr
+
+
+def row_schema(n: int, p: int, length: int, dim: int) -> Any:
+    """The first ten columns of a shard (what every reader of format 1 knows)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("source", pa.string()),
+            ("start_s", pa.float64()),
+            ("fps", pa.float32()),
+            ("caption", pa.string()),
+            ("patches", pa.list_(pa.list_(pa.float32(), p), n)),
+            ("grid", pa.list_(pa.int32(), 3)),
+            ("text_tokens", pa.list_(pa.list_(pa.float16(), dim), length)),
+            ("text_mask", pa.list_(pa.bool_(), length)),
+            ("text_pooled", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> Any:
+    """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table."""
+    import pyarrow as pa
+
+    b = plans.num_rows
+    arrays, names = [], []
+    for name in PASS_THROUGH:
+        col = plans.column(name)
+        if name == "start_s":
+            col = col.cast(pa.float64())
+        elif name == "fps":
+            col = col.cast(pa.float32())
+        arrays.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+        names.append(name)
+        if name == "caption":
+            arrays += [_fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
+                       _fixed_list(np.broadcast_to(np.asarray(grid, np.int32), (b, 3)), pa.int32())]  # fmt: skip
+            names += ["patches", "grid"]
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+class Patchify:
+    """pixels (B, F, H, W, 3) uint8 -> autoencoder -> tokens (B, N, P) float32, on the best device here."""
+
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int]):
+        import torch
+
+        from sora_model.autoencoder import build_autoencoder
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autoencoder = build_autoencoder(autoencoder).to(self.device).eval()
+        self.patch = patch
+
+    def rows_per_call(self, pixels_shape: tuple[int, ...]) -> int:
+        """Clips per autoencoder call: VAE_BATCH_BYTES of float32 input at most, at least one."""
+        return max(1, VAE_BATCH_BYTES // (int(np.prod(pixels_shape[1:])) * 4))
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        import torch
+
+        from sora_model.autoencoder import pixels_to_model
+        from sora_model.patch import patch_grid, patchify
+
+        step = self.rows_per_call(pixels.shape)
+        parts, grid = [], (0, 0, 0)
+        with torch.no_grad():
+            for i in range(0, len(pixels), step):
+                # uint8 crosses to the device (4x less than float) and becomes float there.
+                chunk = torch.from_numpy(np.ascontiguousarray(pixels[i : i + step])).to(self.device)  # (b, F, H, W, 3)
+                latents = self.autoencoder.encode(pixels_to_model(chunk)).float()  # (b, C, T', H', W')
+                parts.append(patchify(latents, self.patch).cpu().numpy())  # (b, N, P)
+                grid = patch_grid(tuple(latents.shape[2:]), self.patch)
+        return np.concatenate(parts), grid
+
+
+_STATE: dict[str, Any] = {}
+"""Per worker process: the identity Patchify and the LocalFiles, built once and reused by every task."""
+
+
+def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int]) -> tuple[Patchify, LocalFiles]:
+    key = json.dumps([str(autoencoder), list(patch)])
+    if _STATE.get("key") != key:
+        _STATE.update(key=key, patchify=Patchify(autoencoder, patch), files=LocalFiles())
+    return _STATE["patchify"], _STATE["files"]
+
+
+def take_rows(table: Any, rows: Any) -> Any:
+    """table.take(rows), made safe: pyarrow 26's take on a *sliced* nested fixed-size list of float16 (our
+    text tokens, in every batch Ray Data cuts from a block) reads the wrong rows, so columns are compacted
+    to offset 0 first."""
+    import pyarrow as pa
+
+    rows = pa.array(np.asarray(rows, dtype=np.int64))
+    columns = []
+    for col in table.columns:
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        columns.append((pa.concat_arrays([arr]) if arr.offset else arr).take(rows))
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def by_bucket(table: Any) -> dict[str, Any]:
+    """{bucket name: the rows of that bucket}, without the bucket column."""
+    names = np.asarray(table.column("bucket").to_pylist(), dtype=object)
+    rest = table.drop_columns(["bucket"])
+    return {str(n): take_rows(rest, np.flatnonzero(names == n)) for n in dict.fromkeys(names.tolist())}
+
+
+def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
+                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:  # fmt: skip
+    """Identity path: decode, patchify and write one shard per bucket in this batch.
+
+    Returns {bucket, shard, rows} per shard written (what the driver counts for progress)."""
+    import pyarrow as pa
+
+    patchify, files = _process_state(autoencoder, patch)
+    written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
+    rejects = []
+    for name, plans in by_bucket(table).items():
+        kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
+                                        Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
+        rejects += bad
+        if not kept:
+            continue
+        tokens, grid = patchify(pixels)
+        shard = shard_table(take_rows(plans, kept), tokens, grid)
+        written["bucket"].append(name)
+        written["shard"].append(write_shard(shard, os.path.join(out, name)))
+        written["rows"].append(shard.num_rows)
+    write_rejects(rejects, rejects_dir, "decode")
+    return pa.table({"bucket": pa.array(written["bucket"], pa.string()), "shard": pa.array(written["shard"], pa.string()),
+                     "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
+
+
+def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:
+    """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors."""
+    import pyarrow as pa
+
+    files = _STATE.setdefault("files", LocalFiles())
+    parts, rejects = [], []
+    for name, plans in by_bucket(table).items():
+        kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
+                                        Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
+        rejects += bad
+        if kept:
+            rows = take_rows(plans, kept).drop_columns(["indices"])
+            flat = pa.array(pixels.reshape(-1), pa.uint8())
+            offsets = pa.array(np.arange(len(kept) + 1, dtype=np.int64) * int(np.prod(pixels.shape[1:])), pa.int64())
+            rows = rows.append_column("pixels", pa.LargeListArray.from_arrays(offsets, flat))
+            parts.append(rows.append_column("bucket", pa.array([name] * len(kept), pa.string())))
+    write_rejects(rejects, rejects_dir, "decode")
+    return pa.concat_tables(parts) if parts else None
+
+
+class EncodeClips:
+    """Ray Data actor (one per GPU): decoded rows -> shard rows, with their bucket, for `write_rows`."""
+
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int]):
+        self.patchify = Patchify(autoencoder, patch)
+
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
+        parts = []
+        for name, rows in by_bucket(table).items():
+            b = Bucket.parse(name)
+            flat = rows.column("pixels").combine_chunks().flatten().to_numpy()
+            pixels = flat.reshape(rows.num_rows, b.frames, b.height, b.width, 3)  # (B, F, H, W, 3) uint8
+            tokens, grid = self.patchify(pixels)
+            shard = shard_table(rows.drop_columns(["pixels"]), tokens, grid)
+            parts.append(shard.append_column("bucket", pa.array([name] * shard.num_rows, pa.string())))
+        return pa.concat_tables(parts)
+
+
+def write_rows(table: Any, out: str, rows_per_file: int) -> Any:
+    """VAE path, last step: shard rows -> shards of at most `rows_per_file` rows, split evenly, per bucket."""
+    import math
+
+    import pyarrow as pa
+
+    written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
+    for name, rows in by_bucket(table).items():
+        n_files = math.ceil(rows.num_rows / rows_per_file)
+        bounds = [round(k * rows.num_rows / n_files) for k in range(n_files + 1)]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            written["bucket"].append(name)
+            written["shard"].append(write_shard(rows.slice(lo, hi - lo), os.path.join(out, name)))
+            written["rows"].append(hi - lo)
+    return pa.table({"bucket": pa.array(written["bucket"], pa.string()), "shard": pa.array(written["shard"], pa.string()),
+                     "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
+
+
+def batch_rows(clip_bytes: int, rows_per_file: int, batch_bytes: int) -> int:
+    """Clips per decode batch (and so per shard on the identity path): at most `rows_per_file` and
+    `batch_bytes` of decoded pixels, at least one."""
+    return max(1, min(rows_per_file, DECODE_BATCH_ROWS, batch_bytes // max(1, clip_bytes)))
+
+
+def content_name(prefix: str, keys: list[str]) -> str:
+    """A file name from the hash of what it holds: a retried task rewrites its file instead of adding one."""
+    return prefix + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]

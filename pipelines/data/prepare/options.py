@@ -1,0 +1,232 @@
+"""Prepare's settings: the constants of the on-disk format, buckets, and the typed options of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
+from sora_model.config import AutoencoderConfig, TextEncoderConfig, to_dict
+
+FORMAT_VERSION = 1
+DATASET_INFO = "dataset.json"
+RUN_STATE = "_run.json"
+REJECTS = "rejects.jsonl"
+STATS_LOG = "stats.log"
+DECODE_REJECTS_DIR = "_rejects"
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
+TMP_PREFIX = ".tmp-"
+COLUMNS = (
+    "clip_id",
+    "source",
+    "start_s",
+    "fps",
+    "caption",
+    "patches",
+    "grid",
+    "text_tokens",
+    "text_mask",
+    "text_pooled",
+    "extra_captions",
+    "extra_text_tokens",
+    "extra_text_mask",
+    "extra_text_pooled",
+    "lines",
+    "line_clips",
+)
+"""A shard's columns. The first ten are one clip with its first caption (what every reader knows); the
+`extra_*` lists hold a multi-caption clip's other captions; `lines`/`line_clips` are what resume reads."""
+DTYPES = {
+    "patches": "float32",
+    "grid": "int32",
+    "text_tokens": "float16",
+    "text_mask": "bool",
+    "text_pooled": "float32",
+    "extra_text_tokens": "list of float16",
+    "extra_text_mask": "list of bool",
+    "extra_text_pooled": "list of float32",
+    "lines": "list of int64",
+    "line_clips": "list of int32",
+}
+DEFAULT_PATCH = (1, 4, 4)
+"""The DiT-demo model's patch. Tokens are cut at prepare time, so this must equal the recipe's model.patch_size."""
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp", ".ogv", ".gif")
+"""What a folder manifest picks up (with IMAGE_EXTENSIONS); a JSONL/CSV manifest may name any file."""
+CAPTION_COLUMNS = ("caption", "text")
+PARQUET_COMPRESSION = "zstd"
+"""zstd shrinks float32 pixel tokens ~2x against snappy's ~1.2x at similar read speed."""
+TEXT_BATCH_SIZE = 64
+"""Captions per text-encoder call: short captions, so a large batch keeps the matmuls efficient."""
+MANIFEST_CHUNKS_PER_CPU = 4
+"""Manifest chunks (parse tasks, and so sorted blocks to plan) per CPU: enough that planning spreads over
+the cluster and decoding starts after the first few blocks, few enough that a task outweighs its cost."""
+DECODE_BATCH_ROWS = 64
+"""Clips per decode task (and at most per shard on the identity path): large enough to amortise a task's
+fixed cost (Arrow tables, the Parquet file: at 4 clips of 16x32x32 it outweighed decoding), small enough
+that the first shards are written while later files are still being probed."""
+DECODE_BATCH_BYTES = 128 * 2**20
+"""Decoded pixels per decode task at most, so a batch of large clips stays a few hundred MB."""
+ASPECT_TOLERANCE = 1e-3
+"""Aspect ratios closer than this (in log space) count as equal when choosing a bucket."""
+
+REJECT_REASONS = (
+    "missing",
+    "empty",
+    "truncated",
+    "not a video",
+    "unreadable",
+    "too short",
+    "no caption",
+    "bad entry",
+    "duplicate",
+    "decoder crashed",
+    "decoder timed out",
+)
+_VIDEO_ERROR_REASONS = {
+    # sora_model.video.VideoReadError.reason -> our reject reason
+    "missing file": "missing",
+    "empty file": "empty",
+    "not a video": "not a video",
+    "truncated/undecodable": "truncated",
+    "no video stream": "unreadable",
+}
+
+
+class PrepareError(ValueError):
+    """Bad input or a refused output folder; the CLI prints it as one line (exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """A clip shape: frames x height x width (pixels, before any autoencoder)."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
+
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        parts = text.strip().lower().split("x")
+        try:
+            f, h, w = (int(p) for p in parts)
+        except ValueError:
+            raise PrepareError(f"bucket '{text}' must be FRAMESxHEIGHTxWIDTH, e.g. 8x32x32") from None
+        if min(f, h, w) < 1:
+            raise PrepareError(f"bucket '{text}' needs positive frames, height and width")
+        return cls(f, h, w)
+
+
+def parse_buckets(text: str | Sequence[str]) -> list[Bucket]:
+    items = text.split(",") if isinstance(text, str) else [t for s in text for t in s.split(",")]
+    buckets = sorted({Bucket.parse(t) for t in items if t.strip()})
+    if not buckets:
+        raise PrepareError("--buckets is empty; give e.g. 1x32x32,8x32x32")
+    return buckets
+
+
+def parse_patch(text: str) -> tuple[int, int, int]:
+    b = Bucket.parse(text)
+    return (b.frames, b.height, b.width)
+
+
+@dataclass
+class PrepareOptions:
+    manifest: str
+    out: str
+    buckets: list[Bucket]
+    fps: float | None = None
+    """Clip frame rate; None keeps each source's own rate (consecutive frames)."""
+    clips_per_video: int = 1
+    """Clips taken per video, `stride_s` apart; 0 takes every clip that fits."""
+    stride_s: float | None = None
+    """Seconds between clip starts; None means one clip length (clips touch, never overlap)."""
+    patch: tuple[int, int, int] = DEFAULT_PATCH
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    rows_per_file: int = 256
+    overwrite: bool = False
+    workers: int | None = None
+    """Decode tasks at once at most; None: no cap (one per free CPU, and more as an autoscaler adds CPUs)."""
+    progress: bool = True
+    caption_actors: int | None = None
+    """Caption-encoder actors; None: one per GPU of the cluster, and on a CPU-only cluster 0, which runs the
+    caption stage as tasks keeping the encoder loaded per worker process (an actor's start is a new
+    process importing torch and loading the encoder, on the path of every clip of a run)."""
+    decode_timeout_s: float = DECODE_TIMEOUT_S
+    """Seconds a probe or a clip's decode may take before the input is rejected as "decoder timed out"."""
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and not self.fps > 0:
+            raise PrepareError(f"--fps must be > 0, got {self.fps}")
+        if self.clips_per_video < 0:
+            raise PrepareError(f"--clips-per-video must be >= 0, got {self.clips_per_video}")
+        if self.stride_s is not None and not self.stride_s > 0:
+            raise PrepareError(f"--stride must be > 0 seconds, got {self.stride_s}")
+        if self.caption_actors is not None and self.caption_actors < 0:
+            raise PrepareError(f"--caption-actors must be >= 0, got {self.caption_actors}")
+        if not self.decode_timeout_s > 0:
+            raise PrepareError(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout_s}")
+        if self.rows_per_file < 1:
+            raise PrepareError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
+        if any(p < 1 for p in self.patch):
+            raise PrepareError(f"--patch must be three positive ints, got {self.patch}")
+
+    def settings(self, manifest_sha256: str) -> dict[str, Any]:
+        """Everything that decides the rows' content: a resume must see the same settings."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "manifest_sha256": manifest_sha256,
+            "buckets": [b.name for b in self.buckets],
+            "fps": self.fps,
+            "clips_per_video": self.clips_per_video,
+            "stride_s": self.stride_s,
+            "patch": list(self.patch),
+            "text_encoder": self.text_encoder.embedding_settings(),
+            "autoencoder": to_dict(self.autoencoder),
+        }
+
+
+
+def options_from_args(args: Any) -> PrepareOptions:
+    """argparse namespace (see commands.add_prepare_arguments) -> PrepareOptions."""
+    if args.buckets:
+        if args.resolution is not None or args.frames is not None:
+            raise PrepareError("give either --resolution and --frames, or --buckets, not both")
+        buckets = parse_buckets(args.buckets)
+    else:
+        if args.resolution is None or args.frames is None:
+            raise PrepareError("--resolution and --frames are required (or --buckets FxHxW,...)")
+        buckets = [Bucket.parse(f"{args.frames}x{args.resolution}x{args.resolution}")]
+    autoencoder = (
+        AutoencoderConfig(kind="diffusers", path=args.autoencoder_path) if args.autoencoder_path else AutoencoderConfig()
+    )
+    return PrepareOptions(
+        manifest=args.manifest,
+        out=args.out,
+        buckets=buckets,
+        fps=args.fps,
+        clips_per_video=args.clips_per_video,
+        stride_s=args.stride,
+        patch=parse_patch(args.patch),
+        text_encoder=TextEncoderConfig(
+            name_or_path=args.text_encoder, max_length=args.max_text_length, hidden_layer=args.text_hidden_layer
+        ),
+        autoencoder=autoencoder,
+        rows_per_file=args.rows_per_file,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        progress=not args.no_progress,
+        decode_timeout_s=args.decode_timeout,
+        caption_actors=args.caption_actors,
+    )

@@ -1,0 +1,236 @@
+"""The run: one streaming Ray Data plan from the manifest to the shards, and dataset.json at the end.
+
+    manifest chunks --parse (drop finished lines)--> entries --sort by source--> plan (probe each file once,
+    clips with all their captions; drop written clips) --captions (actors, batched, fp16)--> decode +
+    patchify + write shards (tasks)  |  with a VAE: decode (tasks) --> encode (GPU actors) --> write (tasks)
+
+The driver holds the manifest's scan (bounded), the plan and a counter; rows stream through the object
+store, and the first clips are decoded while later files are still being probed. The sort is the one
+barrier, over the manifest's small rows only: it brings every row of a file into one block, so the file
+is probed once and a clip listed with several captions is decoded once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
+from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
+from pipelines.data.prepare.manifest import ManifestScan, parse_chunks, scan_manifest
+from pipelines.data.prepare.options import (
+    COLUMNS,
+    DATASET_INFO,
+    DECODE_BATCH_BYTES,
+    DECODE_REJECTS_DIR,
+    DTYPES,
+    FORMAT_VERSION,
+    MANIFEST_CHUNKS_PER_CPU,
+    REJECTS,
+    RUN_STATE,
+    STATS_LOG,
+    PrepareError,
+    PrepareOptions,
+)
+from pipelines.data.prepare.probe import plan_block
+from pipelines.data.prepare.shards import filesystem, join, merge_rejects, resume_state, shard_files, shard_rows
+from pipelines.data.prepare.state import prepare_output, settings_hash, write_json
+from pipelines.data.prepare.storage import is_uri
+from sora_model.config import to_dict
+
+
+def prepare(options: PrepareOptions) -> dict[str, Any]:
+    """Run the pipeline; returns the dataset.json contents. Ray is started (or joined) on demand."""
+    import ray
+
+    from pipelines.data.runtime import cluster_cpus, ensure_ray
+
+    t0 = time.perf_counter()
+    opts = options
+    out = opts.out.rstrip("/") if is_uri(opts.out) else str(Path(opts.out).resolve())
+    scan = scan_manifest(opts.manifest)
+    grids, channels = check_shapes(opts)
+    settings = opts.settings(scan.sha256)
+    resuming = prepare_output(out, settings, opts.overwrite)
+    write_json(join(out, RUN_STATE), {"settings_hash": settings_hash(settings), "settings": settings})
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled)
+    ctx.enable_progress_bars = opts.progress  # the caller's context: a library call with progress=False stays quiet
+    # Ray Data reserves CPUs per operator; on a small machine that held the decode stage to one task at a
+    # time (2 cores: 55% busy). Without it every stage takes what is free (the streaming executor still
+    # bounds each operator's queued output, which is what keeps memory flat).
+    ctx.op_resource_reservation_enabled = False
+    try:
+        done = None
+        if resuming:
+            summary_ref, done = ray.remote(_resume_summary).options(num_cpus=0, num_returns=2).remote(out, [b.name for b in opts.buckets])
+            summary = ray.get(summary_ref)
+            if opts.progress:
+                print(f"resuming {out}: {summary['written']} clips already written, {summary['lines']} manifest lines finished"
+                      + (f", {summary['damaged']} damaged shards set aside to be rewritten" if summary["damaged"] else ""),
+                      file=sys.stderr)  # fmt: skip
+        ds = build_plan(scan, opts, out, done, cluster_cpus())
+        written, shards = _drain(ds, opts.progress, scan.num_rows, t0)
+        stats = ds.stats()
+    finally:
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+
+    num_rejected = merge_rejects(join(out, DECODE_REJECTS_DIR), join(out, REJECTS))
+    _append_stats(out, stats, written, shards, time.perf_counter() - t0)
+    return _finish(opts, out, scan, grids, channels, num_rejected, time.perf_counter() - t0)
+
+
+def check_shapes(opts: PrepareOptions) -> tuple[dict[str, Any], int]:
+    """Fail on a text encoder that cannot load, or shapes the autoencoder or the patch cannot take, before
+    any work starts; returns each bucket's token grid and the autoencoder's channels."""
+    from sora_model.autoencoder import build_autoencoder
+    from sora_model.patch import patch_grid
+    from sora_model.text import check_text_encoder
+
+    try:
+        check_text_encoder(opts.text_encoder)
+    except (ValueError, OSError, ImportError) as err:
+        raise PrepareError(" ".join(str(err).split())) from None
+    autoencoder = build_autoencoder(opts.autoencoder)
+    grids = {}
+    for b in opts.buckets:
+        try:
+            grids[b.name] = patch_grid(autoencoder.latent_shape(b.frames, b.height, b.width), opts.patch)
+        except ValueError as err:
+            raise PrepareError(f"bucket {b.name}: {err}") from None
+    return grids, autoencoder.latent_channels
+
+
+def _resume_summary(out: str, buckets: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    state = resume_state(out, buckets)
+    return {"written": state["written"], "lines": len(state["lines"]), "damaged": state["damaged"]}, state
+
+
+def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cpus: int) -> Any:
+    """The Ray Data plan (lazy): manifest -> shards; its output rows are {bucket, shard, rows} per shard."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.data.runtime import cluster_gpus
+
+    rejects_dir = join(out, DECODE_REJECTS_DIR)
+    gpus = cluster_gpus()
+    chunks = scan.chunks(math.ceil(scan.num_rows / (MANIFEST_CHUNKS_PER_CPU * cpus)))
+    # The scan goes by value: a task that calls ray.get gives its CPU back while it waits, and Ray starts
+    # another worker process (seconds of imports on a small machine) for the next task. It is small (the
+    # manifest's path and header; a folder manifest's file list). The resume filter, only on resumes, goes
+    # by reference so the driver never holds it.
+    scan_light = replace(scan, offsets=[])
+    ds = ray.data.from_items([{"start": s, "end": e, "line": line} for s, e, line in chunks], override_num_blocks=len(chunks))
+    ds = ds.map_batches(parse_chunks, fn_kwargs={"scan": [scan_light], "done": [done]}, batch_size=None, batch_format="pyarrow")
+    # Every row of a source in one block: one probe per file, one clip per (file, start) with all its captions.
+    ds = ds.sort("source")
+    ds = ds.map_batches(
+        plan_block,
+        fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
+                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s},
+        # A concurrency cap keeps Ray Data from fusing this into the sort's reduce, an all-to-all step whose
+        # output only flows on when every reduce is done: fused, nothing would be decoded until all is probed.
+        batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
+    )  # fmt: skip
+    # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
+    # tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors.
+    actors = opts.caption_actors if opts.caption_actors is not None else gpus
+    if actors:
+        ds = ds.map_batches(
+            EmbedCaptions, fn_constructor_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS, batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=actors), **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        )  # fmt: skip
+    else:
+        ds = ds.map_batches(embed_task, fn_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS,
+                            batch_format="pyarrow", num_cpus=1)  # fmt: skip
+    largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
+    rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
+    concurrency = {"concurrency": opts.workers} if opts.workers else {}
+    if opts.autoencoder.kind == "identity":
+        return ds.map_batches(
+            decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
+            fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out,
+                       "decode_timeout_s": opts.decode_timeout_s},
+        )  # fmt: skip
+    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s},
+                        **concurrency)  # fmt: skip
+    ds = ds.map_batches(
+        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch}, batch_size=rows,
+        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
+        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+    )  # fmt: skip
+    return ds.map_batches(write_rows, batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=0.25,
+                          fn_kwargs={"out": out, "rows_per_file": opts.rows_per_file})  # fmt: skip
+
+
+def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]:
+    """Run the plan; the driver only sees one small row per shard written. Returns (clips, shards)."""
+    written = shards = 0
+    last = 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        written += sum(batch.column("rows").to_pylist())
+        shards += batch.num_rows
+        now = time.perf_counter()
+        if progress and now - last > 2:
+            last = now
+            print(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return written, shards
+
+
+def _append_stats(out: str, stats: str, written: int, shards: int, seconds: float) -> None:
+    fs, p = filesystem(join(out, STATS_LOG))
+    with fs.open(p, "ab" if not is_uri(out) else "wb") as f:  # object stores cannot append: the last run's stats
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode())
+
+
+def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int, num_rejected: int,
+            elapsed: float) -> dict[str, Any]:  # fmt: skip
+    import pyarrow.parquet as pq
+
+    bucket_infos = []
+    for b in opts.buckets:
+        bucket_infos.append({"frames": b.frames, "height": b.height, "width": b.width, "name": b.name,
+                             "grid": list(grids[b.name]), "num_clips": shard_rows(join(out, b.name)), "path": b.name})  # fmt: skip
+    num_clips = sum(bi["num_clips"] for bi in bucket_infos)
+    if num_clips == 0:
+        raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}")
+    first = next(f for bi in bucket_infos for f in shard_files(join(out, bi["path"])))
+    fs, p = filesystem(first)
+    text_dim = pq.read_schema(p, filesystem=fs).field("text_pooled").type.list_size
+    pt, ph, pw = opts.patch
+    info = {
+        "format_version": FORMAT_VERSION,
+        "num_clips": num_clips,
+        "num_rejected": num_rejected,
+        "buckets": bucket_infos,
+        "fps": opts.fps,
+        "patch_size": list(opts.patch),
+        "in_channels": channels,
+        "patch_dim": channels * pt * ph * pw,
+        "autoencoder": to_dict(opts.autoencoder),
+        "text_encoder": {
+            "name_or_path": opts.text_encoder.name_or_path,
+            "max_length": opts.text_encoder.max_length,
+            "hidden_layer": opts.text_encoder.hidden_layer,
+            "dim": text_dim,
+        },
+        "manifest": {"path": str(opts.manifest), "sha256": scan.sha256, "rows": scan.num_rows},
+        "clips_per_video": opts.clips_per_video,
+        "stride_s": opts.stride_s,
+        "columns": list(COLUMNS),
+        "dtypes": DTYPES,
+        "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(elapsed, 2),
+    }
+    write_json(join(out, DATASET_INFO), info)
+    print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")
+    return info

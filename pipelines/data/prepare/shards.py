@@ -1,0 +1,207 @@
+"""What a run writes, and what a resume reads back: shards, reject files, and the done filter.
+
+Every file appears whole or not at all (a local file is written aside and renamed; an object-store PUT
+is atomic), and is named by a hash of what it holds, so a retried task rewrites its file instead of
+adding a copy. The output may be a local folder or an fsspec URI (`s3://bucket/prepared`).
+
+Resume is a filter on what is written (`resume_state`, run as a Ray task, never on the driver): the
+clip ids of complete shards, and the manifest lines that are finished (all the clips a line planned are
+in shards, or the line was rejected). Finished lines are dropped before probing; written clips of
+unfinished lines are dropped after planning. A shard that cannot be parsed is moved to `_damaged/`
+(kept for a look, never deleted) and its clips are written again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.data.prepare.options import DECODE_REJECTS_DIR, PARQUET_COMPRESSION, SHARD_PREFIX, SHARD_SUFFIX, TMP_PREFIX
+from pipelines.data.prepare.storage import is_uri, with_retries
+
+DAMAGED_DIR = "_damaged"
+MERGE_FAN_IN = 256
+"""Reject files merged at once (open files); more are merged in rounds."""
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of a local folder or a URI."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(path)
+
+
+def join(folder: str, *names: str) -> str:
+    return "/".join([folder.rstrip("/"), *names]) if is_uri(folder) else os.path.join(folder, *names)
+
+
+def put_file(path: str, write: Any) -> None:
+    """`write(file)` into `path` atomically: aside and renamed locally, one PUT (retried) on object stores."""
+    if is_uri(path):
+        fs, p = filesystem(path)
+
+        def put() -> None:
+            with fs.open(p, "wb") as f:
+                write(f)
+
+        with_retries(put, path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}{Path(path).suffix}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_shard(table: Any, folder: str) -> str:
+    """Write an Arrow table of clips as `part-<sha1 of its clip ids>.parquet`; returns the name."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data.prepare.encode import content_name
+
+    name = content_name(SHARD_PREFIX, table.column("clip_id").to_pylist()) + SHARD_SUFFIX
+    put_file(join(folder, name), lambda f: pq.write_table(table, f, compression=PARQUET_COMPRESSION))
+    return name
+
+
+def write_rejects(rows: list[dict[str, Any]], rejects_dir: str, kind: str) -> None:
+    """A stage's reject rows, sorted by line, as one file under OUT/_rejects/ (merged at the end)."""
+    if not rows:
+        return
+    from pipelines.data.prepare.encode import content_name
+
+    rows = sorted(rows, key=lambda r: (r["line"], r["reason"]))
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    name = content_name(f"{kind}-", [f"{r['line']}:{r['detail']}" for r in rows]) + ".jsonl"
+    put_file(join(rejects_dir, name), lambda f: f.write(text))
+
+
+def shard_files(folder: str) -> list[str]:
+    fs, p = filesystem(folder)
+    if not fs.isdir(p):
+        return []
+    names = sorted(fs.ls(p, detail=False))
+    prefix = "" if not is_uri(folder) else folder.split("://", 1)[0] + "://"
+    return [prefix + n for n in names if n.rsplit("/", 1)[-1].startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX)]
+
+
+def shard_rows(folder: str) -> int:
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(folder)
+    return sum(pq.ParquetFile(filesystem(f)[1], filesystem=fs).metadata.num_rows for f in shard_files(folder))
+
+
+def _read_done_columns(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    schema = with_retries(lambda: pq.read_schema(p, filesystem=fs), path)
+    cols = [c for c in ("clip_id", "lines", "line_clips") if c in schema.names]
+    return with_retries(lambda: pq.read_table(p, columns=cols, filesystem=fs), path)
+
+
+def _set_aside(path: str, out: str) -> None:
+    fs, p = filesystem(path)
+    fs_out, o = filesystem(join(out, DAMAGED_DIR))
+    fs_out.makedirs(o, exist_ok=True)
+    fs.mv(p, o.rstrip("/") + "/" + p.rsplit("/", 1)[-1] + f".{uuid.uuid4().hex[:8]}")
+
+
+def resume_state(out: str, buckets: list[str]) -> dict[str, Any]:
+    """{clips: written clip ids (sorted, S16), lines: finished manifest lines (sorted int64), written,
+    damaged}: a Ray task's result, so the driver never holds them."""
+    from pipelines.data.prepare.storage import StorageError
+
+    clips: list[np.ndarray] = []
+    count: dict[int, int] = {}
+    need: dict[int, int] = {}
+    damaged = 0
+    for b in buckets:
+        folder = join(out, b)
+        fs, p = filesystem(folder)
+        if fs.isdir(p):
+            for tmp in fs.glob(p.rstrip("/") + f"/{TMP_PREFIX}*"):
+                fs.rm(tmp)
+        for path in shard_files(folder):
+            try:
+                table = _read_done_columns(path)
+            except StorageError:
+                raise
+            except Exception:  # noqa: BLE001 - a file that parses as no Parquet: its clips are redone
+                _set_aside(path, out)
+                damaged += 1
+                continue
+            clips.append(np.asarray(table.column("clip_id").to_pylist(), dtype="S16"))
+            if "lines" in table.column_names:
+                for lines, ns in zip(table.column("lines").to_pylist(), table.column("line_clips").to_pylist(), strict=True):
+                    for line, n in zip(lines, ns, strict=True):
+                        count[line] = count.get(line, 0) + 1
+                        need[line] = n
+    finished = {line for line, n in count.items() if n >= need[line]}
+    for path in reject_files(join(out, DECODE_REJECTS_DIR)):
+        finished.update(int(row["line"]) for row in _read_jsonl(path))
+    ids = np.sort(np.concatenate(clips)) if clips else np.zeros(0, dtype="S16")
+    return {"clips": ids, "lines": np.asarray(sorted(finished), dtype=np.int64), "written": len(ids), "damaged": damaged}
+
+
+def reject_files(rejects_dir: str) -> list[str]:
+    fs, p = filesystem(rejects_dir)
+    if not fs.isdir(p):
+        return []
+    prefix = "" if not is_uri(rejects_dir) else rejects_dir.split("://", 1)[0] + "://"
+    return [prefix + n for n in sorted(fs.ls(p, detail=False)) if n.endswith(".jsonl")]
+
+
+def _read_jsonl(path: str):
+    """The rows of a reject file, one at a time."""
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        for raw in f:
+            try:
+                yield json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: the input is probed again next run
+
+
+REJECT_KEYS = ("line", "path", "source", "reason", "detail")
+
+
+def merge_rejects(rejects_dir: str, target: str) -> int:
+    """Merge the sorted reject files into `target`, sorted by line, streaming; returns distinct lines.
+
+    More than MERGE_FAN_IN files are first merged in groups into files of the same folder (which replace
+    them, so a resume reads the same rows), then once more."""
+    files = reject_files(rejects_dir)
+    while len(files) > MERGE_FAN_IN:
+        merged = []
+        for k in range(0, len(files), MERGE_FAN_IN):
+            group = files[k : k + MERGE_FAN_IN]
+            name = join(rejects_dir, f"merged-{uuid.uuid4().hex}.jsonl")
+            _merge_into(group, name)
+            for f in group:
+                fs, p = filesystem(f)
+                fs.rm(p)
+            merged.append(name)
+        files = merged
+    return _merge_into(files, target)
+
+
+def _merge_into(files: list[str], target: str) -> int:
+    lines = [0]
+
+    def write(f: Any) -> None:
+        last = None
+        for row in heapq.merge(*(_read_jsonl(p) for p in files), key=lambda r: r["line"]):
+            f.write((json.dumps({k: row.get(k) for k in REJECT_KEYS}) + "\n").encode())
+            lines[0] += row["line"] != last
+            last = row["line"]
+
+    put_file(target, write)
+    return lines[0]
