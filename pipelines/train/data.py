@@ -94,23 +94,34 @@ class StagePlan:
 
 
 class _ReadUnits:
-    """Ray Data map_batches callable: unit indices -> the rows those units name (numpy tensors)."""
+    """Ray Data map_batches callable: unit indices -> the rows those units name (numpy tensors).
 
-    def __init__(self, files: list[str], units: np.ndarray, columns: tuple[str, ...]):
-        self.files, self.units, self.columns = files, units, list(columns)
+    A clip prepared with several captions (multi-caption datasets) carries the others in `extra_*` columns;
+    each read draws one caption per row (`load.draw_captions`), seeded by the unit, so a resumed run draws
+    what it would have drawn and each epoch pairs a clip with a fresh caption.
+    """
+
+    def __init__(self, files: list[str], units: np.ndarray, columns: tuple[str, ...], seed: int):
+        self.files, self.units, self.columns, self.seed = files, units, list(columns), seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipelines.data.load import table_to_numpy
+        from pipelines.data.load import EXTRA_OF, draw_captions, table_to_numpy
 
-        tables, epochs = [], []
+        parts, epochs = [], []
         for u in batch["id"]:
             epoch, i, start, end = (int(v) for v in self.units[int(u)])
-            tables.append(pq.read_table(self.files[i], columns=self.columns).slice(start, end - start))
+            names = pq.ParquetFile(self.files[i]).schema_arrow.names
+            extra = [EXTRA_OF[c] for c in EXTRA_OF if c in self.columns and EXTRA_OF[c] in names]
+            table = pq.read_table(self.files[i], columns=self.columns + extra).slice(start, end - start)
+            if extra:
+                rng = np.random.default_rng([self.seed, epoch, i, start])
+                parts.append({k: v for k, v in draw_captions(table, rng).items() if k in self.columns})
+            else:
+                parts.append(table_to_numpy(table, self.columns))
             epochs.append(np.full(end - start, epoch, dtype=np.int64))
-        arrays = table_to_numpy(pa.concat_tables(tables), self.columns)
+        arrays = {c: np.concatenate([p[c] for p in parts]) for c in self.columns}
         arrays["epoch"] = np.concatenate(epochs)
         return arrays
 
@@ -128,7 +139,7 @@ def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpu
     units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
     blocks = np.array_split(np.arange(len(units)), min(len(units), MAX_READ_BLOCKS))
     return ray.data.from_arrow([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadUnits(plan.files, units, BATCH_COLUMNS), batch_size=1, num_cpus=read_cpus,
+        _ReadUnits(plan.files, units, BATCH_COLUMNS, plan.seed * 1_000_003 + plan.stage_index), batch_size=1, num_cpus=read_cpus,
         compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
     )
 

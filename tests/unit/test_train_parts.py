@@ -125,3 +125,25 @@ def test_device_is_declared_and_sizes_the_workers():
 
     with pytest.raises(ConfigError, match="device must be one of 'cpu', 'cuda'"):
         parse_recipe({**recipe_with(), "device": "gpu"})
+
+
+def test_the_stream_draws_each_clips_captions_reproducibly(tmp_path):
+    """A clip with several captions: epochs of the stream pair it with each of them, the same ones on a re-read."""
+    from pipelines.data.prepare.captions import EmbedCaptions
+    from pipelines.train.data import _ReadUnits
+    from sora_model.config import TextEncoderConfig
+
+    rows = EmbedCaptions(TextEncoderConfig())(
+        pa.table({"clip_id": ["a", "c"], "bucket": ["x", "x"], "captions": [["one"], ["one", "four", "five"]]})
+    ).drop_columns(["bucket"])
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(rows, path)
+    p = StagePlan.from_files([str(path)], seed=0, stage_index=0)
+    units = np.asarray(p.units(0, 2 * 40), dtype=np.int64)
+    read = _ReadUnits(p.files, units, ("caption", "text_tokens"), seed=7)
+    out = read({"id": np.arange(len(units))})
+    captions = [str(c) for c in out["caption"]]
+    assert set(captions[0::2]) == {"one"} and set(captions[1::2]) == {"one", "four", "five"}
+    assert out["text_tokens"].shape == (80, 32, 384) and out["epoch"].tolist() == [e for e in range(40) for _ in (0, 1)]
+    again = read({"id": np.arange(len(units))})
+    assert [str(c) for c in again["caption"]] == captions  # seeded by the unit: a resumed run draws the same
