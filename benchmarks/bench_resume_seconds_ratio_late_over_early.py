@@ -45,6 +45,7 @@ def run(quick: bool) -> dict:
     videos, micro = (800, 4) if quick else (2400, 4)
     rounds = 1 if quick else 2
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # before prepare, which would start its own
     assert sora(["data", "synth", "--out", str(work / "shapes"), "--num-videos", str(videos), "--size", "16", "--frames", "1", "--no-progress"]) == 0
     assert sora(["data", "prepare", "--manifest", str(work / "shapes" / "captions.jsonl"), "--out", str(work / "images"),
                  "--resolution", "16", "--frames", "1", "--no-progress"]) == 0  # fmt: skip
@@ -55,7 +56,6 @@ def run(quick: bool) -> dict:
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     stops = {"early": max(1, epoch_steps // 10), "late": epoch_steps * 9 // 10}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     seconds: dict[str, list[float]] = {"early": [], "late": []}
     for r in range(rounds):
         for side in (("early", "late") if r % 2 == 0 else ("late", "early")):

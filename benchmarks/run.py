@@ -39,8 +39,12 @@ FIGURES = (
     "serve_download_peak_rss_mb",
     "compile_train_step_ratio",
     "packed_vs_padded_tokens_ratio",
+    "loader_feed_ratio",
+    "resume_seconds_ratio_late_over_early",
 )
 GOALS = {
+    "loader_feed_ratio": ">= 0.95",
+    "resume_seconds_ratio_late_over_early": "<= 1.2",
     "data_speedup_vs_decord_loop": ">= 1.6",
     "prepare_driver_rss_ratio_50k_over_500": "<= 1.3",
     "dit_train_tokens_ratio_vs_latte": ">= 1.3",

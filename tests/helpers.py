@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,3 +55,18 @@ def wait_done(http, video_id: str, timeout: float = 120) -> dict:
             return job
         time.sleep(0.1)
     raise AssertionError(f"{video_id} did not finish: {job}")
+
+
+@contextmanager
+def patched_environ(**env: str) -> Iterator[None]:
+    """Set environment variables for the block (as a deployment would: Ray workers started inside inherit them)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import smoke_training_data
+from helpers import patched_environ, smoke_training_data
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,6 @@ SMOKE = ROOT / "cluster" / "recipes" / "smoke-cpu.yaml"
 def s3():
     """An S3-compatible server (moto) on loopback; its endpoint and keys go in the environment before Ray starts,
     so the workers, the sample actor and the driver all reach it the way they would reach S3."""
-    import os
     import socket
 
     import boto3
@@ -41,16 +40,12 @@ def s3():
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="runs")
-    yield "s3://runs"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        with patched_environ(**env):
+            boto3.client("s3").create_bucket(Bucket="runs")
+            yield "s3://runs"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
