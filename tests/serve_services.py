@@ -77,7 +77,8 @@ def s3_server() -> Iterator[dict]:
             import s3fs
 
             endpoint = f"http://127.0.0.1:{port}"
-            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir("sora")
+            # moto keeps its buckets per process, not per server: an earlier module's server may have made it.
+            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).makedirs("sora", exist_ok=True)
             yield {"client_kwargs": {"endpoint_url": endpoint}}
     finally:
         server.stop()

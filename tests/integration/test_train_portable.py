@@ -40,6 +40,9 @@ def s3():
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems made for an earlier module's server
     try:
         with patched_environ(**env):
             boto3.client("s3").create_bucket(Bucket="runs")
