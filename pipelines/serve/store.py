@@ -114,12 +114,12 @@ class ContentStore:
 
     def sign(self, job_id: str, ref: str, variant: str, expires_s: float) -> str | None:
         """A presigned URL of the object (S3, GCS: `fs.sign`), or None where the store cannot sign (a folder)."""
-        if self.local:
+        from fsspec.spec import AbstractFileSystem
+
+        # fsspec's base class cannot sign; only filesystems that override `sign` (s3fs, gcsfs, ...) can.
+        if self.local or type(self.fs).sign is AbstractFileSystem.sign:
             return None
-        try:
-            return self.fs.sign(self.path(job_id, ref, variant), expiration=int(expires_s))
-        except NotImplementedError:
-            return None
+        return self.fs.sign(self.path(job_id, ref, variant), expiration=int(expires_s))
 
     def read_all(self, job_id: str, ref: str, variant: str) -> bytes | None:
         """Whole small files only (tests, thumbnails): downloads go through open_range."""

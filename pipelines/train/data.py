@@ -112,9 +112,10 @@ class _ReadUnits:
         parts, epochs = [], []
         for u in batch["id"]:
             epoch, i, start, end = (int(v) for v in self.units[int(u)])
-            names = pq.ParquetFile(self.files[i]).schema_arrow.names
+            shard = pq.ParquetFile(self.files[i])  # one open: the footer says which caption columns exist
+            names = shard.schema_arrow.names
             extra = [EXTRA_OF[c] for c in EXTRA_OF if c in self.columns and EXTRA_OF[c] in names]
-            table = pq.read_table(self.files[i], columns=self.columns + extra).slice(start, end - start)
+            table = shard.read(columns=self.columns + extra).slice(start, end - start)
             if extra:
                 rng = np.random.default_rng([self.seed, epoch, i, start])
                 parts.append({k: v for k, v in draw_captions(table, rng).items() if k in self.columns})

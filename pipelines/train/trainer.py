@@ -303,7 +303,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
 def _root_message(err: BaseException) -> str:
     """The innermost worker error of a Ray Train failure, on one line."""
     text = str(err)
-    for marker in ("NonFiniteLossError: ", "RuntimeError: ", "ValueError: "):
+    for marker in ("RuntimeError: ", "ValueError: "):
         if marker in text:
             tail = text.rsplit(marker, 1)[1].strip().splitlines()
             if tail:
