@@ -265,7 +265,7 @@ def run_demo(
 
     # 2. Prepare one folder per bucket the recipe's stages use.
     recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out)
-    buckets = sorted({s.dataset for s in recipe.stages})
+    buckets = sorted({b for s in recipe.stages for b in s.buckets})
     prepare_settings = {
         "buckets": buckets, "synth": synth_settings, "clips_per_video": CLIPS_PER_VIDEO,
         "text_encoder": recipe.text_encoder.embedding_settings(),

@@ -40,9 +40,12 @@ class StagePlan:
     seed: int
     stage_index: int
     shuffle: bool = True
+    grids: list[tuple[int, int, int]] | None = None
+    """A mixed stage: each file's clip grid (T', H', W'), sent along with its rows; None: one bucket."""
 
     @classmethod
-    def from_files(cls, files: list[str], seed: int, stage_index: int, shuffle: bool = True) -> StagePlan:
+    def from_files(cls, files: list[str], seed: int, stage_index: int, shuffle: bool = True,
+                   grids: list[tuple[int, int, int]] | None = None) -> StagePlan:  # fmt: skip
         """Row counts from the Parquet footers (no data read), in a thread pool: footers on S3 take a round trip."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -53,8 +56,9 @@ class StagePlan:
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             rows = list(pool.map(count, files))
-        keep = [(f, r) for f, r in zip(files, rows) if r > 0]
-        return cls([f for f, _ in keep], [r for _, r in keep], seed, stage_index, shuffle)
+        keep = [i for i, r in enumerate(rows) if r > 0]
+        kept_grids = [tuple(grids[i]) for i in keep] if grids is not None else None
+        return cls([files[i] for i in keep], [rows[i] for i in keep], seed, stage_index, shuffle, kept_grids)
 
     @property
     def rows_per_epoch(self) -> int:
@@ -101,8 +105,8 @@ class _ReadUnits:
     what it would have drawn and each epoch pairs a clip with a fresh caption.
     """
 
-    def __init__(self, files: list[str], units: np.ndarray, columns: tuple[str, ...], seed: int):
-        self.files, self.units, self.columns, self.seed = files, units, list(columns), seed
+    def __init__(self, files: list[str], units: np.ndarray, columns: tuple[str, ...], seed: int, grids: list | None = None):
+        self.files, self.units, self.columns, self.seed, self.grids = files, units, list(columns), seed, grids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import pyarrow.parquet as pq
@@ -122,7 +126,10 @@ class _ReadUnits:
             else:
                 parts.append(table_to_numpy(table, self.columns))
             epochs.append(np.full(end - start, epoch, dtype=np.int64))
-        arrays = {c: np.concatenate([p[c] for p in parts]) for c in self.columns}
+            if self.grids is not None:  # a mixed stage: rows say which bucket's grid their patches have
+                parts[-1]["grid"] = np.tile(np.asarray(self.grids[i], dtype=np.int64), (end - start, 1))
+        columns = self.columns + (["grid"] if self.grids is not None else [])
+        arrays = {c: np.concatenate([p[c] for p in parts]) for c in columns}
         arrays["epoch"] = np.concatenate(epochs)
         return arrays
 
@@ -140,7 +147,8 @@ def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpu
     units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
     blocks = np.array_split(np.arange(len(units)), min(len(units), MAX_READ_BLOCKS))
     return ray.data.from_arrow([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadUnits(plan.files, units, BATCH_COLUMNS, plan.seed * 1_000_003 + plan.stage_index), batch_size=1, num_cpus=read_cpus,
+        _ReadUnits(plan.files, units, BATCH_COLUMNS, plan.seed * 1_000_003 + plan.stage_index, plan.grids), batch_size=1,
+        num_cpus=read_cpus,
         compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
     )
 

@@ -1,7 +1,7 @@
 """Training recipes: YAML curricula loaded into typed dataclasses (unknown keys and wrong types are errors).
 
     recipe = load_recipe("cluster/recipes/smoke-cpu.yaml")
-    buckets = resolve_stage_data(recipe, ["data/images", "data/clips"])   # stage name -> prepared folders
+    buckets = resolve_stage_data(recipe, ["data/images", "data/clips"])   # stage_data.py: stage name -> prepared folders
 
 A recipe is one model trained through a list of stages (the article's curriculum, 4.1): each stage
 names a prepared bucket (`FRAMESxHEIGHTxWIDTH`, as `sora data prepare` writes it), its batch, steps,
@@ -11,7 +11,6 @@ is one line naming the key, e.g. `stages[1].lr must be a number, got 'fast'`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,8 +28,6 @@ from sora_model.config import (
     from_dict,
     to_dict,
 )
-
-DATASET_INFO = "dataset.json"
 
 
 @dataclass
@@ -164,17 +161,23 @@ class StageSpec:
     """One curriculum stage; starts from the weights the previous stage ended with."""
 
     name: str
-    dataset: str
-    """Bucket `FRAMESxHEIGHTxWIDTH` inside one of the `--data` folders (or a folder path holding one bucket)."""
     resolution: int
-    """Square clip size in pixels; must equal the bucket's height and width."""
+    """Square clip size in pixels; must equal the bucket's height and width (a mixed stage: one bucket's, the shape it samples at)."""
     frames: int
     """Frames per clip; must equal the bucket's frames (1 for image stages)."""
     steps: int
     """Optimizer steps in this stage."""
     lr: float
+    dataset: str = ""
+    """Bucket `FRAMESxHEIGHTxWIDTH` inside one of the `--data` folders (or a folder path holding one bucket)."""
+    datasets: list[str] = field(default_factory=list)
+    """A mixed stage (Open-Sora's mixed buckets): several buckets drawn as one stream, each micro-batch a packed
+    batch of clips of any of them (NaViT: tokens concatenated, each clip attends to itself; no padding) holding up
+    to `tokens_per_batch` tokens. Give `dataset` or `datasets`, not both."""
+    tokens_per_batch: int = 0
+    """A mixed stage's token budget per rank and micro-batch (clips are added while they fit; at least one)."""
     micro_batch: int = 1
-    """Clips per rank per forward pass."""
+    """Clips per rank per forward pass (a mixed stage: the fewest clips its token budget holds, for the clip count check)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step: global batch = micro_batch * grad_accum * workers."""
     warmup_steps: int = 0
@@ -203,6 +206,23 @@ class StageSpec:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.cond_dropout is not None and not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if bool(self.dataset) == bool(self.datasets):
+            raise ConfigError("give dataset (one bucket) or datasets (a mixed stage's buckets), not both and not neither")
+        if self.datasets and len(set(self.datasets)) != len(self.datasets):
+            raise ConfigError(f"datasets lists a bucket twice: {self.datasets}")
+        if self.datasets and self.tokens_per_batch < 1:
+            raise ConfigError("tokens_per_batch must be >= 1 for a mixed stage (datasets: [...]): the packed micro-batch's token budget")
+        if self.tokens_per_batch and not self.datasets:
+            raise ConfigError("tokens_per_batch applies to a mixed stage only (datasets: [...]); a one-bucket stage uses micro_batch")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether micro-batches are packed from several buckets."""
+        return bool(self.datasets)
+
+    @property
+    def buckets(self) -> list[str]:
+        return list(self.datasets) if self.datasets else [self.dataset]
 
 
 @dataclass
@@ -309,6 +329,10 @@ def _check_stage_shapes(recipe: Recipe, model: DiTConfig) -> None:
     if model.num_heads % sp:
         raise ConfigError(f"sequence_parallel_size {sp} must divide model.num_heads ({model.num_heads})")
     for i, stage in enumerate(recipe.stages):
+        if stage.mixed and sp > 1:
+            raise ConfigError(f"stages[{i}]: a mixed stage (datasets) packs clips of several shapes, which sequence_parallel_size {sp} cannot shard; use 1")
+        if stage.mixed and recipe.compile:
+            raise ConfigError(f"stages[{i}]: a mixed stage's packed batches change shape every step (a graph each); set compile: false")
         pt, ph, pw = model.patch_size
         if stage.frames % pt or stage.resolution % ph or stage.resolution % pw:
             raise ConfigError(
@@ -365,103 +389,3 @@ def load_recipe(path: str) -> Recipe:
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """JSON-ready form (what the workers receive and `parse_recipe` reads back)."""
     return to_dict(recipe)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: which prepared folder holds each stage's bucket
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StageData:
-    """Where a stage's clips are and what they look like."""
-
-    paths: list[str]
-    """Prepared dataset roots holding the bucket (passed to `pipelines.data.load.load_prepared`)."""
-    bucket: str
-    bucket_dirs: list[str]
-    num_clips: int
-    grid: tuple[int, int, int]
-    info: dict[str, Any]
-
-
-def read_info(root: str) -> dict[str, Any]:
-    path = os.path.join(root, DATASET_INFO)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{root}' is not a prepared dataset: {DATASET_INFO} is missing (run `sora data prepare`)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _bucket_name(b: dict[str, Any]) -> str:
-    return b.get("name") or f"{b['frames']}x{b['height']}x{b['width']}"
-
-
-def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]:
-    """Find each stage's bucket in the `--data` folders and check it fits the model and the stage.
-
-    A stage's `dataset` is a bucket name (`8x32x32`) looked up in every root, or a path to a prepared
-    root (then its only bucket is used). Errors name the stage and list the buckets that exist.
-    """
-    roots = [os.path.abspath(r) for r in roots]
-    infos = {r: read_info(r) for r in roots}
-    model = recipe.model_config()
-    out: dict[str, StageData] = {}
-    for i, stage in enumerate(recipe.stages):
-        where = f"stages[{i}].dataset"
-        hits: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        if os.path.isfile(os.path.join(stage.dataset, DATASET_INFO)):
-            root = os.path.abspath(stage.dataset)
-            info = infos.get(root) or read_info(root)
-            if len(info["buckets"]) != 1:
-                names = ", ".join(_bucket_name(b) for b in info["buckets"])
-                raise ConfigError(f"{where} '{stage.dataset}' holds several buckets ({names}); name one instead")
-            hits.append((root, info, info["buckets"][0]))
-        else:
-            empty = []
-            for root, info in infos.items():
-                for b in info["buckets"]:
-                    if _bucket_name(b) == stage.dataset:
-                        (hits if int(b["num_clips"]) > 0 else empty).append((root, info, b))
-            if not hits and empty:
-                raise ConfigError(f"{where} '{stage.dataset}' holds no clips in {', '.join(r for r, _, _ in empty)}")
-        if not hits:
-            have = sorted({_bucket_name(b) for info in infos.values() for b in info["buckets"]})
-            raise ConfigError(
-                f"{where} '{stage.dataset}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}"
-            )
-        _, info, bucket = hits[0]
-        frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
-        if (frames, height, width) != (stage.frames, stage.resolution, stage.resolution):
-            raise ConfigError(
-                f"stages[{i}] wants {stage.frames} frames at {stage.resolution}x{stage.resolution} but bucket "
-                f"'{stage.dataset}' holds {frames}x{height}x{width}"
-            )
-        if tuple(info["patch_size"]) != tuple(model.patch_size):
-            raise ConfigError(
-                f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}"
-            )
-        if int(info["in_channels"]) != model.in_channels:
-            raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
-        data_layer = int(info.get("text_encoder", {}).get("hidden_layer", -1))
-        if data_layer != recipe.text_encoder.hidden_layer:
-            raise ConfigError(
-                f"{where}: the data's captions were embedded from text encoder layer {data_layer} but "
-                f"text_encoder.hidden_layer is {recipe.text_encoder.hidden_layer}; prepare with "
-                f"--text-hidden-layer {recipe.text_encoder.hidden_layer}"
-            )
-        text_dim = int(info.get("text_encoder", {}).get("dim", model.text_dim))
-        if text_dim != model.text_dim:
-            raise ConfigError(f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}")
-        num = sum(int(b["num_clips"]) for _, _, b in hits)
-        if num < 1:
-            raise ConfigError(f"{where} '{stage.dataset}' holds no clips")
-        out[stage.name] = StageData(
-            paths=[r for r, _, _ in hits],
-            bucket=_bucket_name(bucket),
-            bucket_dirs=[os.path.join(r, b.get("path", _bucket_name(b))) for r, _, b in hits],
-            num_clips=num,
-            grid=tuple(int(g) for g in bucket["grid"]),
-            info=info,
-        )
-    return out

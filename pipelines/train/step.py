@@ -32,6 +32,12 @@ class StepResult:
     epoch: int
     skipped: int
     """Non-finite micro-batches skipped during this step."""
+    rows: int = 0
+    """Rows of the stage stream all ranks drew in this step (skipped micro-batches included): the stream position moves by this."""
+    clips: int = 0
+    """Clips all ranks trained on (a sequence-parallel group counts its shared clips once per rank)."""
+    tokens: int = 0
+    """Their tokens."""
     fatal: str | None = None
     """Set when `max_nonfinite_steps` consecutive micro-batches were non-finite: the run must end."""
 
@@ -71,8 +77,11 @@ class Stepper:
         dist.all_reduce(t)
         return t.tolist()
 
-    def _losses(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _losses(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         from sora_model.dit import null_text_drop
+
+        if "grids" in batch:
+            return self._packed_losses(batch, gen)
         from sora_model.patch import unpatchify
 
         cfg = self.model_cfg
@@ -92,15 +101,45 @@ class Stepper:
             model_fn, x0, self.stage.loss, generator=gen, num_tokens=self.num_tokens, perceptual_net=self.perceptual
         )
 
+    def _packed_losses(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """A mixed stage's packed micro-batch: clips of several grids in one forward (`grids=`), no padding."""
+        from sora_model.attention import TokenLayout
+        from sora_model.dit import null_text_drop
+        from sora_model.patch import patchify, unpatchify
+
+        cfg, engine, dtype = self.model_cfg, self.engine, self.dtype
+        grids = batch["grids"]
+        segments = TokenLayout.from_grids(grids).segments  # ((grid, count), ...): same-grid clips side by side
+        sizes = [math.prod(g) * count for g, count in segments]
+        parts = batch["patches"].float().split(sizes)  # per segment (count * N, P)
+        x0s = [unpatchify(p.reshape(count, -1, p.shape[-1]), g, cfg.patch_size, cfg.in_channels) for p, (g, count) in zip(parts, segments)]
+        tokens, mask = batch["text_tokens"].to(dtype), batch["text_mask"]  # (clips, L, Dt), (clips, L)
+        pooled = batch["text_pooled"].to(dtype)  # (clips, Dt)
+        drop = null_text_drop(len(grids), self.cond_dropout, gen, device=self.device)  # (clips,)
+
+        def model_fn(x_ts: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
+            packed = torch.cat([patchify(x, cfg.patch_size).flatten(0, 1) for x in x_ts])  # (ΣN, P)
+            out = engine(packed.to(dtype), t, tokens, mask, pooled, drop_text=drop, grids=grids).float()  # (ΣN, P)
+            return [unpatchify(o.reshape(count, -1, o.shape[-1]), g, cfg.patch_size, cfg.in_channels)
+                    for o, (g, count) in zip(out.split(sizes), segments)]  # fmt: skip
+
+        return self.diffusion.training_losses_packed(
+            model_fn, x0s, self.stage.loss, generator=gen, num_tokens=[math.prod(g) for g, _ in segments],
+            perceptual_net=self.perceptual,
+        )  # fmt: skip
+
     def run(self, batches: Any, global_step: int, consumed: int) -> tuple[StepResult, int]:
         """One optimizer step (global step `global_step + 1`); returns the result and micro-batches drawn so far."""
         stage = self.stage
         sums = np.zeros(len(LOSS_TERMS))
         micro = skipped = epoch = 0
+        rows = clips = tokens = 0.0
         while micro < stage.grad_accum:
             batch = next(batches)
             consumed += 1
             epoch = int(batch["epoch"].max())  # the shuffle buffer mixes the last rows of an epoch with the next
+            drawn = int(batch["rows"]) if "grids" in batch else int(batch["patches"].shape[0])
+            size = sum(math.prod(g) for g in batch["grids"]) if "grids" in batch else drawn * self.num_tokens
             if self.par is not None:
                 batch = self.par.share({k: v for k, v in batch.items() if k != "epoch"})
             seed_rank = self.par.dp_rank if self.par is not None else self.rank  # a sequence-parallel group draws alike
@@ -113,8 +152,10 @@ class Stepper:
                     terms["loss"] = terms["loss"] * float("nan")
             values = [float(terms[key]) for key in LOSS_TERMS]
             bad = not all(math.isfinite(v) for v in values)
-            reduced = self._allreduce([*(0.0 if bad else v for v in values), float(bad)])
-            if reduced[-1] > 0:
+            n = len(LOSS_TERMS)
+            reduced = self._allreduce([*(0.0 if bad else v for v in values), float(bad), float(drawn), float(size)])
+            rows += reduced[n + 1]
+            if reduced[n] > 0:
                 del terms
                 skipped += 1
                 self.bad_in_row += 1
@@ -124,11 +165,13 @@ class Stepper:
                         f"{global_step + 1}: stopped; the last good checkpoint is intact (lower the stage's lr or "
                         "raise warmup_steps, then --resume)"
                     )
-                    return StepResult(sums, epoch, skipped, fatal), consumed
+                    return StepResult(sums, epoch, skipped, int(rows), int(clips), int(tokens), fatal), consumed
                 continue
             self.bad_in_row = 0
-            sums += np.asarray(reduced[:-1]) / self.world
+            sums += np.asarray(reduced[:n]) / self.world
+            clips += reduced[n + 1]
+            tokens += reduced[n + 2]
             self.engine.backward(terms["loss"] * (self.par.loss_scale if self.par is not None else 1.0))
             self.engine.step()
             micro += 1
-        return StepResult(sums / stage.grad_accum, epoch, skipped), consumed
+        return StepResult(sums / stage.grad_accum, epoch, skipped, int(rows), int(clips), int(tokens)), consumed

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,8 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
-from pipelines.train.recipe import Recipe, StageData, load_recipe, recipe_to_dict, resolve_stage_data
+from pipelines.train.recipe import Recipe, load_recipe, recipe_to_dict
 from pipelines.train.samples import finish_sampler, start_sampler
+from pipelines.train.stage_data import StageData, resolve_stage_data
 from pipelines.train.storage import RunStore
 from pipelines.train.worker import FATAL_FILE
 
@@ -167,10 +169,17 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
         if i < first:
             continue
         begin = int(start.get("consumed_samples", 0)) if start and i == first else 0
-        files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
-        plan = StagePlan.from_files(files, recipe.seed, i, shuffle=recipe.data.shuffle == "global")
+        shuffle = recipe.data.shuffle == "global"
+        if stage.mixed:  # one stream over every bucket's files, each row carrying its grid
+            pairs = [(f, part.grid) for part in sd.parts for p in part.paths for f in bucket_files(p, part.bucket)[2]]
+            plan = StagePlan.from_files([f for f, _ in pairs], recipe.seed, i, shuffle, grids=[g for _, g in pairs])
+            per_micro = stage.tokens_per_batch // min(math.prod(part.grid) for part in sd.parts)  # the most clips a pack holds
+        else:
+            files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
+            plan = StagePlan.from_files(files, recipe.seed, i, shuffle)
+            per_micro = stage.micro_batch
         # Every sample the stage's steps draw, plus slack for micro-batches skipped as non-finite (lazy: unread).
-        needed = stage.steps * stage.grad_accum * stage.micro_batch * num_workers + STREAM_SLACK_EPOCHS * plan.rows_per_epoch
+        needed = stage.steps * stage.grad_accum * per_micro * num_workers + STREAM_SLACK_EPOCHS * plan.rows_per_epoch
         stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin}
         datasets[stage.name] = stage_dataset(plan, begin, needed, read_cpus, readers=2 * num_workers)
     return stages, datasets

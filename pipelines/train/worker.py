@@ -132,8 +132,16 @@ def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sampl
 
     spec = parse_recipe(config["recipe"]).data
     shard = ray.train.get_dataset_shard(stage.name)
-    batches = iter(device_batches(shard, stage, spec, device, seed=config["recipe"]["seed"] * 7919 + si))
-    skip = (start_sample - config["stages"][stage.name]["start_sample"]) // (stage.micro_batch * world)
+    seed = config["recipe"]["seed"] * 7919 + si
+    ahead = start_sample - config["stages"][stage.name]["start_sample"]
+    if stage.mixed:  # packs hold varying numbers of clips: skip rows, this rank's share of them
+        from pipelines.train.packing import packed_batches
+
+        pin = spec.pin_memory and device.type == "cuda"
+        return packed_batches(shard, stage.tokens_per_batch, spec.shuffle_buffer, spec.prefetch_batches, device, seed,
+                              skip_rows=max(0, ahead) // world, pin=pin)  # fmt: skip
+    batches = iter(device_batches(shard, stage, spec, device, seed=seed))
+    skip = ahead // (stage.micro_batch * world)
     for _ in range(max(0, skip)):
         next(batches)
     return batches
@@ -269,7 +277,7 @@ class RankRun:
         self.engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * self.world)
         stepper = self._stepper(stage)
         batches = _stage_stream(self.config, si, stage, start_sample, self.world, self.device)
-        drawn = 0
+        drawn, consumed = 0, start_sample
         if self.zero:
             self.zero.progress.set_description(f"{stage.name} ({si + 1}/{len(self.recipe.stages)})")
         self.engine.train()
@@ -283,14 +291,15 @@ class RankRun:
             self.state["global_step"] += 1
             if self.ema is not None:
                 self.ema.update(self.module)
-            self._record(stage, k, result, stepper.num_tokens, time.perf_counter() - t0)
+            consumed += result.rows
+            self._record(stage, k, result, time.perf_counter() - t0)
             _maybe_crash(int(self.config.get("crash_at_step") or 0), self.state["global_step"], self.rank, self.world,
                          self.config["run_dir"])  # fmt: skip
-            if not self._after_step(si, k, start_sample + drawn * stage.micro_batch * self.world):
+            if not self._after_step(si, k, consumed):
                 return False
         return True
 
-    def _record(self, stage: StageSpec, k: int, result: Any, num_tokens: int, step_time: float) -> None:
+    def _record(self, stage: StageSpec, k: int, result: Any, step_time: float) -> None:
         """Rank 0: one metrics row, the progress bar, and a line when micro-batches were skipped."""
         from pipelines.train.engine import lr_at
 
@@ -301,13 +310,13 @@ class RankRun:
             print(f"[sora train] non-finite loss at step {step} (stage {stage.name}); {result.skipped} micro-batch(es) "
                   "skipped", file=sys.stderr, flush=True)  # fmt: skip
         grad_norm = self.engine.get_global_grad_norm()
-        samples = stage.micro_batch * stage.grad_accum * self.world // self.par.sp  # a sequence-parallel group shares clips
+        sp = self.par.sp  # a sequence-parallel group shares clips: each counted once
         m = result.means
         row = {
             "step": step, "stage": stage.name, "stage_step": k + 1, "epoch": result.epoch, "loss": m[0], "diffusion": m[1],
             "temporal_consistency": m[2], "motion_smoothness": m[3], "perceptual": m[4], "lr": lr_at(self.recipe, step - 1),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "samples_per_s": samples / step_time,
-            "tokens_per_s": samples * num_tokens / step_time, "step_time_s": step_time,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "samples_per_s": result.clips / sp / step_time,
+            "tokens_per_s": result.tokens / sp / step_time, "step_time_s": step_time,
             "nonfinite_skipped": self.state["nonfinite_total"], "time": time.time(),
         }  # fmt: skip
         self.zero.log.log(row)

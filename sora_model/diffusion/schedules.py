@@ -22,6 +22,8 @@ from sora_model.diffusion.losses import Decoder, combine_losses
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 """model_fn(x_t (B, C, T, H, W), timestep (B,) float) -> prediction (B, C, T, H, W)."""
+PackedModelFn = Callable[[list[Tensor], Tensor], list[Tensor]]
+"""model_fn(groups of x_t [(n_g, C, T_g, H_g, W_g)], timesteps (Σn_g,)) -> predictions, one per group."""
 
 FLOW_TIMESTEP_SCALE = 1000.0
 """Flow time t in [0, 1] is fed to the network as t * 1000: the range DiT's sinusoidal embedding expects."""
@@ -217,6 +219,50 @@ class Diffusion(ABC):
         return combine_losses(
             pred, target, x0_hat, x0, self.aux_weight(t), loss_cfg, perceptual_net=perceptual_net, decode=decode
         )
+
+    def training_losses_packed(
+        self,
+        model_fn: PackedModelFn,
+        x0s: list[Tensor],
+        loss_cfg: LossConfig,
+        *,
+        generator: torch.Generator | None = None,
+        num_tokens: list[int] | None = None,
+        perceptual_net: nn.Module | None = None,
+        decode: Decoder | None = None,
+    ) -> dict[str, Tensor]:
+        """`training_losses` for clips of several shapes trained in one network call (a packed batch).
+
+        x0s: one (n_g, C, T_g, H_g, W_g) tensor per group of same-shape clips; num_tokens: each group's
+        tokens per clip (the resolution-dependent timestep shift). model_fn takes the noisy groups and the
+        (Σn_g,) model timesteps, clips in group order, and returns one prediction per group. Every term is a
+        token-weighted mean over the clips (a group counts by its elements, as in the padded mean it replaces);
+        with one group this is `training_losses` exactly, the random draws included.
+        """
+        if not x0s or any(x0.ndim != 5 for x0 in x0s):
+            raise ValueError(f"training_losses_packed expects a list of (n, C, T, H, W) groups, got shapes {[tuple(x.shape) for x in x0s]}")
+        counts = num_tokens if num_tokens is not None else [None] * len(x0s)
+        # 1. Each group's timesteps then noise, groups in order (one group draws as `training_losses` does).
+        ts, noises = [], []
+        for x0, n in zip(x0s, counts, strict=True):
+            ts.append(self.sample_training_timesteps(x0, generator, n))  # (n_g,)
+            noises.append(S.draw_normal(tuple(x0.shape), generator, x0.device, x0.dtype))
+        # 2. One network call over every clip.
+        x_ts = [self.q_sample(x0, t, noise) for x0, t, noise in zip(x0s, ts, noises)]
+        preds = model_fn(x_ts, torch.cat([self.model_timestep(t) for t in ts]))
+        if [p.shape for p in preds] != [x.shape for x in x0s]:
+            raise ValueError(f"model_fn returned shapes {[tuple(p.shape) for p in preds]}, expected {[tuple(x.shape) for x in x0s]}")
+        # 3. Terms per group, weighted by its share of the batch's elements.
+        total = sum(x0.numel() for x0 in x0s)
+        out: dict[str, Tensor] = {}
+        for x0, t, noise, x_t, pred in zip(x0s, ts, noises, x_ts, preds):
+            terms = combine_losses(
+                pred, self.target(x0, t, noise), self.predict_x0(x_t, t, pred), x0, self.aux_weight(t), loss_cfg,
+                perceptual_net=perceptual_net, decode=decode,
+            )  # fmt: skip
+            for key, value in terms.items():
+                out[key] = out[key] + value * (x0.numel() / total) if key in out else value * (x0.numel() / total)
+        return out
 
     def sample(
         self,

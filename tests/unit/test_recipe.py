@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pipelines.train.engine import lr_at
-from pipelines.train.recipe import load_recipe, parse_recipe, resolve_stage_data
+from pipelines.train.recipe import load_recipe, parse_recipe
+from pipelines.train.stage_data import resolve_stage_data
 from sora_model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

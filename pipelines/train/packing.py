@@ -1,0 +1,81 @@
+"""A mixed stage's micro-batches: clips of several buckets packed up to a token budget, with no padding.
+
+    for batch in packed_batches(shard, stage, recipe.data, device, seed):
+        batch["patches"]   # (ΣN, P): every clip's tokens, clip after clip
+        batch["grids"]     # ((T', H', W'), ...) one per clip, Python ints: the DiT's packed layout
+
+The stage stream (data.py) interleaves the buckets' shard files and carries each row's grid; a rank takes
+rows in stream order (after its local shuffle buffer) and closes a micro-batch when the next clip would
+pass `tokens_per_batch` (NaViT / Open-Sora's mixed buckets). Clips of one grid are put next to each other,
+so attention runs one dense call per grid. A pack always holds at least one clip (the recipe checks that
+every bucket's clip fits the budget), and the number of clips varies, so positions in the stream are
+counted in rows, not micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.train.data import BATCH_COLUMNS
+
+READ_ROWS = 16
+"""Rows fetched from the shard per iteration (the packs are cut from them: any size works)."""
+
+Row = dict[str, Any]
+
+
+def iter_rows(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[Row]:
+    """Numpy batches (patches of several shapes arrive as object arrays) -> one row at a time."""
+    for batch in batches:
+        for i in range(len(batch["grid"])):
+            yield {key: batch[key][i] for key in (*BATCH_COLUMNS, "grid", "epoch")}
+
+
+def pack_rows(rows: Iterable[Row], budget: int) -> Iterator[list[Row]]:
+    """Greedy in stream order: a clip joins the pack while the pack stays within `budget` tokens."""
+    pack: list[Row] = []
+    total = 0
+    for row in rows:
+        tokens = int(np.prod(row["grid"]))
+        if pack and total + tokens > budget:
+            yield pack
+            pack, total = [], 0
+        pack.append(row)
+        total += tokens
+    if pack:
+        yield pack
+
+
+def collate_pack(pack: list[Row], device: torch.device, pin: bool = False) -> dict[str, Any]:
+    """One packed micro-batch on `device`: clips ordered by grid (one attention call per grid), captions trimmed."""
+    order = sorted(range(len(pack)), key=lambda i: tuple(int(v) for v in pack[i]["grid"]))
+    rows = [pack[i] for i in order]
+    mask = np.stack([np.asarray(r["text_mask"], dtype=bool) for r in rows])  # (clips, L)
+    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1  # caption columns no clip uses stay on the host
+    host = {
+        "patches": torch.as_tensor(np.concatenate([np.asarray(r["patches"], dtype=np.float32) for r in rows])),  # (ΣN, P)
+        "text_tokens": torch.as_tensor(np.stack([np.asarray(r["text_tokens"], dtype=np.float16) for r in rows])[:, :keep]),
+        "text_mask": torch.as_tensor(mask[:, :keep]),  # (clips, L')
+        "text_pooled": torch.as_tensor(np.stack([np.asarray(r["text_pooled"], dtype=np.float16) for r in rows])),
+        "epoch": torch.as_tensor(np.asarray([int(r["epoch"]) for r in rows], dtype=np.int64)),
+    }
+    out: dict[str, Any] = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in host.items()}
+    out["grids"] = tuple(tuple(int(v) for v in r["grid"]) for r in rows)
+    out["rows"] = len(rows)
+    return out
+
+
+def packed_batches(shard: Any, budget: int, shuffle_buffer: int, prefetch: int, device: torch.device, seed: int,
+                   skip_rows: int = 0, pin: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """A rank's packed micro-batches of its shard of a mixed stage's stream; the first `skip_rows` rows dropped."""
+    batches = shard.iter_batches(batch_size=READ_ROWS, batch_format="numpy", prefetch_batches=prefetch,
+                                 local_shuffle_buffer_size=max(shuffle_buffer, READ_ROWS), local_shuffle_seed=seed)  # fmt: skip
+    rows = iter_rows(batches)
+    for _ in range(skip_rows):
+        next(rows, None)
+    for pack in pack_rows(rows, budget):
+        yield collate_pack(pack, device, pin)

@@ -1,0 +1,144 @@
+"""Which prepared folder holds each stage's bucket(s), checked against the model and the stage.
+
+    stage_data = resolve_stage_data(recipe, ["data/images", "data/clips"])   # stage name -> StageData
+
+A stage names a bucket (`FRAMESxHEIGHTxWIDTH`, as `sora data prepare` writes it) or, for a mixed stage,
+several; each is looked up in every `--data` root. Every error is one line naming the stage and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.train.recipe import Recipe
+from sora_model.config import ConfigError, DiTConfig
+
+DATASET_INFO = "dataset.json"
+
+
+
+@dataclass
+class StageData:
+    """Where a stage's clips are and what they look like."""
+
+    paths: list[str]
+    """Prepared dataset roots holding the bucket (passed to `pipelines.data.load.load_prepared`)."""
+    bucket: str
+    bucket_dirs: list[str]
+    num_clips: int
+    grid: tuple[int, int, int]
+    """Tokens per clip along (T', H', W'); a mixed stage: those of the bucket it samples at."""
+    info: dict[str, Any]
+    shape: tuple[int, int, int] = (0, 0, 0)
+    """(frames, height, width) of the bucket's clips."""
+    parts: list[StageData] = field(default_factory=list)
+    """A mixed stage's buckets, one StageData each (empty for a one-bucket stage)."""
+
+
+def read_info(root: str) -> dict[str, Any]:
+    path = os.path.join(root, DATASET_INFO)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"'{root}' is not a prepared dataset: {DATASET_INFO} is missing (run `sora data prepare`)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _bucket_name(b: dict[str, Any]) -> str:
+    return b.get("name") or f"{b['frames']}x{b['height']}x{b['width']}"
+
+
+def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]:
+    """Find each stage's bucket(s) in the `--data` folders and check they fit the model and the stage.
+
+    A stage's `dataset` is a bucket name (`8x32x32`) looked up in every root, or a path to a prepared
+    root (then its only bucket is used). Errors name the stage and list the buckets that exist.
+    """
+    roots = [os.path.abspath(r) for r in roots]
+    infos = {r: read_info(r) for r in roots}
+    model = recipe.model_config()
+    out: dict[str, StageData] = {}
+    for i, stage in enumerate(recipe.stages):
+        parts = [_resolve_bucket(recipe, model, infos, roots, f"stages[{i}].dataset", name) for name in stage.buckets]
+        want = (stage.frames, stage.resolution, stage.resolution)
+        if not stage.mixed:
+            if parts[0].shape != want:
+                f, h, w = parts[0].shape
+                raise ConfigError(
+                    f"stages[{i}] wants {stage.frames} frames at {stage.resolution}x{stage.resolution} but bucket "
+                    f"'{stage.dataset}' holds {f}x{h}x{w}"
+                )
+            out[stage.name] = parts[0]
+            continue
+        shapes = {p.shape: p for p in parts}
+        if want not in shapes:
+            raise ConfigError(
+                f"stages[{i}] samples at {stage.frames} frames at {stage.resolution}x{stage.resolution}, which none of its "
+                f"datasets ({', '.join(stage.datasets)}) holds; set frames and resolution to one of them"
+            )
+        for p in parts:
+            tokens = p.grid[0] * p.grid[1] * p.grid[2]
+            if tokens > stage.tokens_per_batch:
+                raise ConfigError(
+                    f"stages[{i}].tokens_per_batch {stage.tokens_per_batch} is below the {tokens} tokens of one clip of "
+                    f"bucket {p.bucket}; raise it to at least {tokens}"
+                )
+        out[stage.name] = StageData(
+            paths=sorted({r for p in parts for r in p.paths}), bucket="+".join(p.bucket for p in parts),
+            bucket_dirs=[d for p in parts for d in p.bucket_dirs], num_clips=sum(p.num_clips for p in parts),
+            grid=shapes[want].grid, info=parts[0].info, shape=want, parts=parts,
+        )  # fmt: skip
+    return out
+
+
+def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str, Any]], roots: list[str], where: str,
+                    name: str) -> StageData:  # fmt: skip
+    """One bucket, by name in every root or by a prepared folder's path, checked against the model and the recipe."""
+    hits: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    if os.path.isfile(os.path.join(name, DATASET_INFO)):
+        root = os.path.abspath(name)
+        info = infos.get(root) or read_info(root)
+        if len(info["buckets"]) != 1:
+            names = ", ".join(_bucket_name(b) for b in info["buckets"])
+            raise ConfigError(f"{where} '{name}' holds several buckets ({names}); name one instead")
+        hits.append((root, info, info["buckets"][0]))
+    else:
+        empty = []
+        for root, info in infos.items():
+            for b in info["buckets"]:
+                if _bucket_name(b) == name:
+                    (hits if int(b["num_clips"]) > 0 else empty).append((root, info, b))
+        if not hits and empty:
+            raise ConfigError(f"{where} '{name}' holds no clips in {', '.join(r for r, _, _ in empty)}")
+    if not hits:
+        have = sorted({_bucket_name(b) for info in infos.values() for b in info["buckets"]})
+        raise ConfigError(f"{where} '{name}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}")
+    _, info, bucket = hits[0]
+    if tuple(info["patch_size"]) != tuple(model.patch_size):
+        raise ConfigError(f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}")
+    if int(info["in_channels"]) != model.in_channels:
+        raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
+    data_layer = int(info.get("text_encoder", {}).get("hidden_layer", -1))
+    if data_layer != recipe.text_encoder.hidden_layer:
+        raise ConfigError(
+            f"{where}: the data's captions were embedded from text encoder layer {data_layer} but "
+            f"text_encoder.hidden_layer is {recipe.text_encoder.hidden_layer}; prepare with "
+            f"--text-hidden-layer {recipe.text_encoder.hidden_layer}"
+        )
+    text_dim = int(info.get("text_encoder", {}).get("dim", model.text_dim))
+    if text_dim != model.text_dim:
+        raise ConfigError(f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}")
+    num = sum(int(b["num_clips"]) for _, _, b in hits)
+    if num < 1:
+        raise ConfigError(f"{where} '{name}' holds no clips")
+    return StageData(
+        paths=[r for r, _, _ in hits],
+        bucket=_bucket_name(bucket),
+        bucket_dirs=[os.path.join(r, b.get("path", _bucket_name(b))) for r, _, b in hits],
+        num_clips=num,
+        grid=tuple(int(g) for g in bucket["grid"]),
+        info=info,
+        shape=(int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])),
+    )
