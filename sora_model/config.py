@@ -222,6 +222,8 @@ class TextEncoderConfig:
     the last layer blurs: MiniLM's last layer puts "left" and "right" at cosine 0.78, its embeddings at 0.50.
     Prepared data records the number as given and training compares it as given: spell a layer one way."""
 
+    tokenizer_path: str | None = None
+    """Folder of the tokenizer; None: the encoder's own folder. Diffusers pipelines keep it apart (`tokenizer/`)."""
     clean_prompts: bool = False
     """Unescape HTML entities and collapse runs of whitespace before tokenising, as Wan's pipeline does to every
     prompt (it also runs `ftfy` when installed; we do not, so mojibake-free prompts match exactly)."""
