@@ -227,3 +227,44 @@ def test_convert_refuses_to_overwrite(export: Path, wan_folder: Path, capsys) ->
     assert main(["convert", "--from-diffusers", str(wan_folder), "--out", str(export)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert convert_wan_folder(wan_folder, export).model.depth == 2  # the library call overwrites
+
+
+@pytest.mark.parametrize("preset, wan_config", [
+    ("Wan2.1-T2V-1.3B", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
+    ("Wan2.1-T2V-14B", {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}),
+])  # fmt: skip
+def test_wan_presets_have_wans_parameter_count(preset: str, wan_config: dict) -> None:
+    from sora_model.config import dit_preset
+
+    with torch.device("meta"):  # shapes only
+        ours = DiT(dit_preset(preset)).num_parameters()
+        wan = sum(p.numel() for p in diffusers.WanTransformer3DModel(attention_head_dim=128, **wan_config).parameters())
+    assert ours == wan
+
+
+def test_wan_model_has_no_learned_null_and_keeps_tables_fp32(export: Path) -> None:
+    model = _our_dit(export)
+    assert not hasattr(model, "null_text_token") and not hasattr(model, "pooled_embedder")
+    x, t, text = _inputs()
+    mask, pooled = torch.ones(text.shape[:2], dtype=torch.bool), torch.zeros(2, TEXT_DIM)
+    with pytest.raises(ValueError, match="empty_prompt"):
+        model(x, t, text, mask, pooled, drop_text=torch.tensor([True, False]))
+    with torch.no_grad():
+        reference = model(x, t, text, mask, pooled)
+        model.to_inference_dtype(torch.bfloat16)
+        assert model.blocks[0].modulation.table.dtype == model.final_layer.modulation.table.dtype == torch.float32
+        assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+        low = model(x, t, text, mask, pooled)
+    assert (low.float() - reference).abs().max().item() < 0.1 * reference.abs().max().item()
+
+
+def test_serve_generator_loads_converted_export_with_lora(export: Path, tmp_path: Path) -> None:
+    """The Serve replica's constructor (no Ray needed to call it): settings -> load with the adapter -> model card."""
+    from pipelines.serve.generator import Generator
+
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(_our_dit(export), peft.LoraConfig(r=2, target_modules=LORA_TARGET_MODULES)).save_pretrained(str(adapter))
+    generator = Generator.func_or_class({"model": str(export), "lora": str(adapter), "store": str(tmp_path / "store"), "device": "cpu"})
+    assert (generator.card.num_frames, generator.card.height, generator.card.width) == (81, 480, 832)
+    clips = generator.pipe(["a red circle", "a blue square"], num_frames=5, height=32, width=32, steps=1, seed=[0, 1])
+    assert clips.shape == (2, 5, 32, 32, 3)
