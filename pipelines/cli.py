@@ -6,6 +6,7 @@
     sora generate --model runs/smoke/export --prompt "a red circle moving left" --out clip.mp4
     sora serve --model runs/smoke/export
     sora eval --model runs/smoke/export --prompts prompts.txt
+    sora convert --from-diffusers Wan2.1-T2V-1.3B-Diffusers --out exports/wan-1.3b
     sora demo
 
 Each stage registers its own sub-commands (`register(subparsers)` in its `commands` module) so this
@@ -26,6 +27,7 @@ COMMAND_MODULES = (
     "pipelines.train.commands",
     "pipelines.serve.commands",
     "pipelines.evaluate.commands",
+    "pipelines.convert",
     "pipelines.demo",
 )
 

@@ -180,6 +180,24 @@ def scoped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Gr
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, N, Dh)
 
 
+QKNormOver = Literal["head", "width"]
+
+
+def qk_norms(dim: int, head_dim: int, enabled: bool, over: QKNormOver) -> tuple[nn.Module, nn.Module]:
+    """The query and key RMSNorms: over each head's dims (`head`) or over all heads at once (`width`, Wan)."""
+    if not enabled:
+        return nn.Identity(), nn.Identity()
+    width = dim if over == "width" else head_dim
+    return nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)
+
+
+def _norm_heads(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """RMS-normalise (..., H, Dh) heads with `norm`, whose width is Dh (per head) or H * Dh (across heads)."""
+    if isinstance(norm, nn.Identity) or norm.normalized_shape[0] == x.shape[-1]:
+        return norm(x)
+    return norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])  # (..., H, Dh)
+
+
 def _qk_norm(qk: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> torch.Tensor:
     """RMS-normalise stacked queries and keys (B, N, 2, H, Dh), each through its own module.
 
@@ -188,7 +206,7 @@ def _qk_norm(qk: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module) -> torch.Te
     """
     if isinstance(q_norm, nn.Identity):
         return qk
-    return torch.stack([q_norm(qk[:, :, 0]), k_norm(qk[:, :, 1])], dim=2)  # (B, N, 2, H, Dh)
+    return torch.stack([_norm_heads(qk[:, :, 0], q_norm), _norm_heads(qk[:, :, 1], k_norm)], dim=2)  # (B, N, 2, H, Dh)
 
 
 class SelfAttention(nn.Module):
@@ -200,13 +218,12 @@ class SelfAttention(nn.Module):
     `hook` (None by default) wraps the local attention: sequence parallelism sets it from outside.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, qk_norm_over: QKNormOver = "head"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = qk_norms(dim, self.head_dim, qk_norm, qk_norm_over)
         self.proj = nn.Linear(dim, dim)
         self.hook: AttentionHook | None = None
 
@@ -232,23 +249,26 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from video tokens, keys and values from their own clip's text tokens (article 3.2), text-masked."""
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, qk_norm_over: QKNormOver = "head"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = qk_norms(dim, self.head_dim, qk_norm, qk_norm_over)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+        """context_mask (clips, L) True for tokens to attend; None attends to all L (padding included)."""
         b, n, dim = x.shape
-        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)))  # (B, N, H, Dh)
+        q = _norm_heads(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), self.q_norm)  # (B, N, H, Dh)
         kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))  # (clips, L, 2, H, Dh)
-        k, v = self.k_norm(kv[:, :, 0]).transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (clips, H, L, Dh)
-        mask = context_mask[:, None, None, :]  # (clips, 1, 1, L)
-        parts = zip(layout.split(q), layout.per_clip(k), layout.per_clip(v), layout.per_clip(mask))
+        k, v = _norm_heads(kv[:, :, 0], self.k_norm).transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (clips, H, L, Dh)
+        if context_mask is None:
+            masks = [None] * len(layout.segments)
+        else:
+            masks = layout.per_clip(context_mask[:, None, None, :])  # (c, 1, 1, L) each
+        parts = zip(layout.split(q), layout.per_clip(k), layout.per_clip(v), masks)
         outs = [F.scaled_dot_product_attention(qs.transpose(1, 2), ks, vs, attn_mask=ms).transpose(1, 2)
                 for qs, ks, vs, ms in parts]  # fmt: skip  # (c, N_seg, H, Dh) each
         return self.proj(layout.merge(outs).reshape(b, n, dim))  # (B, N, D)

@@ -35,10 +35,32 @@ class DiTConfig:
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
+    ffn_dim: int | None = None
+    """Hidden width of each block's MLP; None takes hidden_size * mlp_ratio. Pretrained models state it as a
+    number (Wan2.1-1.3B: 8960 at width 1536, not a round ratio)."""
     text_dim: int = 384
     """Width of the text encoder's token embeddings (MiniLM-L6 gives 384); checked against the encoder."""
     qk_norm: bool = True
     """RMS-normalising queries and keys keeps attention logits bounded, which bf16 training needs."""
+    qk_norm_over: Literal["head", "width"] = "head"
+    """What one RMSNorm of queries/keys spans: each head's dims (`head`, per-head scale shared by heads) or all
+    heads together (`width`, one scale per channel: Wan's `rms_norm_across_heads`)."""
+    modulation: Literal["per_block", "shared"] = "per_block"
+    """How the condition becomes each block's shift/scale/gate. `per_block`: adaLN-Zero, a SiLU-Linear of the
+    condition in every block (DiT). `shared`: one SiLU-Linear of the timestep embedding for all blocks, plus a
+    learned (6, D) table per block, and the output head adds its own (2, D) table to the embedding itself (Wan,
+    PixArt-alpha's adaLN-single): 6 D^2 parameters instead of 6 D^2 per block."""
+    pooled_text: bool = True
+    """Add an MLP of the pooled caption vector to the timestep condition (PixArt/SD3 style). Wan has no pooled
+    path: the caption enters through cross-attention only."""
+    text_padding: Literal["masked", "attended"] = "masked"
+    """`masked`: cross-attention ignores caption padding. `attended`: captions come zero-padded to the text
+    encoder's max_length and cross-attention reads the padding too, unmasked (Wan: its 512 tokens always; a
+    model trained so gives other outputs when the padding is masked or trimmed)."""
+    null_text: Literal["learned", "empty_prompt"] = "learned"
+    """The condition classifier-free guidance contrasts with when no negative prompt is given: a learned null
+    token (trained by condition dropout), or the text encoder's embedding of the empty prompt "" (Wan's
+    convention; the model then has no null parameters, and callers pass that embedding instead of drop_text)."""
     attention: Literal["full", "factorized"] = "full"
     """`full`: every block attends over all (t, h, w) tokens. `factorized`: blocks alternate between
     spatial (same frame) and temporal (same position) attention, as in Latte."""
@@ -70,6 +92,13 @@ class DiTConfig:
             raise ConfigError(f"model.temporal_windows must be non-negative ints (0 = global), got {self.temporal_windows}")
         if self.depth < 1:
             raise ConfigError(f"model.depth must be >= 1, got {self.depth}")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            raise ConfigError(f"model.ffn_dim must be >= 1 (or null for hidden_size * mlp_ratio), got {self.ffn_dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of each block's MLP."""
+        return self.ffn_dim if self.ffn_dim is not None else int(self.hidden_size * self.mlp_ratio)
 
     @property
     def head_dim(self) -> int:
@@ -113,6 +142,10 @@ class DiffusionConfig:
     shift_reference_tokens: int | None = None
     """If set, the shift scales by sqrt(tokens / reference), so longer and larger clips get more noise
     (the resolution/length shift); None keeps `shift` fixed."""
+    time_grid: Literal["uniform", "flow_match_euler"] = "uniform"
+    """Flow sampling times: `uniform` is steps + 1 equal steps from 1 to 0, shifted. `flow_match_euler` is the grid
+    of diffusers' FlowMatchEulerDiscreteScheduler (`steps` times from 1 down to its shifted last training time,
+    shifted again, then 0), so a model converted from a diffusers folder samples exactly as it did there."""
     sampler: SamplerName = "ab2"
     """Default sampler: `euler`/`heun`/`ab2` for flow, `ddpm`/`ddim` for the DDPM schedules. `ab2` (second-order
     multistep) costs one network call per step like `euler` but matches DDPM-1000's quality with ~6x fewer
@@ -189,9 +222,17 @@ class TextEncoderConfig:
     the last layer blurs: MiniLM's last layer puts "left" and "right" at cosine 0.78, its embeddings at 0.50.
     Prepared data records the number as given and training compares it as given: spell a layer one way."""
 
+    tokenizer_path: str | None = None
+    """Folder of the tokenizer; None: the encoder's own folder. Diffusers pipelines keep it apart (`tokenizer/`)."""
+    clean_prompts: bool = False
+    """Unescape HTML entities and collapse runs of whitespace before tokenising, as Wan's pipeline does to every
+    prompt (it also runs `ftfy` when installed; we do not, so mojibake-free prompts match exactly)."""
+
     def embedding_settings(self) -> dict[str, Any]:
         """What decides a caption's embedding (not the cache size): prepared data and demo steps key on it."""
-        return {"name_or_path": self.name_or_path, "max_length": self.max_length, "hidden_layer": self.hidden_layer}
+        settings = {"name_or_path": self.name_or_path, "max_length": self.max_length, "hidden_layer": self.hidden_layer}
+        # Only when set, so prepared data and demo caches from before the field existed keep their keys.
+        return {**settings, "clean_prompts": True} if self.clean_prompts else settings
 
 
 @dataclass
@@ -257,6 +298,14 @@ def _dit(hidden: int, depth: int, heads: int, patch: tuple[int, int, int], /, **
     return DiTConfig(**{**base, **kw})
 
 
+WAN_OPTIONS: dict[str, Any] = {
+    "in_channels": 16, "text_dim": 4096, "qk_norm_over": "width", "modulation": "shared", "pooled_text": False,
+    "text_padding": "attended", "null_text": "empty_prompt", "timestep_freq_dim": 256,
+}  # fmt: skip
+"""The DiTConfig options that make the DiT a Wan2.1 transformer (16-channel Wan VAE latents, umT5-XXL tokens);
+`sora convert --from-diffusers` writes them, with the sizes, from a diffusers folder."""
+
+
 DIT_PRESETS: dict[str, typing.Callable[..., DiTConfig]] = {
     # CPU demo: ~2M parameters, trains in minutes on 2 cores at 32x32, 8 frames.
     "DiT-demo": lambda **kw: _dit(128, 6, 4, (1, 4, 4), **{"temporal_windows": (4, 0), **kw}),
@@ -271,6 +320,9 @@ DIT_PRESETS: dict[str, typing.Callable[..., DiTConfig]] = {
     "DiT-L/2x2": lambda **kw: _dit(1024, 24, 16, (2, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
     "DiT-XL/2": lambda **kw: _dit(1152, 28, 16, (1, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
     "DiT-XL/2x2": lambda **kw: _dit(1152, 28, 16, (2, 2, 2), **{"temporal_windows": (4, 16, 0), **kw}),
+    # Wan2.1 text-to-video shapes (random weights; `sora convert` brings the pretrained ones).
+    "Wan2.1-T2V-1.3B": lambda **kw: _dit(1536, 30, 12, (1, 2, 2), **{**WAN_OPTIONS, "ffn_dim": 8960, **kw}),
+    "Wan2.1-T2V-14B": lambda **kw: _dit(5120, 40, 40, (1, 2, 2), **{**WAN_OPTIONS, "ffn_dim": 13824, **kw}),
 }
 
 

@@ -4,6 +4,10 @@ Conditioning follows DiT and PixArt-alpha: the timestep embedding plus the poole
 modulate each block through adaLN-Zero (shift, scale, gate), and the caption's tokens enter through
 cross-attention. Gates and output projections start at zero, so every block starts as the identity
 and the network starts by predicting zero: training begins from a stable point at any depth.
+
+`DiTConfig` options make the same network a Wan2.1 transformer (`config.WAN_OPTIONS`): shared modulation
+with per-block tables (`conditioning.py`), QK RMSNorm across heads, no pooled caption, zero-padded captions
+attended whole, the empty prompt as the null condition. Weights convert with `convert_wan.py`.
 """
 
 from __future__ import annotations
@@ -15,52 +19,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionHook, AttentionScope, CrossAttention, SelfAttention, TokenLayout
+from .conditioning import ModulationTable, TimestepEmbedder, adaln_projection, full_precision, input_dtype
 from .config import DiTConfig
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
 from .rope import rope_frequencies, rope_rotation, sincos_position_embedding
 
-FP32_MODULES = ("t_embedder", "pooled_embedder", "norm2")
-"""Submodules `DiT.to_inference_dtype` keeps in fp32: the timestep and caption embedders (small) and the affine
-LayerNorm. The per-block adaLN Linears (6 D² of a block's 22 D² parameters) go to bf16 with the rest, so the
-weights take half the memory; their inputs and outputs stay fp32 (`full_precision`)."""
-
-TIMESTEP_MAX_PERIOD = 10000.0
-"""Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's value)."""
-
-
-def full_precision(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` outside autocast, returned in fp32: adaLN modulation keeps the precision of its inputs.
-
-    Under bf16 autocast the shift, scale and gate of every token (and the residual stream they gate)
-    would otherwise round to 8 bits of mantissa; Wan and Open-Sora keep them in fp32 for that reason.
-    With bf16 inference weights the Linear computes in bf16 and its fp32 output is used as is. Without
-    autocast and with fp32 weights this is exactly `module(x)`.
-    """
-    dtype = next((input_dtype(m) for m in module.modules() if isinstance(m, nn.Linear)), x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return module(x.to(dtype)).float()
-
-
-def input_dtype(linear: nn.Module) -> torch.dtype:
-    """The dtype a Linear computes in: its weight's; fp32 for a dynamically quantised one (int8 takes float in)."""
-    weight = getattr(linear, "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
-
-
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps -> sinusoidal features -> MLP."""
-
-    def __init__(self, hidden_size: int, freq_dim: int):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(TIMESTEP_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]  # (B, F/2)
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
-        return self.mlp(emb.to(dtype))  # (B, D)
+FP32_MODULES = ("t_embedder", "pooled_embedder", "norm2", "modulation")
+"""Submodules `DiT.to_inference_dtype` keeps in fp32: the timestep and caption embedders (small), the affine
+LayerNorm and the per-block modulation tables (`shared` modulation; as Wan keeps its `scale_shift_table`). The
+adaLN Linears (6 D² of a block's 22 D² parameters) go to bf16 with the rest, so the weights take half the
+memory; their inputs and outputs stay fp32 (`full_precision`)."""
 
 
 class DiTBlock(nn.Module):
@@ -71,25 +39,31 @@ class DiTBlock(nn.Module):
         d = cfg.hidden_size
         self.scope = scope
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm)
+        self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        hidden = int(d * cfg.mlp_ratio)
+        hidden = cfg.mlp_hidden
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.shared_modulation = cfg.modulation == "shared"
+        if self.shared_modulation:
+            self.modulation = ModulationTable(6, d)
+        else:
+            self.adaLN_modulation = adaln_projection(d, 6)
 
     def forward(
         self,
         x: torch.Tensor,
         c: torch.Tensor,
         context: torch.Tensor,
-        context_mask: torch.Tensor,
+        context_mask: torch.Tensor | None,
         rope: torch.Tensor,
         layout: TokenLayout,
     ) -> torch.Tensor:
-        """x (B, N, D) tokens, c (clips, D) conditions (fp32 under autocast), context (clips, L, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = full_precision(self.adaLN_modulation, c).chunk(6, dim=-1)  # 6 x (clips, D)
+        """x (B, N, D) tokens, context (clips, L, D), c the condition (fp32 under autocast): (clips, D) for
+        per-block modulation, the shared modulation (clips, 6 D) for `shared`."""
+        mod = self.modulation(c) if self.shared_modulation else full_precision(self.adaLN_modulation, c)  # (clips, 6 D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (clips, D)
         # The residual stream x stays in fp32; each sublayer computes in its weights' dtype (a no-op cast in fp32).
         dt = input_dtype(self.attn.qkv)
         x = x + layout.gate(self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
@@ -99,14 +73,25 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_dim: int):
+    """Modulated LayerNorm, then a Linear to patches: adaLN of c (`per_block`), or c plus a table (`shared`)."""
+
+    def __init__(self, hidden_size: int, patch_dim: int, shared_modulation: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.shared_modulation = shared_modulation
+        if shared_modulation:
+            self.modulation = ModulationTable(2, hidden_size)
+        else:
+            self.adaLN_modulation = adaln_projection(hidden_size, 2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        shift, scale = full_precision(self.adaLN_modulation, c).chunk(2, dim=-1)  # (clips, D) each
+        """x (B, N, D), c (clips, D) the condition itself (both modulation kinds) -> (B, N, P)."""
+        if self.shared_modulation:
+            mod = self.modulation(c.float().repeat(1, 2))  # (clips, 2 D): the table plus c, as Wan's head
+        else:
+            mod = full_precision(self.adaLN_modulation, c)  # (clips, 2 D)
+        shift, scale = mod.chunk(2, dim=-1)  # (clips, D) each
         return self.linear(layout.modulate(self.norm(x), shift, scale).to(input_dtype(self.linear)))  # (B, N, P)
 
 
@@ -131,13 +116,18 @@ class DiT(nn.Module):
         d = cfg.hidden_size
         self.patch_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim)
-        self.pooled_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+        if cfg.pooled_text:
+            self.pooled_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.context_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
-        # The null condition for classifier-free guidance: one learned token and pooled vector, in text space.
-        self.null_text_token = nn.Parameter(torch.zeros(cfg.text_dim))
-        self.null_text_pooled = nn.Parameter(torch.zeros(cfg.text_dim))
+        if cfg.null_text == "learned":
+            # The null condition for classifier-free guidance: one learned token and pooled vector, in text space.
+            self.null_text_token = nn.Parameter(torch.zeros(cfg.text_dim))
+            if cfg.pooled_text:
+                self.null_text_pooled = nn.Parameter(torch.zeros(cfg.text_dim))
+        # `shared` modulation: one projection of c for all blocks (each adds its own table to it).
+        self.modulation_proj = adaln_projection(d, 6) if cfg.modulation == "shared" else None
         self.blocks = nn.ModuleList([DiTBlock(cfg, scope) for scope in block_scopes(cfg)])
-        self.final_layer = FinalLayer(d, cfg.patch_dim)
+        self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.modulation == "shared")
         self.gradient_checkpointing = cfg.gradient_checkpointing
         self.initialize_weights()
 
@@ -156,18 +146,29 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # Null condition: small normal, distinct from any real caption from the first step.
-        nn.init.normal_(self.null_text_token, std=0.02)
-        nn.init.normal_(self.null_text_pooled, std=0.02)
+        for name in ("null_text_token", "null_text_pooled"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=0.02)
+        # Shared modulation: zero projection and zero tables give the same zero shift/scale/gate as adaLN-Zero.
+        if self.modulation_proj is not None:
+            nn.init.zeros_(self.modulation_proj[-1].weight)
+            nn.init.zeros_(self.modulation_proj[-1].bias)
         for block in self.blocks:
             # adaLN-Zero: zero shift/scale/gate, so each block starts as the identity.
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.shared_modulation:
+                nn.init.zeros_(block.modulation.table)
+            else:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
             # Cross-attention is not gated: zero its output so the identity-at-init holds for it too.
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
         # Output layer: zero, so the untrained model predicts 0 (the mean target) everywhere.
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        if self.final_layer.shared_modulation:
+            nn.init.zeros_(self.final_layer.modulation.table)
+        else:
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -180,8 +181,10 @@ class DiT(nn.Module):
         text_mask: torch.Tensor,
         text_pooled: torch.Tensor,
         drop_text: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> c (clips, D) for adaLN (fp32 under autocast), context (clips, L, D) and its mask (clips, L).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> c (clips, D) for adaLN (fp32 under autocast), context (clips, L, D) and its mask (clips, L),
+        None when the model attends to caption padding (`text_padding: attended`; `text_pooled` unused without
+        `pooled_text`).
 
         No host syncs and no data-dependent shapes: dropped captions and empty masks are selected with
         `where`, never by indexing with a boolean tensor. (Trimming caption padding is the caller's job,
@@ -191,6 +194,11 @@ class DiT(nn.Module):
             raise ValueError(
                 f"text embeddings have width {text_tokens.shape[-1]} but the model expects model.text_dim={self.cfg.text_dim}"
             )
+        if drop_text is not None and self.cfg.null_text != "learned":
+            raise ValueError(
+                "this model has no learned null condition (model.null_text is 'empty_prompt'): pass the empty "
+                "prompt's embedding in place of dropped captions instead of drop_text"
+            )
         text_mask = text_mask.bool()
         if drop_text is not None:
             drop = drop_text.bool().to(text_tokens.device)
@@ -199,15 +207,21 @@ class DiT(nn.Module):
             only_first = torch.zeros_like(text_mask)
             only_first[:, 0] = True
             text_mask = torch.where(drop[:, None], only_first, text_mask)  # (B, L)
-            text_pooled = torch.where(drop[:, None], self.null_text_pooled.to(text_pooled.dtype).expand_as(text_pooled), text_pooled)
-        # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
-        first = text_mask[:, :1] | ~text_mask.any(-1, keepdim=True)  # (B, 1)
-        text_mask = torch.cat([first, text_mask[:, 1:]], dim=1)  # (B, L)
+            if self.cfg.pooled_text:
+                null_pooled = self.null_text_pooled.to(text_pooled.dtype).expand_as(text_pooled)
+                text_pooled = torch.where(drop[:, None], null_pooled, text_pooled)  # (B, Dt)
+        context_mask: torch.Tensor | None = None
+        if self.cfg.text_padding == "masked":
+            # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
+            first = text_mask[:, :1] | ~text_mask.any(-1, keepdim=True)  # (B, 1)
+            context_mask = torch.cat([first, text_mask[:, 1:]], dim=1)  # (B, L)
         dtype, cond_dtype = self.dtype, input_dtype(self.t_embedder.mlp[0])  # fp32 unless all weights are low-precision
         with torch.autocast(text_tokens.device.type, enabled=False):
-            c = self.t_embedder(timestep, cond_dtype) + self.pooled_embedder(text_pooled.to(cond_dtype))  # (B, D)
+            c = self.t_embedder(timestep, cond_dtype)  # (B, D)
+            if self.cfg.pooled_text:
+                c = c + self.pooled_embedder(text_pooled.to(cond_dtype))  # (B, D)
         context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
-        return c, context, text_mask
+        return c, context, context_mask
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -279,15 +293,17 @@ class DiT(nn.Module):
         """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P) predictions."""
         # 1. Conditions, positions (built on the device from the layout's ints: nothing copied from the host).
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
+        # `shared` modulation: the blocks take the one projection of c (computed once), the output head c.
+        block_c = c if self.modulation_proj is None else full_precision(self.modulation_proj, c)  # (clips, D | 6 D)
         positions = layout_positions(layout, x.device)  # (1, N, 3)
         x = self._add_absolute_positions(x.float(), positions)  # (B, N, D) fp32: the residual stream
         rope = rope_rotation(positions, rope_frequencies(self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_theta, x.device))
         # 2. Transformer blocks and the output projection back to patches.
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, context, context_mask, rope, layout, use_reentrant=False)
+                x = checkpoint(block, x, block_c, context, context_mask, rope, layout, use_reentrant=False)
             else:
-                x = block(x, c, context, context_mask, rope, layout)  # (B, N, D)
+                x = block(x, block_c, context, context_mask, rope, layout)  # (B, N, D)
         return self.final_layer(x, c, layout)  # (B, N, P)
 
     def forward_tokens(

@@ -21,6 +21,7 @@ from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
 from .diffusion import build_diffusion
 from .dit import DiT, trim_text_padding
+from .lora import merge_lora
 from .patch import patch_grid
 from .text import TextEmbedding, TextEncoder, build_text_encoder
 
@@ -111,9 +112,13 @@ class TextToVideoPipeline:
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
         use_ema: bool = True,
+        lora: str | None = None,
         **kw,
     ) -> TextToVideoPipeline:
         """Rebuild from an export. EMA weights are preferred when present (they sample better).
+
+        lora: a peft LoRA adapter folder, merged into the fp32 weights before any precision change
+        (`sora_model.lora.merge_lora`: adapters trained on this DiT or on diffusers' Wan transformer).
 
         precision: `fp32`; `bf16` (bf16 weights, conditioning path and residual stream fp32; the text encoder
         in bf16 too on GPU); `int8`
@@ -130,6 +135,8 @@ class TextToVideoPipeline:
             raise ValueError(
                 f"{weights} does not match config.json's model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
+        if lora is not None:
+            merge_lora(model, lora)
         pipe = cls(model, config, device=device, **kw)
         pipe.set_precision(precision)
         return pipe
@@ -162,24 +169,29 @@ class TextToVideoPipeline:
         guidance_scale: torch.Tensor,
         uncond: TextEmbedding | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """model_fn(x, t) with classifier-free guidance, cond and uncond in one batched forward pass.
+        """model_fn(x, t) with classifier-free guidance, cond and uncond in one batched forward pass:
+        uncond + scale * (cond - uncond), as Wan and diffusers mix them.
 
         guidance_scale is (B,) so requests with different scales share a batch. uncond None uses the
-        learned null condition (what condition dropout trained); otherwise a negative prompt's embedding.
+        learned null condition (what condition dropout trained); otherwise a negative prompt's embedding
+        (for `null_text: empty_prompt` models `__call__` passes the empty prompt's).
         """
         b = cond.tokens.shape[0]
         scale = guidance_scale.to(self.device, torch.float32).view(b, 1, 1, 1, 1)
         need_uncond = bool((guidance_scale != 1).any())
+        # Caption padding trimmed once per generation, unless the model reads it (`text_padding: attended`).
+        trim = trim_text_padding if self.config.model.text_padding == "masked" else (lambda tokens, mask: (tokens, mask))
         if need_uncond:
             neg = uncond if uncond is not None else cond
             tokens = torch.cat([cond.tokens, neg.tokens])  # (2B, L, Dt)
             mask = torch.cat([cond.mask, neg.mask])  # (2B, L)
             pooled = torch.cat([cond.pooled, neg.pooled])  # (2B, Dt)
-            drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.full((b,), uncond is None)]).to(self.device)
-            # Caption padding trimmed once per generation (as the model did in every step before).
-            tokens, mask = trim_text_padding(tokens, mask)
+            drop = None  # a negative prompt's embedding stands in for the null condition
+            if uncond is None:
+                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(self.device)
+            tokens, mask = trim(tokens, mask)
         else:
-            cond = TextEmbedding(*trim_text_padding(cond.tokens, cond.mask), cond.pooled)
+            cond = TextEmbedding(*trim(cond.tokens, cond.mask), cond.pooled)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
@@ -208,7 +220,14 @@ class TextToVideoPipeline:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()
-    def __call__(
+    def __call__(self, prompts: str | Sequence[str], **options) -> np.ndarray:
+        """Generate clips: (B, T, H, W, 3) uint8; the options are `sample_latents`'."""
+        latents = self.sample_latents(prompts, **options)  # (B, C, T', H', W')
+        video = self.autoencoder.decode(latents.to(self.device))  # (B, 3, T, H, W) in [-1, 1]
+        return model_to_pixels(video).cpu().numpy()  # (B, T, H, W, 3) uint8
+
+    @torch.no_grad()
+    def sample_latents(
         self,
         prompts: str | Sequence[str],
         *,
@@ -221,8 +240,9 @@ class TextToVideoPipeline:
         sampler: str | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         callback: Callable[[int, int], None] | None = None,
-    ) -> np.ndarray:
-        """Generate clips: (B, T, H, W, 3) uint8. Unset options come from the export's defaults.
+    ) -> torch.Tensor:
+        """Sample clips in model space, before decoding: (B, C, T', H', W'). Unset options come from the export's
+        defaults. (diffusers pipelines' `output_type="latent"`.)
 
         Each prompt's noise comes from its own seed, so a clip is the same whether it was sampled
         alone or in a batch with others (what the server's dynamic batching relies on).
@@ -253,6 +273,8 @@ class TextToVideoPipeline:
         # 2. Text conditions.
         cond = self.encode_prompts(prompts)
         uncond = None
+        if negative_prompt is None and self.config.model.null_text == "empty_prompt":
+            negative_prompt = ""  # Wan's convention: no negative prompt means the empty one
         if negative_prompt is not None:
             negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
             uncond = self.encode_prompts(negs)
@@ -268,9 +290,7 @@ class TextToVideoPipeline:
         else:
             noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, T, H, W)
             latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise)
-        # 4. Decode to pixels.
-        video = self.autoencoder.decode(latents.to(self.device))  # (B, 3, T, H, W) in [-1, 1]
-        return model_to_pixels(video).cpu().numpy()  # (B, T, H, W, 3) uint8
+        return latents  # (B, C, T', H', W')
 
     def _sample(self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None):
         if noise is None:

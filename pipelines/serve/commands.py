@@ -3,6 +3,7 @@
     sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
     sora serve --model runs/demo/export [--port 8000] [--host 0.0.0.0] [--config cluster/serve/local.yaml]
     sora serve --model /shared/export --db postgresql://sora:PW@db:5432/sora --store s3://bucket/sora   # a cluster's
+    sora serve --model exports/wan-1.3b --lora adapters/my-style   # a LoRA fine-tune, merged at load
     sora serve --hash-key KEY            # the sha256 digest to put under `api_keys:` in a Serve config
     RAY_ADDRESS=ray://head:10001 sora serve --model /shared/export    # onto an existing cluster
 
@@ -34,6 +35,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="where videos live: a folder or fsspec URI such as s3://bucket/sora (overrides args.store)")
     p.add_argument("--db", help="where job state lives: sqlite:///PATH or postgresql://USER:PW@HOST/DB (default: SQLite beside the store)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="generator weights: int8 (CPU) or bf16 (GPU)")
+    p.add_argument("--lora", help="a peft LoRA adapter folder merged into the model at load (overrides args.lora)")
     p.add_argument("--hash-key", metavar="KEY", help="print the sha256 digest of an API key for `api_keys:` and exit")
 
 
@@ -82,13 +84,16 @@ def run_serve(args: argparse.Namespace) -> int:
     http: dict[str, Any] = {}
     if args.config:
         app_args, deployments, http = read_serve_config(args.config)
-    for key in ("model", "store", "db", "precision"):
+    for key in ("model", "store", "db", "precision", "lora"):
         if getattr(args, key):
             app_args[key] = getattr(args, key)
     if not app_args.get("model"):
         raise UserError("--model is required (or args.model in --config)")
     if "://" not in app_args["model"] and not os.path.isfile(os.path.join(app_args["model"], "config.json")):
         raise UserError(f"--model '{app_args['model']}' is not an export folder: config.json is missing")
+    lora = app_args.get("lora")
+    if lora and "://" not in lora and not os.path.isfile(os.path.join(lora, "adapter_config.json")):
+        raise UserError(f"--lora '{lora}' is not a LoRA adapter folder: adapter_config.json is missing")
     try:
         settings = load_settings(app_args)
     except ConfigError as err:

@@ -184,6 +184,9 @@ class ServeSettings:
     a week, like a download link. None keeps them forever."""
     sweep_interval_s: float = 60.0
     """How often each ingress replica purges expired jobs and fails jobs past their deadline."""
+    lora: str | None = None
+    """A peft LoRA adapter folder merged into the model's weights when each replica loads it (a fine-tune
+    served on its base export); local or shared by all nodes like `model`."""
     precision: Literal["fp32", "bf16", "int8"] = "fp32"
     """`int8` dynamic quantisation (CPU) or `bf16` autocast (GPU): cheaper sampling, slightly different pixels."""
     device: str = "auto"

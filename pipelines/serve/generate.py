@@ -2,6 +2,7 @@
 
     sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
     sora generate --model runs/demo/export --prompt "..." --steps 8 --seed 3 --precision int8 --out clip.npz
+    sora generate --model exports/wan-1.3b --lora adapters/my-style --prompt "..." --out clip.mp4
     python -m pipelines.serve.generate --model ... --prompt ... --out clip.gif
     ray job submit --working-dir . -- python -m pipelines.serve.generate --model ... --prompt ... --out clip.mp4
 
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
     p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")
+    p.add_argument("--lora", help="a peft LoRA adapter folder to merge into the model's weights at load")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,6 +59,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise UserError(f"--fps must be > 0, got {args.fps}")
+    if args.lora is not None and not os.path.isdir(args.lora):
+        raise UserError(f"--lora '{args.lora}' is not a folder; give a peft LoRA adapter folder (adapter_config.json)")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
 
@@ -76,7 +80,7 @@ def generate(args: argparse.Namespace) -> str:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = TextToVideoPipeline.load(args.model, device=device, precision=args.precision)
+    pipe = TextToVideoPipeline.load(args.model, device=device, precision=args.precision, lora=args.lora)
     card = model_card(pipe)
     frames = args.frames or card.num_frames
     height, width = args.height or card.height, args.width or card.width

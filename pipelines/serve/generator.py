@@ -81,7 +81,9 @@ class Generator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.perf_counter()
-        self.pipe = TextToVideoPipeline.load(self.settings.model, device=device, precision=self.settings.precision)
+        self.pipe = TextToVideoPipeline.load(
+            self.settings.model, device=device, precision=self.settings.precision, lora=self.settings.lora
+        )
         self.card = model_card(self.pipe)
         self.db = JobDB(self.settings.db_url)
         self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -133,6 +134,22 @@ def flow_time_grid(steps: int, shift: float) -> list[float]:
         t = 1.0 - i / steps
         grid.append(shift * t / (1.0 + (shift - 1.0) * t))
     return grid
+
+
+def flow_match_euler_grid(steps: int, shift: float, num_train_timesteps: int = 1000) -> list[float]:
+    """The steps + 1 times of diffusers' FlowMatchEulerDiscreteScheduler (static shift), to its float32 values.
+
+    It spaces `steps` times evenly from 1 down to its shifted last training time, shift(1 / num_train_timesteps),
+    shifts them (so the last is shifted twice), then appends 0. Models converted from diffusers folders with this
+    scheduler sample exactly as they did there (`DiffusionConfig.time_grid`).
+    """
+    if steps < 1:
+        raise ValueError(f"sampling steps must be >= 1, got {steps}")
+    last = torch.tensor(1.0, dtype=torch.float32) / num_train_timesteps
+    sigma_min = float(shift * last / (1 + (shift - 1) * last))  # the scheduler's float32 sigmas[-1]
+    sigmas = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
+    sigmas = torch.from_numpy(shift * sigmas / (1 + (shift - 1) * sigmas)).float()
+    return [*sigmas.tolist(), 0.0]
 
 
 @torch.no_grad()

@@ -442,7 +442,11 @@ class RectifiedFlow(Diffusion):
         num_tokens: int | None,
         callback: S.StepCallback | None,
     ) -> Tensor:
-        grid = S.flow_time_grid(steps, effective_shift(self.cfg, num_tokens))
+        shift = effective_shift(self.cfg, num_tokens)
+        if self.cfg.time_grid == "flow_match_euler":
+            grid = S.flow_match_euler_grid(steps, shift, self.cfg.num_train_timesteps)
+        else:
+            grid = S.flow_time_grid(steps, shift)
         batch = noise.shape[0]
 
         def velocity(x: Tensor, t: float) -> Tensor:

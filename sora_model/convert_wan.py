@@ -1,0 +1,269 @@
+"""Wan2.1 in our format: a `diffusers` WanPipeline folder -> an export (`model.safetensors` + `config.json`).
+
+    from sora_model.convert_wan import convert_wan_folder
+    convert_wan_folder("Wan2.1-T2V-1.3B-Diffusers", "exports/wan-1.3b")      # or: sora convert --from-diffusers
+
+The folder is what `WanPipeline.save_pretrained` writes (and what the Hub's `Wan-AI/Wan2.1-T2V-*-Diffusers`
+repositories hold): `model_index.json`, `transformer/` (WanTransformer3DModel), `text_encoder/` (umT5),
+`tokenizer/`, `vae/` (AutoencoderKLWan) and `scheduler/`. Only the transformer's weights are rewritten; the
+export's text encoder and autoencoder point at the folder's parts by absolute path, so they are not copied.
+
+The transformer maps onto our DiT with `config.WAN_OPTIONS` exactly (tests/unit/test_wan_parity.py):
+q/k/v projections concatenate into our fused ones, and the output projection's rows are reordered from Wan's
+(p_t, p_h, p_w, C) patch layout to ours (C, p_t, p_h, p_w). Reading is safetensors and JSON only; diffusers
+is not imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import (
+    WAN_OPTIONS,
+    AutoencoderConfig,
+    DiffusionConfig,
+    DiTConfig,
+    PipelineConfig,
+    SampleConfig,
+    TextEncoderConfig,
+)
+
+WAN_TEXT_TOKENS = 512
+"""Wan pads every caption's umT5 tokens with zeros to 512 and attends to all of them (`max_sequence_length`)."""
+WAN_SAMPLE = SampleConfig(num_frames=81, height=480, width=832, fps=16)
+"""WanPipeline's defaults (81 frames at 480x832, exported at 16 fps): what the 1.3B model was tuned for."""
+WAN_STEPS, WAN_GUIDANCE = 50, 5.0
+"""WanPipeline's default `num_inference_steps` and `guidance_scale`."""
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+UNSUPPORTED = {
+    "image_dim": "image conditioning (Wan2.1 I2V)",
+    "added_kv_proj_dim": "image conditioning (Wan2.1 I2V)",
+    "pos_embed_seq_len": "image position embeddings (Wan2.1 FLF2V)",
+}
+
+# (Wan Linear module, our module, part, parts): q/k/v and k/v are slices of our fused projections.
+_LINEAR_RULES: list[tuple[str, str, int, int]] = [
+    (r"condition_embedder\.time_embedder\.linear_1", "t_embedder.mlp.0", 0, 1),
+    (r"condition_embedder\.time_embedder\.linear_2", "t_embedder.mlp.2", 0, 1),
+    (r"condition_embedder\.time_proj", "modulation_proj.1", 0, 1),
+    (r"condition_embedder\.text_embedder\.linear_1", "context_embedder.0", 0, 1),
+    (r"condition_embedder\.text_embedder\.linear_2", "context_embedder.2", 0, 1),
+    (r"blocks\.(\d+)\.attn1\.to_q", r"blocks.\1.attn.qkv", 0, 3),
+    (r"blocks\.(\d+)\.attn1\.to_k", r"blocks.\1.attn.qkv", 1, 3),
+    (r"blocks\.(\d+)\.attn1\.to_v", r"blocks.\1.attn.qkv", 2, 3),
+    (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.attn.proj", 0, 1),
+    (r"blocks\.(\d+)\.attn2\.to_q", r"blocks.\1.cross_attn.q", 0, 1),
+    (r"blocks\.(\d+)\.attn2\.to_k", r"blocks.\1.cross_attn.kv", 0, 2),
+    (r"blocks\.(\d+)\.attn2\.to_v", r"blocks.\1.cross_attn.kv", 1, 2),
+    (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.proj", 0, 1),
+    (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.mlp.0", 0, 1),
+    (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.mlp.2", 0, 1),
+    (r"proj_out", "final_layer.linear", 0, 1),
+]
+# Other parameters, renamed as they are.
+_PARAM_RULES: list[tuple[str, str]] = [
+    (r"patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"blocks\.(\d+)\.attn1\.norm_q\.weight", r"blocks.\1.attn.q_norm.weight"),
+    (r"blocks\.(\d+)\.attn1\.norm_k\.weight", r"blocks.\1.attn.k_norm.weight"),
+    (r"blocks\.(\d+)\.attn2\.norm_q\.weight", r"blocks.\1.cross_attn.q_norm.weight"),
+    (r"blocks\.(\d+)\.attn2\.norm_k\.weight", r"blocks.\1.cross_attn.k_norm.weight"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"blocks\.(\d+)\.scale_shift_table", r"blocks.\1.modulation.table"),
+    (r"scale_shift_table", "final_layer.modulation.table"),
+]
+
+
+class WanFolderError(ValueError):
+    """The folder is not a diffusers Wan2.1 text-to-video pipeline we can convert; one line says why."""
+
+
+def wan_linear_target(name: str) -> tuple[str, int, int] | None:
+    """(our module, part, parts) for a Wan Linear module name (`blocks.0.attn1.to_k` -> ("blocks.0.attn.qkv", 1, 3)),
+    None for a name that is no Wan Linear. LoRA adapters trained on the diffusers model merge through this."""
+    for pattern, target, part, parts in _LINEAR_RULES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, target, name), part, parts
+    return None
+
+
+def output_row_order(patch: tuple[int, int, int], channels: int) -> torch.Tensor:
+    """Index of Wan's output row for each of ours: Wan lays a patch out (p_t, p_h, p_w, C), we (C, p_t, p_h, p_w)."""
+    return torch.arange(math.prod(patch) * channels).reshape(math.prod(patch), channels).T.flatten()
+
+
+def dit_config_from_wan(config: dict) -> DiTConfig:
+    """Our DiTConfig for a WanTransformer3DModel config.json; WanFolderError for what the DiT cannot express."""
+    if config.get("_class_name") != "WanTransformer3DModel":
+        raise WanFolderError(f"transformer is a {config.get('_class_name')}, not a WanTransformer3DModel")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key) is not None:
+            raise WanFolderError(f"transformer config sets {key}: {what} is not supported (text-to-video only)")
+    if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise WanFolderError(f"transformer qk_norm '{config.get('qk_norm')}' is not supported (only rms_norm_across_heads)")
+    if not config.get("cross_attn_norm", True):
+        raise WanFolderError("transformer cross_attn_norm false is not supported (Wan2.1 T2V has it true)")
+    if float(config.get("eps", 1e-6)) != 1e-6:
+        raise WanFolderError(f"transformer eps {config.get('eps')} is not supported (only 1e-6)")
+    heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+    channels = int(config.get("in_channels", 16))
+    if int(config.get("out_channels") or channels) != channels:
+        raise WanFolderError(f"transformer out_channels {config.get('out_channels')} differs from in_channels {channels}")
+    hw = 2 * (head_dim // 6)  # Wan's RoPE split: equal even h and w parts, the rest rotates with t
+    return DiTConfig(**{
+        **WAN_OPTIONS,
+        "in_channels": channels,
+        "patch_size": tuple(int(p) for p in config.get("patch_size", (1, 2, 2))),
+        "hidden_size": heads * head_dim,
+        "depth": int(config["num_layers"]),
+        "num_heads": heads,
+        "ffn_dim": int(config["ffn_dim"]),
+        "text_dim": int(config.get("text_dim", 4096)),
+        "timestep_freq_dim": int(config.get("freq_dim", 256)),
+        "rope_split": (head_dim - 2 * hw, hw, hw),
+    })  # fmt: skip
+
+
+def diffusion_config_from_scheduler(config: dict) -> DiffusionConfig:
+    """Our sampling settings for the folder's scheduler: its flow shift, and its time grid where we have it.
+
+    FlowMatchEulerDiscreteScheduler: our Euler sampler on its exact grid (same latents, tested). UniPC with flow
+    sigmas (the Hub folders' default): its shift on our uniform grid with `ab2`, our second-order multistep:
+    the same ODE and noise level schedule, integrated by a different second-order method.
+    """
+    name = config.get("_class_name")
+    common = {"schedule": "rectified_flow", "prediction": "velocity", "num_sampling_steps": WAN_STEPS,
+              "guidance_scale": WAN_GUIDANCE, "num_train_timesteps": int(config.get("num_train_timesteps", 1000))}  # fmt: skip
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if config.get("use_dynamic_shifting") or config.get("shift_terminal") or config.get("invert_sigmas"):
+            raise WanFolderError("scheduler: dynamic shifting, shift_terminal and invert_sigmas are not supported")
+        if any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")):
+            raise WanFolderError("scheduler: karras/exponential/beta sigmas and stochastic sampling are not supported")
+        return DiffusionConfig(**common, shift=float(config.get("shift", 1.0)), sampler="euler", time_grid="flow_match_euler")
+    if name == "UniPCMultistepScheduler":
+        if config.get("prediction_type") != "flow_prediction" or not config.get("use_flow_sigmas"):
+            raise WanFolderError("scheduler: UniPC is supported with prediction_type flow_prediction and use_flow_sigmas")
+        return DiffusionConfig(**common, shift=float(config.get("flow_shift", 1.0)), sampler="ab2", time_grid="uniform")
+    raise WanFolderError(f"scheduler {name} is not supported (FlowMatchEulerDiscreteScheduler or UniPCMultistepScheduler)")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise WanFolderError(f"{what}: {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WanFolderError(f"{path} is not valid JSON: {err}") from None
+
+
+def pipeline_config_from_wan(folder: str | Path) -> PipelineConfig:
+    """The export config.json for a WanPipeline folder (parts referenced by absolute path)."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"'{folder}' is not a folder")
+    index = _read_json(root / "model_index.json", f"'{folder}' is not a diffusers pipeline folder")
+    if index.get("_class_name") != "WanPipeline":
+        raise WanFolderError(f"'{folder}' holds a {index.get('_class_name')}, not a WanPipeline (Wan2.1 text-to-video)")
+    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
+        raise WanFolderError(f"'{folder}' is a two-expert Wan2.2 pipeline; only single-transformer Wan2.1 is supported")
+    if index.get("expand_timesteps"):
+        raise WanFolderError(f"'{folder}' uses per-token timesteps (Wan2.2 TI2V), which are not supported")
+    model = dit_config_from_wan(_read_json(root / "transformer" / "config.json", "transformer config"))
+    text = _read_json(root / "text_encoder" / "config.json", "text encoder config")
+    if text.get("model_type") not in ("umt5", "t5", "mt5"):
+        raise WanFolderError(f"text_encoder is a '{text.get('model_type')}' model, expected umT5")
+    if int(text.get("d_model", model.text_dim)) != model.text_dim:
+        raise WanFolderError(f"text_encoder width {text.get('d_model')} differs from the transformer's text_dim {model.text_dim}")
+    if not (root / "tokenizer").is_dir():
+        raise WanFolderError(f"'{folder}' has no tokenizer/ folder")
+    vae = _read_json(root / "vae" / "config.json", "VAE config")
+    if vae.get("_class_name") != "AutoencoderKLWan":
+        raise WanFolderError(f"vae is a {vae.get('_class_name')}, not an AutoencoderKLWan")
+    if int(vae.get("z_dim", model.in_channels)) != model.in_channels:
+        raise WanFolderError(f"vae z_dim {vae.get('z_dim')} differs from the transformer's in_channels {model.in_channels}")
+    scheduler = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    return PipelineConfig(
+        model=model,
+        diffusion=diffusion_config_from_scheduler(scheduler),
+        text_encoder=TextEncoderConfig(
+            name_or_path=str(root / "text_encoder"), tokenizer_path=str(root / "tokenizer"),
+            max_length=WAN_TEXT_TOKENS, clean_prompts=True,
+        ),  # fmt: skip
+        autoencoder=AutoencoderConfig(kind="diffusers", path=str(root / "vae")),
+        sample=WAN_SAMPLE,
+        preset=None,
+    )
+
+
+def load_wan_weights(transformer_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A WanTransformer3DModel's state dict from its folder: one safetensors file or an index of shards."""
+    folder = Path(transformer_dir)
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_file(str(folder / WEIGHTS_FILE))
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        raise WanFolderError(f"{folder} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} (only safetensors weights are read)")
+    shards = sorted(set(_read_json(index, "weights index")["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(folder / shard)))
+    return state
+
+
+def convert_wan_state_dict(wan: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """Wan transformer weights -> our DiT's state dict for `cfg` (from `dit_config_from_wan`); every weight used once."""
+    linears: dict[str, dict[str, list[torch.Tensor | None]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    unused = []
+    for key, value in wan.items():
+        module, _, kind = key.rpartition(".")
+        target = wan_linear_target(module) if kind in ("weight", "bias") else None
+        if target is not None:
+            name, part, parts = target
+            linears.setdefault(f"{name}.{kind}", {}).setdefault("parts", [None] * parts)[part] = value
+            continue
+        for pattern, replacement in _PARAM_RULES:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            unused.append(key)
+    if unused:
+        raise WanFolderError(f"transformer weights this converter does not know: {', '.join(sorted(unused)[:3])}")
+    for key, entry in linears.items():
+        parts = entry["parts"]
+        if any(p is None for p in parts):
+            raise WanFolderError(f"transformer weights lack part of {key} (q, k and v must all be present)")
+        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts)  # (parts * D_out, D_in) or (parts * D_out,)
+    # Tables: Wan's (1, n, D) -> (n, D); output rows: Wan's patch layout -> ours.
+    for key in [k for k in out if k.endswith("modulation.table")]:
+        out[key] = out[key].reshape(-1, cfg.hidden_size)
+    order = output_row_order(cfg.patch_size, cfg.in_channels)
+    for kind in ("weight", "bias"):
+        out[f"final_layer.linear.{kind}"] = out[f"final_layer.linear.{kind}"][order]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def convert_wan_folder(folder: str | Path, export_dir: str | Path) -> PipelineConfig:
+    """Write our export for a WanPipeline folder; returns its config. Checks every weight against a fresh DiT."""
+    from .dit import DiT
+    from .pipeline import save_export
+
+    config = pipeline_config_from_wan(folder)
+    state = convert_wan_state_dict(load_wan_weights(Path(folder).resolve() / "transformer"), config.model)
+    with torch.device("meta"):  # shapes only: no memory for a second copy of the weights
+        expected = DiT(config.model).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise WanFolderError(f"converted weights do not fit the DiT: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise WanFolderError(f"weight {key} has shape {tuple(value.shape)}, the DiT expects {tuple(expected[key].shape)}")
+    save_export(str(export_dir), config, state)
+    return config
