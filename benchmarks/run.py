@@ -60,10 +60,18 @@ GOALS = {
     "packed_vs_padded_tokens_ratio": ">= 1.3",
 }
 GPU_FIGURES = (
-    ("gpu_dit_l_tokens_per_s_bf16", "tokens/s of a DiT-L/2-sized model, bf16, >= 8k tokens/sample"),
-    ("gpu_dit_l_mfu_bf16", "model FLOPs utilisation of the same"),
-    ("gpu_zero3_vs_zero2_vs_ddp_step_time", "train-step time, ZeRO-3 vs ZeRO-2 vs DDP"),
-    ("gpu_generate_16x256x256_seconds", "seconds to generate 16 frames at 256x256"),
+    ("gpu_dit_l_tokens_per_s_bf16", "tokens/s of a DiT-L/2-sized training step, bf16, 9,216 tokens/sample (faster of eager and compiled)"),
+    ("gpu_dit_l_mfu_bf16", "model FLOPs utilisation of the same (issue 14 goal >= 0.45)"),
+    ("gpu_dit_l_mfu_bf16_eager", "the same, eager (no torch.compile)"),
+    ("gpu_zero3_vs_zero2_vs_ddp_step_time", "train-step time, ZeRO-3 vs ZeRO-2 vs DDP (needs >= 2 GPUs)"),
+    ("gpu_generate_16x256x256_seconds", "seconds to generate 16 frames at 256x256 (DiT-L/8, 30 steps, CFG)"),
+    ("gpu_flash_attention_every_scope", "`pytest -m gpu`: SDPA's flash kernel in every attention scope and packed batches"),
+    ("gpu_dit_xl_64k_tokens_peak_gib", "peak GiB, DiT-XL/2 forward + backward at 65,536 tokens, bf16, checkpointed"),
+    ("gpu_serve_clips_per_s_by_batch", "generator pipeline clips/s at batch 1, 2, 4, 8 (DiT-B/8, 16x256x256 = 16k tokens, 20 steps, bf16)"),
+    ("gpu_vae_decode_81f_peak_gib_tiled_untiled", "peak GiB decoding 81 frames at 480x832, Wan VAE bf16: tiled, untiled"),
+    ("gpu_prepare_clips_per_s", "prepare stages on the GPU in bf16: Wan-VAE encode by shape, umT5-XXL captions at 512 tokens"),
+    ("gpu_wan_1_3b_cfg_step_seconds", "Wan2.1-1.3B-shaped DiT, 33x480x832 (14,040 tokens): seconds per CFG sampling step, bf16"),
+    ("gpu_wan_1_3b_lora_step_seconds", "the same model: seconds per LoRA r32 training step (checkpointed, bf16)"),
 )
 TIMEOUT_S = 900
 
@@ -127,12 +135,18 @@ def write_markdown(results: dict) -> None:
         lines += ["", "## Goals not met", ""]
         for name, r in unmet:
             lines.append(f"- `{name}` ({fmt(r.get('value'))}, goal {GOALS[name]}): {r.get('note') or 'no explanation recorded.'}")
-    lines += ["", "## GPU figures", "", "| figure | value | what | status |", "| --- | --- | --- | --- |"]
     gpu = results.get("gpu") or {}
+    lines += ["", "## GPU figures", ""]
+    if gpu.get("device"):
+        lines += [f"Measured on {gpu['device']}, {gpu.get('date', '')}, with `{gpu.get('command', '')}`; every script's full output "
+                  "is under `gpu.details` in results.json.", ""]  # fmt: skip
+    lines += ["| figure | value | what | status |", "| --- | --- | --- | --- |"]
     for key, what in GPU_FIGURES:
         v = gpu.get(key)
-        status = "measured" if v is not None else "not measured (no GPU in this session); run `python -m benchmarks.bench_gpu`"
+        status = "measured" if v is not None else "not measured; run `benchmarks/run_gpu.sh OUT` on a GPU machine"
         lines.append(f"| `{key}` | {fmt(v)} | {what} | {status} |")
+    if gpu.get("notes"):
+        lines += ["", "What the GPU figures say:", ""] + [f"- {note}" for note in gpu["notes"]]
     lines += ["", "## Details", ""]
     for name in FIGURES:
         r = figs.get(name)

@@ -183,12 +183,22 @@ def scoped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Gr
 QKNormOver = Literal["head", "width"]
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` that scales in its input's dtype: under bf16 autocast the projections hand it bf16, and a
+    bf16 input with an fp32 weight misses the fused kernel (torch warns, measured on an H200) and comes out fp32.
+    The statistics are still accumulated in fp32 by the kernel; weights and state-dict keys are nn.RMSNorm's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def qk_norms(dim: int, head_dim: int, enabled: bool, over: QKNormOver) -> tuple[nn.Module, nn.Module]:
     """The query and key RMSNorms: over each head's dims (`head`) or over all heads at once (`width`, Wan)."""
     if not enabled:
         return nn.Identity(), nn.Identity()
     width = dim if over == "width" else head_dim
-    return nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)
+    return RMSNorm(width, eps=1e-6), RMSNorm(width, eps=1e-6)
 
 
 def _norm_heads(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
