@@ -193,8 +193,9 @@ def latest_checkpoint(store: RunStore, name: str) -> str | None:
 
 
 def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], store: RunStore, sampler: Any = None,
-                  start: dict[str, Any] | None = None):  # fmt: skip
-    """The TorchTrainer for a run (Ray must be initialised); `start`: the trainer state it resumes from."""
+                  start: dict[str, Any] | None = None, null_prompt: dict[str, Any] | None = None):  # fmt: skip
+    """The TorchTrainer for a run (Ray must be initialised); `start`: the trainer state it resumes from;
+    `null_prompt`: the empty prompt's embedding, for models whose dropped captions become it."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -218,6 +219,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         "nan_at_step": int(nan_at or 0),
         "nan_count": int(nan_count or 1),
         "stop_at_step": opts.stop_at_step or 0,
+        "null_prompt": null_prompt,
     }
     env_vars = {"DS_ACCELERATOR": "cpu"} if recipe.device == "cpu" else {}
     fs, path = store.pyarrow_filesystem()
@@ -285,7 +287,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
     sampler = start_sampler(store.uri, sample_cpus, sample.num_gpus) if wants_samples else None
-    trainer = build_trainer(opts, recipe, stage_data, store, sampler, start)
+    trainer = build_trainer(opts, recipe, stage_data, store, sampler, start, _null_prompt(recipe, stage_data))
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
@@ -307,6 +309,16 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "export": export,
         "samples": samples["written"],
     }
+
+
+def _null_prompt(recipe: Recipe, stage_data: dict[str, StageData]) -> dict[str, Any] | None:
+    """The embedding of "" for `null_text: empty_prompt` models (Wan): what a dropped caption becomes."""
+    from pipelines.data.null_prompt import for_training, stage_text_length
+
+    if recipe.model_config().null_text != "empty_prompt":
+        return None
+    roots = sorted({root for sd in stage_data.values() for root in sd.paths})
+    return for_training(recipe.text_encoder, roots, stage_text_length(next(iter(stage_data.values())).info))
 
 
 def _root_message(err: BaseException) -> str:
