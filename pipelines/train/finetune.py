@@ -54,7 +54,10 @@ def _effective(cfg: DiTConfig) -> dict[str, Any]:
     from sora_model.rope import rope_split
 
     out = to_dict(cfg)
-    out["rope_split"] = list(rope_split(cfg.head_dim, cfg.rope_split))
+    try:
+        out["rope_split"] = list(rope_split(cfg.head_dim, cfg.rope_split))
+    except ValueError:  # a split that does not fit this width: left as written, it differs anyway
+        pass
     for key in RUNTIME_FIELDS:
         out.pop(key)
     return out
@@ -76,6 +79,8 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"model must be a mapping, got {type(model).__name__}")
     if model.get("base") is not None:
         return data
+    if not os.path.exists(path):
+        return data  # a placeholder (a shipped recipe, a path on the cluster): `check_init` fails `sora train` on it
     try:
         export = load_export_config(path)
     except (OSError, ValueError) as err:  # ConfigError is a ValueError: a bad config.json names its key
@@ -107,6 +112,15 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
         if out.get(key) is None:
             out[key] = to_dict(getattr(export, key))
     return out
+
+
+def check_init(recipe: Any) -> None:
+    """`sora train`, before any work: an `init_from` that `resolve_init` could not read (the path does not exist)."""
+    if recipe.init_from and recipe.model.base is None:
+        raise ConfigError(
+            f"init_from '{recipe.init_from}' does not exist: give an export folder (sora convert --from-diffusers DIR "
+            "--out EXPORT_DIR, or a run's export/) that every node can read"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
+from pipelines.train.finetune import check_init
 from pipelines.train.recipe import Recipe, load_recipe, recipe_to_dict
 from pipelines.train.samples import finish_sampler, start_sampler
 from pipelines.train.stage_data import StageData, resolve_stage_data
@@ -256,6 +257,7 @@ def _record_start(opts: TrainOptions, store: RunStore, num_workers: int) -> None
 def train(opts: TrainOptions) -> dict[str, Any]:
     """Validate everything that can be checked without Ray, then run the trainer; returns a summary."""
     recipe = load_recipe(opts.recipe)
+    check_init(recipe)
     if opts.device is not None:
         recipe.device = opts.device
     if opts.workers is not None and opts.workers < 1:
