@@ -107,7 +107,8 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
                 f"config.json gives the model) or set only {', '.join(RUNTIME_FIELDS)} in model.overrides"
             )
     runtime = {key: value for key, value in overrides.items() if key in RUNTIME_FIELDS}
-    out = {**data, "model": {"base": to_dict(export.model), "overrides": runtime}}
+    # Absolute: the workers run in other folders (and `ray job submit` sends the recipe from the submitting machine).
+    out = {**data, "init_from": os.path.abspath(path), "model": {"base": to_dict(export.model), "overrides": runtime}}
     for key in ("text_encoder", "autoencoder", "diffusion"):
         if out.get(key) is None:
             out[key] = to_dict(getattr(export, key))

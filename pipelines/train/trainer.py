@@ -24,7 +24,7 @@ A lost worker or node restarts the workers from the last checkpoint (up to the r
 a diverged loss ends the run once. `--resume` continues a stopped or failed run (the same RUN), with any
 number of workers: a checkpoint of another world size is first converted to DeepSpeed's universal form.
 The loop itself is in worker.py, with engine.py, step.py, checkpoint.py, ema.py, data.py, metrics.py,
-samples.py and storage.py beside it.
+samples.py and storage.py beside it; finetune.py starts a run from an export (`init_from`, LoRA).
 """
 
 from __future__ import annotations
