@@ -134,7 +134,8 @@ def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sampl
 
     from pipelines.train.data import device_batches
 
-    spec = parse_recipe(config["recipe"]).data
+    recipe = parse_recipe(config["recipe"])
+    spec, trim = recipe.data, recipe.model_config().text_padding == "masked"  # Wan attends to its caption padding: keep it
     shard = ray.train.get_dataset_shard(stage.name)
     seed = config["recipe"]["seed"] * 7919 + si
     ahead = start_sample - config["stages"][stage.name]["start_sample"]
@@ -143,8 +144,8 @@ def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sampl
 
         pin = spec.pin_memory and device.type == "cuda"
         return packed_batches(shard, stage.tokens_per_batch, spec.shuffle_buffer, spec.prefetch_batches, device, seed,
-                              skip_rows=max(0, ahead) // world, pin=pin)  # fmt: skip
-    batches = iter(device_batches(shard, stage, spec, device, seed=seed))
+                              skip_rows=max(0, ahead) // world, pin=pin, trim_text=trim)  # fmt: skip
+    batches = iter(device_batches(shard, stage, spec, device, seed=seed, trim_text=trim))
     skip = ahead // (stage.micro_batch * world)
     for _ in range(max(0, skip)):
         next(batches)
