@@ -302,7 +302,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])
-    export = store.url("export") if store.exists("export/config.json") else None
+    done = store.exists("export/config.json") or store.exists("export/adapter_config.json")  # a LoRA run's: an adapter folder
+    export = store.url("export") if done else None
     return {
         "run_dir": store.url(),
         "seconds": round(time.perf_counter() - t0, 1),
