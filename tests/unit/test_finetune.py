@@ -148,6 +148,10 @@ def test_merged_export_is_base_plus_adapter(export: Path, tmp_path: Path) -> Non
         delta = merged[f"{name}.weight"] - base[f"{name}.weight"]
         assert (delta - 2.0 * b @ a).abs().max().item() <= 1e-5, name
         assert (merged_ema[f"{name}.weight"] - base[f"{name}.weight"] - 0.25 * 2.0 * b @ a).abs().max().item() <= 1e-5
+    # The sample actor reads an adapter folder as its base with the adapter (what --lora does).
+    from pipelines.train.finetune import adapter_base
+
+    assert adapter_base(str(folder)) == (str(export.resolve()), str(folder)) and adapter_base(str(export)) == (str(export), None)
     # Serving base + --lora gives what the merged export gives.
     pipe = TextToVideoPipeline.load(str(export), lora=str(folder))
     direct = TextToVideoPipeline.load(str(folder / "merged"), use_ema=False)
@@ -189,7 +193,7 @@ def test_prepare_from_export_takes_the_models_parts(export: Path, tmp_path: Path
     assert opts.autoencoder == exported.autoencoder and opts.patch == (1, 2, 2) and opts.null_prompt
     # Contradictions and frame counts the Wan VAE cannot take: one line, exit 2, before any work.
     manifest = str(_manifest(tmp_path))
-    base = ["data", "prepare", "--manifest", manifest, "--out", str(tmp_path / "out"), "--from-export", str(export), "--no-progress"]
+    base = ["data", "prepare", "--manifest", manifest, "--out", str(tmp_path / "out"), "--from-export", str(export), "--no-progress"]  # fmt: skip
     for extra, message in [
         (["--buckets", "5x32x32", "--text-encoder", "minilm2"], "leave out --text-encoder"),
         (["--buckets", "8x32x32"], "frames must be 1 + a multiple of 4"),
