@@ -30,6 +30,55 @@ def make_tiny_export(folder: Path) -> Path:
     return folder
 
 
+WAN_TEXT_DIM, WAN_CHANNELS = 16, 4
+WAN_LATENTS_MEAN, WAN_LATENTS_STD = [0.1, -0.2, 0.3, 0.0], [0.5, 1.0, 2.0, 1.5]
+
+
+def perturb(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
+    """Random values everywhere (norm weights, biases and tables too), so a misplaced weight cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def tiny_wan_transformer() -> torch.nn.Module:
+    import diffusers
+
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=WAN_CHANNELS, out_channels=WAN_CHANNELS,
+        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32,
+    )  # fmt: skip
+    perturb(model, 0)
+    return model.eval()
+
+
+def make_tiny_wan_folder(folder: Path) -> Path:
+    """A tiny Wan2.1 text-to-video pipeline folder (`save_pretrained`, nothing downloaded): umT5 with MiniLM's
+    tokenizer, a Wan VAE with latent stats (8x spatial, 4x temporal), FlowMatchEuler with shift 3."""
+    import diffusers
+    import transformers
+
+    from sora_model.text import minilm_path
+
+    torch.manual_seed(0)
+    text_encoder = transformers.UMT5EncoderModel(
+        transformers.UMT5Config(vocab_size=30522, d_model=WAN_TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    )
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=8, z_dim=WAN_CHANNELS, dim_mult=[1, 1, 2, 2], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD,
+    )  # fmt: skip
+    diffusers.WanPipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()),
+        text_encoder=text_encoder.eval(),
+        transformer=tiny_wan_transformer(),
+        vae=vae.eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+    ).save_pretrained(str(folder))
+    return folder
+
+
 def smoke_training_data(base: Path) -> str:
     """DIR_images,DIR_clips for smoke-cpu.yaml (24 synthetic 16x16 videos), made once under `base`."""
     from pipelines.cli import main

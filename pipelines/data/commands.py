@@ -2,6 +2,7 @@
 
 sora data synth --out data/shapes --num-videos 168
 sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --resolution 32 --frames 8 --fps 8
+sora data prepare --manifest clips.jsonl --out data/wan --buckets 33x480x832 --fps 16 --from-export exports/wan-1.3b
 ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ... --out ... --resolution 32 --frames 8
 """
 
@@ -54,6 +55,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
     )  # fmt: skip
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
+    p.add_argument(
+        "--from-export", metavar="EXPORT_DIR",
+        help="take the text encoder, autoencoder and patch from an export (e.g. a converted Wan2.1: umT5 + Wan VAE)",
+    )  # fmt: skip
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
     p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
     p.add_argument(

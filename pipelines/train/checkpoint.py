@@ -177,9 +177,21 @@ def fp32_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def export_checkpoint(ckpt_dir: str, out_dir: str, ema: bool = False) -> str:
-    """`sora export`: an export folder (model.safetensors, config.json, + ema.safetensors) from a checkpoint."""
+def ema_weights(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    """The full EMA tensors of a checkpoint (every rank's slices); FileNotFoundError when it holds none."""
     from pipelines.train.ema import read_ema_files
+
+    files = _ema_files(ckpt_dir)
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir} holds no EMA (the recipe had ema.enabled false); export without --ema")
+    return read_ema_files(files)
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, ema: bool = False, merge_lora: bool = False) -> str:
+    """`sora export`: an export folder (model.safetensors, config.json, + ema.safetensors) from a checkpoint.
+
+    A LoRA run's checkpoint gives its adapter folder (+ `ema/`), or with `merge_lora` the merged whole export."""
+    from pipelines.train.finetune import FINETUNE_FILE, export_lora_checkpoint
     from sora_model.config import PipelineConfig, from_dict
     from sora_model.pipeline import save_export
 
@@ -187,12 +199,15 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, ema: bool = False) -> str:
         raise FileNotFoundError(f"{ckpt_dir} is not a training checkpoint (no {TRAINER_STATE} and {DS_TAG}/ inside)")
     if not os.path.isfile(os.path.join(ckpt_dir, CONFIG_FILE)):
         raise FileNotFoundError(f"{ckpt_dir} has no {CONFIG_FILE} (written by training since portable checkpoints)")
+    finetune = os.path.join(ckpt_dir, FINETUNE_FILE)
+    lora = False
+    if os.path.isfile(finetune):
+        with open(finetune) as f:
+            lora = json.load(f).get("lora") is not None
+    if lora:
+        return export_lora_checkpoint(ckpt_dir, out_dir, ema=ema, merge=merge_lora)
+    if merge_lora:
+        raise ValueError(f"{ckpt_dir} is not from a LoRA run (no adapters to merge); export without --merge-lora")
     with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
         config = from_dict(PipelineConfig, json.load(f))
-    ema_weights = None
-    if ema:
-        files = _ema_files(ckpt_dir)
-        if not files:
-            raise FileNotFoundError(f"{ckpt_dir} holds no EMA (the recipe had ema.enabled false); export without --ema")
-        ema_weights = read_ema_files(files)
-    return save_export(out_dir, config, fp32_weights(ckpt_dir), ema_weights)
+    return save_export(out_dir, config, fp32_weights(ckpt_dir), ema_weights(ckpt_dir) if ema else None)

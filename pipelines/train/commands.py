@@ -3,6 +3,7 @@
 sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
 ray job submit --working-dir . -- python -m pipelines.train.trainer --recipe ... --data ... --run-dir ...
 sora export --checkpoint runs/smoke/ray_results/smoke-cpu/checkpoint_0000008 --out export8 --ema
+sora export --checkpoint runs/wan-lora/ray_results/wan-1.3b-lora/checkpoint_0001000 --out wan-merged --merge-lora
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, help="a checkpoint folder or URI: RUN/ray_results/NAME/checkpoint_NNNNNNN")
     e.add_argument("--out", required=True, help="export folder to write (model.safetensors, config.json)")
     e.add_argument("--ema", action="store_true", help="also write the EMA weights (ema.safetensors, what generation prefers)")
+    e.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run's checkpoint: write the base (its init_from) with the adapter merged, a whole export, "
+                   "instead of the adapter folder")  # fmt: skip
     e.set_defaults(func=run_export)
 
 
@@ -49,7 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
     tmp = tempfile.mkdtemp(prefix="sora-export-") if store.remote else None
     try:
         local = store.download("", os.path.join(tmp, "ckpt")) if tmp else store.url()
-        out = export_checkpoint(local, args.out, ema=args.ema)
+        out = export_checkpoint(local, args.out, ema=args.ema, merge_lora=args.merge_lora)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

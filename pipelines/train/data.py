@@ -160,10 +160,14 @@ class Collate:
     they travel host -> device in fp16, as `sora data prepare` stored them, and the step casts them.
     """
 
+    def __init__(self, trim_text: bool = True):
+        self.trim_text = trim_text
+        """False for `text_padding: attended` models (Wan): they read every padding token, so none may be dropped."""
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         # Caption columns no row of the batch uses are dropped here, on the host, so the model never syncs to find them.
         mask = np.asarray(batch["text_mask"], dtype=bool)
-        keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1
+        keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if self.trim_text else mask.shape[1]
         return {
             "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)
             "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)[:, :keep]),  # (B, L', Dt)
@@ -173,13 +177,13 @@ class Collate:
         }
 
 
-def _collate_fn() -> Any:
+def _collate_fn(trim_text: bool = True) -> Any:
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class NumpyCollate(NumpyBatchCollateFn):
         def __init__(self):
             super().__init__()
-            self.inner = Collate()
+            self.inner = Collate(trim_text)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             return self.inner(batch)
@@ -187,12 +191,12 @@ def _collate_fn() -> Any:
     return NumpyCollate()
 
 
-def device_batches(shard: Any, stage: StageSpec, spec: DataSpec, device: torch.device, seed: int) -> Any:
-    """A rank's micro-batches of its shard of the stage stream, prefetched onto `device`."""
+def device_batches(shard: Any, stage: StageSpec, spec: DataSpec, device: torch.device, seed: int, trim_text: bool = True) -> Any:
+    """A rank's micro-batches of its shard of the stage stream, prefetched onto `device` (see `Collate` for trim_text)."""
     cuda = device.type == "cuda"
     return shard.iter_torch_batches(
         batch_size=stage.micro_batch,
-        collate_fn=_collate_fn(),
+        collate_fn=_collate_fn(trim_text),
         device=device,
         prefetch_batches=spec.prefetch_batches,
         pin_memory=spec.pin_memory and cuda,

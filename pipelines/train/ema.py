@@ -72,13 +72,16 @@ def partition_of(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 @torch.no_grad()
 def gather_full(module: torch.nn.Module, partitions: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 CPU tensors on rank 0 (None elsewhere) from per-rank master slices; every rank calls it."""
+    """Full fp32 CPU tensors on rank 0 (None elsewhere) from per-rank master slices (of the parameters `partitions`
+    names, in the module's order); every rank calls it."""
     import torch.distributed as dist
 
     shapes = _full_shapes(module)
     world = dist.get_world_size() if dist.is_initialized() else 1
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
     for name, p in module.named_parameters():
+        if name not in partitions:  # e.g. a LoRA run's frozen base: the export takes it from init_from
+            continue
         local = partitions[name].detach().float().reshape(-1)
         if not is_zero3(p) or world == 1:
             if out is not None:
@@ -97,13 +100,17 @@ class PartitionEMA:
     def __init__(self, module: torch.nn.Module, decay: float, bf16: bool = False):
         self.decay = decay
         self.bf16 = bf16
-        self.shadow = {n: t.detach().float().clone() for n, t in master_partitions(module, bf16).items()}
+        # Only what trains: a LoRA run's frozen base never moves, and averaging it would hold a second copy of it.
+        self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: t.detach().float().clone() for n, t in master_partitions(module, bf16).items() if n in self.trainable}
         self.layout = LAYOUT_PARTITION if any(is_zero3(p) for p in module.parameters()) else LAYOUT_FULL
         self.shapes = _full_shapes(module)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         for n, master in master_partitions(module, self.bf16).items():
+            if n not in self.shadow:
+                continue
             self.shadow[n].lerp_(master.detach().float().to(self.shadow[n].device), 1.0 - self.decay)
 
     def save(self, path: str) -> None:

@@ -97,24 +97,25 @@ def ds_config(recipe: Recipe, stage: StageSpec, world: int, load_universal: bool
 def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tuple[Any, torch.nn.Module]:
     """(DeepSpeed engine, its module) for this rank; torch.distributed must be initialised.
 
-    Same seed on every rank: identical initial weights, which ZeRO-3 then partitions.
+    Same seed on every rank: identical initial weights, which ZeRO-3 then partitions. `init_from` weights and
+    LoRA adapters are in place before that (finetune.py); the optimizer steps only what trains.
     """
     import deepspeed
 
-    from sora_model.dit import DiT
+    from pipelines.train.finetune import build_model, trainable_parameters
 
     ds = recipe.deepspeed
-    torch.manual_seed(recipe.seed)
-    model = DiT(recipe.model_config())
+    model = build_model(recipe)
+    params = trainable_parameters(model)
     client_opt = None
     if uses_client_optimizer(recipe):
-        client_opt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=ds.betas, weight_decay=ds.weight_decay)
+        client_opt = torch.optim.AdamW(params, lr=1.0, betas=ds.betas, weight_decay=ds.weight_decay)
 
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(recipe, s))
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=client_opt, model_parameters=None if client_opt else model.parameters(),
+        model=model, optimizer=client_opt, model_parameters=None if client_opt else params,
         lr_scheduler=make_scheduler, config=ds_config(recipe, recipe.stages[0], world, load_universal),
         dist_init_required=False,
     )  # fmt: skip

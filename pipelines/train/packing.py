@@ -50,12 +50,13 @@ def pack_rows(rows: Iterable[Row], budget: int) -> Iterator[list[Row]]:
         yield pack
 
 
-def collate_pack(pack: list[Row], device: torch.device, pin: bool = False) -> dict[str, Any]:
-    """One packed micro-batch on `device`: clips ordered by grid (one attention call per grid), captions trimmed."""
+def collate_pack(pack: list[Row], device: torch.device, pin: bool = False, trim_text: bool = True) -> dict[str, Any]:
+    """One packed micro-batch on `device`: clips ordered by grid (one attention call per grid), captions trimmed
+    (not for `text_padding: attended` models, which read the padding: `trim_text` False)."""
     order = sorted(range(len(pack)), key=lambda i: tuple(int(v) for v in pack[i]["grid"]))
     rows = [pack[i] for i in order]
     mask = np.stack([np.asarray(r["text_mask"], dtype=bool) for r in rows])  # (clips, L)
-    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1  # caption columns no clip uses stay on the host
+    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if trim_text else mask.shape[1]  # unused columns stay on the host
     host = {
         "patches": torch.as_tensor(np.concatenate([np.asarray(r["patches"], dtype=np.float32) for r in rows])),  # (ΣN, P)
         "text_tokens": torch.as_tensor(np.stack([np.asarray(r["text_tokens"], dtype=np.float16) for r in rows])[:, :keep]),
@@ -70,7 +71,7 @@ def collate_pack(pack: list[Row], device: torch.device, pin: bool = False) -> di
 
 
 def packed_batches(shard: Any, budget: int, shuffle_buffer: int, prefetch: int, device: torch.device, seed: int,
-                   skip_rows: int = 0, pin: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
+                   skip_rows: int = 0, pin: bool = False, trim_text: bool = True) -> Iterator[dict[str, Any]]:  # fmt: skip
     """A rank's packed micro-batches of its shard of a mixed stage's stream; the first `skip_rows` rows dropped."""
     batches = shard.iter_batches(batch_size=READ_ROWS, batch_format="numpy", prefetch_batches=prefetch,
                                  local_shuffle_buffer_size=max(shuffle_buffer, READ_ROWS), local_shuffle_seed=seed)  # fmt: skip
@@ -78,4 +79,4 @@ def packed_batches(shard: Any, budget: int, shuffle_buffer: int, prefetch: int, 
     for _ in range(skip_rows):
         next(rows, None)
     for pack in pack_rows(rows, budget):
-        yield collate_pack(pack, device, pin)
+        yield collate_pack(pack, device, pin, trim_text)

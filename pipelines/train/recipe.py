@@ -28,6 +28,7 @@ from sora_model.config import (
     from_dict,
     to_dict,
 )
+from sora_model.lora import LORA_TARGET_MODULES
 
 
 @dataclass
@@ -37,9 +38,12 @@ class ModelSpec:
     preset: str = "DiT-demo"
     overrides: dict[str, Any] = field(default_factory=dict)
     """Any `DiTConfig` field, e.g. `{patch_size: [1, 4, 4], gradient_checkpointing: true}`; typed like the config."""
+    base: DiTConfig | None = None
+    """A whole model config to start from instead of the preset. With `init_from` the export's, filled in when the
+    recipe is read (`finetune.resolve_init`); overrides then may only set runtime options (gradient_checkpointing)."""
 
     def build(self) -> DiTConfig:
-        base = to_dict(dit_preset(self.preset))
+        base = to_dict(self.base if self.base is not None else dit_preset(self.preset))
         # Round-trip through from_dict so overrides are checked (names and types) like any other key.
         return from_dict(DiTConfig, {**base, **self.overrides}, "model.overrides")
 
@@ -157,17 +161,58 @@ class DataSpec:
 
 
 @dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on the model's attention and MLP projections; the base weights stay frozen.
+
+    Only the adapters train, are averaged by the EMA, checkpointed and exported: `RUN/export/` is then a peft
+    adapter folder (what `--lora` takes, with `init_from` as its base), `RUN/export/merged/` a whole export too
+    when `merge_export` is on (or later: `sora export --checkpoint CKPT --out DIR --merge-lora`)."""
+
+    rank: int = 16
+    """Adapter rank r: parameters per adapted Linear are r * (in + out). 16-64 is what Wan LoRA recipes use."""
+    alpha: float | None = None
+    """Scale numerator: the update is (alpha / rank) * B @ A. None takes alpha = rank (scale 1), so changing the
+    rank does not change the effective learning rate of a fresh adapter."""
+    targets: str | list[str] = LORA_TARGET_MODULES
+    """peft `target_modules`: a regex on module names, or a list of name suffixes. The default: every block's
+    self-attention qkv/proj, cross-attention q/kv/proj and MLP projections (what diffusers' and DiffSynth's Wan
+    LoRA recipes adapt)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft `lora_dropout`); 0 as in most video LoRA recipes."""
+    merge_export: bool = False
+    """Also write `RUN/export/merged/` (and each stage export's): the base with the adapters merged in, an export
+    `--model` loads without `--lora` (as fast to sample as the base)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError("lora.targets must name at least one module (a regex or a list of names)")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+@dataclass
 class StageSpec:
     """One curriculum stage; starts from the weights the previous stage ended with."""
 
     name: str
-    resolution: int
-    """Square clip size in pixels; must equal the bucket's height and width (a mixed stage: one bucket's, the shape it samples at)."""
     frames: int
-    """Frames per clip; must equal the bucket's frames (1 for image stages)."""
+    """Frames per clip; must equal the bucket's frames (1 for image stages; 1 + 4k for Wan's VAE)."""
     steps: int
     """Optimizer steps in this stage."""
     lr: float
+    resolution: int = 0
+    """Square clip size in pixels; must equal the bucket's height and width (a mixed stage: one bucket's, the shape it samples at)."""
+    height: int = 0
+    width: int = 0
+    """A non-square clip size in pixels (e.g. Wan's 480x832), given instead of `resolution`; 0 takes `resolution`."""
     dataset: str = ""
     """Bucket `FRAMESxHEIGHTxWIDTH` inside one of the `--data` folders (or a folder path holding one bucket)."""
     datasets: list[str] = field(default_factory=list)
@@ -194,7 +239,10 @@ class StageSpec:
     """Prompts sampled into RUN/samples/<stage>.gif at the stage end; empty skips sampling."""
 
     def __post_init__(self) -> None:
-        for key in ("resolution", "frames", "steps", "micro_batch", "grad_accum"):
+        if not self.resolution and not (self.height and self.width):
+            raise ConfigError("give resolution (square clips) or height and width")
+        self.height, self.width = self.height or self.resolution, self.width or self.resolution
+        for key in ("height", "width", "frames", "steps", "micro_batch", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("warmup_steps", "checkpoint_every"):
@@ -216,6 +264,15 @@ class StageSpec:
             raise ConfigError("tokens_per_batch applies to a mixed stage only (datasets: [...]); a one-bucket stage uses micro_batch")
 
     @property
+    def shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the stage's clips in pixels."""
+        return self.frames, self.height, self.width
+
+    @property
+    def size_text(self) -> str:
+        return f"{self.frames} frames at {self.height}x{self.width}"
+
+    @property
     def mixed(self) -> bool:
         """Whether micro-batches are packed from several buckets."""
         return bool(self.datasets)
@@ -232,6 +289,13 @@ class Recipe:
     name: str
     """Run name: the Ray Train run is `RUN/ray_results/<name>`, which `--resume` finds again."""
     stages: list[StageSpec]
+    init_from: str | None = None
+    """An export folder to start from (`sora convert --from-diffusers` or a training run's): its config.json gives
+    the model (a recipe `model:` must then be omitted or agree, but for runtime options) and, where the recipe
+    leaves them out, the text encoder, autoencoder and diffusion settings; its model.safetensors the start
+    weights. A local path every node can read (shared storage); rank 0 reads it and the others receive it."""
+    lora: LoraSpec | None = None
+    """Train LoRA adapters instead of all weights (needs `init_from`, the base they adapt); None: a full fine-tune."""
     model: ModelSpec = field(default_factory=ModelSpec)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -296,6 +360,8 @@ class Recipe:
             )
         if self.sequence_parallel_size < 1:
             raise ConfigError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
+        if self.lora is not None and not self.init_from:
+            raise ConfigError("lora needs init_from: the export whose weights the adapters adapt")
 
     @property
     def bf16(self) -> bool:
@@ -319,8 +385,8 @@ class Recipe:
             diffusion=self.diffusion,
             text_encoder=self.text_encoder,
             autoencoder=self.autoencoder,
-            sample=SampleConfig(num_frames=last.frames, height=last.resolution, width=last.resolution, fps=self.sample.fps),
-            preset=self.model.preset,
+            sample=SampleConfig(num_frames=last.frames, height=last.height, width=last.width, fps=self.sample.fps),
+            preset=self.model.preset if self.model.base is None else None,
         )
 
 
@@ -334,11 +400,11 @@ def _check_stage_shapes(recipe: Recipe, model: DiTConfig) -> None:
         if stage.mixed and recipe.compile:
             raise ConfigError(f"stages[{i}]: a mixed stage's packed batches change shape every step (a graph each); set compile: false")
         pt, ph, pw = model.patch_size
-        if stage.frames % pt or stage.resolution % ph or stage.resolution % pw:
+        if stage.frames % pt or stage.height % ph or stage.width % pw:
             raise ConfigError(
-                f"stages[{i}]: {stage.frames} frames at {stage.resolution}px do not divide by model.patch_size {list(model.patch_size)}"
+                f"stages[{i}]: {stage.frames} frames at {stage.height}x{stage.width}px do not divide by model.patch_size {list(model.patch_size)}"
             )
-        tokens = (stage.frames // pt) * (stage.resolution // ph) * (stage.resolution // pw)
+        tokens = (stage.frames // pt) * (stage.height // ph) * (stage.width // pw)
         if tokens % sp:
             raise ConfigError(f"stages[{i}]: {tokens} tokens per clip do not divide by sequence_parallel_size {sp}")
 
@@ -348,6 +414,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
+    if data.get("init_from") is not None:
+        from pipelines.train.finetune import resolve_init
+
+        data = resolve_init(data)
     # Stage errors name the stage by index: `stages[1].lr ...`. from_dict does that for list items,
     # but the stage-level __post_init__ checks raise without the prefix, so add it here.
     stages = data.get("stages")

@@ -37,7 +37,8 @@ class StageSampler:
     def ready(self) -> bool:
         return True
 
-    def sample(self, export_rel: str, stage: str, prompts: list[str], frames: int, size: int, steps: int, seed: int, fps: int) -> str | None:
+    def sample(self, export_rel: str, stage: str, prompts: list[str], frames: int, size: int | tuple[int, int], steps: int, seed: int,
+               fps: int) -> str | None:  # fmt: skip
         """`RUN/samples/<stage>.gif` from the export at `export_rel`; returns its path (None if it failed)."""
         try:
             return self._sample(export_rel, stage, prompts, frames, size, steps, seed, fps)
@@ -49,6 +50,7 @@ class StageSampler:
     def _sample(self, export_rel, stage, prompts, frames, size, steps, seed, fps) -> str:
         import torch
 
+        from pipelines.train.finetune import adapter_base
         from sora_model.pipeline import TextToVideoPipeline
         from sora_model.video import make_grid, write_video
 
@@ -59,10 +61,13 @@ class StageSampler:
         try:
             export_dir = self.store.download(export_rel, os.path.join(tmp, "export")) if self.store.remote else self.store.url(export_rel)
             # The training weights, not the EMA: early in a short run the EMA still mostly holds the initial weights.
-            pipe = TextToVideoPipeline.load(export_dir, device=self.device, use_ema=False, text_encoder=self.text_encoder)
+            # A LoRA run's export is an adapter folder: its base (the run's init_from) with the adapter merged.
+            model_dir, lora = adapter_base(export_dir)
+            pipe = TextToVideoPipeline.load(model_dir, device=self.device, use_ema=False, lora=lora, text_encoder=self.text_encoder)
             self.text_encoder = pipe.text_encoder  # loaded once, kept across stages
+            height, width = (size, size) if isinstance(size, int) else size
             with torch.random.fork_rng():
-                videos = pipe(prompts, num_frames=frames, height=size, width=size, steps=steps, seed=seed)
+                videos = pipe(prompts, num_frames=frames, height=height, width=width, steps=steps, seed=seed)
             local = os.path.join(tmp, f"{stage}.gif")
             write_video(local, make_grid(videos), fps=fps)
             rel = f"{SAMPLES_DIR}/{stage}.gif"

@@ -62,12 +62,12 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
     out: dict[str, StageData] = {}
     for i, stage in enumerate(recipe.stages):
         parts = [_resolve_bucket(recipe, model, infos, roots, f"stages[{i}].dataset", name) for name in stage.buckets]
-        want = (stage.frames, stage.resolution, stage.resolution)
+        want = stage.shape
         if not stage.mixed:
             if parts[0].shape != want:
                 f, h, w = parts[0].shape
                 raise ConfigError(
-                    f"stages[{i}] wants {stage.frames} frames at {stage.resolution}x{stage.resolution} but bucket "
+                    f"stages[{i}] wants {stage.size_text} but bucket "
                     f"'{stage.dataset}' holds {f}x{h}x{w}"
                 )
             out[stage.name] = parts[0]
@@ -75,8 +75,8 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
         shapes = {p.shape: p for p in parts}
         if want not in shapes:
             raise ConfigError(
-                f"stages[{i}] samples at {stage.frames} frames at {stage.resolution}x{stage.resolution}, which none of its "
-                f"datasets ({', '.join(stage.datasets)}) holds; set frames and resolution to one of them"
+                f"stages[{i}] samples at {stage.size_text}, which none of its "
+                f"datasets ({', '.join(stage.datasets)}) holds; set frames and resolution (or height and width) to one of them"
             )
         for p in parts:
             tokens = p.grid[0] * p.grid[1] * p.grid[2]

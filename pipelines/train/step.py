@@ -61,6 +61,9 @@ class Stepper:
     """Fault injection for tests: a NaN loss on rank 0 in this global step..."""
     nan_count: int = 0
     """...for this many micro-batches in a row."""
+    null_prompt: dict[str, Any] | None = None
+    """`null_text: empty_prompt` models (Wan): the embedding of "" ({tokens (L, Dt), mask (L,), pooled (Dt,)}), which
+    stands in for a dropped caption (such models have no learned null to drop to)."""
     bad_in_row: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,18 @@ class Stepper:
         self.model_cfg = self.recipe.model_config()
         cfg = self.recipe.diffusion
         self.cond_dropout = cfg.cond_dropout if self.stage.cond_dropout is None else self.stage.cond_dropout
+        if self.null_prompt is not None:
+            self.null_prompt = {k: torch.as_tensor(v).to(self.device) for k, v in self.null_prompt.items()}
+
+    def _drop_captions(self, tokens, mask, pooled, drop):
+        """Caption dropout: a learned null (drop_text) or, for empty-prompt models, rows replaced by the "" embedding."""
+        if self.null_prompt is None:
+            return tokens, mask, pooled, drop
+        null, where = self.null_prompt, drop.view(-1, 1)  # (B, 1)
+        tokens = torch.where(where[..., None], null["tokens"].to(tokens.dtype), tokens)  # (B, L, Dt)
+        mask = torch.where(where, null["mask"].to(mask.dtype), mask)  # (B, L)
+        pooled = torch.where(where, null["pooled"].to(pooled.dtype), pooled)  # (B, Dt)
+        return tokens, mask, pooled, None
 
     def _allreduce(self, values: list[float]) -> list[float]:
         import torch.distributed as dist
@@ -90,6 +105,7 @@ class Stepper:
         mask = batch["text_mask"]  # (B, L)
         pooled = batch["text_pooled"].to(self.dtype)  # (B, Dt)
         drop = null_text_drop(x0.shape[0], self.cond_dropout, gen, device=self.device)  # (B,)
+        tokens, mask, pooled, drop = self._drop_captions(tokens, mask, pooled, drop)
         engine, dtype, par = self.engine, self.dtype, self.par
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -116,6 +132,7 @@ class Stepper:
         tokens, mask = batch["text_tokens"].to(dtype), batch["text_mask"]  # (clips, L, Dt), (clips, L)
         pooled = batch["text_pooled"].to(dtype)  # (clips, Dt)
         drop = null_text_drop(len(grids), self.cond_dropout, gen, device=self.device)  # (clips,)
+        tokens, mask, pooled, drop = self._drop_captions(tokens, mask, pooled, drop)
 
         def model_fn(x_ts: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
             packed = torch.cat([patchify(x, cfg.patch_size).flatten(0, 1) for x in x_ts])  # (ΣN, P)

@@ -24,7 +24,7 @@ A lost worker or node restarts the workers from the last checkpoint (up to the r
 a diverged loss ends the run once. `--resume` continues a stopped or failed run (the same RUN), with any
 number of workers: a checkpoint of another world size is first converted to DeepSpeed's universal form.
 The loop itself is in worker.py, with engine.py, step.py, checkpoint.py, ema.py, data.py, metrics.py,
-samples.py and storage.py beside it.
+samples.py and storage.py beside it; finetune.py starts a run from an export (`init_from`, LoRA).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
+from pipelines.train.finetune import check_init
 from pipelines.train.recipe import Recipe, load_recipe, recipe_to_dict
 from pipelines.train.samples import finish_sampler, start_sampler
 from pipelines.train.stage_data import StageData, resolve_stage_data
@@ -193,8 +194,9 @@ def latest_checkpoint(store: RunStore, name: str) -> str | None:
 
 
 def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], store: RunStore, sampler: Any = None,
-                  start: dict[str, Any] | None = None):  # fmt: skip
-    """The TorchTrainer for a run (Ray must be initialised); `start`: the trainer state it resumes from."""
+                  start: dict[str, Any] | None = None, null_prompt: dict[str, Any] | None = None):  # fmt: skip
+    """The TorchTrainer for a run (Ray must be initialised); `start`: the trainer state it resumes from;
+    `null_prompt`: the empty prompt's embedding, for models whose dropped captions become it."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -218,6 +220,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         "nan_at_step": int(nan_at or 0),
         "nan_count": int(nan_count or 1),
         "stop_at_step": opts.stop_at_step or 0,
+        "null_prompt": null_prompt,
     }
     env_vars = {"DS_ACCELERATOR": "cpu"} if recipe.device == "cpu" else {}
     fs, path = store.pyarrow_filesystem()
@@ -254,6 +257,7 @@ def _record_start(opts: TrainOptions, store: RunStore, num_workers: int) -> None
 def train(opts: TrainOptions) -> dict[str, Any]:
     """Validate everything that can be checked without Ray, then run the trainer; returns a summary."""
     recipe = load_recipe(opts.recipe)
+    check_init(recipe)
     if opts.device is not None:
         recipe.device = opts.device
     if opts.workers is not None and opts.workers < 1:
@@ -285,7 +289,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
     sampler = start_sampler(store.uri, sample_cpus, sample.num_gpus) if wants_samples else None
-    trainer = build_trainer(opts, recipe, stage_data, store, sampler, start)
+    trainer = build_trainer(opts, recipe, stage_data, store, sampler, start, _null_prompt(recipe, stage_data))
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
@@ -298,7 +302,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])
-    export = store.url("export") if store.exists("export/config.json") else None
+    done = store.exists("export/config.json") or store.exists("export/adapter_config.json")  # a LoRA run's: an adapter folder
+    export = store.url("export") if done else None
     return {
         "run_dir": store.url(),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -307,6 +312,16 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "export": export,
         "samples": samples["written"],
     }
+
+
+def _null_prompt(recipe: Recipe, stage_data: dict[str, StageData]) -> dict[str, Any] | None:
+    """The embedding of "" for `null_text: empty_prompt` models (Wan): what a dropped caption becomes."""
+    from pipelines.data.null_prompt import for_training, stage_text_length
+
+    if recipe.model_config().null_text != "empty_prompt":
+        return None
+    roots = sorted({root for sd in stage_data.values() for root in sd.paths})
+    return for_training(recipe.text_encoder, roots, stage_text_length(next(iter(stage_data.values())).info))
 
 
 def _root_message(err: BaseException) -> str:

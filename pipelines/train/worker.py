@@ -65,9 +65,13 @@ class RankZero:
         self.mirror.sync(WORKERS_FILE, METRICS_FILE, TENSORBOARD_DIR)
 
     def write_export(self, rel: str, weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor] | None) -> None:
+        from pipelines.train.finetune import write_lora_export
         from sora_model.pipeline import save_export
 
-        save_export(self.mirror.path(rel), self.recipe.pipeline_config(), weights, ema_weights)
+        if self.recipe.lora is not None:  # the adapters (+ ema/, merged/): the base is init_from, unchanged
+            write_lora_export(self.mirror.path(rel), self.recipe, weights, ema_weights)
+        else:
+            save_export(self.mirror.path(rel), self.recipe.pipeline_config(), weights, ema_weights)
         self.mirror.sync(rel)
 
     def write_fatal(self, message: str, step: int) -> None:
@@ -130,7 +134,8 @@ def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sampl
 
     from pipelines.train.data import device_batches
 
-    spec = parse_recipe(config["recipe"]).data
+    recipe = parse_recipe(config["recipe"])
+    spec, trim = recipe.data, recipe.model_config().text_padding == "masked"  # Wan attends to its caption padding: keep it
     shard = ray.train.get_dataset_shard(stage.name)
     seed = config["recipe"]["seed"] * 7919 + si
     ahead = start_sample - config["stages"][stage.name]["start_sample"]
@@ -139,8 +144,8 @@ def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sampl
 
         pin = spec.pin_memory and device.type == "cuda"
         return packed_batches(shard, stage.tokens_per_batch, spec.shuffle_buffer, spec.prefetch_batches, device, seed,
-                              skip_rows=max(0, ahead) // world, pin=pin)  # fmt: skip
-    batches = iter(device_batches(shard, stage, spec, device, seed=seed))
+                              skip_rows=max(0, ahead) // world, pin=pin, trim_text=trim)  # fmt: skip
+    batches = iter(device_batches(shard, stage, spec, device, seed=seed, trim_text=trim))
     skip = ahead // (stage.micro_batch * world)
     for _ in range(max(0, skip)):
         next(batches)
@@ -148,10 +153,12 @@ def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sampl
 
 
 def _export(module: torch.nn.Module, ema: Any, rank: int, bf16: bool) -> tuple[dict | None, dict | None]:
-    """Full fp32 weights (and EMA) on rank 0 from the masters; every rank calls it."""
+    """Full fp32 weights (and EMA) on rank 0 from the masters; every rank calls it. A LoRA run's: the adapters only."""
     from pipelines.train.ema import gather_full, master_partitions
 
-    weights = gather_full(module, master_partitions(module, bf16), rank)
+    masters = master_partitions(module, bf16)
+    masters = {n: masters[n] for n, p in module.named_parameters() if p.requires_grad}  # a frozen base comes from init_from
+    weights = gather_full(module, masters, rank)
     ema_weights = gather_full(module, ema.shadow, rank) if ema is not None else None
     return weights, ema_weights
 
@@ -228,6 +235,7 @@ class RankRun:
         import ray.train
 
         from pipelines.train.checkpoint import write_rank0_files, write_rank_files
+        from pipelines.train.finetune import write_checkpoint_info
         from sora_model.config import to_dict
 
         tmp = tempfile.mkdtemp(prefix=f"sora-ckpt-r{self.rank}-")
@@ -238,6 +246,7 @@ class RankRun:
                 saved = {**self.state, "stage_index": si, "stage_step": stage_step, "consumed_samples": consumed_samples,
                          "world_size": self.world, "stage": stage}  # fmt: skip
                 write_rank0_files(tmp, saved, to_dict(self.recipe.pipeline_config()))
+                write_checkpoint_info(tmp, self.recipe)
                 self.zero.sync()
             report = {**self.last_metrics, "step": self.state["global_step"], "stage": stage, "partition_numel": self.local_numel,
                       "total_numel": self.num_params,
@@ -263,7 +272,8 @@ class RankRun:
             perceptual = self.perceptual_nets[path]
         grid = tuple(self.config["stages"][stage.name]["grid"])
         return Stepper(self.recipe, stage, self.engine, self.diffusion, grid, self.rank, self.world, self.device, perceptual,
-                       par=self.par, nan_at=int(self.config.get("nan_at_step") or 0), nan_count=int(self.config.get("nan_count") or 1))  # fmt: skip
+                       par=self.par, nan_at=int(self.config.get("nan_at_step") or 0), nan_count=int(self.config.get("nan_count") or 1),
+                       null_prompt=self.config.get("null_prompt"))  # fmt: skip
 
     def train_stage(self, si: int) -> bool:
         """Steps of stage `si` from where the run stands; False when the run stops here."""
@@ -351,7 +361,7 @@ class RankRun:
         self.zero.write_export(rel, *self.final)
         if stage.sample_prompts and sampler is not None:
             r = self.recipe
-            sampler.sample.remote(rel, stage.name, list(stage.sample_prompts), stage.frames, stage.resolution,
+            sampler.sample.remote(rel, stage.name, list(stage.sample_prompts), stage.frames, (stage.height, stage.width),
                                   r.sample.steps or r.diffusion.num_sampling_steps, r.sample.seed, r.sample.fps)  # fmt: skip
 
     def _end_for_good(self, reason: str) -> None:

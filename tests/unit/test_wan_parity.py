@@ -23,55 +23,22 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from helpers import WAN_CHANNELS, WAN_TEXT_DIM, make_tiny_wan_folder  # noqa: E402
+
 from pipelines.cli import main  # noqa: E402
 from sora_model.convert_wan import convert_wan_folder, output_row_order  # noqa: E402
 from sora_model.dit import DiT  # noqa: E402
 from sora_model.lora import LORA_TARGET_MODULES, merge_lora  # noqa: E402
 from sora_model.pipeline import MODEL_FILE, TextToVideoPipeline, load_export_config  # noqa: E402
-from sora_model.text import minilm_path  # noqa: E402
 
 TOL = 1e-4
-TEXT_DIM, CHANNELS = 16, 4
-LATENTS_MEAN, LATENTS_STD = [0.1, -0.2, 0.3, 0.0], [0.5, 1.0, 2.0, 1.5]
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """Random values everywhere (norm weights, biases and tables too), so a misplaced weight cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-
-
-def _tiny_wan_transformer() -> torch.nn.Module:
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=CHANNELS, out_channels=CHANNELS,
-        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32,
-    )  # fmt: skip
-    _perturb(model, 0)
-    return model.eval()
+TEXT_DIM, CHANNELS = WAN_TEXT_DIM, WAN_CHANNELS
 
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory) -> Path:
     """A tiny Wan2.1 text-to-video pipeline folder: umT5 (MiniLM's tokenizer), Wan VAE with latent stats, shift 3."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers"
-    text_encoder = transformers.UMT5EncoderModel(
-        transformers.UMT5Config(vocab_size=30522, d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    )
-    vae = diffusers.AutoencoderKLWan(
-        base_dim=8, z_dim=CHANNELS, dim_mult=[1, 1, 2, 2], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
-    )  # fmt: skip
-    diffusers.WanPipeline(
-        tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()),
-        text_encoder=text_encoder.eval(),
-        transformer=_tiny_wan_transformer(),
-        vae=vae.eval(),
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-    ).save_pretrained(str(folder))
-    return folder
+    return make_tiny_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny-Diffusers")
 
 
 @pytest.fixture(scope="module")

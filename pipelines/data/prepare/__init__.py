@@ -75,6 +75,7 @@ Modules, one idea each (this package re-exports what callers use):
     shards.py     atomic shards and reject files, the resume filter
     state.py      the output folder: overwrite, refuse or resume
     pipeline.py   the run, top to bottom
+    from_export.py  --from-export: a model's own text encoder, autoencoder and patch (e.g. a converted Wan2.1)
 """
 
 from pipelines.data.prepare.decode import resize_center_crop

@@ -165,6 +165,8 @@ class PrepareOptions:
     process importing torch and loading the encoder, on the path of every clip of a run)."""
     decode_timeout_s: float = DECODE_TIMEOUT_S
     """Seconds a probe or a clip's decode may take before the input is rejected as "decoder timed out"."""
+    null_prompt: bool = False
+    """Also write OUT/null_prompt.safetensors, the embedding of "" (`--from-export` of an empty-prompt model, Wan)."""
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -211,7 +213,7 @@ def options_from_args(args: Any) -> PrepareOptions:
     autoencoder = (
         AutoencoderConfig(kind="diffusers", path=args.autoencoder_path) if args.autoencoder_path else AutoencoderConfig()
     )
-    return PrepareOptions(
+    options = PrepareOptions(
         manifest=args.manifest,
         out=args.out,
         buckets=buckets,
@@ -230,3 +232,8 @@ def options_from_args(args: Any) -> PrepareOptions:
         decode_timeout_s=args.decode_timeout,
         caption_actors=args.caption_actors,
     )
+    if getattr(args, "from_export", None):
+        from pipelines.data.prepare.from_export import apply_export
+
+        return apply_export(options, args.from_export, args)
+    return options

@@ -81,6 +81,10 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     finally:
         ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
 
+    if opts.null_prompt:  # in a task: the driver may be a head node without room for the text encoder
+        from pipelines.data.null_prompt import write_null_prompt
+
+        ray.get(ray.remote(write_null_prompt).options(num_cpus=1).remote(out, opts.text_encoder))
     num_rejected = merge_rejects(join(out, DECODE_REJECTS_DIR), join(out, REJECTS))
     _append_stats(out, stats, written, shards, time.perf_counter() - t0)
     return _finish(opts, out, scan, grids, channels, num_rejected, time.perf_counter() - t0)

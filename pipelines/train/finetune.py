@@ -1,0 +1,346 @@
+"""Fine-tuning from an export: `init_from` (a converted Wan2.1, or any run's export), fully or with LoRA adapters.
+
+    init_from: exports/wan-1.3b          # recipe: the model and its start weights come from this export
+    lora: {rank: 32}                      # optional: train peft LoRA adapters only (base frozen)
+
+    sora train --recipe cluster/recipes/wan-1.3b-lora.yaml --data data/wan --run-dir runs/wan-lora
+    sora generate --model exports/wan-1.3b --lora runs/wan-lora/export --prompt "..." --out clip.mp4
+    sora export --checkpoint runs/wan-lora/ray_results/wan-1.3b-lora/checkpoint_0001000 --out merged --merge-lora
+
+What happens where:
+- the driver (`resolve_init`, called by `parse_recipe`): the export's config.json becomes the recipe's model
+  (`model.base`), and its text encoder, autoencoder and diffusion settings fill the sections the recipe leaves
+  out. The workers receive that resolved recipe and never read config.json again.
+- every rank (`build_model`, before `deepspeed.initialize`): the full DiT is built, rank 0 reads
+  model.safetensors and broadcasts each tensor (so only rank 0's node needs the export's weights), then ZeRO-3
+  partitions what every rank holds alike. With `lora`, peft's `inject_adapter_in_model` wraps the targeted
+  Linears (A random, B zero: the start model is exactly the base), and only `lora_A`/`lora_B` keep
+  requires_grad; the optimizer and the EMA see only those.
+- rank 0 at each export (`write_lora_export`): the adapters in peft's folder format (what `--lora` and
+  `sora_model.lora.merge_lora` read), its EMA beside it in `ema/`, and with `merge_export` the merged whole
+  export in `merged/`, built from the exact fp32 base weights of `init_from` (the frozen base never changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from sora_model.config import ConfigError, DiTConfig, from_dict, to_dict
+
+RUNTIME_FIELDS = ("gradient_checkpointing",)
+"""Model options a fine-tune may change: they change how the step runs, never the weights or the outputs."""
+FINETUNE_FILE = "finetune.json"
+"""Written into every checkpoint of an `init_from` run: the export it started from and the LoRA settings."""
+LORA_MARK = ".lora_"
+"""What peft puts in the names of adapter parameters (`blocks.0.attn.qkv.lora_A.default.weight`)."""
+ADAPTER_NAME = "default"
+EMA_SUBDIR = "ema"
+MERGED_SUBDIR = "merged"
+ADAPTER_KEY_PREFIX = "base_model.model."
+"""peft's `save_pretrained` key prefix; `sora_model.lora.read_adapter` strips it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: a recipe's model from the export
+# ---------------------------------------------------------------------------------------------
+
+
+def _effective(cfg: DiTConfig) -> dict[str, Any]:
+    """The settings that decide weights and outputs (rope_split None spelled out; runtime options left out)."""
+    from sora_model.rope import rope_split
+
+    out = to_dict(cfg)
+    try:
+        out["rope_split"] = list(rope_split(cfg.head_dim, cfg.rope_split))
+    except ValueError:  # a split that does not fit this width: left as written, it differs anyway
+        pass
+    for key in RUNTIME_FIELDS:
+        out.pop(key)
+    return out
+
+
+def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
+    """A raw recipe mapping with `init_from` -> the same with the export's model (and omitted sections) filled in.
+
+    The recipe's `model:` must be omitted, or agree with the export but for RUNTIME_FIELDS; one-line ConfigError
+    otherwise. A mapping resolved before (what the workers receive: `model.base` set) is returned as it is.
+    """
+    from sora_model.pipeline import MODEL_FILE, load_export_config
+
+    path = data["init_from"]
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"init_from must be an export folder (a path), got {path!r}")
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping, got {type(model).__name__}")
+    if model.get("base") is not None:
+        return data
+    if not os.path.exists(path):
+        return data  # a placeholder (a shipped recipe, a path on the cluster): `check_init` fails `sora train` on it
+    try:
+        export = load_export_config(path)
+    except (OSError, ValueError) as err:  # ConfigError is a ValueError: a bad config.json names its key
+        raise ConfigError(f"init_from: {' '.join(str(err).split())}") from None
+    if not os.path.isfile(os.path.join(path, MODEL_FILE)):
+        raise ConfigError(f"init_from '{path}' has no {MODEL_FILE}: give an export folder (sora convert or a run's export/)")
+    unknown = sorted(set(model) - {"preset", "overrides"})
+    if unknown:
+        raise ConfigError(f"unknown key 'model.{unknown[0]}' (allowed with init_from: preset, overrides)")
+    overrides = model.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model.overrides must be a mapping, got {type(overrides).__name__}")
+    if "preset" in model:
+        from pipelines.train.recipe import ModelSpec
+
+        ours = from_dict(ModelSpec, {"preset": model["preset"], "overrides": overrides}, "model").build()
+    else:
+        ours = from_dict(DiTConfig, {**to_dict(export.model), **overrides}, "model.overrides")
+    mine, theirs = _effective(ours), _effective(export.model)
+    for key, value in mine.items():
+        if value != theirs[key]:
+            raise ConfigError(
+                f"model.{key} is {value!r} but init_from '{path}' has {theirs[key]!r}; omit model: (the export's "
+                f"config.json gives the model) or set only {', '.join(RUNTIME_FIELDS)} in model.overrides"
+            )
+    runtime = {key: value for key, value in overrides.items() if key in RUNTIME_FIELDS}
+    # Absolute: the workers run in other folders (and `ray job submit` sends the recipe from the submitting machine).
+    out = {**data, "init_from": os.path.abspath(path), "model": {"base": to_dict(export.model), "overrides": runtime}}
+    for key in ("text_encoder", "autoencoder", "diffusion"):
+        if out.get(key) is None:
+            out[key] = to_dict(getattr(export, key))
+    return out
+
+
+def check_init(recipe: Any) -> None:
+    """`sora train`, before any work: an `init_from` that `resolve_init` could not read (the path does not exist)."""
+    if recipe.init_from and recipe.model.base is None:
+        raise ConfigError(
+            f"init_from '{recipe.init_from}' does not exist: give an export folder (sora convert --from-diffusers DIR "
+            "--out EXPORT_DIR, or a run's export/) that every node can read"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Every rank: the model before deepspeed.initialize
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(recipe: Any) -> torch.nn.Module:
+    """The DiT a rank trains: seeded init, then the `init_from` weights, then LoRA adapters; torch.distributed up."""
+    from sora_model.dit import DiT
+
+    torch.manual_seed(recipe.seed)  # same on every rank: identical initial weights (and adapters), which ZeRO-3 partitions
+    model = DiT(recipe.model_config())
+    if recipe.init_from:
+        load_init_weights(model, recipe.init_from)
+    if recipe.lora is not None:
+        add_lora(model, recipe.lora, recipe.seed)
+    return model
+
+
+def _broadcast_device() -> torch.device:
+    """Where broadcast tensors must live: NCCL moves CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def load_init_weights(model: torch.nn.Module, export_dir: str) -> None:
+    """Rank 0 reads the export's model.safetensors, every rank receives it (tensor by tensor: one in flight).
+
+    Rank 0 first broadcasts whether the file fits the model, so a mismatch is the same one-line error on
+    every rank instead of the other ranks waiting in a broadcast that never comes.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from sora_model.pipeline import MODEL_FILE
+
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    state, problem = None, [None]
+    if rank == 0:
+        try:
+            state = load_file(os.path.join(export_dir, MODEL_FILE))
+            expected = model.state_dict()
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+            if missing or unexpected or bad:
+                problem[0] = (f"init_from '{export_dir}': {MODEL_FILE} does not fit its config.json's model (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]})")  # fmt: skip
+        except OSError as err:
+            problem[0] = f"init_from '{export_dir}': cannot read {MODEL_FILE}: {err}"
+    if distributed:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ValueError(problem[0])
+    device = _broadcast_device() if distributed else torch.device("cpu")
+    for name, target in model.state_dict().items():
+        value = (
+            state[name].to(device=device, dtype=target.dtype)
+            if rank == 0
+            else torch.empty(target.shape, dtype=target.dtype, device=device)
+        )
+        if distributed:
+            dist.broadcast(value, src=0)
+        target.copy_(value)
+
+
+def add_lora(model: torch.nn.Module, spec: Any, seed: int) -> list[str]:
+    """Inject peft LoRA adapters into `model` in place and freeze everything else; returns the adapted modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.scale_alpha, target_modules=spec.targets, lora_dropout=spec.dropout)
+    torch.manual_seed(seed)  # the A matrices are random: the same on every rank
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as err:
+        raise ConfigError(f"lora.targets {spec.targets!r}: {' '.join(str(err).split())[:300]}") from None
+    adapted = sorted({n.split(LORA_MARK)[0] for n, _ in model.named_parameters() if LORA_MARK in n})
+    modules = dict(model.named_modules())
+    for name in adapted:
+        base = getattr(modules[name], "base_layer", None)
+        if not isinstance(base, torch.nn.Linear):
+            raise ConfigError(
+                f"lora.targets matches '{name}', a {type(base).__name__}: only Linear projections take adapters here"
+            )
+    for name, p in model.named_parameters():
+        p.requires_grad_(LORA_MARK in name)
+    return adapted
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer steps: every parameter in a full fine-tune, the adapters in a LoRA one."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports: adapter folders, merged exports
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our trained parameter names -> peft's saved keys (`base_model.model.<module>.lora_A.weight`), adapters only."""
+    out = {}
+    for name, value in weights.items():
+        if LORA_MARK not in name:
+            continue
+        key = name.replace(f".{ADAPTER_NAME}.weight", ".weight")
+        out[ADAPTER_KEY_PREFIX + key] = value.detach().float().cpu().contiguous()
+    return out
+
+
+def write_adapter(folder: str, spec: Any, base: str, weights: dict[str, torch.Tensor]) -> str:
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors); `base` is its base export."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from sora_model.lora import ADAPTER_WEIGHTS
+
+    os.makedirs(folder, exist_ok=True)
+    tensors = adapter_tensors(weights)
+    if not tensors:
+        raise ValueError("no LoRA adapter weights to export (the checkpoint or run has no lora_A/lora_B parameters)")
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.scale_alpha, target_modules=spec.targets, lora_dropout=spec.dropout,
+                        base_model_name_or_path=os.path.abspath(base))  # fmt: skip
+    config.save_pretrained(folder)  # peft's own adapter_config.json, so peft and diffusers read it too
+    save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return folder
+
+
+def merged_weights(base_export: str, adapter: str) -> dict[str, torch.Tensor]:
+    """The base export's fp32 weights with an adapter folder merged in (W += alpha / r * B @ A)."""
+    from safetensors.torch import load_file
+
+    from sora_model.dit import DiT
+    from sora_model.lora import merge_lora
+    from sora_model.pipeline import MODEL_FILE, load_export_config
+
+    model = DiT(load_export_config(base_export).model)
+    model.load_state_dict(load_file(os.path.join(base_export, MODEL_FILE)))
+    merge_lora(model, adapter)
+    return model.state_dict()
+
+
+def write_lora_export(
+    folder: str, recipe: Any, weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor] | None
+) -> str:
+    """A LoRA run's export: the adapter in `folder`, its EMA in `folder/ema`, the merged export in `folder/merged`."""
+    from sora_model.pipeline import save_export
+
+    write_adapter(folder, recipe.lora, recipe.init_from, weights)
+    ema_dir = os.path.join(folder, EMA_SUBDIR)
+    if ema_weights is not None:
+        write_adapter(ema_dir, recipe.lora, recipe.init_from, ema_weights)
+    if recipe.lora.merge_export:
+        merged_ema = merged_weights(recipe.init_from, ema_dir) if ema_weights is not None else None
+        save_export(
+            os.path.join(folder, MERGED_SUBDIR), recipe.pipeline_config(), merged_weights(recipe.init_from, folder), merged_ema
+        )
+    return folder
+
+
+def adapter_base(folder: str) -> tuple[str, str | None]:
+    """(model folder, adapter folder or None): an adapter folder stands for its base export with it merged."""
+    from sora_model.lora import ADAPTER_CONFIG
+
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        return folder, None
+    with open(path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter '{folder}' does not name its base export (base_model_name_or_path)")
+    return base, folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def write_checkpoint_info(folder: str, recipe: Any) -> None:
+    """Rank 0, into each checkpoint of an `init_from` run: what `sora export` needs to rebuild a LoRA export."""
+    if not recipe.init_from:
+        return
+    info = {"init_from": os.path.abspath(recipe.init_from), "lora": to_dict(recipe.lora) if recipe.lora else None}
+    with open(os.path.join(folder, FINETUNE_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def export_lora_checkpoint(ckpt_dir: str, out_dir: str, ema: bool, merge: bool) -> str:
+    """`sora export` of a LoRA checkpoint: the adapter folder, or with `merge` the merged whole export."""
+    from pipelines.train.checkpoint import CONFIG_FILE, ema_weights, fp32_weights
+    from pipelines.train.recipe import LoraSpec
+    from sora_model.config import PipelineConfig
+    from sora_model.pipeline import save_export
+
+    with open(os.path.join(ckpt_dir, FINETUNE_FILE)) as f:
+        info = json.load(f)
+    spec = from_dict(LoraSpec, info["lora"], "lora")
+    weights = fp32_weights(ckpt_dir)
+    averaged = ema_weights(ckpt_dir) if ema else None
+    if not merge:
+        write_adapter(out_dir, spec, info["init_from"], weights)
+        if averaged is not None:
+            write_adapter(os.path.join(out_dir, EMA_SUBDIR), spec, info["init_from"], averaged)
+        return out_dir
+    import tempfile
+
+    with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+        config = from_dict(PipelineConfig, json.load(f))
+    with tempfile.TemporaryDirectory(prefix="sora-adapter-") as tmp:
+        merged = merged_weights(info["init_from"], write_adapter(os.path.join(tmp, "a"), spec, info["init_from"], weights))
+        merged_ema = None
+        if averaged is not None:
+            merged_ema = merged_weights(
+                info["init_from"], write_adapter(os.path.join(tmp, "e"), spec, info["init_from"], averaged)
+            )
+    return save_export(out_dir, config, merged, merged_ema)
