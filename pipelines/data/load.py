@@ -11,6 +11,10 @@ A clip listed with several captions (multi-caption datasets) is one row holding 
 row is read for training, `load_prepared` draws one of its captions at random (uniformly) into `caption`,
 `text_tokens`, `text_mask` and `text_pooled`, so each epoch pairs the clip with a fresh caption.
 
+Prepared data may live in a local folder or under an fsspec URI (`s3://bucket/prepared`, where `sora data
+prepare --out` wrote it); remote shards are read through fsspec (credentials and endpoint from the environment,
+as for prepare).
+
 A prepared folder holds one sub-folder per bucket (`<frames>x<height>x<width>`). Clips of different
 buckets have different token counts, so a dataset is read one bucket at a time (one per curriculum
 stage); `bucket=None` is allowed when the folder has exactly one non-empty bucket. Several folders
@@ -37,8 +41,48 @@ MUST_AGREE = ("patch_size", "in_channels", "patch_dim", "autoencoder")
 """dataset.json keys that must match across folders read together (text encoder is checked too)."""
 
 
+def _is_uri(path: str | Path) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _root(path: str | Path) -> str | Path:
+    """A URI stays a string ("s3://b/x" would become "s3:/b/x" as a Path); a local path becomes a Path."""
+    return str(path).rstrip("/") if _is_uri(path) else Path(path)
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(path)
+
+
+def open_parquet(path: str) -> Any:
+    """A pyarrow ParquetFile of a local shard or a remote one (read through fsspec)."""
+    import pyarrow.parquet as pq
+
+    if not _is_uri(path):
+        return pq.ParquetFile(path)
+    fs, p = _fs(path)
+    return pq.ParquetFile(fs.open(p, "rb"))
+
+
 def read_dataset_info(path: str | Path) -> dict[str, Any]:
-    """The dataset.json of a prepared folder; a one-line FileNotFoundError when it is not one."""
+    """The dataset.json of a prepared folder (or URI); a one-line FileNotFoundError when it is not one."""
+    if _is_uri(path):
+        root = str(path).rstrip("/")
+        fs, p = _fs(f"{root}/{DATASET_INFO}")
+        try:
+            text = fs.cat_file(p).decode()
+        except FileNotFoundError:
+            if fs.exists(_fs(f"{root}/{RUN_STATE}")[1]):
+                raise FileNotFoundError(
+                    f"{root} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same command to finish it"
+                ) from None
+            raise FileNotFoundError(f"{root} is not a prepared dataset (no {DATASET_INFO}); make one with `sora data prepare`") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{root}/{DATASET_INFO} is not valid JSON: {err}") from None
     folder = Path(path)
     info_path = folder / DATASET_INFO
     if not info_path.is_file():
@@ -66,7 +110,7 @@ def _bucket_name(bucket: str | Sequence[int] | None) -> str | None:
     return f"{f}x{h}x{w}"
 
 
-def _select_bucket(path: Path, info: dict[str, Any], bucket: str | Sequence[int] | None) -> dict[str, Any]:
+def _select_bucket(path: str | Path, info: dict[str, Any], bucket: str | Sequence[int] | None) -> dict[str, Any]:
     name = _bucket_name(bucket)
     buckets = info["buckets"]
     names = ", ".join(f"{b['name']} ({b['num_clips']} clips)" for b in buckets)
@@ -82,11 +126,16 @@ def _select_bucket(path: Path, info: dict[str, Any], bucket: str | Sequence[int]
 
 
 def bucket_files(path: str | Path, bucket: str | Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """(dataset info, bucket info, sorted shard paths) of one bucket of a prepared folder."""
-    folder = Path(path)
+    """(dataset info, bucket info, sorted shard paths or URIs) of one bucket of a prepared folder or URI."""
+    folder = _root(path)
     info = read_dataset_info(folder)
     b = _select_bucket(folder, info, bucket)
-    files = sorted(str(p) for p in (folder / b["path"]).glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}"))
+    if isinstance(folder, str):
+        fs, p = _fs(f"{folder}/{b['path']}")
+        protocol = folder.split("://", 1)[0]
+        files = sorted(f"{protocol}://{f}" for f in fs.glob(f"{p}/{SHARD_PREFIX}*{SHARD_SUFFIX}"))
+    else:
+        files = sorted(str(p) for p in (folder / b["path"]).glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}"))
     return info, b, files
 
 
@@ -96,7 +145,7 @@ def text_encoder_identity(info: dict[str, Any]) -> dict[str, Any]:
     return {"name_or_path": te.get("name_or_path"), "dim": te.get("dim"), "hidden_layer": int(te.get("hidden_layer", -1))}
 
 
-def _check_compatible(infos: list[tuple[Path, dict[str, Any], dict[str, Any]]]) -> None:
+def _check_compatible(infos: list[tuple[str | Path, dict[str, Any], dict[str, Any]]]) -> None:
     (p0, i0, b0), *rest = infos
     for p, i, b in rest:
         for key in MUST_AGREE:
@@ -183,9 +232,9 @@ def load_prepared(
     from pipelines.data.runtime import ensure_ray
 
     if isinstance(path_or_paths, (str, Path)):
-        paths = [Path(p) for p in str(path_or_paths).split(",") if p.strip()]
+        paths = [_root(p.strip()) for p in str(path_or_paths).split(",") if p.strip()]
     else:
-        paths = [Path(p) for p in path_or_paths]
+        paths = [_root(p) for p in path_or_paths]
     if not paths:
         raise ValueError("no prepared dataset path given")
     infos, files = [], []
@@ -199,23 +248,36 @@ def load_prepared(
     ensure_ray()
     wanted = list(columns or TRAIN_COLUMNS)
     multi = [EXTRA_OF[c] for c in EXTRA_OF if c in wanted]
+    files, filesystem = _arrow_paths(files)
     if multi and all("extra_captions" in i.get("columns", ()) for _, i, _ in infos):
         # Multi-caption rows: read the other captions too and draw one per row each time the row is read.
-        ds = ray.data.read_parquet(files, columns=wanted + ["extra_text_tokens", *[m for m in multi if m != "extra_text_tokens"]])
+        ds = ray.data.read_parquet(files, columns=wanted + ["extra_text_tokens", *[m for m in multi if m != "extra_text_tokens"]],
+                                   filesystem=filesystem)  # fmt: skip
         return ds.map_batches(draw_captions, batch_format="pyarrow", zero_copy_batch=True)
-    ds = ray.data.read_parquet(files, columns=wanted)
+    ds = ray.data.read_parquet(files, columns=wanted, filesystem=filesystem)
     return ds.map_batches(_to_tensors, batch_format="pyarrow", zero_copy_batch=True)
+
+
+def _arrow_paths(files: list[str]) -> tuple[list[str], Any]:
+    """(paths, pyarrow filesystem) for Ray Data's reader: local files as they are (None: pyarrow's local
+    filesystem); remote ones through the same fsspec filesystem prepare wrote them with, so its settings
+    (endpoint, credentials from the environment) apply to the read too."""
+    if not files or not _is_uri(files[0]):
+        return files, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = _fs(files[0])
+    return [_fs(f)[1] for f in files], PyFileSystem(FSSpecHandler(fs))
 
 
 def iter_prepared(
     path: str | Path, bucket: str | Sequence[int] | None = None, columns: Sequence[str] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Rows of one bucket as dicts of numpy values, shard by shard, without Ray."""
-    import pyarrow.parquet as pq
 
     _, _, files = bucket_files(path, bucket)
     for f in files:
-        arrays = table_to_numpy(pq.read_table(f, columns=list(columns) if columns else None))
+        arrays = table_to_numpy(open_parquet(f).read(columns=list(columns) if columns else None))
         n = len(next(iter(arrays.values())))
         for i in range(n):
             yield {k: v[i] for k, v in arrays.items()}
@@ -226,10 +288,9 @@ def read_prepared(
 ) -> dict[str, np.ndarray]:
     """One bucket of a prepared folder as {column: ndarray} (all rows, in shard order), without Ray."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     _, _, files = bucket_files(path, bucket)
     if not files:
         raise ValueError(f"{path}: the bucket holds no clips")
-    table = pa.concat_tables([pq.read_table(f, columns=list(columns) if columns else None) for f in files])
+    table = pa.concat_tables([open_parquet(f).read(columns=list(columns) if columns else None) for f in files])
     return table_to_numpy(table)

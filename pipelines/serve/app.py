@@ -56,6 +56,7 @@ from .config import (
 )
 from .db import TERMINAL, JobDB, new_token
 from .dispatch import Dispatcher, replica_id
+from .files import FileServer, store_key
 from .generator import Generator
 from .metrics import ingress_metrics
 from .store import CHUNK_BYTES, CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
@@ -138,6 +139,7 @@ class VideoAPI:
         self.generator = generator
         self.db = JobDB(self.settings.db_url)
         self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
+        self.files = self._file_server()
         self.card: ModelCard | None = None
         self.stats: Counter[str] = Counter()
         self.worker = f"{replica_id()}-{uuid.uuid4().hex[:8]}"
@@ -146,6 +148,14 @@ class VideoAPI:
         self.dispatcher: Dispatcher | None = None
         self._loops: list[asyncio.Task] = []
         self._admission = asyncio.Lock()
+
+    def _file_server(self) -> FileServer | None:
+        """A folder store's download server (files.py), or None (object stores presign; or turned off)."""
+        if not self.content.local or self.settings.download_port is None:
+            return None
+        media = {CONTENT_SUFFIX[v]: MEDIA_TYPE[v] for v in CONTENT_SUFFIX}
+        server = FileServer(self.content.content_dir, store_key(self.content.root), self.settings.download_port, media)
+        return server if server.start() is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -306,7 +316,11 @@ class VideoAPI:
         ref = job["_content_ref"]
         if ref and self.settings.download_redirect_s is not None:
             signed = await asyncio.to_thread(self.content.sign, video_id, ref, variant, self.settings.download_redirect_s)
-            if signed is not None:  # the object store serves the bytes (and Range) itself
+            if signed is None and self.files is not None:  # a folder: this machine's file server plays the object store
+                name = os.path.basename(self.content.path(video_id, ref, variant))
+                signed = await asyncio.to_thread(self.files.url, request.url.scheme, request.url.hostname, name,
+                                                 self.settings.download_redirect_s)
+            if signed is not None:  # the object store (or the file server) serves the bytes and Range itself
                 return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "private, no-store"})
         size = await asyncio.to_thread(self.content.size, video_id, ref, variant) if ref else None
         if size is None:

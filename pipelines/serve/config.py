@@ -179,6 +179,11 @@ class ServeSettings:
     the client fetches the bytes (with Range) from the object store itself. Ray 2.60's HTTP proxy has no
     backpressure on streamed bodies (a fast replica's chunks queue in the proxy and the replica while a
     slower client reads), so big files are best kept out of it. None: always stream through the ingress."""
+    download_port: int | None = 0
+    """A folder store (which cannot presign) serves downloads from a file server in each ingress replica on this
+    port (0: any free port), through the same signed 307, so the bytes do not pass through Serve's proxy
+    (files.py); None streams them through the ingress. Followed only where the client reached this machine over
+    plain HTTP; a fixed port must be open to clients."""
     retention_s: float | None = 7 * 24 * 3600
     """Finished jobs and their files are deleted this long after they finish (`expires_at` says when);
     a week, like a download link. None keeps them forever."""
@@ -220,6 +225,8 @@ class ServeSettings:
             raise ConfigError(f"retention_s must be > 0 (or null to keep jobs), got {self.retention_s}")
         if self.download_redirect_s is not None and not 1 <= self.download_redirect_s <= 7 * 24 * 3600:
             raise ConfigError(f"download_redirect_s must be between 1 and 604800 (S3's longest), got {self.download_redirect_s}")
+        if self.download_port is not None and not 0 <= self.download_port <= 65535:
+            raise ConfigError(f"download_port must be between 0 and 65535 (or null), got {self.download_port}")
         if self.sweep_interval_s <= 0:
             raise ConfigError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
         if self.db is not None and not self.db.startswith(DB_SCHEMES):

@@ -45,6 +45,11 @@ class ContentStore:
             raise KeyError(job_id)
         return self._path("content", f"{job_id}-{ref}{CONTENT_SUFFIX[variant]}")
 
+    @property
+    def content_dir(self) -> str:
+        """The folder (or prefix) holding the clips and thumbnails."""
+        return self._path("content")
+
     def ping(self) -> None:
         """Raises when the store cannot be reached (a health check): one metadata call, not a listing.
         "Not found" is an answer (object stores have no empty folders), so it passes."""

@@ -49,10 +49,10 @@ class StagePlan:
         """Row counts from the Parquet footers (no data read), in a thread pool: footers on S3 take a round trip."""
         from concurrent.futures import ThreadPoolExecutor
 
-        import pyarrow.parquet as pq
+        from pipelines.data.load import open_parquet
 
         def count(path: str) -> int:
-            return pq.ParquetFile(path).metadata.num_rows
+            return open_parquet(path).metadata.num_rows
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             rows = list(pool.map(count, files))
@@ -109,14 +109,13 @@ class _ReadUnits:
         self.files, self.units, self.columns, self.seed, self.grids = files, units, list(columns), seed, grids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pyarrow.parquet as pq
 
-        from pipelines.data.load import EXTRA_OF, draw_captions, table_to_numpy
+        from pipelines.data.load import EXTRA_OF, draw_captions, open_parquet, table_to_numpy
 
         parts, epochs = [], []
         for u in batch["id"]:
             epoch, i, start, end = (int(v) for v in self.units[int(u)])
-            shard = pq.ParquetFile(self.files[i])  # one open: the footer says which caption columns exist
+            shard = open_parquet(self.files[i])  # one open: the footer says which caption columns exist (local or s3://)
             names = shard.schema_arrow.names
             extra = [EXTRA_OF[c] for c in EXTRA_OF if c in self.columns and EXTRA_OF[c] in names]
             table = shard.read(columns=self.columns + extra).slice(start, end - start)

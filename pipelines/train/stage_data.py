@@ -38,12 +38,36 @@ class StageData:
     """A mixed stage's buckets, one StageData each (empty for a one-bucket stage)."""
 
 
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _abs_root(root: str) -> str:
+    """A local root made absolute (replicas run elsewhere); a URI (s3://...) as written, without a trailing /."""
+    return root.rstrip("/") if _is_uri(root) else os.path.abspath(root)
+
+
 def read_info(root: str) -> dict[str, Any]:
+    if _is_uri(root):  # prepared data in object storage (`sora data prepare --out s3://...`)
+        from pipelines.data.load import read_dataset_info
+
+        return read_dataset_info(root)
     path = os.path.join(root, DATASET_INFO)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"'{root}' is not a prepared dataset: {DATASET_INFO} is missing (run `sora data prepare`)")
     with open(path) as f:
         return json.load(f)
+
+
+def _is_root(path: str) -> bool:
+    """Whether a stage's `dataset` names a prepared root (rather than a bucket name)."""
+    if not _is_uri(path):
+        return os.path.isfile(os.path.join(path, DATASET_INFO))
+    try:
+        read_info(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _bucket_name(b: dict[str, Any]) -> str:
@@ -56,7 +80,7 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
     A stage's `dataset` is a bucket name (`8x32x32`) looked up in every root, or a path to a prepared
     root (then its only bucket is used). Errors name the stage and list the buckets that exist.
     """
-    roots = [os.path.abspath(r) for r in roots]
+    roots = [_abs_root(r) for r in roots]
     infos = {r: read_info(r) for r in roots}
     model = recipe.model_config()
     out: dict[str, StageData] = {}
@@ -97,8 +121,8 @@ def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str,
                     name: str) -> StageData:  # fmt: skip
     """One bucket, by name in every root or by a prepared folder's path, checked against the model and the recipe."""
     hits: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    if os.path.isfile(os.path.join(name, DATASET_INFO)):
-        root = os.path.abspath(name)
+    if _is_root(name):
+        root = _abs_root(name)
         info = infos.get(root) or read_info(root)
         if len(info["buckets"]) != 1:
             names = ", ".join(_bucket_name(b) for b in info["buckets"])
@@ -136,7 +160,8 @@ def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str,
     return StageData(
         paths=[r for r, _, _ in hits],
         bucket=_bucket_name(bucket),
-        bucket_dirs=[os.path.join(r, b.get("path", _bucket_name(b))) for r, _, b in hits],
+        bucket_dirs=[f"{r}/{b.get('path', _bucket_name(b))}" if _is_uri(r) else os.path.join(r, b.get("path", _bucket_name(b)))
+                     for r, _, b in hits],
         num_clips=num,
         grid=tuple(int(g) for g in bucket["grid"]),
         info=info,

@@ -98,3 +98,19 @@ def test_prepare_reads_and_writes_s3(s3, tmp_path):
     # A finished dataset is not clobbered.
     with pytest.raises(ValueError, match="--overwrite"):
         prepare(PrepareOptions(out=out, **opts))
+
+    # Training reads the shards where prepare wrote them: the loaders, the training stream, the recipe's lookup.
+    from pipelines.data.load import bucket_files, iter_prepared, load_prepared, read_dataset_info
+    from pipelines.train.data import StagePlan
+    from pipelines.train.recipe import read_info
+
+    assert read_dataset_info(out)["num_clips"] == 4 and read_info(out + "/")["num_clips"] == 4
+    _, _, files = bucket_files(out, "8x32x32")
+    assert files and all(f.startswith(f"s3://{BUCKET}/prepared/8x32x32/") for f in files)
+    back = read_prepared(out)
+    assert sorted(back["clip_id"]) == sorted(data["clip_id"]) and len(list(iter_prepared(out))) == 4
+    batches = list(load_prepared(out).iter_batches(batch_size=None, batch_format="numpy"))
+    assert sum(len(b["patches"]) for b in batches) == 4 and batches[0]["patches"].shape[1:] == data["patches"].shape[1:]
+    assert sum(StagePlan.from_files(files, seed=0, stage_index=0).rows) == 4
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        read_dataset_info(f"s3://{BUCKET}/nothing-here")

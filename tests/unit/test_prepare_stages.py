@@ -34,6 +34,26 @@ def test_scan_keeps_bounded_offsets_and_chunks_cover_every_row(tmp_path, monkeyp
     assert [(e["line"], e["caption"]) for e in got] == [(2, "two\nlines"), (4, "z"), (6, "w")]
 
 
+
+def test_grouping_puts_every_row_of_a_source_in_one_block(tmp_path):
+    from pipelines.data.prepare.group import merge, parse_split, partition_of
+
+    rows = [json.dumps({"path": f"v{i % 13}.mp4", "caption": f"c {i}"}) for i in range(400)] + ['{"caption": "no path"}']
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    scan = manifest_mod.scan_manifest(str(path))
+    chunks = scan.chunks(60)
+    pieces = [parse_split(s, e, line, scan, [None], 4) for s, e, line in chunks]
+    blocks = [merge(*[p[k] for p in pieces]) for k in range(4)]
+    assert sum(b.num_rows for b in blocks) == 401  # every row once, the bad entry too
+    homes = {}
+    for k, block in enumerate(blocks):
+        for src in block.column("source").to_pylist():
+            assert homes.setdefault(src, k) == k  # one block per source
+        assert block.column("source").to_pylist() == sorted(block.column("source").to_pylist())
+    assert len(homes) == 14 and partition_of("a.mp4", 0, 7) == partition_of("a.mp4", 99, 7)  # stable, by source
+
+
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("v") / "clip.mp4"

@@ -8,7 +8,7 @@
 One streaming Ray Data plan from the manifest to the shards (see pipeline.py):
 
     manifest (local or s3://...) --scan on the driver: sha256, rows, <= 4096 chunk offsets
-      --parse chunks (tasks; a resume drops finished lines) --sort by source (the one barrier, small rows)
+      --parse chunks (tasks; a resume drops finished lines) --group by source (the one barrier, small rows)
       --plan (tasks: probe each file once, clips with all their captions; rejects to OUT/_rejects/)
       --captions (actors, GPU when there are GPUs: batched, deduplicated by caption hash, fp16)
       --decode + patchify + write (tasks; identity autoencoder)                 -> OUT/<F>x<H>x<W>/part-*.parquet
@@ -72,6 +72,7 @@ Modules, one idea each (this package re-exports what callers use):
     decode.py     frames of a clip, resized and centre-cropped
     encode.py     autoencoder + patchify -> shard rows; VAE batches sized by bytes
     captions.py   the caption actor stage: batched, hash-deduplicated, fp16
+    group.py      every row of a source in one block: a hash partition in plain tasks
     shards.py     atomic shards and reject files, the resume filter
     state.py      the output folder: overwrite, refuse or resume
     pipeline.py   the run, top to bottom

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.options import TEXT_BATCH_SIZE
+from pipelines.data.prepare.options import GPU_DTYPE, TEXT_BATCH_SIZE
 from sora_model.config import TextEncoderConfig
 
 CAPTION_CACHE_ENTRIES = 8192
@@ -44,9 +44,13 @@ class EmbedCaptions:
 
         from sora_model.text import build_text_encoder
 
-        if not torch.cuda.is_available():
+        gpu = torch.cuda.is_available()
+        if not gpu:
             torch.set_num_threads(1)  # on CPU it shares the cores with the decoders; one thread each
-        self.encoder = build_text_encoder(dataclasses.replace(config, cache_size=CAPTION_CACHE_ENTRIES))
+        config = dataclasses.replace(config, cache_size=CAPTION_CACHE_ENTRIES)
+        self.encoder = build_text_encoder(config, device="cuda" if gpu else "cpu")
+        if gpu:
+            self.encoder.model.to(getattr(torch, GPU_DTYPE))
         self.embedded = 0
 
     def embed(self, captions: list[str]) -> dict[str, np.ndarray]:

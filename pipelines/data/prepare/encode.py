@@ -20,7 +20,7 @@ import numpy as np
 
 from pipelines.data.prepare.decode import decode_rows
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
-from pipelines.data.prepare.options import DECODE_BATCH_ROWS, Bucket
+from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, Bucket
 from pipelines.data.prepare.shards import write_rejects, write_shard
 from pipelines.data.prepare.storage import LocalFiles
 from sora_model.config import AutoencoderConfig
@@ -94,6 +94,9 @@ class Patchify:
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autoencoder = build_autoencoder(autoencoder).to(self.device).eval()
+        vae = getattr(self.autoencoder, "vae", None)  # the diffusers model; the normalisation buffers stay fp32
+        if vae is not None and self.device.type == "cuda":
+            vae.to(getattr(torch, GPU_DTYPE))
         self.patch = patch
 
     def rows_per_call(self, pixels_shape: tuple[int, ...]) -> int:

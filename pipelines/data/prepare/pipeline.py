@@ -1,13 +1,14 @@
 """The run: one streaming Ray Data plan from the manifest to the shards, and dataset.json at the end.
 
-    manifest chunks --parse (drop finished lines)--> entries --sort by source--> plan (probe each file once,
+    manifest chunks --parse (drop finished lines)--> entries --group by source--> plan (probe each file once,
     clips with all their captions; drop written clips) --captions (actors, batched, fp16)--> decode +
     patchify + write shards (tasks)  |  with a VAE: decode (tasks) --> encode (GPU actors) --> write (tasks)
 
 The driver holds the manifest's scan (bounded), the plan and a counter; rows stream through the object
-store, and the first clips are decoded while later files are still being probed. The sort is the one
-barrier, over the manifest's small rows only: it brings every row of a file into one block, so the file
-is probed once and a clip listed with several captions is decoded once.
+store, and the first clips are decoded while later files are still being probed. Grouping by source is the
+one barrier, over the manifest's small rows only (group.py: a hash partition in plain tasks): it brings
+every row of a file into one block, so the file is probed once and a clip listed with several captions is
+decoded once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
 from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
-from pipelines.data.prepare.manifest import ManifestScan, parse_chunks, scan_manifest
+from pipelines.data.prepare.group import group_by_source
+from pipelines.data.prepare.manifest import ManifestScan, scan_manifest
 from pipelines.data.prepare.options import (
     COLUMNS,
     DATASET_INFO,
@@ -131,16 +133,14 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     # manifest's path and header; a folder manifest's file list). The resume filter, only on resumes, goes
     # by reference so the driver never holds it.
     scan_light = replace(scan, offsets=[])
-    ds = ray.data.from_items([{"start": s, "end": e, "line": line} for s, e, line in chunks], override_num_blocks=len(chunks))
-    ds = ds.map_batches(parse_chunks, fn_kwargs={"scan": [scan_light], "done": [done]}, batch_size=None, batch_format="pyarrow")
     # Every row of a source in one block: one probe per file, one clip per (file, start) with all its captions.
-    ds = ds.sort("source")
+    # Plain tasks, not Ray Data's sort (group.py says why); this waits for the grouped blocks (the barrier).
+    ds = ray.data.from_arrow_refs(group_by_source(scan_light, chunks, done))
     ds = ds.map_batches(
         plan_block,
         fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
                    "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s},
-        # A concurrency cap keeps Ray Data from fusing this into the sort's reduce, an all-to-all step whose
-        # output only flows on when every reduce is done: fused, nothing would be decoded until all is probed.
+        # One probing task per CPU at most, so the caption and decode stages get CPUs while files are probed.
         batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
     )  # fmt: skip
     # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
