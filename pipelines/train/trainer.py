@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines import console
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
 from pipelines.train.recipe import Recipe, load_recipe, recipe_to_dict
 from pipelines.train.samples import finish_sampler, start_sampler
@@ -137,8 +138,7 @@ def check_devices(recipe: Recipe, num_workers: int) -> None:
     if have >= num_workers:
         return
     if autoscaler_running():
-        print(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes",
-              file=sys.stderr, flush=True)  # fmt: skip
+        console.error(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes")  # fmt: skip
         return
     raise _user_error(
         f"device cuda needs {num_workers} GPUs (one per worker) but this cluster has {have:g} and no autoscaler to add "
@@ -218,6 +218,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         "nan_at_step": int(nan_at or 0),
         "nan_count": int(nan_count or 1),
         "stop_at_step": opts.stop_at_step or 0,
+        "remote_progress": console.active() is not None,  # rank 0's bar drawn by the driver's console
     }
     env_vars = {"DS_ACCELERATOR": "cpu"} if recipe.device == "cpu" else {}
     fs, path = store.pyarrow_filesystem()
@@ -279,8 +280,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if ckpt:
         start = json.loads(store.read_text(f"{ckpt}/{TRAINER_STATE}"))
         if make_portable(store, ckpt, num_workers):
-            print(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            console.error(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)")  # fmt: skip
     sample = recipe.sample
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
@@ -294,7 +294,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         raise RuntimeError(_root_message(err)) from err
     samples = finish_sampler(sampler, sample.timeout_s)
     for failure in samples["failed"]:
-        print(f"[sora train] sample grid not written: {failure}", file=sys.stderr, flush=True)
+        console.error(f"[sora train] sample grid not written: {failure}")
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])
@@ -334,6 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the workers train (default: the recipe's `device`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this global step (continue with --resume)")
+    console.add_arguments(p)
+    p.set_defaults(resume_hint="continue with --resume")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -346,9 +348,10 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_at_step=args.stop_at_step,
     )
+    console.start_for(args, "sora train")
     summary = train(opts)
     where = summary["export"] or f"{summary['run_dir']} (stopped; continue with --resume)"
-    print(f"trained in {summary['seconds']}s; {where}")
+    console.say(f"trained in {summary['seconds']}s; {where}")
     return 0
 
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipelines import console
 from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
 from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
 from pipelines.data.prepare.manifest import ManifestScan, parse_chunks, scan_manifest
@@ -115,7 +116,7 @@ def _resume_summary(out: str, buckets: list[str]) -> tuple[dict[str, int], dict[
 def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cpus: int) -> Any:
     """The Ray Data plan (lazy): manifest -> shards; its output rows are {bucket, shard, rows} per shard."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from pipelines.data.runtime import cluster_gpus
 
@@ -137,7 +138,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
                    "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s},
         # A concurrency cap keeps Ray Data from fusing this into the sort's reduce, an all-to-all step whose
         # output only flows on when every reduce is done: fused, nothing would be decoded until all is probed.
-        batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
+        batch_size=None, batch_format="pyarrow", num_cpus=1, compute=TaskPoolStrategy(size=max(1, cpus)),
     )  # fmt: skip
     # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
     # tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors.
@@ -152,7 +153,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
                             batch_format="pyarrow", num_cpus=1)  # fmt: skip
     largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
     rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
-    concurrency = {"concurrency": opts.workers} if opts.workers else {}
+    concurrency = {"compute": TaskPoolStrategy(size=opts.workers)} if opts.workers else {}
     if opts.autoencoder.kind == "identity":
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
@@ -180,8 +181,7 @@ def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]
         now = time.perf_counter()
         if progress and now - last > 2:
             last = now
-            print(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            console.status(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)")
     return written, shards
 
 
