@@ -156,6 +156,11 @@ def stop() -> None:
     con.restore()
 
 
+def library_bars() -> bool:
+    """Whether libraries' own progress bars (Ray Data's) are wanted: not under a console, unless --verbose."""
+    return _active is None or _active.verbose
+
+
 def say(msg: str) -> None:
     """One line of ours: on the terminal (and in the log) under a console, else on stdout."""
     if _active is None:
