@@ -370,3 +370,43 @@ def start_for(args: Any, command: str, default: str | os.PathLike | None = None)
     """`start()` from a sub-command's parsed `--verbose` / `--log`."""
     path = args.log or default or default_log(command.replace("sora ", "").replace(" ", "-"))
     return start(path, verbose=args.verbose, command=command)
+
+
+class interruptible:
+    """Ctrl-C inside this block ends in KeyboardInterrupt, also where a library handles SIGINT itself.
+
+    Ray Train's `fit()` installs a SIGINT handler that aborts the run gracefully (workers stopped, checkpoints
+    kept) and then either returns, raises the controller's death, or calls `sys.exit(0)`; and it leaves its
+    handler installed after `fit()`. Here its handler still runs, but the block then raises KeyboardInterrupt
+    (the CLI prints one line and exits 130), and the SIGINT handler from before the block is put back.
+    """
+
+    def __enter__(self) -> interruptible:
+        import signal
+
+        self.hit = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        self._register = signal.signal
+
+        def register(signum: int, handler: Any) -> Any:
+            if signum == signal.SIGINT and callable(handler):
+                inner = handler
+
+                def handler(sig: int, frame: Any) -> None:
+                    self.hit = True
+                    inner(sig, frame)
+
+            return self._register(signum, handler)
+
+        signal.signal = register
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        import signal
+
+        signal.signal = self._register
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous)
+        if self.hit:
+            raise KeyboardInterrupt
+        return False

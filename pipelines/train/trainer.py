@@ -288,7 +288,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     trainer = build_trainer(opts, recipe, stage_data, store, sampler, start)
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        with console.interruptible():  # Ctrl-C: Ray Train aborts the run gracefully, then KeyboardInterrupt here
+            result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own one-line message
         finish_sampler(sampler, 1)
         raise RuntimeError(_root_message(err)) from err
