@@ -74,6 +74,8 @@ class Console:
         self.bars: dict[str, Any] = {}
         self.seen_spam: set[str] = set()
         self.detach_ray: Any = None
+        self.said: list[tuple[float, str]] = []
+        """Worker lines recently shown, with when."""
         if not verbose:
             os.dup2(self.log.fileno(), 1)
             os.dup2(self.log.fileno(), 2)
@@ -86,6 +88,11 @@ class Console:
             stream.write(msg + "\n")
             stream.flush()
             self.log.write(f"[console] {msg}\n")
+
+    def said_recently(self, window_s: float = 10.0) -> set[str]:
+        now = time.monotonic()
+        self.said = [(t, s) for t, s in self.said if now - t < window_s]
+        return {s for _, s in self.said}
 
     def restore(self) -> None:
         sys.stdout.flush()
@@ -322,8 +329,11 @@ def attach_ray() -> None:
                     continue
                 con.seen_spam.add(spam)
                 line += " (repeats once a second without a dashboard; later copies dropped by pipelines/console.py)"
-            if not con.verbose and line.lstrip().startswith(OUR_PREFIX):
-                con.say(line.strip(), err=True)
+            ours = line.strip()
+            if not con.verbose and ours.startswith(OUR_PREFIX) and ours not in con.said_recently():
+                # (Ray Train's workers can send a line twice: to their log file and to stderr.)
+                con.said.append((time.monotonic(), ours))
+                con.say(ours, err=True)
             kept.append(line)
         if kept:
             for _, printer in printers:

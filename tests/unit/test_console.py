@@ -81,3 +81,30 @@ def test_remote_progress_lines_become_one_bar(capsys):
     assert states[0]["n"] == 1 and states[-1]["n"] == 4 and states[-1]["closed"]
     assert states[-1]["desc"] == "images (1/2)"
     assert len(states) <= 5  # throttled: a start, the description, the last step, the close
+
+
+def test_ctrl_c_under_a_library_handler_still_ends_in_keyboard_interrupt():
+    """Ray Train's fit() installs its own SIGINT handler (a graceful abort) and returns; the block raises anyway."""
+    import signal
+    import time
+
+    import pytest
+
+    from pipelines import console
+
+    calls = []
+    before = signal.getsignal(signal.SIGINT)
+
+    def fit() -> str:
+        signal.signal(signal.SIGINT, lambda s, f: calls.append(s))  # the library's handler, left installed
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return "aborted gracefully"
+
+    with pytest.raises(KeyboardInterrupt):
+        with console.interruptible():
+            fit()
+    assert calls == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before and signal.signal.__module__ == "signal"
+    with console.interruptible():  # no Ctrl-C: nothing raised
+        pass
