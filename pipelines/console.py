@@ -99,6 +99,7 @@ class Console:
         sys.stderr.flush()
         for bar in list(self.bars.values()):
             bar.close()
+        self.bars.clear()
         os.dup2(self.saved[0], 1)
         os.dup2(self.saved[1], 2)
         for fd in self.saved:
@@ -177,10 +178,14 @@ def say(msg: str) -> None:
 
 
 def error(msg: str) -> None:
+    """A line about a failure or an interrupt: any bar still drawn is closed first, so the line comes last."""
     if _active is None:
         print(msg, file=sys.stderr, flush=True)
-    else:
-        _active.say(msg, err=True)
+        return
+    for bar in list(_active.bars.values()):
+        bar.close()
+    _active.bars.clear()
+    _active.say(msg, err=True)
 
 
 def failure_lines(limit: int = TAIL_LINES) -> list[str]:

@@ -118,6 +118,7 @@ h1 { margin-bottom: 0.2em; } .muted { color: #666; }
 table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; } td.all { font-weight: bold; }
 img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; background: #181818; }
+.stages { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
 .legend span { padding: 0 6px; } .held { color: #c07800; } .wrong { color: #d22; } .right { color: #2a2; }
 """
 
@@ -150,6 +151,11 @@ def write_html(out: Path, summary: dict[str, Any]) -> Path:
     rows = (summary.get("samples") or {}).get("rows") or []
     wrong = [r for r in rows if not r["right"]]
     loss = "<img src='loss.png' alt='training loss by step'>" if (report / "loss.png").is_file() else "<p class='muted'>no loss curve</p>"
+    stage_grids = "".join(
+        f"<figure><img src='../run/samples/{e(g.name)}' alt='samples at the end of stage {e(g.stem)}'>"
+        f"<figcaption>end of stage <code>{e(g.stem)}</code></figcaption></figure>"
+        for g in sorted((out / "run" / "samples").glob("*.gif"))
+    )
     served = ("<p><video src='served.mp4' controls loop muted width='256'></video></p>"
               if (report / "served.mp4").is_file() else "")  # fmt: skip
     body = f"""<!doctype html>
@@ -174,6 +180,7 @@ Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips.</p>
 <p>{train['steps']} steps: {e(', '.join(train['stages']))}; {train['seconds'] / 60:.1f} min.
 Final loss {train['final_loss']:.4f} (first logged {train['first_loss']:.4f}).</p>
 <p>{loss}</p>
+<div class="stages">{stage_grids}</div>
 <h2>Serving</h2>
 <p>{e(_serve_line(summary))}</p>{served}
 <h2>Files</h2>

@@ -47,6 +47,8 @@ from pipelines.train.storage import RunStore
 from pipelines.train.worker import FATAL_FILE
 
 RAY_RESULTS = "ray_results"
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Where Ray Train's controller lists the checkpoints it registered (what a resumed run restores from)."""
 CRASH_ENV = "SORA_TRAIN_CRASH_AT_STEP"
 """Fault injection for tests: the last rank dies once after this global step (a lost worker)."""
 NAN_ENV = "SORA_TRAIN_NAN_AT_STEP"
@@ -186,9 +188,19 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
 
 
 def latest_checkpoint(store: RunStore, name: str) -> str | None:
-    """Run-relative path of the newest checkpoint (the one Ray Train restores: steps only grow)."""
+    """Run-relative path of the newest checkpoint Ray Train restores (steps only grow).
+
+    Ray Train restores the newest checkpoint its controller registered (listed in its snapshot). A folder
+    it never registered, such as one being written when Ctrl-C stopped the run, is not restored, so the
+    run does not resume there either: the data streams start where the workers' weights do.
+    """
     folder = f"{RAY_RESULTS}/{name}"
     names = [n for n in store.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()]
+    snapshot = f"{folder}/{RAY_CHECKPOINT_SNAPSHOT}"
+    registered = set()
+    if store.exists(snapshot):
+        registered = {r.get("checkpoint_dir_name") for r in json.loads(store.read_text(snapshot)).get("checkpoint_results", [])}
+    names = [n for n in names if n in registered]
     return f"{folder}/{max(names)}" if names else None
 
 
