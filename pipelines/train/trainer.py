@@ -140,7 +140,7 @@ def check_devices(recipe: Recipe, num_workers: int) -> None:
     if have >= num_workers:
         return
     if autoscaler_running():
-        console.error(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes")  # fmt: skip
+        console.say(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes")  # fmt: skip
         return
     raise _user_error(
         f"device cuda needs {num_workers} GPUs (one per worker) but this cluster has {have:g} and no autoscaler to add "
@@ -292,7 +292,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if ckpt:
         start = json.loads(store.read_text(f"{ckpt}/{TRAINER_STATE}"))
         if make_portable(store, ckpt, num_workers):
-            console.error(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)")  # fmt: skip
+            console.say(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)")  # fmt: skip
     sample = recipe.sample
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
@@ -307,7 +307,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         raise RuntimeError(_root_message(err)) from err
     samples = finish_sampler(sampler, sample.timeout_s)
     for failure in samples["failed"]:
-        console.error(f"[sora train] sample grid not written: {failure}")
+        console.say(f"[sora train] sample grid not written: {failure}")
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])

@@ -43,6 +43,7 @@ def run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
 def assert_reads_cleanly(proc: subprocess.CompletedProcess, out: Path) -> None:
     """Our lines only, under MAX_LINES together; the log holds what the libraries printed."""
     terminal = (proc.stdout + proc.stderr).splitlines()
+    print(f"terminal: {len(proc.stdout.splitlines())} stdout + {len(proc.stderr.splitlines())} stderr lines")
     assert len(terminal) < MAX_LINES, f"{len(terminal)} lines:\n" + "\n".join(terminal)
     noisy = [ln for ln in terminal if any(n in ln for n in LIBRARY_NOISE)]
     assert not noisy, noisy
