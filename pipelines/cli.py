@@ -52,12 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines import console
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _run(args, console)
+    finally:
+        console.stop()  # a command that sent library output to a log (pipelines/console.py) gets the terminal back
+
+
+def _run(args: argparse.Namespace, console) -> int:
+    try:
         result = args.func(args)
     except KeyboardInterrupt:
-        print("sora: interrupted", file=sys.stderr)
+        log = console.log_path()
+        console.error(f"sora {args.command}: interrupted" + (f"; log: {log}" if log else "")
+                      + (f"; {args.resume_hint}" if getattr(args, "resume_hint", None) else ""))  # fmt: skip
         return 130
     except Exception as err:  # noqa: BLE001 - the one place that turns errors into a one-line message
         if os.environ.get("SORA_DEBUG") == "1":
@@ -66,9 +77,17 @@ def main(argv: list[str] | None = None) -> int:
 
         user_errors = (UserError, ConfigError, FileNotFoundError, ValueError)
         if isinstance(err, user_errors):
-            print(f"sora {args.command}: error: {err}", file=sys.stderr)
+            console.error(f"sora {args.command}: error: {err}")
             return 2
-        print(f"sora {args.command}: failed: {type(err).__name__}: {err} (set SORA_DEBUG=1 for the traceback)", file=sys.stderr)
+        console.error(f"sora {args.command}: failed: {type(err).__name__}: {err} (set SORA_DEBUG=1 for the traceback)")
+        import traceback
+
+        # The traceback goes to the log (the terminal has the one line), then the log's tail to the terminal.
+        if console.active() is not None:
+            traceback.print_exc()
+            sys.stderr.flush()
+        for line in console.failure_lines():
+            console.error(line)
         return 1
     return int(result or 0)
 

@@ -14,7 +14,11 @@ with the same settings (a changed `--minutes` retrains, a finished run is reused
     4. generate  a grid of seen and held-out prompts as GIF, PNG and MP4
     5. evaluate  attribute accuracy (seen / held-out), temporal consistency, diversity
     6. serve     the Serve app on the export, one HTTP request through the OpenAI-style API, shut down
-    7. report    OUT/report/report.md with the numbers, the sample grid and the loss curve
+    7. report    OUT/report/report.html (open it) and report.md: the numbers, the labelled samples, the loss curve
+
+The terminal shows one line per step and progress bars; what Ray, DeepSpeed and torch print goes to
+OUT/logs/demo.log (`--verbose` shows it instead). A failed step names the log and shows its last lines;
+Ctrl-C stops with one line, and the same command resumes (training from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -55,12 +59,14 @@ edge it leaves), so a clip cut from the middle, or a middle frame as an image, w
 where the shape is at time 0 does not depend on the direction, and it then draws still shapes."""
 SEEN_EVAL_PROMPTS = 24
 EVAL_SEEDS = 3
-SHOWCASE_SCALE = 4
-"""Sample sheets are upscaled 4x (nearest) so 32-pixel clips can be seen."""
+LOG = Path("logs") / "demo.log"
+"""Under OUT: what Ray, DeepSpeed and torch print (appended run after run); the terminal shows our lines only."""
 
 
 def _log(msg: str) -> None:
-    print(f"[sora demo] {msg}", flush=True)
+    from pipelines import console
+
+    console.say(f"[sora demo] {msg}")
 
 
 class Steps:
@@ -117,30 +123,12 @@ def eval_prompts() -> list[dict[str, Any]]:
     return rows
 
 
-def showcase(frames: np.ndarray, prompts: list[str], report: Path) -> dict[str, str]:
-    """Write the sample grid as GIF and MP4 (prompts tiled, animated) and PNG (rows = prompts, columns = frames)."""
-    from sora_model.video import make_grid, write_video
-
-    big = frames.repeat(SHOWCASE_SCALE, axis=2).repeat(SHOWCASE_SCALE, axis=3)  # (N, T, 4H, 4W, 3)
-    grid = make_grid(big, ncols=int(np.ceil(np.sqrt(len(prompts)))))
-    n, t, h, w, _ = big.shape
-    sheet = np.zeros((n * (h + 2), t * (w + 2), 3), dtype=np.uint8)
-    for i in range(n):
-        for j in range(t):
-            sheet[i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = big[i, j]
-    paths = {"gif": str(report / "samples.gif"), "mp4": str(report / "samples.mp4"), "png": str(report / "samples.png")}
-    write_video(paths["gif"], grid, fps=4)
-    write_video(paths["mp4"], grid, fps=4)
-    write_video(paths["png"], sheet[None], fps=1)
-    (report / "samples.txt").write_text("\n".join(f"{i}: {p}" for i, p in enumerate(prompts)) + "\n")
-    return paths
-
-
 def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
     """Start the Serve app on the export, create one video over HTTP, download it, shut Serve down."""
     import httpx
     from ray import serve
 
+    from pipelines import console
     from pipelines.serve.app import app_builder
 
     store = out / "serve-store"
@@ -153,9 +141,13 @@ def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
         t1 = time.perf_counter()
         with httpx.Client(timeout=60) as client:
             video = client.post(f"{base}/videos", json={"prompt": "a red circle moving right", "seed": 0}).raise_for_status().json()
-            while video["status"] in ("queued", "in_progress"):
-                time.sleep(0.5)
-                video = client.get(f"{base}/videos/{video['id']}").raise_for_status().json()
+            with console.progress(total=100, desc="serve: one request", unit="%") as bar:
+                while video["status"] in ("queued", "in_progress"):
+                    time.sleep(0.5)
+                    video = client.get(f"{base}/videos/{video['id']}").raise_for_status().json()
+                    bar.update(max(0, min(100, int(video.get("progress") or 0)) - bar.n))
+                if video["status"] == "completed":
+                    bar.update(100 - bar.n)
             if video["status"] != "completed":
                 raise RuntimeError(f"the served request failed: {video.get('error')}")
             content = client.get(f"{base}/videos/{video['id']}/content").raise_for_status().content
@@ -165,65 +157,6 @@ def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
                 "startup_s": round(started, 1), "request_s": round(time.perf_counter() - t1, 2)}  # fmt: skip
     finally:
         serve.shutdown()
-
-
-def write_report(out: Path, summary: dict[str, Any]) -> Path:
-    report = out / "report"
-    acc = summary["eval"]["attribute_accuracy"]
-
-    def row(name: str, a: dict | None) -> str:
-        if not a:
-            return f"| {name} | – | – | – | – | – |"
-        return f"| {name} | {a['color']:.0%} | {a['shape']:.0%} | {a['direction']:.0%} | **{a['all']:.0%}** | {a['n']} |"
-
-    train = summary["train"]
-    serve_line = (
-        f"one request through Ray Serve: {summary['serve']['status']} in {summary['serve']['request_s']} s "
-        f"(app start {summary['serve']['startup_s']} s), {summary['serve']['bytes']} bytes → `served.mp4`"
-        if summary.get("serve") else "skipped (--no-serve)"
-    )  # fmt: skip
-    lines = [
-        "# sora demo report",
-        "",
-        f"Run on {time.strftime('%Y-%m-%d %H:%M')} with `{summary['command']}`; total {summary['seconds'] / 60:.1f} min.",
-        "",
-        "## Data",
-        f"- {summary['synth']['videos']} synthetic videos ({VIDEO_FRAMES} frames, 32x32); held out of training: "
-        + ", ".join(f"`{c}`" for c in HELD_OUT),
-        *(f"- bucket `{b}`: {n} clips" for b, n in summary["prepare"].items()),
-        "",
-        "## Training",
-        f"- recipe `{summary['recipe']}` ({train['steps']} steps over {len(train['stages'])} stages: "
-        + ", ".join(train["stages"]) + f"), 2 workers, DeepSpeed ZeRO-3; {train['seconds'] / 60:.1f} min",
-        f"- final loss {train['final_loss']:.4f} (first logged {train['first_loss']:.4f}); curve: `loss.png`",
-        "",
-        "## Prompt following (judged by `sora eval`'s attribute detector)",
-        "",
-        "| prompts | colour | shape | direction | all three | clips |",
-        "| --- | --- | --- | --- | --- | --- |",
-        row("seen combinations", acc.get("seen")),
-        row("held-out combinations", acc.get("held_out")),
-        row("all", acc.get("overall")),
-        "",
-        f"Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips. "
-        f"Temporal consistency {summary['eval']['temporal_consistency']:.3f}, diversity across seeds {summary['eval']['diversity']:.3f}.",
-        "",
-        "## Samples",
-        "`samples.gif` / `samples.mp4` (animated grid, prompts in `samples.txt`), `samples.png` (rows = prompts, columns = frames).",
-        "",
-        "![samples](samples.png)",
-        "",
-        "## Serving",
-        serve_line,
-        "",
-        "## Files",
-        f"- export: `{summary['export']}` (try `sora generate --model {summary['export']} --prompt \"a red circle moving left\" --out clip.gif`)",
-        f"- run folder: `{out / 'run'}` (metrics.csv, tensorboard/, samples/)",
-        "- metrics: `metrics.json`",
-    ]
-    path = report / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def run_demo(
@@ -316,15 +249,17 @@ def run_demo(
         shutil.copyfile(run_dir / "loss.png", out / "report" / "loss.png")
 
     # 4 + 5. Generate the grid and evaluate (the same clips: eval generates, we keep them).
+    from pipelines.demo_report import showcase
     from pipelines.evaluate.run import evaluate_export
     from sora_model.pipeline import TextToVideoPipeline
 
     _log("4/7 generating seen and held-out prompts")
     pipe = TextToVideoPipeline.load(str(export))
     prompts = eval_prompts()
-    showcase_prompts = [p["prompt"] for p in prompts if not p["held_out"]][:8] + [p["prompt"] for p in prompts if p["held_out"]]
+    shown = [p for p in prompts if not p["held_out"]][:8] + [p for p in prompts if p["held_out"]]
+    showcase_prompts, held = [p["prompt"] for p in shown], [p["held_out"] for p in shown]
     frames = pipe(showcase_prompts, seed=list(range(len(showcase_prompts))))
-    summary["samples"] = showcase(frames, showcase_prompts, out / "report")
+    summary["samples"] = showcase(frames, showcase_prompts, held, out / "report")
     _log(f"5/7 evaluating {len(prompts)} prompts x {EVAL_SEEDS} seeds")
     summary["eval"] = evaluate_export(str(export), prompts, seeds=EVAL_SEEDS, pipeline=pipe,
                                       out=str(out / "report" / "metrics.json"))  # fmt: skip
@@ -337,11 +272,17 @@ def run_demo(
         _log("6/7 serving: skipped")
 
     # 7. Report.
+    from pipelines import console
+    from pipelines.demo_report import write_html, write_report
+
     summary["seconds"] = time.perf_counter() - t_start
+    summary["workers"] = workers
+    summary["log"] = str(console.log_path() or "")
     report = write_report(out, summary)
+    page = write_html(out, summary)
     (out / "report" / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     acc = summary["eval"]["attribute_accuracy"]
-    _log(f"7/7 report: {report}")
+    _log(f"7/7 report: {page} (open it in a browser; numbers also in {report.name})")
     for key in ("seen", "held_out"):
         a = acc.get(key) or {}
         if a:
@@ -372,6 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="train this recipe as written instead of demo-cpu.yaml scaled by --minutes")
     p.add_argument("--videos-per-combination", type=int, default=VIDEOS_PER_COMBINATION,
                    help="synthetic videos per seen colour/shape/direction combination (default %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="show what Ray, DeepSpeed and torch print here instead of in OUT/logs/demo.log")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,7 +328,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = Path(args.recipe).resolve() if args.recipe else None
     if recipe is not None and not recipe.is_file():
         raise UserError(f"recipe not found: {args.recipe}")
-    run_demo(Path(args.out).resolve(), args.minutes, args.workers, None if args.no_serve else args.port, recipe,
+    from pipelines import console
+
+    out = Path(args.out).resolve()
+    console.start(out / LOG, verbose=args.verbose, command="sora demo")
+    run_demo(out, args.minutes, args.workers, None if args.no_serve else args.port, recipe,
              args.videos_per_combination)  # fmt: skip
     return 0
 
@@ -394,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="the embedded default end to end: synth, prepare, train, generate, eval, serve")
     add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resume_hint="run the same command again to resume")
 
 
 if __name__ == "__main__":

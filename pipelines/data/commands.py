@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipelines import console
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from pipelines.data.prepare.options import DEFAULT_PATCH
 
@@ -71,6 +72,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    console.add_arguments(p)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -92,7 +94,11 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from pipelines.data.prepare import options_from_args, prepare
 
-    prepare(options_from_args(args))
+    opts = options_from_args(args)
+    console.start_for(args, "sora data prepare")
+    info = prepare(opts)
+    console.say(f"sora data prepare: {info['num_clips']} clips in {len(info['buckets'])} bucket(s), {info['num_rejected']} inputs "
+                f"rejected, {info['seconds']:.0f}s → {opts.out}")  # fmt: skip
     return 0
 
 

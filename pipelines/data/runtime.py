@@ -9,13 +9,17 @@ def ensure_ray() -> None:
     """Initialise Ray once per process; a no-op when the caller (a test, a notebook, a job) already did."""
     import ray
 
+    from pipelines import console
+
     if ray.is_initialized():
+        console.attach_ray()
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
         # A laptop run: every core, and no dashboard (it needs extra packages and a port nobody looks at).
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+    console.attach_ray()  # under a console: worker output to the log, our bars and lines to the terminal
 
 
 def cluster_cpus() -> int:

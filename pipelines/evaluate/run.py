@@ -161,7 +161,7 @@ def evaluate_export(
     Missing local files (export, prompts, features, reference, CLIP) raise FileNotFoundError before
     any clip is generated.
     """
-    from tqdm import tqdm
+    from pipelines import console
 
     specs = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else [_spec(p, "prompts") for p in prompts]
     if not specs:
@@ -198,7 +198,7 @@ def evaluate_export(
     jobs = [(k, seed + j) for k in range(len(specs)) for j in range(seeds)]
     clips = np.empty((len(jobs), sampling["num_frames"], sampling["height"], sampling["width"], 3), np.uint8)
     t0 = time.perf_counter()
-    with tqdm(total=len(jobs), unit="clip", desc="eval: generate", disable=not progress, file=sys.stderr) as bar:
+    with console.progress(total=len(jobs), unit="clip", desc="eval: generate", disable=not progress) as bar:
         for i in range(0, len(jobs), batch_size):
             chunk = jobs[i : i + batch_size]
             clips[i : i + len(chunk)] = pipeline(

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from typing import Any
+
+from pipelines import console
 
 from . import generate as generate_module
 
@@ -37,6 +38,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="generator weights: int8 (CPU) or bf16 (GPU)")
     p.add_argument("--lora", help="a peft LoRA adapter folder merged into the model at load (overrides args.lora)")
     p.add_argument("--hash-key", metavar="KEY", help="print the sha256 digest of an API key for `api_keys:` and exit")
+    console.add_arguments(p)
 
 
 def read_serve_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
@@ -110,13 +112,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import build_app
 
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    console.start_for(args, "sora serve")  # Serve's request logs and replica output go to the log
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, deployments), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     keys = f"API keys on ({len(settings.api_keys)} keys, tiers: {', '.join(settings.tiers)})" if settings.api_keys else "API keys off"
-    print(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}")
-    print("sora serve: Ctrl-C to stop", flush=True)
+    console.say(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}")
+    console.say("sora serve: Ctrl-C to stop")
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -128,7 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        print("sora serve: shutting down", file=sys.stderr)
+        console.error("sora serve: shutting down")
     finally:
         if local:
             serve.shutdown()

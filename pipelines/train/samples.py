@@ -50,9 +50,10 @@ class StageSampler:
     def _sample(self, export_rel, stage, prompts, frames, size, steps, seed, fps) -> str:
         import torch
 
+        from pipelines.sheets import stage_grid
         from pipelines.train.finetune import adapter_base
         from sora_model.pipeline import TextToVideoPipeline
-        from sora_model.video import make_grid, write_video
+        from sora_model.video import write_video
 
         delay = float(os.environ.get(DELAY_ENV) or 0)
         if delay:
@@ -69,7 +70,7 @@ class StageSampler:
             with torch.random.fork_rng():
                 videos = pipe(prompts, num_frames=frames, height=height, width=width, steps=steps, seed=seed)
             local = os.path.join(tmp, f"{stage}.gif")
-            write_video(local, make_grid(videos), fps=fps)
+            write_video(local, stage_grid(videos, prompts), fps=fps)  # each clip under its prompt
             rel = f"{SAMPLES_DIR}/{stage}.gif"
             self.store.upload(local, rel)
             self.written.append(rel)

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines import console
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
 from pipelines.train.finetune import check_init
 from pipelines.train.recipe import Recipe, load_recipe, recipe_to_dict
@@ -47,6 +48,8 @@ from pipelines.train.storage import RunStore
 from pipelines.train.worker import FATAL_FILE
 
 RAY_RESULTS = "ray_results"
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Where Ray Train's controller lists the checkpoints it registered (what a resumed run restores from)."""
 CRASH_ENV = "SORA_TRAIN_CRASH_AT_STEP"
 """Fault injection for tests: the last rank dies once after this global step (a lost worker)."""
 NAN_ENV = "SORA_TRAIN_NAN_AT_STEP"
@@ -138,8 +141,7 @@ def check_devices(recipe: Recipe, num_workers: int) -> None:
     if have >= num_workers:
         return
     if autoscaler_running():
-        print(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes",
-              file=sys.stderr, flush=True)  # fmt: skip
+        console.say(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes")  # fmt: skip
         return
     raise _user_error(
         f"device cuda needs {num_workers} GPUs (one per worker) but this cluster has {have:g} and no autoscaler to add "
@@ -187,9 +189,19 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
 
 
 def latest_checkpoint(store: RunStore, name: str) -> str | None:
-    """Run-relative path of the newest checkpoint (the one Ray Train restores: steps only grow)."""
+    """Run-relative path of the newest checkpoint Ray Train restores (steps only grow).
+
+    Ray Train restores the newest checkpoint its controller registered (listed in its snapshot). A folder
+    it never registered, such as one being written when Ctrl-C stopped the run, is not restored, so the
+    run does not resume there either: the data streams start where the workers' weights do.
+    """
     folder = f"{RAY_RESULTS}/{name}"
     names = [n for n in store.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()]
+    snapshot = f"{folder}/{RAY_CHECKPOINT_SNAPSHOT}"
+    registered = set()
+    if store.exists(snapshot):
+        registered = {r.get("checkpoint_dir_name") for r in json.loads(store.read_text(snapshot)).get("checkpoint_results", [])}
+    names = [n for n in names if n in registered]
     return f"{folder}/{max(names)}" if names else None
 
 
@@ -221,6 +233,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         "nan_count": int(nan_count or 1),
         "stop_at_step": opts.stop_at_step or 0,
         "null_prompt": null_prompt,
+        "remote_progress": console.active() is not None,  # rank 0's bar drawn by the driver's console
     }
     env_vars = {"DS_ACCELERATOR": "cpu"} if recipe.device == "cpu" else {}
     fs, path = store.pyarrow_filesystem()
@@ -283,8 +296,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if ckpt:
         start = json.loads(store.read_text(f"{ckpt}/{TRAINER_STATE}"))
         if make_portable(store, ckpt, num_workers):
-            print(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            console.say(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)")  # fmt: skip
     sample = recipe.sample
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
@@ -292,13 +304,14 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     trainer = build_trainer(opts, recipe, stage_data, store, sampler, start, _null_prompt(recipe, stage_data))
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        with console.interruptible():  # Ctrl-C: Ray Train aborts the run gracefully, then KeyboardInterrupt here
+            result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own one-line message
         finish_sampler(sampler, 1)
         raise RuntimeError(_root_message(err)) from err
     samples = finish_sampler(sampler, sample.timeout_s)
     for failure in samples["failed"]:
-        print(f"[sora train] sample grid not written: {failure}", file=sys.stderr, flush=True)
+        console.say(f"[sora train] sample grid not written: {failure}")
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])
@@ -349,6 +362,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the workers train (default: the recipe's `device`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this global step (continue with --resume)")
+    console.add_arguments(p)
+    p.set_defaults(resume_hint="continue with --resume")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,9 +376,10 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_at_step=args.stop_at_step,
     )
+    console.start_for(args, "sora train")
     summary = train(opts)
     where = summary["export"] or f"{summary['run_dir']} (stopped; continue with --resume)"
-    print(f"trained in {summary['seconds']}s; {where}")
+    console.say(f"trained in {summary['seconds']}s; {where}")
     return 0
 
 

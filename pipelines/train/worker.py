@@ -43,9 +43,10 @@ STAGE_EXPORTS = "exports"
 class RankZero:
     """What only rank 0 does: metrics, progress, exports, run-folder sync (through a local mirror)."""
 
-    def __init__(self, run_uri: str, recipe: Recipe, start_step: int, workers_info: dict[str, Any]):
+    def __init__(self, run_uri: str, recipe: Recipe, start_step: int, workers_info: dict[str, Any], remote_progress: bool = False):
         from tqdm import tqdm
 
+        from pipelines.console import RemoteProgress
         from pipelines.train.metrics import METRICS_FILE, MetricsLog
         from pipelines.train.storage import LocalMirror, RunStore
 
@@ -55,7 +56,8 @@ class RankZero:
         with open(self.mirror.path(WORKERS_FILE), "w") as f:
             json.dump(workers_info, f, indent=2)
         self.log = MetricsLog(self.mirror.root, start_step)
-        self.progress = tqdm(total=recipe.total_steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True)
+        self.progress = (RemoteProgress(recipe.total_steps, start_step, desc="train") if remote_progress else  # the driver draws it
+                         tqdm(total=recipe.total_steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True))
         self.sync()
 
     def sync(self) -> None:
@@ -228,7 +230,7 @@ class RankRun:
                 "device": str(self.device), "start": note, "workers": self.placement, "weights_digest": digest}  # fmt: skip
         print(f"[sora train] {self.world} workers, ZeRO-{r.deepspeed.zero_stage}, {'bf16' if self.bf16 else 'fp32'} on "
               f"{r.device}, {self.num_params:,} parameters ({self.local_numel:,} on rank 0); {note}", file=sys.stderr, flush=True)  # fmt: skip
-        return RankZero(self.config["run_dir"], r, self.state["global_step"], info)
+        return RankZero(self.config["run_dir"], r, self.state["global_step"], info, bool(self.config.get("remote_progress")))
 
     def checkpoint(self, si: int, stage_step: int, consumed_samples: int) -> None:
         """Every rank writes its shard (+ EMA slices, RNG) and reports; Ray Train merges the folders."""

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipelines import console
 from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
 from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
 from pipelines.data.prepare.group import group_by_source
@@ -63,7 +64,7 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled)
-    ctx.enable_progress_bars = opts.progress  # the caller's context: a library call with progress=False stays quiet
+    ctx.enable_progress_bars = opts.progress and console.library_bars()  # progress=False (a library call), or a console: quiet
     # Ray Data reserves CPUs per operator; on a small machine that held the decode stage to one task at a
     # time (2 cores: 55% busy). Without it every stage takes what is free (the streaming executor still
     # bounds each operator's queued output, which is what keeps memory flat).
@@ -121,7 +122,7 @@ def _resume_summary(out: str, buckets: list[str]) -> tuple[dict[str, int], dict[
 def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cpus: int) -> Any:
     """The Ray Data plan (lazy): manifest -> shards; its output rows are {bucket, shard, rows} per shard."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from pipelines.data.runtime import cluster_gpus
 
@@ -141,7 +142,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
                    "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s},
         # One probing task per CPU at most, so the caption and decode stages get CPUs while files are probed.
-        batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=max(1, cpus),
+        batch_size=None, batch_format="pyarrow", num_cpus=1, compute=TaskPoolStrategy(size=max(1, cpus)),
     )  # fmt: skip
     # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
     # tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors.
@@ -156,7 +157,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
                             batch_format="pyarrow", num_cpus=1)  # fmt: skip
     largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
     rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
-    concurrency = {"concurrency": opts.workers} if opts.workers else {}
+    concurrency = {"compute": TaskPoolStrategy(size=opts.workers)} if opts.workers else {}
     if opts.autoencoder.kind == "identity":
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
@@ -184,8 +185,7 @@ def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]
         now = time.perf_counter()
         if progress and now - last > 2:
             last = now
-            print(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            console.status(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)")
     return written, shards
 
 
