@@ -208,12 +208,15 @@ def run_demo(
         steps.forget("train")
         counts = {}
         for i, name in enumerate(buckets, 1):
-            _log(f"2/7 preparing bucket {name} with Ray Data ({i}/{len(buckets)})")
+            t_bucket = time.perf_counter()
+            # progress=False: a bucket takes seconds here, and a mid-run count line would read as the result
             result = prepare(PrepareOptions(
                 manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
-                clips_per_video=CLIPS_PER_VIDEO, overwrite=True, text_encoder=recipe.text_encoder,
+                clips_per_video=CLIPS_PER_VIDEO, overwrite=True, text_encoder=recipe.text_encoder, progress=False,
             ))  # fmt: skip
             counts[name] = result.get("num_clips", 0)
+            _log(f"2/7 prepared bucket {name} with Ray Data ({i}/{len(buckets)}): {counts[name]} clips, "
+                 f"{result.get('num_rejected', 0)} rejected, {time.perf_counter() - t_bucket:.0f} s")  # fmt: skip
         steps.mark("prepare", prepare_settings, counts)
     else:
         _log("2/7 prepared data: reusing " + ", ".join(map(str, folders.values())))
