@@ -39,19 +39,18 @@ GUIDANCE = 5.0
 WARMUP, TIMED = 1, 3
 
 
-def _timed(fn, warmup: int = WARMUP, reps: int = TIMED) -> list[float]:
+def _measure(step, device: str) -> tuple[list[float], float | None]:
+    """Step times (1 warm-up, then TIMED timed) and peak GiB on cuda; one wall time and no peak elsewhere (CPU checks)."""
+    if device != "cuda":
+        return [_wall(step)], None
     import torch
 
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
+    from benchmarks.gpu_common import cuda_timed, peak_gib
+
+    for _ in range(WARMUP):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    return cuda_timed(step, TIMED), peak_gib()
 
 
 def wan_config(**kw):
@@ -88,12 +87,7 @@ def sampling(cfg, latent: tuple[int, ...], device: str = "cuda") -> dict:
         cond, uncond = out.chunk(2)
         x.add_(-0.02 * (uncond + GUIDANCE * (cond - uncond)))  # Euler: x + (t_next - t) * v
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        times = _timed(step)
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        times, peak = [_wall(step)], None
+    times, peak = _measure(step, device)
     return {"seconds_per_step": round(statistics.median(times), 4), "peak_gib": None if peak is None else round(peak, 2),
             "params": model.num_parameters()}  # fmt: skip
 
@@ -131,12 +125,7 @@ def lora_training(cfg, latent: tuple[int, ...], device: str = "cuda") -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        times = _timed(step)
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        times, peak = [_wall(step)], None
+    times, peak = _measure(step, device)
     return {"seconds_per_step": round(statistics.median(times), 4), "peak_gib": None if peak is None else round(peak, 2),
             "adapter_params": sum(p.numel() for p in params)}  # fmt: skip
 
