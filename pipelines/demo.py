@@ -139,7 +139,7 @@ def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}/v1"
     try:
         t1 = time.perf_counter()
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, follow_redirects=True) as client:  # a folder store answers a 307 to its file server
             video = client.post(f"{base}/videos", json={"prompt": "a red circle moving right", "seed": 0}).raise_for_status().json()
             with console.progress(total=100, desc="serve: one request", unit="%") as bar:
                 while video["status"] in ("queued", "in_progress"):

@@ -120,7 +120,7 @@ def test_submit_train_then_serve_over_http(cluster):
     run(["serve", "deploy", str(deploy_yaml)], cluster["env"], timeout=120)
 
     url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=30) as http:
+    with httpx.Client(base_url=url, timeout=30, follow_redirects=True) as http:  # content: a 307 to the file server
         deadline = time.monotonic() + 180
         while True:
             try:
