@@ -17,8 +17,10 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        # A laptop run: every core, and no dashboard (it needs extra packages and a port nobody looks at).
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+        # A laptop run: a Ray of its own (address "local": never a cluster some other `ray start` left running,
+        # which would refuse num_cpus), every core, and no dashboard (extra packages and a port nobody looks at).
+        # To use a running cluster, set RAY_ADDRESS (as `ray job submit` does for its drivers).
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
     console.attach_ray()  # under a console: worker output to the log, our bars and lines to the terminal
 
 
