@@ -78,13 +78,13 @@ def test_init_from_errors_are_one_line(export: Path, extra: dict, message: str) 
     assert "\n" not in str(err.value)
 
 
-def test_missing_init_from_fails_sora_train_in_one_line(export: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_missing_init_from_fails_sora_train_in_one_line(export: Path, tmp_path: Path, capfd) -> None:  # noqa: ANN001
     """A path that does not exist parses (shipped recipes hold placeholders) and fails `sora train` before any work."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(tmp_path / "no-such-export")))
     parse_recipe(yaml.safe_load(recipe.read_text()))
     assert main(["train", "--recipe", str(recipe), "--data", str(tmp_path), "--run-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "no-such-export' does not exist" in err and "\n" not in err, err
 
 
