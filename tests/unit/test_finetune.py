@@ -178,7 +178,7 @@ def _manifest(tmp_path: Path) -> Path:
     return path
 
 
-def test_prepare_from_export_takes_the_models_parts(export: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_prepare_from_export_takes_the_models_parts(export: Path, tmp_path: Path, capfd) -> None:  # noqa: ANN001
     import argparse
 
     from pipelines.data.commands import add_prepare_arguments
@@ -200,7 +200,7 @@ def test_prepare_from_export_takes_the_models_parts(export: Path, tmp_path: Path
         (["--resolution", "32", "--frames", "6"], "frames must be 1 + a multiple of 4"),
     ]:
         assert main([*base, *extra]) == 2
-        err = capsys.readouterr().err.strip()
+        err = capfd.readouterr().err.strip()
         assert message in err and "\n" not in err, err
     assert not (tmp_path / "out" / "dataset.json").exists()
     assert json.loads((export / "config.json").read_text())["model"]["null_text"] == "empty_prompt"
