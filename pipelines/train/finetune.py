@@ -80,7 +80,7 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
     if model.get("base") is not None:
         return data
     if not os.path.exists(path):
-        return data  # a placeholder (a shipped recipe, a path on the cluster): `check_init` fails `sora train` on it
+        return data  # not on this machine (a shipped recipe names a cluster path): parsing defers to `check_init`, which fails `sora train` in one line
     try:
         export = load_export_config(path)
     except (OSError, ValueError) as err:  # ConfigError is a ValueError: a bad config.json names its key
