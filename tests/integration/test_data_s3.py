@@ -102,7 +102,7 @@ def test_prepare_reads_and_writes_s3(s3, tmp_path):
     # Training reads the shards where prepare wrote them: the loaders, the training stream, the recipe's lookup.
     from pipelines.data.load import bucket_files, iter_prepared, load_prepared, read_dataset_info
     from pipelines.train.data import StagePlan
-    from pipelines.train.recipe import read_info
+    from pipelines.train.stage_data import read_info
 
     assert read_dataset_info(out)["num_clips"] == 4 and read_info(out + "/")["num_clips"] == 4
     _, _, files = bucket_files(out, "8x32x32")
