@@ -92,8 +92,9 @@ class Steps:
             (self.dir / f"{name}.json").unlink(missing_ok=True)
 
 
-def scaled_recipe(recipe_path: Path, minutes: float | None, out: Path) -> tuple[Path, Any]:
-    """The recipe, with every stage's steps scaled to the training share of `minutes` (None: as written)."""
+def scaled_recipe(recipe_path: Path, minutes: float | None, out: Path, seed: int | None = None) -> tuple[Path, Any]:
+    """The recipe, with every stage's steps scaled to the training share of `minutes` (None: as written) and its
+    seed replaced by `seed` (None: as written)."""
     import yaml
 
     from pipelines.train.recipe import load_recipe, recipe_to_dict
@@ -105,8 +106,11 @@ def scaled_recipe(recipe_path: Path, minutes: float | None, out: Path) -> tuple[
         for stage in data["stages"]:
             stage["steps"] = max(10, round(stage["steps"] * scale))
             stage["checkpoint_every"] = max(10, stage["steps"] // 2)
+    if seed is not None:
+        data["seed"] = seed
     path = out / "recipe.yaml"
     note = f"scaled to --minutes {minutes:g}" if minutes is not None else "as written"
+    note += f", seed {seed}" if seed is not None else ""
     path.write_text(f"# {recipe_path.name} {note}\n" + yaml.safe_dump(data, sort_keys=False))
     return path, load_recipe(str(path))
 
@@ -166,8 +170,10 @@ def run_demo(
     serve_port: int | None,
     recipe_path: Path | None = None,
     videos_per_combination: int = VIDEOS_PER_COMBINATION,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every step; `recipe_path` replaces demo-cpu.yaml and is then not scaled by `minutes`."""
+    """Run (or resume) every step; `recipe_path` replaces demo-cpu.yaml and is then not scaled by `minutes`;
+    `seed` replaces the recipe's training seed (initialisation, data order, noise and caption dropout)."""
     from pipelines.data.prepare import Bucket, PrepareOptions, prepare
     from pipelines.data.runtime import ensure_ray
     from pipelines.data.synth import synth
@@ -197,11 +203,11 @@ def run_demo(
     summary["synth"] = synth_settings
 
     # 2. Prepare one folder per bucket the recipe's stages use.
-    recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out)
+    recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out, seed)
     buckets = sorted({b for s in recipe.stages for b in s.buckets})
     prepare_settings = {
         "buckets": buckets, "synth": synth_settings, "clips_per_video": CLIPS_PER_VIDEO,
-        "text_encoder": recipe.text_encoder.embedding_settings(),
+        "text_encoder": recipe.text_encoder.embedding_settings(), "patch": list(recipe.model_config().patch_size),
     }  # fmt: skip
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):
@@ -213,6 +219,7 @@ def run_demo(
             result = prepare(PrepareOptions(
                 manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
                 clips_per_video=CLIPS_PER_VIDEO, overwrite=True, text_encoder=recipe.text_encoder, progress=False,
+                patch=tuple(recipe.model_config().patch_size),
             ))  # fmt: skip
             counts[name] = result.get("num_clips", 0)
             _log(f"2/7 prepared bucket {name} with Ray Data ({i}/{len(buckets)}): {counts[name]} clips, "
@@ -280,6 +287,7 @@ def run_demo(
 
     summary["seconds"] = time.perf_counter() - t_start
     summary["workers"] = workers
+    summary["seed"] = recipe.seed
     summary["log"] = str(console.log_path() or "")
     report = write_report(out, summary)
     page = write_html(out, summary)
@@ -308,7 +316,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default %(default)s); a second run reuses it")
     p.add_argument(
         "--minutes", type=float, default=DEFAULT_MINUTES,
-        help="time budget on 2 CPU cores (default %(default)s); scales training; 25 reaches the accuracy target",
+        help="time budget on 2 CPU cores (default %(default)s); scales the training steps",
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port for the serving step (default %(default)s)")
@@ -316,6 +324,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="train this recipe as written instead of demo-cpu.yaml scaled by --minutes")
     p.add_argument("--videos-per-combination", type=int, default=VIDEOS_PER_COMBINATION,
                    help="synthetic videos per seen colour/shape/direction combination (default %(default)s)")
+    p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0 in demo-cpu.yaml); the data and eval prompts stay the same")
     p.add_argument("--verbose", action="store_true", help="show what Ray, DeepSpeed and torch print here instead of in OUT/logs/demo.log")
 
 
@@ -328,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.videos_per_combination < 1:
         raise UserError(f"--videos-per-combination must be >= 1, got {args.videos_per_combination}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
     recipe = Path(args.recipe).resolve() if args.recipe else None
     if recipe is not None and not recipe.is_file():
         raise UserError(f"recipe not found: {args.recipe}")
@@ -336,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     console.start(out / LOG, verbose=args.verbose, command="sora demo")
     run_demo(out, args.minutes, args.workers, None if args.no_serve else args.port, recipe,
-             args.videos_per_combination)  # fmt: skip
+             args.videos_per_combination, args.seed)  # fmt: skip
     return 0
 
 

@@ -80,7 +80,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         "",
         "## Training",
         f"- recipe `{summary['recipe']}` ({train['steps']} steps over {len(train['stages'])} stages: "
-        + ", ".join(train["stages"]) + f"), {summary.get('workers', 2)} workers, DeepSpeed ZeRO-3; {train['seconds'] / 60:.1f} min",
+        + ", ".join(train["stages"]) + f"), {summary.get('workers', 2)} workers, DeepSpeed ZeRO-3, seed {summary.get('seed', 0)}; "
+        f"{train['seconds'] / 60:.1f} min",
         f"- final loss {train['final_loss']:.4f} (first logged {train['first_loss']:.4f}); curve: `loss.png`",
         "",
         "## Prompt following (judged by `sora eval`'s attribute detector)",

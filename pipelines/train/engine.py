@@ -106,6 +106,12 @@ def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tu
 
     ds = recipe.deepspeed
     model = build_model(recipe)
+    if ds.zero_stage == 3 and ds.gather_per_block:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from sora_model.dit import DiTBlock
+
+        set_z3_leaf_modules(model, [DiTBlock])  # one gather per block (its LoRA adapters included)
     params = trainable_parameters(model)
     client_opt = None
     if uses_client_optimizer(recipe):

@@ -112,8 +112,10 @@ def test_ctrl_c_in_training_stops_with_one_line_and_the_next_run_resumes_it(tmp_
     assert (out / "report" / "report.html").is_file()
 
 
-def test_demo_bad_input_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "demo", "--minutes", "2"], cwd=ROOT,
+@pytest.mark.parametrize("args,message", [(["--minutes", "2"], "--minutes must be at least"),
+                                          (["--seed", "-1"], "--seed must be in [0, 2**32)")])  # fmt: skip
+def test_demo_bad_input_is_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "demo", *args], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "--minutes must be at least" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

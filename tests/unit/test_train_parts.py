@@ -102,6 +102,7 @@ def test_deepspeed_settings_reach_the_engine_config():
         ({"hpz_partition_size": 4, "zero_stage": 2}, "hpz_partition_size > 1 needs deepspeed.zero_stage 3"),
         ({"reduce_bucket_size": 0}, "reduce_bucket_size must be >= 1"),
         ({"param_persistence_threshold": -1}, "param_persistence_threshold must be >= 0"),
+        ({"gather_per_block": True, "zero_stage": 2}, "gather_per_block needs deepspeed.zero_stage 3"),
     ],
 )
 def test_bad_deepspeed_settings_are_one_line_errors(change, message):
