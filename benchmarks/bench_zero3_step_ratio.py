@@ -80,6 +80,7 @@ def _rank(rank: int, port: int, setting: str, steps: int, out: str) -> None:
 def _time(setting: str, steps: int) -> list[float]:
     import json
     import tempfile
+    from pathlib import Path
 
     import torch.multiprocessing as mp
 
@@ -88,7 +89,7 @@ def _time(setting: str, steps: int) -> list[float]:
         port = s.getsockname()[1]
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         mp.start_processes(_rank, args=(port, setting, steps, f.name), nprocs=2, start_method="spawn")
-        return json.loads(open(f.name).read())
+        return json.loads(Path(f.name).read_text())
 
 
 def run(quick: bool) -> dict:

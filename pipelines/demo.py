@@ -205,9 +205,10 @@ def run_demo(
     # 2. Prepare one folder per bucket the recipe's stages use.
     recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out, seed)
     buckets = sorted({b for s in recipe.stages for b in s.buckets})
+    patch = tuple(recipe.model_config().patch_size)  # tokens are cut at prepare time, with the model's own patch
     prepare_settings = {
         "buckets": buckets, "synth": synth_settings, "clips_per_video": CLIPS_PER_VIDEO,
-        "text_encoder": recipe.text_encoder.embedding_settings(), "patch": list(recipe.model_config().patch_size),
+        "text_encoder": recipe.text_encoder.embedding_settings(), "patch": list(patch),
     }  # fmt: skip
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):
@@ -219,7 +220,7 @@ def run_demo(
             result = prepare(PrepareOptions(
                 manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
                 clips_per_video=CLIPS_PER_VIDEO, overwrite=True, text_encoder=recipe.text_encoder, progress=False,
-                patch=tuple(recipe.model_config().patch_size),
+                patch=patch,
             ))  # fmt: skip
             counts[name] = result.get("num_clips", 0)
             _log(f"2/7 prepared bucket {name} with Ray Data ({i}/{len(buckets)}): {counts[name]} clips, "

@@ -51,9 +51,8 @@ def _rank(rank: int, port: int, settings: dict, out: str) -> None:
         engine.step()
         losses.append(loss.item())
     full = gather_full(module, {k: v.clone() for k, v in master_partitions(module).items()}, rank)
-    torch.manual_seed(recipe.seed)
-    init = build_model(recipe).state_dict()  # what the engine started from: the steps must have moved it
     if rank == 0:
+        init = build_model(recipe).state_dict()  # what the engine started from (seeded): the steps must have moved it
         moved = sum(not torch.equal(full[k], init[k]) for k in full)
         torch.save({"losses": losses, "leaves": leaves, "weights": full, "moved": moved}, out)
     dist.destroy_process_group()
