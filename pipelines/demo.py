@@ -11,8 +11,8 @@ with the same settings (a changed `--minutes` retrains, a finished run is reused
     2. prepare   Ray Data: one prepared folder per curriculum bucket (images, short clips, clips)
     3. train     Ray Train + DeepSpeed ZeRO-3 on 2 workers through cluster/recipes/demo-cpu.yaml
                  (stage steps scaled by --minutes), exporting OUT/run/export
-    4. generate  a grid of seen and held-out prompts as GIF, PNG and MP4
-    5. evaluate  attribute accuracy (seen / held-out), temporal consistency, diversity
+    4. evaluate  attribute accuracy (seen / held-out), temporal consistency, diversity
+    5. samples   the first seed's clip of seen and held-out prompts, labelled, as GIF, PNG and MP4
     6. serve     the Serve app on the export, one HTTP request through the OpenAI-style API, shut down
     7. report    OUT/report/report.html (open it) and report.md: the numbers, the labelled samples, the loss curve
 
@@ -259,21 +259,20 @@ def run_demo(
     if (run_dir / "loss.png").is_file():
         shutil.copyfile(run_dir / "loss.png", out / "report" / "loss.png")
 
-    # 4 + 5. Generate the grid and evaluate (the same clips: eval generates, we keep them).
+    # 4 + 5. Evaluate, then show the first seed's clip of some prompts (eval generated them; nothing is generated twice).
     from pipelines.demo_report import showcase
     from pipelines.evaluate.run import evaluate_export
     from sora_model.pipeline import TextToVideoPipeline
 
-    _log("4/7 generating seen and held-out prompts")
     pipe = TextToVideoPipeline.load(str(export))
     prompts = eval_prompts()
-    shown = [p for p in prompts if not p["held_out"]][:8] + [p for p in prompts if p["held_out"]]
-    showcase_prompts, held = [p["prompt"] for p in shown], [p["held_out"] for p in shown]
-    frames = pipe(showcase_prompts, seed=list(range(len(showcase_prompts))))
-    summary["samples"] = showcase(frames, showcase_prompts, held, out / "report")
-    _log(f"5/7 evaluating {len(prompts)} prompts x {EVAL_SEEDS} seeds")
-    summary["eval"] = evaluate_export(str(export), prompts, seeds=EVAL_SEEDS, pipeline=pipe,
-                                      out=str(out / "report" / "metrics.json"))  # fmt: skip
+    _log(f"4/7 evaluating {len(prompts)} prompts x {EVAL_SEEDS} seeds")
+    summary["eval"], clips = evaluate_export(str(export), prompts, seeds=EVAL_SEEDS, pipeline=pipe,
+                                             out=str(out / "report" / "metrics.json"), return_clips=True)  # fmt: skip
+    shown = [k for k, p in enumerate(prompts) if not p["held_out"]][:8] + [k for k, p in enumerate(prompts) if p["held_out"]]
+    _log("5/7 writing the labelled samples of seen and held-out prompts")
+    summary["samples"] = showcase(clips[shown, 0], [prompts[k]["prompt"] for k in shown],
+                                  [prompts[k]["held_out"] for k in shown], out / "report")  # fmt: skip
 
     # 6. Serve.
     if serve_port is not None:

@@ -152,11 +152,13 @@ def evaluate_export(
     device: str = "cpu",
     progress: bool = True,
     pipeline=None,
-) -> dict:
+    return_clips: bool = False,
+) -> dict | tuple[dict, np.ndarray]:
     """Generate `seeds` clips per prompt (seeds seed, seed+1, ...) from an export and measure them.
 
     `prompts` is a prompts-file path or a list of prompts / {prompt, attributes, held_out} dicts.
     `pipeline` reuses an already loaded TextToVideoPipeline (then `export_dir` is only recorded).
+    `return_clips`: also return the generated clips, (prompts, seeds, T, H, W, 3) uint8, for a caller that shows them.
     Returns the metrics dict (the module docstring lists its keys); writes it to `out` when given.
     Missing local files (export, prompts, features, reference, CLIP) raise FileNotFoundError before
     any clip is generated.
@@ -282,7 +284,7 @@ def evaluate_export(
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(result, f, indent=2, allow_nan=False, default=_json_default)
-    return result
+    return (result, per_prompt_clips) if return_clips else result
 
 
 def _json_default(x):

@@ -138,6 +138,18 @@ def test_evaluate_export_python_api(export):
     assert m["sampling"]["num_frames"] == 2 and m["num_clips"] == 2 and m["attribute_accuracy"]["overall"]["n"] == 2
 
 
+def test_evaluate_export_returns_the_clips_it_judged(export):
+    from pipelines.evaluate import attributes as attr
+    from pipelines.evaluate.run import evaluate_export
+
+    prompts = ["a yellow square moving left", "a red circle moving up"]
+    m, clips = evaluate_export(export, prompts, seeds=2, progress=False, num_frames=2, return_clips=True)
+    assert clips.shape[:3] == (2, 2, 2) and clips.dtype == np.uint8
+    for k, row in enumerate(m["per_prompt"]):  # the returned clips are the judged ones, in prompt x seed order
+        for j, judged in enumerate(row["clips"]):
+            assert attr.detect(clips[k, j]).attributes() == {key: judged[key] for key in ("color", "shape", "direction")}
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [
