@@ -1,6 +1,6 @@
 """`sora demo`: the embedded default, end to end on one machine with no GPU and no network.
 
-    sora demo                           # ~15 minutes on 2 CPU cores; writes ./demo-output/
+    sora demo                           # sized for 15 minutes on 2 CPU cores; writes ./demo-output/
     sora demo --minutes 30 --out /tmp/demo
     ray job submit --working-dir . -- python -m pipelines.demo --out /mnt/shared/demo
 
@@ -271,8 +271,9 @@ def run_demo(
                                              out=str(out / "report" / "metrics.json"), return_clips=True)  # fmt: skip
     shown = [k for k, p in enumerate(prompts) if not p["held_out"]][:8] + [k for k, p in enumerate(prompts) if p["held_out"]]
     _log("5/7 writing the labelled samples of seen and held-out prompts")
+    verdicts = [{a: summary["eval"]["per_prompt"][k]["clips"][0][a] for a in ("color", "shape", "direction")} for k in shown]
     summary["samples"] = showcase(clips[shown, 0], [prompts[k]["prompt"] for k in shown],
-                                  [prompts[k]["held_out"] for k in shown], out / "report")  # fmt: skip
+                                  [prompts[k]["held_out"] for k in shown], out / "report", judged=verdicts)  # fmt: skip
 
     # 6. Serve.
     if serve_port is not None:

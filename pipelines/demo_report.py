@@ -21,12 +21,17 @@ SHOWCASE_SCALE = 4
 """Sample sheets are upscaled 4x (nearest) so 32-pixel clips can be seen."""
 
 
-def showcase(frames: np.ndarray, prompts: list[str], held_out: list[bool], report: Path) -> dict[str, Any]:
-    """samples.png (a row per prompt), samples.gif / .mp4 (animated tiles), samples.txt; labelled and judged."""
+def showcase(
+    frames: np.ndarray, prompts: list[str], held_out: list[bool], report: Path, judged: list[dict[str, str | None]] | None = None
+) -> dict[str, Any]:
+    """samples.png (a row per prompt), samples.gif / .mp4 (animated tiles), samples.txt; labelled and judged.
+
+    `judged`: what the judge already read from these clips ({color, shape, direction} each, as `sora eval`
+    records them); judged here when not given."""
     from pipelines.sheets import judge, labelled_grid, labelled_sheet, verdict
     from sora_model.video import write_video
 
-    judged = judge(frames)
+    judged = judge(frames) if judged is None else judged
     grid = labelled_grid(frames, prompts, held_out, judged, scale=SHOWCASE_SCALE)  # (T, H', W', 3)
     sheet = labelled_sheet(frames, prompts, held_out, judged, scale=SHOWCASE_SCALE)  # (H', W', 3)
     paths = {"gif": str(report / "samples.gif"), "mp4": str(report / "samples.mp4"), "png": str(report / "samples.png")}

@@ -87,3 +87,15 @@ def test_a_missing_image_is_caught(tmp_path):
     (tmp_path / "report" / "samples.gif").unlink()
     dom = render_dom(page)
     assert 'data-images="broken: samples.gif"' in dom
+
+
+def test_showcase_labels_with_the_verdicts_the_evaluation_recorded(tmp_path):
+    """The demo passes eval's own verdicts: the sheet says what eval judged, without judging the clips again."""
+    from pipelines.data.synth import SynthSpec, make_video
+    from pipelines.demo_report import showcase
+
+    clips = np.stack([make_video(SynthSpec(size=16, frames=8), 0, ("red", "circle", "left"))])
+    recorded = [{"color": "red", "shape": "square", "direction": "left"}]  # not what the clip shows: proves it is used
+    samples = showcase(clips, ["a red circle moving left"], [False], tmp_path, judged=recorded)
+    assert samples["rows"] == [{"prompt": "a red circle moving left", "held_out": False, "judged": recorded[0], "right": False}]
+    assert (tmp_path / "samples.txt").read_text() == "0: a red circle moving left (judged: red square left)\n"
