@@ -15,7 +15,6 @@ seed, configurations run one after another in the same command, each in fresh pr
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 
@@ -26,9 +25,8 @@ GOAL = (">=", 1.2)
 BATCH, FRAMES, RES = 8, 8, 32
 
 
-def _rank(rank: int, port: int, setting: str, steps: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")  # fmt: skip
+def _rank(rank: int, rendezvous: str, setting: str, steps: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import json
     from pathlib import Path
 
@@ -37,7 +35,7 @@ def _rank(rank: int, port: int, setting: str, steps: int, out: str) -> None:
     import yaml
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)  # no port to race for
     from pipelines.train.engine import build_engine
     from pipelines.train.recipe import parse_recipe
 
@@ -84,12 +82,10 @@ def _time(setting: str, steps: int) -> list[float]:
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        mp.start_processes(_rank, args=(port, setting, steps, f.name), nprocs=2, start_method="spawn")
-        return json.loads(Path(f.name).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        out, rendezvous = Path(tmp) / "times.json", Path(tmp) / "rendezvous"
+        mp.start_processes(_rank, args=(str(rendezvous), setting, steps, str(out)), nprocs=2, start_method="spawn")
+        return json.loads(out.read_text())
 
 
 def run(quick: bool) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,3 +121,27 @@ def patched_environ(**env: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server a test starts: picked outside the kernel's ephemeral range.
+
+    `bind(("127.0.0.1", 0))` hands out a port of that range, the same range every outgoing connection takes its
+    local port from; between the pick and the server's own bind (seconds, when the server is a Ray head making
+    dozens of connections as it starts) a connection can take it and the server fails to start.
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    ports = [p for p in range(10000, 65536) if not low <= p <= high]  # below 10000: well-known defaults (Ray's 6379, 8265)
+    for port in random.sample(ports, min(200, len(ports))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the range covers (nearly) every port: the kernel's pick is all there is
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

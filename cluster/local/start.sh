@@ -102,7 +102,26 @@ if [[ -f "$pids" ]]; then
   rm -f "$pids"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A port free now and outside the kernel's ephemeral range: a port from bind(0) is one that any outgoing
+# connection (Ray makes dozens while a node starts) may take before the node binds it, and the node then dies.
+free_port() {
+  python3 - <<'PY'
+import random, socket
+try:
+    low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+except (OSError, ValueError):
+    low, high = 32768, 60999
+ports = [p for p in range(10000, 65536) if not low <= p <= high]
+for port in random.sample(ports, min(200, len(ports))) + [0]:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        print(s.getsockname()[1])
+        break
+PY
+}
 
 # One node: `ray start --block` in its own session, so stop.sh can end its whole process group.
 launch() {
@@ -143,11 +162,34 @@ wait_for_nodes() {
   done
 }
 
+# `ray start` returns once the dashboard has registered, but on the port it found free: Ray moves to the next
+# port when the one asked for is taken. The job API must answer where this script says it is.
+wait_for_dashboard() {
+  local deadline=$((SECONDS + timeout_s)) head_pid
+  head_pid="$(awk '$2 == "head" {print $1}' "$pids")"
+  until python3 -c 'import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(sys.argv[1] + "/api/version", timeout=5)
+except urllib.error.HTTPError:
+    pass  # it answered (401 without the token)
+except OSError:
+    sys.exit(1)' "$dashboard"; do
+    if ! alive "$head_pid" || (( SECONDS > deadline )); then
+      echo "start.sh: the dashboard / job API is not answering at $dashboard (port taken by another process?); the head's log ($state_dir/head.log) ends with:" >&2
+      tail -n 20 "$state_dir/head.log" >&2 || true
+      "$here/stop.sh" --state-dir "$state_dir" >/dev/null || true
+      exit 1
+    fi
+    sleep 1
+  done
+}
+
 [[ $print_env == 1 ]] || echo "starting head at $address (dashboard $dashboard), $workers worker node(s); logs in $state_dir" >&2
 launch head --head --port="$port" --num-cpus="$head_cpus" --temp-dir="$temp_dir" \
   --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" \
   --ray-client-server-port="$(free_port)" --disable-usage-stats
 wait_for_nodes 1
+wait_for_dashboard
 # One at a time: nodes sharing a machine (and a session folder) pick their socket names on start-up.
 for i in $(seq 1 "$workers"); do
   launch "worker$i" --address="$address" --num-cpus="$worker_cpus"

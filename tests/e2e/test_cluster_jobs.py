@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,6 @@ RUNTIME_ENV = "cluster/runtime_env.yaml"
 SMOKE = "cluster/recipes/smoke-cpu.yaml"
 PROMPT = "a red circle moving left"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> str:
@@ -73,7 +68,12 @@ def cluster():
 def submit(cluster, entrypoint: str, timeout: float) -> str:
     """`ray job submit` (waits for the end; exit code 1 when the job fails) with this checkout as working dir."""
     cmd = ["ray", "job", "submit", "--working-dir", ".", "--runtime-env", RUNTIME_ENV, "--", "bash", "-c", entrypoint]
-    return run(cmd, cluster["env"], timeout=timeout)
+    try:
+        return run(cmd, cluster["env"], timeout=timeout)
+    except AssertionError as e:  # a job that cannot reach the cluster: say what the head node said (its log goes with it)
+        log = cluster["base"] / "state" / "head.log"
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:]) if log.is_file() else "(no head.log)"
+        raise AssertionError(f"{e}\n--- the head node's log ({log}) ends with:\n{tail}") from None
 
 
 def test_submit_train_then_serve_over_http(cluster):

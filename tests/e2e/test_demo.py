@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -20,11 +20,6 @@ MAX_LINES = 100
 """The whole run, written to a file (no TTY), stays under this many lines."""
 LIBRARY_NOISE = ("INFO", "WARNING", "logging_progress", "(RayTrainWorker", "pid=", "DeprecationWarning", "deepspeed", "Failed to query")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_command(out: Path, *extra: str) -> tuple[list[str], dict[str, str]]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 ray = pytest.importorskip("ray")
 s3fs = pytest.importorskip("s3fs")
@@ -22,16 +22,10 @@ pytestmark = pytest.mark.slow  # a moto server, a local Ray and two prepare runs
 BUCKET = "videos"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on loopback, its environment given to Ray's workers, one bucket of videos."""
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",

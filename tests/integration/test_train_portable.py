@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import patched_environ, smoke_training_data
+from helpers import free_port, patched_environ, smoke_training_data
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,10 @@ SMOKE = ROOT / "cluster" / "recipes" / "smoke-cpu.yaml"
 def s3():
     """An S3-compatible server (moto) on loopback; its endpoint and keys go in the environment before Ray starts,
     so the workers, the sample actor and the driver all reach it the way they would reach S3."""
-    import socket
-
     import boto3
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",

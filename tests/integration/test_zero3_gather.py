@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,15 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _rank(rank: int, port: int, settings: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")  # fmt: skip
+def _rank(rank: int, rendezvous: str, settings: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch
     import torch.distributed as dist
     import yaml
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file rendezvous, not a port picked in advance: nothing else on the machine can take it in between.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     from deepspeed.utils import z3_leaf_module
 
     from pipelines.train.ema import gather_full, master_partitions
@@ -62,10 +61,8 @@ def _train(settings: dict, out: Path) -> dict:
     import torch
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(port, settings, str(out)), nprocs=2, start_method="spawn")
+    rendezvous = out.with_suffix(".rendezvous")  # a fresh file per group (torch's FileStore needs one)
+    mp.start_processes(_rank, args=(str(rendezvous), settings, str(out)), nprocs=2, start_method="spawn")
     return torch.load(out)
 
 
