@@ -15,7 +15,13 @@ machine and can be checked against ground truth (`sora data synth` clips score ~
    its width and height are the sums of the per-column and per-row maximum coverage (sub-pixel
    exact for an axis-aligned box). fill = area / (width * height) is 1 for a square, pi/4 for a
    circle and 1/2 for a triangle; the triangle (apex up) also has its centroid 1/6 of its height
-   below its box centre. The median features over frames pick the nearest prototype.
+   below its box centre. The median features over frames pick the nearest prototype, and that
+   settles a triangle. Square against circle is settled by fit instead: a generated square's edge is
+   ragged, and one pixel standing out of an edge widens the box by a whole pixel (8 px squares then
+   fill 0.8, a circle's value), where it moves a fitted outline by a fraction. Per frame, the ideal
+   square and the ideal circle of the blob's area, centred on its centroid and blurred as much as
+   fits best (generated edges are soft), are compared with the blob's soft coverage by IoU; the
+   median IoU over frames picks the one that fits better.
 4. Direction: the blob's centroid per frame, a Theil-Sen (median of pairwise slopes) line through
    x(t) and y(t): robust to a few frames where a generated blob splits or fades. The axis with the
    larger displacement and its sign give left/right/up/down (y grows downwards).
@@ -31,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipelines.data import grammar
+from pipelines.data.synth import SUPERSAMPLE, shape_mask
 
 FOREGROUND_FRACTION = 0.5
 """Foreground = brighter than this share of the clip's peak brightness (half coverage of an edge pixel)."""
@@ -47,6 +54,8 @@ ASYMMETRY_WEIGHT = 2.0
 much as its fill gap to the circle, so either cue alone can identify it."""
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 """BT.601 luma, the full-resolution plane of H.264's 4:2:0 video."""
+OUTLINE_BLURS = (0.0, 0.4, 0.7, 1.0)
+"""Gaussian blurs (pixels) tried on each ideal outline when fitting it to a blob; the best fit counts."""
 MIN_BLOB_PIXELS = 3
 """Frames whose largest blob is smaller than this say nothing reliable about shape or position."""
 _PALETTE_NAMES = tuple(grammar.COLORS)
@@ -97,8 +106,25 @@ def _color(frames: np.ndarray, fg: np.ndarray) -> tuple[str, float]:
     return _PALETTE_NAMES[int(np.argmin(d))], _margin_confidence(d)
 
 
-def _blob_features(cover: np.ndarray, mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """(fill, centroid offset / height, centroid x, centroid y) of the largest blob of one frame."""
+def _outline_fit(c: np.ndarray, shape: str, cx: float, cy: float) -> float:
+    """IoU of a blob's soft coverage `c` (H, W) with the ideal `shape` of the same area centred on (cx, cy)."""
+    area = float(c.sum())
+    side = math.sqrt(area) if shape == "square" else math.sqrt(4 * area / math.pi)  # the box's side
+    h, w = c.shape
+    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sub-pixel sample positions; pixel i spans [i, i + 1)
+    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    inside = shape_mask(shape, xs[None, :] - (cx + 0.5 - side / 2), ys[:, None] - (cy + 0.5 - side / 2), side)
+    ideal = inside.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))
+    best = 0.0
+    for sigma in OUTLINE_BLURS:
+        q = ndimage.gaussian_filter(ideal, sigma) if sigma else ideal
+        best = max(best, float(np.minimum(c, q).sum() / np.maximum(c, q).sum()))
+    return best
+
+
+def _blob_features(cover: np.ndarray, mask: np.ndarray) -> tuple[float, float, float, float, float, float] | None:
+    """(fill, centroid offset / height, centroid x, centroid y, square fit, circle fit) of the largest blob of
+    one frame."""
     labels, n = ndimage.label(mask)
     if n == 0:
         return None
@@ -120,7 +146,8 @@ def _blob_features(cover: np.ndarray, mask: np.ndarray) -> tuple[float, float, f
     rows = c.max(axis=1)
     top = np.nonzero(rows)[0][0] + (1.0 - rows[np.nonzero(rows)[0][0]])
     offset = (cy + 0.5 - (top + height / 2)) / height
-    return float(area / (width * height)), float(offset), cx, cy
+    fits = (_outline_fit(c, "square", cx, cy), _outline_fit(c, "circle", cx, cy))
+    return float(area / (width * height)), float(offset), cx, cy, *fits
 
 
 def detect(clip: np.ndarray) -> Detection:
@@ -154,6 +181,9 @@ def detect(clip: np.ndarray) -> Detection:
     protos = np.array([(f, ASYMMETRY_WEIGHT * o) for f, o in SHAPE_PROTOTYPES.values()])
     d = np.linalg.norm(protos - point[None], axis=1)
     shape, shape_conf = names[int(np.argmin(d))], _margin_confidence(d)
+    if shape != "triangle":  # square or circle: the better-fitting outline (1 - IoU as the distance)
+        misfit = 1.0 - np.median([(f[4], f[5]) for _, f in feats], axis=0)  # (square, circle)
+        shape, shape_conf = ("square", "circle")[int(np.argmin(misfit))], _margin_confidence(misfit)
 
     direction, direction_conf, disp = None, 0.0, None
     if len(feats) >= 2:
