@@ -32,7 +32,6 @@ SMOKE = "cluster/recipes/smoke-cpu.yaml"
 PROMPT = "a red circle moving left"
 
 
-
 def run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> str:
     """Run a CLI command; on failure the assertion shows the tail of its output."""
     proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)

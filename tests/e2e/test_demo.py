@@ -21,7 +21,6 @@ MAX_LINES = 100
 LIBRARY_NOISE = ("INFO", "WARNING", "logging_progress", "(RayTrainWorker", "pid=", "DeprecationWarning", "deepspeed", "Failed to query")
 
 
-
 def demo_command(out: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
     cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--out", str(out), "--recipe", str(ROOT / "cluster/recipes/smoke-cpu.yaml"),
            "--videos-per-combination", "1", *extra]  # fmt: skip
