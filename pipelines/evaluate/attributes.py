@@ -110,9 +110,13 @@ def _outline_fit(c: np.ndarray, shape: str, cx: float, cy: float) -> float:
     """IoU of a blob's soft coverage `c` (H, W) with the ideal `shape` of the same area centred on (cx, cy)."""
     area = float(c.sum())
     side = math.sqrt(area) if shape == "square" else math.sqrt(4 * area / math.pi)  # the box's side
+    # Only a window around the blob: the ideal outline, its blur and the blob all lie inside it.
+    reach = side / 2 + 4.0  # half the box, plus 4 px for the widest blur and the blob's ragged rim
+    y0, x0 = max(0, int(cy - reach)), max(0, int(cx - reach))
+    c = c[y0 : int(cy + reach) + 2, x0 : int(cx + reach) + 2]
     h, w = c.shape
-    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sub-pixel sample positions; pixel i spans [i, i + 1)
-    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE + y0  # sub-pixel sample positions; pixel i spans [i, i + 1)
+    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE + x0
     inside = shape_mask(shape, xs[None, :] - (cx + 0.5 - side / 2), ys[:, None] - (cy + 0.5 - side / 2), side)
     ideal = inside.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))
     best = 0.0
