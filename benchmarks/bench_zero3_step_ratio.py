@@ -1,10 +1,11 @@
 """ZeRO-3 train-step time with DeepSpeed's defaults ÷ with the demo's settings, 2 gloo ranks on CPU.
 
 What is compared: one training step (forward, loss, backward, optimizer step) of the demo recipe's model
-(`cluster/recipes/demo-cpu.yaml`: DiT-demo, 2.4M parameters) on its longest stage's micro-batch (8 clips of
-8x32x32 a rank), built by the trainer's own `build_engine` on two processes with one thread each, under
-(a) ZeRO-3 as DeepSpeed ships it (`param_persistence_threshold` 1e5: every tensor of this model stays whole and
-is all-gathered one by one after each optimizer step), and (b) the demo's `param_persistence_threshold: 0` and
+(`cluster/recipes/demo-cpu.yaml`: DiT-demo with its half-width MLP, 2.0M parameters; 2.4M before 2026-11-27
+afternoon) on its longest stage's micro-batch (8 clips of 8x32x32 a rank), built by the trainer's own
+`build_engine` on two processes with one thread each, under (a) ZeRO-3 as DeepSpeed ships it
+(`param_persistence_threshold` 1e5: every tensor of this model stays whole and is all-gathered one by one after
+each optimizer step), and (b) the demo's `param_persistence_threshold: 0` and
 `gather_per_block: true` (every tensor partitioned, each DiT block gathered in one collective). The details add
 (c) the same step with no DeepSpeed at all (plain torch, no communication): the floor ZeRO-3 approaches.
 

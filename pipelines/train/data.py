@@ -15,7 +15,10 @@ continues where the stream stood. Ranks draw from it through Ray Train's streami
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +175,7 @@ class Collate:
             "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)[:, :keep]),  # (B, L', Dt)
             "text_mask": torch.as_tensor(mask[:, :keep]),  # (B, L')
             "text_pooled": torch.as_tensor(np.asarray(batch["text_pooled"], dtype=np.float16)),  # (B, Dt)
-            "epoch": torch.as_tensor(np.asarray(batch["epoch"], dtype=np.int64)),  # (B,)
+            "epoch": torch.from_numpy(np.array(batch["epoch"], dtype=np.int64)),  # (B,): a copy, Arrow's buffers are read-only
         }
 
 
@@ -203,3 +206,37 @@ def device_batches(shard: Any, stage: StageSpec, spec: DataSpec, device: torch.d
         local_shuffle_buffer_size=max(spec.shuffle_buffer, stage.micro_batch),
         local_shuffle_seed=seed,
     )
+
+
+class EarlyStream:
+    """A stream opened, and its first micro-batch drawn, in a background thread.
+
+    Opening a stage's stream starts Ray Data's split coordinator and read tasks: each stage's first
+    step waited 10-15 s for it in the 2-core demo. Opened early, that start-up runs beside the engine
+    build (the first stage) or the stage before (the others), so where accelerators do the stepping
+    and the host's CPUs are free, the wait is gone (in the demo it fell to 1-4 s a stage, but the
+    start-up's CPU work slowed the steps beside it about as much: two busy cores have none spare).
+    `batches()` waits for the first micro-batch, re-raises what opening raised, and returns the stream.
+    """
+
+    _END = object()
+
+    def __init__(self, open_stream: Callable[[], Iterator[Any]], name: str):
+        self._first: Any = self._END
+        self._rest: Iterator[Any] = iter(())
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, args=(open_stream,), name=f"stream-{name}", daemon=True)
+        self._thread.start()
+
+    def _open(self, open_stream: Callable[[], Iterator[Any]]) -> None:
+        try:
+            self._rest = iter(open_stream())
+            self._first = next(self._rest, self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._error = e
+
+    def batches(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._rest if self._first is self._END else itertools.chain([self._first], self._rest)

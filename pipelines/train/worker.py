@@ -25,12 +25,15 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipelines.train.parallelize import parallelize
 from pipelines.train.recipe import Recipe, StageSpec, parse_recipe
+
+if TYPE_CHECKING:
+    from pipelines.train.data import EarlyStream
 
 WORKERS_FILE = "workers.json"
 CRASH_MARKER = ".injected_crash"
@@ -192,6 +195,9 @@ class RankRun:
         self.recipe = parse_recipe(config["recipe"])
         self.bf16 = self.recipe.bf16
         self.stop_at = int(config.get("stop_at_step") or 0)
+        self.early: dict[int, EarlyStream] = {}
+        if ray.train.get_checkpoint() is None:  # a fresh start reads stage 0 from its first sample: open it now
+            self._open_early(0)
         # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
         self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16)
         self.par = parallelize(self.engine, self.recipe, self.world)  # sequence parallelism and compile, as the recipe asks
@@ -288,7 +294,8 @@ class RankRun:
         self.engine.set_train_micro_batch_size(stage.micro_batch)
         self.engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * self.world)
         stepper = self._stepper(stage)
-        batches = _stage_stream(self.config, si, stage, start_sample, self.world, self.device)
+        early = self.early.pop(si, None)
+        batches = early.batches() if early else _stage_stream(self.config, si, stage, start_sample, self.world, self.device)
         drawn, consumed = 0, start_sample
         if self.zero:
             self.zero.progress.set_description(f"{stage.name} ({si + 1}/{len(self.recipe.stages)})")
@@ -305,11 +312,21 @@ class RankRun:
                 self.ema.update(self.module)
             consumed += result.rows
             self._record(stage, k, result, time.perf_counter() - t0)
+            if k == k0 and si + 1 < len(self.recipe.stages):
+                self._open_early(si + 1)  # once this stage's stream runs; the next one starts from its first sample
             _maybe_crash(int(self.config.get("crash_at_step") or 0), self.state["global_step"], self.rank, self.world,
                          self.config["run_dir"])  # fmt: skip
             if not self._after_step(si, k, consumed):
                 return False
         return True
+
+    def _open_early(self, si: int) -> None:
+        """Open stage `si`'s stream from its first sample in the background (`EarlyStream`): its start-up
+        overlaps the engine build or the stage before instead of stalling the stage's first step."""
+        from pipelines.train.data import EarlyStream
+
+        stage = self.recipe.stages[si]
+        self.early[si] = EarlyStream(lambda: _stage_stream(self.config, si, stage, 0, self.world, self.device), stage.name)
 
     def _record(self, stage: StageSpec, k: int, result: Any, step_time: float) -> None:
         """Rank 0: one metrics row, the progress bar, and a line when micro-batches were skipped."""

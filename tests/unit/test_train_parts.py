@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.train.data import StagePlan
+from pipelines.train.data import EarlyStream, StagePlan
 from pipelines.train.ema import assemble, partition_of
 from pipelines.train.engine import ds_config
 from pipelines.train.recipe import parse_recipe
@@ -42,6 +42,27 @@ def test_a_resumed_stream_continues_exactly_where_it_stood(start):
     p = plan()
     whole = samples(p.units(0, 50))
     assert samples(p.units(start, 50 - start)) == whole[start:]
+
+
+def test_an_early_stream_yields_the_whole_stream_and_raises_what_opening_raised():
+    import threading
+
+    opened = threading.Event()
+
+    def open_stream():
+        opened.set()
+        return iter(range(5))
+
+    early = EarlyStream(open_stream, "s")
+    assert opened.wait(5)  # opened in the background, before anyone asks for a batch
+    assert list(early.batches()) == [0, 1, 2, 3, 4]
+    assert list(EarlyStream(lambda: iter(()), "empty").batches()) == []
+
+    def broken():
+        raise KeyError("stage_x")
+
+    with pytest.raises(KeyError, match="stage_x"):
+        EarlyStream(broken, "broken").batches()
 
 
 def test_row_counts_come_from_parquet_footers(tmp_path):
