@@ -53,7 +53,7 @@ def _options(manifest, out, buckets="8x32x32", **kw) -> PrepareOptions:
 
 def _frames_from_patches(row_patches: np.ndarray, grid) -> np.ndarray:
     """(N, P) model-space tokens -> (T, H, W, 3) float pixels in [0, 255]."""
-    video = unpatchify(torch.from_numpy(row_patches)[None], tuple(int(g) for g in grid), PATCH, 3)[0]  # (3, T, H, W)
+    video = unpatchify(torch.from_numpy(np.array(row_patches))[None], tuple(int(g) for g in grid), PATCH, 3)[0]  # (3, T, H, W)
     return ((video.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5).astype(np.float64)
 
 
