@@ -167,7 +167,7 @@ class Stepper:
                 self.nan_count -= 1
                 if self.rank == 0:
                     terms["loss"] = terms["loss"] * float("nan")
-            values = [float(torch.as_tensor(terms[key]).detach()) for key in LOSS_TERMS]
+            values = [float(terms[key].detach()) for key in LOSS_TERMS]  # every term is a tensor (combine_losses)
             bad = not all(math.isfinite(v) for v in values)
             n = len(LOSS_TERMS)
             reduced = self._allreduce([*(0.0 if bad else v for v in values), float(bad), float(drawn), float(size)])

@@ -108,15 +108,12 @@ def _device(config: dict[str, Any], local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _restore(recipe: Recipe, world: int, rank: int, bf16: bool) -> tuple[Any, torch.nn.Module, Any, dict[str, Any] | None]:
-    """(engine, module, EMA, saved position or None): built fresh, then loaded from Ray Train's checkpoint if any."""
-    import ray.train
-
+def _restore(recipe: Recipe, world: int, rank: int, bf16: bool, checkpoint: Any) -> tuple[Any, torch.nn.Module, Any, dict[str, Any] | None]:
+    """(engine, module, EMA, saved position or None): built fresh, then loaded from Ray Train's `checkpoint` if any."""
     from pipelines.train.checkpoint import read_state, restore
     from pipelines.train.ema import PartitionEMA
     from pipelines.train.engine import build_engine
 
-    checkpoint = ray.train.get_checkpoint()
     with ExitStack() as stack:
         ckpt_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
         saved = read_state(ckpt_dir) if ckpt_dir else None
@@ -196,10 +193,11 @@ class RankRun:
         self.bf16 = self.recipe.bf16
         self.stop_at = int(config.get("stop_at_step") or 0)
         self.early: dict[int, EarlyStream] = {}
-        if ray.train.get_checkpoint() is None:  # a fresh start reads stage 0 from its first sample: open it now
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:  # a fresh start reads stage 0 from its first sample: open it now
             self._open_early(0)
         # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
-        self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16)
+        self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16, checkpoint)
         self.par = parallelize(self.engine, self.recipe, self.world)  # sequence parallelism and compile, as the recipe asks
         self.diffusion = build_diffusion(self.recipe.diffusion)
         self.state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
