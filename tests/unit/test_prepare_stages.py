@@ -171,12 +171,12 @@ def test_a_decoder_crash_or_hang_is_the_inputs_reject_and_work_goes_on(video):
     calls.stop()
 
     # Through decode_rows: the bad clip is a reject with the reason, the others are decoded.
-    rows = [{"source": video, "path": "v.mp4", "start_s": float(i), "indices": [i, i + 1] if i != 5 else [5], "lines": [i + 1]}
-            for i in (0, 5, 2)]  # fmt: skip
+    rows = [{"clip_id": f"clip{i}", "source": video, "path": "v.mp4", "start_s": float(i),
+             "indices": [i, i + 1] if i != 5 else [5], "lines": [i + 1], "line_clips": [3]} for i in (0, 5, 2)]  # fmt: skip
     kept, pixels, rejects = decode_rows(rows, Bucket(2, 32, 32), LocalFiles(), _crashes_on_frame_5)
     assert kept == [0, 2] and pixels.shape == (2, 2, 32, 32, 3)
     np.testing.assert_array_equal(pixels[1], decode_frames(video, [2, 3], 32, 32))
-    assert [(r["line"], r["reason"]) for r in rejects] == [(6, "decoder crashed")]
+    assert [(r["line"], r["reason"], r["clip_id"], r["line_clips"]) for r in rejects] == [(6, "decoder crashed", "clip5", 3)]
 
 
 def _crashes_on_frame_5(local, indices, height, width):

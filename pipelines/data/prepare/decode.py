@@ -109,7 +109,9 @@ def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, d
 
 
 def _clip_rejects(row: dict[str, Any], reason: str, detail: str) -> list[dict[str, Any]]:
-    """One reject per manifest line whose caption this clip carried."""
+    """One reject per manifest line whose caption this clip carried. The clip's id and its line's clip count
+    make it a clip-level reject: a resume counts the clip as done, not the line (its other clips may be unwritten)."""
     detail = " ".join(f"clip at {float(row['start_s']):g}s: {detail}".split())
-    return [{"line": int(line), "path": row["path"], "source": row["source"], "reason": reason, "detail": detail}
-            for line in row["lines"]]  # fmt: skip
+    return [{"line": int(line), "path": row["path"], "source": row["source"], "reason": reason, "detail": detail,
+             "clip_id": row["clip_id"], "line_clips": int(n)}
+            for line, n in zip(row["lines"], row["line_clips"], strict=True)]  # fmt: skip

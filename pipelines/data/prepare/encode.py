@@ -31,6 +31,8 @@ them; a 64x1024x1024 clip is 805 MB, so 2): activations scale with it and must f
 PASS_THROUGH = ("clip_id", "source", "start_s", "fps", "caption", "text_tokens", "text_mask", "text_pooled",
                 "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips")  # fmt: skip
 """Plan columns that go to the shard as they are (the order of the shard's columns, tokens inserted)."""
+DECODE_COLUMNS = ["clip_id", "source", "path", "start_s", "indices", "lines", "line_clips"]
+"""Plan columns the decoder reads (a clip's reject names its id and its lines' clip counts)."""
 
 
 def _fixed_list(values: np.ndarray, item_type: Any) -> Any:
@@ -164,7 +166,7 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
     written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
     rejects = []
     for name, plans in by_bucket(table).items():
-        kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
+        kept, pixels, bad = decode_rows(plans.select(DECODE_COLUMNS).to_pylist(),
                                         Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
         rejects += bad
         if not kept:
@@ -186,7 +188,7 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
     files = _STATE.setdefault("files", LocalFiles())
     parts, rejects = [], []
     for name, plans in by_bucket(table).items():
-        kept, pixels, bad = decode_rows(plans.select(["source", "path", "start_s", "indices", "lines"]).to_pylist(),
+        kept, pixels, bad = decode_rows(plans.select(DECODE_COLUMNS).to_pylist(),
                                         Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
         rejects += bad
         if kept:

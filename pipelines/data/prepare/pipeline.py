@@ -88,9 +88,9 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
         from pipelines.data.null_prompt import write_null_prompt
 
         ray.get(ray.remote(write_null_prompt).options(num_cpus=1).remote(out, opts.text_encoder))
-    num_rejected = merge_rejects(join(out, DECODE_REJECTS_DIR), join(out, REJECTS))
+    num_rejected, clips_rejected = merge_rejects(join(out, DECODE_REJECTS_DIR), join(out, REJECTS))
     _append_stats(out, stats, written, shards, time.perf_counter() - t0)
-    return _finish(opts, out, scan, grids, channels, num_rejected, time.perf_counter() - t0)
+    return _finish(opts, out, scan, grids, channels, (num_rejected, clips_rejected), time.perf_counter() - t0)
 
 
 def check_shapes(opts: PrepareOptions) -> tuple[dict[str, Any], int]:
@@ -195,10 +195,11 @@ def _append_stats(out: str, stats: str, written: int, shards: int, seconds: floa
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode())
 
 
-def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int, num_rejected: int,
-            elapsed: float) -> dict[str, Any]:  # fmt: skip
+def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int,
+            rejected: tuple[int, int], elapsed: float) -> dict[str, Any]:  # fmt: skip
     import pyarrow.parquet as pq
 
+    num_rejected, clips_rejected = rejected
     bucket_infos = []
     for b in opts.buckets:
         bucket_infos.append({"frames": b.frames, "height": b.height, "width": b.width, "name": b.name,
@@ -214,6 +215,7 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         "format_version": FORMAT_VERSION,
         "num_clips": num_clips,
         "num_rejected": num_rejected,
+        "num_clips_rejected": clips_rejected,
         "buckets": bucket_infos,
         "fps": opts.fps,
         "patch_size": list(opts.patch),

@@ -76,7 +76,7 @@ def write_rejects(rows: list[dict[str, Any]], rejects_dir: str, kind: str) -> No
         return
     from pipelines.data.prepare.encode import content_name
 
-    rows = sorted(rows, key=lambda r: (r["line"], r["reason"]))
+    rows = sorted(rows, key=lambda r: (r["line"], r.get("clip_id") or "", r["reason"]))
     text = "".join(json.dumps(r) + "\n" for r in rows).encode()
     name = content_name(f"{kind}-", [f"{r['line']}:{r['detail']}" for r in rows]) + ".jsonl"
     put_file(join(rejects_dir, name), lambda f: f.write(text))
@@ -115,12 +115,16 @@ def _set_aside(path: str, out: str) -> None:
 
 
 def resume_state(out: str, buckets: list[str]) -> dict[str, Any]:
-    """{clips: written clip ids (sorted, S16), lines: finished manifest lines (sorted int64), written,
-    damaged}: a Ray task's result, so the driver never holds them."""
+    """{clips: clip ids not to make again (written or rejected at decode; sorted, S16), lines: finished manifest
+    lines (sorted int64), written, damaged}: a Ray task's result, so the driver never holds them.
+
+    A line is finished when each clip it planned is written or rejected, or when the line itself was rejected
+    (at probe: no clip planned). A decode reject names its clip, so one bad clip of a video never marks the
+    video's other clips done."""
     from pipelines.data.prepare.storage import StorageError
 
     clips: list[np.ndarray] = []
-    count: dict[int, int] = {}
+    done: dict[int, set[str]] = {}  # line -> its clips written or rejected
     need: dict[int, int] = {}
     damaged = 0
     for b in buckets:
@@ -138,17 +142,31 @@ def resume_state(out: str, buckets: list[str]) -> dict[str, Any]:
                 _set_aside(path, out)
                 damaged += 1
                 continue
-            clips.append(np.asarray(table.column("clip_id").to_pylist(), dtype="S16"))
+            ids = table.column("clip_id").to_pylist()
+            clips.append(np.asarray(ids, dtype="S16"))
             if "lines" in table.column_names:
-                for lines, ns in zip(table.column("lines").to_pylist(), table.column("line_clips").to_pylist(), strict=True):
+                rows = zip(ids, table.column("lines").to_pylist(), table.column("line_clips").to_pylist(), strict=True)
+                for cid, lines, ns in rows:
                     for line, n in zip(lines, ns, strict=True):
-                        count[line] = count.get(line, 0) + 1
+                        done.setdefault(line, set()).add(cid)
                         need[line] = n
-    finished = {line for line, n in count.items() if n >= need[line]}
+    finished: set[int] = set()
+    rejected: set[str] = set()
     for path in reject_files(join(out, DECODE_REJECTS_DIR)):
-        finished.update(int(row["line"]) for row in _read_jsonl(path))
-    ids = np.sort(np.concatenate(clips)) if clips else np.zeros(0, dtype="S16")
-    return {"clips": ids, "lines": np.asarray(sorted(finished), dtype=np.int64), "written": len(ids), "damaged": damaged}
+        for row in _read_jsonl(path):
+            line = int(row["line"])
+            if row.get("clip_id") and row.get("line_clips"):  # one clip of the line
+                rejected.add(row["clip_id"])
+                done.setdefault(line, set()).add(row["clip_id"])
+                need[line] = int(row["line_clips"])
+            else:  # the whole line
+                finished.add(line)
+    finished.update(line for line, ids in done.items() if len(ids) >= need[line])
+    if rejected:
+        clips.append(np.asarray(sorted(rejected), dtype="S16"))
+    ids = np.unique(np.concatenate(clips)) if clips else np.zeros(0, dtype="S16")
+    written = sum(len(c) for c in clips) - len(rejected)
+    return {"clips": ids, "lines": np.asarray(sorted(finished), dtype=np.int64), "written": written, "damaged": damaged}
 
 
 def reject_files(rejects_dir: str) -> list[str]:
@@ -170,11 +188,15 @@ def _read_jsonl(path: str):
                 continue  # a line cut by a crash: the input is probed again next run
 
 
-REJECT_KEYS = ("line", "path", "source", "reason", "detail")
+REJECT_KEYS = ("line", "path", "source", "reason", "detail", "clip_id")
+"""The columns of rejects.jsonl; `clip_id` only on a clip's reject (the rest of its video was used)."""
+RESUME_KEYS = (*REJECT_KEYS, "line_clips")
+"""What the reject files under _rejects/ keep for a resume (merged rounds included)."""
 
 
-def merge_rejects(rejects_dir: str, target: str) -> int:
-    """Merge the sorted reject files into `target`, sorted by line, streaming; returns distinct lines.
+def merge_rejects(rejects_dir: str, target: str) -> tuple[int, int]:
+    """Merge the sorted reject files into `target`, sorted by line, streaming; returns (distinct lines, distinct
+    clips rejected at decode).
 
     More than MERGE_FAN_IN files are first merged in groups into files of the same folder (which replace
     them, so a resume reads the same rows), then once more."""
@@ -184,7 +206,7 @@ def merge_rejects(rejects_dir: str, target: str) -> int:
         for k in range(0, len(files), MERGE_FAN_IN):
             group = files[k : k + MERGE_FAN_IN]
             name = join(rejects_dir, f"merged-{uuid.uuid4().hex}.jsonl")
-            _merge_into(group, name)
+            _merge_into(group, name, RESUME_KEYS)
             for f in group:
                 fs, p = filesystem(f)
                 fs.rm(p)
@@ -193,15 +215,17 @@ def merge_rejects(rejects_dir: str, target: str) -> int:
     return _merge_into(files, target)
 
 
-def _merge_into(files: list[str], target: str) -> int:
-    lines = [0]
+def _merge_into(files: list[str], target: str, keys: tuple[str, ...] = REJECT_KEYS) -> tuple[int, int]:
+    lines, clips = [0], set()
 
     def write(f: Any) -> None:
         last = None
-        for row in heapq.merge(*(_read_jsonl(p) for p in files), key=lambda r: r["line"]):
-            f.write((json.dumps({k: row.get(k) for k in REJECT_KEYS}) + "\n").encode())
+        for row in heapq.merge(*(_read_jsonl(p) for p in files), key=lambda r: (r["line"], r.get("clip_id") or "")):
+            f.write((json.dumps({k: row[k] for k in keys if row.get(k) is not None}) + "\n").encode())
             lines[0] += row["line"] != last
             last = row["line"]
+            if row.get("clip_id"):
+                clips.add(row["clip_id"])
 
     put_file(target, write)
-    return lines[0]
+    return lines[0], len(clips)

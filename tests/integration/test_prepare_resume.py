@@ -1,0 +1,122 @@
+"""Resume at clip level, on one local Ray (2 CPUs): a video with a corrupt GOP in the middle gives good clips and
+one rejected clip; an interrupted run, resumed, must end with exactly the clips and rejects of an uninterrupted one.
+
+The interruption is what a kill leaves: any subset of the shards and reject files the run wrote, no dataset.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+av = pytest.importorskip("av")
+
+from pipelines.data.load import read_prepared  # noqa: E402
+from pipelines.data.prepare import PrepareOptions, parse_buckets, prepare  # noqa: E402
+from sora_model.video import probe_video, read_frames  # noqa: E402
+
+FPS = 8
+FRAMES = 48  # 6 s: six 1-s clips of 8 frames
+GOP = 8  # one keyframe per clip, so a corrupt GOP spoils exactly one clip
+BAD_GOP = 3  # the clip at 3 s
+
+
+def write_gop_video(path: Path, seed: int, frames: int = FRAMES, size: int = 64) -> None:
+    """An H.264 MP4 with a keyframe every GOP frames and no B-frames; moving content, so clips differ."""
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=FPS, options={"g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "bf": "0"})
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        base = rng.integers(0, 200, 3)
+        for i in range(frames):
+            f = np.zeros((size, size, 3), np.uint8)
+            f[:] = (base + 3 * i) % 255
+            x = (5 * i) % (size - 16)
+            f[20:36, x : x + 16] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def corrupt_gop(path: Path, gop: int) -> None:
+    """Zero the bytes of every packet of GOP `gop` in place: the container and its index stay intact (the file
+    probes fine, every packet is present), but those frames cannot be decoded ("Invalid NAL unit size")."""
+    with av.open(str(path)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    data = bytearray(path.read_bytes())
+    for pos, size in packets[gop * GOP : (gop + 1) * GOP]:
+        data[pos : pos + size] = bytes(size)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Two videos (one with a corrupt middle GOP), every clip that fits, one clip per shard; the uninterrupted run."""
+    root = tmp_path_factory.mktemp("gop")
+    write_gop_video(root / "good.mp4", seed=1)
+    write_gop_video(root / "bad.mp4", seed=2)
+    corrupt_gop(root / "bad.mp4", BAD_GOP)
+    assert probe_video(str(root / "bad.mp4")).num_frames == FRAMES  # probes fine: the damage is found at decode
+    with pytest.raises(ValueError, match="truncated"):
+        read_frames(str(root / "bad.mp4"), list(range(BAD_GOP * GOP, BAD_GOP * GOP + GOP)))
+    manifest = root / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "good.mp4", "caption": "a good video"}) + "\n"
+                        + json.dumps({"path": "bad.mp4", "caption": "a video with a bad middle"}) + "\n")  # fmt: skip
+    out = root / "full"
+    info = prepare(_options(manifest, out))
+    return {"manifest": manifest, "out": out, "info": info, "ids": _clip_ids(out),
+            "rejects": (out / "rejects.jsonl").read_text()}  # fmt: skip
+
+
+def _options(manifest: Path, out: Path) -> PrepareOptions:
+    return PrepareOptions(manifest=str(manifest), out=str(out), buckets=parse_buckets("8x32x32"), patch=(1, 4, 4), fps=FPS,
+                          clips_per_video=0, rows_per_file=1, progress=False)  # fmt: skip
+
+
+def _clip_ids(out: Path) -> list[str]:
+    return sorted(read_prepared(out, columns=["clip_id"])["clip_id"].tolist())
+
+
+def test_uninterrupted_run_keeps_the_good_clips_of_a_video_with_a_bad_gop(full_run):
+    info, rejects = full_run["info"], [json.loads(r) for r in full_run["rejects"].splitlines()]
+    assert info["num_clips"] == 11 == len(full_run["ids"])  # 6 + 5
+    assert len(rejects) == 1 and rejects[0]["path"] == "bad.mp4" and rejects[0]["reason"] == "truncated"
+    assert "clip at 3s" in rejects[0]["detail"] and rejects[0]["clip_id"]
+    starts = read_prepared(full_run["out"], columns=["source", "start_s"])
+    bad = sorted(s for src, s in zip(starts["source"], starts["start_s"], strict=True) if src.endswith("bad.mp4"))
+    assert bad == [0.0, 1.0, 2.0, 4.0, 5.0]
+
+
+# (shards kept, in the order of their file names, which is a hash: an arbitrary subset; the decode reject kept)
+INTERRUPTIONS = [(0, True), (2, True), (6, True), (10, True), (4, False)]
+
+
+@pytest.mark.parametrize(("kept", "keep_reject"), INTERRUPTIONS)
+def test_resume_after_any_interruption_equals_the_uninterrupted_run(full_run, tmp_path, kept, keep_reject):
+    out = tmp_path / "resumed"
+    shutil.copytree(full_run["out"], out)
+    (out / "dataset.json").unlink()
+    (out / "rejects.jsonl").unlink()
+    shards = sorted((out / "8x32x32").glob("part-*.parquet"))
+    for p in shards[kept:]:
+        p.unlink()
+    if not keep_reject:
+        shutil.rmtree(out / "_rejects")
+    info = prepare(_options(full_run["manifest"], out))
+    assert _clip_ids(out) == full_run["ids"]
+    assert info["num_clips"] == full_run["info"]["num_clips"]
+    assert (out / "rejects.jsonl").read_text() == full_run["rejects"]
