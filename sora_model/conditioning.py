@@ -7,8 +7,9 @@ Two ways to turn the condition c into each block's shift, scale and gate (`DiTCo
   every block; each block adds its own learned (6, D) table to it. The output head adds a (2, D) table to c
   itself. Numerically the same maths as per-block modulation with the Linear hoisted out and shared.
 
-Modulation is computed in fp32 whatever the weights' dtype (`full_precision`): the shift, scale and gate of
-every token, and the residual stream they gate, would otherwise round to bf16.
+The whole condition path computes in fp32 whatever the weights' dtype (`precision.py`): its Linears are
+`FP32Linear`, so the shift, scale and gate of every token, and the residual stream they gate, never round to
+bf16, whether the weights are fp32, bf16 inference weights, or DeepSpeed's all-bf16 parameters.
 """
 
 from __future__ import annotations
@@ -18,27 +19,18 @@ import math
 import torch
 from torch import nn
 
+from .precision import FP32Linear
+
 TIMESTEP_MAX_PERIOD = 10000.0
 """Longest sinusoid period of the timestep features: covers the DDPM range 0..1000 (DiT's and Wan's value)."""
 
 
-def input_dtype(linear: nn.Module) -> torch.dtype:
-    """The dtype a Linear computes in: its weight's; fp32 for a dynamically quantised one (int8 takes float in)."""
-    weight = getattr(linear, "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
-
-
 def full_precision(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` outside autocast, returned in fp32: adaLN modulation keeps the precision of its inputs.
-
-    Under bf16 autocast the shift, scale and gate of every token (and the residual stream they gate)
-    would otherwise round to 8 bits of mantissa; Wan and Open-Sora keep them in fp32 for that reason.
-    With bf16 inference weights the Linear computes in bf16 and its fp32 output is used as is. Without
-    autocast and with fp32 weights this is exactly `module(x)`.
-    """
-    dtype = next((input_dtype(m) for m in module.modules() if isinstance(m, nn.Linear)), x.dtype)
+    """`module(x)` on fp32 input outside autocast, returned in fp32: the adaLN projections (`FP32Linear`) compute
+    in fp32 on their upcast weights, so modulation keeps fp32 precision under autocast and with bf16 weights.
+    Without autocast and with fp32 weights this is exactly `module(x)`."""
     with torch.autocast(x.device.type, enabled=False):
-        return module(x.to(dtype)).float()
+        return module(x.float()).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -48,19 +40,20 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, freq_dim: int):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(FP32Linear(freq_dim, hidden_size), nn.SiLU(), FP32Linear(hidden_size, hidden_size))
 
-    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps -> (B, D) fp32, whatever the MLP weights' dtype."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(TIMESTEP_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]  # (B, F/2)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
-        return self.mlp(emb.to(dtype))  # (B, D)
+        return self.mlp(emb)  # (B, D) fp32
 
 
 def adaln_projection(hidden_size: int, chunks: int) -> nn.Sequential:
-    """SiLU then Linear(D, chunks * D): adaLN's map from the condition to shifts, scales and gates."""
-    return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, chunks * hidden_size))
+    """SiLU then Linear(D, chunks * D): adaLN's map from the condition to shifts, scales and gates (fp32)."""
+    return nn.Sequential(nn.SiLU(), FP32Linear(hidden_size, chunks * hidden_size))
 
 
 class ModulationTable(nn.Module):

@@ -19,16 +19,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionHook, AttentionScope, CrossAttention, SelfAttention, TokenLayout
-from .conditioning import ModulationTable, TimestepEmbedder, adaln_projection, full_precision, input_dtype
+from .conditioning import ModulationTable, TimestepEmbedder, adaln_projection, full_precision
 from .config import DiTConfig
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
+from .precision import FP32LayerNorm, FP32Linear, weight_dtype
 from .rope import rope_frequencies, rope_rotation, sincos_position_embedding
 
 FP32_MODULES = ("t_embedder", "pooled_embedder", "norm2", "modulation")
-"""Submodules `DiT.to_inference_dtype` keeps in fp32: the timestep and caption embedders (small), the affine
+"""Submodules `DiT.to_inference_dtype` keeps stored in fp32: the timestep and caption embedders (small), the affine
 LayerNorm and the per-block modulation tables (`shared` modulation; as Wan keeps its `scale_shift_table`). The
 adaLN Linears (6 D² of a block's 22 D² parameters) go to bf16 with the rest, so the weights take half the
-memory; their inputs and outputs stay fp32 (`full_precision`)."""
+memory; they still compute in fp32 on upcast weights (`precision.FP32Linear`), as every module of the condition
+path does when DeepSpeed's bf16 mode makes all parameters bf16 in training."""
 
 
 class DiTBlock(nn.Module):
@@ -38,11 +40,11 @@ class DiTBlock(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.scope = scope
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm1 = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
-        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.norm2 = FP32LayerNorm(d, eps=1e-6)
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
-        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm3 = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = cfg.mlp_hidden
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
         self.shared_modulation = cfg.modulation == "shared"
@@ -64,8 +66,9 @@ class DiTBlock(nn.Module):
         per-block modulation, the shared modulation (clips, 6 D) for `shared`."""
         mod = self.modulation(c) if self.shared_modulation else full_precision(self.adaLN_modulation, c)  # (clips, 6 D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)  # 6 x (clips, D)
-        # The residual stream x stays in fp32; each sublayer computes in its weights' dtype (a no-op cast in fp32).
-        dt = input_dtype(self.attn.qkv)
+        # The residual stream x and the norms are fp32 (`precision.py`); each sublayer's matmuls run in its weights'
+        # dtype (a no-op cast in fp32), and its output joins the fp32 stream.
+        dt = weight_dtype(self.attn.qkv)
         x = x + layout.gate(self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
         x = x + self.cross_attn(self.norm2(x).to(dt), context, context_mask, layout)  # (B, N, D)
         x = x + layout.gate(self.mlp(layout.modulate(self.norm3(x), shift2, scale2).to(dt)), gate2)  # (B, N, D)
@@ -77,7 +80,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_dim: int, shared_modulation: bool = False):
         super().__init__()
-        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm = FP32LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_dim)
         self.shared_modulation = shared_modulation
         if shared_modulation:
@@ -92,7 +95,7 @@ class FinalLayer(nn.Module):
         else:
             mod = full_precision(self.adaLN_modulation, c)  # (clips, 2 D)
         shift, scale = mod.chunk(2, dim=-1)  # (clips, D) each
-        return self.linear(layout.modulate(self.norm(x), shift, scale).to(input_dtype(self.linear)))  # (B, N, P)
+        return self.linear(layout.modulate(self.norm(x), shift, scale).to(weight_dtype(self.linear)))  # (B, N, P)
 
 
 def block_scopes(cfg: DiTConfig) -> list[AttentionScope]:
@@ -117,7 +120,7 @@ class DiT(nn.Module):
         self.patch_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim)
         if cfg.pooled_text:
-            self.pooled_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.pooled_embedder = nn.Sequential(FP32Linear(cfg.text_dim, d), nn.SiLU(), FP32Linear(d, d))  # condition path: fp32
         self.context_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         if cfg.null_text == "learned":
             # The null condition for classifier-free guidance: one learned token and pooled vector, in text space.
@@ -182,7 +185,7 @@ class DiT(nn.Module):
         text_pooled: torch.Tensor,
         drop_text: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> c (clips, D) for adaLN (fp32 under autocast), context (clips, L, D) and its mask (clips, L),
+        """-> c (clips, D) for adaLN (fp32 whatever the weights' dtype), context (clips, L, D) and its mask (clips, L),
         None when the model attends to caption padding (`text_padding: attended`; `text_pooled` unused without
         `pooled_text`).
 
@@ -215,12 +218,11 @@ class DiT(nn.Module):
             # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
             first = text_mask[:, :1] | ~text_mask.any(-1, keepdim=True)  # (B, 1)
             context_mask = torch.cat([first, text_mask[:, 1:]], dim=1)  # (B, L)
-        dtype, cond_dtype = self.dtype, input_dtype(self.t_embedder.mlp[0])  # fp32 unless all weights are low-precision
         with torch.autocast(text_tokens.device.type, enabled=False):
-            c = self.t_embedder(timestep, cond_dtype)  # (B, D)
+            c = self.t_embedder(timestep)  # (B, D) fp32
             if self.cfg.pooled_text:
-                c = c + self.pooled_embedder(text_pooled.to(cond_dtype))  # (B, D)
-        context = self.context_embedder(text_tokens.to(dtype))  # (B, L, D)
+                c = c + self.pooled_embedder(text_pooled.float())  # (B, D) fp32
+        context = self.context_embedder(text_tokens.to(weight_dtype(self.context_embedder[0])))  # (B, L, D)
         return c, context, context_mask
 
     # -- forward --------------------------------------------------------------------------------
