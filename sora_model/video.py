@@ -14,6 +14,10 @@ front `moov` (faststart) open fine and report their full frame count from the in
 a frame past the cut is decoded, so probing alone cannot prove a file complete: `read_frames`
 reports the failure as "truncated/undecodable". We still check existence and size ourselves before
 handing a path to decord, because its C++ reader is the part we cannot interrupt.
+
+Rotation: phones store portrait video as landscape frames plus a display matrix. Frames and sizes here are
+always as a player shows them: decord 0.6 applies the matrix itself (checked for 90, -90, 180 and 270 in
+tests/unit/test_video.py), and the PyAV path turns each frame by `VideoFrame.rotation`.
 """
 
 from __future__ import annotations
@@ -216,7 +220,21 @@ def _probe_av(path: str) -> VideoInfo:
             raise VideoReadError(path, "truncated/undecodable", "no decodable frame")
         if not fps > 0:
             raise VideoReadError(path, "truncated/undecodable", "no frame rate in the stream")
-        return VideoInfo(path, n, fps, int(first.width), int(first.height), n / fps)
+        width, height = (first.height, first.width) if _quarter_turns(first) % 2 else (first.width, first.height)
+        return VideoInfo(path, n, fps, int(width), int(height), n / fps)
+
+
+def _quarter_turns(frame: Any) -> int:
+    """Counter-clockwise quarter turns that show a decoded frame upright: the display matrix a phone writes
+    (FFmpeg's side data; PyAV's `VideoFrame.rotation`, degrees counter-clockwise). Mirroring is not applied."""
+    return int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4
+
+
+def _upright(frame: Any) -> np.ndarray:
+    """A PyAV frame as (H, W, 3) uint8 RGB the way a player shows it (the display matrix applied)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
 def probe_video(path: str) -> VideoInfo:
@@ -305,7 +323,7 @@ def _read_av(path: str, indices: list[int]) -> np.ndarray:
         try:
             for frame in container.decode(stream):
                 if count in wanted:
-                    frames[count] = frame.to_ndarray(format="rgb24")
+                    frames[count] = _upright(frame)
                 count += 1
                 if count > last:
                     break

@@ -285,3 +285,47 @@ def test_make_grid_shape_and_placement() -> None:
     assert make_grid(videos, ncols=5, pad=0).shape == (3, 4, 25, 3)
     with pytest.raises(ValueError, match="N, T, H, W, 3"):
         make_grid(videos[0])
+
+
+def _write_rotated(path: Path, degrees: int) -> np.ndarray:
+    """A 64x32 (W x H) landscape H.264 MP4 carrying a display matrix of `degrees` (counter-clockwise), as a phone
+    writes portrait video; returns the stored (unrotated) frame: white left quarter, red top rows."""
+    import av
+
+    frame = np.zeros((32, 64, 3), np.uint8)
+    frame[:, :16] = 255
+    frame[:8, :] = (255, 0, 0)
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(degrees)
+        for _ in range(4):
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return frame
+
+
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+@pytest.mark.parametrize("reader", ["decord", "pyav"])
+def test_rotation_metadata_is_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, degrees: int, reader: str) -> None:
+    import av
+
+    from sora_model import video
+
+    path = tmp_path / "phone.mp4"
+    stored = _write_rotated(path, degrees)
+    with av.open(str(path)) as c:  # the file really carries the display matrix (what ffprobe shows as rotation)
+        first = next(c.decode(c.streams.video[0]))
+        assert first.rotation % 360 == degrees % 360 and (first.width, first.height) == (64, 32)
+    if reader == "pyav":
+        monkeypatch.setattr(video, "_decord", lambda: None)  # as on a platform without decord
+    elif video._decord() is None:
+        pytest.skip("decord not installed")
+    want = np.rot90(stored, k=(degrees // 90) % 4)  # what a player shows
+    info = probe_video(str(path))
+    assert (info.height, info.width) == want.shape[:2]
+    got = read_frames(str(path), [0, 3])
+    assert got.shape == (2, *want.shape)
+    assert np.abs(got.astype(int) - want).mean() < 8  # H.264 noise; a sideways or upside-down frame is ~100
