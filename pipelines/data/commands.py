@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines import console
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
-from pipelines.data.prepare.options import DEFAULT_PATCH
+from pipelines.data.prepare.options import DEFAULT_MAX_FPS_RATIO, DEFAULT_MAX_UPSCALE, DEFAULT_PATCH
 
 
 def add_synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,12 +45,24 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips-per-video", type=int, default=1, help="clips per video, --stride apart; 0 = all that fit (default 1)")
     p.add_argument("--stride", type=float, help="seconds between clip starts (default: one clip length)")
     p.add_argument(
+        "--max-upscale", type=float, default=DEFAULT_MAX_UPSCALE,
+        help="reject inputs that would be scaled up more than this to fill their bucket (default %(default)g: never upscale)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-fps-ratio", type=float, default=DEFAULT_MAX_FPS_RATIO,
+        help="reject inputs whose fps is below --fps by more than this factor: frames would repeat (default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
         "--patch",
         default="x".join(map(str, DEFAULT_PATCH)),
         help="the model's patch size TxHxW; must equal the recipe's model.patch_size (default %(default)s, DiT-demo)",
     )
     p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder")
-    p.add_argument("--max-text-length", type=int, default=32, help="text tokens kept per caption (default 32)")
+    p.add_argument(
+        "--max-text-length", type=int,
+        help="text tokens kept per caption; longer captions are cut and counted (default: the encoder's own maximum, "
+             "e.g. 512 for T5/umT5, 77 for CLIP; 32 for the packaged minilm, as the demo recipes train)",
+    )  # fmt: skip
     p.add_argument(
         "--text-hidden-layer", type=int, default=-1,
         help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
@@ -61,6 +73,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="take the text encoder, autoencoder and patch from an export (e.g. a converted Wan2.1: umT5 + Wan VAE)",
     )  # fmt: skip
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
+    p.add_argument("--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)")
     p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
     p.add_argument(
         "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,

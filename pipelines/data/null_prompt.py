@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.prepare.options import NULL_PROMPT as NULL_PROMPT_FILE
 from sora_model.config import TextEncoderConfig
 
-NULL_PROMPT_FILE = "null_prompt.safetensors"
 SETTINGS_KEY = "text_encoder"
 
 
@@ -44,17 +44,28 @@ def write_null_prompt(out: str, config: TextEncoderConfig) -> str:
     import torch
     from safetensors.torch import save
 
-    from pipelines.data.prepare.shards import filesystem, join
+    from pipelines.data.prepare.shards import join, put_file
 
     arrays = embed_null_prompt(config)
     data = save(
         {k: torch.from_numpy(v) for k, v in arrays.items()}, metadata={SETTINGS_KEY: json.dumps(config.embedding_settings())}
     )
     path = join(out, NULL_PROMPT_FILE)
-    fs, p = filesystem(path)
-    with fs.open(p, "wb") as f:
-        f.write(data)
+    put_file(path, lambda f: f.write(data))  # whole or absent: a resume trusts a file it finds
     return path
+
+
+def read_null_prompt_at(out: str, config: TextEncoderConfig) -> bool:
+    """Whether OUT (a folder or fsspec URI) holds the null prompt made with `config`'s embedding settings."""
+    from pipelines.data.prepare.shards import filesystem, join
+
+    fs, p = filesystem(join(out, NULL_PROMPT_FILE))
+    if not fs.isfile(p):
+        return False
+    header = fs.cat_file(p, 0, 8)
+    # The safetensors header (8 bytes of length, then JSON) holds the settings: no tensor is read.
+    meta = json.loads(fs.cat_file(p, 8, 8 + int.from_bytes(header, "little"))).get("__metadata__", {})
+    return json.loads(meta.get(SETTINGS_KEY, "{}")) == config.embedding_settings()
 
 
 def read_null_prompt(root: str, config: TextEncoderConfig) -> dict[str, np.ndarray] | None:

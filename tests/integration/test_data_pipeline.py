@@ -426,3 +426,66 @@ def test_vae_path_writes_the_vaes_latents(shapes, tmp_path):
     with torch.no_grad():
         want = patchify(ae.encode(pixels_to_model(torch.from_numpy(frames)[None])).float(), PATCH)[0].numpy()
     np.testing.assert_allclose(data["patches"][i], want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# guards: upscaling, low frame rates, long captions; the null prompt first
+# ---------------------------------------------------------------------------------------------
+
+
+def _moving(frames: int, size: int) -> np.ndarray:
+    video = np.zeros((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        video[t, size // 4 : size // 2, t % (size // 2) : t % (size // 2) + size // 4] = 255
+    return video
+
+
+def test_guards_reject_upscaling_and_low_fps_and_clips_record_the_source_fps(tmp_path):
+    write_video(str(tmp_path / "small.mp4"), _moving(16, 16), fps=8)  # 16 px for a 32 px bucket: 2x upscale
+    write_video(str(tmp_path / "slow.mp4"), _moving(16, 32), fps=4)  # 4 fps for 8 fps clips: every frame twice
+    write_video(str(tmp_path / "six.mp4"), _moving(16, 32), fps=6)  # 6 fps for 8: 1.33x, one frame in four repeats
+    write_video(str(tmp_path / "eight.mp4"), _moving(16, 32), fps=8)
+    names = ["small", "slow", "six", "eight"]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": f"{n}.mp4", "caption": f"a {n} video"}) + "\n" for n in names))
+    info = prepare(_options(tmp_path / "m.jsonl", tmp_path / "out", fps=8))
+    rejects = {r["path"]: r for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").read_text().splitlines())}
+    assert set(rejects) == {"small.mp4", "slow.mp4"} and info["num_clips"] == 2
+    assert rejects["small.mp4"]["reason"] == "upscaled" and "2x" in rejects["small.mp4"]["detail"]
+    assert "--max-upscale 1" in rejects["small.mp4"]["detail"]
+    assert rejects["slow.mp4"]["reason"] == "low fps" and "--max-fps-ratio 1.5" in rejects["slow.mp4"]["detail"]
+    data = read_prepared(tmp_path / "out", columns=["source", "source_fps", "repeated_frames"])
+    by_name = {Path(s).stem: (float(f), int(r)) for s, f, r in zip(data["source"], data["source_fps"], data["repeated_frames"], strict=True)}
+    assert by_name == {"six": (6.0, 2), "eight": (8.0, 0)}  # 8 fps from 6: indices 0 1 2 2 3 4 5 5
+    assert info["source_fps"] == {"min": 6.0, "max": 8.0, "mean": 7.0} and info["clips_with_repeated_frames"] == 1
+    assert info["max_upscale"] == 1.0 and info["max_fps_ratio"] == 1.5
+    # Looser limits take them; the settings are part of what a resume must match.
+    loose = prepare(_options(tmp_path / "m.jsonl", tmp_path / "loose", fps=8, max_upscale=2.0, max_fps_ratio=2.0))
+    assert loose["num_clips"] == 4 and loose["num_rejected"] == 0
+    with pytest.raises(PrepareError, match="--max-upscale must be >= 1"):
+        _options(tmp_path / "m.jsonl", tmp_path / "x", max_upscale=0.5)
+
+
+def test_cut_captions_are_counted_and_warned_once_and_the_null_prompt_comes_first(shapes, tmp_path, capsys):
+    from pipelines.data.null_prompt import read_null_prompt
+    from sora_model.config import TextEncoderConfig
+
+    rows = [json.loads(line) for line in (shapes / "captions.jsonl").read_text().splitlines()][:3]
+    long = "a red circle moving left across a black background while the camera holds perfectly still for a while"
+    manifest = [{"path": str(shapes / rows[0]["path"]), "caption": long},
+                {"path": str(shapes / rows[1]["path"]), "caption": rows[1]["caption"]},
+                {"path": str(shapes / rows[2]["path"]), "caption": long + " and then some"},
+                {"path": str(shapes / rows[1]["path"]), "caption": long + " said again"}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    encoder = TextEncoderConfig(max_length=12)
+    info = prepare(_options(tmp_path / "m.jsonl", tmp_path / "out", fps=8, rows_per_file=1, text_encoder=encoder,
+                            null_prompt=True))  # fmt: skip
+    assert info["text_truncated"] == 3  # the long ones, the second caption of a clip included
+    data = read_prepared(tmp_path / "out", columns=["caption", "text_truncated"])
+    assert sorted(data["text_truncated"].tolist()) == [1, 1, 1]
+    err = capsys.readouterr().err
+    assert err.count("3 captions were longer than the text encoder's 12 tokens") == 1
+    # The empty prompt's embedding is written before any shard, so a dataset cut short can drop captions.
+    null = tmp_path / "out" / "null_prompt.safetensors"
+    assert read_null_prompt(str(tmp_path / "out"), encoder) is not None
+    first_shard = min(p.stat().st_mtime_ns for p in (tmp_path / "out" / "8x32x32").glob("part-*.parquet"))
+    assert null.stat().st_mtime_ns < first_shard

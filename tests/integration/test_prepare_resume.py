@@ -120,3 +120,81 @@ def test_resume_after_any_interruption_equals_the_uninterrupted_run(full_run, tm
     assert _clip_ids(out) == full_run["ids"]
     assert info["num_clips"] == full_run["info"]["num_clips"]
     assert (out / "rejects.jsonl").read_text() == full_run["rejects"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's own storage failing (a real full filesystem: a tmpfs mounted with a tiny size) stops the run
+# with one line and rejects nothing; the same command resumes once there is room.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A tmpfs of 64 KiB; skipped where this process may not mount (needs root / CAP_SYS_ADMIN)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _resize(disk: Path, size: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+
+def test_a_full_output_disk_stops_the_run_in_one_line_and_the_same_command_resumes(full_run, tiny_disk):
+    out = tiny_disk / "prepared"
+    with pytest.raises(Exception) as err:  # noqa: PT011 - which exception is what this test checks
+        prepare(_options(full_run["manifest"], out))
+    assert type(err.value).__name__ == "StorageFailed", f"{type(err.value).__name__}: {str(err.value)[:300]}"
+    message = str(err.value)
+    assert "\n" not in message and "No space left on device" in message and "no input was rejected" in message
+    rejected = [json.loads(r) for f in (out / "_rejects").glob("*.jsonl") for r in f.read_text().splitlines()] if (out / "_rejects").is_dir() else []
+    assert all(r.get("clip_id") and "clip at 3s" in r["detail"] for r in rejected)  # only the bad GOP, never ENOSPC
+    assert not (out / "dataset.json").exists()
+    _resize(tiny_disk, "16m")
+    info = prepare(_options(full_run["manifest"], out))
+    assert _clip_ids(out) == full_run["ids"] and info["num_clips"] == full_run["info"]["num_clips"]
+    assert (out / "rejects.jsonl").read_text() == full_run["rejects"]
+
+
+@pytest.fixture
+def http_videos(full_run):
+    """The run's folder served over HTTP on loopback: inputs that a stage copies to its scratch folder."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = full_run["manifest"].parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    manifest = root / "http.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"{url}/{n}.mp4", "caption": f"{n} over http"}) + "\n" for n in ("good", "bad")))
+    yield manifest
+    server.shutdown()
+
+
+def test_a_full_scratch_disk_stops_the_run_instead_of_rejecting_remote_inputs(full_run, http_videos, tiny_disk, tmp_path):
+    from pipelines.data.prepare import StorageFailed
+
+    assert (full_run["manifest"].parent / "good.mp4").stat().st_size > 0
+    _resize(tiny_disk, "4k")  # smaller than either video
+    (tiny_disk / "filler").write_bytes(b"\0" * 4096)  # and full
+    out = tmp_path / "remote"
+    opts = PrepareOptions(**{**_options(http_videos, out).__dict__, "scratch": str(tiny_disk)})
+    with pytest.raises(StorageFailed, match="No space left on device"):
+        prepare(opts)
+    assert not list((out / "_rejects").glob("*.jsonl")) if (out / "_rejects").is_dir() else True  # no input rejected
+    info = prepare(PrepareOptions(**{**opts.__dict__, "scratch": None}))  # the same run, room to copy: it resumes
+    assert info["num_clips"] == 11 and info["num_rejected"] == 1

@@ -4,6 +4,7 @@ captions per clip, caption columns, the loader's caption draw, retries."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 from pipelines.data.prepare import manifest as manifest_mod
 from pipelines.data.prepare.options import Bucket
 from pipelines.data.prepare.probe import PlanInputs
-from pipelines.data.prepare.storage import StorageError, with_retries
+from pipelines.data.prepare.storage import StorageError, StorageUnavailable, with_retries
 from sora_model.video import write_video
 
 
@@ -121,7 +122,9 @@ def test_caption_columns_and_the_loaders_draw():
     assert seen == {"a": {"one"}, "c": {"one", "four", "five"}}
 
 
-def test_transient_errors_are_retried_then_rejected():
+def test_transient_errors_are_retried_then_stop_the_run_and_only_the_inputs_own_faults_reject_it():
+    import errno
+
     calls = []
 
     def flaky():
@@ -130,13 +133,67 @@ def test_transient_errors_are_retried_then_rejected():
             raise OSError("503 SlowDown: please reduce your request rate")
         return "ok"
 
+    def raising(err):
+        def fn():
+            calls.append(1)
+            raise err
+
+        return fn
+
     assert with_retries(flaky, "s3://b/k", backoff_s=0.001) == "ok" and len(calls) == 3
-    with pytest.raises(StorageError, match="after 4 tries") as err:
-        with_retries(lambda: (_ for _ in ()).throw(ConnectionError("reset by peer")), "s3://b/k", retries=4, backoff_s=0.001)
-    assert err.value.reason == "unreadable"
+    # Still failing after the retries: the store is down, not the input; the run stops (nothing rejected).
+    with pytest.raises(StorageUnavailable, match="after 4 tries"):
+        with_retries(raising(ConnectionError("reset by peer")), "s3://b/k", retries=4, backoff_s=0.001)
+    calls.clear()
+    with pytest.raises(StorageUnavailable, match="after 3 tries"):
+        with_retries(raising(OSError(errno.EAGAIN, "Resource temporarily unavailable")), "s3://b/k", retries=3, backoff_s=0.001)
+    assert len(calls) == 3
+    # A full or failing disk: no retry, the run stops.
+    for code in (errno.ENOSPC, errno.EIO):
+        calls.clear()
+        with pytest.raises(StorageUnavailable, match=f"Errno {code}"):
+            with_retries(raising(OSError(code, os.strerror(code))), "s3://b/k", backoff_s=0.001)
+        assert len(calls) == 1
+    # The input's own faults are its reject.
     with pytest.raises(StorageError) as err:
-        with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("s3://b/k")), "s3://b/k")
+        with_retries(raising(FileNotFoundError("s3://b/k")), "s3://b/k")
     assert err.value.reason == "missing"
+    with pytest.raises(StorageError) as err:
+        with_retries(raising(PermissionError(errno.EACCES, "Forbidden")), "s3://b/k")
+    assert err.value.reason == "unreadable"
+
+
+def test_the_default_caption_length_is_the_encoders_own_maximum(tmp_path):
+    from pipelines.data.commands import add_prepare_arguments
+    from pipelines.data.prepare.options import PrepareError, encoder_max_length, options_from_args
+
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5"}))  # relative positions: no table
+    (t5 / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {"max_position_embeddings": 77}}))
+    (clip / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}))  # transformers' "unbounded"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert encoder_max_length(str(t5)) == 512 and encoder_max_length(str(clip)) == 77
+    with pytest.raises(PrepareError, match="pass --max-text-length"):
+        encoder_max_length(str(bare))
+    assert encoder_max_length("minilm") == 32  # the packaged demo encoder: what its recipes train with
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    base = ["--manifest", "m.jsonl", "--out", "o", "--resolution", "32", "--frames", "8"]
+    assert options_from_args(parser.parse_args([*base, "--text-encoder", str(t5)])).text_encoder.max_length == 512
+    assert options_from_args(parser.parse_args([*base, "--text-encoder", str(t5), "--max-text-length", "226"])).text_encoder.max_length == 226
+    opts = options_from_args(parser.parse_args([*base, "--max-upscale", "2", "--max-fps-ratio", "3", "--scratch", "/nvme"]))
+    assert (opts.max_upscale, opts.max_fps_ratio, opts.scratch) == (2.0, 3.0, "/nvme")
+    assert opts.settings("x")["max_upscale"] == 2.0  # part of what a resume must match; the scratch folder is not
+    assert "scratch" not in opts.settings("x")
 
 
 def _segfault(path: str) -> None:

@@ -46,8 +46,17 @@ On disk (format version 1), one folder per bucket, one row per clip:
                                       the loader draws one caption per read
         lines, line_clips  lists      manifest lines whose captions the clip carries, and how many clips
                                       each line planned (what a resume counts)
+        source_fps   float32          the source file's average frame rate
+        repeated_frames  int32        clip frames that repeat the previous source frame (fps above the source's)
+        text_truncated   int32        the clip's captions that were cut to max_length tokens
     Tensor columns are plain Arrow nested fixed-size lists (no Ray extension types), so any Parquet reader
     can open them; `pipelines.data.load` gives them back as arrays of the shapes above.
+
+Guards: an input that would be scaled up more than `--max-upscale` (default 1: never) to fill its bucket is
+rejected as "upscaled"; one whose fps is below `--fps` by more than `--max-fps-ratio` (default 1.5) is
+rejected as "low fps" (nearest-frame sampling would repeat its frames). Rotation metadata is applied when
+decoding (sora_model.video). Captions longer than the encoder's max_length are counted in dataset.json
+(`text_truncated`) with one warning.
 
 Image inputs (PNG/JPEG/...) are one-frame clips and only go to one-frame buckets. A video goes to the
 multi-frame bucket nearest its aspect ratio among those it has enough frames for (most frames first);
@@ -56,9 +65,12 @@ then centre crop.
 
 Resuming: every file appears whole or not at all (a local file is written aside and renamed; an S3 PUT
 is atomic) and is named by a hash of its content, so a retried task rewrites its file. Re-running the
-same command is a filter on what is written: manifest lines whose clips are all in shards, or that were
-rejected, are dropped before probing (not probed again, no reject row written twice), and written
-clips of other lines are dropped after planning. A shard that does not parse is moved to `_damaged/`
+same command is a filter on what is written: manifest lines whose clips are all in shards or rejected, or
+that were rejected whole, are dropped before probing (not probed again, no reject row written twice), and
+written or rejected clips of other lines are dropped after planning. A clip that fails to decode is a reject
+of that clip only (its row in rejects.jsonl names its `clip_id`): the video's other clips are still made.
+A failure of the run's own storage (disk full, I/O error, a store unreachable after retries) stops the run
+with one line and rejects nothing; the null prompt (when the model needs one) is written first. A shard that does not parse is moved to `_damaged/`
 and its clips are written again. `_run.json` pins the settings (a different setting refuses to resume),
 and `dataset.json` is only written once the run is done.
 
@@ -94,6 +106,7 @@ from pipelines.data.prepare.options import (
     Bucket,
     PrepareError,
     PrepareOptions,
+    StorageFailed,
     options_from_args,
     parse_buckets,
 )
@@ -112,6 +125,7 @@ __all__ = [
     "Bucket",
     "PrepareError",
     "PrepareOptions",
+    "StorageFailed",
     "choose_bucket",
     "clip_id",
     "batch_rows",

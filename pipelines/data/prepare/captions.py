@@ -63,6 +63,15 @@ class EmbedCaptions:
             "pooled": np.concatenate([_numpy(p.pooled).astype(np.float32) for p in parts]),  # (U, D)
         }
 
+    def truncated(self, captions: list[str]) -> np.ndarray:
+        """(U,) bool: which captions have more tokens than the encoder keeps (max_length), so their ends are cut."""
+        from sora_model.text import clean_prompt
+
+        if self.encoder.clean_prompts:
+            captions = [clean_prompt(c) for c in captions]
+        ids = self.encoder.tokenizer(captions, truncation=False, verbose=False)["input_ids"]
+        return np.asarray([len(i) > self.encoder.max_length for i in ids], dtype=bool)
+
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
 
@@ -72,6 +81,7 @@ class EmbedCaptions:
         unique = {caption_key(c): c for caps in per_clip for c in caps}
         row_of = {k: i for i, k in enumerate(unique)}
         emb = self.embed(list(unique.values()))
+        cut = self.truncated(list(unique.values()))
         first = np.asarray([row_of[caption_key(caps[0])] for caps in per_clip], dtype=np.int64)
         extra = np.asarray([row_of[caption_key(c)] for caps in per_clip for c in caps[1:]], dtype=np.int64)
         offsets = pa.array(np.cumsum([0] + [len(caps) - 1 for caps in per_clip]), pa.int32())
@@ -88,6 +98,7 @@ class EmbedCaptions:
             "extra_text_tokens": listed(_fixed_list(emb["tokens"][extra], pa.float16())),
             "extra_text_mask": listed(_fixed_list(emb["mask"][extra], pa.bool_())),
             "extra_text_pooled": listed(_fixed_list(emb["pooled"][extra], pa.float32())),
+            "text_truncated": pa.array([sum(bool(cut[row_of[caption_key(c)]]) for c in caps) for caps in per_clip], pa.int32()),
         }
         table = table.drop_columns(["captions"])
         for name, col in columns.items():

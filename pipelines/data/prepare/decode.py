@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from pipelines.data.prepare.options import Bucket
-from pipelines.data.prepare.storage import LocalFiles
+from pipelines.data.prepare.storage import LocalFiles, StorageUnavailable
 
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -81,6 +81,8 @@ def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, d
             if r["source"] not in local_of:
                 try:
                     local_of[r["source"]] = stack.enter_context(files.local(r["source"]))
+                except StorageUnavailable:
+                    raise  # our disk or store failed, not the input: the run stops
                 except Exception as err:  # noqa: BLE001 - the file could not be fetched: its clips' reject
                     local_of[r["source"]] = ""
                     results[i] = err

@@ -29,7 +29,8 @@ VAE_BATCH_BYTES = 2 << 30
 """Float input bytes per autoencoder call at most (2 GB: a 16x512x512 clip is 50 MB at fp32, so 40 of
 them; a 64x1024x1024 clip is 805 MB, so 2): activations scale with it and must fit beside the weights."""
 PASS_THROUGH = ("clip_id", "source", "start_s", "fps", "caption", "text_tokens", "text_mask", "text_pooled",
-                "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips")  # fmt: skip
+                "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips",
+                "source_fps", "repeated_frames", "text_truncated")  # fmt: skip
 """Plan columns that go to the shard as they are (the order of the shard's columns, tokens inserted)."""
 DECODE_COLUMNS = ["clip_id", "source", "path", "start_s", "indices", "lines", "line_clips"]
 """Plan columns the decoder reads (a clip's reject names its id and its lines' clip counts)."""
@@ -127,10 +128,12 @@ _STATE: dict[str, Any] = {}
 """Per worker process: the identity Patchify and the LocalFiles, built once and reused by every task."""
 
 
-def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int]) -> tuple[Patchify, LocalFiles]:
+def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int], scratch: str | None) -> tuple[Patchify, LocalFiles]:
     key = json.dumps([str(autoencoder), list(patch)])
     if _STATE.get("key") != key:
-        _STATE.update(key=key, patchify=Patchify(autoencoder, patch), files=LocalFiles())
+        _STATE.update(key=key, patchify=Patchify(autoencoder, patch))
+    if _STATE.get("files") is None or _STATE["files"].scratch != scratch:
+        _STATE["files"] = LocalFiles(scratch)
     return _STATE["patchify"], _STATE["files"]
 
 
@@ -156,13 +159,13 @@ def by_bucket(table: Any) -> dict[str, Any]:
 
 
 def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
-                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:  # fmt: skip
+                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None) -> Any:  # fmt: skip
     """Identity path: decode, patchify and write one shard per bucket in this batch.
 
     Returns {bucket, shard, rows} per shard written (what the driver counts for progress)."""
     import pyarrow as pa
 
-    patchify, files = _process_state(autoencoder, patch)
+    patchify, files = _process_state(autoencoder, patch, scratch)
     written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
     rejects = []
     for name, plans in by_bucket(table).items():
@@ -181,11 +184,13 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
                      "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
 
 
-def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:
+def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None) -> Any:
     """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors."""
     import pyarrow as pa
 
-    files = _STATE.setdefault("files", LocalFiles())
+    if _STATE.get("files") is None or _STATE["files"].scratch != scratch:
+        _STATE["files"] = LocalFiles(scratch)
+    files = _STATE["files"]
     parts, rejects = [], []
     for name, plans in by_bucket(table).items():
         kept, pixels, bad = decode_rows(plans.select(DECODE_COLUMNS).to_pylist(),

@@ -18,7 +18,7 @@ from pipelines.data.prepare.options import DEFAULT_PATCH, PrepareError, PrepareO
 
 EXPORT_DECIDES = {
     "text_encoder": ("--text-encoder", "minilm"),
-    "max_text_length": ("--max-text-length", 32),
+    "max_text_length": ("--max-text-length", None),
     "text_hidden_layer": ("--text-hidden-layer", -1),
     "autoencoder_path": ("--autoencoder-path", None),
     "patch": ("--patch", "x".join(map(str, DEFAULT_PATCH))),

@@ -14,6 +14,8 @@ DATASET_INFO = "dataset.json"
 RUN_STATE = "_run.json"
 REJECTS = "rejects.jsonl"
 STATS_LOG = "stats.log"
+NULL_PROMPT = "null_prompt.safetensors"
+"""The empty prompt's embedding, written first when the model needs it (pipelines/data/null_prompt.py)."""
 DECODE_REJECTS_DIR = "_rejects"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
@@ -35,9 +37,14 @@ COLUMNS = (
     "extra_text_pooled",
     "lines",
     "line_clips",
+    "source_fps",
+    "repeated_frames",
+    "text_truncated",
 )
 """A shard's columns. The first ten are one clip with its first caption (what every reader knows); the
-`extra_*` lists hold a multi-caption clip's other captions; `lines`/`line_clips` are what resume reads."""
+`extra_*` lists hold a multi-caption clip's other captions; `lines`/`line_clips` are what resume reads;
+`source_fps` (the file's average rate), `repeated_frames` (clip frames that repeat the previous source frame)
+and `text_truncated` (the clip's captions cut to max_length tokens) are for curation."""
 DTYPES = {
     "patches": "float32",
     "grid": "int32",
@@ -49,6 +56,9 @@ DTYPES = {
     "extra_text_pooled": "list of float32",
     "lines": "list of int64",
     "line_clips": "list of int32",
+    "source_fps": "float32",
+    "repeated_frames": "int32",
+    "text_truncated": "int32",
 }
 DEFAULT_PATCH = (1, 4, 4)
 """The DiT-demo model's patch. Tokens are cut at prepare time, so this must equal the recipe's model.patch_size."""
@@ -71,6 +81,14 @@ fixed cost (Arrow tables, the Parquet file: at 4 clips of 16x32x32 it outweighed
 that the first shards are written while later files are still being probed."""
 DECODE_BATCH_BYTES = 128 * 2**20
 """Decoded pixels per decode task at most, so a batch of large clips stays a few hundred MB."""
+DEFAULT_MAX_UPSCALE = 1.0
+"""Largest factor a source may be scaled up by to fill its bucket (`--max-upscale`): 1.0 never upscales, since an
+upscaled clip teaches the model blur at the bucket's resolution; 2.0 accepts a 240p source for a 480p bucket."""
+DEFAULT_MAX_FPS_RATIO = 1.5
+"""Largest clip fps / source fps (`--max-fps-ratio`). Nearest-frame sampling repeats source frames when the clip
+runs faster than the source: at 1.5 one clip frame in three repeats its neighbour (a 24 fps source for 30 fps
+clips, 1.25, passes; a 15 fps one, 2.0, would show every frame twice and is rejected as "low fps"). Every clip
+records its `source_fps` and `repeated_frames` either way."""
 ASPECT_TOLERANCE = 1e-3
 """Aspect ratios closer than this (in log space) count as equal when choosing a bucket."""
 
@@ -86,6 +104,8 @@ REJECT_REASONS = (
     "duplicate",
     "decoder crashed",
     "decoder timed out",
+    "upscaled",
+    "low fps",
 )
 _VIDEO_ERROR_REASONS = {
     # sora_model.video.VideoReadError.reason -> our reject reason
@@ -99,6 +119,11 @@ _VIDEO_ERROR_REASONS = {
 
 class PrepareError(ValueError):
     """Bad input or a refused output folder; the CLI prints it as one line (exit 2)."""
+
+
+class StorageFailed(PrepareError):
+    """The run stopped because its own storage failed (a full disk, an I/O error, a store that stayed unreachable);
+    no input was rejected for it, and the same command resumes. One line, exit 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +195,13 @@ class PrepareOptions:
     """Seconds a probe or a clip's decode may take before the input is rejected as "decoder timed out"."""
     null_prompt: bool = False
     """Also write OUT/null_prompt.safetensors, the embedding of "" (`--from-export` of an empty-prompt model, Wan)."""
+    max_upscale: float = DEFAULT_MAX_UPSCALE
+    """Inputs that would be scaled up more than this to fill their bucket are rejected ("upscaled")."""
+    max_fps_ratio: float = DEFAULT_MAX_FPS_RATIO
+    """Inputs whose fps is below the clip fps by more than this factor are rejected ("low fps")."""
+    scratch: str | None = None
+    """Local folder (on every worker) where remote inputs are copied while a stage reads them; None: the system's
+    temp folder. A full scratch disk stops the run (it is not the input's fault)."""
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -186,6 +218,10 @@ class PrepareOptions:
             raise PrepareError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if any(p < 1 for p in self.patch):
             raise PrepareError(f"--patch must be three positive ints, got {self.patch}")
+        if not self.max_upscale >= 1:
+            raise PrepareError(f"--max-upscale must be >= 1 (1 never upscales), got {self.max_upscale}")
+        if not self.max_fps_ratio >= 1:
+            raise PrepareError(f"--max-fps-ratio must be >= 1 (1 never repeats a frame), got {self.max_fps_ratio}")
 
     def settings(self, manifest_sha256: str) -> dict[str, Any]:
         """Everything that decides the rows' content: a resume must see the same settings."""
@@ -199,8 +235,45 @@ class PrepareOptions:
             "patch": list(self.patch),
             "text_encoder": self.text_encoder.embedding_settings(),
             "autoencoder": to_dict(self.autoencoder),
+            "max_upscale": self.max_upscale,
+            "max_fps_ratio": self.max_fps_ratio,
         }
 
+
+
+TOKENIZER_UNBOUNDED = 10**6
+"""A tokenizer's model_max_length at or above this is transformers' "no limit" placeholder (int(1e30))."""
+
+
+def encoder_max_length(name_or_path: str, tokenizer_path: str | None = None) -> int:
+    """The most tokens the text encoder takes: its tokenizer's model_max_length, else its position table.
+
+    The packaged `minilm` answers TextEncoderConfig's max_length (the demo recipes train with it); a folder
+    answers from its tokenizer_config.json / config.json (T5 and umT5: 512; CLIP: 77)."""
+    import json
+    from pathlib import Path
+
+    from sora_model.text import MINILM_NAME
+
+    if name_or_path == MINILM_NAME:
+        return TextEncoderConfig().max_length
+    folder = Path(name_or_path)
+    found: list[int] = []
+    for tok in (Path(tokenizer_path) if tokenizer_path else folder, folder.parent / "tokenizer"):
+        f = tok / "tokenizer_config.json"
+        if f.is_file():
+            n = json.loads(f.read_text()).get("model_max_length")
+            if isinstance(n, (int, float)) and 0 < n < TOKENIZER_UNBOUNDED:
+                found.append(int(n))
+            break
+    if not found and (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text())
+        config = config.get("text_config", config)
+        found += [int(config[k]) for k in ("max_position_embeddings", "n_positions") if isinstance(config.get(k), int)]
+    if not found:
+        raise PrepareError(f"cannot tell how many tokens the text encoder {name_or_path} takes (no model_max_length in "
+                           "its tokenizer_config.json, no max_position_embeddings in its config.json); pass --max-text-length")  # fmt: skip
+    return found[0]
 
 
 def options_from_args(args: Any) -> PrepareOptions:
@@ -225,8 +298,9 @@ def options_from_args(args: Any) -> PrepareOptions:
         stride_s=args.stride,
         patch=parse_patch(args.patch),
         text_encoder=TextEncoderConfig(
-            name_or_path=args.text_encoder, max_length=args.max_text_length, hidden_layer=args.text_hidden_layer
-        ),
+            name_or_path=args.text_encoder, hidden_layer=args.text_hidden_layer,
+            max_length=args.max_text_length if args.max_text_length is not None else encoder_max_length(args.text_encoder),
+        ),  # fmt: skip
         autoencoder=autoencoder,
         rows_per_file=args.rows_per_file,
         overwrite=args.overwrite,
@@ -234,6 +308,9 @@ def options_from_args(args: Any) -> PrepareOptions:
         progress=not args.no_progress,
         decode_timeout_s=args.decode_timeout,
         caption_actors=args.caption_actors,
+        max_upscale=args.max_upscale,
+        max_fps_ratio=args.max_fps_ratio,
+        scratch=args.scratch,
     )
     if getattr(args, "from_export", None):
         from pipelines.data.prepare.from_export import apply_export

@@ -14,6 +14,7 @@ decoded once.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from dataclasses import replace
@@ -38,16 +39,52 @@ from pipelines.data.prepare.options import (
     STATS_LOG,
     PrepareError,
     PrepareOptions,
+    StorageFailed,
 )
-from pipelines.data.prepare.probe import plan_block
-from pipelines.data.prepare.shards import filesystem, join, merge_rejects, resume_state, shard_files, shard_rows
+from pipelines.data.prepare.probe import Guards, plan_block
+from pipelines.data.prepare.shards import filesystem, join, merge_rejects, resume_state, shard_files, shard_summary
 from pipelines.data.prepare.state import prepare_output, settings_hash, write_json
-from pipelines.data.prepare.storage import is_uri
+from pipelines.data.prepare.storage import StorageUnavailable, is_uri
 from sora_model.config import to_dict
 
 
 def prepare(options: PrepareOptions) -> dict[str, Any]:
-    """Run the pipeline; returns the dataset.json contents. Ray is started (or joined) on demand."""
+    """Run the pipeline; returns the dataset.json contents. Ray is started (or joined) on demand.
+
+    A failure of the run's own storage (a full disk, an I/O error, a store unreachable after retries), in
+    the driver or in any task, stops the run with StorageFailed (one line) and rejects no input."""
+    try:
+        return _prepare(options)
+    except Exception as err:
+        cause = _storage_cause(err)
+        if cause is None:
+            raise
+        out = options.out
+        raise StorageFailed(f"storage failed, run stopped (no input was rejected for it): {cause}; "
+                            f"make room or fix the storage, then run the same command again to resume {out}") from None  # fmt: skip
+
+
+def _storage_cause(err: BaseException) -> str | None:
+    """The one-line message of a StorageUnavailable behind `err`: raised here, or in a Ray task (Ray wraps the
+    task's exception, keeping it as `cause`, in the chain, or through Ray Data only in the traceback's text)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageUnavailable):
+            return " ".join(str(e.args[0] if e.args else e).split())
+        # Ray Data hands back a UserCodeException without the task's exception, only its traceback as text.
+        found = re.findall(rf"{StorageUnavailable.__name__}: (.+)", str(e))
+        if found:
+            return found[-1].strip()
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _prepare(options: PrepareOptions) -> dict[str, Any]:
     import ray
 
     from pipelines.data.runtime import cluster_cpus, ensure_ray
@@ -69,6 +106,13 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     # time (2 cores: 55% busy). Without it every stage takes what is free (the streaming executor still
     # bounds each operator's queued output, which is what keeps memory flat).
     ctx.op_resource_reservation_enabled = False
+    if opts.null_prompt:
+        # First, so a dataset cut short is already usable for caption dropout; in a task: the driver may be a
+        # head node without room for the text encoder.
+        from pipelines.data.null_prompt import read_null_prompt_at, write_null_prompt
+
+        if not (resuming and read_null_prompt_at(out, opts.text_encoder)):
+            ray.get(ray.remote(write_null_prompt).options(num_cpus=1).remote(out, opts.text_encoder))
     try:
         done = None
         if resuming:
@@ -84,10 +128,6 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
     finally:
         ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
 
-    if opts.null_prompt:  # in a task: the driver may be a head node without room for the text encoder
-        from pipelines.data.null_prompt import write_null_prompt
-
-        ray.get(ray.remote(write_null_prompt).options(num_cpus=1).remote(out, opts.text_encoder))
     num_rejected, clips_rejected = merge_rejects(join(out, DECODE_REJECTS_DIR), join(out, REJECTS))
     _append_stats(out, stats, written, shards, time.perf_counter() - t0)
     return _finish(opts, out, scan, grids, channels, (num_rejected, clips_rejected), time.perf_counter() - t0)
@@ -140,7 +180,8 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     ds = ds.map_batches(
         plan_block,
         fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
-                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s},
+                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s,
+                   "guards": Guards(opts.max_upscale, opts.max_fps_ratio), "scratch": opts.scratch},
         # One probing task per CPU at most, so the caption and decode stages get CPUs while files are probed.
         batch_size=None, batch_format="pyarrow", num_cpus=1, compute=TaskPoolStrategy(size=max(1, cpus)),
     )  # fmt: skip
@@ -162,9 +203,9 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
             fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out,
-                       "decode_timeout_s": opts.decode_timeout_s},
+                       "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch},
         )  # fmt: skip
-    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s},
+    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch},
                         **concurrency)  # fmt: skip
     ds = ds.map_batches(
         EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch}, batch_size=rows,
@@ -195,15 +236,30 @@ def _append_stats(out: str, stats: str, written: int, shards: int, seconds: floa
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode())
 
 
+def _curation(opts: PrepareOptions, sums: list[dict[str, Any]]) -> dict[str, Any]:
+    """dataset.json's account of what the guards saw: captions cut, the sources' frame rates, repeated frames."""
+    fps = [s["source_fps"] for s in sums if s["source_fps"]]
+    rows = sum(s["rows"] for s in sums if s["source_fps"])
+    return {
+        "text_truncated": sum(s["text_truncated"] for s in sums),
+        "source_fps": {"min": round(min(f[0] for f in fps), 4), "max": round(max(f[1] for f in fps), 4),
+                       "mean": round(sum(f[2] for f in fps) / rows, 4)} if fps else None,  # fmt: skip
+        "clips_with_repeated_frames": sum(s["repeated_clips"] for s in sums),
+        "max_upscale": opts.max_upscale,
+        "max_fps_ratio": opts.max_fps_ratio,
+    }
+
+
 def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int,
             rejected: tuple[int, int], elapsed: float) -> dict[str, Any]:  # fmt: skip
     import pyarrow.parquet as pq
 
     num_rejected, clips_rejected = rejected
-    bucket_infos = []
+    bucket_infos, sums = [], []
     for b in opts.buckets:
+        sums.append(shard_summary(join(out, b.name)))
         bucket_infos.append({"frames": b.frames, "height": b.height, "width": b.width, "name": b.name,
-                             "grid": list(grids[b.name]), "num_clips": shard_rows(join(out, b.name)), "path": b.name})  # fmt: skip
+                             "grid": list(grids[b.name]), "num_clips": sums[-1]["rows"], "path": b.name})  # fmt: skip
     num_clips = sum(bi["num_clips"] for bi in bucket_infos)
     if num_clips == 0:
         raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}")
@@ -231,6 +287,7 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         "manifest": {"path": str(opts.manifest), "sha256": scan.sha256, "rows": scan.num_rows},
         "clips_per_video": opts.clips_per_video,
         "stride_s": opts.stride_s,
+        **_curation(opts, sums),
         "columns": list(COLUMNS),
         "dtypes": DTYPES,
         "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
@@ -238,5 +295,8 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         "seconds": round(elapsed, 2),
     }
     write_json(join(out, DATASET_INFO), info)
+    if info["text_truncated"]:
+        print(f"warning: {info['text_truncated']} captions were longer than the text encoder's {opts.text_encoder.max_length} "
+              "tokens and were cut (raise --max-text-length; per clip: the text_truncated column)", file=sys.stderr)  # fmt: skip
     print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")
     return info

@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S, DecoderFailed, isolated
-from pipelines.data.prepare.options import _VIDEO_ERROR_REASONS, ASPECT_TOLERANCE, Bucket
-from pipelines.data.prepare.storage import LocalFiles
+from pipelines.data.prepare.options import (
+    _VIDEO_ERROR_REASONS,
+    ASPECT_TOLERANCE,
+    DEFAULT_MAX_FPS_RATIO,
+    DEFAULT_MAX_UPSCALE,
+    Bucket,
+)
+from pipelines.data.prepare.storage import LocalFiles, StorageUnavailable
 
 
 def clip_id(source: str, start_s: float) -> str:
@@ -66,9 +72,9 @@ class PlanInputs:
     """
 
     def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
-                 decode_timeout_s: float = DECODE_TIMEOUT_S):  # fmt: skip
-        self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s)
-        self.files = LocalFiles()
+                 decode_timeout_s: float = DECODE_TIMEOUT_S, guards: Guards | None = None, scratch: str | None = None):  # fmt: skip
+        self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s, guards or Guards())
+        self.files = LocalFiles(scratch)
         self.calls = isolated(decode_timeout_s)  # probing runs the decoder libraries too: same isolation
 
     def __call__(self, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -111,6 +117,8 @@ class PlanInputs:
             for good in batch:
                 try:
                     work.append((good, stack.enter_context(self.files.local(good[0]["source"]))))
+                except StorageUnavailable:
+                    raise  # our disk or store failed, not the input: the run stops
                 except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
                     reason, detail = _reason(err)
                     rejects += [reject_row(e, reason, detail) for e in good]
@@ -130,6 +138,16 @@ class PlanInputs:
         return plans, rejects
 
 
+@dataclass(frozen=True)
+class Guards:
+    """What a source must offer its bucket: limits that reject the input rather than write a poor clip."""
+
+    max_upscale: float = DEFAULT_MAX_UPSCALE
+    """Largest scale factor from the source to the bucket (see options.DEFAULT_MAX_UPSCALE)."""
+    max_fps_ratio: float = DEFAULT_MAX_FPS_RATIO
+    """Largest clip fps / source fps (see options.DEFAULT_MAX_FPS_RATIO)."""
+
+
 @dataclass
 class ClipPlanner:
     """The clips of a probed file's rows (picklable: it runs in the decoder child)."""
@@ -138,6 +156,7 @@ class ClipPlanner:
     fps: float | None
     clips_per_video: int
     stride_s: float | None
+    guards: Guards = Guards()
 
     def plan_sources(self, work: list[tuple[list[dict[str, Any]], str]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
         return [self.plan_source(good, local) for good, local in work]
@@ -197,6 +216,9 @@ class ClipPlanner:
         bucket = choose_bucket(self.buckets, info.width, info.height, still, lambda b: clip_at(b, start0) is not None)
         if bucket is None:
             return [], reject_row(entry, "too short", self._too_short(info, start0, still))
+        guard = self._guard(info, bucket)
+        if guard:
+            return [], reject_row(entry, *guard)
         rate = info.fps if (self.fps is None or bucket.frames == 1) else self.fps
         stride = self.stride_s or bucket.frames / rate
         plans = []
@@ -206,10 +228,23 @@ class ClipPlanner:
             if idx is None:
                 break
             plans.append({"clip_id": clip_id(entry["source"], start), "source": entry["source"], "path": entry["path"],
-                          "start_s": start, "fps": float(rate), "bucket": bucket.name, "indices": idx})  # fmt: skip
+                          "start_s": start, "fps": float(rate), "source_fps": float(info.fps),
+                          "repeated_frames": sum(a == b for a, b in zip(idx, idx[1:])), "bucket": bucket.name,
+                          "indices": idx})  # fmt: skip
             if bucket.frames == 1 and info.num_frames == 1:
                 break  # a still gives one clip
         return plans, None
+
+    def _guard(self, info: Any, bucket: Bucket) -> tuple[str, str] | None:
+        """(reason, detail) when the source is too small or too slow for its bucket, else None."""
+        scale = max(bucket.height / info.height, bucket.width / info.width)
+        if scale > self.guards.max_upscale * (1 + 1e-9):
+            return "upscaled", (f"{info.width}x{info.height} source would be upscaled {scale:.3g}x to bucket {bucket.name}, "
+                                f"beyond --max-upscale {self.guards.max_upscale:g}")  # fmt: skip
+        if self.fps is not None and bucket.frames > 1 and self.fps / info.fps > self.guards.max_fps_ratio * (1 + 1e-9):
+            return "low fps", (f"source at {info.fps:g} fps for clips at {self.fps:g} fps repeats frames ({self.fps / info.fps:.3g}x, "
+                               f"beyond --max-fps-ratio {self.guards.max_fps_ratio:g})")  # fmt: skip
+        return None
 
     def _too_short(self, info: Any, start0: float, still: bool) -> str:
         if still:
@@ -237,7 +272,8 @@ def plan_schema() -> Any:
     import pyarrow as pa
 
     return pa.schema([("clip_id", pa.string()), ("source", pa.string()), ("path", pa.string()), ("start_s", pa.float64()),
-                      ("fps", pa.float32()), ("bucket", pa.string()), ("indices", pa.list_(pa.int32())),
+                      ("fps", pa.float32()), ("source_fps", pa.float32()), ("repeated_frames", pa.int32()),
+                      ("bucket", pa.string()), ("indices", pa.list_(pa.int32())),
                       ("lines", pa.list_(pa.int64())), ("line_clips", pa.list_(pa.int32())),
                       ("captions", pa.list_(pa.string()))])  # fmt: skip
 
@@ -249,7 +285,8 @@ _PLANNERS: dict[str, PlanInputs] = {}
 
 
 def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
-               rejects_dir: str, done: list[Any], decode_timeout_s: float = DECODE_TIMEOUT_S) -> Any:  # fmt: skip
+               rejects_dir: str, done: list[Any], decode_timeout_s: float = DECODE_TIMEOUT_S,
+               guards: Guards | None = None, scratch: str | None = None) -> Any:  # fmt: skip
     """Ray Data stage over the manifest sorted by source: every source of the block probed once, its rows
     planned into clips; rejects go to a file under `rejects_dir`; clips already written (a resume) are
     dropped. Returns the plans (`plan_schema`)."""
@@ -258,10 +295,10 @@ def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_v
     from pipelines.data.prepare.shards import write_rejects
     from pipelines.data.prepare.state import shared
 
-    key = repr((buckets, fps, clips_per_video, stride_s, decode_timeout_s))
+    key = repr((buckets, fps, clips_per_video, stride_s, decode_timeout_s, guards, scratch))
     if key not in _PLANNERS:
         _PLANNERS.clear()
-        _PLANNERS[key] = PlanInputs(buckets, fps, clips_per_video, stride_s, decode_timeout_s)
+        _PLANNERS[key] = PlanInputs(buckets, fps, clips_per_video, stride_s, decode_timeout_s, guards, scratch)
     planner = _PLANNERS[key]
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in table.to_pylist():

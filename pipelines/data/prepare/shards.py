@@ -13,6 +13,7 @@ unfinished lines are dropped after planning. A shard that cannot be parsed is mo
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.prepare.options import DECODE_REJECTS_DIR, PARQUET_COMPRESSION, SHARD_PREFIX, SHARD_SUFFIX, TMP_PREFIX
-from pipelines.data.prepare.storage import is_uri, with_retries
+from pipelines.data.prepare.storage import is_uri, storage_failure, with_retries
 
 DAMAGED_DIR = "_damaged"
 MERGE_FAN_IN = 256
@@ -52,11 +53,19 @@ def put_file(path: str, write: Any) -> None:
 
         with_retries(put, path)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}{Path(path).suffix}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as err:
+        ours = storage_failure(err, f"writing {path}")
+        if ours is None:
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a full disk keeps no half file
+        raise ours from None
 
 
 def write_shard(table: Any, folder: str) -> str:
@@ -96,6 +105,33 @@ def shard_rows(folder: str) -> int:
 
     fs, _ = filesystem(folder)
     return sum(pq.ParquetFile(filesystem(f)[1], filesystem=fs).metadata.num_rows for f in shard_files(folder))
+
+
+CURATION_COLUMNS = ("source_fps", "repeated_frames", "text_truncated")
+"""Per-clip columns summarised into dataset.json (format-1 shards written before them lack them)."""
+
+
+def shard_summary(folder: str) -> dict[str, Any]:
+    """{rows, text_truncated, source_fps: [min, max, sum], repeated_clips} over a bucket's shards: one small
+    read of three numeric columns per shard (a run's end, in the driver)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(folder)
+    out: dict[str, Any] = {"rows": 0, "text_truncated": 0, "source_fps": None, "repeated_clips": 0}
+    for f in shard_files(folder):
+        pf = pq.ParquetFile(filesystem(f)[1], filesystem=fs)
+        out["rows"] += pf.metadata.num_rows
+        cols = [c for c in CURATION_COLUMNS if c in pf.schema_arrow.names]
+        if len(cols) < len(CURATION_COLUMNS):
+            continue
+        t = pf.read(columns=cols)
+        fps = t.column("source_fps").to_numpy()
+        out["text_truncated"] += int(t.column("text_truncated").to_numpy().sum())
+        out["repeated_clips"] += int((t.column("repeated_frames").to_numpy() > 0).sum())
+        if len(fps):
+            lo, hi, total = out["source_fps"] or (float("inf"), 0.0, 0.0)
+            out["source_fps"] = (min(lo, float(fps.min())), max(hi, float(fps.max())), total + float(fps.sum()))
+    return out
 
 
 def _read_done_columns(path: str) -> Any:

@@ -6,7 +6,16 @@ import hashlib
 import json
 from typing import Any
 
-from pipelines.data.prepare.options import DATASET_INFO, DECODE_REJECTS_DIR, REJECTS, RUN_STATE, STATS_LOG, Bucket, PrepareError
+from pipelines.data.prepare.options import (
+    DATASET_INFO,
+    DECODE_REJECTS_DIR,
+    NULL_PROMPT,
+    REJECTS,
+    RUN_STATE,
+    STATS_LOG,
+    Bucket,
+    PrepareError,
+)
 from pipelines.data.prepare.shards import DAMAGED_DIR, filesystem, join, put_file
 
 
@@ -34,7 +43,7 @@ def prepare_output(out: str, settings: dict[str, Any], overwrite: bool) -> bool:
     ours, others = [], []
     for e in entries:
         name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-        fixed = name in (DATASET_INFO, RUN_STATE, REJECTS, STATS_LOG, DECODE_REJECTS_DIR, DAMAGED_DIR)
+        fixed = name in (DATASET_INFO, RUN_STATE, REJECTS, STATS_LOG, DECODE_REJECTS_DIR, DAMAGED_DIR, NULL_PROMPT)
         bucket = e["type"] == "directory" and _is_bucket_name(name)
         (ours if fixed or bucket else others).append((name, e))
     names = {n for n, _ in ours}

@@ -2,14 +2,19 @@
 
 A remote input is downloaded to a temporary file for exactly as long as one stage needs it (the decoders
 want a seekable local file; a clip reads frames scattered through it) and removed right after, so a worker
-never accumulates the dataset on its disk. A request that fails for a transient reason (throttling,
-a reset connection, a timeout) is retried with exponential backoff; after RETRIES tries the input is
-rejected with the last error as the reason, and the run goes on.
+never accumulates the dataset on its disk (`--scratch DIR` says where). A request that fails for a transient
+reason (throttling, a reset connection, a timeout, EAGAIN) is retried with exponential backoff.
+
+Two kinds of failure, kept apart: the *input's* (missing, forbidden: `StorageError`, the input is rejected
+with the reason and the run goes on) and the *run's own storage* (a full or failing disk, a store that stays
+unreachable after RETRIES tries: `StorageUnavailable`), which stops the run with one line and rejects
+nothing, so the same command resumes once the storage is back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -37,6 +42,29 @@ class StorageError(Exception):
         self.reason = reason
 
 
+class StorageUnavailable(Exception):
+    """The run's own storage failed (disk full, I/O error, a store unreachable after retries): the run stops;
+    no input is rejected for it. One line: what was being read or written, and the error."""
+
+
+STORAGE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO", "EROFS", "ENOMEM", "EMFILE", "ENFILE", "ESTALE")
+    if hasattr(errno, name)
+)
+"""OSError numbers that say the machine or its storage failed, not the input: no retry, the run stops."""
+RETRY_ERRNOS = frozenset(getattr(errno, name) for name in ("EAGAIN", "EINTR", "EBUSY", "ETIMEDOUT") if hasattr(errno, name))
+"""OSError numbers worth another try; still failing after RETRIES, the run stops (StorageUnavailable)."""
+
+
+def storage_failure(err: BaseException, what: str) -> StorageUnavailable | None:
+    """The StorageUnavailable to raise for `err` (an error of our disk, not of the input), else None."""
+    if isinstance(err, StorageUnavailable):
+        return err
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        return StorageUnavailable(f"{what}: {type(err).__name__}: [Errno {err.errno}] {os.strerror(err.errno)}")
+    return None
+
+
 def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -45,6 +73,8 @@ def is_transient(err: BaseException) -> bool:
     """Worth another try: throttling, dropped connections and timeouts; not a missing or forbidden object."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if isinstance(err, OSError) and err.errno in RETRY_ERRNOS:
+        return True
     text = f"{type(err).__name__} {err}".lower()
     markers = ("slowdown", "throttl", "too many requests", "503", "500", "timeout", "timed out", "reset", "connection",
                "temporarily", "broken pipe", "internalerror")  # fmt: skip
@@ -52,18 +82,25 @@ def is_transient(err: BaseException) -> bool:
 
 
 def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> T:
-    """fn(), retried on transient errors with exponential backoff; StorageError once it gives up."""
+    """fn(), retried on transient errors with exponential backoff. Gives up with StorageError (the input's fault:
+    missing, forbidden) or StorageUnavailable (our storage's: a full disk at once, a transient error that
+    outlasted the retries)."""
     for attempt in range(1, retries + 1):
         try:
             return fn()
         except FileNotFoundError as err:
             raise StorageError("missing", f"{what}: not found ({err})") from None
         except Exception as err:  # noqa: BLE001 - classified below
+            ours = storage_failure(err, what)
+            if ours is not None:
+                raise ours from None
             if not is_transient(err) and not isinstance(err, OSError):
                 raise  # not an I/O failure (e.g. a file that does not parse): the caller's to judge
-            if not is_transient(err) or attempt == retries:
-                tries = f" after {attempt} tries" if attempt > 1 else ""
-                raise StorageError("unreadable", f"{what}: {type(err).__name__}: {' '.join(str(err).split())}{tries}") from None
+            detail = f"{what}: {type(err).__name__}: {' '.join(str(err).split())}"
+            if is_transient(err) and attempt == retries:
+                raise StorageUnavailable(f"{detail} (still failing after {attempt} tries)") from None
+            if not is_transient(err):
+                raise StorageError("unreadable", detail) from None
             time.sleep(backoff_s * 2 ** (attempt - 1) * (1 + 0.5 * random.random()))
     raise AssertionError("unreachable")
 
@@ -75,9 +112,11 @@ def open_uri(uri: str, mode: str = "rb") -> Any:
 
 
 class LocalFiles:
-    """`with files.local(source) as path`: a local path for the block; a remote source's copy is removed after."""
+    """`with files.local(source) as path`: a local path for the block; a remote source's copy is removed after.
+    Copies go under `scratch` (None: the system's temp folder)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: str | None = None) -> None:
+        self.scratch = scratch
         self._dir: str | None = None
 
     @contextlib.contextmanager
@@ -85,12 +124,15 @@ class LocalFiles:
         if not is_uri(source):
             yield source
             return
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="sora-prepare-")
-        fd, local = tempfile.mkstemp(dir=self._dir, suffix=Path(source).suffix)
-        os.close(fd)
         try:
-            with_retries(lambda: _download(source, local), source)
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="sora-prepare-", dir=self.scratch)
+            fd, local = tempfile.mkstemp(dir=self._dir, suffix=Path(source).suffix)
+            os.close(fd)
+        except OSError as err:
+            raise storage_failure(err, f"scratch folder {self.scratch or tempfile.gettempdir()}") or err from None
+        try:
+            with_retries(lambda: _download(source, local), f"{source} (copying to {self._dir})")
             yield local
         finally:
             os.unlink(local)
