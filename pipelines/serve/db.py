@@ -9,11 +9,21 @@ Work is handed out with leases. A dispatcher (any ingress replica) claims queued
 sets `lease_token` (a fresh random token), `lease_owner` and `lease_until_ns`. On PostgreSQL the rows are
 picked with `FOR UPDATE SKIP LOCKED`, so concurrent dispatchers never wait on or take the same row; on
 SQLite the same `UPDATE ... WHERE id IN (SELECT ... LIMIT n) RETURNING` is atomic because SQLite has one
-writer at a time. The holder renews the lease while the job waits in the generator, and the generator
-renews it with every progress write while sampling. Every write about a running job names its token
-(a fencing token): once a lease lapses and another dispatcher re-claims the job, the old holder's writes
-match no row, so a job never runs to completion twice and a stale replica can never overwrite a newer
-result. A job whose holder died is claimable again as soon as `lease_until_ns` passes.
+writer at a time. Every write about a running job names its token in the UPDATE's WHERE (a fencing token):
+once a lease lapses and another dispatcher re-claims the job, the old holder's writes match no row, so a
+job never runs to completion twice and a stale replica can never overwrite a newer result (its clip is
+stored under its own token's name, and dropped when its completion is refused). A job whose holder died
+is claimable again as soon as `lease_until_ns` passes.
+
+Leases follow progress, not time alone. `heartbeat_ns` is when the job last moved: claimed, started, a
+sampling step, a stored file. The holder's renewals extend a running job's lease only while that heartbeat
+is younger than the stall timeout (`queue.stall_timeout_s`), so a hung generator cannot hold a job forever:
+its holder puts it back in the queue with the reason recorded (`retries`), or fails it after
+`queue.max_attempts`. Lease times are read from the database's clock (`db_now_ns`), one clock for every
+node, so a replica whose clock runs ahead cannot take leases early.
+
+Usage for quotas goes to a ledger (`sora_usage`) that deleting a job does not touch: a create, download,
+delete loop spends quota like any other.
 
 Why not Ray Serve's own asynchronous inference (`ray.serve.task_consumer`, Ray 2.60, alpha): it puts
 tasks in a Celery broker (Redis or RabbitMQ) and scales consumers on the broker's queue length. Here
@@ -37,6 +47,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -48,12 +59,15 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
+    literal_column,
     or_,
     select,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.sql.elements import ColumnElement
 
 UNFINISHED = ("queued", "in_progress")
 TERMINAL = ("completed", "failed")
@@ -81,6 +95,8 @@ jobs = Table(
     Column("started_ns", BigInteger),
     Column("eta_ns", BigInteger),
     Column("content_ref", String(32)),  # the token whose clip is stored: content/<id>-<ref>.mp4
+    Column("heartbeat_ns", BigInteger),  # database clock: claimed, started, a step or a stored file (stall checks)
+    Column("retries", JSON),  # [{"attempt", "code", "message"}]: why earlier attempts were given up
     Column("error", JSON),
     Column("doc", JSON, nullable=False),  # the public fields fixed at creation, and the GenerationParams
     Column("extra", JSON),  # timing, batch, replica: monitoring only
@@ -90,6 +106,27 @@ jobs = Table(
     Index("ix_sora_jobs_expires", "expires_at"),  # retention sweeps
     Index("ix_sora_jobs_cache", "cache_key"),  # result cache
 )
+usage = Table(
+    "sora_usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("owner", String(64), nullable=False),
+    Column("created_ns", BigInteger, nullable=False),
+    Column("weight", Float, nullable=False),  # 1 per generated job; tiers.*.cache_hit_weight per cache hit
+    Column("kind", String(16), nullable=False),  # "job" or "cache_hit"
+    Column("job_id", String(48)),
+    Index("ix_sora_usage_owner_created", "owner", "created_ns"),  # quota sums over a rolling hour
+    Index("ix_sora_usage_created", "created_ns"),  # pruning what no quota window reads any more
+)
+USAGE_KEEP_S = 2 * 3600
+"""Ledger rows are pruned this long after they were written: past every quota window (an hour)."""
+
+
+def db_now_ns(dialect: str) -> ColumnElement:
+    """The database's clock in ns, as an SQL expression: what every lease time is measured against."""
+    if dialect == "postgresql":
+        return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)", BigInteger)
+    return literal_column("CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)", BigInteger)
 
 
 def engine_url(url: str) -> str:
@@ -133,6 +170,7 @@ class JobDB:
         self.url = url
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
+        self.now = db_now_ns(self.dialect)
         self._create_lock = threading.Lock()
         self._create_tables()
 
@@ -142,11 +180,26 @@ class JobDB:
             try:
                 with self._create_lock:
                     metadata.create_all(self.engine, checkfirst=True)
+                    self._add_missing_columns()
                 return
             except (IntegrityError, ProgrammingError, OperationalError):
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _add_missing_columns(self) -> None:
+        """A database made by an earlier release gains the (nullable) columns added since; nothing else changes."""
+        have = {c["name"] for c in inspect(self.engine).get_columns(jobs.name)}
+        missing = [c for c in jobs.columns if c.name not in have]
+        with self.engine.begin() as conn:
+            for col in missing:
+                kind = col.type.compile(dialect=self.engine.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {jobs.name} ADD COLUMN {col.name} {kind}")
+
+    def clock_ns(self) -> int:
+        """The database's clock now (what lease times compare against)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(self.now)).scalar())
 
     def close(self) -> None:
         self.engine.dispose()
@@ -167,11 +220,14 @@ class JobDB:
             error=r["error"], _owner=r["owner"], _tier=r["tier"], _priority=r["priority"], _created_ns=r["created_ns"],
             _deadline_ns=r["deadline_ns"], _cache_key=r["cache_key"], _lease_token=r["lease_token"], _attempts=r["attempts"],
             _runs=r["runs"], _started_ns=r["started_ns"], _eta_ns=r["eta_ns"], _content_ref=r["content_ref"], _extra=r["extra"],
+            _heartbeat_ns=r["heartbeat_ns"], _retries=r["retries"] or [],
         )  # fmt: skip
         return job
 
-    def insert(self, job: dict[str, Any], owner: str, tier: str, priority: int, deadline_ns: int | None, cache_key: str | None) -> None:
-        """A new job: `job` holds the public fields and `_params`; `status`, `progress`... start here."""
+    def insert(self, job: dict[str, Any], owner: str, tier: str, priority: int, deadline_ns: int | None, cache_key: str | None,
+               usage_weight: float = 0.0, usage_kind: str = "job") -> None:
+        """A new job: `job` holds the public fields and `_params`; `status`, `progress`... start here. With a
+        `usage_weight`, the owner's usage ledger gains a row in the same transaction."""
         doc = {k: v for k, v in job.items() if k not in ("status", "progress", "completed_at", "expires_at", "error")}
         values = dict(
             id=job["id"], owner=owner, tier=tier, priority=priority, status=job["status"], progress=job["progress"],
@@ -181,6 +237,8 @@ class JobDB:
         )  # fmt: skip
         with self.engine.begin() as conn:
             conn.execute(insert(jobs).values(**values))
+            if usage_weight > 0:
+                conn.execute(insert(usage).values(owner=owner, created_ns=time.time_ns(), weight=usage_weight, kind=usage_kind, job_id=job["id"]))
 
     def get(self, job_id: str, now: float | None = None) -> dict[str, Any] | None:
         """The job, or None when unknown or past its `expires_at` (a sweep removes it soon after)."""
@@ -232,12 +290,26 @@ class JobDB:
             return int(conn.execute(q).scalar() or 0)
 
     def count_created_since(self, owner: str, since_ns: int) -> int:
+        """Jobs the owner still has that were created since `since_ns` (deleted ones not counted: quotas read
+        `usage_since`)."""
         q = select(func.count()).select_from(jobs).where(jobs.c.owner == owner, jobs.c.created_ns >= since_ns)
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar() or 0)
 
-    def cache_lookup(self, key: str) -> dict[str, Any] | None:
-        """A completed, unexpired job made with these exact parameters (the result cache)."""
+    def usage_since(self, owner: str, since_ns: int) -> float:
+        """The owner's ledger total since `since_ns`: jobs (1 each) and cache hits (their weight), deleted or not."""
+        q = select(func.coalesce(func.sum(usage.c.weight), 0.0)).where(usage.c.owner == owner, usage.c.created_ns >= since_ns)
+        with self.engine.connect() as conn:
+            return float(conn.execute(q).scalar() or 0.0)
+
+    def prune_usage(self, before_ns: int) -> int:
+        """Drop ledger rows older than every quota window."""
+        with self.engine.begin() as conn:
+            return conn.execute(delete(usage).where(usage.c.created_ns < before_ns)).rowcount
+
+    def cache_lookup(self, key: str, owner: str | None = None) -> dict[str, Any] | None:
+        """A completed, unexpired job made with these exact parameters (the result cache), the owner's own
+        when `owner` is given (the key itself includes the owner too)."""
         now = int(time.time())
         q = (
             select(jobs)
@@ -245,19 +317,24 @@ class JobDB:
             .where(or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now + 60))
             .limit(1)
         )
+        if owner is not None:
+            q = q.where(jobs.c.owner == owner)
         with self.engine.connect() as conn:
             row = conn.execute(q).first()
         return self._job(row) if row is not None else None
 
     # -- leases -------------------------------------------------------------------------------------
+    # Every lease time (`lease_until_ns`, `heartbeat_ns`) is the database's clock (`self.now`), never a replica's.
+
+    def _until(self, ttl_s: float) -> ColumnElement:
+        return self.now + int(ttl_s * 1e9)
 
     def claim(self, worker: str, n: int, ttl_s: float) -> list[dict[str, Any]]:
         """Lease up to `n` claimable jobs (queued, or unfinished with a lapsed lease), highest priority then
         oldest first; each gets a fresh token. Never the same job to two callers while a lease holds."""
         if n < 1:
             return []
-        now = time.time_ns()
-        claimable = and_(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < now)
+        claimable = and_(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < self.now)
         pick = (
             select(jobs.c.id)
             .where(claimable)
@@ -269,27 +346,61 @@ class JobDB:
         stmt = (
             update(jobs)
             .where(jobs.c.id.in_(pick), claimable)  # re-checked on the locked row (PostgreSQL READ COMMITTED)
-            .values(lease_token=token, lease_owner=worker, lease_until_ns=now + int(ttl_s * 1e9), attempts=jobs.c.attempts + 1)
+            .values(lease_token=token, lease_owner=worker, lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now,
+                    attempts=jobs.c.attempts + 1)
             .returning(*jobs.c)
-        )
+        )  # fmt: skip
         with self.engine.begin() as conn:
             rows = conn.execute(stmt).fetchall()
         claimed = sorted((self._job(r) for r in rows), key=lambda j: (-j["_priority"], j["_created_ns"]))
         return claimed
 
-    def renew(self, tokens: list[str], ttl_s: float) -> set[str]:
-        """Extend the leases of unfinished jobs held under `tokens`; the tokens still held."""
+    def renew(self, tokens: list[str], ttl_s: float, stall_s: float | None = None) -> set[str]:
+        """Extend the leases of unfinished jobs held under `tokens`; the tokens renewed. With `stall_s`, a
+        running job is renewed only while it moved (`heartbeat_ns`) within the last `stall_s` seconds; a job
+        still waiting for a generator (`queued`) is renewed while its holder waits."""
         if not tokens:
             return set()
-        until = time.time_ns() + int(ttl_s * 1e9)
-        stmt = (
-            update(jobs)
-            .where(jobs.c.lease_token.in_(tokens), jobs.c.status.in_(UNFINISHED))
-            .values(lease_until_ns=until)
-            .returning(jobs.c.lease_token)
-        )
+        cond = and_(jobs.c.lease_token.in_(tokens), jobs.c.status.in_(UNFINISHED))
+        if stall_s is not None:
+            moving = and_(jobs.c.status == "in_progress", jobs.c.heartbeat_ns >= self.now - int(stall_s * 1e9))
+            cond = and_(cond, or_(jobs.c.status == "queued", moving))
+        stmt = update(jobs).where(cond).values(lease_until_ns=self._until(ttl_s)).returning(jobs.c.lease_token)
         with self.engine.begin() as conn:
             return {r[0] for r in conn.execute(stmt)}
+
+    def give_up_stalled(self, job_id: str, token: str, stall_s: float, max_attempts: int, retention_s: float | None) -> str | None:
+        """A running job held under `token` whose heartbeat is older than `stall_s`: back to `queued` for another
+        attempt (its lease and token gone, so the hung attempt's writes are refused), or `failed` once it has had
+        `max_attempts`. The reason goes to `retries`. The new status, or None when the token no longer holds it or
+        it moved meanwhile."""
+        stalled = and_(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress",
+                       jobs.c.heartbeat_ns < self.now - int(stall_s * 1e9))  # fmt: skip
+        with self.engine.begin() as conn:
+            row = conn.execute(select(jobs.c.attempts, jobs.c.retries).where(stalled).with_for_update()).first()
+            if row is None:
+                return None
+            attempts, retries = int(row[0]), list(row[1] or [])
+            message = f"attempt {attempts} stalled: no sampling progress for {stall_s:g}s (queue.stall_timeout_s)"
+            retries.append({"attempt": attempts, "code": "stalled", "message": message})
+            values: dict[str, Any] = dict(lease_token=None, lease_owner=None, lease_until_ns=0, retries=retries)
+            if attempts >= max_attempts:
+                now = int(time.time())
+                error = {"code": "stalled", "message": f"generation failed: {attempts} attempts stalled (queue.max_attempts); last: {message}"}
+                values.update(status="failed", completed_at=now, error=error, expires_at=_expiry(now, retention_s))
+            else:
+                values.update(status="queued", progress=0, eta_ns=None)
+            done = conn.execute(update(jobs).where(stalled).values(**values)).rowcount
+        return values["status"] if done else None
+
+    def add_retry(self, job_id: str, token: str, attempt: int, code: str, message: str) -> None:
+        """Record why attempt `attempt` was given up (e.g. its holder's lease lapsed), while `token` holds the job."""
+        held = and_(jobs.c.id == job_id, jobs.c.lease_token == token)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(jobs.c.retries).where(held).with_for_update()).first()
+            if row is not None:
+                entry = {"attempt": attempt, "code": code, "message": message}
+                conn.execute(update(jobs).where(held).values(retries=[*(row[0] or []), entry]))
 
     def release(self, job_id: str, token: str) -> None:
         """Give a lease back early (the holder is stopping): another dispatcher can claim it at once."""
@@ -299,27 +410,35 @@ class JobDB:
     def start(self, job_id: str, token: str, replica: str, ttl_s: float) -> dict[str, Any] | None:
         """A generator begins sampling: `in_progress`, one more run. None when the lease was lost, the job
         was deleted, or it already finished (then the generator skips it)."""
-        now = time.time_ns()
         stmt = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED))
-            .values(status="in_progress", progress=0, started_ns=now, eta_ns=None, runs=jobs.c.runs + 1, lease_until_ns=now + int(ttl_s * 1e9), lease_owner=replica)
+            .values(status="in_progress", progress=0, started_ns=time.time_ns(), eta_ns=None, runs=jobs.c.runs + 1,
+                    lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now, lease_owner=replica)
             .returning(*jobs.c)
-        )
+        )  # fmt: skip
         with self.engine.begin() as conn:
             row = conn.execute(stmt).first()
         return self._job(row) if row is not None else None
 
     def progress(self, held: dict[str, str], pct: int, eta_ns: int | None, ttl_s: float) -> set[str]:
-        """Progress of the jobs {id: token} of one pipeline call, renewing their leases; the ids still held."""
-        until = time.time_ns() + int(ttl_s * 1e9)
+        """Progress of the jobs {id: token} of one pipeline call: a heartbeat that renews their leases; the ids still held."""
         kept: set[str] = set()
         with self.engine.begin() as conn:
             for job_id, token in held.items():
                 stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress")
-                if conn.execute(stmt.values(progress=pct, eta_ns=eta_ns, lease_until_ns=until)).rowcount:
+                if conn.execute(stmt.values(progress=pct, eta_ns=eta_ns, lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now)).rowcount:
                     kept.add(job_id)
         return kept
+
+    def heartbeat(self, job_id: str, token: str, ttl_s: float, pct: int | None = None) -> bool:
+        """The job moved outside sampling (its clip encoded, a file stored): renew, if `token` still holds it."""
+        values: dict[str, Any] = dict(lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now)
+        if pct is not None:
+            values["progress"] = pct
+        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress").values(**values)
+        with self.engine.begin() as conn:
+            return bool(conn.execute(stmt).rowcount)
 
     def complete(self, job_id: str, token: str, retention_s: float | None, extra: dict[str, Any]) -> bool:
         """`completed` with the clip stored under `token`, if this token still holds the lease."""
@@ -334,11 +453,11 @@ class JobDB:
             return bool(conn.execute(stmt).rowcount)
 
     def fail(self, job_id: str, token: str | None, code: str, message: str, retention_s: float | None) -> bool:
-        """`failed` with an error; with a token only while it holds the lease, without one unconditionally."""
+        """`failed` with an error, only while `token` holds the lease; without a token only while nobody holds
+        one (a sweep), so a sweep never overrides a holder that claimed the job meanwhile."""
         now = int(time.time())
         stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(UNFINISHED))
-        if token is not None:
-            stmt = stmt.where(jobs.c.lease_token == token)
+        stmt = stmt.where(jobs.c.lease_token == token) if token is not None else stmt.where(jobs.c.lease_until_ns < self.now)
         values = dict(status="failed", completed_at=now, error={"code": code, "message": message}, lease_until_ns=0, expires_at=_expiry(now, retention_s))
         with self.engine.begin() as conn:
             return bool(conn.execute(stmt.values(**values)).rowcount)
@@ -348,10 +467,10 @@ class JobDB:
     def fail_past_deadline(self, retention_s: float | None, limit: int = 100) -> list[str]:
         """Jobs past their deadline that nobody holds (queued, or their holder died): failed. Running ones
         are stopped by their generator, which checks the deadline at every step."""
-        now_ns = time.time_ns()
+        now_ns = time.time_ns()  # deadlines are the ingress's clock (set at creation), leases the database's
         with self.engine.connect() as conn:
             ids = [r[0] for r in conn.execute(
-                select(jobs.c.id).where(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < now_ns, jobs.c.deadline_ns < now_ns).limit(limit)
+                select(jobs.c.id).where(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < self.now, jobs.c.deadline_ns < now_ns).limit(limit)
             )]  # fmt: skip
         failed = []
         for job_id in ids:

@@ -2,12 +2,18 @@
 deployment, hold their leases meanwhile, and sweep expired and overdue jobs.
 
     accepted job (queued row) ──claim (lease, token)──► generator.generate.remote ──► completed row + clip
-                  ▲                                            │ renew every ttl/3 (here while it waits,
-                  └──── lease lapses (replica died) ◄──────────┘ in the generator at every step)
+                  ▲                                            │ renew every ttl/3 while the job waits for a
+                  │                                            │ generator or its heartbeat (a step, a stored
+                  │                                            │ file) is younger than queue.stall_timeout_s
+                  └── stalled: given up (reason recorded) ◄────┤
+                  └── lease lapses (this replica died) ◄───────┘
 
 Any number of ingress replicas run one each against the same database: they share the queue, never take
 the same job while a lease holds (see db.py), and pick up the jobs of a replica that died once its
-leases lapse. Nothing here blocks the event loop: every database and storage call runs in a thread.
+leases lapse. A running job whose generator stops making steps is not renewed: its holder gives it up (a
+new attempt, the stall recorded in `retries`, or `failed` after queue.max_attempts), and the hung attempt's
+writes are refused by its token. Nothing here blocks the event loop: every database and storage call runs in
+a thread. What each job cost goes to the ingress's Prometheus registry (metrics.py).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ServeSettings
-from .db import JobDB
-from .metrics import ingress_metrics
+from .db import USAGE_KEEP_S, JobDB
+from .metrics import ServeMetrics
 from .store import ContentStore
 
 logger = logging.getLogger("ray.serve")
@@ -42,8 +48,10 @@ def replica_id() -> str:
 
 
 class Dispatcher:
-    def __init__(self, db: JobDB, content: ContentStore, generator: Any, settings: Callable[[], ServeSettings], worker: str, stats: Counter) -> None:
+    def __init__(self, db: JobDB, content: ContentStore, generator: Any, settings: Callable[[], ServeSettings], worker: str, stats: Counter,
+                 metrics: ServeMetrics) -> None:
         self.db = db
+        self.metrics = metrics
         self.content = content
         self.generator = generator
         self.settings = settings
@@ -52,6 +60,7 @@ class Dispatcher:
         self.batch_sizes: Counter[int] = Counter()
         self.batch_ids: set[str] = set()
         self.held: dict[str, str] = {}  # job id -> lease token, claimed here and not finished
+        self.abandoned: set[str] = set()  # tokens of stalled attempts given up while their generator call hangs on
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._last_sweep = 0.0
@@ -96,11 +105,13 @@ class Dispatcher:
 
     async def _renew_loop(self) -> None:
         while True:
-            ttl = self.settings().queue.lease_ttl_s
+            q = self.settings().queue
+            ttl = q.lease_ttl_s
             await asyncio.sleep(ttl / 3)
             tokens = list(self.held.values())
             try:
-                kept = await asyncio.to_thread(self.db.renew, tokens, ttl)
+                kept = await asyncio.to_thread(self.db.renew, tokens, ttl, q.stall_timeout_s)
+                await self._give_up_stalled([(i, t) for i, t in list(self.held.items()) if t in tokens and t not in kept])
             except RuntimeError as err:
                 if "after shutdown" in str(err):  # the replica is stopping
                     return
@@ -109,9 +120,24 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - the next renewal (a third of the TTL later) may succeed
                 logger.exception("dispatcher: lease renewal failed")
                 continue
-            lost = [i for i, t in self.held.items() if t not in kept]
-            if lost:  # finished meanwhile, or a lapse let another replica take it: its writes are fenced
-                logger.info("dispatcher: %d leases no longer held (finished or taken over)", len(lost))
+
+    async def _give_up_stalled(self, lost: list[tuple[str, str]]) -> None:
+        """Leases not renewed: a stalled job goes back to the queue (or fails), its slot here is freed at once and
+        its hung call left to end on its own (its writes are refused). The others finished meanwhile, or a
+        lapse let another replica take them (their writes are fenced too)."""
+        s = self.settings()
+        for job_id, token in lost:
+            status = await asyncio.to_thread(self.db.give_up_stalled, job_id, token, s.queue.stall_timeout_s, s.queue.max_attempts, s.retention_s)
+            if status is None:
+                continue
+            self.metrics.lease_expiries.labels(reason="stalled").inc()
+            self.stats["stalled"] += 1
+            logger.warning("dispatcher: %s made no progress for %gs: %s", job_id, s.queue.stall_timeout_s,
+                           "queued for another attempt" if status == "queued" else "failed after queue.max_attempts")  # fmt: skip
+            self.abandoned.add(token)
+            if self.held.get(job_id) == token:
+                del self.held[job_id]
+            self.wake()
 
     async def _sweep(self, s: ServeSettings) -> None:
         """Fail jobs past their deadline that nobody holds; purge expired jobs and their files."""
@@ -122,6 +148,7 @@ class Dispatcher:
         for job_id, ref in expired:
             await asyncio.to_thread(self.content.remove, job_id, ref)
         purged = await asyncio.to_thread(self.db.purge, [i for i, _ in expired])
+        await asyncio.to_thread(self.db.prune_usage, time.time_ns() - USAGE_KEEP_S * 10**9)
         if purged:
             self.stats["expired_purged"] += purged
             logger.info("dispatcher: purged %d expired jobs", purged)
@@ -140,19 +167,26 @@ class Dispatcher:
 
         s = self.settings()
         job_id, token = job["id"], job["_lease_token"]
-        started = time.perf_counter()
         status = "failed"
         try:
-            if job["_attempts"] > s.queue.max_attempts:
-                message = f"generation failed: claimed {job['_attempts'] - 1} times without finishing (its replicas kept dying; queue.max_attempts)"
-                await asyncio.to_thread(self.db.fail, job_id, token, "replica_failed", message, s.retention_s)
+            attempt = job["_attempts"]
+            if attempt > 1 and not any(r.get("attempt") == attempt - 1 for r in job["_retries"]):
+                # Nobody gave the last attempt up: its holder stopped renewing (died, or its loop was stuck).
+                self.metrics.lease_expiries.labels(reason="lapsed").inc()
+                message = f"attempt {attempt - 1}: its holder's lease lapsed (queue.lease_ttl_s) before it finished"
+                await asyncio.to_thread(self.db.add_retry, job_id, token, attempt - 1, "lease_lapsed", message)
+                job["_retries"] = [*job["_retries"], {"attempt": attempt - 1, "code": "lease_lapsed", "message": message}]
+            if attempt > s.queue.max_attempts:
+                reasons = "; ".join(r.get("message", "") for r in job["_retries"][-s.queue.max_attempts :])
+                message = f"generation failed: {attempt - 1} attempts did not finish (queue.max_attempts): {reasons}"
+                await asyncio.to_thread(self.db.fail, job_id, token, "retries_exhausted", message, s.retention_s)
                 return
-            if job["_attempts"] > 1:
+            if attempt > 1:
                 self.stats["reclaimed"] += 1
-                logger.info("dispatcher: re-claimed %s (attempt %d; its lease had lapsed)", job_id, job["_attempts"])
+                logger.info("dispatcher: re-claimed %s (attempt %d)", job_id, attempt)
             item = {
                 "id": job_id, "token": token, "params": job["_params"], "alone": alone, "deadline_ns": job["_deadline_ns"],
-                "lease_ttl_s": s.queue.lease_ttl_s, "retention_s": s.retention_s,
+                "lease_ttl_s": s.queue.lease_ttl_s, "retention_s": s.retention_s, "attempt": attempt,
             }  # fmt: skip
             tries, waits = 0, 0
             while True:
@@ -171,17 +205,27 @@ class Dispatcher:
                         return
                 await asyncio.sleep(RETRY_BACKOFF_S[min(waits, len(RETRY_BACKOFF_S) - 1)])
                 waits += 1
-            status = self._record(result)
+            status = self._record(result, token)
         except Exception as err:  # noqa: BLE001 - one job's failure never stops the dispatcher
             logger.exception("job %s failed", job_id)
             self.stats["failed"] += 1
             await asyncio.to_thread(self.db.fail, job_id, token, "generation_failed", f"generation failed: {type(err).__name__}", s.retention_s)
         finally:
-            self.held.pop(job_id, None)
+            if self.held.get(job_id) == token:  # a newer attempt of the same job may be held here now
+                del self.held[job_id]
+            self.abandoned.discard(token)
             self.wake()
-            ingress_metrics()["job_latency"].observe(time.perf_counter() - started, tags={"status": status})
+            self.metrics.jobs.labels(status=status).inc()
+            if status in ("completed", "failed"):
+                self.metrics.end_to_end.labels(status=status).observe(max(0.0, (time.time_ns() - job["_created_ns"]) / 1e9))
 
-    def _record(self, result: dict[str, Any]) -> str:
+    def _record(self, result: dict[str, Any], token: str) -> str:
+        report = result.get("report")
+        if report is not None:
+            self.metrics.observe_report(report)
+        if token in self.abandoned:  # a stalled attempt's late answer: the job was retried meanwhile
+            self.stats["abandoned_finished"] += 1
+            return "abandoned"
         if not result.get("ok"):
             self.stats["failed"] += 1
             return "failed"
@@ -196,7 +240,4 @@ class Dispatcher:
         return "completed"
 
     def _update_depth(self) -> None:
-        try:
-            ingress_metrics()["queue_depth"].set(len(self.held), tags={"state": "running"})
-        except Exception:  # noqa: BLE001 - metrics never stop dispatching
-            pass
+        self.metrics.in_flight.set(len(self.held))

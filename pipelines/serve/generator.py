@@ -9,15 +9,21 @@ thumbnail to the store and marks the job `completed`. That last part runs outsid
 batch starts sampling while the previous one's clips are encoded and uploaded, and the clips of one
 batch are encoded side by side rather than one after another.
 
-Every write names the job's lease token (db.py): starting a job counts a run and renews the lease, each
-progress write renews it again, and the completion only lands while the token still holds. A job whose
-lease was taken over (this replica was thought dead) is dropped, its files removed; a call whose jobs
-are all lost or past their deadline stops sampling at the next step.
+Every write names the job's lease token (db.py): starting a job counts a run and beats its heartbeat, each
+progress write beats it again, encoding and each stored file too, and the completion only lands while the
+token still holds. A job whose lease was given up (this replica stalled, or was thought dead) is dropped, its
+files removed; a call whose jobs are all lost or past their deadline stops sampling at the next step. A batch
+that makes no step for HUNG_FACTOR x `queue.stall_timeout_s` fails the replica's health check, so Serve
+replaces a hung replica (its jobs were already retried elsewhere, see dispatch.py).
+
+What a job cost (queue wait, text encode, each step, decode, encode + upload) and the text cache's hits go
+back to the ingress with its result (metrics.JobReport), which turns them into Prometheus series.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import tempfile
@@ -33,7 +39,7 @@ from ray import serve
 from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
-from .metrics import generator_metrics
+from .metrics import JobReport
 from .store import ContentStore
 
 logger = logging.getLogger("ray.serve")
@@ -41,10 +47,72 @@ PROGRESS_WRITE_INTERVAL_S = 0.25
 """Progress is written to the store at most this often: enough for a poller, cheap for an object store."""
 SAMPLING_SHARE = 95
 """Percent of a job's progress bar spent sampling; encoding and upload take the rest."""
+HUNG_FACTOR = 3
+"""A batch with no sampling step for this many stall timeouts fails the health check: the replica is replaced."""
+STALL_ENV = "SORA_SERVE_TEST_STALL_S"
+"""Tests only: a job on its first attempt sleeps this many seconds in its last sampling step (a hung generator)."""
+DIGEST_CHUNK = 8 << 20
 
 
 class StopSampling(Exception):
     """Raised from the progress callback: every job of the call lost its lease or passed its deadline."""
+
+
+def files_digest(paths: list[str]) -> str:
+    """sha256 over the files' names and bytes, in order: what identifies an export or an adapter."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(DIGEST_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(folder: str, suffixes: tuple[str, ...] = (".json", ".safetensors", ".bin")) -> str:
+    """The digest of a model folder's config and weight files (an export, a LoRA adapter)."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith(suffixes) and os.path.isfile(os.path.join(folder, n)))
+    return files_digest([os.path.join(folder, n) for n in names])
+
+
+def replica_memory_bytes() -> int:
+    """Memory this replica may use: its Ray `memory` request, else its cgroup's limit, else the machine's."""
+    from sora_model.text import machine_memory_bytes
+
+    machine = machine_memory_bytes()
+    try:
+        import ray
+
+        requested = ray.get_runtime_context().get_assigned_resources().get("memory")
+        if requested:
+            return int(requested)
+    except Exception:  # noqa: BLE001 - outside Ray: no request
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < machine:
+            return int(text)
+    return machine
+
+
+class CallTimer:
+    """Where one pipeline call's time goes: text-encoder calls, each denoising step, the decode (filled by
+    the wrappers `Generator._time_parts` puts around the pipeline's encoder and autoencoder)."""
+
+    def __init__(self) -> None:
+        self.text_encode_s: list[float] = []
+        self.step_s: list[float] = []
+        self.vae_decode_s: float | None = None
+        self.mark = time.perf_counter()
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        self.step_s.append(now - self.mark)
+        self.mark = now
 
 
 def encode_clip(frames: Any, fps: int, folder: str) -> tuple[str, str]:
@@ -85,6 +153,20 @@ class Generator:
             self.settings.model, device=device, precision=self.settings.precision, lora=self.settings.lora
         )
         self.card = model_card(self.pipe)
+        # What the result cache keys on besides the request (app.result_cache_key): computed once, here.
+        lora = self.settings.lora
+        self.ident = {
+            "weights": folder_digest(self.settings.model) if "://" not in self.settings.model else self.settings.model,
+            "lora": None if lora is None else f"{os.path.basename(os.path.normpath(lora))}:{folder_digest(lora)}",
+            "precision": self.settings.precision,
+        }
+        cache = self.pipe.text_encoder.cache
+        budget = self.settings.text_cache_bytes
+        cache.set_max_bytes(budget if budget is not None else int(replica_memory_bytes() * self.settings.text_cache_memory_fraction))
+        self._timer = threading.local()
+        self._time_parts()
+        self._busy_since: float | None = None  # monotonic time of the running batch's last step; None when idle
+        self._stall_s = float(os.environ.get(STALL_ENV) or 0)
         self.db = JobDB(self.settings.db_url)
         self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
         self.replica = _replica_id()
@@ -106,12 +188,48 @@ class Generator:
         self.settings = apply_user_config(self.settings, user_config, ("batching",))
         self._apply_batching()
 
+    def _time_parts(self) -> None:
+        """Wrap the pipeline's text encoder and decoder (from outside, the pipeline unchanged) so the running
+        call's CallTimer sees how long each took."""
+        encoder, autoencoder = self.pipe.text_encoder, self.pipe.autoencoder
+        encode, decode = encoder.encode, autoencoder.decode
+
+        def timed_encode(texts: list[str]) -> Any:
+            started = time.perf_counter()
+            try:
+                return encode(texts)
+            finally:
+                timer = getattr(self._timer, "call", None)
+                if timer is not None:
+                    timer.text_encode_s.append(time.perf_counter() - started)
+                    timer.mark = time.perf_counter()  # the first step is timed from here
+
+        def timed_decode(latents: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return decode(latents)
+            finally:
+                timer = getattr(self._timer, "call", None)
+                if timer is not None:
+                    timer.vae_decode_s = time.perf_counter() - started
+
+        encoder.encode = timed_encode
+        autoencoder.decode = timed_decode
+
     def check_health(self) -> None:
         if self._fatal:
             raise RuntimeError(f"generator is unhealthy: {self._fatal}")
+        busy = self._busy_since
+        limit = HUNG_FACTOR * self.settings.queue.stall_timeout_s
+        if busy is not None and time.monotonic() - busy > limit:
+            raise RuntimeError(f"generator is hung: no sampling step for over {limit:g}s ({HUNG_FACTOR} x queue.stall_timeout_s)")
 
     def describe(self) -> dict[str, Any]:
         return asdict(self.card)
+
+    def identity(self) -> dict[str, Any]:
+        """What besides the request decides a clip: the export's digest, the LoRA (name:digest), the precision."""
+        return dict(self.ident)
 
     def get_stats(self) -> dict[str, Any]:
         cache = self.pipe.text_encoder.cache
@@ -123,7 +241,8 @@ class Generator:
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch_size": self.settings.batching.max_batch_size,
             "torch_threads": _torch_threads(),
-            "text_cache": {"hits": cache.hits, "misses": cache.misses, "size": len(cache)},
+            "text_cache": {"hits": cache.hits, "misses": cache.misses, "size": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes,
+                           "evictions": cache.evictions},
         }
 
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +287,6 @@ class Generator:
 
     def _run_group(self, items: list[dict[str, Any]], params: list[GenerationParams]) -> list[dict[str, Any]]:
         """Sample one same-shape group in one pipeline call (runs in a worker thread)."""
-        metrics = generator_metrics()
         ids = [it["id"] for it in items]
         ttl = items[0]["lease_ttl_s"]
         started_ns = time.time_ns()
@@ -183,10 +301,17 @@ class Generator:
         first = run[0][1]
         held = {it["id"]: it["token"] for it, _ in run}
         deadlines = [it["deadline_ns"] for it, _ in run]
+        # Tests only (STALL_ENV): a first attempt hangs in its last step, as a wedged device would.
+        stall_s = self._stall_s if self._stall_s and all(it.get("attempt", 1) == 1 for it, _ in run) else 0.0
         lock, last = threading.Lock(), [0.0]
         started = time.perf_counter()
+        timer = CallTimer()
+        cache = self.pipe.text_encoder.cache
+        hits, misses = cache.hits, cache.misses
 
         def on_step(step: int, total: int) -> None:
+            timer.step()
+            self._busy_since = time.monotonic()
             now_s = time.monotonic()
             with lock:
                 if now_s - last[0] < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
@@ -197,12 +322,17 @@ class Generator:
             pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
             # When sampling will end at the pace so far: the ingress tells pollers to come back then.
             left_s = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
-            kept = self.db.progress(dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl)  # also renews the leases
+            kept = self.db.progress(dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl)  # a heartbeat: renews the leases
             for job_id in set(held) - kept:
                 held.pop(job_id)
             if not held:
                 raise StopSampling("lease")
+            if stall_s and step + 1 == total:
+                logger.warning("generator %s: %s set, hanging %gs in the last step of %s", self.replica, STALL_ENV, stall_s, ids)
+                time.sleep(stall_s)
 
+        self._timer.call = timer
+        self._busy_since = time.monotonic()
         try:
             clips = self.pipe(
                 [p.prompt for _, p in run],
@@ -216,7 +346,7 @@ class Generator:
         except StopSampling as why:
             if str(why) == "deadline":
                 return self._fail(ids, run, results, "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)", "deadline_exceeded")
-            logger.warning("generator %s: leases of %s were taken over; stopped sampling", self.replica, ids)
+            logger.warning("generator %s: leases of %s were given up or taken over; stopped sampling", self.replica, ids)
             return [results[i] for i in ids]
         except (ValueError, TypeError) as err:  # a request the limits let through but the model refuses
             return self._fail(ids, run, results, f"generation failed: {err}", "invalid_request")
@@ -225,50 +355,73 @@ class Generator:
                 self._fatal = str(err)  # a broken device: let Serve replace the replica
             logger.exception("generation failed for %s", ids)
             return self._fail(ids, run, results, f"generation failed: {type(err).__name__}: {err}", "generation_failed")
+        finally:
+            self._timer.call = None
+            self._busy_since = None
         seconds = time.perf_counter() - started
-        metrics["batch_size"].observe(len(run))
-        metrics["generation"].observe(seconds)
         self.stats["pipeline_calls"] += 1
         self.stats["clips"] += len(run)
         self.batch_sizes[len(run)] += 1
+        call_report = JobReport(
+            call=True, batch_size=len(run), text_encode_s=timer.text_encode_s, step_s=timer.step_s, vae_decode_s=timer.vae_decode_s,
+            text_cache_hits=cache.hits - hits, text_cache_misses=cache.misses - misses, text_cache_bytes=cache.bytes,
+        )  # fmt: skip
         for (it, p), clip in zip(run, clips, strict=True):
             if it["id"] not in held:  # lost its lease mid-call: another replica owns it now
                 continue
+            report = call_report if call_report is not None else JobReport()
+            call_report = None  # the call's figures ride on one job only
+            report.queue_wait_s = queued_s[it["id"]]
             results[it["id"]] = {
                 "ok": True, "batch_id": batch_id, "batch_size": len(run), "seconds": seconds,
-                "clip": clip, "fps": p.fps, "queued_s": queued_s[it["id"]],
+                "clip": clip, "fps": p.fps, "queued_s": queued_s[it["id"]], "report": report,
             }  # fmt: skip
-        cache = self.pipe.text_encoder.cache
-        metrics["text_cache"].set(cache.hits, tags={"result": "hit"})
-        metrics["text_cache"].set(cache.misses, tags={"result": "miss"})
         return [results[i] for i in ids]
 
     def _finish(self, item: dict[str, Any], clip: Any, result: dict[str, Any]) -> dict[str, Any]:
         """Encode one sampled clip, store it under its token and mark the job completed (a worker thread,
-        outside the batch). Nothing is kept when the lease was lost meanwhile."""
-        job_id, token = item["id"], item["token"]
+        outside the batch). Each stage beats the job's heartbeat under its token, so a lease given up
+        meanwhile stops the work at the next stage; nothing is kept when the completion is refused."""
+        job_id, token, ttl = item["id"], item["token"], item["lease_ttl_s"]
         queued_s, fps = result.pop("queued_s"), result.pop("fps")
+        report: JobReport = result["report"]
         encode_started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
-            mp4, png = encode_clip(clip, fps, tmp)
-            self.content.put_file(mp4, job_id, token, "video")
-            self.content.put_file(png, job_id, token, "thumbnail")
-        # Where the job's time went, for monitoring (not in the API's video object).
-        timing = {"queued": round(queued_s, 4), "sampling": round(result["seconds"], 4), "encode_store": round(time.perf_counter() - encode_started, 4)}
-        extra = {"batch_id": result["batch_id"], "batch_size": result["batch_size"], "timing_s": timing, "replica": self.replica}
-        if not self.db.complete(job_id, token, item["retention_s"], extra):
-            self.content.remove(job_id, token)  # deleted, or taken over while encoding: drop our files only
-            self.stats["completions_fenced"] += 1
-            return {"ok": True, "batch_id": result["batch_id"], "batch_size": result["batch_size"], "skipped": True}
+        skipped = {"ok": True, "batch_id": result["batch_id"], "batch_size": result["batch_size"], "skipped": True, "report": report}
+        stored = False
+        try:
+            with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
+                if not self.db.heartbeat(job_id, token, ttl, pct=SAMPLING_SHARE):
+                    return self._fenced(skipped)
+                mp4, png = encode_clip(clip, fps, tmp)
+                for path, variant in ((mp4, "video"), (png, "thumbnail")):
+                    if not self.db.heartbeat(job_id, token, ttl):  # given up or deleted while encoding/storing
+                        return self._fenced(skipped, job_id, token if stored else None)
+                    self.content.put_file(path, job_id, token, variant)
+                    stored = True
+            report.encode_upload_s = time.perf_counter() - encode_started
+            # Where the job's time went, for monitoring (not in the API's video object).
+            timing = {"queued": round(queued_s, 4), "sampling": round(result["seconds"], 4), "encode_store": round(report.encode_upload_s, 4)}
+            extra = {"batch_id": result["batch_id"], "batch_size": result["batch_size"], "timing_s": timing, "replica": self.replica}
+            if not self.db.complete(job_id, token, item["retention_s"], extra):
+                return self._fenced(skipped, job_id, token)  # deleted, or given up while storing: drop our files only
+        except BaseException:
+            if stored:
+                self.content.remove(job_id, token)
+            raise
         self.stats["completed"] += 1
-        generator_metrics()["clips"].inc(tags={"status": "completed"})
         return result
+
+    def _fenced(self, skipped: dict[str, Any], job_id: str | None = None, token: str | None = None) -> dict[str, Any]:
+        """A write refused: this attempt's lease is gone (a newer attempt or a delete). Remove what it stored."""
+        if job_id is not None and token is not None:
+            self.content.remove(job_id, token)  # files named by this token only: a newer attempt's are untouched
+        self.stats["completions_fenced"] += 1
+        return skipped
 
     def _fail(self, ids, run, results, message: str, code: str) -> list[dict[str, Any]]:
         for it, _ in run:
             self.db.fail(it["id"], it["token"], code, message, it["retention_s"])
             results[it["id"]] = {"ok": False, "error": message, "code": code}
-            generator_metrics()["clips"].inc(tags={"status": "failed"})
         return [results[i] for i in ids]
 
 

@@ -1,37 +1,114 @@
-"""Ray metrics of the service (exported on each node's metrics port, so Prometheus scrapes them).
+"""Prometheus metrics of the service, served by the ingress at `GET /metrics` on the API port.
 
-Created lazily inside a replica: `ray.util.metrics` needs a connected worker.
+    curl -s http://127.0.0.1:8000/metrics | grep sora_serve_
+    (Grafana: cluster/serve/grafana-dashboard.json reads these series)
+
+How series measured in other processes reach the API port: the generator replicas (other Ray actors, maybe on
+other nodes) time their part of each job (text encode, each denoising step, VAE decode, encode + upload) and count
+their text-cache hits, and send those figures back with the job's result over the call the dispatcher already
+awaits (`JobReport`); the dispatcher, in the ingress process, observes them into this process's registry. So no
+scrape has to reach a generator process, nothing depends on a shared folder (prometheus_client's multiprocess
+mode works on one machine only) and nothing waits on Ray's metrics agents (each node's own port, exported every
+few seconds). What one ingress replica dispatched is what its `/metrics` shows: with several ingress replicas
+each has its own counts, told apart by the `replica` label every sample carries, and Prometheus sums across them.
 """
 
 from __future__ import annotations
 
-from functools import cache
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-LATENCY_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
-BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 32]
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
-
-@cache
-def ingress_metrics() -> dict:
-    from ray.util.metrics import Counter, Gauge, Histogram
-
-    return {
-        "requests": Counter("sora_serve_requests_total", "HTTP requests by route and status code.", tag_keys=("route", "status")),
-        "latency": Histogram("sora_serve_request_latency_s", "HTTP request latency.", LATENCY_BOUNDARIES, tag_keys=("route",)),
-        "job_latency": Histogram("sora_serve_job_latency_s", "Accepted to finished, per job.", LATENCY_BOUNDARIES, tag_keys=("status",)),
-        "queue_depth": Gauge("sora_serve_queue_depth", "Jobs accepted and not finished (waiting or running).", tag_keys=("state",)),
-        "cache_hits": Counter("sora_serve_cache_hits_total", "Requests answered from a cache.", tag_keys=("cache",)),
-        "rejected": Counter("sora_serve_rejected_total", "Creates refused for overload.", tag_keys=("reason",)),
-    }
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+"""One denoising step: milliseconds for the CPU demo model, tens of seconds for a 14B model at 720p."""
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
-@cache
-def generator_metrics() -> dict:
-    from ray.util.metrics import Counter, Gauge, Histogram
+@dataclass
+class JobReport:
+    """What a generator measured for one job, sent back with its result (a plain dataclass: it crosses the
+    Ray call as a pickled value). Figures of the shared pipeline call (text encode, steps, decode, cache counts)
+    ride on one job of the call only, so a batch of four is not counted four times."""
 
-    return {
-        "batch_size": Histogram("sora_serve_batch_size", "Clips sampled per pipeline call.", BATCH_BOUNDARIES),
-        "generation": Histogram("sora_serve_generation_s", "Seconds per pipeline call.", LATENCY_BOUNDARIES),
-        "clips": Counter("sora_serve_clips_total", "Clips generated.", tag_keys=("status",)),
-        "text_cache": Gauge("sora_serve_text_cache", "Text-embedding LRU lookups (cumulative per replica).", tag_keys=("result",)),
-    }
+    queue_wait_s: float | None = None  # accepted -> its generator started sampling it
+    encode_upload_s: float | None = None  # MP4 + thumbnail encoded and stored
+    call: bool = False  # this report carries the pipeline call's figures below
+    batch_size: int = 0
+    text_encode_s: list[float] = field(default_factory=list)  # one per encoder call (prompts, negative prompts)
+    step_s: list[float] = field(default_factory=list)  # one per denoising step
+    vae_decode_s: float | None = None
+    text_cache_hits: int = 0
+    text_cache_misses: int = 0
+    text_cache_bytes: int | None = None
+
+
+class ServeMetrics:
+    """The registry of one ingress process and its series."""
+
+    def __init__(self, replica: str) -> None:
+        self.registry = CollectorRegistry()
+        kw = {"registry": self.registry, "namespace": "sora_serve"}
+        self.replica = replica
+        self.requests = Counter("requests", "HTTP requests by route and status code.", ("route", "status"), **kw)
+        self.request_seconds = Histogram("request_seconds", "HTTP request latency (the response, not the job).", ("route",),
+                                         buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
+        self.errors = Counter("errors", "4xx and 5xx answers by status and reason (the error code, or the admission "
+                              "limit for 429/503).", ("status", "reason"), **kw)  # fmt: skip
+        self.queue_wait = Histogram("queue_wait_seconds", "Accepted to sampling started, per job.", buckets=LATENCY_BUCKETS, **kw)
+        self.text_encode = Histogram("text_encode_seconds", "Text encoder calls (cache misses only reach the model).",
+                                     buckets=STEP_BUCKETS, **kw)  # fmt: skip
+        self.denoise_step = Histogram("denoise_step_seconds", "Seconds per denoising step of a pipeline call (the whole batch).",
+                                      buckets=STEP_BUCKETS, **kw)  # fmt: skip
+        self.vae_decode = Histogram("vae_decode_seconds", "Autoencoder decode per pipeline call.", buckets=STEP_BUCKETS, **kw)
+        self.encode_upload = Histogram("encode_upload_seconds", "MP4 + thumbnail encoded and stored, per job.",
+                                       buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
+        self.end_to_end = Histogram("end_to_end_seconds", "Accepted to finished, per job, by how it ended.", ("status",),
+                                    buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
+        self.batch_size = Histogram("batch_size", "Clips sampled per pipeline call.", buckets=BATCH_BUCKETS, **kw)
+        self.cache_hits = Counter("cache_hits", "Lookups answered from a cache, by cache (result, text).", ("cache",), **kw)
+        self.cache_misses = Counter("cache_misses", "Lookups a cache could not answer, by cache.", ("cache",), **kw)
+        self.text_cache_bytes = Gauge("text_cache_bytes", "Bytes held by the text-embedding cache of the generator replica that last reported.", **kw)  # fmt: skip
+        self.lease_expiries = Counter("lease_expiries", "Leases given up: stalled (no step progress within queue.stall_timeout_s) "
+                                      "or lapsed (the holder stopped renewing, e.g. died).", ("reason",), **kw)  # fmt: skip
+        self.jobs = Counter("jobs", "Jobs this replica dispatched, by how the generator call ended.", ("status",), **kw)
+        self.rejected = Counter("rejected", "Creates refused by admission (429/503), by limit.", ("reason",), **kw)
+        self.in_flight = Gauge("in_flight_jobs", "Jobs this replica holds leases on (handed to the generator).", **kw)
+        for cache in ("result", "text"):  # series exist (at 0) before the first hit, so rates and panels start at once
+            self.cache_hits.labels(cache=cache)
+            self.cache_misses.labels(cache=cache)
+        for reason in ("stalled", "lapsed"):
+            self.lease_expiries.labels(reason=reason)
+
+    def observe_report(self, report: JobReport) -> None:
+        if report.queue_wait_s is not None:
+            self.queue_wait.observe(report.queue_wait_s)
+        if report.encode_upload_s is not None:
+            self.encode_upload.observe(report.encode_upload_s)
+        if not report.call:
+            return
+        self.batch_size.observe(report.batch_size)
+        for s in report.text_encode_s:
+            self.text_encode.observe(s)
+        for s in report.step_s:
+            self.denoise_step.observe(s)
+        if report.vae_decode_s is not None:
+            self.vae_decode.observe(report.vae_decode_s)
+        if report.text_cache_hits:
+            self.cache_hits.labels(cache="text").inc(report.text_cache_hits)
+        if report.text_cache_misses:
+            self.cache_misses.labels(cache="text").inc(report.text_cache_misses)
+        if report.text_cache_bytes is not None:
+            self.text_cache_bytes.set(report.text_cache_bytes)
+
+    def collect(self) -> Iterator[Metric]:
+        """The registry's families, each sample labelled with this replica."""
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in family.samples]
+            yield family
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text format of every series, and its content type."""
+        return generate_latest(self), CONTENT_TYPE_LATEST
