@@ -76,7 +76,11 @@ class Tier:
     """Jobs one API key (its owner) may have waiting or running at once: the in-flight cap that keeps one
     busy client from filling its tier's share; beyond it answers 429."""
     max_jobs_per_hour_per_key: int | None = None
-    """Quota: jobs one owner may create in a rolling hour; beyond it answers 429 with when to retry."""
+    """Quota: jobs one owner may create in a rolling hour; beyond it answers 429 with when to retry. Counted
+    in a usage ledger that deleting a video does not touch."""
+    cache_hit_weight: float = 0.25
+    """What a result-cache hit costs against max_jobs_per_hour_per_key, in jobs: cheaper than sampling (no
+    generator time) but not free (a stored copy, a database row, a download)."""
     job_deadline_s: float | None = None
     """A job not finished this long after it was accepted fails with `deadline_exceeded` (queued or
     sampling), so a backlog never holds a client's job forever. None: no deadline."""
@@ -88,6 +92,8 @@ class Tier:
                 raise ConfigError(f"tiers.*.{name} must be >= 1, got {value}")
         if self.job_deadline_s is not None and self.job_deadline_s <= 0:
             raise ConfigError(f"tiers.*.job_deadline_s must be > 0, got {self.job_deadline_s}")
+        if not 0 < self.cache_hit_weight <= 1:
+            raise ConfigError(f"tiers.*.cache_hit_weight must be in (0, 1], got {self.cache_hit_weight}")
 
 
 @dataclass
@@ -120,7 +126,12 @@ class QueueConfig:
     retry_after_s: int = 5
     """What a 429/503 tells the client to wait."""
     max_attempts: int = 3
-    """Tries per job when a generator replica dies under it (the job is retried on another replica)."""
+    """Tries per job when a generator replica dies under it or its sampling stalls (the job is retried, on
+    another replica when there is one); the reason of each is recorded on the job."""
+    stall_timeout_s: float = 300.0
+    """A running job whose generator reports no sampling step (or stored file) for this long loses its lease and
+    is retried: longer than the slowest step of the biggest model served (a 14B model's 720p step takes tens of
+    seconds on one GPU), short enough that a hung replica does not hold a job for good."""
     poll_after_ms: int = 500
     """Longest `openai-poll-after-ms` on unfinished jobs (the SDK's create_and_poll waits what the header says).
     A job whose sampling time is known gets the time left instead when that is shorter, so a client polls
@@ -134,6 +145,8 @@ class QueueConfig:
                 raise ConfigError(f"queue.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.5 <= self.lease_ttl_s <= 3600:
             raise ConfigError(f"queue.lease_ttl_s must be between 0.5 and 3600, got {self.lease_ttl_s}")
+        if not 0.1 <= self.stall_timeout_s <= 24 * 3600:
+            raise ConfigError(f"queue.stall_timeout_s must be between 0.1 and 86400, got {self.stall_timeout_s}")
         if not 0.01 <= self.claim_interval_s <= self.lease_ttl_s:
             raise ConfigError(f"queue.claim_interval_s must be between 0.01 and lease_ttl_s, got {self.claim_interval_s}")
         if self.min_poll_after_ms > self.poll_after_ms:
@@ -199,7 +212,13 @@ class ServeSettings:
     preview_steps: int = 8
     """Sampling steps of the preview model variant (and of `preview` tiers that leave default_steps unset)."""
     result_cache: bool = True
-    """Answer a repeated (prompt, parameters, seed) request with the stored result, without sampling."""
+    """Answer a repeated (prompt, parameters, seed) request of the same owner with its stored result, without
+    sampling; keyed on the export's weights, the LoRA, the precision and every sampling parameter."""
+    text_cache_bytes: int | None = None
+    """Bytes each generator replica's text-embedding cache may hold; None: text_cache_memory_fraction of the
+    replica's memory (its Ray `memory` request, else its cgroup limit, else the machine's)."""
+    text_cache_memory_fraction: float = 0.05
+    """A Wan caption embedding is 8 MiB (512 x 4096 fp32): 5% of a 64 GiB replica keeps ~400 of them."""
     limits: Limits = field(default_factory=Limits)
     tiers: dict[str, Tier] = field(default_factory=lambda: {"default": Tier()})
     default_tier: str = "default"
@@ -229,6 +248,10 @@ class ServeSettings:
             raise ConfigError(f"download_port must be between 0 and 65535 (or null), got {self.download_port}")
         if self.sweep_interval_s <= 0:
             raise ConfigError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
+        if self.text_cache_bytes is not None and self.text_cache_bytes < 0:
+            raise ConfigError(f"text_cache_bytes must be >= 0 (or null), got {self.text_cache_bytes}")
+        if not 0 <= self.text_cache_memory_fraction <= 0.5:
+            raise ConfigError(f"text_cache_memory_fraction must be between 0 and 0.5, got {self.text_cache_memory_fraction}")
         if self.db is not None and not self.db.startswith(DB_SCHEMES):
             raise ConfigError(f"db must be an SQLAlchemy URL starting with {' or '.join(DB_SCHEMES)}, got '{self.db}'")
 
