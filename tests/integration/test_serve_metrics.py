@@ -125,3 +125,11 @@ def test_metrics_on_the_api_port_move_with_requests(service):
     assert sample(a, "sora_serve_errors_total", status="429", reason="key_quota") >= 1
     assert sample(a, "sora_serve_cache_hits_total", cache="result") >= 2
     assert sample(a, "sora_serve_denoise_step_seconds_sum") > 0
+    # The Grafana dashboard reads only series the endpoint serves.
+    import json
+    import re
+
+    dashboard = (ROOT / "cluster" / "serve" / "grafana-dashboard.json").read_text()
+    exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"sora_serve_[a-z_]+", e)}
+    assert len(names) >= 10 and all(f"\n{n}" in a for n in names), sorted(n for n in names if f"\n{n}" not in a)
