@@ -42,6 +42,7 @@ FIGURES = (
     "loader_feed_ratio",
     "resume_seconds_ratio_late_over_early",
     "zero3_step_ratio",
+    "prepare_resume_exact",
 )
 GOALS = {
     "loader_feed_ratio": ">= 0.95",
@@ -60,6 +61,7 @@ GOALS = {
     "compile_train_step_ratio": ">= 1.0",
     "packed_vs_padded_tokens_ratio": ">= 1.3",
     "zero3_step_ratio": ">= 1.2",
+    "prepare_resume_exact": ">= 1.0",
 }
 GPU_FIGURES = (
     ("gpu_dit_l_tokens_per_s_bf16", "tokens/s of a DiT-L/2-sized training step, bf16, 9,216 tokens/sample (faster of eager and compiled)"),
