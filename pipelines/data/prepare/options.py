@@ -276,6 +276,18 @@ def encoder_max_length(name_or_path: str, tokenizer_path: str | None = None) -> 
     return found[0]
 
 
+def _default_max_length(args: Any) -> int:
+    """--max-text-length when not given: the encoder's maximum; with --from-export the export's setting replaces it,
+    and a folder that is not there is reported by the text encoder check, not here."""
+    from pathlib import Path
+
+    from sora_model.text import MINILM_NAME
+
+    if getattr(args, "from_export", None) or (args.text_encoder != MINILM_NAME and not Path(args.text_encoder).is_dir()):
+        return TextEncoderConfig().max_length
+    return encoder_max_length(args.text_encoder)
+
+
 def options_from_args(args: Any) -> PrepareOptions:
     """argparse namespace (see commands.add_prepare_arguments) -> PrepareOptions."""
     if args.buckets:
@@ -299,7 +311,7 @@ def options_from_args(args: Any) -> PrepareOptions:
         patch=parse_patch(args.patch),
         text_encoder=TextEncoderConfig(
             name_or_path=args.text_encoder, hidden_layer=args.text_hidden_layer,
-            max_length=args.max_text_length if args.max_text_length is not None else encoder_max_length(args.text_encoder),
+            max_length=args.max_text_length if args.max_text_length is not None else _default_max_length(args),
         ),  # fmt: skip
         autoencoder=autoencoder,
         rows_per_file=args.rows_per_file,
