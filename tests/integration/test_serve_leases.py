@@ -114,6 +114,37 @@ def test_lease_times_are_the_databases_clock(db):
     assert abs(db.clock_ns() - time.time_ns()) < 5 * 10**9  # same machine here; one clock for every node in general
 
 
+def test_the_new_statements_walk_an_index(tmp_path):
+    """EXPLAIN QUERY PLAN of the ledger, stall and heartbeat statements (SQLite): none scans a table."""
+    from sqlalchemy import event
+
+    db = JobDB(f"sqlite:///{tmp_path}/plan.db")
+    job_id = add(db)
+    statements: list[tuple[str, tuple]] = []
+
+    @event.listens_for(db.engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+            statements.append((statement, parameters))
+
+    db.usage_since("o", 0)
+    (a,) = db.claim("w", 1, 30)
+    db.start(job_id, a["_lease_token"], "g", 30)
+    db.renew([a["_lease_token"]], 30, stall_s=5)
+    db.heartbeat(job_id, a["_lease_token"], 30, pct=95)
+    db.add_retry(job_id, a["_lease_token"], 1, "lease_lapsed", "m")
+    db.give_up_stalled(job_id, a["_lease_token"], 0.0, 3, 60)
+    db.fail(job_id, None, "deadline_exceeded", "m", 60)
+    db.prune_usage(0)
+    event.remove(db.engine, "before_cursor_execute", capture)
+    assert len(statements) >= 9
+    with db.engine.connect() as conn:
+        for sql, params in statements:
+            plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+            assert not [p for p in plan if p.startswith(("SCAN sora_jobs", "SCAN sora_usage"))], (sql, plan)
+    db.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # A hung generator on Serve
 # ---------------------------------------------------------------------------------------------
