@@ -21,7 +21,6 @@ stream from the store in chunks with HTTP Range support. Run any number of ingre
 import asyncio
 import functools
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import api
+from . import api, auth
 from .api import ApiError, ModelCard
 from .config import (
     APP_NAME,
@@ -53,7 +52,6 @@ from .config import (
     ServeSettings,
     Tier,
     apply_user_config,
-    hash_key,
     load_settings,
     settings_to_dict,
 )
@@ -83,7 +81,8 @@ def result_cache_key(params: api.GenerationParams, owner: str, identity: dict[st
     blob = json.dumps({"params": asdict(params), "owner": owner, "model": identity}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
-fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API compatible text-to-video service.")
+fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API compatible text-to-video service.",
+                      docs_url=None, redoc_url=None, openapi_url=None)  # served by VideoAPI, only while keys are off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +162,7 @@ class VideoAPI:
 
         self.base_settings = from_dict(ServeSettings, settings)
         self.settings = self.base_settings
+        auth.refuse_open_replica(self.base_settings)  # serve run/deploy: beyond loopback without keys, no start
         self.generator = generator
         self.db = JobDB(self.settings.db_url)
         self.content = ContentStore(self.settings.store_uri, self.settings.storage_options)
@@ -183,14 +183,17 @@ class VideoAPI:
         if not self.content.local or self.settings.download_port is None:
             return None
         media = {CONTENT_SUFFIX[v]: MEDIA_TYPE[v] for v in CONTENT_SUFFIX}
-        server = FileServer(self.content.content_dir, store_key(self.content.root), self.settings.download_port, media)
+        server = FileServer(self.content.content_dir, store_key(self.content.root), self.settings.download_port, media,
+                            self.settings.download_host)  # fmt: skip
         return server if server.start() is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config` (limits, tiers, api_keys, queue, ...) replaces those settings on the live replica."""
-        self.settings = apply_user_config(self.base_settings, user_config, RUNTIME_KEYS)
+        settings = apply_user_config(self.base_settings, user_config, RUNTIME_KEYS)
+        auth.check_exposure(settings, auth.serve_host())
+        self.settings = settings
         if self.dispatcher is not None:
             self.dispatcher.wake()  # max_in_flight may have grown
         logger.info("reconfigured: %s", sorted((user_config or {}).keys()))
@@ -224,21 +227,15 @@ class VideoAPI:
     def _caller(self, request: Request) -> tuple[str, str]:
         """(tier, owner) of a request. Keys off: the default tier, owner "". Keys on: 401 unless a known key;
         the owner is the key's owner id (kept across key rotation), not the key."""
-        if not self.settings.api_keys:
-            return self.settings.default_tier, ""
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key", type="invalid_request_error")
-        digest = hash_key(key.strip())
-        for known in self.settings.api_keys:
-            if hmac.compare_digest(known, digest):
-                return self.settings.key_entry(known)
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key", type="invalid_request_error")
+        return auth.authenticate(self.settings, request.headers.get("authorization", "")).tier_owner
 
-    async def _job_for(self, job_id: str, owner: str) -> dict[str, Any]:
+    def _reader(self, request: Request) -> str | None:
+        """Whose videos a request may read or delete: the caller's owner, or None (all) for an admin key."""
+        return auth.authenticate(self.settings, request.headers.get("authorization", "")).scope
+
+    async def _job_for(self, job_id: str, owner: str | None) -> dict[str, Any]:
         job = await asyncio.to_thread(self.db.get, job_id) if api.VIDEO_ID.match(job_id) else None
-        if job is None or job["_owner"] != owner:
+        if job is None or (owner is not None and job["_owner"] != owner):
             raise ApiError(404, f"Video '{job_id[:80]}' not found.", param="video_id", code="video_not_found")
         return job
 
@@ -315,7 +312,7 @@ class VideoAPI:
 
     @fastapi_app.get("/v1/videos")
     async def list_videos(self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc") -> JSONResponse:
-        _, owner = self._caller(request)
+        owner = self._reader(request)
         try:
             q = api.ListQuery(limit=limit, after=after, order=order)
         except ValidationError as err:
@@ -331,7 +328,7 @@ class VideoAPI:
 
     @fastapi_app.get("/v1/videos/{video_id}")
     async def retrieve_video(self, video_id: str, request: Request) -> JSONResponse:
-        _, owner = self._caller(request)
+        owner = self._reader(request)
         job = await self._job_for(video_id, owner)
         headers = {} if job["status"] in TERMINAL else {"openai-poll-after-ms": str(self._poll_after_ms(job))}
         return JSONResponse(api.video_object(job), headers=headers)
@@ -354,7 +351,7 @@ class VideoAPI:
     async def download_video(self, video_id: str, request: Request, variant: str = "video") -> Response:
         """The clip: a 307 to a presigned URL on object stores that sign; else streamed from the store a chunk at
         a time, where `Range: bytes=...` answers 206 with that part."""
-        _, owner = self._caller(request)
+        owner = self._reader(request)
         if variant not in api.VIDEO_VARIANTS:
             raise api.invalid("variant", f"'variant' must be one of {', '.join(api.VIDEO_VARIANTS)}, got {variant[:40]!r}.")
         job = await self._job_for(video_id, owner)
@@ -397,10 +394,15 @@ class VideoAPI:
 
     @fastapi_app.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str, request: Request) -> JSONResponse:
-        _, owner = self._caller(request)
+        owner = self._reader(request)
         await self._job_for(video_id, owner)
-        ref = await asyncio.to_thread(self.db.delete, video_id)
+        # Expire-and-fence the row, remove the files, then the row: a crash between leaves an expired row
+        # whose files and row the expiry sweep (dispatch.py) removes, never files without a row.
+        found, ref = await asyncio.to_thread(self.db.mark_deleted, video_id, owner)
+        if not found:
+            raise ApiError(404, f"Video '{video_id[:80]}' not found.", param="video_id", code="video_not_found")
         await asyncio.to_thread(self.content.remove, video_id, ref)
+        await asyncio.to_thread(self.db.purge, [video_id])
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
     @fastapi_app.get("/v1/models")
@@ -422,7 +424,7 @@ class VideoAPI:
         return JSONResponse({
             "status": "ok",
             "model": self.settings.model_name,
-            "api_keys": bool(self.settings.api_keys),
+            "api_keys": bool(self.settings.keys),
             "pid": os.getpid(),
             "worker": self.worker,
             "db": self.db.dialect,
@@ -435,6 +437,19 @@ class VideoAPI:
             },
             "generator": generator,
         })
+
+    @fastapi_app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        """The schema, only while API keys are off (a local server); with keys it is a 404 like any unknown route."""
+        auth.docs_allowed(self.settings)
+        return JSONResponse(fastapi_app.openapi())
+
+    @fastapi_app.get("/docs", include_in_schema=False)
+    async def docs(self) -> Response:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        auth.docs_allowed(self.settings)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=fastapi_app.title)
 
     @fastapi_app.get("/metrics")
     async def metrics(self, request: Request) -> Response:

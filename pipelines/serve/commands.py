@@ -76,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pipelines.cli import UserError
     from sora_model.config import ConfigError
 
-    from .config import APP_NAME, hash_key, load_settings
+    from .config import APP_NAME, INGRESS_NAME, RUNTIME_KEYS, apply_user_config, check_exposure, hash_key, load_settings
 
     if args.hash_key is not None:
         print(hash_key(args.hash_key))
@@ -96,13 +96,18 @@ def run_serve(args: argparse.Namespace) -> int:
     lora = app_args.get("lora")
     if lora and "://" not in lora and not os.path.isfile(os.path.join(lora, "adapter_config.json")):
         raise UserError(f"--lora '{lora}' is not a LoRA adapter folder: adapter_config.json is missing")
+    host = args.host or http.get("host") or DEFAULT_HOST
+    port = args.port or http.get("port") or DEFAULT_PORT
+    if args.host and "download_host" not in app_args and is_ip(host):
+        app_args["download_host"] = host  # the file server listens where the API does
     try:
         settings = load_settings(app_args)
+        ingress_config = deployments.get(INGRESS_NAME, {}).get("user_config")
+        # Before Ray starts: beyond loopback with no keys (the ingress's user_config included) is one line.
+        check_exposure(apply_user_config(settings, ingress_config, RUNTIME_KEYS) if ingress_config else settings, host)
     except ConfigError as err:
         raise UserError(str(err)) from None
     check_database(settings.db_url)
-    host = args.host or http.get("host") or DEFAULT_HOST
-    port = args.port or http.get("port") or DEFAULT_PORT
 
     import ray
     from ray import serve
@@ -117,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, deployments), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    keys = f"API keys on ({len(settings.api_keys)} keys, tiers: {', '.join(settings.tiers)})" if settings.api_keys else "API keys off"
+    keys = f"API keys on ({len(settings.keys)} keys, tiers: {', '.join(settings.tiers)})" if settings.keys else "API keys off"
     console.say(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}")
     console.say("sora serve: Ctrl-C to stop")
 
@@ -139,6 +144,16 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             serve.delete(APP_NAME)
     return 0
+
+
+def is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def check_database(url: str) -> None:

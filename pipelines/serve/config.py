@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -104,6 +105,44 @@ class ApiKey:
     owner: str | None = None
     """A stable user id: give a rotated key the same owner and the user keeps their videos. None: the
     first 16 hex digits of the key's digest (videos then belong to that key alone)."""
+    role: Literal["user", "admin"] = "user"
+    """`admin` sees, lists and deletes every owner's videos (operators); `user` only its owner's."""
+
+
+@dataclass
+class KeySource:
+    """Where the API key digests live outside the config: exactly one of an environment variable or a file
+    (a Kubernetes Secret as env or mounted file). It holds YAML (or JSON) of the `api_keys` shape,
+    {DIGEST: TIER or {tier, owner, role}}, read where each replica starts or is reconfigured."""
+
+    env: str | None = None
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.env is None) == (self.file is None):
+            raise ConfigError("api_keys_from needs exactly one of env: NAME or file: PATH")
+
+    def read(self) -> dict[str, Any]:
+        import yaml
+
+        where = f"api_keys_from.env {self.env}" if self.env else f"api_keys_from.file {self.file}"
+        if self.env is not None:
+            if self.env not in os.environ:
+                raise ConfigError(f"{where} is not set (it must hold the key digests: `sora serve --hash-key KEY` makes one)")
+            text = os.environ[self.env]
+        else:
+            try:
+                with open(os.path.expanduser(self.file)) as f:
+                    text = f.read()
+            except OSError as err:
+                raise ConfigError(f"{where} cannot be read: {err.strerror}") from None
+        try:
+            data = yaml.safe_load(text) if text.strip() else {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{where} is not YAML/JSON of the api_keys shape {{DIGEST: TIER}}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must hold a mapping {{DIGEST: TIER or {{tier, owner, role}}}}, got {type(data).__name__}")
+        return data
 
 
 @dataclass
@@ -224,15 +263,34 @@ class ServeSettings:
     default_tier: str = "default"
     """The tier of every request when API keys are off."""
     api_keys: dict[str, str | ApiKey] = field(default_factory=dict)
-    """sha256 hex digest of a key -> tier name, or -> {tier, owner} (owner: a user id that outlives key
-    rotation). Empty turns keys off (local use). `sora serve --hash-key KEY` prints a digest."""
+    """sha256 hex digest of a key -> tier name, or -> {tier, owner, role} (owner: a user id that outlives key
+    rotation). Empty (and no api_keys_from) turns keys off: then the server binds loopback only unless
+    `auth: none`. `sora serve --hash-key KEY` prints a digest."""
+    api_keys_from: KeySource | None = None
+    """More digests, from a secret: {env: SORA_API_KEYS} or {file: /etc/sora/keys} (production configs)."""
+    auth: Literal["keys", "none"] = "keys"
+    """`keys`: listening beyond loopback needs API keys (with none the server refuses to start). `none`: serve
+    without keys wherever it listens, an opt-out that must be written by name (a trusted network, a gateway
+    in front that authenticates)."""
+    download_host: str = "127.0.0.1"
+    """Interface of the folder-store file server (download_port): where clients following its 307 reach it.
+    `sora serve --host H` sets it to H unless the config sets it."""
     queue: QueueConfig = field(default_factory=QueueConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         if self.default_tier not in self.tiers:
             raise ConfigError(f"default_tier '{self.default_tier}' is not one of tiers: {', '.join(self.tiers)}")
-        for digest, entry in self.api_keys.items():
+        self.secret_keys: dict[str, str | ApiKey] = {}
+        if self.api_keys_from is not None:
+            self.secret_keys = {str(k): v if isinstance(v, str) else from_dict(ApiKey, v) for k, v in self.api_keys_from.read().items()}
+        if self.auth == "none" and self.keys:
+            raise ConfigError("auth: none contradicts the configured api_keys; remove one of them")
+        try:
+            ipaddress.ip_address(self.download_host)
+        except ValueError:
+            raise ConfigError(f"download_host must be an IP address (the interface to listen on), got '{self.download_host}'") from None
+        for digest, entry in self.keys.items():
             tier = entry.tier if isinstance(entry, ApiKey) else entry
             if tier not in self.tiers:
                 raise ConfigError(f"api_keys maps a key to tier '{tier}', which is not one of: {', '.join(self.tiers)}")
@@ -268,17 +326,27 @@ class ServeSettings:
         folder = self.store_uri if "://" not in self.store_uri else os.path.expanduser(DEFAULT_STORE)
         return f"sqlite:///{os.path.join(folder, DB_FILE)}"
 
+    @property
+    def keys(self) -> dict[str, str | ApiKey]:
+        """Every known key digest: the config's `api_keys` and those of `api_keys_from` (kept apart, so a key
+        removed from the secret is gone at the next replica start or reconfigure)."""
+        return {**self.api_keys, **self.secret_keys}
+
     def key_entry(self, digest: str) -> tuple[str, str] | None:
         """(tier, owner) of a known key digest."""
-        entry = self.api_keys.get(digest)
+        entry = self.keys.get(digest)
         if entry is None:
             return None
         if isinstance(entry, ApiKey):
             return entry.tier, entry.owner or digest[:16]
         return entry, digest[:16]
 
+    def is_admin(self, digest: str) -> bool:
+        entry = self.keys.get(digest)
+        return isinstance(entry, ApiKey) and entry.role == "admin"
 
-RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
+
+RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "api_keys_from", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
                 "download_redirect_s")
 """Settings the ingress's `user_config` may change on a live replica."""
 
@@ -309,6 +377,26 @@ def apply_user_config(settings: ServeSettings, user_config: dict[str, Any] | Non
 
 def settings_to_dict(settings: ServeSettings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps the server to this machine."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def check_exposure(settings: ServeSettings, host: str) -> None:
+    """Refuse to serve beyond loopback with no API keys unless the config says `auth: none` (ConfigError,
+    one line). Called by `sora serve` before Ray starts and by each ingress replica (serve run/deploy)."""
+    if settings.auth == "keys" and not settings.keys and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve on {host} without API keys: set api_keys_from (a secret) or api_keys with digests from "
+            "`sora serve --hash-key KEY`, or write `auth: none` in the config to serve without keys"
+        )
 
 
 def hash_key(key: str) -> str:

@@ -54,6 +54,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    case,
     create_engine,
     delete,
     event,
@@ -142,6 +143,8 @@ def make_engine(url: str) -> Engine:
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(u.database)), exist_ok=True)
+            # Job state (prompts, owners) readable by its user only; SQLite gives -wal/-shm the file's mode.
+            os.close(os.open(u.database, os.O_RDWR | os.O_CREAT, 0o600))
         # One file shared by the processes of one machine: WAL lets readers run beside the writer, and a
         # writer waits (busy_timeout) rather than failing while another commits.
         engine = create_engine(u, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=8)
@@ -251,15 +254,16 @@ class JobDB:
             return None
         return self._job(row)
 
-    def list(self, owner: str, limit: int, after: str | None = None, order: str = "desc") -> tuple[list[dict[str, Any]], bool]:
-        """A page of the owner's jobs, newest first (or oldest), after the id `after`: a keyset walk of
-        (owner, created_ns, id), so page N costs what page 1 does."""
+    def list(self, owner: str | None, limit: int, after: str | None = None, order: str = "desc") -> tuple[list[dict[str, Any]], bool]:
+        """A page of the owner's jobs (every owner's for None: an admin key), newest first (or oldest), after
+        the id `after`: a keyset walk of (owner, created_ns, id), so page N costs what page 1 does."""
         now = int(time.time())
         desc = order == "desc"
-        q = select(jobs).where(jobs.c.owner == owner, or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now))
+        mine = jobs.c.owner == owner if owner is not None else jobs.c.id.is_not(None)
+        q = select(jobs).where(mine, or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > now))
         if after is not None:
             with self.engine.connect() as conn:
-                anchor = conn.execute(select(jobs.c.created_ns).where(jobs.c.id == after, jobs.c.owner == owner)).scalar()
+                anchor = conn.execute(select(jobs.c.created_ns).where(jobs.c.id == after, mine)).scalar()
             if anchor is None:
                 return [], False
             before = (jobs.c.created_ns < anchor) | and_(jobs.c.created_ns == anchor, jobs.c.id < after)
@@ -269,6 +273,19 @@ class JobDB:
         with self.engine.connect() as conn:
             rows = conn.execute(q.order_by(*keys).limit(limit + 1)).fetchall()
         return [self._job(r) for r in rows[:limit]], len(rows) > limit
+
+    def mark_deleted(self, job_id: str, owner: str | None) -> tuple[bool, str | None]:
+        """Step 1 of a delete, one statement: the job expires now (hidden from get/list, its files and row
+        left to the expiry sweep if this replica dies before finishing) and loses its lease token (a running
+        generator's writes are fenced out, and it removes its own files). (found, content ref)."""
+        mine = jobs.c.owner == owner if owner is not None else jobs.c.id.is_not(None)
+        with self.engine.begin() as conn:
+            ref = conn.execute(select(jobs.c.content_ref).where(jobs.c.id == job_id, mine)).scalar()
+            stmt = update(jobs).where(jobs.c.id == job_id, mine).values(
+                expires_at=0, lease_token=None, lease_until_ns=0,  # never claimable again, never completed
+                status=case((jobs.c.status.in_(UNFINISHED), "failed"), else_=jobs.c.status))
+            found = bool(conn.execute(stmt).rowcount)
+        return found, ref if found else None
 
     def delete(self, job_id: str) -> str | None:
         """Remove the row; the content ref its files are stored under (None if it had none or was gone)."""

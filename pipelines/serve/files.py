@@ -22,7 +22,6 @@ Elsewhere (a folder shared by several nodes, TLS in front) the ingress streams t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import ipaddress
@@ -65,24 +64,30 @@ def signature(key: bytes, name: str, expires: int) -> str:
     return hmac.new(key, f"{name}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-@functools.lru_cache(maxsize=64)
 def is_this_machine(host: str) -> bool:
-    """Whether `host` (a request's Host) names this machine: loopback, or one of its interface addresses."""
+    """Whether `host` (a request's Host) names this machine: `localhost`, this machine's own name, or an IP
+    literal that is loopback or one of its interface addresses. No DNS: a client's Host header is never
+    resolved (a lookup per request, in a shared thread pool, for a name the client chose)."""
     import psutil
 
+    host = host.strip("[]").split("%")[0].lower()
+    if host in ("localhost", socket.gethostname().lower()):
+        return True
     try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
         return False
     mine = {a.address.split("%")[0] for nics in psutil.net_if_addrs().values() for a in nics}
-    return any(ipaddress.ip_address(a.split("%")[0]).is_loopback or a.split("%")[0] in mine for a in addrs)
+    return addr.is_loopback or str(addr) in mine
 
 
 class FileServer:
-    """Serves `content_dir`'s files to holders of a signed URL, on `port` (0: any free port) of every interface."""
+    """Serves `content_dir`'s files to holders of a signed URL, on `host`:`port` (0: any free port); `host` is
+    the interface clients following the 307 reach (settings.download_host, as Serve's own HTTP host)."""
 
-    def __init__(self, content_dir: str, key: bytes, port: int = 0, media_types: dict[str, str] | None = None) -> None:
-        self.content_dir, self.key, self.media_types = content_dir, key, media_types or {}
+    def __init__(self, content_dir: str, key: bytes, port: int = 0, media_types: dict[str, str] | None = None,
+                 host: str = "127.0.0.1") -> None:  # fmt: skip
+        self.content_dir, self.key, self.media_types, self.host = content_dir, key, media_types or {}, host
         self.port: int | None = None
         self._server: Any = None
         self._requested_port = port
@@ -103,18 +108,24 @@ class FileServer:
                 expires = int(request.query_params.get("expires", ""))
             except ValueError:
                 expires = -1
-            sig = request.query_params.get("sig", "")
-            if "/" in name or name.startswith(".") or not hmac.compare_digest(sig, signature(self.key, name, expires)):
+            # Bytes, not str: compare_digest raises TypeError on a non-ASCII str (a 500 on any `sig=é`).
+            sig = request.query_params.get("sig", "").encode("utf-8", "surrogateescape")
+            if "/" in name or name.startswith(".") or not hmac.compare_digest(sig, signature(self.key, name, expires).encode()):
                 return refuse(ApiError(403, "This download link is not valid.", code="invalid_signature"))
             if expires < time.time():
                 return refuse(ApiError(403, "This download link has expired; ask for the content again.", code="link_expired"))
             path = os.path.join(self.content_dir, name)
             try:
-                parse_range(request.headers.get("range"), os.path.getsize(path))  # 416 in the API's words
+                span = parse_range(request.headers.get("range"), os.path.getsize(path))  # 416 in the API's words
             except FileNotFoundError:
                 return refuse(ApiError(404, "The content is no longer in the store.", code="content_not_found"))
             except ApiError as err:
                 return refuse(err)
+            # FileResponse parses Range again: hand it the range as checked here (digits bounded), or none.
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
+            if span is not None:
+                headers.append((b"range", f"bytes={span[0]}-{span[1]}".encode()))
+            request.scope["headers"] = headers
             stem, ext = os.path.splitext(name)
             video_id = stem.rsplit("-", 1)[0]
             # FileResponse reads 64 KiB at a time and awaits each send: the socket's pace, Range and 206 included.
@@ -127,7 +138,7 @@ class FileServer:
         """Start serving in a daemon thread; the bound port, or None when it could not start (logged)."""
         import uvicorn
 
-        config = uvicorn.Config(self.app(), host="0.0.0.0", port=self._requested_port, log_level="warning",
+        config = uvicorn.Config(self.app(), host=self.host, port=self._requested_port, log_level="warning",
                                 access_log=False, lifespan="off")  # fmt: skip
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="sora-file-server", daemon=True)
@@ -136,8 +147,8 @@ class FileServer:
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         if not server.started:
-            logger.warning("download file server did not start on port %s; folder-store downloads stream through Serve",
-                           self._requested_port)  # fmt: skip
+            logger.warning("download file server did not start on %s:%s; folder-store downloads stream through Serve",
+                           self.host, self._requested_port)  # fmt: skip
             server.should_exit = True
             return None
         self._server = server
@@ -148,6 +159,8 @@ class FileServer:
         """A signed URL of `name` valid `expires_s`, or None where the client could not follow it (see the module)."""
         if self.port is None or scheme != "http" or not host or not is_this_machine(host):
             return None
+        if ipaddress.ip_address(self.host).is_loopback and host.strip("[]") not in ("localhost", "127.0.0.1", "::1"):
+            return None  # listening on loopback only: a client that reached another address could not follow
         expires = int(time.time() + expires_s)
         netloc = f"[{host}]" if ":" in host else host
         return f"http://{netloc}:{self.port}{ROUTE}{name}?expires={expires}&sig={signature(self.key, name, expires)}"
