@@ -48,6 +48,15 @@ def test_article_recipe_is_the_five_stage_curriculum():
     assert recipe.model_config().gradient_checkpointing and recipe.deepspeed.bf16 in (True, "auto")
 
 
+def test_article_multimodal_stage_mixes_sizes():
+    """The article's last stage trains on images and clips of several sizes at once: a packed mixed-bucket stage."""
+    last = load_recipe(str(RECIPES / "article-5stage.yaml")).stages[-1]
+    assert last.mixed and len(last.datasets) >= 3
+    shapes = {tuple(int(v) for v in b.split("x")) for b in last.datasets}
+    assert len({f for f, _, _ in shapes}) >= 2 and len({h for _, h, _ in shapes}) >= 2  # lengths and resolutions mix
+    assert any(f == 1 for f, _, _ in shapes) and last.shape in shapes
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
