@@ -196,6 +196,9 @@ class Dispatcher:
                 except BackPressureError:
                     self.stats["generator_backpressure"] += 1  # the job keeps its lease; it was accepted
                 except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as err:
+                    if token in self.abandoned:  # a stalled attempt whose hung replica was replaced: retried already
+                        status = "abandoned"
+                        return
                     tries += 1
                     self.stats["generator_retries"] += 1
                     logger.warning("generator replica lost under %s (try %d): %s", job_id, tries, type(err).__name__)
