@@ -6,9 +6,11 @@ with exactly the uninterrupted run's clips (same clip ids) and rejects (same rej
 Held out from tests/integration/test_prepare_resume.py: other videos (a wide 80x48 one at 8 fps with a corrupt
 GOP at 1 s and listed twice with two captions, a 12 fps one with a corrupt GOP at 4 s, a clean one, a file of
 random bytes), two clips per shard, and real interruptions: each run is a fresh driver process
-(`--child`) joined to one Ray cluster the benchmark starts (2 CPUs), SIGKILLed when its output holds K shards
-(K = 0: as soon as the run has started), then the same command again. A point where the driver finished
-before the kill is counted as such in the details (it still has to end equal).
+(`--child`) joined to one Ray cluster the benchmark starts (2 CPUs), SIGKILLed at a kill point, then the same
+command again. Kill points: "shards:K" (the output holds K shards; 0 = as soon as the run has started) and
+"reject:N" (the N-th clip reject file of the decode stage has appeared: the state where a bad clip is recorded
+and its video's other clips may not be written yet, which lost clips before issue 31's fix). A point where
+the driver finished before the kill is counted as such in the details (it still has to end equal).
 """
 
 from __future__ import annotations
@@ -83,15 +85,22 @@ def child(address: str, manifest: str, out: str) -> None:
                            clips_per_video=0, rows_per_file=2, progress=False))  # fmt: skip
 
 
-def drive(address: str, manifest: Path, out: Path, kill_at: int | None) -> str:
-    """Run one driver; SIGKILL it once `out` holds `kill_at` shards. Returns "killed" or "finished"."""
+def _reached(out: Path, point: str) -> bool:
+    kind, n = point.split(":")
+    if not (out / "_run.json").exists():
+        return False
+    if kind == "shards":
+        return (len(list((out / BUCKET).glob("part-*.parquet"))) if (out / BUCKET).is_dir() else 0) >= int(n)
+    return (len(list((out / "_rejects").glob("decode-*.jsonl"))) if (out / "_rejects").is_dir() else 0) >= int(n)
+
+
+def drive(address: str, manifest: Path, out: Path, kill_at: str | None) -> str:
+    """Run one driver; SIGKILL it at the kill point `kill_at`. Returns "killed" or "finished"."""
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_prepare_resume_exact", "--child", address, str(manifest), str(out)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     if kill_at is not None:
         while proc.poll() is None:
-            started = (out / "_run.json").exists()
-            shards = len(list((out / BUCKET).glob("part-*.parquet"))) if (out / BUCKET).is_dir() else 0
-            if started and shards >= kill_at:
+            if _reached(out, kill_at):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return "killed"
@@ -113,7 +122,9 @@ def outcome(out: Path) -> dict:
 def run(quick: bool) -> dict:
     import ray
 
-    kill_points = [0, 1, 3] if quick else [0, 1, 2, 3, 4, 5, 6]
+    kill_points = ["shards:0", "reject:1", "reject:2", "shards:3"]
+    if not quick:
+        kill_points += ["shards:1", "shards:2", "shards:5", "shards:7"]
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ctx.address_info["address"]
@@ -124,13 +135,13 @@ def run(quick: bool) -> dict:
         drive(address, manifest, work / "full", None)
         full = outcome(work / "full")
         for k in kill_points:
-            out = work / f"kill-{k}"
+            out = work / f"kill-{k.replace(':', '-')}"
             how = drive(address, manifest, out, k)
             left = len(list((out / BUCKET).glob("part-*.parquet"))) if (out / BUCKET).is_dir() else 0
             if how == "killed":
                 drive(address, manifest, out, None)  # the same command again: resume
             got = outcome(out)
-            points.append({"kill_at_shards": k, "driver": how, "shards_left_by_kill": left, "clips": got["num_clips"],
+            points.append({"kill_at": k, "driver": how, "shards_left_by_kill": left, "clips": got["num_clips"],
                            "equal": got["ids"] == full["ids"] and got["rejects"] == full["rejects"]
                            and got["num_clips"] == full["num_clips"]})  # fmt: skip
     finally:
@@ -140,7 +151,7 @@ def run(quick: bool) -> dict:
     return {
         "value": round(value, 3),
         "compared": (
-            f"share of {len(points)} real kill points (driver SIGKILLed at 0..{max(kill_points)} shards written) after which "
+            f"share of {len(points)} real kill points (driver SIGKILLed at {', '.join(kill_points)}) after which "
             f"the resumed `sora data prepare` equals the uninterrupted run (clip ids, rejects.jsonl, count: "
             f"{full['num_clips']} clips); held-out videos with corrupt middle GOPs, 2 clips per shard, a multi-caption line, 2 CPUs"
         ),

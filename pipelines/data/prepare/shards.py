@@ -5,9 +5,10 @@ is atomic), and is named by a hash of what it holds, so a retried task rewrites 
 adding a copy. The output may be a local folder or an fsspec URI (`s3://bucket/prepared`).
 
 Resume is a filter on what is written (`resume_state`, run as a Ray task, never on the driver): the
-clip ids of complete shards, and the manifest lines that are finished (all the clips a line planned are
-in shards, or the line was rejected). Finished lines are dropped before probing; written clips of
-unfinished lines are dropped after planning. A shard that cannot be parsed is moved to `_damaged/`
+clip ids of complete shards and of clips rejected at decode, and the manifest lines that are finished (each
+clip a line planned is in a shard or rejected, or the line itself was rejected). Finished lines are dropped
+before probing; written and rejected clips of unfinished lines are dropped after planning. A failure of the
+storage itself (StorageUnavailable) is never taken for a damaged shard or a bad input: it stops the run. A shard that cannot be parsed is moved to `_damaged/`
 (kept for a look, never deleted) and its clips are written again.
 """
 
@@ -29,6 +30,25 @@ from pipelines.data.prepare.storage import is_uri, storage_failure, with_retries
 DAMAGED_DIR = "_damaged"
 MERGE_FAN_IN = 256
 """Reject files merged at once (open files); more are merged in rounds."""
+FOOTER_THREADS = 32
+"""Shards whose footers (and few small columns) are read at once at a resume and a run's end: on an object store
+each read is a few round trips of latency, so 10,000 shards read one at a time take minutes."""
+
+
+def _parallel(fn: Any, items: list[Any]) -> list[Any]:
+    """[fn(item)] in order, FOOTER_THREADS at a time; an item's exception is returned in its place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def safe(item: Any) -> Any:
+        try:
+            return fn(item)
+        except Exception as err:  # noqa: BLE001 - handed to the caller, which knows what it means
+            return err
+
+    if len(items) < 2:
+        return [safe(i) for i in items]
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(items))) as pool:
+        return list(pool.map(safe, items))
 
 
 def filesystem(path: str) -> tuple[Any, str]:
@@ -118,13 +138,19 @@ def shard_summary(folder: str) -> dict[str, Any]:
 
     fs, _ = filesystem(folder)
     out: dict[str, Any] = {"rows": 0, "text_truncated": 0, "source_fps": None, "repeated_clips": 0}
-    for f in shard_files(folder):
+
+    def read(f: str) -> tuple[int, Any]:
         pf = pq.ParquetFile(filesystem(f)[1], filesystem=fs)
-        out["rows"] += pf.metadata.num_rows
         cols = [c for c in CURATION_COLUMNS if c in pf.schema_arrow.names]
-        if len(cols) < len(CURATION_COLUMNS):
+        return pf.metadata.num_rows, pf.read(columns=cols) if len(cols) == len(CURATION_COLUMNS) else None
+
+    for got in _parallel(read, shard_files(folder)):
+        if isinstance(got, Exception):
+            raise got
+        rows, t = got
+        out["rows"] += rows
+        if t is None:
             continue
-        t = pf.read(columns=cols)
         fps = t.column("source_fps").to_numpy()
         out["text_truncated"] += int(t.column("text_truncated").to_numpy().sum())
         out["repeated_clips"] += int((t.column("repeated_frames").to_numpy() > 0).sum())
@@ -157,7 +183,7 @@ def resume_state(out: str, buckets: list[str]) -> dict[str, Any]:
     A line is finished when each clip it planned is written or rejected, or when the line itself was rejected
     (at probe: no clip planned). A decode reject names its clip, so one bad clip of a video never marks the
     video's other clips done."""
-    from pipelines.data.prepare.storage import StorageError
+    from pipelines.data.prepare.storage import StorageError, StorageUnavailable
 
     clips: list[np.ndarray] = []
     done: dict[int, set[str]] = {}  # line -> its clips written or rejected
@@ -169,12 +195,11 @@ def resume_state(out: str, buckets: list[str]) -> dict[str, Any]:
         if fs.isdir(p):
             for tmp in fs.glob(p.rstrip("/") + f"/{TMP_PREFIX}*"):
                 fs.rm(tmp)
-        for path in shard_files(folder):
-            try:
-                table = _read_done_columns(path)
-            except StorageError:
-                raise
-            except Exception:  # noqa: BLE001 - a file that parses as no Parquet: its clips are redone
+        paths = shard_files(folder)
+        for path, table in zip(paths, _parallel(_read_done_columns, paths), strict=True):
+            if isinstance(table, (StorageError, StorageUnavailable)):
+                raise table  # the storage's failure, not the shard's: never set a good shard aside for it
+            if isinstance(table, Exception):  # a file that parses as no Parquet: its clips are redone
                 _set_aside(path, out)
                 damaged += 1
                 continue
