@@ -1,6 +1,7 @@
 """`sora train ...` and `sora export ...`: see `pipelines.train.trainer` for the run folder and the Ray job form.
 
 sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
+sora train --recipe cluster/recipes/article-5stage.yaml --rehearse --run-dir /tmp/rehearse   (pipelines/train/rehearse.py)
 ray job submit --working-dir . -- python -m pipelines.train.trainer --recipe ... --data ... --run-dir ...
 sora export --checkpoint runs/smoke/ray_results/smoke-cpu/checkpoint_0000008 --out export8 --ema
 sora export --checkpoint runs/wan-lora/ray_results/wan-1.3b-lora/checkpoint_0001000 --out wan-merged --merge-lora
@@ -15,7 +16,7 @@ import tempfile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipelines.train.trainer import add_arguments, run
+    from pipelines.train.trainer import add_arguments
 
     p = subparsers.add_parser(
         "train",
@@ -23,7 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train through a recipe's stages with Ray Train + DeepSpeed; writes RUN/export/ at the end.",
     )
     add_arguments(p)
-    p.set_defaults(func=run)
+    for action in p._actions:  # a rehearsal makes its own data, and its own run folder when none is given
+        if action.dest in ("data", "run_dir"):
+            action.required = False
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the recipe's own settings (precision, ZeRO, offload, sequence parallelism, packing, LoRA, EMA, "
+                   "init_from, every stage, one lost worker and its restart) at tiny size on 2 CPU workers, then say in "
+                   "one line what ran and what cannot be rehearsed on CPU")  # fmt: skip
+    p.set_defaults(func=run_train)
 
     e = subparsers.add_parser(
         "export",
@@ -38,6 +46,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a LoRA run's checkpoint: write the base (its init_from) with the adapter merged, a whole export, "
                    "instead of the adapter folder")  # fmt: skip
     e.set_defaults(func=run_export)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pipelines.cli import UserError
+
+    if args.rehearse:
+        from pipelines.train.rehearse import run as rehearse
+
+        return rehearse(args)
+    for flag, value in (("--data", args.data), ("--run-dir", args.run_dir)):
+        if not value:
+            raise UserError(f"sora train needs {flag} (or --rehearse, which makes its own)")
+    from pipelines.train.trainer import run
+
+    return run(args)
 
 
 def run_export(args: argparse.Namespace) -> int:
