@@ -53,7 +53,7 @@ def test_no_keys_beyond_loopback_is_refused_unless_auth_none():
 
 
 def test_key_digests_come_from_a_secret_env_or_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("SORA_TEST_KEYS", "{%s: {tier: default, owner: ops, role: admin}}" % DIGEST)
+    monkeypatch.setenv("SORA_TEST_KEYS", f"{{{DIGEST}: {{tier: default, owner: ops, role: admin}}}}")
     s = load_settings({"model": "/x", "api_keys_from": {"env": "SORA_TEST_KEYS"}})
     assert s.key_entry(DIGEST) == ("default", "ops") and s.is_admin(DIGEST)
     check_exposure(s, "0.0.0.0")
