@@ -242,7 +242,7 @@ class PrepareOptions:
 
 
 TOKENIZER_UNBOUNDED = 10**6
-"""A tokenizer's model_max_length at or above this is transformers' "no limit" placeholder (int(1e30))."""
+"""A tokenizer's model_max_length at or above this is transformers' "no limit" sentinel (int(1e30))."""
 
 
 def encoder_max_length(name_or_path: str, tokenizer_path: str | None = None) -> int:
