@@ -75,3 +75,25 @@ def s3_server() -> Iterator[dict]:
             yield {"client_kwargs": {"endpoint_url": endpoint}}
     finally:
         server.stop()
+
+
+@contextmanager
+def serve_app(settings, port: int, generator: dict) -> Iterator[None]:
+    """One local Ray (2 CPUs) with the Serve app on loopback `port`, the generator deployment taking `generator`'s
+    options; shut down on exit. Replicas import the project from the checkout (PYTHONPATH)."""
+    import ray
+    from ray import serve
+
+    from pipelines.serve.app import build_app
+    from pipelines.serve.config import APP_NAME
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, {"Generator": generator}), name=APP_NAME, route_prefix="/")
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -10,15 +10,14 @@ import os
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 
 import httpx
 import pytest
 from helpers import make_tiny_export, wait_done
+from serve_services import serve_app
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 8314
 BASE = f"http://127.0.0.1:{PORT}"
 KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-operator"
@@ -26,11 +25,7 @@ KEY_A, KEY_B, ADMIN = "sk-tenant-a", "sk-tenant-b", "sk-operator"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from pipelines.serve.app import build_app
-    from pipelines.serve.config import APP_NAME, hash_key, load_settings
+    from pipelines.serve.config import hash_key, load_settings
 
     store = tmp_path_factory.mktemp("store")
     settings = load_settings({
@@ -42,20 +37,13 @@ def service(tmp_path_factory):
         },
         "queue": {"poll_after_ms": 100},
     })
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=2, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     generator = {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
         "ray_actor_options": {"num_cpus": 1},
         "user_config": {"batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}},
     }
-    serve.run(build_app(settings, {"Generator": generator}), name=APP_NAME, route_prefix="/")
-    try:
+    with serve_app(settings, PORT, generator):
         yield store
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def client(key: str | None, redirects: bool = True) -> httpx.Client:

@@ -9,28 +9,10 @@ import time
 import uuid
 
 import pytest
-from serve_services import postgres_server, s3_server
+from serve_services import s3_server
 
 from pipelines.serve.db import JobDB
 from pipelines.serve.store import ContentStore
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        d = JobDB(f"sqlite:///{tmp_path}/jobs.db")
-    else:
-        d = JobDB(request.getfixturevalue("pg_url"))
-        with d.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM sora_jobs")
-    yield d
-    d.close()
 
 
 def new_job(created_ns: int | None = None, **kw) -> dict:

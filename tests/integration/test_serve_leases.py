@@ -6,7 +6,6 @@ attempts only) on a local Ray."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
@@ -14,32 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import make_tiny_export, wait_done
-from serve_services import postgres_server
+from serve_services import serve_app
 
 from pipelines.serve.db import JobDB
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 8316
 BASE = f"http://127.0.0.1:{PORT}"
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        d = JobDB(f"sqlite:///{tmp_path}/jobs.db")
-    else:
-        d = JobDB(request.getfixturevalue("pg_url"))
-        with d.engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM sora_jobs")
-            conn.exec_driver_sql("DELETE FROM sora_usage")
-    yield d
-    d.close()
 
 
 def add(db: JobDB, owner: str = "o") -> str:
@@ -152,11 +131,7 @@ def test_the_new_statements_walk_an_index(tmp_path):
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from pipelines.serve.app import build_app
-    from pipelines.serve.config import APP_NAME, load_settings
+    from pipelines.serve.config import load_settings
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
     store = tmp_path_factory.mktemp("store")
@@ -164,9 +139,6 @@ def service(tmp_path_factory):
         "model": str(export), "store": str(store), "download_port": None,
         "queue": {"lease_ttl_s": 1.0, "stall_timeout_s": 1.5, "claim_interval_s": 0.1, "max_attempts": 3, "poll_after_ms": 100},
     })  # fmt: skip
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=2, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     # The first attempt of a job hangs 6 s in its last step: past the stall timeout (1.5 s), short of the
     # health check's HUNG_FACTOR x 1.5 s, so the same replica lives on and the hung attempt wakes up to write.
     generator = {
@@ -174,12 +146,8 @@ def service(tmp_path_factory):
         "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"SORA_SERVE_TEST_STALL_S": "6"}}},
         "health_check_period_s": 30,
     }
-    serve.run(build_app(settings, {"Generator": generator}), name=APP_NAME, route_prefix="/")
-    try:
+    with serve_app(settings, PORT, generator):
         yield settings
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.mark.slow

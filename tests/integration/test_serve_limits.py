@@ -4,18 +4,16 @@ deployed imperatively with `build_app` (test_serve.py covers the declarative YAM
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from helpers import make_tiny_export, wait_done
+from serve_services import serve_app
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 8312
 BASE = f"http://127.0.0.1:{PORT}"
 FREE_KEY, PRO_KEY = "sk-free-test", "sk-pro-test"
@@ -27,11 +25,7 @@ MAX_PENDING = 6
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from pipelines.serve.app import build_app
-    from pipelines.serve.config import APP_NAME, hash_key, load_settings
+    from pipelines.serve.config import hash_key, load_settings
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
     settings = load_settings({
@@ -49,9 +43,6 @@ def service(tmp_path_factory):
         },
         "queue": {"max_pending_jobs": MAX_PENDING, "max_in_flight": 2, "retry_after_s": 3, "poll_after_ms": 100},
     })
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=2, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     # A batch that never fills waits its full timeout, so no job finishes within 1 s: a burst of creates
     # overflows the queue however fast or slow (loaded) the machine is.
     generator = {
@@ -59,12 +50,8 @@ def service(tmp_path_factory):
         "ray_actor_options": {"num_cpus": 1},
         "user_config": {"batching": {"max_batch_size": 8, "batch_wait_timeout_s": 1.0}},
     }
-    serve.run(build_app(settings, {"Generator": generator}), name=APP_NAME, route_prefix="/")
-    try:
+    with serve_app(settings, PORT, generator):
         yield settings
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def client(key: str | None) -> httpx.Client:

@@ -6,12 +6,12 @@ moving after requests."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers import make_tiny_export, wait_done
+from serve_services import serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,7 @@ QUOTA = 2
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from pipelines.serve.app import build_app
-    from pipelines.serve.config import APP_NAME, hash_key, load_settings
+    from pipelines.serve.config import hash_key, load_settings
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
     settings = load_settings({
@@ -39,16 +35,9 @@ def service(tmp_path_factory):
         "api_keys": {hash_key(LOOP_KEY): "metered", hash_key(CACHE_KEY): "metered", hash_key(OTHER_KEY): "open"},
         "queue": {"poll_after_ms": 100},
     })
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(num_cpus=2, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     generator = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 1}}
-    serve.run(build_app(settings, {"Generator": generator}), name=APP_NAME, route_prefix="/")
-    try:
+    with serve_app(settings, PORT, generator):
         yield settings
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def client(key: str) -> httpx.Client:
