@@ -132,6 +132,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(cfg, scope) for scope in block_scopes(cfg)])
         self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.modulation == "shared")
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        # Set from outside for one sampling call (`step_cache.StepCache`, like `set_attention_hook`); never in training.
+        self.step_cache = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -300,12 +302,15 @@ class DiT(nn.Module):
         positions = layout_positions(layout, x.device)  # (1, N, 3)
         x = self._add_absolute_positions(x.float(), positions)  # (B, N, D) fp32: the residual stream
         rope = rope_rotation(positions, rope_frequencies(self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_theta, x.device))
-        # 2. Transformer blocks and the output projection back to patches.
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, block_c, context, context_mask, rope, layout, use_reentrant=False)
-            else:
-                x = block(x, block_c, context, context_mask, rope, layout)  # (B, N, D)
+        # 2. Transformer blocks (or a step cache's reuse of their residual) and the output projection back to patches.
+        if self.step_cache is not None and not self.training:
+            x = self.step_cache.run_blocks(self.blocks, x, block_c, context, context_mask, rope, layout)  # (B, N, D)
+        else:
+            for block in self.blocks:
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, block_c, context, context_mask, rope, layout, use_reentrant=False)
+                else:
+                    x = block(x, block_c, context, context_mask, rope, layout)  # (B, N, D)
         return self.final_layer(x, c, layout)  # (B, N, P)
 
     def forward_tokens(
