@@ -24,6 +24,7 @@ stage); `bucket=None` is allowed when the folder has exactly one non-empty bucke
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.prepare.options import DATASET_INFO, RUN_STATE, SHARD_PREFIX, SHARD_SUFFIX
+from sora_model.config import ConfigError
 
 TENSOR_COLUMNS = ("patches", "grid", "text_tokens", "text_mask", "text_pooled")
 TRAIN_COLUMNS = (*TENSOR_COLUMNS, "start_s", "fps")
@@ -66,6 +68,43 @@ def open_parquet(path: str) -> Any:
     return pq.ParquetFile(fs.open(p, "rb"))
 
 
+class RemoteAccessError(ConfigError):
+    """Prepared data under a URI this process cannot read: no credentials, access denied, endpoint unreachable."""
+
+
+BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+"""fsspec protocols whose first path component is a bucket (container), checked apart from the folder."""
+
+
+def _endpoint() -> str:
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" at {url}" if url else ""
+
+
+def remote_failure(uri: str, err: BaseException) -> RemoteAccessError | None:
+    """The one-line error for a failed read of `uri` that the user's settings must fix, else None.
+
+    botocore's errors are matched by name: s3fs raises them unwrapped, and other stores' libraries are not imported here.
+    """
+    name = type(err).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return RemoteAccessError(f"{uri}: no credentials for {uri.split('://', 1)[0]}:// ({name}); set AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible store")  # fmt: skip
+    if isinstance(err, PermissionError):
+        return RemoteAccessError(f"{uri}: access denied{_endpoint()} ({' '.join(str(err).split())})")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "InvalidEndpointError") or isinstance(err, ConnectionError):
+        return RemoteAccessError(f"{uri}: the store cannot be reached{_endpoint()} ({' '.join(str(err).split())}); "
+                                 "check AWS_ENDPOINT_URL and the network")  # fmt: skip
+    return None
+
+
+def _check_bucket(root: str, fs: Any, path: str) -> None:
+    """A FileNotFoundError naming the bucket when the bucket itself is missing (not only the folder)."""
+    protocol, bucket = root.split("://", 1)[0], path.split("/", 1)[0]
+    if protocol in BUCKETED and not fs.exists(bucket):
+        raise FileNotFoundError(f"{root}: bucket '{bucket}' does not exist{_endpoint()}")
+
+
 def read_dataset_info(path: str | Path) -> dict[str, Any]:
     """The dataset.json of a prepared folder (or URI); a one-line FileNotFoundError when it is not one."""
     if _is_uri(path):
@@ -74,11 +113,14 @@ def read_dataset_info(path: str | Path) -> dict[str, Any]:
         try:
             text = fs.cat_file(p).decode()
         except FileNotFoundError:
+            _check_bucket(root, fs, p)
             if fs.exists(_fs(f"{root}/{RUN_STATE}")[1]):
                 raise FileNotFoundError(
                     f"{root} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same command to finish it"
                 ) from None
             raise FileNotFoundError(f"{root} is not a prepared dataset (no {DATASET_INFO}); make one with `sora data prepare`") from None
+        except Exception as err:  # noqa: BLE001 - credentials, permissions and endpoints become one line naming the URI
+            raise remote_failure(root, err) or err from None
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
