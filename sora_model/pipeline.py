@@ -19,10 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
-from .diffusion import build_diffusion
+from .diffusion import build_diffusion, sampler_nfe
 from .dit import DiT, trim_text_padding
 from .lora import merge_lora
 from .patch import patch_grid
+from .step_cache import StepCache, StepCacheStats, build_step_cache
 from .text import TextEmbedding, TextEncoder, build_text_encoder
 
 EXPORT_FORMAT_VERSION = 1
@@ -36,7 +37,8 @@ CPU_TOKENS_PER_CALL = 2048
 """On CPU the model runs over at most this many tokens per call (whole samples, at least one), so a small
 model's activations stay in cache: one call over 8 clips of 8x32x32 (16 samples with guidance, DiT-demo,
 one thread) cost 15% more per clip than a clip alone; in calls of 4 samples it costs the same. On a GPU
-the whole batch goes in one call, which is what batching is for there."""
+the whole batch goes in one call, which is what batching is for there. Under guidance a call holds prompts' two
+branches together (at least one prompt's pair, even over this budget), so a step cache skips both or neither."""
 
 
 def save_export(export_dir: str, config: PipelineConfig, state_dict: dict[str, torch.Tensor], ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
@@ -197,27 +199,41 @@ class TextToVideoPipeline:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
             if not need_uncond:
                 return self._forward(x, t, cond.tokens, cond.mask, cond.pooled, None)
-            out = self._forward(torch.cat([x, x]), torch.cat([t, t]), tokens, mask, pooled, drop)
+            out = self._forward(torch.cat([x, x]), torch.cat([t, t]), tokens, mask, pooled, drop, cfg_pairs=True)
             out_cond, out_uncond = out.chunk(2)  # (B, C, T, H, W) each
             return out_uncond + scale * (out_cond - out_uncond)
 
         return model_fn
 
-    def _forward(self, x, t, tokens, mask, pooled, drop) -> torch.Tensor:
-        """The model on (N, C, T, H, W) -> float32 prediction; on CPU in calls of CPU_TOKENS_PER_CALL tokens."""
+    def _forward(self, x, t, tokens, mask, pooled, drop, cfg_pairs: bool = False) -> torch.Tensor:
+        """The model on (N, C, T, H, W) -> float32 prediction; on CPU in calls of CPU_TOKENS_PER_CALL tokens.
+
+        cfg_pairs: the rows are [cond (N/2), uncond (N/2)] of the same prompts, and each call takes prompts' two rows
+        together (row j with row N/2 + j): the step cache then decides for both branches of a prompt at once."""
         n = x.shape[0]
         per_call = n
         if self.device.type == "cpu":
             tokens_per_sample = math.prod(patch_grid(tuple(x.shape[2:]), self.config.model.patch_size))
             per_call = max(1, CPU_TOKENS_PER_CALL // tokens_per_sample)
-        outs = [
-            self.model(
-                x[i : i + per_call], t[i : i + per_call], tokens[i : i + per_call], mask[i : i + per_call],
-                pooled[i : i + per_call], drop_text=None if drop is None else drop[i : i + per_call],
-            ).float()
-            for i in range(0, n, per_call)
-        ]  # fmt: skip
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        chunks: list[slice | torch.Tensor] = [slice(i, i + per_call) for i in range(0, n, per_call)]
+        if cfg_pairs and per_call < n:
+            half, pairs = n // 2, max(1, per_call // 2)
+            chunks = [torch.cat([torch.arange(j, min(j + pairs, half)), torch.arange(half + j, half + min(j + pairs, half))]).to(x.device)
+                      for j in range(0, half, pairs)]  # fmt: skip
+        cache: StepCache | None = self.model.step_cache
+        outs = []
+        for key, rows in enumerate(chunks):
+            if cache is not None:
+                cache.select(key)
+            outs.append(self.model(x[rows], t[rows], tokens[rows], mask[rows], pooled[rows], drop_text=None if drop is None else drop[rows]).float())
+        if len(outs) == 1:
+            return outs[0]
+        if not isinstance(chunks[0], torch.Tensor):
+            return torch.cat(outs)
+        out = outs[0].new_empty((n, *outs[0].shape[1:]))
+        for rows, part in zip(chunks, outs, strict=True):
+            out[rows] = part
+        return out
 
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str], **options) -> np.ndarray:
@@ -240,9 +256,19 @@ class TextToVideoPipeline:
         sampler: str | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        step_cache: str | StepCache | None = None,
+        cache_threshold: float | None = None,
+        cache_stats: Callable[[StepCacheStats], None] | None = None,
     ) -> torch.Tensor:
         """Sample clips in model space, before decoding: (B, C, T', H', W'). Unset options come from the export's
         defaults. (diffusers pipelines' `output_type="latent"`.)
+
+        step_cache: None or "none" (default, exact), "teacache" or "fbcache" (`step_cache.py`): skip the transformer's
+        blocks on steps whose input barely moved. cache_threshold: how much change to tolerate, >= 0 (0 never skips;
+        None: the method's default, teacache 0.3 and fbcache 0.1, `step_cache.DEFAULT_THRESHOLDS`). cache_stats, when
+        given, receives the cache's `StepCacheStats` (transformer calls and how many skipped) after sampling.
+        Unknown names and negative or non-finite thresholds raise a ValueError naming the allowed values. A `StepCache`
+        object is used as it is (its own threshold and coefficients; calibration passes one with `record=True`).
 
         Each prompt's noise comes from its own seed, so a clip is the same whether it was sampled
         alone or in a batch with others (what the server's dynamic batching relies on).
@@ -251,6 +277,12 @@ class TextToVideoPipeline:
         b = len(prompts)
         if b == 0:
             raise ValueError("prompts must not be empty")
+        if isinstance(step_cache, StepCache):
+            if cache_threshold is not None:
+                raise ValueError("cache_threshold goes with a step_cache name; a StepCache object carries its own threshold")
+            cache: StepCache | None = step_cache
+        else:
+            cache = build_step_cache(step_cache, cache_threshold, self.config.model)
         s = self.config.sample
         frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
         steps = steps or self.config.diffusion.num_sampling_steps
@@ -279,17 +311,23 @@ class TextToVideoPipeline:
             negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
             uncond = self.encode_prompts(negs)
         # 3. Sample. Deterministic samplers take per-prompt initial noise in one batch; stochastic ones
-        # run per prompt so each keeps its own noise stream.
+        # run per prompt so each keeps its own noise stream. A step cache sits on the model for this call only.
         generators = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
-        if sampler in STOCHASTIC_SAMPLERS and b > 1:
-            parts = [
-                self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback)
-                for i in range(b)
-            ]
-            latents = torch.cat(parts)
-        else:
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, T, H, W)
-            latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise)
+        self.model.step_cache = cache
+        try:
+            if sampler in STOCHASTIC_SAMPLERS and b > 1:
+                parts = [
+                    self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback)
+                    for i in range(b)
+                ]
+                latents = torch.cat(parts)
+            else:
+                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, T, H, W)
+                latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise)
+        finally:
+            self.model.step_cache = None
+        if cache is not None and cache_stats is not None:
+            cache_stats(cache.stats)
         return latents  # (B, C, T', H', W')
 
     def _sample(self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None):
@@ -297,6 +335,8 @@ class TextToVideoPipeline:
             noise = torch.randn((1, *shape), generator=generator).to(self.device)
             shape = noise.shape
         model_fn = self.guided_model_fn(cond, guidance, uncond)
+        if self.model.step_cache is not None:  # a new run from new noise: no state carries over
+            self.model.step_cache.begin(total_calls=sampler_nfe(sampler, steps))
         return self.diffusion.sample(
             model_fn, tuple(noise.shape), steps=steps, sampler=sampler, generator=generator,
             num_tokens=num_tokens, noise=noise, callback=callback,

@@ -48,11 +48,12 @@ DEFAULT_THRESHOLDS = {"teacache": 0.3, "fbcache": 0.1}
 of the rescaled (predicted output) relative change, accumulated; First-Block-Cache's is the first block's residual
 relative change. Wan's own TeaCache runs 50-step sampling at 0.05-0.08 (1.3B, ret-steps mode)."""
 WAN_TEACACHE_COEFFICIENTS = {
-    1536: (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),  # Wan2.1-T2V-1.3B
-    5120: (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),  # Wan2.1-T2V-14B
+    (1536, 16): (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),  # Wan2.1-T2V-1.3B
+    (5120, 16): (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),  # Wan2.1-T2V-14B
 }
 """TeaCache4Wan2.1's published rescale polynomials (highest power first) for its `use_ret_steps` mode, whose indicator
-is `e0`, the shared modulation projection of the timestep embedding, keyed by Wan's hidden size."""
+is `e0`, the shared modulation projection of the timestep embedding; keyed by (hidden size, input channels): the
+text-to-video models only (image-to-video ones take 36 channels and have per-resolution polynomials)."""
 WAN_TEACACHE_KEEP_FIRST = 5
 """`use_ret_steps` mode computes the first 5 steps whatever the distance (the coefficients were fitted so)."""
 DIT_TEACACHE_COEFFICIENTS = (1.0, 0.0)
@@ -204,8 +205,9 @@ def build_step_cache(method: str | None, threshold: float | None, model: DiTConf
     if name is None:
         return None
     assert thr is not None
-    if name == "teacache" and model.modulation == "shared" and model.hidden_size in WAN_TEACACHE_COEFFICIENTS:
-        return StepCache(name, thr, WAN_TEACACHE_COEFFICIENTS[model.hidden_size], "modulation", keep_first=WAN_TEACACHE_KEEP_FIRST)
+    wan = WAN_TEACACHE_COEFFICIENTS.get((model.hidden_size, model.in_channels))
+    if name == "teacache" and model.modulation == "shared" and wan is not None:
+        return StepCache(name, thr, wan, "modulation", keep_first=WAN_TEACACHE_KEEP_FIRST)
     return StepCache(name, thr)
 
 

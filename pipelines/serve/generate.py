@@ -3,6 +3,7 @@
     sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
     sora generate --model runs/demo/export --prompt "..." --steps 8 --seed 3 --precision int8 --out clip.npz
     sora generate --model exports/wan-1.3b --lora adapters/my-style --prompt "..." --out clip.mp4
+    sora generate --model runs/demo/export --prompt "..." --step-cache teacache --cache-threshold 0.3 --out clip.mp4
     python -m pipelines.serve.generate --model ... --prompt ... --out clip.gif
     ray job submit --working-dir . -- python -m pipelines.serve.generate --model ... --prompt ... --out clip.mp4
 
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the export's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same clip (default 0)")
     p.add_argument("--sampler", help="euler|heun|ab2 (flow) or ddpm|ddim (DDPM schedules) (default: the export's)")
+    p.add_argument("--step-cache", help="skip the transformer on steps whose input barely moved: teacache or fbcache (default none: exact)")
+    p.add_argument("--cache-threshold", type=float, help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.3, fbcache 0.1)")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
     p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")
@@ -72,11 +75,13 @@ def generate(args: argparse.Namespace) -> str:
 
     from pipelines.cli import UserError
     from sora_model.pipeline import TextToVideoPipeline
+    from sora_model.step_cache import StepCacheStats
     from sora_model.video import write_video
 
     from .api import model_card
 
     check_arguments(args)
+    step_cache, cache_threshold = _step_cache_arguments(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,17 +99,32 @@ def generate(args: argparse.Namespace) -> str:
     if problem:
         raise UserError(problem.replace("num_frames", "--frames"))
     bar: Any = tqdm(total=steps, desc="sampling", unit="step", disable=args.no_progress, file=sys.stderr)
+    stats: list[StepCacheStats] = []
     try:
         clip = pipe(
             args.prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=args.guidance,
             seed=args.seed, sampler=sampler, negative_prompt=args.negative_prompt,
-            callback=lambda step, total: bar.update(1),
+            callback=lambda step, total: bar.update(1), step_cache=step_cache, cache_threshold=cache_threshold,
+            cache_stats=stats.append,
         )[0]  # (T, H, W, 3) uint8
     finally:
         bar.close()
     out = write_video(args.out, clip, fps=args.fps or card.fps)
     print(f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps")
+    for s in stats:
+        print(s.summary())
     return out
+
+
+def _step_cache_arguments(args: argparse.Namespace) -> tuple[str | None, float | None]:
+    """(--step-cache, --cache-threshold) checked by the pipeline's own rule, as one-line UserErrors."""
+    from pipelines.cli import UserError
+    from sora_model.step_cache import check_step_cache
+
+    try:
+        return check_step_cache(args.step_cache, args.cache_threshold)
+    except ValueError as err:
+        raise UserError(str(err).replace("step_cache", "--step-cache").replace("cache_threshold", "--cache-threshold")) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,6 +71,10 @@ def test_int8_precision_runs(export, tmp_path):
         (["--out", "{tmp}/a.mp4", "--sampler", "ddpm"], ["--sampler", "euler, heun"]),
         (["--out", "{tmp}/a.mp4", "--guidance", "nan"], ["--guidance"]),
         (["--out", "{tmp}/a.mp4", "--seed", "-1"], ["--seed"]),
+        (["--out", "{tmp}/a.mp4", "--step-cache", "magcache"], ["--step-cache", "none, teacache, fbcache", "magcache"]),
+        (["--out", "{tmp}/a.mp4", "--step-cache", "teacache", "--cache-threshold", "-0.5"], ["--cache-threshold", ">= 0"]),
+        (["--out", "{tmp}/a.mp4", "--step-cache", "fbcache", "--cache-threshold", "inf"], ["--cache-threshold", "finite"]),
+        (["--out", "{tmp}/a.mp4", "--cache-threshold", "0.1"], ["--cache-threshold", "needs a --step-cache"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(export, tmp_path, capsys, argv, words):
@@ -90,3 +94,19 @@ def test_export_without_config_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run(capsys, "--model", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path / "a.npz"))
     assert code == 2 and "config.json is missing" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["teacache", "fbcache"])
+def test_step_cache_flag(export, npz_seed1, tmp_path, capsys, method):
+    """Threshold 0 gives the uncached clip; the default threshold skips some of the 4 steps' calls and says how many."""
+    exact, cached = tmp_path / "exact.npz", tmp_path / "cached.npz"
+    common = ["--model", str(export), "--prompt", "a red circle moving left", "--seed", "1", "--no-progress", "--step-cache", method]
+    code, out, err = run(capsys, *common, "--cache-threshold", "0", "--out", str(exact))
+    assert code == 0, err
+    assert np.array_equal(np.load(exact)["frames"], npz_seed1)
+    assert f"step cache {method} (threshold 0): skipped 0 of 4 transformer calls" in out
+    code, out, err = run(capsys, *common, "--cache-threshold", "1", "--out", str(cached))
+    assert code == 0, err
+    line = next(s for s in out.splitlines() if s.startswith("step cache"))
+    skipped = int(line.split("skipped ")[1].split(" of")[0])
+    assert 0 < skipped <= 2, line  # the first and last of 4 calls always compute
