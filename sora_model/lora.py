@@ -1,12 +1,24 @@
-"""LoRA adapters on the DiT: which projections they target, and merging an adapter folder into the weights.
+"""LoRA adapters on the DiT: the file layouts we read, where each adapted module lands in our DiT, and merging.
 
-An adapter folder is what peft's `save_pretrained` writes: `adapter_config.json` (rank, alpha, rsLoRA, patterns)
-and `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` and `.lora_B.weight`). Its module
-names may be ours (an adapter trained on this DiT, `LORA_TARGET_MODULES`) or those of diffusers'
-WanTransformer3DModel (an adapter trained on Wan with diffusers or peft: `blocks.0.attn1.to_q`, also under
-diffusers' `transformer.` prefix); the latter land through the converter's name map, q/k/v in their slice of
-our fused projections. Merging is W += scale * B @ A with scale = alpha / r (alpha / sqrt(r) for rsLoRA), in
-fp32: inference then costs what the base model costs. Reading is JSON and safetensors only.
+Layouts (all safetensors; JSON for the config, nothing unpickled):
+- peft / diffusers: a folder with `adapter_config.json` (rank, alpha, rsLoRA, patterns) and
+  `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`, `.lora_B.weight`), what peft's
+  `save_pretrained` and training here (`pipelines/train/finetune.py`) write; diffusers' `save_lora_weights` keys
+  (`transformer.<module>.lora_A.weight`) in a single file too.
+- community Wan LoRAs (single `.safetensors` files, as ComfyUI, DiffSynth and musubi-tuner write them):
+  `diffusion_model.blocks.N.self_attn.q.lora_A.weight` / `.lora_B.weight` (or `lora_down` / `lora_up`) with an
+  optional `.alpha`, and kohya's `lora_unet_blocks_N_self_attn_q.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+
+Module names may be ours (`blocks.0.attn.qkv`, `LORA_TARGET_MODULES`), diffusers' WanTransformer3DModel's
+(`blocks.0.attn1.to_q`) or the original Wan code's (`blocks.0.self_attn.q`, mapped to diffusers' names here and
+then through `convert_wan.wan_linear_target`): a q, k or v adapter updates its rows of our fused projection, an
+output-projection adapter's rows are reordered like the converted weights. Scale: alpha / r (alpha / sqrt(r) under
+rsLoRA), alpha from the module's `.alpha`, else peft's `lora_alpha` / `alpha_pattern`, else r (scale 1, kohya's rule).
+
+`LoraFile` reads only the header first (keys and shapes), so a file is checked against a model without loading it;
+`bind` gives, per target Linear, one pair A (R, in), B (out, R) with the scale folded into B and the parts of a
+fused projection side by side: `merge_lora` adds B @ A to the weight, `adapters.AdapterCache` applies it unmerged.
+Every problem is a one-line ValueError naming the file, the key and what was expected.
 """
 
 from __future__ import annotations
@@ -14,10 +26,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .convert_wan import output_row_order, wan_linear_target
@@ -28,9 +42,210 @@ and output; cross: q, fused k/v and output) and MLP projections: where LoRA fine
 adapters (diffusers' and DiffSynth's Wan recipes target the same projections)."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-KEY_PREFIXES = ("base_model.model.", "transformer.")
-"""What peft (`save_pretrained`) and diffusers (`save_lora_weights`) put before module names."""
-_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight")
+KEY_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
+"""What peft (`save_pretrained`), diffusers (`save_lora_weights`) and the Wan community files put before module names."""
+KOHYA_PREFIX = "lora_unet_"
+_DOTTED = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight")
+_KOHYA = re.compile(rf"{KOHYA_PREFIX}(?P<module>[^.]+)\.(?:(?P<kind>lora_down|lora_up)\.weight|(?P<alpha>alpha))")
+_ALPHA = re.compile(r"(?P<module>.+)\.alpha")
+_KIND = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
+WAN_ORIGINAL_NAMES: list[tuple[str, str]] = [
+    (r"blocks\.(\d+)\.self_attn\.q", r"blocks.\1.attn1.to_q"),
+    (r"blocks\.(\d+)\.self_attn\.k", r"blocks.\1.attn1.to_k"),
+    (r"blocks\.(\d+)\.self_attn\.v", r"blocks.\1.attn1.to_v"),
+    (r"blocks\.(\d+)\.self_attn\.o", r"blocks.\1.attn1.to_out.0"),
+    (r"blocks\.(\d+)\.cross_attn\.k", r"blocks.\1.attn2.to_k"),
+    (r"blocks\.(\d+)\.cross_attn\.v", r"blocks.\1.attn2.to_v"),
+    (r"blocks\.(\d+)\.cross_attn\.o", r"blocks.\1.attn2.to_out.0"),
+    (r"blocks\.(\d+)\.ffn\.0", r"blocks.\1.ffn.net.0.proj"),
+    (r"blocks\.(\d+)\.ffn\.2", r"blocks.\1.ffn.net.2"),
+    (r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
+    (r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
+    (r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
+    (r"time_embedding\.2", "condition_embedder.time_embedder.linear_2"),
+    (r"time_projection\.1", "condition_embedder.time_proj"),
+    (r"head\.head", "proj_out"),
+]
+"""The original Wan code's Linear names (`wan/modules/model.py`, what community LoRAs use) -> diffusers' names, as
+diffusers' `_convert_non_diffusers_wan_lora_to_diffusers` maps them. `cross_attn.q` is left out: it is our name too,
+for the same module."""
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One adapted module as the file names it: the keys of its A (down), B (up) and alpha, and their shapes."""
+
+    module: str
+    a_key: str
+    b_key: str
+    alpha_key: str | None
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an entry lands: our Linear `target`, its output rows `part` of `parts`, Wan's patch row order or not."""
+
+    entry: LoraEntry
+    target: str
+    part: int
+    parts: int
+    reorder: bool
+
+
+def _strip(key: str) -> str:
+    for prefix in KEY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+class LoraFile:
+    """A LoRA adapter on disk: a peft folder or a single safetensors file, its header read (tensors not loaded)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        root = Path(path)
+        self.config: dict = {}
+        if root.is_dir():
+            if not (root / ADAPTER_WEIGHTS).is_file():
+                raise ValueError(f"LoRA '{path}' is a folder without {ADAPTER_WEIGHTS} (give a peft adapter folder or a .safetensors file)")
+            if (root / ADAPTER_CONFIG).is_file():
+                self.config = self._read_config(root / ADAPTER_CONFIG)
+            self.weights = str(root / ADAPTER_WEIGHTS)
+        elif root.is_file():
+            self.weights = str(root)
+        else:
+            raise ValueError(f"LoRA '{path}' not found: give a peft adapter folder or a .safetensors file")
+        self.entries = self._parse(self._header())
+
+    def _read_config(self, path: Path) -> dict:
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"LoRA '{self.path}': {ADAPTER_CONFIG} is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"LoRA '{self.path}': {ADAPTER_CONFIG} must hold a JSON object")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"LoRA '{self.path}' is a {config.get('peft_type')} adapter; only LoRA applies to the DiT")
+        for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+            if config.get(flag):
+                raise ValueError(f"LoRA '{self.path}' sets {flag}, which is not supported")
+        return config
+
+    def _header(self) -> dict[str, tuple[int, ...]]:
+        """{key: shape} from the safetensors header; a file that is not one is a one-line error."""
+        try:
+            with safe_open(self.weights, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except (SafetensorError, OSError, ValueError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"LoRA '{self.path}': {self.weights} is not a readable safetensors file ({first})") from None
+
+    def _parse(self, header: dict[str, tuple[int, ...]]) -> dict[str, LoraEntry]:
+        parts: dict[str, dict[str, str]] = {}
+        for key in header:
+            m = _KOHYA.fullmatch(key)
+            if m:
+                module, kind = "_" + m["module"], "alpha" if m["alpha"] else _KIND[m["kind"]]  # "_": a kohya flat name
+            elif (m := _DOTTED.fullmatch(_strip(key))) is not None:
+                module, kind = m["module"], _KIND[m["kind"]]
+            elif (m := _ALPHA.fullmatch(_strip(key))) is not None:
+                module, kind = m["module"], "alpha"
+            else:
+                hint = " (full-weight diff/diff_b keys are not LoRA)" if key.endswith((".diff", ".diff_b")) else ""
+                raise ValueError(f"LoRA '{self.path}': key '{key}' is no LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha){hint}")
+            if kind in parts.setdefault(module, {}):
+                raise ValueError(f"LoRA '{self.path}': key '{key}' repeats {module}'s {kind} (one adapter per file)")
+            parts[module][kind] = key
+        entries = {}
+        for module, keys in parts.items():
+            if "A" not in keys or "B" not in keys:
+                have = next(iter(keys.values()))
+                raise ValueError(f"LoRA '{self.path}': key '{have}' has no matching {'lora_B/lora_up' if 'A' in keys else 'lora_A/lora_down'} weight")
+            a, b = header[keys["A"]], header[keys["B"]]
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise ValueError(f"LoRA '{self.path}': key '{keys['B']}' has shape {b} for '{keys['A']}' of shape {a}; expected (out, {a[0] if a else 'r'})")
+            if keys.get("alpha") and math.prod(header[keys["alpha"]]) != 1:
+                raise ValueError(f"LoRA '{self.path}': key '{keys['alpha']}' has shape {header[keys['alpha']]}; expected a scalar")
+            entries[module] = LoraEntry(module, keys["A"], keys["B"], keys.get("alpha"), a, b)
+        if not entries:
+            raise ValueError(f"LoRA '{self.path}' holds no LoRA weights")
+        return entries
+
+    # -- where it lands in a model ------------------------------------------------------------------
+
+    def place(self, model: nn.Module) -> list[Placement]:
+        """Each entry's target in `model` (a DiT), shapes checked; ValueError naming the key and the expected shape."""
+        modules = dict(model.named_modules())
+        placements = []
+        for entry in self.entries.values():
+            found = _resolve(entry.module, modules)
+            if found is None:
+                raise ValueError(f"LoRA '{self.path}': key '{entry.a_key}' targets '{entry.module.lstrip('_')}', which is no Linear of this DiT nor of a Wan transformer")
+            target, part, parts, reorder = found
+            linear = modules[target]
+            rank = entry.a_shape[0]
+            expect_a, expect_b = (rank, linear.in_features), (linear.out_features // parts, rank)
+            if entry.a_shape != expect_a:
+                raise ValueError(f"LoRA '{self.path}': key '{entry.a_key}' has shape {entry.a_shape}; {target} expects {expect_a}")
+            if entry.b_shape != expect_b:
+                raise ValueError(f"LoRA '{self.path}': key '{entry.b_key}' has shape {entry.b_shape}; {target} expects {expect_b}")
+            placements.append(Placement(entry, target, part, parts, reorder))
+        return placements
+
+    def scale(self, entry: LoraEntry, alpha: float | None) -> float:
+        rank = entry.a_shape[0]
+        if alpha is None:
+            name = entry.module.lstrip("_")
+            default = float(self.config.get("lora_alpha", rank))
+            alpha = _pattern_value(self.config.get("alpha_pattern") or {}, name, default)
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def bound_bytes(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes `bind` will hold for `model` (checked from the header): per target Linear A (R, in) and B (out, R)."""
+        ranks: dict[str, int] = {}
+        for p in self.place(model):
+            ranks[p.target] = ranks.get(p.target, 0) + p.entry.a_shape[0]
+        modules = dict(model.named_modules())
+        size = torch.finfo(dtype).bits // 8
+        return size * sum(r * (modules[t].in_features + modules[t].out_features) for t, r in ranks.items())
+
+    @torch.no_grad()
+    def bind(self, model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{our Linear: (A (R, in), B (out, R))} with scale folded into B, on each Linear's device; `dtype` or fp32.
+        The Linear's output then gains B @ A @ x, exactly what merging scale * B_i @ A_i into its rows would add."""
+        placements = self.place(model)
+        modules = dict(model.named_modules())
+        cfg = getattr(model, "cfg", None)
+        grouped: dict[str, list[Placement]] = {}
+        for p in placements:
+            grouped.setdefault(p.target, []).append(p)
+        out = {}
+        with safe_open(self.weights, framework="pt") as f:
+            for target, group in grouped.items():
+                linear = modules[target]
+                a_all, b_all, col = [], [], 0
+                rank_total = sum(p.entry.a_shape[0] for p in group)
+                for p in group:
+                    e = p.entry
+                    a, b = f.get_tensor(e.a_key).float(), f.get_tensor(e.b_key).float()  # (r, in), (out / parts, r)
+                    alpha = float(f.get_tensor(e.alpha_key).float().reshape(())) if e.alpha_key else None
+                    b = self.scale(e, alpha) * b
+                    full = b.new_zeros(linear.out_features, rank_total)  # (out, R)
+                    rows = slice(p.part * b.shape[0], (p.part + 1) * b.shape[0])
+                    full[rows, col : col + a.shape[0]] = b
+                    if p.reorder and cfg is not None:
+                        full = full[output_row_order(cfg.patch_size, cfg.in_channels)]  # Wan's output rows in our patch order
+                    a_all.append(a)
+                    b_all.append(full)
+                    col += a.shape[0]
+                device = _device(linear)
+                a_cat = torch.cat(a_all)  # (R, in)
+                b_cat = torch.stack(b_all).sum(0)  # (out, R): each part fills its own rows and columns
+                out[target] = (a_cat.to(device, dtype or torch.float32).contiguous(), b_cat.to(device, dtype or torch.float32).contiguous())
+        return out
 
 
 def _pattern_value(patterns: dict, name: str, default: float) -> float:
@@ -41,66 +256,60 @@ def _pattern_value(patterns: dict, name: str, default: float) -> float:
     return default
 
 
+def _device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")  # a dynamically quantised Linear (CPU only) has no parameters
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    return module is not None and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def _resolve_dotted(name: str, modules: dict[str, nn.Module]) -> tuple[str, int, int, bool] | None:
+    if _is_linear(modules.get(name)):
+        return name, 0, 1, False
+    for pattern, diffusers_name in WAN_ORIGINAL_NAMES:
+        if re.fullmatch(pattern, name):
+            name = re.sub(pattern, diffusers_name, name)
+            break
+    target = wan_linear_target(name)
+    if target is None or not _is_linear(modules.get(target[0])):
+        return None
+    return target[0], target[1], target[2], target[0] == "final_layer.linear"
+
+
+def _resolve(module: str, modules: dict[str, nn.Module]) -> tuple[str, int, int, bool] | None:
+    """(our Linear, part, parts, Wan row order) of a module name; kohya's flat names ("_" + name with "_" for ".")
+    try each way of reading their underscores as dots and take the one that names a Linear."""
+    if not module.startswith("_"):
+        return _resolve_dotted(module, modules)
+    pieces = module[1:].split("_")
+    if len(pieces) > 12:
+        return None
+    for seps in product((".", "_"), repeat=len(pieces) - 1):
+        name = pieces[0] + "".join(s + p for s, p in zip(seps, pieces[1:], strict=True))
+        found = _resolve_dotted(name, modules)
+        if found is not None:
+            return found
+    return None
+
+
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(adapter config, {module name: (A (r, in), B (out, r))}) of a peft LoRA folder; one-line errors."""
-    root = Path(folder)
-    if not (root / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"LoRA adapter '{folder}' not found: give a folder with {ADAPTER_CONFIG} (peft save_pretrained)")
-    if not (root / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"LoRA adapter '{folder}' has no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
-    config = json.loads((root / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"adapter '{folder}' is a {config.get('peft_type')} adapter; only LoRA merges into the DiT")
-    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
-        if config.get(flag):
-            raise ValueError(f"adapter '{folder}' sets {flag}, which merging does not support")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(root / ADAPTER_WEIGHTS)).items():
-        for prefix in KEY_PREFIXES:
-            key = key.removeprefix(prefix)
-        match = _KEY.fullmatch(key)
-        if match is None:
-            raise ValueError(f"adapter '{folder}' holds '{key}', which is not a LoRA A/B weight of a Linear")
-        pairs.setdefault(match["module"], {})[match["which"]] = value
-    incomplete = [name for name, ab in pairs.items() if len(ab) != 2]
-    if incomplete:
-        raise ValueError(f"adapter '{folder}' has lora_A without lora_B (or the reverse) for {incomplete[0]}")
-    return config, {name: (ab["A"], ab["B"]) for name, ab in pairs.items()}
+    """(adapter config, {module name as the file names it: (A (r, in), B (out, r))}) of a LoRA file or folder."""
+    lora = LoraFile(folder)
+    with safe_open(lora.weights, framework="pt") as f:
+        pairs = {e.module.lstrip("_"): (f.get_tensor(e.a_key), f.get_tensor(e.b_key)) for e in lora.entries.values()}
+    return lora.config, pairs
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, folder: str | Path) -> list[str]:
-    """Merge a LoRA adapter folder into `model` (a DiT) in place; returns the names of the changed modules.
-
-    Each adapter module is one of the model's Linears or a Wan transformer Linear (`convert_wan`): a q, k or v
-    adapter changes its rows of the fused projection, an output-projection adapter is reordered like the weights.
-    """
-    config, pairs = read_adapter(folder)
+def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
+    """Merge a LoRA adapter (folder or file) into `model` (a DiT) in place: W += scale * B @ A, in fp32; returns the
+    names of the changed Linears. Inference then costs what the base model costs."""
+    bound = LoraFile(path).bind(model)
     modules = dict(model.named_modules())
-    cfg = getattr(model, "cfg", None)
-    changed = []
-    for name, (a, b) in pairs.items():
-        rows: slice | torch.Tensor | None = None
-        target_name = name
-        if not isinstance(modules.get(name), nn.Linear):
-            target = wan_linear_target(name)
-            if target is None or not isinstance(modules.get(target[0]), nn.Linear):
-                raise ValueError(f"adapter '{folder}' targets '{name}', which is no Linear of this DiT nor of a Wan transformer")
-            target_name, part, _ = target
-            rows = slice(part * b.shape[0], (part + 1) * b.shape[0])
-            if target_name == "final_layer.linear" and cfg is not None:
-                rows = output_row_order(cfg.patch_size, cfg.in_channels)
-        weight = modules[target_name].weight
-        rank = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, float(config.get("lora_alpha", rank)))
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        delta = scale * (b.float() @ a.float())  # (out, in)
-        if isinstance(rows, torch.Tensor):
-            delta = delta[rows]  # Wan's output rows in our patch order
-            rows = None
-        view = weight if rows is None else weight[rows]
-        if tuple(view.shape) != tuple(delta.shape):
-            raise ValueError(f"adapter '{folder}': {name} gives a {tuple(delta.shape)} update for a {tuple(view.shape)} weight")
-        view.add_(delta.to(weight.dtype))
-        changed.append(target_name)
-    return sorted(set(changed))
+    for target, (a, b) in bound.items():
+        weight = modules[target].weight
+        weight.add_((b @ a).to(weight.dtype))  # (out, in)
+    return sorted(bound)
