@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -33,7 +35,7 @@ from .requests import (
 __all__ = [  # what callers name through `api` (the parsing lives in requests.py, the errors in errors.py)
     "MAX_BODY_BYTES", "MAX_PARTS", "MAX_PART_HEADER_BYTES", "ApiError", "GenerationParams", "ModelCard", "VideoCreateRequest",
     "error_body", "from_validation_error", "invalid", "model_card", "parse_create", "parse_multipart", "parse_range",
-    "read_body", "read_create_fields", "resolve", "video_object",
+    "new_job", "read_body", "read_create_fields", "resolve", "result_cache_key", "video_object",
 ]  # fmt: skip
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
@@ -80,6 +82,9 @@ class VideoObject(BaseModel):
     seed: int
     sampler: str
     negative_prompt: str | None = None
+    lora: str | None = None
+    step_cache: str | None = None
+    cache_threshold: float | None = None
 
 
 class ListQuery(BaseModel):
@@ -112,6 +117,14 @@ class ModelCard:
     """frames (minus 1 for causal video VAEs) must be multiples of this."""
     causal_frames: bool = False
     """True for a video VAE that encodes the first frame alone: frames = 1 + k x frame_multiple."""
+    loras: tuple[str, ...] = ()
+    """LoRA adapters a request may name: those of the config's `loras:` that the replica checked against the model."""
+    lora_errors: dict[str, str] = field(default_factory=dict)
+    """Configured adapters that cannot be used, with the one-line reason (a request naming one answers 400 with it)."""
+    step_caches: tuple[str, ...] = ()
+    """Step-cache methods the pipeline offers (`sora_model.step_cache.STEP_CACHE_METHODS`); empty: none."""
+    cache_thresholds: dict[str, float] = field(default_factory=dict)
+    """Each method's default threshold (what an unset `cache_threshold` means)."""
 
     def check_frames(self, frames: int) -> str | None:
         if self.causal_frames:
@@ -122,9 +135,15 @@ class ModelCard:
         return None
 
 
-def model_card(pipe: Any) -> ModelCard:
-    """The defaults and shape rules of a loaded pipeline, for validating requests without the model."""
+def model_card(pipe: Any, loras: tuple[str, ...] = (), lora_errors: dict[str, str] | None = None) -> ModelCard:
+    """The defaults and shape rules of a loaded pipeline (and the adapters its replica can apply), for validating
+    requests without the model. Step caches are offered when the pipeline's `sample_latents` takes them."""
+    import inspect
+
     from sora_model.diffusion import SAMPLER_NAMES
+    from sora_model.step_cache import DEFAULT_THRESHOLDS, STEP_CACHE_METHODS
+
+    cached = "step_cache" in inspect.signature(pipe.sample_latents).parameters
 
     cfg = pipe.config
     _, ph, pw = cfg.model.patch_size
@@ -143,6 +162,10 @@ def model_card(pipe: Any) -> ModelCard:
         spatial_multiple=ae.spatial_factor * math.lcm(ph, pw),
         frame_multiple=ae.temporal_factor if causal else cfg.model.patch_size[0],
         causal_frames=causal,
+        loras=tuple(loras),
+        lora_errors=dict(lora_errors or {}),
+        step_caches=tuple(STEP_CACHE_METHODS) if cached else (),
+        cache_thresholds={k: float(v) for k, v in DEFAULT_THRESHOLDS.items()} if cached else {},
     )
 
 
@@ -161,12 +184,17 @@ class GenerationParams:
     negative_prompt: str | None
     fps: int
     model: str
+    lora: str | None = None
+    step_cache: str | None = None
+    cache_threshold: float | None = None
 
     @property
     def shape_key(self) -> tuple:
         """Requests with equal keys are sampled in one pipeline call (guidance, seeds, prompts may differ).
-        Negative prompts replace the learned null condition for the whole call, so they split groups too."""
-        return (self.num_frames, self.height, self.width, self.steps, self.sampler, self.negative_prompt is not None)
+        Negative prompts replace the learned null condition for the whole call, so they split groups too; so do
+        the LoRA adapter (one per call: `sora_model.adapters`) and the step cache (it decides per call)."""
+        return (self.num_frames, self.height, self.width, self.steps, self.sampler, self.negative_prompt is not None,
+                self.lora, self.step_cache, self.cache_threshold)  # fmt: skip
 
     @property
     def size(self) -> str:
@@ -275,10 +303,66 @@ def resolve(
     seed = random_seed if req.seed is None else req.seed
     if not 0 <= seed <= MAX_SEED:
         raise invalid("seed", f"'seed' must be between 0 and {MAX_SEED}, got {seed}.")
+    step_cache, threshold = resolve_step_cache(req, card)
     return GenerationParams(
         prompt=prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=float(guidance),
-        seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model,
+        seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model, lora=resolve_lora(req, card),
+        step_cache=step_cache, cache_threshold=threshold,
     )
+
+
+def resolve_lora(req: VideoCreateRequest, card: ModelCard) -> str | None:
+    """The adapter a request names: one the replica can apply, else a 400 naming the field and the allowed names."""
+    if req.lora is None or not req.lora.strip():
+        return None
+    name = req.lora.strip()
+    if name in card.lora_errors:
+        raise invalid("lora", f"'lora' {name!r} cannot be used: {card.lora_errors[name]}", code="lora_unavailable")
+    if name not in card.loras:
+        allowed = ", ".join(card.loras) if card.loras else "none (the server's config has no loras)"
+        raise invalid("lora", f"'lora' must be one of the configured adapters: {allowed}; got {name[:64]!r}.", code="lora_not_found")
+    return name
+
+
+def resolve_step_cache(req: VideoCreateRequest, card: ModelCard) -> tuple[str | None, float | None]:
+    """(method, threshold) of a request's step cache: None when off; the method's default threshold when unset."""
+    method = (req.step_cache or "").strip().lower()
+    method = None if method in ("", "none") else method
+    allowed = ", ".join(("none", *card.step_caches))
+    if method is not None and method not in card.step_caches:
+        raise invalid("step_cache", f"'step_cache' must be one of {allowed} for this model, got {req.step_cache!r}.")
+    if req.cache_threshold is None:
+        return method, None if method is None else card.cache_thresholds.get(method)
+    if method is None:
+        raise invalid("cache_threshold", f"'cache_threshold' needs a 'step_cache' ({', '.join(card.step_caches) or 'none offered'}).")
+    if not math.isfinite(req.cache_threshold) or req.cache_threshold < 0:
+        raise invalid("cache_threshold", f"'cache_threshold' must be a finite number >= 0, got {req.cache_threshold:g}.")
+    return method, float(req.cache_threshold)
+
+
+def new_job(params: GenerationParams) -> dict[str, Any]:
+    """A queued job for `params`: the public video fields, the request's extensions and `_params` (what the
+    generator samples from)."""
+    now_ns = time.time_ns()
+    return {
+        "id": f"video_{uuid.uuid4().hex}", "object": "video", "model": params.model, "status": "queued", "progress": 0,
+        "created_at": now_ns // 10**9, "completed_at": None, "expires_at": None, "size": params.size, "seconds": params.seconds,
+        "prompt": params.prompt, "error": None, "num_frames": params.num_frames, "steps": params.steps,
+        "guidance_scale": params.guidance_scale, "seed": params.seed, "sampler": params.sampler,
+        "negative_prompt": params.negative_prompt, "lora": params.lora, "step_cache": params.step_cache,
+        "cache_threshold": params.cache_threshold, "_created_ns": now_ns, "_params": asdict(params),
+    }  # fmt: skip
+
+
+def result_cache_key(params: GenerationParams, owner: str, identity: dict[str, Any]) -> str:
+    """The result cache's key: every sampling parameter of the request (its adapter's name and step cache among
+    them), the owner (a cache is never shared across tenants), and what decides the clip beyond the request
+    (`Generator.identity`: the export's digest, the merged LoRA, the precision, and the digest of the adapter the
+    request names, so replacing an adapter's file under the same name misses the cache)."""
+    model = {k: v for k, v in identity.items() if k != "adapters"}
+    adapter = (identity.get("adapters") or {}).get(params.lora) if params.lora else None
+    blob = json.dumps({"params": asdict(params), "owner": owner, "model": model, "adapter": adapter}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def video_object(job: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,6 @@ stream from the store in chunks with HTTP Range support. Run any number of ingre
 
 import asyncio
 import functools
-import hashlib
-import json
 import logging
 import os
 import random
@@ -41,7 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import api, auth
-from .api import ApiError, ModelCard
+from .admission import Admission
+from .api import ApiError, ModelCard, result_cache_key
 from .config import (
     APP_NAME,
     GENERATOR_NAME,
@@ -50,7 +49,6 @@ from .config import (
     RUNTIME_KEYS,
     STORE_ENV,
     ServeSettings,
-    Tier,
     apply_user_config,
     load_settings,
     settings_to_dict,
@@ -63,9 +61,6 @@ from .metrics import ServeMetrics
 from .store import CHUNK_BYTES, CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
 
 logger = logging.getLogger("ray.serve")
-OVERLOADED_CODE = "server_overloaded"
-QUOTA_WINDOW_NS = 3600 * 10**9
-"""tiers.*.max_jobs_per_hour_per_key counts the usage ledger over this rolling window."""
 
 
 @functools.cache
@@ -73,13 +68,6 @@ def serve_metrics() -> ServeMetrics:
     """This ingress process's Prometheus registry (one ingress replica per process)."""
     return ServeMetrics(replica_id())
 
-
-def result_cache_key(params: api.GenerationParams, owner: str, identity: dict[str, Any]) -> str:
-    """The result cache's key: every sampling parameter of the request, the owner (a cache is never shared
-    across tenants), and what decides the clip beyond the request (the export's digest, the LoRA, the precision:
-    `Generator.identity`)."""
-    blob = json.dumps({"params": asdict(params), "owner": owner, "model": identity}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API compatible text-to-video service.",
                       docs_url=None, redoc_url=None, openapi_url=None)  # served by VideoAPI, only while keys are off
@@ -177,6 +165,7 @@ class VideoAPI:
         self.dispatcher: Dispatcher | None = None
         self._loops: list[asyncio.Task] = []
         self._admission = asyncio.Lock()
+        self.admission = Admission(self.db, self.metrics, self.stats, lambda: self.settings)
 
     def _file_server(self) -> FileServer | None:
         """A folder store's download server (files.py), or None (object stores presign; or turned off)."""
@@ -253,13 +242,13 @@ class VideoAPI:
         # Result cache: a repeated (prompt, parameters, seed) request of this owner is answered from a stored clip.
         use_cache = self.settings.result_cache and req.seed is not None
         cache_key = result_cache_key(params, owner, await self._identity()) if use_cache else None
-        job = self._new_job(params)
+        job = api.new_job(params)
         deadline = None if tier.job_deadline_s is None else job["_created_ns"] + int(tier.job_deadline_s * 1e9)
         # Admission comes first, cache hit or not: a hit costs tiers.*.cache_hit_weight of the hourly quota.
         # Count and insert under one lock, so a burst on this replica cannot all pass the same count.
         # Replicas admit independently: together they can overshoot a limit by at most one job each.
         async with self._admission:
-            await asyncio.to_thread(self._check_quota, tier_name, tier, owner, tier.cache_hit_weight if cache_key else 1.0)
+            await asyncio.to_thread(self.admission.check_quota, tier_name, tier, owner, tier.cache_hit_weight if cache_key else 1.0)
             if cache_key:
                 cached = await asyncio.to_thread(self._from_cache, cache_key, params, owner, tier.cache_hit_weight)
                 if cached is not None:
@@ -267,48 +256,10 @@ class VideoAPI:
                     self.stats["result_cache_hits"] += 1
                     return JSONResponse(api.video_object(cached))
                 self.metrics.cache_misses.labels(cache="result").inc()
-            await asyncio.to_thread(self._admit, tier_name, tier, owner)
+            await asyncio.to_thread(self.admission.admit, tier_name, tier, owner)
             await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key, 1.0)
         self.dispatcher.wake()
         return JSONResponse(api.video_object(job))
-
-    def _refuse(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
-        self.metrics.rejected.labels(reason=reason).inc()
-        self.stats["rejected"] += 1
-        code = OVERLOADED_CODE if status == 503 else "rate_limit_exceeded"
-        err = ApiError(status, message, code=code, headers=headers or {"Retry-After": str(self.settings.queue.retry_after_s)})
-        err.reason = reason  # what the error counters label it with
-        raise err
-
-    def _check_quota(self, tier_name: str, tier: Tier, owner: str, weight: float) -> None:
-        """The owner's hourly quota against the usage ledger (deleting videos gives nothing back): 429 when
-        `weight` more would pass it."""
-        if tier.max_jobs_per_hour_per_key is None:
-            return
-        used = self.db.usage_since(owner, time.time_ns() - QUOTA_WINDOW_NS)
-        if used + weight > tier.max_jobs_per_hour_per_key + 1e-9:
-            hour = {"Retry-After": str(max(self.settings.queue.retry_after_s, 60))}
-            self._refuse(429, "key_quota", f"This API key used {used:g} of its hourly quota of {tier.max_jobs_per_hour_per_key} jobs "
-                         f"(tiers.{tier_name}.max_jobs_per_hour_per_key; a cache hit counts {tier.cache_hit_weight:g}).", hour)  # fmt: skip
-
-    def _admit(self, tier_name: str, tier: Tier, owner: str) -> None:
-        """Admission, all replicas together (counts along the database's indexes): the service's queue,
-        the tier's share of it, the key's in-flight cap and its hourly quota. 503/429 + Retry-After."""
-        q = self.settings.queue
-        refuse = self._refuse
-
-        pending = self.db.count_unfinished()
-        if pending >= q.max_pending_jobs:
-            refuse(503, "queue_full", f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after {q.retry_after_s}s.")
-        if tier.max_pending_jobs is not None:
-            n = self.db.count_unfinished(tier=tier_name)
-            if n >= tier.max_pending_jobs:
-                refuse(429, "tier_limit", f"Tier '{tier_name}' already has {n} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry after {q.retry_after_s}s.")
-        if tier.max_pending_per_key is not None:
-            n = self.db.count_unfinished(owner=owner)
-            if n >= tier.max_pending_per_key:
-                refuse(429, "key_in_flight", f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} (tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.")
-        self._check_quota(tier_name, tier, owner, 1.0)
 
     @fastapi_app.get("/v1/videos")
     async def list_videos(self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc") -> JSONResponse:
@@ -409,7 +360,8 @@ class VideoAPI:
     async def list_models(self, request: Request) -> JSONResponse:
         self._caller(request)
         name = self.settings.model_name
-        data = [{"id": m, "object": "model", "created": self.model_created, "owned_by": "sora-ray"} for m in (name, name + api.PREVIEW_SUFFIX)]
+        loras = sorted(self.settings.loras)  # our extension: the adapters a request may name in `lora`
+        data = [{"id": m, "object": "model", "created": self.model_created, "owned_by": "sora-ray", "loras": loras} for m in (name, name + api.PREVIEW_SUFFIX)]
         return JSONResponse({"object": "list", "data": data})
 
     @fastapi_app.get("/healthz")
@@ -461,39 +413,13 @@ class VideoAPI:
 
     # -- jobs ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _new_job(params: api.GenerationParams) -> dict[str, Any]:
-        now_ns = time.time_ns()
-        return {
-            "id": f"video_{uuid.uuid4().hex}",
-            "object": "video",
-            "model": params.model,
-            "status": "queued",
-            "progress": 0,
-            "created_at": now_ns // 10**9,
-            "completed_at": None,
-            "expires_at": None,
-            "size": params.size,
-            "seconds": params.seconds,
-            "prompt": params.prompt,
-            "error": None,
-            "num_frames": params.num_frames,
-            "steps": params.steps,
-            "guidance_scale": params.guidance_scale,
-            "seed": params.seed,
-            "sampler": params.sampler,
-            "negative_prompt": params.negative_prompt,
-            "_created_ns": now_ns,
-            "_params": asdict(params),
-        }
-
     def _from_cache(self, key: str, params: api.GenerationParams, owner: str, weight: float) -> dict[str, Any] | None:
         """A completed job of this owner with the same key: its clip copied (server-side on object stores) into
         a new completed job, `weight` written to the usage ledger. None when there is none, or its files are gone."""
         source = self.db.cache_lookup(key, owner)
         if source is None or source.get("_params") != asdict(params) or source["_owner"] != owner:
             return None
-        job = self._new_job(params)
+        job = api.new_job(params)
         ref = new_token()
         if not self.content.copy((source["id"], source["_content_ref"]), (job["id"], ref)):
             return None

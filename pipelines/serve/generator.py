@@ -1,13 +1,14 @@
 """The generator deployment: one `TextToVideoPipeline` per replica, dynamic batching, results to the store.
 
 Each call carries one leased job (`{"id", "token", "params", "deadline_ns", ...}`, see dispatch.py); `@serve.batch` collects concurrent calls and the batch
-is split by shape (frames, size, steps, sampler, negative prompt or not). Each shape group is one
+is split by shape (frames, size, steps, sampler, negative prompt or not, LoRA adapter, step cache). Each group is one
 pipeline call: prompts, seeds and guidance scales stay per request (the pipeline gives every prompt
 its own noise, so a clip is the same batched or alone). The replica moves the job to `in_progress`,
 reports progress while sampling, and hands each clip back to its own call, which writes the MP4 and
 thumbnail to the store and marks the job `completed`. That last part runs outside the batch: the next
 batch starts sampling while the previous one's clips are encoded and uploaded, and the clips of one
-batch are encoded side by side rather than one after another.
+batch are encoded side by side rather than one after another. A group's LoRA adapter (the config's `loras:`) is
+applied unmerged for its call only (`sora_model.adapters`: resident in an LRU bounded by `lora_cache_bytes`).
 
 Every write names the job's lease token (db.py): starting a job counts a run and beats its heartbeat, each
 progress write beats it again, encoding and each stored file too, and the completion only lands while the
@@ -75,6 +76,11 @@ def folder_digest(folder: str, suffixes: tuple[str, ...] = (".json", ".safetenso
     return files_digest([os.path.join(folder, n) for n in names])
 
 
+def path_digest(path: str) -> str:
+    """The digest of an adapter: a folder's config and weight files, or one file."""
+    return folder_digest(path) if os.path.isdir(path) else files_digest([path])
+
+
 def replica_memory_bytes() -> int:
     """Memory this replica may use: its Ray `memory` request, else its cgroup's limit, else the machine's."""
     from sora_model.text import machine_memory_bytes
@@ -140,6 +146,7 @@ class Generator:
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
 
+        from sora_model.adapters import AdapterCache
         from sora_model.pipeline import TextToVideoPipeline
 
         self.settings = _from_dict(settings)
@@ -152,13 +159,20 @@ class Generator:
         self.pipe = TextToVideoPipeline.load(
             self.settings.model, device=device, precision=self.settings.precision, lora=self.settings.lora
         )
-        self.card = model_card(self.pipe)
-        # What the result cache keys on besides the request (app.result_cache_key): computed once, here.
+        # Per-request adapters (`loras:`), applied unmerged on the loaded model: checked now from their headers, loaded
+        # when first asked for. A bad one is reported in the card (its requests answer 400), the others serve.
+        self.adapters = AdapterCache(self.pipe.model, self.settings.loras, self.settings.lora_cache_bytes)
+        lora_errors = self.adapters.check_all()
+        for name, problem in lora_errors.items():
+            logger.warning("generator: LoRA '%s' cannot be used: %s", name, problem)
+        self.card = model_card(self.pipe, tuple(n for n in self.settings.loras if n not in lora_errors), lora_errors)
+        # What the result cache keys on besides the request (api.result_cache_key): computed once, here.
         lora = self.settings.lora
         self.ident = {
             "weights": folder_digest(self.settings.model) if "://" not in self.settings.model else self.settings.model,
             "lora": None if lora is None else f"{os.path.basename(os.path.normpath(lora))}:{folder_digest(lora)}",
             "precision": self.settings.precision,
+            "adapters": {n: path_digest(p) for n, p in self.settings.loras.items() if n not in lora_errors},
         }
         cache = self.pipe.text_encoder.cache
         budget = self.settings.text_cache_bytes
@@ -243,6 +257,7 @@ class Generator:
             "torch_threads": _torch_threads(),
             "text_cache": {"hits": cache.hits, "misses": cache.misses, "size": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes,
                            "evictions": cache.evictions},
+            "adapters": self.adapters.stats(),
         }
 
     async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -333,16 +348,20 @@ class Generator:
 
         self._timer.call = timer
         self._busy_since = time.monotonic()
+        # A group shares its adapter and step cache (GenerationParams.shape_key); the cache options go to the
+        # pipeline only when asked for, so a pipeline without them still serves every other request.
+        cached = {"step_cache": first.step_cache, "cache_threshold": first.cache_threshold} if first.step_cache else {}
         try:
-            clips = self.pipe(
-                [p.prompt for _, p in run],
-                num_frames=first.num_frames, height=first.height, width=first.width, steps=first.steps,
-                guidance_scale=[p.guidance_scale for _, p in run],
-                seed=[p.seed for _, p in run],
-                sampler=first.sampler,
-                negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
-                callback=on_step,
-            )  # (B, T, H, W, 3) uint8
+            with self.adapters.applied(first.lora):
+                clips = self.pipe(
+                    [p.prompt for _, p in run],
+                    num_frames=first.num_frames, height=first.height, width=first.width, steps=first.steps,
+                    guidance_scale=[p.guidance_scale for _, p in run],
+                    seed=[p.seed for _, p in run],
+                    sampler=first.sampler,
+                    negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
+                    callback=on_step, **cached,
+                )  # (B, T, H, W, 3) uint8
         except StopSampling as why:
             if str(why) == "deadline":
                 return self._fail(ids, run, results, "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)", "deadline_exceeded")

@@ -46,6 +46,12 @@ class VideoCreateRequest(BaseModel):
     seed: int | None = None
     sampler: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    lora: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
+    """A LoRA adapter by the name the server's config gives it (`loras:`); none: the base model."""
+    step_cache: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
+    """Step caching (`teacache`, `fbcache`; `none` or unset: off, exact)."""
+    cache_threshold: float | None = None
+    """How much change a step cache tolerates before recomputing; unset: the method's default."""
 
 
 MAX_PARTS = 64

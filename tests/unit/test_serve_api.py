@@ -323,3 +323,85 @@ def test_serve_cli_refuses_a_bad_database_in_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(export), "--db", "postgresql://sora:secret@127.0.0.1:1/sora"]) == 2
     err = capsys.readouterr().err
     assert "cannot be used" in err and "secret" not in err and "***" in err and len(err.strip().splitlines()) == 1
+
+
+# -- LoRA adapters and step caching per request ----------------------------------------------------
+
+ADAPTER_CARD = ModelCard(
+    num_frames=8, height=32, width=32, fps=8, steps=30, guidance_scale=4.0, sampler="euler", samplers=("euler",),
+    spatial_multiple=4, frame_multiple=1, loras=("style", "anime"), lora_errors={"broken": "LoRA '/x/b.safetensors': key 'k' has shape (4, 8); blocks.0.attn.qkv expects (4, 32)"},
+    step_caches=("teacache", "fbcache"), cache_thresholds={"teacache": 0.3, "fbcache": 0.1},
+)  # fmt: skip
+
+
+def resolve_card(fields: dict, card: ModelCard = ADAPTER_CARD) -> api.GenerationParams:
+    return api.resolve(api.parse_create(fields), card, settings(), Tier(), random_seed=1)
+
+
+def rejects_card(fields: dict, param: str, *words: str, card: ModelCard = ADAPTER_CARD) -> None:
+    with pytest.raises(ApiError) as info:
+        resolve_card(fields, card)
+    assert info.value.status == 400 and info.value.param == param, info.value.message
+    for w in words:
+        assert w in info.value.message, info.value.message
+    assert "\n" not in info.value.message
+
+
+def test_lora_is_a_configured_name_or_a_400_naming_the_allowed_ones():
+    assert resolve_card({"prompt": "x", "lora": "anime"}).lora == "anime"
+    assert resolve_card({"prompt": "x"}).lora is None and resolve_card({"prompt": "x", "lora": ""}).lora is None
+    rejects_card({"prompt": "x", "lora": "nope"}, "lora", "style, anime", "'nope'")
+    rejects_card({"prompt": "x", "lora": "broken"}, "lora", "cannot be used", "expects (4, 32)")
+    rejects_card({"prompt": "x", "lora": "style"}, "lora", "no loras", card=CARD)
+    rejects_card({"prompt": "x", "lora": "s" * 65}, "lora", "too long")
+
+
+def test_step_cache_and_threshold_are_checked_and_defaulted():
+    p = resolve_card({"prompt": "x", "step_cache": "TeaCache"})
+    assert (p.step_cache, p.cache_threshold) == ("teacache", 0.3)
+    p = resolve_card({"prompt": "x", "step_cache": "fbcache", "cache_threshold": "0.05"})  # a form: strings
+    assert (p.step_cache, p.cache_threshold) == ("fbcache", 0.05)
+    assert resolve_card({"prompt": "x", "step_cache": "none"}).step_cache is None
+    assert resolve_card({"prompt": "x", "step_cache": "fbcache", "cache_threshold": 0}).cache_threshold == 0.0
+    rejects_card({"prompt": "x", "step_cache": "magcache"}, "step_cache", "none, teacache, fbcache", "'magcache'")
+    rejects_card({"prompt": "x", "cache_threshold": 0.1}, "cache_threshold", "needs a 'step_cache'")
+    rejects_card({"prompt": "x", "step_cache": "teacache", "cache_threshold": -1}, "cache_threshold", ">= 0")
+    rejects_card({"prompt": "x", "step_cache": "teacache", "cache_threshold": "inf"}, "cache_threshold", "finite")
+    rejects_card({"prompt": "x", "step_cache": "teacache"}, "step_cache", "must be one of none for this model", card=CARD)
+    with pytest.raises(ApiError) as info:
+        api.parse_create({"prompt": "x", "cache_threshold": "0.1"}, strict=True)  # JSON: a string is no number
+    assert info.value.param == "cache_threshold"
+
+
+def test_adapter_and_step_cache_split_batches_and_cache_keys():
+    base = resolve_card({"prompt": "x", "seed": 1})
+    others = [resolve_card({"prompt": "x", "seed": 1, **extra}) for extra in (
+        {"lora": "style"}, {"lora": "anime"}, {"step_cache": "teacache"}, {"step_cache": "fbcache"},
+        {"step_cache": "fbcache", "cache_threshold": 0.2})]  # fmt: skip
+    assert len({base.shape_key, *(p.shape_key for p in others)}) == 1 + len(others)
+    ident = {"weights": "a" * 64, "lora": None, "precision": "fp32", "adapters": {"style": "1" * 64, "anime": "2" * 64}}
+    keys = {api.result_cache_key(p, "alice", ident) for p in [base, *others]}
+    assert len(keys) == 1 + len(others)
+    style = others[0]
+    replaced = {**ident, "adapters": {**ident["adapters"], "style": "3" * 64}}  # the file under the name changed
+    assert api.result_cache_key(style, "alice", replaced) != api.result_cache_key(style, "alice", ident)
+    # ... which leaves the keys of requests not naming that adapter as they were
+    assert api.result_cache_key(base, "alice", replaced) == api.result_cache_key(base, "alice", ident)
+    assert api.result_cache_key(others[1], "alice", replaced) == api.result_cache_key(others[1], "alice", ident)
+    job = api.new_job(style)
+    assert (job["lora"], job["step_cache"]) == ("style", None) and api.video_object({**job})["lora"] == "style"
+
+
+def test_loras_config_is_checked_at_startup(tmp_path):
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    s = load_settings({"model": str(tmp_path), "loras": {"style": str(tmp_path / "style.safetensors")}, "lora_cache_bytes": 1000})
+    assert s.loras == {"style": str(tmp_path / "style.safetensors")} and s.lora_cache_bytes == 1000
+    for args, words in (
+        ({"loras": {"style": str(tmp_path / "missing.safetensors")}}, "loras.style: '"),
+        ({"loras": {"bad name": str(tmp_path / "style.safetensors")}}, "loras: name 'bad name'"),
+        ({"loras": {"s3": "s3://bucket/style.safetensors"}}, "is a URI"),
+        ({"lora_cache_bytes": 0}, "lora_cache_bytes must be >= 1"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings({"model": str(tmp_path), **args})
+        assert words in str(info.value) and "\n" not in str(info.value)
