@@ -32,11 +32,15 @@ def run(args: argparse.Namespace) -> int:
     pipeline_config_from_wan(args.from_diffusers)  # a folder we cannot convert fails here, before any weights are read
     print(f"sora convert: converting the transformer weights of {args.from_diffusers}", file=sys.stderr, flush=True)
     config = convert_wan_folder(args.from_diffusers, args.out)
-    m = config.model
+    m, d = config.model, config.diffusion
+    solver = ""
+    if d.sampler in ("unipc", "dpmpp"):  # the multistep schedulers' settings that change the result
+        variant = d.multistep.unipc_variant if d.sampler == "unipc" else d.multistep.dpm_solver_type
+        solver = f" (order {d.multistep.order}, {variant}, final sigma {d.multistep.final_sigma})"
     print(
         f"wrote {args.out}: Wan2.1 DiT width {m.hidden_size}, {m.depth} layers, {m.num_heads} heads; "
-        f"{config.diffusion.num_sampling_steps} {config.diffusion.sampler} steps, shift {config.diffusion.shift:g}, "
-        f"guidance {config.diffusion.guidance_scale:g} ({time.perf_counter() - t0:.1f}s)"
+        f"{d.num_sampling_steps} {d.sampler} steps{solver}, shift {d.shift:g}, "
+        f"guidance {d.guidance_scale:g} ({time.perf_counter() - t0:.1f}s)"
     )
     return 0
 

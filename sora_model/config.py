@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from sora_model.diffusion.registry import ALL_SAMPLER_NAMES, sampler_problem
+
 
 class ConfigError(ValueError):
     """A bad setting; the message is one line naming the key and what was expected."""
@@ -113,7 +115,37 @@ class DiTConfig:
 
 ScheduleName = Literal["ddpm_linear", "adaptive", "rectified_flow"]
 PredictionName = Literal["eps", "v", "velocity"]
-SamplerName = Literal["ddpm", "ddim", "euler", "heun", "ab2"]
+SamplerName = Literal[ALL_SAMPLER_NAMES]  # type: ignore[valid-type]  # every name in sora_model/diffusion/registry.py
+TimeGridName = Literal["uniform", "flow_match_euler", "unipc", "dpm_solver"]
+
+
+@dataclass
+class MultistepConfig:
+    """Settings of the multistep samplers `unipc` and `dpmpp` (diffusers' `UniPCMultistepScheduler` and
+    `DPMSolverMultistepScheduler`), which a converted model records so it samples as its scheduler did."""
+
+    order: int = 2
+    """`solver_order`: how many past estimates each step uses (1-3; 2 is diffusers' and Wan's default)."""
+    lower_order_final: bool = True
+    """Lower the order over the last steps, as diffusers does (more stable at few steps). For `unipc` with the
+    order above 1, turning it off needs final_sigma `sigma_min`: a high-order step into sigma 0 is not finite."""
+    final_sigma: Literal["zero", "sigma_min"] = "zero"
+    """`final_sigmas_type` of the `unipc` and `dpm_solver` time grids: end at noise 0, or at the scheduler's
+    sigma_min (the last step then leaves that much noise)."""
+    unipc_variant: Literal["bh2", "bh1"] = "bh2"
+    """UniPC's B(h): `bh2` = e^h - 1 (diffusers' default), `bh1` = h."""
+    disable_corrector: tuple[int, ...] = ()
+    """UniPC: steps whose point is not corrected by the next step's estimate (diffusers' `disable_corrector`)."""
+    dpm_solver_type: Literal["midpoint", "heun"] = "midpoint"
+    """DPM-Solver++'s second-order formula (diffusers' `solver_type`)."""
+    euler_at_final: bool = False
+    """DPM-Solver++: always take the last step first-order."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.order <= 3:
+            raise ConfigError(f"diffusion.multistep.order must be 1, 2 or 3, got {self.order}")
+        if any(i < 0 for i in self.disable_corrector):
+            raise ConfigError(f"diffusion.multistep.disable_corrector holds step indices >= 0, got {list(self.disable_corrector)}")
 
 
 @dataclass
@@ -142,15 +174,19 @@ class DiffusionConfig:
     shift_reference_tokens: int | None = None
     """If set, the shift scales by sqrt(tokens / reference), so longer and larger clips get more noise
     (the resolution/length shift); None keeps `shift` fixed."""
-    time_grid: Literal["uniform", "flow_match_euler"] = "uniform"
-    """Flow sampling times: `uniform` is steps + 1 equal steps from 1 to 0, shifted. `flow_match_euler` is the grid
-    of diffusers' FlowMatchEulerDiscreteScheduler (`steps` times from 1 down to its shifted last training time,
-    shifted again, then 0), so a model converted from a diffusers folder samples exactly as it did there."""
+    time_grid: TimeGridName = "uniform"
+    """Flow sampling times: `uniform` is steps + 1 equal steps from 1 to 0, shifted. The others are the grids of
+    diffusers' schedulers, so a model converted from a diffusers folder samples exactly as it did there:
+    `flow_match_euler` (FlowMatchEulerDiscreteScheduler: `steps` times from 1 down to its shifted last training
+    time, shifted again, then 0), `unipc` and `dpm_solver` (UniPCMultistepScheduler / DPMSolverMultistepScheduler
+    with flow sigmas; the network sees their integer timesteps; see `multistep.final_sigma`)."""
     sampler: SamplerName = "ab2"
-    """Default sampler: `euler`/`heun`/`ab2` for flow, `ddpm`/`ddim` for the DDPM schedules. `ab2` (second-order
-    multistep) costs one network call per step like `euler` but matches DDPM-1000's quality with ~6x fewer
-    calls (benchmarks/RESULTS.md, sampler_nfe_for_ddpm_quality); it uses the same time grid and shift, so a
-    model trained for `euler` samples with it unchanged."""
+    """Default sampler (sora_model/diffusion/registry.py lists them): `euler`/`heun`/`ab2`/`unipc`/`dpmpp` for flow,
+    `ddpm`/`ddim` for the DDPM schedules. `ab2` (second-order multistep) costs one network call per step like
+    `euler` but matches DDPM-1000's quality with ~6x fewer calls (benchmarks/RESULTS.md,
+    sampler_nfe_for_ddpm_quality); it uses the same time grid and shift, so a model trained for `euler` samples
+    with it unchanged. `unipc` and `dpmpp` are diffusers' multistep schedulers, set by `multistep`."""
+    multistep: MultistepConfig = field(default_factory=MultistepConfig)
     num_sampling_steps: int = 30
     guidance_scale: float = 4.0
     """Classifier-free guidance; 1 turns it off (and halves the sampling cost)."""
@@ -165,10 +201,10 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.prediction must be 'velocity' for rectified_flow, got '{self.prediction}'")
         if not flow and self.prediction == "velocity":
             raise ConfigError(f"diffusion.prediction must be 'eps' or 'v' for {self.schedule}, got 'velocity'")
-        if flow and self.sampler not in ("euler", "heun", "ab2"):
-            raise ConfigError(f"diffusion.sampler must be 'euler', 'heun' or 'ab2' for rectified_flow, got '{self.sampler}'")
-        if not flow and self.sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"diffusion.sampler must be 'ddpm' or 'ddim' for {self.schedule}, got '{self.sampler}'")
+        problem = sampler_problem(self.sampler, self.schedule)
+        if problem is not None:
+            raise ConfigError(f"diffusion.sampler: {problem}")
+        self._check_multistep()
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(f"diffusion betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -177,6 +213,17 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.shift must be > 0, got {self.shift}")
         if self.num_sampling_steps < 1:
             raise ConfigError(f"diffusion.num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
+
+    def _check_multistep(self) -> None:
+        diffusers_grid = self.time_grid in ("unipc", "dpm_solver")
+        if self.multistep.final_sigma == "sigma_min" and not diffusers_grid:
+            raise ConfigError(f"diffusion.multistep.final_sigma 'sigma_min' needs time_grid 'unipc' or 'dpm_solver', got '{self.time_grid}'")
+        ends_at_zero = self.multistep.final_sigma == "zero" or not diffusers_grid
+        if self.sampler == "unipc" and not self.multistep.lower_order_final and self.multistep.order > 1 and ends_at_zero:
+            raise ConfigError(
+                "diffusion.multistep.lower_order_final false with unipc of order > 1 needs final_sigma 'sigma_min' "
+                "(a high-order step into sigma 0 is not finite)"
+            )
 
 
 @dataclass

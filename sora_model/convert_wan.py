@@ -27,8 +27,10 @@ from safetensors.torch import load_file
 from .config import (
     WAN_OPTIONS,
     AutoencoderConfig,
+    ConfigError,
     DiffusionConfig,
     DiTConfig,
+    MultistepConfig,
     PipelineConfig,
     SampleConfig,
     TextEncoderConfig,
@@ -80,7 +82,7 @@ _PARAM_RULES: list[tuple[str, str]] = [
 ]
 
 
-class WanFolderError(ValueError):
+class WanFolderError(ConfigError):
     """The folder is not a diffusers Wan2.1 text-to-video pipeline we can convert; one line says why."""
 
 
@@ -131,11 +133,12 @@ def dit_config_from_wan(config: dict) -> DiTConfig:
 
 
 def diffusion_config_from_scheduler(config: dict) -> DiffusionConfig:
-    """Our sampling settings for the folder's scheduler: its flow shift, and its time grid where we have it.
+    """Our sampling settings for the folder's scheduler, so the export samples as `WanPipeline` does with it.
 
-    FlowMatchEulerDiscreteScheduler: our Euler sampler on its exact grid (same latents, tested). UniPC with flow
-    sigmas (the Hub folders' default): its shift on our uniform grid with `ab2`, our second-order multistep:
-    the same ODE and noise level schedule, integrated by a different second-order method.
+    FlowMatchEulerDiscreteScheduler: our Euler sampler on its grid. UniPCMultistepScheduler (the Hub folders'
+    default) and DPMSolverMultistepScheduler with flow sigmas: our `unipc` / `dpmpp` on their grids, with their
+    shift, order and variant (`diffusion.multistep`). All give the same latents (tests/unit/test_wan_samplers.py).
+    A setting we do not reproduce raises WanFolderError naming it.
     """
     name = config.get("_class_name")
     common = {"schedule": "rectified_flow", "prediction": "velocity", "num_sampling_steps": WAN_STEPS,
@@ -146,11 +149,68 @@ def diffusion_config_from_scheduler(config: dict) -> DiffusionConfig:
         if any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")):
             raise WanFolderError("scheduler: karras/exponential/beta sigmas and stochastic sampling are not supported")
         return DiffusionConfig(**common, shift=float(config.get("shift", 1.0)), sampler="euler", time_grid="flow_match_euler")
-    if name == "UniPCMultistepScheduler":
-        if config.get("prediction_type") != "flow_prediction" or not config.get("use_flow_sigmas"):
-            raise WanFolderError("scheduler: UniPC is supported with prediction_type flow_prediction and use_flow_sigmas")
-        return DiffusionConfig(**common, shift=float(config.get("flow_shift", 1.0)), sampler="ab2", time_grid="uniform")
-    raise WanFolderError(f"scheduler {name} is not supported (FlowMatchEulerDiscreteScheduler or UniPCMultistepScheduler)")
+    if name in MULTISTEP_SCHEDULERS:
+        return _multistep_diffusion_config(name, config, common)
+    supported = ", ".join(["FlowMatchEulerDiscreteScheduler", *MULTISTEP_SCHEDULERS])
+    raise WanFolderError(f"scheduler {name} is not supported (supported: {supported})")
+
+
+MULTISTEP_SCHEDULERS = {"UniPCMultistepScheduler": ("unipc", "unipc"), "DPMSolverMultistepScheduler": ("dpmpp", "dpm_solver")}
+"""diffusers scheduler class -> (our sampler, our time grid)."""
+_MULTISTEP_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_dynamic_shifting",
+                          "thresholding", "shift_terminal", "solver_p", "rescale_betas_zero_snr")  # fmt: skip
+# diffusers renames these solver types when it builds the scheduler (a saved config holds the renamed one).
+_UNIPC_VARIANTS = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
+_DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+
+
+def _multistep_diffusion_config(name: str, config: dict, common: dict) -> DiffusionConfig:
+    """`unipc` or `dpmpp` with the settings of a UniPCMultistepScheduler or DPMSolverMultistepScheduler config."""
+
+    def refuse(key: str, why: str) -> WanFolderError:
+        return WanFolderError(f"scheduler {name}: {key} {config.get(key)!r} is not supported ({why})")
+
+    if config.get("prediction_type") != "flow_prediction":
+        raise refuse("prediction_type", "Wan needs flow_prediction")
+    if not config.get("use_flow_sigmas"):
+        raise refuse("use_flow_sigmas", "Wan needs flow sigmas")
+    for key in _MULTISTEP_UNSUPPORTED:
+        if config.get(key):
+            raise refuse(key, "only plain flow sigmas with a fixed flow_shift are")
+    order, final = config.get("solver_order", 2), config.get("final_sigmas_type", "zero")
+    if not isinstance(order, int) or not 1 <= order <= 3:
+        raise refuse("solver_order", "1, 2 or 3")
+    if final not in ("zero", "sigma_min"):
+        raise refuse("final_sigmas_type", "zero or sigma_min")
+    lower_order_final = bool(config.get("lower_order_final", True))
+    sampler, grid = MULTISTEP_SCHEDULERS[name]
+    if sampler == "unipc":
+        variant = _UNIPC_VARIANTS.get(config.get("solver_type", "bh2"))
+        if variant is None:
+            raise refuse("solver_type", "bh1 or bh2")
+        if not config.get("predict_x0", True):
+            raise refuse("predict_x0", "flow prediction needs the data-prediction form")
+        if not lower_order_final and order > 1 and final == "zero":
+            raise refuse("lower_order_final", "false with final_sigmas_type zero makes diffusers' last step non-finite")
+        corrector = config.get("disable_corrector") or []
+        if not isinstance(corrector, list) or not all(isinstance(i, int) and i >= 0 for i in corrector):
+            raise refuse("disable_corrector", "a list of step indices")
+        multistep = MultistepConfig(order=order, lower_order_final=lower_order_final, final_sigma=final,
+                                    unipc_variant=variant, disable_corrector=tuple(corrector))  # fmt: skip
+        return DiffusionConfig(**common, shift=float(config.get("flow_shift", 1.0)), sampler=sampler, time_grid=grid, multistep=multistep)
+    if config.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++", "deis"):  # diffusers turns deis into dpmsolver++
+        raise refuse("algorithm_type", "dpmsolver++ only: the sde variants draw noise, dpmsolver has no flow prediction")
+    solver_type = _DPM_SOLVER_TYPES.get(config.get("solver_type", "midpoint"))
+    if solver_type is None:
+        raise refuse("solver_type", "midpoint or heun")
+    betas = {}
+    if final == "sigma_min":  # diffusers ends at the beta chain's first level then
+        if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
+            raise refuse("beta_schedule", "final_sigmas_type sigma_min needs linear betas")
+        betas = {"beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02))}
+    multistep = MultistepConfig(order=order, lower_order_final=lower_order_final, final_sigma=final,
+                                dpm_solver_type=solver_type, euler_at_final=bool(config.get("euler_at_final", False)))  # fmt: skip
+    return DiffusionConfig(**common, **betas, shift=float(config.get("flow_shift", 1.0)), sampler=sampler, time_grid=grid, multistep=multistep)
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the export's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the export's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same clip (default 0)")
-    p.add_argument("--sampler", help="euler|heun|ab2 (flow) or ddpm|ddim (DDPM schedules) (default: the export's)")
+    from sora_model.diffusion.registry import sampler_help  # pure Python: no torch at argument parsing
+
+    p.add_argument("--sampler", help=f"{sampler_help()} (default: the export's)")
     p.add_argument("--step-cache", help="skip the transformer on steps whose input barely moved: teacache or fbcache (default none: exact)")
     p.add_argument("--cache-threshold", type=float, help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.3, fbcache 0.1)")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")

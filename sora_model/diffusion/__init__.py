@@ -3,57 +3,58 @@
 diff = build_diffusion(cfg.diffusion)
 losses = diff.training_losses(model_fn, x0, loss_cfg, generator=g, num_tokens=n)
 video = diff.sample(model_fn, (B, C, T, H, W), generator=g)
+
+Names load on first use (PEP 562), so `sora_model.config` can import the sampler registry
+(`sora_model.diffusion.registry`, pure Python) without pulling in torch or itself.
 """
 
-from sora_model.diffusion.losses import (
-    LOSS_KEYS,
-    combine_losses,
-    load_perceptual_network,
-    motion_smoothness_loss,
-    perceptual_loss,
-    temporal_consistency_loss,
-)
-from sora_model.diffusion.samplers import SAMPLER_NAMES, flow_time_grid, respace_timesteps, sampler_nfe
-from sora_model.diffusion.schedules import (
-    FLOW_TIMESTEP_SCALE,
-    Diffusion,
-    GaussianDiffusion,
-    ModelFn,
-    PackedModelFn,
-    RectifiedFlow,
-    build_diffusion,
-    effective_shift,
-    linear_betas,
-    sample_adaptive_timesteps,
-    sample_flow_timesteps,
-    sample_uniform_timesteps,
-    shift_timesteps,
-    video_complexity,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FLOW_TIMESTEP_SCALE",
-    "LOSS_KEYS",
-    "SAMPLER_NAMES",
-    "Diffusion",
-    "GaussianDiffusion",
-    "ModelFn",
-    "PackedModelFn",
-    "RectifiedFlow",
-    "build_diffusion",
-    "combine_losses",
-    "effective_shift",
-    "flow_time_grid",
-    "linear_betas",
-    "load_perceptual_network",
-    "motion_smoothness_loss",
-    "perceptual_loss",
-    "respace_timesteps",
-    "sample_adaptive_timesteps",
-    "sample_flow_timesteps",
-    "sample_uniform_timesteps",
-    "sampler_nfe",
-    "shift_timesteps",
-    "temporal_consistency_loss",
-    "video_complexity",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "losses": (
+        "LOSS_KEYS",
+        "combine_losses",
+        "load_perceptual_network",
+        "motion_smoothness_loss",
+        "perceptual_loss",
+        "temporal_consistency_loss",
+    ),
+    "registry": ("SAMPLERS", "SAMPLER_NAMES", "STOCHASTIC_SAMPLERS", "SamplerSpec", "is_stochastic", "sampler_help"),
+    "samplers": ("flow_time_grid", "respace_timesteps", "sampler_nfe"),
+    "multistep": ("dpm_flow_sigmas", "dpmpp_sample", "unipc_flow_sigmas", "unipc_sample"),
+    "schedules": (
+        "FLOW_TIMESTEP_SCALE",
+        "Diffusion",
+        "GaussianDiffusion",
+        "ModelFn",
+        "PackedModelFn",
+        "RectifiedFlow",
+        "build_diffusion",
+        "effective_shift",
+        "linear_betas",
+        "sample_adaptive_timesteps",
+        "sample_flow_timesteps",
+        "sample_uniform_timesteps",
+        "shift_timesteps",
+        "video_complexity",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sora_model.diffusion' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"sora_model.diffusion.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -6,7 +6,9 @@ callables and picks the time grid; these functions only integrate:
 - `ddpm_sample` / `ddim_sample` take `denoise(x_t, train_index) -> (x0_hat, eps_hat)` and the training
   chain's `alphas_cumprod`, walking a strided subset of the training timesteps (respacing);
 - `euler_sample` / `heun_sample` / `ab2_sample` take `velocity(x_t, t) -> v_hat` for rectified flow and a
-  time grid 1 -> 0.
+  time grid 1 -> 0 (the multistep solvers of diffusers' schedulers are in `multistep.py`).
+
+Which sampler serves which schedule, and how it is run, is `registry.py`.
 
 All randomness comes from the given generator, so one seed gives bitwise the same output.
 """
@@ -20,15 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# SAMPLER_NAMES and STOCHASTIC_SAMPLERS stay importable from here; the registry is where samplers are listed.
+from sora_model.diffusion.registry import SAMPLER_NAMES, SAMPLERS, STOCHASTIC_SAMPLERS  # noqa: F401
+
 Denoiser = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 """(x_t (B, C, T, H, W), training timestep index) -> (x0_hat, eps_hat), both (B, C, T, H, W)."""
 VelocityField = Callable[[Tensor, float], Tensor]
 """(x_t (B, C, T, H, W), flow time t in [0, 1]) -> velocity prediction (B, C, T, H, W)."""
 StepCallback = Callable[[int, int], None]
 """callback(step_index, total_steps), called after each step; step_index counts from 0."""
-
-SAMPLER_NAMES: dict[str, tuple[str, ...]] = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "ab2")}
-"""Samplers valid for each family of schedules (DDPM-style Gaussian chains, rectified flow)."""
 
 
 def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -217,4 +219,4 @@ def ab2_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, cal
 
 def sampler_nfe(sampler: str, steps: int) -> int:
     """Network function evaluations for `steps` steps (before classifier-free guidance doubles them)."""
-    return 2 * steps - 1 if sampler == "heun" else steps  # euler, ab2, ddpm, ddim: one per step
+    return SAMPLERS[sampler].nfe(steps)

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from sora_model.config import DiffusionConfig, LossConfig
+from sora_model.diffusion import multistep as M
 from sora_model.diffusion import samplers as S
 from sora_model.diffusion.losses import Decoder, combine_losses
+from sora_model.diffusion.registry import SAMPLER_NAMES, SAMPLERS, sampler_problem
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 """model_fn(x_t (B, C, T, H, W), timestep (B,) float) -> prediction (B, C, T, H, W)."""
@@ -137,7 +139,7 @@ class Diffusion(ABC):
     """A noise process: forward noising, training targets and losses, and sampling."""
 
     family: str
-    """Key into `samplers.SAMPLER_NAMES`: which samplers apply."""
+    """Key into `registry.SAMPLER_NAMES`: which samplers apply."""
 
     def __init__(self, cfg: DiffusionConfig):
         self.cfg = cfg
@@ -185,7 +187,7 @@ class Diffusion(ABC):
 
     @property
     def sampler_names(self) -> tuple[str, ...]:
-        return S.SAMPLER_NAMES[self.family]
+        return SAMPLER_NAMES[self.family]
 
     def training_losses(
         self,
@@ -287,11 +289,9 @@ class Diffusion(ABC):
         """
         sampler = sampler if sampler is not None else self.cfg.sampler
         steps = steps if steps is not None else self.cfg.num_sampling_steps
-        if sampler not in self.sampler_names:
-            raise ValueError(
-                f"sampler '{sampler}' is not available for schedule '{self.cfg.schedule}'; "
-                f"choose one of: {', '.join(self.sampler_names)}"
-            )
+        problem = sampler_problem(sampler, self.cfg.schedule)
+        if problem is not None:
+            raise ValueError(problem)
         if steps < 1:
             raise ValueError(f"sampling steps must be >= 1, got {steps}")
         if noise is None:
@@ -400,11 +400,9 @@ class GaussianDiffusion(Diffusion):
             pred = model_fn(x, self.model_timestep(t))  # (B, C, T, H, W)
             return self.predict_x0(x, t, pred), self.predict_eps(x, t, pred)
 
-        if sampler == "ddpm":
-            return S.ddpm_sample(denoise, noise, self.alphas_cumprod, timesteps, generator=generator, callback=callback)
-        return S.ddim_sample(
-            denoise, noise, self.alphas_cumprod, timesteps, eta=self.cfg.ddim_eta, generator=generator, callback=callback
-        )
+        options = {"eta": self.cfg.ddim_eta} if sampler == "ddim" else {}
+        run = SAMPLERS[sampler].resolve()  # ddpm_sample / ddim_sample
+        return run(denoise, noise, self.alphas_cumprod, timesteps, generator=generator, callback=callback, **options)
 
 
 class RectifiedFlow(Diffusion):
@@ -442,19 +440,45 @@ class RectifiedFlow(Diffusion):
         num_tokens: int | None,
         callback: S.StepCallback | None,
     ) -> Tensor:
-        shift = effective_shift(self.cfg, num_tokens)
-        if self.cfg.time_grid == "flow_match_euler":
-            grid = S.flow_match_euler_grid(steps, shift, self.cfg.num_train_timesteps)
-        else:
-            grid = S.flow_time_grid(steps, shift)
+        sigmas, times = self.time_grid(steps, effective_shift(self.cfg, num_tokens))
         batch = noise.shape[0]
+        spec = SAMPLERS[sampler]
+        if spec.kind == "multistep":
+
+            def model_velocity(x: Tensor, timestep: float) -> Tensor:
+                return model_fn(x, torch.full((batch,), timestep, device=x.device, dtype=torch.float32))  # (B, C, T, H, W)
+
+            return spec.resolve()(model_velocity, noise, sigmas, times, callback=callback, **self._multistep_options(sampler))
 
         def velocity(x: Tensor, t: float) -> Tensor:
             tt = torch.full((batch,), t, device=x.device, dtype=torch.float32)
             return model_fn(x, self.model_timestep(tt))  # (B, C, T, H, W)
 
-        integrate = {"euler": S.euler_sample, "heun": S.heun_sample, "ab2": S.ab2_sample}[sampler]
-        return integrate(velocity, noise, grid, callback=callback)
+        return spec.resolve()(velocity, noise, sigmas, callback=callback)
+
+    def time_grid(self, steps: int, shift: float) -> tuple[list[float], list[float]]:
+        """The sampling grid of cfg.time_grid: steps + 1 noise levels from 1 (or just below) to 0 (or the
+        scheduler's sigma_min), and the `steps` timesteps the network sees at the first `steps` of them
+        (1000 t for our grids; the integer timesteps of diffusers' multistep schedulers for theirs)."""
+        cfg = self.cfg
+        if cfg.time_grid == "unipc":
+            return M.unipc_flow_sigmas(steps, shift, cfg.num_train_timesteps, cfg.multistep.final_sigma)
+        if cfg.time_grid == "dpm_solver":
+            return M.dpm_flow_sigmas(steps, shift, cfg.num_train_timesteps, cfg.multistep.final_sigma, cfg.beta_start, cfg.beta_end)
+        if cfg.time_grid == "flow_match_euler":
+            grid = S.flow_match_euler_grid(steps, shift, cfg.num_train_timesteps)
+        else:
+            grid = S.flow_time_grid(steps, shift)
+        times = self.model_timestep(torch.tensor(grid[:-1], dtype=torch.float32))  # (steps,) as the ODE samplers feed them
+        return grid, times.tolist()
+
+    def _multistep_options(self, sampler: str) -> dict:
+        ms = self.cfg.multistep
+        if sampler == "unipc":
+            return {"order": ms.order, "variant": ms.unipc_variant, "lower_order_final": ms.lower_order_final,
+                    "disable_corrector": ms.disable_corrector}  # fmt: skip
+        return {"order": ms.order, "solver_type": ms.dpm_solver_type, "lower_order_final": ms.lower_order_final,
+                "euler_at_final": ms.euler_at_final}  # fmt: skip
 
 
 def build_diffusion(cfg: DiffusionConfig) -> Diffusion:
