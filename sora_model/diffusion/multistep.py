@@ -162,7 +162,9 @@ def unipc_sample(
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got '{variant}'")
     if not lower_order_final and order > 1 and sigmas[-1] == 0:
-        raise ValueError("UniPC without lower_order_final needs a grid ending at sigma_min: a step of order > 1 into sigma 0 is not finite")
+        raise ValueError(
+            "UniPC without lower_order_final needs a grid ending at sigma_min: a step of order > 1 into sigma 0 is not finite"
+        )
     total = len(times)
     levels = _levels(_guard_first(sigmas))
     sig = levels[0]
@@ -193,8 +195,14 @@ def _dpmpp_update(sample: Tensor, ms: list[Tensor], i: int, order: int, heun: bo
     if order == 2:
         d1 = (1.0 / r0) * (m0 - ms[-2])
         if heun:
-            return (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
-        return (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+            return (
+                (sigma_t / sigma_s0) * sample
+                - (alpha_t * (torch.exp(-h) - 1.0)) * m0
+                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
+            )
+        return (
+            (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+        )
     r1 = (lam[i - 1] - lam[i - 2]) / h
     d1_0, d1_1 = (1.0 / r0) * (m0 - ms[-2]), (1.0 / r1) * (ms[-2] - ms[-3])
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
@@ -241,7 +249,8 @@ def dpmpp_sample(
         first = i == total - 1 and (euler_at_final or (lower_order_final and total < 15) or sigmas[-1] == 0)
         second = i == total - 2 and lower_order_final and total < 15
         this_order = 1 if first else min(order, i + 1, 2 if second else 3)
-        x = _dpmpp_update(x.float(), ms, i, this_order, solver_type == "heun", levels).to(m.dtype)
+        sample = x.to(torch.promote_types(x.dtype, torch.float32))  # low precision upcast, as diffusers does
+        x = _dpmpp_update(sample, ms, i, this_order, solver_type == "heun", levels).to(m.dtype)
         if callback is not None:
             callback(i, total)
     return x

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sora_model.config import DiffusionConfig
+from sora_model.config import ConfigError, DiffusionConfig, MultistepConfig, from_dict
 from sora_model.diffusion import (
     FLOW_TIMESTEP_SCALE,
     GaussianDiffusion,
@@ -46,8 +46,12 @@ ALL_SAMPLERS = [
     (flow_cfg(), "euler"),
     (flow_cfg(), "heun"),
     (flow_cfg(), "ab2"),
+    (flow_cfg(), "unipc"),
+    (flow_cfg(multistep=MultistepConfig(order=3, unipc_variant="bh1")), "unipc"),
+    (flow_cfg(), "dpmpp"),
+    (flow_cfg(multistep=MultistepConfig(order=3, dpm_solver_type="heun")), "dpmpp"),
 ]
-IDS = ["ddpm-eps", "ddim-eps", "ddpm-v", "ddim-v", "ddim-eta1", "euler", "heun", "ab2"]
+IDS = ["ddpm-eps", "ddim-eps", "ddpm-v", "ddim-v", "ddim-eta1", "euler", "heun", "ab2", "unipc", "unipc3-bh1", "dpmpp", "dpmpp3-heun"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +312,57 @@ def test_ab2_is_second_order_at_euler_cost(shift):
     if shift == 1.0:
         assert errors["ab2", 16] / errors["ab2", 32] > 3.0  # ~h^2 (Euler halves, see above)
         assert errors["ab2", 32] < 0.01
+
+
+def test_multistep_samplers_converge_fast_at_euler_cost():
+    """unipc and dpmpp on our own (uniform) grid: one call per step, second order or better; DPM-Solver++ of
+    order 1 is exactly Euler on the flow ODE (its exponential integrator is linear in sigma there)."""
+    diff, oracle, z, exact = gaussian_flow_case(1.0)
+    calls = []
+
+    def counting(x, t):
+        calls.append(1)
+        return oracle(x, t)
+
+    def error(sampler: str, steps: int, d=diff) -> float:
+        return (d.sample(counting, SHAPE, steps=steps, sampler=sampler, noise=z) - exact).abs().max().item()
+
+    errors = {(s, n): error(s, n) for s in ("euler", "unipc", "dpmpp") for n in (16, 32)}
+    calls.clear()
+    error("unipc", 8)
+    assert len(calls) == 8 == sampler_nfe("unipc", 8) == sampler_nfe("dpmpp", 8)
+    for sampler in ("unipc", "dpmpp"):
+        assert errors[sampler, 16] / errors[sampler, 32] > 3.0  # ~h^2 at least; Euler ~h
+        assert errors[sampler, 32] < errors["euler", 32] / 5
+    first_order = build_diffusion(flow_cfg(multistep=MultistepConfig(order=1)))
+    euler = diff.sample(oracle, SHAPE, steps=12, sampler="euler", noise=z)
+    assert torch.allclose(first_order.sample(oracle, SHAPE, steps=12, sampler="dpmpp", noise=z), euler, atol=1e-5)
+
+
+def test_sampler_registry_feeds_config_schedules_and_help():
+    from sora_model.diffusion import SAMPLER_NAMES, SAMPLERS, STOCHASTIC_SAMPLERS, is_stochastic, sampler_help
+    from sora_model.diffusion.samplers import SAMPLER_NAMES as SAMPLER_NAMES_COMPAT
+
+    assert SAMPLER_NAMES is SAMPLER_NAMES_COMPAT
+    assert SAMPLER_NAMES == {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "ab2", "unipc", "dpmpp")}
+    assert STOCHASTIC_SAMPLERS == ("ddpm",) and is_stochastic("ddim", ddim_eta=1.0) and not is_stochastic("ddim")
+    assert sampler_help() == "euler|heun|ab2|unipc|dpmpp (flow) or ddpm|ddim (DDPM schedules)"
+    for name, spec in SAMPLERS.items():
+        assert callable(spec.resolve()), name
+        cfg = flow_cfg(sampler=name) if spec.family == "flow" else ddpm_cfg(sampler=name)
+        assert build_diffusion(cfg).sampler_names == SAMPLER_NAMES[spec.family]
+    # An unknown name is refused with every known one; a flow sampler on a Gaussian schedule and back, too.
+    with pytest.raises(ConfigError, match="diffusion.sampler must be one of 'ddpm', 'ddim', 'euler', 'heun', 'ab2', 'unipc', 'dpmpp', got 'plms'"):
+        from_dict(DiffusionConfig, {"sampler": "plms"}, "diffusion")
+    with pytest.raises(ConfigError, match="sampler 'unipc' is not available for schedule 'ddpm_linear'; choose one of: ddpm, ddim"):
+        ddpm_cfg(sampler="unipc")
+    with pytest.raises(ConfigError, match="choose one of: euler, heun, ab2, unipc, dpmpp"):
+        flow_cfg(sampler="ddim")
+    with pytest.raises(ValueError, match="sampler 'dpmpp' is not available for schedule 'adaptive'"):
+        build_diffusion(ddpm_cfg(schedule="adaptive")).sample(lambda x, t: x, SHAPE, sampler="dpmpp")
+    # The multistep settings round-trip through an export's config.json.
+    cfg = from_dict(DiffusionConfig, {"sampler": "unipc", "time_grid": "unipc", "multistep": {"order": 3, "disable_corrector": [1]}})
+    assert cfg.multistep == MultistepConfig(order=3, disable_corrector=(1,))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

@@ -73,10 +73,46 @@ def test_converted_multistep_folder_samples_like_wan_pipeline(euler_folder: Path
     assert type(wan.scheduler).__name__ == cls
     wan.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        expected = wan(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="latent", **OPTIONS).frames
+        expected = wan(
+            PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="latent", **OPTIONS
+        ).frames
     got = TextToVideoPipeline.load(str(export)).sample_latents(PROMPT, steps=STEPS, seed=7, **OPTIONS)
     assert got.shape == expected.shape == (1, WAN_CHANNELS, 3, 4, 6)
     assert torch.isfinite(expected).all()
     diff = (got - expected).abs().max().item()
     print(f"{cls} {config}: {STEPS} CFG steps vs WanPipeline, fp32: max abs latent difference {diff:.2e}")
     assert diff <= TOL
+
+
+def test_export_records_the_scheduler_settings(euler_folder: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    config = {**UNIPC, "flow_shift": 5.0, "solver_order": 3, "disable_corrector": [2]}
+    export = convert(with_scheduler(euler_folder, tmp_path / "wan", "UniPCMultistepScheduler", config), tmp_path / "export")
+    assert "50 unipc steps (order 3, bh2, final sigma zero), shift 5, guidance 5" in capsys.readouterr().out
+    d = load_export_config(str(export)).diffusion
+    assert (d.sampler, d.time_grid, d.shift, d.multistep.order, d.multistep.disable_corrector) == ("unipc", "unipc", 5.0, 3, (2,))
+    euler = convert(euler_folder, tmp_path / "euler")  # the Euler folder stays as it was
+    d = load_export_config(str(euler)).diffusion
+    assert (d.sampler, d.time_grid, d.shift) == ("euler", "flow_match_euler", 3.0)
+
+
+@pytest.mark.parametrize(("cls", "config", "message"), [
+    ("DDIMScheduler", {}, "scheduler DDIMScheduler is not supported (supported: FlowMatchEulerDiscreteScheduler, "
+                          "UniPCMultistepScheduler, DPMSolverMultistepScheduler)"),
+    ("UniPCMultistepScheduler", {"flow_shift": 3.0}, "prediction_type 'epsilon' is not supported (Wan needs flow_prediction)"),
+    ("UniPCMultistepScheduler", {**UNIPC, "use_karras_sigmas": True}, "use_karras_sigmas True is not supported"),
+    ("UniPCMultistepScheduler", {**UNIPC, "lower_order_final": False}, "lower_order_final False is not supported"),
+    ("DPMSolverMultistepScheduler", {**DPM, "algorithm_type": "sde-dpmsolver++"}, "algorithm_type 'sde-dpmsolver++' is not supported"),
+    ("DPMSolverMultistepScheduler", {**DPM, "final_sigmas_type": "sigma_min", "beta_schedule": "scaled_linear"},
+     "beta_schedule 'scaled_linear' is not supported (final_sigmas_type sigma_min needs linear betas)"),
+], ids=["class", "prediction", "karras", "unipc-final-order", "sde", "dpm-betas"])  # fmt: skip
+def test_unsupported_scheduler_fails_with_one_line(euler_folder: Path, tmp_path: Path, capsys, cls, config, message) -> None:  # noqa: ANN001
+    from sora_model.config import ConfigError
+    from sora_model.convert_wan import pipeline_config_from_wan
+
+    folder = with_scheduler(euler_folder, tmp_path / "wan", cls, config)
+    with pytest.raises(ConfigError, match=r"^scheduler "):
+        pipeline_config_from_wan(folder)
+    assert main(["convert", "--from-diffusers", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
