@@ -7,8 +7,9 @@
 The base weights are never touched: `applied` puts a forward hook on each Linear the adapter targets (from outside,
 the model unchanged) and takes them off again, so a
 request without an adapter runs the base model at the base model's cost, and switching adapters costs nothing
-but the hooks. Each hook adds B @ (A @ x) with the scale folded into B (`lora.LoraFile.bind`): two thin matmuls
-per Linear, rank R wide, next to the Linear's (out x in) one.
+but the hooks. Each hook adds B @ (A @ x) with the scale folded into B (`lora.LoraUpdate`): two thin matmuls
+per Linear, rank R wide, next to the Linear's (out x in) one (a fused q/k/v projection's parts each over their own
+rows, so no work goes into zero blocks).
 
 One adapter per call: a batch is grouped by adapter before it gets here (the server's batching key holds the
 adapter), rather than each row picking its own (S-LoRA/Punica's gathered per-row matmuls). Under classifier-free
@@ -31,26 +32,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora import LoraFile
+from .lora import LoraFile, LoraUpdate
 
 
 @dataclass
 class BoundAdapter:
-    """An adapter ready to apply: {our Linear: (A (R, in), B (out, R))} on the model's device and dtype."""
+    """An adapter ready to apply: {our Linear: LoraUpdate} on the model's device and dtype."""
 
     name: str
-    updates: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    updates: dict[str, LoraUpdate]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.updates.values())
+        return sum(u.nbytes for u in self.updates.values())
 
 
-def _lora_hook(a: torch.Tensor, b: torch.Tensor):
+def _lora_hook(update: LoraUpdate):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        x = args[0]  # (..., in)
-        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b)  # (..., R) -> (..., out)
-        return out + delta.to(out.dtype)
+        return out + update(args[0]).to(out.dtype)  # (..., out): base(x) + B (A x)
 
     return hook
 
@@ -137,7 +136,7 @@ class AdapterCache:
         with self._lock:
             bound = self.get(name)
             modules = dict(self.model.named_modules())
-            handles = [modules[target].register_forward_hook(_lora_hook(a, b)) for target, (a, b) in bound.updates.items()]
+            handles = [modules[target].register_forward_hook(_lora_hook(update)) for target, update in bound.updates.items()]
             try:
                 yield bound
             finally:

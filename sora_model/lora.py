@@ -16,8 +16,8 @@ output-projection adapter's rows are reordered like the converted weights. Scale
 rsLoRA), alpha from the module's `.alpha`, else peft's `lora_alpha` / `alpha_pattern`, else r (scale 1, kohya's rule).
 
 `LoraFile` reads only the header first (keys and shapes), so a file is checked against a model without loading it;
-`bind` gives, per target Linear, one pair A (R, in), B (out, R) with the scale folded into B and the parts of a
-fused projection side by side: `merge_lora` adds B @ A to the weight, `adapters.AdapterCache` applies it unmerged.
+`bind` gives, per target Linear, a `LoraUpdate` (A (R, in) and B with the scale folded in; a fused projection's
+parts each over their own rows): `merge_lora` adds B @ A to the weight, `adapters.AdapterCache` applies it unmerged.
 Every problem is a one-line ValueError naming the file, the key and what was expected.
 """
 
@@ -204,48 +204,97 @@ class LoraFile:
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def bound_bytes(self, model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes `bind` will hold for `model` (checked from the header): per target Linear A (R, in) and B (out, R)."""
-        ranks: dict[str, int] = {}
-        for p in self.place(model):
-            ranks[p.target] = ranks.get(p.target, 0) + p.entry.a_shape[0]
+        """Bytes `bind` will hold for `model` (checked from the header, nothing loaded)."""
         modules = dict(model.named_modules())
-        size = torch.finfo(dtype).bits // 8
-        return size * sum(r * (modules[t].in_features + modules[t].out_features) for t, r in ranks.items())
+        total = 0
+        for target, group in _by_target(self.place(model)).items():
+            rank = sum(p.entry.a_shape[0] for p in group)
+            linear = modules[target]
+            b_rows = rank * linear.out_features if _padded(group) else sum(p.entry.b_shape[0] * p.entry.b_shape[1] for p in group)
+            total += rank * linear.in_features + b_rows
+        return total * torch.finfo(dtype).bits // 8
 
     @torch.no_grad()
-    def bind(self, model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{our Linear: (A (R, in), B (out, R))} with scale folded into B, on each Linear's device; `dtype` or fp32.
-        The Linear's output then gains B @ A @ x, exactly what merging scale * B_i @ A_i into its rows would add."""
-        placements = self.place(model)
+    def bind(self, model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, LoraUpdate]:
+        """{our Linear: its LoraUpdate} with each scale folded into B, on the Linear's device, in `dtype` (fp32 when None).
+        The Linear's output then gains update(x), exactly what merging scale * B_i @ A_i into its rows would add."""
         modules = dict(model.named_modules())
         cfg = getattr(model, "cfg", None)
-        grouped: dict[str, list[Placement]] = {}
-        for p in placements:
-            grouped.setdefault(p.target, []).append(p)
+        dtype = dtype or torch.float32
         out = {}
         with safe_open(self.weights, framework="pt") as f:
-            for target, group in grouped.items():
-                linear = modules[target]
+            for target, group in _by_target(self.place(model)).items():
+                linear, device = modules[target], _device(modules[target])
                 a_all, b_all, col = [], [], 0
-                rank_total = sum(p.entry.a_shape[0] for p in group)
                 for p in group:
                     e = p.entry
                     a, b = f.get_tensor(e.a_key).float(), f.get_tensor(e.b_key).float()  # (r, in), (out / parts, r)
                     alpha = float(f.get_tensor(e.alpha_key).float().reshape(())) if e.alpha_key else None
                     b = self.scale(e, alpha) * b
-                    full = b.new_zeros(linear.out_features, rank_total)  # (out, R)
-                    rows = slice(p.part * b.shape[0], (p.part + 1) * b.shape[0])
-                    full[rows, col : col + a.shape[0]] = b
                     if p.reorder and cfg is not None:
-                        full = full[output_row_order(cfg.patch_size, cfg.in_channels)]  # Wan's output rows in our patch order
+                        b = b[output_row_order(cfg.patch_size, cfg.in_channels)]  # Wan's output rows in our patch order
                     a_all.append(a)
-                    b_all.append(full)
+                    b_all.append((p.part, p.parts, col, col + a.shape[0], b))
                     col += a.shape[0]
-                device = _device(linear)
-                a_cat = torch.cat(a_all)  # (R, in)
-                b_cat = torch.stack(b_all).sum(0)  # (out, R): each part fills its own rows and columns
-                out[target] = (a_cat.to(device, dtype or torch.float32).contiguous(), b_cat.to(device, dtype or torch.float32).contiguous())
+                a_cat = torch.cat(a_all).to(device, dtype).contiguous()  # (R, in)
+                if _padded(group):  # one B (out, R): each adapter fills its rows and its columns
+                    full = torch.zeros(linear.out_features, col)
+                    for part, _, c0, c1, b in b_all:
+                        full[part * b.shape[0] : (part + 1) * b.shape[0], c0:c1] = b
+                    out[target] = LoraUpdate(a_cat, full.to(device, dtype).contiguous(), ())
+                else:  # a fused projection's parts (q, k, v): each B only over its own rows, none padded
+                    parts = [None] * group[0].parts
+                    for part, _, c0, c1, b in b_all:
+                        parts[part] = (c0, c1, b.to(device, dtype).contiguous())
+                    out[target] = LoraUpdate(a_cat, None, tuple(parts), linear.out_features // group[0].parts)
         return out
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """What an adapter adds to one of our Linears: x -> B (A x). A (R, in) stacks the ranks of every adapter module that
+    lands on this Linear; B is one (out, R) matrix, or, for the parts of a fused projection (q/k/v of `attn.qkv`), one
+    (out / parts, r) matrix per part in row order (None where the adapter leaves that part alone), so no FLOP goes into
+    zero blocks."""
+
+    a: torch.Tensor
+    b: torch.Tensor | None
+    parts: tuple[tuple[int, int, torch.Tensor] | None, ...]
+    part_rows: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out)"""
+        h = torch.nn.functional.linear(x.to(self.a.dtype), self.a)  # (..., R)
+        if self.b is not None:
+            return torch.nn.functional.linear(h, self.b)  # (..., out)
+        pieces = [h.new_zeros(*h.shape[:-1], self.part_rows) if p is None else torch.nn.functional.linear(h[..., p[0] : p[1]], p[2])
+                  for p in self.parts]  # fmt: skip
+        return torch.cat(pieces, dim=-1)  # (..., out)
+
+    def weight(self) -> torch.Tensor:
+        """The merged update of the Linear's weight, B @ A: (out, in)."""
+        if self.b is not None:
+            return self.b @ self.a
+        rows = [self.a.new_zeros(self.part_rows, self.a.shape[1]) if p is None else p[2] @ self.a[p[0] : p[1]] for p in self.parts]
+        return torch.cat(rows)  # (out, in)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.a, *([self.b] if self.b is not None else [p[2] for p in self.parts if p is not None])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _by_target(placements: list[Placement]) -> dict[str, list[Placement]]:
+    grouped: dict[str, list[Placement]] = {}
+    for p in placements:
+        grouped.setdefault(p.target, []).append(p)
+    return grouped
+
+
+def _padded(group: list[Placement]) -> bool:
+    """Whether a target's adapters need one padded B: a whole-Linear adapter, parts counted differently, or a part twice."""
+    parts = [p.part for p in group]
+    return any(p.parts == 1 for p in group) or len({p.parts for p in group}) > 1 or len(set(parts)) != len(parts)
 
 
 def _pattern_value(patterns: dict, name: str, default: float) -> float:
@@ -309,7 +358,7 @@ def merge_lora(model: nn.Module, path: str | Path) -> list[str]:
     names of the changed Linears. Inference then costs what the base model costs."""
     bound = LoraFile(path).bind(model)
     modules = dict(model.named_modules())
-    for target, (a, b) in bound.items():
+    for target, update in bound.items():
         weight = modules[target].weight
-        weight.add_((b @ a).to(weight.dtype))  # (out, in)
+        weight.add_(update.weight().to(weight.dtype))  # (out, in)
     return sorted(bound)

@@ -228,3 +228,15 @@ def test_unknown_adapter_name_and_bad_file_on_use_are_value_errors(tmp_path: Pat
         with cache.applied("bad"):
             pass
     assert set(cache.check_all()) == {"bad"} and cache.resident == []
+
+
+def test_fused_projection_with_some_parts_adapted(tmp_path: Path) -> None:
+    """Only q and v of the fused q/k/v (and only v of the cross k/v): the rows of k stay the base model's."""
+    model = tiny_dit()
+    lora = [entry for entry in wan_lora(model, seed=9, alpha=6.0) if entry[0].endswith(("self_attn.q", "self_attn.v", "cross_attn.v"))]
+    path = write_layout(tmp_path / "qv.safetensors", lora, "wan")
+    cache = AdapterCache(model, {"qv": str(path)}, max_bytes=1 << 24)
+    with cache.applied("qv") as bound:
+        unmerged = forward(model)
+    assert (unmerged - forward(merged_reference(model, lora))).abs().max().item() <= TOL
+    assert bound.nbytes == cache.check("qv") == 4 * sum(a.numel() + b.numel() for _, _, a, b, _ in lora)  # no padded blocks
