@@ -2,6 +2,8 @@
 
 sora data synth --out data/shapes --num-videos 168
 sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --resolution 32 --frames 8 --fps 8
+sora data prepare --manifest clips.jsonl --out data/curated --resolution 256 --frames 33 --curate
+sora data filter --in data/curated --out data/moving --min-motion 0.5 --drop-duplicates
 sora data prepare --manifest clips.jsonl --out data/wan --buckets 33x480x832 --fps 16 --from-export exports/wan-1.3b
 ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ... --out ... --resolution 32 --frames 8
 """
@@ -83,6 +85,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         "--caption-actors", type=int,
         help="text-encoder actors (default: one per GPU; on CPU-only clusters 0 = tasks keeping the encoder loaded)",
     )  # fmt: skip
+    p.add_argument(
+        "--curate", action="store_true",
+        help="clips never span a scene cut, and each gets scene, motion and phash columns for `sora data filter`",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     console.add_arguments(p)
@@ -130,3 +136,8 @@ def register(subparsers: Any) -> None:
     prepare = sub.add_parser("prepare", help="videos + captions -> Parquet shards of patches and text embeddings")
     add_prepare_arguments(prepare)
     prepare.set_defaults(func=run_prepare)
+    from pipelines.data.filter import add_filter_arguments, run_filter
+
+    filter_ = sub.add_parser("filter", help="a curated dataset without its static clips and near-duplicates (no decoding)")
+    add_filter_arguments(filter_)
+    filter_.set_defaults(func=run_filter)

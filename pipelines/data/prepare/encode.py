@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.prepare.curate import CURATE_COLUMNS, append_clip_columns
 from pipelines.data.prepare.decode import decode_rows
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, Bucket
@@ -67,12 +68,14 @@ def row_schema(n: int, p: int, length: int, dim: int) -> Any:
 
 
 def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> Any:
-    """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table."""
+    """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table; a curated run's plans
+    (with `motion`) add the curation columns at the end."""
     import pyarrow as pa
 
     b = plans.num_rows
     arrays, names = [], []
-    for name in PASS_THROUGH:
+    curated = CURATE_COLUMNS if "motion" in plans.column_names else ()
+    for name in (*PASS_THROUGH, *curated):
         col = plans.column(name)
         if name == "start_s":
             col = col.cast(pa.float64())
@@ -159,8 +162,10 @@ def by_bucket(table: Any) -> dict[str, Any]:
 
 
 def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
-                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None) -> Any:  # fmt: skip
-    """Identity path: decode, patchify and write one shard per bucket in this batch.
+                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None,
+                        curate: bool = False) -> Any:  # fmt: skip
+    """Identity path: decode, patchify and write one shard per bucket in this batch (with `curate`, the clips'
+    motion and hashes from the same pixels).
 
     Returns {bucket, shard, rows} per shard written (what the driver counts for progress)."""
     import pyarrow as pa
@@ -175,7 +180,8 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
         if not kept:
             continue
         tokens, grid = patchify(pixels)
-        shard = shard_table(take_rows(plans, kept), tokens, grid)
+        rows = take_rows(plans, kept)
+        shard = shard_table(append_clip_columns(rows, pixels) if curate else rows, tokens, grid)
         written["bucket"].append(name)
         written["shard"].append(write_shard(shard, os.path.join(out, name)))
         written["rows"].append(shard.num_rows)
@@ -184,8 +190,10 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
                      "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
 
 
-def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None) -> Any:
-    """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors."""
+def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None,
+                     curate: bool = False) -> Any:  # fmt: skip
+    """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors (with
+    `curate`, and the clips' motion and hashes, computed here where the pixels are)."""
     import pyarrow as pa
 
     if _STATE.get("files") is None or _STATE["files"].scratch != scratch:
@@ -198,6 +206,8 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
         rejects += bad
         if kept:
             rows = take_rows(plans, kept).drop_columns(["indices"])
+            if curate:
+                rows = append_clip_columns(rows, pixels)
             flat = pa.array(pixels.reshape(-1), pa.uint8())
             offsets = pa.array(np.arange(len(kept) + 1, dtype=np.int64) * int(np.prod(pixels.shape[1:])), pa.int64())
             rows = rows.append_column("pixels", pa.LargeListArray.from_arrays(offsets, flat))

@@ -202,6 +202,9 @@ class PrepareOptions:
     scratch: str | None = None
     """Local folder (on every worker) where remote inputs are copied while a stage reads them; None: the system's
     temp folder. A full scratch disk stops the run (it is not the input's fault)."""
+    curate: bool = False
+    """Add the curation columns (scene, motion, phash; prepare/curate.py): clips never span a scene cut, and
+    `sora data filter` can drop static clips and near-duplicates later without decoding."""
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -237,6 +240,8 @@ class PrepareOptions:
             "autoencoder": to_dict(self.autoencoder),
             "max_upscale": self.max_upscale,
             "max_fps_ratio": self.max_fps_ratio,
+            # Only when on, so the settings (and the hash a resume checks) of runs without it stay as they were.
+            **({"curate": True} if self.curate else {}),
         }
 
 
@@ -323,6 +328,7 @@ def options_from_args(args: Any) -> PrepareOptions:
         max_upscale=args.max_upscale,
         max_fps_ratio=args.max_fps_ratio,
         scratch=args.scratch,
+        curate=getattr(args, "curate", False),
     )
     if getattr(args, "from_export", None):
         from pipelines.data.prepare.from_export import apply_export

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines import console
 from pipelines.data.prepare.captions import CAPTION_ROWS, EmbedCaptions, embed_task
+from pipelines.data.prepare.curate import CURATE_COLUMNS, CURATE_DTYPES
 from pipelines.data.prepare.encode import EncodeClips, batch_rows, decode_encode_write, decode_to_pixels, write_rows
 from pipelines.data.prepare.group import group_by_source
 from pipelines.data.prepare.manifest import ManifestScan, scan_manifest
@@ -42,7 +43,15 @@ from pipelines.data.prepare.options import (
     StorageFailed,
 )
 from pipelines.data.prepare.probe import Guards, plan_block
-from pipelines.data.prepare.shards import filesystem, join, merge_rejects, resume_state, shard_files, shard_summary
+from pipelines.data.prepare.shards import (
+    curate_summary,
+    filesystem,
+    join,
+    merge_rejects,
+    resume_state,
+    shard_files,
+    shard_summary,
+)
 from pipelines.data.prepare.state import prepare_output, settings_hash, write_json
 from pipelines.data.prepare.storage import StorageUnavailable, is_uri
 from sora_model.config import to_dict
@@ -181,7 +190,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         plan_block,
         fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
                    "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s,
-                   "guards": Guards(opts.max_upscale, opts.max_fps_ratio), "scratch": opts.scratch},
+                   "guards": Guards(opts.max_upscale, opts.max_fps_ratio), "scratch": opts.scratch, "curate": opts.curate},
         # One probing task per CPU at most, so the caption and decode stages get CPUs while files are probed.
         batch_size=None, batch_format="pyarrow", num_cpus=1, compute=TaskPoolStrategy(size=max(1, cpus)),
     )  # fmt: skip
@@ -203,10 +212,11 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
             fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out,
-                       "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch},
+                       "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch, "curate": opts.curate},
         )  # fmt: skip
-    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch},
-                        **concurrency)  # fmt: skip
+    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
+                        fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch,
+                                   "curate": opts.curate})  # fmt: skip
     ds = ds.map_batches(
         EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch}, batch_size=rows,
         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
@@ -288,8 +298,9 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         "clips_per_video": opts.clips_per_video,
         "stride_s": opts.stride_s,
         **_curation(opts, sums),
-        "columns": list(COLUMNS),
-        "dtypes": DTYPES,
+        **({"curate": curate_summary([join(out, b.name) for b in opts.buckets])} if opts.curate else {}),
+        "columns": list(COLUMNS) + (list(CURATE_COLUMNS) if opts.curate else []),
+        "dtypes": {**DTYPES, **(CURATE_DTYPES if opts.curate else {})},
         "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 2),

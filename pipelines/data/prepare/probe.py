@@ -72,8 +72,9 @@ class PlanInputs:
     """
 
     def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
-                 decode_timeout_s: float = DECODE_TIMEOUT_S, guards: Guards | None = None, scratch: str | None = None):  # fmt: skip
-        self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s, guards or Guards())
+                 decode_timeout_s: float = DECODE_TIMEOUT_S, guards: Guards | None = None, scratch: str | None = None,
+                 curate: bool = False):  # fmt: skip
+        self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s, guards or Guards(), curate)
         self.files = LocalFiles(scratch)
         self.calls = isolated(decode_timeout_s)  # probing runs the decoder libraries too: same isolation
 
@@ -157,6 +158,8 @@ class ClipPlanner:
     clips_per_video: int
     stride_s: float | None
     guards: Guards = Guards()
+    curate: bool = False
+    """Find the file's scene cuts first (curate.detect_cuts) and plan every clip inside one scene."""
 
     def plan_sources(self, work: list[tuple[list[dict[str, Any]], str]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
         return [self.plan_source(good, local) for good, local in work]
@@ -170,10 +173,19 @@ class ClipPlanner:
         except Exception as err:  # noqa: BLE001 - any library failure on one input is that input's reject
             reason, detail = _reason(err)
             return [], [reject_row(e, reason, detail) for e in good]
+        cuts: list[int] = []
+        if self.curate and info.num_frames > 1:
+            from pipelines.data.prepare.curate import detect_cuts
+
+            try:
+                cuts = detect_cuts(local, info.fps)
+            except Exception as err:  # noqa: BLE001 - a file the scene detector cannot read is that input's reject
+                reason, detail = _reason(err)
+                return [], [reject_row(e, reason, f"scene detection: {detail}") for e in good]
         plans: dict[str, dict[str, Any]] = {}
         rejects = []
         for e in good:
-            rows, reject = self._plan_entry(e, info)
+            rows, reject = self._plan_entry(e, info, cuts)
             if reject:
                 rejects.append(reject)
             for row in rows:
@@ -194,7 +206,10 @@ class ClipPlanner:
                 return [], rejects + [reject_row(by_line[line], reason, detail) for line in lines]
         return list(plans.values()), rejects
 
-    def _plan_entry(self, entry: dict[str, Any], info: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def _plan_entry(self, entry: dict[str, Any], info: Any, cuts: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """The clips of one manifest row, `stride` apart from its start; with scene cuts, a clip that would span a
+        cut starts at the cut instead, and the clips after it count their stride from there."""
+        from pipelines.data.prepare.curate import scene_of, spanned_cut
         from sora_model.video import sample_indices
 
         start0 = float(entry["start_s"] or 0.0)
@@ -222,15 +237,21 @@ class ClipPlanner:
         rate = info.fps if (self.fps is None or bucket.frames == 1) else self.fps
         stride = self.stride_s or bucket.frames / rate
         plans = []
+        origin, n = start0, 0  # clips are laid `stride` apart from `origin`: the row's start, then the last cut crossed
         while self.clips_per_video == 0 or len(plans) < self.clips_per_video:
-            start = round(start0 + len(plans) * stride, 6)
+            start = round(origin + n * stride, 6)
             idx = clip_at(bucket, start)
             if idx is None:
                 break
+            cut = spanned_cut(cuts, idx)
+            if cut is not None:
+                origin, n = round(cut / info.fps, 6), 0
+                continue
+            n += 1
             plans.append({"clip_id": clip_id(entry["source"], start), "source": entry["source"], "path": entry["path"],
                           "start_s": start, "fps": float(rate), "source_fps": float(info.fps),
                           "repeated_frames": sum(a == b for a, b in zip(idx, idx[1:])), "bucket": bucket.name,
-                          "indices": idx})  # fmt: skip
+                          "indices": idx, "scene": scene_of(cuts, idx[0])})  # fmt: skip
             if bucket.frames == 1 and info.num_frames == 1:
                 break  # a still gives one clip
         return plans, None
@@ -273,7 +294,7 @@ def plan_schema() -> Any:
 
     return pa.schema([("clip_id", pa.string()), ("source", pa.string()), ("path", pa.string()), ("start_s", pa.float64()),
                       ("fps", pa.float32()), ("source_fps", pa.float32()), ("repeated_frames", pa.int32()),
-                      ("bucket", pa.string()), ("indices", pa.list_(pa.int32())),
+                      ("bucket", pa.string()), ("indices", pa.list_(pa.int32())), ("scene", pa.int32()),
                       ("lines", pa.list_(pa.int64())), ("line_clips", pa.list_(pa.int32())),
                       ("captions", pa.list_(pa.string()))])  # fmt: skip
 
@@ -286,7 +307,7 @@ _PLANNERS: dict[str, PlanInputs] = {}
 
 def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
                rejects_dir: str, done: list[Any], decode_timeout_s: float = DECODE_TIMEOUT_S,
-               guards: Guards | None = None, scratch: str | None = None) -> Any:  # fmt: skip
+               guards: Guards | None = None, scratch: str | None = None, curate: bool = False) -> Any:  # fmt: skip
     """Ray Data stage over the manifest sorted by source: every source of the block probed once, its rows
     planned into clips; rejects go to a file under `rejects_dir`; clips already written (a resume) are
     dropped. Returns the plans (`plan_schema`)."""
@@ -295,10 +316,10 @@ def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_v
     from pipelines.data.prepare.shards import write_rejects
     from pipelines.data.prepare.state import shared
 
-    key = repr((buckets, fps, clips_per_video, stride_s, decode_timeout_s, guards, scratch))
+    key = repr((buckets, fps, clips_per_video, stride_s, decode_timeout_s, guards, scratch, curate))
     if key not in _PLANNERS:
         _PLANNERS.clear()
-        _PLANNERS[key] = PlanInputs(buckets, fps, clips_per_video, stride_s, decode_timeout_s, guards, scratch)
+        _PLANNERS[key] = PlanInputs(buckets, fps, clips_per_video, stride_s, decode_timeout_s, guards, scratch, curate)
     planner = _PLANNERS[key]
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in table.to_pylist():

@@ -160,6 +160,41 @@ def shard_summary(folder: str) -> dict[str, Any]:
     return out
 
 
+def read_curation(shard: str) -> dict[str, np.ndarray]:
+    """A curated shard's clip ids and curation columns (a small read: no patches, no text), as numpy."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data.prepare.curate import CURATE_COLUMNS, HASH_FRAMES
+
+    fs, p = filesystem(shard)
+    t = pq.read_table(p, columns=["clip_id", "source", "start_s", *CURATE_COLUMNS], filesystem=fs)
+    hashes = t.column("phash").combine_chunks().flatten().to_numpy().reshape(t.num_rows, HASH_FRAMES)
+    return {"clip_id": np.asarray(t.column("clip_id").to_pylist(), dtype=object),
+            "source": np.asarray(t.column("source").to_pylist(), dtype=object), "start_s": t.column("start_s").to_numpy(),
+            "scene": t.column("scene").to_numpy(), "motion": t.column("motion").to_numpy(), "phash": hashes}  # fmt: skip
+
+
+def curate_summary(folders: list[str]) -> dict[str, Any]:
+    """dataset.json's `curate`: how the columns were made, and the motion quantiles to choose `--min-motion` from."""
+    from pipelines.data.prepare import curate as c
+
+    shards = [f for folder in folders for f in shard_files(folder)]
+    parts = _parallel(read_curation, shards)
+    for got in parts:
+        if isinstance(got, Exception):
+            raise got
+    motion = np.concatenate([p["motion"] for p in parts]) if parts else np.zeros(0, np.float32)
+    scenes = {(s, int(k)) for p in parts for s, k in zip(p["source"], p["scene"], strict=True)}
+    return {
+        "columns": list(c.CURATE_COLUMNS),
+        "scene": {"detector": c.SCENE_DETECTOR, "adaptive_threshold": c.SCENE_THRESHOLD, "min_scene_s": c.MIN_SCENE_S,
+                  "sources_with_cuts": len({s for s, k in scenes if k > 0})},  # fmt: skip
+        "motion": {"measure": c.MOTION, "flow_short_side": c.FLOW_SIDE,
+                   **({f"p{q}": round(float(np.percentile(motion, q)), 4) for q in (10, 50, 90)} if len(motion) else {})},  # fmt: skip
+        "phash": {"measure": c.PHASH, "default_max_hamming": c.DEFAULT_MAX_HAMMING},
+    }
+
+
 def _read_done_columns(path: str) -> Any:
     import pyarrow.parquet as pq
 
