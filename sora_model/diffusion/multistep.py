@@ -133,8 +133,9 @@ def _unipc_update(x: Tensor, ms: list[Tensor], s0: int, t: int, order: int, bh1:
             # diffusers subtracts alpha_t * B(h) * 0: the same, except bh1 into sigma 0 (B = -inf), where it gives NaN.
             return x_t_.to(x.dtype)
         rhos_p = torch.ones(1, dtype=x.dtype) * 0.5 if order == 2 else torch.linalg.solve(big_r[:-1, :-1], bb[:-1]).to(x.dtype)
+        rhos_p = rhos_p.to(x.device)  # einsum needs both on one device; the 0-d scalars need not be
         return (x_t_ - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos_p, diffs)).to(x.dtype)
-    rhos_c = torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(big_r, bb).to(x.dtype)
+    rhos_c = (torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(big_r, bb).to(x.dtype)).to(x.device)
     corr = torch.einsum("k,bkc...->bc...", rhos_c[:-1], diffs) if diffs is not None else 0
     return (x_t_ - alpha_t * b_h * (corr + rhos_c[-1] * (model_t - ms[-1]))).to(x.dtype)
 

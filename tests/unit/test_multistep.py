@@ -111,3 +111,14 @@ def test_bh1_into_sigma_zero_is_finite() -> None:
     diff = build_diffusion(DiffusionConfig(sampler="unipc", time_grid="unipc", multistep=MultistepConfig(unipc_variant="bh1")))
     out = diff.sample(field, SHAPE, steps=6, noise=noise())
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampler", ["unipc", "dpmpp"])
+def test_multistep_runs_on_cuda_like_cpu(sampler) -> None:
+    """The coefficients stay CPU scalars; the latents and the order-2/3 weights live on the model's device."""
+    grid = "unipc" if sampler == "unipc" else "dpm_solver"
+    diff = build_diffusion(DiffusionConfig(sampler=sampler, time_grid=grid, shift=3.0, multistep=MultistepConfig(order=3)))
+    cpu = diff.sample(field, SHAPE, steps=8, noise=noise())
+    gpu = diff.sample(field, SHAPE, steps=8, noise=noise().cuda())
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)
