@@ -2,7 +2,7 @@
 
 Each actor loads the text encoder once (on a GPU when the cluster has them), takes batches of clip plans,
 embeds their captions deduplicated by caption hash (within the batch, and across batches through the
-encoder's LRU cache of CAPTION_CACHE_ENTRIES), and attaches the embeddings to the rows in half
+encoder's LRU cache, bounded by CAPTION_CACHE_BYTES and CAPTION_CACHE_ENTRIES), and attaches the embeddings to the rows in half
 precision. No process ever holds a table of every caption: memory is one batch plus the cache.
 
 A clip's first caption fills `caption`, `text_tokens`, `text_mask` and `text_pooled` (what every reader
@@ -23,8 +23,13 @@ from pipelines.data.prepare.options import GPU_DTYPE, TEXT_BATCH_SIZE
 from sora_model.config import TextEncoderConfig
 
 CAPTION_CACHE_ENTRIES = 8192
-"""Embeddings an actor keeps (LRU): ~200 MB at 32 x 384 fp32 tokens; multi-caption rows and repeated
-prompts of a dataset hit it, and a cache miss only costs one more encoder row."""
+"""Embeddings an actor keeps (LRU) at most: ~200 MB at 32 x 384 fp32 tokens (MiniLM); multi-caption rows and
+repeated prompts of a dataset hit it, and a cache miss only costs one more encoder row."""
+CAPTION_CACHE_BYTES = 2 << 30
+"""Bytes of embeddings an actor keeps at most, whatever the encoder: 8,192 Wan captions (umT5, 512 x 4096 fp32,
+8 MiB each) would be 64 GiB per actor, and a GPU node runs one actor per GPU beside the decoders. 2 GiB holds 256
+Wan captions (enough for the multi-caption clips and repeated prompts near each other in the stream) and all
+8,192 MiniLM ones."""
 CAPTION_ROWS = 64
 """Clip plans per actor call: a full encoder batch (TEXT_BATCH_SIZE) for single-caption clips, and small
 enough that decoding downstream starts early (the batch is also the unit the next stage receives)."""
@@ -49,6 +54,7 @@ class EmbedCaptions:
             torch.set_num_threads(1)  # on CPU it shares the cores with the decoders; one thread each
         config = dataclasses.replace(config, cache_size=CAPTION_CACHE_ENTRIES)
         self.encoder = build_text_encoder(config, device="cuda" if gpu else "cpu")
+        self.encoder.cache.set_max_bytes(CAPTION_CACHE_BYTES)
         if gpu:
             self.encoder.model.to(getattr(torch, GPU_DTYPE))
         self.embedded = 0
