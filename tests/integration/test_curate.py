@@ -149,3 +149,26 @@ def test_filter_drops_static_clips_and_duplicates_without_decoding(curated, tmp_
     r = _sora("data", "filter", "--in", str(out), "--out", str(tmp_path / "twice"), "--drop-duplicates")
     assert r.returncode == 0, r.stderr
     assert [s["from"] for s in read_dataset_info(tmp_path / "twice")["filters"]] == [str(curated), str(out)]
+
+
+def test_vae_path_gives_the_same_curation_columns(videos, curated, tmp_path):
+    """With a VAE the columns come from the decode tasks (the encode actors never see them computed): the same values."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from sora_model.config import AutoencoderConfig
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1)  # fmt: skip
+    vae.save_pretrained(str(tmp_path / "vae"))
+    prepare(PrepareOptions(manifest=str(videos / "m.jsonl"), out=str(tmp_path / "latents"), buckets=parse_buckets("8x32x32"),
+                           fps=FPS, clips_per_video=0, progress=False, curate=True,
+                           autoencoder=AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae"))))  # fmt: skip
+    cols = ["clip_id", "scene", "motion", "phash"]
+    want, got = read_prepared(curated, columns=cols), read_prepared(tmp_path / "latents", columns=cols)
+    order_w, order_g = np.argsort(want["clip_id"]), np.argsort(got["clip_id"])
+    for c in cols:
+        np.testing.assert_array_equal(got[c][order_g], want[c][order_w])
+    assert read_dataset_info(tmp_path / "latents")["columns"][-3:] == ["scene", "motion", "phash"]
