@@ -49,7 +49,7 @@ class BoundAdapter:
 
 def _lora_hook(update: LoraUpdate):
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + update(args[0]).to(out.dtype)  # (..., out): base(x) + B (A x)
+        return update.add_to(args[0], out)  # (..., out): base(x) + B (A x)
 
     return hook
 

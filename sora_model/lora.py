@@ -271,6 +271,21 @@ class LoraUpdate:
                   for p in self.parts]  # fmt: skip
         return torch.cat(pieces, dim=-1)  # (..., out)
 
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + update(x), accumulated into `out` in place where that is safe (inference, same dtype): B's GEMM then
+        adds into the Linear's output (BLAS beta = 1) instead of writing a delta and adding it in a second pass."""
+        if torch.is_grad_enabled() or out.dtype != self.a.dtype or not out.is_contiguous():
+            return out + self(x).to(out.dtype)
+        o = out.view(-1, out.shape[-1])  # (M, out)
+        h = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(self.a.dtype), self.a)  # (M, R)
+        if self.b is not None:
+            o.addmm_(h, self.b.t())
+        else:
+            for i, p in enumerate(self.parts):
+                if p is not None:
+                    o[:, i * self.part_rows : (i + 1) * self.part_rows].addmm_(h[:, p[0] : p[1]], p[2].t())
+        return out
+
     def weight(self) -> torch.Tensor:
         """The merged update of the Linear's weight, B @ A: (out, in)."""
         if self.b is not None:
