@@ -269,7 +269,8 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
-        """context_mask (clips, L) True for tokens to attend; None attends to all L (padding included)."""
+        """context_mask (clips, L): bool, True for tokens to attend; or float, added to the logits (the log-weights
+        of `dit.collapse_zero_padding`); None attends to all L (padding included)."""
         b, n, dim = x.shape
         q = _norm_heads(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), self.q_norm)  # (B, N, H, Dh)
         kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))  # (clips, L, 2, H, Dh)
@@ -277,6 +278,8 @@ class CrossAttention(nn.Module):
         if context_mask is None:
             masks = [None] * len(layout.segments)
         else:
+            if context_mask.is_floating_point():
+                context_mask = context_mask.to(q.dtype)  # SDPA takes a float mask in the queries' dtype
             masks = layout.per_clip(context_mask[:, None, None, :])  # (c, 1, 1, L) each
         parts = zip(layout.split(q), layout.per_clip(k), layout.per_clip(v), masks)
         outs = [F.scaled_dot_product_attention(qs.transpose(1, 2), ks, vs, attn_mask=ms).transpose(1, 2)

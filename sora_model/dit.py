@@ -187,12 +187,12 @@ class DiT(nn.Module):
         text_pooled: torch.Tensor,
         drop_text: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> c (clips, D) for adaLN (fp32 whatever the weights' dtype), context (clips, L, D) and its mask (clips, L),
-        None when the model attends to caption padding (`text_padding: attended`; `text_pooled` unused without
-        `pooled_text`).
+        """-> c (clips, D) for adaLN (fp32 whatever the weights' dtype), context (clips, L, D) and its mask (clips, L):
+        bool for `text_padding: masked`; for `attended` (`text_pooled` unused without `pooled_text`) None, or in eager
+        inference the float log-weights of `collapse_zero_padding` (context then (clips, L', D)).
 
-        No host syncs and no data-dependent shapes: dropped captions and empty masks are selected with
-        `where`, never by indexing with a boolean tensor. (Trimming caption padding is the caller's job,
+        No host syncs and no data-dependent shapes (but `collapse_zero_padding` in eager inference): dropped captions
+        and empty masks are selected with `where`, never by indexing with a boolean tensor. (Trimming caption padding is the caller's job,
         once per batch: see `trim_text_padding`.)
         """
         if text_tokens.shape[-1] != self.cfg.text_dim:
@@ -220,6 +220,9 @@ class DiT(nn.Module):
             # A caption with no tokens would leave cross-attention rows with nothing to attend to (NaN).
             first = text_mask[:, :1] | ~text_mask.any(-1, keepdim=True)  # (B, 1)
             context_mask = torch.cat([first, text_mask[:, 1:]], dim=1)  # (B, L)
+        elif not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Inference, eager: attend to one copy of a caption's zero tail, weighted by how many rows it stands for.
+            text_tokens, context_mask = collapse_zero_padding(text_tokens)  # (B, L', Dt), (B, L') | None
         with torch.autocast(text_tokens.device.type, enabled=False):
             c = self.t_embedder(timestep)  # (B, D) fp32
             if self.cfg.pooled_text:
@@ -401,6 +404,27 @@ def trim_text_padding(text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tup
     return text_tokens[:, :keep], text_mask[:, :keep]
 
 
+def collapse_zero_padding(text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zero-padded captions attended whole (Wan) -> the same attention over fewer columns, exactly.
+
+    (B, L, Dt) -> (B, L', Dt) and (B, L') float log-weights for cross-attention's logits (None when nothing is cut),
+    L' = the longest caption's real length + 1. A caption's zero rows after its last nonzero one are identical, so
+    they embed to identical keys and values: attending to m equal keys is attending to one of them with its logit
+    raised by log m (softmax weights m e^s / Z). Each caption keeps its L' - real zero columns, each weighted
+    log((L - real) / (L' - real)). The context embedder and every cross-attention then see L' columns, not L
+    (512 for Wan). One host sync (the length), so eager inference only; training and compiled graphs keep L.
+    """
+    b, length, _ = text_tokens.shape
+    index = torch.arange(1, length + 1, device=text_tokens.device)  # (L,)
+    real = (text_tokens.ne(0).any(-1) * index).amax(-1)  # (B,) rows up to the last nonzero one
+    keep = int(real.max()) + 1
+    if keep >= length:
+        return text_tokens, None
+    copies = ((length - real) / (keep - real)).log()[:, None]  # (B, 1): rows each kept zero row stands for, as a log
+    weights = torch.where(index[None, :keep] > real[:, None], copies, torch.zeros((), device=index.device))  # (B, L')
+    return text_tokens[:, :keep], weights
+
+
 def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """(B,) bool: which captions to replace by the null condition in training (CFG's condition dropout)."""
     if p <= 0:
@@ -408,4 +432,4 @@ def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None 
     return (torch.rand(batch_size, generator=generator) < p).to(device)
 
 
-__all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "layout_positions", "null_text_drop", "trim_text_padding"]
+__all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "collapse_zero_padding", "layout_positions", "null_text_drop", "trim_text_padding"]
