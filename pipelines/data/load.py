@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.options import DATASET_INFO, RUN_STATE, SHARD_PREFIX, SHARD_SUFFIX
+from pipelines.data.prepare.options import DATASET_INFO, RUN_STATE, SHARD_PREFIX, SHARD_SUFFIX, TOKENS_PAD_KEY
 from sora_model.config import ConfigError
 
 TENSOR_COLUMNS = ("patches", "grid", "text_tokens", "text_mask", "text_pooled")
@@ -199,11 +199,16 @@ def _check_compatible(infos: list[tuple[str | Path, dict[str, Any], dict[str, An
             raise ValueError(f"{p} bucket {b['name']} has grid {b['grid']}, {p0} has {b0['grid']}: token counts differ")
 
 
-def _column_to_numpy(column: Any) -> np.ndarray:
-    """Arrow column of (nested) fixed-size lists -> ndarray (rows, d1, ..., dk); strings/numbers -> 1-d."""
+def _column_to_numpy(column: Any, pad_to: int | None = None) -> np.ndarray:
+    """Arrow column of (nested) fixed-size lists -> ndarray (rows, d1, ..., dk); strings/numbers -> 1-d.
+
+    Caption tokens stored at their true length (a list of fixed-size lists, format 2) come back zero-padded to
+    `pad_to` rows each (the longest in the column when None): (rows, pad_to, D), as format 1 stored them."""
     import pyarrow as pa
 
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_list(arr.type) and pa.types.is_fixed_size_list(arr.type.value_type):
+        return _pad_ragged(arr, pad_to)
     shape = [len(arr)]
     typ = arr.type
     while pa.types.is_fixed_size_list(typ):
@@ -217,10 +222,40 @@ def _column_to_numpy(column: Any) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).reshape(shape)
 
 
+def _pad_ragged(arr: Any, pad_to: int | None) -> np.ndarray:
+    """list<fixed_size_list<D>> (rows of n_i items) -> (rows, pad_to, D) with zeros after each row's items."""
+    offsets = arr.offsets.to_numpy().astype(np.int64)  # (rows + 1,), not rebased when the array is a slice
+    lengths = np.diff(offsets)
+    values = _column_to_numpy(arr.flatten())  # (sum n_i, D): only this slice's items
+    length = int(lengths.max(initial=0)) if pad_to is None else pad_to
+    if int(lengths.max(initial=0)) > length:
+        raise ValueError(f"a caption holds {int(lengths.max())} tokens, more than the {length} its mask has room for")
+    out = np.zeros((len(arr), length, *values.shape[1:]), dtype=values.dtype)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    out[rows, np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)] = values
+    return out
+
+
+def _token_length(table: Any) -> int | None:
+    """Tokens per caption once padded: text_mask's width, else what the token field's metadata says (prepare
+    writes it), else None (the longest caption present)."""
+    import pyarrow as pa
+
+    if "text_mask" in table.column_names and pa.types.is_fixed_size_list(typ := table.schema.field("text_mask").type):
+        return typ.list_size
+    if "text_tokens" in table.column_names:
+        meta = table.schema.field("text_tokens").metadata or {}
+        if TOKENS_PAD_KEY.encode() in meta:
+            return int(meta[TOKENS_PAD_KEY.encode()])
+    return None
+
+
 def table_to_numpy(table: Any, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """A Parquet/Arrow table of prepared rows -> {column: ndarray}, tensor columns with their full shapes."""
+    """A Parquet/Arrow table of prepared rows -> {column: ndarray}, tensor columns with their full shapes
+    (caption tokens padded to the mask's length)."""
     names = columns or table.column_names
-    return {name: _column_to_numpy(table.column(name)) for name in names}
+    pad = _token_length(table)
+    return {name: _column_to_numpy(table.column(name), pad if name == "text_tokens" else None) for name in names}
 
 
 def _to_tensors(batch: Any) -> dict[str, np.ndarray]:
@@ -252,7 +287,8 @@ def draw_captions(batch: Any, rng: np.random.Generator | None = None) -> dict[st
         if name in out and extra_name in batch.column_names:
             col = batch.column(extra_name)
             col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-            flat = _column_to_numpy(pa.concat_arrays([col]).flatten())  # (E, ...) every extra caption's values
+            pad = out[name].shape[1] if name == "text_tokens" else None  # the first caption's, padded already
+            flat = _column_to_numpy(pa.concat_arrays([col]).flatten(), pad)  # (E, ...) every extra caption's values
             out[name] = out[name].copy()
             out[name][rows] = flat[values]
     return out

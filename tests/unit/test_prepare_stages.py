@@ -102,7 +102,9 @@ def test_caption_columns_and_the_loaders_draw():
     assert rows.column("extra_captions").to_pylist() == [[], ["three"], ["four", "five"], []]
     alone = embed.embed(["four"])
     extra_c = np.asarray(rows.column("extra_text_tokens").to_pylist()[2][0], dtype=np.float16)
-    np.testing.assert_array_equal(extra_c, alone["tokens"][0])  # the extra caption's own embedding, fp16
+    n = int(alone["mask"][0].sum())  # stored at its true length (format 2); the encoder's padding is zeros
+    assert len(extra_c) == n < alone["tokens"].shape[1] and not alone["tokens"][0, n:].any()
+    np.testing.assert_array_equal(extra_c, alone["tokens"][0, :n])  # the extra caption's own embedding, fp16
     # A slice (what Ray Data hands a stage) split by bucket keeps each row's own embeddings.
     parts = by_bucket(rows.slice(1, 3))
     assert parts["x"].column("clip_id").to_pylist() == ["c", "d"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.options import GPU_DTYPE, TEXT_BATCH_SIZE
+from pipelines.data.prepare.options import GPU_DTYPE, TEXT_BATCH_SIZE, TOKENS_PAD_KEY
 from sora_model.config import TextEncoderConfig
 
 CAPTION_CACHE_ENTRIES = 8192
@@ -34,6 +34,8 @@ CAPTION_ROWS = 64
 """Clip plans per actor call: a full encoder batch (TEXT_BATCH_SIZE) for single-caption clips, and small
 enough that decoding downstream starts early (the batch is also the unit the next stage receives)."""
 TEXT_COLUMNS = ("caption", "text_tokens", "text_mask", "text_pooled")
+TOKEN_COLUMNS = ("text_tokens", "extra_text_tokens")
+"""Stored at each caption's true length (format 2), padded at load."""
 EXTRA_COLUMNS = ("extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled")
 
 
@@ -95,21 +97,44 @@ class EmbedCaptions:
         def listed(values: Any) -> Any:
             return pa.ListArray.from_arrays(offsets, values)
 
+        lengths = true_lengths(emb["mask"])
         columns = {
             "caption": pa.array([caps[0] for caps in per_clip], pa.string()),
-            "text_tokens": _fixed_list(emb["tokens"][first], pa.float16()),
+            "text_tokens": ragged_tokens(emb["tokens"], lengths, first),
             "text_mask": _fixed_list(emb["mask"][first], pa.bool_()),
             "text_pooled": _fixed_list(emb["pooled"][first], pa.float32()),
             "extra_captions": listed(pa.array([c for caps in per_clip for c in caps[1:]], pa.string())),
-            "extra_text_tokens": listed(_fixed_list(emb["tokens"][extra], pa.float16())),
+            "extra_text_tokens": listed(ragged_tokens(emb["tokens"], lengths, extra)),
             "extra_text_mask": listed(_fixed_list(emb["mask"][extra], pa.bool_())),
             "extra_text_pooled": listed(_fixed_list(emb["pooled"][extra], pa.float32())),
             "text_truncated": pa.array([sum(bool(cut[row_of[caption_key(c)]]) for c in caps) for caps in per_clip], pa.int32()),
         }
         table = table.drop_columns(["captions"])
+        pad = {TOKENS_PAD_KEY: str(emb["mask"].shape[1])}  # the length tokens are padded to at load
         for name, col in columns.items():
-            table = table.append_column(name, col)
+            table = table.append_column(pa.field(name, col.type, metadata=pad if name in TOKEN_COLUMNS else None), col)
         return table
+
+
+def true_lengths(mask: np.ndarray) -> np.ndarray:
+    """(U, L) bool -> (U,) tokens up to and including each caption's last real one (the rest are zeros)."""
+    return (mask * np.arange(1, mask.shape[1] + 1)).max(axis=1, initial=0).astype(np.int64)
+
+
+def ragged_tokens(tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> Any:
+    """Rows `rows` of (U, L, D) fp16 tokens, each cut to its true length: an Arrow list of (D,) fixed lists.
+
+    The text encoder zeroes padding (sora_model.text), so cutting it off and padding with zeros at load
+    (`pipelines.data.load`) gives back the same (L, D) array: a 20-token caption of umT5 (L 512, D 4096) is
+    160 KiB on disk and in the object store instead of 4 MiB."""
+    import pyarrow as pa
+
+    from pipelines.data.prepare.encode import _fixed_list
+
+    n = lengths[rows]
+    flat = np.concatenate([tokens[r, :k] for r, k in zip(rows, n)]) if len(rows) else tokens[:0, 0]  # (sum n, D)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(n)]).astype(np.int32), pa.int32())
+    return pa.ListArray.from_arrays(offsets, _fixed_list(flat.reshape(-1, tokens.shape[2]), pa.float16()))
 
 
 _ENCODERS: dict[str, EmbedCaptions] = {}

@@ -21,7 +21,7 @@ import numpy as np
 from pipelines.data.prepare.curate import CURATE_COLUMNS, append_clip_columns
 from pipelines.data.prepare.decode import decode_rows
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
-from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, Bucket
+from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, TOKENS_PAD_KEY, Bucket
 from pipelines.data.prepare.shards import write_rejects, write_shard
 from pipelines.data.prepare.storage import LocalFiles
 from sora_model.config import AutoencoderConfig
@@ -60,7 +60,7 @@ def row_schema(n: int, p: int, length: int, dim: int) -> Any:
             ("caption", pa.string()),
             ("patches", pa.list_(pa.list_(pa.float32(), p), n)),
             ("grid", pa.list_(pa.int32(), 3)),
-            ("text_tokens", pa.list_(pa.list_(pa.float16(), dim), length)),
+            ("text_tokens", pa.list_(pa.list_(pa.float16(), dim))),  # its true length; padded to `length` at load
             ("text_mask", pa.list_(pa.bool_(), length)),
             ("text_pooled", pa.list_(pa.float32(), dim)),
         ]
@@ -87,7 +87,11 @@ def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> A
             arrays += [_fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
                        _fixed_list(np.broadcast_to(np.asarray(grid, np.int32), (b, 3)), pa.int32())]  # fmt: skip
             names += ["patches", "grid"]
-    return pa.Table.from_arrays(arrays, names=names)
+    # Caption tokens are stored at their true length; the field says what length they are padded to at load, so
+    # a reader that does not read text_mask pads every shard alike (pipelines.data.load).
+    pad = {TOKENS_PAD_KEY: str(plans.schema.field("text_mask").type.list_size)}
+    fields = [pa.field(n, a.type, metadata=pad if n in ("text_tokens", "extra_text_tokens") else None) for n, a in zip(names, arrays)]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 class Patchify:

@@ -9,7 +9,9 @@ from typing import Any
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
 from sora_model.config import AutoencoderConfig, TextEncoderConfig, to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: text_tokens (and each extra caption's) stored at their true length, zero-padded to text_mask's at load.
+A run of format 1 is not resumed by this code (its shards' columns would differ)."""
 DATASET_INFO = "dataset.json"
 RUN_STATE = "_run.json"
 REJECTS = "rejects.jsonl"
@@ -48,7 +50,7 @@ and `text_truncated` (the clip's captions cut to max_length tokens) are for cura
 DTYPES = {
     "patches": "float32",
     "grid": "int32",
-    "text_tokens": "float16",
+    "text_tokens": "float16, true length (padded to text_mask's at load)",
     "text_mask": "bool",
     "text_pooled": "float32",
     "extra_text_tokens": "list of float16",
@@ -60,6 +62,9 @@ DTYPES = {
     "repeated_frames": "int32",
     "text_truncated": "int32",
 }
+TOKENS_PAD_KEY = "pad_to"
+"""Field metadata of the caption-token columns: tokens per caption once padded (text_mask's width), so a reader
+that does not read text_mask pads every shard alike."""
 DEFAULT_PATCH = (1, 4, 4)
 """The DiT-demo model's patch. Tokens are cut at prepare time, so this must equal the recipe's model.patch_size."""
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp", ".ogv", ".gif")
