@@ -69,9 +69,9 @@ class DiTBlock(nn.Module):
         # The residual stream x and the norms are fp32 (`precision.py`); each sublayer's matmuls run in its weights'
         # dtype (a no-op cast in fp32), and its output joins the fp32 stream.
         dt = weight_dtype(self.attn.qkv)
-        x = x + layout.gate(self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
+        x = layout.add_gated(x, self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
         x = x + self.cross_attn(self.norm2(x).to(dt), context, context_mask, layout)  # (B, N, D)
-        x = x + layout.gate(self.mlp(layout.modulate(self.norm3(x), shift2, scale2).to(dt)), gate2)  # (B, N, D)
+        x = layout.add_gated(x, self.mlp(layout.modulate(self.norm3(x), shift2, scale2).to(dt)), gate2)  # (B, N, D)
         return x
 
 

@@ -108,3 +108,26 @@ def test_patch_embed_video_gives_contiguous_tokens_equal_to_conv(patch) -> None:
     assert torch.allclose(tokens, reference, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         embed(torch.randn(1, 4, 4, 5, 8))
+
+
+def test_rms_norm_inference_path_equals_torch_rms_norm() -> None:
+    from sora_model.attention import RMSNorm
+
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 50, 64) * 5
+    with torch.no_grad():
+        got = norm(x)  # the one-reduction CPU path
+    reference = torch.nn.functional.rms_norm(x, (64,), norm.weight, 1e-6)
+    assert torch.allclose(got, reference, rtol=1e-5, atol=1e-6)
+    assert torch.equal(norm(x), reference)  # with gradients: torch's kernel itself
+
+
+def test_add_gated_equals_add_of_gate_packed() -> None:
+    from sora_model.attention import TokenLayout
+
+    layout = TokenLayout.from_grids([(1, 2, 3), (2, 2, 2), (2, 2, 2)])
+    x, y = torch.randn(1, layout.num_tokens, 8), torch.randn(1, layout.num_tokens, 8)
+    gate = torch.randn(3, 8)
+    assert torch.allclose(layout.add_gated(x, y, gate), x + layout.gate(y, gate), atol=1e-6)
