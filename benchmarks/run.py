@@ -45,6 +45,7 @@ FIGURES = (
     "prepare_resume_exact",
     "bf16_fp32_loss_gap",
     "rehearse_seconds",
+    "caption_bytes_per_row",
 )
 GOALS = {
     "loader_feed_ratio": ">= 0.95",
@@ -66,6 +67,7 @@ GOALS = {
     "prepare_resume_exact": ">= 1.0",
     "bf16_fp32_loss_gap": "<= 0.01",
     "rehearse_seconds": "<= 90",
+    "caption_bytes_per_row": "<= 0.2",
 }
 GPU_FIGURES = (
     ("gpu_dit_l_tokens_per_s_bf16", "tokens/s of a DiT-L/2-sized training step, bf16, 9,216 tokens/sample (faster of eager and compiled)"),
