@@ -46,8 +46,10 @@ FIGURES = (
     "bf16_fp32_loss_gap",
     "rehearse_seconds",
     "caption_bytes_per_row",
+    "lora_request_overhead",
 )
 GOALS = {
+    "lora_request_overhead": "<= 1.05",
     "loader_feed_ratio": ">= 0.95",
     "resume_seconds_ratio_late_over_early": "<= 1.2",
     "data_speedup_vs_decord_loop": ">= 1.6",
