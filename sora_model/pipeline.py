@@ -265,7 +265,7 @@ class TextToVideoPipeline:
 
         step_cache: None or "none" (default, exact), "teacache" or "fbcache" (`step_cache.py`): skip the transformer's
         blocks on steps whose input barely moved. cache_threshold: how much change to tolerate, >= 0 (0 never skips;
-        None: the method's default, teacache 0.3 and fbcache 0.1, `step_cache.DEFAULT_THRESHOLDS`). cache_stats, when
+        None: the method's default, teacache 0.15 and fbcache 0.2, `step_cache.DEFAULT_THRESHOLDS`). cache_stats, when
         given, receives the cache's `StepCacheStats` (transformer calls and how many skipped) after sampling.
         Unknown names and negative or non-finite thresholds raise a ValueError naming the allowed values. A `StepCache`
         object is used as it is (its own threshold and coefficients; calibration passes one with `record=True`).

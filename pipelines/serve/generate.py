@@ -3,7 +3,7 @@
     sora generate --model runs/demo/export --prompt "a red circle moving left" --out clip.mp4
     sora generate --model runs/demo/export --prompt "..." --steps 8 --seed 3 --precision int8 --out clip.npz
     sora generate --model exports/wan-1.3b --lora adapters/my-style --prompt "..." --out clip.mp4
-    sora generate --model runs/demo/export --prompt "..." --step-cache teacache --cache-threshold 0.3 --out clip.mp4
+    sora generate --model runs/demo/export --prompt "..." --step-cache teacache --cache-threshold 0.15 --out clip.mp4
     python -m pipelines.serve.generate --model ... --prompt ... --out clip.gif
     ray job submit --working-dir . -- python -m pipelines.serve.generate --model ... --prompt ... --out clip.mp4
 
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--sampler", help=f"{sampler_help()} (default: the export's)")
     p.add_argument("--step-cache", help="skip the transformer on steps whose input barely moved: teacache or fbcache (default none: exact)")
-    p.add_argument("--cache-threshold", type=float, help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.3, fbcache 0.1)")
+    p.add_argument("--cache-threshold", type=float, help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.15, fbcache 0.2)")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
     p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")
