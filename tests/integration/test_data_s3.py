@@ -175,3 +175,24 @@ def test_missing_bucket_and_no_credentials_are_one_line(s3, tmp_path):
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and f"s3://{BUCKET}/prepared: no credentials for s3://" in errors[0] and "Traceback" not in r.stderr
+
+
+def test_curate_and_filter_in_the_bucket(s3):
+    """`--curate` written to s3:// and `sora data filter` from one prefix of the bucket to another."""
+    from pipelines.data.filter import FilterOptions, filter_dataset
+    from pipelines.data.load import read_dataset_info, read_prepared
+
+    fs, rows = s3["fs"], s3["rows"]
+    manifest = [{"path": r["path"], "caption": r["caption"]} for r in rows]
+    fs.pipe(f"{BUCKET}/curate.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())
+    src, out = f"s3://{BUCKET}/curated", f"s3://{BUCKET}/moving"
+    prepare(PrepareOptions(manifest=f"s3://{BUCKET}/curate.jsonl", out=src, buckets=parse_buckets("8x32x32"), fps=8,
+                           progress=False, curate=True))  # fmt: skip
+    data = read_prepared(src, columns=["clip_id", "motion"])
+    assert len(data["clip_id"]) == 4 and (data["motion"] > 0).all()
+    cut = float(np.sort(data["motion"])[1])  # keeps the three clips at or above the second lowest motion
+    info = filter_dataset(FilterOptions(src, out, min_motion=cut, drop_duplicates=True))
+    assert info["num_clips"] == 3 and read_dataset_info(out)["filters"][-1]["dropped"] == {"low motion": 1, "duplicate": 0}
+    kept = sorted(str(c) for c, m in zip(data["clip_id"], data["motion"]) if m >= cut)
+    assert sorted(read_prepared(out, columns=["clip_id"])["clip_id"]) == kept
+    assert [json.loads(line)["reason"] for line in fs.cat(f"{BUCKET}/moving/filtered.jsonl").decode().splitlines()] == ["low motion"]
