@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
-from .diffusion import build_diffusion, sampler_nfe
+from .diffusion import build_diffusion, is_stochastic, sampler_nfe
 from .dit import DiT, trim_text_padding
 from .lora import merge_lora
 from .patch import patch_grid
@@ -31,8 +31,6 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 Precision = Literal["fp32", "bf16", "int8"]
-STOCHASTIC_SAMPLERS = ("ddpm",)
-"""Samplers that draw fresh noise every step: batched requests must each get their own noise stream."""
 CPU_TOKENS_PER_CALL = 2048
 """On CPU the model runs over at most this many tokens per call (whole samples, at least one), so a small
 model's activations stay in cache: one call over 8 clips of 8x32x32 (16 samples with guidance, DiT-demo,
@@ -315,7 +313,7 @@ class TextToVideoPipeline:
         generators = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
         self.model.step_cache = cache
         try:
-            if sampler in STOCHASTIC_SAMPLERS and b > 1:
+            if is_stochastic(sampler, self.config.diffusion.ddim_eta) and b > 1:  # each row its own noise stream  # each row its own noise stream
                 parts = [
                     self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback)
                     for i in range(b)

@@ -75,11 +75,12 @@ def test_cpu_calls_split_the_batch_without_changing_it(monkeypatch, text_encoder
 
 
 @pytest.mark.parametrize(
-    "schedule,sampler",
-    [("rectified_flow", "euler"), ("rectified_flow", "heun"), ("ddpm_linear", "ddim"), ("ddpm_linear", "ddpm")],
+    "schedule,sampler,eta",
+    [("rectified_flow", "euler", 0), ("rectified_flow", "heun", 0), ("ddpm_linear", "ddim", 0), ("ddpm_linear", "ddim", 1.0),
+     ("ddpm_linear", "ddpm", 0), ("rectified_flow", "unipc", 0), ("rectified_flow", "dpmpp", 0)],
 )
-def test_seeded_and_batch_invariant(schedule, sampler, text_encoder):
-    extra = {} if schedule == "rectified_flow" else {"prediction": "eps"}
+def test_seeded_and_batch_invariant(schedule, sampler, eta, text_encoder):
+    extra = {} if schedule == "rectified_flow" else {"prediction": "eps", "ddim_eta": eta}
     pipe = perturbed_pipeline(tiny_pipeline_config(schedule=schedule, sampler=sampler, **extra), text_encoder)
     prompts = ["a red circle moving left", "a blue square moving up"]
     batched = pipe(prompts, seed=[1, 2], guidance_scale=[3.0, 1.0])
