@@ -10,7 +10,8 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -97,3 +98,22 @@ def serve_app(settings, port: int, generator: dict) -> Iterator[None]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def post_concurrently(client: Callable[[], object], payloads: list[dict], path: str = "/v1/videos") -> list:
+    """POST each payload from its own thread and client (`client()` makes an httpx.Client), released together by a
+    barrier, as independent users would; the responses in payload order."""
+    out: list = [None] * len(payloads)
+    go = threading.Barrier(len(payloads))
+
+    def post(i: int) -> None:
+        with client() as c:
+            go.wait()
+            out[i] = c.post(path, json=payloads[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out

@@ -6,7 +6,6 @@ One Ray + Serve app for the module; the replica-kill test runs last.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 import yaml
 from helpers import make_tiny_export, wait_done
+from serve_services import post_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -83,20 +83,7 @@ def sdk(service):
 
 
 
-def create_many(payloads: list[dict]) -> list[httpx.Response]:
-    """POST concurrently (one client per thread), as independent users would."""
-    out: list = [None] * len(payloads)
 
-    def post(i: int) -> None:
-        with httpx.Client(base_url=BASE, timeout=60) as c:
-            out[i] = c.post("/v1/videos", json=payloads[i])
-
-    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def assert_openai_error(r: httpx.Response, status_range=(400, 499)) -> dict:
@@ -255,7 +242,7 @@ def test_concurrent_requests_share_one_forward_pass(http):
     before = http.get("/healthz").json()["stats"]
     payloads = [{"prompt": f"a magenta circle {i}", "seed": 100 + i, "guidance_scale": 1 + i, "steps": 20, "size": "16x16"} for i in range(4)]
     t0 = time.perf_counter()
-    responses = create_many(payloads)
+    responses = post_concurrently(lambda: httpx.Client(base_url=BASE, timeout=60), payloads)
     ids = [r.json()["id"] for r in responses]
     jobs = [wait_done(http, i) for i in ids]
     batched_s = time.perf_counter() - t0

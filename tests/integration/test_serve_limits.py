@@ -4,13 +4,12 @@ deployed imperatively with `build_app` (test_serve.py covers the declarative YAM
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
 from helpers import make_tiny_export, wait_done
-from serve_services import serve_app
+from serve_services import post_concurrently, serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -68,21 +67,7 @@ def wait_idle(timeout: float = 120) -> None:
             time.sleep(0.1)
 
 
-def burst(key: str, payloads: list[dict]) -> list[httpx.Response]:
-    out: list = [None] * len(payloads)
-    go = threading.Barrier(len(payloads))
 
-    def post(i: int) -> None:
-        with client(key) as c:
-            go.wait()
-            out[i] = c.post("/v1/videos", json=payloads[i])
-
-    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def test_keys_are_required_and_checked(service):
@@ -165,7 +150,7 @@ def test_a_job_past_its_deadline_fails_saying_so(service):
 
 def test_tier_queue_share_answers_429(service):
     wait_idle()
-    responses = burst(FREE_KEY, [{"prompt": f"a free burst {i}", "steps": 1} for i in range(5)])
+    responses = post_concurrently(lambda: client(FREE_KEY), [{"prompt": f"a free burst {i}", "steps": 1} for i in range(5)])
     codes = sorted(r.status_code for r in responses)
     assert codes.count(200) >= 1 and 429 in codes, codes
     for r in responses:
@@ -180,7 +165,7 @@ def test_tier_queue_share_answers_429(service):
 def test_burst_beyond_the_queue_gets_503_and_nothing_crashes(service):
     wait_idle()
     payloads = [{"prompt": f"a pro burst {i}", "steps": 1, "seed": i} for i in range(20)]
-    responses = burst(PRO_KEY, payloads)
+    responses = post_concurrently(lambda: client(PRO_KEY), payloads)
     codes = [r.status_code for r in responses]
     accepted = [r.json()["id"] for r in responses if r.status_code == 200]
     print(f"\nburst of 20 with a queue of {MAX_PENDING}: {codes.count(200)} accepted, {codes.count(503)} refused (503)")

@@ -6,7 +6,6 @@ pipeline (threshold 0 gives the uncached clip) and is kept on the job."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 import torch
 from helpers import make_tiny_export, wait_done
 from safetensors.torch import save_file
-from serve_services import serve_app
+from serve_services import post_concurrently, serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -92,24 +91,12 @@ def merged_clip(service, lora: str | None, seed: int, name: str) -> np.ndarray:
     return frames_of(Path(mp4).read_bytes(), folder / "again.mp4")
 
 
-def post_together(payloads: list[dict]) -> list[httpx.Response]:
-    out: list = [None] * len(payloads)
 
-    def post(i: int) -> None:
-        with httpx.Client(base_url=BASE, timeout=60) as c:
-            out[i] = c.post("/v1/videos", json=payloads[i])
-
-    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def test_requests_with_different_adapters_on_one_replica_each_equal_their_merged_model(service, http):
     names = [None, "wan", "peft"]
-    responses = post_together([{**REQUEST, "seed": 5, **({"lora": n} if n else {})} for n in names])
+    responses = post_concurrently(lambda: httpx.Client(base_url=BASE, timeout=60), [{**REQUEST, "seed": 5, **({"lora": n} if n else {})} for n in names])
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     jobs = [wait_done(http, r.json()["id"]) for r in responses]
     assert [j["status"] for j in jobs] == ["completed"] * 3, jobs
