@@ -55,6 +55,18 @@ def tiny_wan_transformer() -> torch.nn.Module:
     return model.eval()
 
 
+def write_tiny_vae(folder: Path) -> Path:
+    """A tiny random diffusers AutoencoderKL (4 latent channels, 4x down) saved to `folder`, seeded."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  layers_per_block=1)  # fmt: skip
+    vae.save_pretrained(str(folder))
+    return folder
+
+
 def make_tiny_wan_folder(folder: Path) -> Path:
     """A tiny Wan2.1 text-to-video pipeline folder (`save_pretrained`, nothing downloaded): umT5 with MiniLM's
     tokenizer, a Wan VAE with latent stats (8x spatial, 4x temporal), FlowMatchEuler with shift 3."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_tiny_vae
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("scenedetect")
@@ -153,16 +154,10 @@ def test_filter_drops_static_clips_and_duplicates_without_decoding(curated, tmp_
 
 def test_vae_path_gives_the_same_curation_columns(videos, curated, tmp_path):
     """With a VAE the columns come from the decode tasks (the encode actors never see them computed): the same values."""
-    diffusers = pytest.importorskip("diffusers")
-    import torch
-
+    pytest.importorskip("diffusers")
     from sora_model.config import AutoencoderConfig
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                                  layers_per_block=1)  # fmt: skip
-    vae.save_pretrained(str(tmp_path / "vae"))
+    write_tiny_vae(tmp_path / "vae")
     prepare(PrepareOptions(manifest=str(videos / "m.jsonl"), out=str(tmp_path / "latents"), buckets=parse_buckets("8x32x32"),
                            fps=FPS, clips_per_video=0, progress=False, curate=True,
                            autoencoder=AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae"))))  # fmt: skip

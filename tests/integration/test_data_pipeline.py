@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_tiny_vae
 
 ray = pytest.importorskip("ray")
 
@@ -405,16 +406,12 @@ def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_p
 @pytest.mark.slow
 def test_vae_path_writes_the_vaes_latents(shapes, tmp_path):
     """--autoencoder-path: decode tasks -> VAE actors (batches sized by bytes) -> write tasks."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from sora_model.autoencoder import build_autoencoder, pixels_to_model
     from sora_model.config import AutoencoderConfig
     from sora_model.patch import patchify
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                                  layers_per_block=1)  # fmt: skip
-    vae.save_pretrained(str(tmp_path / "vae"))
+    write_tiny_vae(tmp_path / "vae")
     config = AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae"))
     info = prepare(_options(shapes / "captions.jsonl", tmp_path / "out", fps=8, rows_per_file=5, autoencoder=config))
     assert info["num_clips"] == 12 and info["in_channels"] == 4 and info["patch_dim"] == 4 * 16
