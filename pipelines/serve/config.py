@@ -244,6 +244,12 @@ class ServeSettings:
     a week, like a download link. None keeps them forever."""
     sweep_interval_s: float = 60.0
     """How often each ingress replica purges expired jobs and fails jobs past their deadline."""
+    orphan_sweep_interval_s: float = 900.0
+    """How often each ingress replica lists the store for objects no job row holds (sweep.py): one listing of
+    the content prefix each time (on S3 one LIST request per 1,000 objects), so less often than `sweep_interval_s`."""
+    orphan_grace_s: float = 3600.0
+    """An orphaned object is deleted only once it is this old (last modified): far longer than any upload or
+    cache copy takes, so nothing being written is swept."""
     lora: str | None = None
     """A peft LoRA adapter folder merged into the model's weights when each replica loads it (a fine-tune
     served on its base export); local or shared by all nodes like `model`."""
@@ -317,6 +323,10 @@ class ServeSettings:
             raise ConfigError(f"download_port must be between 0 and 65535 (or null), got {self.download_port}")
         if self.sweep_interval_s <= 0:
             raise ConfigError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
+        if self.orphan_sweep_interval_s <= 0:
+            raise ConfigError(f"orphan_sweep_interval_s must be > 0, got {self.orphan_sweep_interval_s}")
+        if self.orphan_grace_s < 60:
+            raise ConfigError(f"orphan_grace_s must be >= 60 (uploads in progress must outlive it), got {self.orphan_grace_s}")
         if self.text_cache_bytes is not None and self.text_cache_bytes < 0:
             raise ConfigError(f"text_cache_bytes must be >= 0 (or null), got {self.text_cache_bytes}")
         if not 0 <= self.text_cache_memory_fraction <= 0.5:
@@ -365,7 +375,7 @@ class ServeSettings:
 
 
 RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "api_keys_from", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
-                "download_redirect_s")
+                "download_redirect_s", "orphan_sweep_interval_s", "orphan_grace_s")
 """Settings the ingress's `user_config` may change on a live replica."""
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .config import ServeSettings
 from .db import USAGE_KEEP_S, JobDB
 from .metrics import ServeMetrics
 from .store import ContentStore
+from .sweep import SWEPT, sweep_orphans
 
 logger = logging.getLogger("ray.serve")
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
@@ -64,6 +66,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._last_sweep = 0.0
+        self._last_orphan_sweep = time.monotonic() - random.uniform(0, settings().orphan_sweep_interval_s)  # replicas spread out
 
     def wake(self) -> None:
         """Look for work now (a job was just accepted here, or a slot freed)."""
@@ -152,6 +155,19 @@ class Dispatcher:
         if purged:
             self.stats["expired_purged"] += purged
             logger.info("dispatcher: purged %d expired jobs", purged)
+        if time.monotonic() - self._last_orphan_sweep >= s.orphan_sweep_interval_s:
+            self._last_orphan_sweep = time.monotonic()
+            await self._sweep_orphans(s)
+
+    async def _sweep_orphans(self, s: ServeSettings) -> None:
+        """Store objects no job row holds (a generator that crashed after uploading, ...): deleted past the grace."""
+        counts = await asyncio.to_thread(sweep_orphans, self.db, self.content, s.orphan_grace_s)
+        swept = {k: v for k, v in counts.items() if k in SWEPT}
+        for reason, n in swept.items():
+            self.metrics.orphans_swept.labels(reason=reason).inc(n)
+        self.stats["orphans_swept"] += sum(swept.values())
+        logger.info("dispatcher: orphan sweep: deleted %d objects %s; kept %d live, %d inside orphan_grace_s, %d not ours",
+                    sum(swept.values()), swept, counts["kept_live"], counts["kept_fresh"], counts["kept_unknown"])  # fmt: skip
 
     # -- one job ------------------------------------------------------------------------------------
 

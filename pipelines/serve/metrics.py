@@ -75,6 +75,8 @@ class ServeMetrics:
                                       "or lapsed (the holder stopped renewing, e.g. died).", ("reason",), **kw)  # fmt: skip
         self.jobs = Counter("jobs", "Jobs this replica dispatched, by how the generator call ended.", ("status",), **kw)
         self.rejected = Counter("rejected", "Creates refused by admission (429/503), by limit.", ("reason",), **kw)
+        self.orphans_swept = Counter("orphans_swept", "Store objects the orphan sweep deleted, by why: no_row, expired, "
+                                     "failed, superseded (an attempt whose lease was taken over), temp.", ("reason",), **kw)  # fmt: skip
         self.in_flight = Gauge("in_flight_jobs", "Jobs this replica holds leases on (handed to the generator).", **kw)
         for cache in ("result", "text"):  # series exist (at 0) before the first hit, so rates and panels start at once
             self.cache_hits.labels(cache=cache)
