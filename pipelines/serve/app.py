@@ -26,7 +26,6 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
@@ -58,7 +57,8 @@ from .dispatch import Dispatcher, replica_id
 from .files import FileServer, store_key
 from .generator import Generator
 from .metrics import ServeMetrics
-from .store import CHUNK_BYTES, CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
+from .store import CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
+from .streaming import StoreStream, StreamSlots
 
 logger = logging.getLogger("ray.serve")
 
@@ -165,6 +165,7 @@ class VideoAPI:
         self.dispatcher: Dispatcher | None = None
         self._loops: list[asyncio.Task] = []
         self._admission = asyncio.Lock()
+        self.streams = StreamSlots()  # downloads streaming through Serve now (streaming.py)
         self.admission = Admission(self.db, self.metrics, self.stats, lambda: self.settings)
 
     def _file_server(self) -> FileServer | None:
@@ -328,20 +329,9 @@ class VideoAPI:
         }  # fmt: skip
         if span is not None:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        body = self._stream(video_id, ref, variant, start, end - start + 1)
+        slot = self.streams.acquire(self.settings.max_streaming_downloads)  # 503 + Retry-After past the bound
+        body = StoreStream(self.content, (video_id, ref, variant), start, end - start + 1, slot)
         return StreamingResponse(body, status_code=206 if span else 200, media_type=MEDIA_TYPE[variant], headers=headers)
-
-    async def _stream(self, video_id: str, ref: str, variant: str, start: int, length: int) -> AsyncIterator[bytes]:
-        f = await asyncio.to_thread(self.content.open_range, video_id, ref, variant, start)
-        try:
-            while length > 0:
-                chunk = await asyncio.to_thread(f.read, min(CHUNK_BYTES, length))
-                if not chunk:
-                    break
-                length -= len(chunk)
-                yield chunk
-        finally:
-            await asyncio.to_thread(f.close)
 
     @fastapi_app.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str, request: Request) -> JSONResponse:

@@ -244,6 +244,10 @@ class ServeSettings:
     a week, like a download link. None keeps them forever."""
     sweep_interval_s: float = 60.0
     """How often each ingress replica purges expired jobs and fails jobs past their deadline."""
+    max_streaming_downloads: int = 4
+    """Downloads each ingress replica streams through Serve at once when no redirect can be used (streaming.py);
+    more answer 503 with Retry-After. Serve 2.60 gives such a stream no backpressure, so each may hold up to a
+    whole clip in the replica and the proxy: this bounds that memory by clips, not by clients."""
     orphan_sweep_interval_s: float = 900.0
     """How often each ingress replica lists the store for objects no job row holds (sweep.py): one listing of
     the content prefix each time (on S3 one LIST request per 1,000 objects), so less often than `sweep_interval_s`."""
@@ -323,6 +327,8 @@ class ServeSettings:
             raise ConfigError(f"download_port must be between 0 and 65535 (or null), got {self.download_port}")
         if self.sweep_interval_s <= 0:
             raise ConfigError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
+        if self.max_streaming_downloads < 1:
+            raise ConfigError(f"max_streaming_downloads must be >= 1, got {self.max_streaming_downloads}")
         if self.orphan_sweep_interval_s <= 0:
             raise ConfigError(f"orphan_sweep_interval_s must be > 0, got {self.orphan_sweep_interval_s}")
         if self.orphan_grace_s < 60:
@@ -375,7 +381,8 @@ class ServeSettings:
 
 
 RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "api_keys_from", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
-                "download_redirect_s", "orphan_sweep_interval_s", "orphan_grace_s")
+                "download_redirect_s", "orphan_sweep_interval_s", "orphan_grace_s",
+                "max_streaming_downloads")
 """Settings the ingress's `user_config` may change on a live replica."""
 
 

@@ -17,7 +17,8 @@ once, so any replica's signature is good on any replica's server.
 
 The redirect is only given where it can be followed: the request came over plain HTTP to a host name of
 this machine (the proxy that received it runs here: one-machine serving, what folder stores are for).
-Elsewhere (a folder shared by several nodes, TLS in front) the ingress streams through Serve as before.
+Elsewhere (a folder shared by several nodes, TLS in front) the ingress streams through Serve, at most
+`max_streaming_downloads` at once per replica (streaming.py).
 """
 
 from __future__ import annotations
