@@ -245,9 +245,9 @@ class ServeSettings:
     sweep_interval_s: float = 60.0
     """How often each ingress replica purges expired jobs and fails jobs past their deadline."""
     max_streaming_downloads: int = 4
-    """Downloads each ingress replica streams through Serve at once when no redirect can be used (streaming.py);
-    more answer 503 with Retry-After. Serve 2.60 gives such a stream no backpressure, so each may hold up to a
-    whole clip in the replica and the proxy: this bounds that memory by clips, not by clients."""
+    """Downloads each ingress replica pushes through Serve at once when no redirect can be used (streaming.py);
+    more answer 503 with Retry-After. Serve 2.60 gives such a stream no backpressure, so each may push up to a
+    whole clip into the replica's and the proxy's memory: this bounds how many are pushed at once, not clients."""
     orphan_sweep_interval_s: float = 900.0
     """How often each ingress replica lists the store for objects no job row holds (sweep.py): one listing of
     the content prefix each time (on S3 one LIST request per 1,000 objects), so less often than `sweep_interval_s`."""

@@ -10,11 +10,12 @@ memory with up to the whole clip while a slow client reads.
 
 What can be bounded from the application is bounded here:
   - each read is one `CHUNK_BYTES` (1 MiB) chunk, and the next is read only after the previous one was handed
-    to Serve, so the replica never holds more than a chunk of its own beyond what Serve queued;
-  - at most `max_streaming_downloads` streams run through one replica at once; one more is answered 503 with
+    to Serve, so the replica holds at most a chunk of its own beyond what Serve has queued;
+  - at most `max_streaming_downloads` streams are pushed from one replica at once; one more is answered 503 with
     `Retry-After` (code `too_many_downloads`) before any byte is read, like Serve's own `max_queued_requests`.
-So the fallback's memory is at most `max_streaming_downloads` clips per ingress replica (plus the proxy's copy),
-whatever the number of clients: benchmarks/bench_serve_download_peak_rss_mb.py measures it.
+What this does not bound: a slot is freed when the replica has pushed its last chunk, and the proxy may still hold
+the part a slow client has not read. Bounding that needs a consumer signal Ray 2.60 does not give the replica;
+clients that matter get the 307 instead (presigned URL or files.py).
 """
 
 from __future__ import annotations
