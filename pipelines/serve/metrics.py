@@ -10,7 +10,8 @@ awaits (`JobReport`); the dispatcher, in the ingress process, observes them into
 scrape has to reach a generator process, nothing depends on a shared folder (prometheus_client's multiprocess
 mode works on one machine only) and nothing waits on Ray's metrics agents (each node's own port, exported every
 few seconds). What one ingress replica dispatched is what its `/metrics` shows: with several ingress replicas
-each has its own counts, told apart by the `replica` label every sample carries, and Prometheus sums across them.
+each has its own counts, told apart by the `replica` label (the Serve replica id) every sample carries: scrape every
+replica (one target each), and sum across them, as every query of the Grafana dashboard does.
 """
 
 from __future__ import annotations
