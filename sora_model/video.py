@@ -24,28 +24,20 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sora_model.video_grid import make_grid  # noqa: F401 - re-exported from its old home
+from sora_model.video_write import MP4_CODEC, MP4_CRF, MP4_PIX_FMT, NPZ_KEY, WRITE_EXTENSIONS, write_video  # noqa: F401 - ditto
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """Still images probe and read as one-frame videos (the curriculum's image stage)."""
 IMAGE_FPS = 1.0
 """A still is one frame held for one second, so fps and duration stay defined (no division by zero)."""
-WRITE_EXTENSIONS = (".mp4", ".gif", ".npz", ".png")
-NPZ_KEY = "frames"
-"""The array name inside an NPZ, part of the `sora generate --out X.npz` contract."""
-MP4_CODEC = "libx264"
-MP4_PIX_FMT = "yuv420p"
-"""4:2:0 chroma is what every browser and player decodes; it needs even width and height."""
-MP4_CRF = "18"
-"""x264 quality (lower is better, 23 is its default): small clips stay small, and 18 keeps a
-read-back within a few grey levels, which sample sheets and tests rely on."""
 DECORD_THREADS = 1
 """Decoder threads per open file. Parallelism comes from decoding many files at once (Ray gives each
 task one CPU); FFmpeg's own threads (0 = one per core) oversubscribe those CPUs and, on short clips,
@@ -230,10 +222,28 @@ def _quarter_turns(frame: Any) -> int:
     return int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4
 
 
-def _upright(frame: Any) -> np.ndarray:
-    """A PyAV frame as (H, W, 3) uint8 RGB the way a player shows it (the display matrix applied)."""
-    rgb = frame.to_ndarray(format="rgb24")
+def cover_size(height: int, width: int, cover: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) of a (height, width) frame scaled down, aspect kept, to the smallest size that still covers the
+    `cover` box (h, w); the frame's own size when it is no larger or `cover` is None (never upscaled)."""
+    if cover is None:
+        return height, width
+    scale = max(cover[0] / height, cover[1] / width)
+    if scale >= 1:
+        return height, width
+    return max(cover[0], round(height * scale)), max(cover[1], round(width * scale))
+
+
+def _upright(frame: Any, cover: tuple[int, int] | None = None) -> np.ndarray:
+    """A PyAV frame as (H, W, 3) uint8 RGB the way a player shows it (the display matrix applied), scaled by
+    FFmpeg's swscale (bicubic) to `cover_size` of its upright size when `cover` is given."""
     turns = _quarter_turns(frame)
+    h, w = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)  # upright
+    dh, dw = cover_size(h, w, cover)
+    if (dh, dw) == (h, w):
+        rgb = frame.to_ndarray(format="rgb24")
+    else:
+        sh, sw = (dw, dh) if turns % 2 else (dh, dw)  # the stored orientation
+        rgb = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation="BICUBIC")
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
@@ -302,7 +312,7 @@ def _check_indices(path: str, indices: Sequence[int], num_frames: int) -> list[i
     return idx
 
 
-def _read_av(path: str, indices: list[int]) -> np.ndarray:
+def _read_av(path: str, indices: list[int], cover: tuple[int, int] | None = None) -> np.ndarray:
     """Sequential decode keeping the wanted frames: slower than decord's seeking, but exact."""
     import av
 
@@ -323,7 +333,7 @@ def _read_av(path: str, indices: list[int]) -> np.ndarray:
         try:
             for frame in container.decode(stream):
                 if count in wanted:
-                    frames[count] = _upright(frame)
+                    frames[count] = _upright(frame, cover)
                 count += 1
                 if count > last:
                     break
@@ -336,25 +346,53 @@ def _read_av(path: str, indices: list[int]) -> np.ndarray:
 
 def read_frames(path: str, indices: Sequence[int]) -> np.ndarray:
     """Exactly the frames at `indices` (any order, repeats allowed): (len(indices), H, W, 3) uint8."""
+    return read_clips(path, [indices])[0]
+
+
+def _open_decord(path: str, cover: tuple[int, int] | None) -> Any | None:
+    """A decord reader decoding at `cover_size` (FFmpeg scales each frame as it is decoded), or None."""
+    decord = _decord()
+    if decord is None:
+        return None
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECORD_THREADS)
+        if cover is None:
+            return reader
+        h, w = reader[0].shape[:2]  # upright: decord applies the display matrix
+        dh, dw = cover_size(h, w, cover)
+        if (dh, dw) == (h, w):
+            return reader
+        scaled = decord.VideoReader(path, ctx=decord.cpu(0), width=dw, height=dh, num_threads=DECORD_THREADS)
+        # decord scales before it turns a rotated frame: ask again in the stored orientation
+        if scaled[0].shape[:2] != (dh, dw):
+            scaled = decord.VideoReader(path, ctx=decord.cpu(0), width=dh, height=dw, num_threads=DECORD_THREADS)
+        return scaled if scaled[0].shape[:2] == (dh, dw) else reader
+    except Exception:  # decord cannot open it: PyAV below decodes it or says precisely why not
+        return None
+
+
+def read_clips(path: str, clips: Sequence[Sequence[int]], cover: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Each clip's frames at its indices, (len(clip), H, W, 3) uint8, from ONE open reader of the video.
+
+    With `cover` = (h, w) the frames are decoded already scaled to `cover_size` (the smallest aspect-kept size
+    covering the box; never upscaled), not at the source's size: FFmpeg's scaler runs on each decoded
+    frame, so a 1080p source never exists as full-size RGB. Raises on the first failure, like `read_frames`."""
     path = str(path)
     _check_file(path)
     if _is_image(path):
-        idx = _check_indices(path, indices, 1)
-        return np.repeat(_read_image(path), len(idx), axis=0)  # (N, H, W, 3)
-    decord = _decord()
-    reader = None
-    if decord is not None:
-        try:
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECORD_THREADS)
-        except Exception:  # decord cannot open it: PyAV below decodes it or says precisely why not
-            reader = None
+        still = _read_image(path)
+        return [np.repeat(still, len(_check_indices(path, c, 1)), axis=0) for c in clips]  # (N, H, W, 3)
+    reader = _open_decord(path, cover)
     if reader is not None:
-        idx = _check_indices(path, indices, len(reader))
+        idx = [_check_indices(path, c, len(reader)) for c in clips]
         try:
-            return np.ascontiguousarray(_to_numpy(reader.get_batch(idx)), dtype=np.uint8)  # (N, H, W, 3)
+            return [np.ascontiguousarray(_to_numpy(reader.get_batch(i)), dtype=np.uint8) for i in idx]  # (N, H, W, 3)
         except Exception:  # e.g. truncated after a front index: PyAV finds how far the file goes
             pass
-    return _read_av(path, _check_indices(path, indices, _MAX_INDEX))
+    idx = [_check_indices(path, c, _MAX_INDEX) for c in clips]
+    union = sorted({i for c in idx for i in c})
+    frames = dict(zip(union, _read_av(path, union, cover), strict=True))  # one sequential pass for all clips
+    return [np.stack([frames[i] for i in c]) for c in idx]
 
 
 def sample_indices(info: VideoInfo, num_frames: int, fps: float | None, start_s: float) -> list[int]:
@@ -406,120 +444,3 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_frames(frames: np.ndarray) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames must be (T, H, W, 3) with T >= 1, got shape {tuple(frames.shape)}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}; convert with autoencoder.model_to_pixels")
-    return np.ascontiguousarray(frames)
-
-
-def _write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-    import av
-
-    t, h, w, _ = frames.shape
-    # yuv420p subsamples chroma 2x2, so odd sizes are padded by repeating the last row/column.
-    ph, pw = h % 2, w % 2
-    if ph or pw:
-        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-    rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 30000/1001
-    # faststart puts the index first, so HTTP clients can play the file while it downloads.
-    with av.open(path, "w", format="mp4", options={"movflags": "faststart"}) as container:
-        # Same frames must give the same bytes (the server's result cache and the synth tests rely on it). x264's
-        # macroblock-tree rate control reads uninitialised memory on tiny frames (32x32 gave 5 different files in 100
-        # encodes of one clip; 64x64 and up did not), and threaded lookahead depends on timing, so both are off.
-        # PyAV's codec context defaults to thread_count=0 (auto), which overrides a "threads" option, so it is set here.
-        stream = container.add_stream(MP4_CODEC, rate=rate, options={"crf": MP4_CRF, "x264-params": "mbtree=0"})
-        stream.codec_context.thread_count = 1
-        stream.width, stream.height, stream.pix_fmt = w + pw, h + ph, MP4_PIX_FMT
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder's lookahead
-            container.mux(packet)
-
-
-def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in frames]
-    # GIF delays are in centiseconds; PIL takes ms. loop=0 repeats forever.
-    duration = max(10, int(round(1000.0 / fps)))
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
-
-
-def _write_png(path: str, frames: np.ndarray) -> None:
-    from PIL import Image
-
-    if frames.shape[0] == 1:
-        sheet = frames[0]
-    else:  # contact sheet: every frame side by side, reading order
-        sheet = make_grid(frames[:, None], pad=1)[0]  # (H', W', 3)
-    Image.fromarray(sheet).save(path, format="PNG")
-
-
-def write_video(path: str, frames: np.ndarray, fps: float = 8) -> str:
-    """Write (T, H, W, 3) uint8 frames; the format follows the extension. Returns the path.
-
-    .mp4: H.264 yuv420p (odd sizes padded by one edge row/column). .gif: animated, looping.
-    .npz: key 'frames', exact. .png: the frame itself when T == 1, else a contact sheet of all frames
-    (pass `frames[:1]` for a thumbnail). The file appears atomically (written aside, then renamed),
-    so a server never hands out half a video.
-    """
-    path = str(path)
-    ext = Path(path).suffix.lower()
-    if ext not in WRITE_EXTENSIONS:
-        raise ValueError(f"unsupported video extension '{ext}' for {path}; use one of {', '.join(WRITE_EXTENSIONS)}")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    frames = _check_frames(frames)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
-    os.close(fd)  # written by name: MP4 faststart reopens the file to move its index to the front
-    try:
-        if ext == ".mp4":
-            _write_mp4(tmp, frames, fps)
-        elif ext == ".gif":
-            _write_gif(tmp, frames, fps)
-        elif ext == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **{NPZ_KEY: frames})
-        else:
-            _write_png(tmp, frames)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would (umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def make_grid(videos: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile N clips into one: (N, T, H, W, 3) -> (T, rows*(H+pad)+pad, ncols*(W+pad)+pad, 3), black gaps.
-
-    `ncols` defaults to ceil(sqrt(N)), the most square sheet.
-    """
-    videos = np.asarray(videos)
-    if videos.ndim != 5 or videos.shape[-1] != 3 or videos.shape[0] < 1:
-        raise ValueError(f"videos must be (N, T, H, W, 3) with N >= 1, got shape {tuple(videos.shape)}")
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
-    n, t, h, w, _ = videos.shape
-    ncols = min(n, ncols or math.ceil(math.sqrt(n)))
-    if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
-    nrows = math.ceil(n / ncols)
-    grid = np.zeros((t, nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), dtype=videos.dtype)
-    for k in range(n):
-        r, c = divmod(k, ncols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[:, y : y + h, x : x + w] = videos[k]  # (T, H, W, 3)
-    return grid

@@ -1,4 +1,4 @@
-"""Decoding clips: frames at the planned indices, resized and centre-cropped to the bucket.
+"""Decoding clips: frames at the planned indices, decoded at the bucket's resize size and centre-cropped.
 
 `decode_rows` decodes the clips of a batch of plans, grouped by source (a remote file is fetched once per
 batch and removed after); a clip that fails becomes a reject row with the reason and is dropped.
@@ -38,26 +38,65 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     return out
 
 
+def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(T, h, w, 3) -> (T, height, width, 3): the centre box, whole pixels (h >= height, w >= width)."""
+    top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
+    return np.ascontiguousarray(frames[:, top : top + height, left : left + width])
+
+
+def fit_decoded(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames decoded at `cover_size` -> the bucket: a centre crop, as `resize_center_crop` would have cut
+    after its resize; any other size (a source smaller than the bucket) goes through `resize_center_crop`."""
+    h, w = frames.shape[1:3]
+    if h >= height and w >= width and (h == height or w == width):
+        return center_crop(frames, height, width)
+    return resize_center_crop(frames, height, width)
+
+
 Decoder = Callable[[str, list[int], int, int], np.ndarray]
 """(local path, frame indices, height, width) -> (F, height, width, 3) uint8."""
 
 
-def decode_frames(local: str, indices: list[int], height: int, width: int) -> np.ndarray:
-    """The in-process decoder: read the frames, resize and crop them."""
-    from sora_model.video import read_frames
+def decode_clips(local: str, clips: list[list[int]], height: int, width: int) -> list[np.ndarray]:
+    """All clips of one video from one open reader, decoded at the size the bucket's aspect-kept resize would
+    produce (FFmpeg scales each frame as it is decoded, so no source-size RGB frame is made), then centre-cropped.
+    Pixels stay within a few grey levels of `resize_center_crop` on source-size frames (tests/unit/test_video_target.py)."""
+    from sora_model.video import read_clips
 
-    return resize_center_crop(read_frames(local, indices), height, width)
+    return [fit_decoded(f, height, width) for f in read_clips(local, clips, cover=(height, width))]
+
+
+def decode_frames(local: str, indices: list[int], height: int, width: int) -> np.ndarray:
+    """The in-process decoder of one clip: `decode_clips` of a single clip."""
+    return decode_clips(local, [indices], height, width)[0]
+
+
+_ONE_READER: dict[Callable[..., Any], Callable[..., list[np.ndarray]]] = {decode_frames: decode_clips}
+"""Decoders with a form that decodes all clips of a video from one reader."""
 
 
 def decode_many(clips: list[tuple[str, list[int]]], height: int, width: int, decode: Decoder = decode_frames) -> list[Any]:
     """(local path, frame indices) of a batch's clips, in one call of the decoder child: per clip its frames
-    or (class, reason, message)."""
-    out: list[Any] = []
-    for local, idx in clips:
-        try:
-            out.append(decode(local, idx, height, width))
-        except Exception as err:  # noqa: BLE001 - this clip's failure, handed back
-            out.append((type(err), getattr(err, "reason", None), str(err)))
+    or (class, reason, message). The clips of one video share one reader when the decoder has a one-reader form;
+    if that fails, its clips are decoded one by one so each gets its own answer."""
+    out: list[Any] = [None] * len(clips)
+    by_video: dict[str, list[int]] = {}
+    for k, (local, _) in enumerate(clips):
+        by_video.setdefault(local, []).append(k)
+    together = _ONE_READER.get(decode)
+    for local, ks in by_video.items():
+        if together is not None and len(ks) > 1:
+            try:
+                for k, frames in zip(ks, together(local, [clips[k][1] for k in ks], height, width), strict=True):
+                    out[k] = frames
+                continue
+            except Exception:  # noqa: BLE001 - one clip is bad: each clip alone below, for its own reason
+                pass
+        for k in ks:
+            try:
+                out[k] = decode(local, clips[k][1], height, width)
+            except Exception as err:  # noqa: BLE001 - this clip's failure, handed back
+                out[k] = (type(err), getattr(err, "reason", None), str(err))
     return out
 
 
