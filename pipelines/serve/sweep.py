@@ -88,6 +88,9 @@ def sweep_orphans(db: JobDB, content: ContentStore, grace_s: float, now: float |
     `expired`, `failed`, `superseded`, `temp`), `kept_live`, `kept_fresh` (inside the grace), `kept_unknown`."""
     now = time.time() if now is None else now
     counts: Counter[str] = Counter()
+    # fsspec caches listings (s3fs, gcsfs: for good, by default) and only this process's writes invalidate them;
+    # generators and other replicas write from other processes, so list afresh.
+    content.fs.invalidate_cache(content.content_dir)
     try:
         listing = content.fs.ls(content.content_dir, detail=True)
     except FileNotFoundError:  # an object store with nothing under the prefix yet

@@ -74,13 +74,14 @@ def _present(store: ContentStore, job_id: str, ref: str) -> bool:
     return sizes[0] is not None
 
 
-def _check(store: ContentStore, scene: dict, fresh: tuple[str, str], counts: Counter) -> None:
+def _check(store: ContentStore, scene: dict, fresh: tuple[str, str], counts: Counter, no_row: int = 2) -> None:
     assert _present(store, *scene["completed"]) and _present(store, *scene["running"])
     for kind in ("superseded", "failed", "deleted", "expired"):
         assert not _present(store, *scene[kind]), kind
     assert _present(store, *fresh)  # an orphan inside the grace (a cache copy before its row, say)
     assert counts["kept_live"] == 4 and counts["kept_fresh"] == 2
-    assert all(counts[k] == 2 for k in ("superseded", "failed", "no_row", "expired")), counts  # mp4 + png each
+    # two objects (mp4, png) of each job
+    assert all(counts[k] == 2 for k in ("superseded", "failed", "expired")) and counts["no_row"] == no_row, counts
 
 
 def test_folder_store_orphans_are_swept_past_the_grace(db, tmp_path):
@@ -107,13 +108,18 @@ def test_s3_store_orphans_are_swept_past_the_grace(db):
     with s3_server() as options:
         store = ContentStore("s3://sora/sweep", options)
         scene = _scene(db, store)
+        store.fs.ls(store.content_dir, detail=True)  # s3fs now holds a listing of the prefix in its cache
+        elsewhere = ContentStore("s3://sora/sweep", {**options, "skip_instance_cache": True})  # another process
+        crashed = (f"video_{'e' * 32}", "f" * 32)  # uploaded by a generator that crashed before writing its row
+        _upload(elsewhere, *crashed)
         time.sleep(3)
         fresh = (f"video_{'c' * 32}", "d" * 32)
-        _upload(store, *fresh)
+        _upload(elsewhere, *fresh)  # written elsewhere too: a write here would refresh this process's listing
         # S3 keeps LastModified (to the second): look from 58.5 s on, so what was written before the sleep is
         # past the 60 s grace and the fresh upload is not.
         counts = sweep_orphans(db, store, GRACE_S, now=time.time() + GRACE_S - 1.5)
-        _check(store, scene, fresh, counts)
+        _check(store, scene, fresh, counts, no_row=4)
+        assert not _present(elsewhere, *crashed)
 
 
 def test_the_dispatcher_runs_the_orphan_sweep_and_counts_it(db, tmp_path):
