@@ -10,6 +10,9 @@ bytes: the server never parses it), in the store kinds the service supports, one
     client reads the object from S3, so the video's bytes never pass through Serve;
   - `folder_through_serve` (the baseline, `download_port: null`): the ingress streams 1 MiB chunks through
     `ContentStore.open_range` and Serve's HTTP proxy passes them on (what the folder store did before).
+  - `through_serve_3_clients_4_slots` / `..._1_slot`: three clients at once on the baseline's path, with
+    `max_streaming_downloads` 4 (the default: all three stream together) and 1 (the other two are answered 503
+    with Retry-After and retry): what the per-replica bound on streams does to the peak (pipelines/serve/streaming.py).
 RSS of the ingress replica (which hosts the file server) and of the proxy is sampled every 10 ms during the
 download; a figure is the largest growth of their sum over what they held just before. Also recorded: what
 the first ingress did (`fs.cat_file`: the whole file read into memory), as the RSS growth of a process
@@ -32,6 +35,9 @@ from benchmarks.common import main
 FIGURE = "serve_download_peak_rss_mb"
 GOAL = ("<=", 64.0)
 VIDEO_MB = 200
+CLIENTS = 3
+SLOTS = {"through_serve_3_clients_4_slots": 4, "through_serve_3_clients_1_slot": 1}
+"""The concurrent runs: max_streaming_downloads of each."""
 
 BASELINE = """
 import sys, fsspec, psutil
@@ -82,9 +88,8 @@ def _serving_pids(ingress_pid: int) -> dict[str, int]:
     return pids
 
 
-def _download(url: str, pids: dict[str, int]) -> dict:
-    """Stream the download, sampling the servers' RSS meanwhile; (bytes, seconds, peak growth per process)."""
-    import httpx
+def _watch(pids: dict[str, int], body) -> dict:
+    """Run `body()` while sampling the servers' RSS every 10 ms; its result with the peak growth (sum and per process)."""
     import psutil
 
     procs = {k: psutil.Process(v) for k, v in pids.items()}
@@ -104,15 +109,54 @@ def _download(url: str, pids: dict[str, int]) -> dict:
     sampler = threading.Thread(target=sample)
     sampler.start()
     t0 = time.perf_counter()
-    got = 0
-    with httpx.stream("GET", url, timeout=600, follow_redirects=True) as r:
-        r.raise_for_status()
-        for chunk in r.iter_bytes(2**20):
-            got += len(chunk)
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    return {"bytes": got, "seconds": round(seconds, 2), "peak_mb": peak_sum / 2**20, "peak_mb_by_process": {k: round(v / 2**20, 1) for k, v in peak.items()}}
+    try:
+        out = body()
+    finally:
+        done.set()
+        sampler.join()
+    return {**out, "seconds": round(time.perf_counter() - t0, 2), "peak_mb": peak_sum / 2**20,
+            "peak_mb_by_process": {k: round(v / 2**20, 1) for k, v in peak.items()}}  # fmt: skip
+
+
+def _get(url: str) -> tuple[int, int]:
+    """One download (following redirects, as the SDK does), retried after a 503's Retry-After: (bytes, 503s)."""
+    import httpx
+
+    refused = 0
+    while True:
+        with httpx.stream("GET", url, timeout=600, follow_redirects=True) as r:
+            if r.status_code == 503 and "retry-after" in r.headers:
+                refused += 1
+                time.sleep(min(float(r.headers["retry-after"]), 10.0))
+                continue
+            r.raise_for_status()
+            return sum(len(c) for c in r.iter_bytes(2**20)), refused
+
+
+def _download(url: str, pids: dict[str, int]) -> dict:
+    def body() -> dict:
+        got, _ = _get(url)
+        return {"bytes": got}
+
+    return _watch(pids, body)
+
+
+def _download_many(url: str, pids: dict[str, int], clients: int) -> dict:
+    """`clients` downloads started together, each from its own thread."""
+    results: list = [None] * clients
+
+    def one(i: int) -> None:
+        results[i] = _get(url)
+
+    def body() -> dict:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"bytes": min(r[0] for r in results), "refused_503": sum(r[1] for r in results)}
+
+    return _watch(pids, body)
 
 
 def _measure(kind: str, video: str, export: str, work: str, reps: int) -> list[dict]:
@@ -127,8 +171,10 @@ def _measure(kind: str, video: str, export: str, work: str, reps: int) -> list[d
 
     def go(store: str, options: dict | None) -> list[dict]:
         extra = {"storage_options": options, "db": f"sqlite:///{os.path.join(work, kind + '-jobs.db')}"} if options else {}
-        if kind == "folder_through_serve":
+        if kind.endswith("through_serve") or kind.startswith("through_serve"):
             extra["download_port"] = None
+        if kind.startswith("through_serve"):
+            extra["max_streaming_downloads"] = SLOTS[kind]
         _serve.start_app(export, store, max_batch_size=1, **extra)
         try:
             health = httpx.get(f"http://127.0.0.1:{_serve.PORT}/healthz", timeout=30).json()
@@ -139,6 +185,8 @@ def _measure(kind: str, video: str, export: str, work: str, reps: int) -> list[d
                 f.seek(1000)
                 assert part.status_code == 206 and part.content == f.read(1000), part.status_code
             pids = _serving_pids(health["pid"])
+            if kind in SLOTS:
+                return [{**_download_many(url, pids, CLIENTS), "processes": sorted(pids)} for _ in range(reps)]
             return [{**_download(url, pids), "processes": sorted(pids)} for _ in range(reps)]
         finally:
             serve.delete("sora")
@@ -161,7 +209,7 @@ def run(quick: bool) -> dict:
         _write_video(video)
         base_out = subprocess.run([sys.executable, "-c", BASELINE, video], capture_output=True, text=True, check=True).stdout.split()
         baseline_mb = float(base_out[0])
-        runs = {kind: _measure(kind, video, export, work, reps) for kind in ("folder", "s3", "folder_through_serve")}
+        runs = {kind: _measure(kind, video, export, work, reps) for kind in ("folder", "s3", "folder_through_serve", *SLOTS)}
     finally:
         _serve.shutdown(work)
     for kind, rs in runs.items():
@@ -176,7 +224,9 @@ def run(quick: bool) -> dict:
             f"peak RSS growth (MB) of the ingress replica + Serve proxy while a client downloads a {VIDEO_MB} MB video from "
             f"the default folder store (307 to the replica's file server); same command: an S3 store (307 to a presigned "
             f"URL) {peak['s3']:.1f} MB, the folder streamed through Serve's proxy {peak['folder_through_serve']:.0f} MB, "
-            f"reading it whole as the first ingress did {baseline_mb:.0f} MB"
+            f"reading it whole as the first ingress did {baseline_mb:.0f} MB; {CLIENTS} clients at once through Serve: "
+            f"{peak['through_serve_3_clients_4_slots']:.0f} MB with max_streaming_downloads 4, "
+            f"{peak['through_serve_3_clients_1_slot']:.0f} MB with 1 (the others 503 + Retry-After, then retry)"
         ),
         "details": {
             "downloads": runs,
