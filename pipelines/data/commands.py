@@ -78,6 +78,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)")
     p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
     p.add_argument(
+        "--decode-batch-mib", type=int,
+        help="decoded pixels per decode task, MiB (default: a quarter of a task's share of the smallest node's memory, 128 MiB-4 GiB)",
+    )  # fmt: skip
+    p.add_argument(
         "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
         help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
     )  # fmt: skip

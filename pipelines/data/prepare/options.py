@@ -85,7 +85,34 @@ DECODE_BATCH_ROWS = 64
 fixed cost (Arrow tables, the Parquet file: at 4 clips of 16x32x32 it outweighed decoding), small enough
 that the first shards are written while later files are still being probed."""
 DECODE_BATCH_BYTES = 128 * 2**20
-"""Decoded pixels per decode task at most, so a batch of large clips stays a few hundred MB."""
+"""The floor of the decode budget: decoded pixels per decode task on a node too small to tell, or when the
+budget from memory comes out lower (a task always holds at least one clip anyway)."""
+DECODE_BATCH_BYTES_MAX = 4 * 2**30
+"""The cap of the decode budget: past a few GiB a batch no longer amortises anything, it only delays the first shard."""
+DECODE_MEMORY_FRACTION = 0.25
+"""Share of a decode task's slice of its node's memory (Ray's `memory` resource, what is left for tasks after
+the object store, divided by the node's CPUs: one decode task per CPU) given to its decoded pixels. The rest
+covers the batch's other copies (the stacked array, the Arrow column, the patchified rows: about 3x the pixels)
+and the decoder's own buffers. A 128 GiB, 16-CPU node (~90 GiB of task memory) gives ~1.4 GiB per task, 15 clips
+of 81x480x832 where a fixed 128 MiB allowed one."""
+
+
+def decode_batch_bytes(nodes: Sequence[dict[str, Any]], workers: int | None = None, override_mib: int | None = None) -> int:
+    """Decoded-pixel bytes per decode task: `override_mib` (--decode-batch-mib) when given; else
+    DECODE_MEMORY_FRACTION of the smallest per-task memory over the cluster's alive nodes (`ray.nodes()`:
+    `Resources` memory ÷ CPUs, or ÷ `workers` when fewer tasks run at once), between DECODE_BATCH_BYTES
+    and DECODE_BATCH_BYTES_MAX. Tasks may land on any node, so the smallest node decides."""
+    if override_mib is not None:
+        return override_mib * 2**20
+    per_task = []
+    for node in nodes:
+        res = node.get("Resources", {})
+        if node.get("Alive", True) and res.get("CPU", 0) >= 1 and res.get("memory", 0) > 0:
+            tasks = min(res["CPU"], workers) if workers else res["CPU"]
+            per_task.append(res["memory"] / tasks)
+    if not per_task:
+        return DECODE_BATCH_BYTES
+    return int(min(DECODE_BATCH_BYTES_MAX, max(DECODE_BATCH_BYTES, DECODE_MEMORY_FRACTION * min(per_task))))
 DEFAULT_MAX_UPSCALE = 1.0
 """Largest factor a source may be scaled up by to fill its bucket (`--max-upscale`): 1.0 never upscales, since an
 upscaled clip teaches the model blur at the bucket's resolution; 2.0 accepts a 240p source for a 480p bucket."""
@@ -191,6 +218,8 @@ class PrepareOptions:
     overwrite: bool = False
     workers: int | None = None
     """Decode tasks at once at most; None: no cap (one per free CPU, and more as an autoscaler adds CPUs)."""
+    decode_batch_mib: int | None = None
+    """Decoded pixels per decode task, MiB (`--decode-batch-mib`); None: from the nodes' memory (`decode_batch_bytes`)."""
     progress: bool = True
     caption_actors: int | None = None
     """Caption-encoder actors; None: one per GPU of the cluster, and on a CPU-only cluster 0, which runs the
@@ -222,6 +251,8 @@ class PrepareOptions:
             raise PrepareError(f"--caption-actors must be >= 0, got {self.caption_actors}")
         if not self.decode_timeout_s > 0:
             raise PrepareError(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout_s}")
+        if self.decode_batch_mib is not None and self.decode_batch_mib < 1:
+            raise PrepareError(f"--decode-batch-mib must be >= 1 MiB, got {self.decode_batch_mib}")
         if self.rows_per_file < 1:
             raise PrepareError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if any(p < 1 for p in self.patch):
@@ -327,6 +358,7 @@ def options_from_args(args: Any) -> PrepareOptions:
         rows_per_file=args.rows_per_file,
         overwrite=args.overwrite,
         workers=args.workers,
+        decode_batch_mib=getattr(args, "decode_batch_mib", None),
         progress=not args.no_progress,
         decode_timeout_s=args.decode_timeout,
         caption_actors=args.caption_actors,

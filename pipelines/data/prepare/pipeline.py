@@ -30,7 +30,6 @@ from pipelines.data.prepare.manifest import ManifestScan, scan_manifest
 from pipelines.data.prepare.options import (
     COLUMNS,
     DATASET_INFO,
-    DECODE_BATCH_BYTES,
     DECODE_REJECTS_DIR,
     DTYPES,
     FORMAT_VERSION,
@@ -41,6 +40,7 @@ from pipelines.data.prepare.options import (
     PrepareError,
     PrepareOptions,
     StorageFailed,
+    decode_batch_bytes,
 )
 from pipelines.data.prepare.probe import Guards, plan_block
 from pipelines.data.prepare.shards import (
@@ -206,7 +206,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         ds = ds.map_batches(embed_task, fn_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS,
                             batch_format="pyarrow", num_cpus=1)  # fmt: skip
     largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
-    rows = batch_rows(largest, opts.rows_per_file, DECODE_BATCH_BYTES)
+    rows = batch_rows(largest, opts.rows_per_file, decode_batch_bytes(ray.nodes(), opts.workers, opts.decode_batch_mib))
     concurrency = {"compute": TaskPoolStrategy(size=opts.workers)} if opts.workers else {}
     if opts.autoencoder.kind == "identity":
         return ds.map_batches(
