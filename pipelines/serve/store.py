@@ -35,6 +35,7 @@ class ContentStore:
         self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._lister: Any = None  # list_content's uncached filesystem (object stores)
         self.fs.makedirs(self._path("content"), exist_ok=True)
 
     def _path(self, *parts: str) -> str:
@@ -49,6 +50,17 @@ class ContentStore:
     def content_dir(self) -> str:
         """The folder (or prefix) holding the clips and thumbnails."""
         return self._path("content")
+
+    def list_content(self) -> list[dict[str, Any]]:
+        """Every object under content/ with its details (name, size, last-modified), listed afresh by a filesystem
+        instance that caches no listing: fsspec caches listings per instance (s3fs, gcsfs: for good) and only this
+        process's writes invalidate them, so a cached listing would hide what generators and other replicas upload
+        (the orphan sweep's test shows it), and a listing left in `self.fs`'s cache is one fsspec's `info` may trust."""
+        if self.local:
+            return self.fs.ls(self.content_dir, detail=True)
+        if self._lister is None:
+            self._lister = type(self.fs)(**{**self.fs.storage_options, "use_listings_cache": False, "skip_instance_cache": True})
+        return self._lister.ls(self.content_dir, detail=True)
 
     def ping(self) -> None:
         """Raises when the store cannot be reached (a health check): one metadata call, not a listing.

@@ -88,11 +88,8 @@ def sweep_orphans(db: JobDB, content: ContentStore, grace_s: float, now: float |
     `expired`, `failed`, `superseded`, `temp`), `kept_live`, `kept_fresh` (inside the grace), `kept_unknown`."""
     now = time.time() if now is None else now
     counts: Counter[str] = Counter()
-    # fsspec caches listings (s3fs, gcsfs: for good, by default) and only this process's writes invalidate them;
-    # generators and other replicas write from other processes, so list afresh.
-    content.fs.invalidate_cache(content.content_dir)
     try:
-        listing = content.fs.ls(content.content_dir, detail=True)
+        listing = content.list_content()  # afresh: generators and other replicas upload from other processes
     except FileNotFoundError:  # an object store with nothing under the prefix yet
         return counts
     candidates: list[tuple[str, str, str]] = []  # (path, job id, ref) old enough to be swept
