@@ -67,6 +67,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task] = set()
         self._last_sweep = 0.0
         self._last_orphan_sweep = time.monotonic() - random.uniform(0, settings().orphan_sweep_interval_s)  # replicas spread out
+        self._orphan_task: asyncio.Task | None = None
 
     def wake(self) -> None:
         """Look for work now (a job was just accepted here, or a slot freed)."""
@@ -155,13 +156,20 @@ class Dispatcher:
         if purged:
             self.stats["expired_purged"] += purged
             logger.info("dispatcher: purged %d expired jobs", purged)
-        if time.monotonic() - self._last_orphan_sweep >= s.orphan_sweep_interval_s:
+        due = time.monotonic() - self._last_orphan_sweep >= s.orphan_sweep_interval_s
+        if due and (self._orphan_task is None or self._orphan_task.done()):
+            # Beside the claim loop, not in it: listing a big bucket takes a while and claims must not wait for it.
             self._last_orphan_sweep = time.monotonic()
-            await self._sweep_orphans(s)
+            self._orphan_task = asyncio.create_task(self._sweep_orphans(s))
 
     async def _sweep_orphans(self, s: ServeSettings) -> None:
         """Store objects no job row holds (a generator that crashed after uploading, ...): deleted past the grace."""
-        counts = await asyncio.to_thread(sweep_orphans, self.db, self.content, s.orphan_grace_s)
+        try:
+            counts = await asyncio.to_thread(sweep_orphans, self.db, self.content, s.orphan_grace_s)
+        except Exception as err:  # noqa: BLE001 - a store or database hiccup: the next interval tries again
+            if "after shutdown" not in str(err):  # else the replica is stopping
+                logger.exception("dispatcher: orphan sweep failed; trying again in orphan_sweep_interval_s")
+            return
         swept = {k: v for k, v in counts.items() if k in SWEPT}
         for reason, n in swept.items():
             self.metrics.orphans_swept.labels(reason=reason).inc(n)

@@ -132,11 +132,17 @@ def test_the_dispatcher_runs_the_orphan_sweep_and_counts_it(db, tmp_path):
     settings = ServeSettings(model="unused", orphan_grace_s=GRACE_S, orphan_sweep_interval_s=3600)
     metrics = ServeMetrics("test-replica")
     dispatcher = Dispatcher(db, store, None, lambda: settings, "w", Counter(), metrics)
+
+    async def sweep() -> None:
+        await dispatcher._sweep(settings)
+        if dispatcher._orphan_task is not None:  # it runs beside the claim loop: wait for it here
+            await dispatcher._orphan_task
+
     dispatcher._last_orphan_sweep = time.monotonic()  # swept just now: not again before the interval
-    asyncio.run(dispatcher._sweep(settings))
-    assert _present(store, *orphan)
+    asyncio.run(sweep())
+    assert _present(store, *orphan) and dispatcher._orphan_task is None
     dispatcher._last_orphan_sweep -= settings.orphan_sweep_interval_s
-    asyncio.run(dispatcher._sweep(settings))
+    asyncio.run(sweep())
     assert not _present(store, *orphan) and dispatcher.stats["orphans_swept"] == 2
     assert b'sora_serve_orphans_swept_total{reason="no_row",replica="test-replica"} 2.0' in metrics.exposition()[0]
 
