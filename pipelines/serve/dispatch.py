@@ -1,5 +1,5 @@
 """The dispatcher each ingress replica runs: claim jobs from the database, run them on the generator
-deployment, hold their leases meanwhile, and sweep expired and overdue jobs.
+deployment, hold their leases meanwhile, and sweep expired and overdue jobs and orphaned store objects (sweep.py).
 
     accepted job (queued row) ──claim (lease, token)──► generator.generate.remote ──► completed row + clip
                   ▲                                            │ renew every ttl/3 while the job waits for a
