@@ -24,8 +24,8 @@ from pipelines.data.prepare import (  # noqa: E402
     PrepareOptions,
     parse_buckets,
     prepare,
-    resize_center_crop,
 )
+from pipelines.data.prepare.decode import decode_frames  # noqa: E402
 from pipelines.data.synth import SynthSpec, make_video, synth  # noqa: E402
 from sora_model.patch import unpatchify  # noqa: E402
 from sora_model.video import probe_video, read_frames, sample_indices, write_video  # noqa: E402
@@ -61,7 +61,9 @@ def _frames_from_patches(row_patches: np.ndarray, grid) -> np.ndarray:
 def _expected_frames(source: str, start_s: float, bucket: Bucket, fps) -> np.ndarray:
     info = probe_video(source)
     idx = sample_indices(info, bucket.frames, None if bucket.frames == 1 else fps, start_s)
-    return resize_center_crop(read_frames(source, idx), bucket.height, bucket.width).astype(np.float64)
+    # The pipeline's decoder (decode at the bucket's resize size, then crop); tests/unit/test_video_target.py
+    # holds it within a few grey levels of decoding at the source's size then resize_center_crop.
+    return decode_frames(source, idx, bucket.height, bucket.width).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
