@@ -27,9 +27,11 @@ from typing import Any
 from sqlalchemy import select
 
 from .db import UNFINISHED, JobDB, jobs
+from .metrics import ORPHAN_REASONS as SWEPT
 from .store import ContentStore
 
 logger = logging.getLogger("ray.serve")
+__all__ = ["SWEPT", "sweep_orphans"]  # SWEPT: the outcomes of `sweep_orphans` that deleted an object
 
 OBJECT_NAME = re.compile(r"^(video_[0-9a-f]{32})-([0-9a-f]{32})\.(mp4|png)$")
 """What store.py writes: the job id, the lease token of the run that wrote it, the variant's suffix."""
@@ -127,7 +129,3 @@ def _remove(content: ContentStore, path: str, why: str, counts: Counter[str]) ->
     except OSError:
         logger.warning("orphan sweep: could not delete %s", path, exc_info=True)
         counts["delete_failed"] += 1
-
-
-SWEPT = ("no_row", "expired", "failed", "superseded", "temp")
-"""The outcomes of `sweep_orphans` that deleted an object."""
