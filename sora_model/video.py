@@ -349,24 +349,32 @@ def read_frames(path: str, indices: Sequence[int]) -> np.ndarray:
     return read_clips(path, [indices])[0]
 
 
+def _scaled_size(path: str, cover: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) decord should decode `path` at for `cover`, or None: no smaller size, or a rotated video (decord
+    0.6 scales those in the stored orientation and returns them unturned, or with 6 channels)."""
+    import av
+
+    with av.open(path) as container:
+        frame = next(container.decode(video=0))  # one frame: its size and display matrix
+    if _quarter_turns(frame):
+        return None
+    size = cover_size(frame.height, frame.width, cover)
+    return None if size == (frame.height, frame.width) else size
+
+
 def _open_decord(path: str, cover: tuple[int, int] | None) -> Any | None:
-    """A decord reader decoding at `cover_size` (FFmpeg scales each frame as it is decoded), or None."""
+    """A decord reader decoding at `_scaled_size` (FFmpeg scales each frame as it is decoded) when `cover` is
+    given and that applies, else at the source's size; None when decord is missing or cannot open the file."""
     decord = _decord()
     if decord is None:
         return None
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECORD_THREADS)
-        if cover is None:
-            return reader
-        h, w = reader[0].shape[:2]  # upright: decord applies the display matrix
-        dh, dw = cover_size(h, w, cover)
-        if (dh, dw) == (h, w):
-            return reader
-        scaled = decord.VideoReader(path, ctx=decord.cpu(0), width=dw, height=dh, num_threads=DECORD_THREADS)
-        # decord scales before it turns a rotated frame: ask again in the stored orientation
-        if scaled[0].shape[:2] != (dh, dw):
-            scaled = decord.VideoReader(path, ctx=decord.cpu(0), width=dh, height=dw, num_threads=DECORD_THREADS)
-        return scaled if scaled[0].shape[:2] == (dh, dw) else reader
+        size = _scaled_size(path, cover) if cover is not None else None
+        if size is not None:
+            scaled = decord.VideoReader(path, ctx=decord.cpu(0), width=size[1], height=size[0], num_threads=DECORD_THREADS)
+            if scaled[0].shape == (*size, 3):
+                return scaled
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECORD_THREADS)
     except Exception:  # decord cannot open it: PyAV below decodes it or says precisely why not
         return None
 
@@ -376,14 +384,20 @@ def read_clips(path: str, clips: Sequence[Sequence[int]], cover: tuple[int, int]
 
     With `cover` = (h, w) the frames are decoded already scaled to `cover_size` (the smallest aspect-kept size
     covering the box; never upscaled), not at the source's size: FFmpeg's scaler runs on each decoded
-    frame, so a 1080p source never exists as full-size RGB. Raises on the first failure, like `read_frames`."""
+    frame, so a 1080p source never exists as full-size RGB; a file decord can only read unscaled comes at its own
+    size (resize it). Raises on the first failure, like `read_frames`."""
     path = str(path)
     _check_file(path)
     if _is_image(path):
         still = _read_image(path)
         return [np.repeat(still, len(_check_indices(path, c, 1)), axis=0) for c in clips]  # (N, H, W, 3)
-    reader = _open_decord(path, cover)
-    if reader is not None:
+    # decord's scaled reader, on a file with a damaged GOP, now and then fails a clip past the damage (7 in 300
+    # tries on tests/integration/test_prepare_resume.py's video) that a plain reader decodes (0 in 500): then
+    # the frames come at the source's size, as before, and the caller resizes them.
+    for size in dict.fromkeys([cover, None]):
+        reader = _open_decord(path, size)
+        if reader is None:
+            continue
         idx = [_check_indices(path, c, len(reader)) for c in clips]
         try:
             return [np.ascontiguousarray(_to_numpy(reader.get_batch(i)), dtype=np.uint8) for i in idx]  # (N, H, W, 3)
