@@ -40,7 +40,8 @@ def run(quick: bool) -> dict:
     speedups = {m: round(paired_ratio(times["uncached"], times[m]), 3) for m in sc.CACHES}
     return {
         "value": speedups[sc.HEADLINE],
-        "compared": ", ".join(f"{name} {median(ts):.2f} s" for name, ts in times.items()) + f" a pass of {len(prompts) * len(seeds)} clips",
+        "compared": f"median of {len(times['uncached'])} paired rounds of uncached ÷ {sc.HEADLINE} wall seconds for a pass of "
+                    f"{len(prompts) * len(seeds)} clips (medians alone: " + ", ".join(f"{name} {median(ts):.2f} s" for name, ts in times.items()) + ")",
         "details": {
             "method": sc.HEADLINE, "speedup": speedups,
             "cpu_time_speedup": {m: round(paired_ratio(cpu["uncached"], cpu[m]), 3) for m in sc.CACHES},
