@@ -55,9 +55,13 @@ def modified_s(fs: Any, info: dict[str, Any]) -> float | None:
                 continue
         if isinstance(value, datetime):
             return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    from fsspec import AbstractFileSystem
+
+    if type(fs).modified is AbstractFileSystem.modified or "name" not in info:
+        return None  # this filesystem keeps no modification times: never swept
     try:
         value = fs.modified(info["name"])
-    except (NotImplementedError, OSError, KeyError):
+    except OSError:
         return None
     return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
 
