@@ -46,6 +46,8 @@ MICRO_BATCH, GRAD_ACCUM = 2, 2
 """At most 2 clips a micro-batch and 2 micro-batches a step (accumulation still runs where the recipe has it)."""
 MINILM = "minilm"
 WORKERS = 2
+REHEARSAL_TIMEOUT_S = 180
+"""The process-group timeout of a rehearsal (a recipe's own is sized for a cluster: usually 1800 s)."""
 
 
 def _round_up(n: int, k: int) -> int:
@@ -137,7 +139,10 @@ class Plan:
         self.model_cfg = model
         self.not_cpu: list[str] = []
         out = copy.deepcopy(data)
-        out.update(device="cpu", workers=WORKERS, cpus_per_worker=None, max_failures=max(1, full.max_failures))
+        # A tiny run that stalls in a collective or a rendezvous should fail in minutes, not wait out the recipe's
+        # cluster-size timeout (1800 s) once per retry: both are capped; the one injected loss needs one retry.
+        out.update(device="cpu", workers=WORKERS, cpus_per_worker=None, max_failures=min(2, max(1, full.max_failures)),
+                   process_group_timeout_s=min(REHEARSAL_TIMEOUT_S, full.process_group_timeout_s))
         ds = dict(out.get("deepspeed") or {})
         ds["bf16"] = full.bf16  # `auto` resolved against the recipe's own device
         if full.deepspeed.hpz_partition_size > WORKERS:
