@@ -163,17 +163,7 @@ def evaluate_export(
     Missing local files (export, prompts, features, reference, CLIP) raise FileNotFoundError before
     any clip is generated.
     """
-    from pipelines import console
-
-    specs = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else [_spec(p, "prompts") for p in prompts]
-    if not specs:
-        raise ValueError("no prompts to evaluate")
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if bool(features) != bool(reference):
-        raise ValueError("FID/FVD need both --features (a feature network file) and --reference (a folder of real videos)")
+    specs = _specs(prompts, seeds, batch_size, features, reference)
     # Load everything local first: a missing file fails in a second, not after generation.
     from pipelines.evaluate.clip import ClipScorer
     from pipelines.evaluate.features import load_feature_extractor
@@ -195,11 +185,56 @@ def evaluate_export(
         "guidance_scale": pipeline.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
         "seed": seed,
     }
-
     # 1. Generate: every (prompt, seed) pair, batched; a clip does not depend on its batch-mates.
     jobs = [(k, seed + j) for k in range(len(specs)) for j in range(seeds)]
-    clips = np.empty((len(jobs), sampling["num_frames"], sampling["height"], sampling["width"], 3), np.uint8)
     t0 = time.perf_counter()
+    clips = _generate(pipeline, specs, jobs, sampling, batch_size, progress)  # (P*S, T, H, W, 3)
+    t_generate = time.perf_counter() - t0
+    per_prompt_clips = clips.reshape(len(specs), seeds, *clips.shape[1:])  # (P, S, T, H, W, 3)
+
+    # 2. Measure.
+    t0 = time.perf_counter()
+    result = {
+        "version": METRICS_VERSION,
+        "model": str(export_dir),
+        "prompts_file": str(prompts) if isinstance(prompts, (str, os.PathLike)) else None,
+        "num_prompts": len(specs),
+        "num_seeds": seeds,
+        "num_clips": len(jobs),
+        "sampling": sampling,
+    }
+    result.update(_measure(specs, per_prompt_clips, seed, extractor, reference, scorer, sampling))
+    result["timing_s"] = {"generate": round(t_generate, 3), "metrics": round(time.perf_counter() - t0, 3)}
+
+    if save_samples:
+        _save_samples(save_samples, specs, per_prompt_clips, seed, fps=s.fps)
+        result["samples_dir"] = str(save_samples)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2, allow_nan=False, default=_json_default)
+    return (result, per_prompt_clips) if return_clips else result
+
+
+def _specs(prompts, seeds: int, batch_size: int, features: str | None, reference: str | None) -> list[PromptSpec]:
+    """The prompts to evaluate, after the argument checks that need no file."""
+    specs = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else [_spec(p, "prompts") for p in prompts]
+    if not specs:
+        raise ValueError("no prompts to evaluate")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if bool(features) != bool(reference):
+        raise ValueError("FID/FVD need both --features (a feature network file) and --reference (a folder of real videos)")
+    return specs
+
+
+def _generate(pipeline, specs: Sequence[PromptSpec], jobs: list[tuple[int, int]], sampling: dict, batch_size: int, progress: bool) -> np.ndarray:
+    """Every (prompt index, seed) job's clip, in job order: (len(jobs), T, H, W, 3) uint8."""
+    from pipelines import console
+
+    clips = np.empty((len(jobs), sampling["num_frames"], sampling["height"], sampling["width"], 3), np.uint8)
     with console.progress(total=len(jobs), unit="clip", desc="eval: generate", disable=not progress) as bar:
         for i in range(0, len(jobs), batch_size):
             chunk = jobs[i : i + batch_size]
@@ -213,22 +248,17 @@ def evaluate_export(
                 seed=[sd for _, sd in chunk],
             )
             bar.update(len(chunk))
-    t_generate = time.perf_counter() - t0
-    per_prompt_clips = clips.reshape(len(specs), seeds, *clips.shape[1:])  # (P, S, T, H, W, 3)
+    return clips
 
-    # 2. Measure.
-    t0 = time.perf_counter()
+
+def _measure(specs, per_prompt_clips: np.ndarray, seed: int, extractor, reference, scorer, sampling: dict) -> dict:
+    """Every metric of the generated clips (P, S, T, H, W, 3): attributes, consistency, diversity, FID/FVD, CLIP."""
+    seeds = per_prompt_clips.shape[1]
+    clips = per_prompt_clips.reshape(-1, *per_prompt_clips.shape[2:])  # (P*S, T, H, W, 3)
     dets = [[attr.detect(c) for c in group] for group in per_prompt_clips]
     consistency = [[m.temporal_consistency(c) for c in group] for group in per_prompt_clips]
     diversities = [m.diversity(group) if seeds >= 2 else None for group in per_prompt_clips]
     result: dict = {
-        "version": METRICS_VERSION,
-        "model": str(export_dir),
-        "prompts_file": str(prompts) if isinstance(prompts, (str, os.PathLike)) else None,
-        "num_prompts": len(specs),
-        "num_seeds": seeds,
-        "num_clips": len(jobs),
-        "sampling": sampling,
         "attribute_accuracy": _accuracy_table(specs, dets),
         "temporal_consistency": float(np.mean(consistency)),
         "frame_change": float(np.mean([m.frame_change(c) for c in clips])),
@@ -240,18 +270,10 @@ def evaluate_export(
         "clip_temporal_consistency": None,
     }
     if extractor is not None:
-        ref = _reference_clips(reference, sampling["num_frames"], sampling["height"], sampling["width"])
-        flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731 - (N, T, H, W, 3) -> (N*T, H, W, 3)
-        result["fid"] = m.frechet_distance_from_features(
-            extractor.frame_features(flat(clips)), extractor.frame_features(flat(ref))
-        )
-        if len(clips) >= 2:
-            result["fvd"] = m.frechet_distance_from_features(extractor.clip_features(clips), extractor.clip_features(ref))
-            result["fvd_features"] = "video" if extractor.takes_video else "frame-stats"
-        result["num_reference_clips"] = len(ref)
+        result.update(_reference_metrics(extractor, reference, clips, sampling))
     clip_scores: list[float] = []
     if scorer is not None:
-        prompts_per_clip = [specs[k].prompt for k, _ in jobs]
+        prompts_per_clip = [spec.prompt for spec in specs for _ in range(seeds)]
         clip_scores, clip_consistency = scorer.score(clips, prompts_per_clip)
         result["clip_score"] = float(np.mean(clip_scores))
         result["clip_temporal_consistency"] = float(np.mean(clip_consistency))
@@ -275,16 +297,19 @@ def evaluate_export(
         }
         for k, spec in enumerate(specs)
     ]
-    result["timing_s"] = {"generate": round(t_generate, 3), "metrics": round(time.perf_counter() - t0, 3)}
+    return result
 
-    if save_samples:
-        _save_samples(save_samples, specs, per_prompt_clips, seed, fps=s.fps)
-        result["samples_dir"] = str(save_samples)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, allow_nan=False, default=_json_default)
-    return (result, per_prompt_clips) if return_clips else result
+
+def _reference_metrics(extractor, reference: str, clips: np.ndarray, sampling: dict) -> dict:
+    """FID over frames and FVD over clips against the reference folder's videos, at the generated size."""
+    ref = _reference_clips(reference, sampling["num_frames"], sampling["height"], sampling["width"])
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731 - (N, T, H, W, 3) -> (N*T, H, W, 3)
+    out: dict = {"fid": m.frechet_distance_from_features(extractor.frame_features(flat(clips)), extractor.frame_features(flat(ref)))}
+    if len(clips) >= 2:
+        out["fvd"] = m.frechet_distance_from_features(extractor.clip_features(clips), extractor.clip_features(ref))
+        out["fvd_features"] = "video" if extractor.takes_video else "frame-stats"
+    out["num_reference_clips"] = len(ref)
+    return out
 
 
 def _json_default(x):
