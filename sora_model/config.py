@@ -78,6 +78,17 @@ class DiTConfig:
     RoPE alone only tells attention relative offsets, so the network cannot place a shape in the frame or a frame
     in the clip; where the data ties content to absolute places (the demo's shapes start by the edge they leave),
     this makes that learnable in far fewer steps. Computed from the grid, so it still runs at any size."""
+    out_channels: int | None = None
+    """Channels the model predicts; None: in_channels. Wan2.1 I2V reads 36 (16 noisy latents, 4 mask channels, 16
+    latents of the conditioning frames) and predicts the 16 of the noisy latents."""
+    image_dim: int | None = None
+    """Width of the image encoder's features that join the caption in cross-attention (Wan2.1 I2V and FLF2V: CLIP
+    ViT-H/14's penultimate layer, 1280); they get their own embedder and key/value projections. None: text only."""
+    image_tokens: int = 257
+    """Feature tokens the image encoder gives per image (CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token)."""
+    image_positions: bool = False
+    """Two conditioning images (first and last frame, Wan2.1 FLF2V) with a learned position embedding over their
+    2 x image_tokens features; False: one image (I2V)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward: trades ~30% more compute for memory linear in depth."""
     timestep_freq_dim: int = 256
@@ -94,6 +105,12 @@ class DiTConfig:
             raise ConfigError(f"model.temporal_windows must be non-negative ints (0 = global), got {self.temporal_windows}")
         if self.depth < 1:
             raise ConfigError(f"model.depth must be >= 1, got {self.depth}")
+        if self.out_channels is not None and self.out_channels < 1:
+            raise ConfigError(f"model.out_channels must be >= 1 (or null for in_channels), got {self.out_channels}")
+        if self.image_dim is not None and (self.image_dim < 1 or self.image_tokens < 1):
+            raise ConfigError(f"model.image_dim and model.image_tokens must be >= 1, got {self.image_dim} and {self.image_tokens}")
+        if self.image_positions and self.image_dim is None:
+            raise ConfigError("model.image_positions needs model.image_dim (image features to position)")
         if self.ffn_dim is not None and self.ffn_dim < 1:
             raise ConfigError(f"model.ffn_dim must be >= 1 (or null for hidden_size * mlp_ratio), got {self.ffn_dim}")
 
@@ -108,9 +125,23 @@ class DiTConfig:
 
     @property
     def patch_dim(self) -> int:
-        """Length of one flattened patch: C * p_t * p_h * p_w."""
+        """Length of one flattened input patch: C * p_t * p_h * p_w."""
         pt, ph, pw = self.patch_size
         return self.in_channels * pt * ph * pw
+
+    @property
+    def predicted_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def out_patch_dim(self) -> int:
+        """Length of one flattened predicted patch (patch_dim unless out_channels differs from in_channels)."""
+        return self.predicted_channels * self.patch_dim // self.in_channels
+
+    @property
+    def image_count(self) -> int:
+        """Conditioning images per clip: 0 (text only), 1 (I2V) or 2 (first and last frame, FLF2V)."""
+        return 0 if self.image_dim is None else 2 if self.image_positions else 1
 
 
 ScheduleName = Literal["ddpm_linear", "adaptive", "rectified_flow"]
@@ -319,6 +350,17 @@ class SampleConfig:
 
 
 @dataclass
+class ImageEncoderConfig:
+    """The image encoder of image-conditioned models (`model.image_dim`): a transformers CLIPVisionModel folder and
+    its CLIPImageProcessor folder. Relative paths are read from the export folder (`sora convert` copies both there)."""
+
+    path: str | None = None
+    """The CLIPVisionModel folder; None for text-only models."""
+    processor_path: str | None = None
+    """The CLIPImageProcessor folder (resize, centre crop, normalisation to the encoder's input); None: `path`."""
+
+
+@dataclass
 class PipelineConfig:
     """Everything needed to rebuild a text-to-video pipeline: the `config.json` of an export."""
 
@@ -327,8 +369,19 @@ class PipelineConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    boundary_ratio: float | None = None
+    """Two experts of one shape (Wan2.2 A14B): `model.safetensors` denoises timesteps >= boundary_ratio *
+    num_train_timesteps (high noise), `model_2.safetensors` the rest, as diffusers' WanPipeline switches them.
+    None: one model."""
     preset: str | None = None
     """Name of the DIT_PRESETS entry the model came from, for people reading the export."""
+
+    def __post_init__(self) -> None:
+        if self.boundary_ratio is not None and not 0 < self.boundary_ratio < 1:
+            raise ConfigError(f"boundary_ratio must be in (0, 1) or null, got {self.boundary_ratio}")
+        if self.model.image_dim is not None and not self.image_encoder.path:
+            raise ConfigError("model.image_dim is set but image_encoder.path is not: image conditioning needs a CLIP image encoder")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttentionHook, AttentionScope, CrossAttention, SelfAttention, TokenLayout
 from .conditioning import ModulationTable, TimestepEmbedder, adaln_projection, full_precision
 from .config import DiTConfig
+from .image_attention import ImageEmbedder, ImageTextCrossAttention
 from .patch import PatchEmbed, grid_positions, patch_grid, unpatchify
 from .precision import FP32LayerNorm, FP32Linear, weight_dtype
 from .rope import rope_frequencies, rope_rotation, sincos_position_embedding
@@ -43,7 +44,10 @@ class DiTBlock(nn.Module):
         self.norm1 = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
         self.norm2 = FP32LayerNorm(d, eps=1e-6)
-        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
+        if cfg.image_dim is None:
+            self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
+        else:  # Wan2.1 I2V/FLF2V: the context holds the image tokens, then the caption's
+            self.cross_attn = ImageTextCrossAttention(d, cfg.num_heads, cfg.image_tokens * cfg.image_count, cfg.qk_norm, cfg.qk_norm_over)
         self.norm3 = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = cfg.mlp_hidden
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
@@ -130,7 +134,9 @@ class DiT(nn.Module):
         # `shared` modulation: one projection of c for all blocks (each adds its own table to it).
         self.modulation_proj = adaln_projection(d, 6) if cfg.modulation == "shared" else None
         self.blocks = nn.ModuleList([DiTBlock(cfg, scope) for scope in block_scopes(cfg)])
-        self.final_layer = FinalLayer(d, cfg.patch_dim, cfg.modulation == "shared")
+        if cfg.image_dim is not None:  # image features join the caption in cross-attention (`image_attention.py`)
+            self.image_embedder = ImageEmbedder(cfg.image_dim, d, cfg.image_tokens * 2 if cfg.image_positions else None)
+        self.final_layer = FinalLayer(d, cfg.out_patch_dim, cfg.modulation == "shared")
         self.gradient_checkpointing = cfg.gradient_checkpointing
         # Set from outside for one sampling call (`step_cache.StepCache`, like `set_attention_hook`); never in training.
         self.step_cache = None
@@ -242,6 +248,7 @@ class DiT(nn.Module):
         drop_text: torch.Tensor | None = None,
         grids: tuple[tuple[int, int, int], ...] | None = None,
         shard: tuple[int, int] | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise a batch of same-size clips, or a packed batch of clips of any sizes.
 
@@ -253,9 +260,12 @@ class DiT(nn.Module):
         With `shard=(index, count)` and `grids=(grid,)`: `video` is (B, N/count, P), the index-th contiguous
         piece of B same-grid clips' tokens, and so is the result. Only correct with an attention hook that
         gives attention the whole sequence (sequence parallelism: `pipelines/train/sequence_parallel.py`).
+        Image-conditioned models (`model.image_dim`) take image_features (clips, images * image_tokens, image_dim), the
+        image encoder's features of each clip's conditioning image(s), and predict out_channels (out_patch_dim) only.
         """
+        cond = (timestep, text_tokens, text_mask, text_pooled, drop_text, self._check_image_features(image_features))
         if shard is not None:
-            return self._denoise_shard(video, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard)
+            return self._denoise_shard(video, *cond, grids, shard)
         if grids is not None:
             layout = TokenLayout.from_grids(grids)
             tokens = video.reshape(1, -1, video.shape[-1])  # (1, ΣN, P)
@@ -269,17 +279,31 @@ class DiT(nn.Module):
                     f"a packed batch of {layout.num_clips} clips needs one timestep and caption per clip, "
                     f"got {timestep.shape[0]} timesteps and {text_tokens.shape[0]} captions"
                 )
-            return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text).reshape(video.shape)
+            out = self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, *cond)  # (1, ΣN, P_out)
+            return out.reshape(*video.shape[:-1], self.cfg.out_patch_dim)
         if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
             raise ValueError(
                 f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}"
             )
         grid = patch_grid(tuple(video.shape[2:]), self.cfg.patch_size)
         layout = TokenLayout.dense(grid, video.shape[0])
-        out = self._denoise(self.patch_embed(video.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)  # (B, N, P)
-        return unpatchify(out, grid, self.cfg.patch_size, self.cfg.in_channels)  # (B, C, T, H, W)
+        out = self._denoise(self.patch_embed(video.to(self.dtype)), layout, *cond)  # (B, N, P_out)
+        return unpatchify(out, grid, self.cfg.patch_size, self.cfg.predicted_channels)  # (B, C_out, T, H, W)
 
-    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, grids, shard) -> torch.Tensor:
+    def _check_image_features(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """The image features of an image-conditioned model, checked; an error for them on a text-only model."""
+        cfg = self.cfg
+        if cfg.image_dim is None:
+            if features is not None:
+                raise ValueError("this model is text-only (model.image_dim is not set): it takes no image features")
+            return None
+        expected = (cfg.image_tokens * cfg.image_count, cfg.image_dim)
+        if features is None or features.ndim != 3 or tuple(features.shape[1:]) != expected:
+            got = None if features is None else tuple(features.shape)
+            raise ValueError(f"this image-conditioned model needs image_features of shape (clips, {expected[0]}, {expected[1]}), got {got}")
+        return features
+
+    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features, grids, shard) -> torch.Tensor:
         """(B, N/count, P) tokens of one sequence shard -> their (B, N/count, P) predictions."""
         index, count = shard
         if grids is None or len(grids) != 1:
@@ -294,12 +318,15 @@ class DiT(nn.Module):
         if tokens.ndim != 3 or tokens.shape[1] != n // count:
             raise ValueError(f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}")
         layout = TokenLayout(((grid, tokens.shape[0]),), shard=(index, count))
-        return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text)
+        return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features)
 
-    def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text) -> torch.Tensor:
-        """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P) predictions."""
+    def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features=None) -> torch.Tensor:
+        """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P_out) predictions."""
         # 1. Conditions, positions (built on the device from the layout's ints: nothing copied from the host).
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
+        if image_features is not None:  # image tokens first, then the caption's (Wan's order)
+            image = self.image_embedder(image_features)  # (clips, Li, D)
+            context = torch.cat([image.to(context.dtype), context], dim=1)  # (clips, Li + L, D)
         # `shared` modulation: the blocks take the one projection of c (computed once), the output head c.
         block_c = c if self.modulation_proj is None else full_precision(self.modulation_proj, c)  # (clips, D | 6 D)
         positions = layout_positions(layout, x.device)  # (1, N, 3)

@@ -7,6 +7,7 @@ evaluator. An export is a folder of `model.safetensors` (+ optional `ema.safeten
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
 from .diffusion import build_diffusion, is_stochastic, sampler_nfe
 from .dit import DiT, trim_text_padding
+from .image_encoder import ImageCondition, ImageEncoder, ImageInput, condition_mask, condition_video, load_image
 from .lora import merge_lora
 from .patch import patch_grid
 from .step_cache import StepCache, StepCacheStats, build_step_cache
@@ -28,6 +30,8 @@ from .text import TextEmbedding, TextEncoder, build_text_encoder
 
 EXPORT_FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
+MODEL_2_FILE = "model_2.safetensors"
+"""The second expert of a two-expert export (`PipelineConfig.boundary_ratio`, Wan2.2 A14B): the low-noise steps."""
 EMA_FILE = "ema.safetensors"
 CONFIG_FILE = "config.json"
 Precision = Literal["fp32", "bf16", "int8"]
@@ -70,6 +74,19 @@ def load_export_config(export_dir: str) -> PipelineConfig:
     return from_dict(PipelineConfig, data)
 
 
+def _load_dit(config: PipelineConfig, weights: str, lora: str | None) -> DiT:
+    """A DiT of the export's config with the weights of one of its files (and a LoRA merged in, when given)."""
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"'{os.path.dirname(weights)}' is not an export folder: {os.path.basename(weights)} is missing")
+    model = DiT(config.model)
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match config.json's model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if lora is not None:
+        merge_lora(model, lora)
+    return model
+
+
 def _row(emb: TextEmbedding, i: int) -> TextEmbedding:
     """The i-th caption of a batch of embeddings, keeping the batch dimension."""
     return TextEmbedding(*(x[i : i + 1] for x in emb))
@@ -85,10 +102,16 @@ class TextToVideoPipeline:
         text_encoder: TextEncoder | None = None,
         autoencoder: Autoencoder | None = None,
         device: str | torch.device = "cpu",
+        model_2: DiT | None = None,
     ):
         self.config = config
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if (model_2 is None) != (config.boundary_ratio is None):
+            raise ValueError("a two-expert pipeline needs both model_2 and config.boundary_ratio; a one-model pipeline neither")
+        self.model_2 = None if model_2 is None else model_2.to(self.device).eval()
+        # Image-to-video: the CLIP image encoder of `model.image_dim` models (Wan2.1 I2V/FLF2V).
+        self.image_encoder = ImageEncoder(config.image_encoder, self.device) if config.model.image_dim is not None else None
         self.diffusion = build_diffusion(config.diffusion)
         self.text_encoder = text_encoder or build_text_encoder(config.text_encoder, device=self.device)
         self.autoencoder = (autoencoder or build_autoencoder(config.autoencoder)).to(self.device).eval()
@@ -125,19 +148,14 @@ class TextToVideoPipeline:
         (dynamic quantisation of every Linear, CPU only: ~4x smaller weights, faster matmuls).
         """
         config = load_export_config(export_dir)
+        if config.image_encoder.path:  # relative paths are the export's own copies (`sora convert`)
+            image = config.image_encoder
+            paths = {k: os.path.join(export_dir, v) for k, v in dataclasses.asdict(image).items() if v and not os.path.isabs(v)}
+            config = dataclasses.replace(config, image_encoder=dataclasses.replace(image, **paths))
         weights = os.path.join(export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"'{export_dir}' is not an export folder: {MODEL_FILE} is missing")
-        model = DiT(config.model)
-        state = load_file(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not match config.json's model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-            )
-        if lora is not None:
-            merge_lora(model, lora)
-        pipe = cls(model, config, device=device, **kw)
+        model = _load_dit(config, weights, lora)
+        model_2 = None if config.boundary_ratio is None else _load_dit(config, os.path.join(export_dir, MODEL_2_FILE), lora)
+        pipe = cls(model, config, device=device, model_2=model_2, **kw)
         pipe.set_precision(precision)
         return pipe
 
@@ -146,16 +164,23 @@ class TextToVideoPipeline:
             if self.device.type != "cpu":
                 raise ValueError("precision 'int8' (dynamic quantisation) runs on CPU only; use 'bf16' on GPU")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+            if self.model_2 is not None:
+                self.model_2 = torch.ao.quantization.quantize_dynamic(self.model_2, {torch.nn.Linear}, dtype=torch.qint8)
         elif precision == "bf16":
             # bf16 weights, not autocast over fp32 ones: half the memory; the conditioning path stays fp32.
             self.model = self.model.to_inference_dtype(torch.bfloat16)
+            if self.model_2 is not None:
+                self.model_2 = self.model_2.to_inference_dtype(torch.bfloat16)
             if self.device.type == "cuda":  # on CPU bf16 matmuls are slower than fp32; the encoder is small there
                 self.text_encoder.model.to(torch.bfloat16)
         elif precision != "fp32":
             raise ValueError(f"precision must be one of fp32, bf16, int8, got '{precision}'")
 
     def save(self, export_dir: str, ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
-        return save_export(export_dir, self.config, self.model.state_dict(), ema_state_dict)
+        save_export(export_dir, self.config, self.model.state_dict(), ema_state_dict)
+        if self.model_2 is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model_2.state_dict().items()}, os.path.join(export_dir, MODEL_2_FILE))
+        return export_dir
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -168,6 +193,7 @@ class TextToVideoPipeline:
         cond: TextEmbedding,
         guidance_scale: torch.Tensor,
         uncond: TextEmbedding | None = None,
+        image: ImageCondition | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """model_fn(x, t) with classifier-free guidance, cond and uncond in one batched forward pass:
         uncond + scale * (cond - uncond), as Wan and diffusers mix them.
@@ -175,6 +201,8 @@ class TextToVideoPipeline:
         guidance_scale is (B,) so requests with different scales share a batch. uncond None uses the
         learned null condition (what condition dropout trained); otherwise a negative prompt's embedding
         (for `null_text: empty_prompt` models `__call__` passes the empty prompt's).
+        image: image-to-video's condition, the same for every row and both branches (as Wan's pipeline gives it).
+        Two-expert exports run `model` on timesteps >= the boundary and `model_2` below it (diffusers' WanPipeline).
         """
         b = cond.tokens.shape[0]
         scale = guidance_scale.to(self.device, torch.float32).view(b, 1, 1, 1, 1)
@@ -193,17 +221,26 @@ class TextToVideoPipeline:
         else:
             cond = TextEmbedding(*trim(cond.tokens, cond.mask), cond.pooled)
 
+        boundary = None if self.model_2 is None else self.config.boundary_ratio * self.config.diffusion.num_train_timesteps
+
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
+            model = self.model if boundary is None or float(t.reshape(-1)[0]) >= boundary else self.model_2
+            rows = x.shape[0] * (2 if need_uncond else 1)
+            features = None if image is None or image.features is None else image.features.expand(rows, -1, -1)  # (rows, Li, Di)
+            if image is not None:  # noisy latents, then the mask and the conditioning latents (Wan's channel order)
+                x_in = torch.cat([x, image.channels.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1)  # (B, C_in, T, H, W)
+            else:
+                x_in = x
             if not need_uncond:
-                return self._forward(x, t, cond.tokens, cond.mask, cond.pooled, None)
-            out = self._forward(torch.cat([x, x]), torch.cat([t, t]), tokens, mask, pooled, drop, cfg_pairs=True)
+                return self._forward(x_in, t, cond.tokens, cond.mask, cond.pooled, None, features=features, model=model)
+            out = self._forward(torch.cat([x_in, x_in]), torch.cat([t, t]), tokens, mask, pooled, drop, cfg_pairs=True, features=features, model=model)
             out_cond, out_uncond = out.chunk(2)  # (B, C, T, H, W) each
             return out_uncond + scale * (out_cond - out_uncond)
 
         return model_fn
 
-    def _forward(self, x, t, tokens, mask, pooled, drop, cfg_pairs: bool = False) -> torch.Tensor:
+    def _forward(self, x, t, tokens, mask, pooled, drop, cfg_pairs: bool = False, features=None, model: DiT | None = None) -> torch.Tensor:
         """The model on (N, C, T, H, W) -> float32 prediction; on CPU in calls of CPU_TOKENS_PER_CALL tokens.
 
         cfg_pairs: the rows are [cond (N/2), uncond (N/2)] of the same prompts, and each call takes prompts' two rows
@@ -218,12 +255,14 @@ class TextToVideoPipeline:
             half, pairs = n // 2, max(1, per_call // 2)
             chunks = [torch.cat([torch.arange(j, min(j + pairs, half)), torch.arange(half + j, half + min(j + pairs, half))]).to(x.device)
                       for j in range(0, half, pairs)]  # fmt: skip
-        cache: StepCache | None = self.model.step_cache
+        model = model or self.model
+        cache: StepCache | None = model.step_cache
         outs = []
         for key, rows in enumerate(chunks):
             if cache is not None:
                 cache.select(key)
-            outs.append(self.model(x[rows], t[rows], tokens[rows], mask[rows], pooled[rows], drop_text=None if drop is None else drop[rows]).float())
+            outs.append(model(x[rows], t[rows], tokens[rows], mask[rows], pooled[rows], drop_text=None if drop is None else drop[rows],
+                              image_features=None if features is None else features[rows]).float())  # fmt: skip
         if len(outs) == 1:
             return outs[0]
         if not isinstance(chunks[0], torch.Tensor):
@@ -257,6 +296,8 @@ class TextToVideoPipeline:
         step_cache: str | StepCache | None = None,
         cache_threshold: float | None = None,
         cache_stats: Callable[[StepCacheStats], None] | None = None,
+        image: ImageInput | None = None,
+        last_image: ImageInput | None = None,
     ) -> torch.Tensor:
         """Sample clips in model space, before decoding: (B, C, T', H', W'). Unset options come from the export's
         defaults. (diffusers pipelines' `output_type="latent"`.)
@@ -270,6 +311,10 @@ class TextToVideoPipeline:
 
         Each prompt's noise comes from its own seed, so a clip is the same whether it was sampled
         alone or in a batch with others (what the server's dynamic batching relies on).
+
+        image, last_image: image-to-video exports (converted from a WanImageToVideoPipeline) start the clip at `image`
+        (and FLF2V exports end it at `last_image`): a PIL image, an array or a path, of any size; every prompt of the
+        call gets the same one. A text-only export given an image, or a missing or unreadable image, is a ValueError.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         b = len(prompts)
@@ -300,6 +345,9 @@ class TextToVideoPipeline:
             )
         shape = (self.autoencoder.latent_channels, lt, lh, lw)
         num_tokens = (lt // pt) * (lh // ph) * (lw // pw)
+        image_cond = self.image_condition(image, last_image, frames, height, width, (lt, lh, lw))
+        if self.model_2 is not None and cache is not None:
+            raise ValueError("step_cache is not supported by two-expert exports (the experts' residuals differ)")
         # 2. Text conditions.
         cond = self.encode_prompts(prompts)
         uncond = None
@@ -315,27 +363,51 @@ class TextToVideoPipeline:
         try:
             if is_stochastic(sampler, self.config.diffusion.ddim_eta) and b > 1:  # each row its own noise stream  # each row its own noise stream
                 parts = [
-                    self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback)
+                    self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback,
+                                 image=image_cond)  # fmt: skip
                     for i in range(b)
                 ]
                 latents = torch.cat(parts)
             else:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, T, H, W)
-                latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise)
+                latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise, image_cond)
         finally:
             self.model.step_cache = None
         if cache is not None and cache_stats is not None:
             cache_stats(cache.stats)
         return latents  # (B, C, T', H', W')
 
-    def _sample(self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None):
+    def _sample(self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None, image=None):
         if noise is None:
             noise = torch.randn((1, *shape), generator=generator).to(self.device)
             shape = noise.shape
-        model_fn = self.guided_model_fn(cond, guidance, uncond)
+        model_fn = self.guided_model_fn(cond, guidance, uncond, image)
         if self.model.step_cache is not None:  # a new run from new noise: no state carries over
             self.model.step_cache.begin(total_calls=sampler_nfe(sampler, steps))
         return self.diffusion.sample(
             model_fn, tuple(noise.shape), steps=steps, sampler=sampler, generator=generator,
             num_tokens=num_tokens, noise=noise, callback=callback,
         )
+
+    def image_condition(self, image, last_image, frames: int, height: int, width: int, latent_shape) -> ImageCondition | None:
+        """Image-to-video's condition for one call (`image_encoder.py`), None without images; a ValueError (one line)
+        for images this export cannot use or that it needs and did not get."""
+        m = self.config.model
+        if m.in_channels == m.predicted_channels:
+            if image is not None or last_image is not None:
+                raise ValueError("this export is text-to-video only: it takes no image (convert a WanImageToVideoPipeline for image-to-video)")
+            return None
+        if image is None:
+            raise ValueError("this export is image-to-video: give the first frame as image")
+        if m.image_dim is not None and (last_image is not None) != m.image_positions:
+            raise ValueError("this FLF2V export needs last_image (the last frame) as well as image" if m.image_positions
+                             else "this I2V export conditions on one image: last_image needs a first-last-frame (FLF2V) export")  # fmt: skip
+        images = [load_image(image, "image")] + ([] if last_image is None else [load_image(last_image, "last_image")])
+        features = None if self.image_encoder is None else self.image_encoder.encode(images).to(self.device)  # (1, Li, Di)
+        video = condition_video(images, frames, height, width, self.autoencoder.spatial_factor).to(self.device)  # (1, 3, F, H, W)
+        latents = self.autoencoder.encode(video).float()  # (1, C, T', H', W')
+        mask = condition_mask(frames, latent_shape, self.autoencoder.temporal_factor, last_image is not None).to(self.device)
+        channels = torch.cat([mask, latents], dim=1)  # (1, tf + C, T', H', W')
+        if latents.shape[1] + mask.shape[1] + m.predicted_channels != m.in_channels:
+            raise ValueError(f"the model reads {m.in_channels} channels but noise, mask and image latents give {latents.shape[1] + mask.shape[1] + m.predicted_channels}")
+        return ImageCondition(channels, features)
