@@ -229,7 +229,24 @@ def resolve(
     Raises ApiError (400) naming the parameter and the limit it broke.
     """
     limits: Limits = settings.limits
-    # 1. Model: ours, its preview variant, or an OpenAI alias of ours.
+    model, preview = resolve_model(req, settings)
+    prompt, negative = resolve_prompts(req, limits)
+    width, height = resolve_size(req, card, limits, tier)
+    frames = resolve_frames(req, card, limits, tier)
+    steps, guidance, sampler = resolve_sampling(req, card, settings, tier, preview)
+    seed = random_seed if req.seed is None else req.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise invalid("seed", f"'seed' must be between 0 and {MAX_SEED}, got {seed}.")
+    step_cache, threshold = resolve_step_cache(req, card)
+    return GenerationParams(
+        prompt=prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=float(guidance),
+        seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model, lora=resolve_lora(req, card),
+        step_cache=step_cache, cache_threshold=threshold,
+    )
+
+
+def resolve_model(req: VideoCreateRequest, settings: ServeSettings) -> tuple[str, bool]:
+    """(model name as asked, whether it is the preview variant): ours, its preview variant, or an OpenAI alias."""
     name = settings.model_name
     model = req.model or name
     preview = model == name + PREVIEW_SUFFIX
@@ -238,7 +255,11 @@ def resolve(
         raise ApiError(400, f"The model '{model}' does not exist; available models: {known}.", param="model", code="model_not_found")
     if req.input_reference is not None:
         raise invalid("input_reference", "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).", code="unsupported_parameter")
-    # 2. Prompts.
+    return model, preview
+
+
+def resolve_prompts(req: VideoCreateRequest, limits: Limits) -> tuple[str, str | None]:
+    """(prompt, negative prompt or None), stripped and within `limits.max_prompt_chars`."""
     prompt = req.prompt.strip()
     if not prompt:
         raise invalid("prompt", "'prompt' must not be empty.")
@@ -247,8 +268,11 @@ def resolve(
     negative = req.negative_prompt.strip() if req.negative_prompt is not None else None
     if negative is not None and len(negative) > limits.max_prompt_chars:
         raise invalid("negative_prompt", f"'negative_prompt' has {len(negative)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).", code="string_above_max_length")
-    negative = negative or None
-    # 3. Size.
+    return prompt, negative or None
+
+
+def resolve_size(req: VideoCreateRequest, card: ModelCard, limits: Limits, tier: Tier) -> tuple[int, int]:
+    """(width, height): the request's `size` or the model's, within the side, pixel and multiple limits."""
     width, height = card.width, card.height
     if req.size is not None:
         m = SIZE_PATTERN.match(req.size)
@@ -264,7 +288,11 @@ def resolve(
         raise invalid("size", f"'size' {width}x{height} is {width * height} pixels per frame; the limit is {max_pixels} (limits.max_pixels).")
     if width % card.spatial_multiple or height % card.spatial_multiple:
         raise invalid("size", f"'size' width and height must be multiples of {card.spatial_multiple} for this model, got {width}x{height}.")
-    # 4. Length: num_frames wins over seconds.
+    return width, height
+
+
+def resolve_frames(req: VideoCreateRequest, card: ModelCard, limits: Limits, tier: Tier) -> int:
+    """The clip's frame count: `num_frames` wins over `seconds`, else the model's; within the limits it can make."""
     max_frames = effective_limit(limits.max_frames, tier.max_frames)
     if req.num_frames is not None:
         frames, param = req.num_frames, "num_frames"
@@ -287,7 +315,12 @@ def resolve(
     problem = card.check_frames(frames)
     if problem:
         raise invalid(param, problem + ".")
-    # 5. Sampling.
+    return frames
+
+
+def resolve_sampling(req: VideoCreateRequest, card: ModelCard, settings: ServeSettings, tier: Tier, preview: bool) -> tuple[int, float, str]:
+    """(steps, guidance scale, sampler): the request's or the tier's/model's defaults, within the limits."""
+    limits = settings.limits
     max_steps = effective_limit(limits.max_steps, tier.max_steps)
     default_steps = settings.preview_steps if preview else (tier.default_steps or card.steps)
     steps = req.steps if req.steps is not None else min(default_steps, max_steps)
@@ -300,15 +333,7 @@ def resolve(
     sampler = req.sampler or card.sampler
     if sampler not in allowed:
         raise invalid("sampler", f"'sampler' must be one of {', '.join(allowed)} for this model, got {sampler!r}.")
-    seed = random_seed if req.seed is None else req.seed
-    if not 0 <= seed <= MAX_SEED:
-        raise invalid("seed", f"'seed' must be between 0 and {MAX_SEED}, got {seed}.")
-    step_cache, threshold = resolve_step_cache(req, card)
-    return GenerationParams(
-        prompt=prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=float(guidance),
-        seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model, lora=resolve_lora(req, card),
-        step_cache=step_cache, cache_threshold=threshold,
-    )
+    return steps, guidance, sampler
 
 
 def resolve_lora(req: VideoCreateRequest, card: ModelCard) -> str | None:
