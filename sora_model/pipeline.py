@@ -393,15 +393,11 @@ class TextToVideoPipeline:
         """Image-to-video's condition for one call (`image_encoder.py`), None without images; a ValueError (one line)
         for images this export cannot use or that it needs and did not get."""
         m = self.config.model
-        if m.in_channels == m.predicted_channels:
-            if image is not None or last_image is not None:
-                raise ValueError("this export is text-to-video only: it takes no image (convert a WanImageToVideoPipeline for image-to-video)")
-            return None
+        problem = self.image_problem(image is not None, last_image is not None)
+        if problem:
+            raise ValueError(problem)
         if image is None:
-            raise ValueError("this export is image-to-video: give the first frame as image")
-        if m.image_dim is not None and (last_image is not None) != m.image_positions:
-            raise ValueError("this FLF2V export needs last_image (the last frame) as well as image" if m.image_positions
-                             else "this I2V export conditions on one image: last_image needs a first-last-frame (FLF2V) export")  # fmt: skip
+            return None
         images = [load_image(image, "image")] + ([] if last_image is None else [load_image(last_image, "last_image")])
         features = None if self.image_encoder is None else self.image_encoder.encode(images).to(self.device)  # (1, Li, Di)
         video = condition_video(images, frames, height, width, self.autoencoder.spatial_factor).to(self.device)  # (1, 3, F, H, W)
@@ -411,3 +407,18 @@ class TextToVideoPipeline:
         if latents.shape[1] + mask.shape[1] + m.predicted_channels != m.in_channels:
             raise ValueError(f"the model reads {m.in_channels} channels but noise, mask and image latents give {latents.shape[1] + mask.shape[1] + m.predicted_channels}")
         return ImageCondition(channels, features)
+
+    def image_problem(self, image: bool, last_image: bool) -> str | None:
+        """Why this export cannot sample with (or without) a first and a last image, in one line; None when it can."""
+        m = self.config.model
+        if m.in_channels == m.predicted_channels:
+            if image or last_image:
+                return "this export is text-to-video only: it takes no image (convert a WanImageToVideoPipeline for image-to-video)"
+            return None
+        if not image:
+            return "this export is image-to-video: give the first frame as image"
+        if m.image_dim is not None and last_image != m.image_positions:
+            if m.image_positions:
+                return "this FLF2V export needs last_image (the last frame) as well as image"
+            return "this I2V export conditions on one image: last_image needs a first-last-frame (FLF2V) export"
+        return None

@@ -169,6 +169,10 @@ def test_generate_cli_with_image(case, tmp_path: Path, capsys) -> None:  # noqa:
     assert main(args) == 0
     assert np.load(tmp_path / "clip.npz")["frames"].shape == (9, 32, 48, 3)
     capsys.readouterr()
+    if kind == "flf2v":  # without the last frame: refused before sampling
+        assert main(args[:-2]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "needs --last-image" in err and "\n" not in err, err
     args[-1] = str(tmp_path / "nowhere.png")  # the last argument is a path: now a missing file
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -180,6 +184,7 @@ def test_text_only_export_refuses_an_image(tmp_path: Path, capsys) -> None:  # n
     export = tmp_path / "export"
     assert main(["convert", "--from-diffusers", str(folder), "--out", str(export)]) == 0
     _images()[0].save(tmp_path / "first.png")
+    capsys.readouterr()
     args = ["generate", "--model", str(export), "--prompt", "a cat", "--frames", "5", "--height", "16", "--width", "16",
             "--steps", "1", "--out", str(tmp_path / "clip.npz"), "--image", str(tmp_path / "first.png")]  # fmt: skip
     assert main(args) == 2
