@@ -73,14 +73,23 @@ def read_serve_config(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pipelines.cli import UserError
-    from sora_model.config import ConfigError
-
-    from .config import APP_NAME, INGRESS_NAME, RUNTIME_KEYS, apply_user_config, check_exposure, hash_key, load_settings
+    from .config import hash_key
 
     if args.hash_key is not None:
         print(hash_key(args.hash_key))
         return 0
+    settings, deployments, host, port = _settings_from_args(args)
+    check_database(settings.db_url)
+    return _serve_until_stopped(args, settings, deployments, host, port)
+
+
+def _settings_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]], str, int]:
+    """(settings, per-deployment options, host, port) from the flags over --config; every check before Ray starts."""
+    from pipelines.cli import UserError
+    from sora_model.config import ConfigError
+
+    from .config import INGRESS_NAME, RUNTIME_KEYS, apply_user_config, check_exposure, load_settings
+
     app_args: dict[str, Any] = {}
     deployments: dict[str, dict[str, Any]] = {}
     http: dict[str, Any] = {}
@@ -107,14 +116,18 @@ def run_serve(args: argparse.Namespace) -> int:
         check_exposure(apply_user_config(settings, ingress_config, RUNTIME_KEYS) if ingress_config else settings, host)
     except ConfigError as err:
         raise UserError(str(err)) from None
-    check_database(settings.db_url)
+    return settings, deployments, host, port
 
+
+def _serve_until_stopped(args: argparse.Namespace, settings: Any, deployments: dict[str, dict[str, Any]], host: str, port: int) -> int:
+    """Deploy the app on a local or the given Ray, say where it listens, and serve until Ctrl-C or SIGTERM."""
     import ray
     from ray import serve
 
     from pipelines.data.runtime import ensure_ray
 
     from .app import build_app
+    from .config import APP_NAME
 
     local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     console.start_for(args, "sora serve")  # Serve's request logs and replica output go to the log
