@@ -18,6 +18,10 @@ handing a path to decord, because its C++ reader is the part we cannot interrupt
 Rotation: phones store portrait video as landscape frames plus a display matrix. Frames and sizes here are
 always as a player shows them: decord 0.6 applies the matrix itself (checked for 90, -90, 180 and 270 in
 tests/unit/test_video.py), and the PyAV path turns each frame by `VideoFrame.rotation`.
+
+Remote files: `probe_video` and `require_frames_present` also take an open binary file (readable, seekable; e.g.
+a reader of an object store's byte ranges). They then read only what FFmpeg asks for: the container's header
+and index, the first frame, and the packets around the last frame needed (by seeking), not the whole file.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -91,8 +95,21 @@ class VideoInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_file(path: str) -> None:
+Source = str | BinaryIO
+"""A local path, or an open binary file (readable, seekable) whose `name` is used in messages."""
+
+
+def _name(source: Source) -> str:
+    return source if isinstance(source, str) else str(getattr(source, "name", "<stream>"))
+
+
+def _check_file(path: Source) -> None:
     """Cheap guards before any decoder sees the path: the C++ readers are the part we cannot interrupt."""
+    if not isinstance(path, str):
+        if path.seek(0, os.SEEK_END) == 0:
+            raise VideoReadError(_name(path), "empty file")
+        path.seek(0)
+        return
     if not os.path.exists(path):
         raise VideoReadError(path, "missing file")
     if not os.path.isfile(path):
@@ -105,17 +122,33 @@ def _is_image(path: str) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _looks_like_container(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(16)
+def _looks_like_container(path: Source) -> bool:
+    if isinstance(path, str):
+        with open(path, "rb") as f:
+            head = f.read(16)
+    else:
+        path.seek(0)
+        head = path.read(16)
     return any(head[off : off + len(sig)] == sig for off, sig in _SIGNATURES)
 
 
-def _open_failure(path: str, err: BaseException) -> VideoReadError:
+def _open_failure(path: Source, err: BaseException) -> VideoReadError:
     """Classify a failure to open: a known container header means damage, anything else is not a video."""
     if _looks_like_container(path):
-        return VideoReadError(path, "truncated/undecodable", f"container header present but unreadable: {err}")
-    return VideoReadError(path, "not a video", str(err) or type(err).__name__)
+        return VideoReadError(_name(path), "truncated/undecodable", f"container header present but unreadable: {err}")
+    return VideoReadError(_name(path), "not a video", str(err) or type(err).__name__)
+
+
+def _open_av(source: Source) -> Any:
+    """av.open of a path or of an open file (from its start)."""
+    import av
+
+    if not isinstance(source, str):
+        source.seek(0)
+    try:
+        return av.open(source)
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise _open_failure(source, err) from None
 
 
 def _require_video_stream(path: str, container: Any) -> None:
@@ -150,14 +183,18 @@ def _image_error(path: str, err: Exception) -> VideoReadError:
     return VideoReadError(path, "truncated/undecodable", str(err))
 
 
-def _probe_image(path: str) -> VideoInfo:
+def _probe_image(source: Source) -> VideoInfo:
     from PIL import Image
 
+    path = _name(source)
     try:
-        with Image.open(path) as img:
-            img.verify()  # reads the whole file: catches truncated images cheaply
-        with Image.open(path) as img:
-            width, height = img.size
+        for verify in (True, False):
+            if not isinstance(source, str):
+                source.seek(0)
+            with Image.open(source) as img:
+                if verify:
+                    img.verify()  # reads the whole file: catches truncated images cheaply
+                width, height = img.size
     except (OSError, SyntaxError, ValueError) as err:
         raise _image_error(path, err) from None
     return VideoInfo(path, 1, IMAGE_FPS, width, height, 1.0 / IMAGE_FPS)
@@ -185,13 +222,11 @@ def _probe_decord(path: str) -> VideoInfo:
     return VideoInfo(path, n, fps, int(width), int(height), n / fps)
 
 
-def _probe_av(path: str) -> VideoInfo:
+def _probe_av(source: Source) -> VideoInfo:
     import av
 
-    try:
-        container = av.open(path)
-    except (av.FFmpegError, OSError, ValueError) as err:
-        raise _open_failure(path, err) from None
+    path = _name(source)
+    container = _open_av(source)
     with container:
         _require_video_stream(path, container)
         stream = container.streams.video[0]
@@ -247,16 +282,19 @@ def _upright(frame: Any, cover: tuple[int, int] | None = None) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
-def probe_video(path: str) -> VideoInfo:
+def probe_video(path: Source) -> VideoInfo:
     """Frame count, fps and size of a video (or a still image as one frame).
 
     decord first (fast, exact frame index); PyAV when decord is not installed or fails on the file,
-    so the reason we report comes from the more talkative library.
+    so the reason we report comes from the more talkative library. An open file (`Source`) goes to PyAV,
+    which reads only the ranges it needs (decord would read the whole file into memory first).
     """
-    path = str(path)
+    path = path if not isinstance(path, os.PathLike) else str(path)
     _check_file(path)
-    if _is_image(path):
+    if _is_image(_name(path)):
         return _probe_image(path)
+    if not isinstance(path, str):
+        return _probe_av(path)
     if _decord() is not None:
         try:
             return _probe_decord(path)
@@ -270,25 +308,26 @@ PACKET_REORDER_MARGIN = 16
 comes up to a few places after its display index (x264 reorders at most 16)."""
 
 
-def require_frames_present(path: str, index: int, num_frames: int) -> None:
+def require_frames_present(path: Source, index: int, num_frames: int) -> None:
     """Raise VideoReadError ("truncated/undecodable") unless the file holds the data of frames 0..index.
 
     Demuxes packets without decoding them (a fraction of a millisecond on a small clip, where decoding
     the frame costs milliseconds), so a file cut after a front index is caught at probe time for the
     price of reading it. A packet that is present but corrupt still fails later, in `read_frames`.
+    An open file (`Source`) is checked by seeking instead (`_frames_present_by_seeking`): only the packets
+    around the last frame needed are read.
     """
     import av
 
-    path = str(path)
+    path = path if not isinstance(path, os.PathLike) else str(path)
     _check_file(path)
-    if _is_image(path):
-        _check_indices(path, [index], 1)
+    if _is_image(_name(path)):
+        _check_indices(_name(path), [index], 1)
         return
     need = min(int(index) + 1 + PACKET_REORDER_MARGIN, int(num_frames))
-    try:
-        container = av.open(path)
-    except (av.FFmpegError, OSError, ValueError) as err:
-        raise _open_failure(path, err) from None
+    if not isinstance(path, str):
+        return _frames_present_by_seeking(path, need)
+    container = _open_av(path)
     count = 0
     with container:
         _require_video_stream(path, container)
@@ -300,6 +339,40 @@ def require_frames_present(path: str, index: int, num_frames: int) -> None:
         except (av.FFmpegError, OSError, ValueError) as err:
             raise VideoReadError(path, "truncated/undecodable", f"after packet {count}: {err}") from None
     raise VideoReadError(path, "truncated/undecodable", f"only {count} of {num_frames} frames' data present, frame {index} needed")
+
+
+def _frames_present_by_seeking(source: BinaryIO, need: int) -> None:
+    """`require_frames_present` of an open file: seek (by the container's index) to the packet in decode position
+    need - 1 and demux up to it. A file cut before it ends the demuxing first (FFmpeg reads past the end of the
+    data); a whole file reads the header, the index and a few packets there. Positions are found by time (the
+    first packet's dts + position / fps): on a variable frame rate the packet checked may be a few positions off,
+    within the PACKET_REORDER_MARGIN the caller added."""
+    import av
+
+    path = _name(source)
+    container = _open_av(source)
+    with container:
+        _require_video_stream(path, container)
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        try:
+            first = next((p for p in container.demux(stream) if p.size and p.dts is not None), None)
+        except (av.FFmpegError, OSError, ValueError) as err:
+            raise VideoReadError(path, "truncated/undecodable", f"reading the first packet: {err}") from None
+        if first is None or not rate or not stream.time_base:
+            raise VideoReadError(path, "truncated/undecodable", "no packet with a timestamp")
+        # Half a frame early: the packet at position need - 1 has dts >= target, the one before it does not.
+        target = first.dts + int(round((need - 1.5) / float(rate) / float(stream.time_base)))
+        if target <= first.dts:
+            return
+        try:
+            container.seek(target, stream=stream, backward=True, any_frame=True)
+            for packet in container.demux(stream):
+                if packet.size and packet.dts is not None and packet.dts >= target:
+                    return
+        except (av.FFmpegError, OSError, ValueError) as err:
+            raise VideoReadError(path, "truncated/undecodable", f"reading the packets of frame {need - 1}: {err}") from None
+    raise VideoReadError(path, "truncated/undecodable", f"the data ends before frame {need - 1}'s packet")
 
 
 def _check_indices(path: str, indices: Sequence[int], num_frames: int) -> list[int]:

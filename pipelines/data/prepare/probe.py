@@ -25,7 +25,25 @@ from pipelines.data.prepare.options import (
     DEFAULT_MAX_UPSCALE,
     Bucket,
 )
-from pipelines.data.prepare.storage import LocalFiles, StorageUnavailable
+from pipelines.data.prepare.storage import LocalFiles, RangeFile, StorageUnavailable, is_uri
+
+RANGE_PROBE_SUFFIXES = (".mp4", ".m4v", ".mov", ".3gp")
+"""Remote files of these kinds (ISO-BMFF: the index holds every frame's count, time and place) are probed by
+ranged reads, not downloaded: the decode stage's download is the one whole read. Other remote files (WebM/MKV
+often carry no frame count, so counting reads every packet anyway), stills, and every file of a --curate run
+(scene detection decodes every frame) are downloaded for the probe as well."""
+
+
+def probed_by_ranges(source: str, curate: bool) -> bool:
+    """Whether the plan stage reads `source` by byte ranges (see RANGE_PROBE_SUFFIXES) instead of a download."""
+    return is_uri(source) and not curate and source.lower().endswith(RANGE_PROBE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A remote source the decoder child reads by ranges (a `RangeFile`), in place of a local copy's path."""
+
+    uri: str
 
 
 def clip_id(source: str, start_s: float) -> str:
@@ -76,6 +94,7 @@ class PlanInputs:
                  curate: bool = False):  # fmt: skip
         self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s, guards or Guards(), curate)
         self.files = LocalFiles(scratch)
+        self.curate = curate
         self.calls = isolated(decode_timeout_s)  # probing runs the decoder libraries too: same isolation
 
     def __call__(self, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -116,8 +135,12 @@ class PlanInputs:
         plans, rejects, work = [], [], []
         with contextlib.ExitStack() as stack:
             for good in batch:
+                source = good[0]["source"]
+                if probed_by_ranges(source, self.curate):
+                    work.append((good, Remote(source)))
+                    continue
                 try:
-                    work.append((good, stack.enter_context(self.files.local(good[0]["source"]))))
+                    work.append((good, stack.enter_context(self.files.local(source))))
                 except StorageUnavailable:
                     raise  # our disk or store failed, not the input: the run stops
                 except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
@@ -125,11 +148,15 @@ class PlanInputs:
                     rejects += [reject_row(e, reason, detail) for e in good]
             try:
                 answers = self.calls(self.planner.plan_sources, work) if work else []
+            except StorageUnavailable:
+                raise  # a store unreachable from the decoder child (a ranged read): the run stops
             except Exception:  # noqa: BLE001 - a crash or hang somewhere in the batch: one file per call
                 answers = []
                 for good, local in work:
                     try:
                         answers.append(self.calls(self.planner.plan_source, good, local))
+                    except StorageUnavailable:
+                        raise
                     except Exception as err:  # noqa: BLE001
                         reason, detail = _reason(err)
                         answers.append(([], [reject_row(e, reason, detail) for e in good]))
@@ -161,15 +188,29 @@ class ClipPlanner:
     curate: bool = False
     """Find the file's scene cuts first (curate.detect_cuts) and plan every clip inside one scene."""
 
-    def plan_sources(self, work: list[tuple[list[dict[str, Any]], str]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    def plan_sources(self, work: list[tuple[list[dict[str, Any]], str | Remote]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
         return [self.plan_source(good, local) for good, local in work]
 
-    def plan_source(self, good: list[dict[str, Any]], local: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(plans, rejects) of the usable rows of one file (see PlanInputs)."""
+    def plan_source(self, good: list[dict[str, Any]], where: str | Remote) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(plans, rejects) of the usable rows of one file (see PlanInputs): a local path, or a Remote read by ranges."""
+        if not isinstance(where, Remote):
+            return self._plan_file(good, where)
+        try:
+            with RangeFile(where.uri) as f:
+                return self._plan_file(good, f)
+        except StorageUnavailable:
+            raise  # the store, not the input: the run stops
+        except Exception as err:  # noqa: BLE001 - missing, forbidden: the input's reject
+            reason, detail = _reason(err)
+            return [], [reject_row(e, reason, detail) for e in good]
+
+    def _plan_file(self, good: list[dict[str, Any]], local: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         from sora_model.video import probe_video, require_frames_present
 
         try:
             info = probe_video(local)
+        except StorageUnavailable:
+            raise
         except Exception as err:  # noqa: BLE001 - any library failure on one input is that input's reject
             reason, detail = _reason(err)
             return [], [reject_row(e, reason, detail) for e in good]
@@ -199,6 +240,8 @@ class ClipPlanner:
             # data of the last frame needed is there (demuxing, not decoding), so truncation is a reject.
             try:
                 require_frames_present(local, max(i for p in plans.values() for i in p["indices"]), info.num_frames)
+            except StorageUnavailable:
+                raise
             except Exception as err:  # noqa: BLE001
                 reason, detail = _reason(err, default="truncated")
                 by_line = {e["line"]: e for e in good}
