@@ -82,6 +82,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="decoded pixels per decode task, MiB (default: a quarter of a task's share of the smallest node's memory, 128 MiB-4 GiB)",
     )  # fmt: skip
     p.add_argument(
+        "--vae-batch-clips", type=int,
+        help="clips per VAE encode call (default: from the GPU's free memory and a per-clip estimate; on CPU 2 GiB of input)",
+    )  # fmt: skip
+    p.add_argument(
         "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
         help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
     )  # fmt: skip

@@ -4,9 +4,10 @@ Two shapes of the same work:
 - identity autoencoder (pixels are the model space): `decode_encode_write`, one stateless task per batch
   that decodes, patchifies and writes its shards. Nothing crosses processes, no actor has to start.
 - a diffusers VAE (weights to load once, a GPU to feed): `decode_to_pixels` tasks, then `EncodeClips`
-  actors (one per GPU), then `write_rows` tasks. The actor cuts what it gets into sub-batches of at most
-  VAE_BATCH_BYTES of float input and converts uint8 to float on the device, so a 64-frame 1024x1024
-  batch is a few GB of bytes crossing the bus, never a 50 GB float tensor built on the host.
+  actors (one per GPU), then `write_rows` tasks. The actor cuts what it gets into sub-batches sized by
+  `vae_batch_clips` (on a GPU: from the device's free memory and a per-clip activation estimate; on CPU:
+  VAE_BATCH_BYTES of float input; `--vae-batch-clips` overrides) and converts uint8 to float on the device,
+  so a 64-frame 1024x1024 batch is a few GB of bytes crossing the bus, never a 50 GB float tensor built on the host.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ from sora_model.config import AutoencoderConfig
 
 VAE_BATCH_BYTES = 2 << 30
 """Float input bytes per autoencoder call at most (2 GB: a 16x512x512 clip is 50 MB at fp32, so 40 of
-them; a 64x1024x1024 clip is 805 MB, so 2): activations scale with it and must fit beside the weights."""
+them; a 64x1024x1024 clip is 805 MB, so 2): activations scale with it and must fit beside the weights.
+The CPU budget; on a GPU the batch follows the device's memory (`vae_batch_clips`)."""
+VAE_PEAK_BYTES_PER_VALUE = 160
+"""Peak device bytes per input value (frames x height x width x 3) of a clip in one encode call, everything in
+(activations, the uint8 and float copies of the input, cuDNN workspaces): Wan 2.1's VAE in bf16 peaked at 76.4 GiB
+for 160 clips of 17x256x256 on an H200 (153 B per value; benchmarks/RESULTS.md, gpu_prepare), and at 9.6 GiB for
+13 clips of 33x480x832 (19 B: its causal 4-frame chunks keep activations from growing with the frames). The larger
+one, rounded up, so a batch fits whatever the shape; a VAE without temporal chunks sits nearer to it."""
+VAE_DEVICE_FRACTION = 0.85
+"""Share of the device memory free once the weights are loaded that one encode call may take: the rest absorbs
+the allocator's fragmentation and the output latents."""
 PASS_THROUGH = ("clip_id", "source", "start_s", "fps", "caption", "text_tokens", "text_mask", "text_pooled",
                 "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips",
                 "source_fps", "repeated_frames", "text_truncated")  # fmt: skip
@@ -94,10 +105,23 @@ def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> A
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def vae_batch_clips(clip_shape: tuple[int, ...], free_device_bytes: int | None, override: int | None = None) -> int:
+    """Clips per autoencoder call, at least one: `override` (--vae-batch-clips) when given; on a GPU
+    (`free_device_bytes`: its free memory with the weights loaded) VAE_DEVICE_FRACTION of that over the per-clip
+    estimate, VAE_PEAK_BYTES_PER_VALUE x the clip's values (F x H x W x 3); on CPU (None) VAE_BATCH_BYTES of
+    float32 input, as before. On an 80 GB H100 (79 GiB free) at 17x256x256: 134 clips (160 peaked at 76 GiB on an H200)."""
+    if override is not None:
+        return max(1, int(override))
+    values = int(np.prod(clip_shape))
+    if free_device_bytes is None:
+        return max(1, VAE_BATCH_BYTES // (values * 4))
+    return max(1, int(free_device_bytes * VAE_DEVICE_FRACTION) // (values * VAE_PEAK_BYTES_PER_VALUE))
+
+
 class Patchify:
     """pixels (B, F, H, W, 3) uint8 -> autoencoder -> tokens (B, N, P) float32, on the best device here."""
 
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int]):
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None):
         import torch
 
         from sora_model.autoencoder import build_autoencoder
@@ -108,10 +132,13 @@ class Patchify:
         if vae is not None and self.device.type == "cuda":
             vae.to(getattr(torch, GPU_DTYPE))
         self.patch = patch
+        self.batch_clips = batch_clips
+        # Measured once, with the weights in place: one actor per GPU, so nothing else of ours takes from it.
+        self.free_device_bytes = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def rows_per_call(self, pixels_shape: tuple[int, ...]) -> int:
-        """Clips per autoencoder call: VAE_BATCH_BYTES of float32 input at most, at least one."""
-        return max(1, VAE_BATCH_BYTES // (int(np.prod(pixels_shape[1:])) * 4))
+        """Clips per autoencoder call (`vae_batch_clips` of one clip's shape)."""
+        return vae_batch_clips(tuple(pixels_shape[1:]), self.free_device_bytes, self.batch_clips)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         import torch
@@ -223,8 +250,8 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
 class EncodeClips:
     """Ray Data actor (one per GPU): decoded rows -> shard rows, with their bucket, for `write_rows`."""
 
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int]):
-        self.patchify = Patchify(autoencoder, patch)
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None):
+        self.patchify = Patchify(autoencoder, patch, batch_clips)
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa

@@ -220,6 +220,8 @@ class PrepareOptions:
     """Decode tasks at once at most; None: no cap (one per free CPU, and more as an autoscaler adds CPUs)."""
     decode_batch_mib: int | None = None
     """Decoded pixels per decode task, MiB (`--decode-batch-mib`); None: from the nodes' memory (`decode_batch_bytes`)."""
+    vae_batch_clips: int | None = None
+    """Clips per VAE encode call (`--vae-batch-clips`); None: from the GPU's free memory (encode.vae_batch_clips)."""
     progress: bool = True
     caption_actors: int | None = None
     """Caption-encoder actors; None: one per GPU of the cluster, and on a CPU-only cluster 0, which runs the
@@ -253,6 +255,8 @@ class PrepareOptions:
             raise PrepareError(f"--decode-timeout must be > 0 seconds, got {self.decode_timeout_s}")
         if self.decode_batch_mib is not None and self.decode_batch_mib < 1:
             raise PrepareError(f"--decode-batch-mib must be >= 1 MiB, got {self.decode_batch_mib}")
+        if self.vae_batch_clips is not None and self.vae_batch_clips < 1:
+            raise PrepareError(f"--vae-batch-clips must be >= 1, got {self.vae_batch_clips}")
         if self.rows_per_file < 1:
             raise PrepareError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if any(p < 1 for p in self.patch):
@@ -359,6 +363,7 @@ def options_from_args(args: Any) -> PrepareOptions:
         overwrite=args.overwrite,
         workers=args.workers,
         decode_batch_mib=getattr(args, "decode_batch_mib", None),
+        vae_batch_clips=getattr(args, "vae_batch_clips", None),
         progress=not args.no_progress,
         decode_timeout_s=args.decode_timeout,
         caption_actors=args.caption_actors,

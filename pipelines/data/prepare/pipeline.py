@@ -218,7 +218,8 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
                         fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch,
                                    "curate": opts.curate})  # fmt: skip
     ds = ds.map_batches(
-        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch}, batch_size=rows,
+        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "batch_clips": opts.vae_batch_clips},
+        batch_size=rows,
         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
         **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
     )  # fmt: skip
