@@ -1,21 +1,24 @@
-"""What each stage reads: a stream of clips in a new seeded order every epoch, resumable at any row.
+"""What each stage reads: a stream of clips in a new seeded order every epoch, resumable at any sample.
 
-    plan = StagePlan.from_files(files, seed=0, stage_index=1)          # driver: row counts from Parquet footers
-    ds = stage_dataset(plan, start_sample=12_345, num_samples=80_000)    # Ray Data, streamed to the ranks
-    for batch in device_batches(shard, stage, recipe.data, device):      # inside a worker
+    plan = StagePlan.from_files(files, seed=0, stage_index=1)              # driver: row counts from Parquet footers
+    stream = StageStream(plan, micro_batch=4)                               # driver -> workers, whole
+    mbs = reader_micro_batches(stream, start_sample=12_345, group=g, groups=dp, count=n)   # inside a reading rank
+    for batch in device_batches(reader_dataset(stream, mbs), 4, recipe.data, device):
         batch["patches"]    # (B, N, P) float32, already on the device
 
 The stage's clips are one stream in which epoch e visits every shard file once, in the permutation
-seeded by (seed, stage, e); rows within a file are mixed by each rank's local shuffle buffer. A
+seeded by (seed, stage, e), and each file's rows in a permutation seeded by (seed, stage, e, file). The
+stream is cut into micro-batches (packs, for a mixed stage) and dealt round robin to the data-parallel
+groups; one rank per group reads (a sequence-parallel group's other ranks receive its micro-batch). A
 position in the stream is a count of samples, so resuming at sample s starts reading at the file that
-holds it (later in the same epoch or not, the cost is the same): nothing already consumed is read
-again, and the count does not depend on the number of ranks, so a run resumed with other workers
-continues where the stream stood. Ranks draw from it through Ray Train's streaming split.
+holds it: nothing already consumed is read again, the count does not depend on the number of ranks, and
+with the same number of ranks every rank draws exactly the micro-batches the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -25,13 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.train.recipe import DataSpec, StageSpec
+from pipelines.train.recipe import DataSpec
 
 BATCH_COLUMNS = ("patches", "text_tokens", "text_mask", "text_pooled")
 MAX_READ_BLOCKS = 4096
 """Upper bound on the read tasks of a stage's stream (each reads one file of one epoch)."""
-STREAM_SLACK_EPOCHS = 1
-"""Extra epochs of a stage stream beyond its steps, for micro-batches skipped as non-finite (lazy: unread)."""
+STREAM_SLACK_MICRO = 16
+"""Micro-batches a reading rank lists beyond its stage's steps (at least; or a tenth more), for micro-batches
+skipped as non-finite, which the step replaces with the next ones (lazy: never read unless drawn)."""
 
 
 @dataclass
@@ -74,6 +78,14 @@ class StagePlan:
             random.Random(self.seed * 1_000_003 + self.stage_index * 7_919 + epoch).shuffle(idx)
         return idx
 
+    def row_order(self, epoch: int, file: int) -> np.ndarray:
+        """The rows of file `file` in the order epoch `epoch` reads them: a seeded permutation (rows in order when
+        `shuffle` is off). A function of (seed, stage, epoch, file) only, so any position of the stream can be read
+        again without reading what came before it (what a per-rank shuffle buffer could not give)."""
+        if not self.shuffle:
+            return np.arange(self.rows[file])
+        return np.random.default_rng([self.seed, self.stage_index, epoch, file]).permutation(self.rows[file])
+
     def locate(self, sample: int) -> tuple[int, int, int]:
         """(epoch, position in that epoch's file order, row inside the file) of stream sample `sample`."""
         epoch, within = divmod(sample, self.rows_per_epoch)
@@ -84,7 +96,8 @@ class StagePlan:
         raise AssertionError("unreachable")
 
     def units(self, start_sample: int, num_samples: int) -> list[tuple[int, int, int, int]]:
-        """(epoch, file index, first row, end row) reads covering samples [start, start + num_samples)."""
+        """(epoch, file index, first position, end position) reads covering samples [start, start + num_samples);
+        positions index the file's `row_order` of that epoch."""
         out = []
         epoch, pos, row = self.locate(start_sample)
         left = num_samples
@@ -99,60 +112,146 @@ class StagePlan:
             epoch, pos = epoch + 1, 0
         return out
 
+    def micro_batches(self, start_sample: int, micro_batch: int, budget: int = 0) -> Iterator[list[tuple[int, int, int, int]]]:
+        """The stage's micro-batches from `start_sample` on, each as the `units` it reads, in stream order.
 
-class _ReadUnits:
-    """Ray Data map_batches callable: unit indices -> the rows those units name (numpy tensors).
+        One bucket: `micro_batch` samples each. A mixed stage (`budget` > 0): packs cut greedily in stream order,
+        a clip joining while the pack stays within `budget` tokens (each file's clips share its grid, so the cut
+        is known from the plan without reading a row). A cut made from a pack boundary is the same cut whatever
+        came before it, so a resume at a step's end cuts the packs the uninterrupted run cut.
+        """
+        epoch, pos, row = self.locate(start_sample)
+        pack: list[tuple[int, int, int, int]] = []
+        size = 0  # samples (one bucket) or tokens (mixed) in `pack`
+        while True:
+            i = self.order(epoch)[pos]
+            per = math.prod(self.grids[i]) if budget else 1
+            limit = budget if budget else micro_batch
+            while row < self.rows[i]:
+                room = (limit - size) // per
+                if room == 0:
+                    if not pack:
+                        raise ValueError(f"a clip of {per} tokens does not fit tokens_per_batch {budget}")
+                    yield pack
+                    pack, size = [], 0
+                    continue
+                end = min(self.rows[i], row + room)
+                pack.append((epoch, i, row, end))
+                size += (end - row) * per
+                row = end
+            pos, row = pos + 1, 0
+            if pos == len(self.files):
+                epoch, pos = epoch + 1, 0
 
-    A clip prepared with several captions (multi-caption datasets) carries the others in `extra_*` columns;
-    each read draws one caption per row (`load.draw_captions`), seeded by the unit, so a resumed run draws
-    what it would have drawn and each epoch pairs a clip with a fresh caption.
+
+@dataclass(frozen=True)
+class StageStream:
+    """What a rank needs to read its share of a stage's stream: built by the driver, passed whole to the workers."""
+
+    plan: StagePlan
+    micro_batch: int
+    budget: int = 0
+    """A mixed stage's tokens per packed micro-batch; 0: `micro_batch` clips of one bucket."""
+    read_cpus: float = 0.0
+    readers: int = 2
+    """Read tasks in flight per reading rank."""
+
+
+def reader_micro_batches(stream: StageStream, start_sample: int, group: int, groups: int,
+                         count: int) -> list[list[tuple[int, int, int, int]]]:  # fmt: skip
+    """The first `count` micro-batches of data-parallel group `group` of `groups` from `start_sample`: the stage's
+    micro-batches dealt round robin (c -> group c % groups). Every step draws `groups` x accumulation micro-batches
+    in all, so a step ends on a deal boundary and a resume at any step's `consumed_samples` deals the same way."""
+    out: list[list[tuple[int, int, int, int]]] = []
+    if count <= 0:
+        return out
+    it = stream.plan.micro_batches(start_sample, stream.micro_batch, stream.budget)
+    for c, mb in enumerate(it):
+        if c % groups == group:
+            out.append(mb)
+            if len(out) == count:
+                return out
+    return out
+
+
+def _segments(micro_batches: list[list[tuple[int, int, int, int]]]) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Consecutive reads of the same (epoch, file) merged: one read task opens each file once per epoch."""
+    out: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for mb in micro_batches:
+        for epoch, i, a, b in mb:
+            if out and out[-1][0] == epoch and out[-1][1] == i:
+                out[-1][2].append((a, b))
+            else:
+                out.append((epoch, i, [(a, b)]))
+    return out
+
+
+class _ReadSegments:
+    """Ray Data map_batches callable: segment indices -> the rows they name, in order (numpy tensors).
+
+    A segment is (epoch, file, position ranges): the file is read once, its rows put in the epoch's
+    `row_order`, and the ranges taken. A clip prepared with several captions (multi-caption datasets) carries
+    the others in `extra_*` columns; one caption per row is drawn over the whole file, seeded by (seed, epoch,
+    file), so a row's caption does not depend on which rank reads it or where a run resumed.
     """
 
-    def __init__(self, files: list[str], units: np.ndarray, columns: tuple[str, ...], seed: int, grids: list | None = None):
-        self.files, self.units, self.columns, self.seed, self.grids = files, units, list(columns), seed, grids
+    def __init__(self, plan: StagePlan, segments: list[tuple[int, int, list[tuple[int, int]]]], columns: tuple[str, ...]):
+        self.plan, self.segments, self.columns = plan, segments, list(columns)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
         from pipelines.data.load import EXTRA_OF, draw_captions, open_parquet, table_to_numpy
 
         parts, epochs = [], []
-        for u in batch["id"]:
-            epoch, i, start, end = (int(v) for v in self.units[int(u)])
-            shard = open_parquet(self.files[i])  # one open: the footer says which caption columns exist (local or s3://)
+        for s in batch["id"]:
+            epoch, i, ranges = self.segments[int(s)]
+            order = self.plan.row_order(epoch, i)
+            take = np.concatenate([order[a:b] for a, b in ranges])
+            shard = open_parquet(self.plan.files[i])  # one open: the footer says which caption columns exist (local or s3://)
             names = shard.schema_arrow.names
             extra = [EXTRA_OF[c] for c in EXTRA_OF if c in self.columns and EXTRA_OF[c] in names]
-            table = shard.read(columns=self.columns + extra).slice(start, end - start)
+            table = shard.read(columns=self.columns + extra)
             if extra:
-                rng = np.random.default_rng([self.seed, epoch, i, start])
-                parts.append({k: v for k, v in draw_captions(table, rng).items() if k in self.columns})
+                rng = np.random.default_rng([self.plan.seed, self.plan.stage_index, epoch, i])
+                drawn = draw_captions(table, rng)
+                parts.append({k: v[take] for k, v in drawn.items() if k in self.columns})
             else:
-                parts.append(table_to_numpy(table, self.columns))
-            epochs.append(np.full(end - start, epoch, dtype=np.int64))
-            if self.grids is not None:  # a mixed stage: rows say which bucket's grid their patches have
-                parts[-1]["grid"] = np.tile(np.asarray(self.grids[i], dtype=np.int64), (end - start, 1))
-        columns = self.columns + (["grid"] if self.grids is not None else [])
+                parts.append(table_to_numpy(table.take(take), self.columns))
+            epochs.append(np.full(len(take), epoch, dtype=np.int64))
+            if self.plan.grids is not None:  # a mixed stage: rows say which bucket's grid their patches have
+                parts[-1]["grid"] = np.tile(np.asarray(self.plan.grids[i], dtype=np.int64), (len(take), 1))
+        columns = self.columns + (["grid"] if self.plan.grids is not None else [])
         arrays = {c: np.concatenate([p[c] for p in parts]) for c in columns}
         arrays["epoch"] = np.concatenate(epochs)
         return arrays
 
 
-def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0, readers: int = 2) -> Any:
-    """The stream of samples [start, start + num_samples) of a stage as a Ray Dataset (lazy; nothing read yet).
+def reader_dataset(stream: StageStream, micro_batches: list[list[tuple[int, int, int, int]]]) -> Any:
+    """One reading rank's micro-batches as a Ray Dataset, rows in stream order (lazy; nothing read yet).
 
-    The unit indices are put in the object store as blocks (no read tasks: on a laptop the workers
-    hold every CPU), and at most `readers` read tasks run at once, asking for `read_cpus` each (0 on a
-    laptop: reading Parquet is light; an uncapped 0-CPU map would start a process per block).
+    The segment indices are put in the object store as blocks (no read tasks: on a laptop the workers hold
+    every CPU), at most `stream.readers` read tasks run at once, asking for `read_cpus` each (0 on a laptop:
+    reading Parquet is light; an uncapped 0-CPU map would start a process per block). Order is preserved:
+    which rows form which micro-batch is the plan's, not the read tasks' finishing order.
     """
     import pyarrow as pa
     import ray
+    from ray.data import DataContext
 
-    units = np.asarray(plan.units(start_sample, num_samples), dtype=np.int64).reshape(-1, 4)  # 32 bytes a unit
-    blocks = np.array_split(np.arange(len(units)), min(len(units), MAX_READ_BLOCKS))
-    return ray.data.from_arrow([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadUnits(plan.files, units, BATCH_COLUMNS, plan.seed * 1_000_003 + plan.stage_index, plan.grids), batch_size=1,
-        num_cpus=read_cpus,
-        compute=ray.data.TaskPoolStrategy(size=max(1, readers)),
-    )
+    segments = _segments(micro_batches)
+    DataContext.get_current().execution_options.preserve_order = True
+    blocks = np.array_split(np.arange(len(segments)), max(1, min(len(segments), MAX_READ_BLOCKS)))
+    # from_blocks puts the blocks from this process; from_arrow would run a 1-CPU metadata task per block, which
+    # never starts inside a worker when the workers hold every CPU (the hang of the first try at this reader).
+    return ray.data.from_blocks([pa.table({"id": b}) for b in blocks]).map_batches(
+        _ReadSegments(stream.plan, segments, BATCH_COLUMNS), batch_size=1, num_cpus=stream.read_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, stream.readers)),
+    )  # fmt: skip
+
+
+def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0, readers: int = 2) -> Any:
+    """Samples [start, start + num_samples) of a stage's stream as one Ray Dataset, in stream order (a whole
+    stream, not one reader's share: for tools and tests that read the stream as the ranks together would)."""
+    return reader_dataset(StageStream(plan, 1, 0, read_cpus, readers), [plan.units(start_sample, num_samples)])
 
 
 class Collate:
@@ -193,18 +292,19 @@ def _collate_fn(trim_text: bool = True) -> Any:
     return NumpyCollate()
 
 
-def device_batches(shard: Any, stage: StageSpec, spec: DataSpec, device: torch.device, seed: int, trim_text: bool = True) -> Any:
-    """A rank's micro-batches of its shard of the stage stream, prefetched onto `device` (see `Collate` for trim_text)."""
+def device_batches(dataset: Any, micro_batch: int, spec: DataSpec, device: torch.device, trim_text: bool = True) -> Any:
+    """A reading rank's micro-batches (`reader_dataset`), prefetched onto `device` (see `Collate` for trim_text).
+
+    No shuffle buffer here: the plan already mixes files and rows (`StagePlan.row_order`), and a buffer's
+    state would be lost at a restart, so a resumed run would draw other batches than the uninterrupted one."""
     cuda = device.type == "cuda"
-    return shard.iter_torch_batches(
-        batch_size=stage.micro_batch,
+    return dataset.iter_torch_batches(
+        batch_size=micro_batch,
         collate_fn=_collate_fn(trim_text),
         device=device,
         prefetch_batches=spec.prefetch_batches,
         pin_memory=spec.pin_memory and cuda,
         drop_last=True,
-        local_shuffle_buffer_size=max(spec.shuffle_buffer, stage.micro_batch),
-        local_shuffle_seed=seed,
     )
 
 

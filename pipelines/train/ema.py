@@ -1,7 +1,7 @@
 """Exact weights under ZeRO: the EMA and the export both come from the fp32 master weights.
 
     master = master_partitions(module)           # {name: this rank's fp32 master slice}, no communication
-    ema = PartitionEMA(module, decay=0.999); ema.update(module)          # after each optimizer step
+    ema = PartitionEMA(module, decay=0.999, warmup=True); ema.update(module, step)   # after each optimizer step
     full = gather_full(module, master, rank)      # every rank calls; rank 0 gets {name: full fp32 tensor}
 
 Why not DeepSpeed's `GatheredParameters` and a swap: ZeRO-3 keeps parameters under
@@ -24,6 +24,16 @@ import torch
 
 LAYOUT_PARTITION = "partition"
 LAYOUT_FULL = "full"
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for the default process group's collectives (its backend decides, not the tensors:
+    with `offload_optimizer` the fp32 masters are CPU tensors, which NCCL cannot move)."""
+    import torch.distributed as dist
+
+    from pipelines.train.sequence_parallel import collective_device
+
+    return collective_device(dist.get_backend()) if dist.is_initialized() else torch.device("cpu")
 
 
 def is_zero3(param: torch.nn.Parameter) -> bool:
@@ -79,6 +89,7 @@ def gather_full(module: torch.nn.Module, partitions: dict[str, torch.Tensor], ra
     shapes = _full_shapes(module)
     world = dist.get_world_size() if dist.is_initialized() else 1
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    wire = _collective_device()
     for name, p in module.named_parameters():
         if name not in partitions:  # e.g. a LoRA run's frozen base: the export takes it from init_from
             continue
@@ -87,6 +98,7 @@ def gather_full(module: torch.nn.Module, partitions: dict[str, torch.Tensor], ra
             if out is not None:
                 out[name] = assemble([local.cpu()], shapes[name])
             continue
+        local = local.to(wire)  # offloaded masters live on the host; NCCL gathers CUDA tensors only
         bucket = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
         dist.gather(local, gather_list=bucket, dst=0)
         if out is not None:
@@ -97,21 +109,33 @@ def gather_full(module: torch.nn.Module, partitions: dict[str, torch.Tensor], ra
 class PartitionEMA:
     """EMA of the fp32 master weights, kept per rank on the slice that rank owns (no communication per step)."""
 
-    def __init__(self, module: torch.nn.Module, decay: float, bf16: bool = False):
+    def __init__(self, module: torch.nn.Module, decay: float, bf16: bool = False, warmup: bool = False):
         self.decay = decay
         self.bf16 = bf16
+        self.warmup = warmup
         # Only what trains: a LoRA run's frozen base never moves, and averaging it would hold a second copy of it.
         self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         self.shadow = {n: t.detach().float().clone() for n, t in master_partitions(module, bf16).items() if n in self.trainable}
         self.layout = LAYOUT_PARTITION if any(is_zero3(p) for p in module.parameters()) else LAYOUT_FULL
         self.shapes = _full_shapes(module)
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (1-based); with warm-up min(decay, (1 + n) / (10 + n)),
+        n = step - 1, so the first update keeps only a tenth of the initial weights."""
+        if not self.warmup:
+            return self.decay
+        n = max(0, step - 1)
+        return min(self.decay, (1 + n) / (10 + n))
+
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, step: int = 0) -> None:
+        """Average in the masters after optimizer step `step` (the run's global step: a resumed run goes on with the
+        decay the uninterrupted one would have used)."""
+        decay = self.decay_at(step)
         for n, master in master_partitions(module, self.bf16).items():
             if n not in self.shadow:
                 continue
-            self.shadow[n].lerp_(master.detach().float().to(self.shadow[n].device), 1.0 - self.decay)
+            self.shadow[n].lerp_(master.detach().float().to(self.shadow[n].device), 1.0 - decay)
 
     def save(self, path: str) -> None:
         """This rank's slices, with the full shapes and layout so another world size can re-slice them."""
@@ -170,7 +194,6 @@ def weights_digest(module: torch.nn.Module, bf16: bool = False) -> dict[str, flo
     sums = torch.tensor([float(masters[n].double().sum()) for n in names], dtype=torch.float64)
     partitioned = any(is_zero3(p) for p in module.parameters())
     if partitioned and dist.is_initialized() and dist.get_world_size() > 1:
-        device = next(iter(masters.values())).device
-        sums = sums.to(device)
+        sums = sums.to(_collective_device())  # not the masters' device: offloaded ones live on the host, NCCL wants CUDA
         dist.all_reduce(sums)
     return dict(zip(names, sums.cpu().tolist()))

@@ -116,12 +116,50 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_init(recipe: Any) -> None:
-    """`sora train`, before any work: an `init_from` that `resolve_init` could not read (the path does not exist)."""
+    """`sora train`, before any work: an `init_from` that `resolve_init` could not read (the path does not exist),
+    or whose weights do not open or do not fit the model (`check_init_weights`). One line, naming the file."""
     if recipe.init_from and recipe.model.base is None:
         raise ConfigError(
             f"init_from '{recipe.init_from}' does not exist: give an export folder (sora convert --from-diffusers DIR "
             "--out EXPORT_DIR, or a run's export/) that every node can read"
         )
+    if recipe.init_from:
+        check_init_weights(recipe.model_config(), recipe.init_from)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+
+
+def check_init_weights(cfg: DiTConfig, export_dir: str) -> None:
+    """The export's weights open and hold every tensor of the model `cfg` builds, with its shape; else a one-line
+    ConfigError naming the file. Only the safetensors header is read and the model is built on the meta device,
+    so the driver spends no memory on either (the workers read the tensors: rank 0, `load_init_weights`)."""
+    from safetensors import safe_open
+
+    from sora_model.dit import DiT
+    from sora_model.pipeline import MODEL_FILE
+
+    path = os.path.join(export_dir, MODEL_FILE)
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as err:  # noqa: BLE001 - any reader error (missing, truncated, not safetensors) is the file's fault
+        raise ConfigError(f"init_from: cannot read {path}: {_one_line(err)}") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
+    problem = _misfit(expected, shapes)
+    if problem:
+        raise ConfigError(f"init_from: {path} does not fit its config.json's model ({problem})")
+
+
+def _misfit(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+    """What differs between the model's tensors and a file's, as a short phrase ('' when they fit)."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    bad = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    parts = [f"{label} {len(items)}: {', '.join(items[:3])}" for label, items in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)) if items]  # fmt: skip
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +184,9 @@ def _broadcast_device() -> torch.device:
     """Where broadcast tensors must live: NCCL moves CUDA tensors only, gloo CPU ones."""
     import torch.distributed as dist
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    from pipelines.train.sequence_parallel import collective_device
+
+    return collective_device(dist.get_backend())
 
 
 @torch.no_grad()
@@ -166,17 +204,15 @@ def load_init_weights(model: torch.nn.Module, export_dir: str) -> None:
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     state, problem = None, [None]
+    path = os.path.join(export_dir, MODEL_FILE)
     if rank == 0:
         try:
-            state = load_file(os.path.join(export_dir, MODEL_FILE))
-            expected = model.state_dict()
-            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-            if missing or unexpected or bad:
-                problem[0] = (f"init_from '{export_dir}': {MODEL_FILE} does not fit its config.json's model (missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]})")  # fmt: skip
-        except OSError as err:
-            problem[0] = f"init_from '{export_dir}': cannot read {MODEL_FILE}: {err}"
+            state = load_file(path)
+            misfit = _misfit({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()})
+            if misfit:
+                problem[0] = f"init_from: {path} does not fit its config.json's model ({misfit})"
+        except Exception as err:  # noqa: BLE001 - any reader error reaches every rank as one line naming the file
+            problem[0] = f"init_from: cannot read {path}: {_one_line(err)}"
     if distributed:
         dist.broadcast_object_list(problem, src=0)
     if problem[0] is not None:

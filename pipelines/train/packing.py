@@ -1,19 +1,21 @@
 """A mixed stage's micro-batches: clips of several buckets packed up to a token budget, with no padding.
 
-    for batch in packed_batches(shard, stage, recipe.data, device, seed):
+    for batch in packed_batches(reader_dataset(stream, mbs), sizes, prefetch, device):
         batch["patches"]   # (ΣN, P): every clip's tokens, clip after clip
         batch["grids"]     # ((T', H', W'), ...) one per clip, Python ints: the DiT's packed layout
 
-The stage stream (data.py) interleaves the buckets' shard files and carries each row's grid; a rank takes
-rows in stream order (after its local shuffle buffer) and closes a micro-batch when the next clip would
-pass `tokens_per_batch` (NaViT / Open-Sora's mixed buckets). Clips of one grid are put next to each other,
-so attention runs one dense call per grid. A pack always holds at least one clip (the recipe checks that
-every bucket's clip fits the budget), and the number of clips varies, so positions in the stream are
-counted in rows, not micro-batches.
+The stage stream (data.py) interleaves the buckets' shard files and carries each row's grid; the packs are
+cut in stream order, a clip joining while the pack stays within `tokens_per_batch` (NaViT / Open-Sora's mixed
+buckets), and dealt to the data-parallel groups like any micro-batch (`StagePlan.micro_batches`). Clips of
+one grid are put next to each other, so attention runs one dense call per grid. A pack always holds at least
+one clip (the recipe checks that every bucket's clip fits the budget), and the number of clips varies, so
+positions in the stream are counted in rows, not micro-batches. The step weights each pack's loss by its
+tokens among all packs of the step, on every rank (step.py): every token counts alike.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -70,13 +72,14 @@ def collate_pack(pack: list[Row], device: torch.device, pin: bool = False, trim_
     return out
 
 
-def packed_batches(shard: Any, budget: int, shuffle_buffer: int, prefetch: int, device: torch.device, seed: int,
-                   skip_rows: int = 0, pin: bool = False, trim_text: bool = True) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """A rank's packed micro-batches of its shard of a mixed stage's stream; the first `skip_rows` rows dropped."""
-    batches = shard.iter_batches(batch_size=READ_ROWS, batch_format="numpy", prefetch_batches=prefetch,
-                                 local_shuffle_buffer_size=max(shuffle_buffer, READ_ROWS), local_shuffle_seed=seed)  # fmt: skip
+def packed_batches(dataset: Any, sizes: list[int], prefetch: int, device: torch.device, pin: bool = False,
+                   trim_text: bool = True) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """A reading rank's packed micro-batches: its rows (`data.reader_dataset`, in stream order) cut into packs of
+    `sizes` clips, the cut `StagePlan.micro_batches` made from the clips' grids."""
+    batches = dataset.iter_batches(batch_size=READ_ROWS, batch_format="numpy", prefetch_batches=prefetch)
     rows = iter_rows(batches)
-    for _ in range(skip_rows):
-        next(rows, None)
-    for pack in pack_rows(rows, budget):
+    for n in sizes:
+        pack = list(itertools.islice(rows, n))
+        if len(pack) < n:
+            return
         yield collate_pack(pack, device, pin, trim_text)

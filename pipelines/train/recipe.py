@@ -115,6 +115,10 @@ class EMASpec:
     enabled: bool = False
     decay: float = 0.999
     """Averaging horizon ~ 1 / (1 - decay) steps; 0.9999 for long GPU runs, lower for short CPU runs."""
+    warmup: bool = False
+    """Decay warm-up: step n (counted from the run's first step) uses min(decay, (1 + n) / (10 + n)), so the
+    average forgets the random initial weights within tens of steps instead of ~1 / (1 - decay) (timm's and
+    diffusers' `use_ema_warmup`). Off by default: the long-horizon recipes start from a good model anyway."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
@@ -152,10 +156,12 @@ class DataSpec:
     """How each rank reads its clips (Ray Data -> the training device)."""
 
     shuffle: Literal["global", "local"] = "global"
-    """`global`: every epoch reads the shard files and their row groups in a new seeded order, then mixes
-    rows in a local buffer; `local`: files in order, local buffer only (reproduces older runs)."""
+    """`global`: every epoch reads the shard files in a new seeded order and each file's rows in a seeded
+    permutation (data.StagePlan: a function of seed, stage, epoch and file, so a resume reads what the
+    uninterrupted run would have); `local`: files and rows in order."""
     shuffle_buffer: int = 64
-    """Rows in the per-rank shuffle buffer (rows of one file arrive together otherwise)."""
+    """Accepted for older recipes and unused: rows are mixed by the per-file permutation above, since a per-rank
+    buffer's contents are lost at a restart (a resumed run would then draw other batches)."""
     prefetch_batches: int = 2
     """Micro-batches prepared ahead of the step (decoded, collated and, on cuda, copied to the device)."""
     pin_memory: bool = True
@@ -340,6 +346,15 @@ class Recipe:
     which a 15-minute demo never earns back (benchmarks/RESULTS.md, compile_train_step_ratio); on for long runs.
     Needs deepspeed.zero_stage <= 2: ZeRO-3's per-module parameter hooks made Dynamo recompile on every module
     (its limit of 64 graphs was hit within the first step, measured on CPU)."""
+    checkpoint_fraction: float = 0.0
+    """Selective activation checkpointing: this fraction of the DiT blocks recompute their activations in the
+    backward (spread evenly over depth, applied from outside the model, as torchtitan's selective per-layer AC).
+    0 keeps every activation; 1 checkpoints every block (model.gradient_checkpointing does the same); between
+    them memory and recompute trade block by block (0.5: every other block)."""
+    peak_tflops: float | None = None
+    """The device's dense peak (TFLOP/s per worker, at the training precision) that MFU in metrics.csv divides
+    by. None: looked up from the GPU's name (metrics.PEAK_TFLOPS: A100, H100, H200, L40S, ...) or, on cpu, a
+    nominal CPU figure; set it for devices the table does not know."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -366,6 +381,10 @@ class Recipe:
             raise ConfigError(
                 "compile: true needs deepspeed.zero_stage <= 2 (ZeRO-3's parameter hooks recompile the graph per module)"
             )
+        if not 0.0 <= self.checkpoint_fraction <= 1.0:
+            raise ConfigError(f"checkpoint_fraction must be in [0, 1], got {self.checkpoint_fraction}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"peak_tflops must be > 0, got {self.peak_tflops}")
         if self.sequence_parallel_size < 1:
             raise ConfigError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size}")
         if self.lora is not None and not self.init_from:

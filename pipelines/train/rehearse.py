@@ -270,9 +270,11 @@ def ran_line(plan: Plan, recipe: Any, seconds: float, crash: int, resumed: int) 
     if recipe.init_from:
         parts.append("init_from a tiny export")
     if recipe.ema.enabled:
-        parts.append(f"EMA {recipe.ema.decay:g}")
+        parts.append(f"EMA {recipe.ema.decay:g}" + (" with warm-up" if recipe.ema.warmup else ""))
     if recipe.model_config().gradient_checkpointing:
         parts.append("gradient checkpointing")
+    elif recipe.checkpoint_fraction > 0:
+        parts.append(f"selective checkpointing {recipe.checkpoint_fraction:g}")
     if recipe.compile:
         parts.append("torch.compile")
     parts.append(f"worker killed after step {crash}, resumed from step {resumed}")

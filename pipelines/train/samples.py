@@ -29,7 +29,7 @@ class StageSampler:
         from pipelines.train.storage import RunStore
 
         self.store = RunStore(run_uri)
-        self.device = device
+        self.device = sampler_device(device)
         self.text_encoder = None
         self.written: list[str] = []
         self.failed: list[str] = []
@@ -83,7 +83,17 @@ class StageSampler:
         return {"written": list(self.written), "failed": list(self.failed)}
 
 
-def start_sampler(run_uri: str, num_cpus: float, num_gpus: float) -> Any:
+def sampler_device(training_device: str, cuda_available: bool | None = None) -> str:
+    """Where the actor samples: the training device. A cuda run's actor with no GPU reserved (`sample.num_gpus` 0)
+    still sees its node's GPUs (Ray hides GPUs only from tasks it gives some to) and samples beside training there,
+    in a fraction of one GPU's memory; CPU only where no GPU is visible at all."""
+    import torch
+
+    visible = torch.cuda.is_available() if cuda_available is None else cuda_available
+    return "cuda" if training_device == "cuda" and visible else "cpu"
+
+
+def start_sampler(run_uri: str, num_cpus: float, num_gpus: float, device: str = "cpu") -> Any:
     """The driver's sampler actor, placed and ready before training starts (None when it cannot be placed).
 
     Placed first so that requests from rank 0 go straight to a live actor: a request queued at a caller
@@ -91,7 +101,7 @@ def start_sampler(run_uri: str, num_cpus: float, num_gpus: float) -> Any:
     """
     import ray
 
-    device = "cuda" if num_gpus > 0 else "cpu"
+    device = "cuda" if num_gpus > 0 else device
     actor = ray.remote(StageSampler).options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1).remote(run_uri, device)
     ready = actor.ready.remote()
     done, _ = ray.wait([ready], timeout=120)

@@ -11,7 +11,7 @@ activation memory falls as 1/sp; communication per layer is 4 all-to-alls of the
                                     drop_text, group)   # (B, C, T, H, W) on every rank of the group
 
 How training uses it (`pipelines/train/worker.py`, recipe `sequence_parallel_size`): the ranks of a group
-train on the same micro-batch (the group's first rank broadcasts it) with the same noise; the prediction is
+train on the same micro-batch (the group's first rank, its only reader, broadcasts it) with the same noise; the prediction is
 all-gathered so every rank computes the same loss, and the backward of that gather hands each rank its
 piece's gradient. Each rank's weight gradients are then its piece's share of the full gradient, so the loss
 is scaled by sp before backward: DeepSpeed's mean over the data-parallel world (ZeRO-3's reduce-scatter
@@ -121,11 +121,37 @@ def sequence_parallel_forward(
     return unpatchify(full, grid, patch_size, in_channels)  # (B, C, T, H, W)
 
 
-def broadcast_batch(batch: dict[str, torch.Tensor], group: Any, src: int) -> dict[str, torch.Tensor]:
-    """The group's first rank's micro-batch on every rank of the group (shapes may differ per rank)."""
-    box = [batch if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+def collective_device(backend: str) -> torch.device:
+    """Where a tensor must be for a collective on `backend`: NCCL moves CUDA tensors only, gloo CPU ones."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def broadcast_batch(batch: dict[str, Any] | None, group: Any, src: int, device: torch.device) -> dict[str, Any]:
+    """The group's reader's micro-batch on every rank of the group (`batch` is None on the others).
+
+    What describes it (keys, shapes, dtypes, and small Python values such as a pack's grids) goes by one object
+    broadcast; the tensors by `dist.broadcast` on the group's device, each landing on `device`. Pickling tensors
+    into `broadcast_object_list` would copy every CUDA tensor to the host and back, and on NCCL the pickled
+    bytes themselves travel through the GPU.
+    """
+    mine = dist.get_rank() == src
+    meta: list[Any] = [None]
+    if mine:
+        meta[0] = {k: ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v) for k, v in batch.items()}
+    dist.broadcast_object_list(meta, src=src, group=group)
+    wire = collective_device(dist.get_backend(group))
+    out: dict[str, Any] = {}
+    for key, desc in meta[0].items():
+        if desc[0] == "value":
+            out[key] = batch[key] if mine else desc[1]
+            continue
+        _, shape, dtype = desc
+        t = batch[key].to(wire) if mine else torch.empty(shape, dtype=dtype, device=wire)
+        dist.broadcast(t, src=src, group=group)
+        out[key] = batch[key] if mine else t.to(device)
+    return out
 
 
 def new_groups(world: int, sp: int) -> tuple[Any, int, int]:

@@ -25,6 +25,15 @@ def step_seed(seed: int, global_step: int, rank: int, micro: int) -> int:
     return (seed * 1_000_003 + global_step * 10_007 + rank * 101 + micro) % (2**63 - 1)
 
 
+def token_weights(tokens: list[float], total: float, world: int) -> list[float]:
+    """Loss scales of this rank's micro-batches of `tokens` tokens each, `total` the tokens of the step's micro-batches
+    on all `world` ranks (each rank draws as many): each micro-batch's token count over the mean micro-batch's. The
+    mean of loss x scale over ranks and micro-batches, what DeepSpeed's averaged gradient follows, is then the mean
+    over every token of the step."""
+    mean = total / (world * len(tokens))
+    return [t / mean for t in tokens]
+
+
 @dataclass
 class StepResult:
     means: np.ndarray
@@ -35,7 +44,7 @@ class StepResult:
     rows: int = 0
     """Rows of the stage stream all ranks drew in this step (skipped micro-batches included): the stream position moves by this."""
     clips: int = 0
-    """Clips all ranks trained on (a sequence-parallel group counts its shared clips once per rank)."""
+    """Clips all ranks trained on (a sequence-parallel group's shared clips counted once)."""
     tokens: int = 0
     """Their tokens."""
     fatal: str | None = None
@@ -145,29 +154,53 @@ class Stepper:
             perceptual_net=self.perceptual,
         )  # fmt: skip
 
-    def run(self, batches: Any, global_step: int, consumed: int) -> tuple[StepResult, int]:
-        """One optimizer step (global step `global_step + 1`); returns the result and micro-batches drawn so far."""
-        stage = self.stage
-        sums = np.zeros(len(LOSS_TERMS))
-        micro = skipped = epoch = 0
-        rows = clips = tokens = 0.0
-        while micro < stage.grad_accum:
-            batch = next(batches)
-            consumed += 1
-            epoch = int(batch["epoch"].max())  # the shuffle buffer mixes the last rows of an epoch with the next
+    def _draw(self, batches: Any) -> tuple[dict[str, Any], int, int]:
+        """The next micro-batch (the group reader's, on every rank of a sequence-parallel group), with the rows and
+        tokens this rank drew for it (0 on a rank that only received it: each clip is counted once)."""
+        batch = next(batches) if batches is not None else None
+        drawn = size = 0
+        if batch is not None:
             drawn = int(batch["rows"]) if "grids" in batch else int(batch["patches"].shape[0])
             size = sum(math.prod(g) for g in batch["grids"]) if "grids" in batch else drawn * self.num_tokens
-            if self.par is not None:
-                batch = self.par.share({k: v for k, v in batch.items() if k != "epoch"})
+        if self.par is not None:
+            batch = self.par.share(batch)
+        return batch, drawn, size
+
+    def _token_weights(self, batches: list[dict[str, Any]]) -> list[float]:
+        """Loss scale of each of this rank's packed micro-batches: its tokens over the mean tokens of a micro-batch
+        of this step on any rank. DeepSpeed averages gradients over ranks and micro-batches, so with these scales
+        the step's gradient is that of the token-weighted mean over every clip of the step (a pack of 10 tokens
+        no longer weighs what a pack of 160 does). One-bucket micro-batches all hold as many tokens: 1 each."""
+        if not batches or "grids" not in batches[0]:
+            return [1.0] * len(batches)
+        tokens = [float(sum(math.prod(g) for g in b["grids"])) for b in batches]
+        return token_weights(tokens, self._allreduce([sum(tokens)])[0], self.world)
+
+    def run(self, batches: Any, global_step: int) -> StepResult:
+        """One optimizer step (global step `global_step + 1`) from `batches` (None on a rank that only receives)."""
+        stage = self.stage
+        sums = np.zeros(len(LOSS_TERMS))
+        micro = skipped = epoch = drawn_here = 0
+        rows = clips = tokens = 0.0
+        # The step's micro-batches are drawn first: a packed stage weighs each by its share of all their tokens.
+        pending = [self._draw(batches) for _ in range(stage.grad_accum)]
+        weights = self._token_weights([b for b, _, _ in pending])
+        while micro < stage.grad_accum:
+            batch, drawn, size = pending.pop(0) if pending else self._draw(batches)
+            weight = weights[micro] if micro < len(weights) else 1.0  # a replacement for a skipped one: its own scale
+            epoch = max(epoch, int(batch["epoch"].max()))
+            # Seeded by what the micro-batch is in the run (seed, step, data-parallel rank, draw within the step),
+            # never by a counter of this attempt, so a resumed step draws the noise the uninterrupted one drew.
             seed_rank = self.par.dp_rank if self.par is not None else self.rank  # a sequence-parallel group draws alike
-            gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, global_step, seed_rank, consumed))
+            gen = torch.Generator().manual_seed(step_seed(self.recipe.seed, global_step, seed_rank, drawn_here))
+            drawn_here += 1
             self.engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
-            terms = self._losses(batch, gen)
+            terms = self._losses({k: v for k, v in batch.items() if k != "epoch"}, gen)
             if self.nan_at and global_step + 1 == self.nan_at and self.nan_count > 0:
                 self.nan_count -= 1
                 if self.rank == 0:
                     terms["loss"] = terms["loss"] * float("nan")
-            values = [float(terms[key].detach()) for key in LOSS_TERMS]  # every term is a tensor (combine_losses)
+            values = [float(terms[key].detach()) * weight for key in LOSS_TERMS]  # every term is a tensor (combine_losses)
             bad = not all(math.isfinite(v) for v in values)
             n = len(LOSS_TERMS)
             reduced = self._allreduce([*(0.0 if bad else v for v in values), float(bad), float(drawn), float(size)])
@@ -182,13 +215,13 @@ class Stepper:
                         f"{global_step + 1}: stopped; the last good checkpoint is intact (lower the stage's lr or "
                         "raise warmup_steps, then --resume)"
                     )
-                    return StepResult(sums, epoch, skipped, int(rows), int(clips), int(tokens), fatal), consumed
+                    return StepResult(sums, epoch, skipped, int(rows), int(clips), int(tokens), fatal)
                 continue
             self.bad_in_row = 0
             sums += np.asarray(reduced[:n]) / self.world
             clips += reduced[n + 1]
             tokens += reduced[n + 2]
-            self.engine.backward(terms["loss"] * (self.par.loss_scale if self.par is not None else 1.0))
+            self.engine.backward(terms["loss"] * weight * (self.par.loss_scale if self.par is not None else 1.0))
             self.engine.step()
             micro += 1
-        return StepResult(sums / stage.grad_accum, epoch, skipped, int(rows), int(clips), int(tokens)), consumed
+        return StepResult(sums / stage.grad_accum, epoch, skipped, int(rows), int(clips), int(tokens))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -54,6 +53,9 @@ CRASH_ENV = "SORA_TRAIN_CRASH_AT_STEP"
 """Fault injection for tests: the last rank dies once after this global step (a lost worker)."""
 NAN_ENV = "SORA_TRAIN_NAN_AT_STEP"
 """Fault injection for tests: a non-finite loss in this step (`N` or `N:COUNT` micro-batches in a row)."""
+DEVICE_WAIT_ENV = "SORA_TRAIN_GPU_WAIT_S"
+DEVICE_WAIT_S = float(os.environ.get(DEVICE_WAIT_ENV) or 900.0)
+"""How long `sora train` waits for an autoscaler to add the GPUs a cuda run asks for (cloud GPU nodes take minutes)."""
 DEFAULT_GPU_WORKER_CPUS = 8.0
 """CPUs per GPU worker when the recipe does not say: its loader, the host side of the step, CPU offload."""
 
@@ -75,6 +77,8 @@ class TrainOptions:
     resume: bool = False
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this global step; `--resume` continues. For job slots and tests."""
+    profile: int = 0
+    """Record a torch.profiler trace of this many steps (after one warm-up step) into RUN/profile/ (profile.py)."""
 
 
 def _check_run_dir(opts: TrainOptions, recipe: Recipe) -> RunStore:
@@ -131,8 +135,21 @@ def autoscaler_running() -> bool:
     return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
-def check_devices(recipe: Recipe, num_workers: int) -> None:
-    """Fail in seconds, not never, when the declared GPUs cannot come: none now and no autoscaler to add them."""
+def _recorded_device(run_dir: str) -> str | None:
+    """The `--device` the run's last start in run.json gave (None: it used the recipe's)."""
+    store = RunStore(run_dir)
+    if not store.exists("run.json"):
+        return None
+    device = None
+    for line in store.read_text("run.json").splitlines():
+        if line.strip():
+            device = json.loads(line).get("device") or device
+    return device
+
+
+def check_devices(recipe: Recipe, num_workers: int, deadline_s: float = DEVICE_WAIT_S, poll_s: float = 5.0) -> None:
+    """Fail in seconds, not never, when the declared GPUs cannot come: none now and no autoscaler to add them;
+    with an autoscaler, wait at most `deadline_s` for it to add them, then say what is still missing."""
     import ray
 
     if recipe.device != "cuda":
@@ -141,8 +158,18 @@ def check_devices(recipe: Recipe, num_workers: int) -> None:
     if have >= num_workers:
         return
     if autoscaler_running():
-        console.say(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting for the autoscaler to add nodes")  # fmt: skip
-        return
+        console.say(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting up to {deadline_s:.0f}s for the autoscaler to add nodes")  # fmt: skip
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            time.sleep(min(poll_s, max(0.0, end - time.monotonic())))
+            have = float(ray.cluster_resources().get("GPU", 0))
+            if have >= num_workers:
+                return
+        raise _user_error(
+            f"device cuda needs {num_workers} GPUs (one per worker) but after {deadline_s:.0f}s the autoscaler has added "
+            f"only {have:g}: {num_workers - have:g} GPU(s) missing (check the cluster's GPU node types and max_workers, "
+            f"lower --workers, or wait longer: {DEVICE_WAIT_ENV}=SECONDS)"
+        )
     raise _user_error(
         f"device cuda needs {num_workers} GPUs (one per worker) but this cluster has {have:g} and no autoscaler to add "
         "more; run on a GPU cluster, lower --workers, or train with --device cpu"
@@ -150,24 +177,25 @@ def check_devices(recipe: Recipe, num_workers: int) -> None:
 
 
 def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers: int, start: dict[str, Any] | None,
-                   read_cpus: float) -> tuple[dict, dict]:  # fmt: skip
-    """Per stage still to run: (its grid, clip count and start sample; its Ray Data stream from that sample on).
+                   read_cpus: float) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Per stage still to run: its grid, clip count, start sample and `StageStream` (the plan its ranks read).
 
     `start` is the trainer state of the checkpoint the run resumes from (None for a fresh run): the
     stream of the stage it stopped in begins at its `consumed_samples`, so nothing consumed is read again.
+    The workers build their readers from it (data.py), so a restart inside the run starts at its checkpoint too.
     """
     from pipelines.data.load import bucket_files
-    from pipelines.train.data import STREAM_SLACK_EPOCHS, StagePlan, stage_dataset
+    from pipelines.train.data import StagePlan, StageStream
 
     first = start["stage_index"] if start else 0
     stages: dict[str, dict[str, Any]] = {}
-    datasets: dict[str, Any] = {}
+    groups = num_workers // recipe.sequence_parallel_size  # one reader per sequence-parallel group
     for i, stage in enumerate(recipe.stages):
         sd = stage_data[stage.name]
-        if sd.num_clips < stage.micro_batch * num_workers:
+        if sd.num_clips < stage.micro_batch * groups:
             raise _user_error(
                 f"stages[{i}] ({stage.name}): {sd.num_clips} clips in bucket {sd.bucket} are fewer than "
-                f"micro_batch {stage.micro_batch} x {num_workers} workers; prepare more clips or lower micro_batch"
+                f"micro_batch {stage.micro_batch} x {groups} data-parallel groups; prepare more clips or lower micro_batch"
             )
         if i < first:
             continue
@@ -176,16 +204,12 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
         if stage.mixed:  # one stream over every bucket's files, each row carrying its grid
             pairs = [(f, part.grid) for part in sd.parts for p in part.paths for f in bucket_files(p, part.bucket)[2]]
             plan = StagePlan.from_files([f for f, _ in pairs], recipe.seed, i, shuffle, grids=[g for _, g in pairs])
-            per_micro = stage.tokens_per_batch // min(math.prod(part.grid) for part in sd.parts)  # the most clips a pack holds
         else:
             files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
             plan = StagePlan.from_files(files, recipe.seed, i, shuffle)
-            per_micro = stage.micro_batch
-        # Every sample the stage's steps draw, plus slack for micro-batches skipped as non-finite (lazy: unread).
-        needed = stage.steps * stage.grad_accum * per_micro * num_workers + STREAM_SLACK_EPOCHS * plan.rows_per_epoch
-        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin}
-        datasets[stage.name] = stage_dataset(plan, begin, needed, read_cpus, readers=2 * num_workers)
-    return stages, datasets
+        stream = StageStream(plan, stage.micro_batch, stage.tokens_per_batch if stage.mixed else 0, read_cpus, readers=2)
+        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin, "stream": stream}
+    return stages
 
 
 def latest_checkpoint(store: RunStore, name: str) -> str | None:
@@ -220,7 +244,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
     per_worker = _resources(recipe, num_workers, cluster_cpus)
     # Read tasks take what CPU the workers leave; on a laptop they leave none, and reading Parquet is light.
     spare = cluster_cpus - per_worker["CPU"] * num_workers
-    stages, datasets = _stage_streams(recipe, stage_data, num_workers, start, max(0.0, min(1.0, spare)) if spare >= 0.25 else 0.0)
+    stages = _stage_streams(recipe, stage_data, num_workers, start, max(0.0, min(1.0, spare)) if spare >= 0.25 else 0.0)
     nan_at, _, nan_count = os.environ.get(NAN_ENV, "").partition(":")
     config = {
         "recipe": recipe_to_dict(recipe),
@@ -232,6 +256,7 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         "nan_at_step": int(nan_at or 0),
         "nan_count": int(nan_count or 1),
         "stop_at_step": opts.stop_at_step or 0,
+        "profile_steps": opts.profile,
         "null_prompt": null_prompt,
         "remote_progress": console.active() is not None,  # rank 0's bar drawn by the driver's console
     }
@@ -242,7 +267,6 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         train_loop_config=config,
         torch_config=TorchConfig(timeout_s=recipe.process_group_timeout_s),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=recipe.device == "cuda", resources_per_worker=per_worker),
-        datasets=datasets,
         run_config=RunConfig(
             name=recipe.name,
             storage_path=f"{path}/{RAY_RESULTS}",
@@ -271,8 +295,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     """Validate everything that can be checked without Ray, then run the trainer; returns a summary."""
     recipe = load_recipe(opts.recipe)
     check_init(recipe)
-    if opts.device is not None:
-        recipe.device = opts.device
+    device = opts.device or (_recorded_device(opts.run_dir) if opts.resume else None)
+    if device is not None:  # --device, or on --resume the device the run was started (or last resumed) with
+        recipe.device = device
     if opts.workers is not None and opts.workers < 1:
         raise _user_error(f"--workers must be >= 1, got {opts.workers}")
     num_workers = opts.workers or recipe.workers
@@ -280,6 +305,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         raise _user_error(f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({num_workers})")
     if opts.stop_at_step is not None and opts.stop_at_step < 1:
         raise _user_error(f"--stop-at-step must be >= 1, got {opts.stop_at_step}")
+    if opts.profile < 0 or opts.profile > recipe.total_steps:
+        raise _user_error(f"--profile must be between 1 and the recipe's {recipe.total_steps} steps, got {opts.profile}")
     if not opts.data:
         raise _user_error("--data needs at least one prepared folder")
     stage_data = resolve_stage_data(recipe, opts.data)
@@ -300,7 +327,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     sample = recipe.sample
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
-    sampler = start_sampler(store.uri, sample_cpus, sample.num_gpus) if wants_samples else None
+    sampler = start_sampler(store.uri, sample_cpus, sample.num_gpus, recipe.device) if wants_samples else None
     trainer = build_trainer(opts, recipe, stage_data, store, sampler, start, _null_prompt(recipe, stage_data))
     t0 = time.perf_counter()
     try:
@@ -362,6 +389,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the workers train (default: the recipe's `device`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this global step (continue with --resume)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="write a torch.profiler trace of N steps (after one warm-up step) to RUN/profile/")  # fmt: skip
     console.add_arguments(p)
     p.set_defaults(resume_hint="continue with --resume")
 
@@ -375,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         stop_at_step=args.stop_at_step,
+        profile=args.profile,
     )
     console.start_for(args, "sora train")
     summary = train(opts)

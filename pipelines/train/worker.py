@@ -119,39 +119,36 @@ def _restore(recipe: Recipe, world: int, rank: int, bf16: bool, checkpoint: Any)
         saved = read_state(ckpt_dir) if ckpt_dir else None
         universal = saved is not None and saved["world_size"] != world
         engine, module = build_engine(recipe, world, load_universal=universal)
-        ema = PartitionEMA(module, recipe.ema.decay, bf16) if recipe.ema.enabled else None
+        ema = PartitionEMA(module, recipe.ema.decay, bf16, recipe.ema.warmup) if recipe.ema.enabled else None
         if ckpt_dir:
             saved = restore(engine, ema, ckpt_dir, rank, world)
     return engine, module, ema, saved
 
 
-def _stage_stream(config: dict[str, Any], si: int, stage: StageSpec, start_sample: int, world: int, device):
-    """This rank's micro-batches of the stage stream, from `start_sample` on.
+def _stage_stream(config: dict[str, Any], stage: StageSpec, start_sample: int, steps_left: int, rank: int, world: int, device):
+    """This rank's micro-batches of the stage stream from `start_sample` on; None on a rank that does not read.
 
-    The driver started the stream at the position the run (re)started from; after a restart inside the
-    same run (a lost worker), the checkpoint may stand further on, and the rows in between are drawn and
-    dropped (`--resume` never does this: its stream starts at the checkpoint).
+    One rank per sequence-parallel group reads (its group's share of the stage's micro-batches, `data.py`);
+    the group's other ranks receive each micro-batch from it (`parallelize.Parallel.share`). A restart inside a
+    run or a `--resume` starts reading at the checkpoint's sample: nothing before it is read again.
     """
-    import ray.train
-
-    from pipelines.train.data import device_batches
+    from pipelines.train.data import STREAM_SLACK_MICRO, device_batches, reader_dataset, reader_micro_batches
 
     recipe = parse_recipe(config["recipe"])
+    sp = recipe.sequence_parallel_size
+    if rank % sp:
+        return None
     spec, trim = recipe.data, recipe.model_config().text_padding == "masked"  # Wan attends to its caption padding: keep it
-    shard = ray.train.get_dataset_shard(stage.name)
-    seed = config["recipe"]["seed"] * 7919 + si
-    ahead = start_sample - config["stages"][stage.name]["start_sample"]
-    if stage.mixed:  # packs hold varying numbers of clips: skip rows, this rank's share of them
+    stream = config["stages"][stage.name]["stream"]
+    count = steps_left * stage.grad_accum + max(STREAM_SLACK_MICRO, steps_left * stage.grad_accum // 10)
+    mbs = reader_micro_batches(stream, start_sample, rank // sp, world // sp, count)
+    dataset = reader_dataset(stream, mbs)
+    if stage.mixed:
         from pipelines.train.packing import packed_batches
 
-        pin = spec.pin_memory and device.type == "cuda"
-        return packed_batches(shard, stage.tokens_per_batch, spec.shuffle_buffer, spec.prefetch_batches, device, seed,
-                              skip_rows=max(0, ahead) // world, pin=pin, trim_text=trim)  # fmt: skip
-    batches = iter(device_batches(shard, stage, spec, device, seed=seed, trim_text=trim))
-    skip = ahead // (stage.micro_batch * world)
-    for _ in range(max(0, skip)):
-        next(batches)
-    return batches
+        sizes = [sum(b - a for _, _, a, b in mb) for mb in mbs]
+        return packed_batches(dataset, sizes, spec.prefetch_batches, device, pin=spec.pin_memory and device.type == "cuda", trim_text=trim)
+    return iter(device_batches(dataset, stage.micro_batch, spec, device, trim_text=trim))
 
 
 def _export(module: torch.nn.Module, ema: Any, rank: int, bf16: bool) -> tuple[dict | None, dict | None]:
@@ -198,7 +195,7 @@ class RankRun:
             self._open_early(0)
         # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
         self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16, checkpoint)
-        self.par = parallelize(self.engine, self.recipe, self.world)  # sequence parallelism and compile, as the recipe asks
+        self.par = parallelize(self.engine, self.recipe, self.world, self.device)  # sequence parallelism and compile, as the recipe asks
         self.diffusion = build_diffusion(self.recipe.diffusion)
         self.state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
         if saved is not None:
@@ -211,6 +208,11 @@ class RankRun:
         self.last_metrics: dict[str, Any] = {}
         self.final: tuple[dict | None, dict | None] = (None, None)
         self.exported = False
+        self.profiler = None
+        if int(config.get("profile_steps") or 0) > 0:  # --profile N: this attempt's steps, from its first on
+            from pipelines.train.profile import StepProfiler
+
+            self.profiler = StepProfiler(int(config["profile_steps"]), config["run_dir"], self.rank, self.device, self.state["global_step"])
 
     def _start_rank_zero(self, note: str) -> RankZero | None:
         """Where each rank's parameters live (the partition sizes prove ZeRO-3 sharded them); rank 0 records it."""
@@ -293,21 +295,24 @@ class RankRun:
         self.engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * self.world)
         stepper = self._stepper(stage)
         early = self.early.pop(si, None)
-        batches = early.batches() if early else _stage_stream(self.config, si, stage, start_sample, self.world, self.device)
-        drawn, consumed = 0, start_sample
+        batches = early.batches() if early else _stage_stream(self.config, stage, start_sample, stage.steps - k0, self.rank, self.world, self.device)
+        consumed = start_sample
         if self.zero:
             self.zero.progress.set_description(f"{stage.name} ({si + 1}/{len(self.recipe.stages)})")
         self.engine.train()
         for k in range(k0, stage.steps):
             t0 = time.perf_counter()
-            result, drawn = stepper.run(batches, self.state["global_step"], drawn)
+            result = stepper.run(batches, self.state["global_step"])
             self.state["nonfinite_total"] += result.skipped
             if result.fatal:
                 self._end_for_good(result.fatal)
+                self._close_profiler()
                 return False
             self.state["global_step"] += 1
+            if self.profiler is not None:
+                self.profiler.step()
             if self.ema is not None:
-                self.ema.update(self.module)
+                self.ema.update(self.module, self.state["global_step"])
             consumed += result.rows
             self._record(stage, k, result, time.perf_counter() - t0)
             if k == k0 and si + 1 < len(self.recipe.stages):
@@ -315,8 +320,13 @@ class RankRun:
             _maybe_crash(int(self.config.get("crash_at_step") or 0), self.state["global_step"], self.rank, self.world,
                          self.config["run_dir"])  # fmt: skip
             if not self._after_step(si, k, consumed):
+                self._close_profiler()
                 return False
         return True
+
+    def _close_profiler(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
 
     def _open_early(self, si: int) -> None:
         """Open stage `si`'s stream from its first sample in the background (`EarlyStream`): its start-up
@@ -324,7 +334,9 @@ class RankRun:
         from pipelines.train.data import EarlyStream
 
         stage = self.recipe.stages[si]
-        self.early[si] = EarlyStream(lambda: _stage_stream(self.config, si, stage, 0, self.world, self.device), stage.name)
+        if self.rank % self.recipe.sequence_parallel_size:
+            return  # not this sequence-parallel group's reader
+        self.early[si] = EarlyStream(lambda: _stage_stream(self.config, stage, 0, stage.steps, self.rank, self.world, self.device), stage.name)
 
     def _record(self, stage: StageSpec, k: int, result: Any, step_time: float) -> None:
         """Rank 0: one metrics row, the progress bar, and a line when micro-batches were skipped."""
@@ -337,19 +349,28 @@ class RankRun:
             print(f"[sora train] non-finite loss at step {step} (stage {stage.name}); {result.skipped} micro-batch(es) "
                   "skipped", file=sys.stderr, flush=True)  # fmt: skip
         grad_norm = self.engine.get_global_grad_norm()
-        sp = self.par.sp  # a sequence-parallel group shares clips: each counted once
         m = result.means
         row = {
             "step": step, "stage": stage.name, "stage_step": k + 1, "epoch": result.epoch, "loss": m[0], "diffusion": m[1],
             "temporal_consistency": m[2], "motion_smoothness": m[3], "perceptual": m[4], "lr": lr_at(self.recipe, step - 1),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "samples_per_s": result.clips / sp / step_time,
-            "tokens_per_s": result.tokens / sp / step_time, "step_time_s": step_time,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "samples_per_s": result.clips / step_time,
+            "tokens_per_s": result.tokens / step_time, "mfu": self._mfu(stage, result.tokens / step_time), "step_time_s": step_time,
             "nonfinite_skipped": self.state["nonfinite_total"], "time": time.time(),
         }  # fmt: skip
         self.zero.log.log(row)
         self.zero.progress.update(1)
         self.zero.progress.set_postfix(loss=f"{m[0]:.4f}", lr=f"{row['lr']:.2e}")
-        self.last_metrics = {key: row[key] for key in ("loss", "diffusion", "lr", "grad_norm", "samples_per_s", "tokens_per_s")}
+        self.last_metrics = {key: row[key] for key in ("loss", "diffusion", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu")}
+
+    def _mfu(self, stage: StageSpec, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation: the step's model FLOPs per second over every worker's peak (metrics.py)."""
+        from pipelines.train.metrics import peak_tflops, train_flops_per_token
+
+        grid = self.config["stages"][stage.name]["grid"]
+        per_token = train_flops_per_token(self.recipe.model_config(), grid[0] * grid[1] * grid[2], self.recipe.text_encoder.max_length)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        peak = peak_tflops(name, self.bf16, self.recipe.peak_tflops) * 1e12 * self.world
+        return tokens_per_s * per_token / peak
 
     def _after_step(self, si: int, k: int, consumed_samples: int) -> bool:
         """Checkpoint, stage-end export and samples; False when --stop-at-step stops the run here."""
@@ -390,6 +411,7 @@ class RankRun:
 
     def finish(self) -> None:
         """The final export: the last stage's, gathered at its end (or now, if it ended in an earlier attempt)."""
+        self._close_profiler()
         if not self.exported:
             self.final = _export(self.module, self.ema, self.rank, self.bf16)
         if self.zero:

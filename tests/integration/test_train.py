@@ -74,8 +74,9 @@ def test_smoke_run_survives_a_crash_and_exports(data, tmp_path, monkeypatch):
     # The loss falls over the image stage.
     losses = [float(r["loss"]) for r in rows if r["stage"] == "images"]
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
-    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "diffusion", "temporal_consistency"):
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "diffusion", "temporal_consistency"):
         assert all(r[key] != "" for r in rows)
+    assert all(0 < float(r["mfu"]) < 1 for r in rows)  # model FLOPs/s over the workers' (nominal CPU) peak
 
     # Checkpoints (every rank's DeepSpeed shard), samples, curves, TensorBoard.
     ckpts = sorted((run / "ray_results" / "smoke-cpu").glob("checkpoint_0*"))

@@ -152,7 +152,7 @@ def test_device_is_declared_and_sizes_the_workers():
 def test_the_stream_draws_each_clips_captions_reproducibly(tmp_path):
     """A clip with several captions: epochs of the stream pair it with each of them, the same ones on a re-read."""
     from pipelines.data.prepare.captions import EmbedCaptions
-    from pipelines.train.data import _ReadUnits
+    from pipelines.train.data import _ReadSegments, _segments
     from sora_model.config import TextEncoderConfig
 
     rows = EmbedCaptions(TextEncoderConfig())(
@@ -160,12 +160,12 @@ def test_the_stream_draws_each_clips_captions_reproducibly(tmp_path):
     ).drop_columns(["bucket"])
     path = tmp_path / "part-0.parquet"
     pq.write_table(rows, path)
-    p = StagePlan.from_files([str(path)], seed=0, stage_index=0)
-    units = np.asarray(p.units(0, 2 * 40), dtype=np.int64)
-    read = _ReadUnits(p.files, units, ("caption", "text_tokens"), seed=7)
-    out = read({"id": np.arange(len(units))})
+    p = StagePlan.from_files([str(path)], seed=0, stage_index=0, shuffle=False)
+    segments = _segments([p.units(0, 2 * 40)])
+    read = _ReadSegments(p, segments, ("caption", "text_tokens"))
+    out = read({"id": np.arange(len(segments))})
     captions = [str(c) for c in out["caption"]]
     assert set(captions[0::2]) == {"one"} and set(captions[1::2]) == {"one", "four", "five"}
     assert out["text_tokens"].shape == (80, 32, 384) and out["epoch"].tolist() == [e for e in range(40) for _ in (0, 1)]
-    again = read({"id": np.arange(len(units))})
-    assert [str(c) for c in again["caption"]] == captions  # seeded by the unit: a resumed run draws the same
+    again = read({"id": np.arange(len(segments))})
+    assert [str(c) for c in again["caption"]] == captions  # seeded by (epoch, file): a resumed run draws the same
