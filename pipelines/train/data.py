@@ -123,8 +123,9 @@ class StagePlan:
         epoch, pos, row = self.locate(start_sample)
         pack: list[tuple[int, int, int, int]] = []
         size = 0  # samples (one bucket) or tokens (mixed) in `pack`
+        order = self.order(epoch)
         while True:
-            i = self.order(epoch)[pos]
+            i = order[pos]
             per = math.prod(self.grids[i]) if budget else 1
             limit = budget if budget else micro_batch
             while row < self.rows[i]:
@@ -142,6 +143,7 @@ class StagePlan:
             pos, row = pos + 1, 0
             if pos == len(self.files):
                 epoch, pos = epoch + 1, 0
+                order = self.order(epoch)  # once an epoch: a permutation of every file
 
 
 @dataclass(frozen=True)
