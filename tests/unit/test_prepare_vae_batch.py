@@ -50,3 +50,32 @@ def test_the_override_is_checked_and_reaches_the_options(tmp_path):
     add_prepare_arguments(parser)
     args = parser.parse_args(["--manifest", "m.jsonl", "--out", str(tmp_path), "--buckets", "8x32x32", "--vae-batch-clips", "12"])
     assert options_from_args(args).vae_batch_clips == 12
+
+
+def test_an_out_of_memory_call_is_halved_and_remembered(monkeypatch):
+    """When the estimate is short for some VAE, CUDA's out-of-memory error halves the call (kept for the shape)
+    instead of failing the actor: the device's refusal is injected into a real autoencoder call here."""
+    import torch
+
+    from sora_model.config import AutoencoderConfig
+
+    patchify = encode.Patchify(AutoencoderConfig(), (1, 4, 4), batch_clips=8)
+    real, calls = patchify.autoencoder.encode, []
+
+    def encode_within_three(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(patchify.autoencoder, "encode", encode_within_three)
+    pixels = np.random.default_rng(0).integers(0, 255, (7, 4, 16, 16, 3), dtype=np.uint8)
+    tokens, _ = patchify(pixels)
+    assert calls == [7, 3, 3, 1] and patchify.oom_cap[(4, 16, 16, 3)] == 3
+    np.testing.assert_array_equal(tokens, encode.Patchify(AutoencoderConfig(), (1, 4, 4))(pixels)[0])
+    calls.clear()
+    patchify(pixels)
+    assert calls == [3, 3, 1]  # the next batch starts at the size that fitted
+    monkeypatch.setattr(patchify.autoencoder, "encode", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        patchify(pixels[:1])  # one clip that does not fit is the run's error, not a loop

@@ -135,6 +135,8 @@ class Patchify:
         self.batch_clips = batch_clips
         # Measured once, with the weights in place: one actor per GPU, so nothing else of ours takes from it.
         self.free_device_bytes = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.oom_cap: dict[tuple[int, ...], int] = {}
+        """Clips per call that a CUDA out-of-memory error cut a clip shape to (halving until it fits)."""
 
     def rows_per_call(self, pixels_shape: tuple[int, ...]) -> int:
         """Clips per autoencoder call (`vae_batch_clips` of one clip's shape)."""
@@ -146,15 +148,25 @@ class Patchify:
         from sora_model.autoencoder import pixels_to_model
         from sora_model.patch import patch_grid, patchify
 
-        step = self.rows_per_call(pixels.shape)
-        parts, grid = [], (0, 0, 0)
+        step = min(self.rows_per_call(pixels.shape), self.oom_cap.get(pixels.shape[1:], len(pixels)))
+        parts, grid, i = [], (0, 0, 0), 0
         with torch.no_grad():
-            for i in range(0, len(pixels), step):
+            while i < len(pixels):
                 # uint8 crosses to the device (4x less than float) and becomes float there.
                 chunk = torch.from_numpy(np.ascontiguousarray(pixels[i : i + step])).to(self.device)  # (b, F, H, W, 3)
-                latents = self.autoencoder.encode(pixels_to_model(chunk)).float()  # (b, C, T', H', W')
+                try:
+                    latents = self.autoencoder.encode(pixels_to_model(chunk)).float()  # (b, C, T', H', W')
+                except torch.cuda.OutOfMemoryError:
+                    if step == 1:
+                        raise
+                    # The estimate was short for this VAE: half the clips, kept for this shape from now on.
+                    del chunk
+                    torch.cuda.empty_cache()
+                    step = self.oom_cap[pixels.shape[1:]] = max(1, min(step, len(pixels) - i) // 2)
+                    continue
                 parts.append(patchify(latents, self.patch).cpu().numpy())  # (b, N, P)
                 grid = patch_grid(tuple(latents.shape[2:]), self.patch)
+                i += len(chunk)
         return np.concatenate(parts), grid
 
 
