@@ -2,8 +2,10 @@
 
 A remote input is downloaded to a temporary file for exactly as long as one stage needs it (the decoders
 want a seekable local file; a clip reads frames scattered through it) and removed right after, so a worker
-never accumulates the dataset on its disk (`--scratch DIR` says where). A request that fails for a transient
-reason (throttling, a reset connection, a timeout, EAGAIN) is retried with exponential backoff.
+never accumulates the dataset on its disk (`--scratch DIR` says where). The probe of a remote MP4/MOV does not
+download it: it reads byte ranges (`RangeFile`), so the decode stage's download is the file's one whole read
+(probe.RANGE_PROBE_SUFFIXES says which files). A request that fails for a transient reason (throttling, a reset
+connection, a timeout, EAGAIN) is retried with exponential backoff.
 
 Two kinds of failure, kept apart: the *input's* (missing, forbidden: `StorageError`, the input is rejected
 with the reason and the run goes on) and the *run's own storage* (a full or failing disk, a store that stays
