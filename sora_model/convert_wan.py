@@ -127,8 +127,8 @@ def output_row_order(patch: tuple[int, int, int], channels: int) -> torch.Tensor
 def dit_config_from_wan(config: dict, image_tokens: int | None = None) -> DiTConfig:
     """Our DiTConfig for a WanTransformer3DModel config.json; WanFolderError for what the DiT cannot express.
 
-    image_tokens: tokens the folder's image encoder gives per image (I2V folders); None for a WanPipeline folder,
-    whose transformer may then set none of IMAGE_KEYS."""
+    image_tokens: tokens the folder's image encoder gives per image (I2V folders; 0 for one without an image encoder);
+    None for a WanPipeline folder, whose transformer may then set none of IMAGE_KEYS."""
     if config.get("_class_name") != "WanTransformer3DModel":
         raise WanFolderError(f"transformer is a {config.get('_class_name')}, not a WanTransformer3DModel")
     if image_tokens is None:
@@ -168,6 +168,8 @@ def _image_options(config: dict, image_tokens: int | None, width: int) -> dict:
     image_dim = config.get("image_dim")
     if image_tokens is None or image_dim is None:
         return {}
+    if image_tokens == 0:
+        raise WanFolderError(f"transformer sets image_dim {image_dim} but the folder has no image_encoder")
     if int(config.get("added_kv_proj_dim") or 0) != width:
         raise WanFolderError(f"transformer added_kv_proj_dim {config.get('added_kv_proj_dim')} must equal its width {width} (Wan's image keys read embedded tokens)")
     positions = config.get("pos_embed_seq_len")
@@ -276,7 +278,9 @@ def pipeline_config_from_wan(folder: str | Path) -> PipelineConfig:
         raise WanFolderError(f"'{folder}' holds a {index.get('_class_name')}, not a WanPipeline or WanImageToVideoPipeline")
     if index.get("expand_timesteps"):
         raise WanFolderError(f"'{folder}' uses per-token timesteps (Wan2.2 TI2V), which are not supported")
-    image_tokens = _image_encoder_tokens(root) if index["_class_name"] == "WanImageToVideoPipeline" else None
+    image_tokens = None  # T2V; 0: I2V by latents alone (Wan2.2 I2V has no image encoder)
+    if index["_class_name"] == "WanImageToVideoPipeline":
+        image_tokens = 0 if index.get("image_encoder") in (None, [None, None]) else _image_encoder_tokens(root)
     model = dit_config_from_wan(_read_json(root / "transformer" / "config.json", "transformer config"), image_tokens)
     boundary = _experts(root, index, model, image_tokens)
     if image_tokens is not None and model.in_channels != 2 * model.predicted_channels + WAN_MASK_CHANNELS:

@@ -7,7 +7,9 @@ and the network starts by predicting zero: training begins from a stable point a
 
 `DiTConfig` options make the same network a Wan2.1 transformer (`config.WAN_OPTIONS`): shared modulation
 with per-block tables (`conditioning.py`), QK RMSNorm across heads, no pooled caption, zero-padded captions
-attended whole, the empty prompt as the null condition. Weights convert with `convert_wan.py`.
+attended whole, the empty prompt as the null condition. Weights convert with `convert_wan.py`. Wan2.1 I2V/FLF2V add
+`image_dim` (CLIP features as extra cross-attention tokens, `image_attention.py`) and `out_channels` (a 36-channel
+input: noise, mask and conditioning latents, 16 predicted).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, TokenLayout, _norm_heads, qk_norms
-from .precision import FP32LayerNorm
+from .precision import FP32LayerNorm, weight_dtype
 
 IMAGE_NORM_EPS = 1e-5
 """The image embedder's LayerNorms use torch's default eps (diffusers' `WanImageEmbedding`), not the blocks' 1e-6."""
@@ -37,7 +37,7 @@ class ImageEmbedder(nn.Module):
             if features.shape[1] != self.pos_embed.shape[1]:
                 raise ValueError(f"image features have {features.shape[1]} tokens per clip, the position embedding {self.pos_embed.shape[1]}")
             features = features + self.pos_embed.to(features.dtype)  # (clips, 2 Ti, Di)
-        x = self.mlp(self.norm1(features).to(self.mlp[0].weight.dtype))  # (clips, Li, D)
+        x = self.mlp(self.norm1(features).to(weight_dtype(self.mlp[0])))  # (clips, Li, D)
         return self.norm2(x)  # (clips, Li, D) fp32
 
 

@@ -190,3 +190,43 @@ def test_text_only_export_refuses_an_image(tmp_path: Path, capsys) -> None:  # n
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "text-to-video only" in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_samples_close_to_fp32(case, precision: str) -> None:
+    """bf16 weights and int8 dynamic quantisation reach the image path too (its MLP, key/value projections)."""
+    kind, _, export = case
+    first, last = _images()
+    options = {**OPTIONS, "steps": 2, "seed": 3, "image": first, **({"last_image": last} if kind == "flf2v" else {})}
+    exact = TextToVideoPipeline.load(str(export)).sample_latents(PROMPT, **options)
+    got = TextToVideoPipeline.load(str(export), precision=precision).sample_latents(PROMPT, **options)
+    assert torch.isfinite(got).all()
+    assert (got - exact).abs().max().item() < 0.1 * exact.abs().max().item()
+
+
+def test_i2v_without_image_encoder_equals_wan_pipeline(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Wan2.2's I2V form: the 12-channel input and no CLIP features (no `image_dim`, no image encoder in the folder)."""
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+    monkeypatch.setattr(pipeline_wan_i2v, "prompt_clean", pipeline_wan.prompt_clean)  # as in the test above
+    folder = make_tiny_i2v_folder(tmp_path / "with-clip", flf2v=False)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=IN_CHANNELS, out_channels=WAN_CHANNELS,
+        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32)  # fmt: skip
+    perturb(transformer, 2)
+    wan = diffusers.WanImageToVideoPipeline.from_pretrained(str(folder))
+    wan = diffusers.WanImageToVideoPipeline(tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae,
+                                            scheduler=wan.scheduler, transformer=transformer.eval())  # fmt: skip
+    wan.save_pretrained(str(tmp_path / "no-clip"))
+    export = tmp_path / "export"
+    assert main(["convert", "--from-diffusers", str(tmp_path / "no-clip"), "--out", str(export)]) == 0
+    first = _images()[0]
+    wan.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = wan(image=first, prompt=PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                       output_type="latent", **OPTIONS).frames  # fmt: skip
+    pipe = TextToVideoPipeline.load(str(export))
+    assert pipe.image_encoder is None
+    diff = (pipe.sample_latents(PROMPT, image=first, steps=3, seed=7, **OPTIONS) - expected).abs().max().item()
+    print(f"I2V without CLIP (Wan2.2 form), 3 CFG steps vs WanImageToVideoPipeline, fp32: max abs latent difference {diff:.2e}")
+    assert diff <= TOL
