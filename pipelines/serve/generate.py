@@ -4,6 +4,7 @@
     sora generate --model runs/demo/export --prompt "..." --steps 8 --seed 3 --precision int8 --out clip.npz
     sora generate --model exports/wan-1.3b --lora adapters/my-style --prompt "..." --out clip.mp4
     sora generate --model runs/demo/export --prompt "..." --step-cache teacache --cache-threshold 0.15 --out clip.mp4
+    sora generate --model exports/wan-i2v --prompt "..." --image first.png [--last-image last.png] --out clip.mp4
     python -m pipelines.serve.generate --model ... --prompt ... --out clip.gif
     ray job submit --working-dir . -- python -m pipelines.serve.generate --model ... --prompt ... --out clip.mp4
 
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-cache", help="skip the transformer on steps whose input barely moved: teacache or fbcache (default none: exact)")
     p.add_argument("--cache-threshold", type=float, help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.15, fbcache 0.2)")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
+    p.add_argument("--image", metavar="PATH", help="image-to-video exports: the clip's first frame (any size; resized as diffusers does)")
+    p.add_argument("--last-image", metavar="PATH", help="first-last-frame (FLF2V) exports: the clip's last frame, with --image")
     p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")
     p.add_argument("--lora", help="a peft LoRA adapter folder to merge into the model's weights at load")
@@ -68,6 +71,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--lora '{args.lora}' is not a folder; give a peft LoRA adapter folder (adapter_config.json)")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    if args.last_image is not None and args.image is None:
+        raise UserError("--last-image needs --image (the first frame)")
+    for flag, path in (("--image", args.image), ("--last-image", args.last_image)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{flag} '{path}' is not a file; give an image file (PNG, JPEG, ...)")
 
 
 def generate(args: argparse.Namespace) -> str:
@@ -100,6 +108,9 @@ def generate(args: argparse.Namespace) -> str:
     problem = card.check_frames(frames)
     if problem:
         raise UserError(problem.replace("num_frames", "--frames"))
+    problem = pipe.image_problem(args.image is not None, args.last_image is not None)
+    if problem:
+        raise UserError(problem.replace("last_image", "--last-image").replace("as image", "as --image"))
     bar: Any = tqdm(total=steps, desc="sampling", unit="step", disable=args.no_progress, file=sys.stderr)
     stats: list[StepCacheStats] = []
     try:
@@ -107,7 +118,7 @@ def generate(args: argparse.Namespace) -> str:
             args.prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=args.guidance,
             seed=args.seed, sampler=sampler, negative_prompt=args.negative_prompt,
             callback=lambda step, total: bar.update(1), step_cache=step_cache, cache_threshold=cache_threshold,
-            cache_stats=stats.append,
+            cache_stats=stats.append, image=args.image, last_image=args.last_image,
         )[0]  # (T, H, W, 3) uint8
     finally:
         bar.close()
