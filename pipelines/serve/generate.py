@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", help="a peft LoRA adapter folder to merge into the model's weights at load")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N", help="split the clip's tokens over N local processes (GPUs on cuda), Ulysses; N divides the heads (default 1)")
+    p.add_argument("--cfg-parallel", action="store_true", help="guidance's two branches on two groups of --sequence-parallel processes")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -91,6 +93,10 @@ def generate(args: argparse.Namespace) -> str:
     from .api import model_card
 
     check_arguments(args)
+    if args.sequence_parallel != 1 or args.cfg_parallel:
+        from pipelines.parallel.launch import generate_parallel  # N (x2) local processes, rank 0 writes
+
+        return generate_parallel(args)
     step_cache, cache_threshold = _step_cache_arguments(args)
     device = args.device
     if device == "auto":
