@@ -174,10 +174,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run (or resume) every step; `recipe_path` replaces demo-cpu.yaml and is then not scaled by `minutes`;
     `seed` replaces the recipe's training seed (initialisation, data order, noise and caption dropout)."""
-    from pipelines.data.prepare import Bucket, PrepareOptions, prepare
     from pipelines.data.runtime import ensure_ray
-    from pipelines.data.synth import synth
-    from pipelines.train.trainer import TrainOptions, train
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -185,9 +182,27 @@ def run_demo(
     steps = Steps(out)
     ensure_ray()
     summary: dict[str, Any] = {"minutes": minutes, "command": "sora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "sora demo"}
+    shapes = _synth_step(out, steps, summary, videos_per_combination)  # 1
+    recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out, seed)
+    folders, prepare_settings = _prepare_step(out, steps, summary, shapes, recipe)  # 2
+    export = _train_step(out, steps, summary, recipe_path, recipe, folders, prepare_settings, workers)  # 3
+    _eval_step(out, summary, export)  # 4 + 5
+    if serve_port is not None:  # 6
+        _log(f"6/7 serving the export with Ray Serve on port {serve_port} and making one request")
+        summary["serve"] = serve_smoke(str(export), out, serve_port)
+    else:
+        _log("6/7 serving: skipped")
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["workers"] = workers
+    summary["seed"] = recipe.seed
+    _report_step(out, summary, export)  # 7
+    return summary
 
-    # 1. Synthesise.
+
+def _synth_step(out: Path, steps: Steps, summary: dict[str, Any], videos_per_combination: int) -> Path:
+    """1. Synthesise the shapes dataset (held-out combinations left out); returns its folder."""
     from pipelines.data import grammar
+    from pipelines.data.synth import synth
 
     num_videos = videos_per_combination * (len(grammar.all_combinations()) - len(HELD_OUT))
     synth_settings = {"videos": num_videos, "frames": VIDEO_FRAMES, "held_out": list(HELD_OUT)}
@@ -201,13 +216,17 @@ def run_demo(
     else:
         _log("1/7 synthetic videos: reusing " + str(shapes))
     summary["synth"] = synth_settings
+    return shapes
 
-    # 2. Prepare one folder per bucket the recipe's stages use.
-    recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out, seed)
+
+def _prepare_step(out: Path, steps: Steps, summary: dict[str, Any], shapes: Path, recipe: Any) -> tuple[dict[str, Path], dict]:
+    """2. Prepare one folder per bucket the recipe's stages use; returns the folders and the step's settings."""
+    from pipelines.data.prepare import Bucket, PrepareOptions, prepare
+
     buckets = sorted({b for s in recipe.stages for b in s.buckets})
     patch = tuple(recipe.model_config().patch_size)  # tokens are cut at prepare time, with the model's own patch
     prepare_settings = {
-        "buckets": buckets, "synth": synth_settings, "clips_per_video": CLIPS_PER_VIDEO,
+        "buckets": buckets, "synth": summary["synth"], "clips_per_video": CLIPS_PER_VIDEO,
         "text_encoder": recipe.text_encoder.embedding_settings(), "patch": list(patch),
     }  # fmt: skip
     folders = {b: out / "data" / b for b in buckets}
@@ -229,8 +248,14 @@ def run_demo(
     else:
         _log("2/7 prepared data: reusing " + ", ".join(map(str, folders.values())))
     summary["prepare"] = steps.result("prepare")
+    return folders, prepare_settings
 
-    # 3. Train.
+
+def _train_step(out: Path, steps: Steps, summary: dict[str, Any], recipe_path: Path, recipe: Any,
+                folders: dict[str, Path], prepare_settings: dict, workers: int) -> Path:  # fmt: skip
+    """3. Train (or resume, or reuse) the recipe on the prepared folders; returns the export folder."""
+    from pipelines.train.trainer import TrainOptions, train
+
     run_dir = out / "run"
     export = run_dir / "export"
     train_settings = {"recipe": recipe_path.read_text(), "workers": workers, "data": prepare_settings}
@@ -241,7 +266,7 @@ def run_demo(
         _log(f"3/7 training {recipe.total_steps} steps with Ray Train + DeepSpeed ZeRO-3 on {workers} workers"
              + (" (resuming)" if resume else ""))  # fmt: skip
         steps.mark("train_started", {}, train_settings)
-        result = train(TrainOptions(recipe=str(recipe_path), data=[str(folders[b]) for b in buckets],
+        result = train(TrainOptions(recipe=str(recipe_path), data=[str(folders[b]) for b in sorted(folders)],
                                     run_dir=str(run_dir), workers=workers, resume=resume))  # fmt: skip
         steps.mark("train", train_settings, {"seconds": result["seconds"]})
     else:
@@ -258,8 +283,11 @@ def run_demo(
     summary["export"] = str(export)
     if (run_dir / "loss.png").is_file():
         shutil.copyfile(run_dir / "loss.png", out / "report" / "loss.png")
+    return export
 
-    # 4 + 5. Evaluate, then show the first seed's clip of some prompts (eval generated them; nothing is generated twice).
+
+def _eval_step(out: Path, summary: dict[str, Any], export: Path) -> None:
+    """4 + 5. Evaluate, then show the first seed's clip of some prompts (eval generated them; nothing is generated twice)."""
     from pipelines.demo_report import showcase
     from pipelines.evaluate.run import evaluate_export
     from sora_model.pipeline import TextToVideoPipeline
@@ -275,20 +303,12 @@ def run_demo(
     summary["samples"] = showcase(clips[shown, 0], [prompts[k]["prompt"] for k in shown],
                                   [prompts[k]["held_out"] for k in shown], out / "report", judged=verdicts)  # fmt: skip
 
-    # 6. Serve.
-    if serve_port is not None:
-        _log(f"6/7 serving the export with Ray Serve on port {serve_port} and making one request")
-        summary["serve"] = serve_smoke(str(export), out, serve_port)
-    else:
-        _log("6/7 serving: skipped")
 
-    # 7. Report.
+def _report_step(out: Path, summary: dict[str, Any], export: Path) -> None:
+    """7. Write report.html, report.md and summary.json, and print the page's path with the headline figures."""
     from pipelines import console
     from pipelines.demo_report import write_html, write_report
 
-    summary["seconds"] = time.perf_counter() - t_start
-    summary["workers"] = workers
-    summary["seed"] = recipe.seed
     summary["log"] = str(console.log_path() or "")
     report = write_report(out, summary)
     page = write_html(out, summary)
@@ -301,7 +321,6 @@ def run_demo(
             _log(f"    {key:8s}: colour {a['color']:.0%}  shape {a['shape']:.0%}  direction {a['direction']:.0%}  all {a['all']:.0%}")
     _log(f"    samples: {summary['samples']['gif']}, {summary['samples']['png']}; loss curve: {out / 'report' / 'loss.png'}")
     _log(f"    export:  {export}")
-    return summary
 
 
 def _read_metrics(path: Path) -> list[float]:
