@@ -48,15 +48,15 @@ def _loop(config: dict) -> None:
     engine, _ = build_engine(recipe, world)
     stepper = Stepper(recipe, stage, engine, build_diffusion(recipe.diffusion), tuple(config["stages"][stage.name]["grid"]),
                       rank, world, torch.device("cpu"))  # fmt: skip
-    loader = _stage_stream(config, 0, stage, 0, world, torch.device("cpu"))
     n, rounds = config["steps"], config["rounds"]
-    step, drawn = 0, 0
+    loader = _stage_stream(config, stage, 0, 2 + n * (2 * rounds + 1), rank, world, torch.device("cpu"))
+    step = 0
 
     def steps(batches, count):
-        nonlocal step, drawn
+        nonlocal step
         t0 = time.perf_counter()
         for _ in range(count):
-            _, drawn = stepper.run(batches, step, drawn)
+            stepper.run(batches, step)
             step += 1
         return time.perf_counter() - t0
 
@@ -81,7 +81,7 @@ def run(quick: bool) -> dict:
 
     from pipelines.cli import main as sora
     from pipelines.data.load import bucket_files
-    from pipelines.train.data import StagePlan, stage_dataset
+    from pipelines.train.data import StagePlan, StageStream
     from pipelines.train.recipe import parse_recipe, recipe_to_dict
 
     steps, rounds = (10, 3) if quick else (25, 5)
@@ -95,14 +95,13 @@ def run(quick: bool) -> dict:
     recipe = parse_recipe(data)
     files = bucket_files(work / "clips", "8x32x32")[2]
     plan = StagePlan.from_files(files, recipe.seed, 0)
+    # as the trainer does when the workers hold every CPU: 0-CPU readers, each rank reading its share in the worker
+    stream = StageStream(plan, long["micro_batch"], 0, 0.0, readers=2)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    config = {"recipe": recipe_to_dict(recipe), "stages": {"bench": {"grid": [8, 8, 8], "start_sample": 0}},
+    config = {"recipe": recipe_to_dict(recipe), "stages": {"bench": {"grid": [8, 8, 8], "start_sample": 0, "stream": stream}},
               "steps": steps, "rounds": rounds, "out": str(work / "times.json")}  # fmt: skip
-    samples = (2 + steps * (2 * rounds + 1)) * long["micro_batch"] * long.get("grad_accum", 1) * 2
-    dataset = stage_dataset(plan, 0, samples, read_cpus=0.0)  # as the trainer does when the workers hold every CPU
     trainer = TorchTrainer(
         _loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        datasets={"bench": dataset},
         run_config=RunConfig(name="bench-loader", storage_path=str(work / "ray"), worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}),
     )  # fmt: skip
     trainer.fit()
