@@ -39,6 +39,7 @@ def s3(tmp_path_factory):
     for k, v in env.items():
         mp.setenv(k, v)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems made for an earlier module's server
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
     fs.mkdir(BUCKET)
     local = tmp_path_factory.mktemp("shapes")
