@@ -114,24 +114,14 @@ def _generate_rank(groups: Any, device: str, args: argparse.Namespace) -> tuple[
     """One rank of `generate_parallel`: the same defaults and checks as `sora generate`; rank 0 writes the clip."""
     from tqdm import tqdm
 
-    from pipelines.cli import UserError
-    from pipelines.serve.api import model_card
+    from pipelines.serve.api import cli_sampling, model_card
     from sora_model.video import write_video
 
     from .sampling import ParallelPipeline
 
     pipe = ParallelPipeline.load(args.model, device=device, precision=args.precision, lora=args.lora).parallelize(groups)
     card = model_card(pipe)
-    frames, steps = args.frames or card.num_frames, args.steps or card.steps
-    height, width = args.height or card.height, args.width or card.width
-    sampler = args.sampler or card.sampler
-    if sampler not in card.samplers:
-        raise UserError(f"--sampler must be one of {', '.join(card.samplers)} for this model, got '{sampler}'")
-    if height % card.spatial_multiple or width % card.spatial_multiple:
-        raise UserError(f"--height and --width must be multiples of {card.spatial_multiple} for this model, got {height}x{width}")
-    problem = card.check_frames(frames)
-    if problem:
-        raise UserError(problem.replace("num_frames", "--frames"))
+    frames, height, width, steps, sampler = cli_sampling(args, card)
     bar: Any = tqdm(total=steps, desc="sampling", unit="step", disable=args.no_progress or groups.rank != 0, file=sys.stderr)
     try:
         clips = pipe(args.prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=args.guidance,

@@ -135,6 +135,24 @@ class ModelCard:
         return None
 
 
+def cli_sampling(args: Any, card: ModelCard) -> tuple[int, int, int, int, str]:
+    """`sora generate`'s (frames, height, width, steps, sampler): the flags, else the model's defaults, checked
+    against what the model can make; a bad value is a one-line UserError naming the flag."""
+    from pipelines.cli import UserError
+
+    frames, steps = args.frames or card.num_frames, args.steps or card.steps
+    height, width = args.height or card.height, args.width or card.width
+    sampler = args.sampler or card.sampler
+    if sampler not in card.samplers:
+        raise UserError(f"--sampler must be one of {', '.join(card.samplers)} for this model, got '{sampler}'")
+    if height % card.spatial_multiple or width % card.spatial_multiple:
+        raise UserError(f"--height and --width must be multiples of {card.spatial_multiple} for this model, got {height}x{width}")
+    problem = card.check_frames(frames)
+    if problem:
+        raise UserError(problem.replace("num_frames", "--frames"))
+    return frames, height, width, steps, sampler
+
+
 def model_card(pipe: Any, loras: tuple[str, ...] = (), lora_errors: dict[str, str] | None = None) -> ModelCard:
     """The defaults and shape rules of a loaded pipeline (and the adapters its replica can apply), for validating
     requests without the model. Step caches are offered when the pipeline's `sample_latents` takes them."""

@@ -90,7 +90,7 @@ def generate(args: argparse.Namespace) -> str:
     from sora_model.step_cache import StepCacheStats
     from sora_model.video import write_video
 
-    from .api import model_card
+    from .api import cli_sampling, model_card
 
     check_arguments(args)
     if args.sequence_parallel != 1 or args.cfg_parallel:
@@ -103,17 +103,7 @@ def generate(args: argparse.Namespace) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = TextToVideoPipeline.load(args.model, device=device, precision=args.precision, lora=args.lora)
     card = model_card(pipe)
-    frames = args.frames or card.num_frames
-    height, width = args.height or card.height, args.width or card.width
-    steps = args.steps or card.steps
-    sampler = args.sampler or card.sampler
-    if sampler not in card.samplers:
-        raise UserError(f"--sampler must be one of {', '.join(card.samplers)} for this model, got '{sampler}'")
-    if height % card.spatial_multiple or width % card.spatial_multiple:
-        raise UserError(f"--height and --width must be multiples of {card.spatial_multiple} for this model, got {height}x{width}")
-    problem = card.check_frames(frames)
-    if problem:
-        raise UserError(problem.replace("num_frames", "--frames"))
+    frames, height, width, steps, sampler = cli_sampling(args, card)
     problem = pipe.image_problem(args.image is not None, args.last_image is not None)
     if problem:
         raise UserError(problem.replace("last_image", "--last-image").replace("as image", "as --image"))
