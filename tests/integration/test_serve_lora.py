@@ -78,8 +78,9 @@ def frames_of(mp4: bytes, where: Path) -> np.ndarray:
     return read_frames(str(where), range(probe_video(str(where)).num_frames)).astype(np.int16)  # (T, H, W, 3)
 
 
-def merged_clip(service, lora: str | None, seed: int, name: str) -> np.ndarray:
-    """The clip sampled here, directly, from the export with `lora` merged into its weights, encoded as the server does."""
+def merged_clip(service, lora: str | None, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(raw first frame, decoded MP4) of the clip sampled here, directly, from the export with `lora` merged into its
+    weights, encoded as the server does."""
     from pipelines.serve.generator import encode_clip
     from sora_model.pipeline import TextToVideoPipeline
 
@@ -88,10 +89,15 @@ def merged_clip(service, lora: str | None, seed: int, name: str) -> np.ndarray:
     folder = service["tmp"] / name
     folder.mkdir()
     mp4, _ = encode_clip(clip, 8, str(folder))
-    return frames_of(Path(mp4).read_bytes(), folder / "again.mp4")
+    return clip[0].astype(np.int16), frames_of(Path(mp4).read_bytes(), folder / "again.mp4")
 
 
+def thumbnail_of(png: bytes) -> np.ndarray:
+    import io
 
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)  # (H, W, 3)
 
 
 def test_requests_with_different_adapters_on_one_replica_each_equal_their_merged_model(service, http):
@@ -102,10 +108,14 @@ def test_requests_with_different_adapters_on_one_replica_each_equal_their_merged
     assert [j["status"] for j in jobs] == ["completed"] * 3, jobs
     assert [j["lora"] for j in jobs] == names
     served = {n: frames_of(http.get(f"/v1/videos/{j['id']}/content").content, service["tmp"] / f"served-{n}.mp4") for n, j in zip(names, jobs)}
+    thumbs = {n: thumbnail_of(http.get(f"/v1/videos/{j['id']}/content", params={"variant": "thumbnail"}).content) for n, j in zip(names, jobs)}
     for n in names:
-        expected = merged_clip(service, service["loras"][n] if n else None, 5, f"merged-{n}")
-        # Unmerged vs merged differ by float rounding only: at most a level here and there after uint8 and H.264.
-        assert np.abs(served[n] - expected).max() <= 2, n
+        first, expected = merged_clip(service, service["loras"][n] if n else None, 5, f"merged-{n}")
+        # Unmerged vs merged differ by float rounding only. The PNG thumbnail is lossless: at most a level or two.
+        assert np.abs(thumbs[n] - first).max() <= 2, n
+        # H.264 is not: a one-level change can flip an encoder decision and move a block by several levels (8 seen in
+        # CI), so the MP4 is held to a mean, far below the > 5 that tells two adapters apart.
+        assert np.abs(served[n] - expected).mean() <= 0.5, n
         for other in names:
             if other != n:
                 assert np.abs(served[n] - served[other]).mean() > 5, (n, other)  # each adapter changes the clip
