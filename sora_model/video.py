@@ -19,7 +19,7 @@ Rotation: phones store portrait video as landscape frames plus a display matrix.
 always as a player shows them: decord 0.6 applies the matrix itself (checked for 90, -90, 180 and 270 in
 tests/unit/test_video.py), and the PyAV path turns each frame by `VideoFrame.rotation`.
 
-Remote files: `probe_video` and `require_frames_present` also take an open binary file (readable, seekable; e.g.
+Remote files: `probe_video` and `video_presence.require_frames_present` also take an open binary file (readable, seekable; e.g.
 a reader of an object store's byte ranges). They then read only what FFmpeg asks for: the container's header
 and index, the first frame, and the packets around the last frame needed (by seeking), not the whole file.
 """
@@ -301,46 +301,6 @@ def probe_video(path: Source) -> VideoInfo:
         except Exception:  # decord raises bare RuntimeError/DECORDError; PyAV below says why
             pass
     return _probe_av(path)
-
-
-PACKET_REORDER_MARGIN = 16
-"""Packets past a frame's index that `require_frames_present` also asks for: with B-frames a frame's packet
-comes up to a few places after its display index (x264 reorders at most 16)."""
-
-
-def require_frames_present(path: Source, index: int, num_frames: int) -> None:
-    """Raise VideoReadError ("truncated/undecodable") unless the file holds the data of frames 0..index.
-
-    Demuxes packets without decoding them (a fraction of a millisecond on a small clip, where decoding
-    the frame costs milliseconds), so a file cut after a front index is caught at probe time for the
-    price of reading it. A packet that is present but corrupt still fails later, in `read_frames`.
-    An open file (`Source`) is checked by seeking instead (`video_ranges.frames_present_by_seeking`): only the packets
-    around the last frame needed are read.
-    """
-    import av
-
-    path = path if not isinstance(path, os.PathLike) else str(path)
-    _check_file(path)
-    if _is_image(_name(path)):
-        _check_indices(_name(path), [index], 1)
-        return
-    need = min(int(index) + 1 + PACKET_REORDER_MARGIN, int(num_frames))
-    if not isinstance(path, str):
-        from sora_model.video_ranges import frames_present_by_seeking
-
-        return frames_present_by_seeking(path, need)
-    container = _open_av(path)
-    count = 0
-    with container:
-        _require_video_stream(path, container)
-        try:
-            for packet in container.demux(container.streams.video[0]):
-                count += bool(packet.size)  # the flush packet at the end is empty
-                if count >= need:
-                    return
-        except (av.FFmpegError, OSError, ValueError) as err:
-            raise VideoReadError(path, "truncated/undecodable", f"after packet {count}: {err}") from None
-    raise VideoReadError(path, "truncated/undecodable", f"only {count} of {num_frames} frames' data present, frame {index} needed")
 
 
 def _check_indices(path: str, indices: Sequence[int], num_frames: int) -> list[int]:

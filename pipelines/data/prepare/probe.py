@@ -205,7 +205,8 @@ class ClipPlanner:
             return [], [reject_row(e, reason, detail) for e in good]
 
     def _plan_file(self, good: list[dict[str, Any]], local: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        from sora_model.video import probe_video, require_frames_present
+        from sora_model.video import probe_video
+        from sora_model.video_presence import require_frames_present
 
         try:
             info = probe_video(local)

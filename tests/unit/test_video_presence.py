@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipelines.data.prepare.storage import RangeFile, StorageError
-from sora_model.video import VideoReadError, probe_video, require_frames_present, write_video
+from sora_model.video import VideoReadError, probe_video, write_video
+from sora_model.video_presence import require_frames_present
 
 FRAMES = 96
 
