@@ -445,6 +445,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked (and converted where lossless) against the annotation `tp`; a mismatch is a ConfigError
+    naming `where`."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -455,59 +457,66 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+        return _coerce_union(value, tp, where)
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{where} must be one of {choices}, got {value!r}")
         return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
-        (arg,) = get_args(tp)
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, list, dict):
+        return _coerce_container(value, tp, where)
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+
+
+def _coerce_container(value: Any, tp: Any, where: str) -> Any:
+    """A tuple (fixed or `...` length), list or dict annotation, each entry coerced with its own `where`."""
+    origin, args = get_origin(tp), get_args(tp)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
-        _, varg = get_args(tp)
-        return {str(k): _coerce(v, varg, f"{where}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+    if origin is list:
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
+    return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+
+
+_SCALARS = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """float (an int is taken), int (not a bool), bool or str; other annotations pass the value through."""
+    if tp not in _SCALARS:
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
+    ok = {
+        float: not isinstance(value, bool) and isinstance(value, (int, float)),
+        int: not isinstance(value, bool) and isinstance(value, int),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{where} must be {_SCALARS[tp]}, got {value!r}")
+    return float(value) if tp is float else value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:

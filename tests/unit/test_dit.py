@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import pytest
 import torch
 
@@ -341,24 +338,6 @@ def test_config_round_trip_and_strict_keys():
         from_dict(PipelineConfig, {"diffusion": {"prediction": "eps"}})
     with pytest.raises(ConfigError, match="loss.perceptual_network is not set"):
         from_dict(LossConfig, {"perceptual": 0.2})
-
-
-# -- the package stays free of distributed code ---------------------------------------------
-
-
-def test_sora_model_never_imports_distributed_code():
-    banned = ("ray", "deepspeed", "torch.distributed")
-    root = pathlib.Path(__file__).resolve().parents[2] / "sora_model"
-    offenders = []
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if any(n == b or n.startswith(b + ".") for b in banned)]
-    assert not offenders, offenders
 
 
 # -- precision --------------------------------------------------------------------------------
