@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -164,27 +165,8 @@ def evaluate_export(
     any clip is generated.
     """
     specs = _specs(prompts, seeds, batch_size, features, reference)
-    # Load everything local first: a missing file fails in a second, not after generation.
-    from pipelines.evaluate.clip import ClipScorer
-    from pipelines.evaluate.features import load_feature_extractor
-
-    extractor = load_feature_extractor(features, device=device) if features else None
-    if reference and not os.path.isdir(reference):
-        raise FileNotFoundError(f"reference folder not found: {reference} (--reference takes a folder of videos)")
-    scorer = ClipScorer(clip, device=device) if clip else None
-    if pipeline is None:
-        from sora_model.pipeline import TextToVideoPipeline
-
-        pipeline = TextToVideoPipeline.load(export_dir, device=device)
-    s = pipeline.config.sample
-    sampling = {
-        "num_frames": num_frames or s.num_frames,
-        "height": height or s.height,
-        "width": width or s.width,
-        "steps": steps or pipeline.config.diffusion.num_sampling_steps,
-        "guidance_scale": pipeline.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale,
-        "seed": seed,
-    }
+    extractor, scorer, pipeline = _load_local(export_dir, features, reference, clip, device, pipeline)
+    sampling = _sampling(pipeline, num_frames, height, width, steps, guidance_scale, seed)
     # 1. Generate: every (prompt, seed) pair, batched; a clip does not depend on its batch-mates.
     jobs = [(k, seed + j) for k in range(len(specs)) for j in range(seeds)]
     t0 = time.perf_counter()
@@ -206,14 +188,49 @@ def evaluate_export(
     result.update(_measure(specs, per_prompt_clips, seed, extractor, reference, scorer, sampling))
     result["timing_s"] = {"generate": round(t_generate, 3), "metrics": round(time.perf_counter() - t0, 3)}
 
+    _write(result, specs, per_prompt_clips, seed, save_samples, out, fps=pipeline.config.sample.fps)
+    return (result, per_prompt_clips) if return_clips else result
+
+
+def _load_local(export_dir, features, reference, clip, device, pipeline) -> tuple[Any, Any, Any]:
+    """(feature extractor, CLIP scorer, pipeline): everything local is read first, so a missing file fails in a
+    second, not after generation."""
+    from pipelines.evaluate.clip import ClipScorer
+    from pipelines.evaluate.features import load_feature_extractor
+
+    extractor = load_feature_extractor(features, device=device) if features else None
+    if reference and not os.path.isdir(reference):
+        raise FileNotFoundError(f"reference folder not found: {reference} (--reference takes a folder of videos)")
+    scorer = ClipScorer(clip, device=device) if clip else None
+    if pipeline is None:
+        from sora_model.pipeline import TextToVideoPipeline
+
+        pipeline = TextToVideoPipeline.load(export_dir, device=device)
+    return extractor, scorer, pipeline
+
+
+def _sampling(pipeline, num_frames, height, width, steps, guidance_scale, seed: int) -> dict[str, Any]:
+    """The sampling options of every clip: the arguments given, else the export's defaults."""
+    s, diffusion = pipeline.config.sample, pipeline.config.diffusion
+    return {
+        "num_frames": num_frames or s.num_frames,
+        "height": height or s.height,
+        "width": width or s.width,
+        "steps": steps or diffusion.num_sampling_steps,
+        "guidance_scale": diffusion.guidance_scale if guidance_scale is None else guidance_scale,
+        "seed": seed,
+    }
+
+
+def _write(result: dict, specs, per_prompt_clips, seed: int, save_samples: str | None, out: str | None, fps) -> None:
+    """The sample clips into `save_samples` (recorded in `result`), then the metrics JSON into `out`."""
     if save_samples:
-        _save_samples(save_samples, specs, per_prompt_clips, seed, fps=s.fps)
+        _save_samples(save_samples, specs, per_prompt_clips, seed, fps=fps)
         result["samples_dir"] = str(save_samples)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(result, f, indent=2, allow_nan=False, default=_json_default)
-    return (result, per_prompt_clips) if return_clips else result
 
 
 def _specs(prompts, seeds: int, batch_size: int, features: str | None, reference: str | None) -> list[PromptSpec]:

@@ -298,15 +298,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     device = opts.device or (_recorded_device(opts.run_dir) if opts.resume else None)
     if device is not None:  # --device, or on --resume the device the run was started (or last resumed) with
         recipe.device = device
-    if opts.workers is not None and opts.workers < 1:
-        raise _user_error(f"--workers must be >= 1, got {opts.workers}")
-    num_workers = opts.workers or recipe.workers
-    if num_workers % recipe.sequence_parallel_size:
-        raise _user_error(f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({num_workers})")
-    if opts.stop_at_step is not None and opts.stop_at_step < 1:
-        raise _user_error(f"--stop-at-step must be >= 1, got {opts.stop_at_step}")
-    if opts.profile < 0 or opts.profile > recipe.total_steps:
-        raise _user_error(f"--profile must be between 1 and the recipe's {recipe.total_steps} steps, got {opts.profile}")
+    num_workers = _check_options(opts, recipe)
     if not opts.data:
         raise _user_error("--data needs at least one prepared folder")
     stage_data = resolve_stage_data(recipe, opts.data)
@@ -352,6 +344,20 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "export": export,
         "samples": samples["written"],
     }
+
+
+def _check_options(opts: TrainOptions, recipe: Recipe) -> int:
+    """The number of workers, after the checks of the command-line options against the recipe."""
+    if opts.workers is not None and opts.workers < 1:
+        raise _user_error(f"--workers must be >= 1, got {opts.workers}")
+    num_workers = opts.workers or recipe.workers
+    if num_workers % recipe.sequence_parallel_size:
+        raise _user_error(f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({num_workers})")
+    if opts.stop_at_step is not None and opts.stop_at_step < 1:
+        raise _user_error(f"--stop-at-step must be >= 1, got {opts.stop_at_step}")
+    if opts.profile < 0 or opts.profile > recipe.total_steps:
+        raise _user_error(f"--profile must be between 1 and the recipe's {recipe.total_steps} steps, got {opts.profile}")
+    return num_workers
 
 
 def _null_prompt(recipe: Recipe, stage_data: dict[str, StageData]) -> dict[str, Any] | None:
