@@ -22,20 +22,24 @@ from pydantic import BaseModel, Field
 from .config import Limits, ServeSettings, Tier
 from .errors import ApiError, error_body, from_validation_error, invalid
 from .requests import (
+    IMAGE_FIELDS,
     MAX_BODY_BYTES,
     MAX_PART_HEADER_BYTES,
     MAX_PARTS,
     VideoCreateRequest,
+    open_image,
     parse_create,
     parse_multipart,
     read_body,
     read_create_fields,
+    reference_bytes,
 )
 
 __all__ = [  # what callers name through `api` (the parsing lives in requests.py, the errors in errors.py)
-    "MAX_BODY_BYTES", "MAX_PARTS", "MAX_PART_HEADER_BYTES", "ApiError", "GenerationParams", "ModelCard", "VideoCreateRequest",
+    "IMAGE_FIELDS", "MAX_BODY_BYTES", "MAX_PARTS", "MAX_PART_HEADER_BYTES", "ApiError", "GenerationParams", "ModelCard", "VideoCreateRequest",
     "error_body", "from_validation_error", "invalid", "model_card", "parse_create", "parse_multipart", "parse_range",
-    "new_job", "read_body", "read_create_fields", "resolve", "result_cache_key", "video_object",
+    "new_job", "read_body", "read_create_fields", "resolve", "resolve_references", "check_images", "result_cache_key",
+    "video_object",
 ]  # fmt: skip
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
@@ -125,6 +129,8 @@ class ModelCard:
     """Step-cache methods the pipeline offers (`sora_model.step_cache.STEP_CACHE_METHODS`); empty: none."""
     cache_thresholds: dict[str, float] = field(default_factory=dict)
     """Each method's default threshold (what an unset `cache_threshold` means)."""
+    image_inputs: tuple[int, ...] = (0,)
+    """How many reference images a request may send: (0,) text-to-video, (1,) image-to-video, (2,) first-last-frame."""
 
     def check_frames(self, frames: int) -> str | None:
         if self.causal_frames:
@@ -162,6 +168,9 @@ def model_card(pipe: Any, loras: tuple[str, ...] = (), lora_errors: dict[str, st
     from sora_model.step_cache import DEFAULT_THRESHOLDS, STEP_CACHE_METHODS
 
     cached = "step_cache" in inspect.signature(pipe.sample_latents).parameters
+    # What `pipe.image_problem(first, last)` allows: no image, a first frame, or a first and a last frame.
+    image_inputs = tuple(n for n, (first, last) in enumerate(((False, False), (True, False), (True, True)))
+                         if pipe.image_problem(first, last) is None)  # fmt: skip
 
     cfg = pipe.config
     _, ph, pw = cfg.model.patch_size
@@ -184,6 +193,7 @@ def model_card(pipe: Any, loras: tuple[str, ...] = (), lora_errors: dict[str, st
         lora_errors=dict(lora_errors or {}),
         step_caches=tuple(STEP_CACHE_METHODS) if cached else (),
         cache_thresholds={k: float(v) for k, v in DEFAULT_THRESHOLDS.items()} if cached else {},
+        image_inputs=image_inputs,
     )
 
 
@@ -205,14 +215,19 @@ class GenerationParams:
     lora: str | None = None
     step_cache: str | None = None
     cache_threshold: float | None = None
+    image: str | None = None
+    """sha256 of the `input_reference` image's bytes (the bytes are stored beside the job: store.put_input)."""
+    last_image: str | None = None
+    """sha256 of the `last_frame_reference` image's bytes."""
 
     @property
     def shape_key(self) -> tuple:
         """Requests with equal keys are sampled in one pipeline call (guidance, seeds, prompts may differ).
         Negative prompts replace the learned null condition for the whole call, so they split groups too; so do
-        the LoRA adapter (one per call: `sora_model.adapters`) and the step cache (it decides per call)."""
+        the LoRA adapter (one per call: `sora_model.adapters`), the step cache (it decides per call) and the
+        reference images (the pipeline conditions a whole call on one first and last frame)."""
         return (self.num_frames, self.height, self.width, self.steps, self.sampler, self.negative_prompt is not None,
-                self.lora, self.step_cache, self.cache_threshold)  # fmt: skip
+                self.lora, self.step_cache, self.cache_threshold, self.image, self.last_image)  # fmt: skip
 
     @property
     def size(self) -> str:
@@ -241,11 +256,15 @@ def resolve(
     settings: ServeSettings,
     tier: Tier,
     random_seed: int,
+    references: dict[str, bytes] | None = None,
 ) -> GenerationParams:
-    """Check a request against the limits (global, tightened by the tier) and fill in defaults.
+    """Check a request against the limits (global, tightened by the tier) and fill in defaults; `references` are
+    `resolve_references`' (computed here when not given), the images named in the params by their digests.
 
     Raises ApiError (400) naming the parameter and the limit it broke.
     """
+    refs = resolve_references(req, card) if references is None else references
+    digests = {k: hashlib.sha256(v).hexdigest() for k, v in refs.items()}
     limits: Limits = settings.limits
     model, preview = resolve_model(req, settings)
     prompt, negative = resolve_prompts(req, limits)
@@ -259,7 +278,8 @@ def resolve(
     return GenerationParams(
         prompt=prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=float(guidance),
         seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model, lora=resolve_lora(req, card),
-        step_cache=step_cache, cache_threshold=threshold,
+        step_cache=step_cache, cache_threshold=threshold, image=digests.get("input_reference"),
+        last_image=digests.get("last_frame_reference"),
     )
 
 
@@ -271,9 +291,33 @@ def resolve_model(req: VideoCreateRequest, settings: ServeSettings) -> tuple[str
     if model != name and not preview and model not in settings.model_aliases:
         known = ", ".join([name, name + PREVIEW_SUFFIX, *settings.model_aliases])
         raise ApiError(400, f"The model '{model}' does not exist; available models: {known}.", param="model", code="model_not_found")
-    if req.input_reference is not None:
-        raise invalid("input_reference", "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).", code="unsupported_parameter")
     return model, preview
+
+
+def resolve_references(req: VideoCreateRequest, card: ModelCard) -> dict[str, bytes]:
+    """{field: encoded image} of the reference images a request sends, checked against what the model takes
+    (`card.image_inputs`) and `reference_bytes`' limits; a 400 naming the field otherwise. Decoding them is
+    `check_images`' (slower: run it off the event loop)."""
+    first, last = req.input_reference is not None, req.last_frame_reference is not None
+    if last and not first:
+        raise invalid("last_frame_reference", "'last_frame_reference' needs 'input_reference' (the first frame) as well.", code="missing_required_parameter")
+    count = first + last
+    if count not in card.image_inputs:
+        if card.image_inputs == (0,):
+            raise invalid("input_reference", "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).", code="unsupported_parameter")
+        if count == 0:
+            raise invalid("input_reference", "This model is image-to-video: send the first frame as 'input_reference'.", code="missing_required_parameter")
+        if count == 1:
+            raise invalid("last_frame_reference", "This model generates between a first and a last frame: send 'last_frame_reference' as well.", code="missing_required_parameter")
+        raise invalid("last_frame_reference", "This model conditions on one image ('input_reference') and cannot use 'last_frame_reference' (that needs a first-last-frame model).", code="unsupported_parameter")
+    refs = {name: reference_bytes(getattr(req, name), name) for name in IMAGE_FIELDS}
+    return {name: data for name, data in refs.items() if data is not None}
+
+
+def check_images(references: dict[str, bytes]) -> None:
+    """Decode each reference image in full (format, pixel limit, truncation): a 400 naming the field, never a 500."""
+    for name, data in references.items():
+        open_image(data, name).close()
 
 
 def resolve_prompts(req: VideoCreateRequest, limits: Limits) -> tuple[str, str | None]:

@@ -61,6 +61,8 @@ from .store import CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
 from .streaming import StoreStream, StreamSlots
 
 logger = logging.getLogger("ray.serve")
+IMAGE_DECODES = 2
+"""Reference images one ingress replica decodes at once (each up to ~64 MiB of pixels while it is checked)."""
 
 
 @functools.cache
@@ -165,6 +167,7 @@ class VideoAPI:
         self.dispatcher: Dispatcher | None = None
         self._loops: list[asyncio.Task] = []
         self._admission = asyncio.Lock()
+        self._decodes = asyncio.Semaphore(IMAGE_DECODES)
         self.streams = StreamSlots()  # downloads streaming through Serve now (streaming.py)
         self.admission = Admission(self.db, self.metrics, self.stats, lambda: self.settings)
 
@@ -239,11 +242,35 @@ class VideoAPI:
         self.stats["create_requests"] += 1
         fields, is_json = await api.read_create_fields(request)
         req = api.parse_create(fields, strict=is_json)
-        params = api.resolve(req, await self._model_card(), self.settings, tier, random_seed=random.SystemRandom().randrange(2**31))
+        card = await self._model_card()
+        refs = api.resolve_references(req, card)  # the model takes them, within the byte limit
+        params = api.resolve(req, card, self.settings, tier, random_seed=random.SystemRandom().randrange(2**31), references=refs)
+        if refs:  # decoded in full before admission: a bad image is a 400 naming its field, never a failed job
+            async with self._decodes:
+                await asyncio.to_thread(api.check_images, refs)
         # Result cache: a repeated (prompt, parameters, seed) request of this owner is answered from a stored clip.
         use_cache = self.settings.result_cache and req.seed is not None
         cache_key = result_cache_key(params, owner, await self._identity()) if use_cache else None
         job = api.new_job(params)
+        # Reference images go to the store before the row exists (a claimed job finds them), and away again
+        # unless the row is inserted (a cache hit, a refusal, a failed insert).
+        inserted = False
+        try:
+            for name, data in refs.items():
+                await asyncio.to_thread(self.content.put_input, data, job["id"], name)
+            answer = await self._admit(job, params, tier_name, tier, owner, cache_key)
+            inserted = answer is None
+        finally:
+            if refs and not inserted:
+                await asyncio.to_thread(self.content.remove_inputs, job["id"], tuple(refs))
+        if answer is not None:
+            return answer
+        self.dispatcher.wake()
+        return JSONResponse(api.video_object(job))
+
+    async def _admit(self, job: dict[str, Any], params: api.GenerationParams, tier_name: str, tier: Any, owner: str,
+                     cache_key: str | None) -> JSONResponse | None:  # fmt: skip
+        """Admit a new job and insert its row (None), or answer from the result cache; 429/503 past a limit."""
         deadline = None if tier.job_deadline_s is None else job["_created_ns"] + int(tier.job_deadline_s * 1e9)
         # Admission comes first, cache hit or not: a hit costs tiers.*.cache_hit_weight of the hourly quota.
         # Count and insert under one lock, so a burst on this replica cannot all pass the same count.
@@ -259,8 +286,7 @@ class VideoAPI:
                 self.metrics.cache_misses.labels(cache="result").inc()
             await asyncio.to_thread(self.admission.admit, tier_name, tier, owner)
             await asyncio.to_thread(self.db.insert, job, owner, tier_name, tier.priority, deadline, cache_key, 1.0)
-        self.dispatcher.wake()
-        return JSONResponse(api.video_object(job))
+        return None
 
     @fastapi_app.get("/v1/videos")
     async def list_videos(self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc") -> JSONResponse:
@@ -343,6 +369,7 @@ class VideoAPI:
         if not found:
             raise ApiError(404, f"Video '{video_id[:80]}' not found.", param="video_id", code="video_not_found")
         await asyncio.to_thread(self.content.remove, video_id, ref)
+        await asyncio.to_thread(self.content.remove_inputs, video_id, api.IMAGE_FIELDS)
         await asyncio.to_thread(self.db.purge, [video_id])
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 

@@ -29,6 +29,7 @@ from typing import Any
 from .config import ServeSettings
 from .db import USAGE_KEEP_S, JobDB
 from .metrics import ServeMetrics
+from .requests import IMAGE_FIELDS
 from .store import ContentStore
 from .sweep import SWEPT, sweep_orphans
 
@@ -144,13 +145,14 @@ class Dispatcher:
             self.wake()
 
     async def _sweep(self, s: ServeSettings) -> None:
-        """Fail jobs past their deadline that nobody holds; purge expired jobs and their files."""
+        """Fail jobs past their deadline that nobody holds; purge expired jobs and their files (reference images too)."""
         failed = await asyncio.to_thread(self.db.fail_past_deadline, s.retention_s)
         if failed:
             self.stats["deadline_exceeded"] += len(failed)
         expired = await asyncio.to_thread(self.db.expired)
         for job_id, ref in expired:
             await asyncio.to_thread(self.content.remove, job_id, ref)
+            await asyncio.to_thread(self.content.remove_inputs, job_id, IMAGE_FIELDS)  # a failed image job's
         purged = await asyncio.to_thread(self.db.purge, [i for i, _ in expired])
         await asyncio.to_thread(self.db.prune_usage, time.time_ns() - USAGE_KEEP_S * 10**9)
         if purged:

@@ -1,7 +1,8 @@
 """The generator deployment: one `TextToVideoPipeline` per replica, dynamic batching, results to the store.
 
 Each call carries one leased job (`{"id", "token", "params", "deadline_ns", ...}`, see dispatch.py); `@serve.batch` collects concurrent calls and the batch
-is split by shape (frames, size, steps, sampler, negative prompt or not, LoRA adapter, step cache). Each group is one
+is split by shape (frames, size, steps, sampler, negative prompt or not, LoRA adapter, step cache, reference images:
+image-to-video conditions a whole call on one first/last frame, read from the store by digest). Each group is one
 pipeline call: prompts, seeds and guidance scales stay per request (the pipeline gives every prompt
 its own noise, so a clip is the same batched or alone). The replica moves the job to `in_progress`,
 reports progress while sampling, and hands each clip back to its own call, which writes the MP4 and
@@ -41,6 +42,7 @@ from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
 from .metrics import JobReport
+from .requests import open_image
 from .store import ContentStore
 
 logger = logging.getLogger("ray.serve")
@@ -348,9 +350,13 @@ class Generator:
 
         self._timer.call = timer
         self._busy_since = time.monotonic()
-        # A group shares its adapter and step cache (GenerationParams.shape_key); the cache options go to the
-        # pipeline only when asked for, so a pipeline without them still serves every other request.
-        cached = {"step_cache": first.step_cache, "cache_threshold": first.cache_threshold} if first.step_cache else {}
+        # A group shares its adapter, step cache and reference images (GenerationParams.shape_key); the cache and
+        # image options go to the pipeline only when asked for, so a pipeline without them still serves the rest.
+        options = {"step_cache": first.step_cache, "cache_threshold": first.cache_threshold} if first.step_cache else {}
+        try:
+            options.update(self._references(run, first))
+        except LookupError as err:
+            return self._fail(ids, run, results, f"generation failed: {err}", "input_missing")
         try:
             with self.adapters.applied(first.lora):
                 clips = self.pipe(
@@ -360,7 +366,7 @@ class Generator:
                     seed=[p.seed for _, p in run],
                     sampler=first.sampler,
                     negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
-                    callback=on_step, **cached,
+                    callback=on_step, **options,
                 )  # (B, T, H, W, 3) uint8
         except StopSampling as why:
             if str(why) == "deadline":
@@ -397,6 +403,23 @@ class Generator:
             }  # fmt: skip
         return [results[i] for i in ids]
 
+    def _references(self, run: list[tuple[dict[str, Any], GenerationParams]], first: GenerationParams) -> dict[str, Any]:
+        """The group's reference images as the pipeline's `image`/`last_image` (RGB PIL images). Every job of the
+        group sent the same bytes (their digests are in the shape key), each job's copy stored under its own id:
+        the first copy found whose digest matches is used. LookupError when none is left in the store."""
+        out: dict[str, Any] = {}
+        for arg, field, digest in (("image", "input_reference", first.image), ("last_image", "last_frame_reference", first.last_image)):
+            if digest is None:
+                continue
+            for it, _ in run:
+                data = self.content.read_input(it["id"], field)
+                if data is not None and hashlib.sha256(data).hexdigest() == digest:
+                    out[arg] = open_image(data, field)
+                    break
+            else:
+                raise LookupError(f"the '{field}' image of {[it['id'] for it, _ in run]} is no longer in the store")
+        return out
+
     def _finish(self, item: dict[str, Any], clip: Any, result: dict[str, Any]) -> dict[str, Any]:
         """Encode one sampled clip, store it under its token and mark the job completed (a worker thread,
         outside the batch). Each stage beats the job's heartbeat under its token, so a lease given up
@@ -423,6 +446,7 @@ class Generator:
             extra = {"batch_id": result["batch_id"], "batch_size": result["batch_size"], "timing_s": timing, "replica": self.replica}
             if not self.db.complete(job_id, token, item["retention_s"], extra):
                 return self._fenced(skipped, job_id, token)  # deleted, or given up while storing: drop our files only
+            self._drop_inputs(item)
         except BaseException:
             if stored:
                 self.content.remove(job_id, token)
@@ -439,9 +463,16 @@ class Generator:
 
     def _fail(self, ids, run, results, message: str, code: str) -> list[dict[str, Any]]:
         for it, _ in run:
-            self.db.fail(it["id"], it["token"], code, message, it["retention_s"])
+            if self.db.fail(it["id"], it["token"], code, message, it["retention_s"]):
+                self._drop_inputs(it)
             results[it["id"]] = {"ok": False, "error": message, "code": code}
         return [results[i] for i in ids]
+
+    def _drop_inputs(self, item: dict[str, Any]) -> None:
+        """A finished job's reference images (its result is final: no attempt will read them again)."""
+        names = tuple(f for f, k in (("input_reference", "image"), ("last_frame_reference", "last_image")) if item["params"].get(k))
+        if names:
+            self.content.remove_inputs(item["id"], names)
 
 
 def _from_dict(settings: dict[str, Any]) -> ServeSettings:

@@ -1,9 +1,13 @@
 """Create-request bodies: reading them (streamed, size-capped), multipart/form-data and JSON parsing, text checks, and
 the `VideoCreateRequest` schema they validate into. No Ray, no torch: unit-tested on its own. `api.resolve` then checks
-the parsed request against the limits and the model."""
+the parsed request against the limits and the model. Reference images (`input_reference`, `last_frame_reference`) are
+read here too: their bytes (`reference_bytes`) and a full decode under format, byte and pixel limits (`open_image`)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import re
 from typing import Any
@@ -13,7 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ApiError, from_validation_error, invalid
 
 MAX_BODY_BYTES = 20 * 1024 * 1024
-"""A create carries a prompt and at most a reference image; anything bigger is refused unread."""
+"""A create carries a prompt and at most two reference images; anything bigger is refused unread."""
+IMAGE_FIELDS = ("input_reference", "last_frame_reference")
+"""The first frame (OpenAI's field) and our extension, the last frame (first-last-frame models)."""
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+"""Bytes of one reference image (two fit the body limit, also as base64 data URLs)."""
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Pixels of one reference image, checked from its header before any pixel is decoded (a decompression bomb: a few
+KiB of PNG can declare gigapixels); a 12 MP phone photo fits, and decoding one costs at most ~64 MiB."""
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+"""What Pillow may identify a reference image as; other formats (TIFF, PSD, ...) are never parsed."""
 MAX_TEXT_CHARS = 100_000
 """Hard cap on prompt strings before the configurable `limits.max_prompt_chars` check (a cheap first fence)."""
 MAX_SHORT_CHARS = 64
@@ -39,6 +52,7 @@ class VideoCreateRequest(BaseModel):
     size: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
     """"WIDTHxHEIGHT"."""
     input_reference: Any = None
+    """An image file part; or `{"image_url": "data:image/...;base64,..."}` (the SDK's reference object) or that URL."""
     # Extensions (sent with the SDK's `extra_body=`).
     num_frames: int | None = None
     steps: int | None = None
@@ -48,6 +62,8 @@ class VideoCreateRequest(BaseModel):
     negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     lora: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
     """A LoRA adapter by the name the server's config gives it (`loras:`); none: the base model."""
+    last_frame_reference: Any = None
+    """The clip's last frame, as `input_reference` is its first (first-last-frame models only)."""
     step_cache: str | None = Field(default=None, max_length=MAX_SHORT_CHARS)
     """Step caching (`teacache`, `fbcache`; `none` or unset: off, exact)."""
     cache_threshold: float | None = None
@@ -59,7 +75,7 @@ MAX_PARTS = 64
 standard library's MIME parser took 115 s over 400k tiny parts under the 20 MiB limit on one core)."""
 MAX_PART_HEADER_BYTES = 8 * 1024
 """Header block of one part (HTTP servers' usual cap): a part with millions of header lines is refused unread."""
-FILE_FIELDS = ("input_reference",)
+FILE_FIELDS = IMAGE_FIELDS
 """Fields that carry a file; any other field sent as a file part is decoded as text and checked like one."""
 TEXT_CHARSETS = ("utf-8", "ascii", "iso8859-1")
 """Charsets a text field may declare (codec names as `codecs.lookup` gives them)."""
@@ -120,7 +136,26 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
             fields[name] = decode_text(payload, name, charset or default_charset)
     if not closed:
         raise ApiError(400, "The request body is not valid multipart/form-data (it has no closing delimiter).", param="body", code="invalid_body")
-    return fields
+    return fold_references(fields)
+
+
+REFERENCE_KEY = re.compile(r"^([a-z_]+)\[([a-z_]+)\]$")
+"""A reference object's key as the SDK flattens it into a form: `input_reference[image_url]`."""
+
+
+def fold_references(fields: dict[str, Any]) -> dict[str, Any]:
+    """`input_reference[image_url]=...` form fields back into `{"input_reference": {"image_url": ...}}`."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        m = REFERENCE_KEY.match(name)
+        base = m.group(1) if m and m.group(1) in IMAGE_FIELDS else None
+        if isinstance(out.get(base or name), dict) != (base is not None) and (base or name) in out:
+            raise invalid(base or name, f"'{base or name}' is sent both as a value and as '{base or name}[...]'.")
+        if base is not None:
+            out.setdefault(base, {})[m.group(2)] = value
+        else:
+            out[name] = value
+    return out
 
 
 def text_charset(charset: str, param: str) -> str:
@@ -213,3 +248,74 @@ def parse_create(fields: dict[str, Any], strict: bool = False) -> VideoCreateReq
         return VideoCreateRequest.model_validate(fields, strict=strict)
     except ValidationError as err:
         raise from_validation_error(err) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference images
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_bytes(value: Any, param: str) -> bytes | None:
+    """The encoded image a reference field carries: a file part's bytes, or a base64 `data:` URL given bare or as
+    `{"image_url": ...}`. Remote URLs are never fetched and file ids are not kept here: each a 400 naming the field,
+    as is an empty or over-`MAX_IMAGE_BYTES` image."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if "file_id" in value:
+            raise invalid(param, f"'{param}' by file_id is not supported; upload the image as a file part.", code="unsupported_parameter")
+        if set(value) != {"image_url"}:
+            raise invalid(param, f"'{param}' as an object must hold only 'image_url' (a base64 data: URL).")
+        value = value["image_url"]
+    if isinstance(value, str):
+        value = data_url_bytes(value, param)
+    if not isinstance(value, bytes):
+        raise invalid(param, f"'{param}' must be an image file part or a base64 data: URL, got {type(value).__name__}.", code="invalid_type")
+    if not value:
+        raise invalid(param, f"'{param}' is empty; send a PNG, JPEG or WebP image.")
+    if len(value) > MAX_IMAGE_BYTES:
+        raise invalid(param, f"'{param}' has {len(value)} bytes; the limit is {MAX_IMAGE_BYTES} bytes per image.", code="image_too_large")
+    return value
+
+
+def data_url_bytes(url: str, param: str) -> bytes:
+    """The bytes of a `data:[media type];base64,...` URL; anything else a 400 naming the field."""
+    head, sep, payload = url.partition(",")
+    if not url.startswith("data:") or not sep or not head.endswith(";base64"):
+        shown = "a remote URL (the server fetches nothing)" if url.startswith(("http:", "https:")) else repr(url[:40])
+        raise invalid(param, f"'{param}' must be an image file part or a base64 data: URL (data:image/png;base64,...), got {shown}.")
+    if len(payload) > (MAX_IMAGE_BYTES + 2) // 3 * 4 + 4:  # base64 of more than MAX_IMAGE_BYTES: not decoded at all
+        raise invalid(param, f"'{param}' has over {MAX_IMAGE_BYTES} bytes; the limit is {MAX_IMAGE_BYTES} bytes per image.", code="image_too_large")
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(param, f"'{param}' is a data: URL whose payload is not valid base64.") from None
+
+
+def open_image(data: bytes, param: str) -> Any:  # -> PIL.Image.Image (RGB)
+    """The image as RGB, decoded in full (its EXIF orientation applied, as diffusers' `load_image` does), or a 400
+    naming the field: not PNG/JPEG/WebP, over `MAX_IMAGE_PIXELS` (read from the header, before decoding; Pillow's own
+    DecompressionBombError too), or truncated or corrupt. Used by the ingress before admission, and by the generator."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    formats = "PNG, JPEG or WebP"  # IMAGE_FORMATS as people write them
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            pixels_check(im.size, param)
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except ApiError:
+        raise
+    except UnidentifiedImageError:
+        raise invalid(param, f"'{param}' is not a {formats} image.", code="invalid_image_format") from None
+    except Image.DecompressionBombError:
+        raise invalid(param, f"'{param}' declares more than {MAX_IMAGE_PIXELS} pixels (the limit).", code="image_too_large") from None
+    except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error, ... on bad data: a 400
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise invalid(param, f"'{param}' cannot be decoded (truncated or corrupt {formats} data: {detail}).", code="invalid_image") from None
+
+
+def pixels_check(size: tuple[int, int], param: str) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise invalid(param, f"'{param}' is {width}x{height} = {width * height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels.", code="image_too_large")

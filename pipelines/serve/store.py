@@ -3,6 +3,7 @@
 Job state is not here (see db.py); this holds only bytes:
     content/<id>-<ref>.mp4     the clip
     content/<id>-<ref>.png     its thumbnail
+    inputs/<id>-<field>        a reference image of the request (image-to-video), until the job is done with it
 
 `ref` is the lease token of the run that produced the clip, so a stale generator whose lease was taken
 over writes (and cleans up) its own files and never touches the winner's. Writes are whole-object:
@@ -23,6 +24,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 CONTENT_SUFFIX = {"video": ".mp4", "thumbnail": ".png"}
 MEDIA_TYPE = {"video": "video/mp4", "thumbnail": "image/png"}
+INPUTS = "inputs"
+"""Where a job's reference images wait for its generator: `inputs/<job id>-<field>`, beside (not in) content/, so
+neither the download file server nor the orphan sweep of content/ (sweep.py) sees them."""
 CHUNK_BYTES = 1024 * 1024
 """One read of a streamed download: big enough for object-store throughput, small next to any replica's memory."""
 
@@ -74,7 +78,9 @@ class ContentStore:
 
     def put_file(self, local_path: str, job_id: str, ref: str, variant: str) -> None:
         """Upload a finished local file (streamed by fsspec, never read whole here)."""
-        dest = self.path(job_id, ref, variant)
+        self._put(local_path, self.path(job_id, ref, variant))
+
+    def _put(self, local_path: str, dest: str) -> None:
         if self.local:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(dest))
             os.close(fd)
@@ -93,6 +99,36 @@ class ContentStore:
             f.write(data)
             f.flush()
             self.put_file(f.name, job_id, ref, variant)
+
+    # -- reference images (inputs/) ------------------------------------------------------------------
+
+    def input_path(self, job_id: str, name: str) -> str:
+        if not job_id or "/" in job_id or job_id.startswith(".") or not name.isidentifier():
+            raise KeyError(job_id)
+        return self._path(INPUTS, f"{job_id}-{name}")
+
+    def put_input(self, data: bytes, job_id: str, name: str) -> None:
+        """Store a job's reference image (`name`: its request field) until the job is done with it."""
+        dest = self.input_path(job_id, name)
+        self.fs.makedirs(self._path(INPUTS), exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix="sora-put-") as f:
+            f.write(data)
+            f.flush()
+            self._put(f.name, dest)
+
+    def read_input(self, job_id: str, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.input_path(job_id, name))
+        except (FileNotFoundError, OSError, KeyError):
+            return None
+
+    def remove_inputs(self, job_id: str, names: tuple[str, ...]) -> None:
+        """Delete a job's reference images (finished, deleted, expired, or never admitted); missing ones are fine."""
+        for name in names:
+            try:
+                self.fs.rm_file(self.input_path(job_id, name))
+            except (FileNotFoundError, OSError, KeyError):
+                pass
 
     def copy(self, src: tuple[str, str], dst: tuple[str, str]) -> bool:
         """Copy both variants of job src=(id, ref) to dst=(id, ref), server-side on object stores; False if missing."""

@@ -405,3 +405,81 @@ def test_loras_config_is_checked_at_startup(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_settings({"model": str(tmp_path), **args})
         assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# -- reference images (image-to-video) --------------------------------------------------------------
+
+I2V_CARD = ModelCard(**{**CARD.__dict__, "image_inputs": (1,)})
+FLF2V_CARD = ModelCard(**{**CARD.__dict__, "image_inputs": (2,)})
+
+
+def png(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_what_each_model_takes_and_the_400s_naming_the_field():
+    import hashlib
+
+    first, last = png(), png((0, 0, 255))
+    p = resolve_card({"prompt": "x", "input_reference": first}, I2V_CARD)
+    assert p.image == hashlib.sha256(first).hexdigest() and p.last_image is None
+    p = resolve_card({"prompt": "x", "input_reference": first, "last_frame_reference": last}, FLF2V_CARD)
+    assert (p.image, p.last_image) == (hashlib.sha256(first).hexdigest(), hashlib.sha256(last).hexdigest())
+    assert resolve_card({"prompt": "x"}, CARD).image is None
+    rejects_card({"prompt": "x", "input_reference": first}, "input_reference", "text only", card=CARD)
+    rejects_card({"prompt": "x", "last_frame_reference": last}, "last_frame_reference", "needs 'input_reference'", card=CARD)
+    rejects_card({"prompt": "x", "last_frame_reference": last}, "last_frame_reference", "needs 'input_reference'", card=FLF2V_CARD)
+    rejects_card({"prompt": "x"}, "input_reference", "image-to-video", card=I2V_CARD)
+    rejects_card({"prompt": "x", "input_reference": first, "last_frame_reference": last}, "last_frame_reference", "first-last-frame", card=I2V_CARD)
+    rejects_card({"prompt": "x", "input_reference": first}, "last_frame_reference", "send 'last_frame_reference'", card=FLF2V_CARD)
+
+
+def test_reference_forms_data_urls_and_byte_limit():
+    import base64
+
+    from pipelines.serve.requests import MAX_IMAGE_BYTES
+
+    first = png()
+    url = "data:image/png;base64," + base64.b64encode(first).decode()
+    assert api.resolve_references(api.parse_create({"prompt": "x", "input_reference": {"image_url": url}}, strict=True), I2V_CARD) == {"input_reference": first}
+    assert api.resolve_references(api.parse_create({"prompt": "x", "input_reference": url}, strict=True), I2V_CARD) == {"input_reference": first}
+    rejects_card({"prompt": "x", "input_reference": {"image_url": "https://example.com/a.png"}}, "input_reference", "remote URL", card=I2V_CARD)
+    rejects_card({"prompt": "x", "input_reference": {"file_id": "file_1"}}, "input_reference", "file_id", card=I2V_CARD)
+    rejects_card({"prompt": "x", "input_reference": "data:image/png;base64,@@@"}, "input_reference", "base64", card=I2V_CARD)
+    rejects_card({"prompt": "x", "input_reference": 5}, "input_reference", "file part", card=I2V_CARD)
+    rejects_card({"prompt": "x", "input_reference": b""}, "input_reference", "empty", card=I2V_CARD)
+    big = b"\x89PNG" + bytes(MAX_IMAGE_BYTES)
+    rejects_card({"prompt": "x", "input_reference": big}, "input_reference", str(len(big)), str(MAX_IMAGE_BYTES), card=I2V_CARD)
+    huge_url = "data:image/png;base64," + "A" * (MAX_IMAGE_BYTES * 2)
+    rejects_card({"prompt": "x", "input_reference": huge_url}, "input_reference", str(MAX_IMAGE_BYTES), card=I2V_CARD)
+
+
+def test_images_split_batches_and_cache_keys():
+    a, b = png(), png((0, 200, 0))
+    base = resolve_card({"prompt": "x", "seed": 1, "input_reference": a}, I2V_CARD)
+    same = resolve_card({"prompt": "y", "seed": 2, "input_reference": a}, I2V_CARD)
+    other = resolve_card({"prompt": "x", "seed": 1, "input_reference": b}, I2V_CARD)
+    assert base.shape_key == same.shape_key and base.shape_key != other.shape_key
+    assert base.cache_key() != other.cache_key()
+    ident = {"weights": "w", "lora": None, "precision": "fp32", "adapters": {}}
+    assert api.result_cache_key(base, "", ident) != api.result_cache_key(other, "", ident)
+    last = resolve_card({"prompt": "x", "seed": 1, "input_reference": a, "last_frame_reference": b}, FLF2V_CARD)
+    flipped = resolve_card({"prompt": "x", "seed": 1, "input_reference": b, "last_frame_reference": a}, FLF2V_CARD)
+    assert last.shape_key != flipped.shape_key and last.cache_key() != flipped.cache_key()
+
+
+def test_multipart_reference_parts_and_the_sdks_reference_object():
+    req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "p"},
+                        files={"input_reference": ("a.png", b"A", "image/png"), "last_frame_reference": ("b.png", b"B", "image/png")})  # fmt: skip
+    assert api.parse_multipart(req.read(), req.headers["content-type"]) == {"prompt": "p", "input_reference": b"A", "last_frame_reference": b"B"}
+    # `videos.create(input_reference={"image_url": ...})` sends the object flattened into a form field.
+    req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "p", "input_reference[image_url]": "data:image/png;base64,QQ=="},
+                        files={"unused": ("u", b"", "text/plain")})  # fmt: skip
+    fields = api.parse_multipart(req.read(), req.headers["content-type"])
+    assert fields["input_reference"] == {"image_url": "data:image/png;base64,QQ=="}

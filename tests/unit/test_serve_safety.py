@@ -239,3 +239,77 @@ def test_the_file_server_listens_on_loopback_by_default_and_never_resolves_a_cli
         assert srv.url("http", host, "video_abc-ref1.mp4", 60) is None
     assert srv.url("http", "localhost", "video_abc-ref1.mp4", 60) is not None
     assert looked_up == []
+
+
+# -- reference images: decoded in full under format, byte and pixel limits, before admission ----------
+
+
+def encoded(fmt: str, size: tuple[int, int] = (40, 24), mode: str = "RGB", **save) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A few dozen bytes of PNG whose header declares width x height 1-bit pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def image_rejected(data: bytes, *words: str, param: str = "last_frame_reference") -> None:
+    started = time.perf_counter()
+    with pytest.raises(ApiError) as info:
+        api.check_images({param: data})
+    err = info.value
+    assert err.status == 400 and err.param == param and "\n" not in err.message, err.message
+    for w in words:
+        assert w in err.message, err.message
+    assert time.perf_counter() - started < 2, "a bad image must be refused without decoding gigapixels"
+
+
+def test_png_jpeg_webp_decode_and_exif_orientation_is_applied():
+    from pipelines.serve.requests import open_image
+
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        api.check_images({"input_reference": encoded(fmt)})
+    assert open_image(encoded("PNG", mode="RGBA"), "input_reference").mode == "RGB"
+    assert open_image(encoded("PNG", mode="L"), "input_reference").size == (40, 24)
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a portrait phone photo stored landscape
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24)).save(buf, format="JPEG", exif=exif.tobytes())
+    assert open_image(buf.getvalue(), "input_reference").size == (24, 40)
+
+
+def test_bad_images_are_400s_naming_the_field_and_the_limit():
+    from pipelines.serve.requests import MAX_IMAGE_PIXELS
+
+    image_rejected(b"GIF89a" + bytes(64), "not a PNG, JPEG or WebP image")
+    image_rejected(b"plain text, not an image", "not a PNG, JPEG or WebP image")
+    image_rejected(encoded("TIFF"), "not a PNG, JPEG or WebP image")  # Pillow reads TIFF; the server never parses it
+    image_rejected(encoded("BMP"), "not a PNG, JPEG or WebP image")
+    image_rejected(png_declaring(5000, 5000), "5000x5000", str(MAX_IMAGE_PIXELS))  # over our limit: read from the header
+    image_rejected(png_declaring(100_000, 100_000), "pixels", str(MAX_IMAGE_PIXELS))  # Pillow's DecompressionBombError
+    image_rejected(png_declaring(0, 10), "not a PNG, JPEG or WebP image")  # Pillow refuses an empty PNG itself
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        data = encoded(fmt, size=(256, 256))
+        image_rejected(data[: len(data) // 2], "truncated or corrupt")
+    corrupt = bytearray(encoded("PNG", size=(64, 64)))
+    corrupt[60:90] = bytes(30)  # inside the image data: a CRC or zlib error
+    image_rejected(bytes(corrupt), "truncated or corrupt")
