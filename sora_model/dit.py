@@ -36,6 +36,14 @@ memory; they still compute in fp32 on upcast weights (`precision.FP32Linear`), a
 path does when DeepSpeed's bf16 mode makes all parameters bf16 in training."""
 
 
+def stored_dtype(name: str, current: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the DiT tensor `name` (a state-dict key) is kept in for inference in `dtype`: fp32 inside an
+    `FP32_MODULES` submodule, `dtype` elsewhere; non-float tensors keep `current`."""
+    if not current.is_floating_point:
+        return current
+    return torch.float32 if any(part in FP32_MODULES for part in name.split(".")[:-1]) else dtype
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero self-attention, text cross-attention, adaLN-Zero MLP."""
 
@@ -248,8 +256,7 @@ class DiT(nn.Module):
         text_mask: torch.Tensor,
         text_pooled: torch.Tensor,
         drop_text: torch.Tensor | None = None,
-        grids: tuple[tuple[int, int, int], ...] | None = None,
-        shard: tuple[int, int] | None = None,
+        grids: tuple[tuple[int, int, int], ...] | TokenLayout | None = None,
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise a batch of same-size clips, or a packed batch of clips of any sizes.
@@ -259,15 +266,16 @@ class DiT(nn.Module):
         concatenated clip after clip, (ΣN, P) or (1, ΣN, P), and the prediction has the same shape (NaViT
         packing: no padding, each clip attends only to itself and its own caption and timestep).
         timestep (clips,), text_tokens (clips, L, Dt), text_mask (clips, L), text_pooled (clips, Dt).
-        With `shard=(index, count)` and `grids=(grid,)`: `video` is (B, N/count, P), the index-th contiguous
-        piece of B same-grid clips' tokens, and so is the result. Only correct with an attention hook that
-        gives attention the whole sequence (sequence parallelism: `pipelines/train/sequence_parallel.py`).
+        With `grids` a TokenLayout of one segment sharded `(index, count)`: `video` is (B, N/count, P), the
+        index-th contiguous piece of B same-grid clips' tokens, and so is the result. Only correct with an attention
+        hook that gives attention the whole sequence: sequence parallelism, applied from `pipelines/` (the hook and
+        the layout are all the model sees of it).
         Image-conditioned models (`model.image_dim`) take image_features (clips, images * image_tokens, image_dim), the
         image encoder's features of each clip's conditioning image(s), and predict out_channels (out_patch_dim) only.
         """
         cond = (timestep, text_tokens, text_mask, text_pooled, drop_text, self._check_image_features(image_features))
-        if shard is not None:
-            return self._denoise_shard(video, *cond, grids, shard)
+        if isinstance(grids, TokenLayout):
+            return self._denoise_shard(video, *cond, grids)
         if grids is not None:
             layout = TokenLayout.from_grids(grids)
             tokens = video.reshape(1, -1, video.shape[-1])  # (1, ΣN, P)
@@ -305,12 +313,12 @@ class DiT(nn.Module):
             raise ValueError(f"this image-conditioned model needs image_features of shape (clips, {expected[0]}, {expected[1]}), got {got}")
         return features
 
-    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features, grids, shard) -> torch.Tensor:
+    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features, layout) -> torch.Tensor:
         """(B, N/count, P) tokens of one sequence shard -> their (B, N/count, P) predictions."""
-        index, count = shard
-        if grids is None or len(grids) != 1:
-            raise ValueError("a sequence shard needs grids=(grid,): the one (T', H', W') its clips share")
-        grid = tuple(grids[0])
+        index, count = layout.shard
+        if layout.packed or len(layout.segments) != 1:
+            raise ValueError("a sequence shard is one segment of same-grid clips, not a packed batch")
+        grid = tuple(layout.segments[0][0])
         n = math.prod(grid)
         if n % count or self.cfg.num_heads % count or not 0 <= index < count:
             raise ValueError(
@@ -319,7 +327,8 @@ class DiT(nn.Module):
             )
         if tokens.ndim != 3 or tokens.shape[1] != n // count:
             raise ValueError(f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}")
-        layout = TokenLayout(((grid, tokens.shape[0]),), shard=(index, count))
+        if layout.segments[0][1] != tokens.shape[0]:
+            raise ValueError(f"the layout holds {layout.segments[0][1]} clips, the tokens {tokens.shape[0]}")
         return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features)
 
     def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features=None) -> torch.Tensor:
@@ -392,11 +401,13 @@ class DiT(nn.Module):
         Half the memory of fp32 weights under autocast. The timestep and pooled-caption embedders and the
         affine cross-attention norms stay fp32 (`FP32_MODULES`, as Wan keeps its time embedding); adaLN's
         shift, scale and gate and the residual stream they act on are fp32 whatever the weights' dtype.
+        Tensor by tensor (`stored_dtype`): the fp32 modules are never rounded through `dtype`, and a second call
+        changes nothing. An export loads straight into these dtypes (`pipeline.load_dit`).
         """
-        self.to(dtype)
-        for name, module in self.named_modules():
-            if name.split(".")[-1] in FP32_MODULES:
-                module.float()
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            want = stored_dtype(name, t.dtype, dtype)
+            if want != t.dtype:
+                t.data = t.data.to(want)
         return self
 
     def set_attention_hook(self, hook: AttentionHook | None) -> None:
@@ -461,4 +472,7 @@ def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None 
     return (torch.rand(batch_size, generator=generator) < p).to(device)
 
 
-__all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "collapse_zero_padding", "layout_positions", "null_text_drop", "trim_text_padding"]
+__all__ = [
+    "DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "collapse_zero_padding", "layout_positions", "null_text_drop",
+    "stored_dtype", "trim_text_padding",
+]

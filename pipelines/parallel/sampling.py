@@ -2,7 +2,7 @@
 
 The DiT is unchanged (`sora_model` never imports torch.distributed). `ParallelDiT` wraps it: each rank of a
 sequence-parallel group embeds its contiguous 1/sp of the clip's tokens, the text, timestep and its own tokens'
-RoPE positions (the model's `shard=` path), and the attention hook of `pipelines/train/sequence_parallel.py`
+RoPE positions (a sharded `TokenLayout` given as `grids`), and the attention hook of `pipelines/train/sequence_parallel.py`
 all-to-alls around every self-attention so attention sees the whole clip with H/sp heads. The prediction is
 all-gathered, so every rank holds the same latents and runs the same sampler step.
 
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipelines.train.sequence_parallel import heads_to_seq, install_ulysses, seq_to_heads
-from sora_model.attention import AttentionScope, scoped_attention
+from sora_model.attention import AttentionScope, TokenLayout, scoped_attention
 from sora_model.autoencoder import model_to_pixels
 from sora_model.dit import DiT
 from sora_model.patch import patch_grid, patchify, unpatchify
@@ -190,8 +190,9 @@ class ParallelDiT(nn.Module):
             padded[:, plan.index.to(tokens.device)] = tokens
             tokens = padded
         piece = tokens.chunk(size, dim=1)[rank]  # (B, N_pad/sp, P)
-        out = self.dit(piece, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text,
-                       grids=(plan.padded,), shard=(rank, size), **extra).contiguous()  # fmt: skip  # (B, N_pad/sp, P_out)
+        layout = TokenLayout(((plan.padded, piece.shape[0]),), shard=(rank, size))  # where this rank's tokens sit
+        out = self.dit(piece, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=layout, **extra)
+        out = out.contiguous()  # (B, N_pad/sp, P_out)
         parts = [torch.empty_like(out) for _ in range(size)]
         dist.all_gather(parts, out, group=group)
         full = torch.cat(parts, dim=1)  # (B, N_pad, P_out)

@@ -18,7 +18,7 @@ is scaled by sp before backward: DeepSpeed's mean over the data-parallel world (
 over all ranks) then sums the shares within a group and averages over groups.
 
 `sora_model` never imports torch.distributed: the model only offers the attention hook and the
-`shard=` argument; every collective lives here.
+shard layout (`TokenLayout.shard`); every collective lives here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sora_model.attention import TokenLayout
 from sora_model.patch import patch_grid, patchify, unpatchify
 
 
@@ -104,6 +105,7 @@ def sequence_parallel_forward(
     group: Any,
     patch_size: tuple[int, int, int],
     in_channels: int,
+    image_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The DiT's (B, C, T, H, W) prediction, computed 1/sp per rank; every rank of `group` gets all of it.
 
@@ -116,7 +118,9 @@ def sequence_parallel_forward(
     if tokens.shape[1] % sp:
         raise ValueError(f"sequence_parallel_size {sp} must divide the {tokens.shape[1]} tokens per clip of grid {grid}")
     piece = tokens.chunk(sp, dim=1)[rank]  # (B, N/sp, P)
-    out = model(piece, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=(grid,), shard=(rank, sp))
+    layout = TokenLayout(((grid, piece.shape[0]),), shard=(rank, sp))  # where this rank's tokens sit
+    out = model(piece, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=layout,
+                image_features=image_features)  # an image-to-video model's features: every piece attends to them
     full = _GatherSequence.apply(out, group)  # (B, N, P)
     return unpatchify(full, grid, patch_size, in_channels)  # (B, C, T, H, W)
 
