@@ -70,11 +70,14 @@ class ImageEncoder:
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def encode(self, images: list) -> torch.Tensor:
+    def encode(self, images: list, per_clip: int | None = None) -> torch.Tensor:
+        """(clips, per_clip * Ti, Di) penultimate features; `images` clip after clip, `per_clip` each (None: all one
+        clip's). Within a clip the first image's tokens come first."""
         inputs = self.processor(images=images, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         hidden = self.model(**inputs, output_hidden_states=True).hidden_states[-2]  # (images, Ti, Di)
-        return hidden.float().reshape(1, -1, hidden.shape[-1])  # (1, images * Ti, Di): first image's tokens first
+        per_clip = per_clip or len(images)
+        return hidden.float().reshape(len(images) // per_clip, -1, hidden.shape[-1])  # (clips, per_clip * Ti, Di)
 
 
 @dataclass

@@ -5,6 +5,7 @@ sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --re
 sora data prepare --manifest clips.jsonl --out data/curated --resolution 256 --frames 33 --curate
 sora data filter --in data/curated --out data/moving --min-motion 0.5 --drop-duplicates
 sora data prepare --manifest clips.jsonl --out data/wan --buckets 33x480x832 --fps 16 --from-export exports/wan-1.3b
+sora data prepare --manifest clips.jsonl --out data/i2v --buckets 33x480x832 --fps 16 --from-export exports/wan-i2v-14b --image-conditioning
 ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ... --out ... --resolution 32 --frames 8
 """
 
@@ -73,6 +74,11 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--from-export", metavar="EXPORT_DIR",
         help="take the text encoder, autoencoder and patch from an export (e.g. a converted Wan2.1: umT5 + Wan VAE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-conditioning", action="store_true",
+        help="with --from-export of an image-to-video export: also store each clip's first (FLF2V: and last) frame "
+             "condition, its VAE latents and image-encoder features, for I2V fine-tuning",
     )  # fmt: skip
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
     p.add_argument("--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)")

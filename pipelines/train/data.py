@@ -227,13 +227,15 @@ class _ReadSegments:
         return arrays
 
 
-def reader_dataset(stream: StageStream, micro_batches: list[list[tuple[int, int, int, int]]]) -> Any:
+def reader_dataset(stream: StageStream, micro_batches: list[list[tuple[int, int, int, int]]],
+                   columns: tuple[str, ...] = BATCH_COLUMNS) -> Any:  # fmt: skip
     """One reading rank's micro-batches as a Ray Dataset, rows in stream order (lazy; nothing read yet).
 
     The segment indices are put in the object store as blocks (no read tasks: on a laptop the workers hold
     every CPU), at most `stream.readers` read tasks run at once, asking for `read_cpus` each (0 on a laptop:
     reading Parquet is light; an uncapped 0-CPU map would start a process per block). Order is preserved:
-    which rows form which micro-batch is the plan's, not the read tasks' finishing order.
+    which rows form which micro-batch is the plan's, not the read tasks' finishing order. `columns`: BATCH_COLUMNS,
+    and an image-to-video model's condition columns (`stage_data.image_columns`).
     """
     import pyarrow as pa
     import ray
@@ -245,7 +247,7 @@ def reader_dataset(stream: StageStream, micro_batches: list[list[tuple[int, int,
     # from_blocks puts the blocks from this process; from_arrow would run a 1-CPU metadata task per block, which
     # never starts inside a worker when the workers hold every CPU (the hang of the first try at this reader).
     return ray.data.from_blocks([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadSegments(stream.plan, segments, BATCH_COLUMNS), batch_size=1, num_cpus=stream.read_cpus,
+        _ReadSegments(stream.plan, segments, columns), batch_size=1, num_cpus=stream.read_cpus,
         compute=ray.data.TaskPoolStrategy(size=max(1, stream.readers)),
     )  # fmt: skip
 
@@ -271,7 +273,13 @@ class Collate:
         # Caption columns no row of the batch uses are dropped here, on the host, so the model never syncs to find them.
         mask = np.asarray(batch["text_mask"], dtype=bool)
         keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if self.trim_text else mask.shape[1]
+        image = {}
+        if "image_condition" in batch:  # image-to-video: the condition's mask + latents, and the image features
+            image["image_condition"] = torch.as_tensor(np.asarray(batch["image_condition"], dtype=np.float32))  # (B, N, Pc)
+        if "image_features" in batch:
+            image["image_features"] = torch.as_tensor(np.asarray(batch["image_features"], dtype=np.float16))  # (B, Li, Di)
         return {
+            **image,
             "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)
             "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)[:, :keep]),  # (B, L', Dt)
             "text_mask": torch.as_tensor(mask[:, :keep]),  # (B, L')

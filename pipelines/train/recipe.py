@@ -20,6 +20,7 @@ from sora_model.config import (
     ConfigError,
     DiffusionConfig,
     DiTConfig,
+    ImageEncoderConfig,
     LossConfig,
     PipelineConfig,
     SampleConfig,
@@ -314,6 +315,10 @@ class Recipe:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    """Image-to-video models' (`model.image_dim`) CLIP image encoder, written into the exports so they sample from
+    images; with `init_from` the export's (absolute paths) when left out. Training itself reads the features
+    `sora data prepare --image-conditioning` stored, never the encoder."""
     sample: SampleSpec = field(default_factory=SampleSpec)
     deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
     ema: EMASpec = field(default_factory=EMASpec)
@@ -412,6 +417,7 @@ class Recipe:
             diffusion=self.diffusion,
             text_encoder=self.text_encoder,
             autoencoder=self.autoencoder,
+            image_encoder=self.image_encoder,
             sample=SampleConfig(num_frames=last.frames, height=last.height, width=last.width, fps=self.sample.fps),
             preset=self.model.preset if self.model.base is None else None,
         )
@@ -445,6 +451,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         from pipelines.train.finetune import resolve_init
 
         data = resolve_init(data)
+        if data.get("image_encoder") is None:
+            data = _init_image_encoder(data)
     # Stage errors name the stage by index: `stages[1].lr ...`. from_dict does that for list items,
     # but the stage-level __post_init__ checks raise without the prefix, so add it here.
     stages = data.get("stages")
@@ -466,6 +474,22 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if recipe.deepspeed.offload_params and recipe.deepspeed.zero_stage != 3:
         raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage 3")
     return recipe
+
+
+def _init_image_encoder(data: dict[str, Any]) -> dict[str, Any]:
+    """An `init_from` image-to-video export's image encoder for a recipe that leaves `image_encoder` out, its paths
+    made absolute (the export records them relative to itself; the workers run elsewhere)."""
+    from sora_model.pipeline import load_export_config
+
+    path = data["init_from"]
+    if not os.path.isdir(path):
+        return data  # reported by `finetune.check_init`
+    encoder = load_export_config(path).image_encoder
+    if not encoder.path:
+        return data
+    root = os.path.abspath(path)
+    absolute = {k: (v if not v or os.path.isabs(v) else os.path.join(root, v)) for k, v in to_dict(encoder).items()}
+    return {**data, "image_encoder": absolute}
 
 
 def load_recipe(path: str) -> Recipe:

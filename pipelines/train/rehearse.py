@@ -45,6 +45,9 @@ STEPS, LAST_STEPS = 2, 3
 MICRO_BATCH, GRAD_ACCUM = 2, 2
 """At most 2 clips a micro-batch and 2 micro-batches a step (accumulation still runs where the recipe has it)."""
 MINILM = "minilm"
+CLIP_DIM, CLIP_SIZE, CLIP_PATCH = 24, 32, 8
+"""An image-to-video recipe's tiny CLIP image encoder: width 24 at 32 px in 8 px patches (16 patches + the class
+token = 17 feature tokens per image), random, written into the tiny init export beside its processor."""
 WORKERS = 2
 REHEARSAL_TIMEOUT_S = 180
 """The process-group timeout of a rehearsal (a recipe's own is sized for a cluster: usually 1800 s)."""
@@ -106,6 +109,10 @@ def _tiny_model(cfg: Any) -> dict[str, Any]:
     out = {"hidden_size": WIDTH, "num_heads": HEADS, "depth": depth, "in_channels": 3}
     if cfg.ffn_dim is not None:
         out["ffn_dim"] = FFN
+    if cfg.in_channels != cfg.predicted_channels:  # image-to-video in pixel space: 3 noisy, 1 mask (no time compression), 3
+        out.update(in_channels=3 + 1 + 3, out_channels=3)
+    if cfg.image_dim is not None:
+        out.update(image_dim=CLIP_DIM, image_tokens=(CLIP_SIZE // CLIP_PATCH) ** 2 + 1)
     return out
 
 
@@ -152,6 +159,9 @@ class Plan:
             out["sequence_parallel_size"] = WORKERS
         out["sample"] = {**(out.get("sample") or {}), "steps": 1, "num_gpus": 0.0, "num_cpus": None}
         tiny = _tiny_model(model)
+        self.image = model.in_channels != model.predicted_channels
+        if self.image and not data.get("init_from"):
+            raise ConfigError("--rehearse: an image-to-video recipe rehearses from init_from (an I2V export converted with sora convert)")
         if full.text_encoder.name_or_path != MINILM:
             self.not_cpu.append(f"text encoder {full.text_encoder.name_or_path} (MiniLM stood in)")
         if full.autoencoder.kind != "identity":
@@ -166,7 +176,8 @@ class Plan:
             out["init_from"] = init_export
             for key in ("text_encoder", "autoencoder"):
                 out.pop(key, None)
-            self.not_cpu.append(f"init_from {data['init_from']}'s weights, text encoder and VAE (a tiny export of its architecture stood in)")
+            parts = "text encoder, VAE and image encoder" if model.image_dim is not None else "text encoder and VAE"
+            self.not_cpu.append(f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture stood in)")
         else:
             model_spec = dict(out.get("model") or {})
             model_spec["overrides"] = {**(model_spec.get("overrides") or {}), **tiny}
@@ -204,7 +215,7 @@ def write_init_export(plan: Plan, folder: str) -> str:
     """A tiny export of the recipe's architecture (what `init_from` would name), seeded, weights away from zero."""
     import torch
 
-    from sora_model.config import AutoencoderConfig, DiTConfig, PipelineConfig, SampleConfig, TextEncoderConfig, from_dict
+    from sora_model.config import AutoencoderConfig, DiTConfig, ImageEncoderConfig, PipelineConfig, SampleConfig, TextEncoderConfig, from_dict
     from sora_model.dit import DiT
     from sora_model.pipeline import save_export
 
@@ -219,8 +230,27 @@ def write_init_export(plan: Plan, folder: str) -> str:
     config = PipelineConfig(
         model=cfg, diffusion=plan.full.diffusion, text_encoder=from_dict(TextEncoderConfig, plan.text, "text_encoder"),
         autoencoder=AutoencoderConfig(), sample=SampleConfig(num_frames=last["frames"], height=last["height"], width=last["width"]),
+        image_encoder=write_tiny_image_encoder(folder, plan.full.seed) if cfg.image_dim is not None else ImageEncoderConfig(),
     )  # fmt: skip
     return save_export(folder, config, model.state_dict())
+
+
+def write_tiny_image_encoder(export: str, seed: int) -> Any:
+    """A random tiny CLIPVisionModel and its CLIPImageProcessor in EXPORT/image_encoder and EXPORT/image_processor
+    (where `sora convert` puts a WanImageToVideoPipeline's); returns the export's ImageEncoderConfig (relative paths)."""
+    import torch
+    import transformers
+
+    from sora_model.config import ImageEncoderConfig
+
+    torch.manual_seed(seed)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM, num_hidden_layers=2, num_attention_heads=2, image_size=CLIP_SIZE,
+        patch_size=CLIP_PATCH))  # fmt: skip
+    clip.save_pretrained(os.path.join(export, "image_encoder"))
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE})
+    processor.save_pretrained(os.path.join(export, "image_processor"))
+    return ImageEncoderConfig(path="image_encoder", processor_path="image_processor")
 
 
 def prepare_data(plan: Plan, root: str, shapes: str | None = None) -> list[str]:
@@ -237,7 +267,7 @@ def prepare_data(plan: Plan, root: str, shapes: str | None = None) -> list[str]:
             raise RuntimeError("sora data synth failed")
     init = plan.recipe.get("init_from")
     if init:  # text encoder, autoencoder and patch from the export; it also stores the empty prompt's embedding
-        settings = ["--from-export", init]
+        settings = ["--from-export", init] + (["--image-conditioning"] if plan.image else [])
     else:
         settings = ["--patch", "x".join(map(str, plan.model_cfg.patch_size)), "--text-encoder", plan.text["name_or_path"],
                     "--max-text-length", str(plan.text["max_length"]), "--text-hidden-layer", str(plan.text["hidden_layer"])]  # fmt: skip
@@ -269,6 +299,9 @@ def ran_line(plan: Plan, recipe: Any, seconds: float, crash: int, resumed: int) 
         parts.append(f"LoRA r{recipe.lora.rank}")
     if recipe.init_from:
         parts.append("init_from a tiny export")
+    model = recipe.model_config()
+    if model.in_channels != model.predicted_channels:
+        parts.append("image-to-video from " + ("the first and last frames" if model.image_count == 2 else "the first frame"))
     if recipe.ema.enabled:
         parts.append(f"EMA {recipe.ema.decay:g}" + (" with warm-up" if recipe.ema.warmup else ""))
     if recipe.model_config().gradient_checkpointing:

@@ -83,6 +83,7 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
     roots = [_abs_root(r) for r in roots]
     infos = {r: read_info(r) for r in roots}
     model = recipe.model_config()
+    recipe.pipeline_config()  # what every export will hold (an image-to-video model needs its image encoder), checked now
     out: dict[str, StageData] = {}
     for i, stage in enumerate(recipe.stages):
         parts = [_resolve_bucket(recipe, model, infos, roots, f"stages[{i}].dataset", name) for name in stage.buckets]
@@ -96,6 +97,8 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
                 )
             out[stage.name] = parts[0]
             continue
+        if model.in_channels != model.predicted_channels:
+            raise ConfigError(f"stages[{i}]: an image-to-video model trains one bucket per stage (dataset:), not a mixed stage")
         shapes = {p.shape: p for p in parts}
         if want not in shapes:
             raise ConfigError(
@@ -115,6 +118,37 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
             grid=shapes[want].grid, info=parts[0].info, shape=want, parts=parts,
         )  # fmt: skip
     return out
+
+
+IMAGE_FLAG = "sora data prepare --from-export EXPORT_DIR --image-conditioning"
+"""How to prepare data an image-to-video model trains on (named by every error about its missing columns)."""
+
+
+def image_columns(model: DiTConfig) -> tuple[str, ...]:
+    """The prepared columns an image-to-video model trains on beside the usual ones (none for text-to-video)."""
+    if model.in_channels == model.predicted_channels:
+        return ()
+    return ("image_condition", "image_features") if model.image_dim is not None else ("image_condition",)
+
+
+def _check_image_conditioning(model: DiTConfig, info: dict[str, Any], where: str) -> None:
+    """An image-to-video model (its input: noisy latents, then the condition's mask and latents) against the data."""
+    if int(info["in_channels"]) != model.predicted_channels:
+        raise ConfigError(f"{where}: the data has {info['in_channels']} channels but the model predicts {model.predicted_channels}")
+    columns = info.get("columns") or []
+    for column in image_columns(model):
+        if column not in columns:
+            raise ConfigError(f"{where}: the model is image-to-video but the data has no '{column}' column; prepare it with `{IMAGE_FLAG}`")
+    cond = info.get("image_conditioning") or {}
+    if int(cond.get("channels", 0)) + model.predicted_channels != model.in_channels:
+        raise ConfigError(f"{where}: the data's image condition has {cond.get('channels')} channels, the model reads "
+                          f"{model.in_channels - model.predicted_channels} beside its noisy latents (model.in_channels {model.in_channels})")  # fmt: skip
+    if model.image_dim is None:
+        return
+    got = (cond.get("images"), cond.get("image_tokens"), cond.get("image_dim"))
+    if got != (model.image_count, model.image_tokens, model.image_dim):
+        raise ConfigError(f"{where}: the data's image features are (images, tokens, width) {got}, the model reads "
+                          f"{(model.image_count, model.image_tokens, model.image_dim)}; prepare with the model's own export ({IMAGE_FLAG})")  # fmt: skip
 
 
 def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str, Any]], roots: list[str], where: str,
@@ -142,7 +176,9 @@ def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str,
     _, info, bucket = hits[0]
     if tuple(info["patch_size"]) != tuple(model.patch_size):
         raise ConfigError(f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}")
-    if int(info["in_channels"]) != model.in_channels:
+    if model.in_channels != model.predicted_channels:
+        _check_image_conditioning(model, info, where)
+    elif int(info["in_channels"]) != model.in_channels:
         raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
     data_layer = int(info.get("text_encoder", {}).get("hidden_layer", -1))
     if data_layer != recipe.text_encoder.hidden_layer:

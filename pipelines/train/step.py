@@ -109,7 +109,8 @@ class Stepper:
         from sora_model.patch import unpatchify
 
         cfg = self.model_cfg
-        x0 = unpatchify(batch["patches"].float(), self.grid, cfg.patch_size, cfg.in_channels)  # (B, C, T, H, W)
+        x0 = unpatchify(batch["patches"].float(), self.grid, cfg.patch_size, cfg.predicted_channels)  # (B, C, T, H, W)
+        cond, features = self._image_inputs(batch)
         tokens = batch["text_tokens"].to(self.dtype)  # (B, L, Dt): fp16 in transit
         mask = batch["text_mask"]  # (B, L)
         pooled = batch["text_pooled"].to(self.dtype)  # (B, Dt)
@@ -118,13 +119,29 @@ class Stepper:
         engine, dtype, par = self.engine, self.dtype, self.par
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # Image-to-video: the noisy latents, then the condition's mask and latents (Wan's channel order, as sampling
+            # builds it); the loss covers only what the model predicts, the noisy latents' channels.
+            x_in = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)  # (B, C_in, T, H, W)
             if par is not None:
-                return par.forward(engine, x_t.to(dtype), t, tokens, mask, pooled, drop).float()
-            return engine(x_t.to(dtype), t, tokens, mask, pooled, drop_text=drop).float()
+                return par.forward(engine, x_in.to(dtype), t, tokens, mask, pooled, drop, image_features=features).float()
+            return engine(x_in.to(dtype), t, tokens, mask, pooled, drop_text=drop, image_features=features).float()
 
         return self.diffusion.training_losses(
             model_fn, x0, self.stage.loss, generator=gen, num_tokens=self.num_tokens, perceptual_net=self.perceptual
         )
+
+    def _image_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An image-to-video model's condition (B, C_in - C, T, H, W) (mask, then the conditioning latents) and image
+        features (B, Li, Di) fp32 from the prepared columns (`sora data prepare --image-conditioning`); Nones for T2V."""
+        from sora_model.patch import unpatchify
+
+        cfg = self.model_cfg
+        if cfg.in_channels == cfg.predicted_channels:
+            return None, None
+        channels = cfg.in_channels - cfg.predicted_channels
+        cond = unpatchify(batch["image_condition"].float(), self.grid, cfg.patch_size, channels)  # (B, Cc, T, H, W)
+        features = batch["image_features"].float() if cfg.image_dim is not None else None  # (B, Li, Di): fp16 in transit
+        return cond, features
 
     def _packed_losses(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         """A mixed stage's packed micro-batch: clips of several grids in one forward (`grids=`), no padding."""
@@ -137,7 +154,7 @@ class Stepper:
         segments = TokenLayout.from_grids(grids).segments  # ((grid, count), ...): same-grid clips side by side
         sizes = [math.prod(g) * count for g, count in segments]
         parts = batch["patches"].float().split(sizes)  # per segment (count * N, P)
-        x0s = [unpatchify(p.reshape(count, -1, p.shape[-1]), g, cfg.patch_size, cfg.in_channels) for p, (g, count) in zip(parts, segments)]
+        x0s = [unpatchify(p.reshape(count, -1, p.shape[-1]), g, cfg.patch_size, cfg.predicted_channels) for p, (g, count) in zip(parts, segments)]
         tokens, mask = batch["text_tokens"].to(dtype), batch["text_mask"]  # (clips, L, Dt), (clips, L)
         pooled = batch["text_pooled"].to(dtype)  # (clips, Dt)
         drop = null_text_drop(len(grids), self.cond_dropout, gen, device=self.device)  # (clips,)
@@ -146,7 +163,7 @@ class Stepper:
         def model_fn(x_ts: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
             packed = torch.cat([patchify(x, cfg.patch_size).flatten(0, 1) for x in x_ts])  # (ΣN, P)
             out = engine(packed.to(dtype), t, tokens, mask, pooled, drop_text=drop, grids=grids).float()  # (ΣN, P)
-            return [unpatchify(o.reshape(count, -1, o.shape[-1]), g, cfg.patch_size, cfg.in_channels)
+            return [unpatchify(o.reshape(count, -1, o.shape[-1]), g, cfg.patch_size, cfg.predicted_channels)
                     for o, (g, count) in zip(out.split(sizes), segments)]  # fmt: skip
 
         return self.diffusion.training_losses_packed(

@@ -49,6 +49,9 @@ On disk (format version 1), one folder per bucket, one row per clip:
         source_fps   float32          the source file's average frame rate
         repeated_frames  int32        clip frames that repeat the previous source frame (fps above the source's)
         text_truncated   int32        the clip's captions that were cut to max_length tokens
+        image_condition  (N, Pc) float32  --image-conditioning only: mask + VAE latents of the clip's first (FLF2V: and
+                                      last) frame's conditioning video, patchified like `patches` (condition.py)
+        image_features   (Li, Di) float16 --image-conditioning only: the export's image encoder's features of them
     Tensor columns are plain Arrow nested fixed-size lists (no Ray extension types), so any Parquet reader
     can open them; `pipelines.data.load` gives them back as arrays of the shapes above.
 
@@ -86,6 +89,7 @@ Modules, one idea each (this package re-exports what callers use):
     captions.py   the caption actor stage: batched, hash-deduplicated, fp16
     group.py      every row of a source in one block: a hash partition in plain tasks
     shards.py     atomic shards and reject files, the resume filter
+    condition.py  --image-conditioning: each clip's image-to-video condition (sora_model.i2v_condition)
     state.py      the output folder: overwrite, refuse or resume
     pipeline.py   the run, top to bottom
     from_export.py  --from-export: a model's own text encoder, autoencoder and patch (e.g. a converted Wan2.1)

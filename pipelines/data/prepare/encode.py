@@ -22,7 +22,7 @@ import numpy as np
 from pipelines.data.prepare.curate import CURATE_COLUMNS, append_clip_columns
 from pipelines.data.prepare.decode import decode_rows
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
-from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, TOKENS_PAD_KEY, Bucket
+from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, IMAGE_CONDITION_COLUMNS, TOKENS_PAD_KEY, Bucket, ImageConditioning
 from pipelines.data.prepare.shards import write_rejects, write_shard
 from pipelines.data.prepare.storage import LocalFiles
 from sora_model.config import AutoencoderConfig
@@ -78,9 +78,10 @@ def row_schema(n: int, p: int, length: int, dim: int) -> Any:
     )
 
 
-def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> Any:
+def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int], condition: dict[str, np.ndarray] | None = None) -> Any:
     """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table; a curated run's plans
-    (with `motion`) add the curation columns at the end."""
+    (with `motion`) add the curation columns at the end, and `condition` (`condition.ImageConditioner`'s arrays) the
+    image-conditioning columns after them."""
     import pyarrow as pa
 
     b = plans.num_rows
@@ -98,6 +99,10 @@ def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int]) -> A
             arrays += [_fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
                        _fixed_list(np.broadcast_to(np.asarray(grid, np.int32), (b, 3)), pa.int32())]  # fmt: skip
             names += ["patches", "grid"]
+    for name in IMAGE_CONDITION_COLUMNS:
+        if condition is not None and name in condition:
+            arrays.append(_fixed_list(condition[name], pa.float16() if condition[name].dtype == np.float16 else pa.float32()))
+            names.append(name)
     # Caption tokens are stored at their true length; the field says what length they are padded to at load, so
     # a reader that does not read text_mask pads every shard alike (pipelines.data.load).
     pad = {TOKENS_PAD_KEY: str(plans.schema.field("text_mask").type.list_size)}
@@ -121,7 +126,8 @@ def vae_batch_clips(clip_shape: tuple[int, ...], free_device_bytes: int | None, 
 class Patchify:
     """pixels (B, F, H, W, 3) uint8 -> autoencoder -> tokens (B, N, P) float32, on the best device here."""
 
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None):
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None,
+                 image_conditioning: ImageConditioning | None = None):  # fmt: skip
         import torch
 
         from sora_model.autoencoder import build_autoencoder
@@ -137,6 +143,17 @@ class Patchify:
         self.free_device_bytes = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         self.oom_cap: dict[tuple[int, ...], int] = {}
         """Clips per call that a CUDA out-of-memory error cut a clip shape to (halving until it fits)."""
+        self.conditioner = None
+        """`--image-conditioning`: each clip's image-to-video condition, on the same device and VAE."""
+        if image_conditioning is not None:
+            from pipelines.data.prepare.condition import ImageConditioner
+
+            self.conditioner = ImageConditioner(image_conditioning, self.autoencoder, self.device, patch,
+                                                lambda shape: min(self.rows_per_call(shape), self.oom_cap.get(shape[1:], shape[0])))  # fmt: skip
+
+    def condition(self, pixels: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The clips' image-to-video condition columns; None when the run stores none."""
+        return None if self.conditioner is None else self.conditioner(pixels)
 
     def rows_per_call(self, pixels_shape: tuple[int, ...]) -> int:
         """Clips per autoencoder call (`vae_batch_clips` of one clip's shape)."""
@@ -174,10 +191,11 @@ _STATE: dict[str, Any] = {}
 """Per worker process: the identity Patchify and the LocalFiles, built once and reused by every task."""
 
 
-def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int], scratch: str | None) -> tuple[Patchify, LocalFiles]:
-    key = json.dumps([str(autoencoder), list(patch)])
+def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int], scratch: str | None,
+                   image_conditioning: ImageConditioning | None = None) -> tuple[Patchify, LocalFiles]:  # fmt: skip
+    key = json.dumps([str(autoencoder), list(patch), str(image_conditioning)])
     if _STATE.get("key") != key:
-        _STATE.update(key=key, patchify=Patchify(autoencoder, patch))
+        _STATE.update(key=key, patchify=Patchify(autoencoder, patch, image_conditioning=image_conditioning))
     if _STATE.get("files") is None or _STATE["files"].scratch != scratch:
         _STATE["files"] = LocalFiles(scratch)
     return _STATE["patchify"], _STATE["files"]
@@ -206,14 +224,14 @@ def by_bucket(table: Any) -> dict[str, Any]:
 
 def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
                         out: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None,
-                        curate: bool = False) -> Any:  # fmt: skip
+                        curate: bool = False, image_conditioning: ImageConditioning | None = None) -> Any:  # fmt: skip
     """Identity path: decode, patchify and write one shard per bucket in this batch (with `curate`, the clips'
-    motion and hashes from the same pixels).
+    motion and hashes from the same pixels; with `image_conditioning`, their image-to-video condition).
 
     Returns {bucket, shard, rows} per shard written (what the driver counts for progress)."""
     import pyarrow as pa
 
-    patchify, files = _process_state(autoencoder, patch, scratch)
+    patchify, files = _process_state(autoencoder, patch, scratch, image_conditioning)
     written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
     rejects = []
     for name, plans in by_bucket(table).items():
@@ -224,7 +242,7 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
             continue
         tokens, grid = patchify(pixels)
         rows = take_rows(plans, kept)
-        shard = shard_table(append_clip_columns(rows, pixels) if curate else rows, tokens, grid)
+        shard = shard_table(append_clip_columns(rows, pixels) if curate else rows, tokens, grid, patchify.condition(pixels))
         written["bucket"].append(name)
         written["shard"].append(write_shard(shard, os.path.join(out, name)))
         written["rows"].append(shard.num_rows)
@@ -262,8 +280,9 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
 class EncodeClips:
     """Ray Data actor (one per GPU): decoded rows -> shard rows, with their bucket, for `write_rows`."""
 
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None):
-        self.patchify = Patchify(autoencoder, patch, batch_clips)
+    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None,
+                 image_conditioning: ImageConditioning | None = None):  # fmt: skip
+        self.patchify = Patchify(autoencoder, patch, batch_clips, image_conditioning)
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
@@ -274,7 +293,7 @@ class EncodeClips:
             flat = rows.column("pixels").combine_chunks().flatten().to_numpy()
             pixels = flat.reshape(rows.num_rows, b.frames, b.height, b.width, 3)  # (B, F, H, W, 3) uint8
             tokens, grid = self.patchify(pixels)
-            shard = shard_table(rows.drop_columns(["pixels"]), tokens, grid)
+            shard = shard_table(rows.drop_columns(["pixels"]), tokens, grid, self.patchify.condition(pixels))
             parts.append(shard.append_column("bucket", pa.array([name] * shard.num_rows, pa.string())))
         return pa.concat_tables(parts)
 

@@ -7,14 +7,23 @@ caption, zero-padded; Wan VAE latents normalised with its latents_mean/std; patc
 
 Models that contrast guidance with the empty prompt (`null_text: empty_prompt`) also get OUT/null_prompt.safetensors,
 the embedding of "" that replaces dropped captions in training (`pipelines.data.null_prompt`).
+
+With `--image-conditioning` (an image-to-video export: I2V, FLF2V) each clip also gets what the model reads beside
+its noisy latents: the mask and VAE latents of its first (and last) frame's conditioning video, and the export's
+image encoder's features of those frames (`options.IMAGE_CONDITION_COLUMNS`).
+
+    sora data prepare --manifest clips.jsonl --out data/wan-i2v --buckets 33x480x832 --fps 16 \
+        --from-export exports/wan-i2v-14b --image-conditioning
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 from typing import Any
 
-from pipelines.data.prepare.options import DEFAULT_PATCH, PrepareError, PrepareOptions
+from pipelines.data.prepare.options import DEFAULT_PATCH, ImageConditioning, PrepareError, PrepareOptions
+from sora_model.config import ImageEncoderConfig
 
 EXPORT_DECIDES = {
     "text_encoder": ("--text-encoder", "minilm"),
@@ -38,10 +47,31 @@ def apply_export(options: PrepareOptions, export_dir: str, args: Any = None) -> 
         config = load_export_config(export_dir)
     except (OSError, ValueError) as err:
         raise PrepareError(f"--from-export: {' '.join(str(err).split())}") from None
+    image = None
+    if getattr(args, "image_conditioning", False):
+        image = image_conditioning(config, export_dir)
     return replace(
         options,
         text_encoder=config.text_encoder,
         autoencoder=config.autoencoder,
         patch=tuple(config.model.patch_size),
         null_prompt=config.model.null_text == "empty_prompt",
+        image_conditioning=image,
     )
+
+
+def image_conditioning(config: Any, export_dir: str) -> ImageConditioning:
+    """`--image-conditioning`'s settings from an image-to-video export: how many frames condition a clip, and its image
+    encoder with the paths made absolute (`sora convert` copies it into the export and records relative paths)."""
+    import os
+
+    m = config.model
+    if m.in_channels == m.predicted_channels:
+        raise PrepareError(f"--image-conditioning: '{export_dir}' is a text-to-video export (model.in_channels equals the "
+                           "channels it predicts); give an image-to-video one (sora convert of a WanImageToVideoPipeline)")  # fmt: skip
+    encoder = None
+    if m.image_dim is not None:
+        paths = {k: (v if not v or os.path.isabs(v) else os.path.join(os.path.abspath(export_dir), v))
+                 for k, v in dataclasses.asdict(config.image_encoder).items()}  # fmt: skip
+        encoder = ImageEncoderConfig(**paths)
+    return ImageConditioning(images=2 if m.image_positions else 1, encoder=encoder)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
-from sora_model.config import AutoencoderConfig, TextEncoderConfig, to_dict
+from sora_model.config import AutoencoderConfig, ImageEncoderConfig, TextEncoderConfig, to_dict
 
 FORMAT_VERSION = 2
 """2: text_tokens (and each extra caption's) stored at their true length, zero-padded to text_mask's at load.
@@ -62,6 +62,13 @@ DTYPES = {
     "repeated_frames": "int32",
     "text_truncated": "int32",
 }
+IMAGE_CONDITION_COLUMNS = ("image_condition", "image_features")
+"""`--image-conditioning`'s columns, after all others: `image_condition` (N, Pc) float32, the mask and the latents of
+the clip's conditioning video patchified as `patches` are (Pc = (mask + latent channels) x pt x ph x pw), and
+`image_features` (images x Ti, Di) float16, the image encoder's penultimate features of the clip's first (and last)
+frame (absent for an export without an image encoder: Wan2.2 I2V). `sora_model.i2v_condition` builds both, as
+sampling does."""
+IMAGE_CONDITION_DTYPES = {"image_condition": "float32", "image_features": "float16"}
 TOKENS_PAD_KEY = "pad_to"
 """Field metadata of the caption-token columns: tokens per caption once padded (text_mask's width), so a reader
 that does not read text_mask pads every shard alike."""
@@ -200,6 +207,19 @@ def parse_patch(text: str) -> tuple[int, int, int]:
     return (b.frames, b.height, b.width)
 
 
+@dataclass(frozen=True)
+class ImageConditioning:
+    """What `--image-conditioning` stores per clip for an image-to-video export (`from_export.apply_export`)."""
+
+    images: int
+    """Conditioning frames per clip: 1 (the first: I2V) or 2 (the first and the last: FLF2V)."""
+    encoder: ImageEncoderConfig | None
+    """The export's image encoder, absolute paths; None: latents only (an I2V model without one, Wan2.2 I2V)."""
+
+    def settings(self) -> dict[str, Any]:
+        return {"images": self.images, "image_encoder": None if self.encoder is None else to_dict(self.encoder)}
+
+
 @dataclass
 class PrepareOptions:
     manifest: str
@@ -241,6 +261,8 @@ class PrepareOptions:
     curate: bool = False
     """Add the curation columns (scene, motion, phash; prepare/curate.py): clips never span a scene cut, and
     `sora data filter` can drop static clips and near-duplicates later without decoding."""
+    image_conditioning: ImageConditioning | None = None
+    """Also store each clip's image-to-video condition (IMAGE_CONDITION_COLUMNS); None: the columns of a T2V run."""
 
     def __post_init__(self) -> None:
         if self.fps is not None and not self.fps > 0:
@@ -282,6 +304,7 @@ class PrepareOptions:
             "max_fps_ratio": self.max_fps_ratio,
             # Only when on, so the settings (and the hash a resume checks) of runs without it stay as they were.
             **({"curate": True} if self.curate else {}),
+            **({"image_conditioning": self.image_conditioning.settings()} if self.image_conditioning else {}),
         }
 
 
@@ -376,4 +399,7 @@ def options_from_args(args: Any) -> PrepareOptions:
         from pipelines.data.prepare.from_export import apply_export
 
         return apply_export(options, args.from_export, args)
+    if getattr(args, "image_conditioning", False):
+        raise PrepareError("--image-conditioning needs --from-export EXPORT_DIR: the image-to-video export whose VAE and "
+                           "image encoder make each clip's condition")  # fmt: skip
     return options

@@ -33,6 +33,8 @@ from pipelines.data.prepare.options import (
     DECODE_REJECTS_DIR,
     DTYPES,
     FORMAT_VERSION,
+    IMAGE_CONDITION_COLUMNS,
+    IMAGE_CONDITION_DTYPES,
     MANIFEST_CHUNKS_PER_CPU,
     REJECTS,
     RUN_STATE,
@@ -154,6 +156,10 @@ def check_shapes(opts: PrepareOptions) -> tuple[dict[str, Any], int]:
     except (ValueError, OSError, ImportError) as err:
         raise PrepareError(" ".join(str(err).split())) from None
     autoencoder = build_autoencoder(opts.autoencoder)
+    encoder = opts.image_conditioning.encoder if opts.image_conditioning else None
+    for folder in () if encoder is None else (encoder.path, encoder.processor_path or encoder.path):
+        if not folder or not Path(folder).is_dir():
+            raise PrepareError(f"--image-conditioning: the export's image encoder folder '{folder}' is missing")
     grids = {}
     for b in opts.buckets:
         try:
@@ -212,13 +218,15 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         return ds.map_batches(
             decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
             fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out,
-                       "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch, "curate": opts.curate},
+                       "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch, "curate": opts.curate,
+                       "image_conditioning": opts.image_conditioning},
         )  # fmt: skip
     ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
                         fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch,
                                    "curate": opts.curate})  # fmt: skip
     ds = ds.map_batches(
-        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "batch_clips": opts.vae_batch_clips},
+        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "batch_clips": opts.vae_batch_clips,
+                                            "image_conditioning": opts.image_conditioning},
         batch_size=rows,
         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
         **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
@@ -261,6 +269,19 @@ def _curation(opts: PrepareOptions, sums: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
+def _image_info(opts: PrepareOptions, schema: Any) -> dict[str, Any]:
+    """dataset.json's `image_conditioning`: what conditions each clip, read back from a shard's schema (what training
+    checks against an image-to-video model: frames per clip, condition channels, feature tokens and width)."""
+    cond = opts.image_conditioning
+    per_token = schema.field("image_condition").type.value_type.list_size  # (mask + latent channels) x pt x ph x pw
+    info: dict[str, Any] = {"images": cond.images, "channels": per_token // math.prod(opts.patch),
+                            "image_encoder": None if cond.encoder is None else to_dict(cond.encoder)}  # fmt: skip
+    if "image_features" in schema.names:
+        features = schema.field("image_features").type
+        info.update(image_tokens=features.list_size // cond.images, image_dim=features.value_type.list_size)
+    return info
+
+
 def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int,
             rejected: tuple[int, int], elapsed: float) -> dict[str, Any]:  # fmt: skip
     import pyarrow.parquet as pq
@@ -276,7 +297,8 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}")
     first = next(f for bi in bucket_infos for f in shard_files(join(out, bi["path"])))
     fs, p = filesystem(first)
-    text_dim = pq.read_schema(p, filesystem=fs).field("text_pooled").type.list_size
+    schema = pq.read_schema(p, filesystem=fs)
+    text_dim = schema.field("text_pooled").type.list_size
     pt, ph, pw = opts.patch
     info = {
         "format_version": FORMAT_VERSION,
@@ -300,8 +322,11 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         "stride_s": opts.stride_s,
         **_curation(opts, sums),
         **({"curate": curate_summary([join(out, b.name) for b in opts.buckets])} if opts.curate else {}),
-        "columns": list(COLUMNS) + (list(CURATE_COLUMNS) if opts.curate else []),
-        "dtypes": {**DTYPES, **(CURATE_DTYPES if opts.curate else {})},
+        **({"image_conditioning": _image_info(opts, schema)} if opts.image_conditioning else {}),
+        "columns": list(COLUMNS) + (list(CURATE_COLUMNS) if opts.curate else [])
+                   + [c for c in IMAGE_CONDITION_COLUMNS if opts.image_conditioning and c in schema.names],
+        "dtypes": {**DTYPES, **(CURATE_DTYPES if opts.curate else {}),
+                   **({c: t for c, t in IMAGE_CONDITION_DTYPES.items() if c in schema.names} if opts.image_conditioning else {})},
         "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 2),
