@@ -26,10 +26,11 @@ from typing import Any
 def run(args: argparse.Namespace) -> int:
     from pipelines.cli import UserError
     from sora_model.convert_wan import convert_wan_folder, pipeline_config_from_wan
+    from sora_model.pipeline import CONFIG_FILE
 
     if not os.path.isdir(args.from_diffusers):
         raise UserError(f"--from-diffusers '{args.from_diffusers}' is not a folder; give a diffusers WanPipeline or WanImageToVideoPipeline folder")
-    if os.path.isfile(os.path.join(args.out, "config.json")) and not args.overwrite:
+    if os.path.isfile(os.path.join(args.out, CONFIG_FILE)) and not args.overwrite:
         raise UserError(f"--out '{args.out}' already holds an export; pass --overwrite to replace it")
     t0 = time.perf_counter()
     pipeline_config_from_wan(args.from_diffusers)  # a folder we cannot convert fails here, before any weights are read

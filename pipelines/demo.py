@@ -255,11 +255,12 @@ def _train_step(out: Path, steps: Steps, summary: dict[str, Any], recipe_path: P
                 folders: dict[str, Path], prepare_settings: dict, workers: int) -> Path:  # fmt: skip
     """3. Train (or resume, or reuse) the recipe on the prepared folders; returns the export folder."""
     from pipelines.train.trainer import TrainOptions, train
+    from sora_model.pipeline import CONFIG_FILE
 
     run_dir = out / "run"
     export = run_dir / "export"
     train_settings = {"recipe": recipe_path.read_text(), "workers": workers, "data": prepare_settings}
-    if not steps.done("train", train_settings) or not (export / "config.json").is_file():
+    if not steps.done("train", train_settings) or not (export / CONFIG_FILE).is_file():
         resume = (run_dir / "ray_results" / recipe.name).is_dir() and steps.result("train_started") == train_settings
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)

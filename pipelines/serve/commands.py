@@ -100,11 +100,14 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, dict[s
             app_args[key] = getattr(args, key)
     if not app_args.get("model"):
         raise UserError("--model is required (or args.model in --config)")
-    if "://" not in app_args["model"] and not os.path.isfile(os.path.join(app_args["model"], "config.json")):
-        raise UserError(f"--model '{app_args['model']}' is not an export folder: config.json is missing")
+    from sora_model.lora import ADAPTER_CONFIG
+    from sora_model.pipeline import CONFIG_FILE
+
+    if "://" not in app_args["model"] and not os.path.isfile(os.path.join(app_args["model"], CONFIG_FILE)):
+        raise UserError(f"--model '{app_args['model']}' is not an export folder: {CONFIG_FILE} is missing")
     lora = app_args.get("lora")
-    if lora and "://" not in lora and not os.path.isfile(os.path.join(lora, "adapter_config.json")):
-        raise UserError(f"--lora '{lora}' is not a LoRA adapter folder: adapter_config.json is missing")
+    if lora and "://" not in lora and not os.path.isfile(os.path.join(lora, ADAPTER_CONFIG)):
+        raise UserError(f"--lora '{lora}' is not a LoRA adapter folder: {ADAPTER_CONFIG} is missing")
     host = args.host or http.get("host") or DEFAULT_HOST
     port = args.port or http.get("port") or DEFAULT_PORT
     if args.host and "download_host" not in app_args and is_ip(host):

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sora_model.pipeline import CONFIG_FILE  # a checkpoint folder holds its export's config too
+
 TRAINER_STATE = "trainer_state.json"
-CONFIG_FILE = "config.json"
 DS_TAG = "ds"
 """DeepSpeed checkpoint tag: one fixed name, since each Ray checkpoint folder holds exactly one."""
 UNIVERSAL_DIR = "universal"
