@@ -93,6 +93,49 @@ def make_tiny_wan_folder(folder: Path) -> Path:
     return folder
 
 
+I2V_IMAGE_DIM, I2V_IMAGE_TOKENS = 24, 17  # a 32 px CLIP with 8 px patches: 16 patches + the class token
+I2V_IN_CHANNELS = 2 * WAN_CHANNELS + 4  # noise, 4 mask channels, conditioning latents
+
+
+def make_tiny_i2v_folder(folder: Path, flf2v: bool) -> Path:
+    """A tiny WanImageToVideoPipeline folder (FLF2V with `flf2v`): the T2V helper's umT5, tokenizer and Wan VAE, a tiny
+    CLIP (CLIPVisionModel, 32 px), a 12-channel WanTransformer3DModel with `image_dim`, FlowMatchEuler with shift 3."""
+    import diffusers
+    import transformers
+
+    from sora_model.text import minilm_path
+
+    t2v = make_tiny_wan_folder(folder.parent / f"{folder.name}-t2v")
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=I2V_IMAGE_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))  # fmt: skip
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=I2V_IN_CHANNELS, out_channels=WAN_CHANNELS,
+        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32, image_dim=I2V_IMAGE_DIM,
+        added_kv_proj_dim=32, pos_embed_seq_len=2 * I2V_IMAGE_TOKENS if flf2v else None,
+    )  # fmt: skip
+    perturb(transformer, 1)
+    diffusers.WanImageToVideoPipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()),
+        text_encoder=transformers.UMT5EncoderModel.from_pretrained(str(t2v / "text_encoder")).eval(),
+        vae=diffusers.AutoencoderKLWan.from_pretrained(str(t2v / "vae")).eval(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_encoder=clip.eval(),
+        transformer=transformer.eval(),
+    ).save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_i2v_export(base: Path, flf2v: bool = False) -> Path:
+    """`sora convert --from-diffusers` of a tiny I2V (or FLF2V) folder made under `base`; the export's path."""
+    from pipelines.cli import main
+
+    folder = make_tiny_i2v_folder(base / "Wan-tiny-I2V-Diffusers", flf2v=flf2v)
+    assert main(["convert", "--from-diffusers", str(folder), "--out", str(base / "export")]) == 0
+    return base / "export"
+
+
 def smoke_training_data(base: Path) -> str:
     """DIR_images,DIR_clips for smoke-cpu.yaml (24 synthetic 16x16 videos), made once under `base`."""
     from pipelines.cli import main
