@@ -42,6 +42,7 @@ class Parallel:
     """Index of this rank's group among the data-parallel replicas: seeds the step's noise, so a group agrees."""
     patch_size: tuple[int, int, int]
     in_channels: int
+    """Channels of the prediction the group gathers (the model's predicted channels: 16 of an I2V model's 36 inputs)."""
 
     @property
     def loss_scale(self) -> float:
@@ -55,10 +56,11 @@ class Parallel:
         """The group reader's micro-batch on every rank of the group (`batch` is None on the others)."""
         return batch if self.sp == 1 else broadcast_batch(batch, self.group, self.src, self.device)
 
-    def forward(self, engine: Any, x_t, t, tokens, mask, pooled, drop) -> torch.Tensor:
+    def forward(self, engine: Any, x_t, t, tokens, mask, pooled, drop, image_features=None) -> torch.Tensor:
         if self.sp == 1:
-            return engine(x_t, t, tokens, mask, pooled, drop_text=drop)
-        return sequence_parallel_forward(engine, x_t, t, tokens, mask, pooled, drop, self.group, self.patch_size, self.in_channels)
+            return engine(x_t, t, tokens, mask, pooled, drop_text=drop, image_features=image_features)
+        return sequence_parallel_forward(engine, x_t, t, tokens, mask, pooled, drop, self.group, self.patch_size, self.in_channels,
+                                         image_features=image_features)  # fmt: skip
 
 
 def selected_blocks(depth: int, fraction: float) -> list[int]:
@@ -107,5 +109,5 @@ def parallelize(engine: Any, recipe: Recipe, world: int, device: torch.device | 
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
         engine.compile(compile_kwargs={"dynamic": False})
-    return Parallel(sp=sp, group=group, src=src, dp_rank=dp_rank, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+    return Parallel(sp=sp, group=group, src=src, dp_rank=dp_rank, patch_size=cfg.patch_size, in_channels=cfg.predicted_channels,
                     device=device or torch.device("cpu"))
