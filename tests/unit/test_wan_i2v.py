@@ -19,44 +19,18 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from helpers import WAN_CHANNELS, WAN_LATENTS_MEAN, WAN_LATENTS_STD, WAN_TEXT_DIM, make_tiny_wan_folder, perturb  # noqa: E402
+from helpers import I2V_IMAGE_DIM as IMAGE_DIM  # noqa: E402
+from helpers import I2V_IMAGE_TOKENS as IMAGE_TOKENS  # noqa: E402
+from helpers import I2V_IN_CHANNELS as IN_CHANNELS  # noqa: E402
+from helpers import WAN_CHANNELS, WAN_TEXT_DIM, make_tiny_i2v_folder, make_tiny_wan_folder, perturb  # noqa: E402
 
 from pipelines.cli import main  # noqa: E402
 from sora_model.dit import DiT  # noqa: E402
 from sora_model.pipeline import MODEL_FILE, TextToVideoPipeline, load_export_config  # noqa: E402
 
 TOL = 1e-4
-IMAGE_DIM, IMAGE_TOKENS = 24, 17  # a 32 px CLIP with 8 px patches: 16 patches + the class token
-IN_CHANNELS = 2 * WAN_CHANNELS + 4  # noise, 4 mask channels, conditioning latents
 OPTIONS = {"num_frames": 9, "height": 32, "width": 48, "guidance_scale": 5.0}
 PROMPT = "a red circle &amp; a  blue square"
-
-
-def make_tiny_i2v_folder(folder: Path, flf2v: bool) -> Path:
-    """A tiny WanImageToVideoPipeline folder: the T2V helper's umT5, tokenizer and Wan VAE, a tiny CLIP, shift 3."""
-    from sora_model.text import minilm_path
-
-    t2v = make_tiny_wan_folder(folder.parent / f"{folder.name}-t2v")
-    torch.manual_seed(0)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=IMAGE_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))  # fmt: skip
-    transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=IN_CHANNELS, out_channels=WAN_CHANNELS,
-        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32, image_dim=IMAGE_DIM,
-        added_kv_proj_dim=32, pos_embed_seq_len=2 * IMAGE_TOKENS if flf2v else None,
-    )  # fmt: skip
-    perturb(transformer, 1)
-    diffusers.WanImageToVideoPipeline(
-        tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()),
-        text_encoder=transformers.UMT5EncoderModel.from_pretrained(str(t2v / "text_encoder")).eval(),
-        vae=diffusers.AutoencoderKLWan.from_pretrained(str(t2v / "vae")).eval(),
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        image_encoder=clip.eval(),
-        transformer=transformer.eval(),
-    ).save_pretrained(str(folder))
-    assert WAN_LATENTS_MEAN and WAN_LATENTS_STD  # the VAE's latent stats make the condition latents' normalisation count
-    return folder
 
 
 @pytest.fixture(scope="module", params=["i2v", "flf2v"])
