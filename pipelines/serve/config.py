@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipelines.parallel.config import ParallelConfig
 from sora_model.config import ConfigError, from_dict
 
 INGRESS_NAME = "VideoAPI"
@@ -298,6 +299,11 @@ class ServeSettings:
     `sora serve --host H` sets it to H unless the config sets it."""
     queue: QueueConfig = field(default_factory=QueueConfig)
     batching: BatchConfig = field(default_factory=BatchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """One request over several devices per generator replica: `{sequence: N, cfg: bool}` (pipelines/parallel).
+    The replica starts N (x2 with cfg) rank actors in its placement group, which the Generator deployment reserves
+    with `placement_group_bundles` (1 + N (x2) bundles: the replica's, then one GPU per rank); cluster/serve/
+    production-14b.yaml is an example. Off (sequence 1, no cfg) by default: one device per replica."""
 
     def __post_init__(self) -> None:
         if self.default_tier not in self.tiers:
@@ -344,6 +350,11 @@ class ServeSettings:
                 raise ConfigError(f"loras.{name} must be a path to a LoRA adapter folder or .safetensors file")
         if self.lora_cache_bytes < 1:
             raise ConfigError(f"lora_cache_bytes must be >= 1, got {self.lora_cache_bytes}")
+        self.parallel.check(field="parallel.sequence")
+        if self.parallel.enabled and self.loras:
+            raise ConfigError("loras (per-request adapters) are not available with parallel yet; serve them without it")
+        if self.parallel.enabled and self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda with parallel (one GPU per rank), got '{self.device}'")
         if self.db is not None and not self.db.startswith(DB_SCHEMES):
             raise ConfigError(f"db must be an SQLAlchemy URL starting with {' or '.join(DB_SCHEMES)}, got '{self.db}'")
 
@@ -398,11 +409,25 @@ def load_settings(args: dict[str, Any]) -> ServeSettings:
         settings.loras[name] = path = os.path.abspath(os.path.expanduser(path))
         if not os.path.exists(path):
             raise ConfigError(f"loras.{name}: '{path}' does not exist (a LoRA adapter folder or .safetensors file)")
+    if settings.parallel.enabled and "://" not in settings.model:
+        _check_parallel_heads(settings)
     if settings.store and "://" not in settings.store:
         settings.store = os.path.abspath(os.path.expanduser(settings.store))
     if settings.db and settings.db.startswith("sqlite:///") and not settings.db.startswith("sqlite:////"):
         settings.db = "sqlite:///" + os.path.abspath(os.path.expanduser(settings.db[len("sqlite:///") :]))
     return settings
+
+
+def _check_parallel_heads(settings: ServeSettings) -> None:
+    """`parallel.sequence` must divide the export's attention heads: said when the app is built, before any
+    replica reserves its devices (a folder that is not an export yet is left to the replicas to report)."""
+    from sora_model.pipeline import load_export_config
+
+    try:
+        model = load_export_config(settings.model).model
+    except FileNotFoundError:
+        return
+    settings.parallel.check(model, field="parallel.sequence")
 
 
 def apply_user_config(settings: ServeSettings, user_config: dict[str, Any] | None, allowed: tuple[str, ...]) -> ServeSettings:

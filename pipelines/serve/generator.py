@@ -158,9 +158,18 @@ class Generator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.perf_counter()
-        self.pipe = TextToVideoPipeline.load(
-            self.settings.model, device=device, precision=self.settings.precision, lora=self.settings.lora
-        )
+        self.ranks = None  # a parallel replica's rank actors (pipelines/parallel/replica.py), which then are its pipe
+        if self.settings.parallel.enabled:
+            from pipelines.parallel.replica import ParallelRanks
+
+            self.pipe = self.ranks = ParallelRanks.start(
+                self.settings.model, self.settings.parallel, self.settings.device, self.settings.precision,
+                self.settings.lora, name=f"{GENERATOR_NAME}-{_replica_id()}",
+            )
+        else:
+            self.pipe = TextToVideoPipeline.load(
+                self.settings.model, device=device, precision=self.settings.precision, lora=self.settings.lora
+            )
         # Per-request adapters (`loras:`), applied unmerged on the loaded model: checked now from their headers, loaded
         # when first asked for. A bad one is reported in the card (its requests answer 400), the others serve.
         self.adapters = AdapterCache(self.pipe.model, self.settings.loras, self.settings.lora_cache_bytes)
@@ -235,6 +244,8 @@ class Generator:
     def check_health(self) -> None:
         if self._fatal:
             raise RuntimeError(f"generator is unhealthy: {self._fatal}")
+        if self.ranks is not None:
+            self.ranks.check()  # every rank of a parallel replica answers, else Serve replaces the replica
         busy = self._busy_since
         limit = HUNG_FACTOR * self.settings.queue.stall_timeout_s
         if busy is not None and time.monotonic() - busy > limit:

@@ -1,0 +1,141 @@
+"""A generator replica that owns two ranks (`parallel: {sequence: 2}`) on a local Ray (2 CPUs, gloo).
+
+- The app answers the SDK flow with the clip one process samples for the same request and seed (computed here with
+  `TextToVideoPipeline` and encoded as the server encodes): the lossless PNG thumbnail within one level, the MP4
+  bytes equal or, where H.264 moved a block for a float reordering, its decoded frames equal on average.
+- The replica's placement group holds it and its two rank actors (fractional CPU bundles); health pings every rank.
+- Killing one rank actor while a job samples ends the replica (Serve replaces it with two fresh ranks) and the job
+  is retried on the replacement and completes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from helpers import make_tiny_export, wait_done
+from serve_services import serve_app
+
+pytestmark = pytest.mark.slow
+
+PORT = 8319
+BASE = f"http://127.0.0.1:{PORT}"
+BUNDLES = [{"CPU": 0.5}, {"CPU": 0.5}, {"CPU": 0.5}]
+"""The replica's bundle, then one per rank: 1.5 of the 2 CPUs, so a replacement fits once the old group is gone."""
+GENERATOR = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    "ray_actor_options": {"num_cpus": 0.5},
+    "placement_group_bundles": BUNDLES,
+    "placement_group_strategy": "STRICT_PACK",
+    "health_check_period_s": 2,
+    "graceful_shutdown_timeout_s": 5,
+}
+# 3 frames of 14x14 through DiT-tiny's (1, 2, 2) patches: a 3x7x7 grid, 147 tokens, padded to split over 2 ranks.
+REQUEST = {"prompt": "a red circle moving left", "num_frames": 3, "size": "14x14", "steps": 4, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from pipelines.serve.config import load_settings
+
+    export = make_tiny_export(tmp_path_factory.mktemp("export"))
+    store = tmp_path_factory.mktemp("store")
+    settings = load_settings({
+        "model": str(export), "store": str(store), "download_port": None, "parallel": {"sequence": 2},
+        "queue": {"poll_after_ms": 100, "lease_ttl_s": 5.0, "claim_interval_s": 0.1},
+    })  # fmt: skip
+    with serve_app(settings, PORT, GENERATOR):
+        yield {"export": export, "tmp": tmp_path_factory.mktemp("clips"), "db": settings.db_url}
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=BASE, timeout=120, follow_redirects=True) as client:
+        yield client
+
+
+def frames_of(mp4: bytes, where: Path) -> np.ndarray:
+    from sora_model.video import probe_video, read_frames
+
+    where.write_bytes(mp4)
+    return read_frames(str(where), range(probe_video(str(where)).num_frames)).astype(np.int16)  # (T, H, W, 3)
+
+
+def thumbnail_of(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)  # (H, W, 3)
+
+
+def one_process_clip(service, seed: int) -> tuple[np.ndarray, bytes]:
+    """(first frame, MP4 bytes) of the request sampled here by one process, encoded as the server does."""
+    from pipelines.serve.generator import encode_clip
+    from sora_model.pipeline import TextToVideoPipeline
+
+    pipe = TextToVideoPipeline.load(str(service["export"]))
+    clip = pipe(REQUEST["prompt"], num_frames=3, height=14, width=14, steps=4, seed=seed)[0]  # (T, H, W, 3)
+    folder = service["tmp"] / f"reference-{seed}"
+    folder.mkdir()
+    mp4, _ = encode_clip(clip, pipe.config.sample.fps, str(folder))
+    return clip[0].astype(np.int16), Path(mp4).read_bytes()
+
+
+def rank_actors() -> list[dict]:
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if "-rank" in a["name"] and "Generator" in a["name"]]
+
+
+def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, http):
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=120)
+    extra = {k: REQUEST[k] for k in ("num_frames", "steps", "seed")}
+    video = sdk.videos.create_and_poll(prompt=REQUEST["prompt"], model="sora-ray", size=REQUEST["size"],
+                                       extra_body=extra, poll_interval_ms=100)  # fmt: skip
+    assert video.status == "completed" and video.progress == 100, video
+    mp4 = sdk.videos.download_content(video.id).content
+    thumb = thumbnail_of(sdk.videos.download_content(video.id, variant="thumbnail").content)
+    first, reference = one_process_clip(service, REQUEST["seed"])
+    # Two ranks gather the same fp32 prediction in another summation order: at most one level on the lossless PNG.
+    assert thumb.shape == first.shape and np.abs(thumb - first).max() <= 1
+    if mp4 != reference:  # H.264 can move a block when a level flips; the decoded clips still agree on average
+        served, expected = frames_of(mp4, service["tmp"] / "served.mp4"), frames_of(reference, service["tmp"] / "ref.mp4")
+        assert np.abs(served - expected).mean() <= 0.5
+    health = http.get("/healthz").json()["generator"]
+    assert health["clips"] >= 1 and health["text_cache"]["misses"] >= 1  # rank 0's cache figures reach the replica
+    assert sorted(a["name"][-5:] for a in rank_actors()) == ["rank0", "rank1"]
+
+
+def test_killing_a_rank_mid_job_retries_the_job_on_a_new_replica(service, http):
+    import ray
+
+    from pipelines.serve.db import JobDB
+
+    before = http.get("/healthz").json()["generator"]["replica"]
+    # Long enough (100 steps) that the kill lands while the job samples.
+    r = http.post("/v1/videos", json={"prompt": "a killed rank", "num_frames": 4, "size": "16x16", "steps": 100, "seed": 3})
+    assert r.status_code == 200, r.text
+    video_id = r.json()["id"]
+    deadline = time.time() + 60
+    while (job := http.get(f"/v1/videos/{video_id}").json())["progress"] < 10 and time.time() < deadline:
+        time.sleep(0.05)
+    assert job["status"] == "in_progress", job
+    (victim,) = [a for a in rank_actors() if a["name"].endswith("rank1")]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    done = wait_done(http, video_id, timeout=120)
+    assert done["status"] == "completed", done
+    health = http.get("/healthz").json()
+    assert health["generator"]["replica"] != before  # the replica went with its rank; Serve started another
+    assert health["stats"].get("generator_retries", 0) >= 1
+    db = JobDB(service["db"])
+    row = db.get(video_id)
+    db.close()
+    assert row["_runs"] == 2 and row["_extra"]["replica"] != before, row
+    assert http.get(f"/v1/videos/{video_id}/content").content[4:8] == b"ftyp"
+    assert sorted(a["name"][-5:] for a in rank_actors()) == ["rank0", "rank1"]  # the new replica's two ranks
