@@ -1,7 +1,7 @@
 """Image-to-video's condition, built one way for sampling and for training (Wan2.1 I2V and FLF2V, Wan2.2 I2V).
 
     cond = image_condition([first], frames, height, width, autoencoder, image_encoder, device)  # sampling: one clip
-    channels = condition_channels(autoencoder, [[first_0], [first_1]], frames, height, width, device)  # prepare: a batch
+    channels = condition_channels(autoencoder, [[first_0], [first_1]], frames, height, width, device)  # prepare
 
 The model reads, beside its noisy latents, a mask and the latents of a clip that holds the conditioning frame(s)
 (`condition_video`: the first frame, zeros, and for FLF2V the last frame, through the VAE as a whole clip: Wan's
@@ -26,7 +26,8 @@ def condition_channels(autoencoder, clips: list[list], num_frames: int, height: 
     counts = {len(images) for images in clips}
     if len(counts) != 1 or not counts <= {1, 2}:
         raise ValueError(f"every clip needs the same 1 or 2 conditioning images, got {sorted(counts)}")
-    videos = torch.cat([condition_video(images, num_frames, height, width, autoencoder.spatial_factor) for images in clips])
+    sf = autoencoder.spatial_factor
+    videos = torch.cat([condition_video(images, num_frames, height, width, sf) for images in clips])  # (B, 3, F, H, W)
     latents = autoencoder.encode(videos.to(device)).float()  # (B, C, T', H', W')
     last = counts == {2}
     mask = condition_mask(num_frames, tuple(latents.shape[2:]), autoencoder.temporal_factor, last).to(latents.device)

@@ -5,7 +5,8 @@ sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --re
 sora data prepare --manifest clips.jsonl --out data/curated --resolution 256 --frames 33 --curate
 sora data filter --in data/curated --out data/moving --min-motion 0.5 --drop-duplicates
 sora data prepare --manifest clips.jsonl --out data/wan --buckets 33x480x832 --fps 16 --from-export exports/wan-1.3b
-sora data prepare --manifest clips.jsonl --out data/i2v --buckets 33x480x832 --fps 16 --from-export exports/wan-i2v-14b --image-conditioning
+sora data prepare --manifest clips.jsonl --out data/i2v --buckets 81x480x832 --fps 16 \
+    --from-export exports/wan-i2v-14b --image-conditioning
 ray job submit --working-dir . -- python -m pipelines.data.prepare --manifest ... --out ... --resolution 32 --frames 8
 """
 

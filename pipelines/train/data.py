@@ -275,9 +275,9 @@ class Collate:
         keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if self.trim_text else mask.shape[1]
         image = {}
         if "image_condition" in batch:  # image-to-video: the condition's mask + latents, and the image features
-            image["image_condition"] = torch.as_tensor(np.asarray(batch["image_condition"], dtype=np.float32))  # (B, N, Pc)
+            image["image_condition"] = torch.as_tensor(np.asarray(batch["image_condition"], np.float32))  # (B, N, Pc)
         if "image_features" in batch:
-            image["image_features"] = torch.as_tensor(np.asarray(batch["image_features"], dtype=np.float16))  # (B, Li, Di)
+            image["image_features"] = torch.as_tensor(np.asarray(batch["image_features"], np.float16))  # (B, Li, Di)
         return {
             **image,
             "patches": torch.as_tensor(np.asarray(batch["patches"], dtype=np.float32)),  # (B, N, P)

@@ -59,8 +59,8 @@ class Parallel:
     def forward(self, engine: Any, x_t, t, tokens, mask, pooled, drop, image_features=None) -> torch.Tensor:
         if self.sp == 1:
             return engine(x_t, t, tokens, mask, pooled, drop_text=drop, image_features=image_features)
-        return sequence_parallel_forward(engine, x_t, t, tokens, mask, pooled, drop, self.group, self.patch_size, self.in_channels,
-                                         image_features=image_features)  # fmt: skip
+        return sequence_parallel_forward(engine, x_t, t, tokens, mask, pooled, drop, self.group, self.patch_size,
+                                         self.in_channels, image_features=image_features)  # fmt: skip
 
 
 def selected_blocks(depth: int, fraction: float) -> list[int]:

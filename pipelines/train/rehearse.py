@@ -109,7 +109,7 @@ def _tiny_model(cfg: Any) -> dict[str, Any]:
     out = {"hidden_size": WIDTH, "num_heads": HEADS, "depth": depth, "in_channels": 3}
     if cfg.ffn_dim is not None:
         out["ffn_dim"] = FFN
-    if cfg.in_channels != cfg.predicted_channels:  # image-to-video in pixel space: 3 noisy, 1 mask (no time compression), 3
+    if cfg.in_channels != cfg.predicted_channels:  # I2V in pixel space: 3 noisy, 1 mask (no time compression), 3 image
         out.update(in_channels=3 + 1 + 3, out_channels=3)
     if cfg.image_dim is not None:
         out.update(image_dim=CLIP_DIM, image_tokens=(CLIP_SIZE // CLIP_PATCH) ** 2 + 1)
@@ -161,7 +161,8 @@ class Plan:
         tiny = _tiny_model(model)
         self.image = model.in_channels != model.predicted_channels
         if self.image and not data.get("init_from"):
-            raise ConfigError("--rehearse: an image-to-video recipe rehearses from init_from (an I2V export converted with sora convert)")
+            raise ConfigError("--rehearse: an image-to-video recipe rehearses from init_from (an I2V export made by "
+                              "sora convert)")
         if full.text_encoder.name_or_path != MINILM:
             self.not_cpu.append(f"text encoder {full.text_encoder.name_or_path} (MiniLM stood in)")
         if full.autoencoder.kind != "identity":
@@ -177,7 +178,8 @@ class Plan:
             for key in ("text_encoder", "autoencoder"):
                 out.pop(key, None)
             parts = "text encoder, VAE and image encoder" if model.image_dim is not None else "text encoder and VAE"
-            self.not_cpu.append(f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture stood in)")
+            self.not_cpu.append(f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture "
+                                "stood in)")
         else:
             model_spec = dict(out.get("model") or {})
             model_spec["overrides"] = {**(model_spec.get("overrides") or {}), **tiny}
@@ -215,11 +217,20 @@ def write_init_export(plan: Plan, folder: str) -> str:
     """A tiny export of the recipe's architecture (what `init_from` would name), seeded, weights away from zero."""
     import torch
 
-    from sora_model.config import AutoencoderConfig, DiTConfig, ImageEncoderConfig, PipelineConfig, SampleConfig, TextEncoderConfig, from_dict
+    from sora_model.config import (
+        AutoencoderConfig,
+        DiTConfig,
+        ImageEncoderConfig,
+        PipelineConfig,
+        SampleConfig,
+        TextEncoderConfig,
+        from_dict,
+    )
     from sora_model.dit import DiT
     from sora_model.pipeline import save_export
 
     cfg = from_dict(DiTConfig, {**plan.tiny_model, "gradient_checkpointing": False}, "model")
+    seed = plan.full.seed
     torch.manual_seed(plan.full.seed)
     model = DiT(cfg)
     g = torch.Generator().manual_seed(plan.full.seed)
@@ -230,25 +241,26 @@ def write_init_export(plan: Plan, folder: str) -> str:
     config = PipelineConfig(
         model=cfg, diffusion=plan.full.diffusion, text_encoder=from_dict(TextEncoderConfig, plan.text, "text_encoder"),
         autoencoder=AutoencoderConfig(), sample=SampleConfig(num_frames=last["frames"], height=last["height"], width=last["width"]),
-        image_encoder=write_tiny_image_encoder(folder, plan.full.seed) if cfg.image_dim is not None else ImageEncoderConfig(),
+        image_encoder=ImageEncoderConfig() if cfg.image_dim is None else write_tiny_image_encoder(folder, seed),
     )  # fmt: skip
     return save_export(folder, config, model.state_dict())
 
 
 def write_tiny_image_encoder(export: str, seed: int) -> Any:
     """A random tiny CLIPVisionModel and its CLIPImageProcessor in EXPORT/image_encoder and EXPORT/image_processor
-    (where `sora convert` puts a WanImageToVideoPipeline's); returns the export's ImageEncoderConfig (relative paths)."""
+    (where `sora convert` puts a WanImageToVideoPipeline's); returns the export's ImageEncoderConfig (relative)."""
     import torch
     import transformers
 
     from sora_model.config import ImageEncoderConfig
 
     torch.manual_seed(seed)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM, num_hidden_layers=2, num_attention_heads=2, image_size=CLIP_SIZE,
-        patch_size=CLIP_PATCH))  # fmt: skip
+    config = transformers.CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=CLIP_SIZE, patch_size=CLIP_PATCH)  # fmt: skip
+    clip = transformers.CLIPVisionModel(config)
     clip.save_pretrained(os.path.join(export, "image_encoder"))
-    processor = transformers.CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE})
+    crop = {"height": CLIP_SIZE, "width": CLIP_SIZE}
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE}, crop_size=crop)
     processor.save_pretrained(os.path.join(export, "image_processor"))
     return ImageEncoderConfig(path="image_encoder", processor_path="image_processor")
 
@@ -301,7 +313,7 @@ def ran_line(plan: Plan, recipe: Any, seconds: float, crash: int, resumed: int) 
         parts.append("init_from a tiny export")
     model = recipe.model_config()
     if model.in_channels != model.predicted_channels:
-        parts.append("image-to-video from " + ("the first and last frames" if model.image_count == 2 else "the first frame"))
+        parts.append("image-to-video from the first " + ("and last frames" if model.image_count == 2 else "frame"))
     if recipe.ema.enabled:
         parts.append(f"EMA {recipe.ema.decay:g}" + (" with warm-up" if recipe.ema.warmup else ""))
     if recipe.model_config().gradient_checkpointing:

@@ -83,7 +83,7 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
     roots = [_abs_root(r) for r in roots]
     infos = {r: read_info(r) for r in roots}
     model = recipe.model_config()
-    recipe.pipeline_config()  # what every export will hold (an image-to-video model needs its image encoder), checked now
+    recipe.pipeline_config()  # what every export will hold, checked now (an I2V model needs its image encoder)
     out: dict[str, StageData] = {}
     for i, stage in enumerate(recipe.stages):
         parts = [_resolve_bucket(recipe, model, infos, roots, f"stages[{i}].dataset", name) for name in stage.buckets]
@@ -98,7 +98,7 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
             out[stage.name] = parts[0]
             continue
         if model.in_channels != model.predicted_channels:
-            raise ConfigError(f"stages[{i}]: an image-to-video model trains one bucket per stage (dataset:), not a mixed stage")
+            raise ConfigError(f"stages[{i}]: an image-to-video model trains one bucket per stage (dataset:), not mixed")
         shapes = {p.shape: p for p in parts}
         if want not in shapes:
             raise ConfigError(
@@ -134,11 +134,13 @@ def image_columns(model: DiTConfig) -> tuple[str, ...]:
 def _check_image_conditioning(model: DiTConfig, info: dict[str, Any], where: str) -> None:
     """An image-to-video model (its input: noisy latents, then the condition's mask and latents) against the data."""
     if int(info["in_channels"]) != model.predicted_channels:
-        raise ConfigError(f"{where}: the data has {info['in_channels']} channels but the model predicts {model.predicted_channels}")
+        raise ConfigError(f"{where}: the data has {info['in_channels']} channels, the model predicts "
+                          f"{model.predicted_channels}")
     columns = info.get("columns") or []
     for column in image_columns(model):
         if column not in columns:
-            raise ConfigError(f"{where}: the model is image-to-video but the data has no '{column}' column; prepare it with `{IMAGE_FLAG}`")
+            raise ConfigError(f"{where}: the model is image-to-video but the data has no '{column}' column; prepare "
+                              f"it with `{IMAGE_FLAG}`")
     cond = info.get("image_conditioning") or {}
     if int(cond.get("channels", 0)) + model.predicted_channels != model.in_channels:
         raise ConfigError(f"{where}: the data's image condition has {cond.get('channels')} channels, the model reads "

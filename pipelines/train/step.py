@@ -123,7 +123,7 @@ class Stepper:
             # builds it); the loss covers only what the model predicts, the noisy latents' channels.
             x_in = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)  # (B, C_in, T, H, W)
             if par is not None:
-                return par.forward(engine, x_in.to(dtype), t, tokens, mask, pooled, drop, image_features=features).float()
+                return par.forward(engine, x_in.to(dtype), t, tokens, mask, pooled, drop, features).float()
             return engine(x_in.to(dtype), t, tokens, mask, pooled, drop_text=drop, image_features=features).float()
 
         return self.diffusion.training_losses(
@@ -132,7 +132,8 @@ class Stepper:
 
     def _image_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """An image-to-video model's condition (B, C_in - C, T, H, W) (mask, then the conditioning latents) and image
-        features (B, Li, Di) fp32 from the prepared columns (`sora data prepare --image-conditioning`); Nones for T2V."""
+        features (B, Li, Di) fp32, from the prepared columns (`sora data prepare --image-conditioning`); Nones for
+        text-to-video."""
         from sora_model.patch import unpatchify
 
         cfg = self.model_cfg
@@ -140,7 +141,7 @@ class Stepper:
             return None, None
         channels = cfg.in_channels - cfg.predicted_channels
         cond = unpatchify(batch["image_condition"].float(), self.grid, cfg.patch_size, channels)  # (B, Cc, T, H, W)
-        features = batch["image_features"].float() if cfg.image_dim is not None else None  # (B, Li, Di): fp16 in transit
+        features = batch["image_features"].float() if cfg.image_dim is not None else None  # (B, Li, Di): fp16 before
         return cond, features
 
     def _packed_losses(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -132,7 +132,13 @@ def _stage_stream(config: dict[str, Any], stage: StageSpec, start_sample: int, s
     the group's other ranks receive each micro-batch from it (`parallelize.Parallel.share`). A restart inside a
     run or a `--resume` starts reading at the checkpoint's sample: nothing before it is read again.
     """
-    from pipelines.train.data import BATCH_COLUMNS, STREAM_SLACK_MICRO, device_batches, reader_dataset, reader_micro_batches
+    from pipelines.train.data import (
+        BATCH_COLUMNS,
+        STREAM_SLACK_MICRO,
+        device_batches,
+        reader_dataset,
+        reader_micro_batches,
+    )
     from pipelines.train.stage_data import image_columns
 
     recipe = parse_recipe(config["recipe"])
@@ -143,7 +149,7 @@ def _stage_stream(config: dict[str, Any], stage: StageSpec, start_sample: int, s
     stream = config["stages"][stage.name]["stream"]
     count = steps_left * stage.grad_accum + max(STREAM_SLACK_MICRO, steps_left * stage.grad_accum // 10)
     mbs = reader_micro_batches(stream, start_sample, rank // sp, world // sp, count)
-    dataset = reader_dataset(stream, mbs, BATCH_COLUMNS + image_columns(recipe.model_config()))  # + an I2V model's condition
+    dataset = reader_dataset(stream, mbs, BATCH_COLUMNS + image_columns(recipe.model_config()))  # + an I2V condition
     if stage.mixed:
         from pipelines.train.packing import packed_batches
 

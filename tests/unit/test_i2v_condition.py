@@ -33,10 +33,11 @@ def _stepper(export: Path, null_prompt: dict | None = None):
     from pipelines.train.recipe import parse_recipe
     from pipelines.train.step import Stepper
 
-    stage = {"name": "clips", "dataset": f"{FRAMES}x{HEIGHT}x{WIDTH}", "frames": FRAMES, "height": HEIGHT, "width": WIDTH,
-             "steps": 1, "lr": 1e-4}  # fmt: skip
+    stage = {"name": "clips", "dataset": f"{FRAMES}x{HEIGHT}x{WIDTH}", "frames": FRAMES, "height": HEIGHT,
+             "width": WIDTH, "steps": 1, "lr": 1e-4}  # fmt: skip
     recipe = parse_recipe({"name": "i2v", "init_from": str(export), "stages": [stage]})
-    return Stepper(recipe, recipe.stages[0], None, None, (2, HEIGHT // 16, WIDTH // 16), 0, 1, torch.device("cpu"), null_prompt=null_prompt)
+    grid = (2, HEIGHT // 16, WIDTH // 16)  # latents (2, H/8, W/8) in 1x2x2 patches
+    return Stepper(recipe, recipe.stages[0], None, None, grid, 0, 1, torch.device("cpu"), null_prompt=null_prompt)
 
 
 def test_training_condition_equals_sampling_condition(export) -> None:
@@ -69,11 +70,13 @@ def test_training_condition_equals_sampling_condition(export) -> None:
         diff = (channels[i : i + 1] - sampled.channels).abs().max().item()
         print(f"{kind} clip {i}: training vs sampling condition channels: max abs difference {diff:.2e}")
         assert diff <= 1e-5
-        assert torch.equal(channels[i, : m.in_channels - 2 * m.predicted_channels], sampled.channels[0, :4])  # the mask, exactly
+        mask = m.in_channels - 2 * m.predicted_channels
+        assert torch.equal(channels[i, :mask], sampled.channels[0, :mask])  # the mask, exactly
         scale = sampled.features.abs().max().item()
         assert (features[i : i + 1] - sampled.features).abs().max().item() <= 1e-3 * max(1.0, scale)  # stored in fp16
         # The shared function is what sampling builds: sora_model/pipeline.py can call it unchanged.
-        shared = image_condition([first] + ([last] if last else []), FRAMES, HEIGHT, WIDTH, pipe.autoencoder, pipe.image_encoder, "cpu")
+        images = [first] + ([last] if last else [])
+        shared = image_condition(images, FRAMES, HEIGHT, WIDTH, pipe.autoencoder, pipe.image_encoder, "cpu")
         assert torch.equal(shared.channels, sampled.channels) and torch.equal(shared.features, sampled.features)
 
 
@@ -88,7 +91,8 @@ def test_step_feeds_condition_and_loss_covers_predicted_channels(export) -> None
     _, folder = export
     config = load_export_config(str(folder))
     pipe = TextToVideoPipeline.load(str(folder))
-    patchify = Patchify(config.autoencoder, config.model.patch_size, image_conditioning=image_conditioning(config, str(folder)))
+    cond = image_conditioning(config, str(folder))
+    patchify = Patchify(config.autoencoder, config.model.patch_size, image_conditioning=cond)
     pixels = _clips()
     tokens, grid = patchify(pixels)
     stored = patchify.condition(pixels)
@@ -97,13 +101,14 @@ def test_step_feeds_condition_and_loss_covers_predicted_channels(export) -> None
     stepper = _stepper(folder, {"tokens": null.tokens[0], "mask": null.mask[0], "pooled": null.pooled[0]})
     stepper.engine, stepper.diffusion = pipe.model.train().requires_grad_(True), build_diffusion(config.diffusion)
     stepper.cond_dropout = 0.0
-    batch = {"patches": torch.from_numpy(tokens), "text_tokens": text.tokens.half(), "text_mask": text.mask, "text_pooled": text.pooled.half(),
-             **{k: torch.from_numpy(v) for k, v in stored.items()}}  # fmt: skip
+    batch = {"patches": torch.from_numpy(tokens), "text_tokens": text.tokens.half(), "text_mask": text.mask,
+             "text_pooled": text.pooled.half(), **{k: torch.from_numpy(v) for k, v in stored.items()}}  # fmt: skip
     assert tuple(grid) == stepper.grid
     loss = stepper._losses(batch, torch.Generator().manual_seed(0))["loss"]
     assert torch.isfinite(loss)
     loss.backward()
-    assert pipe.model.patch_embed.proj.weight.grad[:, config.model.predicted_channels :].abs().sum() > 0  # the condition is read
+    grad = pipe.model.patch_embed.proj.weight.grad  # (D, C_in, pt, ph, pw)
+    assert grad[:, config.model.predicted_channels :].abs().sum() > 0  # the condition channels are read
     other = {**batch, **{k: torch.from_numpy(v) for k, v in patchify.condition(pixels[::-1].copy()).items()}}
     again = stepper._losses(other, torch.Generator().manual_seed(0))["loss"]
     assert not torch.equal(loss.detach(), again.detach())  # the first frame conditions the prediction

@@ -21,20 +21,22 @@ ENCODER_BATCH_IMAGES = 64
 
 
 class ImageConditioner:
-    """pixels (B, F, H, W, 3) uint8 -> {"image_condition": (B, N, Pc) float32, "image_features": (B, Li, Di) float16}."""
+    """pixels (B, F, H, W, 3) uint8 -> {"image_condition": (B, N, Pc) float32, "image_features": (B, Li, Di) fp16}."""
 
     def __init__(self, cfg: ImageConditioning, autoencoder: Any, device: Any, patch: tuple[int, int, int],
                  rows_per_call: Callable[[tuple[int, ...]], int]):  # fmt: skip
         from sora_model.image_encoder import ImageEncoder
 
-        self.cfg, self.autoencoder, self.device, self.patch, self.rows_per_call = cfg, autoencoder, device, patch, rows_per_call
+        self.cfg, self.autoencoder, self.device, self.patch = cfg, autoencoder, device, patch
+        self.rows_per_call = rows_per_call
         self.encoder = None if cfg.encoder is None else ImageEncoder(cfg.encoder, device)
 
     def images(self, pixels: np.ndarray) -> list[list[Any]]:
         """Each clip's conditioning frames as PIL images: the first, and the last for FLF2V."""
         from PIL import Image
 
-        return [[Image.fromarray(clip[0])] + ([Image.fromarray(clip[-1])] if self.cfg.images == 2 else []) for clip in pixels]
+        last = self.cfg.images == 2
+        return [[Image.fromarray(clip[0])] + ([Image.fromarray(clip[-1])] if last else []) for clip in pixels]
 
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -53,7 +55,9 @@ class ImageConditioner:
         out = {"image_condition": np.concatenate(parts).astype(np.float32, copy=False)}
         if self.encoder is not None:
             per = max(1, ENCODER_BATCH_IMAGES // self.cfg.images)
-            feats = [self.encoder.encode([im for c in clips[i : i + per] for im in c], per_clip=self.cfg.images).cpu().numpy()
-                     for i in range(0, len(clips), per)]  # fmt: skip
+            feats = []
+            for i in range(0, len(clips), per):
+                images = [im for clip in clips[i : i + per] for im in clip]  # clip after clip
+                feats.append(self.encoder.encode(images, per_clip=self.cfg.images).cpu().numpy())
             out["image_features"] = np.concatenate(feats).astype(np.float16)  # (B, images * Ti, Di)
         return out

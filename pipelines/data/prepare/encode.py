@@ -22,7 +22,14 @@ import numpy as np
 from pipelines.data.prepare.curate import CURATE_COLUMNS, append_clip_columns
 from pipelines.data.prepare.decode import decode_rows
 from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S
-from pipelines.data.prepare.options import DECODE_BATCH_ROWS, GPU_DTYPE, IMAGE_CONDITION_COLUMNS, TOKENS_PAD_KEY, Bucket, ImageConditioning
+from pipelines.data.prepare.options import (
+    DECODE_BATCH_ROWS,
+    GPU_DTYPE,
+    IMAGE_CONDITION_COLUMNS,
+    TOKENS_PAD_KEY,
+    Bucket,
+    ImageConditioning,
+)
 from pipelines.data.prepare.shards import write_rejects, write_shard
 from pipelines.data.prepare.storage import LocalFiles
 from sora_model.config import AutoencoderConfig
@@ -78,7 +85,8 @@ def row_schema(n: int, p: int, length: int, dim: int) -> Any:
     )
 
 
-def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int], condition: dict[str, np.ndarray] | None = None) -> Any:
+def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int],
+                condition: dict[str, np.ndarray] | None = None) -> Any:  # fmt: skip
     """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table; a curated run's plans
     (with `motion`) add the curation columns at the end, and `condition` (`condition.ImageConditioner`'s arrays) the
     image-conditioning columns after them."""
@@ -101,7 +109,8 @@ def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int], cond
             names += ["patches", "grid"]
     for name in IMAGE_CONDITION_COLUMNS:
         if condition is not None and name in condition:
-            arrays.append(_fixed_list(condition[name], pa.float16() if condition[name].dtype == np.float16 else pa.float32()))
+            values = condition[name]
+            arrays.append(_fixed_list(values, pa.float16() if values.dtype == np.float16 else pa.float32()))
             names.append(name)
     # Caption tokens are stored at their true length; the field says what length they are padded to at load, so
     # a reader that does not read text_mask pads every shard alike (pipelines.data.load).
@@ -242,7 +251,8 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
             continue
         tokens, grid = patchify(pixels)
         rows = take_rows(plans, kept)
-        shard = shard_table(append_clip_columns(rows, pixels) if curate else rows, tokens, grid, patchify.condition(pixels))
+        rows = append_clip_columns(rows, pixels) if curate else rows
+        shard = shard_table(rows, tokens, grid, patchify.condition(pixels))
         written["bucket"].append(name)
         written["shard"].append(write_shard(shard, os.path.join(out, name)))
         written["rows"].append(shard.num_rows)

@@ -67,8 +67,9 @@ def image_conditioning(config: Any, export_dir: str) -> ImageConditioning:
 
     m = config.model
     if m.in_channels == m.predicted_channels:
-        raise PrepareError(f"--image-conditioning: '{export_dir}' is a text-to-video export (model.in_channels equals the "
-                           "channels it predicts); give an image-to-video one (sora convert of a WanImageToVideoPipeline)")  # fmt: skip
+        raise PrepareError(f"--image-conditioning: '{export_dir}' is a text-to-video export (model.in_channels equals "
+                           "the channels it predicts); give an image-to-video one (sora convert of a "
+                           "WanImageToVideoPipeline)")  # fmt: skip
     encoder = None
     if m.image_dim is not None:
         paths = {k: (v if not v or os.path.isabs(v) else os.path.join(os.path.abspath(export_dir), v))

@@ -400,6 +400,6 @@ def options_from_args(args: Any) -> PrepareOptions:
 
         return apply_export(options, args.from_export, args)
     if getattr(args, "image_conditioning", False):
-        raise PrepareError("--image-conditioning needs --from-export EXPORT_DIR: the image-to-video export whose VAE and "
-                           "image encoder make each clip's condition")  # fmt: skip
+        raise PrepareError("--image-conditioning needs --from-export EXPORT_DIR: the image-to-video export whose VAE "
+                           "and image encoder make each clip's condition")  # fmt: skip
     return options

@@ -225,7 +225,8 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
                         fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch,
                                    "curate": opts.curate})  # fmt: skip
     ds = ds.map_batches(
-        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch, "batch_clips": opts.vae_batch_clips,
+        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch,
+                                            "batch_clips": opts.vae_batch_clips,
                                             "image_conditioning": opts.image_conditioning},
         batch_size=rows,
         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
@@ -299,6 +300,7 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
     fs, p = filesystem(first)
     schema = pq.read_schema(p, filesystem=fs)
     text_dim = schema.field("text_pooled").type.list_size
+    image_columns = [c for c in IMAGE_CONDITION_COLUMNS if opts.image_conditioning and c in schema.names]
     pt, ph, pw = opts.patch
     info = {
         "format_version": FORMAT_VERSION,
@@ -323,10 +325,9 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         **_curation(opts, sums),
         **({"curate": curate_summary([join(out, b.name) for b in opts.buckets])} if opts.curate else {}),
         **({"image_conditioning": _image_info(opts, schema)} if opts.image_conditioning else {}),
-        "columns": list(COLUMNS) + (list(CURATE_COLUMNS) if opts.curate else [])
-                   + [c for c in IMAGE_CONDITION_COLUMNS if opts.image_conditioning and c in schema.names],
+        "columns": list(COLUMNS) + (list(CURATE_COLUMNS) if opts.curate else []) + image_columns,
         "dtypes": {**DTYPES, **(CURATE_DTYPES if opts.curate else {}),
-                   **({c: t for c, t in IMAGE_CONDITION_DTYPES.items() if c in schema.names} if opts.image_conditioning else {})},
+                   **{c: IMAGE_CONDITION_DTYPES[c] for c in image_columns}},
         "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 2),

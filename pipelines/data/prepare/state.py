@@ -64,7 +64,9 @@ def prepare_output(out: str, settings: dict[str, Any], overwrite: bool) -> bool:
     except (OSError, json.JSONDecodeError):
         previous = {}
     if previous.get("settings_hash") != settings_hash(settings):
-        changed = [k for k in settings if previous.get("settings", {}).get(k) != settings[k]]
+        before = previous.get("settings", {})
+        # Keys of either run: a flag turned on or off differs too.
+        changed = [k for k in dict.fromkeys([*settings, *before]) if before.get(k) != settings.get(k)]
         raise PrepareError(
             f"{out} holds an interrupted run with other settings ({', '.join(changed) or 'unknown'} differ); "
             "re-run with the same options to resume, or pass --overwrite"
