@@ -215,8 +215,9 @@ class LoraFile:
         return total * torch.finfo(dtype).bits // 8
 
     @torch.no_grad()
-    def bind(self, model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, LoraUpdate]:
-        """{our Linear: its LoraUpdate} with each scale folded into B, on the Linear's device, in `dtype` (fp32 when None).
+    def bind(self, model: nn.Module, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict[str, LoraUpdate]:
+        """{our Linear: its LoraUpdate} with each scale folded into B, on `device` (the Linear's when None; a model on
+        the meta device takes one), in `dtype` (fp32 when None).
         The Linear's output then gains update(x), exactly what merging scale * B_i @ A_i into its rows would add."""
         modules = dict(model.named_modules())
         cfg = getattr(model, "cfg", None)
@@ -224,7 +225,7 @@ class LoraFile:
         out = {}
         with safe_open(self.weights, framework="pt") as f:
             for target, group in _by_target(self.place(model)).items():
-                linear, device = modules[target], _device(modules[target])
+                linear, where = modules[target], device or _device(modules[target])
                 a_all, b_all, col = [], [], 0
                 for p in group:
                     e = p.entry
@@ -236,16 +237,16 @@ class LoraFile:
                     a_all.append(a)
                     b_all.append((p.part, p.parts, col, col + a.shape[0], b))
                     col += a.shape[0]
-                a_cat = torch.cat(a_all).to(device, dtype).contiguous()  # (R, in)
+                a_cat = torch.cat(a_all).to(where, dtype).contiguous()  # (R, in)
                 if _padded(group):  # one B (out, R): each adapter fills its rows and its columns
                     full = torch.zeros(linear.out_features, col)
                     for part, _, c0, c1, b in b_all:
                         full[part * b.shape[0] : (part + 1) * b.shape[0], c0:c1] = b
-                    out[target] = LoraUpdate(a_cat, full.to(device, dtype).contiguous(), ())
+                    out[target] = LoraUpdate(a_cat, full.to(where, dtype).contiguous(), ())
                 else:  # a fused projection's parts (q, k, v): each B only over its own rows, none padded
                     parts = [None] * group[0].parts
                     for part, _, c0, c1, b in b_all:
-                        parts[part] = (c0, c1, b.to(device, dtype).contiguous())
+                        parts[part] = (c0, c1, b.to(where, dtype).contiguous())
                     out[target] = LoraUpdate(a_cat, None, tuple(parts), linear.out_features // group[0].parts)
         return out
 

@@ -16,17 +16,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig, from_dict, to_dict
 from .diffusion import build_diffusion, is_stochastic, sampler_nfe
-from .dit import DiT, trim_text_padding
+from .dit import DiT, stored_dtype, trim_text_padding
 from .image_encoder import ImageCondition, ImageEncoder, ImageInput, condition_mask, condition_video, load_image
-from .lora import merge_lora
+from .lora import LoraFile
 from .patch import patch_grid
 from .step_cache import StepCache, StepCacheStats, build_step_cache
 from .text import TextEmbedding, TextEncoder, build_text_encoder
+from .weights_io import iter_tensors, read_header
 
 EXPORT_FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -74,16 +75,50 @@ def load_export_config(export_dir: str) -> PipelineConfig:
     return from_dict(PipelineConfig, data)
 
 
-def _load_dit(config: PipelineConfig, weights: str, lora: str | None) -> DiT:
-    """A DiT of the export's config with the weights of one of its files (and a LoRA merged in, when given)."""
+def load_dit(
+    config: PipelineConfig,
+    weights: str,
+    lora: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DiT:
+    """A DiT of the export's config with the weights of one of its files, in bounded memory.
+
+    The DiT is built on the meta device (no random init, no memory), then each tensor of the file is read, cast to
+    its inference dtype (`dtype` for the weights, fp32 for the conditioning path: `dit.stored_dtype`), moved to
+    `device` and assigned, one at a time (`weights_io.iter_tensors`): the host holds the model in `dtype` plus one
+    tensor, and a GPU load passes no fp32 copy through either. A LoRA adapter is merged into each weight it targets
+    in fp32, before the cast (as `merge_lora` on an fp32 model, then `to_inference_dtype`). The DiT holds no buffers
+    (positions and RoPE tables are computed in `forward`), so nothing is left on the meta device.
+    """
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"'{os.path.dirname(weights)}' is not an export folder: {os.path.basename(weights)} is missing")
-    model = DiT(config.model)
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    with torch.device("meta"):
+        model = DiT(config.model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v["shape"]) for k, v in read_header(weights)[0].items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match config.json's model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    if lora is not None:
-        merge_lora(model, lora)
+        raise ValueError(f"{weights} does not match config.json's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = [k for k in expected if found[k] != expected[k]]
+    if wrong:
+        raise ValueError(f"{weights} does not match config.json's model: {wrong[0]} has shape {found[wrong[0]]}, expected {expected[wrong[0]]}")
+    updates = {} if lora is None else {f"{t}.weight": u for t, u in LoraFile(lora).bind(model, device="cpu").items()}
+    def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
+        if name in updates:
+            return torch.float32  # merged in fp32, then cast
+        return stored_dtype(name, stored, dtype) if dtype != torch.float32 else torch.float32
+
+    state = {}
+    for name, tensor in iter_tensors(weights, dtype_of):
+        if name in updates:
+            tensor = tensor.add_(updates.pop(name).weight())  # (out, in)
+            tensor = tensor.to(stored_dtype(name, tensor.dtype, dtype))
+        state[name] = tensor.to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise AssertionError(f"load_dit left {left[:3]} on the meta device")
     return model
 
 
@@ -147,14 +182,20 @@ class TextToVideoPipeline:
         in bf16 too on GPU); `int8`
         (dynamic quantisation of every Linear, CPU only: ~4x smaller weights, faster matmuls).
         """
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"precision must be one of fp32, bf16, int8, got '{precision}'")
         config = load_export_config(export_dir)
         if config.image_encoder.path:  # relative paths are the export's own copies (`sora convert`)
             image = config.image_encoder
             paths = {k: os.path.join(export_dir, v) for k, v in dataclasses.asdict(image).items() if v and not os.path.isabs(v)}
             config = dataclasses.replace(config, image_encoder=dataclasses.replace(image, **paths))
         weights = os.path.join(export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE)
-        model = _load_dit(config, weights, lora)
-        model_2 = None if config.boundary_ratio is None else _load_dit(config, os.path.join(export_dir, MODEL_2_FILE), lora)
+        # Straight into the inference dtype and onto the device (`load_dit`); int8 quantises fp32 weights on CPU.
+        dtype, where = (torch.bfloat16, device) if precision == "bf16" else (torch.float32, device if precision == "fp32" else "cpu")
+        model = load_dit(config, weights, lora, dtype, where)
+        model_2 = None if config.boundary_ratio is None else load_dit(config, os.path.join(export_dir, MODEL_2_FILE), lora, dtype, where)
+        if "text_encoder" not in kw and torch.device(device).type == "cuda" and precision == "bf16":
+            kw["text_encoder"] = build_text_encoder(config.text_encoder, device=device, dtype=torch.bfloat16)
         pipe = cls(model, config, device=device, model_2=model_2, **kw)
         pipe.set_precision(precision)
         return pipe

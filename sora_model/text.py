@@ -262,7 +262,7 @@ class TextEncoder:
         return TextEmbedding(*(torch.stack(parts).to(self.device) for parts in zip(*rows, strict=True)))
 
 
-def _load(folder: str, name: str, max_length: int, tokenizer_folder: str | None = None) -> tuple[Any, Any, str]:
+def _load(folder: str, name: str, max_length: int, tokenizer_folder: str | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, pooling) for a local folder, architecture from config.json's model_type; the tokenizer
     from `tokenizer_folder` when given (diffusers pipelines keep it apart), else from the same folder."""
     import transformers
@@ -276,7 +276,8 @@ def _load(folder: str, name: str, max_length: int, tokenizer_folder: str | None 
         model_cls, pooling = transformers.AutoModel, "mean"
     # A weight-loading bar per replica/worker/CLI call interleaves with our own progress and one-line errors.
     transformers.utils.logging.disable_progress_bar()
-    model = model_cls.from_pretrained(folder, local_files_only=True)
+    # In `dtype` as read when given (umT5-XXL: 11 GB in bf16, never 22 GB in fp32 first).
+    model = model_cls.from_pretrained(folder, local_files_only=True, **({} if dtype is None else {"dtype": dtype}))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_folder or folder, local_files_only=True)
     # T5 has relative positions (no limit); absolute-position models cannot read past their table.
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -309,14 +310,16 @@ def check_text_encoder(cfg: TextEncoderConfig) -> str:
     return folder
 
 
-def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu") -> TextEncoder:
+def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TextEncoder:
     """The encoder a config names, on `device`, with an LRU cache of at most `cfg.cache_size` captions and
-    DEFAULT_CACHE_MEMORY_FRACTION of the machine's memory (a server sets its replica's budget: `cache.set_max_bytes`)."""
+    DEFAULT_CACHE_MEMORY_FRACTION of the machine's memory (a server sets its replica's budget: `cache.set_max_bytes`).
+    dtype: the weights' dtype, cast as they are read (fp32 when None); `TextToVideoPipeline.load` asks for bf16 on a
+    GPU in bf16 precision. Embeddings come out fp32 either way."""
     folder = _resolve_folder(cfg)  # TextEncoder checks hidden_layer against the loaded model
     name = cfg.name_or_path
     if cfg.tokenizer_path is not None and not Path(cfg.tokenizer_path).is_dir():
         raise FileNotFoundError(f"text_encoder.tokenizer_path '{cfg.tokenizer_path}' is not a folder")
-    model, tokenizer, pooling = _load(folder, name, cfg.max_length, cfg.tokenizer_path)
+    model, tokenizer, pooling = _load(folder, name, cfg.max_length, cfg.tokenizer_path, dtype)
     encoder = TextEncoder(
         model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size), hidden_layer=cfg.hidden_layer,
         clean_prompts=cfg.clean_prompts,
