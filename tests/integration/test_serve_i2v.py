@@ -113,6 +113,10 @@ def test_sdk_flow_with_input_reference_equals_direct_sampling(service, http):
         assert served[name].shape == (9, SIZE[1], SIZE[0], 3)
         assert np.abs(served[name] - expected).mean() <= 0.5, name  # H.264 may move a block by several levels
     assert np.abs(served["sdk"] - served["json"]).mean() > 5  # each request got its own image
+    # The same request again is a result-cache hit (the key holds the image's digest): completed at once.
+    again = httpx.post(f"{BASE}/v1/videos", json={"prompt": PROMPT, "size": f"{SIZE[0]}x{SIZE[1]}", "seed": 5,
+                                                  "input_reference": data_url, **SAMPLING}, timeout=60).json()  # fmt: skip
+    assert again["status"] == "completed" and again["id"] != ids["json"], again
     # Done with them: the reference images leave the store (right after each completion); the clips stay.
     deadline = time.monotonic() + 10
     while list((service["store"] / "inputs").iterdir()) and time.monotonic() < deadline:
