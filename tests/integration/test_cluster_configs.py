@@ -67,6 +67,7 @@ def serve_configs() -> dict[str, dict]:
     return {
         "serve/local.yaml": yaml.safe_load((CLUSTER / "serve" / "local.yaml").read_text()),
         "serve/production.yaml": yaml.safe_load((CLUSTER / "serve" / "production.yaml").read_text()),
+        "serve/production-14b.yaml": yaml.safe_load((CLUSTER / "serve" / "production-14b.yaml").read_text()),
         "kuberay/rayservice.yaml:serveConfigV2": yaml.safe_load(rayservice["spec"]["serveConfigV2"]),
     }
 
@@ -120,6 +121,7 @@ def test_all_yaml_parses():
         "runtime_env.yaml",
         "serve/local.yaml",
         "serve/production.yaml",
+        "serve/production-14b.yaml",
         "ray-up/gpu-cluster.yaml",
         "kuberay/raycluster.yaml",
         "kuberay/rayjob-prepare.yaml",
@@ -132,7 +134,10 @@ def test_all_yaml_parses():
         assert docs(p), f"{p} is empty"
 
 
-@pytest.mark.parametrize("name", ["serve/local.yaml", "serve/production.yaml", "kuberay/rayservice.yaml:serveConfigV2"])
+SERVE_CONFIGS = ["serve/local.yaml", "serve/production.yaml", "serve/production-14b.yaml", "kuberay/rayservice.yaml:serveConfigV2"]
+
+
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
 def test_serve_config_validates_with_rays_schema(name, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
@@ -171,6 +176,25 @@ def test_production_serve_config_is_gpu_and_autoscaled():
     auto = gen["autoscaling_config"]
     assert 1 <= auto["min_replicas"] < auto["max_replicas"]
     assert gen["max_ongoing_requests"] >= gen["user_config"]["batching"]["max_batch_size"]
+
+
+def test_14b_serve_config_reserves_one_gpu_per_rank_of_an_8_gpu_replica(monkeypatch):
+    """The checks a replica makes when it starts (pipelines/parallel/replica.py), made here on the file."""
+    from pipelines.parallel.replica import rank_bundles
+    from pipelines.serve.config import GENERATOR_NAME, load_settings
+
+    monkeypatch.setenv("SORA_API_KEYS", "{%s: pro}" % ("a" * 64))
+    (app,) = serve_configs()["serve/production-14b.yaml"]["applications"]
+    settings = load_settings({**app["args"], **{k: v for d in app["deployments"] for k, v in d.get("user_config", {}).items()}})
+    assert (settings.parallel.sequence, settings.parallel.cfg, settings.parallel.world_size) == (4, True, 8)
+    gen = next(d for d in app["deployments"] if d["name"] == GENERATOR_NAME)
+    bundles = gen["placement_group_bundles"]
+    ranks, device = rank_bundles(bundles, settings.parallel, settings.device)
+    assert device == "cuda" and len(ranks) == 8 and "max_replicas_per_node" not in gen
+    # The replica actor takes bundle 0: its resources must fit there (Serve refuses the deployment otherwise).
+    assert gen["ray_actor_options"]["num_cpus"] <= bundles[0]["CPU"] and "num_gpus" not in gen["ray_actor_options"]
+    assert gen["placement_group_strategy"] == "STRICT_PACK"
+    assert gen["user_config"]["batching"]["max_batch_size"] <= gen["max_ongoing_requests"]
 
 
 # ---------------------------------------------------------------------------------------------
