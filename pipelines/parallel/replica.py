@@ -45,6 +45,9 @@ POLL_S = 0.05
 """How often the replica reads rank 0's step events while a call runs: small next to any step."""
 PING_TIMEOUT_S = 10.0
 """A rank that does not answer a ping this long is taken as dead (its actor serves pings beside sampling)."""
+OUT_OF_STEP_S = 60.0
+"""How long the replica waits for the other ranks once one failed on its own: past it they are taken to be stuck in
+a collective for the failed one (gloo and NCCL would wait JOIN_TIMEOUT), and the replica ends."""
 RANK_CONCURRENCY = 4
 """Threads of a rank actor: one samples, the others answer pings, progress reads and stop requests meanwhile."""
 
@@ -273,7 +276,7 @@ class ParallelRanks:
         with self._lock:
             refs = [a.sample.remote(list(prompts), options) for a in self.actors]
             stopped = self._follow(refs, callback)
-            results = self._results(refs)
+            results = self._remote(refs)
         if stopped is not None:
             raise stopped
         self.text_encoder.cache.update(results[0]["cache"])
@@ -281,43 +284,45 @@ class ParallelRanks:
 
     def _follow(self, refs: list[Any], callback: Any) -> BaseException | None:
         """Replay rank 0's step events into `callback` until every rank is done; the callback's exception, if it
-        raised one (the ranks are asked to stop then)."""
-        seen, stopped = 0, None
+        raised one (the ranks are asked to stop then). A dead rank, or one that failed while the others still wait
+        in a collective for it (OUT_OF_STEP_S), ends the replica (`_lost`)."""
+        seen, stopped, failed_at = 0, None, None
         while True:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
-            self._raise_if_lost(done)
-            try:
-                events = ray.get(self.actors[0].progress.remote(seen))
-            except RayActorError as err:
-                self._lost(err)
-            for step, total in events:
+            if len(done) < len(refs) and self._failed(done):
+                failed_at = failed_at or time.monotonic()
+                if time.monotonic() - failed_at > OUT_OF_STEP_S:
+                    self._lost(RuntimeError(f"a rank failed and the others still wait for it after {OUT_OF_STEP_S:g}s"))
+            for step, total in self._remote(self.actors[0].progress.remote(seen)):
                 seen += 1
                 if stopped is None and callback is not None:
                     try:
                         callback(step, total)
                     except Exception as err:  # noqa: BLE001 - the replica's own stop (lease lost, deadline)
                         stopped = err
-                        ray.get([a.stop.remote() for a in self.actors])
+                        self._remote([a.stop.remote() for a in self.actors])
             if len(done) == len(refs):
                 return stopped
 
-    def _raise_if_lost(self, done: list[Any]) -> None:
-        """A finished call that is a dead rank ends the replica (see `_lost`)."""
+    def _failed(self, done: list[Any]) -> bool:
+        """Whether a finished rank raised (its own error: raised by `_results` once all are done)."""
         for ref in done:
             try:
-                ray.get(ref, timeout=0)
-            except RayActorError as err:
-                self._lost(err)
-            except Exception:  # noqa: BLE001 - a rank's own error: raised from _results when all are done
-                pass
+                self._remote(ref, timeout=0)
+            except Exception:  # noqa: BLE001
+                return True
+        return False
 
-    def _results(self, refs: list[Any]) -> list[dict[str, Any]]:
-        """Every rank's answer; a request every rank refused alike (a ValueError) is raised as it is."""
+    def _remote(self, refs: Any, timeout: float | None = None) -> Any:
+        """`ray.get`, where a dead rank ends the replica (`_lost`) and a rank's own error is raised as itself
+        (a one-line ValueError for a request every rank refused alike, not Ray's wrapper with its traceback)."""
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
         except RayActorError as err:
             self._lost(err)
             raise
+        except ray.exceptions.RayTaskError as err:
+            raise (err.cause if isinstance(err.cause, Exception) else err) from None
 
     def check(self) -> None:
         """Every rank answers a ping; a `RanksLost` naming the first that does not (the replica is unhealthy)."""

@@ -85,6 +85,40 @@ def one_process_clip(service, seed: int) -> tuple[np.ndarray, bytes]:
     return clip[0].astype(np.int16), Path(mp4).read_bytes()
 
 
+def test_parallel_settings_are_checked_when_the_app_is_built(tmp_path):
+    from pipelines.serve.config import load_settings
+    from sora_model.config import ConfigError
+
+    export = str(make_tiny_export(tmp_path / "export"))  # DiT-tiny: 2 attention heads
+    assert load_settings({"model": export, "parallel": {"sequence": 2, "cfg": True}}).parallel.world_size == 4
+    for args, words in [
+        ({"parallel": {"sequence": 4}}, ["parallel.sequence 4", "2 attention heads"]),
+        ({"parallel": {"sequence": 0}}, ["parallel.sequence", "between 1 and 64"]),
+        ({"parallel": {"sequence": 2, "tensor": 2}}, ["parallel.tensor"]),
+        ({"parallel": {"sequence": 2}, "loras": {"style": export}}, ["loras", "parallel"]),
+        ({"parallel": {"sequence": 2}, "device": "cuda:1"}, ["device", "cuda:1"]),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_settings({"model": export, **args})
+        assert all(w in str(err.value) for w in words) and "\n" not in str(err.value), (args, str(err.value))
+
+
+def test_bundles_that_cannot_hold_the_ranks_say_what_to_write():
+    from pipelines.parallel.config import ParallelConfig
+    from pipelines.parallel.replica import rank_bundles
+    from sora_model.config import ConfigError
+
+    assert rank_bundles(BUNDLES, ParallelConfig(2), "auto") == (BUNDLES[1:], "cpu")
+    gpus = [{"CPU": 4}, *[{"CPU": 2, "GPU": 1}] * 4]
+    assert rank_bundles(gpus, ParallelConfig(2, cfg=True), "auto") == (gpus[1:], "cuda")
+    with pytest.raises(ConfigError, match=r"1 \+ 4 bundles .* got 3; e\.g\. placement_group_bundles"):
+        rank_bundles(BUNDLES, ParallelConfig(2, cfg=True), "auto")
+    with pytest.raises(ConfigError, match="one GPU in each rank bundle"):
+        rank_bundles(BUNDLES, ParallelConfig(2), "cuda")
+    with pytest.raises(ConfigError, match="a CPU share"):
+        rank_bundles([{"CPU": 1}, {"GPU": 1}, {"GPU": 1}], ParallelConfig(2), "cuda")
+
+
 def rank_actors() -> list[dict]:
     import ray
 
@@ -110,6 +144,28 @@ def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, htt
     health = http.get("/healthz").json()["generator"]
     assert health["clips"] >= 1 and health["text_cache"]["misses"] >= 1  # rank 0's cache figures reach the replica
     assert sorted(a["name"][-5:] for a in rank_actors()) == ["rank0", "rank1"]
+
+
+def test_a_deleted_job_stops_every_rank_at_the_same_step_and_the_group_serves_on(service, http):
+    import ray
+
+    r = http.post("/v1/videos", json={"prompt": "a deleted square", "num_frames": 4, "size": "16x16", "steps": 100, "seed": 2})
+    video_id = r.json()["id"]
+    deadline = time.time() + 60
+    while http.get(f"/v1/videos/{video_id}").json()["progress"] < 10 and time.time() < deadline:
+        time.sleep(0.05)
+    assert http.delete(f"/v1/videos/{video_id}").status_code == 200  # its lease goes: the replica stops the call
+    ranks = {a["name"][-5:]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in rank_actors()}
+    steps: dict[str, int] = {}
+    while time.time() < deadline:  # until neither rank takes another step
+        now = {n: len(ray.get(a.progress.remote(0))) for n, a in ranks.items()}
+        if now == steps:
+            break
+        steps = now
+        time.sleep(1.0)
+    assert steps["rank0"] == steps["rank1"] < 100, steps  # both left the same call at the same step, early
+    after = http.post("/v1/videos", json={"prompt": "after the stop", "num_frames": 4, "size": "16x16", "steps": 4}).json()
+    assert wait_done(http, after["id"])["status"] == "completed"  # the ranks are in step: no collective was left open
 
 
 def test_killing_a_rank_mid_job_retries_the_job_on_a_new_replica(service, http):
