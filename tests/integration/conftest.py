@@ -26,3 +26,21 @@ def db(request, tmp_path):
             conn.exec_driver_sql("DELETE FROM sora_usage")
     yield d
     d.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for one test module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smoke_data(ray_local, tmp_path_factory) -> str:
+    """The smoke recipe's prepared training data (written once per module, on the module's local Ray)."""
+    from helpers import smoke_training_data
+
+    return smoke_training_data(tmp_path_factory.getbasetemp() / "train-data")

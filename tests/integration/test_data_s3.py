@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from object_store import s3_and_ray
 
 ray = pytest.importorskip("ray")
 s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from pipelines.data.load import table_to_numpy  # noqa: E402
 from pipelines.data.prepare import PrepareOptions, parse_buckets, prepare  # noqa: E402
@@ -30,27 +30,13 @@ BUCKET = "videos"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on loopback, its environment given to Ray's workers, one bucket of videos."""
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems made for an earlier module's server
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
-    fs.mkdir(BUCKET)
-    local = tmp_path_factory.mktemp("shapes")
-    synth(str(local), num_videos=4, size=32, frames=16, fps=8, seed=0, progress=False)
-    rows = [json.loads(line) for line in (local / "captions.jsonl").read_text().splitlines()]
-    for r in rows:
-        fs.put(str(local / r["path"]), f"{BUCKET}/{r['path']}")
-    yield {"fs": fs, "rows": rows, "local": local}
-    ray.shutdown()
-    server.stop()
-    mp.undo()
+    with s3_and_ray(BUCKET) as (fs, _):
+        local = tmp_path_factory.mktemp("shapes")
+        synth(str(local), num_videos=4, size=32, frames=16, fps=8, seed=0, progress=False)  # on the module's Ray
+        rows = [json.loads(line) for line in (local / "captions.jsonl").read_text().splitlines()]
+        for r in rows:
+            fs.put(str(local / r["path"]), f"{BUCKET}/{r['path']}")
+        yield {"fs": fs, "rows": rows, "local": local}
 
 
 def test_prepare_reads_and_writes_s3(s3, tmp_path):

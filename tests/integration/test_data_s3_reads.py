@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from helpers import free_port
+from object_store import s3_and_ray
 
 ray = pytest.importorskip("ray")
 s3fs = pytest.importorskip("s3fs")
@@ -67,22 +67,8 @@ class CountingMotoServer(ThreadedMotoServer):
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = free_port()
-    server = CountingMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems made for an earlier module's server
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
-    fs.mkdir(BUCKET)
-    yield {"fs": fs, "counts": server.counts, "local": tmp_path_factory.mktemp("videos")}
-    ray.shutdown()
-    server.stop()
-    mp.undo()
+    with s3_and_ray(BUCKET, CountingMotoServer) as (fs, server):
+        yield {"fs": fs, "counts": server.counts, "local": tmp_path_factory.mktemp("videos")}
 
 
 def test_each_remote_video_is_read_once(s3):

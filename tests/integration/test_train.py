@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import smoke_training_data
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +25,8 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data(ray_local, tmp_path_factory):
-    return smoke_training_data(tmp_path_factory.getbasetemp() / "train-data")
+def data(smoke_data):
+    return smoke_data
 
 
 def run_train(data: str, run: Path, **kw):

@@ -30,15 +30,6 @@ LORA_RANK, LORA_ALPHA = 4, 8
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     from pipelines.cli import main
 

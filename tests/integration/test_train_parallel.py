@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import smoke_training_data
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield smoke_training_data(tmp_path_factory.getbasetemp() / "train-data")
-    ray.shutdown()
+def data(smoke_data):
+    return smoke_data
 
 
 def test_sequence_parallel_training_runs_every_stage_and_exports(data, tmp_path):

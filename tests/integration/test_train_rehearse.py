@@ -16,15 +16,6 @@ RECIPES = sorted((ROOT / "cluster" / "recipes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return str(tmp_path_factory.mktemp("rehearse-shapes") / "shapes")
 
