@@ -38,6 +38,8 @@ from typing import Any
 
 from ray import serve
 
+from pipelines.parallel.replica import ParallelRanks
+
 from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
@@ -55,6 +57,8 @@ HUNG_FACTOR = 3
 STALL_ENV = "SORA_SERVE_TEST_STALL_S"
 """Tests only: a job on its first attempt sleeps this many seconds in its last sampling step (a hung generator)."""
 DIGEST_CHUNK = 8 << 20
+REFERENCE_ARGS = (("image", "input_reference"), ("last_image", "last_frame_reference"))
+"""(pipeline argument and GenerationParams field, request field) of each reference image."""
 
 
 class StopSampling(Exception):
@@ -158,18 +162,12 @@ class Generator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.perf_counter()
-        self.ranks = None  # a parallel replica's rank actors (pipelines/parallel/replica.py), which then are its pipe
-        if self.settings.parallel.enabled:
-            from pipelines.parallel.replica import ParallelRanks
-
-            self.pipe = self.ranks = ParallelRanks.start(
-                self.settings.model, self.settings.parallel, self.settings.device, self.settings.precision,
-                self.settings.lora, name=f"{GENERATOR_NAME}-{_replica_id()}",
-            )
+        s = self.settings
+        self.ranks = None  # with `parallel`: this replica's rank actors, called like the pipeline (parallel/replica.py)
+        if s.parallel.enabled:
+            self.pipe = self.ranks = ParallelRanks.start(s.model, s.parallel, s.device, s.precision, s.lora, _replica_id())
         else:
-            self.pipe = TextToVideoPipeline.load(
-                self.settings.model, device=device, precision=self.settings.precision, lora=self.settings.lora
-            )
+            self.pipe = TextToVideoPipeline.load(s.model, device=device, precision=s.precision, lora=s.lora)
         # Per-request adapters (`loras:`), applied unmerged on the loaded model: checked now from their headers, loaded
         # when first asked for. A bad one is reported in the card (its requests answer 400), the others serve.
         self.adapters = AdapterCache(self.pipe.model, self.settings.loras, self.settings.lora_cache_bytes)
@@ -415,20 +413,16 @@ class Generator:
         return [results[i] for i in ids]
 
     def _references(self, run: list[tuple[dict[str, Any], GenerationParams]], first: GenerationParams) -> dict[str, Any]:
-        """The group's reference images as the pipeline's `image`/`last_image` (RGB PIL images). Every job of the
-        group sent the same bytes (their digests are in the shape key), each job's copy stored under its own id:
-        the first copy found whose digest matches is used. LookupError when none is left in the store."""
+        """The group's reference images as the pipeline's `image`/`last_image` (RGB PIL images): every job of the group
+        sent the same bytes (their digests are in the shape key). LookupError when none is left in the store."""
         out: dict[str, Any] = {}
-        for arg, field, digest in (("image", "input_reference", first.image), ("last_image", "last_frame_reference", first.last_image)):
-            if digest is None:
-                continue
-            for it, _ in run:
-                data = self.content.read_input(it["id"], field)
-                if data is not None and hashlib.sha256(data).hexdigest() == digest:
-                    out[arg] = open_image(data, field)
-                    break
-            else:
+        for arg, field in REFERENCE_ARGS:
+            digest = getattr(first, arg)
+            data = None if digest is None else self.content.find_input([it["id"] for it, _ in run], field, digest)
+            if digest is not None and data is None:
                 raise LookupError(f"the '{field}' image of {[it['id'] for it, _ in run]} is no longer in the store")
+            if data is not None:
+                out[arg] = open_image(data, field)
         return out
 
     def _finish(self, item: dict[str, Any], clip: Any, result: dict[str, Any]) -> dict[str, Any]:
@@ -481,9 +475,7 @@ class Generator:
 
     def _drop_inputs(self, item: dict[str, Any]) -> None:
         """A finished job's reference images (its result is final: no attempt will read them again)."""
-        names = tuple(f for f, k in (("input_reference", "image"), ("last_frame_reference", "last_image")) if item["params"].get(k))
-        if names:
-            self.content.remove_inputs(item["id"], names)
+        self.content.remove_inputs(item["id"], tuple(field for arg, field in REFERENCE_ARGS if item["params"].get(arg)))
 
 
 def _from_dict(settings: dict[str, Any]) -> ServeSettings:

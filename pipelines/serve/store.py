@@ -14,6 +14,7 @@ redirect to a short-lived signed URL instead (`sign`), so the bytes never pass t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -121,6 +122,15 @@ class ContentStore:
             return self.fs.cat_file(self.input_path(job_id, name))
         except (FileNotFoundError, OSError, KeyError):
             return None
+
+    def find_input(self, job_ids: list[str], name: str, digest: str) -> bytes | None:
+        """The first of these jobs' copies of reference image `name` whose sha256 is `digest` (jobs sampled together
+        sent the same image, each stored under its own id); None when none is left."""
+        for job_id in job_ids:
+            data = self.read_input(job_id, name)
+            if data is not None and hashlib.sha256(data).hexdigest() == digest:
+                return data
+        return None
 
     def remove_inputs(self, job_id: str, names: tuple[str, ...]) -> None:
         """Delete a job's reference images (finished, deleted, expired, or never admitted); missing ones are fine."""
