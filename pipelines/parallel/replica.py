@@ -223,10 +223,11 @@ class ParallelRanks:
 
     @classmethod
     def start(
-        cls, model: str, parallel: ParallelConfig, device: str, precision: str, lora: str | None, name: str
+        cls, model: str, parallel: ParallelConfig, device: str, precision: str, lora: str | None, replica: str
     ) -> ParallelRanks:
         """Place `parallel.world_size` ranks in this replica's placement group (bundles 1..world), join them and
-        load the export on each. Called in the replica's constructor; `name` prefixes the ranks' actor names."""
+        load the export on each. Called in the replica's constructor; the ranks' actors are named
+        `SamplingRank-<replica>-rank<r>` (`ray list actors`)."""
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -242,7 +243,7 @@ class ParallelRanks:
         bundles, device = rank_bundles(group.bundle_specs, parallel, device)
         actors = [
             SamplingRank.options(
-                name=f"{name}-rank{r}",
+                name=f"SamplingRank-{replica}-rank{r}",
                 num_cpus=float(b.get("CPU", 0)),
                 num_gpus=float(b.get("GPU", 0)),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=r + 1),
@@ -251,7 +252,7 @@ class ParallelRanks:
         ]
         init = ray.get(actors[0].rendezvous.remote())
         facts = ray.get([a.setup.remote(init, model, precision, lora) for a in actors])[0]
-        logger.info("generator %s: %d ranks joined at %s on %s", name, len(actors), init, device)
+        logger.info("generator %s: %d ranks joined at %s on %s", replica, len(actors), init, device)
         return cls(actors, parallel, facts)
 
     def __getattr__(self, name: str) -> Any:

@@ -34,6 +34,8 @@ GENERATOR = {
     "graceful_shutdown_timeout_s": 5,
 }
 # 3 frames of 14x14 through DiT-tiny's (1, 2, 2) patches: a 3x7x7 grid, 147 tokens, padded to split over 2 ranks.
+LONG_JOB = {"num_frames": 4, "size": "16x16", "steps": 100}
+"""Seconds of sampling on 2 CPUs: a delete or a kill lands while it samples."""
 REQUEST = {"prompt": "a red circle moving left", "num_frames": 3, "size": "14x14", "steps": 4, "seed": 7}
 
 
@@ -122,7 +124,7 @@ def test_bundles_that_cannot_hold_the_ranks_say_what_to_write():
 def rank_actors() -> list[dict]:
     import ray
 
-    return [a for a in ray.util.list_named_actors(all_namespaces=True) if "-rank" in a["name"] and "Generator" in a["name"]]
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SamplingRank-")]
 
 
 def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, http):
@@ -139,7 +141,8 @@ def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, htt
     # Two ranks gather the same fp32 prediction in another summation order: at most one level on the lossless PNG.
     assert thumb.shape == first.shape and np.abs(thumb - first).max() <= 1
     if mp4 != reference:  # H.264 can move a block when a level flips; the decoded clips still agree on average
-        served, expected = frames_of(mp4, service["tmp"] / "served.mp4"), frames_of(reference, service["tmp"] / "ref.mp4")
+        served = frames_of(mp4, service["tmp"] / "served.mp4")
+        expected = frames_of(reference, service["tmp"] / "ref.mp4")
         assert np.abs(served - expected).mean() <= 0.5
     health = http.get("/healthz").json()["generator"]
     assert health["clips"] >= 1 and health["text_cache"]["misses"] >= 1  # rank 0's cache figures reach the replica
@@ -149,7 +152,7 @@ def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, htt
 def test_a_deleted_job_stops_every_rank_at_the_same_step_and_the_group_serves_on(service, http):
     import ray
 
-    r = http.post("/v1/videos", json={"prompt": "a deleted square", "num_frames": 4, "size": "16x16", "steps": 100, "seed": 2})
+    r = http.post("/v1/videos", json={"prompt": "a deleted square", **LONG_JOB, "seed": 2})
     video_id = r.json()["id"]
     deadline = time.time() + 60
     while http.get(f"/v1/videos/{video_id}").json()["progress"] < 10 and time.time() < deadline:
@@ -164,7 +167,7 @@ def test_a_deleted_job_stops_every_rank_at_the_same_step_and_the_group_serves_on
         steps = now
         time.sleep(1.0)
     assert steps["rank0"] == steps["rank1"] < 100, steps  # both left the same call at the same step, early
-    after = http.post("/v1/videos", json={"prompt": "after the stop", "num_frames": 4, "size": "16x16", "steps": 4}).json()
+    after = http.post("/v1/videos", json={"prompt": "after the stop", **LONG_JOB, "steps": 4}).json()
     assert wait_done(http, after["id"])["status"] == "completed"  # the ranks are in step: no collective was left open
 
 
@@ -175,7 +178,7 @@ def test_killing_a_rank_mid_job_retries_the_job_on_a_new_replica(service, http):
 
     before = http.get("/healthz").json()["generator"]["replica"]
     # Long enough (100 steps) that the kill lands while the job samples.
-    r = http.post("/v1/videos", json={"prompt": "a killed rank", "num_frames": 4, "size": "16x16", "steps": 100, "seed": 3})
+    r = http.post("/v1/videos", json={"prompt": "a killed rank", **LONG_JOB, "seed": 3})
     assert r.status_code == 200, r.text
     video_id = r.json()["id"]
     deadline = time.time() + 60
