@@ -26,7 +26,7 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 """One denoising step: milliseconds for the CPU demo model, tens of seconds for a 14B model at 720p."""
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
-ORPHAN_REASONS = ("no_row", "expired", "failed", "superseded", "temp")
+ORPHAN_REASONS = ("no_row", "expired", "failed", "superseded", "finished", "temp")
 """Why the orphan sweep (sweep.py) deleted a store object: its `orphans_swept` label values."""
 
 

@@ -56,16 +56,18 @@ class ContentStore:
         """The folder (or prefix) holding the clips and thumbnails."""
         return self._path("content")
 
-    def list_content(self) -> list[dict[str, Any]]:
-        """Every object under content/ with its details (name, size, last-modified), listed afresh by a filesystem
+    def list_content(self, folder: str | None = None) -> list[dict[str, Any]]:
+        """Every object under content/ (or `folder`, e.g. INPUTS) with its details (name, size, last-modified), listed
+        afresh by a filesystem
         instance that caches no listing: fsspec caches listings per instance (s3fs, gcsfs: for good) and only this
         process's writes invalidate them, so a cached listing would hide what generators and other replicas upload
         (the orphan sweep's test shows it), and a listing left in `self.fs`'s cache is one fsspec's `info` may trust."""
+        where = self.content_dir if folder is None else self._path(folder)
         if self.local:
-            return self.fs.ls(self.content_dir, detail=True)
+            return self.fs.ls(where, detail=True)
         if self._lister is None:
             self._lister = type(self.fs)(**{**self.fs.storage_options, "use_listings_cache": False, "skip_instance_cache": True})
-        return self._lister.ls(self.content_dir, detail=True)
+        return self._lister.ls(where, detail=True)
 
     def ping(self) -> None:
         """Raises when the store cannot be reached (a health check): one metadata call, not a listing.

@@ -12,6 +12,10 @@ ref`, or unfinished with `lease_token == ref` (an upload of the attempt that hol
 `expires_at`. Otherwise (no row, a failed or expired job, a superseded attempt's token) it is deleted, but
 only once its last-modified time is `orphan_grace_s` old: a cache copy is written before its row exists,
 and an upload in progress is never touched. Names the store did not write are left alone.
+
+A reference image `inputs/<id>-<field>` (image-to-video) is kept while its job is unfinished and not expired;
+one whose job finished (`finished`, `failed`), expired or has no row (an ingress that crashed between storing the
+image and inserting the row) is deleted past the same grace.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from sqlalchemy import select
 
 from .db import UNFINISHED, JobDB, jobs
 from .metrics import ORPHAN_REASONS as SWEPT
-from .store import ContentStore
+from .store import INPUTS, ContentStore
 
 logger = logging.getLogger("ray.serve")
 __all__ = ["SWEPT", "sweep_orphans"]  # SWEPT: the outcomes of `sweep_orphans` that deleted an object
 
 OBJECT_NAME = re.compile(r"^(video_[0-9a-f]{32})-([0-9a-f]{32})\.(mp4|png)$")
 """What store.py writes: the job id, the lease token of the run that wrote it, the variant's suffix."""
+INPUT_NAME = re.compile(r"^(video_[0-9a-f]{32})-(input_reference|last_frame_reference)$")
+"""A job's reference image (store.put_input): the job id, the request field it came in."""
 TEMP_PREFIX = ".tmp-"
 """A folder store's upload in flight (store.put_file); one this old was cut short by a crash."""
 LOOKUP_BATCH = 500
@@ -79,6 +85,17 @@ def _why_orphan(row: Any, ref: str, now_s: int) -> str | None:
     return "failed"
 
 
+def _why_input_orphan(row: Any, now_s: int) -> str | None:
+    """Why a job's reference image is no longer needed, or None while its job may still sample from it."""
+    if row is None:
+        return "no_row"
+    if row.expires_at is not None and row.expires_at <= now_s:
+        return "expired"
+    if row.status in UNFINISHED:
+        return None
+    return "failed" if row.status == "failed" else "finished"
+
+
 def _rows(db: JobDB, ids: list[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for i in range(0, len(ids), LOOKUP_BATCH):
@@ -91,19 +108,34 @@ def _rows(db: JobDB, ids: list[str]) -> dict[str, Any]:
 
 def sweep_orphans(db: JobDB, content: ContentStore, grace_s: float, now: float | None = None) -> Counter[str]:
     """Delete the store's orphaned objects older than `grace_s`; counts by outcome: swept reasons (`no_row`,
-    `expired`, `failed`, `superseded`, `temp`), `kept_live`, `kept_fresh` (inside the grace), `kept_unknown`."""
+    `expired`, `failed`, `superseded`, `finished`, `temp`), `kept_live`, `kept_fresh` (inside the grace),
+    `kept_unknown`."""
     now = time.time() if now is None else now
     counts: Counter[str] = Counter()
+    videos = _old_enough(content, None, OBJECT_NAME, grace_s, now, counts)
+    images = _old_enough(content, INPUTS, INPUT_NAME, grace_s, now, counts)
+    rows = _rows(db, sorted({job_id for _, job_id, _ in videos + images}))
+    for path, job_id, ref in videos:
+        _sweep(content, path, _why_orphan(rows.get(job_id), ref, int(now)), counts)
+    for path, job_id, _ in images:
+        _sweep(content, path, _why_input_orphan(rows.get(job_id), int(now)), counts)
+    return counts
+
+
+def _old_enough(content: ContentStore, folder: str | None, names: re.Pattern, grace_s: float, now: float,
+                counts: Counter[str]) -> list[tuple[str, str, str]]:  # fmt: skip
+    """(path, job id, second name part) of the objects in `folder` (content/ by default) named by `names` and past
+    the grace; a stale `.tmp-` upload is deleted here."""
     try:
-        listing = content.list_content()  # afresh: generators and other replicas upload from other processes
+        listing = content.list_content(folder)  # afresh: generators and other replicas upload from other processes
     except FileNotFoundError:  # an object store with nothing under the prefix yet
-        return counts
-    candidates: list[tuple[str, str, str]] = []  # (path, job id, ref) old enough to be swept
+        return []
+    candidates: list[tuple[str, str, str]] = []
     for info in listing:
         if info.get("type") not in (None, "file"):
             continue
         path, name = info["name"], os.path.basename(info["name"].rstrip("/"))
-        m = OBJECT_NAME.match(name)
+        m = names.match(name)
         if m is None and not name.startswith(TEMP_PREFIX):
             counts["kept_unknown"] += 1
             continue
@@ -114,14 +146,14 @@ def sweep_orphans(db: JobDB, content: ContentStore, grace_s: float, now: float |
             _remove(content, path, "temp", counts)
         else:
             candidates.append((path, m.group(1), m.group(2)))
-    rows = _rows(db, sorted({job_id for _, job_id, _ in candidates}))
-    for path, job_id, ref in candidates:
-        why = _why_orphan(rows.get(job_id), ref, int(now))
-        if why is None:
-            counts["kept_live"] += 1
-        else:
-            _remove(content, path, why, counts)
-    return counts
+    return candidates
+
+
+def _sweep(content: ContentStore, path: str, why: str | None, counts: Counter[str]) -> None:
+    if why is None:
+        counts["kept_live"] += 1
+    else:
+        _remove(content, path, why, counts)
 
 
 def _remove(content: ContentStore, path: str, why: str, counts: Counter[str]) -> None:

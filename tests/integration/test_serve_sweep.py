@@ -104,6 +104,30 @@ def test_folder_store_orphans_are_swept_past_the_grace(db, tmp_path):
     assert sum(sweep_orphans(db, store, GRACE_S).get(k, 0) for k in ("superseded", "failed", "no_row", "expired")) == 0
 
 
+def test_reference_images_are_swept_once_their_job_no_longer_needs_them(db, tmp_path):
+    """inputs/<id>-<field>: kept while the job is unfinished (or inside the grace), deleted past the grace once it
+    completed or failed, or when no row was ever written (an ingress that crashed after storing the image)."""
+    from pipelines.serve.store import INPUTS
+
+    store = ContentStore(str(tmp_path / "store"))
+    running, completed, failed = _claimed(db), _claimed(db), _claimed(db)
+    assert db.complete(*completed, retention_s=None, extra={}) and db.fail(*failed, "generation_failed", "x", retention_s=None)
+    crashed, fresh = f"video_{'a' * 32}", f"video_{'b' * 32}"
+    for job_id in (running[0], completed[0], failed[0], crashed):
+        store.put_input(b"png", job_id, "input_reference")
+    store.put_input(b"png", running[0], "last_frame_reference")
+    folder = os.path.join(store.root, INPUTS)
+    old = time.time() - 2 * GRACE_S
+    for name in os.listdir(folder):
+        os.utime(os.path.join(folder, name), (old, old))
+    store.put_input(b"png", fresh, "input_reference")  # inside the grace: its row may be on its way
+    counts = sweep_orphans(db, store, GRACE_S)
+    assert (counts["finished"], counts["failed"], counts["no_row"]) == (1, 1, 1), counts
+    assert counts["kept_live"] == 2 and counts["kept_fresh"] == 1, counts
+    left = sorted(os.listdir(folder))
+    assert left == sorted([f"{running[0]}-input_reference", f"{running[0]}-last_frame_reference", f"{fresh}-input_reference"])
+
+
 def test_s3_store_orphans_are_swept_past_the_grace(db):
     with s3_server() as options:
         store = ContentStore("s3://sora/sweep", options)
