@@ -56,31 +56,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         "--max-fps-ratio", type=float, default=DEFAULT_MAX_FPS_RATIO,
         help="reject inputs whose fps is below --fps by more than this factor: frames would repeat (default %(default)g)",
     )  # fmt: skip
-    p.add_argument(
-        "--patch",
-        default="x".join(map(str, DEFAULT_PATCH)),
-        help="the model's patch size TxHxW; must equal the recipe's model.patch_size (default %(default)s, DiT-demo)",
-    )
-    p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder")
-    p.add_argument(
-        "--max-text-length", type=int,
-        help="text tokens kept per caption; longer captions are cut and counted (default: the encoder's own maximum, "
-             "e.g. 512 for T5/umT5, 77 for CLIP; 32 for the packaged minilm, as the demo recipes train)",
-    )  # fmt: skip
-    p.add_argument(
-        "--text-hidden-layer", type=int, default=-1,
-        help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
-    )  # fmt: skip
-    p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
-    p.add_argument(
-        "--from-export", metavar="EXPORT_DIR",
-        help="take the text encoder, autoencoder and patch from an export (e.g. a converted Wan2.1: umT5 + Wan VAE)",
-    )  # fmt: skip
-    p.add_argument(
-        "--image-conditioning", action="store_true",
-        help="with --from-export of an image-to-video export: also store each clip's first (FLF2V: and last) frame "
-             "condition, its VAE latents and image-encoder features, for I2V fine-tuning",
-    )  # fmt: skip
+    _add_model_arguments(p)
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
     p.add_argument("--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)")
     p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
@@ -107,6 +83,35 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     console.add_arguments(p)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """What the clips are encoded for: the model's patch, text encoder and autoencoder (or an export's), images."""
+    p.add_argument(
+        "--patch",
+        default="x".join(map(str, DEFAULT_PATCH)),
+        help="the model's patch size TxHxW; must equal the recipe's model.patch_size (default %(default)s, DiT-demo)",
+    )
+    p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder")
+    p.add_argument(
+        "--max-text-length", type=int,
+        help="text tokens kept per caption; longer captions are cut and counted (default: the encoder's own maximum, "
+             "e.g. 512 for T5/umT5, 77 for CLIP; 32 for the packaged minilm, as the demo recipes train)",
+    )  # fmt: skip
+    p.add_argument(
+        "--text-hidden-layer", type=int, default=-1,
+        help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
+    )  # fmt: skip
+    p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
+    p.add_argument(
+        "--from-export", metavar="EXPORT_DIR",
+        help="take the text encoder, autoencoder and patch from an export (e.g. a converted Wan2.1: umT5 + Wan VAE)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-conditioning", action="store_true",
+        help="with --from-export of an image-to-video export: also store each clip's first (FLF2V: and last) frame "
+             "condition, its VAE latents and image-encoder features, for I2V fine-tuning",
+    )  # fmt: skip
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -163,10 +163,6 @@ class Plan:
         if self.image and not data.get("init_from"):
             raise ConfigError("--rehearse: an image-to-video recipe rehearses from init_from (an I2V export made by "
                               "sora convert)")
-        if full.text_encoder.name_or_path != MINILM:
-            self.not_cpu.append(f"text encoder {full.text_encoder.name_or_path} (MiniLM stood in)")
-        if full.autoencoder.kind != "identity":
-            self.not_cpu.append(f"autoencoder {full.autoencoder.kind} {full.autoencoder.path} (pixel space stood in)")
         text = {"name_or_path": MINILM, "max_length": full.text_encoder.max_length, "hidden_layer": full.text_encoder.hidden_layer}
         tiny["text_dim"] = 384
         if init_export is not None:  # the export gives model, text encoder and autoencoder; only runtime options here
@@ -195,6 +191,14 @@ class Plan:
         out["stages"] = [_shrink_stage(s, shrink, i == n - 1) for i, s in enumerate(data["stages"])]
         self.recipe = out
         self.buckets = sorted({b for s in out["stages"] for b in ([s["dataset"]] if s.get("dataset") else s["datasets"])})
+        self._note_stand_ins(full)
+
+    def _note_stand_ins(self, full: Any) -> None:
+        """What the CPU rehearsal stands in for or cannot run, as the end line names it."""
+        if full.text_encoder.name_or_path != MINILM:
+            self.not_cpu.append(f"text encoder {full.text_encoder.name_or_path} (MiniLM stood in)")
+        if full.autoencoder.kind != "identity":
+            self.not_cpu.append(f"autoencoder {full.autoencoder.kind} {full.autoencoder.path} (pixel space stood in)")
         if full.device == "cuda":
             self.not_cpu += ["flash attention (SDPA's CUDA kernels)", "NCCL collectives"]
             if full.data.pin_memory:
