@@ -326,12 +326,17 @@ class ParallelRanks:
             raise (err.cause if isinstance(err.cause, Exception) else err) from None
 
     def check(self) -> None:
-        """Every rank answers a ping; a `RanksLost` naming the first that does not (the replica is unhealthy)."""
-        for r, actor in enumerate(self.actors):
+        """Every rank answers a ping within PING_TIMEOUT_S (all asked at once); else a `RanksLost` naming the first
+        that did not, which the replica's health check raises (Serve replaces the replica)."""
+        refs = [a.ping.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        for r, ref in enumerate(refs):
             try:
-                ray.get(actor.ping.remote(), timeout=PING_TIMEOUT_S)
-            except (RayActorError, ray.exceptions.GetTimeoutError) as err:
-                raise RanksLost(f"rank {r} of {len(self.actors)} is not answering ({type(err).__name__})") from None
+                if ref not in ready:
+                    raise TimeoutError(f"no answer in {PING_TIMEOUT_S:g}s")
+                ray.get(ref)
+            except (RayActorError, TimeoutError) as err:
+                raise RanksLost(f"rank {r} of {len(refs)} is not answering: {type(err).__name__}") from None
 
     def _lost(self, err: BaseException) -> None:
         """A rank died under a call: the others may wait in a collective for it forever, and the jobs must not be

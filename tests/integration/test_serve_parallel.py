@@ -198,3 +198,17 @@ def test_killing_a_rank_mid_job_retries_the_job_on_a_new_replica(service, http):
     assert row["_runs"] == 2 and row["_extra"]["replica"] != before, row
     assert http.get(f"/v1/videos/{video_id}/content").content[4:8] == b"ftyp"
     assert sorted(a["name"][-5:] for a in rank_actors()) == ["rank0", "rank1"]  # the new replica's two ranks
+
+
+def test_a_rank_that_dies_while_idle_fails_the_health_check_and_serve_replaces_the_replica(http):
+    import ray
+
+    before = http.get("/healthz").json()["generator"]["replica"]
+    (victim,) = [a for a in rank_actors() if a["name"].endswith("rank0") and before in a["name"]]
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    deadline = time.time() + 120
+    while http.get("/healthz").json()["generator"].get("replica") in (before, None) and time.time() < deadline:
+        time.sleep(0.5)  # 3 failed checks (health_check_period_s 2), the stop, then a new replica and its 2 ranks
+    assert http.get("/healthz").json()["generator"].get("replica") not in (before, None)
+    job = http.post("/v1/videos", json={"prompt": "after the replacement", **LONG_JOB, "steps": 4}).json()
+    assert wait_done(http, job["id"])["status"] == "completed"
