@@ -6,11 +6,14 @@ Pure Python and `sora_model.config` only, so the CLI and the Serve config can va
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sora_model.config import ConfigError, DiTConfig
 
 MAX_SEQUENCE_PARALLEL = 64
 """A bound that catches typos (a world of 800 local processes); far above any one node's devices."""
+RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
+"""How long a rank waits for the others at a collective: a 14B load takes minutes; a dead rank then fails the run."""
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,9 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
-from .config import ParallelConfig
-
-RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
-"""How long a rank waits for the others at a collective: a 14B load takes minutes; a dead rank then fails the run."""
+from .config import RENDEZVOUS_TIMEOUT, ParallelConfig
 
 
 def _free_port() -> int:

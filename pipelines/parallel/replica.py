@@ -30,24 +30,21 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
-from .config import ParallelConfig
+from .config import RENDEZVOUS_TIMEOUT, ParallelConfig
 
 logger = logging.getLogger("ray.serve")
-JOIN_TIMEOUT = timedelta(minutes=10)
-"""How long a rank waits for the others at a collective: a 14B load takes minutes; past it a wedged rank fails."""
 POLL_S = 0.05
 """How often the replica reads rank 0's step events while a call runs: small next to any step."""
 PING_TIMEOUT_S = 10.0
 """A rank that does not answer a ping this long is taken as dead (its actor serves pings beside sampling)."""
 OUT_OF_STEP_S = 60.0
 """How long the replica waits for the other ranks once one failed on its own: past it they are taken to be stuck in
-a collective for the failed one (gloo and NCCL would wait JOIN_TIMEOUT), and the replica ends."""
+a collective for the failed one (gloo and NCCL would wait RENDEZVOUS_TIMEOUT), and the replica ends."""
 RANK_CONCURRENCY = 4
 """Threads of a rank actor: one samples, the others answer pings, progress reads and stop requests meanwhile."""
 
@@ -117,7 +114,7 @@ class SamplingRank:
             device = "cuda:0"
         backend = "nccl" if device.startswith("cuda") else "gloo"
         world = self.parallel.world_size
-        dist.init_process_group(backend, init_method=init, rank=self.rank, world_size=world, timeout=JOIN_TIMEOUT)
+        dist.init_process_group(backend, init_method=init, rank=self.rank, world_size=world, timeout=RENDEZVOUS_TIMEOUT)
         groups = new_sampling_groups(self.parallel)
         self.flag_device = device
         self.pipe = ParallelPipeline.load(model, device=device, precision=precision, lora=lora).parallelize(groups)
