@@ -179,7 +179,8 @@ def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str,
     if tuple(info["patch_size"]) != tuple(model.patch_size):
         raise ConfigError(f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}")
     if model.in_channels != model.predicted_channels:
-        _check_image_conditioning(model, info, where)
+        for root, root_info, _ in hits:  # every root read for this bucket must carry the condition
+            _check_image_conditioning(model, root_info, where if len(hits) == 1 else f"{where} ({root})")
     elif int(info["in_channels"]) != model.in_channels:
         raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
     data_layer = int(info.get("text_encoder", {}).get("hidden_layer", -1))

@@ -33,15 +33,6 @@ BUCKET = "5x16x20"  # the I2V recipe's 81x480x832 as the rehearsal shrinks it
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
     from pipelines.train.rehearse import Plan, write_init_export
 
