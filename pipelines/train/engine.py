@@ -98,14 +98,16 @@ def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tu
     """(DeepSpeed engine, its module) for this rank; torch.distributed must be initialised.
 
     Same seed on every rank: identical initial weights, which ZeRO-3 then partitions. `init_from` weights and
-    LoRA adapters are in place before that (finetune.py); the optimizer steps only what trains.
+    LoRA adapters are in place before that (finetune.py: under ZeRO-3 they arrive as partitions, built on the
+    meta device and read by rank 0 a tensor at a time); the optimizer steps only what trains.
     """
     import deepspeed
 
     from pipelines.train.finetune import build_model, trainable_parameters
 
     ds = recipe.deepspeed
-    model = build_model(recipe)
+    config = ds_config(recipe, recipe.stages[0], world, load_universal)
+    model = build_model(recipe, config)  # under ZeRO-3 from `init_from`, already partitioned (no rank holds it whole)
     if ds.zero_stage == 3 and ds.gather_per_block:
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -122,7 +124,7 @@ def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tu
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=client_opt, model_parameters=None if client_opt else params,
-        lr_scheduler=make_scheduler, config=ds_config(recipe, recipe.stages[0], world, load_universal),
+        lr_scheduler=make_scheduler, config=config,
         dist_init_required=False,
     )  # fmt: skip
     return engine, engine.module

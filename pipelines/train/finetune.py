@@ -23,6 +23,7 @@ What happens where:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -167,16 +168,36 @@ def _misfit(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(recipe: Any) -> torch.nn.Module:
-    """The DiT a rank trains: seeded init, then the `init_from` weights, then LoRA adapters; torch.distributed up."""
+def build_model(recipe: Any, ds_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The DiT a rank trains: seeded init or the `init_from` weights, then LoRA adapters; torch.distributed up.
+
+    From `init_from` the DiT is built on the meta device (no random init, which the weights replace) and rank 0
+    reads the export tensor by tensor (`stream_init_weights`). Under ZeRO-3 (`ds_config` given, stage 3) each rank
+    then keeps only its partition (`_partition_from_export`): no rank ever holds the whole model; otherwise every
+    rank holds it whole, as ZeRO-0/1/2 train it.
+    """
     from sora_model.dit import DiT
 
     torch.manual_seed(recipe.seed)  # same on every rank: identical initial weights (and adapters), which ZeRO-3 partitions
-    model = DiT(recipe.model_config())
-    if recipe.init_from:
-        load_init_weights(model, recipe.init_from)
+    cfg = recipe.model_config()
+    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+    if not recipe.init_from:
+        model = DiT(cfg)
+    else:
+        with torch.device("meta"):
+            model = DiT(cfg)
+        if zero3:
+            _partition_from_export(model, recipe.init_from, ds_config)
+        else:
+            model.to_empty(device="cpu")
+            load_init_weights(model, recipe.init_from)
     if recipe.lora is not None:
         add_lora(model, recipe.lora, recipe.seed)
+        if zero3 and recipe.init_from and ds_config.get("bf16", {}).get("enabled"):
+            # DeepSpeed casts no parameter of a model that ZeRO-Init partitioned: the adapters join its dtype here.
+            for p in model.parameters():
+                if not hasattr(p, "ds_id"):
+                    p.data = p.data.to(torch.bfloat16)
     return model
 
 
@@ -189,44 +210,117 @@ def _broadcast_device() -> torch.device:
     return collective_device(dist.get_backend())
 
 
-@torch.no_grad()
-def load_init_weights(model: torch.nn.Module, export_dir: str) -> None:
-    """Rank 0 reads the export's model.safetensors, every rank receives it (tensor by tensor: one in flight).
+def _file_problem(path: str, expected: dict[str, tuple]) -> tuple[str | None, list[str]]:
+    """(a one-line problem or None, the file's tensor names in file order) from the safetensors header alone."""
+    from sora_model.weights_io import read_header
 
-    Rank 0 first broadcasts whether the file fits the model, so a mismatch is the same one-line error on
-    every rank instead of the other ranks waiting in a broadcast that never comes.
-    """
+    try:
+        header, start = read_header(path)
+        end = start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        if os.path.getsize(path) < end:
+            raise ValueError(f"{path} is truncated: {os.path.getsize(path)} bytes, its header needs {end}")
+    except Exception as err:  # noqa: BLE001 - any reader error reaches every rank as one line naming the file
+        return f"init_from: cannot read {path}: {_one_line(err)}", []
+    misfit = _misfit(expected, {k: tuple(e["shape"]) for k, e in header.items()})
+    if misfit:
+        return f"init_from: {path} does not fit its config.json's model ({misfit})", []
+    return None, sorted(header, key=lambda k: header[k]["data_offsets"][0])
+
+
+@torch.no_grad()
+def stream_init_weights(model: torch.nn.Module, export_dir: str, dtype: torch.dtype | None = None):
+    """Every rank: (name, tensor) for each tensor of the export's model.safetensors, rank 0 reading the file one
+    tensor at a time (`weights_io.iter_tensors`, cast to `dtype`, else to the model tensor's dtype) and broadcasting
+    it; the other ranks receive into a fresh tensor. `model` gives names, shapes and dtypes only (it may be on the
+    meta device). Rank 0 first broadcasts whether the file fits, so a mismatch is the same one-line error on every
+    rank instead of the other ranks waiting in a broadcast that never comes."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
 
     from sora_model.pipeline import MODEL_FILE
+    from sora_model.weights_io import iter_tensors
 
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
-    state, problem = None, [None]
     path = os.path.join(export_dir, MODEL_FILE)
+    targets = {k: (tuple(v.shape), dtype or v.dtype) for k, v in model.state_dict().items()}
+    message: list = [None, []]
     if rank == 0:
-        try:
-            state = load_file(path)
-            misfit = _misfit({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()})
-            if misfit:
-                problem[0] = f"init_from: {path} does not fit its config.json's model ({misfit})"
-        except Exception as err:  # noqa: BLE001 - any reader error reaches every rank as one line naming the file
-            problem[0] = f"init_from: cannot read {path}: {_one_line(err)}"
+        message = list(_file_problem(path, {k: s for k, (s, _) in targets.items()}))
     if distributed:
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0] is not None:
-        raise ValueError(problem[0])
+        dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ValueError(message[0])
     device = _broadcast_device() if distributed else torch.device("cpu")
-    for name, target in model.state_dict().items():
-        value = (
-            state[name].to(device=device, dtype=target.dtype)
-            if rank == 0
-            else torch.empty(target.shape, dtype=target.dtype, device=device)
-        )
+    reader = iter_tensors(path, lambda name, _: targets[name][1]) if rank == 0 else None
+    for name in message[1]:
+        shape, dt = targets[name]
+        if reader is not None:
+            got, value = next(reader)
+            if got != name:
+                raise AssertionError(f"read '{got}' where the header gave '{name}'")
+            value = value.to(device)
+        else:
+            value = torch.empty(shape, dtype=dt, device=device)
         if distributed:
             dist.broadcast(value, src=0)
-        target.copy_(value)
+        yield name, value
+
+
+@torch.no_grad()
+def load_init_weights(model: torch.nn.Module, export_dir: str) -> None:
+    """Copy the export's model.safetensors into `model` (every rank: `stream_init_weights`, one tensor in flight)."""
+    state = model.state_dict()
+    for name, value in stream_init_weights(model, export_dir):
+        state[name].copy_(value)
+
+
+PARTITION_BATCH_BYTES = 256 << 20
+"""Under ZeRO-3, at most this many bytes of whole parameters are held before DeepSpeed partitions them."""
+
+
+@torch.no_grad()
+def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: dict[str, Any]) -> None:
+    """Fill a meta-device DiT with the export's weights as ZeRO-3 partitions: parameters arrive from rank 0 a tensor
+    at a time and, every PARTITION_BATCH_BYTES, go through `deepspeed.zero.Init(module=...)` (the first batch) or the
+    converter it attaches to its parameters (the next ones: what `deepspeed.initialize` uses for parameters added
+    later), which keep this rank's partition and free the rest. Parameters are in the engine's dtype (bf16 when
+    its bf16 mode is on), as ZeRO-Init's are; `deepspeed.initialize` then takes the model as ZeRO-Init built."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # What `deepspeed.initialize` does first: wrap the running torch.distributed (ZeRO-Init reads its world size).
+    deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    owners = {f"{m}.{n}" if m else n: (module, n) for m, module in model.named_modules() for n, _ in module.named_parameters(recurse=False)}
+    batch: list[torch.nn.Parameter] = []
+    first: list[torch.nn.Parameter] = []
+
+    def partition() -> None:
+        if not first:
+            holder = torch.nn.Module()
+            for i, p in enumerate(batch):
+                holder.register_parameter(f"p{i}", p)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=copy.deepcopy(ds_config))
+            first.append(batch[0])
+        else:
+            first[0].convert_to_zero_parameters(param_list=batch)
+        batch.clear()
+
+    held = 0
+    for name, value in stream_init_weights(model, export_dir, dtype):
+        module, attr = owners[name]
+        param = torch.nn.Parameter(value, requires_grad=True)
+        setattr(module, attr, param)
+        batch.append(param)
+        held += value.numel() * value.element_size()
+        if held >= PARTITION_BATCH_BYTES:
+            partition()
+            held = 0
+    if batch:
+        partition()
+    left = [n for n, p in model.named_parameters() if p.is_meta or not hasattr(p, "ds_id")]
+    if left:
+        raise AssertionError(f"init_from under ZeRO-3 left {left[:3]} unpartitioned")
 
 
 def add_lora(model: torch.nn.Module, spec: Any, seed: int) -> list[str]:

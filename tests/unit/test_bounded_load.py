@@ -226,3 +226,65 @@ def test_bf16_load_peak_stays_near_the_bf16_bytes(tmp_path):
     peak, nbytes = json.loads(out.stdout.strip().splitlines()[-1])
     assert nbytes > 90e6
     assert peak / nbytes < 1.5, (peak, nbytes)
+
+
+def _zero3_rank(rank: int, world: int, export_dir: str, port: int, bf16: bool, out: str) -> None:
+    """One rank: `build_model` from init_from under ZeRO-3, then what each rank holds and what it gathers."""
+    import types
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed
+
+    from pipelines.train.finetune import build_model
+
+    cfg = load_export_config(export_dir).model
+    lora = types.SimpleNamespace(rank=4, scale_alpha=4, targets=["attn.qkv"], dropout=0.0)
+    recipe = types.SimpleNamespace(seed=0, init_from=export_dir, lora=lora, model_config=lambda: cfg)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "bf16": {"enabled": bf16},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}  # fmt: skip
+    model = build_model(recipe, config)
+    whole = {n: p.data.numel() for n, p in model.named_parameters() if ".lora_" not in n}
+    mine = sum(p.ds_tensor.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3), config=config, dist_init_required=False)
+    base, bad = load_file(os.path.join(export_dir, MODEL_FILE)), []
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if ".lora_" not in name and not torch.equal(p.data, base[name.replace(".base_layer", "")].to(p.data.dtype)):
+                bad.append(name)
+    dtypes = sorted({str(p.dtype) for p in engine.module.parameters()})
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"whole": sum(whole.values()), "mine": mine, "bad": bad, "dtypes": dtypes}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_zero3_init_from_keeps_only_each_ranks_partition(tmp_path, bf16):
+    """Under ZeRO-3 no rank materialises the model: before `deepspeed.initialize` each holds no whole base weight,
+    only its partition (half of them with 2 ranks), and the gathered weights are the export's, in the engine's dtype
+    (adapters too)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder, _ = export(tmp_path, "dit")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    mp.spawn(_zero3_rank, args=(2, folder, port, bf16, out), nprocs=2)
+    base = load_file(os.path.join(folder, MODEL_FILE))
+    total = sum(v.numel() for v in base.values())
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["whole"] == 0 and r["bad"] == []
+        assert r["dtypes"] == (["torch.bfloat16"] if bf16 else ["torch.float32"])
+        assert r["mine"] <= total / 2 + len(base)  # its half, each tensor padded to a multiple of 2
+    assert sum(r["mine"] for r in ranks) >= total
