@@ -473,6 +473,6 @@ def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None 
 
 
 __all__ = [
-    "DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "collapse_zero_padding", "layout_positions", "null_text_drop",
-    "stored_dtype", "trim_text_padding",
+    "DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "collapse_zero_padding", "layout_positions",
+    "null_text_drop", "stored_dtype", "trim_text_padding",
 ]

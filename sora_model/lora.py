@@ -215,7 +215,9 @@ class LoraFile:
         return total * torch.finfo(dtype).bits // 8
 
     @torch.no_grad()
-    def bind(self, model: nn.Module, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict[str, LoraUpdate]:
+    def bind(
+        self, model: nn.Module, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> dict[str, LoraUpdate]:
         """{our Linear: its LoraUpdate} with each scale folded into B, on `device` (the Linear's when None; a model on
         the meta device takes one), in `dtype` (fp32 when None).
         The Linear's output then gains update(x), exactly what merging scale * B_i @ A_i into its rows would add."""

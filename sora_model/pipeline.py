@@ -99,10 +99,13 @@ def load_dit(
     found = {k: tuple(v["shape"]) for k, v in read_header(weights)[0].items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match config.json's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"{weights} does not match config.json's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     wrong = [k for k in expected if found[k] != expected[k]]
     if wrong:
-        raise ValueError(f"{weights} does not match config.json's model: {wrong[0]} has shape {found[wrong[0]]}, expected {expected[wrong[0]]}")
+        k = wrong[0]
+        raise ValueError(f"{weights} does not match config.json's model: {k} has shape {found[k]}, expected {expected[k]}")
     updates = {} if lora is None else {f"{t}.weight": u for t, u in LoraFile(lora).bind(model, device="cpu").items()}
     def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
         if name in updates:
@@ -191,12 +194,14 @@ class TextToVideoPipeline:
             config = dataclasses.replace(config, image_encoder=dataclasses.replace(image, **paths))
         weights = os.path.join(export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE)
         # Straight into the inference dtype and onto the device (`load_dit`); int8 quantises fp32 weights on CPU.
-        dtype, where = (torch.bfloat16, device) if precision == "bf16" else (torch.float32, device if precision == "fp32" else "cpu")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        where = "cpu" if precision == "int8" else device
         model = load_dit(config, weights, lora, dtype, where)
-        model_2 = None if config.boundary_ratio is None else load_dit(config, os.path.join(export_dir, MODEL_2_FILE), lora, dtype, where)
+        if config.boundary_ratio is not None:
+            kw["model_2"] = load_dit(config, os.path.join(export_dir, MODEL_2_FILE), lora, dtype, where)
         if "text_encoder" not in kw and torch.device(device).type == "cuda" and precision == "bf16":
             kw["text_encoder"] = build_text_encoder(config.text_encoder, device=device, dtype=torch.bfloat16)
-        pipe = cls(model, config, device=device, model_2=model_2, **kw)
+        pipe = cls(model, config, device=device, **kw)
         pipe.set_precision(precision)
         return pipe
 

@@ -262,7 +262,9 @@ class TextEncoder:
         return TextEmbedding(*(torch.stack(parts).to(self.device) for parts in zip(*rows, strict=True)))
 
 
-def _load(folder: str, name: str, max_length: int, tokenizer_folder: str | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any, str]:
+def _load(
+    folder: str, name: str, max_length: int, tokenizer_folder: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[Any, Any, str]:
     """(model, tokenizer, pooling) for a local folder, architecture from config.json's model_type; the tokenizer
     from `tokenizer_folder` when given (diffusers pipelines keep it apart), else from the same folder."""
     import transformers
@@ -310,7 +312,9 @@ def check_text_encoder(cfg: TextEncoderConfig) -> str:
     return folder
 
 
-def build_text_encoder(cfg: TextEncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TextEncoder:
+def build_text_encoder(
+    cfg: TextEncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> TextEncoder:
     """The encoder a config names, on `device`, with an LRU cache of at most `cfg.cache_size` captions and
     DEFAULT_CACHE_MEMORY_FRACTION of the machine's memory (a server sets its replica's budget: `cache.set_max_bytes`).
     dtype: the weights' dtype, cast as they are read (fp32 when None); `TextToVideoPipeline.load` asks for bf16 on a

@@ -70,7 +70,9 @@ def iter_tensors(
             out = torch.empty(shape, dtype=target)
             width = torch.empty((), dtype=stored).element_size()
             if end - begin != out.numel() * width:
-                raise ValueError(f"{path}: tensor '{name}' holds {end - begin} bytes, its shape {shape} needs {out.numel() * width}")
+                raise ValueError(
+                    f"{path}: tensor '{name}' holds {end - begin} bytes, its shape {shape} needs {out.numel() * width}"
+                )
             f.seek(start + begin)
             flat = out.view(-1)
             if target == stored:
@@ -100,7 +102,9 @@ def _read_into(f, tensor: torch.Tensor, path: str, name: str) -> None:
         done += got
 
 
-def write_tensors(path: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def write_tensors(
+    path: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], tensors: Iterable[tuple[str, torch.Tensor]]
+) -> None:
     """Write a safetensors file whose tensors (`shapes`: name -> (shape, dtype), in this order) come one at a time
     from `tensors` (the same names in the same order): one tensor in memory at a time, not the whole file."""
     header, offset = {}, 0
@@ -115,7 +119,9 @@ def write_tensors(path: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtyp
         for (name, tensor), expected in zip(tensors, shapes, strict=True):
             shape, dtype = shapes[expected]
             if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"write_tensors: got '{name}' {tuple(tensor.shape)} {tensor.dtype}, expected '{expected}' {shape} {dtype}")
+                raise ValueError(
+                    f"write_tensors: got '{name}' {tuple(tensor.shape)} {tensor.dtype}, expected '{expected}' {shape} {dtype}"
+                )
             f.write(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
 
 

@@ -11,11 +11,13 @@ What happens where:
 - the driver (`resolve_init`, called by `parse_recipe`): the export's config.json becomes the recipe's model
   (`model.base`), and its text encoder, autoencoder and diffusion settings fill the sections the recipe leaves
   out. The workers receive that resolved recipe and never read config.json again.
-- every rank (`build_model`, before `deepspeed.initialize`): the full DiT is built, rank 0 reads
-  model.safetensors and broadcasts each tensor (so only rank 0's node needs the export's weights), then ZeRO-3
-  partitions what every rank holds alike. With `lora`, peft's `inject_adapter_in_model` wraps the targeted
-  Linears (A random, B zero: the start model is exactly the base), and only `lora_A`/`lora_B` keep
-  requires_grad; the optimizer and the EMA see only those.
+- every rank (`build_model`, before `deepspeed.initialize`): the DiT is built on the meta device, rank 0 reads
+  model.safetensors a tensor at a time and broadcasts each (so only rank 0's node needs the export's weights).
+  Under ZeRO-3 each batch of received tensors goes straight into `deepspeed.zero.Init`, which keeps this rank's
+  partition: no rank ever holds the whole model (a 14B fine-tune fits where the full fp32 model would not);
+  with ZeRO-0/1/2 every rank holds it whole, as they train it. With `lora`, peft's `inject_adapter_in_model`
+  wraps the targeted Linears (A random, B zero: the start model is exactly the base), and only `lora_A`/`lora_B`
+  keep requires_grad; the optimizer and the EMA see only those.
 - rank 0 at each export (`write_lora_export`): the adapters in peft's folder format (what `--lora` and
   `sora_model.lora.merge_lora` read), its EMA beside it in `ema/`, and with `merge_export` the merged whole
   export in `merged/`, built from the exact fp32 base weights of `init_from` (the frozen base never changed).
@@ -291,7 +293,11 @@ def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: d
     # What `deepspeed.initialize` does first: wrap the running torch.distributed (ZeRO-Init reads its world size).
     deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    owners = {f"{m}.{n}" if m else n: (module, n) for m, module in model.named_modules() for n, _ in module.named_parameters(recurse=False)}
+    owners = {
+        f"{m}.{n}" if m else n: (module, n)
+        for m, module in model.named_modules()
+        for n, _ in module.named_parameters(recurse=False)
+    }
     batch: list[torch.nn.Parameter] = []
     first: list[torch.nn.Parameter] = []
 

@@ -251,8 +251,12 @@ def _zero3_rank(rank: int, world: int, export_dir: str, port: int, bf16: bool, o
     model = build_model(recipe, config)
     whole = {n: p.data.numel() for n, p in model.named_parameters() if ".lora_" not in n}
     mine = sum(p.ds_tensor.numel() for n, p in model.named_parameters() if ".lora_" not in n)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-3), config=config, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+        config=config,
+        dist_init_required=False,
+    )
     base, bad = load_file(os.path.join(export_dir, MODEL_FILE)), []
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
