@@ -90,7 +90,8 @@ class SamplingRank:
         self.rank, self.parallel, self.device = rank, parallel, device
         self.pipe: Any = None
         self.flag_device = "cpu"  # where the per-step stop flag lives: the collective backend's device
-        self.events: list[tuple[int, int]] = []  # (step, total) of the running call, in callback order
+        self.call = -1  # the running (or last) call's number: progress reads name it, so none sees another's steps
+        self.events: list[tuple[int, int]] = []  # (step, total) of that call, in callback order
         self.stop_asked = False
 
     def rendezvous(self) -> str:
@@ -122,13 +123,13 @@ class SamplingRank:
         factors = {"spatial_factor": ae.spatial_factor, "temporal_factor": ae.temporal_factor}
         return {"config": self.pipe.config, **factors, "cache": self.cache_stats()}
 
-    def sample(self, prompts: list[str], options: dict[str, Any]) -> dict[str, Any]:
-        """One pipeline call on this rank; `{"frames": (B, T, H, W, 3) uint8 on rank 0, None elsewhere,
+    def sample(self, call: int, prompts: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        """Call number `call` on this rank; `{"frames": (B, T, H, W, 3) uint8 on rank 0, None elsewhere,
         "stopped": whether the replica stopped it, "cache": text-cache figures}`."""
         import torch
         import torch.distributed as dist
 
-        self.events, self.stop_asked = [], False
+        self.events, self.stop_asked, self.call = [], False, call
 
         class Stopped(Exception):
             pass
@@ -147,9 +148,9 @@ class SamplingRank:
             return {"frames": None, "stopped": True, "cache": self.cache_stats()}
         return {"frames": frames, "stopped": False, "cache": self.cache_stats()}
 
-    def progress(self, start: int) -> list[tuple[int, int]]:
-        """The running call's step events from index `start` on."""
-        return self.events[start:]
+    def progress(self, start: int, call: int | None = None) -> list[tuple[int, int]]:
+        """Step events of call `call` (None: the last begun) from index `start` on; none while `call` has not begun."""
+        return self.events[start:] if call in (None, self.call) else []
 
     def stop(self) -> None:
         self.stop_asked = True
@@ -217,6 +218,7 @@ class ParallelRanks:
         self.text_encoder = _RemotePart(cache=RemoteTextCache(self, facts["cache"]))
         self.model = torch.nn.Module()  # no weights here; per-request adapters are refused with parallel (config.py)
         self._lock = threading.Lock()  # one call at a time over the group
+        self._calls = 0
 
     @classmethod
     def start(
@@ -272,7 +274,8 @@ class ParallelRanks:
         """Every rank runs the call; the replica replays rank 0's step events into `callback` (which may raise to
         stop the call: the ranks are told, leave together, and the callback's exception is raised here)."""
         with self._lock:
-            refs = [a.sample.remote(list(prompts), options) for a in self.actors]
+            self._calls += 1
+            refs = [a.sample.remote(self._calls, list(prompts), options) for a in self.actors]
             stopped = self._follow(refs, callback)
             results = self._remote(refs)
         if stopped is not None:
@@ -291,7 +294,7 @@ class ParallelRanks:
                 failed_at = failed_at or time.monotonic()
                 if time.monotonic() - failed_at > OUT_OF_STEP_S:
                     self._lost(RuntimeError(f"a rank failed and the others still wait for it after {OUT_OF_STEP_S:g}s"))
-            for step, total in self._remote(self.actors[0].progress.remote(seen)):
+            for step, total in self._remote(self.actors[0].progress.remote(seen, self._calls)):
                 seen += 1
                 if stopped is None and callback is not None:
                     try:
