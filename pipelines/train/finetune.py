@@ -392,17 +392,11 @@ def write_adapter(folder: str, spec: Any, base: str, weights: dict[str, torch.Te
 
 
 def merged_weights(base_export: str, adapter: str) -> dict[str, torch.Tensor]:
-    """The base export's fp32 weights with an adapter folder merged in (W += alpha / r * B @ A)."""
-    from safetensors.torch import load_file
+    """The base export's fp32 weights with an adapter folder merged in (W += alpha / r * B @ A), read a tensor at a
+    time (`pipeline.load_dit`: the merged model is all that is held)."""
+    from sora_model.pipeline import MODEL_FILE, load_dit, load_export_config
 
-    from sora_model.dit import DiT
-    from sora_model.lora import merge_lora
-    from sora_model.pipeline import MODEL_FILE, load_export_config
-
-    model = DiT(load_export_config(base_export).model)
-    model.load_state_dict(load_file(os.path.join(base_export, MODEL_FILE)))
-    merge_lora(model, adapter)
-    return model.state_dict()
+    return load_dit(load_export_config(base_export), os.path.join(base_export, MODEL_FILE), adapter).state_dict()
 
 
 def write_lora_export(
