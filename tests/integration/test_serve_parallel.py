@@ -3,7 +3,10 @@
 - The app answers the SDK flow with the clip one process samples for the same request and seed (computed here with
   `TextToVideoPipeline` and encoded as the server encodes): the lossless PNG thumbnail within one level, the MP4
   bytes equal or, where H.264 moved a block for a float reordering, its decoded frames equal on average.
-- The replica's placement group holds it and its two rank actors (fractional CPU bundles); health pings every rank.
+- A dynamic batch of two requests is one call over the ranks, and each clip is its one-process clip.
+- A deleted job stops both ranks at the same step (one all-reduce per step), and the group serves on.
+- The replica's placement group holds it and its two rank actors (fractional CPU bundles); health pings every rank:
+  a rank killed while idle fails the health check and Serve replaces the replica.
 - Killing one rank actor while a job samples ends the replica (Serve replaces it with two fresh ranks) and the job
   is retried on the replacement and completes.
 """
@@ -17,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers import make_tiny_export, wait_done
-from serve_services import serve_app
+from serve_services import post_concurrently, serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,7 @@ GENERATOR = {
     "placement_group_strategy": "STRICT_PACK",
     "health_check_period_s": 2,
     "graceful_shutdown_timeout_s": 5,
+    "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}},
 }
 # 3 frames of 14x14 through DiT-tiny's (1, 2, 2) patches: a 3x7x7 grid, 147 tokens, padded to split over 2 ranks.
 LONG_JOB = {"num_frames": 4, "size": "16x16", "steps": 100}
@@ -147,6 +151,24 @@ def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, htt
     health = http.get("/healthz").json()["generator"]
     assert health["clips"] >= 1 and health["text_cache"]["misses"] >= 1  # rank 0's cache figures reach the replica
     assert sorted(a["name"][-5:] for a in rank_actors()) == ["rank0", "rank1"]
+
+
+def test_a_batch_runs_over_the_ranks_and_each_clip_is_its_one_process_clip(service, http):
+    # A job that keeps the replica busy while the two arrive: what queues during a batch becomes the next batch.
+    busy = http.post("/v1/videos", json={"prompt": "a busy replica", **LONG_JOB, "steps": 40}).json()["id"]
+    deadline = time.time() + 60
+    while http.get(f"/v1/videos/{busy}").json()["status"] != "in_progress" and time.time() < deadline:
+        time.sleep(0.05)
+    seeds = [11, 12]
+    payloads = [{**REQUEST, "seed": seed} for seed in seeds]
+    responses = post_concurrently(lambda: httpx.Client(base_url=BASE, timeout=60), payloads)
+    jobs = [wait_done(http, r.json()["id"]) for r in responses]
+    assert [j["status"] for j in jobs] == ["completed"] * 2, jobs
+    assert max(int(k) for k in http.get("/healthz").json()["generator"]["batch_sizes"]) > 1  # one call sampled both
+    for job, seed in zip(jobs, seeds):
+        thumb = thumbnail_of(http.get(f"/v1/videos/{job['id']}/content", params={"variant": "thumbnail"}).content)
+        first, _ = one_process_clip(service, seed)
+        assert np.abs(thumb - first).max() <= 1, seed
 
 
 def test_a_deleted_job_stops_every_rank_at_the_same_step_and_the_group_serves_on(service, http):
