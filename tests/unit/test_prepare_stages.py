@@ -167,7 +167,8 @@ def test_transient_errors_are_retried_then_stop_the_run_and_only_the_inputs_own_
 
 def test_the_default_caption_length_is_the_encoders_own_maximum(tmp_path):
     from pipelines.data.commands import add_prepare_arguments
-    from pipelines.data.prepare.options import PrepareError, encoder_max_length, options_from_args
+    from pipelines.data.prepare.args import options_from_args
+    from pipelines.data.prepare.options import PrepareError, encoder_max_length
 
     t5 = tmp_path / "t5"
     t5.mkdir()

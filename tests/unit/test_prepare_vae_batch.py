@@ -44,7 +44,7 @@ def test_the_override_is_checked_and_reaches_the_options(tmp_path):
     import argparse
 
     from pipelines.data.commands import add_prepare_arguments
-    from pipelines.data.prepare.options import options_from_args
+    from pipelines.data.prepare.args import options_from_args
 
     parser = argparse.ArgumentParser()
     add_prepare_arguments(parser)

@@ -95,6 +95,7 @@ Modules, one idea each (this package re-exports what callers use):
     from_export.py  --from-export: a model's own text encoder, autoencoder and patch (e.g. a converted Wan2.1)
 """
 
+from pipelines.data.prepare.args import options_from_args
 from pipelines.data.prepare.decode import resize_center_crop
 from pipelines.data.prepare.encode import batch_rows, row_schema
 from pipelines.data.prepare.manifest import read_manifest
@@ -111,7 +112,6 @@ from pipelines.data.prepare.options import (
     PrepareError,
     PrepareOptions,
     StorageFailed,
-    options_from_args,
     parse_buckets,
 )
 from pipelines.data.prepare.pipeline import prepare

@@ -109,7 +109,7 @@ def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, d
     one call each, so only a clip that crashes or hangs the decoder becomes a reject ("decoder crashed" /
     "decoder timed out"). Remote files are fetched for the batch and removed after it."""
     from pipelines.data.prepare.isolate import _restore, isolated
-    from pipelines.data.prepare.probe import _reason
+    from pipelines.data.prepare.reasons import reject_reason
 
     calls = isolated(decode_timeout_s)
     rejects: list[dict[str, Any]] = []
@@ -143,7 +143,7 @@ def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, d
     for i, res in sorted(results.items()):
         if not isinstance(res, np.ndarray):
             err = res if isinstance(res, BaseException) else _restore(*res)
-            rejects.extend(_clip_rejects(rows[i], *_reason(err)))
+            rejects.extend(_clip_rejects(rows[i], *reject_reason(err)))
     shape = (0, bucket.frames, bucket.height, bucket.width, 3)
     pixels = np.stack([results[i] for i in kept]) if kept else np.zeros(shape, np.uint8)
     return kept, pixels, rejects

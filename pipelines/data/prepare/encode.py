@@ -12,7 +12,6 @@ Two shapes of the same work:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -332,6 +331,3 @@ def batch_rows(clip_bytes: int, rows_per_file: int, batch_bytes: int) -> int:
     return max(1, min(rows_per_file, DECODE_BATCH_ROWS, batch_bytes // max(1, clip_bytes)))
 
 
-def content_name(prefix: str, keys: list[str]) -> str:
-    """A file name from the hash of what it holds: a retried task rewrites its file instead of adding one."""
-    return prefix + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S, DecoderFailed, isolated
+from pipelines.data.prepare.isolate import DECODE_TIMEOUT_S, isolated
 from pipelines.data.prepare.options import (
-    _VIDEO_ERROR_REASONS,
     ASPECT_TOLERANCE,
     DEFAULT_MAX_FPS_RATIO,
     DEFAULT_MAX_UPSCALE,
     Bucket,
 )
+from pipelines.data.prepare.reasons import reject_reason
 from pipelines.data.prepare.storage import LocalFiles, RangeFile, StorageUnavailable, is_uri
 
 RANGE_PROBE_SUFFIXES = (".mp4", ".m4v", ".mov", ".3gp")
@@ -144,7 +144,7 @@ class PlanInputs:
                 except StorageUnavailable:
                     raise  # our disk or store failed, not the input: the run stops
                 except Exception as err:  # noqa: BLE001 - a download that failed for good is the input's reject
-                    reason, detail = _reason(err)
+                    reason, detail = reject_reason(err)
                     rejects += [reject_row(e, reason, detail) for e in good]
             try:
                 answers = self.calls(self.planner.plan_sources, work) if work else []
@@ -158,7 +158,7 @@ class PlanInputs:
                     except StorageUnavailable:
                         raise
                     except Exception as err:  # noqa: BLE001
-                        reason, detail = _reason(err)
+                        reason, detail = reject_reason(err)
                         answers.append(([], [reject_row(e, reason, detail) for e in good]))
         for p, r in answers:
             plans += p
@@ -201,7 +201,7 @@ class ClipPlanner:
         except StorageUnavailable:
             raise  # the store, not the input: the run stops
         except Exception as err:  # noqa: BLE001 - missing, forbidden: the input's reject
-            reason, detail = _reason(err)
+            reason, detail = reject_reason(err)
             return [], [reject_row(e, reason, detail) for e in good]
 
     def _plan_file(self, good: list[dict[str, Any]], local: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -213,7 +213,7 @@ class ClipPlanner:
         except StorageUnavailable:
             raise
         except Exception as err:  # noqa: BLE001 - any library failure on one input is that input's reject
-            reason, detail = _reason(err)
+            reason, detail = reject_reason(err)
             return [], [reject_row(e, reason, detail) for e in good]
         cuts: list[int] = []
         if self.curate and info.num_frames > 1:
@@ -222,7 +222,7 @@ class ClipPlanner:
             try:
                 cuts = detect_cuts(local, info.fps)
             except Exception as err:  # noqa: BLE001 - a file the scene detector cannot read is that input's reject
-                reason, detail = _reason(err)
+                reason, detail = reject_reason(err)
                 return [], [reject_row(e, reason, f"scene detection: {detail}") for e in good]
         plans: dict[str, dict[str, Any]] = {}
         rejects = []
@@ -244,7 +244,7 @@ class ClipPlanner:
             except StorageUnavailable:
                 raise
             except Exception as err:  # noqa: BLE001
-                reason, detail = _reason(err, default="truncated")
+                reason, detail = reject_reason(err, default="truncated")
                 by_line = {e["line"]: e for e in good}
                 lines = sorted({line for p in plans.values() for line in p["lines"]})
                 return [], rejects + [reject_row(by_line[line], reason, detail) for line in lines]
@@ -319,18 +319,6 @@ class ClipPlanner:
         rate = f"{self.fps:g} fps" if self.fps else "its own fps"
         return (f"{info.duration:.3f}s ({info.num_frames} frames at {info.fps:g} fps) from {start0:g}s "
                 f"cannot give {smallest.frames} frames at {rate}")  # fmt: skip
-
-
-def _reason(err: BaseException, default: str = "unreadable") -> tuple[str, str]:
-    """(reject reason, one-line detail) of an exception raised while reading an input."""
-    from pipelines.data.prepare.storage import StorageError
-    from sora_model.video import VideoReadError
-
-    if isinstance(err, VideoReadError):
-        return _VIDEO_ERROR_REASONS.get(err.reason, default), str(err)
-    if isinstance(err, (StorageError, DecoderFailed)):
-        return err.reason, str(err)
-    return default, f"{type(err).__name__}: {err}"
 
 
 def plan_schema() -> Any:

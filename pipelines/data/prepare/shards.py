@@ -15,6 +15,7 @@ storage itself (StorageUnavailable) is never taken for a damaged shard or a bad 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import heapq
 import json
 import os
@@ -33,6 +34,11 @@ MERGE_FAN_IN = 256
 FOOTER_THREADS = 32
 """Shards whose footers (and few small columns) are read at once at a resume and a run's end: on an object store
 each read is a few round trips of latency, so 10,000 shards read one at a time take minutes."""
+
+
+def content_name(prefix: str, keys: list[str]) -> str:
+    """A file name from the hash of what it holds: a retried task rewrites its file instead of adding one."""
+    return prefix + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
 
 
 def _parallel(fn: Any, items: list[Any]) -> list[Any]:
@@ -92,8 +98,6 @@ def write_shard(table: Any, folder: str) -> str:
     """Write an Arrow table of clips as `part-<sha1 of its clip ids>.parquet`; returns the name."""
     import pyarrow.parquet as pq
 
-    from pipelines.data.prepare.encode import content_name
-
     name = content_name(SHARD_PREFIX, table.column("clip_id").to_pylist()) + SHARD_SUFFIX
     put_file(join(folder, name), lambda f: pq.write_table(table, f, compression=PARQUET_COMPRESSION))
     return name
@@ -103,8 +107,6 @@ def write_rejects(rows: list[dict[str, Any]], rejects_dir: str, kind: str) -> No
     """A stage's reject rows, sorted by line, as one file under OUT/_rejects/ (merged at the end)."""
     if not rows:
         return
-    from pipelines.data.prepare.encode import content_name
-
     rows = sorted(rows, key=lambda r: (r["line"], r.get("clip_id") or "", r["reason"]))
     text = "".join(json.dumps(r) + "\n" for r in rows).encode()
     name = content_name(f"{kind}-", [f"{r['line']}:{r['detail']}" for r in rows]) + ".jsonl"
