@@ -53,8 +53,8 @@ def test_a_fitting_export_passes_and_loads(export):
 
 @pytest.mark.parametrize(
     ("damage", "message"),
-    [("garbage", "cannot read {path}: SafetensorError"), ("truncated", "cannot read {path}: SafetensorError"),
-     ("missing", "cannot read {path}: "), ("empty", "cannot read {path}: SafetensorError")],
+    [("garbage", "cannot read {path}: "), ("truncated", "cannot read {path}: "),
+     ("missing", "cannot read {path}: "), ("empty", "cannot read {path}: ")],
 )  # fmt: skip
 def test_an_unreadable_file_is_one_line_naming_it(export, tmp_path, damage, message):
     folder = _copy(export, tmp_path)
@@ -73,6 +73,8 @@ def test_an_unreadable_file_is_one_line_naming_it(export, tmp_path, damage, mess
         with pytest.raises((ConfigError, ValueError)) as err:
             check()
         assert str(err.value).startswith(f"init_from: {expected}") and "\n" not in str(err.value), str(err.value)
+        # the header check says SafetensorError, the streaming loader "not a safetensors file" (or its size)
+        assert damage == "missing" or "afetensor" in str(err.value) or "bytes" in str(err.value), str(err.value)
 
 
 def test_weights_of_another_model_are_one_line_naming_the_file_and_tensors(export):
