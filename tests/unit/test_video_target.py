@@ -72,7 +72,7 @@ def test_frames_are_decoded_at_the_cover_size(tmp_path: Path, reader: str) -> No
 
 
 def test_rotated_video_decodes_at_target(tmp_path: Path, reader: str) -> None:
-    from tests.unit.test_video import _write_rotated
+    from test_video import _write_rotated  # tests/unit is on sys.path (pytest prepend mode)
 
     path = tmp_path / "phone.mp4"
     _write_rotated(path, 90)  # stored 64x32 (W x H), shown 32 wide x 64 high
