@@ -133,6 +133,9 @@ def _row(emb: TextEmbedding, i: int) -> TextEmbedding:
 class TextToVideoPipeline:
     """A DiT, its noise process, a text encoder and an autoencoder, with the export's sampling defaults."""
 
+    offers_step_caches = True
+    """Whether `sample_latents` takes `step_cache=`: the serving model card reads it (a parallel pipeline says no)."""
+
     def __init__(
         self,
         model: DiT,

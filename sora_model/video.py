@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -222,15 +223,22 @@ def _probe_decord(path: str) -> VideoInfo:
     return VideoInfo(path, n, fps, int(width), int(height), n / fps)
 
 
-def _probe_av(source: Source) -> VideoInfo:
-    import av
-
+@contextmanager
+def _video_stream(source: Source) -> Iterator[tuple[str, Any, Any, Any]]:
+    """(name, open container, its first video stream, that stream's frame rate or None) of a path or open file;
+    the container is closed after."""
     path = _name(source)
     container = _open_av(source)
     with container:
         _require_video_stream(path, container)
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
+        yield path, container, stream, stream.average_rate or stream.guessed_rate
+
+
+def _probe_av(source: Source) -> VideoInfo:
+    import av
+
+    with _video_stream(source) as (path, container, stream, rate):
         fps = float(rate) if rate else 0.0
         n = int(stream.frames or 0)
         if n == 0 and stream.duration is not None and stream.time_base and fps > 0:

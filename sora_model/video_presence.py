@@ -15,6 +15,7 @@ from sora_model.video import (
     _name,
     _open_av,
     _require_video_stream,
+    _video_stream,
 )
 
 PACKET_REORDER_MARGIN = 16
@@ -63,12 +64,7 @@ def frames_present_by_seeking(source: BinaryIO, need: int) -> None:
     within the PACKET_REORDER_MARGIN the caller added."""
     import av
 
-    path = _name(source)
-    container = _open_av(source)
-    with container:
-        _require_video_stream(path, container)
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
+    with _video_stream(source) as (path, container, stream, rate):
         try:
             first = next((p for p in container.demux(stream) if p.size and p.dts is not None), None)
         except (av.FFmpegError, OSError, ValueError) as err:

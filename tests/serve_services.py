@@ -13,7 +13,9 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import free_port, patched_environ
 
@@ -117,3 +119,20 @@ def post_concurrently(client: Callable[[], object], payloads: list[dict], path: 
     for t in threads:
         t.join()
     return out
+
+
+def frames_of(mp4: bytes, where: Path) -> np.ndarray:
+    """The frames of an MP4 (written to `where` to be read), as int16 for differences: (T, H, W, 3)."""
+    from sora_model.video import probe_video, read_frames
+
+    where.write_bytes(mp4)
+    return read_frames(str(where), range(probe_video(str(where)).num_frames)).astype(np.int16)
+
+
+def thumbnail_of(png: bytes) -> np.ndarray:
+    """A PNG's pixels (the served thumbnail: lossless, so a clip's first frame exactly), int16 (H, W, 3)."""
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)

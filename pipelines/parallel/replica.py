@@ -209,6 +209,9 @@ class ParallelRanks:
     (`ranks(prompts, callback=..., **options)` -> (B, T, H, W, 3) uint8) and described by the same attributes
     (`config`, `autoencoder` factors, `text_encoder.cache` figures, an empty `model` for the adapter cache)."""
 
+    offers_step_caches = False
+    """A replica hands back decoded clips only, without step caches (see ParallelPipeline)."""
+
     def __init__(self, actors: list[Any], parallel: ParallelConfig, facts: dict[str, Any]) -> None:
         import torch
 
@@ -264,11 +267,6 @@ class ParallelRanks:
             return ray.get(actors[0].ask.remote(name, args, kwargs))
 
         return ask
-
-    def sample_latents(self, prompts: list[str], **options: Any) -> Any:
-        """Not offered: a replica hands back decoded clips only. (Its signature tells the model card that step
-        caches are not available with parallel sampling.)"""
-        raise NotImplementedError("a parallel replica samples clips through ParallelRanks.__call__")
 
     def __call__(self, prompts: list[str], callback: Any = None, **options: Any) -> Any:
         """Every rank runs the call; the replica replays rank 0's step events into `callback` (which may raise to

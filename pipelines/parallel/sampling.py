@@ -215,6 +215,8 @@ class ParallelPipeline(TextToVideoPipeline):
                 self.model_2 = ParallelDiT(self.model_2, groups)
         return self
 
+    offers_step_caches = False  # each rank would decide on its own tokens
+
     def sample_latents(self, prompts, **options) -> torch.Tensor:
         """`TextToVideoPipeline.sample_latents` on every rank (the same latents everywhere), without step caches."""
         if options.get("step_cache") not in (None, "none"):

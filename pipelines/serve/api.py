@@ -161,13 +161,11 @@ def cli_sampling(args: Any, card: ModelCard) -> tuple[int, int, int, int, str]:
 
 def model_card(pipe: Any, loras: tuple[str, ...] = (), lora_errors: dict[str, str] | None = None) -> ModelCard:
     """The defaults and shape rules of a loaded pipeline (and the adapters its replica can apply), for validating
-    requests without the model. Step caches are offered when the pipeline's `sample_latents` takes them."""
-    import inspect
-
+    requests without the model. Step caches are offered when the pipeline says so (`offers_step_caches`)."""
     from sora_model.diffusion import SAMPLER_NAMES
     from sora_model.step_cache import DEFAULT_THRESHOLDS, STEP_CACHE_METHODS
 
-    cached = "step_cache" in inspect.signature(pipe.sample_latents).parameters
+    cached = pipe.offers_step_caches
     # What `pipe.image_problem(first, last)` allows: no image, a first frame, or a first and a last frame.
     image_inputs = tuple(n for n, (first, last) in enumerate(((False, False), (True, False), (True, True)))
                          if pipe.image_problem(first, last) is None)  # fmt: skip

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers import make_tiny_i2v_export, wait_done
-from serve_services import serve_app
+from serve_services import frames_of, serve_app, thumbnail_of
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("diffusers")
@@ -65,19 +65,6 @@ def direct_clip(export: Path, image: bytes, seed: int) -> np.ndarray:
 
     pipe = TextToVideoPipeline.load(str(export))
     return pipe(PROMPT, height=SIZE[1], width=SIZE[0], seed=seed, image=Image.open(io.BytesIO(image)), **SAMPLING)[0]
-
-
-def frames_of(mp4: bytes, where: Path) -> np.ndarray:
-    from sora_model.video import probe_video, read_frames
-
-    where.write_bytes(mp4)
-    return read_frames(str(where), range(probe_video(str(where)).num_frames)).astype(np.int16)  # (T, H, W, 3)
-
-
-def thumbnail_of(png: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)  # (H, W, 3)
 
 
 def test_sdk_flow_with_input_reference_equals_direct_sampling(service, http):

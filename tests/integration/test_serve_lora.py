@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import make_tiny_export, wait_done
 from safetensors.torch import save_file
-from serve_services import post_concurrently, serve_app
+from serve_services import frames_of, post_concurrently, serve_app, thumbnail_of
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +71,6 @@ def http(service):
         yield client
 
 
-def frames_of(mp4: bytes, where: Path) -> np.ndarray:
-    from sora_model.video import probe_video, read_frames
-
-    where.write_bytes(mp4)
-    return read_frames(str(where), range(probe_video(str(where)).num_frames)).astype(np.int16)  # (T, H, W, 3)
-
-
 def merged_clip(service, lora: str | None, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(raw first frame, decoded MP4) of the clip sampled here, directly, from the export with `lora` merged into its
     weights, encoded as the server does."""
@@ -90,14 +83,6 @@ def merged_clip(service, lora: str | None, seed: int, name: str) -> tuple[np.nda
     folder.mkdir()
     mp4, _ = encode_clip(clip, 8, str(folder))
     return clip[0].astype(np.int16), frames_of(Path(mp4).read_bytes(), folder / "again.mp4")
-
-
-def thumbnail_of(png: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)  # (H, W, 3)
 
 
 def test_requests_with_different_adapters_on_one_replica_each_equal_their_merged_model(service, http):

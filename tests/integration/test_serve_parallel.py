@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers import make_tiny_export, wait_done
-from serve_services import post_concurrently, serve_app
+from serve_services import frames_of, post_concurrently, serve_app, thumbnail_of
 
 pytestmark = pytest.mark.slow
 
@@ -61,21 +61,6 @@ def service(tmp_path_factory):
 def http(service):
     with httpx.Client(base_url=BASE, timeout=120, follow_redirects=True) as client:
         yield client
-
-
-def frames_of(mp4: bytes, where: Path) -> np.ndarray:
-    from sora_model.video import probe_video, read_frames
-
-    where.write_bytes(mp4)
-    return read_frames(str(where), range(probe_video(str(where)).num_frames)).astype(np.int16)  # (T, H, W, 3)
-
-
-def thumbnail_of(png: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)  # (H, W, 3)
 
 
 def one_process_clip(service, seed: int) -> tuple[np.ndarray, bytes]:
