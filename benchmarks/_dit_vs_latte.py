@@ -119,7 +119,11 @@ def measure(mode: str, quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = inputs(s)
-    models = {"latte": build_latte(s), "ours_factorized": build_ours(s, "factorized"), "ours_full": build_ours(s, "full")}
+    models = {
+        "latte": build_latte(s),
+        "ours_factorized": build_ours(s, "factorized"),
+        "ours_full": build_ours(s, "full"),
+    }
     fns = {}
     for name, m in models.items():
         fwd = forward_fn(name, m, x)

@@ -33,7 +33,9 @@ def make_export(folder: str, steps: int) -> str:
     from sora_model.pipeline import TextToVideoPipeline
 
     torch.manual_seed(0)
-    cfg = PipelineConfig(model=dit_preset("DiT-demo"), diffusion=DiffusionConfig(num_sampling_steps=steps), preset="DiT-demo")
+    cfg = PipelineConfig(
+        model=dit_preset("DiT-demo"), diffusion=DiffusionConfig(num_sampling_steps=steps), preset="DiT-demo"
+    )
     TextToVideoPipeline.from_config(cfg).save(folder)
     return folder
 
@@ -46,11 +48,16 @@ def start_app(export: str, store: str, max_batch_size: int, max_in_flight: int =
     from pipelines.serve.app import build_app
     from pipelines.serve.config import load_settings
 
-    settings = load_settings({
-        "model": export, "store": store, "result_cache": False,
-        "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.05},
-        "queue": {"max_in_flight": max_in_flight}, **args,
-    })  # fmt: skip
+    settings = load_settings(
+        {
+            "model": export,
+            "store": store,
+            "result_cache": False,
+            "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.05},
+            "queue": {"max_in_flight": max_in_flight},
+            **args,
+        }
+    )
     fixed = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
     app = build_app(settings, {"Generator": {"autoscaling_config": fixed}})
     serve.start(http_options={"port": PORT, "host": "127.0.0.1"})

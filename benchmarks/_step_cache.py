@@ -47,13 +47,23 @@ def load() -> tuple[Any, list[dict[str, Any]], list[int], dict[str, Any]]:
     assert path is not None
     pipe = TextToVideoPipeline.load(path)
     frames = int(os.environ.get(FRAMES_ENV) or pipe.config.sample.num_frames)
-    sampling = {"num_frames": frames, "steps": pipe.config.diffusion.num_sampling_steps,
-                "guidance_scale": pipe.config.diffusion.guidance_scale, "sampler": pipe.config.diffusion.sampler}  # fmt: skip
+    sampling = {
+        "num_frames": frames,
+        "steps": pipe.config.diffusion.num_sampling_steps,
+        "guidance_scale": pipe.config.diffusion.guidance_scale,
+        "sampler": pipe.config.diffusion.sampler,
+    }
     return pipe, eval_prompts(), list(range(EVAL_SEEDS)), sampling
 
 
-def sample_all(pipe: Any, prompts: list[dict[str, Any]], seeds: list[int], sampling: dict[str, Any],
-               step_cache: str | None = None, threshold: float | None = None) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
+def sample_all(
+    pipe: Any,
+    prompts: list[dict[str, Any]],
+    seeds: list[int],
+    sampling: dict[str, Any],
+    step_cache: str | None = None,
+    threshold: float | None = None,
+) -> tuple[np.ndarray, dict[str, int]]:
     """Every (prompt, seed) clip, (P * S, T, H, W, 3) uint8, and the cache's calls/skipped summed over batches."""
     jobs = [(p["prompt"], sd) for p in prompts for sd in seeds]
     clips, counts = [], {"calls": 0, "skipped": 0}
@@ -64,8 +74,16 @@ def sample_all(pipe: Any, prompts: list[dict[str, Any]], seeds: list[int], sampl
 
     for i in range(0, len(jobs), BATCH):
         chunk = jobs[i : i + BATCH]
-        clips.append(pipe([p for p, _ in chunk], seed=[sd for _, sd in chunk], num_frames=sampling["num_frames"],
-                          step_cache=step_cache, cache_threshold=threshold, cache_stats=add))  # fmt: skip
+        clips.append(
+            pipe(
+                [p for p, _ in chunk],
+                seed=[sd for _, sd in chunk],
+                num_frames=sampling["num_frames"],
+                step_cache=step_cache,
+                cache_threshold=threshold,
+                cache_stats=add,
+            )
+        )
     return np.concatenate(clips), counts
 
 
@@ -76,13 +94,21 @@ def accuracy(clips: np.ndarray, prompts: list[dict[str, Any]], seeds: list[int])
     truths = [p["prompt"] for p in prompts for _ in seeds]
     held = np.array([p["held_out"] for p in prompts for _ in seeds])
     right = np.array([score([detect(c)], [t])["all"] for c, t in zip(clips, truths, strict=True)])
-    return {"all": round(100 * float(right.mean()), 2), "seen": round(100 * float(right[~held].mean()), 2),
-            "held_out": round(100 * float(right[held].mean()), 2), "clips": len(right)}  # fmt: skip
+    return {
+        "all": round(100 * float(right.mean()), 2),
+        "seen": round(100 * float(right[~held].mean()), 2),
+        "held_out": round(100 * float(right[held].mean()), 2),
+        "clips": len(right),
+    }
 
 
 def not_measured() -> dict[str, Any]:
-    return {"value": None, "compared": {}, "details": {},
-            "note": f"no trained demo export at {os.environ.get(EXPORT_ENV, DEFAULT_EXPORT)} (run `sora demo`, or set {EXPORT_ENV})"}  # fmt: skip
+    return {
+        "value": None,
+        "compared": {},
+        "details": {},
+        "note": f"no trained demo export at {os.environ.get(EXPORT_ENV, DEFAULT_EXPORT)} (run `sora demo`, or set {EXPORT_ENV})",
+    }
 
 
 def timed(fn: Any) -> tuple[Any, float, float]:

@@ -33,9 +33,13 @@ def run(quick: bool) -> dict:
         "value": round(max(gaps), 6),
         "compared": f"max over {STEPS} steps of /bf16 - fp32/ / fp32 loss, smoke recipe's clips stage (DiT-tiny, 8x16x16), "
         "trainer engine (DeepSpeed ZeRO-3, 1 gloo rank) + step function, same seed and batches, CPU",
-        "details": {"final_relative_gap": round(gaps[-1], 6), "mean_relative_gap": round(sum(gaps) / len(gaps), 6),
-                    "fp32": [round(v, 5) for v in curves["fp32"]], "bf16": [round(v, 5) for v in curves["bf16"]]},
-    }  # fmt: skip
+        "details": {
+            "final_relative_gap": round(gaps[-1], 6),
+            "mean_relative_gap": round(sum(gaps) / len(gaps), 6),
+            "fp32": [round(v, 5) for v in curves["fp32"]],
+            "bf16": [round(v, 5) for v in curves["bf16"]],
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def run(quick: bool) -> dict:
     w0, c0 = time.perf_counter(), time.process_time()
     step(compiled)  # the compile
     compile_wall, compile_cpu = time.perf_counter() - w0, time.process_time() - c0
-    times = interleaved({"eager": lambda: step(model), "compiled": lambda: step(compiled)}, reps=reps, warmup=1, clock="cpu")
+    times = interleaved(
+        {"eager": lambda: step(model), "compiled": lambda: step(compiled)}, reps=reps, warmup=1, clock="cpu"
+    )
     wall = dict(common.LAST_OTHER_CLOCK)
     ratio = round(paired_ratio(times["eager"], times["compiled"]), 3)
     saved = median(times["eager"]) - median(times["compiled"])

@@ -38,7 +38,9 @@ FIGURE = "data_speedup_vs_decord_loop"
 GOAL = (">=", 1.6)
 
 
-def decord_loop(manifest: str, out: str, frames: int, res: int, fps: float, patch=(1, 4, 4), rows_per_file: int = 256) -> int:
+def decord_loop(
+    manifest: str, out: str, frames: int, res: int, fps: float, patch=(1, 4, 4), rows_per_file: int = 256
+) -> int:
     """The baseline: one process, one clip after another; returns rows written."""
     import numpy as np
     import pyarrow as pa
@@ -71,12 +73,17 @@ def decord_loop(manifest: str, out: str, frames: int, res: int, fps: float, patc
         idx = np.asarray([row_of[r["caption"]] for r in rows])
         schema = row_schema(toks.shape[1], toks.shape[2], tokens_all.shape[1], tokens_all.shape[2])
         cols = [
-            pa.array([r["clip_id"] for r in rows], pa.string()), pa.array([r["source"] for r in rows], pa.string()),
-            pa.array(np.zeros(len(rows))), pa.array(np.full(len(rows), fps, dtype=np.float32)),
-            pa.array([r["caption"] for r in rows], pa.string()), _fixed_list(toks, pa.float32()),
-            _fixed_list(np.broadcast_to(grid, (len(rows), 3)), pa.int32()), _fixed_list(tokens_all[idx], pa.float16()),
-            _fixed_list(mask_all[idx], pa.bool_()), _fixed_list(pooled_all[idx], pa.float32()),
-        ]  # fmt: skip
+            pa.array([r["clip_id"] for r in rows], pa.string()),
+            pa.array([r["source"] for r in rows], pa.string()),
+            pa.array(np.zeros(len(rows))),
+            pa.array(np.full(len(rows), fps, dtype=np.float32)),
+            pa.array([r["caption"] for r in rows], pa.string()),
+            _fixed_list(toks, pa.float32()),
+            _fixed_list(np.broadcast_to(grid, (len(rows), 3)), pa.int32()),
+            _fixed_list(tokens_all[idx], pa.float16()),
+            _fixed_list(mask_all[idx], pa.bool_()),
+            _fixed_list(pooled_all[idx], pa.float32()),
+        ]
         pq.write_table(
             pa.Table.from_arrays(cols, schema=schema),
             os.path.join(out, f"part-{written:05d}.parquet"),
@@ -90,8 +97,15 @@ def decord_loop(manifest: str, out: str, frames: int, res: int, fps: float, patc
         with torch.no_grad():
             video = pixels_to_model(torch.from_numpy(clip)[None])  # (1, 3, F, H, W)
             toks = patchify(video, patch)[0].numpy()  # (N, P)
-        rows.append({"clip_id": clip_id(src, 0.0), "source": src, "caption": e["caption"], "tokens": toks,
-                     "grid": patch_grid(tuple(video.shape[2:]), patch)})  # fmt: skip
+        rows.append(
+            {
+                "clip_id": clip_id(src, 0.0),
+                "source": src,
+                "caption": e["caption"],
+                "tokens": toks,
+                "grid": patch_grid(tuple(video.shape[2:]), patch),
+            }
+        )
         if len(rows) == rows_per_file:
             flush(rows)
             written += len(rows)
@@ -120,7 +134,9 @@ def run(quick: bool) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     work = tempfile.mkdtemp(prefix="bench-data-")
     try:
-        manifest = str(synth(os.path.join(work, "shapes"), num_videos, size=size, frames=frames, fps=fps, progress=False))
+        manifest = str(
+            synth(os.path.join(work, "shapes"), num_videos, size=size, frames=frames, fps=fps, progress=False)
+        )
         counts = {}
 
         runs = itertools.count()

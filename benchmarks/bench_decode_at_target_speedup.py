@@ -66,8 +66,9 @@ def run(quick: bool) -> dict:
 
         mad = float(np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(after(), before(), strict=True)]))
         assert mad < 4.0, f"decode at target differs from decode then resize by {mad:.2f} grey levels"
-        times = interleaved({"before": before, "one_reader_source": one_reader_source, "after": after},
-                            reps=3 if quick else 5)  # fmt: skip
+        times = interleaved(
+            {"before": before, "one_reader_source": one_reader_source, "after": after}, reps=3 if quick else 5
+        )
     return {
         "value": round(paired_ratio(times["before"], times["after"]), 3),
         "compared": (

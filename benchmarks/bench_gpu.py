@@ -140,7 +140,10 @@ def zero_vs_ddp(quick: bool) -> dict:
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return {"gpu_zero3_vs_zero2_vs_ddp_step_time": None, "zero_note": "run under torchrun with >= 2 GPUs to measure"}
+        return {
+            "gpu_zero3_vs_zero2_vs_ddp_step_time": None,
+            "zero_note": "run under torchrun with >= 2 GPUs to measure",
+        }
     import deepspeed
     import torch.distributed as dist
 
@@ -170,12 +173,21 @@ def zero_vs_ddp(quick: bool) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         else:
-            engine, *_ = deepspeed.initialize(model=model, config={
-                "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True},
-                "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "steps_per_print": 1 << 30})  # fmt: skip
+            engine, *_ = deepspeed.initialize(
+                model=model,
+                config={
+                    "train_micro_batch_size_per_gpu": 1,
+                    "zero_optimization": {"stage": stage},
+                    "bf16": {"enabled": True},
+                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                    "steps_per_print": 1 << 30,
+                },
+            )
 
             def step(engine=engine, x=x, text=text):
-                out_ = engine(x.bfloat16(), torch.tensor([500.0], device="cuda"), text[0].bfloat16(), text[1], text[2].bfloat16())
+                out_ = engine(
+                    x.bfloat16(), torch.tensor([500.0], device="cuda"), text[0].bfloat16(), text[1], text[2].bfloat16()
+                )
                 engine.backward(torch.nn.functional.mse_loss(out_.float(), x))
                 engine.step()
 
@@ -190,7 +202,10 @@ def run(quick: bool) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here; the GPU figures are not measured (run this on a GPU machine)", file=sys.stderr)
+        print(
+            "bench_gpu: no CUDA device here; the GPU figures are not measured (run this on a GPU machine)",
+            file=sys.stderr,
+        )
         return {"value": None, "compared": "GPU figures: not measured (no GPU)", "details": {"cuda": False}}
     details = {}
     if not ZERO_ONLY:

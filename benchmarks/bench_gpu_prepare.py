@@ -34,11 +34,21 @@ FIGURE = "gpu_prepare"
 GOAL = (">=", 0.0)  # descriptive figures; no goal in the issue
 VAE_SHAPES = ((17, 256, 256), (33, 480, 832))
 PATCH = (1, 2, 2)
-UMT5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "vocab_size": 256384,
-            "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}  # fmt: skip
+UMT5_XXL = {
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "vocab_size": 256384,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+}
 """google/umt5-xxl's encoder shape (what Wan 2.1 conditions on)."""
-WORDS = ("a red green blue cat dog runs jumps slowly quickly over under the river city night day camera pans "
-         "zooms close wide shot of person car tree sky ocean forest walking dancing").split()  # fmt: skip
+WORDS = (
+    "a red green blue cat dog runs jumps slowly quickly over under the river city night day camera pans "
+    "zooms close wide shot of person car tree sky ocean forest walking dancing"
+).split()
 
 
 def _sync_time(fn: Any) -> float:
@@ -56,16 +66,18 @@ def _plans(n: int, bucket: str, rng: random.Random) -> Any:
     import pyarrow as pa
 
     captions = [[" ".join(rng.choices(WORDS, k=rng.randint(8, 40)))] for _ in range(n)]
-    return pa.table({
-        "clip_id": pa.array([f"{rng.getrandbits(64):016x}" for _ in range(n)], pa.string()),
-        "source": pa.array([f"s3://bucket/videos/{i:08d}.mp4" for i in range(n)], pa.string()),
-        "start_s": pa.array([0.0] * n, pa.float64()),
-        "fps": pa.array([16.0] * n, pa.float32()),
-        "bucket": pa.array([bucket] * n, pa.string()),
-        "lines": pa.array([[i] for i in range(n)], pa.list_(pa.int64())),
-        "line_clips": pa.array([[1]] * n, pa.list_(pa.int32())),
-        "captions": pa.array(captions, pa.list_(pa.string())),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "clip_id": pa.array([f"{rng.getrandbits(64):016x}" for _ in range(n)], pa.string()),
+            "source": pa.array([f"s3://bucket/videos/{i:08d}.mp4" for i in range(n)], pa.string()),
+            "start_s": pa.array([0.0] * n, pa.float64()),
+            "fps": pa.array([16.0] * n, pa.float32()),
+            "bucket": pa.array([bucket] * n, pa.string()),
+            "lines": pa.array([[i] for i in range(n)], pa.list_(pa.int64())),
+            "line_clips": pa.array([[1]] * n, pa.list_(pa.int32())),
+            "captions": pa.array(captions, pa.list_(pa.string())),
+        }
+    )
 
 
 def _with_pixels(table: Any, shape: tuple[int, int, int]) -> Any:
@@ -95,7 +107,9 @@ def _text_columns(table: Any) -> Any:
         "text_mask": _fixed_list(np.ones((n, 4), bool), pa.bool_()),
         "text_pooled": _fixed_list(np.zeros((n, 8), np.float32), pa.float32()),
         "extra_captions": pa.ListArray.from_arrays(empty, pa.array([], pa.string())),
-        "extra_text_tokens": pa.ListArray.from_arrays(empty, _fixed_list(np.zeros((0, 4, 8), np.float16), pa.float16())),
+        "extra_text_tokens": pa.ListArray.from_arrays(
+            empty, _fixed_list(np.zeros((0, 4, 8), np.float16), pa.float16())
+        ),
         "extra_text_mask": pa.ListArray.from_arrays(empty, _fixed_list(np.zeros((0, 4), bool), pa.bool_())),
         "extra_text_pooled": pa.ListArray.from_arrays(empty, _fixed_list(np.zeros((0, 8), np.float32), pa.float32())),
     }
@@ -112,7 +126,10 @@ def vae_encode(quick: bool) -> dict:
     from pipelines.data.prepare.encode import VAE_BATCH_BYTES, EncodeClips
     from sora_model.config import AutoencoderConfig
 
-    out: dict[str, Any] = {"vae": "AutoencoderKLWan (default config, random weights)", "vae_batch_bytes": VAE_BATCH_BYTES}
+    out: dict[str, Any] = {
+        "vae": "AutoencoderKLWan (default config, random weights)",
+        "vae_batch_bytes": VAE_BATCH_BYTES,
+    }
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as folder:
         diffusers.AutoencoderKLWan().save_pretrained(folder)
@@ -132,12 +149,17 @@ def vae_encode(quick: bool) -> dict:
                 secs = [_sync_time(lambda t=table, s=stage: s(t)) for _ in range(1 if quick else 2)]
                 best = min(secs)
                 out[f"vae_{key}"] = {
-                    "clips_per_s": round(batch / best, 2), "clips_per_call": batch, "budget_clips_per_call": budget,
-                    "seconds_per_call": round(best, 3), "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                }  # fmt: skip
+                    "clips_per_s": round(batch / best, 2),
+                    "clips_per_call": batch,
+                    "budget_clips_per_call": budget,
+                    "seconds_per_call": round(best, 3),
+                    "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                }
                 break
             except torch.cuda.OutOfMemoryError as err:
-                out.setdefault(f"vae_{key}_oom", []).append({"clips_per_call": batch, "error": str(err).splitlines()[0]})
+                out.setdefault(f"vae_{key}_oom", []).append(
+                    {"clips_per_call": batch, "error": str(err).splitlines()[0]}
+                )
                 torch.cuda.empty_cache()
                 if batch == 1:
                     break
@@ -164,7 +186,9 @@ def _umt5_encoder(max_length: int) -> Any:
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     dtype = getattr(torch, GPU_DTYPE)
     torch.set_default_dtype(dtype)
     try:
@@ -203,10 +227,13 @@ def captions(quick: bool) -> dict:
         tables = [_plans(CAPTION_ROWS, "17x256x256", rng) for _ in range(calls)]
         secs = _sync_time(lambda ts=tables, s=stage: [s(t) for t in ts])
         out[f"captions_{name}"] = {
-            "clips_per_s": round(calls * CAPTION_ROWS / secs, 1), "seconds_per_call": round(secs / calls, 4),
-            "dtype": str(next(stage.encoder.model.parameters()).dtype), "device": str(stage.encoder.device),
-            "build_seconds": round(load, 2), "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        }  # fmt: skip
+            "clips_per_s": round(calls * CAPTION_ROWS / secs, 1),
+            "seconds_per_call": round(secs / calls, 4),
+            "dtype": str(next(stage.encoder.model.parameters()).dtype),
+            "device": str(stage.encoder.device),
+            "build_seconds": round(load, 2),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
         del stage
         torch.cuda.empty_cache()
     return out
@@ -216,8 +243,10 @@ def run(quick: bool) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_gpu_prepare: no CUDA device here; the GPU figures are not measured (run this on a GPU machine)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench_gpu_prepare: no CUDA device here; the GPU figures are not measured (run this on a GPU machine)",
+            file=sys.stderr,
+        )
         return {"value": None, "compared": "prepare stages on a GPU: not measured (no GPU)", "details": {"cuda": False}}
     details: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for part in (captions, vae_encode):
@@ -228,8 +257,11 @@ def run(quick: bool) -> dict:
             details[f"{part.__name__}_error"] = f"{type(err).__name__}: {err}"
         details[f"{part.__name__}_seconds"] = round(time.perf_counter() - t0, 1)
     value = (details.get("vae_33x480x832") or {}).get("clips_per_s")
-    return {"value": value, "compared": "VAE-encode clips/s at 33x480x832 bf16 (details: every stage and shape)",
-            "details": details}  # fmt: skip
+    return {
+        "value": value,
+        "compared": "VAE-encode clips/s at 33x480x832 bf16 (details: every stage and shape)",
+        "details": details,
+    }
 
 
 if __name__ == "__main__":

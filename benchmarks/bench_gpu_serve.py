@@ -28,7 +28,11 @@ def run(quick: bool) -> dict:
 
     if not torch.cuda.is_available():
         print("bench_gpu_serve: no CUDA device here; not measured (run this on a GPU machine)", file=sys.stderr)
-        return {"value": None, "compared": "generator clips/s by batch size: not measured (no GPU)", "details": {"cuda": False}}
+        return {
+            "value": None,
+            "compared": "generator clips/s by batch size: not measured (no GPU)",
+            "details": {"cuda": False},
+        }
     from benchmarks.gpu_common import cuda_timed, peak_gib, random_text_encoder
     from sora_model.config import DiffusionConfig, PipelineConfig, SampleConfig, dit_preset
     from sora_model.pipeline import TextToVideoPipeline
@@ -56,7 +60,11 @@ def run(quick: bool) -> dict:
         details[f"peak_gib_batch_{b}"] = peak_gib()
     gain = details[f"clips_per_s_batch_{BATCHES[-1]}"] / details["clips_per_s_batch_1"]
     details["batching_gain_8_over_1"] = round(gain, 3)
-    return {"value": round(gain, 3), "compared": "generator clips/s at batch 8 / at batch 1, bf16 (details: each batch)", "details": details}
+    return {
+        "value": round(gain, 3),
+        "compared": "generator clips/s at batch 8 / at batch 1, bf16 (details: each batch)",
+        "details": details,
+    }
 
 
 if __name__ == "__main__":

@@ -33,14 +33,21 @@ def run(quick: bool) -> dict:
 
     folder = tempfile.mkdtemp(prefix="wan-vae-")
     AutoencoderKLWan().save_pretrained(folder)
-    details: dict = {"device": torch.cuda.get_device_name(0), "vae": "AutoencoderKLWan default config, random weights, bf16"}
+    details: dict = {
+        "device": torch.cuda.get_device_name(0),
+        "vae": "AutoencoderKLWan default config, random weights, bf16",
+    }
     for tiling in (True, False):
         details.update(_decode_figures(folder, tiling))
         torch.cuda.empty_cache()
     tiled, untiled = details.get("tiled_81f_peak_gib"), details.get("untiled_81f_peak_gib")
     ratio = round(tiled / untiled, 3) if isinstance(tiled, float) and isinstance(untiled, float) else None
     details["tiled_over_untiled_peak_81f"] = ratio
-    return {"value": ratio, "compared": "peak GPU memory decoding 81 frames at 480x832, tiled / untiled", "details": details}
+    return {
+        "value": ratio,
+        "compared": "peak GPU memory decoding 81 frames at 480x832, tiled / untiled",
+        "details": details,
+    }
 
 
 def _decode_figures(folder: str, tiling: bool) -> dict:

@@ -88,8 +88,11 @@ def sampling(cfg, latent: tuple[int, ...], device: str = "cuda") -> dict:
         x.add_(-0.02 * (uncond + GUIDANCE * (cond - uncond)))  # Euler: x + (t_next - t) * v
 
     times, peak = _measure(step, device)
-    return {"seconds_per_step": round(statistics.median(times), 4), "peak_gib": None if peak is None else round(peak, 2),
-            "params": model.num_parameters()}  # fmt: skip
+    return {
+        "seconds_per_step": round(statistics.median(times), 4),
+        "peak_gib": None if peak is None else round(peak, 2),
+        "params": model.num_parameters(),
+    }
 
 
 def lora_training(cfg, latent: tuple[int, ...], device: str = "cuda") -> dict:
@@ -104,7 +107,9 @@ def lora_training(cfg, latent: tuple[int, ...], device: str = "cuda") -> dict:
         model = DiT(cfg).train()
     model.to_inference_dtype(torch.bfloat16)
     model.requires_grad_(False)
-    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGET_MODULES, init_lora_weights=True)
+    lora = peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGET_MODULES, init_lora_weights=True
+    )
     model = peft.inject_adapter_in_model(lora, model)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
@@ -126,8 +131,11 @@ def lora_training(cfg, latent: tuple[int, ...], device: str = "cuda") -> dict:
         opt.zero_grad(set_to_none=True)
 
     times, peak = _measure(step, device)
-    return {"seconds_per_step": round(statistics.median(times), 4), "peak_gib": None if peak is None else round(peak, 2),
-            "adapter_params": sum(p.numel() for p in params)}  # fmt: skip
+    return {
+        "seconds_per_step": round(statistics.median(times), 4),
+        "peak_gib": None if peak is None else round(peak, 2),
+        "adapter_params": sum(p.numel() for p in params),
+    }
 
 
 def _wall(fn) -> float:
@@ -140,8 +148,15 @@ def run(quick: bool) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_gpu_wan: no CUDA device here; the GPU figures are not measured (run this on a GPU machine)", file=sys.stderr)
-        return {"value": None, "compared": "Wan-1.3B-shaped GPU figures: not measured (no GPU)", "details": {"cuda": False}}
+        print(
+            "bench_gpu_wan: no CUDA device here; the GPU figures are not measured (run this on a GPU machine)",
+            file=sys.stderr,
+        )
+        return {
+            "value": None,
+            "compared": "Wan-1.3B-shaped GPU figures: not measured (no GPU)",
+            "details": {"cuda": False},
+        }
     sample = sampling(wan_config(), LATENT)
     torch.cuda.empty_cache()
     train = lora_training(wan_config(gradient_checkpointing=True), LATENT)
@@ -158,7 +173,11 @@ def run(quick: bool) -> dict:
         "lora_adapter_params": train["adapter_params"],
         "timing": f"median of {TIMED} after {WARMUP} warm-up",
     }
-    return {"value": details["wan_1_3b_cfg_step_seconds_bf16"], "compared": "Wan-1.3B-shaped GPU figures (see details)", "details": details}
+    return {
+        "value": details["wan_1_3b_cfg_step_seconds_bf16"],
+        "compared": "Wan-1.3B-shaped GPU figures (see details)",
+        "details": details,
+    }
 
 
 if __name__ == "__main__":

@@ -85,9 +85,13 @@ def _write_export(folder: str, depth: int) -> int:
 def _measure(folder: str, path: str) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, folder, path], capture_output=True, text=True, check=True, cwd=root,
+        [sys.executable, "-c", CHILD, folder, path],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["ratio"] = round((r["peak"] - r["rss_before"]) / r["model_bytes"], 4)
     return r

@@ -46,8 +46,16 @@ def _loop(config: dict) -> None:
     recipe = parse_recipe(config["recipe"])
     stage = recipe.stages[0]
     engine, _ = build_engine(recipe, world)
-    stepper = Stepper(recipe, stage, engine, build_diffusion(recipe.diffusion), tuple(config["stages"][stage.name]["grid"]),
-                      rank, world, torch.device("cpu"))  # fmt: skip
+    stepper = Stepper(
+        recipe,
+        stage,
+        engine,
+        build_diffusion(recipe.diffusion),
+        tuple(config["stages"][stage.name]["grid"]),
+        rank,
+        world,
+        torch.device("cpu"),
+    )
     n, rounds = config["steps"], config["rounds"]
     loader = _stage_stream(config, stage, 0, 2 + n * (2 * rounds + 1), rank, world, torch.device("cpu"))
     step = 0
@@ -64,7 +72,7 @@ def _loop(config: dict) -> None:
     memory = [next(loader) for _ in range(n * stage.grad_accum)]
     times = {"loader": [], "memory": []}
     for r in range(rounds):
-        for side in (("loader", "memory") if r % 2 == 0 else ("memory", "loader")):
+        for side in ("loader", "memory") if r % 2 == 0 else ("memory", "loader"):
             times[side].append(steps(loader if side == "loader" else iter(memory), n))
     if rank == 0:  # Ray Train V2 keeps metrics only beside checkpoints: hand the times over in a file
         import json
@@ -86,9 +94,44 @@ def run(quick: bool) -> dict:
 
     steps, rounds = (10, 3) if quick else (25, 5)
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    assert sora(["data", "synth", "--out", str(work / "shapes"), "--num-videos", "96", "--size", "32", "--frames", "8", "--no-progress"]) == 0
-    assert sora(["data", "prepare", "--manifest", str(work / "shapes" / "captions.jsonl"), "--out", str(work / "clips"),
-                 "--resolution", "32", "--frames", "8", "--text-hidden-layer", "0", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        sora(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(work / "shapes"),
+                "--num-videos",
+                "96",
+                "--size",
+                "32",
+                "--frames",
+                "8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        sora(
+            [
+                "data",
+                "prepare",
+                "--manifest",
+                str(work / "shapes" / "captions.jsonl"),
+                "--out",
+                str(work / "clips"),
+                "--resolution",
+                "32",
+                "--frames",
+                "8",
+                "--text-hidden-layer",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     data = yaml.safe_load((ROOT / "cluster" / "recipes" / "demo-cpu.yaml").read_text())
     long = [s for s in data["stages"] if s["frames"] == 8][-1]
     data["stages"] = [{**long, "name": "bench", "dataset": "8x32x32", "sample_prompts": []}]
@@ -98,12 +141,23 @@ def run(quick: bool) -> dict:
     # as the trainer does when the workers hold every CPU: 0-CPU readers, each rank reading its share in the worker
     stream = StageStream(plan, long["micro_batch"], 0, 0.0, readers=2)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    config = {"recipe": recipe_to_dict(recipe), "stages": {"bench": {"grid": [8, 8, 8], "start_sample": 0, "stream": stream}},
-              "steps": steps, "rounds": rounds, "out": str(work / "times.json")}  # fmt: skip
+    config = {
+        "recipe": recipe_to_dict(recipe),
+        "stages": {"bench": {"grid": [8, 8, 8], "start_sample": 0, "stream": stream}},
+        "steps": steps,
+        "rounds": rounds,
+        "out": str(work / "times.json"),
+    }
     trainer = TorchTrainer(
-        _loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="bench-loader", storage_path=str(work / "ray"), worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}),
-    )  # fmt: skip
+        _loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name="bench-loader",
+            storage_path=str(work / "ray"),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+        ),
+    )
     trainer.fit()
     ray.shutdown()
     metrics = json.loads((work / "times.json").read_text())
@@ -112,8 +166,12 @@ def run(quick: bool) -> dict:
     return {
         "value": round(ratio, 3),
         "compared": f"train steps/s of DiT-demo on 2 ZeRO-3 CPU workers: Ray Data loader / batches in memory ({steps} steps x {rounds} rounds)",
-        "details": {"loader_seconds": summary(loader), "memory_seconds": summary(memory),
-                    "micro_batch": long["micro_batch"], "clips": plan.rows_per_epoch},  # fmt: skip
+        "details": {
+            "loader_seconds": summary(loader),
+            "memory_seconds": summary(memory),
+            "micro_batch": long["micro_batch"],
+            "clips": plan.rows_per_epoch,
+        },
     }
 
 

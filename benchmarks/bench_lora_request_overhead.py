@@ -28,8 +28,18 @@ from benchmarks.common import LAST_OTHER_CLOCK, interleaved, main, median, paire
 FIGURE = "lora_request_overhead"
 GOAL = ("<=", 1.05)
 RANK = 32
-WAN_MODULES = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-               "ffn.0", "ffn.2")  # fmt: skip
+WAN_MODULES = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
 
 
 def _adapter(model, path: str) -> int:
@@ -41,9 +51,18 @@ def _adapter(model, path: str) -> int:
 
     g = torch.Generator().manual_seed(0)
     modules = dict(model.named_modules())
-    ours = {"self_attn.q": ("attn.qkv", 3), "self_attn.k": ("attn.qkv", 3), "self_attn.v": ("attn.qkv", 3), "self_attn.o": ("attn.proj", 1),
-            "cross_attn.q": ("cross_attn.q", 1), "cross_attn.k": ("cross_attn.kv", 2), "cross_attn.v": ("cross_attn.kv", 2),
-            "cross_attn.o": ("cross_attn.proj", 1), "ffn.0": ("mlp.0", 1), "ffn.2": ("mlp.2", 1)}  # fmt: skip
+    ours = {
+        "self_attn.q": ("attn.qkv", 3),
+        "self_attn.k": ("attn.qkv", 3),
+        "self_attn.v": ("attn.qkv", 3),
+        "self_attn.o": ("attn.proj", 1),
+        "cross_attn.q": ("cross_attn.q", 1),
+        "cross_attn.k": ("cross_attn.kv", 2),
+        "cross_attn.v": ("cross_attn.kv", 2),
+        "cross_attn.o": ("cross_attn.proj", 1),
+        "ffn.0": ("mlp.0", 1),
+        "ffn.2": ("mlp.2", 1),
+    }
     tensors = {}
     for i in range(len(model.blocks)):
         for name in WAN_MODULES:
@@ -86,23 +105,35 @@ def run(quick: bool) -> dict:
             def go() -> None:
                 with adapters.applied(name):
                     pipe(prompt, **request)
+
             return go
 
         times = interleaved({"base": call(None), "lora": call("style")}, reps=5 if quick else 9, warmup=1, clock="cpu")
         wall = dict(LAST_OTHER_CLOCK)
     return {
         "value": round(paired_ratio(times["lora"], times["base"]), 4),
-        "compared": (f"CPU s per request, rank-{RANK} Wan LoRA resident and applied unmerged ({median(times['lora']):.3f}) / base "
-                     f"model ({median(times['base']):.3f}); Wan-1.3B width, 2 layers, 512 tokens, 4 CFG steps, 1 thread"),
+        "compared": (
+            f"CPU s per request, rank-{RANK} Wan LoRA resident and applied unmerged ({median(times['lora']):.3f}) / base "
+            f"model ({median(times['base']):.3f}); Wan-1.3B width, 2 layers, 512 tokens, 4 CFG steps, 1 thread"
+        ),
         "details": {
             "wall_clock_ratio": round(paired_ratio(wall["lora"], wall["base"]), 4),
-            "cpu_s": {k: summary(v, 3) for k, v in times.items()}, "wall_s": {k: summary(v, 3) for k, v in wall.items()},
-            "adapter": {"rank": RANK, "modules": modules, "layout": "diffusion_model.blocks.N.<module>.lora_A/B + alpha",
-                        "resident_bytes": adapters.bytes, "first_load_s": round(load_s, 3)},
-            "model": "Wan2.1-T2V-1.3B width, 2 layers", "tokens": 512, "request": request, "torch_threads": 1,
+            "cpu_s": {k: summary(v, 3) for k, v in times.items()},
+            "wall_s": {k: summary(v, 3) for k, v in wall.items()},
+            "adapter": {
+                "rank": RANK,
+                "modules": modules,
+                "layout": "diffusion_model.blocks.N.<module>.lora_A/B + alpha",
+                "resident_bytes": adapters.bytes,
+                "first_load_s": round(load_s, 3),
+            },
+            "model": "Wan2.1-T2V-1.3B width, 2 layers",
+            "tokens": 512,
+            "request": request,
+            "torch_threads": 1,
             "path": "generator sampling call (AdapterCache.applied + TextToVideoPipeline.__call__), no Serve round trip",
         },
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

@@ -48,8 +48,12 @@ def _attention_choice(grids, heads: int, head_dim: int, reps: int) -> dict:
 
     def per_segment():
         parts = zip(*(layout.split(t.transpose(1, 2)) for t in (q, k, v)), layout.segments)
-        outs = [scoped_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), grid, AttentionScope()).transpose(1, 2)
-                for a, b, c, (grid, _) in parts]  # fmt: skip
+        outs = [
+            scoped_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), grid, AttentionScope()).transpose(
+                1, 2
+            )
+            for a, b, c, (grid, _) in parts
+        ]
         layout.merge(outs).sum().backward()
 
     def block_diagonal_mask():
@@ -90,7 +94,11 @@ def run(quick: bool) -> dict:
     clips = [torch.randn(1, 3, *thw, generator=g) for thw in CLIPS]
     b = len(clips)
     timestep = torch.rand(b, generator=g) * 1000
-    text = (torch.randn(b, 12, cfg.text_dim, generator=g), torch.ones(b, 12, dtype=torch.bool), torch.randn(b, cfg.text_dim, generator=g))
+    text = (
+        torch.randn(b, 12, cfg.text_dim, generator=g),
+        torch.ones(b, 12, dtype=torch.bool),
+        torch.randn(b, cfg.text_dim, generator=g),
+    )
 
     # packed: tokens of every clip, one sequence
     grids = tuple(patch_grid(thw, cfg.patch_size) for thw in CLIPS)

@@ -81,18 +81,24 @@ def run(quick: bool) -> dict:
                 cpu[name].append(median([c for _, c in calls_of_round]))
     return {
         "value": round(paired_ratio(cpu["two_ranks"], cpu["one_rank"]), 4),
-        "compared": (f"CPU s per sampling call ({steps} CFG step{'s' if steps > 1 else ''}) summed over ranks, 2 gloo sequence-parallel "
-                     f"ranks ({median(cpu['two_ranks']):.3f}) / 1 rank ({median(cpu['one_rank']):.3f}); 1 thread a rank, Wan-1.3B width, "
-                     "2 layers, 512 tokens"),
+        "compared": (
+            f"CPU s per sampling call ({steps} CFG step{'s' if steps > 1 else ''}) summed over ranks, 2 gloo sequence-parallel "
+            f"ranks ({median(cpu['two_ranks']):.3f}) / 1 rank ({median(cpu['one_rank']):.3f}); 1 thread a rank, Wan-1.3B width, "
+            "2 layers, 512 tokens"
+        ),
         "details": {
             "wall_speedup_two_ranks_on_two_cores": round(paired_ratio(wall["one_rank"], wall["two_ranks"]), 4),
             "cpu_s_per_call": {k: summary(v, 3) for k, v in cpu.items()},
             "wall_s_per_call": {k: summary(v, 3) for k, v in wall.items()},
-            "model": "Wan2.1-T2V-1.3B width, 2 layers", "tokens": 512, "request": {**REQUEST, "steps": steps},
-            "rounds": rounds, "calls_per_round": calls, "torch_threads_per_rank": 1,
+            "model": "Wan2.1-T2V-1.3B width, 2 layers",
+            "tokens": 512,
+            "request": {**REQUEST, "steps": steps},
+            "rounds": rounds,
+            "calls_per_round": calls,
+            "torch_threads_per_rank": 1,
             "path": "ParallelPipeline.sample_latents in spawned ranks (pipelines/parallel), timed between barriers",
         },
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

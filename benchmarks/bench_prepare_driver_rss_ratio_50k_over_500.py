@@ -62,12 +62,28 @@ def child(address: str, manifest: str, out: str) -> None:
     ray.init(address=address, log_to_driver=False)
     before = _rss_mb()
     t0 = time.perf_counter()
-    info = prepare(PrepareOptions(manifest=manifest, out=out, buckets=[Bucket(1, 16, 16)], progress=False,
-                                  text_encoder=TextEncoderConfig(max_length=8)))  # fmt: skip
+    info = prepare(
+        PrepareOptions(
+            manifest=manifest,
+            out=out,
+            buckets=[Bucket(1, 16, 16)],
+            progress=False,
+            text_encoder=TextEncoderConfig(max_length=8),
+        )
+    )
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mb": round(peak, 1), "before_mb": round(before, 1), "clips": info["num_clips"],
-                      "rejected": info["num_rejected"], "seconds": round(seconds, 1)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "peak_mb": round(peak, 1),
+                "before_mb": round(before, 1),
+                "clips": info["num_clips"],
+                "rejected": info["num_rejected"],
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 def run(quick: bool) -> dict:
@@ -87,10 +103,19 @@ def run(quick: bool) -> dict:
             path = os.path.join(work, f"{name}.jsonl")
             write_manifest(path, videos, rows)
             proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bench_prepare_driver_rss_ratio_50k_over_500", "--child",
-                 ctx.address_info["address"], path, os.path.join(work, f"out-{name}")],
-                capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_prepare_driver_rss_ratio_50k_over_500",
+                    "--child",
+                    ctx.address_info["address"],
+                    path,
+                    os.path.join(work, f"out-{name}"),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} run failed: {proc.stderr.strip().splitlines()[-3:]}")
             runs[name] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -107,8 +132,11 @@ def run(quick: bool) -> dict:
             f"({VIDEOS} synthetic 16x16 videos reused: {CAPTIONS_PER_CLIP} captions per clip, other start times, "
             f"{CAPTIONS} captions cycled; 1x16x16 clips, 2 CPUs)"
         ),
-        "details": {"runs": runs, "driver_growth_mb": growth,
-                    "note": "the first small run warms the cluster's workers and is not used"},  # fmt: skip
+        "details": {
+            "runs": runs,
+            "driver_growth_mb": growth,
+            "note": "the first small run warms the cluster's workers and is not used",
+        },
     }
 
 

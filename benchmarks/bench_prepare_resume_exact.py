@@ -32,7 +32,9 @@ BUCKET = "8x32x32"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_video(path: Path, frames: int, fps: int, gop: int, size: tuple[int, int], bad_gop: int | None, seed: int) -> None:
+def write_video(
+    path: Path, frames: int, fps: int, gop: int, size: tuple[int, int], bad_gop: int | None, seed: int
+) -> None:
     """H.264 with a keyframe every `gop` frames, no B-frames, moving content; GOP `bad_gop` zeroed in place
     (the index stays whole, so the file probes fine and only that GOP's frames fail to decode)."""
     import av
@@ -41,7 +43,9 @@ def write_video(path: Path, frames: int, fps: int, gop: int, size: tuple[int, in
     w, h = size
     base = np.random.default_rng(seed).integers(0, 200, 3)
     with av.open(str(path), "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"})
+        s = c.add_stream(
+            "libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
+        )
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         for i in range(frames):
             f = np.zeros((h, w, 3), np.uint8)
@@ -67,8 +71,13 @@ def make_inputs(work: Path) -> Path:
     write_video(work / "twelve.mp4", 72, 12, 12, (64, 64), bad_gop=4, seed=4)
     write_video(work / "clean.mp4", 40, 8, 8, (64, 64), bad_gop=None, seed=5)
     (work / "noise.mp4").write_bytes(os.urandom(3000))
-    rows = [("wide.mp4", "a wide video"), ("twelve.mp4", "a twelve fps video"), ("clean.mp4", "a clean video"),
-            ("noise.mp4", "not a video at all"), ("wide.mp4", "the wide video, said again")]  # fmt: skip
+    rows = [
+        ("wide.mp4", "a wide video"),
+        ("twelve.mp4", "a twelve fps video"),
+        ("clean.mp4", "a clean video"),
+        ("noise.mp4", "not a video at all"),
+        ("wide.mp4", "the wide video, said again"),
+    ]
     manifest = work / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"path": p, "caption": c}) + "\n" for p, c in rows))
     return manifest
@@ -81,8 +90,18 @@ def child(address: str, manifest: str, out: str) -> None:
     from pipelines.data.prepare import PrepareOptions, parse_buckets, prepare
 
     ray.init(address=address, log_to_driver=False)
-    prepare(PrepareOptions(manifest=manifest, out=out, buckets=parse_buckets(BUCKET), patch=(1, 4, 4), fps=8,
-                           clips_per_video=0, rows_per_file=2, progress=False))  # fmt: skip
+    prepare(
+        PrepareOptions(
+            manifest=manifest,
+            out=out,
+            buckets=parse_buckets(BUCKET),
+            patch=(1, 4, 4),
+            fps=8,
+            clips_per_video=0,
+            rows_per_file=2,
+            progress=False,
+        )
+    )
 
 
 def _reached(out: Path, point: str) -> bool:
@@ -96,8 +115,13 @@ def _reached(out: Path, point: str) -> bool:
 
 def drive(address: str, manifest: Path, out: Path, kill_at: str | None) -> str:
     """Run one driver; SIGKILL it at the kill point `kill_at`. Returns "killed" or "finished"."""
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_prepare_resume_exact", "--child", address, str(manifest), str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bench_prepare_resume_exact", "--child", address, str(manifest), str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if kill_at is not None:
         while proc.poll() is None:
             if _reached(out, kill_at):
@@ -114,7 +138,11 @@ def drive(address: str, manifest: Path, out: Path, kill_at: str | None) -> str:
 def outcome(out: Path) -> dict:
     import pyarrow.parquet as pq
 
-    ids = sorted(i for f in (out / BUCKET).glob("part-*.parquet") for i in pq.read_table(f, columns=["clip_id"]).column("clip_id").to_pylist())
+    ids = sorted(
+        i
+        for f in (out / BUCKET).glob("part-*.parquet")
+        for i in pq.read_table(f, columns=["clip_id"]).column("clip_id").to_pylist()
+    )
     info = json.loads((out / "dataset.json").read_text())
     return {"ids": ids, "rejects": (out / "rejects.jsonl").read_text(), "num_clips": info["num_clips"]}
 
@@ -141,9 +169,17 @@ def run(quick: bool) -> dict:
             if how == "killed":
                 drive(address, manifest, out, None)  # the same command again: resume
             got = outcome(out)
-            points.append({"kill_at": k, "driver": how, "shards_left_by_kill": left, "clips": got["num_clips"],
-                           "equal": got["ids"] == full["ids"] and got["rejects"] == full["rejects"]
-                           and got["num_clips"] == full["num_clips"]})  # fmt: skip
+            points.append(
+                {
+                    "kill_at": k,
+                    "driver": how,
+                    "shards_left_by_kill": left,
+                    "clips": got["num_clips"],
+                    "equal": got["ids"] == full["ids"]
+                    and got["rejects"] == full["rejects"]
+                    and got["num_clips"] == full["num_clips"],
+                }
+            )
     finally:
         ray.shutdown()
         subprocess.run(["rm", "-rf", str(work)])
@@ -155,8 +191,11 @@ def run(quick: bool) -> dict:
             f"the resumed `sora data prepare` equals the uninterrupted run (clip ids, rejects.jsonl, count: "
             f"{full['num_clips']} clips); held-out videos with corrupt middle GOPs, 2 clips per shard, a multi-caption line, 2 CPUs"
         ),
-        "details": {"points": points, "uninterrupted_clips": full["num_clips"],
-                    "uninterrupted_rejects": full["rejects"].count("\n")},  # fmt: skip
+        "details": {
+            "points": points,
+            "uninterrupted_clips": full["num_clips"],
+            "uninterrupted_rejects": full["rejects"].count("\n"),
+        },
     }
 
 

@@ -44,9 +44,11 @@ def run(quick: bool) -> dict:
         "details": {"seconds": seconds, "lines": lines},
     }
     if seconds[slowest] > GOAL[1]:
-        out["note"] = (f"{slowest} takes {seconds[slowest]:g}s: every bucket is one `sora data prepare` run (a Ray Data "
-                       "pipeline start each) and every stage's stream and the restart after the lost worker start Ray Train "
-                       "and DeepSpeed again; the lines in the details say what each recipe ran")  # fmt: skip
+        out["note"] = (
+            f"{slowest} takes {seconds[slowest]:g}s: every bucket is one `sora data prepare` run (a Ray Data "
+            "pipeline start each) and every stage's stream and the restart after the lost worker start Ray Train "
+            "and DeepSpeed again; the lines in the details say what each recipe ran"
+        )
     return out
 
 

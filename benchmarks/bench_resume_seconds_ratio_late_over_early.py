@@ -46,19 +46,54 @@ def run(quick: bool) -> dict:
     rounds = 1 if quick else 2
     work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # before prepare, which would start its own
-    assert sora(["data", "synth", "--out", str(work / "shapes"), "--num-videos", str(videos), "--size", "16", "--frames", "1", "--no-progress"]) == 0
-    assert sora(["data", "prepare", "--manifest", str(work / "shapes" / "captions.jsonl"), "--out", str(work / "images"),
-                 "--resolution", "16", "--frames", "1", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        sora(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(work / "shapes"),
+                "--num-videos",
+                str(videos),
+                "--size",
+                "16",
+                "--frames",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        sora(
+            [
+                "data",
+                "prepare",
+                "--manifest",
+                str(work / "shapes" / "captions.jsonl"),
+                "--out",
+                str(work / "images"),
+                "--resolution",
+                "16",
+                "--frames",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     recipe = yaml.safe_load((ROOT / "cluster" / "recipes" / "smoke-cpu.yaml").read_text())
     epoch_steps = videos // (micro * 2)
-    recipe["stages"] = [{**recipe["stages"][0], "micro_batch": micro, "steps": epoch_steps, "checkpoint_every": 0, "sample_prompts": []}]
+    recipe["stages"] = [
+        {**recipe["stages"][0], "micro_batch": micro, "steps": epoch_steps, "checkpoint_every": 0, "sample_prompts": []}
+    ]
     recipe["ema"]["enabled"] = False
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     stops = {"early": max(1, epoch_steps // 10), "late": epoch_steps * 9 // 10}
     seconds: dict[str, list[float]] = {"early": [], "late": []}
     for r in range(rounds):
-        for side in (("early", "late") if r % 2 == 0 else ("late", "early")):
+        for side in ("early", "late") if r % 2 == 0 else ("late", "early"):
             run_dir = work / f"{side}-{r}"
             opts = TrainOptions(recipe=str(path), data=[str(work / "images")], run_dir=str(run_dir), workers=2)
             train(TrainOptions(**{**opts.__dict__, "stop_at_step": stops[side]}))
@@ -71,7 +106,12 @@ def run(quick: bool) -> dict:
         "value": round(ratio, 3),
         "compared": f"seconds from --resume to the first new step, stopped at step {stops['late']} vs {stops['early']} "
         f"of a {epoch_steps}-step epoch (2 ZeRO-3 CPU workers, DiT-tiny)",
-        "details": {"late_seconds": seconds["late"], "early_seconds": seconds["early"], "epoch_steps": epoch_steps, "micro_batch": micro},
+        "details": {
+            "late_seconds": seconds["late"],
+            "early_seconds": seconds["early"],
+            "epoch_steps": epoch_steps,
+            "micro_batch": micro,
+        },
     }
 
 

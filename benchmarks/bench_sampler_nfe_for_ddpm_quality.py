@@ -112,12 +112,21 @@ def run(quick: bool) -> dict:
         ref = mix.sample(n, g)
         scale = float(torch.cdist(ref[:500], ref[:500]).median())
         noise = torch.randn(n, DIM, generator=g, dtype=torch.float64)
-        x = ddpm.sample(eps_model, (n, DIM, 1, 1, 1), steps=1000, sampler="ddpm",
-                        generator=torch.Generator().manual_seed(seed), noise=to5(noise.clone()), dtype=torch.float64)  # fmt: skip
+        x = ddpm.sample(
+            eps_model,
+            (n, DIM, 1, 1, 1),
+            steps=1000,
+            sampler="ddpm",
+            generator=torch.Generator().manual_seed(seed),
+            noise=to5(noise.clone()),
+            dtype=torch.float64,
+        )
         per_seed_ddpm.append(mmd2(x.view(n, DIM), ref, scale))
         for c in curves:
             for k in NFE_GRID:
-                x = flow.sample(velocity_model, (n, DIM, 1, 1, 1), steps=steps_for(c, k), sampler=c, noise=to5(noise.clone()))
+                x = flow.sample(
+                    velocity_model, (n, DIM, 1, 1, 1), steps=steps_for(c, k), sampler=c, noise=to5(noise.clone())
+                )
                 per_seed[c][k].append(mmd2(x.view(n, DIM), ref, scale))
         # Floor: a second true draw against the reference (what a perfect sampler would score).
     floor = []

@@ -56,7 +56,11 @@ def run(quick: bool) -> dict:
     stats: dict[str, object] = {}
     try:
         for r in range(rounds):
-            order = (("batched", CONCURRENCY), ("unbatched", 1)) if r % 2 == 0 else (("unbatched", 1), ("batched", CONCURRENCY))
+            order = (
+                (("batched", CONCURRENCY), ("unbatched", 1))
+                if r % 2 == 0
+                else (("unbatched", 1), ("batched", CONCURRENCY))
+            )
             for name, mbs in order:
                 _serve.start_app(export, store, max_batch_size=mbs)
                 times[name].append(asyncio.run(round_trip()))

@@ -67,11 +67,27 @@ def _completed_job_in(store: str, video: str, options: dict | None, db_url: str 
     content.put_bytes(b"\x89PNG", job_id, ref, "thumbnail")
     now_ns = time.time_ns()
     job = {
-        "id": job_id, "object": "video", "model": "sora-ray", "status": "completed", "progress": 100, "created_at": now_ns // 10**9,
-        "completed_at": now_ns // 10**9, "expires_at": None, "size": "32x32", "seconds": "1", "prompt": "big", "error": None,
-        "num_frames": 8, "steps": 1, "guidance_scale": 1.0, "seed": 0, "sampler": "euler", "_created_ns": now_ns, "_params": {},
+        "id": job_id,
+        "object": "video",
+        "model": "sora-ray",
+        "status": "completed",
+        "progress": 100,
+        "created_at": now_ns // 10**9,
+        "completed_at": now_ns // 10**9,
+        "expires_at": None,
+        "size": "32x32",
+        "seconds": "1",
+        "prompt": "big",
+        "error": None,
+        "num_frames": 8,
+        "steps": 1,
+        "guidance_scale": 1.0,
+        "seed": 0,
+        "sampler": "euler",
+        "_created_ns": now_ns,
+        "_params": {},
         "_content_ref": ref,
-    }  # fmt: skip
+    }
     db.insert(job, "", "default", 0, None, None)
     db.close()
     return job_id
@@ -114,8 +130,12 @@ def _watch(pids: dict[str, int], body) -> dict:
     finally:
         done.set()
         sampler.join()
-    return {**out, "seconds": round(time.perf_counter() - t0, 2), "peak_mb": peak_sum / 2**20,
-            "peak_mb_by_process": {k: round(v / 2**20, 1) for k, v in peak.items()}}  # fmt: skip
+    return {
+        **out,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_mb": peak_sum / 2**20,
+        "peak_mb_by_process": {k: round(v / 2**20, 1) for k, v in peak.items()},
+    }
 
 
 def _get(url: str) -> tuple[int, int]:
@@ -170,7 +190,9 @@ def _measure(kind: str, video: str, export: str, work: str, reps: int) -> list[d
     from serve_services import s3_server
 
     def go(store: str, options: dict | None) -> list[dict]:
-        extra = {"storage_options": options, "db": f"sqlite:///{os.path.join(work, kind + '-jobs.db')}"} if options else {}
+        extra = (
+            {"storage_options": options, "db": f"sqlite:///{os.path.join(work, kind + '-jobs.db')}"} if options else {}
+        )
         if kind.endswith("through_serve") or kind.startswith("through_serve"):
             extra["download_port"] = None
         if kind.startswith("through_serve"):
@@ -207,9 +229,13 @@ def run(quick: bool) -> dict:
     video = os.path.join(work, "big.mp4")
     try:
         _write_video(video)
-        base_out = subprocess.run([sys.executable, "-c", BASELINE, video], capture_output=True, text=True, check=True).stdout.split()
+        base_out = subprocess.run(
+            [sys.executable, "-c", BASELINE, video], capture_output=True, text=True, check=True
+        ).stdout.split()
         baseline_mb = float(base_out[0])
-        runs = {kind: _measure(kind, video, export, work, reps) for kind in ("folder", "s3", "folder_through_serve", *SLOTS)}
+        runs = {
+            kind: _measure(kind, video, export, work, reps) for kind in ("folder", "s3", "folder_through_serve", *SLOTS)
+        }
     finally:
         _serve.shutdown(work)
     for kind, rs in runs.items():
@@ -217,9 +243,9 @@ def run(quick: bool) -> dict:
     peak = {kind: max(r["peak_mb"] for r in rs) for kind, rs in runs.items()}
     return {
         "value": round(peak["folder"], 1),
-        "note": None if peak["folder"] <= GOAL[1] else (
-            f"the folder store's file server grew {peak['folder']:.0f} MB (ingress + proxy); see details"
-        ),
+        "note": None
+        if peak["folder"] <= GOAL[1]
+        else (f"the folder store's file server grew {peak['folder']:.0f} MB (ingress + proxy); see details"),
         "compared": (
             f"peak RSS growth (MB) of the ingress replica + Serve proxy while a client downloads a {VIDEO_MB} MB video from "
             f"the default folder store (307 to the replica's file server); same command: an S3 store (307 to a presigned "

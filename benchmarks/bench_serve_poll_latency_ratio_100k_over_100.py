@@ -37,18 +37,57 @@ def _row(i: int, owner: str, status: str, created_ns: int) -> dict:
     job_id = f"video_{uuid.UUID(int=random.getrandbits(128)).hex}"
     done = status in ("completed", "failed")
     doc = {
-        "id": job_id, "object": "video", "model": "sora-ray", "created_at": created_ns // 10**9, "size": "32x32", "seconds": "1",
-        "prompt": f"a red circle moving left {i}", "num_frames": 8, "steps": 20, "guidance_scale": 4.0, "seed": i, "sampler": "euler",
-        "negative_prompt": None, "_params": {"prompt": f"a red circle moving left {i}", "num_frames": 8, "height": 32, "width": 32,
-        "steps": 20, "guidance_scale": 4.0, "seed": i, "sampler": "euler", "negative_prompt": None, "fps": 8, "model": "sora-ray"},
-    }  # fmt: skip
+        "id": job_id,
+        "object": "video",
+        "model": "sora-ray",
+        "created_at": created_ns // 10**9,
+        "size": "32x32",
+        "seconds": "1",
+        "prompt": f"a red circle moving left {i}",
+        "num_frames": 8,
+        "steps": 20,
+        "guidance_scale": 4.0,
+        "seed": i,
+        "sampler": "euler",
+        "negative_prompt": None,
+        "_params": {
+            "prompt": f"a red circle moving left {i}",
+            "num_frames": 8,
+            "height": 32,
+            "width": 32,
+            "steps": 20,
+            "guidance_scale": 4.0,
+            "seed": i,
+            "sampler": "euler",
+            "negative_prompt": None,
+            "fps": 8,
+            "model": "sora-ray",
+        },
+    }
     return {
-        "id": job_id, "owner": owner, "tier": "default", "priority": 0, "status": status, "progress": 100 if done else 0,
-        "created_ns": created_ns, "completed_at": now if done else None, "expires_at": now + 86400 if done else None,
-        "deadline_ns": None, "cache_key": None, "lease_token": None, "lease_owner": None, "lease_until_ns": 0, "attempts": 1 if done else 0,
-        "runs": 1 if done else 0, "started_ns": None, "eta_ns": None, "content_ref": uuid.uuid4().hex if status == "completed" else None,
-        "error": {"code": "generation_failed", "message": "x"} if status == "failed" else None, "doc": doc, "extra": None,
-    }  # fmt: skip
+        "id": job_id,
+        "owner": owner,
+        "tier": "default",
+        "priority": 0,
+        "status": status,
+        "progress": 100 if done else 0,
+        "created_ns": created_ns,
+        "completed_at": now if done else None,
+        "expires_at": now + 86400 if done else None,
+        "deadline_ns": None,
+        "cache_key": None,
+        "lease_token": None,
+        "lease_owner": None,
+        "lease_until_ns": 0,
+        "attempts": 1 if done else 0,
+        "runs": 1 if done else 0,
+        "started_ns": None,
+        "eta_ns": None,
+        "content_ref": uuid.uuid4().hex if status == "completed" else None,
+        "error": {"code": "generation_failed", "message": "x"} if status == "failed" else None,
+        "doc": doc,
+        "extra": None,
+    }
 
 
 def build(path: str, total: int) -> tuple[object, list[str]]:

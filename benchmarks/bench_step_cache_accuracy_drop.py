@@ -30,7 +30,10 @@ def run(quick: bool) -> dict:
     pipe, prompts, seeds, sampling = sc.load()
     base, _ = sc.sample_all(pipe, prompts, seeds, sampling)
     truths = [p["prompt"] for p in prompts for _ in seeds]
-    verdict = lambda clips: np.array([score([detect(c)], [t])["all"] == 1.0 for c, t in zip(clips, truths, strict=True)])  # noqa: E731
+
+    def verdict(clips):
+        return np.array([score([detect(c)], [t])["all"] == 1.0 for c, t in zip(clips, truths, strict=True)])
+
     base_right = verdict(base)
     acc = {"uncached": sc.accuracy(base, prompts, seeds)}
     drops, changed, counts, pixel = {}, {}, {}, {}
@@ -43,12 +46,19 @@ def run(quick: bool) -> dict:
         pixel[method] = round(float(np.abs(clips.astype(np.int16) - base.astype(np.int16)).mean()), 3)
     return {
         "value": drops[sc.HEADLINE],
-        "compared": ", ".join(f"{name} {a['all']:.1f}% all-correct" for name, a in acc.items()) + f" of {len(base)} clips",
+        "compared": ", ".join(f"{name} {a['all']:.1f}% all-correct" for name, a in acc.items())
+        + f" of {len(base)} clips",
         "details": {
-            "method": sc.HEADLINE, "drop_points": drops, "accuracy": acc, "verdicts_changed": changed,
-            "mean_abs_pixel_diff": pixel, "transformer_calls": counts, "sampling": sampling, "export": sc.export_dir(),
+            "method": sc.HEADLINE,
+            "drop_points": drops,
+            "accuracy": acc,
+            "verdicts_changed": changed,
+            "mean_abs_pixel_diff": pixel,
+            "transformer_calls": counts,
+            "sampling": sampling,
+            "export": sc.export_dir(),
         },
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ def run(quick: bool) -> dict:
 
     def pass_of(method: str | None):
         def go() -> None:
-            counts[method or "uncached"] = sc.sample_all(pipe, prompts, seeds, sampling, method, sc.CACHES.get(method) if method else None)[1]
+            counts[method or "uncached"] = sc.sample_all(
+                pipe, prompts, seeds, sampling, method, sc.CACHES.get(method) if method else None
+            )[1]
+
         return go
 
     fns = {"uncached": pass_of(None), **{m: pass_of(m) for m in sc.CACHES}}
@@ -41,16 +44,21 @@ def run(quick: bool) -> dict:
     return {
         "value": speedups[sc.HEADLINE],
         "compared": f"median of {len(times['uncached'])} paired rounds of uncached ÷ {sc.HEADLINE} wall seconds for a pass of "
-                    f"{len(prompts) * len(seeds)} clips (medians alone: " + ", ".join(f"{name} {median(ts):.2f} s" for name, ts in times.items()) + ")",
+        f"{len(prompts) * len(seeds)} clips (medians alone: "
+        + ", ".join(f"{name} {median(ts):.2f} s" for name, ts in times.items())
+        + ")",
         "details": {
-            "method": sc.HEADLINE, "speedup": speedups,
+            "method": sc.HEADLINE,
+            "speedup": speedups,
             "cpu_time_speedup": {m: round(paired_ratio(cpu["uncached"], cpu[m]), 3) for m in sc.CACHES},
             "transformer_calls": {name: c for name, c in counts.items() if name != "uncached"},
             "wall_s": {name: summary(ts, 2) for name, ts in times.items()},
-            "clips_per_pass": len(prompts) * len(seeds), "sampling": sampling, "export": sc.export_dir(),
+            "clips_per_pass": len(prompts) * len(seeds),
+            "sampling": sampling,
+            "export": sc.export_dir(),
             "thresholds": {m: _threshold(m) for m in sc.CACHES},
         },
-    }  # fmt: skip
+    }
 
 
 def _threshold(method: str) -> float:

@@ -43,10 +43,19 @@ def build_models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
     torch.manual_seed(0)
     wan = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=DIM // HEADS, in_channels=LATENT[0],
-        out_channels=LATENT[0], text_dim=TEXT_DIM, freq_dim=256, ffn_dim=FFN, num_layers=LAYERS,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-    ).eval()  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=HEADS,
+        attention_head_dim=DIM // HEADS,
+        in_channels=LATENT[0],
+        out_channels=LATENT[0],
+        text_dim=TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=FFN,
+        num_layers=LAYERS,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    ).eval()
     cfg = dit_config_from_wan({"_class_name": "WanTransformer3DModel", **dict(wan.config)})
     ours = DiT(cfg)
     ours.load_state_dict(convert_wan_state_dict(wan.state_dict(), cfg))

@@ -51,7 +51,9 @@ def _loop(config: dict) -> None:
         "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,
     }
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, dist_init_required=False)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=ds_config, dist_init_required=False
+    )
     g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(3):
         x = torch.randn(1, cfg.in_channels, 4, 16, 16, generator=g)
@@ -129,7 +131,9 @@ def run(quick: bool) -> dict:
                 train_loop_config={"stage": stage, "model": model, "out": os.path.join(storage, f"zero{stage}.json")},
                 scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
                 run_config=RunConfig(
-                    name=f"zero{stage}", storage_path=storage, worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}
+                    name=f"zero{stage}",
+                    storage_path=storage,
+                    worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
                 ),
             )
             trainer.fit()
@@ -153,7 +157,10 @@ def run(quick: bool) -> dict:
             "zero0": z0,
             "zero3": z3,
             "ratio_without_fp32_master_copy": round(
-                max((r3["param_bytes"] + r3["optimizer_state_bytes"]) / r0["total_bytes"] for r0, r3 in zip(z0, z3, strict=True)),
+                max(
+                    (r3["param_bytes"] + r3["optimizer_state_bytes"]) / r0["total_bytes"]
+                    for r0, r3 in zip(z0, z3, strict=True)
+                ),
                 4,
             ),
             "ideal_with_2_ranks": 0.5,

@@ -47,8 +47,12 @@ def _rank(rank: int, rendezvous: str, setting: str, steps: int, out: str) -> Non
     cfg = recipe.model_config()
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(BATCH, cfg.in_channels, FRAMES, RES, RES, generator=g)
-    args = (torch.rand(BATCH, generator=g) * 1000, torch.randn(BATCH, 12, cfg.text_dim, generator=g),
-            torch.ones(BATCH, 12, dtype=torch.bool), torch.randn(BATCH, cfg.text_dim, generator=g))  # fmt: skip
+    args = (
+        torch.rand(BATCH, generator=g) * 1000,
+        torch.randn(BATCH, 12, cfg.text_dim, generator=g),
+        torch.ones(BATCH, 12, dtype=torch.bool),
+        torch.randn(BATCH, cfg.text_dim, generator=g),
+    )
     if setting == "plain":
         from pipelines.train.finetune import build_model
 

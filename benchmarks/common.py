@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, clock: str = "wall") -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, clock: str = "wall"
+) -> dict[str, list[float]]:
     """Times of each callable, `reps` rounds, the order rotated every round.
 
     Interleaving (A B, B A, A B, ...) instead of all-A-then-all-B means a burst of load from another
@@ -63,7 +65,12 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
 
 
 def summary(xs: list[float], digits: int = 4) -> dict[str, Any]:
-    return {"median": round(median(xs), digits), "min": round(min(xs), digits), "max": round(max(xs), digits), "n": len(xs)}
+    return {
+        "median": round(median(xs), digits),
+        "min": round(min(xs), digits),
+        "max": round(max(xs), digits),
+        "n": len(xs),
+    }
 
 
 def machine() -> dict[str, Any]:

@@ -51,8 +51,12 @@ def random_text_encoder(dim: int = 384, layers: int = 6, max_length: int = 32, d
         f.write("\n".join(words) + "\n")
     tokenizer = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"))
     config = transformers.BertConfig(
-        vocab_size=len(words), hidden_size=dim, num_hidden_layers=layers, num_attention_heads=12,
-        intermediate_size=4 * dim, max_position_embeddings=512,
-    )  # fmt: skip
+        vocab_size=len(words),
+        hidden_size=dim,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=4 * dim,
+        max_position_embeddings=512,
+    )
     model = transformers.BertModel(config)
     return TextEncoder(model, tokenizer, "random-minilm-shape", max_length, "mean").to(device)

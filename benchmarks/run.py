@@ -84,19 +84,40 @@ GOALS = {
     "load_peak_rss_over_bf16_bytes": "<= 1.3",
 }
 GPU_FIGURES = (
-    ("gpu_dit_l_tokens_per_s_bf16", "tokens/s of a DiT-L/2-sized training step, bf16, 9,216 tokens/sample (faster of eager and compiled)"),
+    (
+        "gpu_dit_l_tokens_per_s_bf16",
+        "tokens/s of a DiT-L/2-sized training step, bf16, 9,216 tokens/sample (faster of eager and compiled)",
+    ),
     ("gpu_dit_l_mfu_bf16", "model FLOPs utilisation of the same (issue 14 goal >= 0.45)"),
     ("gpu_dit_l_mfu_bf16_eager", "the same, eager (no torch.compile)"),
     ("gpu_zero3_vs_zero2_vs_ddp_step_time", "train-step time, ZeRO-3 vs ZeRO-2 vs DDP (needs >= 2 GPUs)"),
     ("gpu_generate_16x256x256_seconds", "seconds to generate 16 frames at 256x256 (DiT-L/8, 30 steps, CFG)"),
-    ("gpu_flash_attention_every_scope", "`pytest -m gpu`: SDPA's flash kernel in every attention scope and packed batches"),
+    (
+        "gpu_flash_attention_every_scope",
+        "`pytest -m gpu`: SDPA's flash kernel in every attention scope and packed batches",
+    ),
     ("gpu_dit_xl_64k_tokens_peak_gib", "peak GiB, DiT-XL/2 forward + backward at 65,536 tokens, bf16, checkpointed"),
-    ("gpu_serve_clips_per_s_by_batch", "generator pipeline clips/s at batch 1, 2, 4, 8 (DiT-B/8, 16x256x256 = 16k tokens, 20 steps, bf16)"),
-    ("gpu_vae_decode_81f_peak_gib_tiled_untiled", "peak GiB decoding 81 frames at 480x832, Wan VAE bf16: tiled, untiled"),
-    ("gpu_prepare_clips_per_s", "prepare stages on the GPU in bf16: Wan-VAE encode by shape, umT5-XXL captions at 512 tokens"),
-    ("gpu_wan_1_3b_cfg_step_seconds", "Wan2.1-1.3B-shaped DiT, 33x480x832 (14,040 tokens): seconds per CFG sampling step, bf16"),
+    (
+        "gpu_serve_clips_per_s_by_batch",
+        "generator pipeline clips/s at batch 1, 2, 4, 8 (DiT-B/8, 16x256x256 = 16k tokens, 20 steps, bf16)",
+    ),
+    (
+        "gpu_vae_decode_81f_peak_gib_tiled_untiled",
+        "peak GiB decoding 81 frames at 480x832, Wan VAE bf16: tiled, untiled",
+    ),
+    (
+        "gpu_prepare_clips_per_s",
+        "prepare stages on the GPU in bf16: Wan-VAE encode by shape, umT5-XXL captions at 512 tokens",
+    ),
+    (
+        "gpu_wan_1_3b_cfg_step_seconds",
+        "Wan2.1-1.3B-shaped DiT, 33x480x832 (14,040 tokens): seconds per CFG sampling step, bf16",
+    ),
     ("gpu_wan_1_3b_lora_step_seconds", "the same model: seconds per LoRA r32 training step (checkpointed, bf16)"),
-    ("gpu_parallel_sampling_speedup_81x720x1280", "Wan2.1-14B, 81x720x1280: sampling speedup of `sora generate --sequence-parallel N` over 1 GPU; goal >= 1.7x at 2 GPUs, >= 3x at 4 (not measured: no multi-GPU machine lent)"),
+    (
+        "gpu_parallel_sampling_speedup_81x720x1280",
+        "Wan2.1-14B, 81x720x1280: sampling speedup of `sora generate --sequence-parallel N` over 1 GPU; goal >= 1.7x at 2 GPUs, >= 3x at 4 (not measured: no multi-GPU machine lent)",
+    ),
 )
 TIMEOUT_S = 900
 TIMEOUTS = {"rehearse_seconds": 3600}
@@ -109,7 +130,9 @@ def run_figure(name: str, quick: bool) -> dict:
     cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--json", out] + (["--quick"] if quick else [])
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=TIMEOUTS.get(name, TIMEOUT_S))
+        proc = subprocess.run(
+            cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=TIMEOUTS.get(name, TIMEOUT_S)
+        )
         if proc.returncode == 0 and os.path.getsize(out):
             with open(out) as f:
                 return json.load(f)
@@ -161,12 +184,17 @@ def write_markdown(results: dict) -> None:
     if unmet:
         lines += ["", "## Goals not met", ""]
         for name, r in unmet:
-            lines.append(f"- `{name}` ({fmt(r.get('value'))}, goal {GOALS[name]}): {r.get('note') or 'no explanation recorded.'}")
+            lines.append(
+                f"- `{name}` ({fmt(r.get('value'))}, goal {GOALS[name]}): {r.get('note') or 'no explanation recorded.'}"
+            )
     gpu = results.get("gpu") or {}
     lines += ["", "## GPU figures", ""]
     if gpu.get("device"):
-        lines += [f"Measured on {gpu['device']}, {gpu.get('date', '')}, with `{gpu.get('command', '')}`; every script's full output "
-                  "is under `gpu.details` in results.json.", ""]  # fmt: skip
+        lines += [
+            f"Measured on {gpu['device']}, {gpu.get('date', '')}, with `{gpu.get('command', '')}`; every script's full output "
+            "is under `gpu.details` in results.json.",
+            "",
+        ]
     lines += ["| figure | value | what | status |", "| --- | --- | --- | --- |"]
     for key, what in GPU_FIGURES:
         v = gpu.get(key)
@@ -202,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(FIGURES)
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     results.setdefault("figures", {})
-    command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + "".join(f" --only {n}" for n in args.only or [])
+    command = (
+        "python -m benchmarks.run"
+        + (" --quick" if args.quick else "")
+        + "".join(f" --only {n}" for n in args.only or [])
+    )
     t0 = time.perf_counter()
     for name in names:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)

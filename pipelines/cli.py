@@ -37,7 +37,9 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sora", description="Sora-style text-to-video on Ray: data, train, generate, serve.")
+    parser = argparse.ArgumentParser(
+        prog="sora", description="Sora-style text-to-video on Ray: data, train, generate, serve."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
@@ -67,8 +69,11 @@ def _run(args: argparse.Namespace, console) -> int:
         result = args.func(args)
     except KeyboardInterrupt:
         log = console.log_path()
-        console.error(f"sora {args.command}: interrupted" + (f"; log: {log}" if log else "")
-                      + (f"; {args.resume_hint}" if getattr(args, "resume_hint", None) else ""))  # fmt: skip
+        console.error(
+            f"sora {args.command}: interrupted"
+            + (f"; log: {log}" if log else "")
+            + (f"; {args.resume_hint}" if getattr(args, "resume_hint", None) else "")
+        )
         return 130
     except Exception as err:  # noqa: BLE001 - the one place that turns errors into a one-line message
         if os.environ.get("SORA_DEBUG") == "1":

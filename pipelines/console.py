@@ -283,7 +283,14 @@ class RemoteProgress:
         if not force and now - self.last < REMOTE_INTERVAL_S:
             return
         self.last = now
-        state = {"name": self.name, "n": self.n, "total": self.total, "desc": self.desc, "postfix": self.postfix, "closed": closed}
+        state = {
+            "name": self.name,
+            "n": self.n,
+            "total": self.total,
+            "desc": self.desc,
+            "postfix": self.postfix,
+            "closed": closed,
+        }
         print(REMOTE_MARK + json.dumps(state), flush=True)
 
 
@@ -292,7 +299,9 @@ def _remote_update(con: Console, state: dict[str, Any]) -> None:
     if bar is None:
         if state.get("closed"):
             return
-        bar = con.bars[state["name"]] = progress(total=state["total"], initial=state["n"], desc=state["desc"], unit="step")
+        bar = con.bars[state["name"]] = progress(
+            total=state["total"], initial=state["n"], desc=state["desc"], unit="step"
+        )
     if state["desc"] and state["desc"] != bar.desc:
         bar.set_description(state["desc"], refresh=False)
     if state["postfix"]:
@@ -365,7 +374,9 @@ LOG_DIR = "sora-logs"
 
 def add_arguments(p: Any, where: str | None = None) -> None:
     """`--verbose` and `--log` for a sub-command; `where` says where its log goes by default."""
-    p.add_argument("--verbose", action="store_true", help="show what Ray, DeepSpeed and torch print here instead of in the log")
+    p.add_argument(
+        "--verbose", action="store_true", help="show what Ray, DeepSpeed and torch print here instead of in the log"
+    )
     p.add_argument("--log", metavar="FILE", help=f"the log file (default: {where or default_log_help()})")
 
 

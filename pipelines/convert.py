@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from sora_model.pipeline import CONFIG_FILE
 
     if not os.path.isdir(args.from_diffusers):
-        raise UserError(f"--from-diffusers '{args.from_diffusers}' is not a folder; give a diffusers WanPipeline or WanImageToVideoPipeline folder")
+        raise UserError(
+            f"--from-diffusers '{args.from_diffusers}' is not a folder; give a diffusers WanPipeline or WanImageToVideoPipeline folder"
+        )
     if os.path.isfile(os.path.join(args.out, CONFIG_FILE)) and not args.overwrite:
         raise UserError(f"--out '{args.out}' already holds an export; pass --overwrite to replace it")
     t0 = time.perf_counter()
@@ -60,7 +62,12 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--from-diffusers", required=True, metavar="DIR", help="a diffusers WanPipeline or WanImageToVideoPipeline folder")
+    p.add_argument(
+        "--from-diffusers",
+        required=True,
+        metavar="DIR",
+        help="a diffusers WanPipeline or WanImageToVideoPipeline folder",
+    )
     p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="export folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     p.set_defaults(func=run)

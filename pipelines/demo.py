@@ -143,8 +143,14 @@ def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
     base = f"http://127.0.0.1:{port}/v1"
     try:
         t1 = time.perf_counter()
-        with httpx.Client(timeout=60, follow_redirects=True) as client:  # a folder store answers a 307 to its file server
-            video = client.post(f"{base}/videos", json={"prompt": "a red circle moving right", "seed": 0}).raise_for_status().json()
+        with httpx.Client(
+            timeout=60, follow_redirects=True
+        ) as client:  # a folder store answers a 307 to its file server
+            video = (
+                client.post(f"{base}/videos", json={"prompt": "a red circle moving right", "seed": 0})
+                .raise_for_status()
+                .json()
+            )
             with console.progress(total=100, desc="serve: one request", unit="%") as bar:
                 while video["status"] in ("queued", "in_progress"):
                     time.sleep(0.5)
@@ -157,8 +163,14 @@ def serve_smoke(export: str, out: Path, port: int) -> dict[str, Any]:
             content = client.get(f"{base}/videos/{video['id']}/content").raise_for_status().content
         path = out / "report" / "served.mp4"
         path.write_bytes(content)
-        return {"status": video["status"], "id": video["id"], "bytes": len(content), "file": str(path),
-                "startup_s": round(started, 1), "request_s": round(time.perf_counter() - t1, 2)}  # fmt: skip
+        return {
+            "status": video["status"],
+            "id": video["id"],
+            "bytes": len(content),
+            "file": str(path),
+            "startup_s": round(started, 1),
+            "request_s": round(time.perf_counter() - t1, 2),
+        }
     finally:
         serve.shutdown()
 
@@ -181,7 +193,10 @@ def run_demo(
     (out / "report").mkdir(exist_ok=True)
     steps = Steps(out)
     ensure_ray()
-    summary: dict[str, Any] = {"minutes": minutes, "command": "sora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "sora demo"}
+    summary: dict[str, Any] = {
+        "minutes": minutes,
+        "command": "sora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "sora demo",
+    }
     shapes = _synth_step(out, steps, summary, videos_per_combination)  # 1
     recipe_path, recipe = scaled_recipe(recipe_path or RECIPE, None if recipe_path else minutes, out, seed)
     folders, prepare_settings = _prepare_step(out, steps, summary, shapes, recipe)  # 2
@@ -219,16 +234,21 @@ def _synth_step(out: Path, steps: Steps, summary: dict[str, Any], videos_per_com
     return shapes
 
 
-def _prepare_step(out: Path, steps: Steps, summary: dict[str, Any], shapes: Path, recipe: Any) -> tuple[dict[str, Path], dict]:
+def _prepare_step(
+    out: Path, steps: Steps, summary: dict[str, Any], shapes: Path, recipe: Any
+) -> tuple[dict[str, Path], dict]:
     """2. Prepare one folder per bucket the recipe's stages use; returns the folders and the step's settings."""
     from pipelines.data.prepare import Bucket, PrepareOptions, prepare
 
     buckets = sorted({b for s in recipe.stages for b in s.buckets})
     patch = tuple(recipe.model_config().patch_size)  # tokens are cut at prepare time, with the model's own patch
     prepare_settings = {
-        "buckets": buckets, "synth": summary["synth"], "clips_per_video": CLIPS_PER_VIDEO,
-        "text_encoder": recipe.text_encoder.embedding_settings(), "patch": list(patch),
-    }  # fmt: skip
+        "buckets": buckets,
+        "synth": summary["synth"],
+        "clips_per_video": CLIPS_PER_VIDEO,
+        "text_encoder": recipe.text_encoder.embedding_settings(),
+        "patch": list(patch),
+    }
     folders = {b: out / "data" / b for b in buckets}
     if not steps.done("prepare", prepare_settings):
         steps.forget("train")
@@ -236,14 +256,23 @@ def _prepare_step(out: Path, steps: Steps, summary: dict[str, Any], shapes: Path
         for i, name in enumerate(buckets, 1):
             t_bucket = time.perf_counter()
             # progress=False: a bucket takes seconds here, and a mid-run count line would read as the result
-            result = prepare(PrepareOptions(
-                manifest=str(shapes / "captions.jsonl"), out=str(folders[name]), buckets=[Bucket.parse(name)],
-                clips_per_video=CLIPS_PER_VIDEO, overwrite=True, text_encoder=recipe.text_encoder, progress=False,
-                patch=patch,
-            ))  # fmt: skip
+            result = prepare(
+                PrepareOptions(
+                    manifest=str(shapes / "captions.jsonl"),
+                    out=str(folders[name]),
+                    buckets=[Bucket.parse(name)],
+                    clips_per_video=CLIPS_PER_VIDEO,
+                    overwrite=True,
+                    text_encoder=recipe.text_encoder,
+                    progress=False,
+                    patch=patch,
+                )
+            )
             counts[name] = result.get("num_clips", 0)
-            _log(f"2/7 prepared bucket {name} with Ray Data ({i}/{len(buckets)}): {counts[name]} clips, "
-                 f"{result.get('num_rejected', 0)} rejected, {time.perf_counter() - t_bucket:.0f} s")  # fmt: skip
+            _log(
+                f"2/7 prepared bucket {name} with Ray Data ({i}/{len(buckets)}): {counts[name]} clips, "
+                f"{result.get('num_rejected', 0)} rejected, {time.perf_counter() - t_bucket:.0f} s"
+            )
         steps.mark("prepare", prepare_settings, counts)
     else:
         _log("2/7 prepared data: reusing " + ", ".join(map(str, folders.values())))
@@ -251,8 +280,16 @@ def _prepare_step(out: Path, steps: Steps, summary: dict[str, Any], shapes: Path
     return folders, prepare_settings
 
 
-def _train_step(out: Path, steps: Steps, summary: dict[str, Any], recipe_path: Path, recipe: Any,
-                folders: dict[str, Path], prepare_settings: dict, workers: int) -> Path:  # fmt: skip
+def _train_step(
+    out: Path,
+    steps: Steps,
+    summary: dict[str, Any],
+    recipe_path: Path,
+    recipe: Any,
+    folders: dict[str, Path],
+    prepare_settings: dict,
+    workers: int,
+) -> Path:
     """3. Train (or resume, or reuse) the recipe on the prepared folders; returns the export folder."""
     from pipelines.train.trainer import TrainOptions, train
     from sora_model.pipeline import CONFIG_FILE
@@ -264,11 +301,20 @@ def _train_step(out: Path, steps: Steps, summary: dict[str, Any], recipe_path: P
         resume = (run_dir / "ray_results" / recipe.name).is_dir() and steps.result("train_started") == train_settings
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
-        _log(f"3/7 training {recipe.total_steps} steps with Ray Train + DeepSpeed ZeRO-3 on {workers} workers"
-             + (" (resuming)" if resume else ""))  # fmt: skip
+        _log(
+            f"3/7 training {recipe.total_steps} steps with Ray Train + DeepSpeed ZeRO-3 on {workers} workers"
+            + (" (resuming)" if resume else "")
+        )
         steps.mark("train_started", {}, train_settings)
-        result = train(TrainOptions(recipe=str(recipe_path), data=[str(folders[b]) for b in sorted(folders)],
-                                    run_dir=str(run_dir), workers=workers, resume=resume))  # fmt: skip
+        result = train(
+            TrainOptions(
+                recipe=str(recipe_path),
+                data=[str(folders[b]) for b in sorted(folders)],
+                run_dir=str(run_dir),
+                workers=workers,
+                resume=resume,
+            )
+        )
         steps.mark("train", train_settings, {"seconds": result["seconds"]})
     else:
         _log("3/7 trained model: reusing " + str(export))
@@ -296,13 +342,28 @@ def _eval_step(out: Path, summary: dict[str, Any], export: Path) -> None:
     pipe = TextToVideoPipeline.load(str(export))
     prompts = eval_prompts()
     _log(f"4/7 evaluating {len(prompts)} prompts x {EVAL_SEEDS} seeds")
-    summary["eval"], clips = evaluate_export(str(export), prompts, seeds=EVAL_SEEDS, pipeline=pipe,
-                                             out=str(out / "report" / "metrics.json"), return_clips=True)  # fmt: skip
-    shown = [k for k, p in enumerate(prompts) if not p["held_out"]][:8] + [k for k, p in enumerate(prompts) if p["held_out"]]
+    summary["eval"], clips = evaluate_export(
+        str(export),
+        prompts,
+        seeds=EVAL_SEEDS,
+        pipeline=pipe,
+        out=str(out / "report" / "metrics.json"),
+        return_clips=True,
+    )
+    shown = [k for k, p in enumerate(prompts) if not p["held_out"]][:8] + [
+        k for k, p in enumerate(prompts) if p["held_out"]
+    ]
     _log("5/7 writing the labelled samples of seen and held-out prompts")
-    verdicts = [{a: summary["eval"]["per_prompt"][k]["clips"][0][a] for a in ("color", "shape", "direction")} for k in shown]
-    summary["samples"] = showcase(clips[shown, 0], [prompts[k]["prompt"] for k in shown],
-                                  [prompts[k]["held_out"] for k in shown], out / "report", judged=verdicts)  # fmt: skip
+    verdicts = [
+        {a: summary["eval"]["per_prompt"][k]["clips"][0][a] for a in ("color", "shape", "direction")} for k in shown
+    ]
+    summary["samples"] = showcase(
+        clips[shown, 0],
+        [prompts[k]["prompt"] for k in shown],
+        [prompts[k]["held_out"] for k in shown],
+        out / "report",
+        judged=verdicts,
+    )
 
 
 def _report_step(out: Path, summary: dict[str, Any], export: Path) -> None:
@@ -319,8 +380,12 @@ def _report_step(out: Path, summary: dict[str, Any], export: Path) -> None:
     for key in ("seen", "held_out"):
         a = acc.get(key) or {}
         if a:
-            _log(f"    {key:8s}: colour {a['color']:.0%}  shape {a['shape']:.0%}  direction {a['direction']:.0%}  all {a['all']:.0%}")
-    _log(f"    samples: {summary['samples']['gif']}, {summary['samples']['png']}; loss curve: {out / 'report' / 'loss.png'}")
+            _log(
+                f"    {key:8s}: colour {a['color']:.0%}  shape {a['shape']:.0%}  direction {a['direction']:.0%}  all {a['all']:.0%}"
+            )
+    _log(
+        f"    samples: {summary['samples']['gif']}, {summary['samples']['png']}; loss curve: {out / 'report' / 'loss.png'}"
+    )
     _log(f"    export:  {export}")
 
 
@@ -336,24 +401,40 @@ def _read_metrics(path: Path) -> list[float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-output", help="output folder (default %(default)s); a second run reuses it")
     p.add_argument(
-        "--minutes", type=float, default=DEFAULT_MINUTES,
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
         help="time budget on 2 CPU cores (default %(default)s); scales the training steps",
-    )  # fmt: skip
+    )
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port for the serving step (default %(default)s)")
     p.add_argument("--no-serve", action="store_true", help="skip the serving step")
     p.add_argument("--recipe", help="train this recipe as written instead of demo-cpu.yaml scaled by --minutes")
-    p.add_argument("--videos-per-combination", type=int, default=VIDEOS_PER_COMBINATION,
-                   help="synthetic videos per seen colour/shape/direction combination (default %(default)s)")
-    p.add_argument("--seed", type=int, help="training seed (default: the recipe's, 0 in demo-cpu.yaml); the data and eval prompts stay the same")
-    p.add_argument("--verbose", action="store_true", help="show what Ray, DeepSpeed and torch print here instead of in OUT/logs/demo.log")
+    p.add_argument(
+        "--videos-per-combination",
+        type=int,
+        default=VIDEOS_PER_COMBINATION,
+        help="synthetic videos per seen colour/shape/direction combination (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="training seed (default: the recipe's, 0 in demo-cpu.yaml); the data and eval prompts stay the same",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show what Ray, DeepSpeed and torch print here instead of in OUT/logs/demo.log",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.cli import UserError
 
     if args.minutes < FIXED_MINUTES + 1:
-        raise UserError(f"--minutes must be at least {FIXED_MINUTES + 1:g} (the fixed steps alone take ~{FIXED_MINUTES:g}), got {args.minutes:g}")
+        raise UserError(
+            f"--minutes must be at least {FIXED_MINUTES + 1:g} (the fixed steps alone take ~{FIXED_MINUTES:g}), got {args.minutes:g}"
+        )
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.videos_per_combination < 1:
@@ -367,13 +448,22 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     console.start(out / LOG, verbose=args.verbose, command="sora demo")
-    run_demo(out, args.minutes, args.workers, None if args.no_serve else args.port, recipe,
-             args.videos_per_combination, args.seed)  # fmt: skip
+    run_demo(
+        out,
+        args.minutes,
+        args.workers,
+        None if args.no_serve else args.port,
+        recipe,
+        args.videos_per_combination,
+        args.seed,
+    )
     return 0
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="the embedded default end to end: synth, prepare, train, generate, eval, serve")
+    p = subparsers.add_parser(
+        "demo", help="the embedded default end to end: synth, prepare, train, generate, eval, serve"
+    )
     add_arguments(p)
     p.set_defaults(func=run, resume_hint="run the same command again to resume")
 

@@ -91,8 +91,13 @@ def _flags(n: int, held_out: Sequence[bool] | None, judged: Sequence[dict | None
     return list(held_out or [False] * n), list(judged if judged is not None else [None] * n)
 
 
-def labelled_sheet(clips: np.ndarray, prompts: Sequence[str], held_out: Sequence[bool] | None = None,
-                   judged: Sequence[dict | None] | None = None, scale: int = 4) -> np.ndarray:  # fmt: skip
+def labelled_sheet(
+    clips: np.ndarray,
+    prompts: Sequence[str],
+    held_out: Sequence[bool] | None = None,
+    judged: Sequence[dict | None] | None = None,
+    scale: int = 4,
+) -> np.ndarray:
     """One still image: a row per clip, its label on the left, its frames left to right. (N, T, H, W, 3) -> (H', W', 3)."""
     clips = np.asarray(clips)
     n, t, h, w, _ = clips.shape
@@ -113,8 +118,14 @@ def labelled_sheet(clips: np.ndarray, prompts: Sequence[str], held_out: Sequence
     return sheet
 
 
-def labelled_grid(clips: np.ndarray, prompts: Sequence[str], held_out: Sequence[bool] | None = None,
-                  judged: Sequence[dict | None] | None = None, scale: int = 4, ncols: int | None = None) -> np.ndarray:  # fmt: skip
+def labelled_grid(
+    clips: np.ndarray,
+    prompts: Sequence[str],
+    held_out: Sequence[bool] | None = None,
+    judged: Sequence[dict | None] | None = None,
+    scale: int = 4,
+    ncols: int | None = None,
+) -> np.ndarray:
     """Animated tiles, each clip under its label: (N, T, H, W, 3) -> (T, H', W', 3)."""
     clips = np.asarray(clips)
     n, t, h, w, _ = clips.shape

@@ -95,7 +95,9 @@ class AdapterCache:
         ValueError (one line) for a bad file, a key this DiT lacks, a shape mismatch, or a size over the budget."""
         size = self._file(name).bound_bytes(self.model, self.dtype)
         if size > self.max_bytes:
-            raise ValueError(f"LoRA '{name}' needs {size} bytes resident, over the adapter budget of {self.max_bytes} bytes")
+            raise ValueError(
+                f"LoRA '{name}' needs {size} bytes resident, over the adapter budget of {self.max_bytes} bytes"
+            )
         return size
 
     def check_all(self) -> dict[str, str]:
@@ -119,7 +121,9 @@ class AdapterCache:
             started = time.perf_counter()
             bound = BoundAdapter(name, self._file(name).bind(self.model, self.dtype))
             if bound.nbytes > self.max_bytes:
-                raise ValueError(f"LoRA '{name}' needs {bound.nbytes} bytes resident, over the adapter budget of {self.max_bytes} bytes")
+                raise ValueError(
+                    f"LoRA '{name}' needs {bound.nbytes} bytes resident, over the adapter budget of {self.max_bytes} bytes"
+                )
             while self._resident and self.bytes + bound.nbytes > self.max_bytes:
                 self._resident.popitem(last=False)
                 self.evictions += 1
@@ -136,7 +140,9 @@ class AdapterCache:
         with self._lock:
             bound = self.get(name)
             modules = dict(self.model.named_modules())
-            handles = [modules[target].register_forward_hook(_lora_hook(update)) for target, update in bound.updates.items()]
+            handles = [
+                modules[target].register_forward_hook(_lora_hook(update)) for target, update in bound.updates.items()
+            ]
             try:
                 yield bound
             finally:
@@ -144,5 +150,12 @@ class AdapterCache:
                     h.remove()
 
     def stats(self) -> dict[str, int | float | list[str]]:
-        return {"resident": self.resident, "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits,
-                "misses": self.misses, "evictions": self.evictions, "load_s": round(self.load_s, 4)}  # fmt: skip
+        return {
+            "resident": self.resident,
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "load_s": round(self.load_s, 4),
+        }

@@ -101,7 +101,10 @@ class TokenLayout:
             return [x]
         flat = x.reshape(-1, *x.shape[2:])  # (ΣN, ...)
         sizes = [math.prod(grid) * count for grid, count in self.segments]
-        return [part.reshape(count, math.prod(grid), *x.shape[2:]) for part, (grid, count) in zip(flat.split(sizes), self.segments)]
+        return [
+            part.reshape(count, math.prod(grid), *x.shape[2:])
+            for part, (grid, count) in zip(flat.split(sizes), self.segments)
+        ]
 
     def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of `split`: per segment (count, N_seg, ...) -> the batch's token tensor."""
@@ -116,7 +119,9 @@ class TokenLayout:
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """adaLN: tokens times (1 + their clip's scale) plus its shift; shift, scale (clips, D)."""
         parts = zip(self.split(x), self.per_clip(shift), self.per_clip(scale))
-        return self.merge([torch.addcmul(sh[:, None], p, 1 + sc[:, None]) for p, sh, sc in parts])  # one pass over the tokens
+        return self.merge(
+            [torch.addcmul(sh[:, None], p, 1 + sc[:, None]) for p, sh, sc in parts]
+        )  # one pass over the tokens
 
     def gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Tokens times their clip's (clips, D) gate."""
@@ -132,7 +137,9 @@ def _sdpa_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, ungro
     return ungroup(F.scaled_dot_product_attention(group(q), group(k), group(v)))
 
 
-def scoped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, scope: AttentionScope) -> torch.Tensor:
+def scoped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, scope: AttentionScope
+) -> torch.Tensor:
     """Dense attention of B same-grid clips inside `scope`: q, k, v (B, H, N, Dh) -> (B, H, N, Dh).
 
     Groups are reshaped out of the token order, so each SDPA call is a batch of equal, short sequences.
@@ -147,10 +154,12 @@ def scoped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Gr
         return F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
     if scope.kind == "spatial":
         return _sdpa_groups(
-            q, k, v,
+            q,
+            k,
+            v,
             lambda x: x.reshape(b, h, gt, s, d).transpose(1, 2).reshape(b * gt, h, s, d),  # (B*T', H, S, Dh)
             lambda o: o.reshape(b, gt, h, s, d).transpose(1, 2).reshape(b, h, n, d),  # (B, H, N, Dh)
-        )  # fmt: skip
+        )
     w = window or gt
     full, rest = divmod(gt, w)
     if scope.kind == "temporal":
@@ -163,7 +172,9 @@ def scoped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Gr
             wl = length // count
 
             def group(x, t0=t0, length=length, count=count, wl=wl):
-                x = x[:, :, :, t0 : t0 + length].reshape(b, s, h, count, wl, d).permute(0, 1, 3, 2, 4, 5)  # (B, S, c, H, wl, Dh)
+                x = (
+                    x[:, :, :, t0 : t0 + length].reshape(b, s, h, count, wl, d).permute(0, 1, 3, 2, 4, 5)
+                )  # (B, S, c, H, wl, Dh)
                 return x.reshape(b * s * count, h, wl, d)  # (B*S*c, H, wl, Dh)
 
             out = F.scaled_dot_product_attention(group(qs), group(ks), group(vs))
@@ -199,7 +210,9 @@ class RMSNorm(nn.RMSNorm):
         if fast and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # Eager CPU inference: one reduction and two passes, where the CPU rms_norm (pow, mean, rsqrt, two products)
             # makes five; 1.7x faster on a (1950, 1536) input, the same values to float rounding.
-            rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()  # (..., 1)
+            rstd = (
+                torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
+            )  # (..., 1)
             out = x * rstd
             return out if weight is None else out.mul_(weight)
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)
@@ -260,8 +273,12 @@ class SelfAttention(nn.Module):
             if not layout.packed:
                 return scoped_attention(q, k, v, layout.segments[0][0], scope)  # (B, H, N, Dh)
             parts = zip(*(layout.split(t.transpose(1, 2)) for t in (q, k, v)), layout.segments)  # (c, N_seg, H, Dh)
-            outs = [scoped_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), grid, scope).transpose(1, 2)
-                    for qs, ks, vs, (grid, _) in parts]  # fmt: skip
+            outs = [
+                scoped_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), grid, scope).transpose(
+                    1, 2
+                )
+                for qs, ks, vs, (grid, _) in parts
+            ]
             return layout.merge(outs).transpose(1, 2)  # (1, H, ΣN, Dh)
 
         out = attend(q, k, v) if self.hook is None else self.hook(q, k, v, attend)  # (B, H, N, Dh)
@@ -280,7 +297,9 @@ class CrossAttention(nn.Module):
         self.q_norm, self.k_norm = qk_norms(dim, self.head_dim, qk_norm, qk_norm_over)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout
+    ) -> torch.Tensor:
         """context_mask (clips, L): bool, True for tokens to attend; or float, added to the logits (the log-weights
         of `dit.collapse_zero_padding`); None attends to all L (padding included)."""
         b, n, dim = x.shape
@@ -294,6 +313,8 @@ class CrossAttention(nn.Module):
                 context_mask = context_mask.to(q.dtype)  # SDPA takes a float mask in the queries' dtype
             masks = layout.per_clip(context_mask[:, None, None, :])  # (c, 1, 1, L) each
         parts = zip(layout.split(q), layout.per_clip(k), layout.per_clip(v), masks)
-        outs = [F.scaled_dot_product_attention(qs.transpose(1, 2), ks, vs, attn_mask=ms).transpose(1, 2)
-                for qs, ks, vs, ms in parts]  # fmt: skip  # (c, N_seg, H, Dh) each
+        outs = [
+            F.scaled_dot_product_attention(qs.transpose(1, 2), ks, vs, attn_mask=ms).transpose(1, 2)
+            for qs, ks, vs, ms in parts
+        ]  # (c, N_seg, H, Dh) each
         return self.proj(layout.merge(outs).reshape(b, n, dim))  # (B, N, D)

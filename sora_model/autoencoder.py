@@ -213,7 +213,9 @@ class DiffusersAutoencoder(Autoencoder):
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std = torch.as_tensor(std, dtype=torch.float32).flatten()
         if mean.numel() != self.latent_channels or std.numel() != self.latent_channels:
-            raise ValueError(f"VAE latents_mean/latents_std have {mean.numel()} entries, expected {self.latent_channels}")
+            raise ValueError(
+                f"VAE latents_mean/latents_std have {mean.numel()} entries, expected {self.latent_channels}"
+            )
         return mean, std
 
     @property
@@ -241,7 +243,9 @@ class DiffusersAutoencoder(Autoencoder):
 
     def decode(self, latents: Tensor) -> Tensor:
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"latents must be (B, {self.latent_channels}, T', H', W'), got shape {tuple(latents.shape)}")
+            raise ValueError(
+                f"latents must be (B, {self.latent_channels}, T', H', W'), got shape {tuple(latents.shape)}"
+            )
         if self.odd_latent_frames and latents.shape[2] % 2 == 0:
             raise ValueError(f"{self.class_name} decodes an odd number of latent frames, got {latents.shape[2]}")
         z = (latents.float() / self.scaling_factor + self.shift_factor) * self.latents_std + self.latents_mean

@@ -45,7 +45,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) timesteps -> (B, D) fp32, whatever the MLP weights' dtype."""
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(TIMESTEP_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(TIMESTEP_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
         args = t.float()[:, None] * freqs[None]  # (B, F/2)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, F)
         return self.mlp(emb)  # (B, D) fp32

@@ -102,13 +102,17 @@ class DiTConfig:
         if any(p < 1 for p in self.patch_size) or len(self.patch_size) != 3:
             raise ConfigError(f"model.patch_size must be three positive ints (p_t, p_h, p_w), got {self.patch_size}")
         if any(w < 0 for w in self.temporal_windows) or not self.temporal_windows:
-            raise ConfigError(f"model.temporal_windows must be non-negative ints (0 = global), got {self.temporal_windows}")
+            raise ConfigError(
+                f"model.temporal_windows must be non-negative ints (0 = global), got {self.temporal_windows}"
+            )
         if self.depth < 1:
             raise ConfigError(f"model.depth must be >= 1, got {self.depth}")
         if self.out_channels is not None and self.out_channels < 1:
             raise ConfigError(f"model.out_channels must be >= 1 (or null for in_channels), got {self.out_channels}")
         if self.image_dim is not None and (self.image_dim < 1 or self.image_tokens < 1):
-            raise ConfigError(f"model.image_dim and model.image_tokens must be >= 1, got {self.image_dim} and {self.image_tokens}")
+            raise ConfigError(
+                f"model.image_dim and model.image_tokens must be >= 1, got {self.image_dim} and {self.image_tokens}"
+            )
         if self.image_positions and self.image_dim is None:
             raise ConfigError("model.image_positions needs model.image_dim (image features to position)")
         if self.ffn_dim is not None and self.ffn_dim < 1:
@@ -176,7 +180,9 @@ class MultistepConfig:
         if not 1 <= self.order <= 3:
             raise ConfigError(f"diffusion.multistep.order must be 1, 2 or 3, got {self.order}")
         if any(i < 0 for i in self.disable_corrector):
-            raise ConfigError(f"diffusion.multistep.disable_corrector holds step indices >= 0, got {list(self.disable_corrector)}")
+            raise ConfigError(
+                f"diffusion.multistep.disable_corrector holds step indices >= 0, got {list(self.disable_corrector)}"
+            )
 
 
 @dataclass
@@ -237,7 +243,9 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.sampler: {problem}")
         self._check_multistep()
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ConfigError(f"diffusion betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+            raise ConfigError(
+                f"diffusion betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"diffusion.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.shift <= 0:
@@ -248,9 +256,16 @@ class DiffusionConfig:
     def _check_multistep(self) -> None:
         diffusers_grid = self.time_grid in ("unipc", "dpm_solver")
         if self.multistep.final_sigma == "sigma_min" and not diffusers_grid:
-            raise ConfigError(f"diffusion.multistep.final_sigma 'sigma_min' needs time_grid 'unipc' or 'dpm_solver', got '{self.time_grid}'")
+            raise ConfigError(
+                f"diffusion.multistep.final_sigma 'sigma_min' needs time_grid 'unipc' or 'dpm_solver', got '{self.time_grid}'"
+            )
         ends_at_zero = self.multistep.final_sigma == "zero" or not diffusers_grid
-        if self.sampler == "unipc" and not self.multistep.lower_order_final and self.multistep.order > 1 and ends_at_zero:
+        if (
+            self.sampler == "unipc"
+            and not self.multistep.lower_order_final
+            and self.multistep.order > 1
+            and ends_at_zero
+        ):
             raise ConfigError(
                 "diffusion.multistep.lower_order_final false with unipc of order > 1 needs final_sigma 'sigma_min' "
                 "(a high-order step into sigma 0 is not finite)"
@@ -381,7 +396,9 @@ class PipelineConfig:
         if self.boundary_ratio is not None and not 0 < self.boundary_ratio < 1:
             raise ConfigError(f"boundary_ratio must be in (0, 1) or null, got {self.boundary_ratio}")
         if self.model.image_dim is not None and not self.image_encoder.path:
-            raise ConfigError("model.image_dim is set but image_encoder.path is not: image conditioning needs a CLIP image encoder")
+            raise ConfigError(
+                "model.image_dim is set but image_encoder.path is not: image conditioning needs a CLIP image encoder"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,9 +416,15 @@ def _dit(hidden: int, depth: int, heads: int, patch: tuple[int, int, int], /, **
 
 
 WAN_OPTIONS: dict[str, Any] = {
-    "in_channels": 16, "text_dim": 4096, "qk_norm_over": "width", "modulation": "shared", "pooled_text": False,
-    "text_padding": "attended", "null_text": "empty_prompt", "timestep_freq_dim": 256,
-}  # fmt: skip
+    "in_channels": 16,
+    "text_dim": 4096,
+    "qk_norm_over": "width",
+    "modulation": "shared",
+    "pooled_text": False,
+    "text_padding": "attended",
+    "null_text": "empty_prompt",
+    "timestep_freq_dim": 256,
+}
 """The DiTConfig options that make the DiT a Wan2.1 transformer (16-channel Wan VAE latents, umT5-XXL tokens);
 `sora convert --from-diffusers` writes them, with the sizes, from a diffusers folder."""
 

@@ -134,9 +134,13 @@ def dit_config_from_wan(config: dict, image_tokens: int | None = None) -> DiTCon
     if image_tokens is None:
         for key, what in IMAGE_KEYS.items():
             if config.get(key) is not None:
-                raise WanFolderError(f"transformer config sets {key}: {what} needs a WanImageToVideoPipeline folder with its image encoder")
+                raise WanFolderError(
+                    f"transformer config sets {key}: {what} needs a WanImageToVideoPipeline folder with its image encoder"
+                )
     if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
-        raise WanFolderError(f"transformer qk_norm '{config.get('qk_norm')}' is not supported (only rms_norm_across_heads)")
+        raise WanFolderError(
+            f"transformer qk_norm '{config.get('qk_norm')}' is not supported (only rms_norm_across_heads)"
+        )
     if not config.get("cross_attn_norm", True):
         raise WanFolderError("transformer cross_attn_norm false is not supported (Wan2.1 T2V has it true)")
     if float(config.get("eps", 1e-6)) != 1e-6:
@@ -145,22 +149,26 @@ def dit_config_from_wan(config: dict, image_tokens: int | None = None) -> DiTCon
     channels = int(config.get("in_channels", 16))
     out_channels = int(config.get("out_channels") or channels)
     if out_channels != channels and image_tokens is None:
-        raise WanFolderError(f"transformer out_channels {out_channels} differs from in_channels {channels} (image-to-video needs a WanImageToVideoPipeline folder)")
+        raise WanFolderError(
+            f"transformer out_channels {out_channels} differs from in_channels {channels} (image-to-video needs a WanImageToVideoPipeline folder)"
+        )
     hw = 2 * (head_dim // 6)  # Wan's RoPE split: equal even h and w parts, the rest rotates with t
-    return DiTConfig(**{
-        **WAN_OPTIONS,
-        **_image_options(config, image_tokens, heads * head_dim),
-        "in_channels": channels,
-        "out_channels": None if out_channels == channels else out_channels,
-        "patch_size": tuple(int(p) for p in config.get("patch_size", (1, 2, 2))),
-        "hidden_size": heads * head_dim,
-        "depth": int(config["num_layers"]),
-        "num_heads": heads,
-        "ffn_dim": int(config["ffn_dim"]),
-        "text_dim": int(config.get("text_dim", 4096)),
-        "timestep_freq_dim": int(config.get("freq_dim", 256)),
-        "rope_split": (head_dim - 2 * hw, hw, hw),
-    })  # fmt: skip
+    return DiTConfig(
+        **{
+            **WAN_OPTIONS,
+            **_image_options(config, image_tokens, heads * head_dim),
+            "in_channels": channels,
+            "out_channels": None if out_channels == channels else out_channels,
+            "patch_size": tuple(int(p) for p in config.get("patch_size", (1, 2, 2))),
+            "hidden_size": heads * head_dim,
+            "depth": int(config["num_layers"]),
+            "num_heads": heads,
+            "ffn_dim": int(config["ffn_dim"]),
+            "text_dim": int(config.get("text_dim", 4096)),
+            "timestep_freq_dim": int(config.get("freq_dim", 256)),
+            "rope_split": (head_dim - 2 * hw, hw, hw),
+        }
+    )
 
 
 def _image_options(config: dict, image_tokens: int | None, width: int) -> dict:
@@ -171,10 +179,14 @@ def _image_options(config: dict, image_tokens: int | None, width: int) -> dict:
     if image_tokens == 0:
         raise WanFolderError(f"transformer sets image_dim {image_dim} but the folder has no image_encoder")
     if int(config.get("added_kv_proj_dim") or 0) != width:
-        raise WanFolderError(f"transformer added_kv_proj_dim {config.get('added_kv_proj_dim')} must equal its width {width} (Wan's image keys read embedded tokens)")
+        raise WanFolderError(
+            f"transformer added_kv_proj_dim {config.get('added_kv_proj_dim')} must equal its width {width} (Wan's image keys read embedded tokens)"
+        )
     positions = config.get("pos_embed_seq_len")
     if positions is not None and int(positions) != 2 * image_tokens:
-        raise WanFolderError(f"transformer pos_embed_seq_len {positions} is not two images of the image encoder's {image_tokens} tokens")
+        raise WanFolderError(
+            f"transformer pos_embed_seq_len {positions} is not two images of the image encoder's {image_tokens} tokens"
+        )
     return {"image_dim": int(image_dim), "image_tokens": image_tokens, "image_positions": positions is not None}
 
 
@@ -187,24 +199,46 @@ def diffusion_config_from_scheduler(config: dict) -> DiffusionConfig:
     A setting we do not reproduce raises WanFolderError naming it.
     """
     name = config.get("_class_name")
-    common = {"schedule": "rectified_flow", "prediction": "velocity", "num_sampling_steps": WAN_STEPS,
-              "guidance_scale": WAN_GUIDANCE, "num_train_timesteps": int(config.get("num_train_timesteps", 1000))}  # fmt: skip
+    common = {
+        "schedule": "rectified_flow",
+        "prediction": "velocity",
+        "num_sampling_steps": WAN_STEPS,
+        "guidance_scale": WAN_GUIDANCE,
+        "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+    }
     if name == "FlowMatchEulerDiscreteScheduler":
         if config.get("use_dynamic_shifting") or config.get("shift_terminal") or config.get("invert_sigmas"):
             raise WanFolderError("scheduler: dynamic shifting, shift_terminal and invert_sigmas are not supported")
-        if any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")):
+        if any(
+            config.get(k)
+            for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+        ):
             raise WanFolderError("scheduler: karras/exponential/beta sigmas and stochastic sampling are not supported")
-        return DiffusionConfig(**common, shift=float(config.get("shift", 1.0)), sampler="euler", time_grid="flow_match_euler")
+        return DiffusionConfig(
+            **common, shift=float(config.get("shift", 1.0)), sampler="euler", time_grid="flow_match_euler"
+        )
     if name in MULTISTEP_SCHEDULERS:
         return _multistep_diffusion_config(name, config, common)
     supported = ", ".join(["FlowMatchEulerDiscreteScheduler", *MULTISTEP_SCHEDULERS])
     raise WanFolderError(f"scheduler {name} is not supported (supported: {supported})")
 
 
-MULTISTEP_SCHEDULERS = {"UniPCMultistepScheduler": ("unipc", "unipc"), "DPMSolverMultistepScheduler": ("dpmpp", "dpm_solver")}
+MULTISTEP_SCHEDULERS = {
+    "UniPCMultistepScheduler": ("unipc", "unipc"),
+    "DPMSolverMultistepScheduler": ("dpmpp", "dpm_solver"),
+}
 """diffusers scheduler class -> (our sampler, our time grid)."""
-_MULTISTEP_UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_dynamic_shifting",
-                          "thresholding", "shift_terminal", "solver_p", "rescale_betas_zero_snr")  # fmt: skip
+_MULTISTEP_UNSUPPORTED = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_dynamic_shifting",
+    "thresholding",
+    "shift_terminal",
+    "solver_p",
+    "rescale_betas_zero_snr",
+)
 # diffusers renames these solver types when it builds the scheduler (a saved config holds the renamed one).
 _UNIPC_VARIANTS = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
 _DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
@@ -241,11 +275,23 @@ def _multistep_diffusion_config(name: str, config: dict, common: dict) -> Diffus
         corrector = config.get("disable_corrector") or []
         if not isinstance(corrector, list) or not all(isinstance(i, int) and i >= 0 for i in corrector):
             raise refuse("disable_corrector", "a list of step indices")
-        multistep = MultistepConfig(order=order, lower_order_final=lower_order_final, final_sigma=final,
-                                    unipc_variant=variant, disable_corrector=tuple(corrector))  # fmt: skip
-        return DiffusionConfig(**common, shift=float(config.get("flow_shift", 1.0)), sampler=sampler, time_grid=grid, multistep=multistep)
-    if config.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++", "deis"):  # diffusers turns deis into dpmsolver++
-        raise refuse("algorithm_type", "dpmsolver++ only: the sde variants draw noise, dpmsolver has no flow prediction")
+        multistep = MultistepConfig(
+            order=order,
+            lower_order_final=lower_order_final,
+            final_sigma=final,
+            unipc_variant=variant,
+            disable_corrector=tuple(corrector),
+        )
+        return DiffusionConfig(
+            **common, shift=float(config.get("flow_shift", 1.0)), sampler=sampler, time_grid=grid, multistep=multistep
+        )
+    if config.get("algorithm_type", "dpmsolver++") not in (
+        "dpmsolver++",
+        "deis",
+    ):  # diffusers turns deis into dpmsolver++
+        raise refuse(
+            "algorithm_type", "dpmsolver++ only: the sde variants draw noise, dpmsolver has no flow prediction"
+        )
     solver_type = _DPM_SOLVER_TYPES.get(config.get("solver_type", "midpoint"))
     if solver_type is None:
         raise refuse("solver_type", "midpoint or heun")
@@ -254,9 +300,21 @@ def _multistep_diffusion_config(name: str, config: dict, common: dict) -> Diffus
         if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
             raise refuse("beta_schedule", "final_sigmas_type sigma_min needs linear betas")
         betas = {"beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02))}
-    multistep = MultistepConfig(order=order, lower_order_final=lower_order_final, final_sigma=final,
-                                dpm_solver_type=solver_type, euler_at_final=bool(config.get("euler_at_final", False)))  # fmt: skip
-    return DiffusionConfig(**common, **betas, shift=float(config.get("flow_shift", 1.0)), sampler=sampler, time_grid=grid, multistep=multistep)
+    multistep = MultistepConfig(
+        order=order,
+        lower_order_final=lower_order_final,
+        final_sigma=final,
+        dpm_solver_type=solver_type,
+        euler_at_final=bool(config.get("euler_at_final", False)),
+    )
+    return DiffusionConfig(
+        **common,
+        **betas,
+        shift=float(config.get("flow_shift", 1.0)),
+        sampler=sampler,
+        time_grid=grid,
+        multistep=multistep,
+    )
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -275,7 +333,9 @@ def pipeline_config_from_wan(folder: str | Path) -> PipelineConfig:
         raise FileNotFoundError(f"'{folder}' is not a folder")
     index = _read_json(root / "model_index.json", f"'{folder}' is not a diffusers pipeline folder")
     if index.get("_class_name") not in PIPELINES:
-        raise WanFolderError(f"'{folder}' holds a {index.get('_class_name')}, not a WanPipeline or WanImageToVideoPipeline")
+        raise WanFolderError(
+            f"'{folder}' holds a {index.get('_class_name')}, not a WanPipeline or WanImageToVideoPipeline"
+        )
     if index.get("expand_timesteps"):
         raise WanFolderError(f"'{folder}' uses per-token timesteps (Wan2.2 TI2V), which are not supported")
     image_tokens = None  # T2V; 0: I2V by latents alone (Wan2.2 I2V has no image encoder)
@@ -284,28 +344,36 @@ def pipeline_config_from_wan(folder: str | Path) -> PipelineConfig:
     model = dit_config_from_wan(_read_json(root / "transformer" / "config.json", "transformer config"), image_tokens)
     boundary = _experts(root, index, model, image_tokens)
     if image_tokens is not None and model.in_channels != 2 * model.predicted_channels + WAN_MASK_CHANNELS:
-        raise WanFolderError(f"transformer in_channels {model.in_channels} is not noise + {WAN_MASK_CHANNELS} mask + condition latents "
-                             f"({2 * model.predicted_channels + WAN_MASK_CHANNELS} for {model.predicted_channels} latent channels)")  # fmt: skip
+        raise WanFolderError(
+            f"transformer in_channels {model.in_channels} is not noise + {WAN_MASK_CHANNELS} mask + condition latents "
+            f"({2 * model.predicted_channels + WAN_MASK_CHANNELS} for {model.predicted_channels} latent channels)"
+        )
     text = _read_json(root / "text_encoder" / "config.json", "text encoder config")
     if text.get("model_type") not in ("umt5", "t5", "mt5"):
         raise WanFolderError(f"text_encoder is a '{text.get('model_type')}' model, expected umT5")
     if int(text.get("d_model", model.text_dim)) != model.text_dim:
-        raise WanFolderError(f"text_encoder width {text.get('d_model')} differs from the transformer's text_dim {model.text_dim}")
+        raise WanFolderError(
+            f"text_encoder width {text.get('d_model')} differs from the transformer's text_dim {model.text_dim}"
+        )
     if not (root / "tokenizer").is_dir():
         raise WanFolderError(f"'{folder}' has no tokenizer/ folder")
     vae = _read_json(root / "vae" / "config.json", "VAE config")
     if vae.get("_class_name") != "AutoencoderKLWan":
         raise WanFolderError(f"vae is a {vae.get('_class_name')}, not an AutoencoderKLWan")
     if int(vae.get("z_dim", model.predicted_channels)) != model.predicted_channels:
-        raise WanFolderError(f"vae z_dim {vae.get('z_dim')} differs from the transformer's {model.predicted_channels} latent channels")
+        raise WanFolderError(
+            f"vae z_dim {vae.get('z_dim')} differs from the transformer's {model.predicted_channels} latent channels"
+        )
     scheduler = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     return PipelineConfig(
         model=model,
         diffusion=diffusion_config_from_scheduler(scheduler),
         text_encoder=TextEncoderConfig(
-            name_or_path=str(root / "text_encoder"), tokenizer_path=str(root / "tokenizer"),
-            max_length=WAN_TEXT_TOKENS, clean_prompts=True,
-        ),  # fmt: skip
+            name_or_path=str(root / "text_encoder"),
+            tokenizer_path=str(root / "tokenizer"),
+            max_length=WAN_TEXT_TOKENS,
+            clean_prompts=True,
+        ),
         autoencoder=AutoencoderConfig(kind="diffusers", path=str(root / "vae")),
         sample=WAN_SAMPLE,
         image_encoder=ImageEncoderConfig(*IMAGE_PARTS) if model.image_dim is not None else ImageEncoderConfig(),
@@ -317,7 +385,10 @@ def pipeline_config_from_wan(folder: str | Path) -> PipelineConfig:
 def _image_encoder_tokens(root: Path) -> int:
     """Feature tokens per image of an I2V folder's CLIPVisionModel (patches + class token); checks its processor."""
     config = _read_json(root / "image_encoder" / "config.json", "image encoder config")
-    if config.get("architectures") not in (None, ["CLIPVisionModel"]) and config.get("model_type") not in ("clip_vision_model", "clip"):
+    if config.get("architectures") not in (None, ["CLIPVisionModel"]) and config.get("model_type") not in (
+        "clip_vision_model",
+        "clip",
+    ):
         raise WanFolderError(f"image_encoder is a {config.get('architectures')}, not a CLIPVisionModel")
     vision = config.get("vision_config", config)
     _read_json(root / "image_processor" / "preprocessor_config.json", "image processor config")
@@ -331,11 +402,15 @@ def _experts(root: Path, index: dict, model: DiTConfig, image_tokens: int | None
     if index.get("transformer") in (None, [None, None]):
         raise WanFolderError(f"'{root}' has no transformer (a low-noise expert alone is not supported)")
     if second != (ratio is not None):
-        raise WanFolderError(f"'{root}' sets {'transformer_2' if second else 'boundary_ratio'} without "
-                             f"{'boundary_ratio' if second else 'transformer_2'}: two experts need both")  # fmt: skip
+        raise WanFolderError(
+            f"'{root}' sets {'transformer_2' if second else 'boundary_ratio'} without "
+            f"{'boundary_ratio' if second else 'transformer_2'}: two experts need both"
+        )
     if not second:
         return None
-    other = dit_config_from_wan(_read_json(root / "transformer_2" / "config.json", "transformer_2 config"), image_tokens)
+    other = dit_config_from_wan(
+        _read_json(root / "transformer_2" / "config.json", "transformer_2 config"), image_tokens
+    )
     if other != model:
         raise WanFolderError("transformer_2 has another shape than transformer; the two experts must have one")
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
@@ -350,7 +425,9 @@ def load_wan_weights(transformer_dir: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(folder / WEIGHTS_FILE))
     index = folder / WEIGHTS_INDEX
     if not index.is_file():
-        raise WanFolderError(f"{folder} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} (only safetensors weights are read)")
+        raise WanFolderError(
+            f"{folder} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX} (only safetensors weights are read)"
+        )
     shards = sorted(set(_read_json(index, "weights index")["weight_map"].values()))
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -422,8 +499,12 @@ def _converted_weights(transformer_dir: Path, cfg: DiTConfig) -> dict[str, torch
         expected = DiT(cfg).state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise WanFolderError(f"converted weights do not fit the DiT: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise WanFolderError(
+            f"converted weights do not fit the DiT: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise WanFolderError(f"weight {key} has shape {tuple(value.shape)}, the DiT expects {tuple(expected[key].shape)}")
+            raise WanFolderError(
+                f"weight {key} has shape {tuple(value.shape)}, the DiT expects {tuple(expected[key].shape)}"
+            )
     return {k: v.contiguous() for k, v in state.items()}

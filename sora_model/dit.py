@@ -57,7 +57,9 @@ class DiTBlock(nn.Module):
         if cfg.image_dim is None:
             self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_over)
         else:  # Wan2.1 I2V/FLF2V: the context holds the image tokens, then the caption's
-            self.cross_attn = ImageTextCrossAttention(d, cfg.num_heads, cfg.image_tokens * cfg.image_count, cfg.qk_norm, cfg.qk_norm_over)
+            self.cross_attn = ImageTextCrossAttention(
+                d, cfg.num_heads, cfg.image_tokens * cfg.image_count, cfg.qk_norm, cfg.qk_norm_over
+            )
         self.norm3 = FP32LayerNorm(d, elementwise_affine=False, eps=1e-6)
         hidden = cfg.mlp_hidden
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
@@ -83,7 +85,9 @@ class DiTBlock(nn.Module):
         # The residual stream x and the norms are fp32 (`precision.py`); each sublayer's matmuls run in its weights'
         # dtype (a no-op cast in fp32), and its output joins the fp32 stream.
         dt = weight_dtype(self.attn.qkv)
-        x = layout.add_gated(x, self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1)  # (B, N, D)
+        x = layout.add_gated(
+            x, self.attn(layout.modulate(self.norm1(x), shift1, scale1).to(dt), rope, layout, self.scope), gate1
+        )  # (B, N, D)
         x = x + self.cross_attn(self.norm2(x).to(dt), context, context_mask, layout)  # (B, N, D)
         x = layout.add_gated(x, self.mlp(layout.modulate(self.norm3(x), shift2, scale2).to(dt)), gate2)  # (B, N, D)
         return x
@@ -134,7 +138,9 @@ class DiT(nn.Module):
         self.patch_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim)
         if cfg.pooled_text:
-            self.pooled_embedder = nn.Sequential(FP32Linear(cfg.text_dim, d), nn.SiLU(), FP32Linear(d, d))  # condition path: fp32
+            self.pooled_embedder = nn.Sequential(
+                FP32Linear(cfg.text_dim, d), nn.SiLU(), FP32Linear(d, d)
+            )  # condition path: fp32
         self.context_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         if cfg.null_text == "learned":
             # The null condition for classifier-free guidance: one learned token and pooled vector, in text space.
@@ -292,9 +298,7 @@ class DiT(nn.Module):
             out = self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, *cond)  # (1, ΣN, P_out)
             return out.reshape(*video.shape[:-1], self.cfg.out_patch_dim)
         if video.ndim != 5 or video.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}"
-            )
+            raise ValueError(f"DiT expects (B, {self.cfg.in_channels}, T, H, W) input, got shape {tuple(video.shape)}")
         grid = patch_grid(tuple(video.shape[2:]), self.cfg.patch_size)
         layout = TokenLayout.dense(grid, video.shape[0])
         out = self._denoise(self.patch_embed(video.to(self.dtype)), layout, *cond)  # (B, N, P_out)
@@ -310,10 +314,14 @@ class DiT(nn.Module):
         expected = (cfg.image_tokens * cfg.image_count, cfg.image_dim)
         if features is None or features.ndim != 3 or tuple(features.shape[1:]) != expected:
             got = None if features is None else tuple(features.shape)
-            raise ValueError(f"this image-conditioned model needs image_features of shape (clips, {expected[0]}, {expected[1]}), got {got}")
+            raise ValueError(
+                f"this image-conditioned model needs image_features of shape (clips, {expected[0]}, {expected[1]}), got {got}"
+            )
         return features
 
-    def _denoise_shard(self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features, layout) -> torch.Tensor:
+    def _denoise_shard(
+        self, tokens, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features, layout
+    ) -> torch.Tensor:
         """(B, N/count, P) tokens of one sequence shard -> their (B, N/count, P) predictions."""
         index, count = layout.shard
         if layout.packed or len(layout.segments) != 1:
@@ -326,12 +334,25 @@ class DiT(nn.Module):
                 f"({self.cfg.num_heads}) divisible by {count}"
             )
         if tokens.ndim != 3 or tokens.shape[1] != n // count:
-            raise ValueError(f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"shard {index} of {count} holds {n // count} tokens per clip, got shape {tuple(tokens.shape)}"
+            )
         if layout.segments[0][1] != tokens.shape[0]:
             raise ValueError(f"the layout holds {layout.segments[0][1]} clips, the tokens {tokens.shape[0]}")
-        return self._denoise(self.patch_embed(tokens.to(self.dtype)), layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features)
+        return self._denoise(
+            self.patch_embed(tokens.to(self.dtype)),
+            layout,
+            timestep,
+            text_tokens,
+            text_mask,
+            text_pooled,
+            drop_text,
+            image_features,
+        )
 
-    def _denoise(self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features=None) -> torch.Tensor:
+    def _denoise(
+        self, x, layout, timestep, text_tokens, text_mask, text_pooled, drop_text, image_features=None
+    ) -> torch.Tensor:
         """(B, N, D) embedded tokens laid out as `layout` -> (B, N, P_out) predictions."""
         # 1. Conditions, positions (built on the device from the layout's ints: nothing copied from the host).
         c, context, context_mask = self._condition(timestep, text_tokens, text_mask, text_pooled, drop_text)
@@ -342,7 +363,9 @@ class DiT(nn.Module):
         block_c = c if self.modulation_proj is None else full_precision(self.modulation_proj, c)  # (clips, D | 6 D)
         positions = layout_positions(layout, x.device)  # (1, N, 3)
         x = self._add_absolute_positions(x.float(), positions)  # (B, N, D) fp32: the residual stream
-        rope = rope_rotation(positions, rope_frequencies(self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_theta, x.device))
+        rope = rope_rotation(
+            positions, rope_frequencies(self.cfg.head_dim, self.cfg.rope_split, self.cfg.rope_theta, x.device)
+        )
         # 2. Transformer blocks (or a step cache's reuse of their residual) and the output projection back to patches.
         if self.step_cache is not None and not self.training:
             x = self.step_cache.run_blocks(self.blocks, x, block_c, context, context_mask, rope, layout)  # (B, N, D)
@@ -377,11 +400,19 @@ class DiT(nn.Module):
         if positions.ndim == 2:
             positions = positions.unsqueeze(0).expand(b, -1, -1)  # (B, N, 3)
         lengths = [n] * b if token_mask is None else token_mask.sum(-1).tolist()
-        grids = tuple(grid if grid is not None and length == n else tuple(int(v) + 1 for v in positions[i, length - 1].tolist())
-                      for i, length in enumerate(lengths))  # fmt: skip
+        grids = tuple(
+            grid if grid is not None and length == n else tuple(int(v) + 1 for v in positions[i, length - 1].tolist())
+            for i, length in enumerate(lengths)
+        )
         for i, (length, g) in enumerate(zip(lengths, grids)):
-            if length == 0 or math.prod(g) != length or (token_mask is not None and not bool(token_mask[i, :length].all())):
-                raise ValueError(f"clip {i}: its {length} real tokens must be the first tokens of its row, in t-major order of a full grid")
+            if (
+                length == 0
+                or math.prod(g) != length
+                or (token_mask is not None and not bool(token_mask[i, :length].all()))
+            ):
+                raise ValueError(
+                    f"clip {i}: its {length} real tokens must be the first tokens of its row, in t-major order of a full grid"
+                )
         packed = torch.cat([tokens[i, :length] for i, length in enumerate(lengths)])  # (ΣN, P)
         out = self(packed, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=grids)  # (ΣN, P)
         result = out.new_zeros(b, n, out.shape[-1])
@@ -430,7 +461,9 @@ def layout_positions(layout: TokenLayout, device: torch.device) -> torch.Tensor:
         positions = grid_positions(layout.segments[0][0], device=device)  # (N, 3)
         index, count = layout.shard
         return positions.chunk(count)[index][None]  # (1, N/count, 3)
-    return torch.cat([grid_positions(grid, device=device).repeat(count, 1) for grid, count in layout.segments])[None]  # (1, ΣN, 3)
+    return torch.cat([grid_positions(grid, device=device).repeat(count, 1) for grid, count in layout.segments])[
+        None
+    ]  # (1, ΣN, 3)
 
 
 def trim_text_padding(text_tokens: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,6 +506,14 @@ def null_text_drop(batch_size: int, p: float, generator: torch.Generator | None 
 
 
 __all__ = [
-    "DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "block_scopes", "collapse_zero_padding", "layout_positions",
-    "null_text_drop", "stored_dtype", "trim_text_padding",
+    "DiT",
+    "DiTBlock",
+    "FinalLayer",
+    "TimestepEmbedder",
+    "block_scopes",
+    "collapse_zero_padding",
+    "layout_positions",
+    "null_text_drop",
+    "stored_dtype",
+    "trim_text_padding",
 ]

@@ -18,8 +18,9 @@ import torch
 from .image_encoder import ImageCondition, ImageEncoder, condition_mask, condition_video
 
 
-def condition_channels(autoencoder, clips: list[list], num_frames: int, height: int, width: int,
-                       device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
+def condition_channels(
+    autoencoder, clips: list[list], num_frames: int, height: int, width: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """(B, temporal_factor + C, T', H', W'): the mask, then the latents of each clip's conditioning video (Wan's order).
 
     clips: per clip its conditioning images (PIL), the first frame and, for FLF2V, the last; all clips alike."""
@@ -34,8 +35,15 @@ def condition_channels(autoencoder, clips: list[list], num_frames: int, height: 
     return torch.cat([mask.expand(latents.shape[0], -1, -1, -1, -1), latents], dim=1)  # (B, tf + C, T', H', W')
 
 
-def image_condition(images: list, num_frames: int, height: int, width: int, autoencoder,
-                    image_encoder: ImageEncoder | None, device: str | torch.device) -> ImageCondition:  # fmt: skip
+def image_condition(
+    images: list,
+    num_frames: int,
+    height: int,
+    width: int,
+    autoencoder,
+    image_encoder: ImageEncoder | None,
+    device: str | torch.device,
+) -> ImageCondition:
     """One clip's condition from its conditioning images (PIL: the first frame, and the last for FLF2V): channels
     (1, tf + C, T', H', W') and features (1, images * Ti, Di), None without an image encoder (Wan2.2 I2V)."""
     channels = condition_channels(autoencoder, [images], num_frames, height, width, device)

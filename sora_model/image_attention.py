@@ -35,7 +35,9 @@ class ImageEmbedder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             if features.shape[1] != self.pos_embed.shape[1]:
-                raise ValueError(f"image features have {features.shape[1]} tokens per clip, the position embedding {self.pos_embed.shape[1]}")
+                raise ValueError(
+                    f"image features have {features.shape[1]} tokens per clip, the position embedding {self.pos_embed.shape[1]}"
+                )
             features = features + self.pos_embed.to(features.dtype)  # (clips, 2 Ti, Di)
         x = self.mlp(self.norm1(features).to(weight_dtype(self.mlp[0])))  # (clips, Li, D)
         return self.norm2(x)  # (clips, Li, D) fp32
@@ -50,7 +52,9 @@ class ImageTextCrossAttention(CrossAttention):
         self.kv_image = nn.Linear(dim, 2 * dim)
         self.k_image_norm = qk_norms(dim, self.head_dim, qk_norm, qk_norm_over)[1]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout
+    ) -> torch.Tensor:
         """context_mask (clips, L) covers the caption only (as `CrossAttention`'s); the image tokens are all attended."""
         b, n, dim = x.shape
         image, text = context[:, : self.image_tokens], context[:, self.image_tokens :]  # (clips, Li, D), (clips, L, D)
@@ -58,7 +62,10 @@ class ImageTextCrossAttention(CrossAttention):
         kv = self.kv(text).unflatten(-1, (2, self.num_heads, self.head_dim))  # (clips, L, 2, H, Dh)
         k, v = _norm_heads(kv[:, :, 0], self.k_norm).transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (clips, H, L, Dh)
         kv_i = self.kv_image(image).unflatten(-1, (2, self.num_heads, self.head_dim))  # (clips, Li, 2, H, Dh)
-        k_i, v_i = _norm_heads(kv_i[:, :, 0], self.k_image_norm).transpose(1, 2), kv_i[:, :, 1].transpose(1, 2)  # (clips, H, Li, Dh)
+        k_i, v_i = (
+            _norm_heads(kv_i[:, :, 0], self.k_image_norm).transpose(1, 2),
+            kv_i[:, :, 1].transpose(1, 2),
+        )  # (clips, H, Li, Dh)
         if context_mask is None:
             masks = [None] * len(layout.segments)
         else:
@@ -66,10 +73,13 @@ class ImageTextCrossAttention(CrossAttention):
                 context_mask = context_mask.to(q.dtype)
             masks = layout.per_clip(context_mask[:, None, None, :])  # (c, 1, 1, L) each
         outs = []
-        for qs, ks, vs, ms, kis, vis in zip(layout.split(q), layout.per_clip(k), layout.per_clip(v), masks,
-                                            layout.per_clip(k_i), layout.per_clip(v_i)):  # fmt: skip
+        for qs, ks, vs, ms, kis, vis in zip(
+            layout.split(q), layout.per_clip(k), layout.per_clip(v), masks, layout.per_clip(k_i), layout.per_clip(v_i)
+        ):
             qs = qs.transpose(1, 2)  # (c, H, N_seg, Dh)
-            both = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms) + F.scaled_dot_product_attention(qs, kis, vis)
+            both = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms) + F.scaled_dot_product_attention(
+                qs, kis, vis
+            )
             outs.append(both.transpose(1, 2))  # (c, N_seg, H, Dh)
         return self.proj(layout.merge(outs).reshape(b, n, dim))  # (B, N, D)
 

@@ -43,11 +43,22 @@ def load_image(image: ImageInput, what: str = "image"):  # -> PIL.Image.Image
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ImageInputError(f"{what} '{path}' cannot be read as an image: {str(err).splitlines()[0]}") from None
     if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) or min(image.shape[:2]) < 1:
+        if (
+            image.ndim not in (2, 3)
+            or (image.ndim == 3 and image.shape[2] not in (1, 3, 4))
+            or min(image.shape[:2]) < 1
+        ):
             raise ImageInputError(f"{what} array has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
         if image.dtype != np.uint8:
-            if not np.issubdtype(image.dtype, np.floating) or not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-                raise ImageInputError(f"{what} array of dtype {image.dtype} must be uint8, or float with values in [0, 1]")
+            if (
+                not np.issubdtype(image.dtype, np.floating)
+                or not np.isfinite(image).all()
+                or image.min() < 0
+                or image.max() > 1
+            ):
+                raise ImageInputError(
+                    f"{what} array of dtype {image.dtype} must be uint8, or float with values in [0, 1]"
+                )
             image = (image * 255).round().astype(np.uint8)
         return Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
     if isinstance(image, Image.Image):
@@ -64,9 +75,13 @@ class ImageEncoder:
         for name in (cfg.path, cfg.processor_path or cfg.path):
             if not name or not Path(name).is_dir():
                 raise FileNotFoundError(f"image encoder folder '{name}' not found: give a local CLIPVisionModel folder")
-        self.model = transformers.CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True).eval().requires_grad_(False)
+        self.model = (
+            transformers.CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True).eval().requires_grad_(False)
+        )
         self.model.to(device)
-        self.processor = transformers.CLIPImageProcessor.from_pretrained(cfg.processor_path or cfg.path, local_files_only=True)
+        self.processor = transformers.CLIPImageProcessor.from_pretrained(
+            cfg.processor_path or cfg.path, local_files_only=True
+        )
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -102,7 +117,9 @@ def condition_video(images: list, num_frames: int, height: int, width: int, spat
     return video  # (1, 3, F, H, W)
 
 
-def condition_mask(num_frames: int, latent_shape: tuple[int, int, int], temporal_factor: int, last: bool) -> torch.Tensor:
+def condition_mask(
+    num_frames: int, latent_shape: tuple[int, int, int], temporal_factor: int, last: bool
+) -> torch.Tensor:
     """(1, temporal_factor, T', H', W'): 1 over the frames given (the first, and the last for FLF2V), 0 elsewhere, one
     channel per frame a latent frame covers (the first latent frame stands for the first frame alone, so it repeats)."""
     lt, lh, lw = latent_shape
@@ -113,4 +130,12 @@ def condition_mask(num_frames: int, latent_shape: tuple[int, int, int], temporal
     return mask.view(1, lt, temporal_factor, lh, lw).transpose(1, 2)  # (1, tf, T', H', W')
 
 
-__all__ = ["ImageCondition", "ImageEncoder", "ImageInput", "ImageInputError", "condition_mask", "condition_video", "load_image"]
+__all__ = [
+    "ImageCondition",
+    "ImageEncoder",
+    "ImageInput",
+    "ImageInputError",
+    "condition_mask",
+    "condition_video",
+    "load_image",
+]

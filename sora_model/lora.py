@@ -110,7 +110,9 @@ class LoraFile:
         self.config: dict = {}
         if root.is_dir():
             if not (root / ADAPTER_WEIGHTS).is_file():
-                raise ValueError(f"LoRA '{path}' is a folder without {ADAPTER_WEIGHTS} (give a peft adapter folder or a .safetensors file)")
+                raise ValueError(
+                    f"LoRA '{path}' is a folder without {ADAPTER_WEIGHTS} (give a peft adapter folder or a .safetensors file)"
+                )
             if (root / ADAPTER_CONFIG).is_file():
                 self.config = self._read_config(root / ADAPTER_CONFIG)
             self.weights = str(root / ADAPTER_WEIGHTS)
@@ -141,7 +143,9 @@ class LoraFile:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         except (SafetensorError, OSError, ValueError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"LoRA '{self.path}': {self.weights} is not a readable safetensors file ({first})") from None
+            raise ValueError(
+                f"LoRA '{self.path}': {self.weights} is not a readable safetensors file ({first})"
+            ) from None
 
     def _parse(self, header: dict[str, tuple[int, ...]]) -> dict[str, LoraEntry]:
         parts: dict[str, dict[str, str]] = {}
@@ -155,7 +159,9 @@ class LoraFile:
                 module, kind = m["module"], "alpha"
             else:
                 hint = " (full-weight diff/diff_b keys are not LoRA)" if key.endswith((".diff", ".diff_b")) else ""
-                raise ValueError(f"LoRA '{self.path}': key '{key}' is no LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha){hint}")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{key}' is no LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha){hint}"
+                )
             if kind in parts.setdefault(module, {}):
                 raise ValueError(f"LoRA '{self.path}': key '{key}' repeats {module}'s {kind} (one adapter per file)")
             parts[module][kind] = key
@@ -163,12 +169,18 @@ class LoraFile:
         for module, keys in parts.items():
             if "A" not in keys or "B" not in keys:
                 have = next(iter(keys.values()))
-                raise ValueError(f"LoRA '{self.path}': key '{have}' has no matching {'lora_B/lora_up' if 'A' in keys else 'lora_A/lora_down'} weight")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{have}' has no matching {'lora_B/lora_up' if 'A' in keys else 'lora_A/lora_down'} weight"
+                )
             a, b = header[keys["A"]], header[keys["B"]]
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-                raise ValueError(f"LoRA '{self.path}': key '{keys['B']}' has shape {b} for '{keys['A']}' of shape {a}; expected (out, {a[0] if a else 'r'})")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{keys['B']}' has shape {b} for '{keys['A']}' of shape {a}; expected (out, {a[0] if a else 'r'})"
+                )
             if keys.get("alpha") and math.prod(header[keys["alpha"]]) != 1:
-                raise ValueError(f"LoRA '{self.path}': key '{keys['alpha']}' has shape {header[keys['alpha']]}; expected a scalar")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{keys['alpha']}' has shape {header[keys['alpha']]}; expected a scalar"
+                )
             entries[module] = LoraEntry(module, keys["A"], keys["B"], keys.get("alpha"), a, b)
         if not entries:
             raise ValueError(f"LoRA '{self.path}' holds no LoRA weights")
@@ -183,15 +195,21 @@ class LoraFile:
         for entry in self.entries.values():
             found = _resolve(entry.module, modules)
             if found is None:
-                raise ValueError(f"LoRA '{self.path}': key '{entry.a_key}' targets '{entry.module.lstrip('_')}', which is no Linear of this DiT nor of a Wan transformer")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{entry.a_key}' targets '{entry.module.lstrip('_')}', which is no Linear of this DiT nor of a Wan transformer"
+                )
             target, part, parts, reorder = found
             linear = modules[target]
             rank = entry.a_shape[0]
             expect_a, expect_b = (rank, linear.in_features), (linear.out_features // parts, rank)
             if entry.a_shape != expect_a:
-                raise ValueError(f"LoRA '{self.path}': key '{entry.a_key}' has shape {entry.a_shape}; {target} expects {expect_a}")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{entry.a_key}' has shape {entry.a_shape}; {target} expects {expect_a}"
+                )
             if entry.b_shape != expect_b:
-                raise ValueError(f"LoRA '{self.path}': key '{entry.b_key}' has shape {entry.b_shape}; {target} expects {expect_b}")
+                raise ValueError(
+                    f"LoRA '{self.path}': key '{entry.b_key}' has shape {entry.b_shape}; {target} expects {expect_b}"
+                )
             placements.append(Placement(entry, target, part, parts, reorder))
         return placements
 
@@ -210,7 +228,11 @@ class LoraFile:
         for target, group in _by_target(self.place(model)).items():
             rank = sum(p.entry.a_shape[0] for p in group)
             linear = modules[target]
-            b_rows = rank * linear.out_features if _padded(group) else sum(p.entry.b_shape[0] * p.entry.b_shape[1] for p in group)
+            b_rows = (
+                rank * linear.out_features
+                if _padded(group)
+                else sum(p.entry.b_shape[0] * p.entry.b_shape[1] for p in group)
+            )
             total += rank * linear.in_features + b_rows
         return total * torch.finfo(dtype).bits // 8
 
@@ -270,8 +292,12 @@ class LoraUpdate:
         h = torch.nn.functional.linear(x.to(self.a.dtype), self.a)  # (..., R)
         if self.b is not None:
             return torch.nn.functional.linear(h, self.b)  # (..., out)
-        pieces = [h.new_zeros(*h.shape[:-1], self.part_rows) if p is None else torch.nn.functional.linear(h[..., p[0] : p[1]], p[2])
-                  for p in self.parts]  # fmt: skip
+        pieces = [
+            h.new_zeros(*h.shape[:-1], self.part_rows)
+            if p is None
+            else torch.nn.functional.linear(h[..., p[0] : p[1]], p[2])
+            for p in self.parts
+        ]
         return torch.cat(pieces, dim=-1)  # (..., out)
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -293,7 +319,10 @@ class LoraUpdate:
         """The merged update of the Linear's weight, B @ A: (out, in)."""
         if self.b is not None:
             return self.b @ self.a
-        rows = [self.a.new_zeros(self.part_rows, self.a.shape[1]) if p is None else p[2] @ self.a[p[0] : p[1]] for p in self.parts]
+        rows = [
+            self.a.new_zeros(self.part_rows, self.a.shape[1]) if p is None else p[2] @ self.a[p[0] : p[1]]
+            for p in self.parts
+        ]
         return torch.cat(rows)  # (out, in)
 
     @property

@@ -39,7 +39,9 @@ def patchify(video: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     return x.reshape(b, gt * gh * gw, c * pt * ph * pw)  # (B, N, P)
 
 
-def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> torch.Tensor:
+def unpatchify(
+    tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int
+) -> torch.Tensor:
     """(B, N, C*p_t*p_h*p_w) -> (B, C, T, H, W); the exact inverse of `patchify`."""
     b, n, p = tokens.shape
     gt, gh, gw = grid

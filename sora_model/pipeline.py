@@ -44,7 +44,12 @@ the whole batch goes in one call, which is what batching is for there. Under gui
 branches together (at least one prompt's pair, even over this budget), so a step cache skips both or neither."""
 
 
-def save_export(export_dir: str, config: PipelineConfig, state_dict: dict[str, torch.Tensor], ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
+def save_export(
+    export_dir: str,
+    config: PipelineConfig,
+    state_dict: dict[str, torch.Tensor],
+    ema_state_dict: dict[str, torch.Tensor] | None = None,
+) -> str:
     """Write an export folder; tensors are made contiguous CPU copies (safetensors requires it)."""
     os.makedirs(export_dir, exist_ok=True)
 
@@ -71,7 +76,9 @@ def load_export_config(export_dir: str) -> PipelineConfig:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
     version = data.pop("format_version", EXPORT_FORMAT_VERSION)
     if version > EXPORT_FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version}; this version of sora reads up to {EXPORT_FORMAT_VERSION}")
+        raise ValueError(
+            f"{path} has format_version {version}; this version of sora reads up to {EXPORT_FORMAT_VERSION}"
+        )
     return from_dict(PipelineConfig, data)
 
 
@@ -92,7 +99,9 @@ def load_dit(
     (positions and RoPE tables are computed in `forward`), so nothing is left on the meta device.
     """
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"'{os.path.dirname(weights)}' is not an export folder: {os.path.basename(weights)} is missing")
+        raise FileNotFoundError(
+            f"'{os.path.dirname(weights)}' is not an export folder: {os.path.basename(weights)} is missing"
+        )
     with torch.device("meta"):
         model = DiT(config.model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -105,8 +114,11 @@ def load_dit(
     wrong = [k for k in expected if found[k] != expected[k]]
     if wrong:
         k = wrong[0]
-        raise ValueError(f"{weights} does not match config.json's model: {k} has shape {found[k]}, expected {expected[k]}")
+        raise ValueError(
+            f"{weights} does not match config.json's model: {k} has shape {found[k]}, expected {expected[k]}"
+        )
     updates = {} if lora is None else {f"{t}.weight": u for t, u in LoraFile(lora).bind(model, device="cpu").items()}
+
     def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
         if name in updates:
             return torch.float32  # merged in fp32, then cast
@@ -149,10 +161,14 @@ class TextToVideoPipeline:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         if (model_2 is None) != (config.boundary_ratio is None):
-            raise ValueError("a two-expert pipeline needs both model_2 and config.boundary_ratio; a one-model pipeline neither")
+            raise ValueError(
+                "a two-expert pipeline needs both model_2 and config.boundary_ratio; a one-model pipeline neither"
+            )
         self.model_2 = None if model_2 is None else model_2.to(self.device).eval()
         # Image-to-video: the CLIP image encoder of `model.image_dim` models (Wan2.1 I2V/FLF2V).
-        self.image_encoder = ImageEncoder(config.image_encoder, self.device) if config.model.image_dim is not None else None
+        self.image_encoder = (
+            ImageEncoder(config.image_encoder, self.device) if config.model.image_dim is not None else None
+        )
         self.diffusion = build_diffusion(config.diffusion)
         self.text_encoder = text_encoder or build_text_encoder(config.text_encoder, device=self.device)
         self.autoencoder = (autoencoder or build_autoencoder(config.autoencoder)).to(self.device).eval()
@@ -193,9 +209,15 @@ class TextToVideoPipeline:
         config = load_export_config(export_dir)
         if config.image_encoder.path:  # relative paths are the export's own copies (`sora convert`)
             image = config.image_encoder
-            paths = {k: os.path.join(export_dir, v) for k, v in dataclasses.asdict(image).items() if v and not os.path.isabs(v)}
+            paths = {
+                k: os.path.join(export_dir, v)
+                for k, v in dataclasses.asdict(image).items()
+                if v and not os.path.isabs(v)
+            }
             config = dataclasses.replace(config, image_encoder=dataclasses.replace(image, **paths))
-        weights = os.path.join(export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE)
+        weights = os.path.join(
+            export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE
+        )
         # Straight into the inference dtype and onto the device (`load_dit`); int8 quantises fp32 weights on CPU.
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         where = "cpu" if precision == "int8" else device
@@ -214,7 +236,9 @@ class TextToVideoPipeline:
                 raise ValueError("precision 'int8' (dynamic quantisation) runs on CPU only; use 'bf16' on GPU")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
             if self.model_2 is not None:
-                self.model_2 = torch.ao.quantization.quantize_dynamic(self.model_2, {torch.nn.Linear}, dtype=torch.qint8)
+                self.model_2 = torch.ao.quantization.quantize_dynamic(
+                    self.model_2, {torch.nn.Linear}, dtype=torch.qint8
+                )
         elif precision == "bf16":
             # bf16 weights, not autocast over fp32 ones: half the memory; the conditioning path stays fp32.
             self.model = self.model.to_inference_dtype(torch.bfloat16)
@@ -228,7 +252,10 @@ class TextToVideoPipeline:
     def save(self, export_dir: str, ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
         save_export(export_dir, self.config, self.model.state_dict(), ema_state_dict)
         if self.model_2 is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.model_2.state_dict().items()}, os.path.join(export_dir, MODEL_2_FILE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.model_2.state_dict().items()},
+                os.path.join(export_dir, MODEL_2_FILE),
+            )
         return export_dir
 
     # -- sampling -------------------------------------------------------------------------------
@@ -257,7 +284,9 @@ class TextToVideoPipeline:
         scale = guidance_scale.to(self.device, torch.float32).view(b, 1, 1, 1, 1)
         need_uncond = bool((guidance_scale != 1).any())
         # Caption padding trimmed once per generation, unless the model reads it (`text_padding: attended`).
-        trim = trim_text_padding if self.config.model.text_padding == "masked" else (lambda tokens, mask: (tokens, mask))
+        trim = (
+            trim_text_padding if self.config.model.text_padding == "masked" else (lambda tokens, mask: (tokens, mask))
+        )
         if need_uncond:
             neg = uncond if uncond is not None else cond
             tokens = torch.cat([cond.tokens, neg.tokens])  # (2B, L, Dt)
@@ -270,26 +299,44 @@ class TextToVideoPipeline:
         else:
             cond = TextEmbedding(*trim(cond.tokens, cond.mask), cond.pooled)
 
-        boundary = None if self.model_2 is None else self.config.boundary_ratio * self.config.diffusion.num_train_timesteps
+        boundary = (
+            None if self.model_2 is None else self.config.boundary_ratio * self.config.diffusion.num_train_timesteps
+        )
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
             model = self.model if boundary is None or float(t.reshape(-1)[0]) >= boundary else self.model_2
             rows = x.shape[0] * (2 if need_uncond else 1)
-            features = None if image is None or image.features is None else image.features.expand(rows, -1, -1)  # (rows, Li, Di)
+            features = (
+                None if image is None or image.features is None else image.features.expand(rows, -1, -1)
+            )  # (rows, Li, Di)
             if image is not None:  # noisy latents, then the mask and the conditioning latents (Wan's channel order)
-                x_in = torch.cat([x, image.channels.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1)  # (B, C_in, T, H, W)
+                x_in = torch.cat(
+                    [x, image.channels.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1
+                )  # (B, C_in, T, H, W)
             else:
                 x_in = x
             if not need_uncond:
                 return self._forward(x_in, t, cond.tokens, cond.mask, cond.pooled, None, features=features, model=model)
-            out = self._forward(torch.cat([x_in, x_in]), torch.cat([t, t]), tokens, mask, pooled, drop, cfg_pairs=True, features=features, model=model)
+            out = self._forward(
+                torch.cat([x_in, x_in]),
+                torch.cat([t, t]),
+                tokens,
+                mask,
+                pooled,
+                drop,
+                cfg_pairs=True,
+                features=features,
+                model=model,
+            )
             out_cond, out_uncond = out.chunk(2)  # (B, C, T, H, W) each
             return out_uncond + scale * (out_cond - out_uncond)
 
         return model_fn
 
-    def _forward(self, x, t, tokens, mask, pooled, drop, cfg_pairs: bool = False, features=None, model: DiT | None = None) -> torch.Tensor:
+    def _forward(
+        self, x, t, tokens, mask, pooled, drop, cfg_pairs: bool = False, features=None, model: DiT | None = None
+    ) -> torch.Tensor:
         """The model on (N, C, T, H, W) -> float32 prediction; on CPU in calls of CPU_TOKENS_PER_CALL tokens.
 
         cfg_pairs: the rows are [cond (N/2), uncond (N/2)] of the same prompts, and each call takes prompts' two rows
@@ -302,16 +349,29 @@ class TextToVideoPipeline:
         chunks: list[slice | torch.Tensor] = [slice(i, i + per_call) for i in range(0, n, per_call)]
         if cfg_pairs and per_call < n:
             half, pairs = n // 2, max(1, per_call // 2)
-            chunks = [torch.cat([torch.arange(j, min(j + pairs, half)), torch.arange(half + j, half + min(j + pairs, half))]).to(x.device)
-                      for j in range(0, half, pairs)]  # fmt: skip
+            chunks = [
+                torch.cat(
+                    [torch.arange(j, min(j + pairs, half)), torch.arange(half + j, half + min(j + pairs, half))]
+                ).to(x.device)
+                for j in range(0, half, pairs)
+            ]
         model = model or self.model
         cache: StepCache | None = model.step_cache
         outs = []
         for key, rows in enumerate(chunks):
             if cache is not None:
                 cache.select(key)
-            outs.append(model(x[rows], t[rows], tokens[rows], mask[rows], pooled[rows], drop_text=None if drop is None else drop[rows],
-                              image_features=None if features is None else features[rows]).float())  # fmt: skip
+            outs.append(
+                model(
+                    x[rows],
+                    t[rows],
+                    tokens[rows],
+                    mask[rows],
+                    pooled[rows],
+                    drop_text=None if drop is None else drop[rows],
+                    image_features=None if features is None else features[rows],
+                ).float()
+            )
         if len(outs) == 1:
             return outs[0]
         if not isinstance(chunks[0], torch.Tensor):
@@ -371,7 +431,9 @@ class TextToVideoPipeline:
             raise ValueError("prompts must not be empty")
         if isinstance(step_cache, StepCache):
             if cache_threshold is not None:
-                raise ValueError("cache_threshold goes with a step_cache name; a StepCache object carries its own threshold")
+                raise ValueError(
+                    "cache_threshold goes with a step_cache name; a StepCache object carries its own threshold"
+                )
             cache: StepCache | None = step_cache
         else:
             cache = build_step_cache(step_cache, cache_threshold, self.config.model)
@@ -410,23 +472,51 @@ class TextToVideoPipeline:
         generators = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
         self.model.step_cache = cache
         try:
-            if is_stochastic(sampler, self.config.diffusion.ddim_eta) and b > 1:  # each row its own noise stream  # each row its own noise stream
+            if (
+                is_stochastic(sampler, self.config.diffusion.ddim_eta) and b > 1
+            ):  # each row its own noise stream  # each row its own noise stream
                 parts = [
-                    self._sample(_row(cond, i), guidance[i : i + 1], _row(uncond, i) if uncond else None, shape, steps, sampler, generators[i], num_tokens, callback,
-                                 image=image_cond)  # fmt: skip
+                    self._sample(
+                        _row(cond, i),
+                        guidance[i : i + 1],
+                        _row(uncond, i) if uncond else None,
+                        shape,
+                        steps,
+                        sampler,
+                        generators[i],
+                        num_tokens,
+                        callback,
+                        image=image_cond,
+                    )
                     for i in range(b)
                 ]
                 latents = torch.cat(parts)
             else:
-                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)  # (B, C, T, H, W)
-                latents = self._sample(cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise, image_cond)
+                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(
+                    self.device
+                )  # (B, C, T, H, W)
+                latents = self._sample(
+                    cond,
+                    guidance,
+                    uncond,
+                    (b, *shape),
+                    steps,
+                    sampler,
+                    generators[0],
+                    num_tokens,
+                    callback,
+                    noise,
+                    image_cond,
+                )
         finally:
             self.model.step_cache = None
         if cache is not None and cache_stats is not None:
             cache_stats(cache.stats)
         return latents  # (B, C, T', H', W')
 
-    def _sample(self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None, image=None):
+    def _sample(
+        self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None, image=None
+    ):
         if noise is None:
             noise = torch.randn((1, *shape), generator=generator).to(self.device)
             shape = noise.shape
@@ -434,11 +524,19 @@ class TextToVideoPipeline:
         if self.model.step_cache is not None:  # a new run from new noise: no state carries over
             self.model.step_cache.begin(total_calls=sampler_nfe(sampler, steps))
         return self.diffusion.sample(
-            model_fn, tuple(noise.shape), steps=steps, sampler=sampler, generator=generator,
-            num_tokens=num_tokens, noise=noise, callback=callback,
+            model_fn,
+            tuple(noise.shape),
+            steps=steps,
+            sampler=sampler,
+            generator=generator,
+            num_tokens=num_tokens,
+            noise=noise,
+            callback=callback,
         )
 
-    def image_condition(self, image, last_image, frames: int, height: int, width: int, latent_shape) -> ImageCondition | None:
+    def image_condition(
+        self, image, last_image, frames: int, height: int, width: int, latent_shape
+    ) -> ImageCondition | None:
         """Image-to-video's condition for one call (`image_encoder.py`), None without images; a ValueError (one line)
         for images this export cannot use or that it needs and did not get."""
         m = self.config.model
@@ -448,13 +546,21 @@ class TextToVideoPipeline:
         if image is None:
             return None
         images = [load_image(image, "image")] + ([] if last_image is None else [load_image(last_image, "last_image")])
-        features = None if self.image_encoder is None else self.image_encoder.encode(images).to(self.device)  # (1, Li, Di)
-        video = condition_video(images, frames, height, width, self.autoencoder.spatial_factor).to(self.device)  # (1, 3, F, H, W)
+        features = (
+            None if self.image_encoder is None else self.image_encoder.encode(images).to(self.device)
+        )  # (1, Li, Di)
+        video = condition_video(images, frames, height, width, self.autoencoder.spatial_factor).to(
+            self.device
+        )  # (1, 3, F, H, W)
         latents = self.autoencoder.encode(video).float()  # (1, C, T', H', W')
-        mask = condition_mask(frames, latent_shape, self.autoencoder.temporal_factor, last_image is not None).to(self.device)
+        mask = condition_mask(frames, latent_shape, self.autoencoder.temporal_factor, last_image is not None).to(
+            self.device
+        )
         channels = torch.cat([mask, latents], dim=1)  # (1, tf + C, T', H', W')
         if latents.shape[1] + mask.shape[1] + m.predicted_channels != m.in_channels:
-            raise ValueError(f"the model reads {m.in_channels} channels but noise, mask and image latents give {latents.shape[1] + mask.shape[1] + m.predicted_channels}")
+            raise ValueError(
+                f"the model reads {m.in_channels} channels but noise, mask and image latents give {latents.shape[1] + mask.shape[1] + m.predicted_channels}"
+            )
         return ImageCondition(channels, features)
 
     def image_problem(self, image: bool, last_image: bool) -> str | None:

@@ -26,7 +26,9 @@ def rope_frequencies(
 ) -> list[torch.Tensor]:
     """Inverse frequencies per axis: [(d_t/2,), (d_h/2,), (d_w/2,)], made on `device` (no host-to-device copy)."""
     return [
-        theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d) if d else torch.zeros(0, dtype=torch.float64, device=device)
+        theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)
+        if d
+        else torch.zeros(0, dtype=torch.float64, device=device)
         for d in rope_split(head_dim, split)
     ]
 

@@ -89,10 +89,17 @@ def check_step_cache(method: str | None, threshold: float | None) -> tuple[str |
         raise ValueError(f"step_cache must be one of none, {', '.join(STEP_CACHE_METHODS)}, got '{method}'")
     if threshold is None:
         return name, None if name is None else DEFAULT_THRESHOLDS[name]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or threshold < 0
+    ):
         raise ValueError(f"cache_threshold must be a finite number >= 0, got {threshold!r}")
     if name is None:
-        raise ValueError(f"cache_threshold needs a step_cache ({', '.join(STEP_CACHE_METHODS)}), got step_cache {method!r}")
+        raise ValueError(
+            f"cache_threshold needs a step_cache ({', '.join(STEP_CACHE_METHODS)}), got step_cache {method!r}"
+        )
     return name, float(threshold)
 
 
@@ -102,7 +109,9 @@ class _State:
 
     calls: int = 0
     accumulated: float = 0.0  # teacache: rescaled distance since the last computed call
-    previous: torch.Tensor | None = None  # teacache: the last indicator; fbcache: the first block's last computed residual
+    previous: torch.Tensor | None = (
+        None  # teacache: the last indicator; fbcache: the first block's last computed residual
+    )
     residual: torch.Tensor | None = None  # what the cached blocks added on the last computed call
     last_output: torch.Tensor | None = None  # record mode: the blocks' previous output
 
@@ -150,8 +159,12 @@ class StepCache:
             return self._teacache(state, blocks, x, c, args, forced)
         return self._fbcache(state, blocks, x, c, args, forced)
 
-    def _teacache(self, state: _State, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, args: tuple, forced: bool) -> torch.Tensor:
-        indicator = c if self.indicator == "modulation" else first_block_modulated_input(blocks[0], x, c, args[-1])  # (B, N, D) | (clips, 6 D)
+    def _teacache(
+        self, state: _State, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, args: tuple, forced: bool
+    ) -> torch.Tensor:
+        indicator = (
+            c if self.indicator == "modulation" else first_block_modulated_input(blocks[0], x, c, args[-1])
+        )  # (B, N, D) | (clips, 6 D)
         change = _relative_l1(indicator, state.previous)
         state.previous = indicator
         if change is not None:
@@ -170,7 +183,9 @@ class StepCache:
         state.residual = out - x
         return out
 
-    def _fbcache(self, state: _State, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, args: tuple, forced: bool) -> torch.Tensor:
+    def _fbcache(
+        self, state: _State, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, args: tuple, forced: bool
+    ) -> torch.Tensor:
         h = blocks[0](x, c, *args)  # (B, N, D)
         first = h - x  # (B, N, D): the first block's residual
         usable = state.residual is not None and state.residual.shape == x.shape
@@ -225,6 +240,12 @@ def fit_coefficients(records: list[tuple[float, float]], degree: int = 4) -> tup
 
 
 __all__ = [
-    "DEFAULT_THRESHOLDS", "STEP_CACHE_METHODS", "StepCache", "StepCacheStats", "build_step_cache", "check_step_cache",
-    "first_block_modulated_input", "fit_coefficients",
-]  # fmt: skip
+    "DEFAULT_THRESHOLDS",
+    "STEP_CACHE_METHODS",
+    "StepCache",
+    "StepCacheStats",
+    "build_step_cache",
+    "check_step_cache",
+    "first_block_modulated_input",
+    "fit_coefficients",
+]

@@ -166,7 +166,9 @@ def encoder_depth(config: Any) -> int:
 
 def check_hidden_layer(hidden_layer: int, layers: int, name: str) -> None:
     if layers < 1 and hidden_layer != -1:
-        raise ValueError(f"text_encoder.hidden_layer {hidden_layer}: '{name}' does not say how many layers it has; use -1")
+        raise ValueError(
+            f"text_encoder.hidden_layer {hidden_layer}: '{name}' does not say how many layers it has; use -1"
+        )
     if not -(layers + 1) <= hidden_layer <= layers:
         raise ValueError(
             f"text_encoder.hidden_layer {hidden_layer} is out of range for '{name}' ({layers} layers: "
@@ -215,7 +217,9 @@ class TextEncoder:
 
     @torch.no_grad()
     def _encode_batch(self, texts: list[str]) -> TextEmbedding:
-        batch = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         ids = batch["input_ids"].to(self.device)  # (B, L)
         mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=not self._last)
@@ -325,7 +329,13 @@ def build_text_encoder(
         raise FileNotFoundError(f"text_encoder.tokenizer_path '{cfg.tokenizer_path}' is not a folder")
     model, tokenizer, pooling = _load(folder, name, cfg.max_length, cfg.tokenizer_path, dtype)
     encoder = TextEncoder(
-        model, tokenizer, name, cfg.max_length, pooling, EmbeddingCache(cfg.cache_size), hidden_layer=cfg.hidden_layer,
+        model,
+        tokenizer,
+        name,
+        cfg.max_length,
+        pooling,
+        EmbeddingCache(cfg.cache_size),
+        hidden_layer=cfg.hidden_layer,
         clean_prompts=cfg.clean_prompts,
     )
     return encoder.to(device)

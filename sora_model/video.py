@@ -380,7 +380,9 @@ def _open_decord(path: str, cover: tuple[int, int] | None) -> Any | None:
     try:
         size = _scaled_size(path, cover) if cover is not None else None
         if size is not None:
-            scaled = decord.VideoReader(path, ctx=decord.cpu(0), width=size[1], height=size[0], num_threads=DECORD_THREADS)
+            scaled = decord.VideoReader(
+                path, ctx=decord.cpu(0), width=size[1], height=size[0], num_threads=DECORD_THREADS
+            )
             if scaled[0].shape == (*size, 3):
                 return scaled
         return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECORD_THREADS)

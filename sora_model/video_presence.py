@@ -53,7 +53,9 @@ def require_frames_present(path: Source, index: int, num_frames: int) -> None:
                     return
         except (av.FFmpegError, OSError, ValueError) as err:
             raise VideoReadError(path, "truncated/undecodable", f"after packet {count}: {err}") from None
-    raise VideoReadError(path, "truncated/undecodable", f"only {count} of {num_frames} frames' data present, frame {index} needed")
+    raise VideoReadError(
+        path, "truncated/undecodable", f"only {count} of {num_frames} frames' data present, frame {index} needed"
+    )
 
 
 def frames_present_by_seeking(source: BinaryIO, need: int) -> None:
@@ -81,5 +83,7 @@ def frames_present_by_seeking(source: BinaryIO, need: int) -> None:
                 if packet.size and packet.dts is not None and packet.dts >= target:
                     return
         except (av.FFmpegError, OSError, ValueError) as err:
-            raise VideoReadError(path, "truncated/undecodable", f"reading the packets of frame {need - 1}: {err}") from None
+            raise VideoReadError(
+                path, "truncated/undecodable", f"reading the packets of frame {need - 1}: {err}"
+            ) from None
     raise VideoReadError(path, "truncated/undecodable", f"the data ends before frame {need - 1}'s packet")

@@ -48,9 +48,17 @@ def tiny_wan_transformer() -> torch.nn.Module:
     import diffusers
 
     model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=WAN_CHANNELS, out_channels=WAN_CHANNELS,
-        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32,
-    )  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=WAN_CHANNELS,
+        out_channels=WAN_CHANNELS,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
     perturb(model, 0)
     return model.eval()
 
@@ -60,9 +68,14 @@ def write_tiny_vae(folder: Path) -> Path:
     import diffusers
 
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                                  layers_per_block=1)  # fmt: skip
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
     vae.save_pretrained(str(folder))
     return folder
 
@@ -80,9 +93,15 @@ def make_tiny_wan_folder(folder: Path) -> Path:
         transformers.UMT5Config(vocab_size=30522, d_model=WAN_TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     )
     vae = diffusers.AutoencoderKLWan(
-        base_dim=8, z_dim=WAN_CHANNELS, dim_mult=[1, 1, 2, 2], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD,
-    )  # fmt: skip
+        base_dim=8,
+        z_dim=WAN_CHANNELS,
+        dim_mult=[1, 1, 2, 2],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        latents_mean=WAN_LATENTS_MEAN,
+        latents_std=WAN_LATENTS_STD,
+    )
     diffusers.WanPipeline(
         tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()),
         text_encoder=text_encoder.eval(),
@@ -107,20 +126,40 @@ def make_tiny_i2v_folder(folder: Path, flf2v: bool) -> Path:
 
     t2v = make_tiny_wan_folder(folder.parent / f"{folder.name}-t2v")
     torch.manual_seed(0)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=I2V_IMAGE_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))  # fmt: skip
+    clip = transformers.CLIPVisionModel(
+        transformers.CLIPVisionConfig(
+            hidden_size=I2V_IMAGE_DIM,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
     transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=I2V_IN_CHANNELS, out_channels=WAN_CHANNELS,
-        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32, image_dim=I2V_IMAGE_DIM,
-        added_kv_proj_dim=32, pos_embed_seq_len=2 * I2V_IMAGE_TOKENS if flf2v else None,
-    )  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=I2V_IN_CHANNELS,
+        out_channels=WAN_CHANNELS,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        rope_max_seq_len=32,
+        image_dim=I2V_IMAGE_DIM,
+        added_kv_proj_dim=32,
+        pos_embed_seq_len=2 * I2V_IMAGE_TOKENS if flf2v else None,
+    )
     perturb(transformer, 1)
     diffusers.WanImageToVideoPipeline(
         tokenizer=transformers.AutoTokenizer.from_pretrained(minilm_path()),
         text_encoder=transformers.UMT5EncoderModel.from_pretrained(str(t2v / "text_encoder")).eval(),
         vae=diffusers.AutoencoderKLWan.from_pretrained(str(t2v / "vae")).eval(),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
         image_encoder=clip.eval(),
         transformer=transformer.eval(),
     ).save_pretrained(str(folder))
@@ -146,7 +185,18 @@ def smoke_training_data(base: Path) -> str:
         assert main([*synth, "--no-progress"]) == 0
         manifest = str(base / "shapes" / "captions.jsonl")
         for out, frames in ((images, "1"), (clips, "8")):
-            prepare = ["data", "prepare", "--manifest", manifest, "--out", str(out), "--resolution", "16", "--frames", frames]
+            prepare = [
+                "data",
+                "prepare",
+                "--manifest",
+                manifest,
+                "--out",
+                str(out),
+                "--resolution",
+                "16",
+                "--frames",
+                frames,
+            ]
             assert main([*prepare, "--no-progress"]) == 0
     return f"{images},{clips}"
 
@@ -189,7 +239,9 @@ def free_port() -> int:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
         low, high = 32768, 60999  # Linux's default
-    ports = [p for p in range(10000, 65536) if not low <= p <= high]  # below 10000: well-known defaults (Ray's 6379, 8265)
+    ports = [
+        p for p in range(10000, 65536) if not low <= p <= high
+    ]  # below 10000: well-known defaults (Ray's 6379, 8265)
     for port in random.sample(ports, min(200, len(ports))):
         with socket.socket() as s:
             try:

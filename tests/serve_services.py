@@ -24,7 +24,9 @@ def postgres_bindir() -> str | None:
     """Where initdb and pg_ctl are: PATH, else the newest /usr/lib/postgresql/*/bin (Debian puts them there)."""
     if shutil.which("initdb") and shutil.which("pg_ctl"):
         return os.path.dirname(shutil.which("initdb"))
-    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0)
+    dirs = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0
+    )
     return dirs[-1] if dirs and os.path.exists(os.path.join(dirs[-1], "pg_ctl")) else None
 
 
@@ -55,7 +57,11 @@ def postgres_server() -> Iterator[str]:
     try:
         yield f"postgresql://sora@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*prefix, os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
+        subprocess.run(
+            [*prefix, os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -69,12 +75,16 @@ def s3_server() -> Iterator[dict]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
-        with patched_environ(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"):
+        with patched_environ(
+            AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+        ):
             import s3fs
 
             endpoint = f"http://127.0.0.1:{port}"
             # moto keeps its buckets per process, not per server: an earlier module's server may have made it.
-            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).makedirs("sora", exist_ok=True)
+            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).makedirs(
+                "sora", exist_ok=True
+            )
             yield {"client_kwargs": {"endpoint_url": endpoint}}
     finally:
         server.stop()

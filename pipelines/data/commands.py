@@ -39,47 +39,67 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--manifest", required=True, help="JSONL or CSV (path + caption|text), or a folder of videos with NAME.txt captions"
+        "--manifest",
+        required=True,
+        help="JSONL or CSV (path + caption|text), or a folder of videos with NAME.txt captions",
     )
-    p.add_argument("--out", required=True, help="output folder (refused if it holds something else; resumed if interrupted)")
+    p.add_argument(
+        "--out", required=True, help="output folder (refused if it holds something else; resumed if interrupted)"
+    )
     p.add_argument("--resolution", type=int, help="square clip size in pixels, after short-side resize and centre crop")
     p.add_argument("--frames", type=int, help="frames per clip (1 makes image clips)")
-    p.add_argument("--buckets", help="instead of --resolution/--frames: FxHxW,... e.g. 1x32x32,8x32x32; one folder each")
+    p.add_argument(
+        "--buckets", help="instead of --resolution/--frames: FxHxW,... e.g. 1x32x32,8x32x32; one folder each"
+    )
     p.add_argument("--fps", type=float, help="clip frame rate, resampled from the source (default: the source's own)")
-    p.add_argument("--clips-per-video", type=int, default=1, help="clips per video, --stride apart; 0 = all that fit (default 1)")
+    p.add_argument(
+        "--clips-per-video", type=int, default=1, help="clips per video, --stride apart; 0 = all that fit (default 1)"
+    )
     p.add_argument("--stride", type=float, help="seconds between clip starts (default: one clip length)")
     p.add_argument(
-        "--max-upscale", type=float, default=DEFAULT_MAX_UPSCALE,
+        "--max-upscale",
+        type=float,
+        default=DEFAULT_MAX_UPSCALE,
         help="reject inputs that would be scaled up more than this to fill their bucket (default %(default)g: never upscale)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--max-fps-ratio", type=float, default=DEFAULT_MAX_FPS_RATIO,
+        "--max-fps-ratio",
+        type=float,
+        default=DEFAULT_MAX_FPS_RATIO,
         help="reject inputs whose fps is below --fps by more than this factor: frames would repeat (default %(default)g)",
-    )  # fmt: skip
+    )
     _add_model_arguments(p)
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
-    p.add_argument("--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)")
+    p.add_argument(
+        "--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)"
+    )
     p.add_argument("--workers", type=int, help="decode tasks at once at most (default: as many as there are CPUs)")
     p.add_argument(
-        "--decode-batch-mib", type=int,
+        "--decode-batch-mib",
+        type=int,
         help="decoded pixels per decode task, MiB (default: a quarter of a task's share of the smallest node's memory, 128 MiB-4 GiB)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--vae-batch-clips", type=int,
+        "--vae-batch-clips",
+        type=int,
         help="clips per VAE encode call (default: from the GPU's free memory and a per-clip estimate; on CPU 2 GiB of input)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--decode-timeout", type=float, default=DECODE_TIMEOUT_S,
+        "--decode-timeout",
+        type=float,
+        default=DECODE_TIMEOUT_S,
         help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--caption-actors", type=int,
+        "--caption-actors",
+        type=int,
         help="text-encoder actors (default: one per GPU; on CPU-only clusters 0 = tasks keeping the encoder loaded)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--curate", action="store_true",
+        "--curate",
+        action="store_true",
         help="clips never span a scene cut, and each gets scene, motion and phash columns for `sora data filter`",
-    )  # fmt: skip
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     console.add_arguments(p)
@@ -92,26 +112,33 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         default="x".join(map(str, DEFAULT_PATCH)),
         help="the model's patch size TxHxW; must equal the recipe's model.patch_size (default %(default)s, DiT-demo)",
     )
-    p.add_argument("--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder")
     p.add_argument(
-        "--max-text-length", type=int,
+        "--text-encoder", default="minilm", help="'minilm' (packaged, offline) or a local Hugging Face folder"
+    )
+    p.add_argument(
+        "--max-text-length",
+        type=int,
         help="text tokens kept per caption; longer captions are cut and counted (default: the encoder's own maximum, "
-             "e.g. 512 for T5/umT5, 77 for CLIP; 32 for the packaged minilm, as the demo recipes train)",
-    )  # fmt: skip
+        "e.g. 512 for T5/umT5, 77 for CLIP; 32 for the packaged minilm, as the demo recipes train)",
+    )
     p.add_argument(
-        "--text-hidden-layer", type=int, default=-1,
+        "--text-hidden-layer",
+        type=int,
+        default=-1,
         help="text encoder hidden state used: -1 last layer (default), 0 token embeddings; must match the recipe's",
-    )  # fmt: skip
+    )
     p.add_argument("--autoencoder-path", help="local diffusers VAE folder; latents instead of pixels (default: pixels)")
     p.add_argument(
-        "--from-export", metavar="EXPORT_DIR",
+        "--from-export",
+        metavar="EXPORT_DIR",
         help="take the text encoder, autoencoder and patch from an export (e.g. a converted Wan2.1: umT5 + Wan VAE)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--image-conditioning", action="store_true",
+        "--image-conditioning",
+        action="store_true",
         help="with --from-export of an image-to-video export: also store each clip's first (FLF2V: and last) frame "
-             "condition, its VAE latents and image-encoder features, for I2V fine-tuning",
-    )  # fmt: skip
+        "condition, its VAE latents and image-encoder features, for I2V fine-tuning",
+    )
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -136,8 +163,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     console.start_for(args, "sora data prepare")
     info = prepare(opts)
-    console.say(f"sora data prepare: {info['num_clips']} clips in {len(info['buckets'])} bucket(s), {info['num_rejected']} inputs "
-                f"rejected, {info['seconds']:.0f}s → {opts.out}")  # fmt: skip
+    console.say(
+        f"sora data prepare: {info['num_clips']} clips in {len(info['buckets'])} bucket(s), {info['num_rejected']} inputs "
+        f"rejected, {info['seconds']:.0f}s → {opts.out}"
+    )
     return 0
 
 
@@ -158,6 +187,8 @@ def register(subparsers: Any) -> None:
     prepare.set_defaults(func=run_prepare)
     from pipelines.data.filter import add_filter_arguments, run_filter
 
-    filter_ = sub.add_parser("filter", help="a curated dataset without its static clips and near-duplicates (no decoding)")
+    filter_ = sub.add_parser(
+        "filter", help="a curated dataset without its static clips and near-duplicates (no decoding)"
+    )
     add_filter_arguments(filter_)
     filter_.set_defaults(func=run_filter)

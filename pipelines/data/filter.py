@@ -94,12 +94,16 @@ def _read_all(src: str, info: dict[str, Any]) -> tuple[list[tuple[str, str]], di
         if isinstance(got, Exception):
             raise got
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-    cols["shard"] = np.concatenate([np.full(len(p["clip_id"]), i) for i, p in enumerate(parts)]) if parts else np.zeros(0)
+    cols["shard"] = (
+        np.concatenate([np.full(len(p["clip_id"]), i) for i, p in enumerate(parts)]) if parts else np.zeros(0)
+    )
     cols["row"] = np.concatenate([np.arange(len(p["clip_id"])) for p in parts]) if parts else np.zeros(0)
     return shards, cols
 
 
-def decide(opts: FilterOptions, shards: list[tuple[str, str]], cols: dict[str, np.ndarray]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def decide(
+    opts: FilterOptions, shards: list[tuple[str, str]], cols: dict[str, np.ndarray]
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """(keep mask over clips, one dropped-clip row each), motion first, then near-duplicates among what is left."""
     n = len(cols["clip_id"])
     keep = np.ones(n, dtype=bool)
@@ -107,8 +111,16 @@ def decide(opts: FilterOptions, shards: list[tuple[str, str]], cols: dict[str, n
 
     def drop(i: int, reason: str, detail: str) -> None:
         keep[i] = False
-        dropped.append({"clip_id": str(cols["clip_id"][i]), "source": str(cols["source"][i]), "start_s": float(cols["start_s"][i]),
-                        "bucket": shards[int(cols["shard"][i])][0], "reason": reason, "detail": detail})  # fmt: skip
+        dropped.append(
+            {
+                "clip_id": str(cols["clip_id"][i]),
+                "source": str(cols["source"][i]),
+                "start_s": float(cols["start_s"][i]),
+                "bucket": shards[int(cols["shard"][i])][0],
+                "reason": reason,
+                "detail": detail,
+            }
+        )
 
     if opts.min_motion is not None:
         for i in np.flatnonzero(cols["motion"] < opts.min_motion):
@@ -121,7 +133,11 @@ def decide(opts: FilterOptions, shards: list[tuple[str, str]], cols: dict[str, n
         for pos in np.flatnonzero(of >= 0):
             i, j = order[int(pos)], order[int(of[pos])]
             bits = int(hamming(cols["phash"][i], cols["phash"][j]).max())
-            drop(i, "duplicate", f"within {bits} bits of clip {cols['clip_id'][j]} ({cols['source'][j]} at {float(cols['start_s'][j]):g}s)")
+            drop(
+                i,
+                "duplicate",
+                f"within {bits} bits of clip {cols['clip_id'][j]} ({cols['source'][j]} at {float(cols['start_s'][j]):g}s)",
+            )
     return keep, sorted(dropped, key=lambda r: (r["bucket"], r["source"], r["start_s"]))
 
 
@@ -136,10 +152,15 @@ def _check_out(out: str, overwrite: bool) -> None:
     if not entries:
         return
     if not overwrite:
-        raise FilterError(f"--out {out} is not empty; choose a new folder or pass --overwrite to replace the dataset there")
+        raise FilterError(
+            f"--out {out} is not empty; choose a new folder or pass --overwrite to replace the dataset there"
+        )
     names = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
-    others = [n for n, e in names.items() if n not in (DATASET_INFO, FILTERED, REJECTS, NULL_PROMPT)
-              and not (e["type"] == "directory" and "x" in n)]  # fmt: skip
+    others = [
+        n
+        for n, e in names.items()
+        if n not in (DATASET_INFO, FILTERED, REJECTS, NULL_PROMPT) and not (e["type"] == "directory" and "x" in n)
+    ]
     if DATASET_INFO not in names or others:
         what = f"files a filter did not write ({', '.join(sorted(others)[:3])})" if others else f"no {DATASET_INFO}"
         raise FilterError(f"refusing to --overwrite {out}: it holds {what}")
@@ -155,15 +176,21 @@ def filter_dataset(opts: FilterOptions) -> dict[str, Any]:
 
     info = read_dataset_info(opts.src)
     if "curate" not in info:
-        raise FilterError(f"{opts.src} was prepared without --curate (no scene, motion, phash columns); prepare it again with --curate")
+        raise FilterError(
+            f"{opts.src} was prepared without --curate (no scene, motion, phash columns); prepare it again with --curate"
+        )
     shards, cols = _read_all(opts.src, info)
     keep, dropped = decide(opts, shards, cols)
     if not keep.any():
-        raise FilterError(f"every one of the {len(keep)} clips of {opts.src} would be dropped; lower --min-motion or --max-hamming")
+        raise FilterError(
+            f"every one of the {len(keep)} clips of {opts.src} would be dropped; lower --min-motion or --max-hamming"
+        )
     _check_out(opts.out, opts.overwrite)
 
     def copy(k: int) -> tuple[str, int]:
-        return shards[k][0], _copy_rows(shards[k][1], join(opts.out, shards[k][0]), cols["row"][(cols["shard"] == k) & keep])
+        return shards[k][0], _copy_rows(
+            shards[k][1], join(opts.out, shards[k][0]), cols["row"][(cols["shard"] == k) & keep]
+        )
 
     counts: dict[str, int] = {}
     for got in _parallel(copy, list(range(len(shards)))):
@@ -178,11 +205,21 @@ def filter_dataset(opts: FilterOptions) -> dict[str, Any]:
     text = "".join(json.dumps(r) + "\n" for r in dropped).encode()
     put_file(join(opts.out, FILTERED), lambda f: f.write(text))
     reasons = {r: sum(d["reason"] == r for d in dropped) for r in ("low motion", "duplicate")}
-    step = {"from": opts.src, "min_motion": opts.min_motion, "drop_duplicates": opts.drop_duplicates,
-            "max_hamming": opts.max_hamming if opts.drop_duplicates else None, "clips_in": int(len(keep)),
-            "clips_kept": int(keep.sum()), "dropped": reasons}  # fmt: skip
-    out_info = {**info, "num_clips": int(keep.sum()), "buckets": [{**b, "num_clips": counts.get(b["name"], 0)} for b in info["buckets"]],
-                "filters": [*info.get("filters", []), step]}  # fmt: skip
+    step = {
+        "from": opts.src,
+        "min_motion": opts.min_motion,
+        "drop_duplicates": opts.drop_duplicates,
+        "max_hamming": opts.max_hamming if opts.drop_duplicates else None,
+        "clips_in": int(len(keep)),
+        "clips_kept": int(keep.sum()),
+        "dropped": reasons,
+    }
+    out_info = {
+        **info,
+        "num_clips": int(keep.sum()),
+        "buckets": [{**b, "num_clips": counts.get(b["name"], 0)} for b in info["buckets"]],
+        "filters": [*info.get("filters", []), step],
+    }
     out_info["curate"] = {**info["curate"], **curate_summary([join(opts.out, b["name"]) for b in info["buckets"]])}
     write_json(join(opts.out, DATASET_INFO), out_info)
     return out_info
@@ -206,22 +243,37 @@ def _copy_rows(shard: str, folder: str, rows: np.ndarray) -> int:
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in", dest="src", required=True, help="a dataset prepared with --curate (folder or fsspec URI)")
     p.add_argument("--out", required=True, help="folder or URI for the filtered dataset (new or empty)")
-    p.add_argument("--min-motion", type=float, help="drop clips whose motion score is below this (dataset.json curate.motion "
-                                                    "has the quantiles)")  # fmt: skip
+    p.add_argument(
+        "--min-motion",
+        type=float,
+        help="drop clips whose motion score is below this (dataset.json curate.motion has the quantiles)",
+    )
     p.add_argument("--drop-duplicates", action="store_true", help="keep one clip of each group of near-duplicates")
-    p.add_argument("--max-hamming", type=int, help=f"near-duplicate: every hashed frame within N of 64 bits (default {DEFAULT_MAX_HAMMING})")
+    p.add_argument(
+        "--max-hamming",
+        type=int,
+        help=f"near-duplicate: every hashed frame within N of 64 bits (default {DEFAULT_MAX_HAMMING})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
 
 def run_filter(args: argparse.Namespace) -> int:
     if args.max_hamming is not None and not args.drop_duplicates:
         raise FilterError("--max-hamming needs --drop-duplicates")
-    opts = FilterOptions(args.src, args.out, args.min_motion, args.drop_duplicates,
-                         DEFAULT_MAX_HAMMING if args.max_hamming is None else args.max_hamming, args.overwrite)  # fmt: skip
+    opts = FilterOptions(
+        args.src,
+        args.out,
+        args.min_motion,
+        args.drop_duplicates,
+        DEFAULT_MAX_HAMMING if args.max_hamming is None else args.max_hamming,
+        args.overwrite,
+    )
     info = filter_dataset(opts)
     step = info["filters"][-1]
-    print(f"sora data filter: kept {step['clips_kept']} of {step['clips_in']} clips ({step['dropped']['low motion']} low motion, "
-          f"{step['dropped']['duplicate']} duplicates) → {opts.out}")  # fmt: skip
+    print(
+        f"sora data filter: kept {step['clips_kept']} of {step['clips_in']} clips ({step['dropped']['low motion']} low motion, "
+        f"{step['dropped']['duplicate']} duplicates) → {opts.out}"
+    )
     return 0
 
 

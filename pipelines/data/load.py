@@ -88,13 +88,19 @@ def remote_failure(uri: str, err: BaseException) -> RemoteAccessError | None:
     """
     name = type(err).__name__
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-        return RemoteAccessError(f"{uri}: no credentials for {uri.split('://', 1)[0]}:// ({name}); set AWS_ACCESS_KEY_ID and "
-                                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible store")  # fmt: skip
+        return RemoteAccessError(
+            f"{uri}: no credentials for {uri.split('://', 1)[0]}:// ({name}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for an S3-compatible store"
+        )
     if isinstance(err, PermissionError):
         return RemoteAccessError(f"{uri}: access denied{_endpoint()} ({' '.join(str(err).split())})")
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "InvalidEndpointError") or isinstance(err, ConnectionError):
-        return RemoteAccessError(f"{uri}: the store cannot be reached{_endpoint()} ({' '.join(str(err).split())}); "
-                                 "check AWS_ENDPOINT_URL and the network")  # fmt: skip
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "InvalidEndpointError") or isinstance(
+        err, ConnectionError
+    ):
+        return RemoteAccessError(
+            f"{uri}: the store cannot be reached{_endpoint()} ({' '.join(str(err).split())}); "
+            "check AWS_ENDPOINT_URL and the network"
+        )
     return None
 
 
@@ -118,7 +124,9 @@ def read_dataset_info(path: str | Path) -> dict[str, Any]:
                 raise FileNotFoundError(
                     f"{root} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same command to finish it"
                 ) from None
-            raise FileNotFoundError(f"{root} is not a prepared dataset (no {DATASET_INFO}); make one with `sora data prepare`") from None
+            raise FileNotFoundError(
+                f"{root} is not a prepared dataset (no {DATASET_INFO}); make one with `sora data prepare`"
+            ) from None
         except Exception as err:  # noqa: BLE001 - credentials, permissions and endpoints become one line naming the URI
             raise remote_failure(root, err) or err from None
         try:
@@ -167,7 +175,9 @@ def _select_bucket(path: str | Path, info: dict[str, Any], bucket: str | Sequenc
     raise ValueError(f"{path} has no bucket {name}; it has: {names}")
 
 
-def bucket_files(path: str | Path, bucket: str | Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def bucket_files(
+    path: str | Path, bucket: str | Sequence[int] | None = None
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(dataset info, bucket info, sorted shard paths or URIs) of one bucket of a prepared folder or URI."""
     folder = _root(path)
     info = read_dataset_info(folder)
@@ -184,7 +194,11 @@ def bucket_files(path: str | Path, bucket: str | Sequence[int] | None = None) ->
 def text_encoder_identity(info: dict[str, Any]) -> dict[str, Any]:
     """What decides a prepared dataset's text embeddings (hidden_layer -1 for data written before it existed)."""
     te = info.get("text_encoder", {})
-    return {"name_or_path": te.get("name_or_path"), "dim": te.get("dim"), "hidden_layer": int(te.get("hidden_layer", -1))}
+    return {
+        "name_or_path": te.get("name_or_path"),
+        "dim": te.get("dim"),
+        "hidden_layer": int(te.get("hidden_layer", -1)),
+    }
 
 
 def _check_compatible(infos: list[tuple[str | Path, dict[str, Any], dict[str, Any]]]) -> None:
@@ -192,7 +206,9 @@ def _check_compatible(infos: list[tuple[str | Path, dict[str, Any], dict[str, An
     for p, i, b in rest:
         for key in MUST_AGREE:
             if i[key] != i0[key]:
-                raise ValueError(f"{p} and {p0} differ in {key} ({i[key]} vs {i0[key]}); they cannot be read as one dataset")
+                raise ValueError(
+                    f"{p} and {p0} differ in {key} ({i[key]} vs {i0[key]}); they cannot be read as one dataset"
+                )
         if text_encoder_identity(i) != text_encoder_identity(i0):
             raise ValueError(f"{p} and {p0} use different text encoders; they cannot be read as one dataset")
         if b["grid"] != b0["grid"]:
@@ -262,8 +278,12 @@ def _to_tensors(batch: Any) -> dict[str, np.ndarray]:
     return table_to_numpy(batch)
 
 
-EXTRA_OF = {"caption": "extra_captions", "text_tokens": "extra_text_tokens", "text_mask": "extra_text_mask",
-            "text_pooled": "extra_text_pooled"}  # fmt: skip
+EXTRA_OF = {
+    "caption": "extra_captions",
+    "text_tokens": "extra_text_tokens",
+    "text_mask": "extra_text_mask",
+    "text_pooled": "extra_text_pooled",
+}
 """A clip's first caption's fields -> the list columns holding its other captions' (one list per row)."""
 
 
@@ -329,8 +349,11 @@ def load_prepared(
     files, filesystem = _arrow_paths(files)
     if multi and all("extra_captions" in i.get("columns", ()) for _, i, _ in infos):
         # Multi-caption rows: read the other captions too and draw one per row each time the row is read.
-        ds = ray.data.read_parquet(files, columns=wanted + ["extra_text_tokens", *[m for m in multi if m != "extra_text_tokens"]],
-                                   filesystem=filesystem)  # fmt: skip
+        ds = ray.data.read_parquet(
+            files,
+            columns=wanted + ["extra_text_tokens", *[m for m in multi if m != "extra_text_tokens"]],
+            filesystem=filesystem,
+        )
         return ds.map_batches(draw_captions, batch_format="pyarrow", zero_copy_batch=True)
     ds = ray.data.read_parquet(files, columns=wanted, filesystem=filesystem)
     return ds.map_batches(_to_tensors, batch_format="pyarrow", zero_copy_batch=True)

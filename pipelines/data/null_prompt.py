@@ -48,7 +48,8 @@ def write_null_prompt(out: str, config: TextEncoderConfig) -> str:
 
     arrays = embed_null_prompt(config)
     data = save(
-        {k: torch.from_numpy(v) for k, v in arrays.items()}, metadata={SETTINGS_KEY: json.dumps(config.embedding_settings())}
+        {k: torch.from_numpy(v) for k, v in arrays.items()},
+        metadata={SETTINGS_KEY: json.dumps(config.embedding_settings())},
     )
     path = join(out, NULL_PROMPT_FILE)
     put_file(path, lambda f: f.write(data))  # whole or absent: a resume trusts a file it finds
@@ -91,8 +92,12 @@ def for_training(config: TextEncoderConfig, roots: list[str], text_length: int) 
     else:
         import ray
 
-        print(f"[sora train] no {NULL_PROMPT_FILE} in the data for text encoder '{config.name_or_path}': embedding \"\" "
-              "once (prepare with --from-export to skip this)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[sora train] no {NULL_PROMPT_FILE} in the data for text encoder '{config.name_or_path}': embedding \"\" "
+            "once (prepare with --from-export to skip this)",
+            file=sys.stderr,
+            flush=True,
+        )
         found = ray.get(ray.remote(embed_null_prompt).options(num_cpus=1).remote(config))
     if found["tokens"].shape[0] != text_length:
         raise ValueError(

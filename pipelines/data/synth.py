@@ -122,7 +122,11 @@ def _render_chunk(out: str, spec: SynthSpec, items: list[tuple[int, grammar.Comb
         rel = f"{VIDEOS_DIR}/{index:04d}.mp4"
         write_video(os.path.join(out, rel), make_video(spec, index, combo), fps=spec.fps)
         rows.append(
-            {"path": rel, "caption": grammar.caption(*combo), "attributes": dict(zip(grammar.ATTRIBUTES, combo, strict=True))}
+            {
+                "path": rel,
+                "caption": grammar.caption(*combo),
+                "attributes": dict(zip(grammar.ATTRIBUTES, combo, strict=True)),
+            }
         )
     return rows
 
@@ -151,7 +155,9 @@ def synth(
         raise ValueError(f"--fps must be > 0, got {fps}")
     spec = SynthSpec(size=size, frames=frames, fps=fps, seed=seed)
     if size < 2 * MIN_EXTENT or size % 2:
-        raise ValueError(f"--size must be an even number >= {2 * MIN_EXTENT} (H.264 4:2:0 needs even sizes), got {size}")
+        raise ValueError(
+            f"--size must be an even number >= {2 * MIN_EXTENT} (H.264 4:2:0 needs even sizes), got {size}"
+        )
     combos = grammar.combinations(exclude)
     items = [(i, combos[i % len(combos)]) for i in range(num_videos)]
 

@@ -12,25 +12,38 @@ def register(subparsers) -> None:
         help="generate clips for a prompt list and measure them (attributes, consistency, diversity, FID/FVD, CLIP)",
         description="Generate clips from an export for every prompt and seed, then write metrics.json and print a table.",
     )
-    p.add_argument("--model", required=True, metavar="EXPORT_DIR", help="export folder (model.safetensors + config.json)")
     p.add_argument(
-        "--prompts", required=True, metavar="FILE", help="text (one prompt a line) or JSONL {prompt, attributes?, held_out?}"
+        "--model", required=True, metavar="EXPORT_DIR", help="export folder (model.safetensors + config.json)"
     )
-    p.add_argument("--out", default="metrics.json", metavar="FILE", help="where to write the metrics (default: metrics.json)")
-    p.add_argument("--seeds", type=int, default=2, help="clips per prompt, seeds SEED..SEED+N-1 (default: 2; diversity needs 2)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help="text (one prompt a line) or JSONL {prompt, attributes?, held_out?}",
+    )
+    p.add_argument(
+        "--out", default="metrics.json", metavar="FILE", help="where to write the metrics (default: metrics.json)"
+    )
+    p.add_argument(
+        "--seeds", type=int, default=2, help="clips per prompt, seeds SEED..SEED+N-1 (default: 2; diversity needs 2)"
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--frames", type=int, default=None, help="frames per clip (default: the export's)")
     p.add_argument("--height", type=int, default=None, help="clip height (default: the export's)")
     p.add_argument("--width", type=int, default=None, help="clip width (default: the export's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the export's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the export's)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the export's)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="clips generated per batch (default: 8)")
     p.add_argument(
         "--features", default=None, metavar="PATH", help="feature network for FID/FVD: TorchScript .pt or .safetensors"
     )
     p.add_argument("--reference", default=None, metavar="DIR", help="folder of real videos to compare with (FID/FVD)")
     p.add_argument("--clip", default=None, metavar="PATH", help="local CLIP checkpoint folder for the CLIP score")
-    p.add_argument("--save-samples", default=None, metavar="DIR", help="also write every clip as a GIF (and grid.gif) here")
+    p.add_argument(
+        "--save-samples", default=None, metavar="DIR", help="also write every clip as a GIF (and grid.gif) here"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command)

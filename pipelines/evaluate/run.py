@@ -73,7 +73,9 @@ def _spec(item: str | Mapping | PromptSpec, where: str) -> PromptSpec:
 def load_prompts(path: str) -> list[PromptSpec]:
     """Read a prompts file: text lines, or JSONL objects with `prompt` [+ `attributes`, `held_out`]."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file not found: {path} (--prompts takes a text file, one prompt a line, or JSONL)")
+        raise FileNotFoundError(
+            f"prompts file not found: {path} (--prompts takes a text file, one prompt a line, or JSONL)"
+        )
     with open(path, encoding="utf-8") as f:
         lines = [(k + 1, line.strip()) for k, line in enumerate(f)]
     lines = [(k, line) for k, line in lines if line and not line.startswith("#")]
@@ -243,11 +245,15 @@ def _specs(prompts, seeds: int, batch_size: int, features: str | None, reference
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if bool(features) != bool(reference):
-        raise ValueError("FID/FVD need both --features (a feature network file) and --reference (a folder of real videos)")
+        raise ValueError(
+            "FID/FVD need both --features (a feature network file) and --reference (a folder of real videos)"
+        )
     return specs
 
 
-def _generate(pipeline, specs: Sequence[PromptSpec], jobs: list[tuple[int, int]], sampling: dict, batch_size: int, progress: bool) -> np.ndarray:
+def _generate(
+    pipeline, specs: Sequence[PromptSpec], jobs: list[tuple[int, int]], sampling: dict, batch_size: int, progress: bool
+) -> np.ndarray:
     """Every (prompt index, seed) job's clip, in job order: (len(jobs), T, H, W, 3) uint8."""
     from pipelines import console
 
@@ -321,7 +327,11 @@ def _reference_metrics(extractor, reference: str, clips: np.ndarray, sampling: d
     """FID over frames and FVD over clips against the reference folder's videos, at the generated size."""
     ref = _reference_clips(reference, sampling["num_frames"], sampling["height"], sampling["width"])
     flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731 - (N, T, H, W, 3) -> (N*T, H, W, 3)
-    out: dict = {"fid": m.frechet_distance_from_features(extractor.frame_features(flat(clips)), extractor.frame_features(flat(ref)))}
+    out: dict = {
+        "fid": m.frechet_distance_from_features(
+            extractor.frame_features(flat(clips)), extractor.frame_features(flat(ref))
+        )
+    }
     if len(clips) >= 2:
         out["fvd"] = m.frechet_distance_from_features(extractor.clip_features(clips), extractor.clip_features(ref))
         out["fvd_features"] = "video" if extractor.takes_video else "frame-stats"
@@ -364,11 +374,23 @@ def format_table(result: Mapping) -> str:
     if rows:
         lines.append(f"{'attribute accuracy':<20}{'n':>6}{'color':>8}{'shape':>8}{'direction':>11}{'all':>8}")
         for g, a in rows:
-            lines.append(f"  {g:<18}{a['n']:>6}{a['color']:>8.1%}{a['shape']:>8.1%}{a['direction']:>11.1%}{a['all']:>8.1%}")
+            lines.append(
+                f"  {g:<18}{a['n']:>6}{a['color']:>8.1%}{a['shape']:>8.1%}{a['direction']:>11.1%}{a['all']:>8.1%}"
+            )
         lines.append("")
-    for key in ("temporal_consistency", "frame_change", "diversity", "fid", "fvd", "clip_score", "clip_temporal_consistency"):
+    for key in (
+        "temporal_consistency",
+        "frame_change",
+        "diversity",
+        "fid",
+        "fvd",
+        "clip_score",
+        "clip_temporal_consistency",
+    ):
         lines.append(f"{key:<28}{_fmt(result.get(key)):>12}")
-    lines.append(f"{'clips':<28}{result['num_clips']:>12}  ({result['num_prompts']} prompts x {result['num_seeds']} seeds)")
+    lines.append(
+        f"{'clips':<28}{result['num_clips']:>12}  ({result['num_prompts']} prompts x {result['num_seeds']} seeds)"
+    )
     return "\n".join(lines)
 
 

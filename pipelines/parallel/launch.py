@@ -28,7 +28,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, target: Callable[..., Any], parallel: ParallelConfig, device: str, init: str, results: Any, args: tuple) -> None:
+def _rank_main(
+    rank: int, target: Callable[..., Any], parallel: ParallelConfig, device: str, init: str, results: Any, args: tuple
+) -> None:
     """One rank: join the world, form the groups, run `target(groups, device, *args)`; rank 0 hands back its result
     (or the one-line message of a user-fixable error, which every rank meets alike before any collective)."""
     import torch
@@ -44,8 +46,13 @@ def _rank_main(rank: int, target: Callable[..., Any], parallel: ParallelConfig, 
     if device == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=init, rank=rank,
-                            world_size=world, timeout=RENDEZVOUS_TIMEOUT)  # fmt: skip
+    dist.init_process_group(
+        "nccl" if device.startswith("cuda") else "gloo",
+        init_method=init,
+        rank=rank,
+        world_size=world,
+        timeout=RENDEZVOUS_TIMEOUT,
+    )
     try:
         groups = new_sampling_groups(parallel)
         try:
@@ -70,13 +77,20 @@ def run_parallel(target: Callable[..., Any], parallel: ParallelConfig, device: s
     from pipelines.cli import UserError
 
     if device == "cuda" and torch.cuda.device_count() < parallel.world_size:
-        raise UserError(f"sequence and CFG parallelism over {parallel.world_size} ranks need {parallel.world_size} GPUs, "
-                        f"this machine has {torch.cuda.device_count()}")  # fmt: skip
+        raise UserError(
+            f"sequence and CFG parallelism over {parallel.world_size} ranks need {parallel.world_size} GPUs, "
+            f"this machine has {torch.cuda.device_count()}"
+        )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     init = f"tcp://127.0.0.1:{_free_port()}"
-    mp.start_processes(_rank_main, args=(target, parallel, device, init, results, args), nprocs=parallel.world_size,
-                       join=True, start_method="spawn")  # fmt: skip
+    mp.start_processes(
+        _rank_main,
+        args=(target, parallel, device, init, results, args),
+        nprocs=parallel.world_size,
+        join=True,
+        start_method="spawn",
+    )
     status, value = results.get()
     if status == "error":
         raise UserError(value)
@@ -100,7 +114,9 @@ def generate_parallel(args: argparse.Namespace) -> str:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu, cuda or auto with --sequence-parallel (rank r uses cuda:r), got '{device}'")
+        raise UserError(
+            f"--device must be cpu, cuda or auto with --sequence-parallel (rank r uses cuda:r), got '{device}'"
+        )
     out, line = run_parallel(_generate_rank, parallel, device, args)
     print(line)
     return out
@@ -115,14 +131,27 @@ def _generate_rank(groups: Any, device: str, args: argparse.Namespace) -> tuple[
 
     from .sampling import ParallelPipeline
 
-    pipe = ParallelPipeline.load(args.model, device=device, precision=args.precision, lora=args.lora).parallelize(groups)
+    pipe = ParallelPipeline.load(args.model, device=device, precision=args.precision, lora=args.lora).parallelize(
+        groups
+    )
     card = model_card(pipe)
     frames, height, width, steps, sampler = cli_sampling(args, card)
-    bar: Any = tqdm(total=steps, desc="sampling", unit="step", disable=args.no_progress or groups.rank != 0, file=sys.stderr)
+    bar: Any = tqdm(
+        total=steps, desc="sampling", unit="step", disable=args.no_progress or groups.rank != 0, file=sys.stderr
+    )
     try:
-        clips = pipe(args.prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=args.guidance,
-                     seed=args.seed, sampler=sampler, negative_prompt=args.negative_prompt,
-                     callback=lambda step, total: bar.update(1))  # fmt: skip
+        clips = pipe(
+            args.prompt,
+            num_frames=frames,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            sampler=sampler,
+            negative_prompt=args.negative_prompt,
+            callback=lambda step, total: bar.update(1),
+        )
     finally:
         bar.close()
     if clips is None:
@@ -130,5 +159,7 @@ def _generate_rank(groups: Any, device: str, args: argparse.Namespace) -> tuple[
     clip = clips[0]  # (T, H, W, 3) uint8
     out = write_video(args.out, clip, fps=args.fps or card.fps)
     p = groups.parallel
-    return out, (f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps, "
-                 f"{p.world_size} ranks (sequence {p.sequence}{', cfg 2' if p.cfg else ''})")  # fmt: skip
+    return out, (
+        f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps, "
+        f"{p.world_size} ranks (sequence {p.sequence}{', cfg 2' if p.cfg else ''})"
+    )

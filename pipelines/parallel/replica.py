@@ -321,6 +321,17 @@ class ParallelRanks:
             self._lost(err)
             raise
         except ray.exceptions.RayTaskError as err:
+            # A rank's error may only be a symptom of a peer that died under the same call (gloo's "Connection
+            # reset by peer"): a dead rank anywhere in the call ends the replica before any rank's own error.
+            if isinstance(refs, list):
+                for ref in refs:
+                    try:
+                        ray.get(ref, timeout=0)
+                    except RayActorError as dead:
+                        self._lost(dead)
+                        raise
+                    except Exception:  # noqa: BLE001 - this rank's own error (or not done): look further
+                        pass
             raise (err.cause if isinstance(err.cause, Exception) else err) from None
 
     def check(self) -> None:

@@ -65,7 +65,9 @@ def new_sampling_groups(parallel: ParallelConfig) -> SamplingGroups:
     """Form the groups over the default process group; every rank calls it (new_group is collective)."""
     world, rank, sp = dist.get_world_size(), dist.get_rank(), parallel.sequence
     if world != parallel.world_size:
-        raise ValueError(f"parallel sampling with sequence={sp}, cfg={parallel.cfg} needs {parallel.world_size} ranks, the world has {world}")
+        raise ValueError(
+            f"parallel sampling with sequence={sp}, cfg={parallel.cfg} needs {parallel.world_size} ranks, the world has {world}"
+        )
     branches = 2 if parallel.cfg else 1
     sequence_group = cfg_group = None
     if sp > 1:
@@ -176,7 +178,9 @@ class ParallelDiT(nn.Module):
                 block.attn.hook = _padded_hook(plan, block.scope, group)
         self._hooks_for = plan.grid
 
-    def _sequence_forward(self, video, timestep, text_tokens, text_mask, text_pooled, drop_text, **extra) -> torch.Tensor:
+    def _sequence_forward(
+        self, video, timestep, text_tokens, text_mask, text_pooled, drop_text, **extra
+    ) -> torch.Tensor:
         group = self.groups.sequence_group
         if group is None:
             return self.dit(video, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, **extra)
@@ -220,7 +224,9 @@ class ParallelPipeline(TextToVideoPipeline):
     def sample_latents(self, prompts, **options) -> torch.Tensor:
         """`TextToVideoPipeline.sample_latents` on every rank (the same latents everywhere), without step caches."""
         if options.get("step_cache") not in (None, "none"):
-            raise ValueError("step caches are not available with sequence or CFG parallelism (each rank would decide on its own tokens)")
+            raise ValueError(
+                "step caches are not available with sequence or CFG parallelism (each rank would decide on its own tokens)"
+            )
         options.pop("step_cache", None)
         return super().sample_latents(prompts, **options)
 

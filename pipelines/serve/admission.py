@@ -29,7 +29,9 @@ class Admission:
         self.metrics.rejected.labels(reason=reason).inc()
         self.stats["rejected"] += 1
         code = OVERLOADED_CODE if status == 503 else "rate_limit_exceeded"
-        err = ApiError(status, message, code=code, headers=headers or {"Retry-After": str(self.settings().queue.retry_after_s)})
+        err = ApiError(
+            status, message, code=code, headers=headers or {"Retry-After": str(self.settings().queue.retry_after_s)}
+        )
         err.reason = reason  # what the error counters label it with
         raise err
 
@@ -41,8 +43,13 @@ class Admission:
         used = self.db.usage_since(owner, time.time_ns() - QUOTA_WINDOW_NS)
         if used + weight > tier.max_jobs_per_hour_per_key + 1e-9:
             hour = {"Retry-After": str(max(self.settings().queue.retry_after_s, 60))}
-            self.refuse(429, "key_quota", f"This API key used {used:g} of its hourly quota of {tier.max_jobs_per_hour_per_key} jobs "
-                        f"(tiers.{tier_name}.max_jobs_per_hour_per_key; a cache hit counts {tier.cache_hit_weight:g}).", hour)  # fmt: skip
+            self.refuse(
+                429,
+                "key_quota",
+                f"This API key used {used:g} of its hourly quota of {tier.max_jobs_per_hour_per_key} jobs "
+                f"(tiers.{tier_name}.max_jobs_per_hour_per_key; a cache hit counts {tier.cache_hit_weight:g}).",
+                hour,
+            )
 
     def admit(self, tier_name: str, tier: Tier, owner: str) -> None:
         """Admission, all replicas together (counts along the database's indexes): the service's queue,
@@ -52,13 +59,25 @@ class Admission:
 
         pending = self.db.count_unfinished()
         if pending >= q.max_pending_jobs:
-            refuse(503, "queue_full", f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after {q.retry_after_s}s.")
+            refuse(
+                503,
+                "queue_full",
+                f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after {q.retry_after_s}s.",
+            )
         if tier.max_pending_jobs is not None:
             n = self.db.count_unfinished(tier=tier_name)
             if n >= tier.max_pending_jobs:
-                refuse(429, "tier_limit", f"Tier '{tier_name}' already has {n} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry after {q.retry_after_s}s.")
+                refuse(
+                    429,
+                    "tier_limit",
+                    f"Tier '{tier_name}' already has {n} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry after {q.retry_after_s}s.",
+                )
         if tier.max_pending_per_key is not None:
             n = self.db.count_unfinished(owner=owner)
             if n >= tier.max_pending_per_key:
-                refuse(429, "key_in_flight", f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} (tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.")
+                refuse(
+                    429,
+                    "key_in_flight",
+                    f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} (tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.",
+                )
         self.check_quota(tier_name, tier, owner, 1.0)

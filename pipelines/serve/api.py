@@ -36,11 +36,30 @@ from .requests import (
 )
 
 __all__ = [  # what callers name through `api` (the parsing lives in requests.py, the errors in errors.py)
-    "IMAGE_FIELDS", "MAX_BODY_BYTES", "MAX_PARTS", "MAX_PART_HEADER_BYTES", "ApiError", "GenerationParams", "ModelCard", "VideoCreateRequest",
-    "error_body", "from_validation_error", "invalid", "model_card", "parse_create", "parse_multipart", "parse_range",
-    "new_job", "read_body", "read_create_fields", "resolve", "resolve_references", "check_images", "result_cache_key",
+    "IMAGE_FIELDS",
+    "MAX_BODY_BYTES",
+    "MAX_PARTS",
+    "MAX_PART_HEADER_BYTES",
+    "ApiError",
+    "GenerationParams",
+    "ModelCard",
+    "VideoCreateRequest",
+    "error_body",
+    "from_validation_error",
+    "invalid",
+    "model_card",
+    "parse_create",
+    "parse_multipart",
+    "parse_range",
+    "new_job",
+    "read_body",
+    "read_create_fields",
+    "resolve",
+    "resolve_references",
+    "check_images",
+    "result_cache_key",
     "video_object",
-]  # fmt: skip
+]
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 MAX_SEED = 2**63 - 1
@@ -152,7 +171,9 @@ def cli_sampling(args: Any, card: ModelCard) -> tuple[int, int, int, int, str]:
     if sampler not in card.samplers:
         raise UserError(f"--sampler must be one of {', '.join(card.samplers)} for this model, got '{sampler}'")
     if height % card.spatial_multiple or width % card.spatial_multiple:
-        raise UserError(f"--height and --width must be multiples of {card.spatial_multiple} for this model, got {height}x{width}")
+        raise UserError(
+            f"--height and --width must be multiples of {card.spatial_multiple} for this model, got {height}x{width}"
+        )
     problem = card.check_frames(frames)
     if problem:
         raise UserError(problem.replace("num_frames", "--frames"))
@@ -167,8 +188,11 @@ def model_card(pipe: Any, loras: tuple[str, ...] = (), lora_errors: dict[str, st
 
     cached = pipe.offers_step_caches
     # What `pipe.image_problem(first, last)` allows: no image, a first frame, or a first and a last frame.
-    image_inputs = tuple(n for n, (first, last) in enumerate(((False, False), (True, False), (True, True)))
-                         if pipe.image_problem(first, last) is None)  # fmt: skip
+    image_inputs = tuple(
+        n
+        for n, (first, last) in enumerate(((False, False), (True, False), (True, True)))
+        if pipe.image_problem(first, last) is None
+    )
 
     cfg = pipe.config
     _, ph, pw = cfg.model.patch_size
@@ -224,8 +248,19 @@ class GenerationParams:
         Negative prompts replace the learned null condition for the whole call, so they split groups too; so do
         the LoRA adapter (one per call: `sora_model.adapters`), the step cache (it decides per call) and the
         reference images (the pipeline conditions a whole call on one first and last frame)."""
-        return (self.num_frames, self.height, self.width, self.steps, self.sampler, self.negative_prompt is not None,
-                self.lora, self.step_cache, self.cache_threshold, self.image, self.last_image)  # fmt: skip
+        return (
+            self.num_frames,
+            self.height,
+            self.width,
+            self.steps,
+            self.sampler,
+            self.negative_prompt is not None,
+            self.lora,
+            self.step_cache,
+            self.cache_threshold,
+            self.image,
+            self.last_image,
+        )
 
     @property
     def size(self) -> str:
@@ -240,7 +275,7 @@ class GenerationParams:
 
 
 def format_seconds(s: float) -> str:
-    """"4" for whole seconds (what OpenAI answers), "0.5" otherwise."""
+    """ "4" for whole seconds (what OpenAI answers), "0.5" otherwise."""
     return str(int(s)) if float(s).is_integer() else f"{s:.3g}"
 
 
@@ -274,9 +309,21 @@ def resolve(
         raise invalid("seed", f"'seed' must be between 0 and {MAX_SEED}, got {seed}.")
     step_cache, threshold = resolve_step_cache(req, card)
     return GenerationParams(
-        prompt=prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=float(guidance),
-        seed=int(seed), sampler=sampler, negative_prompt=negative, fps=card.fps, model=model, lora=resolve_lora(req, card),
-        step_cache=step_cache, cache_threshold=threshold, image=digests.get("input_reference"),
+        prompt=prompt,
+        num_frames=frames,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance_scale=float(guidance),
+        seed=int(seed),
+        sampler=sampler,
+        negative_prompt=negative,
+        fps=card.fps,
+        model=model,
+        lora=resolve_lora(req, card),
+        step_cache=step_cache,
+        cache_threshold=threshold,
+        image=digests.get("input_reference"),
         last_image=digests.get("last_frame_reference"),
     )
 
@@ -288,7 +335,12 @@ def resolve_model(req: VideoCreateRequest, settings: ServeSettings) -> tuple[str
     preview = model == name + PREVIEW_SUFFIX
     if model != name and not preview and model not in settings.model_aliases:
         known = ", ".join([name, name + PREVIEW_SUFFIX, *settings.model_aliases])
-        raise ApiError(400, f"The model '{model}' does not exist; available models: {known}.", param="model", code="model_not_found")
+        raise ApiError(
+            400,
+            f"The model '{model}' does not exist; available models: {known}.",
+            param="model",
+            code="model_not_found",
+        )
     return model, preview
 
 
@@ -298,16 +350,36 @@ def resolve_references(req: VideoCreateRequest, card: ModelCard) -> dict[str, by
     `check_images`' (slower: run it off the event loop)."""
     first, last = req.input_reference is not None, req.last_frame_reference is not None
     if last and not first:
-        raise invalid("last_frame_reference", "'last_frame_reference' needs 'input_reference' (the first frame) as well.", code="missing_required_parameter")
+        raise invalid(
+            "last_frame_reference",
+            "'last_frame_reference' needs 'input_reference' (the first frame) as well.",
+            code="missing_required_parameter",
+        )
     count = first + last
     if count not in card.image_inputs:
         if card.image_inputs == (0,):
-            raise invalid("input_reference", "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).", code="unsupported_parameter")
+            raise invalid(
+                "input_reference",
+                "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).",
+                code="unsupported_parameter",
+            )
         if count == 0:
-            raise invalid("input_reference", "This model is image-to-video: send the first frame as 'input_reference'.", code="missing_required_parameter")
+            raise invalid(
+                "input_reference",
+                "This model is image-to-video: send the first frame as 'input_reference'.",
+                code="missing_required_parameter",
+            )
         if count == 1:
-            raise invalid("last_frame_reference", "This model generates between a first and a last frame: send 'last_frame_reference' as well.", code="missing_required_parameter")
-        raise invalid("last_frame_reference", "This model conditions on one image ('input_reference') and cannot use 'last_frame_reference' (that needs a first-last-frame model).", code="unsupported_parameter")
+            raise invalid(
+                "last_frame_reference",
+                "This model generates between a first and a last frame: send 'last_frame_reference' as well.",
+                code="missing_required_parameter",
+            )
+        raise invalid(
+            "last_frame_reference",
+            "This model conditions on one image ('input_reference') and cannot use 'last_frame_reference' (that needs a first-last-frame model).",
+            code="unsupported_parameter",
+        )
     refs = {name: reference_bytes(getattr(req, name), name) for name in IMAGE_FIELDS}
     return {name: data for name, data in refs.items() if data is not None}
 
@@ -324,10 +396,18 @@ def resolve_prompts(req: VideoCreateRequest, limits: Limits) -> tuple[str, str |
     if not prompt:
         raise invalid("prompt", "'prompt' must not be empty.")
     if len(prompt) > limits.max_prompt_chars:
-        raise invalid("prompt", f"'prompt' has {len(prompt)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).", code="string_above_max_length")
+        raise invalid(
+            "prompt",
+            f"'prompt' has {len(prompt)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).",
+            code="string_above_max_length",
+        )
     negative = req.negative_prompt.strip() if req.negative_prompt is not None else None
     if negative is not None and len(negative) > limits.max_prompt_chars:
-        raise invalid("negative_prompt", f"'negative_prompt' has {len(negative)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).", code="string_above_max_length")
+        raise invalid(
+            "negative_prompt",
+            f"'negative_prompt' has {len(negative)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).",
+            code="string_above_max_length",
+        )
     return prompt, negative or None
 
 
@@ -337,7 +417,10 @@ def resolve_size(req: VideoCreateRequest, card: ModelCard, limits: Limits, tier:
     if req.size is not None:
         m = SIZE_PATTERN.match(req.size)
         if not m:
-            raise invalid("size", f"'size' must be 'WIDTHxHEIGHT' with positive integers, e.g. '{card.width}x{card.height}'; got {req.size!r}.")
+            raise invalid(
+                "size",
+                f"'size' must be 'WIDTHxHEIGHT' with positive integers, e.g. '{card.width}x{card.height}'; got {req.size!r}.",
+            )
         width, height = int(m.group(1)), int(m.group(2))
     if width < 1 or height < 1:
         raise invalid("size", f"'size' must have a positive width and height, got {width}x{height}.")
@@ -345,9 +428,15 @@ def resolve_size(req: VideoCreateRequest, card: ModelCard, limits: Limits, tier:
         raise invalid("size", f"'size' {width}x{height} has a side over {limits.max_side} pixels (limits.max_side).")
     max_pixels = effective_limit(limits.max_pixels, tier.max_pixels)
     if width * height > max_pixels:
-        raise invalid("size", f"'size' {width}x{height} is {width * height} pixels per frame; the limit is {max_pixels} (limits.max_pixels).")
+        raise invalid(
+            "size",
+            f"'size' {width}x{height} is {width * height} pixels per frame; the limit is {max_pixels} (limits.max_pixels).",
+        )
     if width % card.spatial_multiple or height % card.spatial_multiple:
-        raise invalid("size", f"'size' width and height must be multiples of {card.spatial_multiple} for this model, got {width}x{height}.")
+        raise invalid(
+            "size",
+            f"'size' width and height must be multiples of {card.spatial_multiple} for this model, got {width}x{height}.",
+        )
     return width, height
 
 
@@ -360,11 +449,17 @@ def resolve_frames(req: VideoCreateRequest, card: ModelCard, limits: Limits, tie
         try:
             secs = float(req.seconds)
         except ValueError:
-            raise invalid("seconds", f"'seconds' must be a number of seconds such as \"4\", got {req.seconds!r}.", code="invalid_type") from None
+            raise invalid(
+                "seconds",
+                f"'seconds' must be a number of seconds such as \"4\", got {req.seconds!r}.",
+                code="invalid_type",
+            ) from None
         if not math.isfinite(secs) or secs <= 0:
             raise invalid("seconds", f"'seconds' must be > 0, got {req.seconds!r}.")
         if secs > limits.max_seconds:
-            raise invalid("seconds", f"'seconds' is {secs:g}; the limit is {limits.max_seconds:g} (limits.max_seconds).")
+            raise invalid(
+                "seconds", f"'seconds' is {secs:g}; the limit is {limits.max_seconds:g} (limits.max_seconds)."
+            )
         frames, param = max(1, round(secs * card.fps)), "seconds"
     else:
         frames, param = card.num_frames, "num_frames"
@@ -378,7 +473,9 @@ def resolve_frames(req: VideoCreateRequest, card: ModelCard, limits: Limits, tie
     return frames
 
 
-def resolve_sampling(req: VideoCreateRequest, card: ModelCard, settings: ServeSettings, tier: Tier, preview: bool) -> tuple[int, float, str]:
+def resolve_sampling(
+    req: VideoCreateRequest, card: ModelCard, settings: ServeSettings, tier: Tier, preview: bool
+) -> tuple[int, float, str]:
     """(steps, guidance scale, sampler): the request's or the tier's/model's defaults, within the limits."""
     limits = settings.limits
     max_steps = effective_limit(limits.max_steps, tier.max_steps)
@@ -388,7 +485,10 @@ def resolve_sampling(req: VideoCreateRequest, card: ModelCard, settings: ServeSe
         raise invalid("steps", f"'steps' must be between 1 and {max_steps} (limits.max_steps), got {steps}.")
     guidance = card.guidance_scale if req.guidance_scale is None else req.guidance_scale
     if not math.isfinite(guidance) or not limits.min_guidance <= guidance <= limits.max_guidance:
-        raise invalid("guidance_scale", f"'guidance_scale' must be between {limits.min_guidance:g} and {limits.max_guidance:g} (limits.min_guidance, limits.max_guidance), got {guidance:g}.")
+        raise invalid(
+            "guidance_scale",
+            f"'guidance_scale' must be between {limits.min_guidance:g} and {limits.max_guidance:g} (limits.min_guidance, limits.max_guidance), got {guidance:g}.",
+        )
     allowed = [s for s in (limits.samplers or card.samplers) if s in card.samplers]
     sampler = req.sampler or card.sampler
     if sampler not in allowed:
@@ -405,7 +505,11 @@ def resolve_lora(req: VideoCreateRequest, card: ModelCard) -> str | None:
         raise invalid("lora", f"'lora' {name!r} cannot be used: {card.lora_errors[name]}", code="lora_unavailable")
     if name not in card.loras:
         allowed = ", ".join(card.loras) if card.loras else "none (the server's config has no loras)"
-        raise invalid("lora", f"'lora' must be one of the configured adapters: {allowed}; got {name[:64]!r}.", code="lora_not_found")
+        raise invalid(
+            "lora",
+            f"'lora' must be one of the configured adapters: {allowed}; got {name[:64]!r}.",
+            code="lora_not_found",
+        )
     return name
 
 
@@ -419,9 +523,14 @@ def resolve_step_cache(req: VideoCreateRequest, card: ModelCard) -> tuple[str | 
     if req.cache_threshold is None:
         return method, None if method is None else card.cache_thresholds.get(method)
     if method is None:
-        raise invalid("cache_threshold", f"'cache_threshold' needs a 'step_cache' ({', '.join(card.step_caches) or 'none offered'}).")
+        raise invalid(
+            "cache_threshold",
+            f"'cache_threshold' needs a 'step_cache' ({', '.join(card.step_caches) or 'none offered'}).",
+        )
     if not math.isfinite(req.cache_threshold) or req.cache_threshold < 0:
-        raise invalid("cache_threshold", f"'cache_threshold' must be a finite number >= 0, got {req.cache_threshold:g}.")
+        raise invalid(
+            "cache_threshold", f"'cache_threshold' must be a finite number >= 0, got {req.cache_threshold:g}."
+        )
     return method, float(req.cache_threshold)
 
 
@@ -430,13 +539,30 @@ def new_job(params: GenerationParams) -> dict[str, Any]:
     generator samples from)."""
     now_ns = time.time_ns()
     return {
-        "id": f"video_{uuid.uuid4().hex}", "object": "video", "model": params.model, "status": "queued", "progress": 0,
-        "created_at": now_ns // 10**9, "completed_at": None, "expires_at": None, "size": params.size, "seconds": params.seconds,
-        "prompt": params.prompt, "error": None, "num_frames": params.num_frames, "steps": params.steps,
-        "guidance_scale": params.guidance_scale, "seed": params.seed, "sampler": params.sampler,
-        "negative_prompt": params.negative_prompt, "lora": params.lora, "step_cache": params.step_cache,
-        "cache_threshold": params.cache_threshold, "_created_ns": now_ns, "_params": asdict(params),
-    }  # fmt: skip
+        "id": f"video_{uuid.uuid4().hex}",
+        "object": "video",
+        "model": params.model,
+        "status": "queued",
+        "progress": 0,
+        "created_at": now_ns // 10**9,
+        "completed_at": None,
+        "expires_at": None,
+        "size": params.size,
+        "seconds": params.seconds,
+        "prompt": params.prompt,
+        "error": None,
+        "num_frames": params.num_frames,
+        "steps": params.steps,
+        "guidance_scale": params.guidance_scale,
+        "seed": params.seed,
+        "sampler": params.sampler,
+        "negative_prompt": params.negative_prompt,
+        "lora": params.lora,
+        "step_cache": params.step_cache,
+        "cache_threshold": params.cache_threshold,
+        "_created_ns": now_ns,
+        "_params": asdict(params),
+    }
 
 
 def result_cache_key(params: GenerationParams, owner: str, identity: dict[str, Any]) -> str:
@@ -486,5 +612,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _unsatisfiable(header: str, size: int) -> ApiError:
-    return ApiError(416, f"Range {header[:60]!r} is outside the content ({size} bytes).", param="range", code="range_not_satisfiable",
-                    headers={"Content-Range": f"bytes */{size}"})
+    return ApiError(
+        416,
+        f"Range {header[:60]!r} is outside the content ({size} bytes).",
+        param="range",
+        code="range_not_satisfiable",
+        headers={"Content-Range": f"bytes */{size}"},
+    )

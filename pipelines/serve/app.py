@@ -71,8 +71,13 @@ def serve_metrics() -> ServeMetrics:
     return ServeMetrics(replica_id())
 
 
-fastapi_app = FastAPI(title="sora-ray video API", description="OpenAI Videos API compatible text-to-video service.",
-                      docs_url=None, redoc_url=None, openapi_url=None)  # served by VideoAPI, only while keys are off
+fastapi_app = FastAPI(
+    title="sora-ray video API",
+    description="OpenAI Videos API compatible text-to-video service.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)  # served by VideoAPI, only while keys are off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +105,9 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
     request.state.error_reason = code or f"http_{err.status_code}"
-    message = f"Unknown route {request.method} {request.url.path}." if err.status_code in (404, 405) else str(err.detail)
+    message = (
+        f"Unknown route {request.method} {request.url.path}." if err.status_code in (404, 405) else str(err.detail)
+    )
     return JSONResponse(api.error_body(message, "invalid_request_error", None, code), status_code=err.status_code)
 
 
@@ -108,7 +115,10 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 async def _unexpected(request: Request, err: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     request.state.error_reason = f"internal_{type(err).__name__}"
-    return JSONResponse(api.error_body(f"Internal error: {type(err).__name__}.", "server_error", None, "internal_error"), status_code=500)
+    return JSONResponse(
+        api.error_body(f"Internal error: {type(err).__name__}.", "server_error", None, "internal_error"),
+        status_code=500,
+    )
 
 
 @fastapi_app.middleware("http")
@@ -176,8 +186,13 @@ class VideoAPI:
         if not self.content.local or self.settings.download_port is None:
             return None
         media = {CONTENT_SUFFIX[v]: MEDIA_TYPE[v] for v in CONTENT_SUFFIX}
-        server = FileServer(self.content.content_dir, store_key(self.content.root), self.settings.download_port, media,
-                            self.settings.download_host)  # fmt: skip
+        server = FileServer(
+            self.content.content_dir,
+            store_key(self.content.root),
+            self.settings.download_port,
+            media,
+            self.settings.download_host,
+        )
         return server if server.start() is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -202,12 +217,19 @@ class VideoAPI:
     def _ensure_started(self) -> None:
         """Start the dispatcher on the replica's event loop (the constructor runs outside it)."""
         if self.dispatcher is None:
-            self.dispatcher = Dispatcher(self.db, self.content, self.generator, lambda: self.settings, self.worker, self.stats, self.metrics)
+            self.dispatcher = Dispatcher(
+                self.db, self.content, self.generator, lambda: self.settings, self.worker, self.stats, self.metrics
+            )
             self._loops = self.dispatcher.start()
 
     async def _model_card(self) -> ModelCard:
         if self.card is None:
-            self.card = ModelCard(**{k: tuple(v) if isinstance(v, list) else v for k, v in (await self.generator.describe.remote()).items()})
+            self.card = ModelCard(
+                **{
+                    k: tuple(v) if isinstance(v, list) else v
+                    for k, v in (await self.generator.describe.remote()).items()
+                }
+            )
         return self.card
 
     async def _identity(self) -> dict[str, Any]:
@@ -244,7 +266,9 @@ class VideoAPI:
         req = api.parse_create(fields, strict=is_json)
         card = await self._model_card()
         refs = api.resolve_references(req, card)  # the model takes them, within the byte limit
-        params = api.resolve(req, card, self.settings, tier, random_seed=random.SystemRandom().randrange(2**31), references=refs)
+        params = api.resolve(
+            req, card, self.settings, tier, random_seed=random.SystemRandom().randrange(2**31), references=refs
+        )
         if refs:  # decoded in full before admission: a bad image is a 400 naming its field, never a failed job
             async with self._decodes:
                 await asyncio.to_thread(api.check_images, refs)
@@ -268,15 +292,24 @@ class VideoAPI:
         self.dispatcher.wake()
         return JSONResponse(api.video_object(job))
 
-    async def _admit(self, job: dict[str, Any], params: api.GenerationParams, tier_name: str, tier: Any, owner: str,
-                     cache_key: str | None) -> JSONResponse | None:  # fmt: skip
+    async def _admit(
+        self,
+        job: dict[str, Any],
+        params: api.GenerationParams,
+        tier_name: str,
+        tier: Any,
+        owner: str,
+        cache_key: str | None,
+    ) -> JSONResponse | None:
         """Admit a new job and insert its row (None), or answer from the result cache; 429/503 past a limit."""
         deadline = None if tier.job_deadline_s is None else job["_created_ns"] + int(tier.job_deadline_s * 1e9)
         # Admission comes first, cache hit or not: a hit costs tiers.*.cache_hit_weight of the hourly quota.
         # Count and insert under one lock, so a burst on this replica cannot all pass the same count.
         # Replicas admit independently: together they can overshoot a limit by at most one job each.
         async with self._admission:
-            await asyncio.to_thread(self.admission.check_quota, tier_name, tier, owner, tier.cache_hit_weight if cache_key else 1.0)
+            await asyncio.to_thread(
+                self.admission.check_quota, tier_name, tier, owner, tier.cache_hit_weight if cache_key else 1.0
+            )
             if cache_key:
                 cached = await asyncio.to_thread(self._from_cache, cache_key, params, owner, tier.cache_hit_weight)
                 if cached is not None:
@@ -289,7 +322,9 @@ class VideoAPI:
         return None
 
     @fastapi_app.get("/v1/videos")
-    async def list_videos(self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc") -> JSONResponse:
+    async def list_videos(
+        self, request: Request, limit: int = 20, after: str | None = None, order: str = "desc"
+    ) -> JSONResponse:
         owner = self._reader(request)
         try:
             q = api.ListQuery(limit=limit, after=after, order=order)
@@ -299,10 +334,15 @@ class VideoAPI:
             raise api.invalid("after", f"'after' must be a video id (video_ + 32 hex digits), got {q.after[:80]!r}.")
         jobs, has_more = await asyncio.to_thread(self.db.list, owner, q.limit, q.after, q.order)
         data = [api.video_object(j) for j in jobs]
-        return JSONResponse({
-            "object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None,
-        })
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "has_more": has_more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     @fastapi_app.get("/v1/videos/{video_id}")
     async def retrieve_video(self, video_id: str, request: Request) -> JSONResponse:
@@ -331,33 +371,52 @@ class VideoAPI:
         a time, where `Range: bytes=...` answers 206 with that part."""
         owner = self._reader(request)
         if variant not in api.VIDEO_VARIANTS:
-            raise api.invalid("variant", f"'variant' must be one of {', '.join(api.VIDEO_VARIANTS)}, got {variant[:40]!r}.")
+            raise api.invalid(
+                "variant", f"'variant' must be one of {', '.join(api.VIDEO_VARIANTS)}, got {variant[:40]!r}."
+            )
         job = await self._job_for(video_id, owner)
         if job["status"] != "completed":
-            raise ApiError(409, f"Video '{video_id}' is {job['status']}; its content is available once it is completed.", param="video_id", code="video_not_ready")
+            raise ApiError(
+                409,
+                f"Video '{video_id}' is {job['status']}; its content is available once it is completed.",
+                param="video_id",
+                code="video_not_ready",
+            )
         ref = job["_content_ref"]
         if ref and self.settings.download_redirect_s is not None:
-            signed = await asyncio.to_thread(self.content.sign, video_id, ref, variant, self.settings.download_redirect_s)
+            signed = await asyncio.to_thread(
+                self.content.sign, video_id, ref, variant, self.settings.download_redirect_s
+            )
             if signed is None and self.files is not None:  # a folder: this machine's file server plays the object store
                 name = os.path.basename(self.content.path(video_id, ref, variant))
-                signed = await asyncio.to_thread(self.files.url, request.url.scheme, request.url.hostname, name,
-                                                 self.settings.download_redirect_s)
+                signed = await asyncio.to_thread(
+                    self.files.url, request.url.scheme, request.url.hostname, name, self.settings.download_redirect_s
+                )
             if signed is not None:  # the object store (or the file server) serves the bytes and Range itself
                 return RedirectResponse(signed, status_code=307, headers={"Cache-Control": "private, no-store"})
         size = await asyncio.to_thread(self.content.size, video_id, ref, variant) if ref else None
         if size is None:
-            raise ApiError(404, f"Content of video '{video_id}' is missing from the store.", param="video_id", code="content_not_found")
+            raise ApiError(
+                404,
+                f"Content of video '{video_id}' is missing from the store.",
+                param="video_id",
+                code="content_not_found",
+            )
         span = api.parse_range(request.headers.get("range"), size)
         start, end = span or (0, size - 1)
         headers = {
-            "Content-Length": str(end - start + 1), "Accept-Ranges": "bytes", "ETag": f'"{ref}"',
+            "Content-Length": str(end - start + 1),
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{ref}"',
             "Content-Disposition": f'attachment; filename="{video_id}{CONTENT_SUFFIX[variant]}"',
-        }  # fmt: skip
+        }
         if span is not None:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         slot = self.streams.acquire(self.settings.max_streaming_downloads)  # 503 + Retry-After past the bound
         body = StoreStream(self.content, (video_id, ref, variant), start, end - start + 1, slot)
-        return StreamingResponse(body, status_code=206 if span else 200, media_type=MEDIA_TYPE[variant], headers=headers)
+        return StreamingResponse(
+            body, status_code=206 if span else 200, media_type=MEDIA_TYPE[variant], headers=headers
+        )
 
     @fastapi_app.delete("/v1/videos/{video_id}")
     async def delete_video(self, video_id: str, request: Request) -> JSONResponse:
@@ -378,7 +437,10 @@ class VideoAPI:
         self._caller(request)
         name = self.settings.model_name
         loras = sorted(self.settings.loras)  # our extension: the adapters a request may name in `lora`
-        data = [{"id": m, "object": "model", "created": self.model_created, "owned_by": "sora-ray", "loras": loras} for m in (name, name + api.PREVIEW_SUFFIX)]
+        data = [
+            {"id": m, "object": "model", "created": self.model_created, "owned_by": "sora-ray", "loras": loras}
+            for m in (name, name + api.PREVIEW_SUFFIX)
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     @fastapi_app.get("/healthz")
@@ -390,22 +452,28 @@ class VideoAPI:
             generator = {"error": f"{type(err).__name__}: {err}"}
         pending = await asyncio.to_thread(self.db.count_unfinished)
         d = self.dispatcher
-        return JSONResponse({
-            "status": "ok",
-            "model": self.settings.model_name,
-            "api_keys": bool(self.settings.keys),
-            "pid": os.getpid(),
-            "worker": self.worker,
-            "db": self.db.dialect,
-            "limits": asdict(self.settings.limits),
-            "queue": {"pending": pending, "in_flight": len(d.held), "max_pending_jobs": self.settings.queue.max_pending_jobs},
-            "stats": {
-                **self.stats,
-                "pipeline_calls": len(d.batch_ids),
-                "batch_sizes": {str(k): v for k, v in sorted(d.batch_sizes.items())},
-            },
-            "generator": generator,
-        })
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.settings.model_name,
+                "api_keys": bool(self.settings.keys),
+                "pid": os.getpid(),
+                "worker": self.worker,
+                "db": self.db.dialect,
+                "limits": asdict(self.settings.limits),
+                "queue": {
+                    "pending": pending,
+                    "in_flight": len(d.held),
+                    "max_pending_jobs": self.settings.queue.max_pending_jobs,
+                },
+                "stats": {
+                    **self.stats,
+                    "pipeline_calls": len(d.batch_ids),
+                    "batch_sizes": {str(k): v for k, v in sorted(d.batch_sizes.items())},
+                },
+                "generator": generator,
+            }
+        )
 
     @fastapi_app.get("/openapi.json", include_in_schema=False)
     async def openapi(self) -> JSONResponse:
@@ -442,7 +510,13 @@ class VideoAPI:
             return None
         now = int(time.time())
         retention = self.settings.retention_s
-        job.update(status="completed", progress=100, completed_at=now, expires_at=None if retention is None else now + int(retention), _content_ref=ref)
+        job.update(
+            status="completed",
+            progress=100,
+            completed_at=now,
+            expires_at=None if retention is None else now + int(retention),
+            _content_ref=ref,
+        )
         self.db.insert(job, owner, "cache", 0, None, key, weight, "cache_hit")
         return job
 

@@ -43,7 +43,12 @@ def authenticate(settings: ServeSettings, authorization: str) -> Caller:
         return Caller(settings.default_tier, "")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key", type="invalid_request_error")
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer KEY'.",
+            code="invalid_api_key",
+            type="invalid_request_error",
+        )
     digest = hash_key(key.strip())
     for known in keys:
         if hmac.compare_digest(known.encode(), digest.encode()):

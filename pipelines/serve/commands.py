@@ -32,9 +32,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="export folder to serve (overrides the config's args.model)")
     p.add_argument("--port", type=int, help=f"HTTP port (default: the config's http_options.port, else {DEFAULT_PORT})")
     p.add_argument("--host", help=f"HTTP host; 0.0.0.0 to listen on every interface (default {DEFAULT_HOST})")
-    p.add_argument("--config", help="a Serve config YAML (cluster/serve/NAME.yaml): its app args and deployment options")
-    p.add_argument("--store", help="where videos live: a folder or fsspec URI such as s3://bucket/sora (overrides args.store)")
-    p.add_argument("--db", help="where job state lives: sqlite:///PATH or postgresql://USER:PW@HOST/DB (default: SQLite beside the store)")
+    p.add_argument(
+        "--config", help="a Serve config YAML (cluster/serve/NAME.yaml): its app args and deployment options"
+    )
+    p.add_argument(
+        "--store", help="where videos live: a folder or fsspec URI such as s3://bucket/sora (overrides args.store)"
+    )
+    p.add_argument(
+        "--db",
+        help="where job state lives: sqlite:///PATH or postgresql://USER:PW@HOST/DB (default: SQLite beside the store)",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="generator weights: int8 (CPU) or bf16 (GPU)")
     p.add_argument("--lora", help="a peft LoRA adapter folder merged into the model at load (overrides args.lora)")
     p.add_argument("--hash-key", metavar="KEY", help="print the sha256 digest of an API key for `api_keys:` and exit")
@@ -122,7 +129,9 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, dict[s
     return settings, deployments, host, port
 
 
-def _serve_until_stopped(args: argparse.Namespace, settings: Any, deployments: dict[str, dict[str, Any]], host: str, port: int) -> int:
+def _serve_until_stopped(
+    args: argparse.Namespace, settings: Any, deployments: dict[str, dict[str, Any]], host: str, port: int
+) -> int:
     """Deploy the app on a local or the given Ray, say where it listens, and serve until Ctrl-C or SIGTERM."""
     import ray
     from ray import serve
@@ -138,8 +147,14 @@ def _serve_until_stopped(args: argparse.Namespace, settings: Any, deployments: d
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, deployments), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    keys = f"API keys on ({len(settings.keys)} keys, tiers: {', '.join(settings.tiers)})" if settings.keys else "API keys off"
-    console.say(f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}")
+    keys = (
+        f"API keys on ({len(settings.keys)} keys, tiers: {', '.join(settings.tiers)})"
+        if settings.keys
+        else "API keys off"
+    )
+    console.say(
+        f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}"
+    )
     console.say("sora serve: Ctrl-C to stop")
 
     def stop(signum: int, frame: Any) -> None:

@@ -61,7 +61,9 @@ class Limits:
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.min_guidance <= self.max_guidance:
-            raise ConfigError(f"limits need 0 <= min_guidance <= max_guidance, got {self.min_guidance}, {self.max_guidance}")
+            raise ConfigError(
+                f"limits need 0 <= min_guidance <= max_guidance, got {self.min_guidance}, {self.max_guidance}"
+            )
 
 
 @dataclass
@@ -132,7 +134,9 @@ class KeySource:
         where = f"api_keys_from.env {self.env}" if self.env else f"api_keys_from.file {self.file}"
         if self.env is not None:
             if self.env not in os.environ:
-                raise ConfigError(f"{where} is not set (it must hold the key digests: `sora serve --hash-key KEY` makes one)")
+                raise ConfigError(
+                    f"{where} is not set (it must hold the key digests: `sora serve --hash-key KEY` makes one)"
+                )
             text = os.environ[self.env]
         else:
             try:
@@ -145,7 +149,9 @@ class KeySource:
         except yaml.YAMLError:
             raise ConfigError(f"{where} is not YAML/JSON of the api_keys shape {{DIGEST: TIER}}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{where} must hold a mapping {{DIGEST: TIER or {{tier, owner, role}}}}, got {type(data).__name__}")
+            raise ConfigError(
+                f"{where} must hold a mapping {{DIGEST: TIER or {{tier, owner, role}}}}, got {type(data).__name__}"
+            )
         return data
 
 
@@ -191,9 +197,13 @@ class QueueConfig:
         if not 0.1 <= self.stall_timeout_s <= 24 * 3600:
             raise ConfigError(f"queue.stall_timeout_s must be between 0.1 and 86400, got {self.stall_timeout_s}")
         if not 0.01 <= self.claim_interval_s <= self.lease_ttl_s:
-            raise ConfigError(f"queue.claim_interval_s must be between 0.01 and lease_ttl_s, got {self.claim_interval_s}")
+            raise ConfigError(
+                f"queue.claim_interval_s must be between 0.01 and lease_ttl_s, got {self.claim_interval_s}"
+            )
         if self.min_poll_after_ms > self.poll_after_ms:
-            raise ConfigError(f"queue needs min_poll_after_ms <= poll_after_ms, got {self.min_poll_after_ms} > {self.poll_after_ms}")
+            raise ConfigError(
+                f"queue needs min_poll_after_ms <= poll_after_ms, got {self.min_poll_after_ms} > {self.poll_after_ms}"
+            )
 
 
 @dataclass
@@ -310,25 +320,33 @@ class ServeSettings:
             raise ConfigError(f"default_tier '{self.default_tier}' is not one of tiers: {', '.join(self.tiers)}")
         self.secret_keys: dict[str, str | ApiKey] = {}
         if self.api_keys_from is not None:
-            self.secret_keys = {str(k): v if isinstance(v, str) else from_dict(ApiKey, v) for k, v in self.api_keys_from.read().items()}
+            self.secret_keys = {
+                str(k): v if isinstance(v, str) else from_dict(ApiKey, v) for k, v in self.api_keys_from.read().items()
+            }
         if self.auth == "none" and self.keys:
             raise ConfigError("auth: none contradicts the configured api_keys; remove one of them")
         try:
             ipaddress.ip_address(self.download_host)
         except ValueError:
-            raise ConfigError(f"download_host must be an IP address (the interface to listen on), got '{self.download_host}'") from None
+            raise ConfigError(
+                f"download_host must be an IP address (the interface to listen on), got '{self.download_host}'"
+            ) from None
         for digest, entry in self.keys.items():
             tier = entry.tier if isinstance(entry, ApiKey) else entry
             if tier not in self.tiers:
                 raise ConfigError(f"api_keys maps a key to tier '{tier}', which is not one of: {', '.join(self.tiers)}")
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ConfigError("api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora serve --hash-key KEY`")
+                raise ConfigError(
+                    "api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora serve --hash-key KEY`"
+                )
         if self.preview_steps < 1:
             raise ConfigError(f"preview_steps must be >= 1, got {self.preview_steps}")
         if self.retention_s is not None and self.retention_s <= 0:
             raise ConfigError(f"retention_s must be > 0 (or null to keep jobs), got {self.retention_s}")
         if self.download_redirect_s is not None and not 1 <= self.download_redirect_s <= 7 * 24 * 3600:
-            raise ConfigError(f"download_redirect_s must be between 1 and 604800 (S3's longest), got {self.download_redirect_s}")
+            raise ConfigError(
+                f"download_redirect_s must be between 1 and 604800 (S3's longest), got {self.download_redirect_s}"
+            )
         if self.download_port is not None and not 0 <= self.download_port <= 65535:
             raise ConfigError(f"download_port must be between 0 and 65535 (or null), got {self.download_port}")
         if self.sweep_interval_s <= 0:
@@ -338,14 +356,20 @@ class ServeSettings:
         if self.orphan_sweep_interval_s <= 0:
             raise ConfigError(f"orphan_sweep_interval_s must be > 0, got {self.orphan_sweep_interval_s}")
         if self.orphan_grace_s < 60:
-            raise ConfigError(f"orphan_grace_s must be >= 60 (uploads in progress must outlive it), got {self.orphan_grace_s}")
+            raise ConfigError(
+                f"orphan_grace_s must be >= 60 (uploads in progress must outlive it), got {self.orphan_grace_s}"
+            )
         if self.text_cache_bytes is not None and self.text_cache_bytes < 0:
             raise ConfigError(f"text_cache_bytes must be >= 0 (or null), got {self.text_cache_bytes}")
         if not 0 <= self.text_cache_memory_fraction <= 0.5:
-            raise ConfigError(f"text_cache_memory_fraction must be between 0 and 0.5, got {self.text_cache_memory_fraction}")
+            raise ConfigError(
+                f"text_cache_memory_fraction must be between 0 and 0.5, got {self.text_cache_memory_fraction}"
+            )
         for name, path in self.loras.items():
             if not LORA_NAME.fullmatch(str(name)):
-                raise ConfigError(f"loras: name '{name}' must be 1-64 letters, digits, '.', '_' or '-' (it is what requests send as 'lora')")
+                raise ConfigError(
+                    f"loras: name '{name}' must be 1-64 letters, digits, '.', '_' or '-' (it is what requests send as 'lora')"
+                )
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"loras.{name} must be a path to a LoRA adapter folder or .safetensors file")
         if self.lora_cache_bytes < 1:
@@ -391,9 +415,23 @@ class ServeSettings:
         return isinstance(entry, ApiKey) and entry.role == "admin"
 
 
-RUNTIME_KEYS = ("limits", "tiers", "default_tier", "api_keys", "api_keys_from", "queue", "result_cache", "preview_steps", "model_aliases", "retention_s", "sweep_interval_s",
-                "download_redirect_s", "orphan_sweep_interval_s", "orphan_grace_s",
-                "max_streaming_downloads")
+RUNTIME_KEYS = (
+    "limits",
+    "tiers",
+    "default_tier",
+    "api_keys",
+    "api_keys_from",
+    "queue",
+    "result_cache",
+    "preview_steps",
+    "model_aliases",
+    "retention_s",
+    "sweep_interval_s",
+    "download_redirect_s",
+    "orphan_sweep_interval_s",
+    "orphan_grace_s",
+    "max_streaming_downloads",
+)
 """Settings the ingress's `user_config` may change on a live replica."""
 
 
@@ -405,7 +443,9 @@ def load_settings(args: dict[str, Any]) -> ServeSettings:
         settings.model = os.path.abspath(os.path.expanduser(settings.model))
     for name, path in settings.loras.items():
         if "://" in path:
-            raise ConfigError(f"loras.{name}: '{path}' is a URI; adapters are read from a local or shared-filesystem path")
+            raise ConfigError(
+                f"loras.{name}: '{path}' is a URI; adapters are read from a local or shared-filesystem path"
+            )
         settings.loras[name] = path = os.path.abspath(os.path.expanduser(path))
         if not os.path.exists(path):
             raise ConfigError(f"loras.{name}: '{path}' does not exist (a LoRA adapter folder or .safetensors file)")
@@ -430,12 +470,16 @@ def _check_parallel_heads(settings: ServeSettings) -> None:
     settings.parallel.check(model, field="parallel.sequence")
 
 
-def apply_user_config(settings: ServeSettings, user_config: dict[str, Any] | None, allowed: tuple[str, ...]) -> ServeSettings:
+def apply_user_config(
+    settings: ServeSettings, user_config: dict[str, Any] | None, allowed: tuple[str, ...]
+) -> ServeSettings:
     """A copy of `settings` with `user_config` applied; keys outside `allowed` need a redeploy, not a reconfigure."""
     user_config = dict(user_config or {})
     unknown = sorted(set(user_config) - set(allowed))
     if unknown:
-        raise ConfigError(f"user_config key '{unknown[0]}' cannot change on a live replica (allowed: {', '.join(allowed)})")
+        raise ConfigError(
+            f"user_config key '{unknown[0]}' cannot change on a live replica (allowed: {', '.join(allowed)})"
+        )
     base = settings_to_dict(settings)
     base.update(user_config)
     return from_dict(ServeSettings, base)

@@ -219,29 +219,70 @@ class JobDB:
         r = row._mapping
         job = dict(r["doc"])
         job.update(
-            status=r["status"], progress=r["progress"], completed_at=r["completed_at"], expires_at=r["expires_at"],
-            error=r["error"], _owner=r["owner"], _tier=r["tier"], _priority=r["priority"], _created_ns=r["created_ns"],
-            _deadline_ns=r["deadline_ns"], _cache_key=r["cache_key"], _lease_token=r["lease_token"], _attempts=r["attempts"],
-            _runs=r["runs"], _started_ns=r["started_ns"], _eta_ns=r["eta_ns"], _content_ref=r["content_ref"], _extra=r["extra"],
-            _heartbeat_ns=r["heartbeat_ns"], _retries=r["retries"] or [],
-        )  # fmt: skip
+            status=r["status"],
+            progress=r["progress"],
+            completed_at=r["completed_at"],
+            expires_at=r["expires_at"],
+            error=r["error"],
+            _owner=r["owner"],
+            _tier=r["tier"],
+            _priority=r["priority"],
+            _created_ns=r["created_ns"],
+            _deadline_ns=r["deadline_ns"],
+            _cache_key=r["cache_key"],
+            _lease_token=r["lease_token"],
+            _attempts=r["attempts"],
+            _runs=r["runs"],
+            _started_ns=r["started_ns"],
+            _eta_ns=r["eta_ns"],
+            _content_ref=r["content_ref"],
+            _extra=r["extra"],
+            _heartbeat_ns=r["heartbeat_ns"],
+            _retries=r["retries"] or [],
+        )
         return job
 
-    def insert(self, job: dict[str, Any], owner: str, tier: str, priority: int, deadline_ns: int | None, cache_key: str | None,
-               usage_weight: float = 0.0, usage_kind: str = "job") -> None:
+    def insert(
+        self,
+        job: dict[str, Any],
+        owner: str,
+        tier: str,
+        priority: int,
+        deadline_ns: int | None,
+        cache_key: str | None,
+        usage_weight: float = 0.0,
+        usage_kind: str = "job",
+    ) -> None:
         """A new job: `job` holds the public fields and `_params`; `status`, `progress`... start here. With a
         `usage_weight`, the owner's usage ledger gains a row in the same transaction."""
         doc = {k: v for k, v in job.items() if k not in ("status", "progress", "completed_at", "expires_at", "error")}
         values = dict(
-            id=job["id"], owner=owner, tier=tier, priority=priority, status=job["status"], progress=job["progress"],
-            created_ns=job["_created_ns"], completed_at=job.get("completed_at"), expires_at=job.get("expires_at"),
-            deadline_ns=deadline_ns, cache_key=cache_key, lease_until_ns=0, attempts=0, runs=0, error=job.get("error"),
-            content_ref=job.get("_content_ref"), doc={k: v for k, v in doc.items() if not k.startswith("_") or k == "_params"},
-        )  # fmt: skip
+            id=job["id"],
+            owner=owner,
+            tier=tier,
+            priority=priority,
+            status=job["status"],
+            progress=job["progress"],
+            created_ns=job["_created_ns"],
+            completed_at=job.get("completed_at"),
+            expires_at=job.get("expires_at"),
+            deadline_ns=deadline_ns,
+            cache_key=cache_key,
+            lease_until_ns=0,
+            attempts=0,
+            runs=0,
+            error=job.get("error"),
+            content_ref=job.get("_content_ref"),
+            doc={k: v for k, v in doc.items() if not k.startswith("_") or k == "_params"},
+        )
         with self.engine.begin() as conn:
             conn.execute(insert(jobs).values(**values))
             if usage_weight > 0:
-                conn.execute(insert(usage).values(owner=owner, created_ns=time.time_ns(), weight=usage_weight, kind=usage_kind, job_id=job["id"]))
+                conn.execute(
+                    insert(usage).values(
+                        owner=owner, created_ns=time.time_ns(), weight=usage_weight, kind=usage_kind, job_id=job["id"]
+                    )
+                )
 
     def get(self, job_id: str, now: float | None = None) -> dict[str, Any] | None:
         """The job, or None when unknown or past its `expires_at` (a sweep removes it soon after)."""
@@ -254,7 +295,9 @@ class JobDB:
             return None
         return self._job(row)
 
-    def list(self, owner: str | None, limit: int, after: str | None = None, order: str = "desc") -> tuple[list[dict[str, Any]], bool]:
+    def list(
+        self, owner: str | None, limit: int, after: str | None = None, order: str = "desc"
+    ) -> tuple[list[dict[str, Any]], bool]:
         """A page of the owner's jobs (every owner's for None: an admin key), newest first (or oldest), after
         the id `after`: a keyset walk of (owner, created_ns, id), so page N costs what page 1 does."""
         now = int(time.time())
@@ -281,9 +324,16 @@ class JobDB:
         mine = jobs.c.owner == owner if owner is not None else jobs.c.id.is_not(None)
         with self.engine.begin() as conn:
             ref = conn.execute(select(jobs.c.content_ref).where(jobs.c.id == job_id, mine)).scalar()
-            stmt = update(jobs).where(jobs.c.id == job_id, mine).values(
-                expires_at=0, lease_token=None, lease_until_ns=0,  # never claimable again, never completed
-                status=case((jobs.c.status.in_(UNFINISHED), "failed"), else_=jobs.c.status))
+            stmt = (
+                update(jobs)
+                .where(jobs.c.id == job_id, mine)
+                .values(
+                    expires_at=0,
+                    lease_token=None,
+                    lease_until_ns=0,  # never claimable again, never completed
+                    status=case((jobs.c.status.in_(UNFINISHED), "failed"), else_=jobs.c.status),
+                )
+            )
             found = bool(conn.execute(stmt).rowcount)
         return found, ref if found else None
 
@@ -315,7 +365,9 @@ class JobDB:
 
     def usage_since(self, owner: str, since_ns: int) -> float:
         """The owner's ledger total since `since_ns`: jobs (1 each) and cache hits (their weight), deleted or not."""
-        q = select(func.coalesce(func.sum(usage.c.weight), 0.0)).where(usage.c.owner == owner, usage.c.created_ns >= since_ns)
+        q = select(func.coalesce(func.sum(usage.c.weight), 0.0)).where(
+            usage.c.owner == owner, usage.c.created_ns >= since_ns
+        )
         with self.engine.connect() as conn:
             return float(conn.execute(q).scalar() or 0.0)
 
@@ -363,10 +415,15 @@ class JobDB:
         stmt = (
             update(jobs)
             .where(jobs.c.id.in_(pick), claimable)  # re-checked on the locked row (PostgreSQL READ COMMITTED)
-            .values(lease_token=token, lease_owner=worker, lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now,
-                    attempts=jobs.c.attempts + 1)
+            .values(
+                lease_token=token,
+                lease_owner=worker,
+                lease_until_ns=self._until(ttl_s),
+                heartbeat_ns=self.now,
+                attempts=jobs.c.attempts + 1,
+            )
             .returning(*jobs.c)
-        )  # fmt: skip
+        )
         with self.engine.begin() as conn:
             rows = conn.execute(stmt).fetchall()
         claimed = sorted((self._job(r) for r in rows), key=lambda j: (-j["_priority"], j["_created_ns"]))
@@ -386,13 +443,19 @@ class JobDB:
         with self.engine.begin() as conn:
             return {r[0] for r in conn.execute(stmt)}
 
-    def give_up_stalled(self, job_id: str, token: str, stall_s: float, max_attempts: int, retention_s: float | None) -> str | None:
+    def give_up_stalled(
+        self, job_id: str, token: str, stall_s: float, max_attempts: int, retention_s: float | None
+    ) -> str | None:
         """A running job held under `token` whose heartbeat is older than `stall_s`: back to `queued` for another
         attempt (its lease and token gone, so the hung attempt's writes are refused), or `failed` once it has had
         `max_attempts`. The reason goes to `retries`. The new status, or None when the token no longer holds it or
         it moved meanwhile."""
-        stalled = and_(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress",
-                       jobs.c.heartbeat_ns < self.now - int(stall_s * 1e9))  # fmt: skip
+        stalled = and_(
+            jobs.c.id == job_id,
+            jobs.c.lease_token == token,
+            jobs.c.status == "in_progress",
+            jobs.c.heartbeat_ns < self.now - int(stall_s * 1e9),
+        )
         with self.engine.begin() as conn:
             row = conn.execute(select(jobs.c.attempts, jobs.c.retries).where(stalled).with_for_update()).first()
             if row is None:
@@ -403,7 +466,10 @@ class JobDB:
             values: dict[str, Any] = dict(lease_token=None, lease_owner=None, lease_until_ns=0, retries=retries)
             if attempts >= max_attempts:
                 now = int(time.time())
-                error = {"code": "stalled", "message": f"generation failed: {attempts} attempts stalled (queue.max_attempts); last: {message}"}
+                error = {
+                    "code": "stalled",
+                    "message": f"generation failed: {attempts} attempts stalled (queue.max_attempts); last: {message}",
+                }
                 values.update(status="failed", completed_at=now, error=error, expires_at=_expiry(now, retention_s))
             else:
                 values.update(status="queued", progress=0, eta_ns=None)
@@ -422,7 +488,11 @@ class JobDB:
     def release(self, job_id: str, token: str) -> None:
         """Give a lease back early (the holder is stopping): another dispatcher can claim it at once."""
         with self.engine.begin() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED)).values(lease_until_ns=0))
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED))
+                .values(lease_until_ns=0)
+            )
 
     def start(self, job_id: str, token: str, replica: str, ttl_s: float) -> dict[str, Any] | None:
         """A generator begins sampling: `in_progress`, one more run. None when the lease was lost, the job
@@ -430,10 +500,18 @@ class JobDB:
         stmt = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED))
-            .values(status="in_progress", progress=0, started_ns=time.time_ns(), eta_ns=None, runs=jobs.c.runs + 1,
-                    lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now, lease_owner=replica)
+            .values(
+                status="in_progress",
+                progress=0,
+                started_ns=time.time_ns(),
+                eta_ns=None,
+                runs=jobs.c.runs + 1,
+                lease_until_ns=self._until(ttl_s),
+                heartbeat_ns=self.now,
+                lease_owner=replica,
+            )
             .returning(*jobs.c)
-        )  # fmt: skip
+        )
         with self.engine.begin() as conn:
             row = conn.execute(stmt).first()
         return self._job(row) if row is not None else None
@@ -443,8 +521,12 @@ class JobDB:
         kept: set[str] = set()
         with self.engine.begin() as conn:
             for job_id, token in held.items():
-                stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress")
-                if conn.execute(stmt.values(progress=pct, eta_ns=eta_ns, lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now)).rowcount:
+                stmt = update(jobs).where(
+                    jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress"
+                )
+                if conn.execute(
+                    stmt.values(progress=pct, eta_ns=eta_ns, lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now)
+                ).rowcount:
                     kept.add(job_id)
         return kept
 
@@ -453,7 +535,11 @@ class JobDB:
         values: dict[str, Any] = dict(lease_until_ns=self._until(ttl_s), heartbeat_ns=self.now)
         if pct is not None:
             values["progress"] = pct
-        stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress").values(**values)
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status == "in_progress")
+            .values(**values)
+        )
         with self.engine.begin() as conn:
             return bool(conn.execute(stmt).rowcount)
 
@@ -463,9 +549,17 @@ class JobDB:
         stmt = (
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.lease_token == token, jobs.c.status.in_(UNFINISHED))
-            .values(status="completed", progress=100, completed_at=now, error=None, content_ref=token, lease_until_ns=0,
-                    expires_at=_expiry(now, retention_s), extra=extra)
-        )  # fmt: skip
+            .values(
+                status="completed",
+                progress=100,
+                completed_at=now,
+                error=None,
+                content_ref=token,
+                lease_until_ns=0,
+                expires_at=_expiry(now, retention_s),
+                extra=extra,
+            )
+        )
         with self.engine.begin() as conn:
             return bool(conn.execute(stmt).rowcount)
 
@@ -474,8 +568,18 @@ class JobDB:
         one (a sweep), so a sweep never overrides a holder that claimed the job meanwhile."""
         now = int(time.time())
         stmt = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(UNFINISHED))
-        stmt = stmt.where(jobs.c.lease_token == token) if token is not None else stmt.where(jobs.c.lease_until_ns < self.now)
-        values = dict(status="failed", completed_at=now, error={"code": code, "message": message}, lease_until_ns=0, expires_at=_expiry(now, retention_s))
+        stmt = (
+            stmt.where(jobs.c.lease_token == token)
+            if token is not None
+            else stmt.where(jobs.c.lease_until_ns < self.now)
+        )
+        values = dict(
+            status="failed",
+            completed_at=now,
+            error={"code": code, "message": message},
+            lease_until_ns=0,
+            expires_at=_expiry(now, retention_s),
+        )
         with self.engine.begin() as conn:
             return bool(conn.execute(stmt.values(**values)).rowcount)
 
@@ -486,19 +590,35 @@ class JobDB:
         are stopped by their generator, which checks the deadline at every step."""
         now_ns = time.time_ns()  # deadlines are the ingress's clock (set at creation), leases the database's
         with self.engine.connect() as conn:
-            ids = [r[0] for r in conn.execute(
-                select(jobs.c.id).where(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < self.now, jobs.c.deadline_ns < now_ns).limit(limit)
-            )]  # fmt: skip
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.status.in_(UNFINISHED), jobs.c.lease_until_ns < self.now, jobs.c.deadline_ns < now_ns)
+                    .limit(limit)
+                )
+            ]
         failed = []
         for job_id in ids:
-            if self.fail(job_id, None, "deadline_exceeded", "The job was not finished by its deadline (tiers.*.job_deadline_s).", retention_s):
+            if self.fail(
+                job_id,
+                None,
+                "deadline_exceeded",
+                "The job was not finished by its deadline (tiers.*.job_deadline_s).",
+                retention_s,
+            ):
                 failed.append(job_id)
         return failed
 
     def expired(self, limit: int = 500) -> list[tuple[str, str | None]]:
         """(id, content_ref) of jobs past `expires_at`, oldest first, along the expiry index."""
         now = int(time.time())
-        q = select(jobs.c.id, jobs.c.content_ref).where(jobs.c.expires_at <= now).order_by(jobs.c.expires_at).limit(limit)
+        q = (
+            select(jobs.c.id, jobs.c.content_ref)
+            .where(jobs.c.expires_at <= now)
+            .order_by(jobs.c.expires_at)
+            .limit(limit)
+        )
         with self.engine.connect() as conn:
             return [(r[0], r[1]) for r in conn.execute(q)]
 

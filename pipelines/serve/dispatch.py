@@ -51,8 +51,16 @@ def replica_id() -> str:
 
 
 class Dispatcher:
-    def __init__(self, db: JobDB, content: ContentStore, generator: Any, settings: Callable[[], ServeSettings], worker: str, stats: Counter,
-                 metrics: ServeMetrics) -> None:
+    def __init__(
+        self,
+        db: JobDB,
+        content: ContentStore,
+        generator: Any,
+        settings: Callable[[], ServeSettings],
+        worker: str,
+        stats: Counter,
+        metrics: ServeMetrics,
+    ) -> None:
         self.db = db
         self.metrics = metrics
         self.content = content
@@ -67,7 +75,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._last_sweep = 0.0
-        self._last_orphan_sweep = time.monotonic() - random.uniform(0, settings().orphan_sweep_interval_s)  # replicas spread out
+        self._last_orphan_sweep = time.monotonic() - random.uniform(
+            0, settings().orphan_sweep_interval_s
+        )  # replicas spread out
         self._orphan_task: asyncio.Task | None = None
 
     def wake(self) -> None:
@@ -116,7 +126,9 @@ class Dispatcher:
             tokens = list(self.held.values())
             try:
                 kept = await asyncio.to_thread(self.db.renew, tokens, ttl, q.stall_timeout_s)
-                await self._give_up_stalled([(i, t) for i, t in list(self.held.items()) if t in tokens and t not in kept])
+                await self._give_up_stalled(
+                    [(i, t) for i, t in list(self.held.items()) if t in tokens and t not in kept]
+                )
             except RuntimeError as err:
                 if "after shutdown" in str(err):  # the replica is stopping
                     return
@@ -132,13 +144,19 @@ class Dispatcher:
         lapse let another replica take them (their writes are fenced too)."""
         s = self.settings()
         for job_id, token in lost:
-            status = await asyncio.to_thread(self.db.give_up_stalled, job_id, token, s.queue.stall_timeout_s, s.queue.max_attempts, s.retention_s)
+            status = await asyncio.to_thread(
+                self.db.give_up_stalled, job_id, token, s.queue.stall_timeout_s, s.queue.max_attempts, s.retention_s
+            )
             if status is None:
                 continue
             self.metrics.lease_expiries.labels(reason="stalled").inc()
             self.stats["stalled"] += 1
-            logger.warning("dispatcher: %s made no progress for %gs: %s", job_id, s.queue.stall_timeout_s,
-                           "queued for another attempt" if status == "queued" else "failed after queue.max_attempts")  # fmt: skip
+            logger.warning(
+                "dispatcher: %s made no progress for %gs: %s",
+                job_id,
+                s.queue.stall_timeout_s,
+                "queued for another attempt" if status == "queued" else "failed after queue.max_attempts",
+            )
             self.abandoned.add(token)
             if self.held.get(job_id) == token:
                 del self.held[job_id]
@@ -176,8 +194,14 @@ class Dispatcher:
         for reason, n in swept.items():
             self.metrics.orphans_swept.labels(reason=reason).inc(n)
         self.stats["orphans_swept"] += sum(swept.values())
-        logger.info("dispatcher: orphan sweep: deleted %d objects %s; kept %d live, %d inside orphan_grace_s, %d not ours",
-                    sum(swept.values()), swept, counts["kept_live"], counts["kept_fresh"], counts["kept_unknown"])  # fmt: skip
+        logger.info(
+            "dispatcher: orphan sweep: deleted %d objects %s; kept %d live, %d inside orphan_grace_s, %d not ours",
+            sum(swept.values()),
+            swept,
+            counts["kept_live"],
+            counts["kept_fresh"],
+            counts["kept_unknown"],
+        )
 
     # -- one job ------------------------------------------------------------------------------------
 
@@ -201,7 +225,10 @@ class Dispatcher:
                 self.metrics.lease_expiries.labels(reason="lapsed").inc()
                 message = f"attempt {attempt - 1}: its holder's lease lapsed (queue.lease_ttl_s) before it finished"
                 await asyncio.to_thread(self.db.add_retry, job_id, token, attempt - 1, "lease_lapsed", message)
-                job["_retries"] = [*job["_retries"], {"attempt": attempt - 1, "code": "lease_lapsed", "message": message}]
+                job["_retries"] = [
+                    *job["_retries"],
+                    {"attempt": attempt - 1, "code": "lease_lapsed", "message": message},
+                ]
             if attempt > s.queue.max_attempts:
                 reasons = "; ".join(r.get("message", "") for r in job["_retries"][-s.queue.max_attempts :])
                 message = f"generation failed: {attempt - 1} attempts did not finish (queue.max_attempts): {reasons}"
@@ -211,9 +238,15 @@ class Dispatcher:
                 self.stats["reclaimed"] += 1
                 logger.info("dispatcher: re-claimed %s (attempt %d)", job_id, attempt)
             item = {
-                "id": job_id, "token": token, "params": job["_params"], "alone": alone, "deadline_ns": job["_deadline_ns"],
-                "lease_ttl_s": s.queue.lease_ttl_s, "retention_s": s.retention_s, "attempt": attempt,
-            }  # fmt: skip
+                "id": job_id,
+                "token": token,
+                "params": job["_params"],
+                "alone": alone,
+                "deadline_ns": job["_deadline_ns"],
+                "lease_ttl_s": s.queue.lease_ttl_s,
+                "retention_s": s.retention_s,
+                "attempt": attempt,
+            }
             tries, waits = 0, 0
             while True:
                 try:
@@ -229,7 +262,9 @@ class Dispatcher:
                     self.stats["generator_retries"] += 1
                     logger.warning("generator replica lost under %s (try %d): %s", job_id, tries, type(err).__name__)
                     if tries >= s.queue.max_attempts:
-                        message = f"generation failed after {tries} tries: the generator replica died ({type(err).__name__})"
+                        message = (
+                            f"generation failed after {tries} tries: the generator replica died ({type(err).__name__})"
+                        )
                         await asyncio.to_thread(self.db.fail, job_id, token, "replica_failed", message, s.retention_s)
                         return
                 await asyncio.sleep(RETRY_BACKOFF_S[min(waits, len(RETRY_BACKOFF_S) - 1)])
@@ -238,7 +273,14 @@ class Dispatcher:
         except Exception as err:  # noqa: BLE001 - one job's failure never stops the dispatcher
             logger.exception("job %s failed", job_id)
             self.stats["failed"] += 1
-            await asyncio.to_thread(self.db.fail, job_id, token, "generation_failed", f"generation failed: {type(err).__name__}", s.retention_s)
+            await asyncio.to_thread(
+                self.db.fail,
+                job_id,
+                token,
+                "generation_failed",
+                f"generation failed: {type(err).__name__}",
+                s.retention_s,
+            )
         finally:
             if self.held.get(job_id) == token:  # a newer attempt of the same job may be held here now
                 del self.held[job_id]
@@ -246,7 +288,9 @@ class Dispatcher:
             self.wake()
             self.metrics.jobs.labels(status=status).inc()
             if status in ("completed", "failed"):
-                self.metrics.end_to_end.labels(status=status).observe(max(0.0, (time.time_ns() - job["_created_ns"]) / 1e9))
+                self.metrics.end_to_end.labels(status=status).observe(
+                    max(0.0, (time.time_ns() - job["_created_ns"]) / 1e9)
+                )
 
     def _record(self, result: dict[str, Any], token: str) -> str:
         report = result.get("report")

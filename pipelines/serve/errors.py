@@ -56,5 +56,9 @@ def from_validation_error(err: ValidationError) -> ApiError:
     if len(shown) > 80:
         shown = shown[:77] + "..."
     if kind.startswith("string_too_long"):
-        return ApiError(400, f"'{param}' is too long: {first['msg'].lower()}.", param=param, code="string_above_max_length")
-    return ApiError(400, f"Invalid type for '{param}': {first['msg'].lower()}, got {shown}.", param=param, code="invalid_type")
+        return ApiError(
+            400, f"'{param}' is too long: {first['msg'].lower()}.", param=param, code="string_above_max_length"
+        )
+    return ApiError(
+        400, f"Invalid type for '{param}': {first['msg'].lower()}, got {shown}.", param=param, code="invalid_type"
+    )

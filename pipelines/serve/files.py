@@ -86,8 +86,14 @@ class FileServer:
     """Serves `content_dir`'s files to holders of a signed URL, on `host`:`port` (0: any free port); `host` is
     the interface clients following the 307 reach (settings.download_host, as Serve's own HTTP host)."""
 
-    def __init__(self, content_dir: str, key: bytes, port: int = 0, media_types: dict[str, str] | None = None,
-                 host: str = "127.0.0.1") -> None:  # fmt: skip
+    def __init__(
+        self,
+        content_dir: str,
+        key: bytes,
+        port: int = 0,
+        media_types: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.content_dir, self.key, self.media_types, self.host = content_dir, key, media_types or {}, host
         self.port: int | None = None
         self._server: Any = None
@@ -111,10 +117,16 @@ class FileServer:
                 expires = -1
             # Bytes, not str: compare_digest raises TypeError on a non-ASCII str (a 500 on any `sig=é`).
             sig = request.query_params.get("sig", "").encode("utf-8", "surrogateescape")
-            if "/" in name or name.startswith(".") or not hmac.compare_digest(sig, signature(self.key, name, expires).encode()):
+            if (
+                "/" in name
+                or name.startswith(".")
+                or not hmac.compare_digest(sig, signature(self.key, name, expires).encode())
+            ):
                 return refuse(ApiError(403, "This download link is not valid.", code="invalid_signature"))
             if expires < time.time():
-                return refuse(ApiError(403, "This download link has expired; ask for the content again.", code="link_expired"))
+                return refuse(
+                    ApiError(403, "This download link has expired; ask for the content again.", code="link_expired")
+                )
             path = os.path.join(self.content_dir, name)
             try:
                 span = parse_range(request.headers.get("range"), os.path.getsize(path))  # 416 in the API's words
@@ -130,8 +142,12 @@ class FileServer:
             stem, ext = os.path.splitext(name)
             video_id = stem.rsplit("-", 1)[0]
             # FileResponse reads 64 KiB at a time and awaits each send: the socket's pace, Range and 206 included.
-            return FileResponse(path, media_type=self.media_types.get(ext), filename=f"{video_id}{ext}",
-                                headers={"Cache-Control": "private, no-store"})  # fmt: skip
+            return FileResponse(
+                path,
+                media_type=self.media_types.get(ext),
+                filename=f"{video_id}{ext}",
+                headers={"Cache-Control": "private, no-store"},
+            )
 
         return Starlette(routes=[Route(ROUTE + "{name}", serve_file, methods=["GET", "HEAD"])])
 
@@ -139,8 +155,9 @@ class FileServer:
         """Start serving in a daemon thread; the bound port, or None when it could not start (logged)."""
         import uvicorn
 
-        config = uvicorn.Config(self.app(), host=self.host, port=self._requested_port, log_level="warning",
-                                access_log=False, lifespan="off")  # fmt: skip
+        config = uvicorn.Config(
+            self.app(), host=self.host, port=self._requested_port, log_level="warning", access_log=False, lifespan="off"
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="sora-file-server", daemon=True)
         thread.start()
@@ -148,8 +165,11 @@ class FileServer:
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         if not server.started:
-            logger.warning("download file server did not start on %s:%s; folder-store downloads stream through Serve",
-                           self.host, self._requested_port)  # fmt: skip
+            logger.warning(
+                "download file server did not start on %s:%s; folder-store downloads stream through Serve",
+                self.host,
+                self._requested_port,
+            )
             server.should_exit = True
             return None
         self._server = server

@@ -26,7 +26,9 @@ MAX_SEED = 2**63 - 1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="export folder (model.safetensors + config.json)")
     p.add_argument("--prompt", required=True, help="what the clip shows")
-    p.add_argument("--out", required=True, help="output file: .mp4 (H.264), .gif, or .npz (key 'frames', uint8 (T, H, W, 3))")
+    p.add_argument(
+        "--out", required=True, help="output file: .mp4 (H.264), .gif, or .npz (key 'frames', uint8 (T, H, W, 3))"
+    )
     p.add_argument("--frames", type=int, help="frames (default: the export's)")
     p.add_argument("--height", type=int, help="height in pixels (default: the export's)")
     p.add_argument("--width", type=int, help="width in pixels (default: the export's)")
@@ -36,18 +38,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from sora_model.diffusion.registry import sampler_help  # pure Python: no torch at argument parsing
 
     p.add_argument("--sampler", help=f"{sampler_help()} (default: the export's)")
-    p.add_argument("--step-cache", help="skip the transformer on steps whose input barely moved: teacache or fbcache (default none: exact)")
-    p.add_argument("--cache-threshold", type=float, help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.15, fbcache 0.2)")
+    p.add_argument(
+        "--step-cache",
+        help="skip the transformer on steps whose input barely moved: teacache or fbcache (default none: exact)",
+    )
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        help="change a step cache tolerates, >= 0; 0 never skips (default: teacache 0.15, fbcache 0.2)",
+    )
     p.add_argument("--negative-prompt", help="what to steer away from (replaces the learned null condition)")
-    p.add_argument("--image", metavar="PATH", help="image-to-video exports: the clip's first frame (any size; resized as diffusers does)")
-    p.add_argument("--last-image", metavar="PATH", help="first-last-frame (FLF2V) exports: the clip's last frame, with --image")
+    p.add_argument(
+        "--image",
+        metavar="PATH",
+        help="image-to-video exports: the clip's first frame (any size; resized as diffusers does)",
+    )
+    p.add_argument(
+        "--last-image", metavar="PATH", help="first-last-frame (FLF2V) exports: the clip's last frame, with --image"
+    )
     p.add_argument("--fps", type=float, help="frame rate of .mp4/.gif output (default: the export's)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32", help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="int8: dynamic quantisation (CPU); bf16: autocast (GPU)",
+    )
     p.add_argument("--lora", help="a peft LoRA adapter folder to merge into the model's weights at load")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N", help="split the clip's tokens over N local processes (GPUs on cuda), Ulysses; N divides the heads (default 1)")
-    p.add_argument("--cfg-parallel", action="store_true", help="guidance's two branches on two groups of --sequence-parallel processes")
+    p.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the clip's tokens over N local processes (GPUs on cuda), Ulysses; N divides the heads (default 1)",
+    )
+    p.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="guidance's two branches on two groups of --sequence-parallel processes",
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -58,7 +88,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if ext not in OUTPUT_EXTENSIONS:
         raise UserError(f"--out must end in {', '.join(OUTPUT_EXTENSIONS)}, got '{args.out}'")
     if not os.path.isdir(args.model):
-        raise UserError(f"--model '{args.model}' is not a folder; give an export folder (model.safetensors + config.json)")
+        raise UserError(
+            f"--model '{args.model}' is not a folder; give an export folder (model.safetensors + config.json)"
+        )
     if not args.prompt.strip():
         raise UserError("--prompt must not be empty")
     for name in ("frames", "height", "width", "steps"):
@@ -111,15 +143,28 @@ def generate(args: argparse.Namespace) -> str:
     stats: list[StepCacheStats] = []
     try:
         clip = pipe(
-            args.prompt, num_frames=frames, height=height, width=width, steps=steps, guidance_scale=args.guidance,
-            seed=args.seed, sampler=sampler, negative_prompt=args.negative_prompt,
-            callback=lambda step, total: bar.update(1), step_cache=step_cache, cache_threshold=cache_threshold,
-            cache_stats=stats.append, image=args.image, last_image=args.last_image,
+            args.prompt,
+            num_frames=frames,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            sampler=sampler,
+            negative_prompt=args.negative_prompt,
+            callback=lambda step, total: bar.update(1),
+            step_cache=step_cache,
+            cache_threshold=cache_threshold,
+            cache_stats=stats.append,
+            image=args.image,
+            last_image=args.last_image,
         )[0]  # (T, H, W, 3) uint8
     finally:
         bar.close()
     out = write_video(args.out, clip, fps=args.fps or card.fps)
-    print(f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps")
+    print(
+        f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps"
+    )
     for s in stats:
         print(s.summary())
     return out
@@ -133,7 +178,9 @@ def _step_cache_arguments(args: argparse.Namespace) -> tuple[str | None, float |
     try:
         return check_step_cache(args.step_cache, args.cache_threshold)
     except ValueError as err:
-        raise UserError(str(err).replace("step_cache", "--step-cache").replace("cache_threshold", "--cache-threshold")) from None
+        raise UserError(
+            str(err).replace("step_cache", "--step-cache").replace("cache_threshold", "--cache-threshold")
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -141,7 +141,13 @@ def encode_clip(frames: Any, fps: int, folder: str) -> tuple[str, str]:
     name=GENERATOR_NAME,
     max_ongoing_requests=8,
     max_queued_requests=32,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 10, "downscale_delay_s": 120},
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 4,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 120,
+    },
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
     health_check_timeout_s=60,
@@ -165,7 +171,9 @@ class Generator:
         s = self.settings
         self.ranks = None  # with `parallel`: this replica's rank actors, called like the pipeline (parallel/replica.py)
         if s.parallel.enabled:
-            self.pipe = self.ranks = ParallelRanks.start(s.model, s.parallel, s.device, s.precision, s.lora, _replica_id())
+            self.pipe = self.ranks = ParallelRanks.start(
+                s.model, s.parallel, s.device, s.precision, s.lora, _replica_id()
+            )
         else:
             self.pipe = TextToVideoPipeline.load(s.model, device=device, precision=s.precision, lora=s.lora)
         # Per-request adapters (`loras:`), applied unmerged on the loaded model: checked now from their headers, loaded
@@ -185,7 +193,9 @@ class Generator:
         }
         cache = self.pipe.text_encoder.cache
         budget = self.settings.text_cache_bytes
-        cache.set_max_bytes(budget if budget is not None else int(replica_memory_bytes() * self.settings.text_cache_memory_fraction))
+        cache.set_max_bytes(
+            budget if budget is not None else int(replica_memory_bytes() * self.settings.text_cache_memory_fraction)
+        )
         self._timer = threading.local()
         self._time_parts()
         self._busy_since: float | None = None  # monotonic time of the running batch's last step; None when idle
@@ -199,7 +209,14 @@ class Generator:
         self._fatal: str | None = None
         self._idle: asyncio.Event | None = None  # set while no batch is sampling; made on the replica's loop
         self._apply_batching()
-        logger.info("generator %s loaded %s on %s (%s) in %.1fs", self.replica, self.settings.model, device, self.settings.precision, self.load_s)
+        logger.info(
+            "generator %s loaded %s on %s (%s) in %.1fs",
+            self.replica,
+            self.settings.model,
+            device,
+            self.settings.precision,
+            self.load_s,
+        )
 
     def _apply_batching(self) -> None:
         b = self.settings.batching
@@ -247,7 +264,9 @@ class Generator:
         busy = self._busy_since
         limit = HUNG_FACTOR * self.settings.queue.stall_timeout_s
         if busy is not None and time.monotonic() - busy > limit:
-            raise RuntimeError(f"generator is hung: no sampling step for over {limit:g}s ({HUNG_FACTOR} x queue.stall_timeout_s)")
+            raise RuntimeError(
+                f"generator is hung: no sampling step for over {limit:g}s ({HUNG_FACTOR} x queue.stall_timeout_s)"
+            )
 
     def describe(self) -> dict[str, Any]:
         return asdict(self.card)
@@ -266,8 +285,14 @@ class Generator:
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "max_batch_size": self.settings.batching.max_batch_size,
             "torch_threads": _torch_threads(),
-            "text_cache": {"hits": cache.hits, "misses": cache.misses, "size": len(cache), "bytes": cache.bytes, "max_bytes": cache.max_bytes,
-                           "evictions": cache.evictions},
+            "text_cache": {
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "size": len(cache),
+                "bytes": cache.bytes,
+                "max_bytes": cache.max_bytes,
+                "evictions": cache.evictions,
+            },
             "adapters": self.adapters.stats(),
         }
 
@@ -348,13 +373,17 @@ class Generator:
             pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
             # When sampling will end at the pace so far: the ingress tells pollers to come back then.
             left_s = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
-            kept = self.db.progress(dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl)  # a heartbeat: renews the leases
+            kept = self.db.progress(
+                dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl
+            )  # a heartbeat: renews the leases
             for job_id in set(held) - kept:
                 held.pop(job_id)
             if not held:
                 raise StopSampling("lease")
             if stall_s and step + 1 == total:
-                logger.warning("generator %s: %s set, hanging %gs in the last step of %s", self.replica, STALL_ENV, stall_s, ids)
+                logger.warning(
+                    "generator %s: %s set, hanging %gs in the last step of %s", self.replica, STALL_ENV, stall_s, ids
+                )
                 time.sleep(stall_s)
 
         self._timer.call = timer
@@ -370,17 +399,29 @@ class Generator:
             with self.adapters.applied(first.lora):
                 clips = self.pipe(
                     [p.prompt for _, p in run],
-                    num_frames=first.num_frames, height=first.height, width=first.width, steps=first.steps,
+                    num_frames=first.num_frames,
+                    height=first.height,
+                    width=first.width,
+                    steps=first.steps,
                     guidance_scale=[p.guidance_scale for _, p in run],
                     seed=[p.seed for _, p in run],
                     sampler=first.sampler,
                     negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
-                    callback=on_step, **options,
+                    callback=on_step,
+                    **options,
                 )  # (B, T, H, W, 3) uint8
         except StopSampling as why:
             if str(why) == "deadline":
-                return self._fail(ids, run, results, "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)", "deadline_exceeded")
-            logger.warning("generator %s: leases of %s were given up or taken over; stopped sampling", self.replica, ids)
+                return self._fail(
+                    ids,
+                    run,
+                    results,
+                    "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)",
+                    "deadline_exceeded",
+                )
+            logger.warning(
+                "generator %s: leases of %s were given up or taken over; stopped sampling", self.replica, ids
+            )
             return [results[i] for i in ids]
         except (ValueError, TypeError) as err:  # a request the limits let through but the model refuses
             return self._fail(ids, run, results, f"generation failed: {err}", "invalid_request")
@@ -397,9 +438,15 @@ class Generator:
         self.stats["clips"] += len(run)
         self.batch_sizes[len(run)] += 1
         call_report = JobReport(
-            call=True, batch_size=len(run), text_encode_s=timer.text_encode_s, step_s=timer.step_s, vae_decode_s=timer.vae_decode_s,
-            text_cache_hits=cache.hits - hits, text_cache_misses=cache.misses - misses, text_cache_bytes=cache.bytes,
-        )  # fmt: skip
+            call=True,
+            batch_size=len(run),
+            text_encode_s=timer.text_encode_s,
+            step_s=timer.step_s,
+            vae_decode_s=timer.vae_decode_s,
+            text_cache_hits=cache.hits - hits,
+            text_cache_misses=cache.misses - misses,
+            text_cache_bytes=cache.bytes,
+        )
         for (it, p), clip in zip(run, clips, strict=True):
             if it["id"] not in held:  # lost its lease mid-call: another replica owns it now
                 continue
@@ -407,12 +454,20 @@ class Generator:
             call_report = None  # the call's figures ride on one job only
             report.queue_wait_s = queued_s[it["id"]]
             results[it["id"]] = {
-                "ok": True, "batch_id": batch_id, "batch_size": len(run), "seconds": seconds,
-                "clip": clip, "fps": p.fps, "queued_s": queued_s[it["id"]], "report": report,
-            }  # fmt: skip
+                "ok": True,
+                "batch_id": batch_id,
+                "batch_size": len(run),
+                "seconds": seconds,
+                "clip": clip,
+                "fps": p.fps,
+                "queued_s": queued_s[it["id"]],
+                "report": report,
+            }
         return [results[i] for i in ids]
 
-    def _references(self, run: list[tuple[dict[str, Any], GenerationParams]], first: GenerationParams) -> dict[str, Any]:
+    def _references(
+        self, run: list[tuple[dict[str, Any], GenerationParams]], first: GenerationParams
+    ) -> dict[str, Any]:
         """The group's reference images as the pipeline's `image`/`last_image` (RGB PIL images): every job of the group
         sent the same bytes (their digests are in the shape key). LookupError when none is left in the store."""
         out: dict[str, Any] = {}
@@ -433,7 +488,13 @@ class Generator:
         queued_s, fps = result.pop("queued_s"), result.pop("fps")
         report: JobReport = result["report"]
         encode_started = time.perf_counter()
-        skipped = {"ok": True, "batch_id": result["batch_id"], "batch_size": result["batch_size"], "skipped": True, "report": report}
+        skipped = {
+            "ok": True,
+            "batch_id": result["batch_id"],
+            "batch_size": result["batch_size"],
+            "skipped": True,
+            "report": report,
+        }
         stored = False
         try:
             with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
@@ -447,8 +508,17 @@ class Generator:
                     stored = True
             report.encode_upload_s = time.perf_counter() - encode_started
             # Where the job's time went, for monitoring (not in the API's video object).
-            timing = {"queued": round(queued_s, 4), "sampling": round(result["seconds"], 4), "encode_store": round(report.encode_upload_s, 4)}
-            extra = {"batch_id": result["batch_id"], "batch_size": result["batch_size"], "timing_s": timing, "replica": self.replica}
+            timing = {
+                "queued": round(queued_s, 4),
+                "sampling": round(result["seconds"], 4),
+                "encode_store": round(report.encode_upload_s, 4),
+            }
+            extra = {
+                "batch_id": result["batch_id"],
+                "batch_size": result["batch_size"],
+                "timing_s": timing,
+                "replica": self.replica,
+            }
             if not self.db.complete(job_id, token, item["retention_s"], extra):
                 return self._fenced(skipped, job_id, token)  # deleted, or given up while storing: drop our files only
             self._drop_inputs(item)

@@ -56,30 +56,70 @@ class ServeMetrics:
         kw = {"registry": self.registry, "namespace": "sora_serve"}
         self.replica = replica
         self.requests = Counter("requests", "HTTP requests by route and status code.", ("route", "status"), **kw)
-        self.request_seconds = Histogram("request_seconds", "HTTP request latency (the response, not the job).", ("route",),
-                                         buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
-        self.errors = Counter("errors", "4xx and 5xx answers by status and reason (the error code, or the admission "
-                              "limit for 429/503).", ("status", "reason"), **kw)  # fmt: skip
-        self.queue_wait = Histogram("queue_wait_seconds", "Accepted to sampling started, per job.", buckets=LATENCY_BUCKETS, **kw)
-        self.text_encode = Histogram("text_encode_seconds", "Text encoder calls (cache misses only reach the model).",
-                                     buckets=STEP_BUCKETS, **kw)  # fmt: skip
-        self.denoise_step = Histogram("denoise_step_seconds", "Seconds per denoising step of a pipeline call (the whole batch).",
-                                      buckets=STEP_BUCKETS, **kw)  # fmt: skip
-        self.vae_decode = Histogram("vae_decode_seconds", "Autoencoder decode per pipeline call.", buckets=STEP_BUCKETS, **kw)
-        self.encode_upload = Histogram("encode_upload_seconds", "MP4 + thumbnail encoded and stored, per job.",
-                                       buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
-        self.end_to_end = Histogram("end_to_end_seconds", "Accepted to finished, per job, by how it ended.", ("status",),
-                                    buckets=LATENCY_BUCKETS, **kw)  # fmt: skip
+        self.request_seconds = Histogram(
+            "request_seconds",
+            "HTTP request latency (the response, not the job).",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            **kw,
+        )
+        self.errors = Counter(
+            "errors",
+            "4xx and 5xx answers by status and reason (the error code, or the admission limit for 429/503).",
+            ("status", "reason"),
+            **kw,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "Accepted to sampling started, per job.", buckets=LATENCY_BUCKETS, **kw
+        )
+        self.text_encode = Histogram(
+            "text_encode_seconds", "Text encoder calls (cache misses only reach the model).", buckets=STEP_BUCKETS, **kw
+        )
+        self.denoise_step = Histogram(
+            "denoise_step_seconds",
+            "Seconds per denoising step of a pipeline call (the whole batch).",
+            buckets=STEP_BUCKETS,
+            **kw,
+        )
+        self.vae_decode = Histogram(
+            "vae_decode_seconds", "Autoencoder decode per pipeline call.", buckets=STEP_BUCKETS, **kw
+        )
+        self.encode_upload = Histogram(
+            "encode_upload_seconds", "MP4 + thumbnail encoded and stored, per job.", buckets=LATENCY_BUCKETS, **kw
+        )
+        self.end_to_end = Histogram(
+            "end_to_end_seconds",
+            "Accepted to finished, per job, by how it ended.",
+            ("status",),
+            buckets=LATENCY_BUCKETS,
+            **kw,
+        )
         self.batch_size = Histogram("batch_size", "Clips sampled per pipeline call.", buckets=BATCH_BUCKETS, **kw)
-        self.cache_hits = Counter("cache_hits", "Lookups answered from a cache, by cache (result, text).", ("cache",), **kw)
+        self.cache_hits = Counter(
+            "cache_hits", "Lookups answered from a cache, by cache (result, text).", ("cache",), **kw
+        )
         self.cache_misses = Counter("cache_misses", "Lookups a cache could not answer, by cache.", ("cache",), **kw)
-        self.text_cache_bytes = Gauge("text_cache_bytes", "Bytes held by the text-embedding cache of the generator replica that last reported.", **kw)  # fmt: skip
-        self.lease_expiries = Counter("lease_expiries", "Leases given up: stalled (no step progress within queue.stall_timeout_s) "
-                                      "or lapsed (the holder stopped renewing, e.g. died).", ("reason",), **kw)  # fmt: skip
+        self.text_cache_bytes = Gauge(
+            "text_cache_bytes",
+            "Bytes held by the text-embedding cache of the generator replica that last reported.",
+            **kw,
+        )
+        self.lease_expiries = Counter(
+            "lease_expiries",
+            "Leases given up: stalled (no step progress within queue.stall_timeout_s) "
+            "or lapsed (the holder stopped renewing, e.g. died).",
+            ("reason",),
+            **kw,
+        )
         self.jobs = Counter("jobs", "Jobs this replica dispatched, by how the generator call ended.", ("status",), **kw)
         self.rejected = Counter("rejected", "Creates refused by admission (429/503), by limit.", ("reason",), **kw)
-        self.orphans_swept = Counter("orphans_swept", "Store objects the orphan sweep deleted, by why: no_row, expired, "
-                                     "failed, superseded (an attempt whose lease was taken over), temp.", ("reason",), **kw)  # fmt: skip
+        self.orphans_swept = Counter(
+            "orphans_swept",
+            "Store objects the orphan sweep deleted, by why: no_row, expired, "
+            "failed, superseded (an attempt whose lease was taken over), temp.",
+            ("reason",),
+            **kw,
+        )
         self.in_flight = Gauge("in_flight_jobs", "Jobs this replica holds leases on (handed to the generator).", **kw)
         for cache in ("result", "text"):  # series exist (at 0) before the first hit, so rates and panels start at once
             self.cache_hits.labels(cache=cache)

@@ -89,7 +89,12 @@ def multipart_boundary(content_type: str) -> tuple[bytes, str]:
     msg["content-type"] = content_type
     boundary = msg.get_param("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70 or not boundary.isascii():
-        raise ApiError(400, "multipart/form-data request without a valid boundary (1 to 70 ASCII characters).", param="Content-Type", code="invalid_body")
+        raise ApiError(
+            400,
+            "multipart/form-data request without a valid boundary (1 to 70 ASCII characters).",
+            param="Content-Type",
+            code="invalid_body",
+        )
     charset = msg.get_param("charset")
     return boundary.encode("ascii"), text_charset(charset if isinstance(charset, str) else "utf-8", "Content-Type")
 
@@ -106,7 +111,9 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
     delimiter = b"\r\n--" + boundary
     body = b"\r\n" + body  # the first delimiter may open the body
     if body.count(delimiter) > MAX_PARTS + 1:
-        raise ApiError(400, f"The multipart body has more than {MAX_PARTS} parts (the limit).", param="body", code="too_many_parts")
+        raise ApiError(
+            400, f"The multipart body has more than {MAX_PARTS} parts (the limit).", param="body", code="too_many_parts"
+        )
     pieces = body.split(delimiter)
     fields: dict[str, Any] = {}
     closed = False
@@ -116,15 +123,30 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
             break
         _, eol, rest = piece.partition(b"\r\n")  # transport padding up to the delimiter line's end
         if not eol:
-            raise ApiError(400, "The request body is not valid multipart/form-data (a delimiter line does not end).", param="body", code="invalid_body")
+            raise ApiError(
+                400,
+                "The request body is not valid multipart/form-data (a delimiter line does not end).",
+                param="body",
+                code="invalid_body",
+            )
         if rest.startswith(b"\r\n"):
             raw_headers, payload = b"", rest[2:]
         else:
             raw_headers, sep, payload = rest.partition(b"\r\n\r\n")
             if not sep:
-                raise ApiError(400, "The request body is not valid multipart/form-data (a part's headers do not end).", param="body", code="invalid_body")
+                raise ApiError(
+                    400,
+                    "The request body is not valid multipart/form-data (a part's headers do not end).",
+                    param="body",
+                    code="invalid_body",
+                )
         if len(raw_headers) > MAX_PART_HEADER_BYTES:
-            raise ApiError(400, f"A multipart part has {len(raw_headers)} bytes of headers; the limit is {MAX_PART_HEADER_BYTES}.", param="body", code="part_headers_too_large")
+            raise ApiError(
+                400,
+                f"A multipart part has {len(raw_headers)} bytes of headers; the limit is {MAX_PART_HEADER_BYTES}.",
+                param="body",
+                code="part_headers_too_large",
+            )
         headers = BytesHeaderParser(policy=HTTP).parsebytes(raw_headers)
         name = headers.get_param("name", header="content-disposition")
         if not isinstance(name, str) or not name:
@@ -135,7 +157,12 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
         else:  # a text field, even when sent as a file (`curl -F prompt=@caption.txt`): checked like any text
             fields[name] = decode_text(payload, name, charset or default_charset)
     if not closed:
-        raise ApiError(400, "The request body is not valid multipart/form-data (it has no closing delimiter).", param="body", code="invalid_body")
+        raise ApiError(
+            400,
+            "The request body is not valid multipart/form-data (it has no closing delimiter).",
+            param="body",
+            code="invalid_body",
+        )
     return fold_references(fields)
 
 
@@ -167,7 +194,11 @@ def text_charset(charset: str, param: str) -> str:
     except (LookupError, ValueError):
         name = ""
     if name not in TEXT_CHARSETS:
-        raise invalid(param, f"'{param}' declares charset {charset[:40]!r}; text fields must be utf-8, us-ascii or iso-8859-1.", code="unsupported_charset")
+        raise invalid(
+            param,
+            f"'{param}' declares charset {charset[:40]!r}; text fields must be utf-8, us-ascii or iso-8859-1.",
+            code="unsupported_charset",
+        )
     return name
 
 
@@ -194,9 +225,15 @@ def check_text(fields: dict[str, Any]) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise invalid(str(name), f"'{name}' is not valid Unicode (it holds a lone surrogate).", code="invalid_encoding") from None
+            raise invalid(
+                str(name), f"'{name}' is not valid Unicode (it holds a lone surrogate).", code="invalid_encoding"
+            ) from None
         if FORBIDDEN_CHARS.search(value):
-            raise invalid(str(name), f"'{name}' contains control characters; only printable text, tabs and newlines are allowed.", code="invalid_encoding")
+            raise invalid(
+                str(name),
+                f"'{name}' contains control characters; only printable text, tabs and newlines are allowed.",
+                code="invalid_encoding",
+            )
 
 
 async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -210,7 +247,11 @@ async def read_body(request: Any, limit: int = MAX_BODY_BYTES) -> bytes:
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise ApiError(413, f"The request body is over {limit} bytes (the limit); stopped reading it there.", code="request_too_large")
+            raise ApiError(
+                413,
+                f"The request body is over {limit} bytes (the limit); stopped reading it there.",
+                code="request_too_large",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -226,12 +267,23 @@ async def read_create_fields(request: Any) -> tuple[dict[str, Any], bool]:
     media = ctype.split(";", 1)[0].strip().lower()
     if media not in ("application/json", "multipart/form-data"):
         shown = repr(media[:60]) if media else "none"
-        raise ApiError(415, f"Content-Type {shown} is not accepted; send application/json or multipart/form-data.", param="Content-Type", code="unsupported_media_type")
+        raise ApiError(
+            415,
+            f"Content-Type {shown} is not accepted; send application/json or multipart/form-data.",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
     body = await read_body(request)
     if media == "multipart/form-data":
-        return await asyncio.to_thread(parse_multipart, body, ctype), False  # off the event loop: /healthz keeps answering
+        return await asyncio.to_thread(
+            parse_multipart, body, ctype
+        ), False  # off the event loop: /healthz keeps answering
     if not body.strip():
-        raise ApiError(400, "The request body is empty; send JSON or multipart/form-data with at least 'prompt'.", code="invalid_body")
+        raise ApiError(
+            400,
+            "The request body is empty; send JSON or multipart/form-data with at least 'prompt'.",
+            code="invalid_body",
+        )
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
@@ -263,18 +315,30 @@ def reference_bytes(value: Any, param: str) -> bytes | None:
         return None
     if isinstance(value, dict):
         if "file_id" in value:
-            raise invalid(param, f"'{param}' by file_id is not supported; upload the image as a file part.", code="unsupported_parameter")
+            raise invalid(
+                param,
+                f"'{param}' by file_id is not supported; upload the image as a file part.",
+                code="unsupported_parameter",
+            )
         if set(value) != {"image_url"}:
             raise invalid(param, f"'{param}' as an object must hold only 'image_url' (a base64 data: URL).")
         value = value["image_url"]
     if isinstance(value, str):
         value = data_url_bytes(value, param)
     if not isinstance(value, bytes):
-        raise invalid(param, f"'{param}' must be an image file part or a base64 data: URL, got {type(value).__name__}.", code="invalid_type")
+        raise invalid(
+            param,
+            f"'{param}' must be an image file part or a base64 data: URL, got {type(value).__name__}.",
+            code="invalid_type",
+        )
     if not value:
         raise invalid(param, f"'{param}' is empty; send a PNG, JPEG or WebP image.")
     if len(value) > MAX_IMAGE_BYTES:
-        raise invalid(param, f"'{param}' has {len(value)} bytes; the limit is {MAX_IMAGE_BYTES} bytes per image.", code="image_too_large")
+        raise invalid(
+            param,
+            f"'{param}' has {len(value)} bytes; the limit is {MAX_IMAGE_BYTES} bytes per image.",
+            code="image_too_large",
+        )
     return value
 
 
@@ -283,9 +347,16 @@ def data_url_bytes(url: str, param: str) -> bytes:
     head, sep, payload = url.partition(",")
     if not url.startswith("data:") or not sep or not head.endswith(";base64"):
         shown = "a remote URL (the server fetches nothing)" if url.startswith(("http:", "https:")) else repr(url[:40])
-        raise invalid(param, f"'{param}' must be an image file part or a base64 data: URL (data:image/png;base64,...), got {shown}.")
+        raise invalid(
+            param,
+            f"'{param}' must be an image file part or a base64 data: URL (data:image/png;base64,...), got {shown}.",
+        )
     if len(payload) > (MAX_IMAGE_BYTES + 2) // 3 * 4 + 4:  # base64 of more than MAX_IMAGE_BYTES: not decoded at all
-        raise invalid(param, f"'{param}' has over {MAX_IMAGE_BYTES} bytes; the limit is {MAX_IMAGE_BYTES} bytes per image.", code="image_too_large")
+        raise invalid(
+            param,
+            f"'{param}' has over {MAX_IMAGE_BYTES} bytes; the limit is {MAX_IMAGE_BYTES} bytes per image.",
+            code="image_too_large",
+        )
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -309,13 +380,21 @@ def open_image(data: bytes, param: str) -> Any:  # -> PIL.Image.Image (RGB)
     except UnidentifiedImageError:
         raise invalid(param, f"'{param}' is not a {formats} image.", code="invalid_image_format") from None
     except Image.DecompressionBombError:
-        raise invalid(param, f"'{param}' declares more than {MAX_IMAGE_PIXELS} pixels (the limit).", code="image_too_large") from None
+        raise invalid(
+            param, f"'{param}' declares more than {MAX_IMAGE_PIXELS} pixels (the limit).", code="image_too_large"
+        ) from None
     except Exception as err:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error, ... on bad data: a 400
         detail = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise invalid(param, f"'{param}' cannot be decoded (truncated or corrupt {formats} data: {detail}).", code="invalid_image") from None
+        raise invalid(
+            param, f"'{param}' cannot be decoded (truncated or corrupt {formats} data: {detail}).", code="invalid_image"
+        ) from None
 
 
 def pixels_check(size: tuple[int, int], param: str) -> None:
     width, height = size
     if width * height > MAX_IMAGE_PIXELS:
-        raise invalid(param, f"'{param}' is {width}x{height} = {width * height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels.", code="image_too_large")
+        raise invalid(
+            param,
+            f"'{param}' is {width}x{height} = {width * height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels.",
+            code="image_too_large",
+        )

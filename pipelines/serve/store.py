@@ -66,7 +66,9 @@ class ContentStore:
         if self.local:
             return self.fs.ls(where, detail=True)
         if self._lister is None:
-            self._lister = type(self.fs)(**{**self.fs.storage_options, "use_listings_cache": False, "skip_instance_cache": True})
+            self._lister = type(self.fs)(
+                **{**self.fs.storage_options, "use_listings_cache": False, "skip_instance_cache": True}
+            )
         return self._lister.ls(where, detail=True)
 
     def ping(self) -> None:

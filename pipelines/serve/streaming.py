@@ -41,8 +41,13 @@ class StreamSlots:
     def acquire(self, limit: int) -> weakref.finalize:
         """A slot, released by calling it (idempotent); 503 with Retry-After when `limit` streams run already."""
         if self.active >= limit:
-            raise ApiError(503, f"Too many downloads are streaming through this server (max_streaming_downloads={limit}); "
-                           f"retry after {RETRY_AFTER_S} s.", code="too_many_downloads", headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            raise ApiError(
+                503,
+                f"Too many downloads are streaming through this server (max_streaming_downloads={limit}); "
+                f"retry after {RETRY_AFTER_S} s.",
+                code="too_many_downloads",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         self.active += 1
         return weakref.finalize(self, StreamSlots._release, weakref.ref(self))
 
@@ -58,7 +63,9 @@ class StoreStream:
     streaming slot until it ends, fails, is closed (the client went away: Serve cancels the request) or is dropped
     unread (a disconnect before the first chunk): the slot is released exactly once in every case."""
 
-    def __init__(self, content: ContentStore, key: tuple[str, str, str], start: int, length: int, slot: weakref.finalize) -> None:
+    def __init__(
+        self, content: ContentStore, key: tuple[str, str, str], start: int, length: int, slot: weakref.finalize
+    ) -> None:
         self.content, self.key, self.start, self.length = content, key, start, length
         self._file: IO[bytes] | None = None
         self._slot = slot

@@ -100,7 +100,8 @@ def _rows(db: JobDB, ids: list[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for i in range(0, len(ids), LOOKUP_BATCH):
         q = select(jobs.c.id, jobs.c.status, jobs.c.content_ref, jobs.c.lease_token, jobs.c.expires_at).where(
-            jobs.c.id.in_(ids[i : i + LOOKUP_BATCH]))  # fmt: skip
+            jobs.c.id.in_(ids[i : i + LOOKUP_BATCH])
+        )
         with db.engine.connect() as conn:
             found.update({r.id: r for r in conn.execute(q)})
     return found
@@ -122,8 +123,9 @@ def sweep_orphans(db: JobDB, content: ContentStore, grace_s: float, now: float |
     return counts
 
 
-def _old_enough(content: ContentStore, folder: str | None, names: re.Pattern, grace_s: float, now: float,
-                counts: Counter[str]) -> list[tuple[str, str, str]]:  # fmt: skip
+def _old_enough(
+    content: ContentStore, folder: str | None, names: re.Pattern, grace_s: float, now: float, counts: Counter[str]
+) -> list[tuple[str, str, str]]:
     """(path, job id, second name part) of the objects in `folder` (content/ by default) named by `names` and past
     the grace; a stale `.tmp-` upload is deleted here."""
     try:

@@ -35,7 +35,9 @@ def stage_batches(recipe: Any, stage: Any, count: int) -> list[dict[str, torch.T
 
     cfg = recipe.model_config()
     if cfg.in_channels != 3 or stage.height != stage.width:
-        raise ValueError("the bf16 check renders square RGB clips: it needs a pixel-space model (in_channels 3) and a square stage")
+        raise ValueError(
+            "the bf16 check renders square RGB clips: it needs a pixel-space model (in_channels 3) and a square stage"
+        )
     spec = SynthSpec(size=stage.height, frames=max(stage.frames, 2), seed=recipe.seed)
     combos = grammar.all_combinations()
     g = torch.Generator().manual_seed(recipe.seed)
@@ -46,11 +48,15 @@ def stage_batches(recipe: Any, stage: Any, count: int) -> list[dict[str, torch.T
         clips = np.stack([make_video(spec, i, combos[i])[: stage.frames] for i in idx])  # (B, T, H, W, 3) uint8
         video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B, 3, T, H, W) in [-1, 1]
         tokens = captions[idx]  # (B, L, Dt)
-        batches.append({
-            "patches": patchify(video, cfg.patch_size), "text_tokens": tokens,
-            "text_mask": torch.ones(len(idx), TEXT_LENGTH, dtype=torch.bool), "text_pooled": tokens.mean(1),
-            "epoch": torch.zeros(len(idx), dtype=torch.long),
-        })  # fmt: skip
+        batches.append(
+            {
+                "patches": patchify(video, cfg.patch_size),
+                "text_tokens": tokens,
+                "text_mask": torch.ones(len(idx), TEXT_LENGTH, dtype=torch.bool),
+                "text_pooled": tokens.mean(1),
+                "epoch": torch.zeros(len(idx), dtype=torch.long),
+            }
+        )
     return batches
 
 
@@ -62,7 +68,9 @@ def train_curve(recipe_data: dict[str, Any], stage_name: str, steps: int, bf16: 
     from sora_model.diffusion import build_diffusion
     from sora_model.patch import patch_grid
 
-    recipe = parse_recipe({**recipe_data, "device": "cpu", "deepspeed": {**recipe_data.get("deepspeed", {}), "bf16": bf16}})
+    recipe = parse_recipe(
+        {**recipe_data, "device": "cpu", "deepspeed": {**recipe_data.get("deepspeed", {}), "bf16": bf16}}
+    )
     stage = next(s for s in recipe.stages if s.name == stage_name)
     stage.steps, stage.checkpoint_every = steps, 0
     recipe.stages = [stage]  # the engine's batch sizes and the LR schedule are this stage's
@@ -85,8 +93,9 @@ def train_curve(recipe_data: dict[str, Any], stage_name: str, steps: int, bf16: 
 def _child(recipe_data: dict[str, Any], stage_name: str, steps: int, bf16: bool, port: int, queue: Any) -> None:
     import torch.distributed as dist
 
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")  # fmt: skip
+    os.environ.update(
+        DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:

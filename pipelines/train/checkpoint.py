@@ -146,9 +146,14 @@ def _universal_args(input_folder: str, output_folder: str) -> Any:
     import argparse
 
     return argparse.Namespace(
-        input_folder=input_folder, output_folder=output_folder, num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,
-    )  # fmt: skip
+        input_folder=input_folder,
+        output_folder=output_folder,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
 
 
 def make_portable(store: Any, ckpt_rel: str, world: int) -> bool:

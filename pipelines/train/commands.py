@@ -27,10 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for action in p._actions:  # a rehearsal makes its own data, and its own run folder when none is given
         if action.dest in ("data", "run_dir"):
             action.required = False
-    p.add_argument("--rehearse", action="store_true",
-                   help="run the recipe's own settings (precision, ZeRO, offload, sequence parallelism, packing, LoRA, EMA, "
-                   "init_from, every stage, one lost worker and its restart) at tiny size on 2 CPU workers, then say in "
-                   "one line what ran and what cannot be rehearsed on CPU")  # fmt: skip
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run the recipe's own settings (precision, ZeRO, offload, sequence parallelism, packing, LoRA, EMA, "
+        "init_from, every stage, one lost worker and its restart) at tiny size on 2 CPU workers, then say in "
+        "one line what ran and what cannot be rehearsed on CPU",
+    )
     p.set_defaults(func=run_train)
 
     e = subparsers.add_parser(
@@ -39,12 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Gather a checkpoint's fp32 master weights (written by any number of ranks) into an export: "
         "model.safetensors + config.json, and ema.safetensors with --ema.",
     )
-    e.add_argument("--checkpoint", required=True, help="a checkpoint folder or URI: RUN/ray_results/NAME/checkpoint_NNNNNNN")
+    e.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder or URI: RUN/ray_results/NAME/checkpoint_NNNNNNN"
+    )
     e.add_argument("--out", required=True, help="export folder to write (model.safetensors, config.json)")
-    e.add_argument("--ema", action="store_true", help="also write the EMA weights (ema.safetensors, what generation prefers)")
-    e.add_argument("--merge-lora", action="store_true",
-                   help="a LoRA run's checkpoint: write the base (its init_from) with the adapter merged, a whole export, "
-                   "instead of the adapter folder")  # fmt: skip
+    e.add_argument(
+        "--ema", action="store_true", help="also write the EMA weights (ema.safetensors, what generation prefers)"
+    )
+    e.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="a LoRA run's checkpoint: write the base (its init_from) with the adapter merged, a whole export, "
+        "instead of the adapter folder",
+    )
     e.set_defaults(func=run_export)
 
 

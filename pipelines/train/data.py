@@ -51,8 +51,14 @@ class StagePlan:
     """A mixed stage: each file's clip grid (T', H', W'), sent along with its rows; None: one bucket."""
 
     @classmethod
-    def from_files(cls, files: list[str], seed: int, stage_index: int, shuffle: bool = True,
-                   grids: list[tuple[int, int, int]] | None = None) -> StagePlan:  # fmt: skip
+    def from_files(
+        cls,
+        files: list[str],
+        seed: int,
+        stage_index: int,
+        shuffle: bool = True,
+        grids: list[tuple[int, int, int]] | None = None,
+    ) -> StagePlan:
         """Row counts from the Parquet footers (no data read), in a thread pool: footers on S3 take a round trip."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -112,7 +118,9 @@ class StagePlan:
             epoch, pos = epoch + 1, 0
         return out
 
-    def micro_batches(self, start_sample: int, micro_batch: int, budget: int = 0) -> Iterator[list[tuple[int, int, int, int]]]:
+    def micro_batches(
+        self, start_sample: int, micro_batch: int, budget: int = 0
+    ) -> Iterator[list[tuple[int, int, int, int]]]:
         """The stage's micro-batches from `start_sample` on, each as the `units` it reads, in stream order.
 
         One bucket: `micro_batch` samples each. A mixed stage (`budget` > 0): packs cut greedily in stream order,
@@ -159,8 +167,9 @@ class StageStream:
     """Read tasks in flight per reading rank."""
 
 
-def reader_micro_batches(stream: StageStream, start_sample: int, group: int, groups: int,
-                         count: int) -> list[list[tuple[int, int, int, int]]]:  # fmt: skip
+def reader_micro_batches(
+    stream: StageStream, start_sample: int, group: int, groups: int, count: int
+) -> list[list[tuple[int, int, int, int]]]:
     """The first `count` micro-batches of data-parallel group `group` of `groups` from `start_sample`: the stage's
     micro-batches dealt round robin (c -> group c % groups). Every step draws `groups` x accumulation micro-batches
     in all, so a step ends on a deal boundary and a resume at any step's `consumed_samples` deals the same way."""
@@ -197,7 +206,9 @@ class _ReadSegments:
     file), so a row's caption does not depend on which rank reads it or where a run resumed.
     """
 
-    def __init__(self, plan: StagePlan, segments: list[tuple[int, int, list[tuple[int, int]]]], columns: tuple[str, ...]):
+    def __init__(
+        self, plan: StagePlan, segments: list[tuple[int, int, list[tuple[int, int]]]], columns: tuple[str, ...]
+    ):
         self.plan, self.segments, self.columns = plan, segments, list(columns)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -208,7 +219,9 @@ class _ReadSegments:
             epoch, i, ranges = self.segments[int(s)]
             order = self.plan.row_order(epoch, i)
             take = np.concatenate([order[a:b] for a, b in ranges])
-            shard = open_parquet(self.plan.files[i])  # one open: the footer says which caption columns exist (local or s3://)
+            shard = open_parquet(
+                self.plan.files[i]
+            )  # one open: the footer says which caption columns exist (local or s3://)
             names = shard.schema_arrow.names
             extra = [EXTRA_OF[c] for c in EXTRA_OF if c in self.columns and EXTRA_OF[c] in names]
             table = shard.read(columns=self.columns + extra)
@@ -227,8 +240,9 @@ class _ReadSegments:
         return arrays
 
 
-def reader_dataset(stream: StageStream, micro_batches: list[list[tuple[int, int, int, int]]],
-                   columns: tuple[str, ...] = BATCH_COLUMNS) -> Any:  # fmt: skip
+def reader_dataset(
+    stream: StageStream, micro_batches: list[list[tuple[int, int, int, int]]], columns: tuple[str, ...] = BATCH_COLUMNS
+) -> Any:
     """One reading rank's micro-batches as a Ray Dataset, rows in stream order (lazy; nothing read yet).
 
     The segment indices are put in the object store as blocks (no read tasks: on a laptop the workers hold
@@ -247,12 +261,16 @@ def reader_dataset(stream: StageStream, micro_batches: list[list[tuple[int, int,
     # from_blocks puts the blocks from this process; from_arrow would run a 1-CPU metadata task per block, which
     # never starts inside a worker when the workers hold every CPU (the hang of the first try at this reader).
     return ray.data.from_blocks([pa.table({"id": b}) for b in blocks]).map_batches(
-        _ReadSegments(stream.plan, segments, columns), batch_size=1, num_cpus=stream.read_cpus,
+        _ReadSegments(stream.plan, segments, columns),
+        batch_size=1,
+        num_cpus=stream.read_cpus,
         compute=ray.data.TaskPoolStrategy(size=max(1, stream.readers)),
-    )  # fmt: skip
+    )
 
 
-def stage_dataset(plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0, readers: int = 2) -> Any:
+def stage_dataset(
+    plan: StagePlan, start_sample: int, num_samples: int, read_cpus: float = 1.0, readers: int = 2
+) -> Any:
     """Samples [start, start + num_samples) of a stage's stream as one Ray Dataset, in stream order (a whole
     stream, not one reader's share: for tools and tests that read the stream as the ranks together would)."""
     return reader_dataset(StageStream(plan, 1, 0, read_cpus, readers), [plan.units(start_sample, num_samples)])
@@ -284,7 +302,9 @@ class Collate:
             "text_tokens": torch.as_tensor(np.asarray(batch["text_tokens"], dtype=np.float16)[:, :keep]),  # (B, L', Dt)
             "text_mask": torch.as_tensor(mask[:, :keep]),  # (B, L')
             "text_pooled": torch.as_tensor(np.asarray(batch["text_pooled"], dtype=np.float16)),  # (B, Dt)
-            "epoch": torch.from_numpy(np.array(batch["epoch"], dtype=np.int64)),  # (B,): a copy, Arrow's buffers are read-only
+            "epoch": torch.from_numpy(
+                np.array(batch["epoch"], dtype=np.int64)
+            ),  # (B,): a copy, Arrow's buffers are read-only
         }
 
 

@@ -81,7 +81,9 @@ def partition_of(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gather_full(module: torch.nn.Module, partitions: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor] | None:
+def gather_full(
+    module: torch.nn.Module, partitions: dict[str, torch.Tensor], rank: int
+) -> dict[str, torch.Tensor] | None:
     """Full fp32 CPU tensors on rank 0 (None elsewhere) from per-rank master slices (of the parameters `partitions`
     names, in the module's order); every rank calls it."""
     import torch.distributed as dist
@@ -115,7 +117,9 @@ class PartitionEMA:
         self.warmup = warmup
         # Only what trains: a LoRA run's frozen base never moves, and averaging it would hold a second copy of it.
         self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        self.shadow = {n: t.detach().float().clone() for n, t in master_partitions(module, bf16).items() if n in self.trainable}
+        self.shadow = {
+            n: t.detach().float().clone() for n, t in master_partitions(module, bf16).items() if n in self.trainable
+        }
         self.layout = LAYOUT_PARTITION if any(is_zero3(p) for p in module.parameters()) else LAYOUT_FULL
         self.shapes = _full_shapes(module)
 
@@ -194,6 +198,8 @@ def weights_digest(module: torch.nn.Module, bf16: bool = False) -> dict[str, flo
     sums = torch.tensor([float(masters[n].double().sum()) for n in names], dtype=torch.float64)
     partitioned = any(is_zero3(p) for p in module.parameters())
     if partitioned and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = sums.to(_collective_device())  # not the masters' device: offloaded ones live on the host, NCCL wants CUDA
+        sums = sums.to(
+            _collective_device()
+        )  # not the masters' device: offloaded ones live on the host, NCCL wants CUDA
         dist.all_reduce(sums)
     return dict(zip(names, sums.cpu().tolist()))

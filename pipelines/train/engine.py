@@ -90,7 +90,10 @@ def ds_config(recipe: Recipe, stage: StageSpec, world: int, load_universal: bool
         config["zero_allow_untested_optimizer"] = True
     else:
         # lr 1.0: the LambdaLR schedule returns absolute learning rates.
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": 1.0, "betas": list(ds.betas), "weight_decay": ds.weight_decay}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": 1.0, "betas": list(ds.betas), "weight_decay": ds.weight_decay},
+        }
     return config
 
 
@@ -123,8 +126,11 @@ def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tu
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(recipe, s))
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=client_opt, model_parameters=None if client_opt else params,
-        lr_scheduler=make_scheduler, config=config,
+        model=model,
+        optimizer=client_opt,
+        model_parameters=None if client_opt else params,
+        lr_scheduler=make_scheduler,
+        config=config,
         dist_init_required=False,
-    )  # fmt: skip
+    )
     return engine, engine.module

@@ -89,7 +89,9 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError) as err:  # ConfigError is a ValueError: a bad config.json names its key
         raise ConfigError(f"init_from: {' '.join(str(err).split())}") from None
     if not os.path.isfile(os.path.join(path, MODEL_FILE)):
-        raise ConfigError(f"init_from '{path}' has no {MODEL_FILE}: give an export folder (sora convert or a run's export/)")
+        raise ConfigError(
+            f"init_from '{path}' has no {MODEL_FILE}: give an export folder (sora convert or a run's export/)"
+        )
     unknown = sorted(set(model) - {"preset", "overrides"})
     if unknown:
         raise ConfigError(f"unknown key 'model.{unknown[0]}' (allowed with init_from: preset, overrides)")
@@ -160,8 +162,11 @@ def _misfit(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
     """What differs between the model's tensors and a file's, as a short phrase ('' when they fit)."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     bad = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
-    parts = [f"{label} {len(items)}: {', '.join(items[:3])}" for label, items in
-             (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad)) if items]  # fmt: skip
+    parts = [
+        f"{label} {len(items)}: {', '.join(items[:3])}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad))
+        if items
+    ]
     return "; ".join(parts)
 
 
@@ -180,7 +185,9 @@ def build_model(recipe: Any, ds_config: dict[str, Any] | None = None) -> torch.n
     """
     from sora_model.dit import DiT
 
-    torch.manual_seed(recipe.seed)  # same on every rank: identical initial weights (and adapters), which ZeRO-3 partitions
+    torch.manual_seed(
+        recipe.seed
+    )  # same on every rank: identical initial weights (and adapters), which ZeRO-3 partitions
     cfg = recipe.model_config()
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     if not recipe.init_from:
@@ -291,7 +298,9 @@ def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: d
     from deepspeed.accelerator import get_accelerator
 
     # What `deepspeed.initialize` does first: wrap the running torch.distributed (ZeRO-Init reads its world size).
-    deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    deepspeed.comm.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
+    )
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     owners = {
         f"{m}.{n}" if m else n: (module, n)
@@ -333,7 +342,9 @@ def add_lora(model: torch.nn.Module, spec: Any, seed: int) -> list[str]:
     """Inject peft LoRA adapters into `model` in place and freeze everything else; returns the adapted modules."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.scale_alpha, target_modules=spec.targets, lora_dropout=spec.dropout)
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.scale_alpha, target_modules=spec.targets, lora_dropout=spec.dropout
+    )
     torch.manual_seed(seed)  # the A matrices are random: the same on every rank
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
@@ -384,8 +395,13 @@ def write_adapter(folder: str, spec: Any, base: str, weights: dict[str, torch.Te
     tensors = adapter_tensors(weights)
     if not tensors:
         raise ValueError("no LoRA adapter weights to export (the checkpoint or run has no lora_A/lora_B parameters)")
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.scale_alpha, target_modules=spec.targets, lora_dropout=spec.dropout,
-                        base_model_name_or_path=os.path.abspath(base))  # fmt: skip
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.scale_alpha,
+        target_modules=spec.targets,
+        lora_dropout=spec.dropout,
+        base_model_name_or_path=os.path.abspath(base),
+    )
     config.save_pretrained(folder)  # peft's own adapter_config.json, so peft and diffusers read it too
     save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return folder
@@ -412,7 +428,10 @@ def write_lora_export(
     if recipe.lora.merge_export:
         merged_ema = merged_weights(recipe.init_from, ema_dir) if ema_weights is not None else None
         save_export(
-            os.path.join(folder, MERGED_SUBDIR), recipe.pipeline_config(), merged_weights(recipe.init_from, folder), merged_ema
+            os.path.join(folder, MERGED_SUBDIR),
+            recipe.pipeline_config(),
+            merged_weights(recipe.init_from, folder),
+            merged_ema,
         )
     return folder
 
@@ -467,7 +486,9 @@ def export_lora_checkpoint(ckpt_dir: str, out_dir: str, ema: bool, merge: bool) 
     with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
         config = from_dict(PipelineConfig, json.load(f))
     with tempfile.TemporaryDirectory(prefix="sora-adapter-") as tmp:
-        merged = merged_weights(info["init_from"], write_adapter(os.path.join(tmp, "a"), spec, info["init_from"], weights))
+        merged = merged_weights(
+            info["init_from"], write_adapter(os.path.join(tmp, "a"), spec, info["init_from"], weights)
+        )
         merged_ema = None
         if averaged is not None:
             merged_ema = merged_weights(

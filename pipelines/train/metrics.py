@@ -16,16 +16,54 @@ METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_PLOT = "loss.png"
 METRIC_COLUMNS = (
-    "step", "stage", "stage_step", "epoch", "loss", "diffusion", "temporal_consistency", "motion_smoothness",
-    "perceptual", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "step_time_s", "nonfinite_skipped", "time",
-)  # fmt: skip
-SCALARS = ("loss", "diffusion", "temporal_consistency", "motion_smoothness", "perceptual", "lr", "grad_norm",
-           "samples_per_s", "tokens_per_s", "mfu")  # fmt: skip
+    "step",
+    "stage",
+    "stage_step",
+    "epoch",
+    "loss",
+    "diffusion",
+    "temporal_consistency",
+    "motion_smoothness",
+    "perceptual",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+    "mfu",
+    "step_time_s",
+    "nonfinite_skipped",
+    "time",
+)
+SCALARS = (
+    "loss",
+    "diffusion",
+    "temporal_consistency",
+    "motion_smoothness",
+    "perceptual",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tokens_per_s",
+    "mfu",
+)
 PEAK_TFLOPS = {
     # Dense bf16 tensor-core peaks per GPU (vendor datasheets, no sparsity); matched against the device name.
-    "H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "A800": 312.0,
-    "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "A10": 125.0, "L4": 121.0, "V100": 125.0, "4090": 165.0, "3090": 71.0,
-}  # fmt: skip
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "4090": 165.0,
+    "3090": 71.0,
+}
 CPU_PEAK_TFLOPS = 0.1
 """A nominal per-worker CPU peak (fp32, a few AVX2/AVX-512 cores): CPU MFU compares CPU runs, not CPU with GPU."""
 FP32_FRACTION = {"H200": 67 / 989, "H100": 67 / 989, "H800": 67 / 989, "A100": 19.5 / 312}

@@ -58,10 +58,16 @@ def collate_pack(pack: list[Row], device: torch.device, pin: bool = False, trim_
     order = sorted(range(len(pack)), key=lambda i: tuple(int(v) for v in pack[i]["grid"]))
     rows = [pack[i] for i in order]
     mask = np.stack([np.asarray(r["text_mask"], dtype=bool) for r in rows])  # (clips, L)
-    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if trim_text else mask.shape[1]  # unused columns stay on the host
+    keep = (
+        int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if trim_text else mask.shape[1]
+    )  # unused columns stay on the host
     host = {
-        "patches": torch.as_tensor(np.concatenate([np.asarray(r["patches"], dtype=np.float32) for r in rows])),  # (ΣN, P)
-        "text_tokens": torch.as_tensor(np.stack([np.asarray(r["text_tokens"], dtype=np.float16) for r in rows])[:, :keep]),
+        "patches": torch.as_tensor(
+            np.concatenate([np.asarray(r["patches"], dtype=np.float32) for r in rows])
+        ),  # (ΣN, P)
+        "text_tokens": torch.as_tensor(
+            np.stack([np.asarray(r["text_tokens"], dtype=np.float16) for r in rows])[:, :keep]
+        ),
         "text_mask": torch.as_tensor(mask[:, :keep]),  # (clips, L')
         "text_pooled": torch.as_tensor(np.stack([np.asarray(r["text_pooled"], dtype=np.float16) for r in rows])),
         "epoch": torch.as_tensor(np.asarray([int(r["epoch"]) for r in rows], dtype=np.int64)),
@@ -72,8 +78,9 @@ def collate_pack(pack: list[Row], device: torch.device, pin: bool = False, trim_
     return out
 
 
-def packed_batches(dataset: Any, sizes: list[int], prefetch: int, device: torch.device, pin: bool = False,
-                   trim_text: bool = True) -> Iterator[dict[str, Any]]:  # fmt: skip
+def packed_batches(
+    dataset: Any, sizes: list[int], prefetch: int, device: torch.device, pin: bool = False, trim_text: bool = True
+) -> Iterator[dict[str, Any]]:
     """A reading rank's packed micro-batches: its rows (`data.reader_dataset`, in stream order) cut into packs of
     `sizes` clips, the cut `StagePlan.micro_batches` made from the clips' grids."""
     batches = dataset.iter_batches(batch_size=READ_ROWS, batch_format="numpy", prefetch_batches=prefetch)

@@ -59,8 +59,19 @@ class Parallel:
     def forward(self, engine: Any, x_t, t, tokens, mask, pooled, drop, image_features=None) -> torch.Tensor:
         if self.sp == 1:
             return engine(x_t, t, tokens, mask, pooled, drop_text=drop, image_features=image_features)
-        return sequence_parallel_forward(engine, x_t, t, tokens, mask, pooled, drop, self.group, self.patch_size,
-                                         self.in_channels, image_features=image_features)  # fmt: skip
+        return sequence_parallel_forward(
+            engine,
+            x_t,
+            t,
+            tokens,
+            mask,
+            pooled,
+            drop,
+            self.group,
+            self.patch_size,
+            self.in_channels,
+            image_features=image_features,
+        )
 
 
 def selected_blocks(depth: int, fraction: float) -> list[int]:
@@ -109,5 +120,12 @@ def parallelize(engine: Any, recipe: Recipe, world: int, device: torch.device | 
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
         engine.compile(compile_kwargs={"dynamic": False})
-    return Parallel(sp=sp, group=group, src=src, dp_rank=dp_rank, patch_size=cfg.patch_size, in_channels=cfg.predicted_channels,
-                    device=device or torch.device("cpu"))
+    return Parallel(
+        sp=sp,
+        group=group,
+        src=src,
+        dp_rank=dp_rank,
+        patch_size=cfg.patch_size,
+        in_channels=cfg.predicted_channels,
+        device=device or torch.device("cpu"),
+    )

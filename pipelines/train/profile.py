@@ -31,9 +31,12 @@ class StepProfiler:
         self.written: str | None = None
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         self._prof: Any = profile(
-            activities=activities, schedule=schedule(wait=0, warmup=WARMUP_STEPS, active=steps, repeat=1),
-            on_trace_ready=self._write, record_shapes=True, profile_memory=device.type == "cuda",
-        )  # fmt: skip
+            activities=activities,
+            schedule=schedule(wait=0, warmup=WARMUP_STEPS, active=steps, repeat=1),
+            on_trace_ready=self._write,
+            record_shapes=True,
+            profile_memory=device.type == "cuda",
+        )
         self._prof.start()
 
     def step(self) -> None:

@@ -106,7 +106,9 @@ class DeepSpeedSpec:
         if self.gather_per_block and self.zero_stage != 3:
             raise ConfigError("deepspeed.gather_per_block needs deepspeed.zero_stage 3")
         if self.param_persistence_threshold < 0:
-            raise ConfigError(f"deepspeed.param_persistence_threshold must be >= 0, got {self.param_persistence_threshold}")
+            raise ConfigError(
+                f"deepspeed.param_persistence_threshold must be >= 0, got {self.param_persistence_threshold}"
+            )
 
 
 @dataclass
@@ -270,13 +272,19 @@ class StageSpec:
         if self.cond_dropout is not None and not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if bool(self.dataset) == bool(self.datasets):
-            raise ConfigError("give dataset (one bucket) or datasets (a mixed stage's buckets), not both and not neither")
+            raise ConfigError(
+                "give dataset (one bucket) or datasets (a mixed stage's buckets), not both and not neither"
+            )
         if self.datasets and len(set(self.datasets)) != len(self.datasets):
             raise ConfigError(f"datasets lists a bucket twice: {self.datasets}")
         if self.datasets and self.tokens_per_batch < 1:
-            raise ConfigError("tokens_per_batch must be >= 1 for a mixed stage (datasets: [...]): the packed micro-batch's token budget")
+            raise ConfigError(
+                "tokens_per_batch must be >= 1 for a mixed stage (datasets: [...]): the packed micro-batch's token budget"
+            )
         if self.tokens_per_batch and not self.datasets:
-            raise ConfigError("tokens_per_batch applies to a mixed stage only (datasets: [...]); a one-bucket stage uses micro_batch")
+            raise ConfigError(
+                "tokens_per_batch applies to a mixed stage only (datasets: [...]); a one-bucket stage uses micro_batch"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -429,9 +437,13 @@ def _check_stage_shapes(recipe: Recipe, model: DiTConfig) -> None:
         raise ConfigError(f"sequence_parallel_size {sp} must divide model.num_heads ({model.num_heads})")
     for i, stage in enumerate(recipe.stages):
         if stage.mixed and sp > 1:
-            raise ConfigError(f"stages[{i}]: a mixed stage (datasets) packs clips of several shapes, which sequence_parallel_size {sp} cannot shard; use 1")
+            raise ConfigError(
+                f"stages[{i}]: a mixed stage (datasets) packs clips of several shapes, which sequence_parallel_size {sp} cannot shard; use 1"
+            )
         if stage.mixed and recipe.compile:
-            raise ConfigError(f"stages[{i}]: a mixed stage's packed batches change shape every step (a graph each); set compile: false")
+            raise ConfigError(
+                f"stages[{i}]: a mixed stage's packed batches change shape every step (a graph each); set compile: false"
+            )
         pt, ph, pw = model.patch_size
         if stage.frames % pt or stage.height % ph or stage.width % pw:
             raise ConfigError(

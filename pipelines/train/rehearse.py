@@ -61,7 +61,9 @@ class Shrink:
     """Maps a recipe's clip sizes to tiny ones, keeping their order and which are alike."""
 
     def __init__(self, stages: list[dict[str, Any]], patch: tuple[int, int, int]):
-        shapes = [self.parse(b) for s in stages for b in ([s["dataset"]] if s.get("dataset") else s.get("datasets", []))]
+        shapes = [
+            self.parse(b) for s in stages for b in ([s["dataset"]] if s.get("dataset") else s.get("datasets", []))
+        ]
         shapes += [(s["frames"], *self.stage_hw(s)) for s in stages]
         self.patch = patch
         self.frames = {f: i for i, f in enumerate(sorted({f for f, _, _ in shapes if f > 1}))}
@@ -72,7 +74,9 @@ class Shrink:
         try:
             f, h, w = (int(v) for v in bucket.split("x"))
         except ValueError:
-            raise ConfigError(f"--rehearse needs stages that name buckets FRAMESxHEIGHTxWIDTH, got '{bucket}'") from None
+            raise ConfigError(
+                f"--rehearse needs stages that name buckets FRAMESxHEIGHTxWIDTH, got '{bucket}'"
+            ) from None
         return f, h, w
 
     @staticmethod
@@ -120,9 +124,17 @@ def _shrink_stage(stage: dict[str, Any], shrink: Shrink, last: bool) -> dict[str
     s = copy.deepcopy(stage)
     frames, height, width = shrink.shape(s["frames"], *shrink.stage_hw(s))
     s.pop("resolution", None)
-    s.update(frames=frames, height=height, width=width, steps=LAST_STEPS if last else STEPS, checkpoint_every=1 if last else 0,
-             micro_batch=min(s.get("micro_batch", 1), MICRO_BATCH), grad_accum=min(s.get("grad_accum", 1), GRAD_ACCUM),
-             warmup_steps=min(s.get("warmup_steps", 0), 1), sample_prompts=list(s.get("sample_prompts") or [])[:1])  # fmt: skip
+    s.update(
+        frames=frames,
+        height=height,
+        width=width,
+        steps=LAST_STEPS if last else STEPS,
+        checkpoint_every=1 if last else 0,
+        micro_batch=min(s.get("micro_batch", 1), MICRO_BATCH),
+        grad_accum=min(s.get("grad_accum", 1), GRAD_ACCUM),
+        warmup_steps=min(s.get("warmup_steps", 0), 1),
+        sample_prompts=list(s.get("sample_prompts") or [])[:1],
+    )
     if s.get("datasets"):
         buckets = list(dict.fromkeys(shrink.bucket(b) for b in s["datasets"]))
         s["datasets"] = buckets
@@ -139,7 +151,9 @@ class Plan:
         from pipelines.train.recipe import parse_recipe
 
         self.source = data
-        full = parse_recipe({k: v for k, v in data.items() if k != "init_from"} | ({"lora": None} if data.get("lora") else {}))
+        full = parse_recipe(
+            {k: v for k, v in data.items() if k != "init_from"} | ({"lora": None} if data.get("lora") else {})
+        )
         self.name, self.device, self.bf16 = full.name, full.device, full.bf16
         self.full = full
         model = full.model_config()
@@ -148,8 +162,13 @@ class Plan:
         out = copy.deepcopy(data)
         # A tiny run that stalls in a collective or a rendezvous should fail in minutes, not wait out the recipe's
         # cluster-size timeout (1800 s) once per retry: both are capped; the one injected loss needs one retry.
-        out.update(device="cpu", workers=WORKERS, cpus_per_worker=None, max_failures=min(2, max(1, full.max_failures)),
-                   process_group_timeout_s=min(REHEARSAL_TIMEOUT_S, full.process_group_timeout_s))
+        out.update(
+            device="cpu",
+            workers=WORKERS,
+            cpus_per_worker=None,
+            max_failures=min(2, max(1, full.max_failures)),
+            process_group_timeout_s=min(REHEARSAL_TIMEOUT_S, full.process_group_timeout_s),
+        )
         ds = dict(out.get("deepspeed") or {})
         ds["bf16"] = full.bf16  # `auto` resolved against the recipe's own device
         if full.deepspeed.hpz_partition_size > WORKERS:
@@ -161,9 +180,14 @@ class Plan:
         tiny = _tiny_model(model)
         self.image = model.in_channels != model.predicted_channels
         if self.image and not data.get("init_from"):
-            raise ConfigError("--rehearse: an image-to-video recipe rehearses from init_from (an I2V export made by "
-                              "sora convert)")
-        text = {"name_or_path": MINILM, "max_length": full.text_encoder.max_length, "hidden_layer": full.text_encoder.hidden_layer}
+            raise ConfigError(
+                "--rehearse: an image-to-video recipe rehearses from init_from (an I2V export made by sora convert)"
+            )
+        text = {
+            "name_or_path": MINILM,
+            "max_length": full.text_encoder.max_length,
+            "hidden_layer": full.text_encoder.hidden_layer,
+        }
         tiny["text_dim"] = 384
         if init_export is not None:  # the export gives model, text encoder and autoencoder; only runtime options here
             from pipelines.train.finetune import RUNTIME_FIELDS
@@ -174,8 +198,9 @@ class Plan:
             for key in ("text_encoder", "autoencoder"):
                 out.pop(key, None)
             parts = "text encoder, VAE and image encoder" if model.image_dim is not None else "text encoder and VAE"
-            self.not_cpu.append(f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture "
-                                "stood in)")
+            self.not_cpu.append(
+                f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture stood in)"
+            )
         else:
             model_spec = dict(out.get("model") or {})
             model_spec["overrides"] = {**(model_spec.get("overrides") or {}), **tiny}
@@ -190,7 +215,9 @@ class Plan:
         n = len(data["stages"])
         out["stages"] = [_shrink_stage(s, shrink, i == n - 1) for i, s in enumerate(data["stages"])]
         self.recipe = out
-        self.buckets = sorted({b for s in out["stages"] for b in ([s["dataset"]] if s.get("dataset") else s["datasets"])})
+        self.buckets = sorted(
+            {b for s in out["stages"] for b in ([s["dataset"]] if s.get("dataset") else s["datasets"])}
+        )
         self._note_stand_ins(full)
 
     def _note_stand_ins(self, full: Any) -> None:
@@ -243,10 +270,13 @@ def write_init_export(plan: Plan, folder: str) -> str:
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     last = plan.recipe["stages"][-1]
     config = PipelineConfig(
-        model=cfg, diffusion=plan.full.diffusion, text_encoder=from_dict(TextEncoderConfig, plan.text, "text_encoder"),
-        autoencoder=AutoencoderConfig(), sample=SampleConfig(num_frames=last["frames"], height=last["height"], width=last["width"]),
+        model=cfg,
+        diffusion=plan.full.diffusion,
+        text_encoder=from_dict(TextEncoderConfig, plan.text, "text_encoder"),
+        autoencoder=AutoencoderConfig(),
+        sample=SampleConfig(num_frames=last["frames"], height=last["height"], width=last["width"]),
         image_encoder=ImageEncoderConfig() if cfg.image_dim is None else write_tiny_image_encoder(folder, seed),
-    )  # fmt: skip
+    )
     return save_export(folder, config, model.state_dict())
 
 
@@ -259,8 +289,14 @@ def write_tiny_image_encoder(export: str, seed: int) -> Any:
     from sora_model.config import ImageEncoderConfig
 
     torch.manual_seed(seed)
-    config = transformers.CLIPVisionConfig(hidden_size=CLIP_DIM, intermediate_size=2 * CLIP_DIM, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=CLIP_SIZE, patch_size=CLIP_PATCH)  # fmt: skip
+    config = transformers.CLIPVisionConfig(
+        hidden_size=CLIP_DIM,
+        intermediate_size=2 * CLIP_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=CLIP_SIZE,
+        patch_size=CLIP_PATCH,
+    )
     clip = transformers.CLIPVisionModel(config)
     clip.save_pretrained(os.path.join(export, "image_encoder"))
     crop = {"height": CLIP_SIZE, "width": CLIP_SIZE}
@@ -277,21 +313,50 @@ def prepare_data(plan: Plan, root: str, shapes: str | None = None) -> list[str]:
 
     shapes = shapes or os.path.join(root, "shapes")
     if not os.path.isfile(os.path.join(shapes, "captions.jsonl")):
-        synth = ["data", "synth", "--out", shapes, "--num-videos", str(SYNTH_VIDEOS), "--size", str(SYNTH_SIZE),
-                 "--frames", str(SYNTH_FRAMES), "--no-progress"]  # fmt: skip
+        synth = [
+            "data",
+            "synth",
+            "--out",
+            shapes,
+            "--num-videos",
+            str(SYNTH_VIDEOS),
+            "--size",
+            str(SYNTH_SIZE),
+            "--frames",
+            str(SYNTH_FRAMES),
+            "--no-progress",
+        ]
         if main(synth) != 0:
             raise RuntimeError("sora data synth failed")
     init = plan.recipe.get("init_from")
     if init:  # text encoder, autoencoder and patch from the export; it also stores the empty prompt's embedding
         settings = ["--from-export", init] + (["--image-conditioning"] if plan.image else [])
     else:
-        settings = ["--patch", "x".join(map(str, plan.model_cfg.patch_size)), "--text-encoder", plan.text["name_or_path"],
-                    "--max-text-length", str(plan.text["max_length"]), "--text-hidden-layer", str(plan.text["hidden_layer"])]  # fmt: skip
+        settings = [
+            "--patch",
+            "x".join(map(str, plan.model_cfg.patch_size)),
+            "--text-encoder",
+            plan.text["name_or_path"],
+            "--max-text-length",
+            str(plan.text["max_length"]),
+            "--text-hidden-layer",
+            str(plan.text["hidden_layer"]),
+        ]
     folders = []
     for bucket in plan.buckets:
         out = os.path.join(root, bucket)
-        args = ["data", "prepare", "--manifest", os.path.join(shapes, "captions.jsonl"), "--out", out, "--buckets", bucket,
-                "--no-progress", *settings]  # fmt: skip
+        args = [
+            "data",
+            "prepare",
+            "--manifest",
+            os.path.join(shapes, "captions.jsonl"),
+            "--out",
+            out,
+            "--buckets",
+            bucket,
+            "--no-progress",
+            *settings,
+        ]
         if main(args) != 0:
             raise RuntimeError(f"sora data prepare failed for bucket {bucket}")
         folders.append(out)
@@ -303,8 +368,11 @@ def ran_line(plan: Plan, recipe: Any, seconds: float, crash: int, resumed: int) 
     ds = recipe.deepspeed
     offload = [n for n, on in (("optimizer", ds.offload_optimizer), ("params", ds.offload_params)) if on]
     stages = ", ".join(f"{s.name} {'+'.join(s.buckets)}" + (" packed" if s.mixed else "") for s in recipe.stages)
-    parts = [f"{len(recipe.stages)} stages ({stages})", f"ZeRO-{ds.zero_stage}" + (f" offload {'+'.join(offload)}" if offload else ""),
-             "bf16" if recipe.bf16 else "fp32"]  # fmt: skip
+    parts = [
+        f"{len(recipe.stages)} stages ({stages})",
+        f"ZeRO-{ds.zero_stage}" + (f" offload {'+'.join(offload)}" if offload else ""),
+        "bf16" if recipe.bf16 else "fp32",
+    ]
     if ds.hpz_partition_size > 1:
         parts.append(f"hpZ {ds.hpz_partition_size}")
     if recipe.sequence_parallel_size > 1:
@@ -328,8 +396,10 @@ def ran_line(plan: Plan, recipe: Any, seconds: float, crash: int, resumed: int) 
         parts.append("torch.compile")
     parts.append(f"worker killed after step {crash}, resumed from step {resumed}")
     missing = "; ".join(plan.not_cpu) if plan.not_cpu else "nothing"
-    return (f"rehearsed {plan.name} in {seconds:.0f}s on {WORKERS} CPU workers: {', '.join(parts)}; "
-            f"not rehearsable on CPU: {missing}")  # fmt: skip
+    return (
+        f"rehearsed {plan.name} in {seconds:.0f}s on {WORKERS} CPU workers: {', '.join(parts)}; "
+        f"not rehearsable on CPU: {missing}"
+    )
 
 
 def rehearse(recipe_path: str, run_dir: str | None = None, shapes: str | None = None) -> str:
@@ -395,8 +465,13 @@ def run(args: Any) -> int:
     from pipelines import console
     from pipelines.cli import UserError
 
-    for flag, value in (("--data", args.data), ("--resume", args.resume), ("--stop-at-step", args.stop_at_step),
-                        ("--workers", args.workers), ("--device", args.device)):  # fmt: skip
+    for flag, value in (
+        ("--data", args.data),
+        ("--resume", args.resume),
+        ("--stop-at-step", args.stop_at_step),
+        ("--workers", args.workers),
+        ("--device", args.device),
+    ):
         if value:
             raise UserError(f"--rehearse makes its own data, workers ({WORKERS}) and device (cpu); drop {flag}")
     console.start_for(args, "sora train --rehearse")

@@ -37,8 +37,17 @@ class StageSampler:
     def ready(self) -> bool:
         return True
 
-    def sample(self, export_rel: str, stage: str, prompts: list[str], frames: int, size: int | tuple[int, int], steps: int, seed: int,
-               fps: int) -> str | None:  # fmt: skip
+    def sample(
+        self,
+        export_rel: str,
+        stage: str,
+        prompts: list[str],
+        frames: int,
+        size: int | tuple[int, int],
+        steps: int,
+        seed: int,
+        fps: int,
+    ) -> str | None:
         """`RUN/samples/<stage>.gif` from the export at `export_rel`; returns its path (None if it failed)."""
         try:
             return self._sample(export_rel, stage, prompts, frames, size, steps, seed, fps)
@@ -60,11 +69,17 @@ class StageSampler:
             time.sleep(delay)
         tmp = tempfile.mkdtemp(prefix="sora-samples-")
         try:
-            export_dir = self.store.download(export_rel, os.path.join(tmp, "export")) if self.store.remote else self.store.url(export_rel)
+            export_dir = (
+                self.store.download(export_rel, os.path.join(tmp, "export"))
+                if self.store.remote
+                else self.store.url(export_rel)
+            )
             # The training weights, not the EMA: early in a short run the EMA still mostly holds the initial weights.
             # A LoRA run's export is an adapter folder: its base (the run's init_from) with the adapter merged.
             model_dir, lora = adapter_base(export_dir)
-            pipe = TextToVideoPipeline.load(model_dir, device=self.device, use_ema=False, lora=lora, text_encoder=self.text_encoder)
+            pipe = TextToVideoPipeline.load(
+                model_dir, device=self.device, use_ema=False, lora=lora, text_encoder=self.text_encoder
+            )
             self.text_encoder = pipe.text_encoder  # loaded once, kept across stages
             height, width = (size, size) if isinstance(size, int) else size
             with torch.random.fork_rng():
@@ -102,13 +117,20 @@ def start_sampler(run_uri: str, num_cpus: float, num_gpus: float, device: str = 
     import ray
 
     device = "cuda" if num_gpus > 0 else device
-    actor = ray.remote(StageSampler).options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1).remote(run_uri, device)
+    actor = (
+        ray.remote(StageSampler)
+        .options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1)
+        .remote(run_uri, device)
+    )
     ready = actor.ready.remote()
     done, _ = ray.wait([ready], timeout=120)
     if not done:
         ray.kill(actor)
-        print(f"[sora train] no room for the sample actor ({num_cpus} CPU, {num_gpus} GPU): stage-end grids skipped",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[sora train] no room for the sample actor ({num_cpus} CPU, {num_gpus} GPU): stage-end grids skipped",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     return actor
 

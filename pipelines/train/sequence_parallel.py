@@ -116,11 +116,21 @@ def sequence_parallel_forward(
     grid = patch_grid(tuple(video.shape[2:]), patch_size)
     tokens = patchify(video, patch_size)  # (B, N, P)
     if tokens.shape[1] % sp:
-        raise ValueError(f"sequence_parallel_size {sp} must divide the {tokens.shape[1]} tokens per clip of grid {grid}")
+        raise ValueError(
+            f"sequence_parallel_size {sp} must divide the {tokens.shape[1]} tokens per clip of grid {grid}"
+        )
     piece = tokens.chunk(sp, dim=1)[rank]  # (B, N/sp, P)
     layout = TokenLayout(((grid, piece.shape[0]),), shard=(rank, sp))  # where this rank's tokens sit
-    out = model(piece, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=layout,
-                image_features=image_features)  # an image-to-video model's features: every piece attends to them
+    out = model(
+        piece,
+        timestep,
+        text_tokens,
+        text_mask,
+        text_pooled,
+        drop_text=drop_text,
+        grids=layout,
+        image_features=image_features,
+    )  # an image-to-video model's features: every piece attends to them
     full = _GatherSequence.apply(out, group)  # (B, N, P)
     return unpatchify(full, grid, patch_size, in_channels)  # (B, C, T, H, W)
 
@@ -143,7 +153,9 @@ def broadcast_batch(batch: dict[str, Any] | None, group: Any, src: int, device: 
     mine = dist.get_rank() == src
     meta: list[Any] = [None]
     if mine:
-        meta[0] = {k: ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v) for k, v in batch.items()}
+        meta[0] = {
+            k: ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v) for k, v in batch.items()
+        }
     dist.broadcast_object_list(meta, src=src, group=group)
     wire = collective_device(dist.get_backend(group))
     out: dict[str, Any] = {}

@@ -19,7 +19,6 @@ from sora_model.config import ConfigError, DiTConfig
 DATASET_INFO = "dataset.json"
 
 
-
 @dataclass
 class StageData:
     """Where a stage's clips are and what they look like."""
@@ -54,7 +53,9 @@ def read_info(root: str) -> dict[str, Any]:
         return read_dataset_info(root)
     path = os.path.join(root, DATASET_INFO)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{root}' is not a prepared dataset: {DATASET_INFO} is missing (run `sora data prepare`)")
+        raise FileNotFoundError(
+            f"'{root}' is not a prepared dataset: {DATASET_INFO} is missing (run `sora data prepare`)"
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -91,10 +92,7 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
         if not stage.mixed:
             if parts[0].shape != want:
                 f, h, w = parts[0].shape
-                raise ConfigError(
-                    f"stages[{i}] wants {stage.size_text} but bucket "
-                    f"'{stage.dataset}' holds {f}x{h}x{w}"
-                )
+                raise ConfigError(f"stages[{i}] wants {stage.size_text} but bucket '{stage.dataset}' holds {f}x{h}x{w}")
             out[stage.name] = parts[0]
             continue
         if model.in_channels != model.predicted_channels:
@@ -113,10 +111,15 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
                     f"bucket {p.bucket}; raise it to at least {tokens}"
                 )
         out[stage.name] = StageData(
-            paths=sorted({r for p in parts for r in p.paths}), bucket="+".join(p.bucket for p in parts),
-            bucket_dirs=[d for p in parts for d in p.bucket_dirs], num_clips=sum(p.num_clips for p in parts),
-            grid=shapes[want].grid, info=parts[0].info, shape=want, parts=parts,
-        )  # fmt: skip
+            paths=sorted({r for p in parts for r in p.paths}),
+            bucket="+".join(p.bucket for p in parts),
+            bucket_dirs=[d for p in parts for d in p.bucket_dirs],
+            num_clips=sum(p.num_clips for p in parts),
+            grid=shapes[want].grid,
+            info=parts[0].info,
+            shape=want,
+            parts=parts,
+        )
     return out
 
 
@@ -134,27 +137,35 @@ def image_columns(model: DiTConfig) -> tuple[str, ...]:
 def _check_image_conditioning(model: DiTConfig, info: dict[str, Any], where: str) -> None:
     """An image-to-video model (its input: noisy latents, then the condition's mask and latents) against the data."""
     if int(info["in_channels"]) != model.predicted_channels:
-        raise ConfigError(f"{where}: the data has {info['in_channels']} channels, the model predicts "
-                          f"{model.predicted_channels}")
+        raise ConfigError(
+            f"{where}: the data has {info['in_channels']} channels, the model predicts {model.predicted_channels}"
+        )
     columns = info.get("columns") or []
     for column in image_columns(model):
         if column not in columns:
-            raise ConfigError(f"{where}: the model is image-to-video but the data has no '{column}' column; prepare "
-                              f"it with `{IMAGE_FLAG}`")
+            raise ConfigError(
+                f"{where}: the model is image-to-video but the data has no '{column}' column; prepare "
+                f"it with `{IMAGE_FLAG}`"
+            )
     cond = info.get("image_conditioning") or {}
     if int(cond.get("channels", 0)) + model.predicted_channels != model.in_channels:
-        raise ConfigError(f"{where}: the data's image condition has {cond.get('channels')} channels, the model reads "
-                          f"{model.in_channels - model.predicted_channels} beside its noisy latents (model.in_channels {model.in_channels})")  # fmt: skip
+        raise ConfigError(
+            f"{where}: the data's image condition has {cond.get('channels')} channels, the model reads "
+            f"{model.in_channels - model.predicted_channels} beside its noisy latents (model.in_channels {model.in_channels})"
+        )
     if model.image_dim is None:
         return
     got = (cond.get("images"), cond.get("image_tokens"), cond.get("image_dim"))
     if got != (model.image_count, model.image_tokens, model.image_dim):
-        raise ConfigError(f"{where}: the data's image features are (images, tokens, width) {got}, the model reads "
-                          f"{(model.image_count, model.image_tokens, model.image_dim)}; prepare with the model's own export ({IMAGE_FLAG})")  # fmt: skip
+        raise ConfigError(
+            f"{where}: the data's image features are (images, tokens, width) {got}, the model reads "
+            f"{(model.image_count, model.image_tokens, model.image_dim)}; prepare with the model's own export ({IMAGE_FLAG})"
+        )
 
 
-def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str, Any]], roots: list[str], where: str,
-                    name: str) -> StageData:  # fmt: skip
+def _resolve_bucket(
+    recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str, Any]], roots: list[str], where: str, name: str
+) -> StageData:
     """One bucket, by name in every root or by a prepared folder's path, checked against the model and the recipe."""
     hits: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     if _is_root(name):
@@ -174,15 +185,21 @@ def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str,
             raise ConfigError(f"{where} '{name}' holds no clips in {', '.join(r for r, _, _ in empty)}")
     if not hits:
         have = sorted({_bucket_name(b) for info in infos.values() for b in info["buckets"]})
-        raise ConfigError(f"{where} '{name}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}")
+        raise ConfigError(
+            f"{where} '{name}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}"
+        )
     _, info, bucket = hits[0]
     if tuple(info["patch_size"]) != tuple(model.patch_size):
-        raise ConfigError(f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}")
+        raise ConfigError(
+            f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}"
+        )
     if model.in_channels != model.predicted_channels:
         for root, root_info, _ in hits:  # every root read for this bucket must carry the condition
             _check_image_conditioning(model, root_info, where if len(hits) == 1 else f"{where} ({root})")
     elif int(info["in_channels"]) != model.in_channels:
-        raise ConfigError(f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}")
+        raise ConfigError(
+            f"{where}: the data has {info['in_channels']} channels but model.in_channels is {model.in_channels}"
+        )
     data_layer = int(info.get("text_encoder", {}).get("hidden_layer", -1))
     if data_layer != recipe.text_encoder.hidden_layer:
         raise ConfigError(
@@ -192,15 +209,19 @@ def _resolve_bucket(recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str,
         )
     text_dim = int(info.get("text_encoder", {}).get("dim", model.text_dim))
     if text_dim != model.text_dim:
-        raise ConfigError(f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}")
+        raise ConfigError(
+            f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}"
+        )
     num = sum(int(b["num_clips"]) for _, _, b in hits)
     if num < 1:
         raise ConfigError(f"{where} '{name}' holds no clips")
     return StageData(
         paths=[r for r, _, _ in hits],
         bucket=_bucket_name(bucket),
-        bucket_dirs=[f"{r}/{b.get('path', _bucket_name(b))}" if _is_uri(r) else os.path.join(r, b.get("path", _bucket_name(b)))
-                     for r, _, b in hits],
+        bucket_dirs=[
+            f"{r}/{b.get('path', _bucket_name(b))}" if _is_uri(r) else os.path.join(r, b.get("path", _bucket_name(b)))
+            for r, _, b in hits
+        ],
         num_clips=num,
         grid=tuple(int(g) for g in bucket["grid"]),
         info=info,

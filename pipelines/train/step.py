@@ -155,7 +155,10 @@ class Stepper:
         segments = TokenLayout.from_grids(grids).segments  # ((grid, count), ...): same-grid clips side by side
         sizes = [math.prod(g) * count for g, count in segments]
         parts = batch["patches"].float().split(sizes)  # per segment (count * N, P)
-        x0s = [unpatchify(p.reshape(count, -1, p.shape[-1]), g, cfg.patch_size, cfg.predicted_channels) for p, (g, count) in zip(parts, segments)]
+        x0s = [
+            unpatchify(p.reshape(count, -1, p.shape[-1]), g, cfg.patch_size, cfg.predicted_channels)
+            for p, (g, count) in zip(parts, segments)
+        ]
         tokens, mask = batch["text_tokens"].to(dtype), batch["text_mask"]  # (clips, L, Dt), (clips, L)
         pooled = batch["text_pooled"].to(dtype)  # (clips, Dt)
         drop = null_text_drop(len(grids), self.cond_dropout, gen, device=self.device)  # (clips,)
@@ -164,13 +167,19 @@ class Stepper:
         def model_fn(x_ts: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
             packed = torch.cat([patchify(x, cfg.patch_size).flatten(0, 1) for x in x_ts])  # (ΣN, P)
             out = engine(packed.to(dtype), t, tokens, mask, pooled, drop_text=drop, grids=grids).float()  # (ΣN, P)
-            return [unpatchify(o.reshape(count, -1, o.shape[-1]), g, cfg.patch_size, cfg.predicted_channels)
-                    for o, (g, count) in zip(out.split(sizes), segments)]  # fmt: skip
+            return [
+                unpatchify(o.reshape(count, -1, o.shape[-1]), g, cfg.patch_size, cfg.predicted_channels)
+                for o, (g, count) in zip(out.split(sizes), segments)
+            ]
 
         return self.diffusion.training_losses_packed(
-            model_fn, x0s, self.stage.loss, generator=gen, num_tokens=[math.prod(g) for g, _ in segments],
+            model_fn,
+            x0s,
+            self.stage.loss,
+            generator=gen,
+            num_tokens=[math.prod(g) for g, _ in segments],
             perceptual_net=self.perceptual,
-        )  # fmt: skip
+        )
 
     def _draw(self, batches: Any) -> tuple[dict[str, Any], int, int]:
         """The next micro-batch (the group reader's, on every rank of a sequence-parallel group), with the rows and
@@ -218,7 +227,9 @@ class Stepper:
                 self.nan_count -= 1
                 if self.rank == 0:
                     terms["loss"] = terms["loss"] * float("nan")
-            values = [float(terms[key].detach()) * weight for key in LOSS_TERMS]  # every term is a tensor (combine_losses)
+            values = [
+                float(terms[key].detach()) * weight for key in LOSS_TERMS
+            ]  # every term is a tensor (combine_losses)
             bad = not all(math.isfinite(v) for v in values)
             n = len(LOSS_TERMS)
             reduced = self._allreduce([*(0.0 if bad else v for v in values), float(bad), float(drawn), float(size)])

@@ -85,9 +85,13 @@ def _check_run_dir(opts: TrainOptions, recipe: Recipe) -> RunStore:
     store = RunStore(opts.run_dir)
     if opts.resume:
         if not store.exists(f"{RAY_RESULTS}/{recipe.name}"):
-            raise _user_error(f"nothing to resume: {store.url(RAY_RESULTS + '/' + recipe.name)} does not exist (start the run without --resume)")
+            raise _user_error(
+                f"nothing to resume: {store.url(RAY_RESULTS + '/' + recipe.name)} does not exist (start the run without --resume)"
+            )
     elif not store.is_empty():
-        raise _user_error(f"run dir {store.url()} already exists; pass --resume to continue it, or choose a new --run-dir")
+        raise _user_error(
+            f"run dir {store.url()} already exists; pass --resume to continue it, or choose a new --run-dir"
+        )
     return store
 
 
@@ -158,7 +162,9 @@ def check_devices(recipe: Recipe, num_workers: int, deadline_s: float = DEVICE_W
     if have >= num_workers:
         return
     if autoscaler_running():
-        console.say(f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting up to {deadline_s:.0f}s for the autoscaler to add nodes")  # fmt: skip
+        console.say(
+            f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting up to {deadline_s:.0f}s for the autoscaler to add nodes"
+        )
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             time.sleep(min(poll_s, max(0.0, end - time.monotonic())))
@@ -176,8 +182,9 @@ def check_devices(recipe: Recipe, num_workers: int, deadline_s: float = DEVICE_W
     )
 
 
-def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers: int, start: dict[str, Any] | None,
-                   read_cpus: float) -> dict[str, dict[str, Any]]:  # fmt: skip
+def _stage_streams(
+    recipe: Recipe, stage_data: dict[str, StageData], num_workers: int, start: dict[str, Any] | None, read_cpus: float
+) -> dict[str, dict[str, Any]]:
     """Per stage still to run: its grid, clip count, start sample and `StageStream` (the plan its ranks read).
 
     `start` is the trainer state of the checkpoint the run resumes from (None for a fresh run): the
@@ -207,7 +214,9 @@ def _stage_streams(recipe: Recipe, stage_data: dict[str, StageData], num_workers
         else:
             files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
             plan = StagePlan.from_files(files, recipe.seed, i, shuffle)
-        stream = StageStream(plan, stage.micro_batch, stage.tokens_per_batch if stage.mixed else 0, read_cpus, readers=2)
+        stream = StageStream(
+            plan, stage.micro_batch, stage.tokens_per_batch if stage.mixed else 0, read_cpus, readers=2
+        )
         stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin, "stream": stream}
     return stages
 
@@ -220,17 +229,26 @@ def latest_checkpoint(store: RunStore, name: str) -> str | None:
     run does not resume there either: the data streams start where the workers' weights do.
     """
     folder = f"{RAY_RESULTS}/{name}"
-    names = [n for n in store.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_"):].isdigit()]
+    names = [n for n in store.listdir(folder) if n.startswith("checkpoint_") and n[len("checkpoint_") :].isdigit()]
     snapshot = f"{folder}/{RAY_CHECKPOINT_SNAPSHOT}"
     registered = set()
     if store.exists(snapshot):
-        registered = {r.get("checkpoint_dir_name") for r in json.loads(store.read_text(snapshot)).get("checkpoint_results", [])}
+        registered = {
+            r.get("checkpoint_dir_name") for r in json.loads(store.read_text(snapshot)).get("checkpoint_results", [])
+        }
     names = [n for n in names if n in registered]
     return f"{folder}/{max(names)}" if names else None
 
 
-def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, StageData], store: RunStore, sampler: Any = None,
-                  start: dict[str, Any] | None = None, null_prompt: dict[str, Any] | None = None):  # fmt: skip
+def build_trainer(
+    opts: TrainOptions,
+    recipe: Recipe,
+    stage_data: dict[str, StageData],
+    store: RunStore,
+    sampler: Any = None,
+    start: dict[str, Any] | None = None,
+    null_prompt: dict[str, Any] | None = None,
+):
     """The TorchTrainer for a run (Ray must be initialised); `start`: the trainer state it resumes from;
     `null_prompt`: the empty prompt's embedding, for models whose dropped captions become it."""
     import ray
@@ -266,7 +284,9 @@ def build_trainer(opts: TrainOptions, recipe: Recipe, stage_data: dict[str, Stag
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(timeout_s=recipe.process_group_timeout_s),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=recipe.device == "cuda", resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=recipe.device == "cuda", resources_per_worker=per_worker
+        ),
         run_config=RunConfig(
             name=recipe.name,
             storage_path=f"{path}/{RAY_RESULTS}",
@@ -283,9 +303,15 @@ def _record_start(opts: TrainOptions, store: RunStore, num_workers: int) -> None
         with open(opts.recipe) as f:
             store.write_text("recipe.yaml", f.read())
     history = store.read_text("run.json") if store.exists("run.json") else ""
-    args = {"recipe": os.path.abspath(opts.recipe), "data": [os.path.abspath(d) for d in opts.data], "device": opts.device,
-            "workers": num_workers, "resume": opts.resume, "stop_at_step": opts.stop_at_step,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    args = {
+        "recipe": os.path.abspath(opts.recipe),
+        "data": [os.path.abspath(d) for d in opts.data],
+        "device": opts.device,
+        "workers": num_workers,
+        "resume": opts.resume,
+        "stop_at_step": opts.stop_at_step,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     store.write_text("run.json", history + json.dumps(args) + "\n")
     if store.exists(FATAL_FILE):  # a --resume after a diverged attempt: its reason is history now
         store.fs.rm(store._path(FATAL_FILE))
@@ -315,7 +341,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if ckpt:
         start = json.loads(store.read_text(f"{ckpt}/{TRAINER_STATE}"))
         if make_portable(store, ckpt, num_workers):
-            console.say(f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)")  # fmt: skip
+            console.say(
+                f"[sora train] {ckpt} re-partitioned for {num_workers} workers (DeepSpeed universal checkpoint)"
+            )
     sample = recipe.sample
     wants_samples = any(s.sample_prompts for s in recipe.stages)
     sample_cpus = sample.num_cpus if sample.num_cpus is not None else (0.0 if recipe.device == "cpu" else 1.0)
@@ -334,7 +362,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])
-    done = store.exists("export/config.json") or store.exists("export/adapter_config.json")  # a LoRA run's: an adapter folder
+    done = store.exists("export/config.json") or store.exists(
+        "export/adapter_config.json"
+    )  # a LoRA run's: an adapter folder
     export = store.url("export") if done else None
     return {
         "run_dir": store.url(),
@@ -352,11 +382,15 @@ def _check_options(opts: TrainOptions, recipe: Recipe) -> int:
         raise _user_error(f"--workers must be >= 1, got {opts.workers}")
     num_workers = opts.workers or recipe.workers
     if num_workers % recipe.sequence_parallel_size:
-        raise _user_error(f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({num_workers})")
+        raise _user_error(
+            f"sequence_parallel_size {recipe.sequence_parallel_size} must divide the number of workers ({num_workers})"
+        )
     if opts.stop_at_step is not None and opts.stop_at_step < 1:
         raise _user_error(f"--stop-at-step must be >= 1, got {opts.stop_at_step}")
     if opts.profile < 0 or opts.profile > recipe.total_steps:
-        raise _user_error(f"--profile must be between 1 and the recipe's {recipe.total_steps} steps, got {opts.profile}")
+        raise _user_error(
+            f"--profile must be between 1 and the recipe's {recipe.total_steps} steps, got {opts.profile}"
+        )
     return num_workers
 
 
@@ -390,13 +424,24 @@ def _root_message(err: BaseException) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="curriculum YAML, e.g. cluster/recipes/smoke-cpu.yaml")
     p.add_argument("--data", required=True, help="prepared folder(s), comma-separated; stages name buckets inside them")
-    p.add_argument("--run-dir", required=True, help="run folder or URI (s3://bucket/runs/x): checkpoints, metrics, samples, exports")
+    p.add_argument(
+        "--run-dir",
+        required=True,
+        help="run folder or URI (s3://bucket/runs/x): checkpoints, metrics, samples, exports",
+    )
     p.add_argument("--workers", type=int, help="Ray Train workers / DeepSpeed ranks (default: the recipe's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="where the workers train (default: the recipe's `device`)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--stop-at-step", type=int, help="stop with a checkpoint after this global step (continue with --resume)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="write a torch.profiler trace of N steps (after one warm-up step) to RUN/profile/")  # fmt: skip
+    p.add_argument(
+        "--stop-at-step", type=int, help="stop with a checkpoint after this global step (continue with --resume)"
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a torch.profiler trace of N steps (after one warm-up step) to RUN/profile/",
+    )
     console.add_arguments(p)
     p.set_defaults(resume_hint="continue with --resume")
 

@@ -46,7 +46,9 @@ STAGE_EXPORTS = "exports"
 class RankZero:
     """What only rank 0 does: metrics, progress, exports, run-folder sync (through a local mirror)."""
 
-    def __init__(self, run_uri: str, recipe: Recipe, start_step: int, workers_info: dict[str, Any], remote_progress: bool = False):
+    def __init__(
+        self, run_uri: str, recipe: Recipe, start_step: int, workers_info: dict[str, Any], remote_progress: bool = False
+    ):
         from tqdm import tqdm
 
         from pipelines.console import RemoteProgress
@@ -59,8 +61,12 @@ class RankZero:
         with open(self.mirror.path(WORKERS_FILE), "w") as f:
             json.dump(workers_info, f, indent=2)
         self.log = MetricsLog(self.mirror.root, start_step)
-        self.progress = (RemoteProgress(recipe.total_steps, start_step, desc="train") if remote_progress else  # the driver draws it
-                         tqdm(total=recipe.total_steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True))
+        self.progress = (
+            RemoteProgress(recipe.total_steps, start_step, desc="train")
+            if remote_progress
+            # the driver draws it
+            else tqdm(total=recipe.total_steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True)
+        )
         self.sync()
 
     def sync(self) -> None:
@@ -69,7 +75,9 @@ class RankZero:
         self.log.flush()
         self.mirror.sync(WORKERS_FILE, METRICS_FILE, TENSORBOARD_DIR)
 
-    def write_export(self, rel: str, weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor] | None) -> None:
+    def write_export(
+        self, rel: str, weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor] | None
+    ) -> None:
         from pipelines.train.finetune import write_lora_export
         from sora_model.pipeline import save_export
 
@@ -100,7 +108,9 @@ def _device(config: dict[str, Any], local_rank: int) -> torch.device:
     """The declared device; a cuda worker without a visible GPU is an error, never a silent CPU run."""
     if config["device"] == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("the recipe declares device cuda but this worker sees no GPU (check the node's drivers and CUDA_VISIBLE_DEVICES)")
+            raise RuntimeError(
+                "the recipe declares device cuda but this worker sees no GPU (check the node's drivers and CUDA_VISIBLE_DEVICES)"
+            )
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
         return device
@@ -108,7 +118,9 @@ def _device(config: dict[str, Any], local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _restore(recipe: Recipe, world: int, rank: int, bf16: bool, checkpoint: Any) -> tuple[Any, torch.nn.Module, Any, dict[str, Any] | None]:
+def _restore(
+    recipe: Recipe, world: int, rank: int, bf16: bool, checkpoint: Any
+) -> tuple[Any, torch.nn.Module, Any, dict[str, Any] | None]:
     """(engine, module, EMA, saved position or None): built fresh, then loaded from Ray Train's `checkpoint` if any."""
     from pipelines.train.checkpoint import read_state, restore
     from pipelines.train.ema import PartitionEMA
@@ -125,7 +137,9 @@ def _restore(recipe: Recipe, world: int, rank: int, bf16: bool, checkpoint: Any)
     return engine, module, ema, saved
 
 
-def _stage_stream(config: dict[str, Any], stage: StageSpec, start_sample: int, steps_left: int, rank: int, world: int, device):
+def _stage_stream(
+    config: dict[str, Any], stage: StageSpec, start_sample: int, steps_left: int, rank: int, world: int, device
+):
     """This rank's micro-batches of the stage stream from `start_sample` on; None on a rank that does not read.
 
     One rank per sequence-parallel group reads (its group's share of the stage's micro-batches, `data.py`);
@@ -145,7 +159,10 @@ def _stage_stream(config: dict[str, Any], stage: StageSpec, start_sample: int, s
     sp = recipe.sequence_parallel_size
     if rank % sp:
         return None
-    spec, trim = recipe.data, recipe.model_config().text_padding == "masked"  # Wan attends to its caption padding: keep it
+    spec, trim = (
+        recipe.data,
+        recipe.model_config().text_padding == "masked",
+    )  # Wan attends to its caption padding: keep it
     stream = config["stages"][stage.name]["stream"]
     count = steps_left * stage.grad_accum + max(STREAM_SLACK_MICRO, steps_left * stage.grad_accum // 10)
     mbs = reader_micro_batches(stream, start_sample, rank // sp, world // sp, count)
@@ -154,7 +171,9 @@ def _stage_stream(config: dict[str, Any], stage: StageSpec, start_sample: int, s
         from pipelines.train.packing import packed_batches
 
         sizes = [sum(b - a for _, _, a, b in mb) for mb in mbs]
-        return packed_batches(dataset, sizes, spec.prefetch_batches, device, pin=spec.pin_memory and device.type == "cuda", trim_text=trim)
+        return packed_batches(
+            dataset, sizes, spec.prefetch_batches, device, pin=spec.pin_memory and device.type == "cuda", trim_text=trim
+        )
     return iter(device_batches(dataset, stage.micro_batch, spec, device, trim_text=trim))
 
 
@@ -163,7 +182,9 @@ def _export(module: torch.nn.Module, ema: Any, rank: int, bf16: bool) -> tuple[d
     from pipelines.train.ema import gather_full, master_partitions
 
     masters = master_partitions(module, bf16)
-    masters = {n: masters[n] for n, p in module.named_parameters() if p.requires_grad}  # a frozen base comes from init_from
+    masters = {
+        n: masters[n] for n, p in module.named_parameters() if p.requires_grad
+    }  # a frozen base comes from init_from
     weights = gather_full(module, masters, rank)
     ema_weights = gather_full(module, ema.shadow, rank) if ema is not None else None
     return weights, ema_weights
@@ -202,7 +223,9 @@ class RankRun:
             self._open_early(0)
         # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
         self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16, checkpoint)
-        self.par = parallelize(self.engine, self.recipe, self.world, self.device)  # sequence parallelism and compile, as the recipe asks
+        self.par = parallelize(
+            self.engine, self.recipe, self.world, self.device
+        )  # sequence parallelism and compile, as the recipe asks
         self.diffusion = build_diffusion(self.recipe.diffusion)
         self.state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
         if saved is not None:
@@ -219,7 +242,9 @@ class RankRun:
         if int(config.get("profile_steps") or 0) > 0:  # --profile N: this attempt's steps, from its first on
             from pipelines.train.profile import StepProfiler
 
-            self.profiler = StepProfiler(int(config["profile_steps"]), config["run_dir"], self.rank, self.device, self.state["global_step"])
+            self.profiler = StepProfiler(
+                int(config["profile_steps"]), config["run_dir"], self.rank, self.device, self.state["global_step"]
+            )
 
     def _start_rank_zero(self, note: str) -> RankZero | None:
         """Where each rank's parameters live (the partition sizes prove ZeRO-3 sharded them); rank 0 records it."""
@@ -232,18 +257,36 @@ class RankRun:
         self.local_numel = sum((p.ds_tensor if is_zero3(p) else p).numel() for p in params)
         self.num_params = sum(int(p.ds_numel) if is_zero3(p) else p.numel() for p in params)
         self.placement: list[Any] = [None] * self.world
-        me = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-              "partition_numel": self.local_numel}  # fmt: skip
+        me = {
+            "rank": self.rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "partition_numel": self.local_numel,
+        }
         dist.all_gather_object(self.placement, me)
         digest = weights_digest(self.module, self.bf16)
         if self.rank != 0:
             return None
         r = self.recipe
-        info = {"total_numel": self.num_params, "world_size": self.world, "zero_stage": r.deepspeed.zero_stage, "bf16": self.bf16,
-                "device": str(self.device), "start": note, "workers": self.placement, "weights_digest": digest}  # fmt: skip
-        print(f"[sora train] {self.world} workers, ZeRO-{r.deepspeed.zero_stage}, {'bf16' if self.bf16 else 'fp32'} on "
-              f"{r.device}, {self.num_params:,} parameters ({self.local_numel:,} on rank 0); {note}", file=sys.stderr, flush=True)  # fmt: skip
-        return RankZero(self.config["run_dir"], r, self.state["global_step"], info, bool(self.config.get("remote_progress")))
+        info = {
+            "total_numel": self.num_params,
+            "world_size": self.world,
+            "zero_stage": r.deepspeed.zero_stage,
+            "bf16": self.bf16,
+            "device": str(self.device),
+            "start": note,
+            "workers": self.placement,
+            "weights_digest": digest,
+        }
+        print(
+            f"[sora train] {self.world} workers, ZeRO-{r.deepspeed.zero_stage}, {'bf16' if self.bf16 else 'fp32'} on "
+            f"{r.device}, {self.num_params:,} parameters ({self.local_numel:,} on rank 0); {note}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return RankZero(
+            self.config["run_dir"], r, self.state["global_step"], info, bool(self.config.get("remote_progress"))
+        )
 
     def checkpoint(self, si: int, stage_step: int, consumed_samples: int) -> None:
         """Every rank writes its shard (+ EMA slices, RNG) and reports; Ray Train merges the folders."""
@@ -258,17 +301,31 @@ class RankRun:
             write_rank_files(tmp, self.engine, self.ema, self.rank)
             stage = self.recipe.stages[si].name
             if self.zero:
-                saved = {**self.state, "stage_index": si, "stage_step": stage_step, "consumed_samples": consumed_samples,
-                         "world_size": self.world, "stage": stage}  # fmt: skip
+                saved = {
+                    **self.state,
+                    "stage_index": si,
+                    "stage_step": stage_step,
+                    "consumed_samples": consumed_samples,
+                    "world_size": self.world,
+                    "stage": stage,
+                }
                 write_rank0_files(tmp, saved, to_dict(self.recipe.pipeline_config()))
                 write_checkpoint_info(tmp, self.recipe)
                 self.zero.sync()
-            report = {**self.last_metrics, "step": self.state["global_step"], "stage": stage, "partition_numel": self.local_numel,
-                      "total_numel": self.num_params,
-                      **{f"partition_numel_rank{p['rank']}": p["partition_numel"] for p in self.placement},
-                      **{f"node_id_rank{p['rank']}": p["node_id"] for p in self.placement}}  # fmt: skip
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{self.state['global_step']:07d}")  # fmt: skip
+            report = {
+                **self.last_metrics,
+                "step": self.state["global_step"],
+                "stage": stage,
+                "partition_numel": self.local_numel,
+                "total_numel": self.num_params,
+                **{f"partition_numel_rank{p['rank']}": p["partition_numel"] for p in self.placement},
+                **{f"node_id_rank{p['rank']}": p["node_id"] for p in self.placement},
+            }
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"checkpoint_{self.state['global_step']:07d}",
+            )
             # Wait until the controller has registered it: a worker lost right after report() would
             # otherwise take a not-yet-collected checkpoint with it, and the restart would begin earlier.
             ray.train.get_all_reported_checkpoints()
@@ -286,9 +343,21 @@ class RankRun:
                 self.perceptual_nets[path] = load_perceptual_network(path).to(self.device)
             perceptual = self.perceptual_nets[path]
         grid = tuple(self.config["stages"][stage.name]["grid"])
-        return Stepper(self.recipe, stage, self.engine, self.diffusion, grid, self.rank, self.world, self.device, perceptual,
-                       par=self.par, nan_at=int(self.config.get("nan_at_step") or 0), nan_count=int(self.config.get("nan_count") or 1),
-                       null_prompt=self.config.get("null_prompt"))  # fmt: skip
+        return Stepper(
+            self.recipe,
+            stage,
+            self.engine,
+            self.diffusion,
+            grid,
+            self.rank,
+            self.world,
+            self.device,
+            perceptual,
+            par=self.par,
+            nan_at=int(self.config.get("nan_at_step") or 0),
+            nan_count=int(self.config.get("nan_count") or 1),
+            null_prompt=self.config.get("null_prompt"),
+        )
 
     def train_stage(self, si: int) -> bool:
         """Steps of stage `si` from where the run stands; False when the run stops here."""
@@ -302,7 +371,11 @@ class RankRun:
         self.engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * self.world)
         stepper = self._stepper(stage)
         early = self.early.pop(si, None)
-        batches = early.batches() if early else _stage_stream(self.config, stage, start_sample, stage.steps - k0, self.rank, self.world, self.device)
+        batches = (
+            early.batches()
+            if early
+            else _stage_stream(self.config, stage, start_sample, stage.steps - k0, self.rank, self.world, self.device)
+        )
         consumed = start_sample
         if self.zero:
             self.zero.progress.set_description(f"{stage.name} ({si + 1}/{len(self.recipe.stages)})")
@@ -324,8 +397,13 @@ class RankRun:
             self._record(stage, k, result, time.perf_counter() - t0)
             if k == k0 and si + 1 < len(self.recipe.stages):
                 self._open_early(si + 1)  # once this stage's stream runs; the next one starts from its first sample
-            _maybe_crash(int(self.config.get("crash_at_step") or 0), self.state["global_step"], self.rank, self.world,
-                         self.config["run_dir"])  # fmt: skip
+            _maybe_crash(
+                int(self.config.get("crash_at_step") or 0),
+                self.state["global_step"],
+                self.rank,
+                self.world,
+                self.config["run_dir"],
+            )
             if not self._after_step(si, k, consumed):
                 self._close_profiler()
                 return False
@@ -343,7 +421,9 @@ class RankRun:
         stage = self.recipe.stages[si]
         if self.rank % self.recipe.sequence_parallel_size:
             return  # not this sequence-parallel group's reader
-        self.early[si] = EarlyStream(lambda: _stage_stream(self.config, stage, 0, stage.steps, self.rank, self.world, self.device), stage.name)
+        self.early[si] = EarlyStream(
+            lambda: _stage_stream(self.config, stage, 0, stage.steps, self.rank, self.world, self.device), stage.name
+        )
 
     def _record(self, stage: StageSpec, k: int, result: Any, step_time: float) -> None:
         """Rank 0: one metrics row, the progress bar, and a line when micro-batches were skipped."""
@@ -353,28 +433,48 @@ class RankRun:
             return
         step = self.state["global_step"]
         if result.skipped:
-            print(f"[sora train] non-finite loss at step {step} (stage {stage.name}); {result.skipped} micro-batch(es) "
-                  "skipped", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[sora train] non-finite loss at step {step} (stage {stage.name}); {result.skipped} micro-batch(es) "
+                "skipped",
+                file=sys.stderr,
+                flush=True,
+            )
         grad_norm = self.engine.get_global_grad_norm()
         m = result.means
         row = {
-            "step": step, "stage": stage.name, "stage_step": k + 1, "epoch": result.epoch, "loss": m[0], "diffusion": m[1],
-            "temporal_consistency": m[2], "motion_smoothness": m[3], "perceptual": m[4], "lr": lr_at(self.recipe, step - 1),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "samples_per_s": result.clips / step_time,
-            "tokens_per_s": result.tokens / step_time, "mfu": self._mfu(stage, result.tokens / step_time), "step_time_s": step_time,
-            "nonfinite_skipped": self.state["nonfinite_total"], "time": time.time(),
-        }  # fmt: skip
+            "step": step,
+            "stage": stage.name,
+            "stage_step": k + 1,
+            "epoch": result.epoch,
+            "loss": m[0],
+            "diffusion": m[1],
+            "temporal_consistency": m[2],
+            "motion_smoothness": m[3],
+            "perceptual": m[4],
+            "lr": lr_at(self.recipe, step - 1),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": result.clips / step_time,
+            "tokens_per_s": result.tokens / step_time,
+            "mfu": self._mfu(stage, result.tokens / step_time),
+            "step_time_s": step_time,
+            "nonfinite_skipped": self.state["nonfinite_total"],
+            "time": time.time(),
+        }
         self.zero.log.log(row)
         self.zero.progress.update(1)
         self.zero.progress.set_postfix(loss=f"{m[0]:.4f}", lr=f"{row['lr']:.2e}")
-        self.last_metrics = {key: row[key] for key in ("loss", "diffusion", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu")}
+        self.last_metrics = {
+            key: row[key] for key in ("loss", "diffusion", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu")
+        }
 
     def _mfu(self, stage: StageSpec, tokens_per_s: float) -> float:
         """Model FLOPs utilisation: the step's model FLOPs per second over every worker's peak (metrics.py)."""
         from pipelines.train.metrics import peak_tflops, train_flops_per_token
 
         grid = self.config["stages"][stage.name]["grid"]
-        per_token = train_flops_per_token(self.recipe.model_config(), grid[0] * grid[1] * grid[2], self.recipe.text_encoder.max_length)
+        per_token = train_flops_per_token(
+            self.recipe.model_config(), grid[0] * grid[1] * grid[2], self.recipe.text_encoder.max_length
+        )
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         peak = peak_tflops(name, self.bf16, self.recipe.peak_tflops) * 1e12 * self.world
         return tokens_per_s * per_token / peak
@@ -392,7 +492,11 @@ class RankRun:
         if stage_end:
             self._stage_export(stage)
         if stopping and self.zero:
-            print(f"[sora train] stopped after step {step} (checkpointed); continue with --resume", file=sys.stderr, flush=True)
+            print(
+                f"[sora train] stopped after step {step} (checkpointed); continue with --resume",
+                file=sys.stderr,
+                flush=True,
+            )
             self.zero.close()
         return not stopping
 
@@ -406,8 +510,16 @@ class RankRun:
         self.zero.write_export(rel, *self.final)
         if stage.sample_prompts and sampler is not None:
             r = self.recipe
-            sampler.sample.remote(rel, stage.name, list(stage.sample_prompts), stage.frames, (stage.height, stage.width),
-                                  r.sample.steps or r.diffusion.num_sampling_steps, r.sample.seed, r.sample.fps)  # fmt: skip
+            sampler.sample.remote(
+                rel,
+                stage.name,
+                list(stage.sample_prompts),
+                stage.frames,
+                (stage.height, stage.width),
+                r.sample.steps or r.diffusion.num_sampling_steps,
+                r.sample.seed,
+                r.sample.fps,
+            )
 
     def _end_for_good(self, reason: str) -> None:
         """A diverged run: every rank stops together (the decision was all-reduced); rank 0 says why."""
@@ -424,7 +536,9 @@ class RankRun:
         if self.zero:
             self.zero.write_export(EXPORT_DIR, *self.final)
             where = self.zero.mirror.store.url(EXPORT_DIR)
-            print(f"[sora train] done: {self.state['global_step']} steps; export in {where}", file=sys.stderr, flush=True)
+            print(
+                f"[sora train] done: {self.state['global_step']} steps; export in {where}", file=sys.stderr, flush=True
+            )
             self.zero.close(plot=True)
 
 

@@ -101,7 +101,9 @@ def _guard_first(sigmas: list[float]) -> list[float]:
     return [1.0 - SIGMA_ONE_GUARD, *sigmas[1:]] if sigmas[0] >= 1.0 else list(sigmas)
 
 
-def _unipc_update(x: Tensor, ms: list[Tensor], s0: int, t: int, order: int, bh1: bool, levels, model_t: Tensor | None) -> Tensor:
+def _unipc_update(
+    x: Tensor, ms: list[Tensor], s0: int, t: int, order: int, bh1: bool, levels, model_t: Tensor | None
+) -> Tensor:
     """One UniP predictor step from grid point s0 to t (model_t None), or the UniC corrector of the point t that
     the predictor reached from x at s0, given the new estimate model_t there. ms[-1] is the estimate at s0,
     ms[-1 - k] the one at s0 - k. diffusers' multistep_uni_p_bh_update / multistep_uni_c_bh_update."""
@@ -132,10 +134,16 @@ def _unipc_update(x: Tensor, ms: list[Tensor], s0: int, t: int, order: int, bh1:
         if diffs is None:
             # diffusers subtracts alpha_t * B(h) * 0: the same, except bh1 into sigma 0 (B = -inf), where it gives NaN.
             return x_t_.to(x.dtype)
-        rhos_p = torch.ones(1, dtype=x.dtype) * 0.5 if order == 2 else torch.linalg.solve(big_r[:-1, :-1], bb[:-1]).to(x.dtype)
+        rhos_p = (
+            torch.ones(1, dtype=x.dtype) * 0.5
+            if order == 2
+            else torch.linalg.solve(big_r[:-1, :-1], bb[:-1]).to(x.dtype)
+        )
         rhos_p = rhos_p.to(x.device)  # einsum needs both on one device; the 0-d scalars need not be
         return (x_t_ - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos_p, diffs)).to(x.dtype)
-    rhos_c = (torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(big_r, bb).to(x.dtype)).to(x.device)
+    rhos_c = (torch.ones(1, dtype=x.dtype) * 0.5 if order == 1 else torch.linalg.solve(big_r, bb).to(x.dtype)).to(
+        x.device
+    )
     corr = torch.einsum("k,bkc...->bc...", rhos_c[:-1], diffs) if diffs is not None else 0
     return (x_t_ - alpha_t * b_h * (corr + rhos_c[-1] * (model_t - ms[-1]))).to(x.dtype)
 
@@ -202,7 +210,9 @@ def _dpmpp_update(sample: Tensor, ms: list[Tensor], i: int, order: int, heun: bo
                 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
             )
         return (
-            (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+            (sigma_t / sigma_s0) * sample
+            - (alpha_t * (torch.exp(-h) - 1.0)) * m0
+            - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
         )
     r1 = (lam[i - 1] - lam[i - 2]) / h
     d1_0, d1_1 = (1.0 / r0) * (m0 - ms[-2]), (1.0 / r1) * (ms[-2] - ms[-3])

@@ -57,10 +57,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("ddpm", "gaussian", "chain", "samplers:ddpm_sample", "ancestral DDPM", stochastic=True),
         SamplerSpec("ddim", "gaussian", "chain", "samplers:ddim_sample", "DDIM (deterministic at ddim_eta 0)"),
         SamplerSpec("euler", "flow", "ode", "samplers:euler_sample", "Euler"),
-        SamplerSpec("heun", "flow", "ode", "samplers:heun_sample", "Heun (2nd order, 2 calls per step)", calls_per_step=2),
+        SamplerSpec(
+            "heun", "flow", "ode", "samplers:heun_sample", "Heun (2nd order, 2 calls per step)", calls_per_step=2
+        ),
         SamplerSpec("ab2", "flow", "ode", "samplers:ab2_sample", "Adams-Bashforth 2 (2nd order multistep)"),
         SamplerSpec(
-            "unipc", "flow", "multistep", "multistep:unipc_sample", "UniPC multistep (diffusers' UniPCMultistepScheduler)"
+            "unipc",
+            "flow",
+            "multistep",
+            "multistep:unipc_sample",
+            "UniPC multistep (diffusers' UniPCMultistepScheduler)",
         ),
         SamplerSpec(
             "dpmpp",
@@ -95,9 +101,7 @@ def sampler_problem(name: str, schedule: str) -> str | None:
     if name in SAMPLER_NAMES[family]:
         return None
     known = "" if name in SAMPLERS else "unknown "
-    return (
-        f"{known}sampler '{name}' is not available for schedule '{schedule}'; choose one of: {', '.join(SAMPLER_NAMES[family])}"
-    )
+    return f"{known}sampler '{name}' is not available for schedule '{schedule}'; choose one of: {', '.join(SAMPLER_NAMES[family])}"
 
 
 def is_stochastic(name: str, ddim_eta: float = 0.0) -> bool:

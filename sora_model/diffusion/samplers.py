@@ -33,7 +33,9 @@ StepCallback = Callable[[int, int], None]
 """callback(step_index, total_steps), called after each step; step_index counts from 0."""
 
 
-def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+def draw_normal(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """Standard normal noise drawn on the generator's device, then moved: seeded results do not depend
     on where the model runs (a CPU generator gives the same noise for a CUDA model)."""
     where = generator.device if generator is not None else device
@@ -155,7 +157,9 @@ def flow_match_euler_grid(steps: int, shift: float, num_train_timesteps: int = 1
 
 
 @torch.no_grad()
-def euler_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None) -> Tensor:
+def euler_sample(
+    velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None
+) -> Tensor:
     """Euler on dx/dt = v(x, t) from t_grid[0] = 1 to t_grid[-1] = 0: one network call per step."""
     x = x_1
     total = len(t_grid) - 1
@@ -168,7 +172,9 @@ def euler_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, c
 
 
 @torch.no_grad()
-def heun_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None) -> Tensor:
+def heun_sample(
+    velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None
+) -> Tensor:
     """Heun (explicit trapezoid, 2nd order) on the same grid; the last step, which lands on t = 0, is Euler
     because the velocity at t = 0 is not what the network is trained for (as in EDM's sampler).
     Network calls: 2 * steps - 1 (see `sampler_nfe`)."""
@@ -189,7 +195,9 @@ def heun_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, ca
 
 
 @torch.no_grad()
-def ab2_sample(velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None) -> Tensor:
+def ab2_sample(
+    velocity: VelocityField, x_1: Tensor, t_grid: list[float], *, callback: StepCallback | None = None
+) -> Tensor:
     """Second-order Adams-Bashforth (linear multistep) on the same grid: one network call per step, like
     Euler, but each step also uses the previous step's velocity to cancel Euler's first-order error.
 

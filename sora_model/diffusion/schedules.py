@@ -147,7 +147,9 @@ class Diffusion(ABC):
     # -- what subclasses define ------------------------------------------------------------------
 
     @abstractmethod
-    def sample_training_timesteps(self, x0: Tensor, generator: torch.Generator | None, num_tokens: int | None) -> Tensor:
+    def sample_training_timesteps(
+        self, x0: Tensor, generator: torch.Generator | None, num_tokens: int | None
+    ) -> Tensor:
         """(B,) training times in the process's own units (integer index or flow time)."""
 
     @abstractmethod
@@ -242,7 +244,9 @@ class Diffusion(ABC):
         with one group this is `training_losses` exactly, the random draws included.
         """
         if not x0s or any(x0.ndim != 5 for x0 in x0s):
-            raise ValueError(f"training_losses_packed expects a list of (n, C, T, H, W) groups, got shapes {[tuple(x.shape) for x in x0s]}")
+            raise ValueError(
+                f"training_losses_packed expects a list of (n, C, T, H, W) groups, got shapes {[tuple(x.shape) for x in x0s]}"
+            )
         counts = num_tokens if num_tokens is not None else [None] * len(x0s)
         # 1. Each group's timesteps then noise, groups in order (one group draws as `training_losses` does).
         ts, noises = [], []
@@ -253,15 +257,23 @@ class Diffusion(ABC):
         x_ts = [self.q_sample(x0, t, noise) for x0, t, noise in zip(x0s, ts, noises)]
         preds = model_fn(x_ts, torch.cat([self.model_timestep(t) for t in ts]))
         if [p.shape for p in preds] != [x.shape for x in x0s]:
-            raise ValueError(f"model_fn returned shapes {[tuple(p.shape) for p in preds]}, expected {[tuple(x.shape) for x in x0s]}")
+            raise ValueError(
+                f"model_fn returned shapes {[tuple(p.shape) for p in preds]}, expected {[tuple(x.shape) for x in x0s]}"
+            )
         # 3. Terms per group, weighted by its share of the batch's elements.
         total = sum(x0.numel() for x0 in x0s)
         out: dict[str, Tensor] = {}
         for x0, t, noise, x_t, pred in zip(x0s, ts, noises, x_ts, preds):
             terms = combine_losses(
-                pred, self.target(x0, t, noise), self.predict_x0(x_t, t, pred), x0, self.aux_weight(t), loss_cfg,
-                perceptual_net=perceptual_net, decode=decode,
-            )  # fmt: skip
+                pred,
+                self.target(x0, t, noise),
+                self.predict_x0(x_t, t, pred),
+                x0,
+                self.aux_weight(t),
+                loss_cfg,
+                perceptual_net=perceptual_net,
+                decode=decode,
+            )
             for key, value in terms.items():
                 out[key] = out[key] + value * (x0.numel() / total) if key in out else value * (x0.numel() / total)
         return out
@@ -340,9 +352,13 @@ class GaussianDiffusion(Diffusion):
         table = self._table(like.device)[:, t.to(like.device).long()]  # (3, B)
         return _bcast(table[1], like), _bcast(table[2], like)
 
-    def sample_training_timesteps(self, x0: Tensor, generator: torch.Generator | None, num_tokens: int | None) -> Tensor:
+    def sample_training_timesteps(
+        self, x0: Tensor, generator: torch.Generator | None, num_tokens: int | None
+    ) -> Tensor:
         if self.cfg.schedule == "adaptive":
-            return sample_adaptive_timesteps(self.num_timesteps, video_complexity(x0), self.cfg.adaptive_strength, generator)
+            return sample_adaptive_timesteps(
+                self.num_timesteps, video_complexity(x0), self.cfg.adaptive_strength, generator
+            )
         return sample_uniform_timesteps(self.num_timesteps, x0.shape[0], generator, x0.device)
 
     def model_timestep(self, t: Tensor) -> Tensor:
@@ -410,7 +426,9 @@ class RectifiedFlow(Diffusion):
 
     family = "flow"
 
-    def sample_training_timesteps(self, x0: Tensor, generator: torch.Generator | None, num_tokens: int | None) -> Tensor:
+    def sample_training_timesteps(
+        self, x0: Tensor, generator: torch.Generator | None, num_tokens: int | None
+    ) -> Tensor:
         return sample_flow_timesteps(self.cfg, x0.shape[0], generator, x0.device, num_tokens)
 
     def model_timestep(self, t: Tensor) -> Tensor:
@@ -446,9 +464,13 @@ class RectifiedFlow(Diffusion):
         if spec.kind == "multistep":
 
             def model_velocity(x: Tensor, timestep: float) -> Tensor:
-                return model_fn(x, torch.full((batch,), timestep, device=x.device, dtype=torch.float32))  # (B, C, T, H, W)
+                return model_fn(
+                    x, torch.full((batch,), timestep, device=x.device, dtype=torch.float32)
+                )  # (B, C, T, H, W)
 
-            return spec.resolve()(model_velocity, noise, sigmas, times, callback=callback, **self._multistep_options(sampler))
+            return spec.resolve()(
+                model_velocity, noise, sigmas, times, callback=callback, **self._multistep_options(sampler)
+            )
 
         def velocity(x: Tensor, t: float) -> Tensor:
             tt = torch.full((batch,), t, device=x.device, dtype=torch.float32)
@@ -464,21 +486,33 @@ class RectifiedFlow(Diffusion):
         if cfg.time_grid == "unipc":
             return M.unipc_flow_sigmas(steps, shift, cfg.num_train_timesteps, cfg.multistep.final_sigma)
         if cfg.time_grid == "dpm_solver":
-            return M.dpm_flow_sigmas(steps, shift, cfg.num_train_timesteps, cfg.multistep.final_sigma, cfg.beta_start, cfg.beta_end)
+            return M.dpm_flow_sigmas(
+                steps, shift, cfg.num_train_timesteps, cfg.multistep.final_sigma, cfg.beta_start, cfg.beta_end
+            )
         if cfg.time_grid == "flow_match_euler":
             grid = S.flow_match_euler_grid(steps, shift, cfg.num_train_timesteps)
         else:
             grid = S.flow_time_grid(steps, shift)
-        times = self.model_timestep(torch.tensor(grid[:-1], dtype=torch.float32))  # (steps,) as the ODE samplers feed them
+        times = self.model_timestep(
+            torch.tensor(grid[:-1], dtype=torch.float32)
+        )  # (steps,) as the ODE samplers feed them
         return grid, times.tolist()
 
     def _multistep_options(self, sampler: str) -> dict:
         ms = self.cfg.multistep
         if sampler == "unipc":
-            return {"order": ms.order, "variant": ms.unipc_variant, "lower_order_final": ms.lower_order_final,
-                    "disable_corrector": ms.disable_corrector}  # fmt: skip
-        return {"order": ms.order, "solver_type": ms.dpm_solver_type, "lower_order_final": ms.lower_order_final,
-                "euler_at_final": ms.euler_at_final}  # fmt: skip
+            return {
+                "order": ms.order,
+                "variant": ms.unipc_variant,
+                "lower_order_final": ms.lower_order_final,
+                "disable_corrector": ms.disable_corrector,
+            }
+        return {
+            "order": ms.order,
+            "solver_type": ms.dpm_solver_type,
+            "lower_order_final": ms.lower_order_final,
+            "euler_at_final": ms.euler_at_final,
+        }
 
 
 def build_diffusion(cfg: DiffusionConfig) -> Diffusion:
@@ -487,4 +521,6 @@ def build_diffusion(cfg: DiffusionConfig) -> Diffusion:
         return RectifiedFlow(cfg)
     if cfg.schedule in ("ddpm_linear", "adaptive"):
         return GaussianDiffusion(cfg)
-    raise ValueError(f"unknown diffusion.schedule '{cfg.schedule}'; choose one of: ddpm_linear, adaptive, rectified_flow")
+    raise ValueError(
+        f"unknown diffusion.schedule '{cfg.schedule}'; choose one of: ddpm_linear, adaptive, rectified_flow"
+    )

@@ -34,7 +34,9 @@ PROMPT = "a red circle moving left"
 
 def run(cmd: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> str:
     """Run a CLI command; on failure the assertion shows the tail of its output."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{proc.stdout[-4000:]}"
     return proc.stdout
 
@@ -56,8 +58,26 @@ def cluster():
     )
     env.pop("PYTHONPATH", None)  # the nodes get the repository from start.sh, the jobs from --working-dir
     try:
-        run([str(START), "--workers", "0", "--head-cpus", "2", "--port", str(gcs), "--dashboard-port", str(dashboard),
-             "--object-store-mb", "512", "--timeout", "120"], env, timeout=180, cwd=base)  # fmt: skip
+        run(
+            [
+                str(START),
+                "--workers",
+                "0",
+                "--head-cpus",
+                "2",
+                "--port",
+                str(gcs),
+                "--dashboard-port",
+                str(dashboard),
+                "--object-store-mb",
+                "512",
+                "--timeout",
+                "120",
+            ],
+            env,
+            timeout=180,
+            cwd=base,
+        )
         yield {"env": env, "base": base, "dashboard": f"http://127.0.0.1:{dashboard}"}
     finally:
         subprocess.run([str(STOP), "--grace", "15"], env=env, timeout=120, check=False)
@@ -69,9 +89,15 @@ def submit(cluster, entrypoint: str, timeout: float) -> str:
     cmd = ["ray", "job", "submit", "--working-dir", ".", "--runtime-env", RUNTIME_ENV, "--", "bash", "-c", entrypoint]
     try:
         return run(cmd, cluster["env"], timeout=timeout)
-    except AssertionError as e:  # a job that cannot reach the cluster: say what the head node said (its log goes with it)
+    except (
+        AssertionError
+    ) as e:  # a job that cannot reach the cluster: say what the head node said (its log goes with it)
         log = cluster["base"] / "state" / "head.log"
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:]) if log.is_file() else "(no head.log)"
+        tail = (
+            "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            if log.is_file()
+            else "(no head.log)"
+        )
         raise AssertionError(f"{e}\n--- the head node's log ({log}) ends with:\n{tail}") from None
 
 
@@ -85,11 +111,13 @@ def test_submit_train_then_serve_over_http(cluster):
     # 1. Data: the same commands the KubeRay prepare RayJob runs, as a Ray job.
     manifest = data / "shapes" / "captions.jsonl"
     prepare = " && ".join(
-        [f"python -m pipelines.cli data synth --out {data / 'shapes'} --num-videos 24 --size 16 --frames 8 --no-progress"]
+        [
+            f"python -m pipelines.cli data synth --out {data / 'shapes'} --num-videos 24 --size 16 --frames 8 --no-progress"
+        ]
         + [
             f"python -m pipelines.cli data prepare --manifest {manifest} --out {data / name} --resolution 16 --frames {frames} --no-progress"
             for name, frames in (("images", 1), ("clips", 8))
-        ]  # fmt: skip
+        ]
     )
     submit(cluster, prepare, timeout=300)
     assert (data / "clips" / "dataset.json").is_file()
@@ -130,7 +158,9 @@ def test_submit_train_then_serve_over_http(cluster):
             assert time.monotonic() < deadline, run(["serve", "status"], cluster["env"], timeout=60)
             time.sleep(2)
 
-        created = http.post("/v1/videos", json={"prompt": PROMPT, "size": "16x16", "num_frames": 8, "steps": 2, "seed": 0})
+        created = http.post(
+            "/v1/videos", json={"prompt": PROMPT, "size": "16x16", "num_frames": 8, "steps": 2, "seed": 0}
+        )
         assert created.status_code == 200, created.text
         video = created.json()
         assert video["object"] == "video" and video["status"] in ("queued", "in_progress", "completed")

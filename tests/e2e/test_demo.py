@@ -18,12 +18,32 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 MAX_LINES = 100
 """The whole run, written to a file (no TTY), stays under this many lines."""
-LIBRARY_NOISE = ("INFO", "WARNING", "logging_progress", "(RayTrainWorker", "pid=", "DeprecationWarning", "deepspeed", "Failed to query")
+LIBRARY_NOISE = (
+    "INFO",
+    "WARNING",
+    "logging_progress",
+    "(RayTrainWorker",
+    "pid=",
+    "DeprecationWarning",
+    "deepspeed",
+    "Failed to query",
+)
 
 
 def demo_command(out: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
-    cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--out", str(out), "--recipe", str(ROOT / "cluster/recipes/smoke-cpu.yaml"),
-           "--videos-per-combination", "1", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "demo",
+        "--out",
+        str(out),
+        "--recipe",
+        str(ROOT / "cluster/recipes/smoke-cpu.yaml"),
+        "--videos-per-combination",
+        "1",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     return cmd, env
@@ -52,7 +72,16 @@ def test_demo_runs_end_to_end_and_reuses_its_steps(tmp_path):
     assert_reads_cleanly(first, out)
     report = out / "report"
     assert f"7/7 report: {report / 'report.html'}" in first.stdout
-    for name in ("report.md", "report.html", "samples.gif", "samples.png", "samples.mp4", "loss.png", "metrics.json", "served.mp4"):
+    for name in (
+        "report.md",
+        "report.html",
+        "samples.gif",
+        "samples.png",
+        "samples.mp4",
+        "loss.png",
+        "metrics.json",
+        "served.mp4",
+    ):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     assert (out / "run" / "export" / "model.safetensors").is_file()
     metrics = json.loads((report / "metrics.json").read_text())
@@ -83,7 +112,11 @@ def test_ctrl_c_in_training_stops_with_one_line_and_the_next_run_resumes_it(tmp_
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
         deadline = time.time() + 1200
         snapshot = ckpts / "checkpoint_manager_snapshot.json"  # Ray Train lists a checkpoint once registered
-        while time.time() < deadline and proc.poll() is None and "checkpoint_" not in (snapshot.read_text() if snapshot.is_file() else ""):
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and "checkpoint_" not in (snapshot.read_text() if snapshot.is_file() else "")
+        ):
             time.sleep(1)
         assert proc.poll() is None, (tmp_path / "first.err").read_text()[-3000:]
         assert snapshot.is_file(), "training never checkpointed"
@@ -93,7 +126,9 @@ def test_ctrl_c_in_training_stops_with_one_line_and_the_next_run_resumes_it(tmp_
     assert code == 130, err
     assert not (out / ".steps" / "train.json").exists()  # interrupted, not finished
     last = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln and "step/s" not in ln]
-    assert last[-1] == f"sora demo: interrupted; log: {out / 'logs' / 'demo.log'}; run the same command again to resume", err
+    assert (
+        last[-1] == f"sora demo: interrupted; log: {out / 'logs' / 'demo.log'}; run the same command again to resume"
+    ), err
     assert sum("interrupted" in ln for ln in err.splitlines()) == 1
     # The same command again: synth and prepare reused, training resumed from its checkpoint, the demo finishes.
     second = run_demo(out, "--no-serve")
@@ -106,10 +141,17 @@ def test_ctrl_c_in_training_stops_with_one_line_and_the_next_run_resumes_it(tmp_
     assert (out / "report" / "report.html").is_file()
 
 
-@pytest.mark.parametrize("args,message", [(["--minutes", "2"], "--minutes must be at least"),
-                                          (["--seed", "-1"], "--seed must be in [0, 2**32)")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--minutes", "2"], "--minutes must be at least"), (["--seed", "-1"], "--seed must be in [0, 2**32)")],
+)
 def test_demo_bad_input_is_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "demo", *args], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "demo", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

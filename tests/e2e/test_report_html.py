@@ -17,8 +17,18 @@ def render_dom(page: Path) -> str:
     """The DOM after load (Chromium's virtual time lets the page's image check finish before the dump)."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (`make test` installs Debian's chromium with apt when run as root)")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-           "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -54,12 +64,28 @@ def fake_summary(out: Path) -> dict:
     plt.close()
     acc = {"color": 1.0, "shape": 0.5, "direction": 0.5, "all": 0.5, "n": 4}
     return {
-        "command": "sora demo", "seconds": 60.0, "samples": samples, "export": str(out / "run" / "export"), "log": "demo.log",
-        "synth": {"videos": 3, "frames": 8, "held_out": ["yellow triangle right"]}, "prepare": {"8x16x16": 3},
-        "train": {"steps": 3, "stages": ["clips (8x16², 3 steps)"], "seconds": 30.0, "first_loss": 1.0, "final_loss": 0.3},
-        "recipe": "smoke-cpu.yaml", "eval": {"attribute_accuracy": {"seen": acc, "held_out": acc, "overall": acc},
-                                             "temporal_consistency": 0.9, "diversity": 0.1, "num_clips": 8},
-    }  # fmt: skip
+        "command": "sora demo",
+        "seconds": 60.0,
+        "samples": samples,
+        "export": str(out / "run" / "export"),
+        "log": "demo.log",
+        "synth": {"videos": 3, "frames": 8, "held_out": ["yellow triangle right"]},
+        "prepare": {"8x16x16": 3},
+        "train": {
+            "steps": 3,
+            "stages": ["clips (8x16², 3 steps)"],
+            "seconds": 30.0,
+            "first_loss": 1.0,
+            "final_loss": 0.3,
+        },
+        "recipe": "smoke-cpu.yaml",
+        "eval": {
+            "attribute_accuracy": {"seen": acc, "held_out": acc, "overall": acc},
+            "temporal_consistency": 0.9,
+            "diversity": 0.1,
+            "num_clips": 8,
+        },
+    }
 
 
 def test_report_html_shows_the_samples_the_loss_curve_and_the_table(tmp_path):
@@ -73,9 +99,12 @@ def test_report_html_shows_the_samples_the_loss_curve_and_the_table(tmp_path):
         assert f'src="{src}"' in text or f"src='{src}'" in text, src
     assert "held-out combinations" in text and "<table>" in text
     assert (tmp_path / "report" / "report.md").is_file()
-    assert summary["samples"]["rows"][2] == {"prompt": "a yellow triangle moving right", "held_out": True,
-                                             "judged": {"color": "green", "shape": "triangle", "direction": "down"},
-                                             "right": False}  # fmt: skip
+    assert summary["samples"]["rows"][2] == {
+        "prompt": "a yellow triangle moving right",
+        "held_out": True,
+        "judged": {"color": "green", "shape": "triangle", "direction": "down"},
+        "right": False,
+    }
     check_images_load(page, expect=3)
 
 
@@ -97,5 +126,7 @@ def test_showcase_labels_with_the_verdicts_the_evaluation_recorded(tmp_path):
     clips = np.stack([make_video(SynthSpec(size=16, frames=8), 0, ("red", "circle", "left"))])
     recorded = [{"color": "red", "shape": "square", "direction": "left"}]  # not what the clip shows: proves it is used
     samples = showcase(clips, ["a red circle moving left"], [False], tmp_path, judged=recorded)
-    assert samples["rows"] == [{"prompt": "a red circle moving left", "held_out": False, "judged": recorded[0], "right": False}]
+    assert samples["rows"] == [
+        {"prompt": "a red circle moving left", "held_out": False, "judged": recorded[0], "right": False}
+    ]
     assert (tmp_path / "samples.txt").read_text() == "0: a red circle moving left (judged: red square left)\n"

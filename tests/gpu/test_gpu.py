@@ -22,7 +22,9 @@ from sora_model.rope import rope_frequencies, rope_rotation
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)"
+    ),
 ]
 
 SCOPES = {
@@ -64,7 +66,9 @@ def test_flash_kernel_takes_every_scope(name):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("scope", [AttentionScope("full", 4), AttentionScope("temporal", 0)], ids=["window", "temporal"])
+@pytest.mark.parametrize(
+    "scope", [AttentionScope("full", 4), AttentionScope("temporal", 0)], ids=["window", "temporal"]
+)
 def test_flash_kernel_takes_packed_batches(scope):
     """A NaViT-packed batch (two grids in one sequence) attends each clip with the flash kernel."""
     torch.manual_seed(0)
@@ -72,7 +76,9 @@ def test_flash_kernel_takes_packed_batches(scope):
     grids = [(5, 8, 8), (9, 4, 6), (5, 8, 8)]
     layout = TokenLayout.from_grids(grids)
     x = torch.randn(1, layout.num_tokens, 1152, device="cuda", dtype=torch.bfloat16)
-    rope = rope_rotation(layout_positions(layout, torch.device("cuda")), rope_frequencies(72, device=torch.device("cuda")))
+    rope = rope_rotation(
+        layout_positions(layout, torch.device("cuda")), rope_frequencies(72, device=torch.device("cuda"))
+    )
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         out = attn(x, rope, layout, scope)
     assert out.shape == x.shape and torch.isfinite(out).all()
@@ -85,7 +91,11 @@ def test_dit_xl_64k_tokens_bf16_forward_backward_fits():
     model = DiT(dit_preset("DiT-XL/2", in_channels=4, text_dim=384, gradient_checkpointing=True)).cuda().train()
     x = torch.randn(1, 4, 16, 128, 128, device="cuda")
     tokens = 16 * 64 * 64
-    text = (torch.randn(1, 32, 384, device="cuda"), torch.ones(1, 32, dtype=torch.bool, device="cuda"), torch.randn(1, 384, device="cuda"))
+    text = (
+        torch.randn(1, 32, 384, device="cuda"),
+        torch.ones(1, 32, dtype=torch.bool, device="cuda"),
+        torch.randn(1, 384, device="cuda"),
+    )
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -103,8 +113,15 @@ def test_dit_xl_64k_tokens_bf16_forward_backward_fits():
     assert grads and all(torch.isfinite(g).all() for g in grads)
     peak = torch.cuda.max_memory_allocated() / 2**30
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    _record("dit_xl_64k_tokens", {
-        "tokens": tokens, "params": model.num_parameters(), "peak_gib": round(peak, 2), "device_gib": round(total, 1),
-        "forward_backward_seconds_first_step": round(seconds, 2), "device": torch.cuda.get_device_name(0),
-    })  # fmt: skip
+    _record(
+        "dit_xl_64k_tokens",
+        {
+            "tokens": tokens,
+            "params": model.num_parameters(),
+            "peak_gib": round(peak, 2),
+            "device_gib": round(total, 1),
+            "forward_backward_seconds_first_step": round(seconds, 2),
+            "device": torch.cuda.get_device_name(0),
+        },
+    )
     assert peak < total

@@ -134,7 +134,12 @@ def test_all_yaml_parses():
         assert docs(p), f"{p} is empty"
 
 
-SERVE_CONFIGS = ["serve/local.yaml", "serve/production.yaml", "serve/production-14b.yaml", "kuberay/rayservice.yaml:serveConfigV2"]
+SERVE_CONFIGS = [
+    "serve/local.yaml",
+    "serve/production.yaml",
+    "serve/production-14b.yaml",
+    "kuberay/rayservice.yaml:serveConfigV2",
+]
 
 
 @pytest.mark.parametrize("name", SERVE_CONFIGS)
@@ -170,7 +175,9 @@ def test_production_serve_config_is_gpu_and_autoscaled():
 
     configs = serve_configs()
     prod = configs["serve/production.yaml"]
-    assert configs["kuberay/rayservice.yaml:serveConfigV2"] == prod, "rayservice serveConfigV2 must equal serve/production.yaml"
+    assert configs["kuberay/rayservice.yaml:serveConfigV2"] == prod, (
+        "rayservice serveConfigV2 must equal serve/production.yaml"
+    )
     gen = next(d for d in prod["applications"][0]["deployments"] if d["name"] == GENERATOR_NAME)
     assert gen["ray_actor_options"]["num_gpus"] >= 1
     auto = gen["autoscaling_config"]
@@ -185,7 +192,9 @@ def test_14b_serve_config_reserves_one_gpu_per_rank_of_an_8_gpu_replica(monkeypa
 
     monkeypatch.setenv("SORA_API_KEYS", "{%s: pro}" % ("a" * 64))
     (app,) = serve_configs()["serve/production-14b.yaml"]["applications"]
-    settings = load_settings({**app["args"], **{k: v for d in app["deployments"] for k, v in d.get("user_config", {}).items()}})
+    settings = load_settings(
+        {**app["args"], **{k: v for d in app["deployments"] for k, v in d.get("user_config", {}).items()}}
+    )
     assert (settings.parallel.sequence, settings.parallel.cfg, settings.parallel.world_size) == (4, True, 8)
     gen = next(d for d in app["deployments"] if d["name"] == GENERATOR_NAME)
     bundles = gen["placement_group_bundles"]
@@ -241,7 +250,9 @@ def test_kuberay_versions_images_auth_and_volumes():
         for template in pod_templates(spec):
             for c in template["spec"]["containers"]:
                 tag = c["image"].rsplit(":", 1)[1]
-                assert tag == base.rsplit(":", 1)[1], f"{name}: {c['image']} is not the image of the Dockerfile ({base})"
+                assert tag == base.rsplit(":", 1)[1], (
+                    f"{name}: {c['image']} is not the image of the Dockerfile ({base})"
+                )
                 gpus += int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
             for v in template["spec"].get("volumes", []):
                 if "persistentVolumeClaim" in v:
@@ -279,9 +290,11 @@ def test_rayjob_entrypoints_parse_and_match_the_recipe():
     assert train.workers == recipe.workers
     gpus = sum(
         int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) * g["maxReplicas"]
-        for _, d in kuberay_resources() if d["metadata"]["name"] == "sora-train"
-        for g in cluster_spec(d)["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]
-    )  # fmt: skip
+        for _, d in kuberay_resources()
+        if d["metadata"]["name"] == "sora-train"
+        for g in cluster_spec(d)["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+    )
     assert gpus >= train.workers, f"{gpus} GPUs for {train.workers} workers"
     # The device is declared, and each GPU pod has the CPUs its workers ask for, with some left for reads.
     assert recipe.device == "cuda" and train.device in (None, "cuda")

@@ -39,20 +39,39 @@ def videos(tmp_path_factory):
     # small shape swapped for another on the same black stays within what motion alone does to a 32 px frame.
     b = 255 - make_video(spec, 1, ("green", "square", "up"))
     write_video(str(d / "cut.mp4"), np.concatenate([a, b]), fps=FPS)  # 32 frames, a hard cut at frame 12
-    write_video(str(d / "moving.mp4"), make_video(SynthSpec(size=32, frames=16, fps=FPS, seed=0), 2, ("blue", "triangle", "right")),
-                fps=FPS)  # fmt: skip
+    write_video(
+        str(d / "moving.mp4"),
+        make_video(SynthSpec(size=32, frames=16, fps=FPS, seed=0), 2, ("blue", "triangle", "right")),
+        fps=FPS,
+    )
     write_video(str(d / "static.mp4"), render(spec, "yellow", "square", np.tile([[9.0, 9.0]], (16, 1))), fps=FPS)
     shutil.copy(d / "moving.mp4", d / "copy.mp4")  # the same footage under another name
-    rows = [{"path": f"{n}.mp4", "caption": c} for n, c in (("cut", "a red circle moving left"), ("moving", "a blue triangle moving right"),
-            ("static", "a yellow square"), ("copy", "a blue triangle moving right, again"))]  # fmt: skip
+    rows = [
+        {"path": f"{n}.mp4", "caption": c}
+        for n, c in (
+            ("cut", "a red circle moving left"),
+            ("moving", "a blue triangle moving right"),
+            ("static", "a yellow square"),
+            ("copy", "a blue triangle moving right, again"),
+        )
+    ]
     (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     yield d
     ray.shutdown()
 
 
 def _prepare(videos: Path, out: Path, curate: bool) -> dict:
-    return prepare(PrepareOptions(manifest=str(videos / "m.jsonl"), out=str(out), buckets=parse_buckets("8x32x32"), fps=FPS,
-                                  clips_per_video=0, progress=False, curate=curate))  # fmt: skip
+    return prepare(
+        PrepareOptions(
+            manifest=str(videos / "m.jsonl"),
+            out=str(out),
+            buckets=parse_buckets("8x32x32"),
+            fps=FPS,
+            clips_per_video=0,
+            progress=False,
+            curate=curate,
+        )
+    )
 
 
 def _by_source(data: dict) -> dict[str, list[int]]:
@@ -90,7 +109,9 @@ def test_clips_do_not_span_the_cut_and_columns_say_so(videos, curated, tmp_path)
 
     for i, j in zip(rows["moving"], rows["copy"], strict=True):
         assert int(hamming(data["phash"][i], data["phash"][j]).max()) == 0
-    others = [i for name in ("cut", "moving") for i in rows[name]] + rows["static"][:1]  # a still shot's clips are alike
+    others = [i for name in ("cut", "moving") for i in rows[name]] + rows["static"][
+        :1
+    ]  # a still shot's clips are alike
     for k, i in enumerate(others):
         for j in others[k + 1 :]:
             assert int(hamming(data["phash"][i], data["phash"][j]).max()) > 4
@@ -110,14 +131,27 @@ def test_clips_do_not_span_the_cut_and_columns_say_so(videos, curated, tmp_path)
 
 
 def _sora(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_filter_drops_static_clips_and_duplicates_without_decoding(curated, tmp_path):
     src = read_prepared(curated)
     out = tmp_path / "moving"
-    r = _sora("data", "filter", "--in", str(curated), "--out", str(out), "--min-motion", "0.2", "--drop-duplicates",
-              "--max-hamming", "3")  # fmt: skip
+    r = _sora(
+        "data",
+        "filter",
+        "--in",
+        str(curated),
+        "--out",
+        str(out),
+        "--min-motion",
+        "0.2",
+        "--drop-duplicates",
+        "--max-hamming",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     rows = _by_source(src)
     # Kept: every clip of the cut and moving videos; "copy" < "moving" in the visiting order, so the copy's clips stay
@@ -158,9 +192,18 @@ def test_vae_path_gives_the_same_curation_columns(videos, curated, tmp_path):
     from sora_model.config import AutoencoderConfig
 
     write_tiny_vae(tmp_path / "vae")
-    prepare(PrepareOptions(manifest=str(videos / "m.jsonl"), out=str(tmp_path / "latents"), buckets=parse_buckets("8x32x32"),
-                           fps=FPS, clips_per_video=0, progress=False, curate=True,
-                           autoencoder=AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae"))))  # fmt: skip
+    prepare(
+        PrepareOptions(
+            manifest=str(videos / "m.jsonl"),
+            out=str(tmp_path / "latents"),
+            buckets=parse_buckets("8x32x32"),
+            fps=FPS,
+            clips_per_video=0,
+            progress=False,
+            curate=True,
+            autoencoder=AutoencoderConfig(kind="diffusers", path=str(tmp_path / "vae")),
+        )
+    )
     cols = ["clip_id", "scene", "motion", "phash"]
     want, got = read_prepared(curated, columns=cols), read_prepared(tmp_path / "latents", columns=cols)
     order_w, order_g = np.argsort(want["clip_id"]), np.argsort(got["clip_id"])

@@ -49,12 +49,16 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def _options(manifest, out, buckets="8x32x32", **kw) -> PrepareOptions:
-    return PrepareOptions(manifest=str(manifest), out=str(out), buckets=parse_buckets(buckets), patch=PATCH, progress=False, **kw)
+    return PrepareOptions(
+        manifest=str(manifest), out=str(out), buckets=parse_buckets(buckets), patch=PATCH, progress=False, **kw
+    )
 
 
 def _frames_from_patches(row_patches: np.ndarray, grid) -> np.ndarray:
     """(N, P) model-space tokens -> (T, H, W, 3) float pixels in [0, 255]."""
-    video = unpatchify(torch.from_numpy(np.array(row_patches))[None], tuple(int(g) for g in grid), PATCH, 3)[0]  # (3, T, H, W)
+    video = unpatchify(torch.from_numpy(np.array(row_patches))[None], tuple(int(g) for g in grid), PATCH, 3)[
+        0
+    ]  # (3, T, H, W)
     return ((video.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5).astype(np.float64)
 
 
@@ -89,10 +93,14 @@ def test_synth_writes_the_grammar_and_is_deterministic(shapes, tmp_path):
         combo = tuple(r["attributes"][k] for k in grammar.ATTRIBUTES)
         spec = SynthSpec(size=32, frames=16, fps=8, seed=0)
         decoded = read_frames(str(again / r["path"]), range(16)).astype(int)
-        assert np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 8  # the seeded rendering (1.6-3.2 seen), not a neighbour (12-38)
+        assert (
+            np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 8
+        )  # the seeded rendering (1.6-3.2 seen), not a neighbour (12-38)
     other = tmp_path / "other"
     synth(str(other), num_videos=2, seed=1, progress=False)
-    assert not np.array_equal(read_frames(str(other / "videos/0000.mp4"), [0]), read_frames(str(shapes / "videos/0000.mp4"), [0]))
+    assert not np.array_equal(
+        read_frames(str(other / "videos/0000.mp4"), [0]), read_frames(str(shapes / "videos/0000.mp4"), [0])
+    )
     # --exclude leaves combinations out; the colour survives H.264 (interior pixels near the pure colour).
     held = tmp_path / "held"
     synth(str(held), num_videos=20, exclude=["red * *", "* circle left"], progress=False)
@@ -249,7 +257,9 @@ def test_csv_jsonl_and_folder_manifests_agree(shapes, mixed, tmp_path):
     for r in rows:
         shutil.copy(shapes / r["path"], folder / Path(r["path"]).name)
         (folder / Path(r["path"]).with_suffix(".txt").name).write_text(r["caption"])
-    (tmp_path / "m.csv").write_text("path,caption\n" + "".join(f"folder/{Path(r['path']).name},{r['caption']}\n" for r in rows))
+    (tmp_path / "m.csv").write_text(
+        "path,caption\n" + "".join(f"folder/{Path(r['path']).name},{r['caption']}\n" for r in rows)
+    )
     (tmp_path / "m.jsonl").write_text(
         "".join(json.dumps({"path": f"folder/{Path(r['path']).name}", "caption": r["caption"]}) + "\n" for r in rows)
     )
@@ -317,7 +327,9 @@ def read_prepared_files(folder: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     return [
-        cid for p in folder.glob("part-*.parquet") for cid in pq.read_table(p, columns=["clip_id"]).column("clip_id").to_pylist()
+        cid
+        for p in folder.glob("part-*.parquet")
+        for cid in pq.read_table(p, columns=["clip_id"]).column("clip_id").to_pylist()
     ]
 
 
@@ -350,17 +362,46 @@ def test_cli_bad_manifest_is_one_line_exit_2(tmp_path):
     for module in ("pipelines.data.prepare", "pipelines.cli"):
         args = ["data", "prepare"] if module == "pipelines.cli" else []
         proc = subprocess.run(
-            [sys.executable, "-m", module, *args, "--manifest", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"),
-             "--resolution", "32", "--frames", "8"],
-            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""}, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                "--manifest",
+                str(tmp_path / "nope.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--resolution",
+                "32",
+                "--frames",
+                "8",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "RAY_ADDRESS": ""},
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "nope.jsonl" in lines[0] and "not found" in lines[0], proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.data.synth", "--out", str(tmp_path / "s"), "--num-videos", "2", "--exclude", "purple * *"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipelines.data.synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--num-videos",
+            "2",
+            "--exclude",
+            "purple * *",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "purple" in proc.stderr
 
 
@@ -375,15 +416,20 @@ def test_resume_skips_finished_inputs_and_rewrites_a_damaged_shard(shapes, tmp_p
         shutil.copy(shapes / r["path"], tmp_path / Path(r["path"]).name)
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     manifest = [{"path": Path(r["path"]).name, "caption": r["caption"]} for r in rows]
-    manifest += [{"path": "broken.mp4", "caption": "a red circle moving up"},
-                 {"path": Path(rows[0]["path"]).name, "caption": "the same clip, another caption"}]  # fmt: skip
+    manifest += [
+        {"path": "broken.mp4", "caption": "a red circle moving up"},
+        {"path": Path(rows[0]["path"]).name, "caption": "the same clip, another caption"},
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
     out = tmp_path / "prepared"
     opts = dict(fps=8, rows_per_file=1)
     first = prepare(_options(tmp_path / "m.jsonl", out, **opts))
     assert first["num_clips"] == 4 and first["num_rejected"] == 1
     rejects_before = (out / "rejects.jsonl").read_text()
-    shard_of = {pq.read_table(p, columns=["source"]).column("source")[0].as_py(): p for p in (out / "8x32x32").glob("part-*.parquet")}
+    shard_of = {
+        pq.read_table(p, columns=["source"]).column("source")[0].as_py(): p
+        for p in (out / "8x32x32").glob("part-*.parquet")
+    }
     names = [str(tmp_path / Path(r["path"]).name) for r in rows]
     extra = read_prepared(out, columns=["source", "extra_captions"])
     assert [list(c) for s, c in zip(extra["source"], extra["extra_captions"], strict=True) if s == names[0]] == [
@@ -445,7 +491,9 @@ def test_guards_reject_upscaling_and_low_fps_and_clips_record_the_source_fps(tmp
     write_video(str(tmp_path / "six.mp4"), _moving(16, 32), fps=6)  # 6 fps for 8: 1.33x, one frame in four repeats
     write_video(str(tmp_path / "eight.mp4"), _moving(16, 32), fps=8)
     names = ["small", "slow", "six", "eight"]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": f"{n}.mp4", "caption": f"a {n} video"}) + "\n" for n in names))
+    (tmp_path / "m.jsonl").write_text(
+        "".join(json.dumps({"path": f"{n}.mp4", "caption": f"a {n} video"}) + "\n" for n in names)
+    )
     info = prepare(_options(tmp_path / "m.jsonl", tmp_path / "out", fps=8))
     rejects = {r["path"]: r for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").read_text().splitlines())}
     assert set(rejects) == {"small.mp4", "slow.mp4"} and info["num_clips"] == 2
@@ -453,7 +501,10 @@ def test_guards_reject_upscaling_and_low_fps_and_clips_record_the_source_fps(tmp
     assert "--max-upscale 1" in rejects["small.mp4"]["detail"]
     assert rejects["slow.mp4"]["reason"] == "low fps" and "--max-fps-ratio 1.5" in rejects["slow.mp4"]["detail"]
     data = read_prepared(tmp_path / "out", columns=["source", "source_fps", "repeated_frames"])
-    by_name = {Path(s).stem: (float(f), int(r)) for s, f, r in zip(data["source"], data["source_fps"], data["repeated_frames"], strict=True)}
+    by_name = {
+        Path(s).stem: (float(f), int(r))
+        for s, f, r in zip(data["source"], data["source_fps"], data["repeated_frames"], strict=True)
+    }
     assert by_name == {"six": (6.0, 2), "eight": (8.0, 0)}  # 8 fps from 6: indices 0 1 2 2 3 4 5 5
     assert info["source_fps"] == {"min": 6.0, "max": 8.0, "mean": 7.0} and info["clips_with_repeated_frames"] == 1
     assert info["max_upscale"] == 1.0 and info["max_fps_ratio"] == 1.5
@@ -470,14 +521,17 @@ def test_cut_captions_are_counted_and_warned_once_and_the_null_prompt_comes_firs
 
     rows = [json.loads(line) for line in (shapes / "captions.jsonl").read_text().splitlines()][:3]
     long = "a red circle moving left across a black background while the camera holds perfectly still for a while"
-    manifest = [{"path": str(shapes / rows[0]["path"]), "caption": long},
-                {"path": str(shapes / rows[1]["path"]), "caption": rows[1]["caption"]},
-                {"path": str(shapes / rows[2]["path"]), "caption": long + " and then some"},
-                {"path": str(shapes / rows[1]["path"]), "caption": long + " said again"}]  # fmt: skip
+    manifest = [
+        {"path": str(shapes / rows[0]["path"]), "caption": long},
+        {"path": str(shapes / rows[1]["path"]), "caption": rows[1]["caption"]},
+        {"path": str(shapes / rows[2]["path"]), "caption": long + " and then some"},
+        {"path": str(shapes / rows[1]["path"]), "caption": long + " said again"},
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
     encoder = TextEncoderConfig(max_length=12)
-    info = prepare(_options(tmp_path / "m.jsonl", tmp_path / "out", fps=8, rows_per_file=1, text_encoder=encoder,
-                            null_prompt=True))  # fmt: skip
+    info = prepare(
+        _options(tmp_path / "m.jsonl", tmp_path / "out", fps=8, rows_per_file=1, text_encoder=encoder, null_prompt=True)
+    )
     assert info["text_truncated"] == 3  # the long ones, the second caption of a clip included
     data = read_prepared(tmp_path / "out", columns=["caption", "text_truncated"])
     assert sorted(data["text_truncated"].tolist()) == [1, 1, 1]

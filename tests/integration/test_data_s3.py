@@ -47,8 +47,13 @@ def test_prepare_reads_and_writes_s3(s3, tmp_path):
     fs.pipe(f"{BUCKET}/manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())
     out = f"s3://{BUCKET}/prepared"
     # caption_actors=1: the actor stage a GPU cluster uses, here on CPU (the other tests use the task stage).
-    opts = dict(manifest=f"s3://{BUCKET}/manifest.jsonl", buckets=parse_buckets("8x32x32"), fps=8, progress=False,
-                caption_actors=1)  # fmt: skip
+    opts = dict(
+        manifest=f"s3://{BUCKET}/manifest.jsonl",
+        buckets=parse_buckets("8x32x32"),
+        fps=8,
+        progress=False,
+        caption_actors=1,
+    )
     info = prepare(PrepareOptions(out=out, **opts))
     assert info["num_clips"] == 4 and info["num_rejected"] == 1
 
@@ -66,7 +71,9 @@ def test_prepare_reads_and_writes_s3(s3, tmp_path):
 
     # The same clips, byte for byte, as from local files (the clip ids differ: they name the source).
     local_manifest = tmp_path / "m.jsonl"
-    local_manifest.write_text("".join(json.dumps({"path": str(s3["local"] / r["path"]), "caption": r["caption"]}) + "\n" for r in rows))
+    local_manifest.write_text(
+        "".join(json.dumps({"path": str(s3["local"] / r["path"]), "caption": r["caption"]}) + "\n" for r in rows)
+    )
     local_info = prepare(PrepareOptions(out=str(tmp_path / "local"), **{**opts, "manifest": str(local_manifest)}))
     assert local_info["num_clips"] == 4
     from pipelines.data.load import read_prepared
@@ -108,7 +115,10 @@ def _stream(plan, start: int, num: int) -> Counter:
 
     out: Counter = Counter()
     for b in stage_dataset(plan, start, num).iter_batches(batch_size=None, batch_format="numpy"):
-        out.update((int(e), hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest()) for e, p in zip(b["epoch"], b["patches"]))
+        out.update(
+            (int(e), hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest())
+            for e, p in zip(b["epoch"], b["patches"])
+        )
     return out
 
 
@@ -120,10 +130,20 @@ def test_uploaded_dataset_streams_and_resumes_from_s3(s3, tmp_path):
 
     fs, rows = s3["fs"], s3["rows"]
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"path": str(s3["local"] / r["path"]), "caption": r["caption"]}) + "\n" for r in rows))
+    manifest.write_text(
+        "".join(json.dumps({"path": str(s3["local"] / r["path"]), "caption": r["caption"]}) + "\n" for r in rows)
+    )
     local = tmp_path / "prepared"
-    prepare(PrepareOptions(out=str(local), manifest=str(manifest), buckets=parse_buckets("8x32x32"), fps=8, progress=False,
-                           rows_per_file=1))  # fmt: skip  # four shards: a resume point falls between files and inside them
+    prepare(
+        PrepareOptions(
+            out=str(local),
+            manifest=str(manifest),
+            buckets=parse_buckets("8x32x32"),
+            fps=8,
+            progress=False,
+            rows_per_file=1,
+        )
+    )  # four shards: a resume point falls between files and inside them
     fs.put(str(local), f"{BUCKET}/uploaded", recursive=True)
     uri = f"s3://{BUCKET}/uploaded"
     _, _, files = bucket_files(uri, "8x32x32")
@@ -135,7 +155,9 @@ def test_uploaded_dataset_streams_and_resumes_from_s3(s3, tmp_path):
     assert plan.rows == [1, 1, 1, 1]
     whole = _stream(plan, 0, 10)  # two and a half epochs, each in its own file order
     assert sum(whole.values()) == 10 and len({d for _, d in whole}) == 4
-    assert whole == _stream(StagePlan.from_files(local_files, seed=3, stage_index=1), 0, 10)  # what the local copy gives
+    assert whole == _stream(
+        StagePlan.from_files(local_files, seed=3, stage_index=1), 0, 10
+    )  # what the local copy gives
     for k in (3, 6):  # resumed inside the first epoch, and inside the second
         before, after = _stream(plan, 0, k), _stream(plan, k, 10 - k)
         assert sum(after.values()) == 10 - k and before + after == whole
@@ -143,25 +165,58 @@ def test_uploaded_dataset_streams_and_resumes_from_s3(s3, tmp_path):
 
 def _sora_train(data: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     recipe = Path(__file__).resolve().parents[2] / "cluster" / "recipes" / "smoke-cpu.yaml"
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--recipe", str(recipe), "--data", data,
-                           "--run-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "train",
+            "--recipe",
+            str(recipe),
+            "--data",
+            data,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_missing_bucket_and_no_credentials_are_one_line(s3, tmp_path):
     """`sora train --data s3://...`: a bucket that does not exist, or no credentials at all: exit 2, one line naming the URI."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env = {**base, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    env = {
+        **base,
+        "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     r = _sora_train("s3://no-such-bucket/prepared", env, tmp_path)
     assert r.returncode == 2, r.stderr
-    assert "s3://no-such-bucket/prepared: bucket 'no-such-bucket' does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        "s3://no-such-bucket/prepared: bucket 'no-such-bucket' does not exist" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     # No keys anywhere: environment, shared files and the instance metadata service all ruled out.
-    bare = {**base, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-            "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    bare = {
+        **base,
+        "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"],
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     r = _sora_train(f"s3://{BUCKET}/prepared", bare, tmp_path)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and f"s3://{BUCKET}/prepared: no credentials for s3://" in errors[0] and "Traceback" not in r.stderr
+    assert (
+        len(errors) == 1
+        and f"s3://{BUCKET}/prepared: no credentials for s3://" in errors[0]
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_curate_and_filter_in_the_bucket(s3):
@@ -173,13 +228,26 @@ def test_curate_and_filter_in_the_bucket(s3):
     manifest = [{"path": r["path"], "caption": r["caption"]} for r in rows]
     fs.pipe(f"{BUCKET}/curate.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())
     src, out = f"s3://{BUCKET}/curated", f"s3://{BUCKET}/moving"
-    prepare(PrepareOptions(manifest=f"s3://{BUCKET}/curate.jsonl", out=src, buckets=parse_buckets("8x32x32"), fps=8,
-                           progress=False, curate=True))  # fmt: skip
+    prepare(
+        PrepareOptions(
+            manifest=f"s3://{BUCKET}/curate.jsonl",
+            out=src,
+            buckets=parse_buckets("8x32x32"),
+            fps=8,
+            progress=False,
+            curate=True,
+        )
+    )
     data = read_prepared(src, columns=["clip_id", "motion"])
     assert len(data["clip_id"]) == 4 and (data["motion"] > 0).all()
     cut = float(np.sort(data["motion"])[1])  # keeps the three clips at or above the second lowest motion
     info = filter_dataset(FilterOptions(src, out, min_motion=cut, drop_duplicates=True))
-    assert info["num_clips"] == 3 and read_dataset_info(out)["filters"][-1]["dropped"] == {"low motion": 1, "duplicate": 0}
+    assert info["num_clips"] == 3 and read_dataset_info(out)["filters"][-1]["dropped"] == {
+        "low motion": 1,
+        "duplicate": 0,
+    }
     kept = sorted(str(c) for c, m in zip(data["clip_id"], data["motion"]) if m >= cut)
     assert sorted(read_prepared(out, columns=["clip_id"])["clip_id"]) == kept
-    assert [json.loads(line)["reason"] for line in fs.cat(f"{BUCKET}/moving/filtered.jsonl").decode().splitlines()] == ["low motion"]
+    assert [json.loads(line)["reason"] for line in fs.cat(f"{BUCKET}/moving/filtered.jsonl").decode().splitlines()] == [
+        "low motion"
+    ]

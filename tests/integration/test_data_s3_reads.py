@@ -83,15 +83,25 @@ def test_each_remote_video_is_read_once(s3):
         sizes[name] = fs.size(f"{BUCKET}/{name}")
     data = (local / "a.mp4").read_bytes()
     fs.pipe(f"{BUCKET}/cut.mp4", data[: len(data) // 2])  # its front index is whole; the data of its last second is not
-    manifest = [{"path": "a.mp4", "caption": "noise one"}, {"path": "b.mp4", "caption": "noise two"},
-                {"path": "a.mp4", "caption": "noise one, said otherwise"},  # a second caption: still one read
-                {"path": "cut.mp4", "caption": "cut short", "start_s": 3.0}]  # fmt: skip
+    manifest = [
+        {"path": "a.mp4", "caption": "noise one"},
+        {"path": "b.mp4", "caption": "noise two"},
+        {"path": "a.mp4", "caption": "noise one, said otherwise"},  # a second caption: still one read
+        {"path": "cut.mp4", "caption": "cut short", "start_s": 3.0},
+    ]
     fs.pipe(f"{BUCKET}/manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest).encode())
     counts.bytes.clear()
     counts.gets.clear()
 
-    info = prepare(PrepareOptions(manifest=f"s3://{BUCKET}/manifest.jsonl", out=str(local / "out"),
-                                  buckets=parse_buckets("8x32x32"), fps=8, progress=False))  # fmt: skip
+    info = prepare(
+        PrepareOptions(
+            manifest=f"s3://{BUCKET}/manifest.jsonl",
+            out=str(local / "out"),
+            buckets=parse_buckets("8x32x32"),
+            fps=8,
+            progress=False,
+        )
+    )
 
     got = {name: counts.bytes[f"/{BUCKET}/{name}"] for name in ("a.mp4", "b.mp4", "cut.mp4")}
     for name, size in sizes.items():

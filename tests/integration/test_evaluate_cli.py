@@ -147,7 +147,9 @@ def test_evaluate_export_returns_the_clips_it_judged(export):
     assert clips.shape[:3] == (2, 2, 2) and clips.dtype == np.uint8
     for k, row in enumerate(m["per_prompt"]):  # the returned clips are the judged ones, in prompt x seed order
         for j, judged in enumerate(row["clips"]):
-            assert attr.detect(clips[k, j]).attributes() == {key: judged[key] for key in ("color", "shape", "direction")}
+            assert attr.detect(clips[k, j]).attributes() == {
+                key: judged[key] for key in ("color", "shape", "direction")
+            }
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,10 @@ def _latents_on_ranks(groups, device: str, cases: dict[str, tuple[str, dict]]) -
 
 @pytest.fixture(scope="module")
 def reference(cases) -> dict[str, np.ndarray]:
-    return {name: TextToVideoPipeline.load(export).sample_latents(PROMPT, **clip).numpy() for name, (export, clip) in cases.items()}
+    return {
+        name: TextToVideoPipeline.load(export).sample_latents(PROMPT, **clip).numpy()
+        for name, (export, clip) in cases.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +114,26 @@ def test_cfg_parallel_equals_batched_cfg(name, reference, cfg_parallel) -> None:
 
 def test_cli_sequence_parallel_writes_the_same_frames(cases, tmp_path) -> None:
     export, _ = cases["windowed"]
-    common = ["generate", "--model", export, "--prompt", PROMPT, "--frames", "3", "--height", "14", "--width", "14",
-              "--steps", "3", "--seed", "5", "--no-progress", "--device", "cpu"]  # fmt: skip
+    common = [
+        "generate",
+        "--model",
+        export,
+        "--prompt",
+        PROMPT,
+        "--frames",
+        "3",
+        "--height",
+        "14",
+        "--width",
+        "14",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--out", str(tmp_path / "one.npz")]) == 0
     assert main([*common, "--sequence-parallel", "2", "--out", str(tmp_path / "two.npz")]) == 0
     one, two = (np.load(tmp_path / f"{n}.npz")["frames"] for n in ("one", "two"))
@@ -123,7 +144,19 @@ def test_cli_sequence_parallel_writes_the_same_frames(cases, tmp_path) -> None:
 
 def test_cli_heads_that_do_not_divide_are_a_one_line_error(cases, tmp_path, capsys) -> None:
     export, _ = cases["windowed"]  # DiT-tiny: 2 heads
-    code = main(["generate", "--model", export, "--prompt", PROMPT, "--sequence-parallel", "3", "--out", str(tmp_path / "x.npz")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            export,
+            "--prompt",
+            PROMPT,
+            "--sequence-parallel",
+            "3",
+            "--out",
+            str(tmp_path / "x.npz"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and not (tmp_path / "x.npz").exists()
     assert len(err.splitlines()) == 1 and "--sequence-parallel 3 must divide the model's 2 attention heads" in err, err

@@ -51,7 +51,9 @@ def _grouped(scan, chunks, monkeypatch, **kw) -> tuple[list, int]:
 
 
 def test_two_level_merge_gives_the_same_blocks_holding_fewer_references(local_ray, tmp_path, monkeypatch):
-    rows = [json.dumps({"path": f"v{i % 37}.mp4", "caption": f"c {i}"}) for i in range(CHUNKS * 20)] + ['{"caption": "no path"}']
+    rows = [json.dumps({"path": f"v{i % 37}.mp4", "caption": f"c {i}"}) for i in range(CHUNKS * 20)] + [
+        '{"caption": "no path"}'
+    ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(rows) + "\n")
     scan = manifest_mod.scan_manifest(str(path))

@@ -30,7 +30,9 @@ def write_gop_video(path: Path, seed: int, frames: int = FRAMES, size: int = 64)
     """An H.264 MP4 with a keyframe every GOP frames and no B-frames; moving content, so clips differ."""
     rng = np.random.default_rng(seed)
     with av.open(str(path), "w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=FPS, options={"g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "bf": "0"})
+        s = c.add_stream(
+            "libx264", rate=FPS, options={"g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "bf": "0"}
+        )
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
         base = rng.integers(0, 200, 3)
@@ -74,17 +76,34 @@ def full_run(tmp_path_factory):
     with pytest.raises(ValueError, match="truncated"):
         read_frames(str(root / "bad.mp4"), list(range(BAD_GOP * GOP, BAD_GOP * GOP + GOP)))
     manifest = root / "m.jsonl"
-    manifest.write_text(json.dumps({"path": "good.mp4", "caption": "a good video"}) + "\n"
-                        + json.dumps({"path": "bad.mp4", "caption": "a video with a bad middle"}) + "\n")  # fmt: skip
+    manifest.write_text(
+        json.dumps({"path": "good.mp4", "caption": "a good video"})
+        + "\n"
+        + json.dumps({"path": "bad.mp4", "caption": "a video with a bad middle"})
+        + "\n"
+    )
     out = root / "full"
     info = prepare(_options(manifest, out))
-    return {"manifest": manifest, "out": out, "info": info, "ids": _clip_ids(out),
-            "rejects": (out / "rejects.jsonl").read_text()}  # fmt: skip
+    return {
+        "manifest": manifest,
+        "out": out,
+        "info": info,
+        "ids": _clip_ids(out),
+        "rejects": (out / "rejects.jsonl").read_text(),
+    }
 
 
 def _options(manifest: Path, out: Path) -> PrepareOptions:
-    return PrepareOptions(manifest=str(manifest), out=str(out), buckets=parse_buckets("8x32x32"), patch=(1, 4, 4), fps=FPS,
-                          clips_per_video=0, rows_per_file=1, progress=False)  # fmt: skip
+    return PrepareOptions(
+        manifest=str(manifest),
+        out=str(out),
+        buckets=parse_buckets("8x32x32"),
+        patch=(1, 4, 4),
+        fps=FPS,
+        clips_per_video=0,
+        rows_per_file=1,
+        progress=False,
+    )
 
 
 def _clip_ids(out: Path) -> list[str]:
@@ -155,7 +174,11 @@ def test_a_full_output_disk_stops_the_run_in_one_line_and_the_same_command_resum
     assert type(err.value).__name__ == "StorageFailed", f"{type(err.value).__name__}: {str(err.value)[:300]}"
     message = str(err.value)
     assert "\n" not in message and "No space left on device" in message and "no input was rejected" in message
-    rejected = [json.loads(r) for f in (out / "_rejects").glob("*.jsonl") for r in f.read_text().splitlines()] if (out / "_rejects").is_dir() else []
+    rejected = (
+        [json.loads(r) for f in (out / "_rejects").glob("*.jsonl") for r in f.read_text().splitlines()]
+        if (out / "_rejects").is_dir()
+        else []
+    )
     assert all(r.get("clip_id") and "clip at 3s" in r["detail"] for r in rejected)  # only the bad GOP, never ENOSPC
     assert not (out / "dataset.json").exists()
     _resize(tiny_disk, "16m")
@@ -180,12 +203,16 @@ def http_videos(full_run):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
     manifest = root / "http.jsonl"
-    manifest.write_text("".join(json.dumps({"path": f"{url}/{n}.mp4", "caption": f"{n} over http"}) + "\n" for n in ("good", "bad")))
+    manifest.write_text(
+        "".join(json.dumps({"path": f"{url}/{n}.mp4", "caption": f"{n} over http"}) + "\n" for n in ("good", "bad"))
+    )
     yield manifest
     server.shutdown()
 
 
-def test_a_full_scratch_disk_stops_the_run_instead_of_rejecting_remote_inputs(full_run, http_videos, tiny_disk, tmp_path):
+def test_a_full_scratch_disk_stops_the_run_instead_of_rejecting_remote_inputs(
+    full_run, http_videos, tiny_disk, tmp_path
+):
     from pipelines.data.prepare import StorageFailed
 
     assert (full_run["manifest"].parent / "good.mp4").stat().st_size > 0

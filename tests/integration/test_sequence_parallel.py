@@ -45,9 +45,13 @@ def _checks(config: dict) -> None:
     model = fresh().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ds_config = {
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,
-        "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30,
-    }  # fmt: skip
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 2 * world,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, dist_init_required=False)
     assert any(hasattr(p, "ds_tensor") for p in engine.module.parameters())  # ZeRO-3 really partitioned it
 
@@ -62,14 +66,18 @@ def _checks(config: dict) -> None:
     loss_cfg = LossConfig()
 
     def loss_of(fn):
-        return diffusion.training_losses(fn, x0, loss_cfg, generator=torch.Generator().manual_seed(2), num_tokens=80)["loss"]
+        return diffusion.training_losses(fn, x0, loss_cfg, generator=torch.Generator().manual_seed(2), num_tokens=80)[
+            "loss"
+        ]
 
     # 1. Sequence parallel (Ulysses, sp = world) under ZeRO-3 vs the single-process model.
     group, _, _ = new_groups(world, world)
     install_ulysses(engine.module, group)
 
     def sp_fn(x_t, t):
-        return sequence_parallel_forward(engine, x_t, t, tokens, mask, pooled, drop, group, cfg.patch_size, cfg.in_channels)
+        return sequence_parallel_forward(
+            engine, x_t, t, tokens, mask, pooled, drop, group, cfg.patch_size, cfg.in_channels
+        )
 
     loss = loss_of(sp_fn)
     engine.backward(loss * world)  # DeepSpeed averages over the world; each rank holds its piece's share
@@ -96,8 +104,10 @@ def _checks(config: dict) -> None:
         packed = torch.cat([patchify(x0[:1], cfg.patch_size)[0], patchify(small, cfg.patch_size)[0]])
         torch.testing.assert_close(
             engine(packed, t, tokens, mask, pooled, drop_text=drop, grids=grids),
-            reference(packed, t, tokens, mask, pooled, drop_text=drop, grids=grids), rtol=1e-5, atol=1e-6,
-        )  # fmt: skip
+            reference(packed, t, tokens, mask, pooled, drop_text=drop, grids=grids),
+            rtol=1e-5,
+            atol=1e-6,
+        )
         padded = torch.zeros(2, 80, cfg.patch_dim)
         padded[0] = patchify(x0[:1], cfg.patch_size)[0]
         padded[1, :8] = patchify(small, cfg.patch_size)[0]
@@ -107,7 +117,10 @@ def _checks(config: dict) -> None:
         token_mask[0], token_mask[1, :8] = True, True
         args = (padded, t, tokens, mask, pooled, positions, token_mask)
         torch.testing.assert_close(
-            engine.module.forward_tokens(*args, drop_text=drop), reference.forward_tokens(*args, drop_text=drop), rtol=1e-5, atol=1e-6
+            engine.module.forward_tokens(*args, drop_text=drop),
+            reference.forward_tokens(*args, drop_text=drop),
+            rtol=1e-5,
+            atol=1e-6,
         )
     if dist.get_rank() == 0:  # Ray Train v2 keeps metrics only with checkpoints: hand the figures back in a file
         with open(config["out"], "w") as f:
@@ -129,7 +142,9 @@ def test_ulysses_and_entry_points_under_zero3_on_two_workers(tmp_path):
             _checks,
             train_loop_config={"out": str(tmp_path / "figures.json")},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(storage_path=str(tmp_path), worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}),
+            run_config=RunConfig(
+                storage_path=str(tmp_path), worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}
+            ),
         )
         trainer.fit()
     finally:

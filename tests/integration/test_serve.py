@@ -82,10 +82,6 @@ def sdk(service):
     return OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-
-
-
-
 def assert_openai_error(r: httpx.Response, status_range=(400, 499)) -> dict:
     assert status_range[0] <= r.status_code <= status_range[1], (r.status_code, r.text)
     err = r.json()["error"]
@@ -95,11 +91,18 @@ def assert_openai_error(r: httpx.Response, status_range=(400, 499)) -> dict:
 
 def test_sdk_create_poll_download_list_delete(sdk):
     started = time.perf_counter()
-    video = sdk.videos.create_and_poll(prompt="a red circle moving left", model="sora-ray", seconds="1", size="16x16", poll_interval_ms=100)
+    video = sdk.videos.create_and_poll(
+        prompt="a red circle moving left", model="sora-ray", seconds="1", size="16x16", poll_interval_ms=100
+    )
     latency = time.perf_counter() - started
     print(f"\none request through the SDK: {latency:.2f}s")
     assert video.status == "completed" and video.progress == 100 and video.error is None, video
-    assert video.size == "16x16" and video.seconds == "1" and video.model == "sora-ray" and video.completed_at >= video.created_at
+    assert (
+        video.size == "16x16"
+        and video.seconds == "1"
+        and video.model == "sora-ray"
+        and video.completed_at >= video.created_at
+    )
     content = sdk.videos.download_content(video.id)
     assert content.content[4:8] == b"ftyp"
     # A folder store answers 307 to this machine's file server (files.py: the bytes skip Serve's proxy), with Range.
@@ -135,7 +138,9 @@ def test_list_is_newest_first_and_pages(sdk):
 
 def test_same_seed_same_bytes_and_result_cache(sdk, http):
     def make(model: str, seed: int) -> tuple[bytes, str]:
-        v = sdk.videos.create_and_poll(prompt="a blue triangle moving up", model=model, extra_body={"seed": seed, "steps": 3}, poll_interval_ms=100)
+        v = sdk.videos.create_and_poll(
+            prompt="a blue triangle moving up", model=model, extra_body={"seed": seed, "steps": 3}, poll_interval_ms=100
+        )
         assert v.status == "completed", v
         return sdk.videos.download_content(v.id).content, v.id
 
@@ -169,14 +174,44 @@ BAD_REQUESTS = [
     ("post", "/v1/videos", {"json": {"prompt": "x", "sampler": "dpm++"}}, "sampler"),
     ("post", "/v1/videos", {"json": {"prompt": "x", "model": "nope"}}, "model"),
     ("post", "/v1/videos", {"json": {"prompt": "x", "format": "webm"}}, "format"),
-    ("post", "/v1/videos", {"content": b'{"prompt": "\\ud800 lone"}', "headers": {"content-type": "application/json"}}, "prompt"),
-    ("post", "/v1/videos", {"content": b'{"prompt": "x", "steps": true}', "headers": {"content-type": "application/json"}}, "steps"),
-    ("post", "/v1/videos", {"content": b'{"prompt": "x", "guidance_scale": "2.5"}', "headers": {"content-type": "application/json"}}, "guidance_scale"),
-    ("post", "/v1/videos", {"content": b'{"prompt": "x", "guidance_scale": NaN}', "headers": {"content-type": "application/json"}}, None),
-    ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"negative_prompt": (None, b"\xff\xfe")}}, "negative_prompt"),
+    (
+        "post",
+        "/v1/videos",
+        {"content": b'{"prompt": "\\ud800 lone"}', "headers": {"content-type": "application/json"}},
+        "prompt",
+    ),
+    (
+        "post",
+        "/v1/videos",
+        {"content": b'{"prompt": "x", "steps": true}', "headers": {"content-type": "application/json"}},
+        "steps",
+    ),
+    (
+        "post",
+        "/v1/videos",
+        {"content": b'{"prompt": "x", "guidance_scale": "2.5"}', "headers": {"content-type": "application/json"}},
+        "guidance_scale",
+    ),
+    (
+        "post",
+        "/v1/videos",
+        {"content": b'{"prompt": "x", "guidance_scale": NaN}', "headers": {"content-type": "application/json"}},
+        None,
+    ),
+    (
+        "post",
+        "/v1/videos",
+        {"data": {"prompt": "x"}, "files": {"negative_prompt": (None, b"\xff\xfe")}},
+        "negative_prompt",
+    ),
     ("get", "/v1/videos?after=not-an-id", {}, "after"),
     ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"seconds": (None, "soon")}}, "seconds"),
-    ("post", "/v1/videos", {"data": {"prompt": "x"}, "files": {"input_reference": ("r.png", b"\x89PNG", "image/png")}}, "input_reference"),
+    (
+        "post",
+        "/v1/videos",
+        {"data": {"prompt": "x"}, "files": {"input_reference": ("r.png", b"\x89PNG", "image/png")}},
+        "input_reference",
+    ),
     ("get", "/v1/videos/video_doesnotexist", {}, "video_id"),
     ("get", "/v1/videos/video_doesnotexist/content", {}, "video_id"),
     ("delete", "/v1/videos/video_doesnotexist", {}, "video_id"),
@@ -197,7 +232,10 @@ def test_malformed_requests_get_openai_errors_and_the_service_keeps_answering(ht
     assert wait_done(http, vid)["status"] == "completed"
     assert assert_openai_error(http.get(f"/v1/videos/{vid}/content?variant=spritesheet"))["param"] == "variant"
     assert http.get("/healthz").json()["status"] == "ok"
-    assert wait_done(http, http.post("/v1/videos", json={"prompt": "still fine", "steps": 1}).json()["id"])["status"] == "completed"
+    assert (
+        wait_done(http, http.post("/v1/videos", json={"prompt": "still fine", "steps": 1}).json()["id"])["status"]
+        == "completed"
+    )
 
 
 def test_a_chunked_upload_over_the_limit_is_cut_off(http):
@@ -221,7 +259,9 @@ def test_a_chunked_upload_over_the_limit_is_cut_off(http):
 
 
 def test_progress_is_reported_while_in_progress(http):
-    vid = http.post("/v1/videos", json={"prompt": "a white square moving right", "steps": 30, "num_frames": 8}).json()["id"]
+    vid = http.post("/v1/videos", json={"prompt": "a white square moving right", "steps": 30, "num_frames": 8}).json()[
+        "id"
+    ]
     seen = set()
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -240,7 +280,10 @@ def test_progress_is_reported_while_in_progress(http):
 
 def test_concurrent_requests_share_one_forward_pass(http):
     before = http.get("/healthz").json()["stats"]
-    payloads = [{"prompt": f"a magenta circle {i}", "seed": 100 + i, "guidance_scale": 1 + i, "steps": 20, "size": "16x16"} for i in range(4)]
+    payloads = [
+        {"prompt": f"a magenta circle {i}", "seed": 100 + i, "guidance_scale": 1 + i, "steps": 20, "size": "16x16"}
+        for i in range(4)
+    ]
     t0 = time.perf_counter()
     responses = post_concurrently(lambda: httpx.Client(base_url=BASE, timeout=60), payloads)
     ids = [r.json()["id"] for r in responses]
@@ -249,7 +292,9 @@ def test_concurrent_requests_share_one_forward_pass(http):
     assert all(j["status"] == "completed" for j in jobs)
     after = http.get("/healthz").json()
     calls = after["stats"]["pipeline_calls"] - before.get("pipeline_calls", 0)
-    print(f"\n4 concurrent requests: {calls} pipeline call(s), {batched_s:.2f}s; batch sizes {after['stats']['batch_sizes']}")
+    print(
+        f"\n4 concurrent requests: {calls} pipeline call(s), {batched_s:.2f}s; batch sizes {after['stats']['batch_sizes']}"
+    )
     assert calls < 4, after["stats"]
     assert max(int(k) for k in after["stats"]["batch_sizes"]) > 1
     assert max(int(k) for k in after["generator"]["batch_sizes"]) > 1
@@ -288,11 +333,22 @@ def test_killed_generator_replica_is_replaced_and_accepted_jobs_finish(http):
 
     replica_before = http.get("/healthz").json()["generator"]["replica"]
     # Long enough jobs (100 steps, 16 frames: seconds here) that the kill lands while one is sampling.
-    ids = [http.post("/v1/videos", json={"prompt": f"a yellow square {i}", "steps": 100, "num_frames": 16, "seed": i}).json()["id"] for i in range(3)]
+    ids = [
+        http.post(
+            "/v1/videos", json={"prompt": f"a yellow square {i}", "steps": 100, "num_frames": 16, "seed": i}
+        ).json()["id"]
+        for i in range(3)
+    ]
     deadline = time.time() + 60
-    while not any(http.get(f"/v1/videos/{i}").json()["status"] == "in_progress" for i in ids) and time.time() < deadline:
+    while (
+        not any(http.get(f"/v1/videos/{i}").json()["status"] == "in_progress" for i in ids) and time.time() < deadline
+    ):
         time.sleep(0.05)
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Generator" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    names = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "Generator" in a["name"] and a["name"].startswith("SERVE_REPLICA")
+    ]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
     jobs = [wait_done(http, i, timeout=120) for i in ids]

@@ -28,15 +28,18 @@ def service(tmp_path_factory):
     from pipelines.serve.config import hash_key, load_settings
 
     store = tmp_path_factory.mktemp("store")
-    settings = load_settings({
-        "model": str(make_tiny_export(tmp_path_factory.mktemp("export"))),
-        "store": str(store),
-        "api_keys": {
-            hash_key(KEY_A): "default", hash_key(KEY_B): "default",
-            hash_key(ADMIN): {"tier": "default", "owner": "ops", "role": "admin"},
-        },
-        "queue": {"poll_after_ms": 100},
-    })
+    settings = load_settings(
+        {
+            "model": str(make_tiny_export(tmp_path_factory.mktemp("export"))),
+            "store": str(store),
+            "api_keys": {
+                hash_key(KEY_A): "default",
+                hash_key(KEY_B): "default",
+                hash_key(ADMIN): {"tier": "default", "owner": "ops", "role": "admin"},
+            },
+            "queue": {"poll_after_ms": 100},
+        }
+    )
     generator = {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
         "ray_actor_options": {"num_cpus": 1},
@@ -96,10 +99,14 @@ def test_docs_and_schema_are_off_with_keys(service):
 
 def test_bodies_that_used_to_500_or_be_accepted_get_4xx_naming_the_field(service):
     with client(KEY_A) as a:
-        err = error_of(a.post("/v1/videos", content=b'{"prompt": "a red circle"}', headers={"content-type": "text/plain"}), 415)
+        err = error_of(
+            a.post("/v1/videos", content=b'{"prompt": "a red circle"}', headers={"content-type": "text/plain"}), 415
+        )
         assert err["param"] == "Content-Type"
         body = b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n' + b"a" * 70 + b"..\r\n--x--\r\n"
-        r = a.post("/v1/videos", content=body, headers={"content-type": "multipart/form-data; boundary=x; charset=idna"})
+        r = a.post(
+            "/v1/videos", content=body, headers={"content-type": "multipart/form-data; boundary=x; charset=idna"}
+        )
         assert error_of(r, 400)["param"] == "Content-Type"
         r = a.post("/v1/videos", files={"prompt": ("p.txt", b"a red\x00circle", "text/plain")})
         assert error_of(r, 400)["param"] == "prompt"
@@ -111,7 +118,12 @@ def test_huge_ranges_and_bad_signatures_on_both_download_paths(service, video):
     with client(KEY_A, redirects=False) as a:
         # A Host that is not this machine: the ingress streams the bytes itself (the fallback path).
         streamed = {"Host": "sora.example.invalid"}
-        assert error_of(a.get(f"/v1/videos/{video}/content", headers={**streamed, "Range": f"bytes={huge}-"}), 416)["param"] == "range"
+        assert (
+            error_of(a.get(f"/v1/videos/{video}/content", headers={**streamed, "Range": f"bytes={huge}-"}), 416)[
+                "param"
+            ]
+            == "range"
+        )
         whole = a.get(f"/v1/videos/{video}/content", headers={**streamed, "Range": f"bytes=0-{huge}"})
         assert whole.status_code == 206 and whole.content[4:8] == b"ftyp"
         # This machine: a signed 307 to the file server.
@@ -132,7 +144,9 @@ def worst_bodies() -> list[tuple[str, bytes]]:
     header = b"A: b\r\n"
     head = b'--x\r\nContent-Disposition: form-data; name="prompt"\r\n'
     lines = header * (MAX_PART_HEADER_BYTES // len(header) - 10)
-    capped = b"".join(b'--x\r\nContent-Disposition: form-data; name="f%d"\r\n' % i + lines + b"\r\nhi\r\n" for i in range(MAX_PARTS))
+    capped = b"".join(
+        b'--x\r\nContent-Disposition: form-data; name="f%d"\r\n' % i + lines + b"\r\nhi\r\n" for i in range(MAX_PARTS)
+    )
     return [
         ("tiny parts", tiny * ((MAX_BODY_BYTES - 10) // len(tiny)) + b"--x--\r\n"),
         ("header lines", head + header * ((MAX_BODY_BYTES - 100) // len(header)) + b"\r\nhi\r\n--x--\r\n"),
@@ -151,7 +165,11 @@ def test_healthz_answers_while_the_worst_multipart_bodies_parse(service):
             for _ in range(2):
                 for _, body in bodies:
                     try:
-                        statuses.append(a.post("/v1/videos", content=body, headers={"content-type": "multipart/form-data; boundary=x"}).status_code)
+                        statuses.append(
+                            a.post(
+                                "/v1/videos", content=body, headers={"content-type": "multipart/form-data; boundary=x"}
+                            ).status_code
+                        )
                     except httpx.HTTPError as err:
                         statuses.append(type(err).__name__)
         done.set()

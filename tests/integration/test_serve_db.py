@@ -17,13 +17,29 @@ from pipelines.serve.store import ContentStore
 
 def new_job(created_ns: int | None = None, **kw) -> dict:
     return {
-        "id": f"video_{uuid.uuid4().hex}", "object": "video", "model": "m", "status": "queued", "progress": 0,
-        "created_at": int(time.time()), "size": "16x16", "seconds": "1", "prompt": "p", "num_frames": 4, "steps": 2,
-        "guidance_scale": 1.0, "seed": 0, "sampler": "euler", "_created_ns": created_ns or time.time_ns(), "_params": {"a": 1}, **kw,
-    }  # fmt: skip
+        "id": f"video_{uuid.uuid4().hex}",
+        "object": "video",
+        "model": "m",
+        "status": "queued",
+        "progress": 0,
+        "created_at": int(time.time()),
+        "size": "16x16",
+        "seconds": "1",
+        "prompt": "p",
+        "num_frames": 4,
+        "steps": 2,
+        "guidance_scale": 1.0,
+        "seed": 0,
+        "sampler": "euler",
+        "_created_ns": created_ns or time.time_ns(),
+        "_params": {"a": 1},
+        **kw,
+    }
 
 
-def add(db: JobDB, owner: str = "", priority: int = 0, deadline_ns: int | None = None, cache_key: str | None = None, **kw) -> dict:
+def add(
+    db: JobDB, owner: str = "", priority: int = 0, deadline_ns: int | None = None, cache_key: str | None = None, **kw
+) -> dict:
     job = new_job(**kw)
     db.insert(job, owner, "default", priority, deadline_ns, cache_key)
     return job
@@ -104,7 +120,11 @@ def test_retention_deadlines_and_the_result_cache(db):
     late = add(db, deadline_ns=time.time_ns() - 1)
     assert db.fail_past_deadline(retention_s=3600) == [late["id"]]
     failed = db.get(late["id"])
-    assert failed["status"] == "failed" and failed["error"]["code"] == "deadline_exceeded" and failed["expires_at"] > time.time()
+    assert (
+        failed["status"] == "failed"
+        and failed["error"]["code"] == "deadline_exceeded"
+        and failed["expires_at"] > time.time()
+    )
     time.sleep(1.1)
     assert db.get(old["id"]) is None and old["id"] not in [j["id"] for j in db.list("", 10)[0]]
     assert db.expired() == [(old["id"], c["_lease_token"])] and db.purge([old["id"]]) == 1 and db.expired() == []
@@ -164,8 +184,12 @@ def test_content_store_writes_whole_files_and_reads_ranges(backend, tmp_path):
         assert store.size("video_1", "tok", "video") == len(data) and store.size("video_1", "other", "video") is None
         with store.open_range("video_1", "tok", "video", 1000) as f:
             assert f.read(10) == data[1000:1010]
-        assert store.copy(("video_1", "tok"), ("video_2", "t2")) and store.read_all("video_2", "t2", "thumbnail") == b"png"
-        assert not store.copy(("video_9", "none"), ("video_3", "t3")) and store.size("video_3", "t3", "thumbnail") is None
+        assert (
+            store.copy(("video_1", "tok"), ("video_2", "t2")) and store.read_all("video_2", "t2", "thumbnail") == b"png"
+        )
+        assert (
+            not store.copy(("video_9", "none"), ("video_3", "t3")) and store.size("video_3", "t3", "thumbnail") is None
+        )
         signed = store.sign("video_1", "tok", "video", 60)
         if backend == "local":
             assert signed is None  # a folder cannot presign: downloads stream through the ingress

@@ -60,7 +60,9 @@ def test_the_replica_refuses_to_start_open_and_starts_with_auth_none(open_serve)
     export, store, port = open_serve
     assert REFUSED in _refusal(export, store)
     # Keys in the application's settings, taken away by the deployment's user_config: refused as well.
-    assert REFUSED in _refusal(export, store, ingress={"user_config": {"api_keys": {}}}, api_keys={hash_key("k"): "default"})
+    assert REFUSED in _refusal(
+        export, store, ingress={"user_config": {"api_keys": {}}}, api_keys={hash_key("k"): "default"}
+    )
     _run(export, store, auth="none")
     r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
     assert r.status_code == 200 and r.json()["api_keys"] is False

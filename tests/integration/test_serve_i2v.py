@@ -27,8 +27,11 @@ BASE = f"http://127.0.0.1:{PORT}"
 PROMPT = "a red circle rolls to the right"
 SAMPLING = {"num_frames": 9, "steps": 3, "guidance_scale": 5.0}
 SIZE = (48, 32)  # width, height: the export's defaults (81 x 480 x 832) are far too big for a CPU test
-GENERATOR = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 1},
-             "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 1.0}}}  # fmt: skip
+GENERATOR = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    "ray_actor_options": {"num_cpus": 1},
+    "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 1.0}},
+}
 
 
 def png_of(seed: int, size: tuple[int, int]) -> bytes:
@@ -76,15 +79,25 @@ def test_sdk_flow_with_input_reference_equals_direct_sampling(service, http):
     ids: dict[str, str] = {}
 
     def by_json() -> None:
-        body = {"prompt": PROMPT, "size": f"{SIZE[0]}x{SIZE[1]}", "seed": 5, "input_reference": {"image_url": data_url}, **SAMPLING}
+        body = {
+            "prompt": PROMPT,
+            "size": f"{SIZE[0]}x{SIZE[1]}",
+            "seed": 5,
+            "input_reference": {"image_url": data_url},
+            **SAMPLING,
+        }
         r = httpx.post(f"{BASE}/v1/videos", json=body, timeout=60)
         assert r.status_code == 200, r.text
         ids["json"] = r.json()["id"]
 
     other = threading.Thread(target=by_json)
     other.start()  # sent with the SDK's request: one batch (batch_wait_timeout_s 1) unless the first is claimed alone
-    video = sdk.videos.create(prompt=PROMPT, size=f"{SIZE[0]}x{SIZE[1]}", input_reference=("first.png", images["sdk"], "image/png"),
-                              extra_body={**SAMPLING, "seed": 5})  # fmt: skip
+    video = sdk.videos.create(
+        prompt=PROMPT,
+        size=f"{SIZE[0]}x{SIZE[1]}",
+        input_reference=("first.png", images["sdk"], "image/png"),
+        extra_body={**SAMPLING, "seed": 5},
+    )
     other.join()
     ids["sdk"] = video.id
     video = sdk.videos.poll(video.id, poll_interval_ms=100)
@@ -101,8 +114,11 @@ def test_sdk_flow_with_input_reference_equals_direct_sampling(service, http):
         assert np.abs(served[name] - expected).mean() <= 0.5, name  # H.264 may move a block by several levels
     assert np.abs(served["sdk"] - served["json"]).mean() > 5  # each request got its own image
     # The same request again is a result-cache hit (the key holds the image's digest): completed at once.
-    again = httpx.post(f"{BASE}/v1/videos", json={"prompt": PROMPT, "size": f"{SIZE[0]}x{SIZE[1]}", "seed": 5,
-                                                  "input_reference": data_url, **SAMPLING}, timeout=60).json()  # fmt: skip
+    again = httpx.post(
+        f"{BASE}/v1/videos",
+        json={"prompt": PROMPT, "size": f"{SIZE[0]}x{SIZE[1]}", "seed": 5, "input_reference": data_url, **SAMPLING},
+        timeout=60,
+    ).json()
     assert again["status"] == "completed" and again["id"] != ids["json"], again
     # Done with them: the reference images leave the store (right after each completion); the clips stay.
     deadline = time.monotonic() + 10
@@ -127,12 +143,23 @@ def test_bad_images_and_unusable_fields_are_400s_before_any_job(service, http):
     good = png_of(3, (32, 32))
     cases = [
         ({}, "input_reference", "image-to-video"),
-        ({"input_reference": ("a.png", good[: len(good) // 2], "image/png")}, "input_reference", "truncated or corrupt"),
-        ({"input_reference": ("a.gif", b"GIF89a" + bytes(40), "image/gif")}, "input_reference", "not a PNG, JPEG or WebP"),
-        ({"input_reference": ("a.png", good, "image/png"), "last_frame_reference": ("b.png", good, "image/png")},
-         "last_frame_reference", "first-last-frame"),
+        (
+            {"input_reference": ("a.png", good[: len(good) // 2], "image/png")},
+            "input_reference",
+            "truncated or corrupt",
+        ),
+        (
+            {"input_reference": ("a.gif", b"GIF89a" + bytes(40), "image/gif")},
+            "input_reference",
+            "not a PNG, JPEG or WebP",
+        ),
+        (
+            {"input_reference": ("a.png", good, "image/png"), "last_frame_reference": ("b.png", good, "image/png")},
+            "last_frame_reference",
+            "first-last-frame",
+        ),
         ({"last_frame_reference": ("b.png", good, "image/png")}, "last_frame_reference", "needs 'input_reference'"),
-    ]  # fmt: skip
+    ]
     form = {"prompt": PROMPT, "size": f"{SIZE[0]}x{SIZE[1]}", **SAMPLING}
     for files, param, words in cases:
         r = http.post("/v1/videos", data=form, files=files) if files else http.post("/v1/videos", json=form)
@@ -140,8 +167,12 @@ def test_bad_images_and_unusable_fields_are_400s_before_any_job(service, http):
         err = r.json()["error"]
         assert err["param"] == param and words in err["message"], err
     with pytest.raises(openai.BadRequestError) as info:  # a decompression bomb through the SDK: a 400 naming the field
-        sdk.videos.create(prompt=PROMPT, size=f"{SIZE[0]}x{SIZE[1]}", input_reference=("bomb.png", bomb_png(), "image/png"),
-                          extra_body=SAMPLING)  # fmt: skip
+        sdk.videos.create(
+            prompt=PROMPT,
+            size=f"{SIZE[0]}x{SIZE[1]}",
+            input_reference=("bomb.png", bomb_png(), "image/png"),
+            extra_body=SAMPLING,
+        )
     assert info.value.body["param"] == "input_reference" and "pixels" in info.value.body["message"]
     assert http.get("/v1/videos", params={"limit": 100}).json()["data"] == before
 
@@ -155,4 +186,6 @@ def bomb_png() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1024))) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1024))) + chunk(b"IEND", b"")
+    )

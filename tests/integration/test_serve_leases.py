@@ -23,9 +23,18 @@ BASE = f"http://127.0.0.1:{PORT}"
 
 def add(db: JobDB, owner: str = "o") -> str:
     job = {
-        "id": f"video_{uuid.uuid4().hex}", "object": "video", "model": "m", "status": "queued", "progress": 0, "created_at": int(time.time()),
-        "size": "16x16", "seconds": "1", "prompt": "p", "_created_ns": time.time_ns(), "_params": {"a": 1},
-    }  # fmt: skip
+        "id": f"video_{uuid.uuid4().hex}",
+        "object": "video",
+        "model": "m",
+        "status": "queued",
+        "progress": 0,
+        "created_at": int(time.time()),
+        "size": "16x16",
+        "seconds": "1",
+        "prompt": "p",
+        "_created_ns": time.time_ns(),
+        "_params": {"a": 1},
+    }
     db.insert(job, owner, "default", 0, None, None, 1.0)
     return job["id"]
 
@@ -39,7 +48,11 @@ def test_a_stalled_job_is_not_renewed_and_is_retried_then_failed_with_its_reason
     assert db.renew([a["_lease_token"]], 30, stall_s=0.3) == set()  # renewals stop: the hang cannot hold it
     assert db.give_up_stalled(job_id, a["_lease_token"], 0.3, max_attempts=2, retention_s=60) == "queued"
     requeued = db.get(job_id)
-    assert requeued["status"] == "queued" and requeued["_retries"][0]["code"] == "stalled" and requeued["_retries"][0]["attempt"] == 1
+    assert (
+        requeued["status"] == "queued"
+        and requeued["_retries"][0]["code"] == "stalled"
+        and requeued["_retries"][0]["attempt"] == 1
+    )
     # The hung attempt wakes up: every write it tries is refused.
     assert db.progress({job_id: a["_lease_token"]}, 90, None, 30) == set()
     assert not db.heartbeat(job_id, a["_lease_token"], 30)
@@ -51,7 +64,11 @@ def test_a_stalled_job_is_not_renewed_and_is_retried_then_failed_with_its_reason
     time.sleep(0.4)
     assert db.give_up_stalled(job_id, b["_lease_token"], 0.3, max_attempts=2, retention_s=60) == "failed"
     failed = db.get(job_id)
-    assert failed["status"] == "failed" and failed["error"]["code"] == "stalled" and "2 attempts" in failed["error"]["message"]
+    assert (
+        failed["status"] == "failed"
+        and failed["error"]["code"] == "stalled"
+        and "2 attempts" in failed["error"]["message"]
+    )
     assert [r["attempt"] for r in failed["_retries"]] == [1, 2]
 
 
@@ -68,7 +85,11 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_result(db):
     assert not db.complete(job_id, a["_lease_token"], 60, {"replica": "gen-1"})  # the stale one, late
     assert not db.fail(job_id, None, "deadline_exceeded", "late sweep", 60)  # finished: a sweep does not touch it
     done = db.get(job_id)
-    assert done["status"] == "completed" and done["_content_ref"] == b["_lease_token"] and done["_extra"] == {"replica": "gen-2"}
+    assert (
+        done["status"] == "completed"
+        and done["_content_ref"] == b["_lease_token"]
+        and done["_extra"] == {"replica": "gen-2"}
+    )
 
 
 def test_a_sweep_never_fails_a_job_someone_holds(db):
@@ -135,10 +156,20 @@ def service(tmp_path_factory):
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
     store = tmp_path_factory.mktemp("store")
-    settings = load_settings({
-        "model": str(export), "store": str(store), "download_port": None,
-        "queue": {"lease_ttl_s": 1.0, "stall_timeout_s": 1.5, "claim_interval_s": 0.1, "max_attempts": 3, "poll_after_ms": 100},
-    })  # fmt: skip
+    settings = load_settings(
+        {
+            "model": str(export),
+            "store": str(store),
+            "download_port": None,
+            "queue": {
+                "lease_ttl_s": 1.0,
+                "stall_timeout_s": 1.5,
+                "claim_interval_s": 0.1,
+                "max_attempts": 3,
+                "poll_after_ms": 100,
+            },
+        }
+    )
     # The first attempt of a job hangs 6 s in its last step: past the stall timeout (1.5 s), short of the
     # health check's HUNG_FACTOR x 1.5 s, so the same replica lives on and the hung attempt wakes up to write.
     generator = {
@@ -172,7 +203,9 @@ def test_a_hung_generator_job_fails_over_and_the_stale_write_is_refused(service)
     row = db.get(video_id)
     db.close()
     assert row["_attempts"] == 2 and row["_runs"] == 2
-    assert [r["code"] for r in row["_retries"]] == ["stalled"] and "no sampling progress" in row["_retries"][0]["message"]
+    assert [r["code"] for r in row["_retries"]] == ["stalled"] and "no sampling progress" in row["_retries"][0][
+        "message"
+    ]
     assert stats["stats"]["stalled"] == 1
     # Only the newer attempt's clip is stored: the stale one wrote nothing (or removed what it wrote).
     names = sorted(p.name for p in Path(service.store_uri).rglob(f"{video_id}*"))
@@ -184,5 +217,9 @@ def sample(text: str, name: str, **labels: str) -> float:
     """The sum of a series' samples in a Prometheus exposition whose labels include `labels`."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))  # fmt: skip
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

@@ -27,21 +27,28 @@ def service(tmp_path_factory):
     from pipelines.serve.config import hash_key, load_settings
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
-    settings = load_settings({
-        "model": str(export),
-        "store": str(tmp_path_factory.mktemp("store")),
-        "tiers": {
-            "free": {"priority": 0, "max_steps": 4, "max_pending_jobs": 2}, "pro": {"priority": 10},
-            "metered": {"max_pending_per_key": 1, "max_jobs_per_hour_per_key": 3, "max_steps": 4},
-            "hurried": {"job_deadline_s": 1.5},
-        },
-        "default_tier": "free",
-        "api_keys": {
-            hash_key(FREE_KEY): "free", hash_key(PRO_KEY): "pro", hash_key(METERED_KEY): "metered", hash_key(HURRIED_KEY): "hurried",
-            hash_key(OLD_KEY): {"tier": "pro", "owner": "alice"}, hash_key(NEW_KEY): {"tier": "pro", "owner": "alice"},
-        },
-        "queue": {"max_pending_jobs": MAX_PENDING, "max_in_flight": 2, "retry_after_s": 3, "poll_after_ms": 100},
-    })
+    settings = load_settings(
+        {
+            "model": str(export),
+            "store": str(tmp_path_factory.mktemp("store")),
+            "tiers": {
+                "free": {"priority": 0, "max_steps": 4, "max_pending_jobs": 2},
+                "pro": {"priority": 10},
+                "metered": {"max_pending_per_key": 1, "max_jobs_per_hour_per_key": 3, "max_steps": 4},
+                "hurried": {"job_deadline_s": 1.5},
+            },
+            "default_tier": "free",
+            "api_keys": {
+                hash_key(FREE_KEY): "free",
+                hash_key(PRO_KEY): "pro",
+                hash_key(METERED_KEY): "metered",
+                hash_key(HURRIED_KEY): "hurried",
+                hash_key(OLD_KEY): {"tier": "pro", "owner": "alice"},
+                hash_key(NEW_KEY): {"tier": "pro", "owner": "alice"},
+            },
+            "queue": {"max_pending_jobs": MAX_PENDING, "max_in_flight": 2, "retry_after_s": 3, "poll_after_ms": 100},
+        }
+    )
     # A batch that never fills waits its full timeout, so no job finishes within 1 s: a burst of creates
     # overflows the queue however fast or slow (loaded) the machine is.
     generator = {
@@ -55,8 +62,9 @@ def service(tmp_path_factory):
 
 def client(key: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=BASE, timeout=60, headers=headers, follow_redirects=True)  # folder-store downloads are a 307
-
+    return httpx.Client(
+        base_url=BASE, timeout=60, headers=headers, follow_redirects=True
+    )  # folder-store downloads are a 307
 
 
 def wait_idle(timeout: float = 120) -> None:
@@ -67,13 +75,15 @@ def wait_idle(timeout: float = 120) -> None:
             time.sleep(0.1)
 
 
-
-
-
 def test_keys_are_required_and_checked(service):
     for key in (None, "sk-wrong"):
         with client(key) as c:
-            for method, path in (("post", "/v1/videos"), ("get", "/v1/videos"), ("get", "/v1/videos/video_x"), ("get", "/v1/models")):
+            for method, path in (
+                ("post", "/v1/videos"),
+                ("get", "/v1/videos"),
+                ("get", "/v1/videos/video_x"),
+                ("get", "/v1/models"),
+            ):
                 r = getattr(c, method)(path, **({"json": {"prompt": "x"}} if method == "post" else {}))
                 assert r.status_code == 401, (key, path, r.text)
                 assert r.json()["error"]["code"] == "invalid_api_key"
@@ -89,7 +99,9 @@ def test_sdk_with_keys(service):
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{BASE}/v1", api_key="sk-wrong", max_retries=0).videos.list()
     sdk = OpenAI(base_url=f"{BASE}/v1", api_key=PRO_KEY, max_retries=0, timeout=60)
-    video = sdk.videos.create_and_poll(prompt="a red circle moving left", size="16x16", extra_body={"steps": 8}, poll_interval_ms=100)
+    video = sdk.videos.create_and_poll(
+        prompt="a red circle moving left", size="16x16", extra_body={"steps": 8}, poll_interval_ms=100
+    )
     assert video.status == "completed", video
     assert sdk.videos.download_content(video.id).content[4:8] == b"ftyp"
     # Videos belong to the key that made them.
@@ -128,14 +140,20 @@ def test_per_key_in_flight_cap_and_hourly_quota(service):
         first = c.post("/v1/videos", json={"prompt": "metered 0", "steps": 1})
         assert first.status_code == 200
         r = c.post("/v1/videos", json={"prompt": "metered 1", "steps": 1})  # the first is still queued or running
-        assert r.status_code == 429 and "max_pending_per_key" in r.json()["error"]["message"] and r.headers["retry-after"]
+        assert (
+            r.status_code == 429 and "max_pending_per_key" in r.json()["error"]["message"] and r.headers["retry-after"]
+        )
         assert wait_done(c, first.json()["id"])["status"] == "completed"
         for i in range(2):  # the quota is 3 per hour: two more, one at a time
             vid = c.post("/v1/videos", json={"prompt": f"metered {i + 2}", "steps": 1}).json()["id"]
             assert wait_done(c, vid)["status"] == "completed"
         r = c.post("/v1/videos", json={"prompt": "metered 4", "steps": 1})
         err = r.json()["error"]
-        assert r.status_code == 429 and err["code"] == "rate_limit_exceeded" and "max_jobs_per_hour_per_key" in err["message"], err
+        assert (
+            r.status_code == 429
+            and err["code"] == "rate_limit_exceeded"
+            and "max_jobs_per_hour_per_key" in err["message"]
+        ), err
     with client(PRO_KEY) as c:  # other keys are not affected
         assert c.post("/v1/videos", json={"prompt": "unmetered", "steps": 1}).status_code == 200
 
@@ -150,7 +168,9 @@ def test_a_job_past_its_deadline_fails_saying_so(service):
 
 def test_tier_queue_share_answers_429(service):
     wait_idle()
-    responses = post_concurrently(lambda: client(FREE_KEY), [{"prompt": f"a free burst {i}", "steps": 1} for i in range(5)])
+    responses = post_concurrently(
+        lambda: client(FREE_KEY), [{"prompt": f"a free burst {i}", "steps": 1} for i in range(5)]
+    )
     codes = sorted(r.status_code for r in responses)
     assert codes.count(200) >= 1 and 429 in codes, codes
     for r in responses:
@@ -174,7 +194,10 @@ def test_burst_beyond_the_queue_gets_503_and_nothing_crashes(service):
     for r in responses:
         if r.status_code == 503:
             assert r.headers["retry-after"] == "3"
-            assert r.json()["error"]["code"] == "server_overloaded" and "queue.max_pending_jobs" in r.json()["error"]["message"]
+            assert (
+                r.json()["error"]["code"] == "server_overloaded"
+                and "queue.max_pending_jobs" in r.json()["error"]["message"]
+            )
     with client(PRO_KEY) as c:
         assert c.get("/healthz").json()["status"] == "ok"
         assert all(wait_done(c, i)["status"] == "completed" for i in accepted)

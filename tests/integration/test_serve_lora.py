@@ -21,8 +21,11 @@ pytestmark = pytest.mark.slow
 PORT = 8327
 BASE = f"http://127.0.0.1:{PORT}"
 REQUEST = {"prompt": "a green square moving down", "steps": 4, "num_frames": 4, "size": "16x16", "guidance_scale": 3.0}
-GENERATOR = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 1},
-             "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}}}  # fmt: skip
+GENERATOR = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    "ray_actor_options": {"num_cpus": 1},
+    "user_config": {"batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.5}},
+}
 
 
 def wan_file(model: torch.nn.Module, path: Path, seed: int) -> Path:
@@ -30,7 +33,12 @@ def wan_file(model: torch.nn.Module, path: Path, seed: int) -> Path:
     g = torch.Generator().manual_seed(seed)
     d, hidden, tensors = model.cfg.hidden_size, model.blocks[0].mlp[0].out_features, {}
     for i in range(len(model.blocks)):
-        for name, (din, dout) in {"self_attn.q": (d, d), "self_attn.v": (d, d), "self_attn.o": (d, d), "ffn.0": (d, hidden)}.items():
+        for name, (din, dout) in {
+            "self_attn.q": (d, d),
+            "self_attn.v": (d, d),
+            "self_attn.o": (d, d),
+            "ffn.0": (d, hidden),
+        }.items():
             stem = f"diffusion_model.blocks.{i}.{name}"
             tensors[f"{stem}.lora_A.weight"] = 0.5 * torch.randn(4, din, generator=g)
             tensors[f"{stem}.lora_B.weight"] = 0.5 * torch.randn(dout, 4, generator=g)
@@ -57,10 +65,19 @@ def service(tmp_path_factory):
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
     folder = tmp_path_factory.mktemp("loras")
     model = TextToVideoPipeline.load(str(export)).model
-    loras = {"wan": str(wan_file(model, folder / "wan.safetensors", 1)), "peft": str(peft_folder(model, folder / "peft"))}
+    loras = {
+        "wan": str(wan_file(model, folder / "wan.safetensors", 1)),
+        "peft": str(peft_folder(model, folder / "peft")),
+    }
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    settings = load_settings({"model": str(export), "store": str(tmp_path_factory.mktemp("store")),
-                              "loras": {**loras, "broken": str(folder / "broken.safetensors")}, "queue": {"poll_after_ms": 100}})  # fmt: skip
+    settings = load_settings(
+        {
+            "model": str(export),
+            "store": str(tmp_path_factory.mktemp("store")),
+            "loras": {**loras, "broken": str(folder / "broken.safetensors")},
+            "queue": {"poll_after_ms": 100},
+        }
+    )
     with serve_app(settings, PORT, GENERATOR):
         yield {"export": export, "loras": loras, "tmp": tmp_path_factory.mktemp("clips")}
 
@@ -78,7 +95,9 @@ def merged_clip(service, lora: str | None, seed: int, name: str) -> tuple[np.nda
     from sora_model.pipeline import TextToVideoPipeline
 
     pipe = TextToVideoPipeline.load(str(service["export"]), lora=lora)
-    clip = pipe(REQUEST["prompt"], num_frames=4, height=16, width=16, steps=4, guidance_scale=3.0, seed=seed)[0]  # (T, H, W, 3)
+    clip = pipe(REQUEST["prompt"], num_frames=4, height=16, width=16, steps=4, guidance_scale=3.0, seed=seed)[
+        0
+    ]  # (T, H, W, 3)
     folder = service["tmp"] / name
     folder.mkdir()
     mp4, _ = encode_clip(clip, 8, str(folder))
@@ -87,13 +106,22 @@ def merged_clip(service, lora: str | None, seed: int, name: str) -> tuple[np.nda
 
 def test_requests_with_different_adapters_on_one_replica_each_equal_their_merged_model(service, http):
     names = [None, "wan", "peft"]
-    responses = post_concurrently(lambda: httpx.Client(base_url=BASE, timeout=60), [{**REQUEST, "seed": 5, **({"lora": n} if n else {})} for n in names])
+    responses = post_concurrently(
+        lambda: httpx.Client(base_url=BASE, timeout=60),
+        [{**REQUEST, "seed": 5, **({"lora": n} if n else {})} for n in names],
+    )
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     jobs = [wait_done(http, r.json()["id"]) for r in responses]
     assert [j["status"] for j in jobs] == ["completed"] * 3, jobs
     assert [j["lora"] for j in jobs] == names
-    served = {n: frames_of(http.get(f"/v1/videos/{j['id']}/content").content, service["tmp"] / f"served-{n}.mp4") for n, j in zip(names, jobs)}
-    thumbs = {n: thumbnail_of(http.get(f"/v1/videos/{j['id']}/content", params={"variant": "thumbnail"}).content) for n, j in zip(names, jobs)}
+    served = {
+        n: frames_of(http.get(f"/v1/videos/{j['id']}/content").content, service["tmp"] / f"served-{n}.mp4")
+        for n, j in zip(names, jobs)
+    }
+    thumbs = {
+        n: thumbnail_of(http.get(f"/v1/videos/{j['id']}/content", params={"variant": "thumbnail"}).content)
+        for n, j in zip(names, jobs)
+    }
     for n in names:
         first, expected = merged_clip(service, service["loras"][n] if n else None, 5, f"merged-{n}")
         # Unmerged vs merged differ by float rounding only. The PNG thumbnail is lossless: at most a level or two.
@@ -120,7 +148,9 @@ def test_unknown_or_corrupt_adapter_is_a_400_naming_the_field(http):
 
 def test_step_cache_passes_through_and_threshold_zero_is_the_uncached_clip(http, service):
     plain = http.post("/v1/videos", json={**REQUEST, "seed": 9, "lora": "wan"}).json()["id"]
-    cached = http.post("/v1/videos", json={**REQUEST, "seed": 9, "lora": "wan", "step_cache": "fbcache", "cache_threshold": 0}).json()
+    cached = http.post(
+        "/v1/videos", json={**REQUEST, "seed": 9, "lora": "wan", "step_cache": "fbcache", "cache_threshold": 0}
+    ).json()
     assert (cached["step_cache"], cached["cache_threshold"], cached["lora"]) == ("fbcache", 0.0, "wan")
     assert wait_done(http, plain)["status"] == "completed" and wait_done(http, cached["id"])["status"] == "completed"
     a = http.get(f"/v1/videos/{plain}/content").content

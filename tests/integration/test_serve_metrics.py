@@ -27,14 +27,16 @@ def service(tmp_path_factory):
     from pipelines.serve.config import hash_key, load_settings
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
-    settings = load_settings({
-        "model": str(export),
-        "store": str(tmp_path_factory.mktemp("store")),
-        "tiers": {"metered": {"max_jobs_per_hour_per_key": QUOTA, "cache_hit_weight": 0.5}, "open": {}},
-        "default_tier": "open",
-        "api_keys": {hash_key(LOOP_KEY): "metered", hash_key(CACHE_KEY): "metered", hash_key(OTHER_KEY): "open"},
-        "queue": {"poll_after_ms": 100},
-    })
+    settings = load_settings(
+        {
+            "model": str(export),
+            "store": str(tmp_path_factory.mktemp("store")),
+            "tiers": {"metered": {"max_jobs_per_hour_per_key": QUOTA, "cache_hit_weight": 0.5}, "open": {}},
+            "default_tier": "open",
+            "api_keys": {hash_key(LOOP_KEY): "metered", hash_key(CACHE_KEY): "metered", hash_key(OTHER_KEY): "open"},
+            "queue": {"poll_after_ms": 100},
+        }
+    )
     generator = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 1}}
     with serve_app(settings, PORT, generator):
         yield settings
@@ -48,8 +50,12 @@ def sample(text: str, name: str, **labels: str) -> float:
     """The sum of a series' samples in a Prometheus exposition whose labels include `labels`."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))  # fmt: skip
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_quota_holds_through_a_create_download_delete_loop(service):
@@ -63,7 +69,11 @@ def test_quota_holds_through_a_create_download_delete_loop(service):
         assert http.get("/v1/videos").json()["data"] == []  # nothing left to count: the ledger still counts
         r = http.post("/v1/videos", json={"prompt": "a red circle moving left", "seed": 999})
         err = r.json()["error"]
-        assert r.status_code == 429 and err["code"] == "rate_limit_exceeded" and "max_jobs_per_hour_per_key" in err["message"], r.text
+        assert (
+            r.status_code == 429
+            and err["code"] == "rate_limit_exceeded"
+            and "max_jobs_per_hour_per_key" in err["message"]
+        ), r.text
         assert int(r.headers["Retry-After"]) >= 60
 
 
@@ -90,7 +100,9 @@ def test_metrics_on_the_api_port_move_with_requests(service):
         b = before.text
         r = http.post("/v1/videos", json={"prompt": "a green triangle moving down", "seed": 11, "steps": 3})
         assert wait_done(http, r.json()["id"])["status"] == "completed"
-        r = http.post("/v1/videos", json={"prompt": "a green triangle moving down", "seed": 12, "steps": 3})  # the text cache hits
+        r = http.post(
+            "/v1/videos", json={"prompt": "a green triangle moving down", "seed": 12, "steps": 3}
+        )  # the text cache hits
         assert wait_done(http, r.json()["id"])["status"] == "completed"
         assert http.post("/v1/videos", json={"prompt": "x", "steps": 10**6}).status_code == 400
         assert http.get("/v1/videos/video_" + "0" * 32).status_code == 404
@@ -98,7 +110,12 @@ def test_metrics_on_the_api_port_move_with_requests(service):
     assert client("sk-wrong").get("/metrics").status_code == 401  # keys on: metrics need one too
 
     def moved(name: str, by: float = 1, **labels: str) -> None:
-        assert sample(a, name, **labels) - sample(b, name, **labels) >= by, (name, labels, sample(b, name, **labels), sample(a, name, **labels))
+        assert sample(a, name, **labels) - sample(b, name, **labels) >= by, (
+            name,
+            labels,
+            sample(b, name, **labels),
+            sample(a, name, **labels),
+        )
 
     moved("sora_serve_queue_wait_seconds_count", 2)
     moved("sora_serve_text_encode_seconds_count", 1)

@@ -49,10 +49,15 @@ def service(tmp_path_factory):
 
     export = make_tiny_export(tmp_path_factory.mktemp("export"))
     store = tmp_path_factory.mktemp("store")
-    settings = load_settings({
-        "model": str(export), "store": str(store), "download_port": None, "parallel": {"sequence": 2},
-        "queue": {"poll_after_ms": 100, "lease_ttl_s": 5.0, "claim_interval_s": 0.1},
-    })  # fmt: skip
+    settings = load_settings(
+        {
+            "model": str(export),
+            "store": str(store),
+            "download_port": None,
+            "parallel": {"sequence": 2},
+            "queue": {"poll_after_ms": 100, "lease_ttl_s": 5.0, "claim_interval_s": 0.1},
+        }
+    )
     with serve_app(settings, PORT, GENERATOR):
         yield {"export": export, "tmp": tmp_path_factory.mktemp("clips"), "db": settings.db_url}
 
@@ -121,8 +126,9 @@ def test_two_rank_replica_answers_the_sdk_with_the_one_process_clip(service, htt
 
     sdk = OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=120)
     extra = {k: REQUEST[k] for k in ("num_frames", "steps", "seed")}
-    video = sdk.videos.create_and_poll(prompt=REQUEST["prompt"], model="sora-ray", size=REQUEST["size"],
-                                       extra_body=extra, poll_interval_ms=100)  # fmt: skip
+    video = sdk.videos.create_and_poll(
+        prompt=REQUEST["prompt"], model="sora-ray", size=REQUEST["size"], extra_body=extra, poll_interval_ms=100
+    )
     assert video.status == "completed" and video.progress == 100, video
     mp4 = sdk.videos.download_content(video.id).content
     thumb = thumbnail_of(sdk.videos.download_content(video.id, variant="thumbnail").content)

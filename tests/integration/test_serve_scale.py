@@ -43,10 +43,22 @@ def _deployed(export: Path, db_url: str, s3_options: dict):
     from pipelines.serve.app import build_app
     from pipelines.serve.config import APP_NAME, load_settings
 
-    settings = load_settings({
-        "model": str(export), "db": db_url, "store": "s3://sora/videos", "storage_options": s3_options, "result_cache": False,
-        "queue": {"max_pending_jobs": 100, "max_in_flight": 4, "lease_ttl_s": 3, "claim_interval_s": 0.2, "poll_after_ms": 100},
-    })  # fmt: skip
+    settings = load_settings(
+        {
+            "model": str(export),
+            "db": db_url,
+            "store": "s3://sora/videos",
+            "storage_options": s3_options,
+            "result_cache": False,
+            "queue": {
+                "max_pending_jobs": 100,
+                "max_in_flight": 4,
+                "lease_ttl_s": 3,
+                "claim_interval_s": 0.2,
+                "poll_after_ms": 100,
+            },
+        }
+    )
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
@@ -54,14 +66,19 @@ def _deployed(export: Path, db_url: str, s3_options: dict):
         "VideoAPI": {"num_replicas": 2},
         "Generator": {
             "autoscaling_config": {
-                "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "metrics_interval_s": 0.5,
-                "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 4,
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": 1,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 2,
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 4,
             },
             "ray_actor_options": {"num_cpus": 1},
             "max_ongoing_requests": 2,
             "user_config": {"batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}},
         },
-    }  # fmt: skip
+    }
     serve.run(build_app(settings, deployments), name=APP_NAME, route_prefix="/")
     from pipelines.serve.db import JobDB
 
@@ -83,7 +100,11 @@ def http(service):
 def replicas(deployment: str) -> list[dict]:
     import ray
 
-    return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
+    return [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]
+    ]
 
 
 def running(deployment: str) -> int:
@@ -100,7 +121,10 @@ def kill(actor: dict) -> None:
 
 
 def submit(http: httpx.Client, n: int, prefix: str, **extra) -> list[str]:
-    return [http.post("/v1/videos", json={"prompt": f"{prefix} {i}", "seed": i, **LONG_JOB, **extra}).json()["id"] for i in range(n)]
+    return [
+        http.post("/v1/videos", json={"prompt": f"{prefix} {i}", "seed": i, **LONG_JOB, **extra}).json()["id"]
+        for i in range(n)
+    ]
 
 
 def test_sdk_flow_on_postgresql_and_s3(http, service):
@@ -108,7 +132,9 @@ def test_sdk_flow_on_postgresql_and_s3(http, service):
     from openai import OpenAI
 
     sdk = OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=60)
-    video = sdk.videos.create_and_poll(prompt="a red circle moving left", seconds="1", size="16x16", poll_interval_ms=100)
+    video = sdk.videos.create_and_poll(
+        prompt="a red circle moving left", seconds="1", size="16x16", poll_interval_ms=100
+    )
     assert video.status == "completed" and video.expires_at > video.completed_at, video
     mp4 = sdk.videos.download_content(video.id).content
     assert mp4[4:8] == b"ftyp"
@@ -117,7 +143,11 @@ def test_sdk_flow_on_postgresql_and_s3(http, service):
     redirect = http.get(f"/v1/videos/{video.id}/content")
     assert redirect.status_code == 307 and "Signature=" in redirect.headers["location"]
     part = http.get(f"/v1/videos/{video.id}/content", headers={"Range": "bytes=4-11"}, follow_redirects=True)
-    assert part.status_code == 206 and part.content == mp4[4:12] and part.headers["content-range"] == f"bytes 4-11/{len(mp4)}"
+    assert (
+        part.status_code == 206
+        and part.content == mp4[4:12]
+        and part.headers["content-range"] == f"bytes 4-11/{len(mp4)}"
+    )
     assert sdk.videos.retrieve(video.id).id == video.id and video.id in [v.id for v in sdk.videos.list()]
     assert service.dialect == "postgresql" and service.get(video.id)["_runs"] == 1
     assert sdk.videos.delete(video.id).deleted
@@ -180,7 +210,9 @@ def test_two_ingress_replicas_one_killed_under_load_every_job_completes_exactly_
         with httpx.Client(base_url=BASE, timeout=30) as c:
             while not stop.is_set():
                 try:
-                    r = c.post("/v1/videos", json={"prompt": f"a loaded triangle {i}", "seed": i, **LONG_JOB, "steps": 20})
+                    r = c.post(
+                        "/v1/videos", json={"prompt": f"a loaded triangle {i}", "seed": i, **LONG_JOB, "steps": 20}
+                    )
                 except httpx.HTTPError:
                     continue  # the request died with the replica: never accepted
                 if r.status_code == 200:
@@ -204,5 +236,7 @@ def test_two_ingress_replicas_one_killed_under_load_every_job_completes_exactly_
     rows = [service.get(i) for i in accepted]
     # Exactly once: each job started sampling once (no generator died here), whichever replica held it.
     assert all(r["_runs"] == 1 for r in rows), [(r["id"], r["_runs"], r["_attempts"]) for r in rows]
-    print(f"\n{len(accepted)} jobs accepted under load; re-claimed after the kill: {sum(r['_attempts'] > 1 for r in rows)}")
+    print(
+        f"\n{len(accepted)} jobs accepted under load; re-claimed after the kill: {sum(r['_attempts'] > 1 for r in rows)}"
+    )
     assert all(http.get(f"/v1/videos/{i}/content", follow_redirects=True).status_code == 200 for i in accepted[:3])

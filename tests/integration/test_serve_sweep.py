@@ -100,7 +100,9 @@ def test_folder_store_orphans_are_swept_past_the_grace(db, tmp_path):
     _upload(store, *fresh)
     counts = sweep_orphans(db, store, GRACE_S)
     _check(store, scene, fresh, counts)
-    assert counts["temp"] == 1 and not os.path.exists(stale_tmp) and os.path.exists(notes) and counts["kept_unknown"] == 1
+    assert (
+        counts["temp"] == 1 and not os.path.exists(stale_tmp) and os.path.exists(notes) and counts["kept_unknown"] == 1
+    )
     assert sum(sweep_orphans(db, store, GRACE_S).get(k, 0) for k in ("superseded", "failed", "no_row", "expired")) == 0
 
 
@@ -111,7 +113,9 @@ def test_reference_images_are_swept_once_their_job_no_longer_needs_them(db, tmp_
 
     store = ContentStore(str(tmp_path / "store"))
     running, completed, failed = _claimed(db), _claimed(db), _claimed(db)
-    assert db.complete(*completed, retention_s=None, extra={}) and db.fail(*failed, "generation_failed", "x", retention_s=None)
+    assert db.complete(*completed, retention_s=None, extra={}) and db.fail(
+        *failed, "generation_failed", "x", retention_s=None
+    )
     crashed, fresh = f"video_{'a' * 32}", f"video_{'b' * 32}"
     for job_id in (running[0], completed[0], failed[0], crashed):
         store.put_input(b"png", job_id, "input_reference")
@@ -125,7 +129,9 @@ def test_reference_images_are_swept_once_their_job_no_longer_needs_them(db, tmp_
     assert (counts["finished"], counts["failed"], counts["no_row"]) == (1, 1, 1), counts
     assert counts["kept_live"] == 2 and counts["kept_fresh"] == 1, counts
     left = sorted(os.listdir(folder))
-    assert left == sorted([f"{running[0]}-input_reference", f"{running[0]}-last_frame_reference", f"{fresh}-input_reference"])
+    assert left == sorted(
+        [f"{running[0]}-input_reference", f"{running[0]}-last_frame_reference", f"{fresh}-input_reference"]
+    )
 
 
 def test_s3_store_orphans_are_swept_past_the_grace(db):

@@ -48,8 +48,21 @@ def data(ray_local, export: Path, tmp_path_factory) -> Path:
     synth = ["data", "synth", "--out", str(base / "shapes"), "--num-videos", "12", "--size", "32", "--frames", "9"]
     assert main([*synth, "--no-progress"]) == 0
     t0 = time.perf_counter()
-    prepare = ["data", "prepare", "--manifest", str(base / "shapes" / "captions.jsonl"), "--out", str(base / "prepared"),
-               "--resolution", "32", "--frames", "5", "--from-export", str(export), "--no-progress"]  # fmt: skip
+    prepare = [
+        "data",
+        "prepare",
+        "--manifest",
+        str(base / "shapes" / "captions.jsonl"),
+        "--out",
+        str(base / "prepared"),
+        "--resolution",
+        "32",
+        "--frames",
+        "5",
+        "--from-export",
+        str(export),
+        "--no-progress",
+    ]
     assert main(prepare) == 0
     print(f"prepare with the Wan VAE + umT5: {time.perf_counter() - t0:.1f}s")
     return base / "prepared"
@@ -72,8 +85,14 @@ def test_prepare_with_wan_vae_and_umt5(data: Path, export: Path) -> None:
 
 
 def _recipe(tmp_path: Path, export: Path, **extra) -> str:
-    stage = {"resolution": 32, "micro_batch": 3, "lr": 1e-2, "warmup_steps": 1, "lr_schedule": "constant",
-             "loss": {"diffusion": 1.0, "temporal_consistency": 0.0, "motion_smoothness": 0.0}}  # fmt: skip
+    stage = {
+        "resolution": 32,
+        "micro_batch": 3,
+        "lr": 1e-2,
+        "warmup_steps": 1,
+        "lr_schedule": "constant",
+        "loss": {"diffusion": 1.0, "temporal_consistency": 0.0, "motion_smoothness": 0.0},
+    }
     recipe = {
         "name": "wan-tiny-ft",
         "init_from": str(export),
@@ -83,7 +102,15 @@ def _recipe(tmp_path: Path, export: Path, **extra) -> str:
         "workers": 2,
         "stages": [
             {**stage, "name": "warm", "dataset": "5x32x32", "frames": 5, "steps": 6},
-            {**stage, "name": "clips", "dataset": "5x32x32", "frames": 5, "steps": 18, "checkpoint_every": 9, "lr": 5e-3},
+            {
+                **stage,
+                "name": "clips",
+                "dataset": "5x32x32",
+                "frames": 5,
+                "steps": 18,
+                "checkpoint_every": 9,
+                "lr": 5e-3,
+            },
         ],
         **extra,
     }
@@ -110,7 +137,9 @@ def fixed_batch_loss(export_dir: str, data: Path, lora: str | None = None) -> fl
     pipe = TextToVideoPipeline.load(export_dir, use_ema=False, lora=lora)
     cfg = pipe.config.model
     rows = read_prepared(data, "5x32x32", columns=["patches", "text_tokens", "text_mask", "text_pooled"])
-    x0 = unpatchify(torch.tensor(rows["patches"]).float(), (2, 2, 2), cfg.patch_size, cfg.in_channels)  # (B, C, T, H, W)
+    x0 = unpatchify(
+        torch.tensor(rows["patches"]).float(), (2, 2, 2), cfg.patch_size, cfg.in_channels
+    )  # (B, C, T, H, W)
     tokens, mask, pooled = (torch.tensor(rows[k]).float() for k in ("text_tokens", "text_mask", "text_pooled"))
     losses = []
     for k in range(8):
@@ -119,8 +148,9 @@ def fixed_batch_loss(export_dir: str, data: Path, lora: str | None = None) -> fl
         def model_fn(x, t):
             return pipe.model(x, t, tokens, mask, pooled)
 
-        terms = pipe.diffusion.training_losses(model_fn, x0, LossConfig(temporal_consistency=0, motion_smoothness=0), generator=gen,
-                                               num_tokens=8)  # fmt: skip
+        terms = pipe.diffusion.training_losses(
+            model_fn, x0, LossConfig(temporal_consistency=0, motion_smoothness=0), generator=gen, num_tokens=8
+        )
         losses.append(float(terms["diffusion"]))
     return sum(losses) / len(losses)
 
@@ -148,14 +178,18 @@ def test_lora_finetune_lowers_loss_and_changes_only_adapters(data: Path, export:
     out = Path(second["export"])
     config, pairs = read_adapter(out)
     assert config["base_model_name_or_path"] == str(export.resolve()) and config["r"] == LORA_RANK
-    assert len(pairs) == 2 * 7 and all(b.abs().max() > 0 for _, b in pairs.values())  # B starts at 0: every adapter learned
+    assert len(pairs) == 2 * 7 and all(
+        b.abs().max() > 0 for _, b in pairs.values()
+    )  # B starts at 0: every adapter learned
     _, ema_pairs = read_adapter(out / "ema")
     assert any(not torch.equal(ema_pairs[n][1], pairs[n][1]) for n in pairs)
     base, merged = load_file(str(export / "model.safetensors")), load_file(str(out / "merged" / "model.safetensors"))
     adapted = {f"{n}.weight" for n in pairs}
     assert all(torch.equal(merged[k], v) for k, v in base.items() if k not in adapted)  # the frozen base, bit for bit
     scale = LORA_ALPHA / LORA_RANK
-    worst = max((merged[f"{n}.weight"] - base[f"{n}.weight"] - scale * b @ a).abs().max().item() for n, (a, b) in pairs.items())
+    worst = max(
+        (merged[f"{n}.weight"] - base[f"{n}.weight"] - scale * b @ a).abs().max().item() for n, (a, b) in pairs.items()
+    )
     assert worst <= 1e-5, worst
 
     # The loss on a fixed batch falls (base vs base + adapter, the same noise and timesteps).
@@ -186,7 +220,9 @@ def test_full_finetune_starts_from_init_from(data: Path, export: Path, tmp_path:
     print(f"full fine-tune, 4 steps: {time.perf_counter() - t0:.1f}s")
     base = load_file(str(export / "model.safetensors"))
     digest = json.loads((tmp_path / "run" / "workers.json").read_text())["weights_digest"]
-    assert max(abs(digest[k] - float(v.double().sum())) for k, v in base.items()) < 1e-3  # ZeRO-3 started from the export
+    assert (
+        max(abs(digest[k] - float(v.double().sum())) for k, v in base.items()) < 1e-3
+    )  # ZeRO-3 started from the export
     trained = load_file(str(Path(summary["export"]) / "model.safetensors"))
     assert trained.keys() == base.keys()
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])

@@ -45,8 +45,22 @@ def export(tmp_path_factory) -> Path:
 def _prepare(shapes: Path, out: Path, export: Path, *flags: str) -> int:
     from pipelines.cli import main
 
-    return main(["data", "prepare", "--manifest", str(shapes / "captions.jsonl"), "--out", str(out), "--buckets",
-                 BUCKET, "--from-export", str(export), "--no-progress", *flags])  # fmt: skip
+    return main(
+        [
+            "data",
+            "prepare",
+            "--manifest",
+            str(shapes / "captions.jsonl"),
+            "--out",
+            str(out),
+            "--buckets",
+            BUCKET,
+            "--from-export",
+            str(export),
+            "--no-progress",
+            *flags,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +104,9 @@ def test_prepare_writes_the_condition_columns(prepared, export: Path) -> None:
     encoder = ImageEncoder(type(encoder_cfg)(str(export / encoder_cfg.path), str(export / encoder_cfg.processor_path)))
     identity = build_autoencoder(config.autoencoder)
     for i in range(2):  # the stored condition is the shared function's, of the clip's own first frame
-        clip = unpatchify(torch.from_numpy(rows["patches"][i : i + 1].copy()), (5, 8, 10), (1, 2, 2), 3)  # (1, 3, 5, 16, 20)
+        clip = unpatchify(
+            torch.from_numpy(rows["patches"][i : i + 1].copy()), (5, 8, 10), (1, 2, 2), 3
+        )  # (1, 3, 5, 16, 20)
         first = Image.fromarray(model_to_pixels(clip)[0, 0].numpy())
         expected = image_condition([first], 5, 16, 20, identity, encoder, "cpu")
         got = unpatchify(torch.from_numpy(rows["image_condition"][i : i + 1].copy()), (5, 8, 10), (1, 2, 2), 4)
@@ -126,10 +142,21 @@ def _recipe(tmp_path: Path, export: Path) -> str:
         "lora": {"rank": 4, "alpha": 8, "merge_export": True},
         "deepspeed": {"zero_stage": 3, "param_persistence_threshold": 0},
         "workers": 2,
-        "stages": [{"name": "clips", "dataset": BUCKET, "frames": 5, "height": 16, "width": 20, "steps": 6,
-                    "micro_batch": 2, "lr": 1e-2, "lr_schedule": "constant",
-                    "loss": {"diffusion": 1.0, "temporal_consistency": 0.0, "motion_smoothness": 0.0}}],
-    }  # fmt: skip
+        "stages": [
+            {
+                "name": "clips",
+                "dataset": BUCKET,
+                "frames": 5,
+                "height": 16,
+                "width": 20,
+                "steps": 6,
+                "micro_batch": 2,
+                "lr": 1e-2,
+                "lr_schedule": "constant",
+                "loss": {"diffusion": 1.0, "temporal_consistency": 0.0, "motion_smoothness": 0.0},
+            }
+        ],
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
@@ -165,6 +192,5 @@ def test_lora_finetune_of_an_i2v_model(prepared, export: Path, tmp_path: Path) -
     assert pairs and all(b.abs().max() > 0 for _, b in pairs.values())  # B starts at 0: every adapter learned
     pipe = TextToVideoPipeline.load(str(out / "merged"))  # the merged export keeps the image encoder
     frame = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8))
-    latents = pipe.sample_latents("a red circle moving left", image=frame, steps=2, num_frames=5, height=16,
-                                  width=20)
+    latents = pipe.sample_latents("a red circle moving left", image=frame, steps=2, num_frames=5, height=16, width=20)
     assert latents.shape == (1, 3, 5, 16, 20) and torch.isfinite(latents).all()

@@ -63,8 +63,16 @@ def test_mixed_bucket_stage_trains_on_packed_batches(data, tmp_path):
     from pipelines.train.trainer import TrainOptions, train
 
     recipe = yaml.safe_load((ROOT / "cluster" / "recipes" / "smoke-cpu.yaml").read_text())
-    mixed = {**recipe["stages"][1], "name": "mixed", "datasets": ["1x16x16", "8x16x16"], "tokens_per_batch": 160,
-             "steps": 3, "grad_accum": 1, "checkpoint_every": 0, "sample_prompts": []}  # fmt: skip
+    mixed = {
+        **recipe["stages"][1],
+        "name": "mixed",
+        "datasets": ["1x16x16", "8x16x16"],
+        "tokens_per_batch": 160,
+        "steps": 3,
+        "grad_accum": 1,
+        "checkpoint_every": 0,
+        "sample_prompts": [],
+    }
     del mixed["dataset"]
     recipe["stages"] = [mixed]
     path = tmp_path / "mixed.yaml"

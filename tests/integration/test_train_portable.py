@@ -34,8 +34,12 @@ def s3():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems made for an earlier module's server
@@ -103,8 +107,14 @@ def test_ema_export_is_exact_under_zero3(data, tmp_path):
     from sora_model.dit import DiT
 
     decay = 0.6
-    recipe_path = small_recipe(tmp_path, "ema", ema={"enabled": True, "decay": decay}, keep_checkpoints=10,
-                               deepspeed={"param_persistence_threshold": 1000}, stages={"steps": 2})  # fmt: skip
+    recipe_path = small_recipe(
+        tmp_path,
+        "ema",
+        ema={"enabled": True, "decay": decay},
+        keep_checkpoints=10,
+        deepspeed={"param_persistence_threshold": 1000},
+        stages={"steps": 2},
+    )
     run_dir = tmp_path / "run"
     run(recipe_path, data, run_dir, workers=2)
 
@@ -141,8 +151,9 @@ def test_resume_with_another_number_of_workers(data, tmp_path, before, after):
     from pipelines.train.engine import lr_at
     from pipelines.train.recipe import load_recipe
 
-    recipe_path = small_recipe(tmp_path, f"resume{before}{after}", keep_checkpoints=10,
-                               stages={"steps": 3, "micro_batch": 2, "grad_accum": 1})  # fmt: skip
+    recipe_path = small_recipe(
+        tmp_path, f"resume{before}{after}", keep_checkpoints=10, stages={"steps": 3, "micro_batch": 2, "grad_accum": 1}
+    )
     recipe = load_recipe(recipe_path)
     run_dir = tmp_path / "run"
     stop = 4  # the second stage's first step: mid-stage
@@ -182,8 +193,12 @@ def test_a_diverged_run_ends_once_with_its_checkpoint(data, tmp_path, monkeypatc
 
 def test_a_slow_sampler_never_stops_training(data, tmp_path, monkeypatch):
     """Grids take longer than the process-group timeout; training goes on and the grids still arrive."""
-    recipe_path = small_recipe(tmp_path, "slow", process_group_timeout_s=15,
-                               stages={"steps": 2, "sample_prompts": ["a red circle moving left"]})  # fmt: skip
+    recipe_path = small_recipe(
+        tmp_path,
+        "slow",
+        process_group_timeout_s=15,
+        stages={"steps": 2, "sample_prompts": ["a red circle moving left"]},
+    )
     monkeypatch.setenv("SORA_SAMPLE_DELAY_S", "30")
     run_dir = tmp_path / "run"
     summary = run(recipe_path, data, run_dir, workers=2)
@@ -198,7 +213,19 @@ def test_cuda_on_a_cluster_without_gpus_fails_fast(data, tmp_path):
     from pipelines.cli import main
 
     t0 = time.time()
-    code = main(["train", "--recipe", small_recipe(tmp_path), "--data", data, "--run-dir", str(tmp_path / "run"), "--device", "cuda"])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            small_recipe(tmp_path),
+            "--data",
+            data,
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cuda",
+        ]
+    )
     assert code == 2 and time.time() - t0 < 60
     assert not (tmp_path / "run" / "ray_results").exists()  # nothing trained on CPU instead
 
@@ -216,8 +243,17 @@ def test_run_folder_on_object_storage(data, s3, tmp_path):
     assert summary["export"] == f"{uri}/export"
     fs, _ = fsspec.core.url_to_fs(uri)
     names = {p.split("/smoke/", 1)[1] for p in fs.find("runs/smoke")}
-    for name in ("recipe.yaml", "run.json", "metrics.csv", "workers.json", "loss.png", "export/model.safetensors",
-                 "export/ema.safetensors", "export/config.json", "exports/images/model.safetensors"):  # fmt: skip
+    for name in (
+        "recipe.yaml",
+        "run.json",
+        "metrics.csv",
+        "workers.json",
+        "loss.png",
+        "export/model.safetensors",
+        "export/ema.safetensors",
+        "export/config.json",
+        "exports/images/model.safetensors",
+    ):
         assert name in names, name
     assert any(n.startswith("tensorboard/") for n in names)
     ckpts = sorted({n.split("/")[2] for n in names if n.startswith("ray_results/s3run/checkpoint_0")})

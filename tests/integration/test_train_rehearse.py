@@ -36,8 +36,10 @@ def test_recipe_rehearses(recipe, ray_local, shapes, tmp_path):
 
     source = yaml.safe_load(recipe.read_text())
     assert len(data.stages) == len(source["stages"])
-    assert ("bf16" in line.split(";")[0]) == (source.get("deepspeed", {}).get("bf16") is True
-                                             or (source.get("deepspeed", {}).get("bf16", "auto") == "auto" and source.get("device") == "cuda"))  # fmt: skip
+    assert ("bf16" in line.split(";")[0]) == (
+        source.get("deepspeed", {}).get("bf16") is True
+        or (source.get("deepspeed", {}).get("bf16", "auto") == "auto" and source.get("device") == "cuda")
+    )
     assert f"ZeRO-{source.get('deepspeed', {}).get('zero_stage', 3)}" in line
     if source.get("device") == "cuda":
         assert "flash attention" in line.split("not rehearsable on CPU:")[1]

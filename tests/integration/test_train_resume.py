@@ -59,7 +59,9 @@ def uninterrupted(recipe, data, tmp_path_factory) -> tuple[Path, list[float]]:
     return run, rows
 
 
-def test_stopped_resumed_and_restarted_run_equals_the_uninterrupted_run(recipe, data, uninterrupted, tmp_path, monkeypatch):
+def test_stopped_resumed_and_restarted_run_equals_the_uninterrupted_run(
+    recipe, data, uninterrupted, tmp_path, monkeypatch
+):
     """Stopped after step 2 (mid-stage) and `--resume`d; in the resumed attempt the last rank dies after step 5, and Ray
     Train restarts it inside the run from step 4's checkpoint (mid-stage again: the readers start at its sample)."""
     run = tmp_path / "run"

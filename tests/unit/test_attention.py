@@ -79,7 +79,9 @@ def test_packed_layout_attends_each_clip_alone(scope):
     for grid in grids:
         n = grid[0] * grid[1] * grid[2]
         alone_layout = TokenLayout.dense(grid, 1)
-        alone = attn(x[:, start : start + n], rope_rotation(layout_positions(alone_layout, x.device), freqs), alone_layout, scope)
+        alone = attn(
+            x[:, start : start + n], rope_rotation(layout_positions(alone_layout, x.device), freqs), alone_layout, scope
+        )
         torch.testing.assert_close(packed[:, start : start + n], alone, rtol=1e-5, atol=1e-5)
         start += n
 
@@ -121,7 +123,14 @@ def _peak(frames: int) -> dict:
     # glibc otherwise keeps freed blocks and moves its mmap threshold, so RSS would lag what is live;
     # a fixed threshold and one arena make every tensor over 64 KiB its own mapping, returned on free.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1"}
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(frames)], capture_output=True, text=True, timeout=300, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(frames)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -110,7 +110,9 @@ def test_scaling_factor_from_vae_config_and_override(kl_dir: str) -> None:
     assert (own.scaling_factor, own.shift_factor) == (0.5, 0.0)
     raw = own.vae.encode(_video(1, 1, 8, 8)[:, :, 0]).latent_dist.mean  # (1, 4, 4, 4)
     torch.testing.assert_close(own.encode(_video(1, 1, 8, 8))[:, :, 0], raw * 0.5)
-    overridden = build_autoencoder(AutoencoderConfig(kind="diffusers", path=kl_dir, scaling_factor=2.0, shift_factor=0.1))
+    overridden = build_autoencoder(
+        AutoencoderConfig(kind="diffusers", path=kl_dir, scaling_factor=2.0, shift_factor=0.1)
+    )
     torch.testing.assert_close(overridden.encode(_video(1, 1, 8, 8))[:, :, 0], (raw - 0.1) * 2.0)
     z = overridden.encode(_video(1, 2, 8, 8))
     # decode inverts the normalisation exactly: same as the raw VAE on the raw posterior mean

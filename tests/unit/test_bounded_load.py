@@ -153,15 +153,26 @@ def test_reader_agrees_with_safetensors_and_refuses_bad_files(tmp_path, monkeypa
 
     monkeypatch.setattr(wio, "CHUNK_BYTES", 64)  # many pieces per tensor, and a last short one
     g = torch.Generator().manual_seed(0)
-    state = {"a": torch.randn(7, 13, generator=g), "b": torch.randn(5, generator=g).bfloat16(), "c": torch.arange(4),
-             "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}  # fmt: skip
+    state = {
+        "a": torch.randn(7, 13, generator=g),
+        "b": torch.randn(5, generator=g).bfloat16(),
+        "c": torch.arange(4),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
     save_file(state, str(tmp_path / "x.safetensors"))
     got = dict(iter_tensors(str(tmp_path / "x.safetensors")))
-    assert sorted(got) == sorted(state) and all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items())
-    cast = dict(iter_tensors(str(tmp_path / "x.safetensors"), lambda n, d: torch.bfloat16 if d.is_floating_point else d))
+    assert sorted(got) == sorted(state) and all(
+        torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items()
+    )
+    cast = dict(
+        iter_tensors(str(tmp_path / "x.safetensors"), lambda n, d: torch.bfloat16 if d.is_floating_point else d)
+    )
     assert torch.equal(cast["a"], state["a"].bfloat16()) and cast["c"].dtype == torch.int64
     # write_tensors' file reads back with the safetensors library
-    write_tensors(str(tmp_path / "y.safetensors"), {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, state.items())
+    write_tensors(
+        str(tmp_path / "y.safetensors"), {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, state.items()
+    )
     back = load_file(str(tmp_path / "y.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in state.items())
     data = (tmp_path / "x.safetensors").read_bytes()
@@ -222,7 +233,9 @@ def test_bf16_load_peak_stays_near_the_bf16_bytes(tmp_path):
 
     (folder / "config.json").write_text(json.dumps({"format_version": 1, **to_dict(PipelineConfig(model=cfg))}))
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, check=True, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder)], capture_output=True, text=True, check=True, cwd=root
+    )
     peak, nbytes = json.loads(out.stdout.strip().splitlines()[-1])
     assert nbytes > 90e6
     assert peak / nbytes < 1.5, (peak, nbytes)
@@ -232,7 +245,9 @@ def _zero3_rank(rank: int, world: int, export_dir: str, port: int, bf16: bool, o
     """One rank: `build_model` from init_from under ZeRO-3, then what each rank holds and what it gathers."""
     import types
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -245,9 +260,15 @@ def _zero3_rank(rank: int, world: int, export_dir: str, port: int, bf16: bool, o
     cfg = load_export_config(export_dir).model
     lora = types.SimpleNamespace(rank=4, scale_alpha=4, targets=["attn.qkv"], dropout=0.0)
     recipe = types.SimpleNamespace(seed=0, init_from=export_dir, lora=lora, model_config=lambda: cfg)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "bf16": {"enabled": bf16},
-              "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}  # fmt: skip
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
     model = build_model(recipe, config)
     whole = {n: p.data.numel() for n, p in model.named_parameters() if ".lora_" not in n}
     mine = sum(p.ds_tensor.numel() for n, p in model.named_parameters() if ".lora_" not in n)

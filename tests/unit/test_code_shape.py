@@ -124,7 +124,9 @@ def test_functions_fit_a_screen():
                 start = min([node.lineno] + [d.lineno for d in node.decorator_list])
                 known = f"{path.relative_to(ROOT)} {node.name}" in KNOWN_LONG
                 if node.end_lineno - start + 1 > FUNCTION_LINES and not known:
-                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)")
+                    long.append(
+                        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)"
+                    )
     assert not long, f"functions over {FUNCTION_LINES} lines (split them by concern):\n" + "\n".join(long)
 
 

@@ -40,8 +40,14 @@ sys.exit(cli.main(sys.argv[1:]))
 def run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     log = tmp_path / "logs" / "noisy.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "always"}
-    return subprocess.run([sys.executable, "-c", SCRIPT, "noisy", "--log", str(log), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, "noisy", "--log", str(log), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_library_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path):
@@ -63,7 +69,9 @@ def test_a_failure_names_the_log_and_shows_its_last_lines(tmp_path):
     proc = run(tmp_path, "--fail")
     assert proc.returncode == 1
     err = proc.stderr.splitlines()
-    assert err[-1 - sum(1 for ln in err if ln.startswith("    "))].startswith(f"  log: {tmp_path / 'logs' / 'noisy.log'}")
+    assert err[-1 - sum(1 for ln in err if ln.startswith("    "))].startswith(
+        f"  log: {tmp_path / 'logs' / 'noisy.log'}"
+    )
     assert any("RuntimeError: boom in the middle" in ln for ln in err if ln.startswith("    "))  # the traceback's end
     assert "sora noisy: failed: RuntimeError: boom in the middle" in proc.stderr
 
@@ -77,7 +85,7 @@ def test_remote_progress_lines_become_one_bar(capsys):
         bar.update()
     bar.close()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(console.REMOTE_MARK)]
-    states = [json.loads(ln[len(console.REMOTE_MARK):]) for ln in lines]
+    states = [json.loads(ln[len(console.REMOTE_MARK) :]) for ln in lines]
     assert states[0]["n"] == 1 and states[-1]["n"] == 4 and states[-1]["closed"]
     assert states[-1]["desc"] == "images (1/2)"
     assert len(states) <= 5  # throttled: a start, the description, the last step, the close

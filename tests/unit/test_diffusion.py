@@ -51,7 +51,20 @@ ALL_SAMPLERS = [
     (flow_cfg(), "dpmpp"),
     (flow_cfg(multistep=MultistepConfig(order=3, dpm_solver_type="heun")), "dpmpp"),
 ]
-IDS = ["ddpm-eps", "ddim-eps", "ddpm-v", "ddim-v", "ddim-eta1", "euler", "heun", "ab2", "unipc", "unipc3-bh1", "dpmpp", "dpmpp3-heun"]
+IDS = [
+    "ddpm-eps",
+    "ddim-eps",
+    "ddpm-v",
+    "ddim-v",
+    "ddim-eta1",
+    "euler",
+    "heun",
+    "ab2",
+    "unipc",
+    "unipc3-bh1",
+    "dpmpp",
+    "dpmpp3-heun",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +250,8 @@ def test_sampler_deterministic_per_seed(cfg, sampler):
 
     with torch.no_grad():
         runs = [
-            diff.sample(model_fn, SHAPE, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)
+            diff.sample(model_fn, SHAPE, steps=5, sampler=sampler, generator=torch.Generator().manual_seed(s))
+            for s in (7, 7, 8)
         ]
     assert runs[0].shape == SHAPE and torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1])
@@ -248,7 +262,9 @@ def test_sampler_deterministic_per_seed(cfg, sampler):
 def test_sampler_recovers_point_mass(cfg, sampler):
     diff = build_diffusion(cfg)
     x0 = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    out = diff.sample(point_mass_oracle(diff, x0), SHAPE, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    out = diff.sample(
+        point_mass_oracle(diff, x0), SHAPE, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.allclose(out, x0, atol=1e-3), (out - x0).abs().max()
 
 
@@ -352,16 +368,23 @@ def test_sampler_registry_feeds_config_schedules_and_help():
         cfg = flow_cfg(sampler=name) if spec.family == "flow" else ddpm_cfg(sampler=name)
         assert build_diffusion(cfg).sampler_names == SAMPLER_NAMES[spec.family]
     # An unknown name is refused with every known one; a flow sampler on a Gaussian schedule and back, too.
-    with pytest.raises(ConfigError, match="diffusion.sampler must be one of 'ddpm', 'ddim', 'euler', 'heun', 'ab2', 'unipc', 'dpmpp', got 'plms'"):
+    with pytest.raises(
+        ConfigError,
+        match="diffusion.sampler must be one of 'ddpm', 'ddim', 'euler', 'heun', 'ab2', 'unipc', 'dpmpp', got 'plms'",
+    ):
         from_dict(DiffusionConfig, {"sampler": "plms"}, "diffusion")
-    with pytest.raises(ConfigError, match="sampler 'unipc' is not available for schedule 'ddpm_linear'; choose one of: ddpm, ddim"):
+    with pytest.raises(
+        ConfigError, match="sampler 'unipc' is not available for schedule 'ddpm_linear'; choose one of: ddpm, ddim"
+    ):
         ddpm_cfg(sampler="unipc")
     with pytest.raises(ConfigError, match="choose one of: euler, heun, ab2, unipc, dpmpp"):
         flow_cfg(sampler="ddim")
     with pytest.raises(ValueError, match="sampler 'dpmpp' is not available for schedule 'adaptive'"):
         build_diffusion(ddpm_cfg(schedule="adaptive")).sample(lambda x, t: x, SHAPE, sampler="dpmpp")
     # The multistep settings round-trip through an export's config.json.
-    cfg = from_dict(DiffusionConfig, {"sampler": "unipc", "time_grid": "unipc", "multistep": {"order": 3, "disable_corrector": [1]}})
+    cfg = from_dict(
+        DiffusionConfig, {"sampler": "unipc", "time_grid": "unipc", "multistep": {"order": 3, "disable_corrector": [1]}}
+    )
     assert cfg.multistep == MultistepConfig(order=3, disable_corrector=(1,))
 
 
@@ -375,7 +398,10 @@ def test_ddim_eta0_follows_probability_flow_on_gaussian(prediction):
     ab_T = diff.alphas_cumprod[-1]
     exact = mu + sigma * (z - ab_T.sqrt() * mu) / (ab_T * sigma**2 + 1 - ab_T).sqrt()
     oracle = gaussian_oracle(diff, mu, sigma)
-    err = {n: (diff.sample(oracle, SHAPE, steps=n, sampler="ddim", noise=z) - exact).abs().max().item() for n in (100, 1000)}
+    err = {
+        n: (diff.sample(oracle, SHAPE, steps=n, sampler="ddim", noise=z) - exact).abs().max().item()
+        for n in (100, 1000)
+    }
     assert err[100] < 0.06
     assert err[1000] < 0.01 and err[1000] < err[100] / 5
 
@@ -388,10 +414,14 @@ def test_ddpm_ancestral_matches_gaussian_data_distribution(prediction):
     diff = build_diffusion(ddpm_cfg(prediction=prediction))
     shape = (8, 2, 4, 16, 16)
     oracle = gaussian_oracle(diff, mu, sigma)
-    full = diff.sample(oracle, shape, steps=1000, sampler="ddpm", generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = diff.sample(
+        oracle, shape, steps=1000, sampler="ddpm", generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert full.mean().item() == pytest.approx(mu, abs=0.02)
     assert full.std().item() == pytest.approx(sigma, rel=0.03)
-    short = diff.sample(oracle, shape, steps=50, sampler="ddpm", generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    short = diff.sample(
+        oracle, shape, steps=50, sampler="ddpm", generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert short.mean().item() == pytest.approx(mu, abs=0.02)
     assert 0.7 * sigma < short.std().item() <= sigma
 

@@ -87,7 +87,10 @@ def test_rope_depends_only_on_relative_position():
     k = torch.randn(1, 1, 1, head_dim)
 
     def logit(pq, pk):
-        return (apply_rope(q, rope_rotation(torch.tensor([pq]), freqs)) * apply_rope(k, rope_rotation(torch.tensor([pk]), freqs))).sum()
+        return (
+            apply_rope(q, rope_rotation(torch.tensor([pq]), freqs))
+            * apply_rope(k, rope_rotation(torch.tensor([pk]), freqs))
+        ).sum()
 
     base = logit((1, 2, 3), (4, 0, 5))
     shifted = logit((1 + 7, 2 + 11, 3 + 13), (4 + 7, 0 + 11, 5 + 13))
@@ -116,7 +119,9 @@ def test_rope_real_form_equals_complex_form():
     """The (cos, sin) rotation compiled code uses equals the complex one eager code uses."""
     pos, freqs = grid_positions((3, 4, 5)), rope_frequencies(24)
     qk = torch.randn(2, 60, 2, 3, 24)
-    torch.testing.assert_close(apply_rope(qk, rope_rotation(pos, freqs, real=True)), apply_rope(qk, rope_rotation(pos, freqs)))
+    torch.testing.assert_close(
+        apply_rope(qk, rope_rotation(pos, freqs, real=True)), apply_rope(qk, rope_rotation(pos, freqs))
+    )
 
 
 def test_self_attention_qk_norm_uses_each_weight():
@@ -184,7 +189,12 @@ def test_padded_tokens_leave_valid_outputs_unchanged(name):
         grid = patch_grid(tuple(clip.shape[2:]), cfg.patch_size)
         alone.append(
             model.forward_tokens(
-                patchify(clip, cfg.patch_size), t[i : i + 1], tt[i : i + 1], tm[i : i + 1], tp[i : i + 1], grid_positions(grid)
+                patchify(clip, cfg.patch_size),
+                t[i : i + 1],
+                tt[i : i + 1],
+                tm[i : i + 1],
+                tp[i : i + 1],
+                grid_positions(grid),
             )
         )
     # pad both into one batch

@@ -123,7 +123,9 @@ def test_frechet_distance_matches_scipy_reference_on_random_full_covariances():
         a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
         s1, s2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
         mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-        assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(_scipy_reference_fd(mu1, s1, mu2, s2), rel=1e-6)
+        assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+            _scipy_reference_fd(mu1, s1, mu2, s2), rel=1e-6
+        )
 
 
 def test_frechet_distance_from_samples_of_known_gaussians():
@@ -231,7 +233,9 @@ def make_tiny_clip(path: str) -> str:
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
     )
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -269,7 +273,9 @@ def test_load_prompts_text_and_jsonl(tmp_path):
     txt.write_text("# comment\na red circle moving left\n\na cat playing piano\n")
     specs = load_prompts(str(txt))
     assert [s.prompt for s in specs] == ["a red circle moving left", "a cat playing piano"]
-    assert specs[0].attributes == {"color": "red", "shape": "circle", "direction": "left"} and specs[1].attributes is None
+    assert (
+        specs[0].attributes == {"color": "red", "shape": "circle", "direction": "left"} and specs[1].attributes is None
+    )
 
     jl = tmp_path / "p.jsonl"
     rows = [
@@ -278,7 +284,9 @@ def test_load_prompts_text_and_jsonl(tmp_path):
     ]
     jl.write_text("\n".join(json.dumps(r) for r in rows))
     specs = load_prompts(str(jl))
-    assert specs[0] == PromptSpec("a blue square moving up", {"color": "blue", "shape": "square", "direction": "up"}, True)
+    assert specs[0] == PromptSpec(
+        "a blue square moving up", {"color": "blue", "shape": "square", "direction": "up"}, True
+    )
     assert specs[1].attributes["shape"] == "triangle" and not specs[1].held_out
 
 

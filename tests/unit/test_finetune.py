@@ -151,14 +151,19 @@ def test_merged_export_is_base_plus_adapter(export: Path, tmp_path: Path) -> Non
     # The sample actor reads an adapter folder as its base with the adapter (what --lora does).
     from pipelines.train.finetune import adapter_base
 
-    assert adapter_base(str(folder)) == (str(export.resolve()), str(folder)) and adapter_base(str(export)) == (str(export), None)
+    assert adapter_base(str(folder)) == (str(export.resolve()), str(folder)) and adapter_base(str(export)) == (
+        str(export),
+        None,
+    )
     # Serving base + --lora gives what the merged export gives.
     pipe = TextToVideoPipeline.load(str(export), lora=str(folder))
     direct = TextToVideoPipeline.load(str(folder / "merged"), use_ema=False)
     x, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0])
     text, mask, pooled = torch.randn(1, 512, 16), torch.ones(1, 512, dtype=torch.bool), torch.zeros(1, 16)
     with torch.no_grad():
-        assert (pipe.model(x, t, text, mask, pooled) - direct.model(x, t, text, mask, pooled)).abs().max().item() <= 1e-5
+        assert (
+            pipe.model(x, t, text, mask, pooled) - direct.model(x, t, text, mask, pooled)
+        ).abs().max().item() <= 1e-5
 
 
 def test_shipped_wan_recipe_parses_with_a_converted_export(export: Path, tmp_path: Path) -> None:
@@ -193,7 +198,17 @@ def test_prepare_from_export_takes_the_models_parts(export: Path, tmp_path: Path
     assert opts.autoencoder == exported.autoencoder and opts.patch == (1, 2, 2) and opts.null_prompt
     # Contradictions and frame counts the Wan VAE cannot take: one line, exit 2, before any work.
     manifest = str(_manifest(tmp_path))
-    base = ["data", "prepare", "--manifest", manifest, "--out", str(tmp_path / "out"), "--from-export", str(export), "--no-progress"]  # fmt: skip
+    base = [
+        "data",
+        "prepare",
+        "--manifest",
+        manifest,
+        "--out",
+        str(tmp_path / "out"),
+        "--from-export",
+        str(export),
+        "--no-progress",
+    ]
     for extra, message in [
         (["--buckets", "5x32x32", "--text-encoder", "minilm2"], "leave out --text-encoder"),
         (["--buckets", "8x32x32"], "frames must be 1 + a multiple of 4"),

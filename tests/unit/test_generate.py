@@ -25,7 +25,23 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def npz_seed1(export, tmp_path_factory) -> np.ndarray:
     out = tmp_path_factory.mktemp("gen") / "seed1.npz"
-    assert main(["generate", "--model", str(export), "--prompt", "a red circle moving left", "--seed", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(export),
+                "--prompt",
+                "a red circle moving left",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return np.load(out)["frames"]
 
 
@@ -35,11 +51,41 @@ def test_npz_has_uint8_frames_with_export_defaults(npz_seed1):
 
 def test_mp4_and_gif_with_options(export, tmp_path, capsys):
     mp4, gif = tmp_path / "clip.mp4", tmp_path / "clip.gif"
-    code, out, err = run(capsys, "--model", str(export), "--prompt", "a blue square moving up", "--out", str(mp4),
-                         "--frames", "2", "--height", "8", "--width", "12", "--steps", "2", "--guidance", "1", "--sampler", "heun")
+    code, out, err = run(
+        capsys,
+        "--model",
+        str(export),
+        "--prompt",
+        "a blue square moving up",
+        "--out",
+        str(mp4),
+        "--frames",
+        "2",
+        "--height",
+        "8",
+        "--width",
+        "12",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--sampler",
+        "heun",
+    )
     assert code == 0, err
     assert mp4.read_bytes()[4:8] == b"ftyp" and "wrote" in out and "sampling" in err  # the progress bar
-    code, _, err = run(capsys, "--model", str(export), "--prompt", "a blue square", "--out", str(gif), "--negative-prompt", "red", "--no-progress")
+    code, _, err = run(
+        capsys,
+        "--model",
+        str(export),
+        "--prompt",
+        "a blue square",
+        "--out",
+        str(gif),
+        "--negative-prompt",
+        "red",
+        "--no-progress",
+    )
     assert code == 0, err
     from PIL import Image
 
@@ -50,13 +96,47 @@ def test_mp4_and_gif_with_options(export, tmp_path, capsys):
 def test_same_seed_same_clip_other_seed_other_clip(export, npz_seed1, tmp_path):
     for seed, same in (("1", True), ("2", False)):
         out = tmp_path / f"s{seed}.npz"
-        assert main(["generate", "--model", str(export), "--prompt", "a red circle moving left", "--seed", seed, "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(export),
+                    "--prompt",
+                    "a red circle moving left",
+                    "--seed",
+                    seed,
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert np.array_equal(np.load(out)["frames"], npz_seed1) == same
 
 
 def test_int8_precision_runs(export, tmp_path):
     out = tmp_path / "q.npz"
-    assert main(["generate", "--model", str(export), "--prompt", "x", "--precision", "int8", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(export),
+                "--prompt",
+                "x",
+                "--precision",
+                "int8",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert np.load(out)["frames"].shape == (4, 16, 16, 3)
 
 
@@ -72,8 +152,14 @@ def test_int8_precision_runs(export, tmp_path):
         (["--out", "{tmp}/a.mp4", "--guidance", "nan"], ["--guidance"]),
         (["--out", "{tmp}/a.mp4", "--seed", "-1"], ["--seed"]),
         (["--out", "{tmp}/a.mp4", "--step-cache", "magcache"], ["--step-cache", "none, teacache, fbcache", "magcache"]),
-        (["--out", "{tmp}/a.mp4", "--step-cache", "teacache", "--cache-threshold", "-0.5"], ["--cache-threshold", ">= 0"]),
-        (["--out", "{tmp}/a.mp4", "--step-cache", "fbcache", "--cache-threshold", "inf"], ["--cache-threshold", "finite"]),
+        (
+            ["--out", "{tmp}/a.mp4", "--step-cache", "teacache", "--cache-threshold", "-0.5"],
+            ["--cache-threshold", ">= 0"],
+        ),
+        (
+            ["--out", "{tmp}/a.mp4", "--step-cache", "fbcache", "--cache-threshold", "inf"],
+            ["--cache-threshold", "finite"],
+        ),
         (["--out", "{tmp}/a.mp4", "--cache-threshold", "0.1"], ["--cache-threshold", "needs a --step-cache"]),
     ],
 )
@@ -100,7 +186,17 @@ def test_export_without_config_is_a_clear_error(tmp_path, capsys):
 def test_step_cache_flag(export, npz_seed1, tmp_path, capsys, method):
     """Threshold 0 gives the uncached clip; the default threshold skips some of the 4 steps' calls and says how many."""
     exact, cached = tmp_path / "exact.npz", tmp_path / "cached.npz"
-    common = ["--model", str(export), "--prompt", "a red circle moving left", "--seed", "1", "--no-progress", "--step-cache", method]
+    common = [
+        "--model",
+        str(export),
+        "--prompt",
+        "a red circle moving left",
+        "--seed",
+        "1",
+        "--no-progress",
+        "--step-cache",
+        method,
+    ]
     code, out, err = run(capsys, *common, "--cache-threshold", "0", "--out", str(exact))
     assert code == 0, err
     assert np.array_equal(np.load(exact)["frames"], npz_seed1)

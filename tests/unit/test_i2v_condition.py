@@ -33,8 +33,15 @@ def _stepper(export: Path, null_prompt: dict | None = None):
     from pipelines.train.recipe import parse_recipe
     from pipelines.train.step import Stepper
 
-    stage = {"name": "clips", "dataset": f"{FRAMES}x{HEIGHT}x{WIDTH}", "frames": FRAMES, "height": HEIGHT,
-             "width": WIDTH, "steps": 1, "lr": 1e-4}  # fmt: skip
+    stage = {
+        "name": "clips",
+        "dataset": f"{FRAMES}x{HEIGHT}x{WIDTH}",
+        "frames": FRAMES,
+        "height": HEIGHT,
+        "width": WIDTH,
+        "steps": 1,
+        "lr": 1e-4,
+    }
     recipe = parse_recipe({"name": "i2v", "init_from": str(export), "stages": [stage]})
     grid = (2, HEIGHT // 16, WIDTH // 16)  # latents (2, H/8, W/8) in 1x2x2 patches
     return Stepper(recipe, recipe.stages[0], None, None, grid, 0, 1, torch.device("cpu"), null_prompt=null_prompt)
@@ -101,8 +108,13 @@ def test_step_feeds_condition_and_loss_covers_predicted_channels(export) -> None
     stepper = _stepper(folder, {"tokens": null.tokens[0], "mask": null.mask[0], "pooled": null.pooled[0]})
     stepper.engine, stepper.diffusion = pipe.model.train().requires_grad_(True), build_diffusion(config.diffusion)
     stepper.cond_dropout = 0.0
-    batch = {"patches": torch.from_numpy(tokens), "text_tokens": text.tokens.half(), "text_mask": text.mask,
-             "text_pooled": text.pooled.half(), **{k: torch.from_numpy(v) for k, v in stored.items()}}  # fmt: skip
+    batch = {
+        "patches": torch.from_numpy(tokens),
+        "text_tokens": text.tokens.half(),
+        "text_mask": text.mask,
+        "text_pooled": text.pooled.half(),
+        **{k: torch.from_numpy(v) for k, v in stored.items()},
+    }
     assert tuple(grid) == stepper.grid
     loss = stepper._losses(batch, torch.Generator().manual_seed(0))["loss"]
     assert torch.isfinite(loss)

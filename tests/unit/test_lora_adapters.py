@@ -40,7 +40,13 @@ def inputs(batch: int = 2) -> tuple:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, 2, 8, 8, generator=g)
     text = torch.randn(batch, 6, TEXT_DIM, generator=g)
-    return x, torch.tensor([900.0, 250.0])[:batch], text, torch.ones(batch, 6, dtype=torch.bool), torch.zeros(batch, TEXT_DIM)
+    return (
+        x,
+        torch.tensor([900.0, 250.0])[:batch],
+        text,
+        torch.ones(batch, 6, dtype=torch.bool),
+        torch.zeros(batch, TEXT_DIM),
+    )
 
 
 def forward(model: DiT) -> torch.Tensor:
@@ -50,12 +56,17 @@ def forward(model: DiT) -> torch.Tensor:
 
 # Wan module (original code's name, diffusers' name) -> (our Linear, part, parts), for block 0..depth-1 and the head.
 WAN_MODULES = [
-    ("self_attn.q", "attn1.to_q", "attn.qkv", 0, 3), ("self_attn.k", "attn1.to_k", "attn.qkv", 1, 3),
-    ("self_attn.v", "attn1.to_v", "attn.qkv", 2, 3), ("self_attn.o", "attn1.to_out.0", "attn.proj", 0, 1),
-    ("cross_attn.q", "attn2.to_q", "cross_attn.q", 0, 1), ("cross_attn.k", "attn2.to_k", "cross_attn.kv", 0, 2),
-    ("cross_attn.v", "attn2.to_v", "cross_attn.kv", 1, 2), ("cross_attn.o", "attn2.to_out.0", "cross_attn.proj", 0, 1),
-    ("ffn.0", "ffn.net.0.proj", "mlp.0", 0, 1), ("ffn.2", "ffn.net.2", "mlp.2", 0, 1),
-]  # fmt: skip
+    ("self_attn.q", "attn1.to_q", "attn.qkv", 0, 3),
+    ("self_attn.k", "attn1.to_k", "attn.qkv", 1, 3),
+    ("self_attn.v", "attn1.to_v", "attn.qkv", 2, 3),
+    ("self_attn.o", "attn1.to_out.0", "attn.proj", 0, 1),
+    ("cross_attn.q", "attn2.to_q", "cross_attn.q", 0, 1),
+    ("cross_attn.k", "attn2.to_k", "cross_attn.kv", 0, 2),
+    ("cross_attn.v", "attn2.to_v", "cross_attn.kv", 1, 2),
+    ("cross_attn.o", "attn2.to_out.0", "cross_attn.proj", 0, 1),
+    ("ffn.0", "ffn.net.0.proj", "mlp.0", 0, 1),
+    ("ffn.2", "ffn.net.2", "mlp.2", 0, 1),
+]
 
 
 def wan_lora(model: DiT, seed: int, alpha: float | None) -> list[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
@@ -63,7 +74,11 @@ def wan_lora(model: DiT, seed: int, alpha: float | None) -> list[tuple[str, str,
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     out = []
-    names = [(f"blocks.{i}.{o}", f"blocks.{i}.{d}", f"blocks.{i}.{ours}", parts) for i in range(len(model.blocks)) for o, d, ours, _, parts in WAN_MODULES]
+    names = [
+        (f"blocks.{i}.{o}", f"blocks.{i}.{d}", f"blocks.{i}.{ours}", parts)
+        for i in range(len(model.blocks))
+        for o, d, ours, _, parts in WAN_MODULES
+    ]
     names.append(("head.head", "proj_out", "final_layer.linear", 1))
     for original, diffusers_name, ours, parts in names:
         linear = modules[ours]
@@ -78,7 +93,11 @@ def merged_reference(model: DiT, lora: list, rslora: bool = False) -> DiT:
     ref = tiny_dit()
     ref.load_state_dict(model.state_dict())
     modules = dict(ref.named_modules())
-    by_original = {f"blocks.{i}.{o}": (f"blocks.{i}.{ours}", part, parts) for i in range(len(ref.blocks)) for o, _, ours, part, parts in WAN_MODULES}
+    by_original = {
+        f"blocks.{i}.{o}": (f"blocks.{i}.{ours}", part, parts)
+        for i in range(len(ref.blocks))
+        for o, _, ours, part, parts in WAN_MODULES
+    }
     by_original["head.head"] = ("final_layer.linear", 0, 1)
     with torch.no_grad():
         for original, _, a, b, alpha in lora:
@@ -113,7 +132,9 @@ def write_layout(path: Path, lora: list, layout: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("layout,alpha", [("wan", 8.0), ("wan_down_up", 2.0), ("kohya", 8.0), ("kohya", None), ("diffusers", None)])
+@pytest.mark.parametrize(
+    "layout,alpha", [("wan", 8.0), ("wan_down_up", 2.0), ("kohya", 8.0), ("kohya", None), ("diffusers", None)]
+)
 def test_community_layouts_apply_unmerged_as_the_merged_model(tmp_path: Path, layout: str, alpha: float | None) -> None:
     model = tiny_dit()
     lora = wan_lora(model, seed=3, alpha=alpha)
@@ -134,7 +155,14 @@ def test_community_layouts_apply_unmerged_as_the_merged_model(tmp_path: Path, la
 def test_peft_folder_applies_unmerged_as_peft_merges_it(tmp_path: Path) -> None:
     """An adapter written by peft on our DiT (rsLoRA, an alpha pattern): unmerged equals peft's merge_and_unload."""
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=RANK, lora_alpha=8, use_rslora=True, alpha_pattern={"mlp.2": 2}, target_modules=LORA_TARGET_MODULES, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=RANK,
+        lora_alpha=8,
+        use_rslora=True,
+        alpha_pattern={"mlp.2": 2},
+        target_modules=LORA_TARGET_MODULES,
+        init_lora_weights=False,
+    )
     adapted = peft.get_peft_model(tiny_dit(), config)
     adapted.save_pretrained(str(tmp_path / "adapter"))
     merged = adapted.merge_and_unload()  # peft's own W + scale * B @ A
@@ -150,7 +178,10 @@ def test_peft_folder_applies_unmerged_as_peft_merges_it(tmp_path: Path) -> None:
 def test_two_adapters_resident_apply_each_their_own(tmp_path: Path) -> None:
     model = tiny_dit()
     one, two = wan_lora(model, seed=5, alpha=4.0), wan_lora(model, seed=6, alpha=4.0)
-    paths = {"one": str(write_layout(tmp_path / "one.safetensors", one, "wan")), "two": str(write_layout(tmp_path / "two.safetensors", two, "kohya"))}
+    paths = {
+        "one": str(write_layout(tmp_path / "one.safetensors", one, "wan")),
+        "two": str(write_layout(tmp_path / "two.safetensors", two, "kohya")),
+    }
     cache = AdapterCache(model, paths, max_bytes=1 << 24)
     for name, lora in (("one", one), ("two", two), ("one", one)):
         with cache.applied(name):
@@ -160,7 +191,10 @@ def test_two_adapters_resident_apply_each_their_own(tmp_path: Path) -> None:
 
 def test_lru_evicts_least_recently_used_by_bytes(tmp_path: Path) -> None:
     model = tiny_dit()
-    paths = {n: str(write_layout(tmp_path / f"{n}.safetensors", wan_lora(model, seed=i, alpha=None), "wan")) for i, n in enumerate("abc")}
+    paths = {
+        n: str(write_layout(tmp_path / f"{n}.safetensors", wan_lora(model, seed=i, alpha=None), "wan"))
+        for i, n in enumerate("abc")
+    }
     size = AdapterCache(model, paths, max_bytes=1 << 30).check("a")
     assert size > 0
     cache = AdapterCache(model, paths, max_bytes=2 * size + size // 2)  # room for two
@@ -190,27 +224,53 @@ def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
     a, b = torch.zeros(RANK, 32), torch.zeros(32, RANK)
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00\x01not a safetensors file at all")
     assert "not a readable safetensors file" in one_line_error(tmp_path / "garbage.safetensors")
-    (tmp_path / "cut.safetensors").write_bytes((write_layout(tmp_path / "ok.safetensors", wan_lora(model, 1, None), "wan")).read_bytes()[:100])
+    (tmp_path / "cut.safetensors").write_bytes(
+        (write_layout(tmp_path / "ok.safetensors", wan_lora(model, 1, None), "wan")).read_bytes()[:100]
+    )
     assert "not a readable safetensors file" in one_line_error(tmp_path / "cut.safetensors")
     save_file({"diffusion_model.blocks.0.self_attn.q.weight": a}, str(tmp_path / "full.safetensors"))
-    assert "key 'diffusion_model.blocks.0.self_attn.q.weight' is no LoRA weight" in one_line_error(tmp_path / "full.safetensors")
+    assert "key 'diffusion_model.blocks.0.self_attn.q.weight' is no LoRA weight" in one_line_error(
+        tmp_path / "full.safetensors"
+    )
     save_file({"diffusion_model.blocks.0.norm3.diff_b": torch.zeros(32)}, str(tmp_path / "diff.safetensors"))
     assert "diff/diff_b" in one_line_error(tmp_path / "diff.safetensors")
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": a}, str(tmp_path / "half.safetensors"))
     assert "has no matching lora_B/lora_up" in one_line_error(tmp_path / "half.safetensors")
-    save_file({"diffusion_model.blocks.7.self_attn.q.lora_A.weight": a, "diffusion_model.blocks.7.self_attn.q.lora_B.weight": b},
-              str(tmp_path / "deep.safetensors"))  # fmt: skip
-    assert "targets 'blocks.7.self_attn.q', which is no Linear of this DiT" in one_line_error(tmp_path / "deep.safetensors")
-    save_file({"lora_unet_blocks_0_nothing_here.lora_down.weight": a, "lora_unet_blocks_0_nothing_here.lora_up.weight": b},
-              str(tmp_path / "kohya.safetensors"))  # fmt: skip
+    save_file(
+        {
+            "diffusion_model.blocks.7.self_attn.q.lora_A.weight": a,
+            "diffusion_model.blocks.7.self_attn.q.lora_B.weight": b,
+        },
+        str(tmp_path / "deep.safetensors"),
+    )
+    assert "targets 'blocks.7.self_attn.q', which is no Linear of this DiT" in one_line_error(
+        tmp_path / "deep.safetensors"
+    )
+    save_file(
+        {"lora_unet_blocks_0_nothing_here.lora_down.weight": a, "lora_unet_blocks_0_nothing_here.lora_up.weight": b},
+        str(tmp_path / "kohya.safetensors"),
+    )
     assert "no Linear of this DiT" in one_line_error(tmp_path / "kohya.safetensors")
     wide = torch.zeros(RANK, 48)
-    save_file({"diffusion_model.blocks.0.self_attn.k.lora_A.weight": wide, "diffusion_model.blocks.0.self_attn.k.lora_B.weight": b},
-              str(tmp_path / "shape.safetensors"))  # fmt: skip
+    save_file(
+        {
+            "diffusion_model.blocks.0.self_attn.k.lora_A.weight": wide,
+            "diffusion_model.blocks.0.self_attn.k.lora_B.weight": b,
+        },
+        str(tmp_path / "shape.safetensors"),
+    )
     message = one_line_error(tmp_path / "shape.safetensors")
-    assert "'diffusion_model.blocks.0.self_attn.k.lora_A.weight' has shape (4, 48); blocks.0.attn.qkv expects (4, 32)" in message
-    save_file({"transformer.blocks.0.attn1.to_k.lora_A.weight": a, "transformer.blocks.0.attn1.to_k.lora_B.weight": torch.zeros(96, RANK)},
-              str(tmp_path / "rows.safetensors"))  # fmt: skip
+    assert (
+        "'diffusion_model.blocks.0.self_attn.k.lora_A.weight' has shape (4, 48); blocks.0.attn.qkv expects (4, 32)"
+        in message
+    )
+    save_file(
+        {
+            "transformer.blocks.0.attn1.to_k.lora_A.weight": a,
+            "transformer.blocks.0.attn1.to_k.lora_B.weight": torch.zeros(96, RANK),
+        },
+        str(tmp_path / "rows.safetensors"),
+    )
     assert "has shape (96, 4); blocks.0.attn.qkv expects (32, 4)" in one_line_error(tmp_path / "rows.safetensors")
     (tmp_path / "folder").mkdir()
     assert "without adapter_model.safetensors" in one_line_error(tmp_path / "folder")
@@ -233,10 +293,16 @@ def test_unknown_adapter_name_and_bad_file_on_use_are_value_errors(tmp_path: Pat
 def test_fused_projection_with_some_parts_adapted(tmp_path: Path) -> None:
     """Only q and v of the fused q/k/v (and only v of the cross k/v): the rows of k stay the base model's."""
     model = tiny_dit()
-    lora = [entry for entry in wan_lora(model, seed=9, alpha=6.0) if entry[0].endswith(("self_attn.q", "self_attn.v", "cross_attn.v"))]
+    lora = [
+        entry
+        for entry in wan_lora(model, seed=9, alpha=6.0)
+        if entry[0].endswith(("self_attn.q", "self_attn.v", "cross_attn.v"))
+    ]
     path = write_layout(tmp_path / "qv.safetensors", lora, "wan")
     cache = AdapterCache(model, {"qv": str(path)}, max_bytes=1 << 24)
     with cache.applied("qv") as bound:
         unmerged = forward(model)
     assert (unmerged - forward(merged_reference(model, lora))).abs().max().item() <= TOL
-    assert bound.nbytes == cache.check("qv") == 4 * sum(a.numel() + b.numel() for _, _, a, b, _ in lora)  # no padded blocks
+    assert (
+        bound.nbytes == cache.check("qv") == 4 * sum(a.numel() + b.numel() for _, _, a, b, _ in lora)
+    )  # no padded blocks

@@ -80,7 +80,8 @@ def test_training_losses_deterministic_per_seed(name):
     diff = build_diffusion(CONFIGS[name])
     net = TinyNet()
     runs = [
-        diff.training_losses(net, clip(), ALL_ON, generator=torch.Generator().manual_seed(s))["loss"].item() for s in (3, 3, 4)
+        diff.training_losses(net, clip(), ALL_ON, generator=torch.Generator().manual_seed(s))["loss"].item()
+        for s in (3, 3, 4)
     ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 

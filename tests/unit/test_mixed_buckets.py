@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def mixed_recipe(**stage) -> dict:
     recipe = yaml.safe_load((ROOT / "cluster" / "recipes" / "smoke-cpu.yaml").read_text())
-    mixed = {**recipe["stages"][1], "name": "mixed", "datasets": ["1x16x16", "8x16x16"], "tokens_per_batch": 160, **stage}
+    mixed = {
+        **recipe["stages"][1],
+        "name": "mixed",
+        "datasets": ["1x16x16", "8x16x16"],
+        "tokens_per_batch": 160,
+        **stage,
+    }
     del mixed["dataset"]
     recipe["stages"] = [mixed]
     return recipe
@@ -65,10 +71,22 @@ def test_mixed_stage_refuses_compile_and_sequence_parallelism():
 def _prepared(root: Path, buckets: list[tuple[int, int, int, int]]) -> str:
     root.mkdir(parents=True)
     info = {
-        "buckets": [{"frames": f, "height": h, "width": w, "name": f"{f}x{h}x{w}", "path": f"{f}x{h}x{w}",
-                     "grid": [f, h // 4, w // 4], "num_clips": n} for f, h, w, n in buckets],
-        "patch_size": [1, 4, 4], "in_channels": 3, "text_encoder": {"name_or_path": "minilm", "dim": 384},
-    }  # fmt: skip
+        "buckets": [
+            {
+                "frames": f,
+                "height": h,
+                "width": w,
+                "name": f"{f}x{h}x{w}",
+                "path": f"{f}x{h}x{w}",
+                "grid": [f, h // 4, w // 4],
+                "num_clips": n,
+            }
+            for f, h, w, n in buckets
+        ],
+        "patch_size": [1, 4, 4],
+        "in_channels": 3,
+        "text_encoder": {"name_or_path": "minilm", "dim": 384},
+    }
     (root / "dataset.json").write_text(json.dumps(info))
     return str(root)
 
@@ -79,7 +97,9 @@ def test_mixed_stage_resolves_every_bucket_and_checks_the_budget(tmp_path):
     found = resolve_stage_data(parse_recipe(mixed_recipe()), [images, clips])["mixed"]
     assert [p.bucket for p in found.parts] == ["1x16x16", "8x16x16"]
     assert found.num_clips == 34 and found.grid == (8, 4, 4) and found.shape == (8, 16, 16)
-    with pytest.raises(ConfigError, match=r"tokens_per_batch 100 is below the 128 tokens of one clip of bucket 8x16x16"):
+    with pytest.raises(
+        ConfigError, match=r"tokens_per_batch 100 is below the 128 tokens of one clip of bucket 8x16x16"
+    ):
         resolve_stage_data(parse_recipe(mixed_recipe(tokens_per_batch=100)), [images, clips])
     with pytest.raises(ConfigError, match="samples at 4 frames at 16x16, which none of its datasets"):
         resolve_stage_data(parse_recipe(mixed_recipe(frames=4)), [images, clips])
@@ -89,8 +109,14 @@ def _row(grid: tuple[int, int, int], i: int, caption_len: int = 3) -> dict:
     n = int(np.prod(grid))
     mask = np.zeros(8, dtype=bool)
     mask[:caption_len] = True
-    return {"patches": np.full((n, 5), i, np.float32), "text_tokens": np.full((8, 4), i, np.float16), "text_mask": mask,
-            "text_pooled": np.full(4, i, np.float16), "grid": np.asarray(grid), "epoch": np.int64(0)}  # fmt: skip
+    return {
+        "patches": np.full((n, 5), i, np.float32),
+        "text_tokens": np.full((8, 4), i, np.float16),
+        "text_mask": mask,
+        "text_pooled": np.full(4, i, np.float16),
+        "grid": np.asarray(grid),
+        "epoch": np.int64(0),
+    }
 
 
 def test_packs_fill_the_token_budget_in_stream_order():
@@ -99,7 +125,9 @@ def test_packs_fill_the_token_budget_in_stream_order():
     sizes = [[int(np.prod(r["grid"])) for r in p] for p in packs]
     assert sizes == [[16, 128, 16], [16, 128], [128, 16]]
     assert all(sum(s) <= 160 for s in sizes)
-    assert [int(r["patches"][0, 0]) for p in packs for r in p] == list(range(len(grids)))  # nothing dropped or reordered
+    assert [int(r["patches"][0, 0]) for p in packs for r in p] == list(
+        range(len(grids))
+    )  # nothing dropped or reordered
     # a clip larger than the budget still travels alone (the recipe check prevents it; the packer never loops)
     assert [len(p) for p in pack_rows([_row((8, 4, 4), 0), _row((8, 4, 4), 1)], budget=100)] == [1, 1]
 
@@ -126,7 +154,11 @@ def test_packed_loss_is_the_token_weighted_loss_of_each_group(schedule):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     flow = schedule == "rectified_flow"
-    diffusion = build_diffusion(DiffusionConfig(schedule=schedule, prediction="velocity" if flow else "eps", sampler="euler" if flow else "ddim"))
+    diffusion = build_diffusion(
+        DiffusionConfig(
+            schedule=schedule, prediction="velocity" if flow else "eps", sampler="euler" if flow else "ddim"
+        )
+    )
     loss_cfg = LossConfig(diffusion=1.0, temporal_consistency=0.1, motion_smoothness=0.05, perceptual=0.0)
     x_img, x_vid = torch.randn(3, 3, 1, 16, 16), torch.randn(2, 3, 4, 8, 8)
     text = [(torch.randn(n, 5, 8), torch.ones(n, 5, dtype=torch.bool), torch.randn(n, 8)) for n in (3, 2)]
@@ -135,8 +167,10 @@ def test_packed_loss_is_the_token_weighted_loss_of_each_group(schedule):
         return lambda x_t, t: model(x_t, t, *text[j])
 
     gen = torch.Generator().manual_seed(7)
-    dense = [diffusion.training_losses(dense_fn(j), x, loss_cfg, generator=gen, num_tokens=n)
-             for j, (x, n) in enumerate(((x_img, 16), (x_vid, 16)))]  # fmt: skip
+    dense = [
+        diffusion.training_losses(dense_fn(j), x, loss_cfg, generator=gen, num_tokens=n)
+        for j, (x, n) in enumerate(((x_img, 16), (x_vid, 16)))
+    ]
 
     grids = ((1, 4, 4),) * 3 + ((4, 2, 2),) * 2
     cat_text = [torch.cat(parts) for parts in zip(*text)]
@@ -145,10 +179,14 @@ def test_packed_loss_is_the_token_weighted_loss_of_each_group(schedule):
         packed = torch.cat([patchify(x, cfg.patch_size).flatten(0, 1) for x in x_ts])
         out = model(packed, t, *cat_text, grids=grids)
         sizes = [3 * 16, 2 * 16]
-        return [unpatchify(o.reshape(n, -1, o.shape[-1]), g, cfg.patch_size, 3) for o, n, g in zip(out.split(sizes), (3, 2), ((1, 4, 4), (4, 2, 2)))]
+        return [
+            unpatchify(o.reshape(n, -1, o.shape[-1]), g, cfg.patch_size, 3)
+            for o, n, g in zip(out.split(sizes), (3, 2), ((1, 4, 4), (4, 2, 2)))
+        ]
 
-    packed = diffusion.training_losses_packed(packed_fn, [x_img, x_vid], loss_cfg, generator=torch.Generator().manual_seed(7),
-                                              num_tokens=[16, 16])  # fmt: skip
+    packed = diffusion.training_losses_packed(
+        packed_fn, [x_img, x_vid], loss_cfg, generator=torch.Generator().manual_seed(7), num_tokens=[16, 16]
+    )
     w = x_img.numel() / (x_img.numel() + x_vid.numel())
     for key in ("loss", "diffusion", "temporal_consistency", "motion_smoothness"):
         torch.testing.assert_close(packed[key], w * dense[0][key] + (1 - w) * dense[1][key], atol=1e-5, rtol=1e-5)

@@ -24,21 +24,57 @@ FLOW = {"prediction_type": "flow_prediction", "use_flow_sigmas": True}
 # (id, diffusers class, its config, our sampler, our time grid, our multistep settings)
 CASES = [
     ("unipc-shift3", "UniPCMultistepScheduler", {"flow_shift": 3.0}, "unipc", "unipc", {}),
-    ("unipc-shift5-order3", "UniPCMultistepScheduler", {"flow_shift": 5.0, "solver_order": 3}, "unipc", "unipc", {"order": 3}),
+    (
+        "unipc-shift5-order3",
+        "UniPCMultistepScheduler",
+        {"flow_shift": 5.0, "solver_order": 3},
+        "unipc",
+        "unipc",
+        {"order": 3},
+    ),
     ("unipc-order1", "UniPCMultistepScheduler", {"flow_shift": 3.0, "solver_order": 1}, "unipc", "unipc", {"order": 1}),
-    ("unipc-bh1-sigma-min", "UniPCMultistepScheduler", {"flow_shift": 5.0, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
-     "unipc", "unipc", {"unipc_variant": "bh1", "final_sigma": "sigma_min"}),
-    ("unipc-no-corrector", "UniPCMultistepScheduler",
-     {"flow_shift": 3.0, "disable_corrector": [0, 4], "lower_order_final": False, "final_sigmas_type": "sigma_min"},
-     "unipc", "unipc", {"disable_corrector": (0, 4), "lower_order_final": False, "final_sigma": "sigma_min"}),
+    (
+        "unipc-bh1-sigma-min",
+        "UniPCMultistepScheduler",
+        {"flow_shift": 5.0, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+        "unipc",
+        "unipc",
+        {"unipc_variant": "bh1", "final_sigma": "sigma_min"},
+    ),
+    (
+        "unipc-no-corrector",
+        "UniPCMultistepScheduler",
+        {"flow_shift": 3.0, "disable_corrector": [0, 4], "lower_order_final": False, "final_sigmas_type": "sigma_min"},
+        "unipc",
+        "unipc",
+        {"disable_corrector": (0, 4), "lower_order_final": False, "final_sigma": "sigma_min"},
+    ),
     ("dpmpp-shift3", "DPMSolverMultistepScheduler", {"flow_shift": 3.0}, "dpmpp", "dpm_solver", {}),
-    ("dpmpp-order3-heun", "DPMSolverMultistepScheduler", {"flow_shift": 5.0, "solver_order": 3, "solver_type": "heun"},
-     "dpmpp", "dpm_solver", {"order": 3, "dpm_solver_type": "heun"}),
-    ("dpmpp-order3-sigma-min", "DPMSolverMultistepScheduler", {"flow_shift": 5.0, "solver_order": 3, "final_sigmas_type": "sigma_min"},
-     "dpmpp", "dpm_solver", {"order": 3, "final_sigma": "sigma_min"}),
-    ("dpmpp-euler-at-final", "DPMSolverMultistepScheduler", {"flow_shift": 3.0, "euler_at_final": True, "final_sigmas_type": "sigma_min"},
-     "dpmpp", "dpm_solver", {"euler_at_final": True, "final_sigma": "sigma_min"}),
-]  # fmt: skip
+    (
+        "dpmpp-order3-heun",
+        "DPMSolverMultistepScheduler",
+        {"flow_shift": 5.0, "solver_order": 3, "solver_type": "heun"},
+        "dpmpp",
+        "dpm_solver",
+        {"order": 3, "dpm_solver_type": "heun"},
+    ),
+    (
+        "dpmpp-order3-sigma-min",
+        "DPMSolverMultistepScheduler",
+        {"flow_shift": 5.0, "solver_order": 3, "final_sigmas_type": "sigma_min"},
+        "dpmpp",
+        "dpm_solver",
+        {"order": 3, "final_sigma": "sigma_min"},
+    ),
+    (
+        "dpmpp-euler-at-final",
+        "DPMSolverMultistepScheduler",
+        {"flow_shift": 3.0, "euler_at_final": True, "final_sigmas_type": "sigma_min"},
+        "dpmpp",
+        "dpm_solver",
+        {"euler_at_final": True, "final_sigma": "sigma_min"},
+    ),
+]
 
 
 def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +88,9 @@ def noise() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("steps", [10, 23])
-@pytest.mark.parametrize(("cls", "config", "sampler", "grid", "multistep"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("cls", "config", "sampler", "grid", "multistep"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_sampler_equals_diffusers_scheduler(cls, config, sampler, grid, multistep, steps) -> None:
     scheduler = getattr(diffusers, cls)(**FLOW, **config)
     scheduler.set_timesteps(steps)
@@ -68,7 +106,9 @@ def test_sampler_equals_diffusers_scheduler(cls, config, sampler, grid, multiste
         seen_ours.append(t[0].item())
         return field(x, t)
 
-    cfg = DiffusionConfig(sampler=sampler, time_grid=grid, shift=config["flow_shift"], multistep=MultistepConfig(**multistep))
+    cfg = DiffusionConfig(
+        sampler=sampler, time_grid=grid, shift=config["flow_shift"], multistep=MultistepConfig(**multistep)
+    )
     diff = build_diffusion(cfg)
     sigmas, times = diff.time_grid(steps, cfg.shift)
     assert sigmas == scheduler.sigmas.tolist() and times == scheduler.timesteps.float().tolist()
@@ -108,7 +148,9 @@ def test_unipc_refuses_a_non_finite_setting() -> None:
 
 def test_bh1_into_sigma_zero_is_finite() -> None:
     """diffusers' bh1 step into sigma 0 multiplies B(h) = -inf by 0 (NaN); the update is x0_hat there, as for bh2."""
-    diff = build_diffusion(DiffusionConfig(sampler="unipc", time_grid="unipc", multistep=MultistepConfig(unipc_variant="bh1")))
+    diff = build_diffusion(
+        DiffusionConfig(sampler="unipc", time_grid="unipc", multistep=MultistepConfig(unipc_variant="bh1"))
+    )
     out = diff.sample(field, SHAPE, steps=6, noise=noise())
     assert torch.isfinite(out).all()
 
@@ -118,7 +160,9 @@ def test_bh1_into_sigma_zero_is_finite() -> None:
 def test_multistep_runs_on_cuda_like_cpu(sampler) -> None:
     """The coefficients stay CPU scalars; the latents and the order-2/3 weights live on the model's device."""
     grid = "unipc" if sampler == "unipc" else "dpm_solver"
-    diff = build_diffusion(DiffusionConfig(sampler=sampler, time_grid=grid, shift=3.0, multistep=MultistepConfig(order=3)))
+    diff = build_diffusion(
+        DiffusionConfig(sampler=sampler, time_grid=grid, shift=3.0, multistep=MultistepConfig(order=3))
+    )
     cpu = diff.sample(field, SHAPE, steps=8, noise=noise())
     gpu = diff.sample(field, SHAPE, steps=8, noise=noise().cuda())
     assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-5)

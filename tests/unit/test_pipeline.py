@@ -76,8 +76,15 @@ def test_cpu_calls_split_the_batch_without_changing_it(monkeypatch, text_encoder
 
 @pytest.mark.parametrize(
     "schedule,sampler,eta",
-    [("rectified_flow", "euler", 0), ("rectified_flow", "heun", 0), ("ddpm_linear", "ddim", 0), ("ddpm_linear", "ddim", 1.0),
-     ("ddpm_linear", "ddpm", 0), ("rectified_flow", "unipc", 0), ("rectified_flow", "dpmpp", 0)],
+    [
+        ("rectified_flow", "euler", 0),
+        ("rectified_flow", "heun", 0),
+        ("ddpm_linear", "ddim", 0),
+        ("ddpm_linear", "ddim", 1.0),
+        ("ddpm_linear", "ddpm", 0),
+        ("rectified_flow", "unipc", 0),
+        ("rectified_flow", "dpmpp", 0),
+    ],
 )
 def test_seeded_and_batch_invariant(schedule, sampler, eta, text_encoder):
     extra = {} if schedule == "rectified_flow" else {"prediction": "eps", "ddim_eta": eta}

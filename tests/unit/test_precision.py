@@ -40,7 +40,13 @@ def inputs(b: int = 2) -> tuple:
     mask = torch.ones(b, 5, dtype=torch.bool)
     mask[:, 3:] = False
     x = torch.randn(b, 3, 4, 8, 8, generator=g)
-    return x, torch.tensor([3.0, 700.0][:b]), torch.randn(b, 5, TEXT_DIM, generator=g), mask, torch.randn(b, TEXT_DIM, generator=g)
+    return (
+        x,
+        torch.tensor([3.0, 700.0][:b]),
+        torch.randn(b, 5, TEXT_DIM, generator=g),
+        mask,
+        torch.randn(b, TEXT_DIM, generator=g),
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -62,7 +68,9 @@ def test_all_bf16_parameters_train_with_fp32_norms_condition_and_residual(mode):
         block.register_forward_hook(record("residual"))
         block.attn.qkv.register_forward_hook(record("qkv"))
         block.mlp.register_forward_hook(record("mlp"))
-        (block.modulation if block.shared_modulation else block.adaLN_modulation).register_forward_hook(record("modulation"))
+        (block.modulation if block.shared_modulation else block.adaLN_modulation).register_forward_hook(
+            record("modulation")
+        )
     model.t_embedder.register_forward_hook(record("timestep"))
 
     x, t, tokens, mask, pooled = inputs()

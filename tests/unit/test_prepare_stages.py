@@ -35,11 +35,12 @@ def test_scan_keeps_bounded_offsets_and_chunks_cover_every_row(tmp_path, monkeyp
     assert [(e["line"], e["caption"]) for e in got] == [(2, "two\nlines"), (4, "z"), (6, "w")]
 
 
-
 def test_grouping_puts_every_row_of_a_source_in_one_block(tmp_path):
     from pipelines.data.prepare.group import merge, parse_split, partition_of
 
-    rows = [json.dumps({"path": f"v{i % 13}.mp4", "caption": f"c {i}"}) for i in range(400)] + ['{"caption": "no path"}']
+    rows = [json.dumps({"path": f"v{i % 13}.mp4", "caption": f"c {i}"}) for i in range(400)] + [
+        '{"caption": "no path"}'
+    ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(rows) + "\n")
     scan = manifest_mod.scan_manifest(str(path))
@@ -64,15 +65,28 @@ def video(tmp_path_factory) -> str:
 
 
 def _entry(line, source, caption, start_s=None):
-    return {"line": line, "path": source, "source": source, "caption": caption, "start_s": start_s, "end_s": None, "error": ""}
+    return {
+        "line": line,
+        "path": source,
+        "source": source,
+        "caption": caption,
+        "start_s": start_s,
+        "end_s": None,
+        "error": "",
+    }
 
 
 def test_several_captions_of_one_clip_are_one_plan(video):
     plan = PlanInputs([Bucket(8, 32, 32)], fps=8, clips_per_video=1, stride_s=None)
-    plans, rejects = plan([
-        _entry(3, video, "a red circle"), _entry(7, video, "a circle in red"), _entry(9, video, "a red circle"),
-        _entry(11, video, "later", start_s=1.0), _entry(12, video, ""),
-    ])  # fmt: skip
+    plans, rejects = plan(
+        [
+            _entry(3, video, "a red circle"),
+            _entry(7, video, "a circle in red"),
+            _entry(9, video, "a red circle"),
+            _entry(11, video, "later", start_s=1.0),
+            _entry(12, video, ""),
+        ]
+    )
     by_start = {p["start_s"]: p for p in plans}
     assert set(by_start) == {0.0, 1.0}
     assert by_start[0.0]["captions"] == ["a red circle", "a circle in red"] and by_start[0.0]["lines"] == [3, 7]
@@ -95,8 +109,13 @@ def test_caption_columns_and_the_loaders_draw():
     from sora_model.config import TextEncoderConfig
 
     embed = EmbedCaptions(TextEncoderConfig())
-    table = pa.table({"clip_id": ["a", "b", "c", "d"], "bucket": ["x", "y", "x", "x"],
-                      "captions": [["one"], ["two", "three"], ["one", "four", "five"], ["six"]]})  # fmt: skip
+    table = pa.table(
+        {
+            "clip_id": ["a", "b", "c", "d"],
+            "bucket": ["x", "y", "x", "x"],
+            "captions": [["one"], ["two", "three"], ["one", "four", "five"], ["six"]],
+        }
+    )
     rows = embed(table)
     assert rows.column("caption").to_pylist() == ["one", "two", "one", "six"]
     assert rows.column("extra_captions").to_pylist() == [[], ["three"], ["four", "five"], []]
@@ -148,7 +167,9 @@ def test_transient_errors_are_retried_then_stop_the_run_and_only_the_inputs_own_
         with_retries(raising(ConnectionError("reset by peer")), "s3://b/k", retries=4, backoff_s=0.001)
     calls.clear()
     with pytest.raises(StorageUnavailable, match="after 3 tries"):
-        with_retries(raising(OSError(errno.EAGAIN, "Resource temporarily unavailable")), "s3://b/k", retries=3, backoff_s=0.001)
+        with_retries(
+            raising(OSError(errno.EAGAIN, "Resource temporarily unavailable")), "s3://b/k", retries=3, backoff_s=0.001
+        )
     assert len(calls) == 3
     # A full or failing disk: no retry, the run stops.
     for code in (errno.ENOSPC, errno.EIO):
@@ -176,8 +197,12 @@ def test_the_default_caption_length_is_the_encoders_own_maximum(tmp_path):
     (t5 / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
     clip = tmp_path / "clip"
     clip.mkdir()
-    (clip / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {"max_position_embeddings": 77}}))
-    (clip / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}))  # transformers' "unbounded"
+    (clip / "config.json").write_text(
+        json.dumps({"model_type": "clip", "text_config": {"max_position_embeddings": 77}})
+    )
+    (clip / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": int(1e30)})
+    )  # transformers' "unbounded"
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text(json.dumps({"model_type": "t5"}))
@@ -192,8 +217,15 @@ def test_the_default_caption_length_is_the_encoders_own_maximum(tmp_path):
     add_prepare_arguments(parser)
     base = ["--manifest", "m.jsonl", "--out", "o", "--resolution", "32", "--frames", "8"]
     assert options_from_args(parser.parse_args([*base, "--text-encoder", str(t5)])).text_encoder.max_length == 512
-    assert options_from_args(parser.parse_args([*base, "--text-encoder", str(t5), "--max-text-length", "226"])).text_encoder.max_length == 226
-    opts = options_from_args(parser.parse_args([*base, "--max-upscale", "2", "--max-fps-ratio", "3", "--scratch", "/nvme"]))
+    assert (
+        options_from_args(
+            parser.parse_args([*base, "--text-encoder", str(t5), "--max-text-length", "226"])
+        ).text_encoder.max_length
+        == 226
+    )
+    opts = options_from_args(
+        parser.parse_args([*base, "--max-upscale", "2", "--max-fps-ratio", "3", "--scratch", "/nvme"])
+    )
     assert (opts.max_upscale, opts.max_fps_ratio, opts.scratch) == (2.0, 3.0, "/nvme")
     assert opts.settings("x")["max_upscale"] == 2.0  # part of what a resume must match; the scratch folder is not
     assert "scratch" not in opts.settings("x")
@@ -231,12 +263,24 @@ def test_a_decoder_crash_or_hang_is_the_inputs_reject_and_work_goes_on(video):
     calls.stop()
 
     # Through decode_rows: the bad clip is a reject with the reason, the others are decoded.
-    rows = [{"clip_id": f"clip{i}", "source": video, "path": "v.mp4", "start_s": float(i),
-             "indices": [i, i + 1] if i != 5 else [5], "lines": [i + 1], "line_clips": [3]} for i in (0, 5, 2)]  # fmt: skip
+    rows = [
+        {
+            "clip_id": f"clip{i}",
+            "source": video,
+            "path": "v.mp4",
+            "start_s": float(i),
+            "indices": [i, i + 1] if i != 5 else [5],
+            "lines": [i + 1],
+            "line_clips": [3],
+        }
+        for i in (0, 5, 2)
+    ]
     kept, pixels, rejects = decode_rows(rows, Bucket(2, 32, 32), LocalFiles(), _crashes_on_frame_5)
     assert kept == [0, 2] and pixels.shape == (2, 2, 32, 32, 3)
     np.testing.assert_array_equal(pixels[1], decode_frames(video, [2, 3], 32, 32))
-    assert [(r["line"], r["reason"], r["clip_id"], r["line_clips"]) for r in rejects] == [(6, "decoder crashed", "clip5", 3)]
+    assert [(r["line"], r["reason"], r["clip_id"], r["line_clips"]) for r in rejects] == [
+        (6, "decoder crashed", "clip5", 3)
+    ]
 
 
 def _crashes_on_frame_5(local, indices, height, width):

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from pipelines.data.prepare import encode
-from pipelines.data.prepare.encode import VAE_BATCH_BYTES, VAE_DEVICE_FRACTION, VAE_PEAK_BYTES_PER_VALUE, vae_batch_clips
+from pipelines.data.prepare.encode import (
+    VAE_BATCH_BYTES,
+    VAE_DEVICE_FRACTION,
+    VAE_PEAK_BYTES_PER_VALUE,
+    vae_batch_clips,
+)
 from pipelines.data.prepare.options import PrepareError, PrepareOptions, parse_buckets
 
 GIB = 2**30
@@ -48,7 +53,9 @@ def test_the_override_is_checked_and_reaches_the_options(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_prepare_arguments(parser)
-    args = parser.parse_args(["--manifest", "m.jsonl", "--out", str(tmp_path), "--buckets", "8x32x32", "--vae-batch-clips", "12"])
+    args = parser.parse_args(
+        ["--manifest", "m.jsonl", "--out", str(tmp_path), "--buckets", "8x32x32", "--vae-batch-clips", "12"]
+    )
     assert options_from_args(args).vae_batch_clips == 12
 
 
@@ -76,6 +83,8 @@ def test_an_out_of_memory_call_is_halved_and_remembered(monkeypatch):
     calls.clear()
     patchify(pixels)
     assert calls == [3, 3, 1]  # the next batch starts at the size that fitted
-    monkeypatch.setattr(patchify.autoencoder, "encode", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no")))
+    monkeypatch.setattr(
+        patchify.autoencoder, "encode", lambda x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("no"))
+    )
     with pytest.raises(torch.cuda.OutOfMemoryError):
         patchify(pixels[:1])  # one clip that does not fit is the run's error, not a loop

@@ -84,10 +84,22 @@ def test_bad_recipe_is_one_line_naming_the_key(edit, message):
 def _fake_prepared(root: Path, buckets: list[tuple[int, int, int, int]], patch=(1, 4, 4), text_layer=None) -> str:
     root.mkdir(parents=True)
     info = {
-        "buckets": [{"frames": f, "height": h, "width": w, "name": f"{f}x{h}x{w}", "path": f"{f}x{h}x{w}",
-                     "grid": [f // patch[0], h // patch[1], w // patch[2]], "num_clips": n} for f, h, w, n in buckets],
-        "patch_size": list(patch), "in_channels": 3, "text_encoder": {"name_or_path": "minilm", "dim": 384},
-    }  # fmt: skip
+        "buckets": [
+            {
+                "frames": f,
+                "height": h,
+                "width": w,
+                "name": f"{f}x{h}x{w}",
+                "path": f"{f}x{h}x{w}",
+                "grid": [f // patch[0], h // patch[1], w // patch[2]],
+                "num_clips": n,
+            }
+            for f, h, w, n in buckets
+        ],
+        "patch_size": list(patch),
+        "in_channels": 3,
+        "text_encoder": {"name_or_path": "minilm", "dim": 384},
+    }
     if text_layer is not None:
         info["text_encoder"]["hidden_layer"] = text_layer
     (root / "dataset.json").write_text(json.dumps(info))
@@ -106,7 +118,9 @@ def test_stage_buckets_are_found_across_data_folders(tmp_path):
 def test_missing_bucket_is_a_clear_error(tmp_path):
     recipe = parse_recipe(smoke())
     clips = _fake_prepared(tmp_path / "clips", [(8, 16, 16, 24)])
-    with pytest.raises(ConfigError, match=r"stages\[0\].dataset '1x16x16' is not a bucket of the data .*buckets there: 8x16x16"):
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\].dataset '1x16x16' is not a bucket of the data .*buckets there: 8x16x16"
+    ):
         resolve_stage_data(recipe, [clips])
 
 
@@ -122,7 +136,9 @@ def test_text_layer_mismatch_is_a_clear_error(tmp_path):
     data["text_encoder"] = {"hidden_layer": 0}
     recipe = parse_recipe(data)
     buckets = [(1, 16, 16, 4), (8, 16, 16, 4)]
-    message = "embedded from text encoder layer -1 but text_encoder.hidden_layer is 0; prepare with --text-hidden-layer 0"
+    message = (
+        "embedded from text encoder layer -1 but text_encoder.hidden_layer is 0; prepare with --text-hidden-layer 0"
+    )
     with pytest.raises(ConfigError, match=message):
         resolve_stage_data(recipe, [_fake_prepared(tmp_path / "old", buckets)])  # written before the option: last layer
     assert resolve_stage_data(recipe, [_fake_prepared(tmp_path / "new", buckets, text_layer=0)])
@@ -144,9 +160,24 @@ def test_cli_bad_recipe_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--recipe", str(bad), "--data", str(tmp_path), "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "SORA_DEBUG": "0"}, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "train",
+            "--recipe",
+            str(bad),
+            "--data",
+            str(tmp_path),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "SORA_DEBUG": "0"},
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "stages[1].lr must be a number" in lines[0], proc.stderr
@@ -161,7 +192,12 @@ def test_cli_refuses_existing_run_dir_without_resume(tmp_path):
     (run / "metrics.csv").write_text("step\n")
     from pipelines.cli import main
 
-    assert main(["train", "--recipe", str(RECIPES / "smoke-cpu.yaml"), "--data", f"{images},{clips}", "--run-dir", str(run)]) == 2
+    assert (
+        main(
+            ["train", "--recipe", str(RECIPES / "smoke-cpu.yaml"), "--data", f"{images},{clips}", "--run-dir", str(run)]
+        )
+        == 2
+    )
     assert (
         main(
             [
@@ -182,8 +218,11 @@ def test_cli_refuses_existing_run_dir_without_resume(tmp_path):
 def test_parallelism_fields_are_checked():
     from pipelines.train.recipe import parse_recipe
 
-    base = {"name": "r", "model": {"preset": "DiT-tiny"},
-            "stages": [{"name": "s", "dataset": "8x16x16", "resolution": 16, "frames": 8, "steps": 1, "lr": 1e-3}]}  # fmt: skip
+    base = {
+        "name": "r",
+        "model": {"preset": "DiT-tiny"},
+        "stages": [{"name": "s", "dataset": "8x16x16", "resolution": 16, "frames": 8, "steps": 1, "lr": 1e-3}],
+    }
     assert parse_recipe({**base, "sequence_parallel_size": 2}).sequence_parallel_size == 2
     with pytest.raises(ConfigError, match="sequence_parallel_size must be >= 1"):
         parse_recipe({**base, "sequence_parallel_size": 0})

@@ -16,8 +16,16 @@ from sora_model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CARD = ModelCard(
-    num_frames=8, height=32, width=32, fps=8, steps=30, guidance_scale=4.0, sampler="euler",
-    samplers=("euler", "heun"), spatial_multiple=4, frame_multiple=1,
+    num_frames=8,
+    height=32,
+    width=32,
+    fps=8,
+    steps=30,
+    guidance_scale=4.0,
+    sampler="euler",
+    samplers=("euler", "heun"),
+    spatial_multiple=4,
+    frame_multiple=1,
 )
 
 
@@ -29,7 +37,9 @@ def resolve(fields: dict, tier: Tier | None = None, s: ServeSettings | None = No
     return api.resolve(api.parse_create(fields), CARD, s or settings(), tier or Tier(), random_seed=123)
 
 
-def rejects(fields: dict, param: str, *words: str, tier: Tier | None = None, s: ServeSettings | None = None) -> ApiError:
+def rejects(
+    fields: dict, param: str, *words: str, tier: Tier | None = None, s: ServeSettings | None = None
+) -> ApiError:
     with pytest.raises(ApiError) as info:
         resolve(fields, tier, s)
     err = info.value
@@ -48,16 +58,42 @@ def rejects(fields: dict, param: str, *words: str, tier: Tier | None = None, s: 
 def test_defaults_come_from_the_model():
     p = resolve({"prompt": "  a red circle moving left "})
     assert (p.prompt, p.num_frames, p.height, p.width, p.steps, p.guidance_scale, p.sampler) == (
-        "a red circle moving left", 8, 32, 32, 30, 4.0, "euler")
+        "a red circle moving left",
+        8,
+        32,
+        32,
+        30,
+        4.0,
+        "euler",
+    )
     assert p.seed == 123 and p.model == "sora-ray" and p.size == "32x32" and p.seconds == "1"
 
 
 def test_openai_fields_and_extensions():
     # What the SDK's multipart form sends: every value a string.
-    p = resolve({"prompt": "x", "model": "sora-2", "seconds": "2", "size": "64x16", "steps": "12", "guidance_scale": "2.5",
-                 "seed": "7", "sampler": "heun", "negative_prompt": "blur"})
+    p = resolve(
+        {
+            "prompt": "x",
+            "model": "sora-2",
+            "seconds": "2",
+            "size": "64x16",
+            "steps": "12",
+            "guidance_scale": "2.5",
+            "seed": "7",
+            "sampler": "heun",
+            "negative_prompt": "blur",
+        }
+    )
     assert (p.num_frames, p.width, p.height, p.steps, p.guidance_scale, p.seed, p.sampler, p.negative_prompt) == (
-        16, 64, 16, 12, 2.5, 7, "heun", "blur")
+        16,
+        64,
+        16,
+        12,
+        2.5,
+        7,
+        "heun",
+        "blur",
+    )
     assert p.model == "sora-2" and p.seconds == "2"
     assert resolve({"prompt": "x", "seconds": "2", "num_frames": 3}).num_frames == 3  # num_frames wins
     assert resolve({"prompt": "x", "num_frames": 4}).seconds == "0.5"
@@ -162,7 +198,11 @@ def test_bodies_with_invalid_unicode_or_non_numbers_are_400s():
     def read(body: bytes, ctype: str):
         return asyncio.run(api.read_create_fields(FakeRequest(body, ctype)))
 
-    for body in (b'{"prompt": "x", "guidance_scale": NaN}', b'{"prompt": "x", "steps": Infinity}', b'{"prompt": "\xff\xfe"}'):
+    for body in (
+        b'{"prompt": "x", "guidance_scale": NaN}',
+        b'{"prompt": "x", "steps": Infinity}',
+        b'{"prompt": "\xff\xfe"}',
+    ):
         with pytest.raises(ApiError) as info:
             read(body, "application/json")
         assert info.value.status == 400 and info.value.code == "invalid_json", body
@@ -200,15 +240,26 @@ def test_configured_samplers_and_causal_frames():
 def test_cache_key_covers_every_parameter():
     a = resolve({"prompt": "x", "seed": 1})
     assert a.cache_key() == resolve({"prompt": "x", "seed": 1}).cache_key()
-    for change in ({"seed": 2}, {"steps": 3}, {"guidance_scale": 2}, {"prompt": "y"}, {"model": "sora-2"}, {"size": "16x16"}):
+    for change in (
+        {"seed": 2},
+        {"steps": 3},
+        {"guidance_scale": 2},
+        {"prompt": "y"},
+        {"model": "sora-2"},
+        {"size": "16x16"},
+    ):
         assert resolve({"prompt": "x", "seed": 1, **change}).cache_key() != a.cache_key(), change
     assert a.shape_key == resolve({"prompt": "other", "seed": 9, "guidance_scale": 7}).shape_key
     assert a.shape_key != resolve({"prompt": "x", "negative_prompt": "n"}).shape_key
 
 
 def test_multipart_parsing_matches_what_httpx_sends():
-    req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "a red circle é", "seconds": "4", "size": "32x32"},
-                        files={"input_reference": ("ref.png", b"\x89PNG\r\n", "image/png")})
+    req = httpx.Request(
+        "POST",
+        "http://x/v1/videos",
+        data={"prompt": "a red circle é", "seconds": "4", "size": "32x32"},
+        files={"input_reference": ("ref.png", b"\x89PNG\r\n", "image/png")},
+    )
     body = req.read()
     fields = api.parse_multipart(body, req.headers["content-type"])
     assert fields == {"prompt": "a red circle é", "seconds": "4", "size": "32x32", "input_reference": b"\x89PNG\r\n"}
@@ -217,8 +268,23 @@ def test_multipart_parsing_matches_what_httpx_sends():
 
 
 def test_video_object_hides_internal_fields():
-    job = {"id": "video_1", "object": "video", "model": "m", "status": "queued", "progress": 0, "created_at": 1, "size": "8x8",
-           "seconds": "1", "num_frames": 8, "steps": 2, "guidance_scale": 1.0, "seed": 0, "sampler": "euler", "_owner": "k", "_params": {}}
+    job = {
+        "id": "video_1",
+        "object": "video",
+        "model": "m",
+        "status": "queued",
+        "progress": 0,
+        "created_at": 1,
+        "size": "8x8",
+        "seconds": "1",
+        "num_frames": 8,
+        "steps": 2,
+        "guidance_scale": 1.0,
+        "seed": 0,
+        "sampler": "euler",
+        "_owner": "k",
+        "_params": {},
+    }
     out = api.video_object(job)
     assert not any(k.startswith("_") for k in out) and out["error"] is None and out["completed_at"] is None
 
@@ -272,8 +338,17 @@ def test_database_defaults_beside_the_store_and_owners_outlive_keys(tmp_path):
     assert load_settings({"model": "x", "db": "sqlite:///rel/jobs.db"}).db.startswith("sqlite:////")  # absolute
     assert load_settings({"model": "x", "store": "s3://b/v"}).db_url.endswith("/.cache/sora-ray/videos/jobs.db")
     old, new, bare = hash_key("old"), hash_key("new"), hash_key("bare")
-    s = load_settings({"model": "x", "tiers": {"default": {}, "pro": {}}, "api_keys": {
-        old: {"tier": "pro", "owner": "alice"}, new: {"tier": "pro", "owner": "alice"}, bare: "default"}})
+    s = load_settings(
+        {
+            "model": "x",
+            "tiers": {"default": {}, "pro": {}},
+            "api_keys": {
+                old: {"tier": "pro", "owner": "alice"},
+                new: {"tier": "pro", "owner": "alice"},
+                bare: "default",
+            },
+        }
+    )
     assert s.key_entry(old) == s.key_entry(new) == ("pro", "alice")  # a rotated key keeps the owner
     assert s.key_entry(bare) == ("default", bare[:16]) and s.key_entry(hash_key("nope")) is None
 
@@ -328,10 +403,21 @@ def test_serve_cli_refuses_a_bad_database_in_one_line(tmp_path, capsys):
 # -- LoRA adapters and step caching per request ----------------------------------------------------
 
 ADAPTER_CARD = ModelCard(
-    num_frames=8, height=32, width=32, fps=8, steps=30, guidance_scale=4.0, sampler="euler", samplers=("euler",),
-    spatial_multiple=4, frame_multiple=1, loras=("style", "anime"), lora_errors={"broken": "LoRA '/x/b.safetensors': key 'k' has shape (4, 8); blocks.0.attn.qkv expects (4, 32)"},
-    step_caches=("teacache", "fbcache"), cache_thresholds={"teacache": 0.3, "fbcache": 0.1},
-)  # fmt: skip
+    num_frames=8,
+    height=32,
+    width=32,
+    fps=8,
+    steps=30,
+    guidance_scale=4.0,
+    sampler="euler",
+    samplers=("euler",),
+    spatial_multiple=4,
+    frame_multiple=1,
+    loras=("style", "anime"),
+    lora_errors={"broken": "LoRA '/x/b.safetensors': key 'k' has shape (4, 8); blocks.0.attn.qkv expects (4, 32)"},
+    step_caches=("teacache", "fbcache"),
+    cache_thresholds={"teacache": 0.3, "fbcache": 0.1},
+)
 
 
 def resolve_card(fields: dict, card: ModelCard = ADAPTER_CARD) -> api.GenerationParams:
@@ -367,7 +453,9 @@ def test_step_cache_and_threshold_are_checked_and_defaulted():
     rejects_card({"prompt": "x", "cache_threshold": 0.1}, "cache_threshold", "needs a 'step_cache'")
     rejects_card({"prompt": "x", "step_cache": "teacache", "cache_threshold": -1}, "cache_threshold", ">= 0")
     rejects_card({"prompt": "x", "step_cache": "teacache", "cache_threshold": "inf"}, "cache_threshold", "finite")
-    rejects_card({"prompt": "x", "step_cache": "teacache"}, "step_cache", "must be one of none for this model", card=CARD)
+    rejects_card(
+        {"prompt": "x", "step_cache": "teacache"}, "step_cache", "must be one of none for this model", card=CARD
+    )
     with pytest.raises(ApiError) as info:
         api.parse_create({"prompt": "x", "cache_threshold": "0.1"}, strict=True)  # JSON: a string is no number
     assert info.value.param == "cache_threshold"
@@ -375,9 +463,16 @@ def test_step_cache_and_threshold_are_checked_and_defaulted():
 
 def test_adapter_and_step_cache_split_batches_and_cache_keys():
     base = resolve_card({"prompt": "x", "seed": 1})
-    others = [resolve_card({"prompt": "x", "seed": 1, **extra}) for extra in (
-        {"lora": "style"}, {"lora": "anime"}, {"step_cache": "teacache"}, {"step_cache": "fbcache"},
-        {"step_cache": "fbcache", "cache_threshold": 0.2})]  # fmt: skip
+    others = [
+        resolve_card({"prompt": "x", "seed": 1, **extra})
+        for extra in (
+            {"lora": "style"},
+            {"lora": "anime"},
+            {"step_cache": "teacache"},
+            {"step_cache": "fbcache"},
+            {"step_cache": "fbcache", "cache_threshold": 0.2},
+        )
+    ]
     assert len({base.shape_key, *(p.shape_key for p in others)}) == 1 + len(others)
     ident = {"weights": "a" * 64, "lora": None, "precision": "fp32", "adapters": {"style": "1" * 64, "anime": "2" * 64}}
     keys = {api.result_cache_key(p, "alice", ident) for p in [base, *others]}
@@ -394,7 +489,9 @@ def test_adapter_and_step_cache_split_batches_and_cache_keys():
 
 def test_loras_config_is_checked_at_startup(tmp_path):
     (tmp_path / "style.safetensors").write_bytes(b"")
-    s = load_settings({"model": str(tmp_path), "loras": {"style": str(tmp_path / "style.safetensors")}, "lora_cache_bytes": 1000})
+    s = load_settings(
+        {"model": str(tmp_path), "loras": {"style": str(tmp_path / "style.safetensors")}, "lora_cache_bytes": 1000}
+    )
     assert s.loras == {"style": str(tmp_path / "style.safetensors")} and s.lora_cache_bytes == 1000
     for args, words in (
         ({"loras": {"style": str(tmp_path / "missing.safetensors")}}, "loras.style: '"),
@@ -433,11 +530,28 @@ def test_what_each_model_takes_and_the_400s_naming_the_field():
     assert (p.image, p.last_image) == (hashlib.sha256(first).hexdigest(), hashlib.sha256(last).hexdigest())
     assert resolve_card({"prompt": "x"}, CARD).image is None
     rejects_card({"prompt": "x", "input_reference": first}, "input_reference", "text only", card=CARD)
-    rejects_card({"prompt": "x", "last_frame_reference": last}, "last_frame_reference", "needs 'input_reference'", card=CARD)
-    rejects_card({"prompt": "x", "last_frame_reference": last}, "last_frame_reference", "needs 'input_reference'", card=FLF2V_CARD)
+    rejects_card(
+        {"prompt": "x", "last_frame_reference": last}, "last_frame_reference", "needs 'input_reference'", card=CARD
+    )
+    rejects_card(
+        {"prompt": "x", "last_frame_reference": last},
+        "last_frame_reference",
+        "needs 'input_reference'",
+        card=FLF2V_CARD,
+    )
     rejects_card({"prompt": "x"}, "input_reference", "image-to-video", card=I2V_CARD)
-    rejects_card({"prompt": "x", "input_reference": first, "last_frame_reference": last}, "last_frame_reference", "first-last-frame", card=I2V_CARD)
-    rejects_card({"prompt": "x", "input_reference": first}, "last_frame_reference", "send 'last_frame_reference'", card=FLF2V_CARD)
+    rejects_card(
+        {"prompt": "x", "input_reference": first, "last_frame_reference": last},
+        "last_frame_reference",
+        "first-last-frame",
+        card=I2V_CARD,
+    )
+    rejects_card(
+        {"prompt": "x", "input_reference": first},
+        "last_frame_reference",
+        "send 'last_frame_reference'",
+        card=FLF2V_CARD,
+    )
 
 
 def test_reference_forms_data_urls_and_byte_limit():
@@ -447,15 +561,28 @@ def test_reference_forms_data_urls_and_byte_limit():
 
     first = png()
     url = "data:image/png;base64," + base64.b64encode(first).decode()
-    assert api.resolve_references(api.parse_create({"prompt": "x", "input_reference": {"image_url": url}}, strict=True), I2V_CARD) == {"input_reference": first}
-    assert api.resolve_references(api.parse_create({"prompt": "x", "input_reference": url}, strict=True), I2V_CARD) == {"input_reference": first}
-    rejects_card({"prompt": "x", "input_reference": {"image_url": "https://example.com/a.png"}}, "input_reference", "remote URL", card=I2V_CARD)
+    assert api.resolve_references(
+        api.parse_create({"prompt": "x", "input_reference": {"image_url": url}}, strict=True), I2V_CARD
+    ) == {"input_reference": first}
+    assert api.resolve_references(api.parse_create({"prompt": "x", "input_reference": url}, strict=True), I2V_CARD) == {
+        "input_reference": first
+    }
+    rejects_card(
+        {"prompt": "x", "input_reference": {"image_url": "https://example.com/a.png"}},
+        "input_reference",
+        "remote URL",
+        card=I2V_CARD,
+    )
     rejects_card({"prompt": "x", "input_reference": {"file_id": "file_1"}}, "input_reference", "file_id", card=I2V_CARD)
-    rejects_card({"prompt": "x", "input_reference": "data:image/png;base64,@@@"}, "input_reference", "base64", card=I2V_CARD)
+    rejects_card(
+        {"prompt": "x", "input_reference": "data:image/png;base64,@@@"}, "input_reference", "base64", card=I2V_CARD
+    )
     rejects_card({"prompt": "x", "input_reference": 5}, "input_reference", "file part", card=I2V_CARD)
     rejects_card({"prompt": "x", "input_reference": b""}, "input_reference", "empty", card=I2V_CARD)
     big = b"\x89PNG" + bytes(MAX_IMAGE_BYTES)
-    rejects_card({"prompt": "x", "input_reference": big}, "input_reference", str(len(big)), str(MAX_IMAGE_BYTES), card=I2V_CARD)
+    rejects_card(
+        {"prompt": "x", "input_reference": big}, "input_reference", str(len(big)), str(MAX_IMAGE_BYTES), card=I2V_CARD
+    )
     huge_url = "data:image/png;base64," + "A" * (MAX_IMAGE_BYTES * 2)
     rejects_card({"prompt": "x", "input_reference": huge_url}, "input_reference", str(MAX_IMAGE_BYTES), card=I2V_CARD)
 
@@ -475,11 +602,23 @@ def test_images_split_batches_and_cache_keys():
 
 
 def test_multipart_reference_parts_and_the_sdks_reference_object():
-    req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "p"},
-                        files={"input_reference": ("a.png", b"A", "image/png"), "last_frame_reference": ("b.png", b"B", "image/png")})  # fmt: skip
-    assert api.parse_multipart(req.read(), req.headers["content-type"]) == {"prompt": "p", "input_reference": b"A", "last_frame_reference": b"B"}
+    req = httpx.Request(
+        "POST",
+        "http://x/v1/videos",
+        data={"prompt": "p"},
+        files={"input_reference": ("a.png", b"A", "image/png"), "last_frame_reference": ("b.png", b"B", "image/png")},
+    )
+    assert api.parse_multipart(req.read(), req.headers["content-type"]) == {
+        "prompt": "p",
+        "input_reference": b"A",
+        "last_frame_reference": b"B",
+    }
     # `videos.create(input_reference={"image_url": ...})` sends the object flattened into a form field.
-    req = httpx.Request("POST", "http://x/v1/videos", data={"prompt": "p", "input_reference[image_url]": "data:image/png;base64,QQ=="},
-                        files={"unused": ("u", b"", "text/plain")})  # fmt: skip
+    req = httpx.Request(
+        "POST",
+        "http://x/v1/videos",
+        data={"prompt": "p", "input_reference[image_url]": "data:image/png;base64,QQ=="},
+        files={"unused": ("u", b"", "text/plain")},
+    )
     fields = api.parse_multipart(req.read(), req.headers["content-type"])
     assert fields["input_reference"] == {"image_url": "data:image/png;base64,QQ=="}

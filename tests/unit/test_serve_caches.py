@@ -55,8 +55,19 @@ def test_result_cache_key_changes_with_weights_lora_precision_sampler_parameters
     from pipelines.serve.api import GenerationParams
     from pipelines.serve.app import result_cache_key
 
-    params = GenerationParams(prompt="a red circle moving left", num_frames=8, height=32, width=32, steps=4, guidance_scale=2.0,
-                              seed=3, sampler="euler", negative_prompt=None, fps=8, model="sora-ray")  # fmt: skip
+    params = GenerationParams(
+        prompt="a red circle moving left",
+        num_frames=8,
+        height=32,
+        width=32,
+        steps=4,
+        guidance_scale=2.0,
+        seed=3,
+        sampler="euler",
+        negative_prompt=None,
+        fps=8,
+        model="sora-ray",
+    )
     ident = {"weights": "a" * 64, "lora": None, "precision": "fp32"}
     base = result_cache_key(params, "alice", ident)
     assert base == result_cache_key(params, "alice", dict(ident))  # deterministic
@@ -66,8 +77,17 @@ def test_result_cache_key_changes_with_weights_lora_precision_sampler_parameters
         result_cache_key(params, "alice", {**ident, "lora": "style:" + "c" * 64}),  # a LoRA merged in
         result_cache_key(params, "alice", {**ident, "precision": "int8"}),  # another precision
     ]
-    for field, value in (("sampler", "heun"), ("steps", 5), ("guidance_scale", 3.0), ("seed", 4), ("negative_prompt", "blur"),
-                         ("num_frames", 16), ("width", 64), ("fps", 4), ("prompt", "a red circle moving right")):  # fmt: skip
+    for field, value in (
+        ("sampler", "heun"),
+        ("steps", 5),
+        ("guidance_scale", 3.0),
+        ("seed", 4),
+        ("negative_prompt", "blur"),
+        ("num_frames", 16),
+        ("width", 64),
+        ("fps", 4),
+        ("prompt", "a red circle moving right"),
+    ):
         variants.append(result_cache_key(dataclasses.replace(params, **{field: value}), "alice", ident))
     assert len({base, *variants}) == len(variants) + 1
     assert len(base) == 64

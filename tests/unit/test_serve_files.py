@@ -31,7 +31,11 @@ def test_a_signed_link_serves_the_file_with_ranges(server):
     assert whole.status_code == 200 and whole.content == data and whole.headers["content-type"] == "video/mp4"
     assert 'filename="video_abc.mp4"' in whole.headers["content-disposition"]
     part = httpx.get(url, headers={"Range": "bytes=4-7"})
-    assert part.status_code == 206 and part.content == data[4:8] and part.headers["content-range"] == f"bytes 4-7/{len(data)}"
+    assert (
+        part.status_code == 206
+        and part.content == data[4:8]
+        and part.headers["content-range"] == f"bytes 4-7/{len(data)}"
+    )
     assert httpx.get(url, headers={"Range": "bytes=-2"}).content == data[-2:]
     beyond = httpx.get(url, headers={"Range": f"bytes={len(data)}-"})
     assert beyond.status_code == 416 and beyond.json()["error"]["code"] == "range_not_satisfiable"

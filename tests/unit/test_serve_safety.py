@@ -73,8 +73,14 @@ def test_key_digests_come_from_a_secret_env_or_file(tmp_path, monkeypatch):
 
 
 def _sora(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": "", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "", **(env or {})},
+    )
 
 
 def test_sora_serve_on_every_interface_without_keys_exits_in_one_line(tmp_path):
@@ -87,7 +93,14 @@ def test_sora_serve_on_every_interface_without_keys_exits_in_one_line(tmp_path):
     assert len(lines) == 1 and "without API keys" in lines[0] and "auth: none" in lines[0], r.stderr
     assert "Traceback" not in r.stderr and "ray" not in r.stdout.lower()  # refused before Ray started
     # The production config reads its digests from a secret: without it, one line too.
-    r = _sora("serve", "--config", str(ROOT / "cluster/serve/production.yaml"), "--model", str(export), env={"SORA_API_KEYS": ""})
+    r = _sora(
+        "serve",
+        "--config",
+        str(ROOT / "cluster/serve/production.yaml"),
+        "--model",
+        str(export),
+        env={"SORA_API_KEYS": ""},
+    )
     assert r.returncode != 0 and "without API keys" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -124,22 +137,32 @@ def test_bodies_of_many_parts_or_headers_are_refused_quickly():
 
 
 def test_multipart_still_reads_what_clients_send():
-    req = httpx.Request("POST", "http://x/", data={"prompt": "a red circle", "steps": "2"},
-                        files={"input_reference": ("a.png", b"\x89PNG\r\n\x00\r\n--", "image/png")})  # fmt: skip
+    req = httpx.Request(
+        "POST",
+        "http://x/",
+        data={"prompt": "a red circle", "steps": "2"},
+        files={"input_reference": ("a.png", b"\x89PNG\r\n\x00\r\n--", "image/png")},
+    )
     req.read()
     assert api.parse_multipart(req.content, req.headers["content-type"]) == {
-        "prompt": "a red circle", "steps": "2", "input_reference": b"\x89PNG\r\n\x00\r\n--"}
+        "prompt": "a red circle",
+        "steps": "2",
+        "input_reference": b"\x89PNG\r\n\x00\r\n--",
+    }
     for bad in (b"--x\r\n" + field("prompt", b"hi"), b"garbage"):  # no closing delimiter
         with pytest.raises(ApiError) as info:
             api.parse_multipart(bad, "multipart/form-data; boundary=x")
         assert info.value.status == 400
 
 
-@pytest.mark.parametrize("content_type, extra, param", [
-    ("multipart/form-data; boundary=x; charset=idna", b"", "Content-Type"),
-    ("multipart/form-data; boundary=x", b"Content-Type: text/plain; charset=idna\r\n", "prompt"),
-    ("multipart/form-data; boundary=x", b"Content-Type: text/plain; charset=rot13\r\n", "prompt"),
-])
+@pytest.mark.parametrize(
+    "content_type, extra, param",
+    [
+        ("multipart/form-data; boundary=x; charset=idna", b"", "Content-Type"),
+        ("multipart/form-data; boundary=x", b"Content-Type: text/plain; charset=idna\r\n", "prompt"),
+        ("multipart/form-data; boundary=x", b"Content-Type: text/plain; charset=rot13\r\n", "prompt"),
+    ],
+)
 def test_odd_charsets_are_400s_naming_the_field(content_type, extra, param):
     body = multipart([field("prompt", b"a" * 70 + b"..", extra)])  # idna fails on a 70-char label, and on '..'
     with pytest.raises(ApiError) as info:
@@ -304,7 +327,9 @@ def test_bad_images_are_400s_naming_the_field_and_the_limit():
     image_rejected(b"plain text, not an image", "not a PNG, JPEG or WebP image")
     image_rejected(encoded("TIFF"), "not a PNG, JPEG or WebP image")  # Pillow reads TIFF; the server never parses it
     image_rejected(encoded("BMP"), "not a PNG, JPEG or WebP image")
-    image_rejected(png_declaring(5000, 5000), "5000x5000", str(MAX_IMAGE_PIXELS))  # over our limit: read from the header
+    image_rejected(
+        png_declaring(5000, 5000), "5000x5000", str(MAX_IMAGE_PIXELS)
+    )  # over our limit: read from the header
     image_rejected(png_declaring(100_000, 100_000), "pixels", str(MAX_IMAGE_PIXELS))  # Pillow's DecompressionBombError
     image_rejected(png_declaring(0, 10), "not a PNG, JPEG or WebP image")  # Pillow refuses an empty PNG itself
     for fmt in ("PNG", "JPEG", "WEBP"):

@@ -100,6 +100,7 @@ def test_each_call_holds_both_cfg_branches_of_its_prompts(pipe, monkeypatch):
 def test_a_skip_covers_every_row_of_the_call():
     """A call either reuses the cached residual for all rows (cond and uncond alike) or runs the blocks for all."""
     torch.manual_seed(0)
+
     class Add(torch.nn.Module):
         def forward(self, x, c, *args):
             return x + c
@@ -174,7 +175,11 @@ def test_none_and_case_are_accepted(pipe):
 
 def test_wan_exports_take_the_published_wan_coefficients():
     wan = build_step_cache("teacache", None, dit_preset("Wan2.1-T2V-1.3B"))
-    assert wan.coefficients == WAN_TEACACHE_COEFFICIENTS[(1536, 16)] and wan.indicator == "modulation" and wan.keep_first == 5
+    assert (
+        wan.coefficients == WAN_TEACACHE_COEFFICIENTS[(1536, 16)]
+        and wan.indicator == "modulation"
+        and wan.keep_first == 5
+    )
     ours = build_step_cache("teacache", None, dit_preset("DiT-tiny", text_dim=384))
     assert ours.coefficients == DIT_TEACACHE_COEFFICIENTS and ours.indicator == "modulated_input"
     assert build_step_cache(None, None, dit_preset("DiT-tiny")) is None

@@ -157,8 +157,12 @@ def test_prepare_checks_the_text_encoder_before_any_work(tmp_path, monkeypatch):
         (TextEncoderConfig(hidden_layer=9), r"hidden_layer 9 is out of range for 'minilm' \(6 layers: use -7..6"),
         (TextEncoderConfig(name_or_path=str(tmp_path / "nope")), "not found: give 'minilm'"),
     ):
-        opts = PrepareOptions(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out"), buckets=[Bucket.parse("1x16x16")],
-                              text_encoder=encoder)  # fmt: skip
+        opts = PrepareOptions(
+            manifest=str(tmp_path / "m.jsonl"),
+            out=str(tmp_path / "out"),
+            buckets=[Bucket.parse("1x16x16")],
+            text_encoder=encoder,
+        )
         with pytest.raises(PrepareError, match=message):
             prepare(opts)
     assert not (tmp_path / "out").exists()

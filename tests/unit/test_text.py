@@ -53,7 +53,9 @@ def test_minilm_offline_shapes(minilm: TextEncoder) -> None:
 
 def test_minilm_similar_captions_are_closer(minilm: TextEncoder) -> None:
     pooled = torch.nn.functional.normalize(
-        minilm.encode(["a red circle moving left", "a red circle moving right", "the quarterly tax report is due"]).pooled,
+        minilm.encode(
+            ["a red circle moving left", "a red circle moving right", "the quarterly tax report is due"]
+        ).pooled,
         dim=-1,
     )
     sim = pooled @ pooled.T
@@ -156,14 +158,21 @@ def _clip_full() -> torch.nn.Module:
         max_position_embeddings=40,
         eos_token_id=102,
     )
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
     cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
     return transformers.CLIPModel(cfg)
 
 
 @pytest.mark.parametrize(
     "make,model_type,pooling",
-    [(_t5, "t5", "mean"), (_bert, "bert", "mean"), (_clip_text, "clip_text_model", "pooler"), (_clip_full, "clip", "pooler")],
+    [
+        (_t5, "t5", "mean"),
+        (_bert, "bert", "mean"),
+        (_clip_text, "clip_text_model", "pooler"),
+        (_clip_full, "clip", "pooler"),
+    ],
     ids=["t5", "bert", "clip_text", "clip"],
 )
 def test_tiny_models_from_folders(tmp_path: Path, tokenizer, make, model_type: str, pooling: str) -> None:  # noqa: ANN001
@@ -180,7 +189,9 @@ def test_tiny_models_from_folders(tmp_path: Path, tokenizer, make, model_type: s
     if pooling == "mean":
         torch.testing.assert_close(emb.pooled[0], emb.tokens[0][emb.mask[0]].mean(0))
     assert enc.cache.hits == 0 and enc.cache.misses == 3
-    first = build_text_encoder(TextEncoderConfig(name_or_path=str(folder), max_length=12, hidden_layer=0)).encode(CAPTIONS)
+    first = build_text_encoder(TextEncoderConfig(name_or_path=str(folder), max_length=12, hidden_layer=0)).encode(
+        CAPTIONS
+    )
     _check_embedding(first, 3, 12, 16)
     assert not torch.allclose(first.tokens, emb.tokens)  # the token embeddings, not the last layer
 
@@ -196,6 +207,8 @@ def test_missing_path_error(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError) as err:
         build_text_encoder(TextEncoderConfig(name_or_path=missing))
-    assert str(err.value) == (f"text encoder '{missing}' not found: give 'minilm' or a local folder saved with save_pretrained")
+    assert str(err.value) == (
+        f"text encoder '{missing}' not found: give 'minilm' or a local folder saved with save_pretrained"
+    )
     with pytest.raises(FileNotFoundError, match="not found"):
         build_text_encoder(TextEncoderConfig(name_or_path="t5-small"))  # a hub name is never downloaded

@@ -26,21 +26,28 @@ def ray_with_autoscaler():
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
     ray.init(num_cpus=1, include_dashboard=False)
-    _internal_kv_put(DEBUG_AUTOSCALING_STATUS, json.dumps({"autoscaler_report": {"node_type_mapping": {"n1": "gpu_worker"}}}))
+    _internal_kv_put(
+        DEBUG_AUTOSCALING_STATUS, json.dumps({"autoscaler_report": {"node_type_mapping": {"n1": "gpu_worker"}}})
+    )
     yield
     _internal_kv_del(DEBUG_AUTOSCALING_STATUS)
     ray.shutdown()
 
 
 def test_a_cuda_run_waits_for_the_autoscaler_until_a_deadline(ray_with_autoscaler):
-    recipe = parse_recipe({**yaml.safe_load((ROOT / "cluster" / "recipes" / "smoke-cpu.yaml").read_text()), "device": "cuda"})
+    recipe = parse_recipe(
+        {**yaml.safe_load((ROOT / "cluster" / "recipes" / "smoke-cpu.yaml").read_text()), "device": "cuda"}
+    )
     assert autoscaler_running()
     t0 = time.monotonic()
     with pytest.raises(UserError) as err:
         check_devices(recipe, 2, deadline_s=1.0, poll_s=0.2)
     assert 1.0 <= time.monotonic() - t0 < 30
     text = str(err.value)
-    assert "device cuda needs 2 GPUs (one per worker) but after 1s the autoscaler has added only 0: 2 GPU(s) missing" in text
+    assert (
+        "device cuda needs 2 GPUs (one per worker) but after 1s the autoscaler has added only 0: 2 GPU(s) missing"
+        in text
+    )
     assert "SORA_TRAIN_GPU_WAIT_S" in text and "\n" not in text
 
 
@@ -49,5 +56,7 @@ def test_resume_takes_the_device_of_the_runs_last_start(tmp_path):
     starts = [{"device": "cpu", "resume": False}, {"device": None, "resume": True}]
     (tmp_path / "run.json").write_text("".join(json.dumps(s) + "\n" for s in starts))
     assert _recorded_device(str(tmp_path)) == "cpu"  # `--resume` alone keeps `--device cpu` of the first start
-    (tmp_path / "run.json").write_text("".join(json.dumps(s) + "\n" for s in [*starts, {"device": "cuda", "resume": True}]))
+    (tmp_path / "run.json").write_text(
+        "".join(json.dumps(s) + "\n" for s in [*starts, {"device": "cuda", "resume": True}])
+    )
     assert _recorded_device(str(tmp_path)) == "cuda"  # a later `--resume --device cuda` moved it

@@ -53,9 +53,13 @@ def test_a_fitting_export_passes_and_loads(export):
 
 @pytest.mark.parametrize(
     ("damage", "message"),
-    [("garbage", "cannot read {path}: "), ("truncated", "cannot read {path}: "),
-     ("missing", "cannot read {path}: "), ("empty", "cannot read {path}: ")],
-)  # fmt: skip
+    [
+        ("garbage", "cannot read {path}: "),
+        ("truncated", "cannot read {path}: "),
+        ("missing", "cannot read {path}: "),
+        ("empty", "cannot read {path}: "),
+    ],
+)
 def test_an_unreadable_file_is_one_line_naming_it(export, tmp_path, damage, message):
     folder = _copy(export, tmp_path)
     weights = folder / MODEL_FILE

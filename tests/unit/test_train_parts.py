@@ -94,9 +94,22 @@ def recipe_with(**deepspeed):
 
 
 def test_deepspeed_settings_reach_the_engine_config():
-    r = parse_recipe({**recipe_with(zero_stage=3, hpz_partition_size=8, reduce_bucket_size=1000, prefetch_bucket_size=2000,
-                                    param_persistence_threshold=30, max_live_parameters=4000, bf16=True, fp32_reduce=True,
-                                    offload_optimizer=True), "device": "cuda"})  # fmt: skip
+    r = parse_recipe(
+        {
+            **recipe_with(
+                zero_stage=3,
+                hpz_partition_size=8,
+                reduce_bucket_size=1000,
+                prefetch_bucket_size=2000,
+                param_persistence_threshold=30,
+                max_live_parameters=4000,
+                bf16=True,
+                fp32_reduce=True,
+                offload_optimizer=True,
+            ),
+            "device": "cuda",
+        }
+    )
     cfg = ds_config(r, r.stages[0], world=16)
     z = cfg["zero_optimization"]
     assert z["zero_hpz_partition_size"] == 8 and z["reduce_bucket_size"] == 1000

@@ -48,7 +48,9 @@ def test_selected_blocks_recompute_in_the_backward_and_the_gradients_do_not_chan
     assert checkpoint_blocks(selective.blocks, 0.5) == [1, 3]  # applied again: no second wrapper
     calls = [0] * len(selective.blocks)
     for i, block in enumerate(selective.blocks):
-        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))  # before forward: a recompute stops early
+        block.register_forward_pre_hook(
+            lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)
+        )  # before forward: a recompute stops early
     expected = _grads(plain)
     got = _grads(selective)
     assert calls == [1, 2, 1, 2]
@@ -59,8 +61,13 @@ def test_selected_blocks_recompute_in_the_backward_and_the_gradients_do_not_chan
     with torch.no_grad():
         calls[:] = [0] * 4
         _ = selective.eval()
-        selective(torch.randn(1, 3, 2, 8, 8), torch.tensor([0.5]), torch.randn(1, 5, TEXT_DIM), torch.ones(1, 5, dtype=torch.bool),
-                  torch.randn(1, TEXT_DIM))  # fmt: skip
+        selective(
+            torch.randn(1, 3, 2, 8, 8),
+            torch.tensor([0.5]),
+            torch.randn(1, 5, TEXT_DIM),
+            torch.ones(1, 5, dtype=torch.bool),
+            torch.randn(1, TEXT_DIM),
+        )
     assert calls == [1, 1, 1, 1]  # inference: nothing to recompute
 
 
@@ -70,17 +77,27 @@ def test_flops_per_token_follow_the_width_depth_and_sequence():
     cfg = dit_preset("DiT-L/2", text_dim=4096)
     base = train_flops_per_token(cfg, 8192, 300)
     d, depth = cfg.hidden_size, cfg.depth
-    dense = 3 * depth * (12 * d * d + 4 * d * (cfg.ffn_dim or int(d * cfg.mlp_ratio)))  # 6 x the block's matmul parameters
+    dense = (
+        3 * depth * (12 * d * d + 4 * d * (cfg.ffn_dim or int(d * cfg.mlp_ratio)))
+    )  # 6 x the block's matmul parameters
     attention = 3 * depth * 4 * 8192 * d  # self-attention's scores and weighted sum: 4 N D a block
     assert dense < base - attention < 1.1 * dense  # the rest: caption cross-attention, patch embedding and head
-    assert train_flops_per_token(cfg, 16384, 300) - base == pytest.approx(attention, rel=0.01)  # less the caption K/V, shared by more tokens
+    assert train_flops_per_token(cfg, 16384, 300) - base == pytest.approx(
+        attention, rel=0.01
+    )  # less the caption K/V, shared by more tokens
 
 
 @pytest.mark.parametrize(
     ("name", "bf16", "override", "expected"),
-    [("NVIDIA H100 80GB HBM3", True, None, 989.0), ("NVIDIA L40S", True, None, 362.0), ("NVIDIA L40", True, None, 181.0),
-     ("NVIDIA A100-SXM4-80GB", False, None, 19.5), ("cpu", False, None, 0.1), ("NVIDIA H100", True, 500.0, 500.0)],
-)  # fmt: skip
+    [
+        ("NVIDIA H100 80GB HBM3", True, None, 989.0),
+        ("NVIDIA L40S", True, None, 362.0),
+        ("NVIDIA L40", True, None, 181.0),
+        ("NVIDIA A100-SXM4-80GB", False, None, 19.5),
+        ("cpu", False, None, 0.1),
+        ("NVIDIA H100", True, 500.0, 500.0),
+    ],
+)
 def test_peak_comes_from_the_recipe_or_the_device_name(name, bf16, override, expected):
     from pipelines.train.metrics import peak_tflops
 
@@ -89,10 +106,12 @@ def test_peak_comes_from_the_recipe_or_the_device_name(name, bf16, override, exp
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("checkpoint_fraction", 1.5, r"checkpoint_fraction must be in \[0, 1\], got 1.5"),
-     ("checkpoint_fraction", -0.1, r"checkpoint_fraction must be in \[0, 1\]"),
-     ("peak_tflops", 0, "peak_tflops must be > 0, got 0")],
-)  # fmt: skip
+    [
+        ("checkpoint_fraction", 1.5, r"checkpoint_fraction must be in \[0, 1\], got 1.5"),
+        ("checkpoint_fraction", -0.1, r"checkpoint_fraction must be in \[0, 1\]"),
+        ("peak_tflops", 0, "peak_tflops must be > 0, got 0"),
+    ],
+)
 def test_recipe_speed_fields_are_checked(field, value, message):
     import yaml
 
@@ -123,7 +142,9 @@ def test_profile_writes_a_trace_of_n_steps_after_a_warm_up(tmp_path, steps, take
     _steps(prof, taken)
     prof.close()
     prof.close()  # a second close (stop, then finish) writes nothing more
-    assert prof.written == "profile/rank1-step8.json" and sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["rank1-step8.json"]
+    assert prof.written == "profile/rank1-step8.json" and sorted(p.name for p in (tmp_path / "profile").iterdir()) == [
+        "rank1-step8.json"
+    ]
     events = json.loads((tmp_path / prof.written).read_text())["traceEvents"]
     marks = {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")}
     assert {f"ProfilerStep#{k}" for k in range(1, recorded + 1)} <= marks  # (+ the empty step a close cuts short)
@@ -133,8 +154,19 @@ def test_profile_writes_a_trace_of_n_steps_after_a_warm_up(tmp_path, steps, take
 def test_profile_out_of_range_is_a_one_line_error(tmp_path, capfd):
     from pipelines.cli import main as sora
 
-    rc = sora(["train", "--recipe", "cluster/recipes/smoke-cpu.yaml", "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"),
-               "--profile", "99"])  # fmt: skip
+    rc = sora(
+        [
+            "train",
+            "--recipe",
+            "cluster/recipes/smoke-cpu.yaml",
+            "--data",
+            str(tmp_path),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--profile",
+            "99",
+        ]
+    )
     out = capfd.readouterr()
     err = out.out + out.err
     assert rc != 0 and "--profile must be between 1 and the recipe's 14 steps, got 99" in err and "Traceback" not in err

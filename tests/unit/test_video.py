@@ -309,7 +309,9 @@ def _write_rotated(path: Path, degrees: int) -> np.ndarray:
 
 @pytest.mark.parametrize("degrees", [90, -90, 180])
 @pytest.mark.parametrize("reader", ["decord", "pyav"])
-def test_rotation_metadata_is_applied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, degrees: int, reader: str) -> None:
+def test_rotation_metadata_is_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, degrees: int, reader: str
+) -> None:
     import av
 
     from sora_model import video

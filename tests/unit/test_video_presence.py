@@ -56,7 +56,12 @@ def test_probe_and_frame_check_by_ranges_read_a_fraction_of_the_file(noisy):
     local = probe_video(path)
     with RangeFile(_upload(data)) as f:
         info = probe_video(f)
-        assert (info.num_frames, info.fps, info.width, info.height) == (local.num_frames, local.fps, local.width, local.height)
+        assert (info.num_frames, info.fps, info.width, info.height) == (
+            local.num_frames,
+            local.fps,
+            local.width,
+            local.height,
+        )
         require_frames_present(f, 21, info.num_frames)  # an 8-frame clip at 8 fps from the start
         require_frames_present(f, FRAMES - 1, info.num_frames)  # the last frame: its packet is read, not all before it
         assert f.bytes_read < len(data) / 2, (f.bytes_read, len(data))
@@ -73,5 +78,8 @@ def test_a_file_cut_after_its_index_fails_the_frame_check_by_ranges(noisy):
                 require_frames_present(f, index, FRAMES)
     with RangeFile(_upload(b"", "empty.mp4")) as f, pytest.raises(VideoReadError, match="^empty file"):
         probe_video(f)
-    with RangeFile(_upload(b"not a video at all, just text", "text.mp4")) as f, pytest.raises(VideoReadError, match="^not a video"):
+    with (
+        RangeFile(_upload(b"not a video at all, just text", "text.mp4")) as f,
+        pytest.raises(VideoReadError, match="^not a video"),
+    ):
         probe_video(f)

@@ -49,8 +49,9 @@ def test_cover_size() -> None:
 
 
 @pytest.mark.parametrize(("src", "bucket"), [((180, 320), (64, 64)), ((320, 180), (48, 80)), ((240, 320), (96, 64))])
-def test_decode_at_target_matches_decode_then_resize(tmp_path: Path, reader: str, src: tuple[int, int],
-                                                     bucket: tuple[int, int]) -> None:  # fmt: skip
+def test_decode_at_target_matches_decode_then_resize(
+    tmp_path: Path, reader: str, src: tuple[int, int], bucket: tuple[int, int]
+) -> None:
     path = str(tmp_path / "v.mp4")
     write_video(path, _scene(6, *src), fps=8)
     clips = [[0, 1, 2], [3, 5], [1, 1]]

@@ -66,7 +66,9 @@ def test_sampling_switches_experts_as_wan_pipeline(folder: Path, export: Path) -
     boundary = BOUNDARY * wan.scheduler.config.num_train_timesteps
     assert any(t >= boundary for t in timesteps) and any(t < boundary for t in timesteps), timesteps  # both experts run
     with torch.no_grad():
-        expected = wan(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="latent", **OPTIONS).frames
+        expected = wan(
+            PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(7), output_type="latent", **OPTIONS
+        ).frames
     pipe = TextToVideoPipeline.load(str(export))
     got = pipe.sample_latents(PROMPT, steps=4, seed=7, **OPTIONS)
     diff = (got - expected).abs().max().item()

@@ -55,9 +55,17 @@ def test_export_config_and_parts(case) -> None:
     kind, _, export = case
     cfg = load_export_config(str(export))
     m = cfg.model
-    assert (m.in_channels, m.out_channels, m.image_dim, m.image_tokens, m.image_positions) == (IN_CHANNELS, WAN_CHANNELS, IMAGE_DIM, IMAGE_TOKENS, kind == "flf2v")
+    assert (m.in_channels, m.out_channels, m.image_dim, m.image_tokens, m.image_positions) == (
+        IN_CHANNELS,
+        WAN_CHANNELS,
+        IMAGE_DIM,
+        IMAGE_TOKENS,
+        kind == "flf2v",
+    )
     assert (cfg.image_encoder.path, cfg.image_encoder.processor_path) == ("image_encoder", "image_processor")
-    assert (export / "image_encoder" / "config.json").is_file() and (export / "image_processor" / "preprocessor_config.json").is_file()
+    assert (export / "image_encoder" / "config.json").is_file() and (
+        export / "image_processor" / "preprocessor_config.json"
+    ).is_file()
 
 
 def test_dit_output_equals_wan_transformer(case) -> None:
@@ -70,15 +78,32 @@ def test_dit_output_equals_wan_transformer(case) -> None:
     g = torch.Generator().manual_seed(1)
     images = 2 if kind == "flf2v" else 1
     x = torch.randn(2, IN_CHANNELS, 3, 8, 12, generator=g)
-    text = torch.randn(2, 512, WAN_TEXT_DIM, generator=g)  # Wan's attention takes the last 512 context tokens as the caption
+    text = torch.randn(
+        2, 512, WAN_TEXT_DIM, generator=g
+    )  # Wan's attention takes the last 512 context tokens as the caption
     text[:, 9:] = 0
     features = torch.randn(2, images * IMAGE_TOKENS, IMAGE_DIM, generator=g)
     t = torch.tensor([999.0, 321.5])
     with torch.no_grad():
-        expected = wan(x, t, text, encoder_hidden_states_image=features.reshape(2 * images, IMAGE_TOKENS, IMAGE_DIM), return_dict=False)[0]
-        got = ours.eval()(x, t, text, torch.ones(text.shape[:2], dtype=torch.bool), torch.zeros(2, WAN_TEXT_DIM), image_features=features)
+        expected = wan(
+            x,
+            t,
+            text,
+            encoder_hidden_states_image=features.reshape(2 * images, IMAGE_TOKENS, IMAGE_DIM),
+            return_dict=False,
+        )[0]
+        got = ours.eval()(
+            x,
+            t,
+            text,
+            torch.ones(text.shape[:2], dtype=torch.bool),
+            torch.zeros(2, WAN_TEXT_DIM),
+            image_features=features,
+        )
     diff = (got - expected).abs().max().item()
-    print(f"{kind}: DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale {expected.abs().max().item():.2f})")
+    print(
+        f"{kind}: DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale {expected.abs().max().item():.2f})"
+    )
     assert got.shape == (2, WAN_CHANNELS, 3, 8, 12)
     assert diff <= TOL
     with pytest.raises(ValueError, match="image_features of shape"):
@@ -98,8 +123,15 @@ def test_sampling_equals_wan_image_to_video_pipeline(case, tmp_path: Path, monke
     wan = diffusers.WanImageToVideoPipeline.from_pretrained(str(folder))
     wan.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        expected = wan(image=first, prompt=PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
-                       output_type="latent", **OPTIONS, **extra).frames  # fmt: skip
+        expected = wan(
+            image=first,
+            prompt=PROMPT,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(7),
+            output_type="latent",
+            **OPTIONS,
+            **extra,
+        ).frames
     pipe = TextToVideoPipeline.load(str(export))
     got = pipe.sample_latents(PROMPT, image=first, steps=3, seed=7, **OPTIONS, **extra)
     diff = (got - expected).abs().max().item()
@@ -119,16 +151,24 @@ def test_bad_images_fail_with_one_line(case, tmp_path: Path) -> None:
     first, last = _images()
     small = {**OPTIONS, "steps": 1}
     with pytest.raises(ValueError, match="missing.png' is not a file"):
-        pipe.sample_latents(PROMPT, image=str(tmp_path / "missing.png"), last_image=last if kind == "flf2v" else None, **small)
+        pipe.sample_latents(
+            PROMPT, image=str(tmp_path / "missing.png"), last_image=last if kind == "flf2v" else None, **small
+        )
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="bad.png' cannot be read as an image"):
-        pipe.sample_latents(PROMPT, image=str(tmp_path / "bad.png"), last_image=last if kind == "flf2v" else None, **small)
+        pipe.sample_latents(
+            PROMPT, image=str(tmp_path / "bad.png"), last_image=last if kind == "flf2v" else None, **small
+        )
     with pytest.raises(ValueError, match="give the first frame as image"):
         pipe.sample_latents(PROMPT, **small)
-    with pytest.raises(ValueError, match="needs last_image" if kind == "flf2v" else "last_image needs a first-last-frame"):
+    with pytest.raises(
+        ValueError, match="needs last_image" if kind == "flf2v" else "last_image needs a first-last-frame"
+    ):
         pipe.sample_latents(PROMPT, image=first, **({} if kind == "flf2v" else {"last_image": last}), **small)
     with pytest.raises(ValueError, match="uint8, or float"):
-        pipe.sample_latents(PROMPT, image=np.full((8, 8, 3), 7.0), last_image=last if kind == "flf2v" else None, **small)
+        pipe.sample_latents(
+            PROMPT, image=np.full((8, 8, 3), 7.0), last_image=last if kind == "flf2v" else None, **small
+        )
 
 
 def test_generate_cli_with_image(case, tmp_path: Path, capsys) -> None:  # noqa: ANN001
@@ -136,8 +176,25 @@ def test_generate_cli_with_image(case, tmp_path: Path, capsys) -> None:  # noqa:
     first, last = _images()
     first.save(tmp_path / "first.png")
     last.save(tmp_path / "last.png")
-    args = ["generate", "--model", str(export), "--prompt", "a cat", "--frames", "9", "--height", "32", "--width", "48",
-            "--steps", "1", "--out", str(tmp_path / "clip.npz"), "--image", str(tmp_path / "first.png")]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(export),
+        "--prompt",
+        "a cat",
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "clip.npz"),
+        "--image",
+        str(tmp_path / "first.png"),
+    ]
     if kind == "flf2v":
         args += ["--last-image", str(tmp_path / "last.png")]
     assert main(args) == 0
@@ -159,8 +216,25 @@ def test_text_only_export_refuses_an_image(tmp_path: Path, capsys) -> None:  # n
     assert main(["convert", "--from-diffusers", str(folder), "--out", str(export)]) == 0
     _images()[0].save(tmp_path / "first.png")
     capsys.readouterr()
-    args = ["generate", "--model", str(export), "--prompt", "a cat", "--frames", "5", "--height", "16", "--width", "16",
-            "--steps", "1", "--out", str(tmp_path / "clip.npz"), "--image", str(tmp_path / "first.png")]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(export),
+        "--prompt",
+        "a cat",
+        "--frames",
+        "5",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "clip.npz"),
+        "--image",
+        str(tmp_path / "first.png"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "text-to-video only" in err and "\n" not in err, err
@@ -185,22 +259,44 @@ def test_i2v_without_image_encoder_equals_wan_pipeline(tmp_path: Path, monkeypat
     monkeypatch.setattr(pipeline_wan_i2v, "prompt_clean", pipeline_wan.prompt_clean)  # as in the test above
     folder = make_tiny_i2v_folder(tmp_path / "with-clip", flf2v=False)
     transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=IN_CHANNELS, out_channels=WAN_CHANNELS,
-        text_dim=WAN_TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=32)  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=IN_CHANNELS,
+        out_channels=WAN_CHANNELS,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
     perturb(transformer, 2)
     wan = diffusers.WanImageToVideoPipeline.from_pretrained(str(folder))
-    wan = diffusers.WanImageToVideoPipeline(tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae,
-                                            scheduler=wan.scheduler, transformer=transformer.eval())  # fmt: skip
+    wan = diffusers.WanImageToVideoPipeline(
+        tokenizer=wan.tokenizer,
+        text_encoder=wan.text_encoder,
+        vae=wan.vae,
+        scheduler=wan.scheduler,
+        transformer=transformer.eval(),
+    )
     wan.save_pretrained(str(tmp_path / "no-clip"))
     export = tmp_path / "export"
     assert main(["convert", "--from-diffusers", str(tmp_path / "no-clip"), "--out", str(export)]) == 0
     first = _images()[0]
     wan.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        expected = wan(image=first, prompt=PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
-                       output_type="latent", **OPTIONS).frames  # fmt: skip
+        expected = wan(
+            image=first,
+            prompt=PROMPT,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(7),
+            output_type="latent",
+            **OPTIONS,
+        ).frames
     pipe = TextToVideoPipeline.load(str(export))
     assert pipe.image_encoder is None
     diff = (pipe.sample_latents(PROMPT, image=first, steps=3, seed=7, **OPTIONS) - expected).abs().max().item()
-    print(f"I2V without CLIP (Wan2.2 form), 3 CFG steps vs WanImageToVideoPipeline, fp32: max abs latent difference {diff:.2e}")
+    print(
+        f"I2V without CLIP (Wan2.2 form), 3 CFG steps vs WanImageToVideoPipeline, fp32: max abs latent difference {diff:.2e}"
+    )
     assert diff <= TOL

@@ -67,8 +67,21 @@ def _inputs(batch: int = 2):
 def test_export_config_is_wan(export: Path, wan_folder: Path) -> None:
     cfg = load_export_config(str(export))
     m = cfg.model
-    assert (m.hidden_size, m.depth, m.num_heads, m.ffn_dim, m.text_dim, m.rope_split) == (32, 2, 2, 48, TEXT_DIM, (8, 4, 4))
-    assert (m.modulation, m.qk_norm_over, m.pooled_text, m.text_padding, m.null_text) == ("shared", "width", False, "attended", "empty_prompt")
+    assert (m.hidden_size, m.depth, m.num_heads, m.ffn_dim, m.text_dim, m.rope_split) == (
+        32,
+        2,
+        2,
+        48,
+        TEXT_DIM,
+        (8, 4, 4),
+    )
+    assert (m.modulation, m.qk_norm_over, m.pooled_text, m.text_padding, m.null_text) == (
+        "shared",
+        "width",
+        False,
+        "attended",
+        "empty_prompt",
+    )
     assert (cfg.diffusion.shift, cfg.diffusion.sampler, cfg.diffusion.time_grid) == (3.0, "euler", "flow_match_euler")
     assert cfg.text_encoder.name_or_path == str(wan_folder.resolve() / "text_encoder")
     assert (cfg.text_encoder.max_length, cfg.text_encoder.clean_prompts) == (512, True)
@@ -83,10 +96,18 @@ def test_dit_output_equals_wan_transformer(export: Path, wan_folder: Path) -> No
         expected = wan(x, t, text, return_dict=False)[0]
         got = ours(x, t, text, torch.ones(text.shape[:2], dtype=torch.bool), torch.zeros(2, TEXT_DIM))
         # Packed (NaViT) forward of the same clips: the Wan options keep that path exact too.
-        packed = ours(torch.cat([_patchify(c) for c in x]), t, text, torch.ones(text.shape[:2], dtype=torch.bool),
-                      torch.zeros(2, TEXT_DIM), grids=((3, 4, 6), (3, 4, 6)))  # fmt: skip
+        packed = ours(
+            torch.cat([_patchify(c) for c in x]),
+            t,
+            text,
+            torch.ones(text.shape[:2], dtype=torch.bool),
+            torch.zeros(2, TEXT_DIM),
+            grids=((3, 4, 6), (3, 4, 6)),
+        )
     diff = (got - expected).abs().max().item()
-    print(f"DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale {expected.abs().max().item():.2f})")
+    print(
+        f"DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale {expected.abs().max().item():.2f})"
+    )
     assert diff <= TOL
     assert (torch.cat([_patchify(c) for c in got]) - packed).abs().max().item() <= TOL
 
@@ -104,7 +125,9 @@ def test_sampling_equals_wan_pipeline(export: Path, wan_folder: Path) -> None:
     wan.set_progress_bar_config(disable=True)
     prompt = "a  red circle &amp; a blue square"  # cleaned the same way on both sides
     with torch.no_grad():
-        expected = wan(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="latent", **options).frames
+        expected = wan(
+            prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="latent", **options
+        ).frames
     pipe = TextToVideoPipeline.load(str(export))
     got = pipe.sample_latents(prompt, steps=3, seed=7, **options)
     assert got.shape == expected.shape == (1, CHANNELS, 3, 4, 6)
@@ -113,9 +136,16 @@ def test_sampling_equals_wan_pipeline(export: Path, wan_folder: Path) -> None:
     assert diff <= TOL
     # Without guidance (one forward per step) too.
     with torch.no_grad():
-        plain = wan(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="latent",
-                    **{**options, "guidance_scale": 1.0}).frames  # fmt: skip
-    assert (pipe.sample_latents(prompt, steps=2, seed=7, **{**options, "guidance_scale": 1.0}) - plain).abs().max().item() <= TOL
+        plain = wan(
+            prompt,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(7),
+            output_type="latent",
+            **{**options, "guidance_scale": 1.0},
+        ).frames
+    assert (
+        pipe.sample_latents(prompt, steps=2, seed=7, **{**options, "guidance_scale": 1.0}) - plain
+    ).abs().max().item() <= TOL
 
 
 def test_lora_of_our_dit_merges_exactly(export: Path, tmp_path: Path) -> None:
@@ -139,7 +169,9 @@ def test_lora_of_wan_transformer_merges_into_converted_dit(export: Path, wan_fol
     """An adapter made on diffusers' WanTransformer3DModel (q/k/v into our fused projections, proj_out reordered)."""
     wan = diffusers.WanTransformer3DModel.from_pretrained(str(wan_folder / "transformer")).eval()
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out"]
-    adapted = peft.get_peft_model(wan, peft.LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=targets, init_lora_weights=False))
+    adapted = peft.get_peft_model(
+        wan, peft.LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=targets, init_lora_weights=False)
+    )
     adapted.save_pretrained(str(tmp_path / "wan-adapter"))
     ours = _our_dit(export)
     merge_lora(ours, tmp_path / "wan-adapter")
@@ -158,10 +190,30 @@ def test_output_row_order_inverts_wan_layout() -> None:
 
 def test_generate_mp4_from_converted_export_with_lora(export: Path, tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
-    peft.get_peft_model(_our_dit(export), peft.LoraConfig(r=2, target_modules=LORA_TARGET_MODULES)).save_pretrained(str(adapter))
+    peft.get_peft_model(_our_dit(export), peft.LoraConfig(r=2, target_modules=LORA_TARGET_MODULES)).save_pretrained(
+        str(adapter)
+    )
     out = tmp_path / "clip.mp4"
-    args = ["generate", "--model", str(export), "--prompt", "a red circle", "--frames", "5", "--height", "32",
-            "--width", "32", "--steps", "2", "--out", str(out), "--no-progress", "--lora", str(adapter)]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(export),
+        "--prompt",
+        "a red circle",
+        "--frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--lora",
+        str(adapter),
+    ]
     assert main(args) == 0
     from sora_model.video import read_video
 
@@ -196,10 +248,13 @@ def test_convert_refuses_to_overwrite(export: Path, wan_folder: Path, capsys) ->
     assert convert_wan_folder(wan_folder, export).model.depth == 2  # the library call overwrites
 
 
-@pytest.mark.parametrize("preset, wan_config", [
-    ("Wan2.1-T2V-1.3B", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
-    ("Wan2.1-T2V-14B", {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "preset, wan_config",
+    [
+        ("Wan2.1-T2V-1.3B", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
+        ("Wan2.1-T2V-14B", {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}),
+    ],
+)
 def test_wan_presets_have_wans_parameter_count(preset: str, wan_config: dict) -> None:
     from sora_model.config import dit_preset
 
@@ -230,8 +285,12 @@ def test_serve_generator_loads_converted_export_with_lora(export: Path, tmp_path
     from pipelines.serve.generator import Generator
 
     adapter = tmp_path / "adapter"
-    peft.get_peft_model(_our_dit(export), peft.LoraConfig(r=2, target_modules=LORA_TARGET_MODULES)).save_pretrained(str(adapter))
-    generator = Generator.func_or_class({"model": str(export), "lora": str(adapter), "store": str(tmp_path / "store"), "device": "cpu"})
+    peft.get_peft_model(_our_dit(export), peft.LoraConfig(r=2, target_modules=LORA_TARGET_MODULES)).save_pretrained(
+        str(adapter)
+    )
+    generator = Generator.func_or_class(
+        {"model": str(export), "lora": str(adapter), "store": str(tmp_path / "store"), "device": "cpu"}
+    )
     assert (generator.card.num_frames, generator.card.height, generator.card.width) == (81, 480, 832)
     clips = generator.pipe(["a red circle", "a blue square"], num_frames=5, height=32, width=32, steps=1, seed=[0, 1])
     assert clips.shape == (2, 5, 32, 32, 3)

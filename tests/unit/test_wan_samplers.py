@@ -35,13 +35,32 @@ DPM = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "algorithm
 CASES = [
     ("unipc-shift3", "UniPCMultistepScheduler", {**UNIPC, "flow_shift": 3.0}, "unipc"),
     ("unipc-shift5", "UniPCMultistepScheduler", {**UNIPC, "flow_shift": 5.0}, "unipc"),
-    ("unipc-bh1-order3-sigma-min", "UniPCMultistepScheduler",
-     {**UNIPC, "flow_shift": 5.0, "solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}, "unipc"),
-    ("unipc-no-corrector-sigma-min", "UniPCMultistepScheduler",
-     {**UNIPC, "flow_shift": 3.0, "disable_corrector": [0, 4], "final_sigmas_type": "sigma_min", "lower_order_final": False}, "unipc"),
+    (
+        "unipc-bh1-order3-sigma-min",
+        "UniPCMultistepScheduler",
+        {**UNIPC, "flow_shift": 5.0, "solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
+        "unipc",
+    ),
+    (
+        "unipc-no-corrector-sigma-min",
+        "UniPCMultistepScheduler",
+        {
+            **UNIPC,
+            "flow_shift": 3.0,
+            "disable_corrector": [0, 4],
+            "final_sigmas_type": "sigma_min",
+            "lower_order_final": False,
+        },
+        "unipc",
+    ),
     ("dpmpp-shift3", "DPMSolverMultistepScheduler", {**DPM, "flow_shift": 3.0}, "dpmpp"),
-    ("dpmpp-shift5-order3-heun", "DPMSolverMultistepScheduler", {**DPM, "flow_shift": 5.0, "solver_order": 3, "solver_type": "heun"}, "dpmpp"),
-]  # fmt: skip
+    (
+        "dpmpp-shift5-order3-heun",
+        "DPMSolverMultistepScheduler",
+        {**DPM, "flow_shift": 5.0, "solver_order": 3, "solver_type": "heun"},
+        "dpmpp",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +84,9 @@ def convert(folder: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize(("cls", "config", "sampler"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_converted_multistep_folder_samples_like_wan_pipeline(euler_folder: Path, tmp_path: Path, cls, config, sampler) -> None:
+def test_converted_multistep_folder_samples_like_wan_pipeline(
+    euler_folder: Path, tmp_path: Path, cls, config, sampler
+) -> None:
     folder = with_scheduler(euler_folder, tmp_path / "wan", cls, config)
     export = convert(folder, tmp_path / "export")
     assert load_export_config(str(export)).diffusion.sampler == sampler
@@ -74,7 +95,11 @@ def test_converted_multistep_folder_samples_like_wan_pipeline(euler_folder: Path
     wan.set_progress_bar_config(disable=True)
     with torch.no_grad():
         expected = wan(
-            PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="latent", **OPTIONS
+            PROMPT,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(7),
+            output_type="latent",
+            **OPTIONS,
         ).frames
     got = TextToVideoPipeline.load(str(export)).sample_latents(PROMPT, steps=STEPS, seed=7, **OPTIONS)
     assert got.shape == expected.shape == (1, WAN_CHANNELS, 3, 4, 6)
@@ -86,26 +111,55 @@ def test_converted_multistep_folder_samples_like_wan_pipeline(euler_folder: Path
 
 def test_export_records_the_scheduler_settings(euler_folder: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     config = {**UNIPC, "flow_shift": 5.0, "solver_order": 3, "disable_corrector": [2]}
-    export = convert(with_scheduler(euler_folder, tmp_path / "wan", "UniPCMultistepScheduler", config), tmp_path / "export")
+    export = convert(
+        with_scheduler(euler_folder, tmp_path / "wan", "UniPCMultistepScheduler", config), tmp_path / "export"
+    )
     assert "50 unipc steps (order 3, bh2, final sigma zero), shift 5, guidance 5" in capsys.readouterr().out
     d = load_export_config(str(export)).diffusion
-    assert (d.sampler, d.time_grid, d.shift, d.multistep.order, d.multistep.disable_corrector) == ("unipc", "unipc", 5.0, 3, (2,))
+    assert (d.sampler, d.time_grid, d.shift, d.multistep.order, d.multistep.disable_corrector) == (
+        "unipc",
+        "unipc",
+        5.0,
+        3,
+        (2,),
+    )
     euler = convert(euler_folder, tmp_path / "euler")  # the Euler folder stays as it was
     d = load_export_config(str(euler)).diffusion
     assert (d.sampler, d.time_grid, d.shift) == ("euler", "flow_match_euler", 3.0)
 
 
-@pytest.mark.parametrize(("cls", "config", "message"), [
-    ("DDIMScheduler", {}, "scheduler DDIMScheduler is not supported (supported: FlowMatchEulerDiscreteScheduler, "
-                          "UniPCMultistepScheduler, DPMSolverMultistepScheduler)"),
-    ("UniPCMultistepScheduler", {"flow_shift": 3.0}, "prediction_type 'epsilon' is not supported (Wan needs flow_prediction)"),
-    ("UniPCMultistepScheduler", {**UNIPC, "use_karras_sigmas": True}, "use_karras_sigmas True is not supported"),
-    ("UniPCMultistepScheduler", {**UNIPC, "lower_order_final": False}, "lower_order_final False is not supported"),
-    ("DPMSolverMultistepScheduler", {**DPM, "algorithm_type": "sde-dpmsolver++"}, "algorithm_type 'sde-dpmsolver++' is not supported"),
-    ("DPMSolverMultistepScheduler", {**DPM, "final_sigmas_type": "sigma_min", "beta_schedule": "scaled_linear"},
-     "beta_schedule 'scaled_linear' is not supported (final_sigmas_type sigma_min needs linear betas)"),
-], ids=["class", "prediction", "karras", "unipc-final-order", "sde", "dpm-betas"])  # fmt: skip
-def test_unsupported_scheduler_fails_with_one_line(euler_folder: Path, tmp_path: Path, capsys, cls, config, message) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("cls", "config", "message"),
+    [
+        (
+            "DDIMScheduler",
+            {},
+            "scheduler DDIMScheduler is not supported (supported: FlowMatchEulerDiscreteScheduler, "
+            "UniPCMultistepScheduler, DPMSolverMultistepScheduler)",
+        ),
+        (
+            "UniPCMultistepScheduler",
+            {"flow_shift": 3.0},
+            "prediction_type 'epsilon' is not supported (Wan needs flow_prediction)",
+        ),
+        ("UniPCMultistepScheduler", {**UNIPC, "use_karras_sigmas": True}, "use_karras_sigmas True is not supported"),
+        ("UniPCMultistepScheduler", {**UNIPC, "lower_order_final": False}, "lower_order_final False is not supported"),
+        (
+            "DPMSolverMultistepScheduler",
+            {**DPM, "algorithm_type": "sde-dpmsolver++"},
+            "algorithm_type 'sde-dpmsolver++' is not supported",
+        ),
+        (
+            "DPMSolverMultistepScheduler",
+            {**DPM, "final_sigmas_type": "sigma_min", "beta_schedule": "scaled_linear"},
+            "beta_schedule 'scaled_linear' is not supported (final_sigmas_type sigma_min needs linear betas)",
+        ),
+    ],
+    ids=["class", "prediction", "karras", "unipc-final-order", "sde", "dpm-betas"],
+)
+def test_unsupported_scheduler_fails_with_one_line(
+    euler_folder: Path, tmp_path: Path, capsys, cls, config, message
+) -> None:  # noqa: ANN001
     from sora_model.config import ConfigError
     from sora_model.convert_wan import pipeline_config_from_wan
 

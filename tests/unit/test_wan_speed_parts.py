@@ -21,8 +21,19 @@ TEXT_DIM, L = 24, 40
 
 def _wan_dit() -> DiT:
     torch.manual_seed(0)
-    cfg = DiTConfig(**{**WAN_OPTIONS, "in_channels": 4, "text_dim": TEXT_DIM, "hidden_size": 32, "depth": 2, "num_heads": 2,
-                       "ffn_dim": 48, "patch_size": (1, 2, 2), "rope_split": (8, 4, 4)})  # fmt: skip
+    cfg = DiTConfig(
+        **{
+            **WAN_OPTIONS,
+            "in_channels": 4,
+            "text_dim": TEXT_DIM,
+            "hidden_size": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "ffn_dim": 48,
+            "patch_size": (1, 2, 2),
+            "rope_split": (8, 4, 4),
+        }
+    )
     model = DiT(cfg)
     with torch.no_grad():  # DiT starts as the identity (zero gates and output): give every weight a value
         for p in model.parameters():
@@ -41,7 +52,14 @@ def _forward(model: DiT, text: torch.Tensor, **kw) -> torch.Tensor:
     b = text.shape[0]
     g = torch.Generator().manual_seed(2)
     x = torch.randn(b, 4, 3, 4, 6, generator=g)
-    return model(x, torch.linspace(100, 900, b), text, torch.ones(text.shape[:2], dtype=torch.bool), torch.zeros(b, TEXT_DIM), **kw)
+    return model(
+        x,
+        torch.linspace(100, 900, b),
+        text,
+        torch.ones(text.shape[:2], dtype=torch.bool),
+        torch.zeros(b, TEXT_DIM),
+        **kw,
+    )
 
 
 def test_collapse_zero_padding_shapes_and_weights() -> None:

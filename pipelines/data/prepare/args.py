@@ -24,7 +24,9 @@ def _default_max_length(args: Any) -> int:
 
     from sora_model.text import MINILM_NAME
 
-    if getattr(args, "from_export", None) or (args.text_encoder != MINILM_NAME and not Path(args.text_encoder).is_dir()):
+    if getattr(args, "from_export", None) or (
+        args.text_encoder != MINILM_NAME and not Path(args.text_encoder).is_dir()
+    ):
         return TextEncoderConfig().max_length
     return encoder_max_length(args.text_encoder)
 
@@ -40,7 +42,9 @@ def options_from_args(args: Any) -> PrepareOptions:
             raise PrepareError("--resolution and --frames are required (or --buckets FxHxW,...)")
         buckets = [Bucket.parse(f"{args.frames}x{args.resolution}x{args.resolution}")]
     autoencoder = (
-        AutoencoderConfig(kind="diffusers", path=args.autoencoder_path) if args.autoencoder_path else AutoencoderConfig()
+        AutoencoderConfig(kind="diffusers", path=args.autoencoder_path)
+        if args.autoencoder_path
+        else AutoencoderConfig()
     )
     options = PrepareOptions(
         manifest=args.manifest,
@@ -51,9 +55,10 @@ def options_from_args(args: Any) -> PrepareOptions:
         stride_s=args.stride,
         patch=parse_patch(args.patch),
         text_encoder=TextEncoderConfig(
-            name_or_path=args.text_encoder, hidden_layer=args.text_hidden_layer,
+            name_or_path=args.text_encoder,
+            hidden_layer=args.text_hidden_layer,
             max_length=args.max_text_length if args.max_text_length is not None else _default_max_length(args),
-        ),  # fmt: skip
+        ),
         autoencoder=autoencoder,
         rows_per_file=args.rows_per_file,
         overwrite=args.overwrite,
@@ -71,6 +76,8 @@ def options_from_args(args: Any) -> PrepareOptions:
     if getattr(args, "from_export", None):
         return apply_export(options, args.from_export, args)
     if getattr(args, "image_conditioning", False):
-        raise PrepareError("--image-conditioning needs --from-export EXPORT_DIR: the image-to-video export whose VAE "
-                           "and image encoder make each clip's condition")  # fmt: skip
+        raise PrepareError(
+            "--image-conditioning needs --from-export EXPORT_DIR: the image-to-video export whose VAE "
+            "and image encoder make each clip's condition"
+        )
     return options

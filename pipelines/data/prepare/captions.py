@@ -63,7 +63,9 @@ class EmbedCaptions:
 
     def embed(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Unique-by-hash captions -> {tokens (U, L, D) fp16, mask (U, L) bool, pooled (U, D) fp32}, in order."""
-        parts = [self.encoder.encode(captions[i : i + TEXT_BATCH_SIZE]) for i in range(0, len(captions), TEXT_BATCH_SIZE)]
+        parts = [
+            self.encoder.encode(captions[i : i + TEXT_BATCH_SIZE]) for i in range(0, len(captions), TEXT_BATCH_SIZE)
+        ]
         self.embedded += len(captions)
         return {
             "tokens": np.concatenate([_numpy(p.tokens).astype(np.float16) for p in parts]),  # (U, L, D)
@@ -107,7 +109,9 @@ class EmbedCaptions:
             "extra_text_tokens": listed(ragged_tokens(emb["tokens"], lengths, extra)),
             "extra_text_mask": listed(_fixed_list(emb["mask"][extra], pa.bool_())),
             "extra_text_pooled": listed(_fixed_list(emb["pooled"][extra], pa.float32())),
-            "text_truncated": pa.array([sum(bool(cut[row_of[caption_key(c)]]) for c in caps) for caps in per_clip], pa.int32()),
+            "text_truncated": pa.array(
+                [sum(bool(cut[row_of[caption_key(c)]]) for c in caps) for caps in per_clip], pa.int32()
+            ),
         }
         table = table.drop_columns(["captions"])
         pad = {TOKENS_PAD_KEY: str(emb["mask"].shape[1])}  # the length tokens are padded to at load

@@ -23,8 +23,14 @@ ENCODER_BATCH_IMAGES = 64
 class ImageConditioner:
     """pixels (B, F, H, W, 3) uint8 -> {"image_condition": (B, N, Pc) float32, "image_features": (B, Li, Di) fp16}."""
 
-    def __init__(self, cfg: ImageConditioning, autoencoder: Any, device: Any, patch: tuple[int, int, int],
-                 rows_per_call: Callable[[tuple[int, ...]], int]):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ImageConditioning,
+        autoencoder: Any,
+        device: Any,
+        patch: tuple[int, int, int],
+        rows_per_call: Callable[[tuple[int, ...]], int],
+    ):
         from sora_model.image_encoder import ImageEncoder
 
         self.cfg, self.autoencoder, self.device, self.patch = cfg, autoencoder, device, patch

@@ -46,8 +46,13 @@ def detect_cuts(local: str, fps: float) -> list[int]:
 
     video = open_video(local, backend="pyav")
     manager = SceneManager()
-    manager.add_detector(AdaptiveDetector(adaptive_threshold=SCENE_THRESHOLD, window_width=SCENE_WINDOW,
-                                          min_scene_len=max(1, round(MIN_SCENE_S * fps))))  # fmt: skip
+    manager.add_detector(
+        AdaptiveDetector(
+            adaptive_threshold=SCENE_THRESHOLD,
+            window_width=SCENE_WINDOW,
+            min_scene_len=max(1, round(MIN_SCENE_S * fps)),
+        )
+    )
     manager.detect_scenes(video, show_progress=False)
     return sorted(int(start.frame_num) for start, _ in manager.get_scene_list() if int(start.frame_num) > 0)
 
@@ -109,4 +114,3 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bits that differ between int64 hashes, elementwise."""
     x = np.bitwise_xor(a.view(np.uint64), b.view(np.uint64))
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
-

@@ -75,7 +75,9 @@ _ONE_READER: dict[Callable[..., Any], Callable[..., list[np.ndarray]]] = {decode
 """Decoders with a form that decodes all clips of a video from one reader."""
 
 
-def decode_many(clips: list[tuple[str, list[int]]], height: int, width: int, decode: Decoder = decode_frames) -> list[Any]:
+def decode_many(
+    clips: list[tuple[str, list[int]]], height: int, width: int, decode: Decoder = decode_frames
+) -> list[Any]:
     """(local path, frame indices) of a batch's clips, in one call of the decoder child: per clip its frames
     or (class, reason, message). The clips of one video share one reader when the decoder has a one-reader form;
     if that fails, its clips are decoded one by one so each gets its own answer."""
@@ -100,8 +102,13 @@ def decode_many(clips: list[tuple[str, list[int]]], height: int, width: int, dec
     return out
 
 
-def decode_rows(rows: list[dict[str, Any]], bucket: Bucket, files: LocalFiles, decode: Decoder = decode_frames,
-                decode_timeout_s: float = DECODE_TIMEOUT_S) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+def decode_rows(
+    rows: list[dict[str, Any]],
+    bucket: Bucket,
+    files: LocalFiles,
+    decode: Decoder = decode_frames,
+    decode_timeout_s: float = DECODE_TIMEOUT_S,
+) -> tuple[list[int], np.ndarray, list[dict[str, Any]]]:
     """(kept row indices, pixels (K, F, H, W, 3) uint8, reject rows) of plans of one bucket.
 
     All clips of the batch are decoded in one call of this process's decoder child (`isolate.py`): one
@@ -153,6 +160,15 @@ def _clip_rejects(row: dict[str, Any], reason: str, detail: str) -> list[dict[st
     """One reject per manifest line whose caption this clip carried. The clip's id and its line's clip count
     make it a clip-level reject: a resume counts the clip as done, not the line (its other clips may be unwritten)."""
     detail = " ".join(f"clip at {float(row['start_s']):g}s: {detail}".split())
-    return [{"line": int(line), "path": row["path"], "source": row["source"], "reason": reason, "detail": detail,
-             "clip_id": row["clip_id"], "line_clips": int(n)}
-            for line, n in zip(row["lines"], row["line_clips"], strict=True)]  # fmt: skip
+    return [
+        {
+            "line": int(line),
+            "path": row["path"],
+            "source": row["source"],
+            "reason": reason,
+            "detail": detail,
+            "clip_id": row["clip_id"],
+            "line_clips": int(n),
+        }
+        for line, n in zip(row["lines"], row["line_clips"], strict=True)
+    ]

@@ -46,9 +46,25 @@ one, rounded up, so a batch fits whatever the shape; a VAE without temporal chun
 VAE_DEVICE_FRACTION = 0.85
 """Share of the device memory free once the weights are loaded that one encode call may take: the rest absorbs
 the allocator's fragmentation and the output latents."""
-PASS_THROUGH = ("clip_id", "source", "start_s", "fps", "caption", "text_tokens", "text_mask", "text_pooled",
-                "extra_captions", "extra_text_tokens", "extra_text_mask", "extra_text_pooled", "lines", "line_clips",
-                "source_fps", "repeated_frames", "text_truncated")  # fmt: skip
+PASS_THROUGH = (
+    "clip_id",
+    "source",
+    "start_s",
+    "fps",
+    "caption",
+    "text_tokens",
+    "text_mask",
+    "text_pooled",
+    "extra_captions",
+    "extra_text_tokens",
+    "extra_text_mask",
+    "extra_text_pooled",
+    "lines",
+    "line_clips",
+    "source_fps",
+    "repeated_frames",
+    "text_truncated",
+)
 """Plan columns that go to the shard as they are (the order of the shard's columns, tokens inserted)."""
 DECODE_COLUMNS = ["clip_id", "source", "path", "start_s", "indices", "lines", "line_clips"]
 """Plan columns the decoder reads (a clip's reject names its id and its lines' clip counts)."""
@@ -84,8 +100,9 @@ def row_schema(n: int, p: int, length: int, dim: int) -> Any:
     )
 
 
-def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int],
-                condition: dict[str, np.ndarray] | None = None) -> Any:  # fmt: skip
+def shard_table(
+    plans: Any, tokens: np.ndarray, grid: tuple[int, int, int], condition: dict[str, np.ndarray] | None = None
+) -> Any:
     """Plans (with text columns) + tokens (B, N, P) float32 -> the shard's Arrow table; a curated run's plans
     (with `motion`) add the curation columns at the end, and `condition` (`condition.ImageConditioner`'s arrays) the
     image-conditioning columns after them."""
@@ -103,8 +120,10 @@ def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int],
         arrays.append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
         names.append(name)
         if name == "caption":
-            arrays += [_fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
-                       _fixed_list(np.broadcast_to(np.asarray(grid, np.int32), (b, 3)), pa.int32())]  # fmt: skip
+            arrays += [
+                _fixed_list(tokens.astype(np.float32, copy=False), pa.float32()),
+                _fixed_list(np.broadcast_to(np.asarray(grid, np.int32), (b, 3)), pa.int32()),
+            ]
             names += ["patches", "grid"]
     for name in IMAGE_CONDITION_COLUMNS:
         if condition is not None and name in condition:
@@ -114,7 +133,10 @@ def shard_table(plans: Any, tokens: np.ndarray, grid: tuple[int, int, int],
     # Caption tokens are stored at their true length; the field says what length they are padded to at load, so
     # a reader that does not read text_mask pads every shard alike (pipelines.data.load).
     pad = {TOKENS_PAD_KEY: str(plans.schema.field("text_mask").type.list_size)}
-    fields = [pa.field(n, a.type, metadata=pad if n in ("text_tokens", "extra_text_tokens") else None) for n, a in zip(names, arrays)]
+    fields = [
+        pa.field(n, a.type, metadata=pad if n in ("text_tokens", "extra_text_tokens") else None)
+        for n, a in zip(names, arrays)
+    ]
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
@@ -134,8 +156,13 @@ def vae_batch_clips(clip_shape: tuple[int, ...], free_device_bytes: int | None, 
 class Patchify:
     """pixels (B, F, H, W, 3) uint8 -> autoencoder -> tokens (B, N, P) float32, on the best device here."""
 
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None,
-                 image_conditioning: ImageConditioning | None = None):  # fmt: skip
+    def __init__(
+        self,
+        autoencoder: AutoencoderConfig,
+        patch: tuple[int, int, int],
+        batch_clips: int | None = None,
+        image_conditioning: ImageConditioning | None = None,
+    ):
         import torch
 
         from sora_model.autoencoder import build_autoencoder
@@ -156,8 +183,13 @@ class Patchify:
         if image_conditioning is not None:
             from pipelines.data.prepare.condition import ImageConditioner
 
-            self.conditioner = ImageConditioner(image_conditioning, self.autoencoder, self.device, patch,
-                                                lambda shape: min(self.rows_per_call(shape), self.oom_cap.get(shape[1:], shape[0])))  # fmt: skip
+            self.conditioner = ImageConditioner(
+                image_conditioning,
+                self.autoencoder,
+                self.device,
+                patch,
+                lambda shape: min(self.rows_per_call(shape), self.oom_cap.get(shape[1:], shape[0])),
+            )
 
     def condition(self, pixels: np.ndarray) -> dict[str, np.ndarray] | None:
         """The clips' image-to-video condition columns; None when the run stores none."""
@@ -199,8 +231,12 @@ _STATE: dict[str, Any] = {}
 """Per worker process: the identity Patchify and the LocalFiles, built once and reused by every task."""
 
 
-def _process_state(autoencoder: AutoencoderConfig, patch: tuple[int, int, int], scratch: str | None,
-                   image_conditioning: ImageConditioning | None = None) -> tuple[Patchify, LocalFiles]:  # fmt: skip
+def _process_state(
+    autoencoder: AutoencoderConfig,
+    patch: tuple[int, int, int],
+    scratch: str | None,
+    image_conditioning: ImageConditioning | None = None,
+) -> tuple[Patchify, LocalFiles]:
     key = json.dumps([str(autoencoder), list(patch), str(image_conditioning)])
     if _STATE.get("key") != key:
         _STATE.update(key=key, patchify=Patchify(autoencoder, patch, image_conditioning=image_conditioning))
@@ -230,9 +266,17 @@ def by_bucket(table: Any) -> dict[str, Any]:
     return {str(n): take_rows(rest, np.flatnonzero(names == n)) for n in dict.fromkeys(names.tolist())}
 
 
-def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderConfig, patch: tuple[int, int, int],
-                        out: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None,
-                        curate: bool = False, image_conditioning: ImageConditioning | None = None) -> Any:  # fmt: skip
+def decode_encode_write(
+    table: Any,
+    rejects_dir: str,
+    autoencoder: AutoencoderConfig,
+    patch: tuple[int, int, int],
+    out: str,
+    decode_timeout_s: float = DECODE_TIMEOUT_S,
+    scratch: str | None = None,
+    curate: bool = False,
+    image_conditioning: ImageConditioning | None = None,
+) -> Any:
     """Identity path: decode, patchify and write one shard per bucket in this batch (with `curate`, the clips'
     motion and hashes from the same pixels; with `image_conditioning`, their image-to-video condition).
 
@@ -243,8 +287,9 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
     written: dict[str, list] = {"bucket": [], "shard": [], "rows": []}
     rejects = []
     for name, plans in by_bucket(table).items():
-        kept, pixels, bad = decode_rows(plans.select(DECODE_COLUMNS).to_pylist(),
-                                        Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
+        kept, pixels, bad = decode_rows(
+            plans.select(DECODE_COLUMNS).to_pylist(), Bucket.parse(name), files, decode_timeout_s=decode_timeout_s
+        )
         rejects += bad
         if not kept:
             continue
@@ -256,12 +301,22 @@ def decode_encode_write(table: Any, rejects_dir: str, autoencoder: AutoencoderCo
         written["shard"].append(write_shard(shard, os.path.join(out, name)))
         written["rows"].append(shard.num_rows)
     write_rejects(rejects, rejects_dir, "decode")
-    return pa.table({"bucket": pa.array(written["bucket"], pa.string()), "shard": pa.array(written["shard"], pa.string()),
-                     "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
+    return pa.table(
+        {
+            "bucket": pa.array(written["bucket"], pa.string()),
+            "shard": pa.array(written["shard"], pa.string()),
+            "rows": pa.array(written["rows"], pa.int64()),
+        }
+    )
 
 
-def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DECODE_TIMEOUT_S, scratch: str | None = None,
-                     curate: bool = False) -> Any:  # fmt: skip
+def decode_to_pixels(
+    table: Any,
+    rejects_dir: str,
+    decode_timeout_s: float = DECODE_TIMEOUT_S,
+    scratch: str | None = None,
+    curate: bool = False,
+) -> Any:
     """VAE path, first step: plans -> the same rows with `pixels` (flat uint8 list) for the encode actors (with
     `curate`, and the clips' motion and hashes, computed here where the pixels are)."""
     import pyarrow as pa
@@ -271,8 +326,9 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
     files = _STATE["files"]
     parts, rejects = [], []
     for name, plans in by_bucket(table).items():
-        kept, pixels, bad = decode_rows(plans.select(DECODE_COLUMNS).to_pylist(),
-                                        Bucket.parse(name), files, decode_timeout_s=decode_timeout_s)  # fmt: skip
+        kept, pixels, bad = decode_rows(
+            plans.select(DECODE_COLUMNS).to_pylist(), Bucket.parse(name), files, decode_timeout_s=decode_timeout_s
+        )
         rejects += bad
         if kept:
             rows = take_rows(plans, kept).drop_columns(["indices"])
@@ -289,8 +345,13 @@ def decode_to_pixels(table: Any, rejects_dir: str, decode_timeout_s: float = DEC
 class EncodeClips:
     """Ray Data actor (one per GPU): decoded rows -> shard rows, with their bucket, for `write_rows`."""
 
-    def __init__(self, autoencoder: AutoencoderConfig, patch: tuple[int, int, int], batch_clips: int | None = None,
-                 image_conditioning: ImageConditioning | None = None):  # fmt: skip
+    def __init__(
+        self,
+        autoencoder: AutoencoderConfig,
+        patch: tuple[int, int, int],
+        batch_clips: int | None = None,
+        image_conditioning: ImageConditioning | None = None,
+    ):
         self.patchify = Patchify(autoencoder, patch, batch_clips, image_conditioning)
 
     def __call__(self, table: Any) -> Any:
@@ -321,13 +382,16 @@ def write_rows(table: Any, out: str, rows_per_file: int) -> Any:
             written["bucket"].append(name)
             written["shard"].append(write_shard(rows.slice(lo, hi - lo), os.path.join(out, name)))
             written["rows"].append(hi - lo)
-    return pa.table({"bucket": pa.array(written["bucket"], pa.string()), "shard": pa.array(written["shard"], pa.string()),
-                     "rows": pa.array(written["rows"], pa.int64())})  # fmt: skip
+    return pa.table(
+        {
+            "bucket": pa.array(written["bucket"], pa.string()),
+            "shard": pa.array(written["shard"], pa.string()),
+            "rows": pa.array(written["rows"], pa.int64()),
+        }
+    )
 
 
 def batch_rows(clip_bytes: int, rows_per_file: int, batch_bytes: int) -> int:
     """Clips per decode batch (and so per shard on the identity path): at most `rows_per_file` and
     `batch_bytes` of decoded pixels, at least one."""
     return max(1, min(rows_per_file, DECODE_BATCH_ROWS, batch_bytes // max(1, clip_bytes)))
-
-

@@ -42,7 +42,9 @@ def apply_export(options: PrepareOptions, export_dir: str, args: Any = None) -> 
     if args is not None:
         given = [flag for dest, (flag, default) in EXPORT_DECIDES.items() if getattr(args, dest, default) != default]
         if given:
-            raise PrepareError(f"--from-export sets the text encoder, autoencoder and patch; leave out {', '.join(given)}")
+            raise PrepareError(
+                f"--from-export sets the text encoder, autoencoder and patch; leave out {', '.join(given)}"
+            )
     try:
         config = load_export_config(export_dir)
     except (OSError, ValueError) as err:
@@ -67,12 +69,16 @@ def image_conditioning(config: Any, export_dir: str) -> ImageConditioning:
 
     m = config.model
     if m.in_channels == m.predicted_channels:
-        raise PrepareError(f"--image-conditioning: '{export_dir}' is a text-to-video export (model.in_channels equals "
-                           "the channels it predicts); give an image-to-video one (sora convert of a "
-                           "WanImageToVideoPipeline)")  # fmt: skip
+        raise PrepareError(
+            f"--image-conditioning: '{export_dir}' is a text-to-video export (model.in_channels equals "
+            "the channels it predicts); give an image-to-video one (sora convert of a "
+            "WanImageToVideoPipeline)"
+        )
     encoder = None
     if m.image_dim is not None:
-        paths = {k: (v if not v or os.path.isabs(v) else os.path.join(os.path.abspath(export_dir), v))
-                 for k, v in dataclasses.asdict(config.image_encoder).items()}  # fmt: skip
+        paths = {
+            k: (v if not v or os.path.isabs(v) else os.path.join(os.path.abspath(export_dir), v))
+            for k, v in dataclasses.asdict(config.image_encoder).items()
+        }
         encoder = ImageEncoderConfig(**paths)
     return ImageConditioning(images=2 if m.image_positions else 1, encoder=encoder)

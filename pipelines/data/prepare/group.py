@@ -53,9 +53,14 @@ def parse_split(start: int, end: int, line: int, scan: ManifestScan, done: list[
     import pyarrow as pa
 
     rows = parse_chunks(pa.table({"start": [start], "end": [end], "line": [line]}), [scan], done)
-    part = np.fromiter((partition_of(s or "", n, partitions) for s, n in
-                        zip(rows.column("source").to_pylist(), rows.column("line").to_pylist(), strict=True)),
-                       dtype=np.int64, count=rows.num_rows)  # fmt: skip
+    part = np.fromiter(
+        (
+            partition_of(s or "", n, partitions)
+            for s, n in zip(rows.column("source").to_pylist(), rows.column("line").to_pylist(), strict=True)
+        ),
+        dtype=np.int64,
+        count=rows.num_rows,
+    )
     pieces = tuple(rows.filter(pa.array(part == k)) for k in range(partitions))
     return pieces if partitions > 1 else pieces[0]
 
@@ -81,8 +86,13 @@ def _remote(fn: Any, **options: Any) -> Any:
     return ray.remote(fn).options(**options)
 
 
-def group_by_source(scan: ManifestScan, chunks: list[tuple[int, int, int]], done: Any, partitions: int | None = None,
-                    fan_in: int | None = None) -> list[Any]:  # fmt: skip
+def group_by_source(
+    scan: ManifestScan,
+    chunks: list[tuple[int, int, int]],
+    done: Any,
+    partitions: int | None = None,
+    fan_in: int | None = None,
+) -> list[Any]:
     """Object references of the blocks (entry_schema), each holding every row of its sources: `partitions` blocks
     (default: one per chunk, up to GROUP_PARTITIONS_MAX), merged in groups of `fan_in` chunks (default
     ceil(sqrt(chunks)); one level when that covers every chunk)."""

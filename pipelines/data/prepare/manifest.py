@@ -214,7 +214,9 @@ def _parse_csv(text: str, scan: ManifestScan, first_line: int) -> list[dict[str,
             continue
         line, prev = first_line + prev, reader.line_num  # a record's first physical line
         row = dict(zip(scan.fields, values, strict=False))
-        entries.append(_entry(line, row.get("path"), row.get(caption_col), scan.base, row.get("start_s"), row.get("end_s")))
+        entries.append(
+            _entry(line, row.get("path"), row.get(caption_col), scan.base, row.get("start_s"), row.get("end_s"))
+        )
     return entries
 
 
@@ -223,7 +225,9 @@ def _scan_folder(folder: str) -> ManifestScan:
     from sora_model.video import IMAGE_EXTENSIONS
 
     root = Path(folder).resolve()
-    media = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
+    media = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+    )
     if not media:
         raise PrepareError(f"folder manifest {folder} holds no videos or images ({', '.join(VIDEO_EXTENSIONS)})")
     digest = hashlib.sha256()
@@ -235,8 +239,16 @@ def _scan_folder(folder: str) -> ManifestScan:
         digest.update(f"{rel}\0{caption}\0".encode())
         files.append(rel)
     n = len(files)
-    return ManifestScan(manifest=str(root), kind="folder", base=str(root), sha256=digest.hexdigest(), num_rows=n,
-                        offsets=[(i, i + 1) for i in range(n)], end=n, files=files)  # fmt: skip
+    return ManifestScan(
+        manifest=str(root),
+        kind="folder",
+        base=str(root),
+        sha256=digest.hexdigest(),
+        num_rows=n,
+        offsets=[(i, i + 1) for i in range(n)],
+        end=n,
+        files=files,
+    )
 
 
 def _folder_entry(scan: ManifestScan, index: int, line: int) -> dict[str, Any]:
@@ -249,8 +261,17 @@ def _folder_entry(scan: ManifestScan, index: int, line: int) -> dict[str, Any]:
 def entry_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("line", pa.int64()), ("path", pa.string()), ("source", pa.string()), ("caption", pa.string()),
-                      ("start_s", pa.float64()), ("end_s", pa.float64()), ("error", pa.string())])  # fmt: skip
+    return pa.schema(
+        [
+            ("line", pa.int64()),
+            ("path", pa.string()),
+            ("source", pa.string()),
+            ("caption", pa.string()),
+            ("start_s", pa.float64()),
+            ("end_s", pa.float64()),
+            ("error", pa.string()),
+        ]
+    )
 
 
 def parse_chunks(chunks: Any, scan: list[Any], done: list[Any]) -> Any:

@@ -74,7 +74,21 @@ TOKENS_PAD_KEY = "pad_to"
 that does not read text_mask pads every shard alike."""
 DEFAULT_PATCH = (1, 4, 4)
 """The DiT-demo model's patch. Tokens are cut at prepare time, so this must equal the recipe's model.patch_size."""
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp", ".ogv", ".gif")
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".flv",
+    ".3gp",
+    ".ogv",
+    ".gif",
+)
 """What a folder manifest picks up (with IMAGE_EXTENSIONS); a JSONL/CSV manifest may name any file."""
 CAPTION_COLUMNS = ("caption", "text")
 PARQUET_COMPRESSION = "zstd"
@@ -104,7 +118,9 @@ and the decoder's own buffers. A 128 GiB, 16-CPU node (~90 GiB of task memory) g
 of 81x480x832 where a fixed 128 MiB allowed one."""
 
 
-def decode_batch_bytes(nodes: Sequence[dict[str, Any]], workers: int | None = None, override_mib: int | None = None) -> int:
+def decode_batch_bytes(
+    nodes: Sequence[dict[str, Any]], workers: int | None = None, override_mib: int | None = None
+) -> int:
     """Decoded-pixel bytes per decode task: `override_mib` (--decode-batch-mib) when given; else
     DECODE_MEMORY_FRACTION of the smallest per-task memory over the cluster's alive nodes (`ray.nodes()`:
     `Resources` memory ÷ CPUs, or ÷ `workers` when fewer tasks run at once), between DECODE_BATCH_BYTES
@@ -120,6 +136,8 @@ def decode_batch_bytes(nodes: Sequence[dict[str, Any]], workers: int | None = No
     if not per_task:
         return DECODE_BATCH_BYTES
     return int(min(DECODE_BATCH_BYTES_MAX, max(DECODE_BATCH_BYTES, DECODE_MEMORY_FRACTION * min(per_task))))
+
+
 DEFAULT_MAX_UPSCALE = 1.0
 """Largest factor a source may be scaled up by to fill its bucket (`--max-upscale`): 1.0 never upscales, since an
 upscaled clip teaches the model blur at the bucket's resolution; 2.0 accepts a 240p source for a 480p bucket."""
@@ -300,7 +318,6 @@ class PrepareOptions:
         }
 
 
-
 TOKENIZER_UNBOUNDED = 10**6
 """A tokenizer's model_max_length at or above this is transformers' "no limit" sentinel (int(1e30))."""
 
@@ -331,6 +348,8 @@ def encoder_max_length(name_or_path: str, tokenizer_path: str | None = None) -> 
         config = config.get("text_config", config)
         found += [int(config[k]) for k in ("max_position_embeddings", "n_positions") if isinstance(config.get(k), int)]
     if not found:
-        raise PrepareError(f"cannot tell how many tokens the text encoder {name_or_path} takes (no model_max_length in "
-                           "its tokenizer_config.json, no max_position_embeddings in its config.json); pass --max-text-length")  # fmt: skip
+        raise PrepareError(
+            f"cannot tell how many tokens the text encoder {name_or_path} takes (no model_max_length in "
+            "its tokenizer_config.json, no max_position_embeddings in its config.json); pass --max-text-length"
+        )
     return found[0]

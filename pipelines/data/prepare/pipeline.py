@@ -71,8 +71,10 @@ def prepare(options: PrepareOptions) -> dict[str, Any]:
         if cause is None:
             raise
         out = options.out
-        raise StorageFailed(f"storage failed, run stopped (no input was rejected for it): {cause}; "
-                            f"make room or fix the storage, then run the same command again to resume {out}") from None  # fmt: skip
+        raise StorageFailed(
+            f"storage failed, run stopped (no input was rejected for it): {cause}; "
+            f"make room or fix the storage, then run the same command again to resume {out}"
+        ) from None
 
 
 def _storage_cause(err: BaseException) -> str | None:
@@ -112,7 +114,9 @@ def _prepare(options: PrepareOptions) -> dict[str, Any]:
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled)
-    ctx.enable_progress_bars = opts.progress and console.library_bars()  # progress=False (a library call), or a console: quiet
+    ctx.enable_progress_bars = (
+        opts.progress and console.library_bars()
+    )  # progress=False (a library call), or a console: quiet
     # Ray Data reserves CPUs per operator; on a small machine that held the decode stage to one task at a
     # time (2 cores: 55% busy). Without it every stage takes what is free (the streaming executor still
     # bounds each operator's queued output, which is what keeps memory flat).
@@ -127,12 +131,20 @@ def _prepare(options: PrepareOptions) -> dict[str, Any]:
     try:
         done = None
         if resuming:
-            summary_ref, done = ray.remote(_resume_summary).options(num_cpus=0, num_returns=2).remote(out, [b.name for b in opts.buckets])
+            summary_ref, done = (
+                ray.remote(_resume_summary)
+                .options(num_cpus=0, num_returns=2)
+                .remote(out, [b.name for b in opts.buckets])
+            )
             summary = ray.get(summary_ref)
             if opts.progress:
-                print(f"resuming {out}: {summary['written']} clips already written, {summary['lines']} manifest lines finished"
-                      + (f", {summary['damaged']} damaged shards set aside to be rewritten" if summary["damaged"] else ""),
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"resuming {out}: {summary['written']} clips already written, {summary['lines']} manifest lines finished"
+                    + (
+                        f", {summary['damaged']} damaged shards set aside to be rewritten" if summary["damaged"] else ""
+                    ),
+                    file=sys.stderr,
+                )
         ds = build_plan(scan, opts, out, done, cluster_cpus())
         written, shards = _drain(ds, opts.progress, scan.num_rows, t0)
         stats = ds.stats()
@@ -194,46 +206,98 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     ds = ray.data.from_arrow_refs(group_by_source(scan_light, chunks, done))
     ds = ds.map_batches(
         plan_block,
-        fn_kwargs={"buckets": opts.buckets, "fps": opts.fps, "clips_per_video": opts.clips_per_video,
-                   "stride_s": opts.stride_s, "rejects_dir": rejects_dir, "done": [done], "decode_timeout_s": opts.decode_timeout_s,
-                   "guards": Guards(opts.max_upscale, opts.max_fps_ratio), "scratch": opts.scratch, "curate": opts.curate},
+        fn_kwargs={
+            "buckets": opts.buckets,
+            "fps": opts.fps,
+            "clips_per_video": opts.clips_per_video,
+            "stride_s": opts.stride_s,
+            "rejects_dir": rejects_dir,
+            "done": [done],
+            "decode_timeout_s": opts.decode_timeout_s,
+            "guards": Guards(opts.max_upscale, opts.max_fps_ratio),
+            "scratch": opts.scratch,
+            "curate": opts.curate,
+        },
         # One probing task per CPU at most, so the caption and decode stages get CPUs while files are probed.
-        batch_size=None, batch_format="pyarrow", num_cpus=1, compute=TaskPoolStrategy(size=max(1, cpus)),
-    )  # fmt: skip
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+        compute=TaskPoolStrategy(size=max(1, cpus)),
+    )
     # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
     # tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors.
     actors = opts.caption_actors if opts.caption_actors is not None else gpus
     if actors:
         ds = ds.map_batches(
-            EmbedCaptions, fn_constructor_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS, batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=actors), **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
-        )  # fmt: skip
+            EmbedCaptions,
+            fn_constructor_kwargs={"config": opts.text_encoder},
+            batch_size=CAPTION_ROWS,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=actors),
+            **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        )
     else:
-        ds = ds.map_batches(embed_task, fn_kwargs={"config": opts.text_encoder}, batch_size=CAPTION_ROWS,
-                            batch_format="pyarrow", num_cpus=1)  # fmt: skip
+        ds = ds.map_batches(
+            embed_task,
+            fn_kwargs={"config": opts.text_encoder},
+            batch_size=CAPTION_ROWS,
+            batch_format="pyarrow",
+            num_cpus=1,
+        )
     largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
     rows = batch_rows(largest, opts.rows_per_file, decode_batch_bytes(ray.nodes(), opts.workers, opts.decode_batch_mib))
     concurrency = {"compute": TaskPoolStrategy(size=opts.workers)} if opts.workers else {}
     if opts.autoencoder.kind == "identity":
         return ds.map_batches(
-            decode_encode_write, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
-            fn_kwargs={"rejects_dir": rejects_dir, "autoencoder": opts.autoencoder, "patch": opts.patch, "out": out,
-                       "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch, "curate": opts.curate,
-                       "image_conditioning": opts.image_conditioning},
-        )  # fmt: skip
-    ds = ds.map_batches(decode_to_pixels, batch_size=rows, batch_format="pyarrow", num_cpus=1, **concurrency,
-                        fn_kwargs={"rejects_dir": rejects_dir, "decode_timeout_s": opts.decode_timeout_s, "scratch": opts.scratch,
-                                   "curate": opts.curate})  # fmt: skip
+            decode_encode_write,
+            batch_size=rows,
+            batch_format="pyarrow",
+            num_cpus=1,
+            **concurrency,
+            fn_kwargs={
+                "rejects_dir": rejects_dir,
+                "autoencoder": opts.autoencoder,
+                "patch": opts.patch,
+                "out": out,
+                "decode_timeout_s": opts.decode_timeout_s,
+                "scratch": opts.scratch,
+                "curate": opts.curate,
+                "image_conditioning": opts.image_conditioning,
+            },
+        )
     ds = ds.map_batches(
-        EncodeClips, fn_constructor_kwargs={"autoencoder": opts.autoencoder, "patch": opts.patch,
-                                            "batch_clips": opts.vae_batch_clips,
-                                            "image_conditioning": opts.image_conditioning},
+        decode_to_pixels,
         batch_size=rows,
-        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
+        batch_format="pyarrow",
+        num_cpus=1,
+        **concurrency,
+        fn_kwargs={
+            "rejects_dir": rejects_dir,
+            "decode_timeout_s": opts.decode_timeout_s,
+            "scratch": opts.scratch,
+            "curate": opts.curate,
+        },
+    )
+    ds = ds.map_batches(
+        EncodeClips,
+        fn_constructor_kwargs={
+            "autoencoder": opts.autoencoder,
+            "patch": opts.patch,
+            "batch_clips": opts.vae_batch_clips,
+            "image_conditioning": opts.image_conditioning,
+        },
+        batch_size=rows,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, gpus) if gpus else 1),
         **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
-    )  # fmt: skip
-    return ds.map_batches(write_rows, batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=0.25,
-                          fn_kwargs={"out": out, "rows_per_file": opts.rows_per_file})  # fmt: skip
+    )
+    return ds.map_batches(
+        write_rows,
+        batch_size=opts.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        fn_kwargs={"out": out, "rows_per_file": opts.rows_per_file},
+    )
 
 
 def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]:
@@ -246,14 +310,18 @@ def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]
         now = time.perf_counter()
         if progress and now - last > 2:
             last = now
-            console.status(f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)")
+            console.status(
+                f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)"
+            )
     return written, shards
 
 
 def _append_stats(out: str, stats: str, written: int, shards: int, seconds: float) -> None:
     fs, p = filesystem(join(out, STATS_LOG))
     with fs.open(p, "ab" if not is_uri(out) else "wb") as f:  # object stores cannot append: the last run's stats
-        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode())
+        f.write(
+            f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode()
+        )
 
 
 def _curation(opts: PrepareOptions, sums: list[dict[str, Any]]) -> dict[str, Any]:
@@ -262,8 +330,13 @@ def _curation(opts: PrepareOptions, sums: list[dict[str, Any]]) -> dict[str, Any
     rows = sum(s["rows"] for s in sums if s["source_fps"])
     return {
         "text_truncated": sum(s["text_truncated"] for s in sums),
-        "source_fps": {"min": round(min(f[0] for f in fps), 4), "max": round(max(f[1] for f in fps), 4),
-                       "mean": round(sum(f[2] for f in fps) / rows, 4)} if fps else None,  # fmt: skip
+        "source_fps": {
+            "min": round(min(f[0] for f in fps), 4),
+            "max": round(max(f[1] for f in fps), 4),
+            "mean": round(sum(f[2] for f in fps) / rows, 4),
+        }
+        if fps
+        else None,
         "clips_with_repeated_frames": sum(s["repeated_clips"] for s in sums),
         "max_upscale": opts.max_upscale,
         "max_fps_ratio": opts.max_fps_ratio,
@@ -275,27 +348,48 @@ def _image_info(opts: PrepareOptions, schema: Any) -> dict[str, Any]:
     checks against an image-to-video model: frames per clip, condition channels, feature tokens and width)."""
     cond = opts.image_conditioning
     per_token = schema.field("image_condition").type.value_type.list_size  # (mask + latent channels) x pt x ph x pw
-    info: dict[str, Any] = {"images": cond.images, "channels": per_token // math.prod(opts.patch),
-                            "image_encoder": None if cond.encoder is None else to_dict(cond.encoder)}  # fmt: skip
+    info: dict[str, Any] = {
+        "images": cond.images,
+        "channels": per_token // math.prod(opts.patch),
+        "image_encoder": None if cond.encoder is None else to_dict(cond.encoder),
+    }
     if "image_features" in schema.names:
         features = schema.field("image_features").type
         info.update(image_tokens=features.list_size // cond.images, image_dim=features.value_type.list_size)
     return info
 
 
-def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str, Any], channels: int,
-            rejected: tuple[int, int], elapsed: float) -> dict[str, Any]:  # fmt: skip
+def _finish(
+    opts: PrepareOptions,
+    out: str,
+    scan: ManifestScan,
+    grids: dict[str, Any],
+    channels: int,
+    rejected: tuple[int, int],
+    elapsed: float,
+) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     num_rejected, clips_rejected = rejected
     bucket_infos, sums = [], []
     for b in opts.buckets:
         sums.append(shard_summary(join(out, b.name)))
-        bucket_infos.append({"frames": b.frames, "height": b.height, "width": b.width, "name": b.name,
-                             "grid": list(grids[b.name]), "num_clips": sums[-1]["rows"], "path": b.name})  # fmt: skip
+        bucket_infos.append(
+            {
+                "frames": b.frames,
+                "height": b.height,
+                "width": b.width,
+                "name": b.name,
+                "grid": list(grids[b.name]),
+                "num_clips": sums[-1]["rows"],
+                "path": b.name,
+            }
+        )
     num_clips = sum(bi["num_clips"] for bi in bucket_infos)
     if num_clips == 0:
-        raise PrepareError(f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}")
+        raise PrepareError(
+            f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}"
+        )
     first = next(f for bi in bucket_infos for f in shard_files(join(out, bi["path"])))
     fs, p = filesystem(first)
     schema = pq.read_schema(p, filesystem=fs)
@@ -326,15 +420,21 @@ def _finish(opts: PrepareOptions, out: str, scan: ManifestScan, grids: dict[str,
         **({"curate": curate_summary([join(out, b.name) for b in opts.buckets])} if opts.curate else {}),
         **({"image_conditioning": _image_info(opts, schema)} if opts.image_conditioning else {}),
         "columns": list(COLUMNS) + (list(CURATE_COLUMNS) if opts.curate else []) + image_columns,
-        "dtypes": {**DTYPES, **(CURATE_DTYPES if opts.curate else {}),
-                   **{c: IMAGE_CONDITION_DTYPES[c] for c in image_columns}},
+        "dtypes": {
+            **DTYPES,
+            **(CURATE_DTYPES if opts.curate else {}),
+            **{c: IMAGE_CONDITION_DTYPES[c] for c in image_columns},
+        },
         "layout": "one folder per bucket, OUT/<frames>x<height>x<width>/part-*.parquet",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 2),
     }
     write_json(join(out, DATASET_INFO), info)
     if info["text_truncated"]:
-        print(f"warning: {info['text_truncated']} captions were longer than the text encoder's {opts.text_encoder.max_length} "
-              "tokens and were cut (raise --max-text-length; per clip: the text_truncated column)", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {info['text_truncated']} captions were longer than the text encoder's {opts.text_encoder.max_length} "
+            "tokens and were cut (raise --max-text-length; per clip: the text_truncated column)",
+            file=sys.stderr,
+        )
     print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")
     return info

@@ -77,8 +77,13 @@ def choose_bucket(buckets: Sequence[Bucket], width: int, height: int, still: boo
 
 def reject_row(entry: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     """One line of rejects.jsonl."""
-    return {"line": int(entry["line"]), "path": entry["path"], "source": entry["source"], "reason": reason,
-            "detail": " ".join(detail.split())}  # fmt: skip
+    return {
+        "line": int(entry["line"]),
+        "path": entry["path"],
+        "source": entry["source"],
+        "reason": reason,
+        "detail": " ".join(detail.split()),
+    }
 
 
 class PlanInputs:
@@ -89,9 +94,17 @@ class PlanInputs:
     `lines[i]` planned (a resume counts a row done when that many of its clips are written).
     """
 
-    def __init__(self, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
-                 decode_timeout_s: float = DECODE_TIMEOUT_S, guards: Guards | None = None, scratch: str | None = None,
-                 curate: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        buckets: list[Bucket],
+        fps: float | None,
+        clips_per_video: int,
+        stride_s: float | None,
+        decode_timeout_s: float = DECODE_TIMEOUT_S,
+        guards: Guards | None = None,
+        scratch: str | None = None,
+        curate: bool = False,
+    ):
         self.planner = ClipPlanner(buckets, fps, clips_per_video, stride_s, guards or Guards(), curate)
         self.files = LocalFiles(scratch)
         self.curate = curate
@@ -188,10 +201,14 @@ class ClipPlanner:
     curate: bool = False
     """Find the file's scene cuts first (curate.detect_cuts) and plan every clip inside one scene."""
 
-    def plan_sources(self, work: list[tuple[list[dict[str, Any]], str | Remote]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    def plan_sources(
+        self, work: list[tuple[list[dict[str, Any]], str | Remote]]
+    ) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
         return [self.plan_source(good, local) for good, local in work]
 
-    def plan_source(self, good: list[dict[str, Any]], where: str | Remote) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def plan_source(
+        self, good: list[dict[str, Any]], where: str | Remote
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(plans, rejects) of the usable rows of one file (see PlanInputs): a local path, or a Remote read by ranges."""
         if not isinstance(where, Remote):
             return self._plan_file(good, where)
@@ -250,7 +267,9 @@ class ClipPlanner:
                 return [], rejects + [reject_row(by_line[line], reason, detail) for line in lines]
         return list(plans.values()), rejects
 
-    def _plan_entry(self, entry: dict[str, Any], info: Any, cuts: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def _plan_entry(
+        self, entry: dict[str, Any], info: Any, cuts: list[int]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """The clips of one manifest row, `stride` apart from its start; with scene cuts, a clip that would span a
         cut starts at the cut instead, and the clips after it count their stride from there."""
         from pipelines.data.prepare.curate import scene_of, spanned_cut
@@ -292,10 +311,20 @@ class ClipPlanner:
                 origin, n = round(cut / info.fps, 6), 0
                 continue
             n += 1
-            plans.append({"clip_id": clip_id(entry["source"], start), "source": entry["source"], "path": entry["path"],
-                          "start_s": start, "fps": float(rate), "source_fps": float(info.fps),
-                          "repeated_frames": sum(a == b for a, b in zip(idx, idx[1:])), "bucket": bucket.name,
-                          "indices": idx, "scene": scene_of(cuts, idx[0])})  # fmt: skip
+            plans.append(
+                {
+                    "clip_id": clip_id(entry["source"], start),
+                    "source": entry["source"],
+                    "path": entry["path"],
+                    "start_s": start,
+                    "fps": float(rate),
+                    "source_fps": float(info.fps),
+                    "repeated_frames": sum(a == b for a, b in zip(idx, idx[1:])),
+                    "bucket": bucket.name,
+                    "indices": idx,
+                    "scene": scene_of(cuts, idx[0]),
+                }
+            )
             if bucket.frames == 1 and info.num_frames == 1:
                 break  # a still gives one clip
         return plans, None
@@ -304,11 +333,15 @@ class ClipPlanner:
         """(reason, detail) when the source is too small or too slow for its bucket, else None."""
         scale = max(bucket.height / info.height, bucket.width / info.width)
         if scale > self.guards.max_upscale * (1 + 1e-9):
-            return "upscaled", (f"{info.width}x{info.height} source would be upscaled {scale:.3g}x to bucket {bucket.name}, "
-                                f"beyond --max-upscale {self.guards.max_upscale:g}")  # fmt: skip
+            return "upscaled", (
+                f"{info.width}x{info.height} source would be upscaled {scale:.3g}x to bucket {bucket.name}, "
+                f"beyond --max-upscale {self.guards.max_upscale:g}"
+            )
         if self.fps is not None and bucket.frames > 1 and self.fps / info.fps > self.guards.max_fps_ratio * (1 + 1e-9):
-            return "low fps", (f"source at {info.fps:g} fps for clips at {self.fps:g} fps repeats frames ({self.fps / info.fps:.3g}x, "
-                               f"beyond --max-fps-ratio {self.guards.max_fps_ratio:g})")  # fmt: skip
+            return "low fps", (
+                f"source at {info.fps:g} fps for clips at {self.fps:g} fps repeats frames ({self.fps / info.fps:.3g}x, "
+                f"beyond --max-fps-ratio {self.guards.max_fps_ratio:g})"
+            )
         return None
 
     def _too_short(self, info: Any, start0: float, still: bool) -> str:
@@ -317,18 +350,32 @@ class ClipPlanner:
             return f"a still image (1 frame) but every bucket needs more frames; add a 1x{b.height}x{b.width} bucket"
         smallest = min((b for b in self.buckets if b.frames > 1), key=lambda b: b.frames)
         rate = f"{self.fps:g} fps" if self.fps else "its own fps"
-        return (f"{info.duration:.3f}s ({info.num_frames} frames at {info.fps:g} fps) from {start0:g}s "
-                f"cannot give {smallest.frames} frames at {rate}")  # fmt: skip
+        return (
+            f"{info.duration:.3f}s ({info.num_frames} frames at {info.fps:g} fps) from {start0:g}s "
+            f"cannot give {smallest.frames} frames at {rate}"
+        )
 
 
 def plan_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("clip_id", pa.string()), ("source", pa.string()), ("path", pa.string()), ("start_s", pa.float64()),
-                      ("fps", pa.float32()), ("source_fps", pa.float32()), ("repeated_frames", pa.int32()),
-                      ("bucket", pa.string()), ("indices", pa.list_(pa.int32())), ("scene", pa.int32()),
-                      ("lines", pa.list_(pa.int64())), ("line_clips", pa.list_(pa.int32())),
-                      ("captions", pa.list_(pa.string()))])  # fmt: skip
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("source", pa.string()),
+            ("path", pa.string()),
+            ("start_s", pa.float64()),
+            ("fps", pa.float32()),
+            ("source_fps", pa.float32()),
+            ("repeated_frames", pa.int32()),
+            ("bucket", pa.string()),
+            ("indices", pa.list_(pa.int32())),
+            ("scene", pa.int32()),
+            ("lines", pa.list_(pa.int64())),
+            ("line_clips", pa.list_(pa.int32())),
+            ("captions", pa.list_(pa.string())),
+        ]
+    )
 
 
 PROBE_BATCH = 32
@@ -337,9 +384,19 @@ _PLANNERS: dict[str, PlanInputs] = {}
 """Per worker process: the planner of the run's settings (its LocalFiles keeps one temp folder)."""
 
 
-def plan_block(table: Any, buckets: list[Bucket], fps: float | None, clips_per_video: int, stride_s: float | None,
-               rejects_dir: str, done: list[Any], decode_timeout_s: float = DECODE_TIMEOUT_S,
-               guards: Guards | None = None, scratch: str | None = None, curate: bool = False) -> Any:  # fmt: skip
+def plan_block(
+    table: Any,
+    buckets: list[Bucket],
+    fps: float | None,
+    clips_per_video: int,
+    stride_s: float | None,
+    rejects_dir: str,
+    done: list[Any],
+    decode_timeout_s: float = DECODE_TIMEOUT_S,
+    guards: Guards | None = None,
+    scratch: str | None = None,
+    curate: bool = False,
+) -> Any:
     """Ray Data stage over the manifest sorted by source: every source of the block probed once, its rows
     planned into clips; rejects go to a file under `rejects_dir`; clips already written (a resume) are
     dropped. Returns the plans (`plan_schema`)."""

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.prepare.options import DECODE_REJECTS_DIR, PARQUET_COMPRESSION, SHARD_PREFIX, SHARD_SUFFIX, TMP_PREFIX
+from pipelines.data.prepare.options import (
+    DECODE_REJECTS_DIR,
+    PARQUET_COMPRESSION,
+    SHARD_PREFIX,
+    SHARD_SUFFIX,
+    TMP_PREFIX,
+)
 from pipelines.data.prepare.storage import is_uri, storage_failure, with_retries
 
 DAMAGED_DIR = "_damaged"
@@ -171,9 +177,14 @@ def read_curation(shard: str) -> dict[str, np.ndarray]:
     fs, p = filesystem(shard)
     t = pq.read_table(p, columns=["clip_id", "source", "start_s", *CURATE_COLUMNS], filesystem=fs)
     hashes = t.column("phash").combine_chunks().flatten().to_numpy().reshape(t.num_rows, HASH_FRAMES)
-    return {"clip_id": np.asarray(t.column("clip_id").to_pylist(), dtype=object),
-            "source": np.asarray(t.column("source").to_pylist(), dtype=object), "start_s": t.column("start_s").to_numpy(),
-            "scene": t.column("scene").to_numpy(), "motion": t.column("motion").to_numpy(), "phash": hashes}  # fmt: skip
+    return {
+        "clip_id": np.asarray(t.column("clip_id").to_pylist(), dtype=object),
+        "source": np.asarray(t.column("source").to_pylist(), dtype=object),
+        "start_s": t.column("start_s").to_numpy(),
+        "scene": t.column("scene").to_numpy(),
+        "motion": t.column("motion").to_numpy(),
+        "phash": hashes,
+    }
 
 
 def curate_summary(folders: list[str]) -> dict[str, Any]:
@@ -189,10 +200,17 @@ def curate_summary(folders: list[str]) -> dict[str, Any]:
     scenes = {(s, int(k)) for p in parts for s, k in zip(p["source"], p["scene"], strict=True)}
     return {
         "columns": list(c.CURATE_COLUMNS),
-        "scene": {"detector": c.SCENE_DETECTOR, "adaptive_threshold": c.SCENE_THRESHOLD, "min_scene_s": c.MIN_SCENE_S,
-                  "sources_with_cuts": len({s for s, k in scenes if k > 0})},  # fmt: skip
-        "motion": {"measure": c.MOTION, "flow_short_side": c.FLOW_SIDE,
-                   **({f"p{q}": round(float(np.percentile(motion, q)), 4) for q in (10, 50, 90)} if len(motion) else {})},  # fmt: skip
+        "scene": {
+            "detector": c.SCENE_DETECTOR,
+            "adaptive_threshold": c.SCENE_THRESHOLD,
+            "min_scene_s": c.MIN_SCENE_S,
+            "sources_with_cuts": len({s for s, k in scenes if k > 0}),
+        },
+        "motion": {
+            "measure": c.MOTION,
+            "flow_short_side": c.FLOW_SIDE,
+            **({f"p{q}": round(float(np.percentile(motion, q)), 4) for q in (10, 50, 90)} if len(motion) else {}),
+        },
         "phash": {"measure": c.PHASH, "default_max_hamming": c.DEFAULT_MAX_HAMMING},
     }
 

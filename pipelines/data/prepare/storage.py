@@ -56,11 +56,14 @@ class StorageUnavailable(Exception):
 
 
 STORAGE_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO", "EROFS", "ENOMEM", "EMFILE", "ENFILE", "ESTALE")
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EIO", "EROFS", "ENOMEM", "EMFILE", "ENFILE", "ESTALE")
     if hasattr(errno, name)
 )
 """OSError numbers that say the machine or its storage failed, not the input: no retry, the run stops."""
-RETRY_ERRNOS = frozenset(getattr(errno, name) for name in ("EAGAIN", "EINTR", "EBUSY", "ETIMEDOUT") if hasattr(errno, name))
+RETRY_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EAGAIN", "EINTR", "EBUSY", "ETIMEDOUT") if hasattr(errno, name)
+)
 """OSError numbers worth another try; still failing after RETRIES, the run stops (StorageUnavailable)."""
 
 
@@ -84,9 +87,23 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in RETRY_ERRNOS:
         return True
     text = f"{type(err).__name__} {err}".lower()
-    markers = ("slowdown", "throttl", "too many requests", "503", "500", "timeout", "timed out", "reset", "connection",
-               "temporarily", "broken pipe", "internalerror")  # fmt: skip
-    return isinstance(err, (ConnectionError, TimeoutError)) or (isinstance(err, OSError) and any(m in text for m in markers))
+    markers = (
+        "slowdown",
+        "throttl",
+        "too many requests",
+        "503",
+        "500",
+        "timeout",
+        "timed out",
+        "reset",
+        "connection",
+        "temporarily",
+        "broken pipe",
+        "internalerror",
+    )
+    return isinstance(err, (ConnectionError, TimeoutError)) or (
+        isinstance(err, OSError) and any(m in text for m in markers)
+    )
 
 
 def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> T:
@@ -206,7 +223,9 @@ class RangeFile(io.RawIOBase):
             self._cache.move_to_end(k)
             return self._cache[k]
         start, end = k * self.block, min(self.size, (k + 1) * self.block)
-        data = with_retries(lambda: self.fs.cat_file(self.path, start=start, end=end), f"{self.name} (bytes {start}-{end})")
+        data = with_retries(
+            lambda: self.fs.cat_file(self.path, start=start, end=end), f"{self.name} (bytes {start}-{end})"
+        )
         self.bytes_read += len(data)
         self._cache[k] = data
         if len(self._cache) > self.blocks:
