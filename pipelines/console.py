@@ -147,7 +147,8 @@ def active() -> Console | None:
 
 
 def stop() -> None:
-    """Put the terminal back. Ray is shut down first, still into the log: its exit prints otherwise reach the terminal."""
+    """Put the terminal back. Ray is shut down first, still into the log: its exit prints otherwise reach the
+    terminal."""
     global _active
     if _active is None:
         return

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.from_diffusers):
         raise UserError(
-            f"--from-diffusers '{args.from_diffusers}' is not a folder; give a diffusers WanPipeline or WanImageToVideoPipeline folder"
+            f"--from-diffusers '{args.from_diffusers}' is not a folder; "
+            "give a diffusers WanPipeline or WanImageToVideoPipeline folder"
         )
     if os.path.isfile(os.path.join(args.out, CONFIG_FILE)) and not args.overwrite:
         raise UserError(f"--out '{args.out}' already holds an export; pass --overwrite to replace it")
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert a pretrained model (a diffusers Wan pipeline folder: T2V, I2V, FLF2V, Wan2.2 experts) into an export",
+        help="convert a pretrained model (a diffusers Wan pipeline folder: T2V, I2V, FLF2V, Wan2.2 experts) "
+        "into an export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

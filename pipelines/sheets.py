@@ -1,7 +1,8 @@
 """Sample sheets a person can read: each clip labelled with its prompt, held-out prompts marked, and what the
 judge (`sora eval`'s attribute detector) read, in red where it differs from what was asked.
 
-    sheet = labelled_sheet(clips, prompts, held_out=flags, judged=judge(clips))  # (H, W, 3): rows = prompts, frames across
+    sheet = labelled_sheet(clips, prompts, held_out=flags, judged=judge(clips))
+    # sheet: (H, W, 3), rows = prompts, frames across
     grid = labelled_grid(clips, prompts, held_out=flags, judged=judge(clips))    # (T, H, W, 3): tiles, animated
 
 Used by the demo's report (samples.png, samples.gif) and by training's stage-end grids (RUN/samples/<stage>.gif).
@@ -98,7 +99,8 @@ def labelled_sheet(
     judged: Sequence[dict | None] | None = None,
     scale: int = 4,
 ) -> np.ndarray:
-    """One still image: a row per clip, its label on the left, its frames left to right. (N, T, H, W, 3) -> (H', W', 3)."""
+    """One still image: a row per clip, its label on the left, its frames left to right.
+    (N, T, H, W, 3) -> (H', W', 3)."""
     clips = np.asarray(clips)
     n, t, h, w, _ = clips.shape
     held, judged = _flags(n, held_out, judged)

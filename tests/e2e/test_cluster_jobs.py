@@ -112,10 +112,12 @@ def test_submit_train_then_serve_over_http(cluster):
     manifest = data / "shapes" / "captions.jsonl"
     prepare = " && ".join(
         [
-            f"python -m pipelines.cli data synth --out {data / 'shapes'} --num-videos 24 --size 16 --frames 8 --no-progress"
+            f"python -m pipelines.cli data synth --out {data / 'shapes'} --num-videos 24 --size 16 --frames 8 "
+            "--no-progress"
         ]
         + [
-            f"python -m pipelines.cli data prepare --manifest {manifest} --out {data / name} --resolution 16 --frames {frames} --no-progress"
+            f"python -m pipelines.cli data prepare --manifest {manifest} --out {data / name} --resolution 16 "
+            f"--frames {frames} --no-progress"
             for name, frames in (("images", 1), ("clips", 8))
         ]
     )

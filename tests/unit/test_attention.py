@@ -138,9 +138,9 @@ def test_ragged_window_peak_memory_stays_near_the_even_clip():
     """~17k tokens: T' = 17 with window 4 (ragged: 4 windows + 1 frame) vs T' = 16 (even).
 
     Measured as the growth of peak RSS (Linux VmHWM, reset just before) over one forward, each in a fresh
-    subprocess (no tracemalloc: it does not see torch's allocations). Measured here: ~47 MiB ragged, ~45 MiB even; the
-    code before this change took 1.5 GB for the ragged clip (its mask and the bias SDPA made of it). A (N, N) mask would be 17408² bytes = 289 MiB
-    alone, and its float bias 4x that; dense windows need a few MiB of scores.
+    subprocess (no tracemalloc: it does not see torch's allocations). Measured here: ~47 MiB ragged, ~45 MiB even;
+    the code before this change took 1.5 GB for the ragged clip (its mask and the bias SDPA made of it). A (N, N)
+    mask would be 17408² bytes = 289 MiB alone, and its float bias 4x that; dense windows need a few MiB of scores.
     """
     ragged, even = _peak(17), _peak(16)
     assert ragged["tokens"] == 17408 and even["tokens"] == 16384

@@ -31,7 +31,10 @@ def noisy(args):
 
 p = cli.build_parser()
 sub = p._subparsers._group_actions[0]
-n = sub.add_parser("noisy"); n.add_argument("--log"); n.add_argument("--fail", action="store_true"); n.set_defaults(func=noisy)
+n = sub.add_parser("noisy")
+n.add_argument("--log")
+n.add_argument("--fail", action="store_true")
+n.set_defaults(func=noisy)
 cli.build_parser = lambda: p
 sys.exit(cli.main(sys.argv[1:]))
 """

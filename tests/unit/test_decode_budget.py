@@ -1,4 +1,5 @@
-"""The decode budget (decoded pixels per decode task) comes from the nodes' memory, with a floor, a cap and an override."""
+"""The decode budget (decoded pixels per decode task) comes from the nodes' memory, with a floor, a cap and an
+override."""
 
 from __future__ import annotations
 

@@ -175,7 +175,7 @@ def _clip_full() -> torch.nn.Module:
     ],
     ids=["t5", "bert", "clip_text", "clip"],
 )
-def test_tiny_models_from_folders(tmp_path: Path, tokenizer, make, model_type: str, pooling: str) -> None:  # noqa: ANN001
+def test_tiny_models_from_folders(tmp_path: Path, tokenizer, make, model_type: str, pooling: str) -> None:
     torch.manual_seed(0)
     folder = tmp_path / model_type
     model = make()
