@@ -1,7 +1,7 @@
 """The DeepSpeed engine of one rank: the config built from the recipe, the model, optimizer and schedule.
 
     config = ds_config(recipe, recipe.stages[0], world=8)     # a plain dict, what deepspeed.initialize takes
-    engine, module = build_engine(recipe, device, world)      # inside a worker (torch.distributed is up)
+    engine, module = build_engine(recipe, world)              # inside a worker (torch.distributed is up)
 
 Also what the GPU check and the benchmarks build, so the engine a benchmark measures is the one the
 workers train with.
