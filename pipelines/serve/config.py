@@ -323,6 +323,12 @@ class ServeSettings:
             self.secret_keys = {
                 str(k): v if isinstance(v, str) else from_dict(ApiKey, v) for k, v in self.api_keys_from.read().items()
             }
+        self._check_access()
+        self._check_limits()
+        self._check_model_options()
+
+    def _check_access(self) -> None:
+        """Who may call: `auth` against the keys, the key digests and their tiers, the download interface."""
         if self.auth == "none" and self.keys:
             raise ConfigError("auth: none contradicts the configured api_keys; remove one of them")
         try:
@@ -339,6 +345,9 @@ class ServeSettings:
                 raise ConfigError(
                     "api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora serve --hash-key KEY`"
                 )
+
+    def _check_limits(self) -> None:
+        """The numeric settings: preview steps, retention, downloads, sweeps, the text cache."""
         if self.preview_steps < 1:
             raise ConfigError(f"preview_steps must be >= 1, got {self.preview_steps}")
         if self.retention_s is not None and self.retention_s <= 0:
@@ -365,6 +374,9 @@ class ServeSettings:
             raise ConfigError(
                 f"text_cache_memory_fraction must be between 0 and 0.5, got {self.text_cache_memory_fraction}"
             )
+
+    def _check_model_options(self) -> None:
+        """What is served: per-request adapters, parallel ranks and their device, the database URL."""
         for name, path in self.loras.items():
             if not LORA_NAME.fullmatch(str(name)):
                 raise ConfigError(

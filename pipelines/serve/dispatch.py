@@ -212,31 +212,12 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_job(self, job: dict[str, Any], alone: bool) -> None:
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-
         s = self.settings()
         job_id, token = job["id"], job["_lease_token"]
         status = "failed"
         try:
-            attempt = job["_attempts"]
-            if attempt > 1 and not any(r.get("attempt") == attempt - 1 for r in job["_retries"]):
-                # Nobody gave the last attempt up: its holder stopped renewing (died, or its loop was stuck).
-                self.metrics.lease_expiries.labels(reason="lapsed").inc()
-                message = f"attempt {attempt - 1}: its holder's lease lapsed (queue.lease_ttl_s) before it finished"
-                await asyncio.to_thread(self.db.add_retry, job_id, token, attempt - 1, "lease_lapsed", message)
-                job["_retries"] = [
-                    *job["_retries"],
-                    {"attempt": attempt - 1, "code": "lease_lapsed", "message": message},
-                ]
-            if attempt > s.queue.max_attempts:
-                reasons = "; ".join(r.get("message", "") for r in job["_retries"][-s.queue.max_attempts :])
-                message = f"generation failed: {attempt - 1} attempts did not finish (queue.max_attempts): {reasons}"
-                await asyncio.to_thread(self.db.fail, job_id, token, "retries_exhausted", message, s.retention_s)
+            if not await self._check_attempts(job, token, s):
                 return
-            if attempt > 1:
-                self.stats["reclaimed"] += 1
-                logger.info("dispatcher: re-claimed %s (attempt %d)", job_id, attempt)
             item = {
                 "id": job_id,
                 "token": token,
@@ -245,30 +226,12 @@ class Dispatcher:
                 "deadline_ns": job["_deadline_ns"],
                 "lease_ttl_s": s.queue.lease_ttl_s,
                 "retention_s": s.retention_s,
-                "attempt": attempt,
+                "attempt": job["_attempts"],
             }
-            tries, waits = 0, 0
-            while True:
-                try:
-                    result = await self.generator.generate.remote(item)
-                    break
-                except BackPressureError:
-                    self.stats["generator_backpressure"] += 1  # the job keeps its lease; it was accepted
-                except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as err:
-                    if token in self.abandoned:  # a stalled attempt whose hung replica was replaced: retried already
-                        status = "abandoned"
-                        return
-                    tries += 1
-                    self.stats["generator_retries"] += 1
-                    logger.warning("generator replica lost under %s (try %d): %s", job_id, tries, type(err).__name__)
-                    if tries >= s.queue.max_attempts:
-                        message = (
-                            f"generation failed after {tries} tries: the generator replica died ({type(err).__name__})"
-                        )
-                        await asyncio.to_thread(self.db.fail, job_id, token, "replica_failed", message, s.retention_s)
-                        return
-                await asyncio.sleep(RETRY_BACKOFF_S[min(waits, len(RETRY_BACKOFF_S) - 1)])
-                waits += 1
+            result = await self._generate(item, s)
+            if isinstance(result, str):  # no answer came: "abandoned" or "failed"
+                status = result
+                return
             status = self._record(result, token)
         except Exception as err:  # noqa: BLE001 - one job's failure never stops the dispatcher
             logger.exception("job %s failed", job_id)
@@ -282,15 +245,70 @@ class Dispatcher:
                 s.retention_s,
             )
         finally:
-            if self.held.get(job_id) == token:  # a newer attempt of the same job may be held here now
-                del self.held[job_id]
-            self.abandoned.discard(token)
-            self.wake()
-            self.metrics.jobs.labels(status=status).inc()
-            if status in ("completed", "failed"):
-                self.metrics.end_to_end.labels(status=status).observe(
-                    max(0.0, (time.time_ns() - job["_created_ns"]) / 1e9)
-                )
+            self._job_done(job, token, status)
+
+    async def _check_attempts(self, job: dict[str, Any], token: str, s: ServeSettings) -> bool:
+        """Before an attempt runs: record an earlier attempt that nobody gave up (its lease lapsed), and fail the job
+        once it has had queue.max_attempts. False when the job failed here."""
+        job_id, attempt = job["id"], job["_attempts"]
+        if attempt > 1 and not any(r.get("attempt") == attempt - 1 for r in job["_retries"]):
+            # Nobody gave the last attempt up: its holder stopped renewing (died, or its loop was stuck).
+            self.metrics.lease_expiries.labels(reason="lapsed").inc()
+            message = f"attempt {attempt - 1}: its holder's lease lapsed (queue.lease_ttl_s) before it finished"
+            await asyncio.to_thread(self.db.add_retry, job_id, token, attempt - 1, "lease_lapsed", message)
+            job["_retries"] = [
+                *job["_retries"],
+                {"attempt": attempt - 1, "code": "lease_lapsed", "message": message},
+            ]
+        if attempt > s.queue.max_attempts:
+            reasons = "; ".join(r.get("message", "") for r in job["_retries"][-s.queue.max_attempts :])
+            message = f"generation failed: {attempt - 1} attempts did not finish (queue.max_attempts): {reasons}"
+            await asyncio.to_thread(self.db.fail, job_id, token, "retries_exhausted", message, s.retention_s)
+            return False
+        if attempt > 1:
+            self.stats["reclaimed"] += 1
+            logger.info("dispatcher: re-claimed %s (attempt %d)", job_id, attempt)
+        return True
+
+    async def _generate(self, item: dict[str, Any], s: ServeSettings) -> dict[str, Any] | str:
+        """Call the generator until it answers: a full queue (back-pressure) is waited out, a lost replica is tried
+        again up to queue.max_attempts. -> its answer, or the job's status when none came ("abandoned": a stalled
+        attempt already retried; "failed": the replicas kept dying, the job is failed here)."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        job_id, token = item["id"], item["token"]
+        tries, waits = 0, 0
+        while True:
+            try:
+                return await self.generator.generate.remote(item)
+            except BackPressureError:
+                self.stats["generator_backpressure"] += 1  # the job keeps its lease; it was accepted
+            except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as err:
+                if token in self.abandoned:  # a stalled attempt whose hung replica was replaced: retried already
+                    return "abandoned"
+                tries += 1
+                self.stats["generator_retries"] += 1
+                logger.warning("generator replica lost under %s (try %d): %s", job_id, tries, type(err).__name__)
+                if tries >= s.queue.max_attempts:
+                    message = (
+                        f"generation failed after {tries} tries: the generator replica died ({type(err).__name__})"
+                    )
+                    await asyncio.to_thread(self.db.fail, job_id, token, "replica_failed", message, s.retention_s)
+                    return "failed"
+            await asyncio.sleep(RETRY_BACKOFF_S[min(waits, len(RETRY_BACKOFF_S) - 1)])
+            waits += 1
+
+    def _job_done(self, job: dict[str, Any], token: str, status: str) -> None:
+        """Free the job's slot here and count how it ended."""
+        job_id = job["id"]
+        if self.held.get(job_id) == token:  # a newer attempt of the same job may be held here now
+            del self.held[job_id]
+        self.abandoned.discard(token)
+        self.wake()
+        self.metrics.jobs.labels(status=status).inc()
+        if status in ("completed", "failed"):
+            self.metrics.end_to_end.labels(status=status).observe(max(0.0, (time.time_ns() - job["_created_ns"]) / 1e9))
 
     def _record(self, result: dict[str, Any], token: str) -> str:
         report = result.get("report")

@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -156,33 +157,12 @@ class Generator:
     """Loads the export once; samples batches of same-shape requests."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        import torch
-
-        from sora_model.adapters import AdapterCache
-        from sora_model.pipeline import TextToVideoPipeline
-
         self.settings = _from_dict(settings)
         if not self.settings.model:
             raise ValueError(f"no export to serve: set {MODEL_ENV}=EXPORT_DIR or give the application's args a 'model'")
-        device = self.settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         started = time.perf_counter()
-        s = self.settings
-        self.ranks = None  # with `parallel`: this replica's rank actors, called like the pipeline (parallel/replica.py)
-        if s.parallel.enabled:
-            self.pipe = self.ranks = ParallelRanks.start(
-                s.model, s.parallel, s.device, s.precision, s.lora, _replica_id()
-            )
-        else:
-            self.pipe = TextToVideoPipeline.load(s.model, device=device, precision=s.precision, lora=s.lora)
-        # Per-request adapters (`loras:`), applied unmerged on the loaded model: checked now from their headers, loaded
-        # when first asked for. A bad one is reported in the card (its requests answer 400), the others serve.
-        self.adapters = AdapterCache(self.pipe.model, self.settings.loras, self.settings.lora_cache_bytes)
-        lora_errors = self.adapters.check_all()
-        for name, problem in lora_errors.items():
-            logger.warning("generator: LoRA '%s' cannot be used: %s", name, problem)
-        self.card = model_card(self.pipe, tuple(n for n in self.settings.loras if n not in lora_errors), lora_errors)
+        device = self._load_pipeline()
+        lora_errors = self._load_adapters()
         # What the result cache keys on besides the request (api.result_cache_key): computed once, here.
         lora = self.settings.lora
         self.ident = {
@@ -217,6 +197,39 @@ class Generator:
             self.settings.precision,
             self.load_s,
         )
+
+    def _load_pipeline(self) -> str:
+        """Load the export (`self.pipe`): in this process, or across this replica's rank actors with `parallel`
+        (`self.ranks`, called like the pipeline: parallel/replica.py). -> the device it was asked on."""
+        import torch
+
+        from sora_model.pipeline import TextToVideoPipeline
+
+        s = self.settings
+        device = s.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.ranks = None
+        if s.parallel.enabled:
+            self.pipe = self.ranks = ParallelRanks.start(
+                s.model, s.parallel, s.device, s.precision, s.lora, _replica_id()
+            )
+        else:
+            self.pipe = TextToVideoPipeline.load(s.model, device=device, precision=s.precision, lora=s.lora)
+        return device
+
+    def _load_adapters(self) -> dict[str, str]:
+        """Per-request adapters (`loras:`), applied unmerged on the loaded model: checked now from their headers, loaded
+        when first asked for. A bad one is reported in the card (its requests answer 400), the others serve.
+        -> adapter name -> why it cannot be used."""
+        from sora_model.adapters import AdapterCache
+
+        self.adapters = AdapterCache(self.pipe.model, self.settings.loras, self.settings.lora_cache_bytes)
+        lora_errors = self.adapters.check_all()
+        for name, problem in lora_errors.items():
+            logger.warning("generator: LoRA '%s' cannot be used: %s", name, problem)
+        self.card = model_card(self.pipe, tuple(n for n in self.settings.loras if n not in lora_errors), lora_errors)
+        return lora_errors
 
     def _apply_batching(self) -> None:
         b = self.settings.batching
@@ -340,54 +353,15 @@ class Generator:
         """Sample one same-shape group in one pipeline call (runs in a worker thread)."""
         ids = [it["id"] for it in items]
         ttl = items[0]["lease_ttl_s"]
-        started_ns = time.time_ns()
-        live = [self.db.start(it["id"], it["token"], self.replica, ttl) for it in items]
-        # Deleted, finished elsewhere, or taken over while waiting: those drop out of the call.
-        run = [(it, p) for it, p, job in zip(items, params, live, strict=True) if job is not None]
-        queued_s = {job["id"]: (started_ns - job["_created_ns"]) / 1e9 for job in live if job is not None}
-        batch_id = uuid.uuid4().hex[:12]
-        results = {i: {"ok": True, "batch_id": batch_id, "batch_size": len(run), "skipped": True} for i in ids}
+        run, queued_s, results = self._start_group(items, params, ttl)
         if not run:
             return [results[i] for i in ids]
         first = run[0][1]
         held = {it["id"]: it["token"] for it, _ in run}
-        deadlines = [it["deadline_ns"] for it, _ in run]
-        # Tests only (STALL_ENV): a first attempt hangs in its last step, as a wedged device would.
-        stall_s = self._stall_s if self._stall_s and all(it.get("attempt", 1) == 1 for it, _ in run) else 0.0
-        lock, last = threading.Lock(), [0.0]
         started = time.perf_counter()
         timer = CallTimer()
         cache = self.pipe.text_encoder.cache
         hits, misses = cache.hits, cache.misses
-
-        def on_step(step: int, total: int) -> None:
-            timer.step()
-            self._busy_since = time.monotonic()
-            now_s = time.monotonic()
-            with lock:
-                if now_s - last[0] < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
-                    return
-                last[0] = now_s
-            if all(d is not None and time.time_ns() > d for d in deadlines):
-                raise StopSampling("deadline")
-            pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
-            # When sampling will end at the pace so far: the ingress tells pollers to come back then.
-            left_s = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
-            kept = self.db.progress(
-                dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl
-            )  # a heartbeat: renews the leases
-            for job_id in set(held) - kept:
-                held.pop(job_id)
-            if not held:
-                raise StopSampling("lease")
-            if stall_s and step + 1 == total:
-                logger.warning(
-                    "generator %s: %s set, hanging %gs in the last step of %s", self.replica, STALL_ENV, stall_s, ids
-                )
-                time.sleep(stall_s)
-
-        self._timer.call = timer
-        self._busy_since = time.monotonic()
         # A group shares its adapter, step cache and reference images (GenerationParams.shape_key); the cache and
         # image options go to the pipeline only when asked for, so a pipeline without them still serves the rest.
         options = {"step_cache": first.step_cache, "cache_threshold": first.cache_threshold} if first.step_cache else {}
@@ -396,48 +370,14 @@ class Generator:
         except LookupError as err:
             return self._fail(ids, run, results, f"generation failed: {err}", "input_missing")
         try:
-            with self.adapters.applied(first.lora):
-                clips = self.pipe(
-                    [p.prompt for _, p in run],
-                    num_frames=first.num_frames,
-                    height=first.height,
-                    width=first.width,
-                    steps=first.steps,
-                    guidance_scale=[p.guidance_scale for _, p in run],
-                    seed=[p.seed for _, p in run],
-                    sampler=first.sampler,
-                    negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
-                    callback=on_step,
-                    **options,
-                )  # (B, T, H, W, 3) uint8
-        except StopSampling as why:
-            if str(why) == "deadline":
-                return self._fail(
-                    ids,
-                    run,
-                    results,
-                    "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)",
-                    "deadline_exceeded",
-                )
-            logger.warning(
-                "generator %s: leases of %s were given up or taken over; stopped sampling", self.replica, ids
-            )
-            return [results[i] for i in ids]
-        except (ValueError, TypeError) as err:  # a request the limits let through but the model refuses
-            return self._fail(ids, run, results, f"generation failed: {err}", "invalid_request")
+            clips = self._sample(run, first, self._on_step(ids, run, held, timer, started, ttl), timer, options)
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail these jobs, keep the replica serving
-            if "CUDA" in str(err) and "out of memory" not in str(err):
-                self._fatal = str(err)  # a broken device: let Serve replace the replica
-            logger.exception("generation failed for %s", ids)
-            return self._fail(ids, run, results, f"generation failed: {type(err).__name__}: {err}", "generation_failed")
-        finally:
-            self._timer.call = None
-            self._busy_since = None
+            return self._sampling_failed(err, ids, run, results)
         seconds = time.perf_counter() - started
         self.stats["pipeline_calls"] += 1
         self.stats["clips"] += len(run)
         self.batch_sizes[len(run)] += 1
-        call_report = JobReport(
+        call_report: JobReport | None = JobReport(
             call=True,
             batch_size=len(run),
             text_encode_s=timer.text_encode_s,
@@ -455,7 +395,7 @@ class Generator:
             report.queue_wait_s = queued_s[it["id"]]
             results[it["id"]] = {
                 "ok": True,
-                "batch_id": batch_id,
+                "batch_id": results[it["id"]]["batch_id"],
                 "batch_size": len(run),
                 "seconds": seconds,
                 "clip": clip,
@@ -464,6 +404,119 @@ class Generator:
                 "report": report,
             }
         return [results[i] for i in ids]
+
+    def _start_group(
+        self, items: list[dict[str, Any]], params: list[GenerationParams], ttl: float
+    ) -> tuple[list[tuple[dict[str, Any], GenerationParams]], dict[str, float], dict[str, dict[str, Any]]]:
+        """Move the group's jobs to `in_progress` under their tokens. Those deleted, finished elsewhere or taken over
+        while waiting drop out of the call. -> the jobs that run, each one's queue wait, and every job's result so far
+        (skipped, until its clip is sampled)."""
+        started_ns = time.time_ns()
+        live = [self.db.start(it["id"], it["token"], self.replica, ttl) for it in items]
+        run = [(it, p) for it, p, job in zip(items, params, live, strict=True) if job is not None]
+        queued_s = {job["id"]: (started_ns - job["_created_ns"]) / 1e9 for job in live if job is not None}
+        batch_id = uuid.uuid4().hex[:12]
+        results = {
+            it["id"]: {"ok": True, "batch_id": batch_id, "batch_size": len(run), "skipped": True} for it in items
+        }
+        return run, queued_s, results
+
+    def _on_step(
+        self,
+        ids: list[str],
+        run: list[tuple[dict[str, Any], GenerationParams]],
+        held: dict[str, str],
+        timer: CallTimer,
+        started: float,
+        ttl: float,
+    ) -> Callable[[int, int], None]:
+        """The call's progress callback: times each step; at most every PROGRESS_WRITE_INTERVAL_S writes progress and
+        an ETA (a heartbeat that renews the leases, dropping from `held` the jobs whose lease is gone); stops the call
+        once every job passed its deadline or lost its lease."""
+        deadlines = [it["deadline_ns"] for it, _ in run]
+        # Tests only (STALL_ENV): a first attempt hangs in its last step, as a wedged device would.
+        stall_s = self._stall_s if self._stall_s and all(it.get("attempt", 1) == 1 for it, _ in run) else 0.0
+        lock, last = threading.Lock(), [0.0]
+
+        def on_step(step: int, total: int) -> None:
+            timer.step()
+            self._busy_since = time.monotonic()
+            now_s = time.monotonic()
+            with lock:
+                if now_s - last[0] < PROGRESS_WRITE_INTERVAL_S and step + 1 < total:
+                    return
+                last[0] = now_s
+            if all(d is not None and time.time_ns() > d for d in deadlines):
+                raise StopSampling("deadline")
+            pct = int(SAMPLING_SHARE * (step + 1) / max(total, 1))
+            # When sampling will end at the pace so far: the ingress tells pollers to come back then.
+            left_s = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
+            kept = self.db.progress(dict(held), pct, time.time_ns() + int(left_s * 1e9), ttl)
+            for job_id in set(held) - kept:
+                held.pop(job_id)
+            if not held:
+                raise StopSampling("lease")
+            if stall_s and step + 1 == total:
+                logger.warning(
+                    "generator %s: %s set, hanging %gs in the last step of %s", self.replica, STALL_ENV, stall_s, ids
+                )
+                time.sleep(stall_s)
+
+        return on_step
+
+    def _sample(
+        self,
+        run: list[tuple[dict[str, Any], GenerationParams]],
+        first: GenerationParams,
+        on_step: Callable[[int, int], None],
+        timer: CallTimer,
+        options: dict[str, Any],
+    ) -> Any:
+        """The group's one pipeline call, under its LoRA adapter, timed by `timer` -> (B, T, H, W, 3) uint8 clips."""
+        self._timer.call = timer
+        self._busy_since = time.monotonic()
+        try:
+            with self.adapters.applied(first.lora):
+                return self.pipe(
+                    [p.prompt for _, p in run],
+                    num_frames=first.num_frames,
+                    height=first.height,
+                    width=first.width,
+                    steps=first.steps,
+                    guidance_scale=[p.guidance_scale for _, p in run],
+                    seed=[p.seed for _, p in run],
+                    sampler=first.sampler,
+                    negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
+                    callback=on_step,
+                    **options,
+                )
+        finally:
+            self._timer.call = None
+            self._busy_since = None
+
+    def _sampling_failed(
+        self,
+        err: Exception,
+        ids: list[str],
+        run: list[tuple[dict[str, Any], GenerationParams]],
+        results: dict[str, dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """What a call that raised means for its jobs: stopped (deadline, leases gone), refused by the model, or
+        failed (a broken CUDA device, not out of memory, also marks the replica unhealthy so Serve replaces it)."""
+        if isinstance(err, StopSampling):
+            if str(err) == "deadline":
+                message = "generation stopped: the job passed its deadline (tiers.*.job_deadline_s)"
+                return self._fail(ids, run, results, message, "deadline_exceeded")
+            logger.warning(
+                "generator %s: leases of %s were given up or taken over; stopped sampling", self.replica, ids
+            )
+            return [results[i] for i in ids]
+        if isinstance(err, (ValueError, TypeError)):  # a request the limits let through but the model refuses
+            return self._fail(ids, run, results, f"generation failed: {err}", "invalid_request")
+        if "CUDA" in str(err) and "out of memory" not in str(err):
+            self._fatal = str(err)  # a broken device: let Serve replace the replica
+        logger.exception("generation failed for %s", ids, exc_info=err)
+        return self._fail(ids, run, results, f"generation failed: {type(err).__name__}: {err}", "generation_failed")
 
     def _references(
         self, run: list[tuple[dict[str, Any], GenerationParams]], first: GenerationParams

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -55,6 +56,19 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         kw = {"registry": self.registry, "namespace": "sora_serve"}
         self.replica = replica
+        self._http_series(kw)
+        self._job_series(kw)
+        self._queue_series(kw)
+        for cache in ("result", "text"):  # series exist (at 0) before the first hit, so rates and panels start at once
+            self.cache_hits.labels(cache=cache)
+            self.cache_misses.labels(cache=cache)
+        for reason in ("stalled", "lapsed"):
+            self.lease_expiries.labels(reason=reason)
+        for reason in ORPHAN_REASONS:
+            self.orphans_swept.labels(reason=reason)
+
+    def _http_series(self, kw: dict[str, Any]) -> None:
+        """Requests, their latency and the error answers, as the ingress sees them."""
         self.requests = Counter("requests", "HTTP requests by route and status code.", ("route", "status"), **kw)
         self.request_seconds = Histogram(
             "request_seconds",
@@ -69,6 +83,10 @@ class ServeMetrics:
             ("status", "reason"),
             **kw,
         )
+
+    def _job_series(self, kw: dict[str, Any]) -> None:
+        """Where a job's time goes (metrics.JobReport): queue wait, text encode, steps, decode, encode + upload, end to
+        end; the batch sizes and the caches of the pipeline calls."""
         self.queue_wait = Histogram(
             "queue_wait_seconds", "Accepted to sampling started, per job.", buckets=LATENCY_BUCKETS, **kw
         )
@@ -104,6 +122,10 @@ class ServeMetrics:
             "Bytes held by the text-embedding cache of the generator replica that last reported.",
             **kw,
         )
+
+    def _queue_series(self, kw: dict[str, Any]) -> None:
+        """The dispatcher's work: leases given up, jobs by how they ended, admission refusals, orphan sweeps, jobs
+        in flight."""
         self.lease_expiries = Counter(
             "lease_expiries",
             "Leases given up: stalled (no step progress within queue.stall_timeout_s) "
@@ -121,13 +143,6 @@ class ServeMetrics:
             **kw,
         )
         self.in_flight = Gauge("in_flight_jobs", "Jobs this replica holds leases on (handed to the generator).", **kw)
-        for cache in ("result", "text"):  # series exist (at 0) before the first hit, so rates and panels start at once
-            self.cache_hits.labels(cache=cache)
-            self.cache_misses.labels(cache=cache)
-        for reason in ("stalled", "lapsed"):
-            self.lease_expiries.labels(reason=reason)
-        for reason in ORPHAN_REASONS:
-            self.orphans_swept.labels(reason=reason)
 
     def observe_report(self, report: JobReport) -> None:
         if report.queue_wait_s is not None:

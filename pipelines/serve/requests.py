@@ -99,6 +99,38 @@ def multipart_boundary(content_type: str) -> tuple[bytes, str]:
     return boundary.encode("ascii"), text_charset(charset if isinstance(charset, str) else "utf-8", "Content-Type")
 
 
+def split_part(piece: bytes) -> tuple[bytes, bytes]:
+    """One multipart part, as cut between two delimiters -> its raw headers (bounded by MAX_PART_HEADER_BYTES) and
+    its payload. Raises ApiError (400) when the delimiter line or the headers do not end, or the headers are too big."""
+    _, eol, rest = piece.partition(b"\r\n")  # transport padding up to the delimiter line's end
+    if not eol:
+        raise ApiError(
+            400,
+            "The request body is not valid multipart/form-data (a delimiter line does not end).",
+            param="body",
+            code="invalid_body",
+        )
+    if rest.startswith(b"\r\n"):
+        raw_headers, payload = b"", rest[2:]
+    else:
+        raw_headers, sep, payload = rest.partition(b"\r\n\r\n")
+        if not sep:
+            raise ApiError(
+                400,
+                "The request body is not valid multipart/form-data (a part's headers do not end).",
+                param="body",
+                code="invalid_body",
+            )
+    if len(raw_headers) > MAX_PART_HEADER_BYTES:
+        raise ApiError(
+            400,
+            f"A multipart part has {len(raw_headers)} bytes of headers; the limit is {MAX_PART_HEADER_BYTES}.",
+            param="body",
+            code="part_headers_too_large",
+        )
+    return raw_headers, payload
+
+
 def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
     """Fields of a multipart/form-data body (RFC 7578, what the SDK sends); file parts of FILE_FIELDS come
     back as bytes, every other part as text. The body is cut at its delimiters with `bytes` methods (C speed)
@@ -121,32 +153,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, Any]:
         if piece.startswith(b"--"):
             closed = True
             break
-        _, eol, rest = piece.partition(b"\r\n")  # transport padding up to the delimiter line's end
-        if not eol:
-            raise ApiError(
-                400,
-                "The request body is not valid multipart/form-data (a delimiter line does not end).",
-                param="body",
-                code="invalid_body",
-            )
-        if rest.startswith(b"\r\n"):
-            raw_headers, payload = b"", rest[2:]
-        else:
-            raw_headers, sep, payload = rest.partition(b"\r\n\r\n")
-            if not sep:
-                raise ApiError(
-                    400,
-                    "The request body is not valid multipart/form-data (a part's headers do not end).",
-                    param="body",
-                    code="invalid_body",
-                )
-        if len(raw_headers) > MAX_PART_HEADER_BYTES:
-            raise ApiError(
-                400,
-                f"A multipart part has {len(raw_headers)} bytes of headers; the limit is {MAX_PART_HEADER_BYTES}.",
-                param="body",
-                code="part_headers_too_large",
-            )
+        raw_headers, payload = split_part(piece)
         headers = BytesHeaderParser(policy=HTTP).parsebytes(raw_headers)
         name = headers.get_param("name", header="content-disposition")
         if not isinstance(name, str) or not name:
