@@ -67,7 +67,7 @@ def _write_export(folder: str, depth: int) -> int:
 
     from sora_model.config import PipelineConfig, dit_preset, to_dict
     from sora_model.dit import DiT
-    from sora_model.pipeline import CONFIG_FILE, EXPORT_FORMAT_VERSION, MODEL_FILE
+    from sora_model.export_io import CONFIG_FILE, EXPORT_FORMAT_VERSION, MODEL_FILE
     from sora_model.weights_io import write_tensors
 
     cfg = dit_preset("Wan2.1-T2V-1.3B", depth=depth)

@@ -26,7 +26,7 @@ from typing import Any
 def run(args: argparse.Namespace) -> int:
     from pipelines.cli import UserError
     from sora_model.convert_wan import convert_wan_folder, pipeline_config_from_wan
-    from sora_model.pipeline import CONFIG_FILE
+    from sora_model.export_io import CONFIG_FILE
 
     if not os.path.isdir(args.from_diffusers):
         raise UserError(

@@ -292,7 +292,7 @@ def _train_step(
 ) -> Path:
     """3. Train (or resume, or reuse) the recipe on the prepared folders; returns the export folder."""
     from pipelines.train.trainer import TrainOptions, train
-    from sora_model.pipeline import CONFIG_FILE
+    from sora_model.export_io import CONFIG_FILE
 
     run_dir = out / "run"
     export = run_dir / "export"

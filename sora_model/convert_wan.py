@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .config import (
     WAN_OPTIONS,
@@ -42,6 +42,7 @@ from .config import (
     SampleConfig,
     TextEncoderConfig,
 )
+from .export_io import MODEL_2_FILE, save_export
 
 WAN_MASK_CHANNELS = 4
 """I2V's mask channels: one per frame of the first latent frame's group (the Wan VAE's temporal factor 4)."""
@@ -62,8 +63,6 @@ IMAGE_KEYS = {
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 IMAGE_PARTS = ("image_encoder", "image_processor")
 """The I2V folder's CLIP parts, copied into the export under these names (the export's config names them relatively)."""
-MODEL_2_FILE = "model_2.safetensors"
-"""The second (low-noise) expert of a two-expert Wan2.2 export; `model.safetensors` holds the first."""
 
 # (Wan Linear module, our module, part, parts): q/k/v and k/v are slices of our fused projections.
 _LINEAR_RULES: list[tuple[str, str, int, int]] = [
@@ -473,10 +472,6 @@ def convert_wan_state_dict(wan: dict[str, torch.Tensor], cfg: DiTConfig) -> dict
 def convert_wan_folder(folder: str | Path, export_dir: str | Path) -> PipelineConfig:
     """Write our export for a WanPipeline or WanImageToVideoPipeline folder; returns its config. Checks every weight
     against a fresh DiT. A second expert goes to `model_2.safetensors`; an image encoder and processor are copied."""
-    from safetensors.torch import save_file
-
-    from .pipeline import save_export
-
     config = pipeline_config_from_wan(folder)
     root = Path(folder).resolve()
     state = _converted_weights(root / "transformer", config.model)

@@ -1,14 +1,13 @@
 """Text-to-video: prompts -> text embeddings -> sampling with guidance -> decode -> uint8 frames.
 
 The same object serves `sora generate`, the Serve replicas, the trainer's stage samples and the
-evaluator. An export is a folder of `model.safetensors` (+ optional `ema.safetensors`) and
-`config.json` (the `PipelineConfig`): loading reads only safetensors and JSON, never a pickle.
+evaluator. It loads and saves an export folder (`export_io.py`: `model.safetensors`, optional `ema.safetensors`,
+and `config.json`, the `PipelineConfig`): loading reads only safetensors and JSON, never a pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -19,9 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
-from .config import PipelineConfig, from_dict, to_dict
+from .config import PipelineConfig
 from .diffusion import build_diffusion, is_stochastic, sampler_nfe
 from .dit import DiT, stored_dtype, trim_text_padding
+from .export_io import EMA_FILE, MODEL_2_FILE, MODEL_FILE, cpu_state, load_export_config, save_export
 from .image_encoder import ImageCondition, ImageEncoder, ImageInput, condition_mask, condition_video, load_image
 from .lora import LoraFile
 from .patch import patch_grid
@@ -29,12 +29,6 @@ from .step_cache import StepCache, StepCacheStats, build_step_cache
 from .text import TextEmbedding, TextEncoder, build_text_encoder
 from .weights_io import iter_tensors, read_header
 
-EXPORT_FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
-MODEL_2_FILE = "model_2.safetensors"
-"""The second expert of a two-expert export (`PipelineConfig.boundary_ratio`, Wan2.2 A14B): the low-noise steps."""
-EMA_FILE = "ema.safetensors"
-CONFIG_FILE = "config.json"
 Precision = Literal["fp32", "bf16", "int8"]
 CPU_TOKENS_PER_CALL = 2048
 """On CPU the model runs over at most this many tokens per call (whole samples, at least one), so a small
@@ -42,44 +36,6 @@ model's activations stay in cache: one call over 8 clips of 8x32x32 (16 samples 
 one thread) cost 15% more per clip than a clip alone; in calls of 4 samples it costs the same. On a GPU
 the whole batch goes in one call, which is what batching is for there. Under guidance a call holds prompts' two
 branches together (at least one prompt's pair, even over this budget), so a step cache skips both or neither."""
-
-
-def save_export(
-    export_dir: str,
-    config: PipelineConfig,
-    state_dict: dict[str, torch.Tensor],
-    ema_state_dict: dict[str, torch.Tensor] | None = None,
-) -> str:
-    """Write an export folder; tensors are made contiguous CPU copies (safetensors requires it)."""
-    os.makedirs(export_dir, exist_ok=True)
-
-    def clean(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-
-    save_file(clean(state_dict), os.path.join(export_dir, MODEL_FILE))
-    if ema_state_dict is not None:
-        save_file(clean(ema_state_dict), os.path.join(export_dir, EMA_FILE))
-    with open(os.path.join(export_dir, CONFIG_FILE), "w") as f:
-        json.dump({"format_version": EXPORT_FORMAT_VERSION, **to_dict(config)}, f, indent=2)
-    return export_dir
-
-
-def load_export_config(export_dir: str) -> PipelineConfig:
-    """The `PipelineConfig` of an export; a clear error when the folder is not one."""
-    path = os.path.join(export_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{export_dir}' is not an export folder: {CONFIG_FILE} is missing")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-    version = data.pop("format_version", EXPORT_FORMAT_VERSION)
-    if version > EXPORT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {version}; this version of sora reads up to {EXPORT_FORMAT_VERSION}"
-        )
-    return from_dict(PipelineConfig, data)
 
 
 def load_dit(
@@ -252,10 +208,7 @@ class TextToVideoPipeline:
     def save(self, export_dir: str, ema_state_dict: dict[str, torch.Tensor] | None = None) -> str:
         save_export(export_dir, self.config, self.model.state_dict(), ema_state_dict)
         if self.model_2 is not None:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.model_2.state_dict().items()},
-                os.path.join(export_dir, MODEL_2_FILE),
-            )
+            save_file(cpu_state(self.model_2.state_dict()), os.path.join(export_dir, MODEL_2_FILE))
         return export_dir
 
     # -- sampling -------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, dict[s
             app_args[key] = getattr(args, key)
     if not app_args.get("model"):
         raise UserError("--model is required (or args.model in --config)")
+    from sora_model.export_io import CONFIG_FILE
     from sora_model.lora import ADAPTER_CONFIG
-    from sora_model.pipeline import CONFIG_FILE
 
     if "://" not in app_args["model"] and not os.path.isfile(os.path.join(app_args["model"], CONFIG_FILE)):
         raise UserError(f"--model '{app_args['model']}' is not an export folder: {CONFIG_FILE} is missing")

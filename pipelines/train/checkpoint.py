@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sora_model.pipeline import CONFIG_FILE  # a checkpoint folder holds its export's config too
+from sora_model.export_io import CONFIG_FILE  # a checkpoint folder holds its export's config too
 
 TRAINER_STATE = "trainer_state.json"
 DS_TAG = "ds"
