@@ -57,7 +57,8 @@ def _loop(config: dict) -> None:
         torch.device("cpu"),
     )
     n, rounds = config["steps"], config["rounds"]
-    loader = _stage_stream(config, stage, 0, 2 + n * (2 * rounds + 1), rank, world, torch.device("cpu"))
+    stream = config["stages"][stage.name]["stream"]
+    loader = _stage_stream(recipe, stream, stage, 0, 2 + n * (2 * rounds + 1), rank, world, torch.device("cpu"))
     step = 0
 
     def steps(batches, count):

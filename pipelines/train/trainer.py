@@ -40,11 +40,18 @@ from typing import Any
 from pipelines import console
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
 from pipelines.train.finetune import check_init
-from pipelines.train.recipe import Recipe, load_recipe, recipe_to_dict
+from pipelines.train.recipe import Recipe, load_recipe
 from pipelines.train.samples import finish_sampler, start_sampler
 from pipelines.train.stage_data import StageData, resolve_stage_data
 from pipelines.train.storage import RunStore
 from pipelines.train.worker import FATAL_FILE
+from pipelines.train.worker_config import (
+    DEFAULT_NAN_COUNT,
+    WORKER_CONFIG_KEY,
+    FaultInjection,
+    StageInput,
+    WorkerConfig,
+)
 
 RAY_RESULTS = "ray_results"
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -58,6 +65,12 @@ DEVICE_WAIT_S = float(os.environ.get(DEVICE_WAIT_ENV) or 900.0)
 """How long `sora train` waits for an autoscaler to add the GPUs a cuda run asks for (cloud GPU nodes take minutes)."""
 DEFAULT_GPU_WORKER_CPUS = 8.0
 """CPUs per GPU worker when the recipe does not say: its loader, the host side of the step, CPU offload."""
+MIN_READ_CPUS = 0.25
+"""Below this many CPUs left spare by the workers, read tasks ask for none (on a laptop the workers take them all)."""
+MAX_READ_CPUS = 1.0
+"""The CPUs a stage's read tasks ask for at most (reading Parquet is light)."""
+READERS_PER_RANK = 2
+"""Read tasks in flight per reading rank (`data.StageStream.readers`)."""
 
 
 def _user_error(message: str) -> Exception:
@@ -184,18 +197,19 @@ def check_devices(recipe: Recipe, num_workers: int, deadline_s: float = DEVICE_W
 
 def _stage_streams(
     recipe: Recipe, stage_data: dict[str, StageData], num_workers: int, start: dict[str, Any] | None, read_cpus: float
-) -> dict[str, dict[str, Any]]:
-    """Per stage still to run: its grid, clip count, start sample and `StageStream` (the plan its ranks read).
+) -> dict[str, StageInput]:
+    """Per stage still to run: its grid and `StageStream` (the plan its ranks read).
 
-    `start` is the trainer state of the checkpoint the run resumes from (None for a fresh run): the
-    stream of the stage it stopped in begins at its `consumed_samples`, so nothing consumed is read again.
-    The workers build their readers from it (data.py), so a restart inside the run starts at its checkpoint too.
+    `start` is the trainer state of the checkpoint the run resumes from (None for a fresh run): the stages
+    before the one it stopped in are skipped. The workers build their readers from the stream starting at
+    their checkpoint's `consumed_samples` (worker.py, data.py), so nothing consumed is read again, on a
+    `--resume` as on a restart inside the run.
     """
     from pipelines.data.load import bucket_files
     from pipelines.train.data import StagePlan, StageStream
 
     first = start["stage_index"] if start else 0
-    stages: dict[str, dict[str, Any]] = {}
+    stages: dict[str, StageInput] = {}
     groups = num_workers // recipe.sequence_parallel_size  # one reader per sequence-parallel group
     for i, stage in enumerate(recipe.stages):
         sd = stage_data[stage.name]
@@ -206,7 +220,6 @@ def _stage_streams(
             )
         if i < first:
             continue
-        begin = int(start.get("consumed_samples", 0)) if start and i == first else 0
         shuffle = recipe.data.shuffle == "global"
         if stage.mixed:  # one stream over every bucket's files, each row carrying its grid
             pairs = [(f, part.grid) for part in sd.parts for p in part.paths for f in bucket_files(p, part.bucket)[2]]
@@ -214,10 +227,9 @@ def _stage_streams(
         else:
             files = [f for p in sd.paths for f in bucket_files(p, sd.bucket)[2]]
             plan = StagePlan.from_files(files, recipe.seed, i, shuffle)
-        stream = StageStream(
-            plan, stage.micro_batch, stage.tokens_per_batch if stage.mixed else 0, read_cpus, readers=2
-        )
-        stages[stage.name] = {"grid": list(sd.grid), "num_clips": sd.num_clips, "start_sample": begin, "stream": stream}
+        budget = stage.tokens_per_batch if stage.mixed else 0
+        stream = StageStream(plan, stage.micro_batch, budget, read_cpus, readers=READERS_PER_RANK)
+        stages[stage.name] = StageInput(grid=tuple(sd.grid), stream=stream)
     return stages
 
 
@@ -262,27 +274,23 @@ def build_trainer(
     per_worker = _resources(recipe, num_workers, cluster_cpus)
     # Read tasks take what CPU the workers leave; on a laptop they leave none, and reading Parquet is light.
     spare = cluster_cpus - per_worker["CPU"] * num_workers
-    stages = _stage_streams(recipe, stage_data, num_workers, start, max(0.0, min(1.0, spare)) if spare >= 0.25 else 0.0)
-    nan_at, _, nan_count = os.environ.get(NAN_ENV, "").partition(":")
-    config = {
-        "recipe": recipe_to_dict(recipe),
-        "run_dir": store.uri,
-        "device": recipe.device,
-        "stages": stages,
-        "sampler": sampler,
-        "crash_at_step": int(os.environ.get(CRASH_ENV) or 0),
-        "nan_at_step": int(nan_at or 0),
-        "nan_count": int(nan_count or 1),
-        "stop_at_step": opts.stop_at_step or 0,
-        "profile_steps": opts.profile,
-        "null_prompt": null_prompt,
-        "remote_progress": console.active() is not None,  # rank 0's bar drawn by the driver's console
-    }
+    read_cpus = min(MAX_READ_CPUS, spare) if spare >= MIN_READ_CPUS else 0.0
+    config = WorkerConfig(
+        recipe=recipe,
+        run_dir=store.uri,
+        stages=_stage_streams(recipe, stage_data, num_workers, start, read_cpus),
+        sampler=sampler,
+        null_prompt=null_prompt,
+        stop_at_step=opts.stop_at_step or 0,
+        profile_steps=opts.profile,
+        remote_progress=console.active() is not None,  # rank 0's bar drawn by the driver's console
+        faults=_fault_injection(),
+    )
     env_vars = {"DS_ACCELERATOR": "cpu"} if recipe.device == "cpu" else {}
     fs, path = store.pyarrow_filesystem()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config={WORKER_CONFIG_KEY: config},  # Ray Train wants a dict: the one object under one key
         torch_config=TorchConfig(timeout_s=recipe.process_group_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=recipe.device == "cuda", resources_per_worker=per_worker
@@ -295,6 +303,16 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.keep_checkpoints),
             worker_runtime_env={"env_vars": env_vars},
         ),
+    )
+
+
+def _fault_injection() -> FaultInjection:
+    """The faults tests ask for through CRASH_ENV and NAN_ENV (`N` or `N:COUNT`); none in a real run."""
+    nan_at, _, nan_count = os.environ.get(NAN_ENV, "").partition(":")
+    return FaultInjection(
+        crash_at_step=int(os.environ.get(CRASH_ENV) or 0),
+        nan_at_step=int(nan_at or 0),
+        nan_count=int(nan_count or DEFAULT_NAN_COUNT),
     )
 
 

@@ -1,7 +1,8 @@
 """The per-worker training loop: one DeepSpeed rank inside a Ray Train worker.
 
 `train_loop_per_worker(config)` is what `TorchTrainer` runs on every worker (see `trainer.py` for how it
-is launched and for the run folder). It reads like the curriculum:
+is launched and for the run folder); `config` holds the one `WorkerConfig` (worker_config.py) the driver built,
+the parsed recipe included. It reads like the curriculum:
 
     restore (checkpoint of any world size) -> for each stage: stream its clips -> steps (step.py)
     -> checkpoints (checkpoint.py) -> at the stage end: checkpoint, export from the fp32 masters (ema.py),
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines.train.parallelize import parallelize
-from pipelines.train.recipe import Recipe, StageSpec, parse_recipe
+from pipelines.train.recipe import Recipe, StageSpec
+from pipelines.train.worker_config import WORKER_CONFIG_KEY, WorkerConfig
 
 if TYPE_CHECKING:
-    from pipelines.train.data import EarlyStream
+    from pipelines.train.data import EarlyStream, StageStream
 
 WORKERS_FILE = "workers.json"
 CRASH_MARKER = ".injected_crash"
@@ -104,9 +106,9 @@ class RankZero:
         self.mirror.close()
 
 
-def _device(config: dict[str, Any], local_rank: int) -> torch.device:
+def _device(declared: str, local_rank: int) -> torch.device:
     """The declared device; a cuda worker without a visible GPU is an error, never a silent CPU run."""
-    if config["device"] == "cuda":
+    if declared == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "the recipe declares device cuda but this worker sees no GPU (check the node's drivers and CUDA_VISIBLE_DEVICES)"
@@ -138,7 +140,14 @@ def _restore(
 
 
 def _stage_stream(
-    config: dict[str, Any], stage: StageSpec, start_sample: int, steps_left: int, rank: int, world: int, device
+    recipe: Recipe,
+    stream: StageStream,
+    stage: StageSpec,
+    start_sample: int,
+    steps_left: int,
+    rank: int,
+    world: int,
+    device: torch.device,
 ):
     """This rank's micro-batches of the stage stream from `start_sample` on; None on a rank that does not read.
 
@@ -155,7 +164,6 @@ def _stage_stream(
     )
     from pipelines.train.stage_data import image_columns
 
-    recipe = parse_recipe(config["recipe"])
     sp = recipe.sequence_parallel_size
     if rank % sp:
         return None
@@ -163,7 +171,6 @@ def _stage_stream(
         recipe.data,
         recipe.model_config().text_padding == "masked",
     )  # Wan attends to its caption padding: keep it
-    stream = config["stages"][stage.name]["stream"]
     count = steps_left * stage.grad_accum + max(STREAM_SLACK_MICRO, steps_left * stage.grad_accum // 10)
     mbs = reader_micro_batches(stream, start_sample, rank // sp, world // sp, count)
     dataset = reader_dataset(stream, mbs, BATCH_COLUMNS + image_columns(recipe.model_config()))  # + an I2V condition
@@ -190,11 +197,11 @@ def _export(module: torch.nn.Module, ema: Any, rank: int, bf16: bool) -> tuple[d
     return weights, ema_weights
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, WorkerConfig]) -> None:
     """Run (or resume) the recipe's curriculum on this rank; rank 0 writes metrics, exports and hands out samples."""
     import torch.distributed as dist
 
-    run = RankRun(config)
+    run = RankRun(config[WORKER_CONFIG_KEY])
     for si in range(run.state["stage_index"], len(run.recipe.stages)):
         if not run.train_stage(si):
             return  # stopped (--stop-at-step) or ended for good (diverged); checkpointed either way
@@ -205,7 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 class RankRun:
     """One rank's run: its engine, EMA and position, and the curriculum stage by stage."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: WorkerConfig):
         import ray.train
 
         from sora_model.diffusion import build_diffusion
@@ -213,10 +220,10 @@ class RankRun:
         ctx = ray.train.get_context()
         self.config = config
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = _device(config, ctx.get_local_rank())
-        self.recipe = parse_recipe(config["recipe"])
+        self.device = _device(config.recipe.device, ctx.get_local_rank())
+        self.recipe = config.recipe
         self.bf16 = self.recipe.bf16
-        self.stop_at = int(config.get("stop_at_step") or 0)
+        self.stop_at = config.stop_at_step
         self.early: dict[int, EarlyStream] = {}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:  # a fresh start reads stage 0 from its first sample: open it now
@@ -239,11 +246,11 @@ class RankRun:
         self.final: tuple[dict | None, dict | None] = (None, None)
         self.exported = False
         self.profiler = None
-        if int(config.get("profile_steps") or 0) > 0:  # --profile N: this attempt's steps, from its first on
+        if config.profile_steps > 0:  # --profile N: this attempt's steps, from its first on
             from pipelines.train.profile import StepProfiler
 
             self.profiler = StepProfiler(
-                int(config["profile_steps"]), config["run_dir"], self.rank, self.device, self.state["global_step"]
+                config.profile_steps, config.run_dir, self.rank, self.device, self.state["global_step"]
             )
 
     def _start_rank_zero(self, note: str) -> RankZero | None:
@@ -284,9 +291,7 @@ class RankRun:
             file=sys.stderr,
             flush=True,
         )
-        return RankZero(
-            self.config["run_dir"], r, self.state["global_step"], info, bool(self.config.get("remote_progress"))
-        )
+        return RankZero(self.config.run_dir, r, self.state["global_step"], info, self.config.remote_progress)
 
     def checkpoint(self, si: int, stage_step: int, consumed_samples: int) -> None:
         """Every rank writes its shard (+ EMA slices, RNG) and reports; Ray Train merges the folders."""
@@ -342,21 +347,21 @@ class RankRun:
             if path not in self.perceptual_nets:
                 self.perceptual_nets[path] = load_perceptual_network(path).to(self.device)
             perceptual = self.perceptual_nets[path]
-        grid = tuple(self.config["stages"][stage.name]["grid"])
+        faults = self.config.faults
         return Stepper(
             self.recipe,
             stage,
             self.engine,
             self.diffusion,
-            grid,
+            self.config.stages[stage.name].grid,
             self.rank,
             self.world,
             self.device,
             perceptual,
             par=self.par,
-            nan_at=int(self.config.get("nan_at_step") or 0),
-            nan_count=int(self.config.get("nan_count") or 1),
-            null_prompt=self.config.get("null_prompt"),
+            nan_at=faults.nan_at_step,
+            nan_count=faults.nan_count,
+            null_prompt=self.config.null_prompt,
         )
 
     def train_stage(self, si: int) -> bool:
@@ -371,11 +376,7 @@ class RankRun:
         self.engine.set_train_batch_size(stage.micro_batch * stage.grad_accum * self.world)
         stepper = self._stepper(stage)
         early = self.early.pop(si, None)
-        batches = (
-            early.batches()
-            if early
-            else _stage_stream(self.config, stage, start_sample, stage.steps - k0, self.rank, self.world, self.device)
-        )
+        batches = early.batches() if early else self._stream(stage, start_sample, stage.steps - k0)
         consumed = start_sample
         if self.zero:
             self.zero.progress.set_description(f"{stage.name} ({si + 1}/{len(self.recipe.stages)})")
@@ -398,11 +399,7 @@ class RankRun:
             if k == k0 and si + 1 < len(self.recipe.stages):
                 self._open_early(si + 1)  # once this stage's stream runs; the next one starts from its first sample
             _maybe_crash(
-                int(self.config.get("crash_at_step") or 0),
-                self.state["global_step"],
-                self.rank,
-                self.world,
-                self.config["run_dir"],
+                self.config.faults.crash_at_step, self.state["global_step"], self.rank, self.world, self.config.run_dir
             )
             if not self._after_step(si, k, consumed):
                 self._close_profiler()
@@ -421,9 +418,12 @@ class RankRun:
         stage = self.recipe.stages[si]
         if self.rank % self.recipe.sequence_parallel_size:
             return  # not this sequence-parallel group's reader
-        self.early[si] = EarlyStream(
-            lambda: _stage_stream(self.config, stage, 0, stage.steps, self.rank, self.world, self.device), stage.name
-        )
+        self.early[si] = EarlyStream(lambda: self._stream(stage, 0, stage.steps), stage.name)
+
+    def _stream(self, stage: StageSpec, start_sample: int, steps_left: int):
+        """This rank's micro-batches of `stage` from `start_sample` on (`_stage_stream`)."""
+        stream = self.config.stages[stage.name].stream
+        return _stage_stream(self.recipe, stream, stage, start_sample, steps_left, self.rank, self.world, self.device)
 
     def _record(self, stage: StageSpec, k: int, result: Any, step_time: float) -> None:
         """Rank 0: one metrics row, the progress bar, and a line when micro-batches were skipped."""
@@ -471,7 +471,7 @@ class RankRun:
         """Model FLOPs utilisation: the step's model FLOPs per second over every worker's peak (metrics.py)."""
         from pipelines.train.metrics import peak_tflops, train_flops_per_token
 
-        grid = self.config["stages"][stage.name]["grid"]
+        grid = self.config.stages[stage.name].grid
         per_token = train_flops_per_token(
             self.recipe.model_config(), grid[0] * grid[1] * grid[2], self.recipe.text_encoder.max_length
         )
@@ -503,7 +503,7 @@ class RankRun:
     def _stage_export(self, stage: StageSpec) -> None:
         """RUN/exports/<stage> from the fp32 masters (every rank gathers), then the sample actor takes it over."""
         self.final, self.exported = _export(self.module, self.ema, self.rank, self.bf16), True
-        sampler = self.config.get("sampler")
+        sampler = self.config.sampler
         if not self.zero:
             return
         rel = f"{STAGE_EXPORTS}/{stage.name}"
