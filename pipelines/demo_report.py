@@ -178,27 +178,9 @@ def write_html(out: Path, summary: dict[str, Any]) -> Path:
     report = out / "report"
     acc = summary["eval"]["attribute_accuracy"]
     train, e = summary["train"], html.escape
-
-    def cells(name: str, a: dict | None) -> str:
-        if not a:
-            return f"<tr><td>{e(name)}</td>" + "<td>–</td>" * 5 + "</tr>"
-        return (
-            f"<tr><td>{e(name)}</td><td>{a['color']:.0%}</td><td>{a['shape']:.0%}</td><td>{a['direction']:.0%}</td>"
-            f"<td class='all'>{a['all']:.0%}</td><td>{a['n']}</td></tr>"
-        )
-
     rows = (summary.get("samples") or {}).get("rows") or []
     wrong = [r for r in rows if not r["right"]]
-    loss = (
-        "<img src='loss.png' alt='training loss by step'>"
-        if (report / "loss.png").is_file()
-        else "<p class='muted'>no loss curve</p>"
-    )
-    stage_grids = "".join(
-        f"<figure><img src='../run/samples/{e(g.name)}' alt='samples at the end of stage {e(g.stem)}'>"
-        f"<figcaption>end of stage <code>{e(g.stem)}</code></figcaption></figure>"
-        for g in sorted((out / "run" / "samples").glob("*.gif"))
-    )
+    loss, stage_grids = _training_figures(out)
     served = (
         "<p><video src='served.mp4' controls loop muted width='256'></video></p>"
         if (report / "served.mp4").is_file()
@@ -213,7 +195,7 @@ def write_html(out: Path, summary: dict[str, Any]) -> Path:
 <p>Judged by <code>sora eval</code>'s attribute detector over {summary["eval"].get("num_clips", "")} clips.
 Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips.</p>
 <table><tr><th>prompts</th><th>colour</th><th>shape</th><th>direction</th><th>all three</th><th>clips</th></tr>
-{"".join(cells(n, a) for n, a in _acc_rows(acc))}
+{"".join(_accuracy_row(n, a) for n, a in _acc_rows(acc))}
 </table>
 <p class="muted">Temporal consistency {summary["eval"]["temporal_consistency"]:.3f}, diversity across seeds {summary["eval"]["diversity"]:.3f}.</p>
 <h2>Samples</h2>
@@ -238,3 +220,30 @@ Final loss {train["final_loss"]:.4f} (first logged {train["first_loss"]:.4f}).</
     path = report / "report.html"
     path.write_text(body)
     return path
+
+
+def _accuracy_row(name: str, a: dict | None) -> str:
+    """One row of the page's prompt-following table; a dash in every cell where the group has no clips."""
+    e = html.escape
+    if not a:
+        return f"<tr><td>{e(name)}</td>" + "<td>–</td>" * 5 + "</tr>"
+    return (
+        f"<tr><td>{e(name)}</td><td>{a['color']:.0%}</td><td>{a['shape']:.0%}</td><td>{a['direction']:.0%}</td>"
+        f"<td class='all'>{a['all']:.0%}</td><td>{a['n']}</td></tr>"
+    )
+
+
+def _training_figures(out: Path) -> tuple[str, str]:
+    """The loss curve (or a note that there is none) and one figure per stage's sample grid, as HTML."""
+    e = html.escape
+    loss = (
+        "<img src='loss.png' alt='training loss by step'>"
+        if (out / "report" / "loss.png").is_file()
+        else "<p class='muted'>no loss curve</p>"
+    )
+    stage_grids = "".join(
+        f"<figure><img src='../run/samples/{e(g.name)}' alt='samples at the end of stage {e(g.stem)}'>"
+        f"<figcaption>end of stage <code>{e(g.stem)}</code></figcaption></figure>"
+        for g in sorted((out / "run" / "samples").glob("*.gif"))
+    )
+    return loss, stage_grids

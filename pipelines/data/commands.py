@@ -38,6 +38,22 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    _add_clip_arguments(p)
+    _add_model_arguments(p)
+    _add_run_arguments(p)
+    p.add_argument(
+        "--curate",
+        action="store_true",
+        help="clips never span a scene cut, and each gets scene, motion and phash columns for `sora data filter`",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    console.add_arguments(p)
+
+
+def _add_clip_arguments(p: argparse.ArgumentParser) -> None:
+    """What goes in and what comes out: the manifest, the output folder, the clips' shape and rate, and the
+    guards that reject inputs which would be upscaled or whose frames would repeat."""
     p.add_argument(
         "--manifest",
         required=True,
@@ -68,7 +84,10 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_FPS_RATIO,
         help="reject inputs whose fps is below --fps by more than this factor: frames would repeat (default %(default)g)",
     )
-    _add_model_arguments(p)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """How the run is carried out: shard size, scratch space, decode and encode batching, timeouts, actors."""
     p.add_argument("--rows-per-file", type=int, default=256, help="clips per Parquet shard at most (default 256)")
     p.add_argument(
         "--scratch", help="local folder where remote inputs are copied while decoded (default: the temp folder)"
@@ -95,14 +114,6 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="text-encoder actors (default: one per GPU; on CPU-only clusters 0 = tasks keeping the encoder loaded)",
     )
-    p.add_argument(
-        "--curate",
-        action="store_true",
-        help="clips never span a scene cut, and each gets scene, motion and phash columns for `sora data filter`",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    console.add_arguments(p)
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:

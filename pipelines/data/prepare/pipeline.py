@@ -187,14 +187,47 @@ def _resume_summary(out: str, buckets: list[str]) -> tuple[dict[str, int], dict[
 
 
 def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cpus: int) -> Any:
-    """The Ray Data plan (lazy): manifest -> shards; its output rows are {bucket, shard, rows} per shard."""
+    """The Ray Data plan (lazy): manifest -> shards; its output rows are {bucket, shard, rows} per shard.
+
+    Stages: plan (group by source, probe) -> captions -> decode + patchify + write, or with a VAE
+    decode -> encode -> write."""
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     from pipelines.data.runtime import cluster_gpus
 
-    rejects_dir = join(out, DECODE_REJECTS_DIR)
     gpus = cluster_gpus()
+    ds = _plan_stage(scan, opts, out, done, cpus)
+    ds = _caption_stage(ds, opts, gpus)
+    largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
+    rows = batch_rows(largest, opts.rows_per_file, decode_batch_bytes(ray.nodes(), opts.workers, opts.decode_batch_mib))
+    concurrency = {"compute": TaskPoolStrategy(size=opts.workers)} if opts.workers else {}
+    if opts.autoencoder.kind == "identity":
+        return ds.map_batches(
+            decode_encode_write,
+            batch_size=rows,
+            batch_format="pyarrow",
+            num_cpus=1,
+            **concurrency,
+            fn_kwargs={
+                "rejects_dir": join(out, DECODE_REJECTS_DIR),
+                "autoencoder": opts.autoencoder,
+                "patch": opts.patch,
+                "out": out,
+                "decode_timeout_s": opts.decode_timeout_s,
+                "scratch": opts.scratch,
+                "curate": opts.curate,
+                "image_conditioning": opts.image_conditioning,
+            },
+        )
+    return _vae_stages(ds, opts, out, rows, concurrency, gpus)
+
+
+def _plan_stage(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cpus: int) -> Any:
+    """Manifest rows grouped by source file, then probed: one row per clip to write, with all its captions."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
     chunks = scan.chunks(math.ceil(scan.num_rows / (MANIFEST_CHUNKS_PER_CPU * cpus)))
     # The scan goes by value: a task that calls ray.get gives its CPU back while it waits, and Ray starts
     # another worker process (seconds of imports on a small machine) for the next task. It is small (the
@@ -204,14 +237,14 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
     # Every row of a source in one block: one probe per file, one clip per (file, start) with all its captions.
     # Plain tasks, not Ray Data's sort (group.py says why); this waits for the grouped blocks (the barrier).
     ds = ray.data.from_arrow_refs(group_by_source(scan_light, chunks, done))
-    ds = ds.map_batches(
+    return ds.map_batches(
         plan_block,
         fn_kwargs={
             "buckets": opts.buckets,
             "fps": opts.fps,
             "clips_per_video": opts.clips_per_video,
             "stride_s": opts.stride_s,
-            "rejects_dir": rejects_dir,
+            "rejects_dir": join(out, DECODE_REJECTS_DIR),
             "done": [done],
             "decode_timeout_s": opts.decode_timeout_s,
             "guards": Guards(opts.max_upscale, opts.max_fps_ratio),
@@ -224,11 +257,16 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         num_cpus=1,
         compute=TaskPoolStrategy(size=max(1, cpus)),
     )
-    # Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
-    # tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors.
+
+
+def _caption_stage(ds: Any, opts: PrepareOptions, gpus: int) -> Any:
+    """Captions: an actor pool (one actor per GPU when the cluster has GPUs); on a CPU-only cluster plain
+    tasks that keep the encoder loaded per worker process, unless --caption-actors asks for actors."""
+    from ray.data import ActorPoolStrategy
+
     actors = opts.caption_actors if opts.caption_actors is not None else gpus
     if actors:
-        ds = ds.map_batches(
+        return ds.map_batches(
             EmbedCaptions,
             fn_constructor_kwargs={"config": opts.text_encoder},
             batch_size=CAPTION_ROWS,
@@ -236,35 +274,19 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
             compute=ActorPoolStrategy(min_size=1, max_size=actors),
             **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
         )
-    else:
-        ds = ds.map_batches(
-            embed_task,
-            fn_kwargs={"config": opts.text_encoder},
-            batch_size=CAPTION_ROWS,
-            batch_format="pyarrow",
-            num_cpus=1,
-        )
-    largest = max(b.frames * b.height * b.width * 3 for b in opts.buckets)
-    rows = batch_rows(largest, opts.rows_per_file, decode_batch_bytes(ray.nodes(), opts.workers, opts.decode_batch_mib))
-    concurrency = {"compute": TaskPoolStrategy(size=opts.workers)} if opts.workers else {}
-    if opts.autoencoder.kind == "identity":
-        return ds.map_batches(
-            decode_encode_write,
-            batch_size=rows,
-            batch_format="pyarrow",
-            num_cpus=1,
-            **concurrency,
-            fn_kwargs={
-                "rejects_dir": rejects_dir,
-                "autoencoder": opts.autoencoder,
-                "patch": opts.patch,
-                "out": out,
-                "decode_timeout_s": opts.decode_timeout_s,
-                "scratch": opts.scratch,
-                "curate": opts.curate,
-                "image_conditioning": opts.image_conditioning,
-            },
-        )
+    return ds.map_batches(
+        embed_task,
+        fn_kwargs={"config": opts.text_encoder},
+        batch_size=CAPTION_ROWS,
+        batch_format="pyarrow",
+        num_cpus=1,
+    )
+
+
+def _vae_stages(ds: Any, opts: PrepareOptions, out: str, rows: int, concurrency: dict[str, Any], gpus: int) -> Any:
+    """With an autoencoder: decode to pixels (CPU tasks) -> encode (GPU actors) -> write shards (light tasks)."""
+    from ray.data import ActorPoolStrategy
+
     ds = ds.map_batches(
         decode_to_pixels,
         batch_size=rows,
@@ -272,7 +294,7 @@ def build_plan(scan: ManifestScan, opts: PrepareOptions, out: str, done: Any, cp
         num_cpus=1,
         **concurrency,
         fn_kwargs={
-            "rejects_dir": rejects_dir,
+            "rejects_dir": join(out, DECODE_REJECTS_DIR),
             "decode_timeout_s": opts.decode_timeout_s,
             "scratch": opts.scratch,
             "curate": opts.curate,
@@ -368,9 +390,30 @@ def _finish(
     rejected: tuple[int, int],
     elapsed: float,
 ) -> dict[str, Any]:
-    import pyarrow.parquet as pq
+    """Read back what was written, write dataset.json, warn about cut captions and print the one-line result."""
+    num_rejected, _ = rejected
+    bucket_infos, sums = _bucket_infos(opts, out, grids)
+    num_clips = sum(bi["num_clips"] for bi in bucket_infos)
+    if num_clips == 0:
+        raise PrepareError(
+            f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}"
+        )
+    info = _dataset_info(opts, out, scan, channels, bucket_infos, sums, rejected, elapsed)
+    write_json(join(out, DATASET_INFO), info)
+    if info["text_truncated"]:
+        print(
+            f"warning: {info['text_truncated']} captions were longer than the text encoder's {opts.text_encoder.max_length} "
+            "tokens and were cut (raise --max-text-length; per clip: the text_truncated column)",
+            file=sys.stderr,
+        )
+    print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")
+    return info
 
-    num_rejected, clips_rejected = rejected
+
+def _bucket_infos(
+    opts: PrepareOptions, out: str, grids: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """dataset.json's `buckets` entries, and each bucket's shard summary (rows, captions cut, source fps)."""
     bucket_infos, sums = [], []
     for b in opts.buckets:
         sums.append(shard_summary(join(out, b.name)))
@@ -385,20 +428,32 @@ def _finish(
                 "path": b.name,
             }
         )
-    num_clips = sum(bi["num_clips"] for bi in bucket_infos)
-    if num_clips == 0:
-        raise PrepareError(
-            f"no clips written: all {num_rejected} inputs were rejected; reasons in {join(out, REJECTS)}"
-        )
+    return bucket_infos, sums
+
+
+def _dataset_info(
+    opts: PrepareOptions,
+    out: str,
+    scan: ManifestScan,
+    channels: int,
+    bucket_infos: list[dict[str, Any]],
+    sums: list[dict[str, Any]],
+    rejected: tuple[int, int],
+    elapsed: float,
+) -> dict[str, Any]:
+    """dataset.json: the buckets, shapes, encoders and columns training checks against, read from the first shard."""
+    import pyarrow.parquet as pq
+
+    num_rejected, clips_rejected = rejected
     first = next(f for bi in bucket_infos for f in shard_files(join(out, bi["path"])))
     fs, p = filesystem(first)
     schema = pq.read_schema(p, filesystem=fs)
     text_dim = schema.field("text_pooled").type.list_size
     image_columns = [c for c in IMAGE_CONDITION_COLUMNS if opts.image_conditioning and c in schema.names]
     pt, ph, pw = opts.patch
-    info = {
+    return {
         "format_version": FORMAT_VERSION,
-        "num_clips": num_clips,
+        "num_clips": sum(bi["num_clips"] for bi in bucket_infos),
         "num_rejected": num_rejected,
         "num_clips_rejected": clips_rejected,
         "buckets": bucket_infos,
@@ -429,12 +484,3 @@ def _finish(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 2),
     }
-    write_json(join(out, DATASET_INFO), info)
-    if info["text_truncated"]:
-        print(
-            f"warning: {info['text_truncated']} captions were longer than the text encoder's {opts.text_encoder.max_length} "
-            "tokens and were cut (raise --max-text-length; per clip: the text_truncated column)",
-            file=sys.stderr,
-        )
-    print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")
-    return info

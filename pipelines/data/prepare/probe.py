@@ -273,22 +273,12 @@ class ClipPlanner:
         """The clips of one manifest row, `stride` apart from its start; with scene cuts, a clip that would span a
         cut starts at the cut instead, and the clips after it count their stride from there."""
         from pipelines.data.prepare.curate import scene_of, spanned_cut
-        from sora_model.video import sample_indices
 
         start0 = float(entry["start_s"] or 0.0)
         end_s = entry["end_s"]
 
         def clip_at(bucket: Bucket, start: float) -> list[int] | None:
-            fps = None if bucket.frames == 1 else self.fps
-            try:
-                idx = sample_indices(info, bucket.frames, fps, start)
-            except ValueError:
-                return None
-            if end_s is not None and bucket.frames > 1:
-                rate = fps or info.fps
-                if start + bucket.frames / rate > float(end_s) + 1e-6:
-                    return None
-            return idx
+            return self._clip_at(info, bucket, start, end_s)
 
         still = info.num_frames == 1
         bucket = choose_bucket(self.buckets, info.width, info.height, still, lambda b: clip_at(b, start0) is not None)
@@ -328,6 +318,22 @@ class ClipPlanner:
             if bucket.frames == 1 and info.num_frames == 1:
                 break  # a still gives one clip
         return plans, None
+
+    def _clip_at(self, info: Any, bucket: Bucket, start: float, end_s: Any) -> list[int] | None:
+        """The source frame indices of a `bucket` clip starting at `start` seconds, or None where it does not fit:
+        past the file's end, or past the manifest row's end_s."""
+        from sora_model.video import sample_indices
+
+        fps = None if bucket.frames == 1 else self.fps
+        try:
+            idx = sample_indices(info, bucket.frames, fps, start)
+        except ValueError:
+            return None
+        if end_s is not None and bucket.frames > 1:
+            rate = fps or info.fps
+            if start + bucket.frames / rate > float(end_s) + 1e-6:
+                return None
+        return idx
 
     def _guard(self, info: Any, bucket: Bucket) -> tuple[str, str] | None:
         """(reason, detail) when the source is too small or too slow for its bucket, else None."""
