@@ -4,8 +4,12 @@ samples.png   rows = prompts, frames across; each row labelled with its prompt, 
               where it was, and what the judge (the attribute detector of `sora eval`) read, in red
               where that differs from what was asked
 samples.gif   the same clips animated, each under its label (samples.mp4: the same, as video)
+samples.txt   the same rows as text: prompt, [held out], and what the judge read where it differs
 report.md     the numbers, for a terminal or a repository
-report.html   the page to open: the animated samples, the sheet, the loss curve and the results table
+report.html   the page to open: the animated samples, the sheet, the loss curve, each stage's sample grid,
+              the served clip and the results table
+
+Beside them pipelines/demo.py puts loss.png, metrics.json (`sora eval`), served.mp4 and summary.json.
 """
 
 from __future__ import annotations

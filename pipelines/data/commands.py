@@ -1,4 +1,4 @@
-"""`sora data ...` sub-commands; the same parsers serve `python -m pipelines.data.synth|prepare`.
+r"""`sora data ...` sub-commands; the same parsers serve `python -m pipelines.data.synth|prepare|filter`.
 
 sora data synth --out data/shapes --num-videos 168
 sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --resolution 32 --frames 8 --fps 8

@@ -9,8 +9,9 @@ re-encoded). Near-duplicates are found across the whole dataset: clips are visit
 start) and a clip whose every hashed frame is within --max-hamming bits of a kept clip's is dropped; candidates
 come from an index of hash bands (pigeonhole: within N bits, one of N + 1 bands is equal), so the work grows with
 the clips, not their pairs. OUT/dataset.json is the input's with the new counts and the thresholds under
-`filters`; OUT/filtered.jsonl lists each dropped clip with its reason. Files are written before dataset.json, so
-an interrupted run leaves no dataset that looks whole.
+`filters`; OUT/filtered.jsonl lists each dropped clip with its reason; the input's rejects.jsonl and
+null_prompt.safetensors are copied as they are. Files are written before dataset.json, so an interrupted run
+leaves no dataset that looks whole.
 """
 
 from __future__ import annotations

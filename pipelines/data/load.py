@@ -18,7 +18,8 @@ as for prepare).
 A prepared folder holds one sub-folder per bucket (`<frames>x<height>x<width>`). Clips of different
 buckets have different token counts, so a dataset is read one bucket at a time (one per curriculum
 stage); `bucket=None` is allowed when the folder has exactly one non-empty bucket. Several folders
-(`sora train --data A,B`) are read as one dataset when their patch size, channels and text encoder agree.
+(`sora train --data A,B`) are read as one dataset when their patch size, channels, autoencoder, text encoder and
+the bucket's token grid agree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`sora data synth`: the embedded default dataset of coloured shapes moving on black.
+r"""`sora data synth`: the embedded default dataset of coloured shapes moving on black.
 
     sora data synth --out data/shapes --num-videos 168 [--size 32] [--frames 16] [--fps 8] [--seed 0] \
         [--exclude "red circle left" --exclude "* triangle up"]

@@ -11,7 +11,8 @@ machine and can be checked against ground truth (`sora data synth` clips score ~
    divided likewise (nearest). Normalising removes brightness, and averaging over every foreground
    pixel of every frame washes out H.264's 4:2:0 chroma smear at the edges and the blur of
    generated clips.
-3. Shape: per frame, the largest connected blob's soft coverage (brightness / peak) gives its area;
+3. Shape: from luma (H.264 keeps it at full resolution; chroma is halved). Per frame, the largest
+   connected blob's soft coverage (luma / the foreground's luma peak) gives its area;
    its width and height are the sums of the per-column and per-row maximum coverage (sub-pixel
    exact for an axis-aligned box). fill = area / (width * height) is 1 for a square, pi/4 for a
    circle and 1/2 for a triangle; the triangle (apex up) also has its centroid 1/6 of its height

@@ -1,6 +1,7 @@
-"""Clip metrics with no learned weights: temporal consistency, diversity across seeds, Fréchet distance.
+"""Clip metrics with no learned weights: temporal consistency, frame change, diversity across seeds, Fréchet
+distance.
 
-Pixels are taken in [-1, 1] (the model's space), so a black background is not a zero vector and a
+Clips come as uint8 and are mapped to [-1, 1] (the model's space), so a black background is not a zero vector and a
 cosine similarity between frames is not inflated by both being mostly zeros.
 """
 

@@ -1,4 +1,4 @@
-"""`sora eval`: generate clips for a prompt list from an export and measure them.
+r"""`sora eval`: generate clips for a prompt list from an export and measure them.
 
     sora eval --model runs/demo/export --prompts prompts.jsonl --out metrics.json [--seeds 2] \
         [--features i3d.pt --reference data/shapes/videos] [--clip /models/clip-vit-b32] [--save-samples samples/]
@@ -9,12 +9,13 @@ The prompts file is plain text (one prompt a line, `#` comments) or JSONL with `
 Prompts of the synthetic grammar are scored by the attribute detector even without `attributes`.
 
 metrics.json (every metric that was not asked for or cannot be computed is null):
-    model, prompts_file, num_prompts, num_seeds, num_clips, sampling {num_frames, height, width, steps,
+    version, model, prompts_file, num_prompts, num_seeds, num_clips, sampling {num_frames, height, width, steps,
     guidance_scale, seed},
     attribute_accuracy {overall, seen, held_out}: each {color, shape, direction, all, n} or null,
-    temporal_consistency, frame_change, diversity, fid, fvd, fvd_features, clip_score,
-    clip_temporal_consistency, per_prompt [{prompt, held_out, attributes, clips: [{seed, color, shape,
-    direction, confidence, correct, temporal_consistency}], diversity}], timing_s {generate, metrics}
+    temporal_consistency, frame_change, diversity, fid, fvd, fvd_features, num_reference_clips (with
+    --reference), clip_score, clip_temporal_consistency, per_prompt [{prompt, held_out, attributes, diversity,
+    clips: [{seed, color, shape, direction, confidence, correct, temporal_consistency, clip_score (with
+    --clip)}]}], timing_s {generate, metrics}
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`sora data prepare`: videos + captions -> Parquet shards of patch tokens and text embeddings (Ray Data).
+r"""`sora data prepare`: videos + captions -> Parquet shards of patch tokens and text embeddings (Ray Data).
 
     sora data prepare --manifest data/shapes/captions.jsonl --out data/prepared --resolution 32 --frames 8 --fps 8
     sora data prepare --manifest clips.csv --out data/mixed --buckets 1x32x32,8x32x32,8x32x64 --clips-per-video 4
@@ -10,7 +10,7 @@ One streaming Ray Data plan from the manifest to the shards (see pipeline.py):
     manifest (local or s3://...) --scan on the driver: sha256, rows, <= 4096 chunk offsets
       --parse chunks (tasks; a resume drops finished lines) --group by source (the one barrier, small rows)
       --plan (tasks: probe each file once, clips with all their captions; rejects to OUT/_rejects/)
-      --captions (actors, GPU when there are GPUs: batched, deduplicated by caption hash, fp16)
+      --captions (actors, one per GPU; on CPU-only clusters tasks: batched, deduplicated by caption hash, fp16)
       --decode + patchify + write (tasks; identity autoencoder)                 -> OUT/<F>x<H>x<W>/part-*.parquet
         or decode (tasks) --encode (VAE actors, one per GPU) --write (tasks)
 
@@ -19,14 +19,17 @@ manifest: benchmarks/bench_prepare_driver_rss_ratio_50k_over_500.py), and clips 
 files are still being probed. Probing and decoding run in a per-worker decoder child process
 (isolate.py): a file that crashes or hangs FFmpeg/decord becomes a reject ("decoder crashed" / "decoder
 timed out", --decode-timeout), and the run finishes. Remote inputs are fetched into a temporary file for
-the one stage that needs them and removed; throttling and dropped connections are retried with backoff,
-then the input is rejected with the reason (storage.py).
+the one stage that needs them and removed (a remote MP4/MOV is probed by byte ranges, not fetched);
+throttling and dropped connections are retried with backoff, then the input is rejected with the reason
+(storage.py).
 
-On disk (format version 1), one folder per bucket, one row per clip:
+On disk (format version 2), one folder per bucket, one row per clip:
 
     OUT/dataset.json                 counts, buckets, patch size, text encoder, autoencoder, manifest sha256
     OUT/rejects.jsonl                {"line", "path", "source", "reason", "detail"} per unusable input
     OUT/stats.log                    ds.stats() of every run
+    OUT/_run.json                    the run's settings and their hash (what a resume must match)
+    OUT/null_prompt.safetensors      the embedding of "" for models that need it (null_prompt.py)
     OUT/_rejects/*.jsonl             each stage's rejects (merged into rejects.jsonl; read by a resume)
     OUT/_damaged/                    shards a resume could not parse, set aside (their clips written again)
     OUT/<F>x<H>x<W>/part-*.parquet   columns:
@@ -37,7 +40,8 @@ On disk (format version 1), one folder per bucket, one row per clip:
         caption      string
         patches      (N, P) float32   model-space tokens, sora_model.patch layout (t-major, (C, pt, ph, pw) per token)
         grid         (3,) int32       (T', H', W') token grid, N = T' * H' * W'
-        text_tokens  (L, D) float16   text encoder tokens (half precision halves the disk; cast when training)
+        text_tokens  (l, D) float16   text encoder tokens at the caption's true length l <= L (zero-padded to
+                                      L at load); half precision halves the disk, cast when training
         text_mask    (L,) bool        True where a text token is real
         text_pooled  (D,) float32     pooled caption embedding
         extra_captions, extra_text_tokens, extra_text_mask, extra_text_pooled
@@ -49,11 +53,12 @@ On disk (format version 1), one folder per bucket, one row per clip:
         source_fps   float32          the source file's average frame rate
         repeated_frames  int32        clip frames that repeat the previous source frame (fps above the source's)
         text_truncated   int32        the clip's captions that were cut to max_length tokens
+        scene, motion, phash          --curate only: scene index, motion score, perceptual hashes (curate.py)
         image_condition  (N, Pc) float32  --image-conditioning only: mask + VAE latents of the clip's first (FLF2V: and
                                       last) frame's conditioning video, patchified like `patches` (condition.py)
         image_features   (Li, Di) float16 --image-conditioning only: the export's image encoder's features of them
-    Tensor columns are plain Arrow nested fixed-size lists (no Ray extension types), so any Parquet reader
-    can open them; `pipelines.data.load` gives them back as arrays of the shapes above.
+    Tensor columns are plain Arrow nested lists, fixed-size but for text_tokens' length (no Ray extension
+    types), so any Parquet reader can open them; `pipelines.data.load` gives them back as arrays of the shapes above.
 
 Guards: an input that would be scaled up more than `--max-upscale` (default 1: never) to fill its bucket is
 rejected as "upscaled"; one whose fps is below `--fps` by more than `--max-fps-ratio` (default 1.5) is
@@ -80,11 +85,13 @@ and `dataset.json` is only written once the run is done.
 Modules, one idea each (this package re-exports what callers use):
 
     options.py    constants of the format, Bucket, PrepareOptions, PrepareError
+    args.py       the command line -> PrepareOptions (with --from-export applied)
     manifest.py   JSONL / CSV / folder manifests: streaming scan, chunks parsed by tasks
     storage.py    local paths and fsspec URIs, temporary downloads, retries with backoff
     isolate.py    the decoder child process: crashes and hangs become rejects
     probe.py      probe a file once, plan the clips of all its rows (several captions per clip) or reject
     decode.py     frames of a clip, resized and centre-cropped
+    reasons.py    an exception raised reading an input -> the reject's reason and detail
     encode.py     autoencoder + patchify -> shard rows; VAE batches sized by bytes
     captions.py   the caption actor stage: batched, hash-deduplicated, fp16
     group.py      every row of a source in one block: a hash partition in plain tasks

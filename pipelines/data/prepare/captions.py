@@ -1,9 +1,12 @@
-"""Caption embeddings, inside the stream: an actor stage between planning and decoding.
+"""Caption embeddings, inside the stream: a stage between planning and decoding.
 
-Each actor loads the text encoder once (on a GPU when the cluster has them), takes batches of clip plans,
-embeds their captions deduplicated by caption hash (within the batch, and across batches through the
-encoder's LRU cache, bounded by CAPTION_CACHE_BYTES and CAPTION_CACHE_ENTRIES), and attaches the embeddings to the rows in half
-precision. No process ever holds a table of every caption: memory is one batch plus the cache.
+The stage is an actor pool (`EmbedCaptions`, one actor per GPU when the cluster has GPUs, or `--caption-actors`),
+or on CPU-only clusters plain tasks (`embed_task`) that keep one `EmbedCaptions` loaded per worker process. Either
+way the encoder is loaded once, takes batches of clip plans, embeds their captions deduplicated by caption hash
+(within the batch, and across batches through the encoder's LRU cache, bounded by CAPTION_CACHE_BYTES and
+CAPTION_CACHE_ENTRIES), and attaches the embeddings to the rows: tokens in half precision at each caption's true
+length (format 2; padded at load), the pooled embedding in float32. No process ever holds a table of every
+caption: memory is one batch plus the cache.
 
 A clip's first caption fills `caption`, `text_tokens`, `text_mask` and `text_pooled` (what every reader
 of the format knows); the others, for multi-caption clips, go to `extra_captions`, `extra_text_tokens`,

@@ -1,6 +1,6 @@
 """Curation columns (`sora data prepare --curate`): scene cuts, a motion score and perceptual hashes per clip.
 
-    cuts = detect_cuts("video.mp4")                 # [120, 348]: first frames of new scenes (plan stage)
+    cuts = detect_cuts("video.mp4", fps)            # [120, 348]: first frames of new scenes (plan stage)
     columns = clip_columns(pixels)                  # {"motion": (K,), "phash": (K, 3)} of decoded clips (decode stage)
 
 Scene cuts are found once per source file, in the plan stage that already holds the file, so a clip is planned
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 CURATE_COLUMNS = ("scene", "motion", "phash")
-"""Shard columns a curated run adds, after the format-1 columns."""
+"""Shard columns a curated run adds, after the format's own (options.COLUMNS)."""
 CURATE_DTYPES = {"scene": "int32", "motion": "float32", "phash": "3 x int64"}
 SCENE_DETECTOR = "scenedetect AdaptiveDetector"
 SCENE_THRESHOLD = 3.0

@@ -81,7 +81,7 @@ def _fixed_list(values: np.ndarray, item_type: Any) -> Any:
 
 
 def row_schema(n: int, p: int, length: int, dim: int) -> Any:
-    """The first ten columns of a shard (what every reader of format 1 knows)."""
+    """The first ten columns of a shard (what every reader of the format knows)."""
     import pyarrow as pa
 
     return pa.schema(

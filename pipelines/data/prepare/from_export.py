@@ -1,4 +1,4 @@
-"""Prepare with a model's own parts: `--from-export EXPORT_DIR` takes the text encoder, autoencoder and patch
+r"""Prepare with a model's own parts: `--from-export EXPORT_DIR` takes the text encoder, autoencoder and patch
 from an export's config.json, so the data fits that model exactly (a converted Wan2.1: umT5 tokens, 512 per
 caption, zero-padded; Wan VAE latents normalised with its latents_mean/std; patch 1x2x2).
 

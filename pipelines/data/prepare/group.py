@@ -1,4 +1,4 @@
-"""Every manifest row of a source in one block: a hash partition of the manifest's small rows, in plain Ray tasks.
+r"""Every manifest row of a source in one block: a hash partition of the manifest's small rows, in plain Ray tasks.
 
     chunk 0 --parse--> P pieces (rows by hash(source) % P) --\
     chunk 1 --parse--> P pieces ---------------------------- merge piece k of every chunk -> block k  (k < P)

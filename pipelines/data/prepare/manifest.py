@@ -2,7 +2,8 @@
 
 A manifest of millions of rows is never held by one process. The driver streams it once (`scan_manifest`:
 its sha256, its row count and the byte offsets of at most MAX_CHUNK_OFFSETS chunk starts); each chunk is
-then parsed where it is read, by a Ray Data task (`parse_chunk`). A folder manifest is listed on the
+then parsed where it is read, by a plain Ray task of the grouping stage (`group.parse_split` ->
+`parse_chunks` -> `parse_chunk`). A folder manifest is listed on the
 driver (a listing is what defines it), its captions read by the tasks.
 """
 
@@ -275,7 +276,7 @@ def entry_schema() -> Any:
 
 
 def parse_chunks(chunks: Any, scan: list[Any], done: list[Any]) -> Any:
-    """Ray Data stage: chunk descriptors {start, end, line} -> manifest entries, without finished lines."""
+    """Chunk descriptors {start, end, line} -> manifest entries, without finished lines (group.parse_split)."""
     import numpy as np
     import pyarrow as pa
 

@@ -1,8 +1,9 @@
 """The run: one streaming Ray Data plan from the manifest to the shards, and dataset.json at the end.
 
     manifest chunks --parse (drop finished lines)--> entries --group by source--> plan (probe each file once,
-    clips with all their captions; drop written clips) --captions (actors, batched, fp16)--> decode +
-    patchify + write shards (tasks)  |  with a VAE: decode (tasks) --> encode (GPU actors) --> write (tasks)
+    clips with all their captions; drop written clips) --captions (actors, one per GPU; on CPU-only clusters
+    tasks; batched, fp16)--> decode + patchify + write shards (tasks)
+    |  with a VAE: decode (tasks) --> encode (GPU actors) --> write (tasks)
 
 The driver holds the manifest's scan (bounded), the plan and a counter; rows stream through the object
 store, and the first clips are decoded while later files are still being probed. Grouping by source is the

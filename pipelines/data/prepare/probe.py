@@ -1,6 +1,6 @@
 """Probing inputs and planning their clips: which bucket, which frames, or a reject with the reason.
 
-The plan stage sees the manifest sorted by source, so every row naming one file is in one block: the
+The plan stage sees the manifest grouped by source (group.py), so every row naming one file is in one block: the
 file is probed once however many rows list it, and rows that give the same clip (same source and start)
 become one clip with several captions (multi-caption datasets: MSR-VTT lists each video 20 times), not
 duplicates. Only a row repeating another row's clip *and* caption is a "duplicate" reject.
