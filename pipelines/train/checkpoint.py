@@ -202,7 +202,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, ema: bool = False, merge_lora
     """`sora export`: an export folder (model.safetensors, config.json, + ema.safetensors) from a checkpoint.
 
     A LoRA run's checkpoint gives its adapter folder (+ `ema/`), or with `merge_lora` the merged whole export."""
-    from pipelines.train.finetune import FINETUNE_FILE, export_lora_checkpoint
+    from pipelines.train.finetune import FINETUNE_FILE
     from sora_model.config import PipelineConfig, from_dict
     from sora_model.pipeline import save_export
 
@@ -222,3 +222,34 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, ema: bool = False, merge_lora
     with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
         config = from_dict(PipelineConfig, json.load(f))
     return save_export(out_dir, config, fp32_weights(ckpt_dir), ema_weights(ckpt_dir) if ema else None)
+
+
+def export_lora_checkpoint(ckpt_dir: str, out_dir: str, ema: bool, merge: bool) -> str:
+    """`sora export` of a LoRA checkpoint: the adapter folder, or with `merge` the merged whole export."""
+    from pipelines.train.finetune import EMA_SUBDIR, FINETUNE_FILE, merged_weights, write_adapter
+    from pipelines.train.recipe import LoraSpec
+    from sora_model.config import PipelineConfig, from_dict
+    from sora_model.pipeline import save_export
+
+    with open(os.path.join(ckpt_dir, FINETUNE_FILE)) as f:
+        info = json.load(f)
+    spec = from_dict(LoraSpec, info["lora"], "lora")
+    weights = fp32_weights(ckpt_dir)
+    averaged = ema_weights(ckpt_dir) if ema else None
+    if not merge:
+        write_adapter(out_dir, spec, info["init_from"], weights)
+        if averaged is not None:
+            write_adapter(os.path.join(out_dir, EMA_SUBDIR), spec, info["init_from"], averaged)
+        return out_dir
+    with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+        config = from_dict(PipelineConfig, json.load(f))
+    with tempfile.TemporaryDirectory(prefix="sora-adapter-") as tmp:
+        merged = merged_weights(
+            info["init_from"], write_adapter(os.path.join(tmp, "a"), spec, info["init_from"], weights)
+        )
+        merged_ema = None
+        if averaged is not None:
+            merged_ema = merged_weights(
+                info["init_from"], write_adapter(os.path.join(tmp, "e"), spec, info["init_from"], averaged)
+            )
+    return save_export(out_dir, config, merged, merged_ema)

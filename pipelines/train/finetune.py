@@ -8,7 +8,7 @@
     sora export --checkpoint runs/wan-lora/ray_results/wan-1.3b-lora/checkpoint_0001000 --out merged --merge-lora
 
 What happens where:
-- the driver (`resolve_init`, called by `parse_recipe`): the export's config.json becomes the recipe's model
+- the driver (`model_spec.resolve_init`, called by `parse_recipe`): the export's config.json becomes the recipe's model
   (`model.base`), and its text encoder, autoencoder and diffusion settings fill the sections the recipe leaves
   out. The workers receive that resolved recipe and never read config.json again.
 - every rank (`build_model`, before `deepspeed.initialize`): the DiT is built on the meta device, rank 0 reads
@@ -32,10 +32,8 @@ from typing import Any
 
 import torch
 
-from sora_model.config import ConfigError, DiTConfig, from_dict, to_dict
+from sora_model.config import ConfigError, DiTConfig, to_dict
 
-RUNTIME_FIELDS = ("gradient_checkpointing",)
-"""Model options a fine-tune may change: they change how the step runs, never the weights or the outputs."""
 FINETUNE_FILE = "finetune.json"
 """Written into every checkpoint of an `init_from` run: the export it started from and the LoRA settings."""
 LORA_MARK = ".lora_"
@@ -48,76 +46,8 @@ ADAPTER_KEY_PREFIX = "base_model.model."
 
 
 # ---------------------------------------------------------------------------------------------
-# The driver: a recipe's model from the export
+# The driver: the export before any work (its model became the recipe's in model_spec.resolve_init)
 # ---------------------------------------------------------------------------------------------
-
-
-def _effective(cfg: DiTConfig) -> dict[str, Any]:
-    """The settings that decide weights and outputs (rope_split None spelled out; runtime options left out)."""
-    from sora_model.rope import rope_split
-
-    out = to_dict(cfg)
-    try:
-        out["rope_split"] = list(rope_split(cfg.head_dim, cfg.rope_split))
-    except ValueError:  # a split that does not fit this width: left as written, it differs anyway
-        pass
-    for key in RUNTIME_FIELDS:
-        out.pop(key)
-    return out
-
-
-def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
-    """A raw recipe mapping with `init_from` -> the same with the export's model (and omitted sections) filled in.
-
-    The recipe's `model:` must be omitted, or agree with the export but for RUNTIME_FIELDS; one-line ConfigError
-    otherwise. A mapping resolved before (what the workers receive: `model.base` set) is returned as it is.
-    """
-    from sora_model.pipeline import MODEL_FILE, load_export_config
-
-    path = data["init_from"]
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"init_from must be an export folder (a path), got {path!r}")
-    model = data.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"model must be a mapping, got {type(model).__name__}")
-    if model.get("base") is not None:
-        return data
-    if not os.path.exists(path):
-        return data  # not on this machine (a shipped recipe names a cluster path): parsing defers to `check_init`, which fails `sora train` in one line
-    try:
-        export = load_export_config(path)
-    except (OSError, ValueError) as err:  # ConfigError is a ValueError: a bad config.json names its key
-        raise ConfigError(f"init_from: {' '.join(str(err).split())}") from None
-    if not os.path.isfile(os.path.join(path, MODEL_FILE)):
-        raise ConfigError(
-            f"init_from '{path}' has no {MODEL_FILE}: give an export folder (sora convert or a run's export/)"
-        )
-    unknown = sorted(set(model) - {"preset", "overrides"})
-    if unknown:
-        raise ConfigError(f"unknown key 'model.{unknown[0]}' (allowed with init_from: preset, overrides)")
-    overrides = model.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"model.overrides must be a mapping, got {type(overrides).__name__}")
-    if "preset" in model:
-        from pipelines.train.recipe import ModelSpec
-
-        ours = from_dict(ModelSpec, {"preset": model["preset"], "overrides": overrides}, "model").build()
-    else:
-        ours = from_dict(DiTConfig, {**to_dict(export.model), **overrides}, "model.overrides")
-    mine, theirs = _effective(ours), _effective(export.model)
-    for key, value in mine.items():
-        if value != theirs[key]:
-            raise ConfigError(
-                f"model.{key} is {value!r} but init_from '{path}' has {theirs[key]!r}; omit model: (the export's "
-                f"config.json gives the model) or set only {', '.join(RUNTIME_FIELDS)} in model.overrides"
-            )
-    runtime = {key: value for key, value in overrides.items() if key in RUNTIME_FIELDS}
-    # Absolute: the workers run in other folders (and `ray job submit` sends the recipe from the submitting machine).
-    out = {**data, "init_from": os.path.abspath(path), "model": {"base": to_dict(export.model), "overrides": runtime}}
-    for key in ("text_encoder", "autoencoder", "diffusion"):
-        if out.get(key) is None:
-            out[key] = to_dict(getattr(export, key))
-    return out
 
 
 def check_init(recipe: Any) -> None:
@@ -462,36 +392,3 @@ def write_checkpoint_info(folder: str, recipe: Any) -> None:
     info = {"init_from": os.path.abspath(recipe.init_from), "lora": to_dict(recipe.lora) if recipe.lora else None}
     with open(os.path.join(folder, FINETUNE_FILE), "w") as f:
         json.dump(info, f, indent=2)
-
-
-def export_lora_checkpoint(ckpt_dir: str, out_dir: str, ema: bool, merge: bool) -> str:
-    """`sora export` of a LoRA checkpoint: the adapter folder, or with `merge` the merged whole export."""
-    from pipelines.train.checkpoint import CONFIG_FILE, ema_weights, fp32_weights
-    from pipelines.train.recipe import LoraSpec
-    from sora_model.config import PipelineConfig
-    from sora_model.pipeline import save_export
-
-    with open(os.path.join(ckpt_dir, FINETUNE_FILE)) as f:
-        info = json.load(f)
-    spec = from_dict(LoraSpec, info["lora"], "lora")
-    weights = fp32_weights(ckpt_dir)
-    averaged = ema_weights(ckpt_dir) if ema else None
-    if not merge:
-        write_adapter(out_dir, spec, info["init_from"], weights)
-        if averaged is not None:
-            write_adapter(os.path.join(out_dir, EMA_SUBDIR), spec, info["init_from"], averaged)
-        return out_dir
-    import tempfile
-
-    with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
-        config = from_dict(PipelineConfig, json.load(f))
-    with tempfile.TemporaryDirectory(prefix="sora-adapter-") as tmp:
-        merged = merged_weights(
-            info["init_from"], write_adapter(os.path.join(tmp, "a"), spec, info["init_from"], weights)
-        )
-        merged_ema = None
-        if averaged is not None:
-            merged_ema = merged_weights(
-                info["init_from"], write_adapter(os.path.join(tmp, "e"), spec, info["init_from"], averaged)
-            )
-    return save_export(out_dir, config, merged, merged_ema)

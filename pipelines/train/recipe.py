@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pipelines.train.model_spec import ModelSpec, init_image_encoder, resolve_init
 from sora_model.config import (
     AutoencoderConfig,
     ConfigError,
@@ -25,28 +26,10 @@ from sora_model.config import (
     PipelineConfig,
     SampleConfig,
     TextEncoderConfig,
-    dit_preset,
     from_dict,
     to_dict,
 )
 from sora_model.lora import LORA_TARGET_MODULES
-
-
-@dataclass
-class ModelSpec:
-    """A named preset (`sora_model.config.DIT_PRESETS`) with field overrides."""
-
-    preset: str = "DiT-demo"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    """Any `DiTConfig` field, e.g. `{patch_size: [1, 4, 4], gradient_checkpointing: true}`; typed like the config."""
-    base: DiTConfig | None = None
-    """A whole model config to start from instead of the preset. With `init_from` the export's, filled in when the
-    recipe is read (`finetune.resolve_init`); overrides then may only set runtime options (gradient_checkpointing)."""
-
-    def build(self) -> DiTConfig:
-        base = to_dict(self.base if self.base is not None else dit_preset(self.preset))
-        # Round-trip through from_dict so overrides are checked (names and types) like any other key.
-        return from_dict(DiTConfig, {**base, **self.overrides}, "model.overrides")
 
 
 @dataclass
@@ -460,11 +443,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source} must be a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
     if data.get("init_from") is not None:
-        from pipelines.train.finetune import resolve_init
-
         data = resolve_init(data)
         if data.get("image_encoder") is None:
-            data = _init_image_encoder(data)
+            data = init_image_encoder(data)
     # Stage errors name the stage by index: `stages[1].lr ...`. from_dict does that for list items,
     # but the stage-level __post_init__ checks raise without the prefix, so add it here.
     stages = data.get("stages")
@@ -486,22 +467,6 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if recipe.deepspeed.offload_params and recipe.deepspeed.zero_stage != 3:
         raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage 3")
     return recipe
-
-
-def _init_image_encoder(data: dict[str, Any]) -> dict[str, Any]:
-    """An `init_from` image-to-video export's image encoder for a recipe that leaves `image_encoder` out, its paths
-    made absolute (the export records them relative to itself; the workers run elsewhere)."""
-    from sora_model.pipeline import load_export_config
-
-    path = data["init_from"]
-    if not os.path.isdir(path):
-        return data  # reported by `finetune.check_init`
-    encoder = load_export_config(path).image_encoder
-    if not encoder.path:
-        return data
-    root = os.path.abspath(path)
-    absolute = {k: (v if not v or os.path.isabs(v) else os.path.join(root, v)) for k, v in to_dict(encoder).items()}
-    return {**data, "image_encoder": absolute}
 
 
 def load_recipe(path: str) -> Recipe:

@@ -190,7 +190,7 @@ class Plan:
         }
         tiny["text_dim"] = 384
         if init_export is not None:  # the export gives model, text encoder and autoencoder; only runtime options here
-            from pipelines.train.finetune import RUNTIME_FIELDS
+            from pipelines.train.model_spec import RUNTIME_FIELDS
 
             overrides = (data.get("model") or {}).get("overrides") or {}
             out["model"] = {"overrides": {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}}
