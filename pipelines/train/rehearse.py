@@ -45,6 +45,8 @@ STEPS, LAST_STEPS = 2, 3
 MICRO_BATCH, GRAD_ACCUM = 2, 2
 """At most 2 clips a micro-batch and 2 micro-batches a step (accumulation still runs where the recipe has it)."""
 MINILM = "minilm"
+MINILM_DIM = 384
+"""The width of MiniLM's token embeddings: the tiny model's `text_dim`."""
 CLIP_DIM, CLIP_SIZE, CLIP_PATCH = 24, 32, 8
 """An image-to-video recipe's tiny CLIP image encoder: width 24 at 32 px in 8 px patches (16 patches + the class
 token = 17 feature tokens per image), random, written into the tiny init export beside its processor."""
@@ -120,6 +122,28 @@ def _tiny_model(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _cpu_run(out: dict[str, Any], full: Any) -> dict[str, Any]:
+    """The recipe mapping `out` as a two-worker CPU run of `full` (the parsed recipe): its own run settings capped."""
+    # A tiny run that stalls in a collective or a rendezvous should fail in minutes, not wait out the recipe's
+    # cluster-size timeout (1800 s) once per retry: both are capped; the one injected loss needs one retry.
+    out.update(
+        device="cpu",
+        workers=WORKERS,
+        cpus_per_worker=None,
+        max_failures=min(2, max(1, full.max_failures)),
+        process_group_timeout_s=min(REHEARSAL_TIMEOUT_S, full.process_group_timeout_s),
+    )
+    ds = dict(out.get("deepspeed") or {})
+    ds["bf16"] = full.bf16  # `auto` resolved against the recipe's own device
+    if full.deepspeed.hpz_partition_size > WORKERS:
+        ds["hpz_partition_size"] = WORKERS
+    out["deepspeed"] = ds
+    if full.sequence_parallel_size > 1:
+        out["sequence_parallel_size"] = WORKERS
+    out["sample"] = {**(out.get("sample") or {}), "steps": 1, "num_gpus": 0.0, "num_cpus": None}
+    return out
+
+
 def _shrink_stage(stage: dict[str, Any], shrink: Shrink, last: bool) -> dict[str, Any]:
     s = copy.deepcopy(stage)
     frames, height, width = shrink.shape(s["frames"], *shrink.stage_hw(s))
@@ -159,24 +183,7 @@ class Plan:
         model = full.model_config()
         self.model_cfg = model
         self.not_cpu: list[str] = []
-        out = copy.deepcopy(data)
-        # A tiny run that stalls in a collective or a rendezvous should fail in minutes, not wait out the recipe's
-        # cluster-size timeout (1800 s) once per retry: both are capped; the one injected loss needs one retry.
-        out.update(
-            device="cpu",
-            workers=WORKERS,
-            cpus_per_worker=None,
-            max_failures=min(2, max(1, full.max_failures)),
-            process_group_timeout_s=min(REHEARSAL_TIMEOUT_S, full.process_group_timeout_s),
-        )
-        ds = dict(out.get("deepspeed") or {})
-        ds["bf16"] = full.bf16  # `auto` resolved against the recipe's own device
-        if full.deepspeed.hpz_partition_size > WORKERS:
-            ds["hpz_partition_size"] = WORKERS
-        out["deepspeed"] = ds
-        if full.sequence_parallel_size > 1:
-            out["sequence_parallel_size"] = WORKERS
-        out["sample"] = {**(out.get("sample") or {}), "steps": 1, "num_gpus": 0.0, "num_cpus": None}
+        out = _cpu_run(copy.deepcopy(data), full)
         tiny = _tiny_model(model)
         self.image = model.in_channels != model.predicted_channels
         if self.image and not data.get("init_from"):
@@ -188,19 +195,9 @@ class Plan:
             "max_length": full.text_encoder.max_length,
             "hidden_layer": full.text_encoder.hidden_layer,
         }
-        tiny["text_dim"] = 384
+        tiny["text_dim"] = MINILM_DIM
         if init_export is not None:  # the export gives model, text encoder and autoencoder; only runtime options here
-            from pipelines.train.model_spec import RUNTIME_FIELDS
-
-            overrides = (data.get("model") or {}).get("overrides") or {}
-            out["model"] = {"overrides": {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}}
-            out["init_from"] = init_export
-            for key in ("text_encoder", "autoencoder"):
-                out.pop(key, None)
-            parts = "text encoder, VAE and image encoder" if model.image_dim is not None else "text encoder and VAE"
-            self.not_cpu.append(
-                f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture stood in)"
-            )
+            self._from_init_export(out, data, init_export)
         else:
             model_spec = dict(out.get("model") or {})
             model_spec["overrides"] = {**(model_spec.get("overrides") or {}), **tiny}
@@ -219,6 +216,22 @@ class Plan:
             {b for s in out["stages"] for b in ([s["dataset"]] if s.get("dataset") else s["datasets"])}
         )
         self._note_stand_ins(full)
+
+    def _from_init_export(self, out: dict[str, Any], data: dict[str, Any], init_export: str) -> None:
+        """The tiny recipe `out` starts from the tiny export of the recipe's architecture: it gives the model, text
+        encoder and autoencoder, so only the recipe's runtime options stay; the end line names what stood in."""
+        from pipelines.train.model_spec import RUNTIME_FIELDS
+
+        overrides = (data.get("model") or {}).get("overrides") or {}
+        out["model"] = {"overrides": {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}}
+        out["init_from"] = init_export
+        for key in ("text_encoder", "autoencoder"):
+            out.pop(key, None)
+        has_image = self.model_cfg.image_dim is not None
+        parts = "text encoder, VAE and image encoder" if has_image else "text encoder and VAE"
+        self.not_cpu.append(
+            f"init_from {data['init_from']}'s weights, {parts} (a tiny export of its architecture stood in)"
+        )
 
     def _note_stand_ins(self, full: Any) -> None:
         """What the CPU rehearsal stands in for or cannot run, as the end line names it."""

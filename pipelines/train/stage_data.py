@@ -163,11 +163,14 @@ def _check_image_conditioning(model: DiTConfig, info: dict[str, Any], where: str
         )
 
 
-def _resolve_bucket(
-    recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str, Any]], roots: list[str], where: str, name: str
-) -> StageData:
-    """One bucket, by name in every root or by a prepared folder's path, checked against the model and the recipe."""
-    hits: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+Hit = tuple[str, dict[str, Any], dict[str, Any]]
+"""(root, the root's prepared info, one bucket of it)."""
+
+
+def _find_bucket(infos: dict[str, dict[str, Any]], roots: list[str], where: str, name: str) -> list[Hit]:
+    """Every root's non-empty bucket called `name`, or the one bucket of the prepared folder `name`; a one-line
+    ConfigError when there is none."""
+    hits: list[Hit] = []
     if _is_root(name):
         root = _abs_root(name)
         info = infos.get(root) or read_info(root)
@@ -188,7 +191,12 @@ def _resolve_bucket(
         raise ConfigError(
             f"{where} '{name}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}"
         )
-    _, info, bucket = hits[0]
+    return hits
+
+
+def _check_fits(recipe: Recipe, model: DiTConfig, hits: list[Hit], where: str) -> None:
+    """The found bucket against the model (patch, channels, image condition) and the recipe's text encoder."""
+    _, info, _ = hits[0]
     if tuple(info["patch_size"]) != tuple(model.patch_size):
         raise ConfigError(
             f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}"
@@ -212,6 +220,15 @@ def _resolve_bucket(
         raise ConfigError(
             f"{where}: the data's text embeddings have width {text_dim} but model.text_dim is {model.text_dim}"
         )
+
+
+def _resolve_bucket(
+    recipe: Recipe, model: DiTConfig, infos: dict[str, dict[str, Any]], roots: list[str], where: str, name: str
+) -> StageData:
+    """One bucket, by name in every root or by a prepared folder's path, checked against the model and the recipe."""
+    hits = _find_bucket(infos, roots, where, name)
+    _check_fits(recipe, model, hits, where)
+    _, info, bucket = hits[0]
     num = sum(int(b["num_clips"]) for _, _, b in hits)
     if num < 1:
         raise ConfigError(f"{where} '{name}' holds no clips")
