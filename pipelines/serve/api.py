@@ -14,7 +14,7 @@ import math
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -272,6 +272,27 @@ class GenerationParams:
 
     def cache_key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+PARAM_FIELDS = frozenset(f.name for f in fields(GenerationParams))
+"""What a job row's `doc._params` may hold (params_from_doc)."""
+
+
+def params_to_doc(params: GenerationParams) -> dict[str, Any]:
+    """The params as the job row stores them (`doc._params`, JSON), and as the result cache compares them."""
+    return asdict(params)
+
+
+def params_from_doc(doc: dict[str, Any]) -> GenerationParams:
+    """The params a job row stored (`params_to_doc`). ValueError naming the field when the row was not written by
+    this version of the server (a field it does not know, or one it needs and lacks)."""
+    unknown = sorted(set(doc) - PARAM_FIELDS)
+    if unknown:
+        raise ValueError(f"job params: unknown field '{unknown[0]}' (a row from another version of the server)")
+    try:
+        return GenerationParams(**doc)
+    except TypeError as err:
+        raise ValueError(f"job params: {err}") from None
 
 
 def format_seconds(s: float) -> str:
@@ -561,7 +582,7 @@ def new_job(params: GenerationParams) -> dict[str, Any]:
         "step_cache": params.step_cache,
         "cache_threshold": params.cache_threshold,
         "_created_ns": now_ns,
-        "_params": asdict(params),
+        "_params": params_to_doc(params),
     }
 
 
@@ -572,7 +593,9 @@ def result_cache_key(params: GenerationParams, owner: str, identity: dict[str, A
     request names, so replacing an adapter's file under the same name misses the cache)."""
     model = {k: v for k, v in identity.items() if k != "adapters"}
     adapter = (identity.get("adapters") or {}).get(params.lora) if params.lora else None
-    blob = json.dumps({"params": asdict(params), "owner": owner, "model": model, "adapter": adapter}, sort_keys=True)
+    blob = json.dumps(
+        {"params": params_to_doc(params), "owner": owner, "model": model, "adapter": adapter}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import api, auth
 from .admission import Admission
-from .api import ApiError, ModelCard, result_cache_key
+from .api import ApiError, ModelCard, params_to_doc, result_cache_key
 from .config import (
     APP_NAME,
     GENERATOR_NAME,
@@ -502,7 +502,7 @@ class VideoAPI:
         """A completed job of this owner with the same key: its clip copied (server-side on object stores) into
         a new completed job, `weight` written to the usage ledger. None when there is none, or its files are gone."""
         source = self.db.cache_lookup(key, owner)
-        if source is None or source.get("_params") != asdict(params) or source["_owner"] != owner:
+        if source is None or source.get("_params") != params_to_doc(params) or source["_owner"] != owner:
             return None
         job = api.new_job(params)
         ref = new_token()

@@ -1,7 +1,7 @@
 """The dispatcher each ingress replica runs: claim jobs from the database, run them on the generator
 deployment, hold their leases meanwhile, and sweep expired and overdue jobs and orphaned store objects (sweep.py).
 
-    accepted job (queued row) ──claim (lease, token)──► generator.generate.remote ──► completed row + clip
+    accepted job (queued row) ──claim (lease, token)──► generator.generate.remote(LeasedJob) ──► completed row + clip
                   ▲                                            │ renew every ttl/3 while the job waits for a
                   │                                            │ generator or its heartbeat (a step, a stored
                   │                                            │ file) is younger than queue.stall_timeout_s
@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import ServeSettings
 from .db import USAGE_KEEP_S, JobDB
+from .jobs import JobOutcome, LeasedJob
 from .metrics import ServeMetrics
 from .requests import IMAGE_FIELDS
 from .store import ContentStore
@@ -218,17 +219,7 @@ class Dispatcher:
         try:
             if not await self._check_attempts(job, token, s):
                 return
-            item = {
-                "id": job_id,
-                "token": token,
-                "params": job["_params"],
-                "alone": alone,
-                "deadline_ns": job["_deadline_ns"],
-                "lease_ttl_s": s.queue.lease_ttl_s,
-                "retention_s": s.retention_s,
-                "attempt": job["_attempts"],
-            }
-            result = await self._generate(item, s)
+            result = await self._generate(LeasedJob.claimed(job, s.queue.lease_ttl_s, s.retention_s, alone), s)
             if isinstance(result, str):  # no answer came: "abandoned" or "failed"
                 status = result
                 return
@@ -270,14 +261,14 @@ class Dispatcher:
             logger.info("dispatcher: re-claimed %s (attempt %d)", job_id, attempt)
         return True
 
-    async def _generate(self, item: dict[str, Any], s: ServeSettings) -> dict[str, Any] | str:
+    async def _generate(self, item: LeasedJob, s: ServeSettings) -> JobOutcome | str:
         """Call the generator until it answers: a full queue (back-pressure) is waited out, a lost replica is tried
         again up to queue.max_attempts. -> its answer, or the job's status when none came ("abandoned": a stalled
         attempt already retried; "failed": the replicas kept dying, the job is failed here)."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-        job_id, token = item["id"], item["token"]
+        job_id, token = item.id, item.token
         tries, waits = 0, 0
         while True:
             try:
@@ -310,24 +301,23 @@ class Dispatcher:
         if status in ("completed", "failed"):
             self.metrics.end_to_end.labels(status=status).observe(max(0.0, (time.time_ns() - job["_created_ns"]) / 1e9))
 
-    def _record(self, result: dict[str, Any], token: str) -> str:
-        report = result.get("report")
-        if report is not None:
-            self.metrics.observe_report(report)
+    def _record(self, result: JobOutcome, token: str) -> str:
+        if result.report is not None:
+            self.metrics.observe_report(result.report)
         if token in self.abandoned:  # a stalled attempt's late answer: the job was retried meanwhile
             self.stats["abandoned_finished"] += 1
             return "abandoned"
-        if not result.get("ok"):
+        if not result.ok:
             self.stats["failed"] += 1
             return "failed"
-        if result.get("skipped"):  # deleted, finished elsewhere, or its lease was taken over
+        if result.skipped:  # deleted, finished elsewhere, or its lease was taken over
             self.stats["skipped"] += 1
             return "skipped"
         self.stats["completed"] += 1
-        self.batch_ids.add(result["batch_id"])
+        self.batch_ids.add(result.batch_id)
         if len(self.batch_ids) > 100_000:
             self.batch_ids.clear()
-        self.batch_sizes[result["batch_size"]] += 1
+        self.batch_sizes[result.batch_size] += 1
         return "completed"
 
     def _update_depth(self) -> None:

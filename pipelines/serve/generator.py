@@ -1,15 +1,16 @@
 """The generator deployment: one `TextToVideoPipeline` per replica, dynamic batching, results to the store.
 
-Each call carries one leased job (`{"id", "token", "params", "deadline_ns", ...}`, see dispatch.py); `@serve.batch` collects concurrent calls and the batch
-is split by shape (frames, size, steps, sampler, negative prompt or not, LoRA adapter, step cache, reference images:
-image-to-video conditions a whole call on one first/last frame, read from the store by digest). Each group is one
-pipeline call: prompts, seeds and guidance scales stay per request (the pipeline gives every prompt
-its own noise, so a clip is the same batched or alone). The replica moves the job to `in_progress`,
-reports progress while sampling, and hands each clip back to its own call, which writes the MP4 and
-thumbnail to the store and marks the job `completed`. That last part runs outside the batch: the next
-batch starts sampling while the previous one's clips are encoded and uploaded, and the clips of one
-batch are encoded side by side rather than one after another. A group's LoRA adapter (the config's `loras:`) is
-applied unmerged for its call only (`sora_model.adapters`: resident in an LRU bounded by `lora_cache_bytes`).
+Each call carries one leased job (jobs.LeasedJob: its id, lease token, parsed GenerationParams, deadline; see
+dispatch.py) and answers a jobs.JobOutcome; `@serve.batch` collects concurrent calls and the batch is split by shape
+(frames, size, steps, sampler, negative prompt or not, LoRA adapter, step cache, reference images: image-to-video
+conditions a whole call on one first/last frame, read from the store by digest). Each group is one pipeline call:
+prompts, seeds and guidance scales stay per request (the pipeline gives every prompt its own noise, so a clip is the
+same batched or alone). The replica moves the job to `in_progress`, reports progress while sampling, and hands each
+clip back to its own call, which writes the MP4 and thumbnail to the store and marks the job `completed`. That last
+part runs outside the batch: the next batch starts sampling while the previous one's clips are encoded and uploaded,
+and the clips of one batch are encoded side by side rather than one after another. A group's LoRA adapter (the
+config's `loras:`) is applied unmerged for its call only (`sora_model.adapters`: resident in an LRU bounded by
+`lora_cache_bytes`).
 
 Every write names the job's lease token (db.py): starting a job counts a run and beats its heartbeat, each
 progress write beats it again, encoding and each stored file too, and the completion only lands while the
@@ -34,7 +35,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ray import serve
@@ -44,6 +45,7 @@ from pipelines.parallel.replica import ParallelRanks
 from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
+from .jobs import JobOutcome, LeasedJob
 from .metrics import JobReport
 from .requests import open_image
 from .store import ContentStore
@@ -60,6 +62,20 @@ STALL_ENV = "SORA_SERVE_TEST_STALL_S"
 DIGEST_CHUNK = 8 << 20
 REFERENCE_ARGS = (("image", "input_reference"), ("last_image", "last_frame_reference"))
 """(pipeline argument and GenerationParams field, request field) of each reference image."""
+
+
+@dataclass
+class SampledClip:
+    """A job's clip from a pipeline call, on its way to `Generator._finish` (inside the replica, never over Ray)."""
+
+    clip: Any
+    """(T, H, W, 3) uint8."""
+    batch_id: str
+    batch_size: int
+    seconds: float
+    """The pipeline call's sampling time."""
+    queued_s: float
+    report: JobReport
 
 
 class StopSampling(Exception):
@@ -309,8 +325,8 @@ class Generator:
             "adapters": self.adapters.stats(),
         }
 
-    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
-        """One job -> `{"ok", "batch_id", "batch_size", "error"}`; the clip itself goes to the store."""
+    async def generate(self, job: LeasedJob) -> JobOutcome:
+        """One job -> how it ended (jobs.JobOutcome); the clip itself goes to the store."""
         # Hold new requests while a batch samples, then let them all in together: what queued during a
         # batch becomes the next batch (up to max_batch_size). `@serve.batch` alone forms the next batch as
         # soon as the current one starts, from whatever arrives within its wait, so under steady load it
@@ -319,29 +335,27 @@ class Generator:
             self._idle = asyncio.Event()
             self._idle.set()
         await self._idle.wait()
-        if job.get("alone"):
+        if job.alone:
             # The ingress has nothing else queued: do not hold this job for company that is not coming
             # (the batch it starts restores the configured wait, see _batched).
             self._batched.set_batch_wait_timeout_s(0.0)
         result = await self._batched(job)
-        clip = result.pop("clip", None)
-        if clip is None:  # failed, or deleted before it was sampled
+        if isinstance(result, JobOutcome):  # failed, or deleted before it was sampled
             return result
-        return await asyncio.to_thread(self._finish, job, clip, result)
+        return await asyncio.to_thread(self._finish, job, result)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _batched(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _batched(self, jobs: list[LeasedJob]) -> list[JobOutcome | SampledClip]:
         groups: dict[tuple, list[int]] = defaultdict(list)
-        params = [GenerationParams(**j["params"]) for j in jobs]
-        for i, p in enumerate(params):
-            groups[p.shape_key].append(i)
-        results: list[dict[str, Any]] = [{}] * len(jobs)
+        for i, job in enumerate(jobs):
+            groups[job.params.shape_key].append(i)
+        results: list[Any] = [None] * len(jobs)
         self._batched.set_batch_wait_timeout_s(self.settings.batching.batch_wait_timeout_s)
         if self._idle is not None:
             self._idle.clear()
         try:
             for idxs in groups.values():
-                out = await asyncio.to_thread(self._run_group, [jobs[i] for i in idxs], [params[i] for i in idxs])
+                out = await asyncio.to_thread(self._run_group, [jobs[i] for i in idxs])
                 for i, r in zip(idxs, out, strict=True):
                     results[i] = r
         finally:
@@ -349,15 +363,15 @@ class Generator:
                 self._idle.set()
         return results
 
-    def _run_group(self, items: list[dict[str, Any]], params: list[GenerationParams]) -> list[dict[str, Any]]:
+    def _run_group(self, items: list[LeasedJob]) -> list[JobOutcome | SampledClip]:
         """Sample one same-shape group in one pipeline call (runs in a worker thread)."""
-        ids = [it["id"] for it in items]
-        ttl = items[0]["lease_ttl_s"]
-        run, queued_s, results = self._start_group(items, params, ttl)
+        ids = [it.id for it in items]
+        ttl = items[0].lease_ttl_s
+        run, queued_s, results = self._start_group(items, ttl)
         if not run:
             return [results[i] for i in ids]
-        first = run[0][1]
-        held = {it["id"]: it["token"] for it, _ in run}
+        first = run[0].params
+        held = {it.id: it.token for it in run}
         started = time.perf_counter()
         timer = CallTimer()
         cache = self.pipe.text_encoder.cache
@@ -387,44 +401,35 @@ class Generator:
             text_cache_misses=cache.misses - misses,
             text_cache_bytes=cache.bytes,
         )
-        for (it, p), clip in zip(run, clips, strict=True):
-            if it["id"] not in held:  # lost its lease mid-call: another replica owns it now
+        for it, clip in zip(run, clips, strict=True):
+            if it.id not in held:  # lost its lease mid-call: another replica owns it now
                 continue
             report = call_report if call_report is not None else JobReport()
             call_report = None  # the call's figures ride on one job only
-            report.queue_wait_s = queued_s[it["id"]]
-            results[it["id"]] = {
-                "ok": True,
-                "batch_id": results[it["id"]]["batch_id"],
-                "batch_size": len(run),
-                "seconds": seconds,
-                "clip": clip,
-                "fps": p.fps,
-                "queued_s": queued_s[it["id"]],
-                "report": report,
-            }
+            report.queue_wait_s = queued_s[it.id]
+            batch_id = results[it.id].batch_id
+            results[it.id] = SampledClip(clip, batch_id, len(run), seconds, queued_s[it.id], report)
         return [results[i] for i in ids]
 
     def _start_group(
-        self, items: list[dict[str, Any]], params: list[GenerationParams], ttl: float
-    ) -> tuple[list[tuple[dict[str, Any], GenerationParams]], dict[str, float], dict[str, dict[str, Any]]]:
+        self, items: list[LeasedJob], ttl: float
+    ) -> tuple[list[LeasedJob], dict[str, float], dict[str, Any]]:
         """Move the group's jobs to `in_progress` under their tokens. Those deleted, finished elsewhere or taken over
         while waiting drop out of the call. -> the jobs that run, each one's queue wait, and every job's result so far
         (skipped, until its clip is sampled)."""
         started_ns = time.time_ns()
-        live = [self.db.start(it["id"], it["token"], self.replica, ttl) for it in items]
-        run = [(it, p) for it, p, job in zip(items, params, live, strict=True) if job is not None]
+        live = [self.db.start(it.id, it.token, self.replica, ttl) for it in items]
+        run = [it for it, job in zip(items, live, strict=True) if job is not None]
         queued_s = {job["id"]: (started_ns - job["_created_ns"]) / 1e9 for job in live if job is not None}
         batch_id = uuid.uuid4().hex[:12]
-        results = {
-            it["id"]: {"ok": True, "batch_id": batch_id, "batch_size": len(run), "skipped": True} for it in items
-        }
+        skipped = JobOutcome(ok=True, batch_id=batch_id, batch_size=len(run), skipped=True)
+        results = {it.id: skipped for it in items}
         return run, queued_s, results
 
     def _on_step(
         self,
         ids: list[str],
-        run: list[tuple[dict[str, Any], GenerationParams]],
+        run: list[LeasedJob],
         held: dict[str, str],
         timer: CallTimer,
         started: float,
@@ -433,9 +438,9 @@ class Generator:
         """The call's progress callback: times each step; at most every PROGRESS_WRITE_INTERVAL_S writes progress and
         an ETA (a heartbeat that renews the leases, dropping from `held` the jobs whose lease is gone); stops the call
         once every job passed its deadline or lost its lease."""
-        deadlines = [it["deadline_ns"] for it, _ in run]
+        deadlines = [it.deadline_ns for it in run]
         # Tests only (STALL_ENV): a first attempt hangs in its last step, as a wedged device would.
-        stall_s = self._stall_s if self._stall_s and all(it.get("attempt", 1) == 1 for it, _ in run) else 0.0
+        stall_s = self._stall_s if self._stall_s and all(it.attempt == 1 for it in run) else 0.0
         lock, last = threading.Lock(), [0.0]
 
         def on_step(step: int, total: int) -> None:
@@ -466,7 +471,7 @@ class Generator:
 
     def _sample(
         self,
-        run: list[tuple[dict[str, Any], GenerationParams]],
+        run: list[LeasedJob],
         first: GenerationParams,
         on_step: Callable[[int, int], None],
         timer: CallTimer,
@@ -478,15 +483,17 @@ class Generator:
         try:
             with self.adapters.applied(first.lora):
                 return self.pipe(
-                    [p.prompt for _, p in run],
+                    [it.params.prompt for it in run],
                     num_frames=first.num_frames,
                     height=first.height,
                     width=first.width,
                     steps=first.steps,
-                    guidance_scale=[p.guidance_scale for _, p in run],
-                    seed=[p.seed for _, p in run],
+                    guidance_scale=[it.params.guidance_scale for it in run],
+                    seed=[it.params.seed for it in run],
                     sampler=first.sampler,
-                    negative_prompt=[p.negative_prompt for _, p in run] if first.negative_prompt is not None else None,
+                    negative_prompt=[it.params.negative_prompt for it in run]
+                    if first.negative_prompt is not None
+                    else None,
                     callback=on_step,
                     **options,
                 )
@@ -498,9 +505,9 @@ class Generator:
         self,
         err: Exception,
         ids: list[str],
-        run: list[tuple[dict[str, Any], GenerationParams]],
-        results: dict[str, dict[str, Any]],
-    ) -> list[dict[str, Any]]:
+        run: list[LeasedJob],
+        results: dict[str, Any],
+    ) -> list[JobOutcome | SampledClip]:
         """What a call that raised means for its jobs: stopped (deadline, leases gone), refused by the model, or
         failed (a broken CUDA device, not out of memory, also marks the replica unhealthy so Serve replaces it)."""
         if isinstance(err, StopSampling):
@@ -518,42 +525,34 @@ class Generator:
         logger.exception("generation failed for %s", ids, exc_info=err)
         return self._fail(ids, run, results, f"generation failed: {type(err).__name__}: {err}", "generation_failed")
 
-    def _references(
-        self, run: list[tuple[dict[str, Any], GenerationParams]], first: GenerationParams
-    ) -> dict[str, Any]:
+    def _references(self, run: list[LeasedJob], first: GenerationParams) -> dict[str, Any]:
         """The group's reference images as the pipeline's `image`/`last_image` (RGB PIL images): every job of the group
         sent the same bytes (their digests are in the shape key). LookupError when none is left in the store."""
         out: dict[str, Any] = {}
         for arg, field in REFERENCE_ARGS:
             digest = getattr(first, arg)
-            data = None if digest is None else self.content.find_input([it["id"] for it, _ in run], field, digest)
+            data = None if digest is None else self.content.find_input([it.id for it in run], field, digest)
             if digest is not None and data is None:
-                raise LookupError(f"the '{field}' image of {[it['id'] for it, _ in run]} is no longer in the store")
+                raise LookupError(f"the '{field}' image of {[it.id for it in run]} is no longer in the store")
             if data is not None:
                 out[arg] = open_image(data, field)
         return out
 
-    def _finish(self, item: dict[str, Any], clip: Any, result: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, item: LeasedJob, sampled: SampledClip) -> JobOutcome:
         """Encode one sampled clip, store it under its token and mark the job completed (a worker thread,
         outside the batch). Each stage beats the job's heartbeat under its token, so a lease given up
         meanwhile stops the work at the next stage; nothing is kept when the completion is refused."""
-        job_id, token, ttl = item["id"], item["token"], item["lease_ttl_s"]
-        queued_s, fps = result.pop("queued_s"), result.pop("fps")
-        report: JobReport = result["report"]
+        job_id, token, ttl = item.id, item.token, item.lease_ttl_s
+        report = sampled.report
         encode_started = time.perf_counter()
-        skipped = {
-            "ok": True,
-            "batch_id": result["batch_id"],
-            "batch_size": result["batch_size"],
-            "skipped": True,
-            "report": report,
-        }
+        batch = {"batch_id": sampled.batch_id, "batch_size": sampled.batch_size}
+        skipped = JobOutcome(ok=True, skipped=True, report=report, **batch)
         stored = False
         try:
             with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
                 if not self.db.heartbeat(job_id, token, ttl, pct=SAMPLING_SHARE):
                     return self._fenced(skipped)
-                mp4, png = encode_clip(clip, fps, tmp)
+                mp4, png = encode_clip(sampled.clip, item.params.fps, tmp)
                 for path, variant in ((mp4, "video"), (png, "thumbnail")):
                     if not self.db.heartbeat(job_id, token, ttl):  # given up or deleted while encoding/storing
                         return self._fenced(skipped, job_id, token if stored else None)
@@ -562,17 +561,12 @@ class Generator:
             report.encode_upload_s = time.perf_counter() - encode_started
             # Where the job's time went, for monitoring (not in the API's video object).
             timing = {
-                "queued": round(queued_s, 4),
-                "sampling": round(result["seconds"], 4),
+                "queued": round(sampled.queued_s, 4),
+                "sampling": round(sampled.seconds, 4),
                 "encode_store": round(report.encode_upload_s, 4),
             }
-            extra = {
-                "batch_id": result["batch_id"],
-                "batch_size": result["batch_size"],
-                "timing_s": timing,
-                "replica": self.replica,
-            }
-            if not self.db.complete(job_id, token, item["retention_s"], extra):
+            extra = {**batch, "timing_s": timing, "replica": self.replica}
+            if not self.db.complete(job_id, token, item.retention_s, extra):
                 return self._fenced(skipped, job_id, token)  # deleted, or given up while storing: drop our files only
             self._drop_inputs(item)
         except BaseException:
@@ -580,25 +574,28 @@ class Generator:
                 self.content.remove(job_id, token)
             raise
         self.stats["completed"] += 1
-        return result
+        return JobOutcome(ok=True, seconds=sampled.seconds, report=report, **batch)
 
-    def _fenced(self, skipped: dict[str, Any], job_id: str | None = None, token: str | None = None) -> dict[str, Any]:
+    def _fenced(self, skipped: JobOutcome, job_id: str | None = None, token: str | None = None) -> JobOutcome:
         """A write refused: this attempt's lease is gone (a newer attempt or a delete). Remove what it stored."""
         if job_id is not None and token is not None:
             self.content.remove(job_id, token)  # files named by this token only: a newer attempt's are untouched
         self.stats["completions_fenced"] += 1
         return skipped
 
-    def _fail(self, ids, run, results, message: str, code: str) -> list[dict[str, Any]]:
-        for it, _ in run:
-            if self.db.fail(it["id"], it["token"], code, message, it["retention_s"]):
+    def _fail(
+        self, ids: list[str], run: list[LeasedJob], results: dict[str, Any], message: str, code: str
+    ) -> list[JobOutcome | SampledClip]:
+        """Mark the jobs that run failed (each under its token), in `results`; their reference images are dropped."""
+        for it in run:
+            if self.db.fail(it.id, it.token, code, message, it.retention_s):
                 self._drop_inputs(it)
-            results[it["id"]] = {"ok": False, "error": message, "code": code}
+            results[it.id] = JobOutcome.failed(message, code)
         return [results[i] for i in ids]
 
-    def _drop_inputs(self, item: dict[str, Any]) -> None:
+    def _drop_inputs(self, item: LeasedJob) -> None:
         """A finished job's reference images (its result is final: no attempt will read them again)."""
-        self.content.remove_inputs(item["id"], tuple(field for arg, field in REFERENCE_ARGS if item["params"].get(arg)))
+        self.content.remove_inputs(item.id, tuple(field for arg, field in REFERENCE_ARGS if getattr(item.params, arg)))
 
 
 def _from_dict(settings: dict[str, Any]) -> ServeSettings:
