@@ -245,67 +245,24 @@ _DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint
 
 def _multistep_diffusion_config(name: str, config: dict, common: dict) -> DiffusionConfig:
     """`unipc` or `dpmpp` with the settings of a UniPCMultistepScheduler or DPMSolverMultistepScheduler config."""
-
-    def refuse(key: str, why: str) -> WanFolderError:
-        return WanFolderError(f"scheduler {name}: {key} {config.get(key)!r} is not supported ({why})")
-
     if config.get("prediction_type") != "flow_prediction":
-        raise refuse("prediction_type", "Wan needs flow_prediction")
+        raise _refuse(name, config, "prediction_type", "Wan needs flow_prediction")
     if not config.get("use_flow_sigmas"):
-        raise refuse("use_flow_sigmas", "Wan needs flow sigmas")
+        raise _refuse(name, config, "use_flow_sigmas", "Wan needs flow sigmas")
     for key in _MULTISTEP_UNSUPPORTED:
         if config.get(key):
-            raise refuse(key, "only plain flow sigmas with a fixed flow_shift are")
+            raise _refuse(name, config, key, "only plain flow sigmas with a fixed flow_shift are")
     order, final = config.get("solver_order", 2), config.get("final_sigmas_type", "zero")
     if not isinstance(order, int) or not 1 <= order <= 3:
-        raise refuse("solver_order", "1, 2 or 3")
+        raise _refuse(name, config, "solver_order", "1, 2 or 3")
     if final not in ("zero", "sigma_min"):
-        raise refuse("final_sigmas_type", "zero or sigma_min")
+        raise _refuse(name, config, "final_sigmas_type", "zero or sigma_min")
     lower_order_final = bool(config.get("lower_order_final", True))
     sampler, grid = MULTISTEP_SCHEDULERS[name]
     if sampler == "unipc":
-        variant = _UNIPC_VARIANTS.get(config.get("solver_type", "bh2"))
-        if variant is None:
-            raise refuse("solver_type", "bh1 or bh2")
-        if not config.get("predict_x0", True):
-            raise refuse("predict_x0", "flow prediction needs the data-prediction form")
-        if not lower_order_final and order > 1 and final == "zero":
-            raise refuse("lower_order_final", "false with final_sigmas_type zero makes diffusers' last step non-finite")
-        corrector = config.get("disable_corrector") or []
-        if not isinstance(corrector, list) or not all(isinstance(i, int) and i >= 0 for i in corrector):
-            raise refuse("disable_corrector", "a list of step indices")
-        multistep = MultistepConfig(
-            order=order,
-            lower_order_final=lower_order_final,
-            final_sigma=final,
-            unipc_variant=variant,
-            disable_corrector=tuple(corrector),
-        )
-        return DiffusionConfig(
-            **common, shift=float(config.get("flow_shift", 1.0)), sampler=sampler, time_grid=grid, multistep=multistep
-        )
-    if config.get("algorithm_type", "dpmsolver++") not in (
-        "dpmsolver++",
-        "deis",
-    ):  # diffusers turns deis into dpmsolver++
-        raise refuse(
-            "algorithm_type", "dpmsolver++ only: the sde variants draw noise, dpmsolver has no flow prediction"
-        )
-    solver_type = _DPM_SOLVER_TYPES.get(config.get("solver_type", "midpoint"))
-    if solver_type is None:
-        raise refuse("solver_type", "midpoint or heun")
-    betas = {}
-    if final == "sigma_min":  # diffusers ends at the beta chain's first level then
-        if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
-            raise refuse("beta_schedule", "final_sigmas_type sigma_min needs linear betas")
-        betas = {"beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02))}
-    multistep = MultistepConfig(
-        order=order,
-        lower_order_final=lower_order_final,
-        final_sigma=final,
-        dpm_solver_type=solver_type,
-        euler_at_final=bool(config.get("euler_at_final", False)),
-    )
+        multistep, betas = _unipc_multistep(name, config, order, final, lower_order_final), {}
+    else:
+        multistep, betas = _dpm_solver_multistep(name, config, order, final, lower_order_final)
     return DiffusionConfig(
         **common,
         **betas,
@@ -314,6 +271,64 @@ def _multistep_diffusion_config(name: str, config: dict, common: dict) -> Diffus
         time_grid=grid,
         multistep=multistep,
     )
+
+
+def _refuse(name: str, config: dict, key: str, why: str) -> WanFolderError:
+    """The one-line error for a scheduler setting we do not reproduce."""
+    return WanFolderError(f"scheduler {name}: {key} {config.get(key)!r} is not supported ({why})")
+
+
+def _unipc_multistep(name: str, config: dict, order: int, final: str, lower_order_final: bool) -> MultistepConfig:
+    """`unipc`'s settings from a UniPCMultistepScheduler config (its variant and skipped corrector steps)."""
+    variant = _UNIPC_VARIANTS.get(config.get("solver_type", "bh2"))
+    if variant is None:
+        raise _refuse(name, config, "solver_type", "bh1 or bh2")
+    if not config.get("predict_x0", True):
+        raise _refuse(name, config, "predict_x0", "flow prediction needs the data-prediction form")
+    if not lower_order_final and order > 1 and final == "zero":
+        raise _refuse(
+            name, config, "lower_order_final", "false with final_sigmas_type zero makes diffusers' last step non-finite"
+        )
+    corrector = config.get("disable_corrector") or []
+    if not isinstance(corrector, list) or not all(isinstance(i, int) and i >= 0 for i in corrector):
+        raise _refuse(name, config, "disable_corrector", "a list of step indices")
+    return MultistepConfig(
+        order=order,
+        lower_order_final=lower_order_final,
+        final_sigma=final,
+        unipc_variant=variant,
+        disable_corrector=tuple(corrector),
+    )
+
+
+def _dpm_solver_multistep(
+    name: str, config: dict, order: int, final: str, lower_order_final: bool
+) -> tuple[MultistepConfig, dict]:
+    """`dpmpp`'s settings from a DPMSolverMultistepScheduler config, and the beta chain its `sigma_min` end needs
+    (DiffusionConfig's beta_start/beta_end; empty for a `zero` end)."""
+    if config.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++", "deis"):  # diffusers turns deis into ++
+        raise _refuse(
+            name,
+            config,
+            "algorithm_type",
+            "dpmsolver++ only: the sde variants draw noise, dpmsolver has no flow prediction",
+        )
+    solver_type = _DPM_SOLVER_TYPES.get(config.get("solver_type", "midpoint"))
+    if solver_type is None:
+        raise _refuse(name, config, "solver_type", "midpoint or heun")
+    betas = {}
+    if final == "sigma_min":  # diffusers ends at the beta chain's first level then
+        if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
+            raise _refuse(name, config, "beta_schedule", "final_sigmas_type sigma_min needs linear betas")
+        betas = {"beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02))}
+    multistep = MultistepConfig(
+        order=order,
+        lower_order_final=lower_order_final,
+        final_sigma=final,
+        dpm_solver_type=solver_type,
+        euler_at_final=bool(config.get("euler_at_final", False)),
+    )
+    return multistep, betas
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -98,6 +98,17 @@ def _row(emb: TextEmbedding, i: int) -> TextEmbedding:
     return TextEmbedding(*(x[i : i + 1] for x in emb))
 
 
+def _image_inputs(x: torch.Tensor, image: ImageCondition | None, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's input for noisy latents x (B, C, T, H, W) under image-to-video's condition, and the image features
+    for `rows` rows (B, or 2B under guidance): the noisy latents, then the mask and the conditioning latents (Wan's
+    channel order). x and None without an image."""
+    if image is None:
+        return x, None
+    features = None if image.features is None else image.features.expand(rows, -1, -1)  # (rows, Li, Di)
+    x_in = torch.cat([x, image.channels.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1)  # (B, C_in, T, H, W)
+    return x_in, features
+
+
 class TextToVideoPipeline:
     """A DiT, its noise process, a text encoder and an autoencoder, with the export's sampling defaults."""
 
@@ -236,22 +247,7 @@ class TextToVideoPipeline:
         b = cond.tokens.shape[0]
         scale = guidance_scale.to(self.device, torch.float32).view(b, 1, 1, 1, 1)
         need_uncond = bool((guidance_scale != 1).any())
-        # Caption padding trimmed once per generation, unless the model reads it (`text_padding: attended`).
-        trim = (
-            trim_text_padding if self.config.model.text_padding == "masked" else (lambda tokens, mask: (tokens, mask))
-        )
-        if need_uncond:
-            neg = uncond if uncond is not None else cond
-            tokens = torch.cat([cond.tokens, neg.tokens])  # (2B, L, Dt)
-            mask = torch.cat([cond.mask, neg.mask])  # (2B, L)
-            pooled = torch.cat([cond.pooled, neg.pooled])  # (2B, Dt)
-            drop = None  # a negative prompt's embedding stands in for the null condition
-            if uncond is None:
-                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(self.device)
-            tokens, mask = trim(tokens, mask)
-        else:
-            cond = TextEmbedding(*trim(cond.tokens, cond.mask), cond.pooled)
-
+        text, drop = self._text_rows(cond, uncond, need_uncond)
         boundary = (
             None if self.model_2 is None else self.config.boundary_ratio * self.config.diffusion.num_train_timesteps
         )
@@ -259,24 +255,15 @@ class TextToVideoPipeline:
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = t.to(self.device).float().expand(x.shape[0]) if t.ndim == 0 else t.to(self.device).float()
             model = self.model if boundary is None or float(t.reshape(-1)[0]) >= boundary else self.model_2
-            rows = x.shape[0] * (2 if need_uncond else 1)
-            features = (
-                None if image is None or image.features is None else image.features.expand(rows, -1, -1)
-            )  # (rows, Li, Di)
-            if image is not None:  # noisy latents, then the mask and the conditioning latents (Wan's channel order)
-                x_in = torch.cat(
-                    [x, image.channels.to(x.dtype).expand(x.shape[0], -1, -1, -1, -1)], dim=1
-                )  # (B, C_in, T, H, W)
-            else:
-                x_in = x
+            x_in, features = _image_inputs(x, image, x.shape[0] * (2 if need_uncond else 1))
             if not need_uncond:
-                return self._forward(x_in, t, cond.tokens, cond.mask, cond.pooled, None, features=features, model=model)
+                return self._forward(x_in, t, text.tokens, text.mask, text.pooled, None, features=features, model=model)
             out = self._forward(
                 torch.cat([x_in, x_in]),
                 torch.cat([t, t]),
-                tokens,
-                mask,
-                pooled,
+                text.tokens,
+                text.mask,
+                text.pooled,
                 drop,
                 cfg_pairs=True,
                 features=features,
@@ -286,6 +273,29 @@ class TextToVideoPipeline:
             return out_uncond + scale * (out_cond - out_uncond)
 
         return model_fn
+
+    def _text_rows(
+        self, cond: TextEmbedding, uncond: TextEmbedding | None, need_uncond: bool
+    ) -> tuple[TextEmbedding, torch.Tensor | None]:
+        """The text one forward pass reads, and which of its rows take the learned null condition instead (None: none).
+
+        Under guidance the rows are [cond (B), uncond (B)]: a negative prompt's embedding, or, without one, cond again
+        with its rows dropped to the null condition; without guidance cond alone. Caption padding is trimmed here,
+        once per generation, unless the model reads it (`text_padding: attended`)."""
+        b = cond.tokens.shape[0]
+        drop = None  # a negative prompt's embedding stands in for the null condition
+        if not need_uncond:
+            tokens, mask, pooled = cond
+        else:
+            neg = uncond if uncond is not None else cond
+            tokens = torch.cat([cond.tokens, neg.tokens])  # (2B, L, Dt)
+            mask = torch.cat([cond.mask, neg.mask])  # (2B, L)
+            pooled = torch.cat([cond.pooled, neg.pooled])  # (2B, Dt)
+            if uncond is None:
+                drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(self.device)
+        if self.config.model.text_padding == "masked":
+            tokens, mask = trim_text_padding(tokens, mask)
+        return TextEmbedding(tokens, mask, pooled), drop
 
     def _forward(
         self, x, t, tokens, mask, pooled, drop, cfg_pairs: bool = False, features=None, model: DiT | None = None
@@ -379,27 +389,63 @@ class TextToVideoPipeline:
         call gets the same one. A text-only export given an image, or a missing or unreadable image, is a ValueError.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        b = len(prompts)
-        if b == 0:
+        if not prompts:
             raise ValueError("prompts must not be empty")
-        if isinstance(step_cache, StepCache):
-            if cache_threshold is not None:
-                raise ValueError(
-                    "cache_threshold goes with a step_cache name; a StepCache object carries its own threshold"
-                )
-            cache: StepCache | None = step_cache
-        else:
-            cache = build_step_cache(step_cache, cache_threshold, self.config.model)
-        s = self.config.sample
-        frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
-        steps = steps or self.config.diffusion.num_sampling_steps
-        sampler = sampler or self.config.diffusion.sampler
+        cache = self._step_cache(step_cache, cache_threshold)
+        frames, height, width, steps, sampler = self._defaults(num_frames, height, width, steps, sampler)
+        guidance, seeds = self._per_prompt(len(prompts), guidance_scale, seed)
+        # 1. Shapes: the clip in model space (after the autoencoder's compression) and its token count.
+        shape, num_tokens = self._latent_grid(frames, height, width)
+        image_cond = self.image_condition(image, last_image, frames, height, width, shape[1:])
+        if self.model_2 is not None and cache is not None:
+            raise ValueError("step_cache is not supported by two-expert exports (the experts' residuals differ)")
+        # 2. Text conditions.
+        cond, uncond = self._text_conditions(prompts, negative_prompt)
+        # 3. Sample.
+        latents = self._sample_prompts(
+            cond, guidance, uncond, shape, steps, sampler, seeds, num_tokens, callback, image_cond, cache
+        )
+        if cache is not None and cache_stats is not None:
+            cache_stats(cache.stats)
+        return latents  # (B, C, T', H', W')
+
+    def _step_cache(self, step_cache: str | StepCache | None, cache_threshold: float | None) -> StepCache | None:
+        """The step cache of one `sample_latents` call: a `StepCache` object as given, else one built by name."""
+        if not isinstance(step_cache, StepCache):
+            return build_step_cache(step_cache, cache_threshold, self.config.model)
+        if cache_threshold is not None:
+            raise ValueError(
+                "cache_threshold goes with a step_cache name; a StepCache object carries its own threshold"
+            )
+        return step_cache
+
+    def _defaults(
+        self, frames: int | None, height: int | None, width: int | None, steps: int | None, sampler: str | None
+    ) -> tuple[int, int, int, int, str]:
+        """The clip's size and the sampling schedule of one call: what it sets, else the export's defaults."""
+        s, d = self.config.sample, self.config.diffusion
+        return (
+            frames or s.num_frames,
+            height or s.height,
+            width or s.width,
+            steps or d.num_sampling_steps,
+            sampler or d.sampler,
+        )
+
+    def _per_prompt(
+        self, b: int, guidance_scale: float | Sequence[float] | None, seed: int | Sequence[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Each of b prompts' guidance scale, (B,) float32 (the export's default when None), and seed; one value is
+        every prompt's."""
         guidance = self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale
         guidance = torch.as_tensor([guidance] * b if np.isscalar(guidance) else list(guidance), dtype=torch.float32)
         seeds = [seed] * b if isinstance(seed, int) else list(seed)
         if len(seeds) != b or guidance.numel() != b:
             raise ValueError(f"got {b} prompts but {len(seeds)} seeds and {guidance.numel()} guidance scales")
-        # 1. Shapes: the clip in model space (after the autoencoder's compression) and its token count.
+        return guidance, seeds
+
+    def _latent_grid(self, frames: int, height: int, width: int) -> tuple[tuple[int, int, int, int], int]:
+        """One clip's latent shape (C, T', H', W') and its token count; a ValueError when the patch does not tile it."""
         lt, lh, lw = self.autoencoder.latent_shape(frames, height, width)
         pt, ph, pw = self.config.model.patch_size
         if lt % pt or lh % ph or lw % pw:
@@ -407,27 +453,31 @@ class TextToVideoPipeline:
                 f"{frames} frames at {height}x{width} give a latent grid {lt}x{lh}x{lw} not divisible by the patch "
                 f"{pt}x{ph}x{pw}; pick frames/height/width that are multiples of it"
             )
-        shape = (self.autoencoder.latent_channels, lt, lh, lw)
-        num_tokens = (lt // pt) * (lh // ph) * (lw // pw)
-        image_cond = self.image_condition(image, last_image, frames, height, width, (lt, lh, lw))
-        if self.model_2 is not None and cache is not None:
-            raise ValueError("step_cache is not supported by two-expert exports (the experts' residuals differ)")
-        # 2. Text conditions.
+        return (self.autoencoder.latent_channels, lt, lh, lw), (lt // pt) * (lh // ph) * (lw // pw)
+
+    def _text_conditions(
+        self, prompts: list[str], negative_prompt: str | Sequence[str] | None
+    ) -> tuple[TextEmbedding, TextEmbedding | None]:
+        """The prompts' embeddings and the negative prompts' (None: guidance uses the learned null condition)."""
         cond = self.encode_prompts(prompts)
-        uncond = None
         if negative_prompt is None and self.config.model.null_text == "empty_prompt":
             negative_prompt = ""  # Wan's convention: no negative prompt means the empty one
-        if negative_prompt is not None:
-            negs = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
-            uncond = self.encode_prompts(negs)
-        # 3. Sample. Deterministic samplers take per-prompt initial noise in one batch; stochastic ones
-        # run per prompt so each keeps its own noise stream. A step cache sits on the model for this call only.
+        if negative_prompt is None:
+            return cond, None
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        return cond, self.encode_prompts(negs)
+
+    def _sample_prompts(
+        self, cond, guidance, uncond, shape, steps, sampler, seeds, num_tokens, callback, image, cache
+    ) -> torch.Tensor:
+        """Every prompt's latents (B, C, T', H', W'), each from the noise of its own seed. Deterministic samplers take
+        the per-prompt initial noise in one batch; stochastic ones run per prompt so each keeps its own noise stream.
+        The step cache sits on the model for this call only."""
+        b = len(seeds)
         generators = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
         self.model.step_cache = cache
         try:
-            if (
-                is_stochastic(sampler, self.config.diffusion.ddim_eta) and b > 1
-            ):  # each row its own noise stream  # each row its own noise stream
+            if is_stochastic(sampler, self.config.diffusion.ddim_eta) and b > 1:  # each row its own noise stream
                 parts = [
                     self._sample(
                         _row(cond, i),
@@ -439,33 +489,19 @@ class TextToVideoPipeline:
                         generators[i],
                         num_tokens,
                         callback,
-                        image=image_cond,
+                        image=image,
                     )
                     for i in range(b)
                 ]
-                latents = torch.cat(parts)
-            else:
-                noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(
-                    self.device
-                )  # (B, C, T, H, W)
-                latents = self._sample(
-                    cond,
-                    guidance,
-                    uncond,
-                    (b, *shape),
-                    steps,
-                    sampler,
-                    generators[0],
-                    num_tokens,
-                    callback,
-                    noise,
-                    image_cond,
-                )
+                return torch.cat(parts)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(
+                self.device
+            )  # (B, C, T, H, W)
+            return self._sample(
+                cond, guidance, uncond, (b, *shape), steps, sampler, generators[0], num_tokens, callback, noise, image
+            )
         finally:
             self.model.step_cache = None
-        if cache is not None and cache_stats is not None:
-            cache_stats(cache.stats)
-        return latents  # (B, C, T', H', W')
 
     def _sample(
         self, cond, guidance, uncond, shape, steps, sampler, generator, num_tokens, callback, noise=None, image=None
