@@ -26,7 +26,6 @@ back to the ingress with its result (metrics.JobReport), which turns them into P
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import tempfile
@@ -45,6 +44,7 @@ from pipelines.parallel.replica import ParallelRanks
 from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
+from .identity import model_identity
 from .jobs import JobOutcome, LeasedJob
 from .metrics import JobReport
 from .requests import open_image
@@ -59,7 +59,6 @@ HUNG_FACTOR = 3
 """A batch with no sampling step for this many stall timeouts fails the health check: the replica is replaced."""
 STALL_ENV = "SORA_SERVE_TEST_STALL_S"
 """Tests only: a job on its first attempt sleeps this many seconds in its last sampling step (a hung generator)."""
-DIGEST_CHUNK = 8 << 20
 REFERENCE_ARGS = (("image", "input_reference"), ("last_image", "last_frame_reference"))
 """(pipeline argument and GenerationParams field, request field) of each reference image."""
 
@@ -80,28 +79,6 @@ class SampledClip:
 
 class StopSampling(Exception):
     """Raised from the progress callback: every job of the call lost its lease or passed its deadline."""
-
-
-def files_digest(paths: list[str]) -> str:
-    """sha256 over the files' names and bytes, in order: what identifies an export or an adapter."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(DIGEST_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def folder_digest(folder: str, suffixes: tuple[str, ...] = (".json", ".safetensors", ".bin")) -> str:
-    """The digest of a model folder's config and weight files (an export, a LoRA adapter)."""
-    names = sorted(n for n in os.listdir(folder) if n.endswith(suffixes) and os.path.isfile(os.path.join(folder, n)))
-    return files_digest([os.path.join(folder, n) for n in names])
-
-
-def path_digest(path: str) -> str:
-    """The digest of an adapter: a folder's config and weight files, or one file."""
-    return folder_digest(path) if os.path.isdir(path) else files_digest([path])
 
 
 def replica_memory_bytes() -> int:
@@ -180,13 +157,7 @@ class Generator:
         device = self._load_pipeline()
         lora_errors = self._load_adapters()
         # What the result cache keys on besides the request (api.result_cache_key): computed once, here.
-        lora = self.settings.lora
-        self.ident = {
-            "weights": folder_digest(self.settings.model) if "://" not in self.settings.model else self.settings.model,
-            "lora": None if lora is None else f"{os.path.basename(os.path.normpath(lora))}:{folder_digest(lora)}",
-            "precision": self.settings.precision,
-            "adapters": {n: path_digest(p) for n, p in self.settings.loras.items() if n not in lora_errors},
-        }
+        self.ident = model_identity(self.settings, [n for n in self.settings.loras if n not in lora_errors])
         cache = self.pipe.text_encoder.cache
         budget = self.settings.text_cache_bytes
         cache.set_max_bytes(
