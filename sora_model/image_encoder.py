@@ -29,8 +29,10 @@ class ImageInputError(ValueError):
 
 
 def load_image(image: ImageInput, what: str = "image"):  # -> PIL.Image.Image
-    """An RGB PIL image from a path, an array or a PIL image; ImageInputError (one line) for anything else."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from a path, an array or a PIL image; ImageInputError (one line) for anything else. A file's or
+    a PIL image's EXIF orientation is applied (a phone's portrait photo is stored landscape with a rotate tag), as
+    diffusers' `load_image` and the server's `open_image` do."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -39,7 +41,7 @@ def load_image(image: ImageInput, what: str = "image"):  # -> PIL.Image.Image
         try:
             with Image.open(path) as opened:
                 opened.load()
-                return opened.convert("RGB")
+                return ImageOps.exif_transpose(opened).convert("RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ImageInputError(f"{what} '{path}' cannot be read as an image: {str(err).splitlines()[0]}") from None
     if isinstance(image, np.ndarray):
@@ -62,7 +64,7 @@ def load_image(image: ImageInput, what: str = "image"):  # -> PIL.Image.Image
             image = (image * 255).round().astype(np.uint8)
         return Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
     raise ImageInputError(f"{what} must be a PIL image, an array or a path, got {type(image).__name__}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 
@@ -37,8 +38,10 @@ CHUNK_BYTES = 4 << 20
 
 
 def read_header(path: str) -> tuple[dict[str, dict], int]:
-    """({name: {"dtype", "shape", "data_offsets"}}, byte offset of the data) of a safetensors file; ValueError
-    naming the file when it is not one."""
+    """({name: {"dtype", "shape", "data_offsets"}}, byte offset of the data) of a safetensors file; a one-line
+    ValueError naming the file and what is wrong when it is not one: a header that is not a JSON object, an entry
+    without a known dtype, a shape of non-negative ints or [begin, end] offsets that hold that shape, or offsets past
+    the end of the file (a truncated file)."""
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -50,11 +53,41 @@ def read_header(path: str) -> tuple[dict[str, dict], int]:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({err})") from None
+        data_bytes = os.fstat(f.fileno()).st_size - 8 - size
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object"
+        )
     header.pop("__metadata__", None)
     for name, entry in header.items():
-        if entry.get("dtype") not in DTYPES:
-            raise ValueError(f"{path}: tensor '{name}' has dtype {entry.get('dtype')!r}, not one of {sorted(DTYPES)}")
+        _check_entry(path, name, entry, data_bytes)
     return header, 8 + size
+
+
+def _check_entry(path: str, name: str, entry: object, data_bytes: int) -> None:
+    """A ValueError naming the file, the tensor and the field when one header entry is malformed."""
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: tensor '{name}' has a header entry {entry!r:.80}, not an object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"{path}: tensor '{name}' has dtype {dtype!r}, not one of {sorted(DTYPES)}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+        raise ValueError(f"{path}: tensor '{name}' has shape {shape!r:.80}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets):
+        raise ValueError(f"{path}: tensor '{name}' has data_offsets {offsets!r:.80}, not [begin, end] byte offsets")
+    begin, end = offsets
+    needed = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if end - begin != needed:
+        raise ValueError(f"{path}: tensor '{name}' holds {end - begin} bytes, its shape {tuple(shape)} needs {needed}")
+    if end > data_bytes:
+        raise ValueError(
+            f"{path} is truncated: tensor '{name}' ends at data byte {end}, the file holds {max(data_bytes, 0)} bytes"
+        )
 
 
 def iter_tensors(
@@ -72,15 +105,11 @@ def iter_tensors(
     with open(path, "rb", buffering=0) as f:
         for name, entry in items:
             stored = DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
+            begin = entry["data_offsets"][0]
             shape = tuple(entry["shape"])
             target = stored if dtype_of is None else dtype_of(name, stored)
-            out = torch.empty(shape, dtype=target)
+            out = torch.empty(shape, dtype=target)  # read_header checked that [begin, end) holds the shape
             width = torch.empty((), dtype=stored).element_size()
-            if end - begin != out.numel() * width:
-                raise ValueError(
-                    f"{path}: tensor '{name}' holds {end - begin} bytes, its shape {shape} needs {out.numel() * width}"
-                )
             f.seek(start + begin)
             flat = out.view(-1)
             if target == stored:
