@@ -126,7 +126,7 @@ def _generate_rank(groups: Any, device: str, args: argparse.Namespace) -> tuple[
     """One rank of `generate_parallel`: the same defaults and checks as `sora generate`; rank 0 writes the clip."""
     from tqdm import tqdm
 
-    from pipelines.serve.api import cli_sampling, model_card
+    from pipelines.serve.params import cli_sampling, model_card
     from sora_model.video import write_video
 
     from .sampling import ParallelPipeline

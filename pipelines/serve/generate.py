@@ -122,7 +122,7 @@ def generate(args: argparse.Namespace) -> str:
     from sora_model.step_cache import StepCacheStats
     from sora_model.video import write_video
 
-    from .api import cli_sampling, model_card
+    from .params import cli_sampling, model_card
 
     check_arguments(args)
     if args.sequence_parallel != 1 or args.cfg_parallel:

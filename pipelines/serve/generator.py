@@ -41,12 +41,12 @@ from ray import serve
 
 from pipelines.parallel.replica import ParallelRanks
 
-from .api import GenerationParams, model_card
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
 from .identity import model_identity
 from .jobs import JobOutcome, LeasedJob
 from .metrics import JobReport
+from .params import GenerationParams, model_card
 from .requests import open_image
 from .store import ContentStore
 

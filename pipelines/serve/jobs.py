@@ -3,14 +3,14 @@
 A video job takes these forms between request and result:
 
     HTTP body (JSON or multipart form) ──requests.py──► VideoRequest (pydantic: the OpenAI shape, api.py)
-      ──api.resolve, once──► GenerationParams (frozen: the validated sampling request, api.py)
+      ──resolve.resolve, once──► GenerationParams (frozen: the validated sampling request, params.py)
       ──params_to_doc──► the job row's `doc._params` (JSON; the row is db.py's, its schema unchanged)
       ──db.claim──► a claimed job (the row as a dict: lease token, attempts, retries, deadline)
       ──LeasedJob.claimed (params_from_doc)──► LeasedJob ══Ray handle══► Generator.generate
       ──► JobOutcome ══Ray handle══► Dispatcher._record, while the clip itself goes to the store
 
 The params are parsed from the row once, by the dispatcher, and pass whole: the generator reads fields, never keys.
-`api.params_to_doc` and `api.params_from_doc` are the one pair that writes and reads them in the database.
+`params.params_to_doc` and `params.params_from_doc` are the one pair that writes and reads them in the database.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .api import GenerationParams, params_from_doc
 from .metrics import JobReport
+from .params import GenerationParams, params_from_doc
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,15 @@ import yaml
 
 from pipelines.serve import api
 from pipelines.serve.api import ApiError, ModelCard
-from pipelines.serve.config import RUNTIME_KEYS, ServeSettings, Tier, apply_user_config, hash_key, load_settings
+from pipelines.serve.config import (
+    RUNTIME_KEYS,
+    Limits,
+    ServeSettings,
+    Tier,
+    apply_user_config,
+    hash_key,
+    load_settings,
+)
 from sora_model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +239,7 @@ def test_global_cap_applies_over_a_generous_tier():
 
 
 def test_configured_samplers_and_causal_frames():
-    s = settings(limits=api.Limits(samplers=["euler"]))
+    s = settings(limits=Limits(samplers=["euler"]))
     rejects({"prompt": "x", "sampler": "heun"}, "sampler", "euler", s=s)
     card = ModelCard(**{**CARD.__dict__, "frame_multiple": 4, "causal_frames": True})
     assert card.check_frames(9) is None and "1 + a multiple of 4" in card.check_frames(8)
