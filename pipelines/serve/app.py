@@ -52,11 +52,12 @@ from .config import (
     load_settings,
     settings_to_dict,
 )
-from .db import TERMINAL, JobDB, new_token
+from .db import JobDB
 from .dispatch import Dispatcher, replica_id
 from .files import FileServer, store_key
 from .generator import Generator
 from .metrics import ServeMetrics
+from .schema import TERMINAL, new_token
 from .store import CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
 from .streaming import StoreStream, StreamSlots
 

@@ -2,7 +2,8 @@
 
     sora serve --model EXPORT [--db sqlite:////var/sora/jobs.db | --db postgresql://user:pw@host/sora]
 
-Every query is by primary key or along an index (see `jobs`): a status poll, a list page, an admission
+The tables, the dialects' engines and clocks, and the migrations are schema.py's; this module is the queries.
+Every query is by primary key or along an index (see `schema.jobs`): a status poll, a list page, an admission
 count or a claim costs the same with 100 jobs as with millions. Nothing reads every job.
 
 Work is handed out with leases. A dispatcher (any ingress replica) claims queued jobs: one statement
@@ -37,132 +38,28 @@ autoscaling idea is kept: the generator deployment scales on the requests the di
 
 from __future__ import annotations
 
-import os
-import secrets
 import threading
 import time
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    and_,
-    case,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    inspect,
-    literal_column,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
-UNFINISHED = ("queued", "in_progress")
-TERMINAL = ("completed", "failed")
-
-metadata = MetaData()
-jobs = Table(
-    "sora_jobs",
-    metadata,
-    Column("id", String(48), primary_key=True),
-    Column("owner", String(64), nullable=False),  # "" when API keys are off; else the key's owner id
-    Column("tier", String(64), nullable=False),
-    Column("priority", Integer, nullable=False),
-    Column("status", String(16), nullable=False),
-    Column("progress", Integer, nullable=False),
-    Column("created_ns", BigInteger, nullable=False),
-    Column("completed_at", BigInteger),
-    Column("expires_at", BigInteger),  # unix seconds; the row and its files are purged after it
-    Column("deadline_ns", BigInteger),  # not finished by then: failed with `deadline_exceeded`
-    Column("cache_key", String(64)),
-    Column("lease_token", String(32)),
-    Column("lease_owner", String(96)),
-    Column("lease_until_ns", BigInteger, nullable=False),
-    Column("attempts", Integer, nullable=False),  # claims so far (a lapsed lease or a dead generator adds one)
-    Column("runs", Integer, nullable=False),  # times a generator started sampling it (exactly-once checks)
-    Column("started_ns", BigInteger),
-    Column("eta_ns", BigInteger),
-    Column("content_ref", String(32)),  # the token whose clip is stored: content/<id>-<ref>.mp4
-    Column("heartbeat_ns", BigInteger),  # database clock: claimed, started, a step or a stored file (stall checks)
-    Column("retries", JSON),  # [{"attempt", "code", "message"}]: why earlier attempts were given up
-    Column("error", JSON),
-    Column("doc", JSON, nullable=False),  # the public fields fixed at creation, and the GenerationParams
-    Column("extra", JSON),  # timing, batch, replica: monitoring only
-    Index("ix_sora_jobs_owner_created", "owner", "created_ns", "id"),  # list pages (keyset), quotas
-    Index("ix_sora_jobs_owner_status", "owner", "status"),  # per-key in-flight counts
-    Index("ix_sora_jobs_claim", "status", "priority", "created_ns"),  # claims, admission counts
-    Index("ix_sora_jobs_expires", "expires_at"),  # retention sweeps
-    Index("ix_sora_jobs_cache", "cache_key"),  # result cache
+from .schema import (
+    TERMINAL,
+    UNFINISHED,
+    USAGE_KEEP_S,
+    create_tables,
+    db_now_ns,
+    engine_url,
+    job_from_row,
+    jobs,
+    make_engine,
+    new_token,
+    usage,
 )
-usage = Table(
-    "sora_usage",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("owner", String(64), nullable=False),
-    Column("created_ns", BigInteger, nullable=False),
-    Column("weight", Float, nullable=False),  # 1 per generated job; tiers.*.cache_hit_weight per cache hit
-    Column("kind", String(16), nullable=False),  # "job" or "cache_hit"
-    Column("job_id", String(48)),
-    Index("ix_sora_usage_owner_created", "owner", "created_ns"),  # quota sums over a rolling hour
-    Index("ix_sora_usage_created", "created_ns"),  # pruning what no quota window reads any more
-)
-USAGE_KEEP_S = 2 * 3600
-"""Ledger rows are pruned this long after they were written: past every quota window (an hour)."""
 
-
-def db_now_ns(dialect: str) -> ColumnElement:
-    """The database's clock in ns, as an SQL expression: what every lease time is measured against."""
-    if dialect == "postgresql":
-        return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000000 AS BIGINT)", BigInteger)
-    return literal_column("CAST((julianday('now') - 2440587.5) * 86400000000000.0 AS INTEGER)", BigInteger)
-
-
-def engine_url(url: str) -> str:
-    """`postgresql://` means psycopg 3 here (SQLAlchemy would otherwise pick psycopg2, not installed)."""
-    u = make_url(url)
-    if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+psycopg")
-    return u.render_as_string(hide_password=False)
-
-
-def make_engine(url: str) -> Engine:
-    u = make_url(engine_url(url))
-    if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(u.database)), exist_ok=True)
-            # Job state (prompts, owners) readable by its user only; SQLite gives -wal/-shm the file's mode.
-            os.close(os.open(u.database, os.O_RDWR | os.O_CREAT, 0o600))
-        # One file shared by the processes of one machine: WAL lets readers run beside the writer, and a
-        # writer waits (busy_timeout) rather than failing while another commits.
-        engine = create_engine(u, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=8)
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(conn: Any, _record: Any) -> None:
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
-    return create_engine(u, pool_size=8, max_overflow=8, pool_pre_ping=True)
-
-
-def new_token() -> str:
-    return secrets.token_hex(16)
+__all__ = ["TERMINAL", "UNFINISHED", "USAGE_KEEP_S", "JobDB", "engine_url", "jobs", "new_token", "usage"]
 
 
 class JobDB:
@@ -175,29 +72,7 @@ class JobDB:
         self.dialect = self.engine.dialect.name
         self.now = db_now_ns(self.dialect)
         self._create_lock = threading.Lock()
-        self._create_tables()
-
-    def _create_tables(self) -> None:
-        # Several replicas start at once: a CREATE that loses the race to another is fine.
-        for attempt in range(5):
-            try:
-                with self._create_lock:
-                    metadata.create_all(self.engine, checkfirst=True)
-                    self._add_missing_columns()
-                return
-            except (IntegrityError, ProgrammingError, OperationalError):
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-
-    def _add_missing_columns(self) -> None:
-        """A database made by an earlier release gains the (nullable) columns added since; nothing else changes."""
-        have = {c["name"] for c in inspect(self.engine).get_columns(jobs.name)}
-        missing = [c for c in jobs.columns if c.name not in have]
-        with self.engine.begin() as conn:
-            for col in missing:
-                kind = col.type.compile(dialect=self.engine.dialect)
-                conn.exec_driver_sql(f"ALTER TABLE {jobs.name} ADD COLUMN {col.name} {kind}")
+        create_tables(self.engine, self._create_lock)
 
     def clock_ns(self) -> int:
         """The database's clock now (what lease times compare against)."""
@@ -211,36 +86,8 @@ class JobDB:
         with self.engine.connect() as conn:
             conn.execute(select(1))
 
-    # -- rows <-> job dicts --------------------------------------------------------------------------
-
-    @staticmethod
-    def _job(row: Any) -> dict[str, Any]:
-        """A row as the job dict the API renders: public fields plus `_`-prefixed internal ones."""
-        r = row._mapping
-        job = dict(r["doc"])
-        job.update(
-            status=r["status"],
-            progress=r["progress"],
-            completed_at=r["completed_at"],
-            expires_at=r["expires_at"],
-            error=r["error"],
-            _owner=r["owner"],
-            _tier=r["tier"],
-            _priority=r["priority"],
-            _created_ns=r["created_ns"],
-            _deadline_ns=r["deadline_ns"],
-            _cache_key=r["cache_key"],
-            _lease_token=r["lease_token"],
-            _attempts=r["attempts"],
-            _runs=r["runs"],
-            _started_ns=r["started_ns"],
-            _eta_ns=r["eta_ns"],
-            _content_ref=r["content_ref"],
-            _extra=r["extra"],
-            _heartbeat_ns=r["heartbeat_ns"],
-            _retries=r["retries"] or [],
-        )
-        return job
+    _job = staticmethod(job_from_row)
+    """A row as the job dict the API renders: public fields plus `_`-prefixed internal ones (schema.py)."""
 
     def insert(
         self,

@@ -30,8 +30,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .db import UNFINISHED, JobDB, jobs
+from .db import JobDB
 from .metrics import ORPHAN_REASONS as SWEPT
+from .schema import UNFINISHED, jobs
 from .store import INPUTS, ContentStore
 
 logger = logging.getLogger("ray.serve")

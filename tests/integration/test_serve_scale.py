@@ -186,7 +186,7 @@ def test_generator_killed_mid_job_the_job_completes_on_another_replica(http, ser
     assert job["status"] == "in_progress"
     from sqlalchemy import select
 
-    from pipelines.serve.db import jobs
+    from pipelines.serve.schema import jobs
 
     with service.engine.connect() as conn:  # the generator replica that started it holds the lease
         sampling_on = conn.execute(select(jobs.c.lease_owner).where(jobs.c.id == vid)).scalar()
