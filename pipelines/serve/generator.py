@@ -6,9 +6,10 @@ dispatch.py) and answers a jobs.JobOutcome; `@serve.batch` collects concurrent c
 conditions a whole call on one first/last frame, read from the store by digest). Each group is one pipeline call:
 prompts, seeds and guidance scales stay per request (the pipeline gives every prompt its own noise, so a clip is the
 same batched or alone). The replica moves the job to `in_progress`, reports progress while sampling, and hands each
-clip back to its own call, which writes the MP4 and thumbnail to the store and marks the job `completed`. That last
-part runs outside the batch: the next batch starts sampling while the previous one's clips are encoded and uploaded,
-and the clips of one batch are encoded side by side rather than one after another. A group's LoRA adapter (the
+clip back to its own call, which writes the MP4 and thumbnail to the store and marks the job `completed` (finish.py;
+where each call's time went is timing.py's). That last part runs outside the batch: the next batch starts sampling
+while the previous one's clips are encoded and uploaded, and the clips of one batch are encoded side by side rather
+than one after another. A group's LoRA adapter (the
 config's `loras:`) is applied unmerged for its call only (`sora_model.adapters`: resident in an LRU bounded by
 `lora_cache_bytes`).
 
@@ -28,13 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from ray import serve
@@ -43,38 +43,22 @@ from pipelines.parallel.replica import ParallelRanks
 
 from .config import GENERATOR_NAME, MODEL_ENV, ServeSettings, apply_user_config
 from .db import JobDB
+from .finish import REFERENCE_ARGS, SAMPLING_SHARE, ClipFinisher, SampledClip
 from .identity import model_identity
 from .jobs import JobOutcome, LeasedJob
 from .metrics import JobReport
 from .params import GenerationParams, model_card
 from .requests import open_image
 from .store import ContentStore
+from .timing import CallTimer, time_parts
 
 logger = logging.getLogger("ray.serve")
 PROGRESS_WRITE_INTERVAL_S = 0.25
 """Progress is written to the store at most this often: enough for a poller, cheap for an object store."""
-SAMPLING_SHARE = 95
-"""Percent of a job's progress bar spent sampling; encoding and upload take the rest."""
 HUNG_FACTOR = 3
 """A batch with no sampling step for this many stall timeouts fails the health check: the replica is replaced."""
 STALL_ENV = "SORA_SERVE_TEST_STALL_S"
 """Tests only: a job on its first attempt sleeps this many seconds in its last sampling step (a hung generator)."""
-REFERENCE_ARGS = (("image", "input_reference"), ("last_image", "last_frame_reference"))
-"""(pipeline argument and GenerationParams field, request field) of each reference image."""
-
-
-@dataclass
-class SampledClip:
-    """A job's clip from a pipeline call, on its way to `Generator._finish` (inside the replica, never over Ray)."""
-
-    clip: Any
-    """(T, H, W, 3) uint8."""
-    batch_id: str
-    batch_size: int
-    seconds: float
-    """The pipeline call's sampling time."""
-    queued_s: float
-    report: JobReport
 
 
 class StopSampling(Exception):
@@ -103,32 +87,6 @@ def replica_memory_bytes() -> int:
         if text.isdigit() and 0 < int(text) < machine:
             return int(text)
     return machine
-
-
-class CallTimer:
-    """Where one pipeline call's time goes: text-encoder calls, each denoising step, the decode (filled by
-    the wrappers `Generator._time_parts` puts around the pipeline's encoder and autoencoder)."""
-
-    def __init__(self) -> None:
-        self.text_encode_s: list[float] = []
-        self.step_s: list[float] = []
-        self.vae_decode_s: float | None = None
-        self.mark = time.perf_counter()
-
-    def step(self) -> None:
-        now = time.perf_counter()
-        self.step_s.append(now - self.mark)
-        self.mark = now
-
-
-def encode_clip(frames: Any, fps: int, folder: str) -> tuple[str, str]:
-    """Paths of the MP4 and the PNG thumbnail (first frame) of one (T, H, W, 3) uint8 clip, in `folder`."""
-    from sora_model.video import write_video
-
-    mp4, png = os.path.join(folder, "clip.mp4"), os.path.join(folder, "thumb.png")
-    write_video(mp4, frames, fps=fps)
-    write_video(png, frames[:1], fps=fps)
-    return mp4, png
 
 
 @serve.deployment(
@@ -164,7 +122,7 @@ class Generator:
             budget if budget is not None else int(replica_memory_bytes() * self.settings.text_cache_memory_fraction)
         )
         self._timer = threading.local()
-        self._time_parts()
+        time_parts(self.pipe, self._timer)
         self._busy_since: float | None = None  # monotonic time of the running batch's last step; None when idle
         self._stall_s = float(os.environ.get(STALL_ENV) or 0)
         self.db = JobDB(self.settings.db_url)
@@ -172,6 +130,7 @@ class Generator:
         self.replica = _replica_id()
         self.load_s = time.perf_counter() - started
         self.stats: Counter[str] = Counter()
+        self.finisher = ClipFinisher(self.db, self.content, self.replica, self.stats)
         self.batch_sizes: Counter[int] = Counter()
         self._fatal: str | None = None
         self._idle: asyncio.Event | None = None  # set while no batch is sampling; made on the replica's loop
@@ -227,34 +186,6 @@ class Generator:
         """`user_config: {batching: {max_batch_size, batch_wait_timeout_s}}` applies without a restart."""
         self.settings = apply_user_config(self.settings, user_config, ("batching",))
         self._apply_batching()
-
-    def _time_parts(self) -> None:
-        """Wrap the pipeline's text encoder and decoder (from outside, the pipeline unchanged) so the running
-        call's CallTimer sees how long each took."""
-        encoder, autoencoder = self.pipe.text_encoder, self.pipe.autoencoder
-        encode, decode = encoder.encode, autoencoder.decode
-
-        def timed_encode(texts: list[str]) -> Any:
-            started = time.perf_counter()
-            try:
-                return encode(texts)
-            finally:
-                timer = getattr(self._timer, "call", None)
-                if timer is not None:
-                    timer.text_encode_s.append(time.perf_counter() - started)
-                    timer.mark = time.perf_counter()  # the first step is timed from here
-
-        def timed_decode(latents: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return decode(latents)
-            finally:
-                timer = getattr(self._timer, "call", None)
-                if timer is not None:
-                    timer.vae_decode_s = time.perf_counter() - started
-
-        encoder.encode = timed_encode
-        autoencoder.decode = timed_decode
 
     def check_health(self) -> None:
         if self._fatal:
@@ -313,7 +244,7 @@ class Generator:
         result = await self._batched(job)
         if isinstance(result, JobOutcome):  # failed, or deleted before it was sampled
             return result
-        return await asyncio.to_thread(self._finish, job, result)
+        return await asyncio.to_thread(self.finisher.finish, job, result)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, jobs: list[LeasedJob]) -> list[JobOutcome | SampledClip]:
@@ -509,64 +440,15 @@ class Generator:
                 out[arg] = open_image(data, field)
         return out
 
-    def _finish(self, item: LeasedJob, sampled: SampledClip) -> JobOutcome:
-        """Encode one sampled clip, store it under its token and mark the job completed (a worker thread,
-        outside the batch). Each stage beats the job's heartbeat under its token, so a lease given up
-        meanwhile stops the work at the next stage; nothing is kept when the completion is refused."""
-        job_id, token, ttl = item.id, item.token, item.lease_ttl_s
-        report = sampled.report
-        encode_started = time.perf_counter()
-        batch = {"batch_id": sampled.batch_id, "batch_size": sampled.batch_size}
-        skipped = JobOutcome(ok=True, skipped=True, report=report, **batch)
-        stored = False
-        try:
-            with tempfile.TemporaryDirectory(prefix="sora-serve-") as tmp:
-                if not self.db.heartbeat(job_id, token, ttl, pct=SAMPLING_SHARE):
-                    return self._fenced(skipped)
-                mp4, png = encode_clip(sampled.clip, item.params.fps, tmp)
-                for path, variant in ((mp4, "video"), (png, "thumbnail")):
-                    if not self.db.heartbeat(job_id, token, ttl):  # given up or deleted while encoding/storing
-                        return self._fenced(skipped, job_id, token if stored else None)
-                    self.content.put_file(path, job_id, token, variant)
-                    stored = True
-            report.encode_upload_s = time.perf_counter() - encode_started
-            # Where the job's time went, for monitoring (not in the API's video object).
-            timing = {
-                "queued": round(sampled.queued_s, 4),
-                "sampling": round(sampled.seconds, 4),
-                "encode_store": round(report.encode_upload_s, 4),
-            }
-            extra = {**batch, "timing_s": timing, "replica": self.replica}
-            if not self.db.complete(job_id, token, item.retention_s, extra):
-                return self._fenced(skipped, job_id, token)  # deleted, or given up while storing: drop our files only
-            self._drop_inputs(item)
-        except BaseException:
-            if stored:
-                self.content.remove(job_id, token)
-            raise
-        self.stats["completed"] += 1
-        return JobOutcome(ok=True, seconds=sampled.seconds, report=report, **batch)
-
-    def _fenced(self, skipped: JobOutcome, job_id: str | None = None, token: str | None = None) -> JobOutcome:
-        """A write refused: this attempt's lease is gone (a newer attempt or a delete). Remove what it stored."""
-        if job_id is not None and token is not None:
-            self.content.remove(job_id, token)  # files named by this token only: a newer attempt's are untouched
-        self.stats["completions_fenced"] += 1
-        return skipped
-
     def _fail(
         self, ids: list[str], run: list[LeasedJob], results: dict[str, Any], message: str, code: str
     ) -> list[JobOutcome | SampledClip]:
         """Mark the jobs that run failed (each under its token), in `results`; their reference images are dropped."""
         for it in run:
             if self.db.fail(it.id, it.token, code, message, it.retention_s):
-                self._drop_inputs(it)
+                self.finisher.drop_inputs(it)
             results[it.id] = JobOutcome.failed(message, code)
         return [results[i] for i in ids]
-
-    def _drop_inputs(self, item: LeasedJob) -> None:
-        """A finished job's reference images (its result is final: no attempt will read them again)."""
-        self.content.remove_inputs(item.id, tuple(field for arg, field in REFERENCE_ARGS if getattr(item.params, arg)))
 
 
 def _from_dict(settings: dict[str, Any]) -> ServeSettings:

@@ -128,7 +128,7 @@ def test_sdk_flow_with_input_reference_equals_direct_sampling(service, http):
 
 
 def encoded_mp4(clip: np.ndarray, folder: Path) -> bytes:
-    from pipelines.serve.generator import encode_clip
+    from pipelines.serve.finish import encode_clip
 
     folder.mkdir()
     mp4, _ = encode_clip(clip, 16, str(folder))

@@ -91,7 +91,7 @@ def http(service):
 def merged_clip(service, lora: str | None, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(raw first frame, decoded MP4) of the clip sampled here, directly, from the export with `lora` merged into its
     weights, encoded as the server does."""
-    from pipelines.serve.generator import encode_clip
+    from pipelines.serve.finish import encode_clip
     from sora_model.pipeline import TextToVideoPipeline
 
     pipe = TextToVideoPipeline.load(str(service["export"]), lora=lora)

@@ -70,7 +70,7 @@ def http(service):
 
 def one_process_clip(service, seed: int) -> tuple[np.ndarray, bytes]:
     """(first frame, MP4 bytes) of the request sampled here by one process, encoded as the server does."""
-    from pipelines.serve.generator import encode_clip
+    from pipelines.serve.finish import encode_clip
     from sora_model.pipeline import TextToVideoPipeline
 
     pipe = TextToVideoPipeline.load(str(service["export"]))
