@@ -14,12 +14,14 @@ replica's dispatcher claims jobs from the database with leases (higher tiers fir
 Serve backpressure. The generator moves the job through `in_progress` to `completed` and writes the clip
 to the store (store.py, fsspec); everything a client sees is read back from the database, and downloads
 stream from the store in chunks with HTTP Range support. Run any number of ingress replicas.
+
+The routes are VideoAPI's methods here; the FastAPI app they are bound to, its OpenAI-shaped error handlers and its
+request counters are web.py's.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real parameter types through serve.ingress.
 
 import asyncio
-import functools
 import logging
 import os
 import random
@@ -29,13 +31,11 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import api, auth
 from .admission import Admission
@@ -56,87 +56,14 @@ from .db import JobDB
 from .dispatch import Dispatcher, replica_id
 from .files import FileServer, store_key
 from .generator import Generator
-from .metrics import ServeMetrics
 from .schema import TERMINAL, new_token
 from .store import CONTENT_SUFFIX, MEDIA_TYPE, ContentStore
 from .streaming import StoreStream, StreamSlots
+from .web import fastapi_app, serve_metrics
 
 logger = logging.getLogger("ray.serve")
 IMAGE_DECODES = 2
 """Reference images one ingress replica decodes at once (each up to ~64 MiB of pixels while it is checked)."""
-
-
-@functools.cache
-def serve_metrics() -> ServeMetrics:
-    """This ingress process's Prometheus registry (one ingress replica per process)."""
-    return ServeMetrics(replica_id())
-
-
-fastapi_app = FastAPI(
-    title="sora-ray video API",
-    description="OpenAI Videos API compatible text-to-video service.",
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)  # served by VideoAPI, only while keys are off
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors in OpenAI's shape, whatever raised them
-# ---------------------------------------------------------------------------------------------
-
-
-@fastapi_app.exception_handler(ApiError)
-async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    # What the error counters label the answer with: the admission limit of a 429/503, else the error code.
-    request.state.error_reason = getattr(err, "reason", None) or err.code or err.type
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-@fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    first = err.errors()[0]
-    param = str(first["loc"][-1]) if first.get("loc") else None
-    e = ApiError(400, f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value")
-    request.state.error_reason = "invalid_value"
-    return JSONResponse(e.body(), status_code=400)
-
-
-@fastapi_app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-    request.state.error_reason = code or f"http_{err.status_code}"
-    message = (
-        f"Unknown route {request.method} {request.url.path}." if err.status_code in (404, 405) else str(err.detail)
-    )
-    return JSONResponse(api.error_body(message, "invalid_request_error", None, code), status_code=err.status_code)
-
-
-@fastapi_app.exception_handler(Exception)
-async def _unexpected(request: Request, err: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    request.state.error_reason = f"internal_{type(err).__name__}"
-    return JSONResponse(
-        api.error_body(f"Internal error: {type(err).__name__}.", "server_error", None, "internal_error"),
-        status_code=500,
-    )
-
-
-@fastapi_app.middleware("http")
-async def _count(request: Request, call_next):
-    started = time.perf_counter()
-    response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    try:
-        m = serve_metrics()
-        status = response.status_code
-        m.requests.labels(route=route, status=str(status)).inc()
-        m.request_seconds.labels(route=route).observe(time.perf_counter() - started)
-        if status >= 400:
-            m.errors.labels(status=str(status), reason=getattr(request.state, "error_reason", None) or "unknown").inc()
-    except Exception:  # noqa: BLE001 - metrics must never fail a request
-        logger.exception("metrics: could not count a request")
-    return response
 
 
 # ---------------------------------------------------------------------------------------------
