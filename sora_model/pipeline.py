@@ -22,7 +22,8 @@ from .config import PipelineConfig
 from .diffusion import build_diffusion, is_stochastic, sampler_nfe
 from .dit import DiT, stored_dtype, trim_text_padding
 from .export_io import EMA_FILE, MODEL_2_FILE, MODEL_FILE, cpu_state, load_export_config, save_export
-from .image_encoder import ImageCondition, ImageEncoder, ImageInput, condition_mask, condition_video, load_image
+from .i2v_condition import image_condition
+from .image_encoder import ImageCondition, ImageEncoder, ImageInput, load_image
 from .lora import LoraFile
 from .patch import patch_grid
 from .step_cache import StepCache, StepCacheStats, build_step_cache
@@ -396,7 +397,7 @@ class TextToVideoPipeline:
         guidance, seeds = self._per_prompt(len(prompts), guidance_scale, seed)
         # 1. Shapes: the clip in model space (after the autoencoder's compression) and its token count.
         shape, num_tokens = self._latent_grid(frames, height, width)
-        image_cond = self.image_condition(image, last_image, frames, height, width, shape[1:])
+        image_cond = self.image_condition(image, last_image, frames, height, width)
         if self.model_2 is not None and cache is not None:
             raise ValueError("step_cache is not supported by two-expert exports (the experts' residuals differ)")
         # 2. Text conditions.
@@ -523,34 +524,24 @@ class TextToVideoPipeline:
             callback=callback,
         )
 
-    def image_condition(
-        self, image, last_image, frames: int, height: int, width: int, latent_shape
-    ) -> ImageCondition | None:
-        """Image-to-video's condition for one call (`image_encoder.py`), None without images; a ValueError (one line)
-        for images this export cannot use or that it needs and did not get."""
-        m = self.config.model
+    def image_condition(self, image, last_image, frames: int, height: int, width: int) -> ImageCondition | None:
+        """Image-to-video's condition for one call (`i2v_condition.image_condition`, what training's is built with
+        too), None without images; a ValueError (one line) for images this export cannot use or that it needs and did
+        not get."""
         problem = self.image_problem(image is not None, last_image is not None)
         if problem:
             raise ValueError(problem)
         if image is None:
             return None
         images = [load_image(image, "image")] + ([] if last_image is None else [load_image(last_image, "last_image")])
-        features = (
-            None if self.image_encoder is None else self.image_encoder.encode(images).to(self.device)
-        )  # (1, Li, Di)
-        video = condition_video(images, frames, height, width, self.autoencoder.spatial_factor).to(
-            self.device
-        )  # (1, 3, F, H, W)
-        latents = self.autoencoder.encode(video).float()  # (1, C, T', H', W')
-        mask = condition_mask(frames, latent_shape, self.autoencoder.temporal_factor, last_image is not None).to(
-            self.device
-        )
-        channels = torch.cat([mask, latents], dim=1)  # (1, tf + C, T', H', W')
-        if latents.shape[1] + mask.shape[1] + m.predicted_channels != m.in_channels:
+        cond = image_condition(images, frames, height, width, self.autoencoder, self.image_encoder, self.device)
+        m = self.config.model
+        if cond.channels.shape[1] + m.predicted_channels != m.in_channels:
             raise ValueError(
-                f"the model reads {m.in_channels} channels but noise, mask and image latents give {latents.shape[1] + mask.shape[1] + m.predicted_channels}"
+                f"the model reads {m.in_channels} channels but noise, mask and image latents give "
+                f"{cond.channels.shape[1] + m.predicted_channels}"
             )
-        return ImageCondition(channels, features)
+        return cond
 
     def image_problem(self, image: bool, last_image: bool) -> str | None:
         """Why this export cannot sample with (or without) a first and a last image, in one line; None when it can."""

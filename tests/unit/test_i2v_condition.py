@@ -69,11 +69,10 @@ def test_training_condition_equals_sampling_condition(export) -> None:
     m = config.model
     assert channels.shape == (2, m.in_channels - m.predicted_channels, 2, HEIGHT // 8, WIDTH // 8)
     assert features.shape == (2, m.image_count * m.image_tokens, m.image_dim) and features.dtype == torch.float32
-    latent_shape = pipe.autoencoder.latent_shape(FRAMES, HEIGHT, WIDTH)
     for i, clip in enumerate(pixels):
         first = Image.fromarray(clip[0])
         last = Image.fromarray(clip[-1]) if kind == "flf2v" else None
-        sampled = pipe.image_condition(first, last, FRAMES, HEIGHT, WIDTH, latent_shape)
+        sampled = pipe.image_condition(first, last, FRAMES, HEIGHT, WIDTH)
         diff = (channels[i : i + 1] - sampled.channels).abs().max().item()
         print(f"{kind} clip {i}: training vs sampling condition channels: max abs difference {diff:.2e}")
         assert diff <= 1e-5
@@ -81,7 +80,7 @@ def test_training_condition_equals_sampling_condition(export) -> None:
         assert torch.equal(channels[i, :mask], sampled.channels[0, :mask])  # the mask, exactly
         scale = sampled.features.abs().max().item()
         assert (features[i : i + 1] - sampled.features).abs().max().item() <= 1e-3 * max(1.0, scale)  # stored in fp16
-        # The shared function is what sampling builds: sora_model/pipeline.py can call it unchanged.
+        # The shared function is what sampling builds (sora_model/pipeline.py calls it).
         images = [first] + ([last] if last else [])
         shared = image_condition(images, FRAMES, HEIGHT, WIDTH, pipe.autoencoder, pipe.image_encoder, "cpu")
         assert torch.equal(shared.channels, sampled.channels) and torch.equal(shared.features, sampled.features)
