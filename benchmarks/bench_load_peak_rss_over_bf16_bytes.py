@@ -4,7 +4,7 @@ What is measured: the benchmark writes a random export at the Wan2.1-T2V-1.3B sh
 8960, umT5 width 4096: 1.42 B parameters) as `sora convert` and training exports hold it, fp32 safetensors, tensor by
 tensor (the writer never holds the model). A fresh subprocess then imports the library, resets its peak RSS
 (/proc/self/clear_refs 5; VmHWM), reads its RSS, loads the DiT the way `TextToVideoPipeline.load(...,
-precision="bf16")` does (`pipeline.load_dit`: meta-device build, each tensor read, cast and assigned), and reads
+precision="bf16")` does (`dit_load.load_dit`: meta-device build, each tensor read, cast and assigned), and reads
 VmHWM again. The figure is (peak - RSS before) / (bf16 bytes of the loaded weights: fp32 for the `FP32_MODULES`
 conditioning path, which is what the model holds). The ideal is 1.0 (the bf16 model itself); what the loader holds
 on top (one fp32 tensor at a time, allocator slack) is the excess.
@@ -33,7 +33,8 @@ GOAL = ("<=", 1.3)
 
 CHILD = r"""
 import json, os, sys, torch
-from sora_model.pipeline import MODEL_FILE, load_dit, load_export_config
+from sora_model.dit_load import load_dit
+from sora_model.export_io import MODEL_FILE, load_export_config
 from sora_model.dit import DiT
 
 def status(key):

@@ -433,7 +433,7 @@ class DiT(nn.Module):
         affine cross-attention norms stay fp32 (`FP32_MODULES`, as Wan keeps its time embedding); adaLN's
         shift, scale and gate and the residual stream they act on are fp32 whatever the weights' dtype.
         Tensor by tensor (`stored_dtype`): the fp32 modules are never rounded through `dtype`, and a second call
-        changes nothing. An export loads straight into these dtypes (`pipeline.load_dit`).
+        changes nothing. An export loads straight into these dtypes (`dit_load.load_dit`).
         """
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
             want = stored_dtype(name, t.dtype, dtype)

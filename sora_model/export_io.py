@@ -2,12 +2,14 @@
 
 An export is `model.safetensors` (+ `ema.safetensors`, + `model_2.safetensors` for a two-expert model) and
 `config.json` (a `PipelineConfig` with its `format_version`): safetensors and JSON only, never a pickle. This module
-names the files and reads and writes the config; `pipeline.py` builds a pipeline from a folder and `convert_wan.py`
-writes one from a diffusers Wan folder.
+names the files, reads and writes the config and resolves the paths it holds relative to the folder; `pipeline.py`
+builds a pipeline from a folder (`dit_load.py` reads its weights) and `convert_wan.py` writes one from a diffusers
+Wan folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -61,3 +63,13 @@ def load_export_config(export_dir: str) -> PipelineConfig:
             f"{path} has format_version {version}; this version of sora reads up to {EXPORT_FORMAT_VERSION}"
         )
     return from_dict(PipelineConfig, data)
+
+
+def local_paths(config: PipelineConfig, export_dir: str) -> PipelineConfig:
+    """The config with the image encoder's relative paths (the export's own copies, written by `sora convert`) made
+    paths inside `export_dir`; absolute paths and configs without an image encoder are returned as they are."""
+    image = config.image_encoder
+    if not image.path:
+        return config
+    paths = {k: os.path.join(export_dir, v) for k, v in dataclasses.asdict(image).items() if v and not os.path.isabs(v)}
+    return dataclasses.replace(config, image_encoder=dataclasses.replace(image, **paths))

@@ -2,12 +2,12 @@
 
 The same object serves `sora generate`, the Serve replicas, the trainer's stage samples and the
 evaluator. It loads and saves an export folder (`export_io.py`: `model.safetensors`, optional `ema.safetensors`,
-and `config.json`, the `PipelineConfig`): loading reads only safetensors and JSON, never a pickle.
+and `config.json`, the `PipelineConfig`): loading reads only safetensors and JSON, never a pickle, each weights file
+straight into a DiT in its inference dtype (`dit_load.load_dit`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -20,15 +20,14 @@ from safetensors.torch import save_file
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
 from .config import PipelineConfig
 from .diffusion import build_diffusion, is_stochastic, sampler_nfe
-from .dit import DiT, stored_dtype, trim_text_padding
-from .export_io import EMA_FILE, MODEL_2_FILE, MODEL_FILE, cpu_state, load_export_config, save_export
+from .dit import DiT, trim_text_padding
+from .dit_load import load_dit
+from .export_io import EMA_FILE, MODEL_2_FILE, MODEL_FILE, cpu_state, load_export_config, local_paths, save_export
 from .i2v_condition import image_condition
 from .image_encoder import ImageCondition, ImageEncoder, ImageInput, load_image
-from .lora import LoraFile
 from .patch import patch_grid
 from .step_cache import StepCache, StepCacheStats, build_step_cache
 from .text import TextEmbedding, TextEncoder, build_text_encoder
-from .weights_io import iter_tensors, read_header
 
 Precision = Literal["fp32", "bf16", "int8"]
 CPU_TOKENS_PER_CALL = 2048
@@ -37,61 +36,6 @@ model's activations stay in cache: one call over 8 clips of 8x32x32 (16 samples 
 one thread) cost 15% more per clip than a clip alone; in calls of 4 samples it costs the same. On a GPU
 the whole batch goes in one call, which is what batching is for there. Under guidance a call holds prompts' two
 branches together (at least one prompt's pair, even over this budget), so a step cache skips both or neither."""
-
-
-def load_dit(
-    config: PipelineConfig,
-    weights: str,
-    lora: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> DiT:
-    """A DiT of the export's config with the weights of one of its files, in bounded memory.
-
-    The DiT is built on the meta device (no random init, no memory), then each tensor of the file is read, cast to
-    its inference dtype (`dtype` for the weights, fp32 for the conditioning path: `dit.stored_dtype`), moved to
-    `device` and assigned, one at a time (`weights_io.iter_tensors`): the host holds the model in `dtype` plus one
-    tensor, and a GPU load passes no fp32 copy through either. A LoRA adapter is merged into each weight it targets
-    in fp32, before the cast (as `merge_lora` on an fp32 model, then `to_inference_dtype`). The DiT holds no buffers
-    (positions and RoPE tables are computed in `forward`), so nothing is left on the meta device.
-    """
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"'{os.path.dirname(weights)}' is not an export folder: {os.path.basename(weights)} is missing"
-        )
-    with torch.device("meta"):
-        model = DiT(config.model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v["shape"]) for k, v in read_header(weights)[0].items()}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights} does not match config.json's model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    wrong = [k for k in expected if found[k] != expected[k]]
-    if wrong:
-        k = wrong[0]
-        raise ValueError(
-            f"{weights} does not match config.json's model: {k} has shape {found[k]}, expected {expected[k]}"
-        )
-    updates = {} if lora is None else {f"{t}.weight": u for t, u in LoraFile(lora).bind(model, device="cpu").items()}
-
-    def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
-        if name in updates:
-            return torch.float32  # merged in fp32, then cast
-        return stored_dtype(name, stored, dtype) if dtype != torch.float32 else torch.float32
-
-    state = {}
-    for name, tensor in iter_tensors(weights, dtype_of):
-        if name in updates:
-            tensor = tensor.add_(updates.pop(name).weight())  # (out, in)
-            tensor = tensor.to(stored_dtype(name, tensor.dtype, dtype))
-        state[name] = tensor.to(device)
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise AssertionError(f"load_dit left {left[:3]} on the meta device")
-    return model
 
 
 def _row(emb: TextEmbedding, i: int) -> TextEmbedding:
@@ -174,15 +118,7 @@ class TextToVideoPipeline:
         """
         if precision not in ("fp32", "bf16", "int8"):
             raise ValueError(f"precision must be one of fp32, bf16, int8, got '{precision}'")
-        config = load_export_config(export_dir)
-        if config.image_encoder.path:  # relative paths are the export's own copies (`sora convert`)
-            image = config.image_encoder
-            paths = {
-                k: os.path.join(export_dir, v)
-                for k, v in dataclasses.asdict(image).items()
-                if v and not os.path.isabs(v)
-            }
-            config = dataclasses.replace(config, image_encoder=dataclasses.replace(image, **paths))
+        config = local_paths(load_export_config(export_dir), export_dir)
         weights = os.path.join(
             export_dir, EMA_FILE if use_ema and os.path.isfile(os.path.join(export_dir, EMA_FILE)) else MODEL_FILE
         )

@@ -339,8 +339,9 @@ def write_adapter(folder: str, spec: Any, base: str, weights: dict[str, torch.Te
 
 def merged_weights(base_export: str, adapter: str) -> dict[str, torch.Tensor]:
     """The base export's fp32 weights with an adapter folder merged in (W += alpha / r * B @ A), read a tensor at a
-    time (`pipeline.load_dit`: the merged model is all that is held)."""
-    from sora_model.pipeline import MODEL_FILE, load_dit, load_export_config
+    time (`dit_load.load_dit`: the merged model is all that is held)."""
+    from sora_model.dit_load import load_dit
+    from sora_model.export_io import MODEL_FILE, load_export_config
 
     return load_dit(load_export_config(base_export), os.path.join(base_export, MODEL_FILE), adapter).state_dict()
 

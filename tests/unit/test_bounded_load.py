@@ -1,6 +1,6 @@
 """Bounded-memory export loading (issue 29 item 6), without Ray.
 
-`pipeline.load_dit` builds the DiT on the meta device and reads each tensor of the export straight into its
+`dit_load.load_dit` builds the DiT on the meta device and reads each tensor of the export straight into its
 inference dtype. Checked against the eager loader it replaces (an fp32 DiT, `load_file`, `load_state_dict`, then
 `to_inference_dtype` / `merge_lora`), written out here: fp32 loads are bit-identical with identical outputs; bf16
 loads hold exactly fp32 -> bf16 of every weight outside `FP32_MODULES` and the fp32 values inside; a LoRA merges
@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from sora_model.config import WAN_OPTIONS, PipelineConfig, TextEncoderConfig, dit_preset
 from sora_model.dit import FP32_MODULES, DiT
+from sora_model.dit_load import load_dit
+from sora_model.export_io import MODEL_FILE, load_export_config, save_export
 from sora_model.lora import merge_lora
-from sora_model.pipeline import MODEL_FILE, TextToVideoPipeline, load_dit, load_export_config, save_export
+from sora_model.pipeline import TextToVideoPipeline
 from sora_model.text import build_text_encoder
 from sora_model.weights_io import iter_tensors, read_header, write_tensors
 
@@ -206,7 +208,8 @@ def test_text_encoder_loads_in_the_dtype_asked():
 
 CHILD = """
 import json, os, sys, torch
-from sora_model.pipeline import MODEL_FILE, load_dit, load_export_config
+from sora_model.dit_load import load_dit
+from sora_model.export_io import MODEL_FILE, load_export_config
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
