@@ -16,7 +16,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from .config import PipelineConfig, from_dict, to_dict
+from .config import PipelineConfig
+from .config_dict import from_dict, to_dict
 
 EXPORT_FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
