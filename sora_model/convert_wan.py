@@ -15,8 +15,8 @@ the export; and Wan2.2's two experts (`transformer_2` with `boundary_ratio`), th
 
 The transformer maps onto our DiT with `config.WAN_OPTIONS` exactly (tests/unit/test_wan_parity.py):
 q/k/v projections concatenate into our fused ones, and the output projection's rows are reordered from Wan's
-(p_t, p_h, p_w, C) patch layout to ours (C, p_t, p_h, p_w). Reading is safetensors and JSON only; diffusers
-is not imported.
+(p_t, p_h, p_w, C) patch layout to ours (C, p_t, p_h, p_w). The folder's scheduler becomes our sampling settings
+in `wan_scheduler.py`. Reading is safetensors and JSON only; diffusers is not imported.
 """
 
 from __future__ import annotations
@@ -33,16 +33,14 @@ from safetensors.torch import load_file, save_file
 from .config import (
     WAN_OPTIONS,
     AutoencoderConfig,
-    ConfigError,
-    DiffusionConfig,
     DiTConfig,
     ImageEncoderConfig,
-    MultistepConfig,
     PipelineConfig,
     SampleConfig,
     TextEncoderConfig,
 )
 from .export_io import MODEL_2_FILE, save_export
+from .wan_scheduler import WanFolderError, diffusion_config_from_scheduler
 
 WAN_MASK_CHANNELS = 4
 """I2V's mask channels: one per frame of the first latent frame's group (the Wan VAE's temporal factor 4)."""
@@ -50,8 +48,6 @@ WAN_TEXT_TOKENS = 512
 """Wan pads every caption's umT5 tokens with zeros to 512 and attends to all of them (`max_sequence_length`)."""
 WAN_SAMPLE = SampleConfig(num_frames=81, height=480, width=832, fps=16)
 """WanPipeline's defaults (81 frames at 480x832, exported at 16 fps): what the 1.3B model was tuned for."""
-WAN_STEPS, WAN_GUIDANCE = 50, 5.0
-"""WanPipeline's default `num_inference_steps` and `guidance_scale`."""
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 IMAGE_KEYS = {
@@ -103,10 +99,6 @@ _PARAM_RULES: list[tuple[str, str]] = [
 ]
 _IGNORED = r"blocks\.(\d+)\.attn2\.norm_added_q\.weight"
 """Saved by some Wan I2V checkpoints and unused by Wan's attention (diffusers ignores it on load too)."""
-
-
-class WanFolderError(ConfigError):
-    """The folder is not a diffusers Wan pipeline we can convert; one line says why."""
 
 
 def wan_linear_target(name: str) -> tuple[str, int, int] | None:
@@ -187,148 +179,6 @@ def _image_options(config: dict, image_tokens: int | None, width: int) -> dict:
             f"transformer pos_embed_seq_len {positions} is not two images of the image encoder's {image_tokens} tokens"
         )
     return {"image_dim": int(image_dim), "image_tokens": image_tokens, "image_positions": positions is not None}
-
-
-def diffusion_config_from_scheduler(config: dict) -> DiffusionConfig:
-    """Our sampling settings for the folder's scheduler, so the export samples as `WanPipeline` does with it.
-
-    FlowMatchEulerDiscreteScheduler: our Euler sampler on its grid. UniPCMultistepScheduler (the Hub folders'
-    default) and DPMSolverMultistepScheduler with flow sigmas: our `unipc` / `dpmpp` on their grids, with their
-    shift, order and variant (`diffusion.multistep`). All give the same latents (tests/unit/test_wan_samplers.py).
-    A setting we do not reproduce raises WanFolderError naming it.
-    """
-    name = config.get("_class_name")
-    common = {
-        "schedule": "rectified_flow",
-        "prediction": "velocity",
-        "num_sampling_steps": WAN_STEPS,
-        "guidance_scale": WAN_GUIDANCE,
-        "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
-    }
-    if name == "FlowMatchEulerDiscreteScheduler":
-        if config.get("use_dynamic_shifting") or config.get("shift_terminal") or config.get("invert_sigmas"):
-            raise WanFolderError("scheduler: dynamic shifting, shift_terminal and invert_sigmas are not supported")
-        if any(
-            config.get(k)
-            for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
-        ):
-            raise WanFolderError("scheduler: karras/exponential/beta sigmas and stochastic sampling are not supported")
-        return DiffusionConfig(
-            **common, shift=float(config.get("shift", 1.0)), sampler="euler", time_grid="flow_match_euler"
-        )
-    if name in MULTISTEP_SCHEDULERS:
-        return _multistep_diffusion_config(name, config, common)
-    supported = ", ".join(["FlowMatchEulerDiscreteScheduler", *MULTISTEP_SCHEDULERS])
-    raise WanFolderError(f"scheduler {name} is not supported (supported: {supported})")
-
-
-MULTISTEP_SCHEDULERS = {
-    "UniPCMultistepScheduler": ("unipc", "unipc"),
-    "DPMSolverMultistepScheduler": ("dpmpp", "dpm_solver"),
-}
-"""diffusers scheduler class -> (our sampler, our time grid)."""
-_MULTISTEP_UNSUPPORTED = (
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "use_lu_lambdas",
-    "use_dynamic_shifting",
-    "thresholding",
-    "shift_terminal",
-    "solver_p",
-    "rescale_betas_zero_snr",
-)
-# diffusers renames these solver types when it builds the scheduler (a saved config holds the renamed one).
-_UNIPC_VARIANTS = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
-_DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
-
-
-def _multistep_diffusion_config(name: str, config: dict, common: dict) -> DiffusionConfig:
-    """`unipc` or `dpmpp` with the settings of a UniPCMultistepScheduler or DPMSolverMultistepScheduler config."""
-    if config.get("prediction_type") != "flow_prediction":
-        raise _refuse(name, config, "prediction_type", "Wan needs flow_prediction")
-    if not config.get("use_flow_sigmas"):
-        raise _refuse(name, config, "use_flow_sigmas", "Wan needs flow sigmas")
-    for key in _MULTISTEP_UNSUPPORTED:
-        if config.get(key):
-            raise _refuse(name, config, key, "only plain flow sigmas with a fixed flow_shift are")
-    order, final = config.get("solver_order", 2), config.get("final_sigmas_type", "zero")
-    if not isinstance(order, int) or not 1 <= order <= 3:
-        raise _refuse(name, config, "solver_order", "1, 2 or 3")
-    if final not in ("zero", "sigma_min"):
-        raise _refuse(name, config, "final_sigmas_type", "zero or sigma_min")
-    lower_order_final = bool(config.get("lower_order_final", True))
-    sampler, grid = MULTISTEP_SCHEDULERS[name]
-    if sampler == "unipc":
-        multistep, betas = _unipc_multistep(name, config, order, final, lower_order_final), {}
-    else:
-        multistep, betas = _dpm_solver_multistep(name, config, order, final, lower_order_final)
-    return DiffusionConfig(
-        **common,
-        **betas,
-        shift=float(config.get("flow_shift", 1.0)),
-        sampler=sampler,
-        time_grid=grid,
-        multistep=multistep,
-    )
-
-
-def _refuse(name: str, config: dict, key: str, why: str) -> WanFolderError:
-    """The one-line error for a scheduler setting we do not reproduce."""
-    return WanFolderError(f"scheduler {name}: {key} {config.get(key)!r} is not supported ({why})")
-
-
-def _unipc_multistep(name: str, config: dict, order: int, final: str, lower_order_final: bool) -> MultistepConfig:
-    """`unipc`'s settings from a UniPCMultistepScheduler config (its variant and skipped corrector steps)."""
-    variant = _UNIPC_VARIANTS.get(config.get("solver_type", "bh2"))
-    if variant is None:
-        raise _refuse(name, config, "solver_type", "bh1 or bh2")
-    if not config.get("predict_x0", True):
-        raise _refuse(name, config, "predict_x0", "flow prediction needs the data-prediction form")
-    if not lower_order_final and order > 1 and final == "zero":
-        raise _refuse(
-            name, config, "lower_order_final", "false with final_sigmas_type zero makes diffusers' last step non-finite"
-        )
-    corrector = config.get("disable_corrector") or []
-    if not isinstance(corrector, list) or not all(isinstance(i, int) and i >= 0 for i in corrector):
-        raise _refuse(name, config, "disable_corrector", "a list of step indices")
-    return MultistepConfig(
-        order=order,
-        lower_order_final=lower_order_final,
-        final_sigma=final,
-        unipc_variant=variant,
-        disable_corrector=tuple(corrector),
-    )
-
-
-def _dpm_solver_multistep(
-    name: str, config: dict, order: int, final: str, lower_order_final: bool
-) -> tuple[MultistepConfig, dict]:
-    """`dpmpp`'s settings from a DPMSolverMultistepScheduler config, and the beta chain its `sigma_min` end needs
-    (DiffusionConfig's beta_start/beta_end; empty for a `zero` end)."""
-    if config.get("algorithm_type", "dpmsolver++") not in ("dpmsolver++", "deis"):  # diffusers turns deis into ++
-        raise _refuse(
-            name,
-            config,
-            "algorithm_type",
-            "dpmsolver++ only: the sde variants draw noise, dpmsolver has no flow prediction",
-        )
-    solver_type = _DPM_SOLVER_TYPES.get(config.get("solver_type", "midpoint"))
-    if solver_type is None:
-        raise _refuse(name, config, "solver_type", "midpoint or heun")
-    betas = {}
-    if final == "sigma_min":  # diffusers ends at the beta chain's first level then
-        if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas") is not None:
-            raise _refuse(name, config, "beta_schedule", "final_sigmas_type sigma_min needs linear betas")
-        betas = {"beta_start": float(config.get("beta_start", 1e-4)), "beta_end": float(config.get("beta_end", 0.02))}
-    multistep = MultistepConfig(
-        order=order,
-        lower_order_final=lower_order_final,
-        final_sigma=final,
-        dpm_solver_type=solver_type,
-        euler_at_final=bool(config.get("euler_at_final", False)),
-    )
-    return multistep, betas
 
 
 def _read_json(path: Path, what: str) -> dict:
