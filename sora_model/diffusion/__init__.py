@@ -1,4 +1,4 @@
-"""The noise process, apart from the network: schedules, samplers and training losses.
+"""The noise process, apart from the network: schedules, training timesteps, samplers and training losses.
 
 diff = build_diffusion(cfg.diffusion)
 losses = diff.training_losses(model_fn, x0, loss_cfg, generator=g, num_tokens=n)
@@ -33,8 +33,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "PackedModelFn",
         "RectifiedFlow",
         "build_diffusion",
-        "effective_shift",
         "linear_betas",
+    ),
+    "timesteps": (
+        "effective_shift",
         "sample_adaptive_timesteps",
         "sample_flow_timesteps",
         "sample_uniform_timesteps",

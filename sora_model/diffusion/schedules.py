@@ -4,12 +4,12 @@ The network is only ever a callable, `model_fn(x_t, timestep) -> prediction`, al
 timestep (B,) float. What the timestep embedding receives is `Diffusion.model_timestep(t)`: the
 integer training index for DDPM chains, and 1000 * t for flow, so both use the same embedding range.
 
-Randomness in training is drawn in a fixed order from the given generator: timesteps, then noise.
+Randomness in training is drawn in a fixed order from the given generator: timesteps (their distributions are
+in `timesteps.py`), then noise.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -21,6 +21,13 @@ from sora_model.diffusion import multistep as M
 from sora_model.diffusion import samplers as S
 from sora_model.diffusion.losses import Decoder, combine_losses
 from sora_model.diffusion.registry import SAMPLER_NAMES, SAMPLERS, sampler_problem
+from sora_model.diffusion.timesteps import (
+    effective_shift,
+    sample_adaptive_timesteps,
+    sample_flow_timesteps,
+    sample_uniform_timesteps,
+    video_complexity,
+)
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 """model_fn(x_t (B, C, T, H, W), timestep (B,) float) -> prediction (B, C, T, H, W)."""
@@ -29,14 +36,10 @@ PackedModelFn = Callable[[list[Tensor], Tensor], list[Tensor]]
 
 FLOW_TIMESTEP_SCALE = 1000.0
 """Flow time t in [0, 1] is fed to the network as t * 1000: the range DiT's sinusoidal embedding expects."""
-COMPLEXITY_EPS = 1e-6
-"""Guards the complexity ratio for constant clips (zero deviation); they get complexity 0."""
-WHITE_NOISE_ROUGHNESS = math.sqrt(2.0)
-"""E|a - b| / E|a - E a| for independent Gaussian a, b: the roughness of white noise, which defines complexity 1."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers (exported)
+# Helpers
 # ---------------------------------------------------------------------------------------------
 
 
@@ -48,86 +51,6 @@ def _bcast(values: Tensor, like: Tensor) -> Tensor:
 def linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
     """(T,) float64 betas, linear from beta_start to beta_end (DDPM; the article's 1e-4 ... 0.02)."""
     return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-
-
-def shift_timesteps(t: Tensor, shift: float) -> Tensor:
-    """t' = s t / (1 + (s - 1) t): moves flow time toward noise for s > 1, keeps 0 and 1 fixed (SD3)."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
-
-
-def effective_shift(cfg: DiffusionConfig, num_tokens: int | None) -> float:
-    """The resolution/length shift: cfg.shift * sqrt(num_tokens / cfg.shift_reference_tokens).
-
-    Larger or longer clips keep more structure at a given noise level (neighbouring tokens average the
-    noise away), so they need their time pushed toward noise. Without a reference, or when the caller
-    does not know the token count (num_tokens None), the plain cfg.shift applies.
-    """
-    if cfg.shift_reference_tokens and num_tokens:
-        return cfg.shift * math.sqrt(num_tokens / cfg.shift_reference_tokens)
-    return cfg.shift
-
-
-def video_complexity(x0: Tensor) -> Tensor:
-    """(B, C, T, H, W) -> (B,) complexity in [0, 1]: how rough the clip is in space and time.
-
-    Roughness along an axis is mean |x[i+1] - x[i]| divided by the clip's mean absolute deviation, which
-    makes it independent of the space's scale (pixels in [-1, 1] or VAE latents) and lies in [0, 2].
-    Dividing by white noise's roughness sqrt(2) and clamping gives [0, 1]: 0 for flat or static content,
-    1 for content as rough as noise. Complexity averages the spatial roughness (H and W) with the
-    temporal one; images (T = 1) use the spatial part alone.
-    """
-    x = x0.detach().float()
-    scale = (x - x.mean(dim=(2, 3, 4), keepdim=True)).abs().flatten(1).mean(dim=1) + COMPLEXITY_EPS  # (B,)
-
-    def roughness(axis: int) -> Tensor:
-        return x.diff(dim=axis).abs().flatten(1).mean(dim=1) / scale  # (B,)
-
-    spatial = 0.5 * (roughness(3) + roughness(4))  # (B,)
-    rough = spatial if x.shape[2] < 2 else 0.5 * (spatial + roughness(2))
-    return (rough / WHITE_NOISE_ROUGHNESS).clamp(0.0, 1.0)
-
-
-def sample_uniform_timesteps(
-    num_train_timesteps: int, batch: int, generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """(B,) integer DDPM training indices, uniform over [0, T)."""
-    where = generator.device if generator is not None else device
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=where).to(device)
-
-
-def sample_adaptive_timesteps(
-    num_train_timesteps: int,
-    complexity: Tensor,
-    strength: float,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """(B,) integer indices biased toward noise for complex clips (the article's adaptive noise level).
-
-    t_frac = 1 - (1 - u)^(1 + strength * c), u ~ U[0, 1): c = 0 is uniform; larger c moves mass to
-    large t, because complex clips keep recognisable structure at noise levels that wipe out simple ones.
-    The map is monotone in u, so every level keeps non-zero probability.
-    """
-    where = generator.device if generator is not None else complexity.device
-    u = torch.rand(complexity.shape, generator=generator, device=where, dtype=torch.float64).to(complexity.device)
-    t_frac = 1.0 - (1.0 - u) ** (1.0 + strength * complexity.double())
-    return (t_frac * num_train_timesteps).floor().long().clamp(0, num_train_timesteps - 1)
-
-
-def sample_flow_timesteps(
-    cfg: DiffusionConfig,
-    batch: int,
-    generator: torch.Generator | None,
-    device: torch.device,
-    num_tokens: int | None = None,
-) -> Tensor:
-    """(B,) flow times in [0, 1]: logit-normal or uniform per cfg.timestep_sampling, then shifted."""
-    where = generator.device if generator is not None else device
-    if cfg.timestep_sampling == "logit_normal":
-        z = torch.randn((batch,), generator=generator, device=where)
-        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
-    else:
-        t = torch.rand((batch,), generator=generator, device=where)
-    return shift_timesteps(t, effective_shift(cfg, num_tokens)).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
