@@ -23,8 +23,9 @@ folder is a local path (shared storage on a multi-node cluster) or any fsspec UR
 A lost worker or node restarts the workers from the last checkpoint (up to the recipe's `max_failures`);
 a diverged loss ends the run once. `--resume` continues a stopped or failed run (the same RUN), with any
 number of workers: a checkpoint of another world size is first converted to DeepSpeed's universal form.
-The loop itself is in worker.py, with engine.py, step.py, checkpoint.py, ema.py, data.py, metrics.py,
-samples.py and storage.py beside it; finetune.py starts a run from an export (`init_from`, LoRA).
+The loop itself is in worker.py (it reads the one frozen WorkerConfig of worker_config.py; rank 0's files are
+rank_zero.py's), with engine.py, step.py, checkpoint.py, ema.py, data.py, metrics.py, samples.py and storage.py
+beside it; finetune.py starts a run from an export (`init_from`, LoRA).
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ from typing import Any
 from pipelines import console
 from pipelines.train.checkpoint import TRAINER_STATE, make_portable
 from pipelines.train.finetune import check_init
+from pipelines.train.rank_zero import FATAL_FILE
 from pipelines.train.recipe import Recipe, load_recipe
 from pipelines.train.samples import finish_sampler, start_sampler
 from pipelines.train.stage_data import StageData, resolve_stage_data
 from pipelines.train.storage import RunStore
-from pipelines.train.worker import FATAL_FILE
 from pipelines.train.worker_config import (
     DEFAULT_NAN_COUNT,
     WORKER_CONFIG_KEY,

@@ -8,6 +8,8 @@ the parsed recipe included. It reads like the curriculum:
     -> checkpoints (checkpoint.py) -> at the stage end: checkpoint, export from the fp32 masters (ema.py),
     hand the export to the sample actor (samples.py) -> final export
 
+What only rank 0 does (metrics, progress, exports, workers.json, fatal.json) is `RankZero` (rank_zero.py).
+
 With `sequence_parallel_size` > 1 a group of ranks shares each micro-batch and splits its clips' tokens
 (`parallelize.py`, `sequence_parallel.py`); `compile: true` compiles the model once per bucket.
 
@@ -19,7 +21,6 @@ checkpoint stood, with however many ranks.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -31,79 +32,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines.train.parallelize import parallelize
+from pipelines.train.rank_zero import EXPORT_DIR, STAGE_EXPORTS, RankZero, gather_placement, start_rank_zero
 from pipelines.train.recipe import Recipe, StageSpec
 from pipelines.train.worker_config import WORKER_CONFIG_KEY, WorkerConfig
 
 if TYPE_CHECKING:
     from pipelines.train.data import EarlyStream, StageStream
 
-WORKERS_FILE = "workers.json"
 CRASH_MARKER = ".injected_crash"
-FATAL_FILE = "fatal.json"
-"""Written by rank 0 when the run ends for a reason a retry cannot fix (the driver reads and reports it)."""
-EXPORT_DIR = "export"
-STAGE_EXPORTS = "exports"
-
-
-class RankZero:
-    """What only rank 0 does: metrics, progress, exports, run-folder sync (through a local mirror)."""
-
-    def __init__(
-        self, run_uri: str, recipe: Recipe, start_step: int, workers_info: dict[str, Any], remote_progress: bool = False
-    ):
-        from tqdm import tqdm
-
-        from pipelines.console import RemoteProgress
-        from pipelines.train.metrics import METRICS_FILE, MetricsLog
-        from pipelines.train.storage import LocalMirror, RunStore
-
-        self.recipe = recipe
-        self.mirror = LocalMirror(RunStore(run_uri))
-        self.mirror.fetch(METRICS_FILE)
-        with open(self.mirror.path(WORKERS_FILE), "w") as f:
-            json.dump(workers_info, f, indent=2)
-        self.log = MetricsLog(self.mirror.root, start_step)
-        self.progress = (
-            RemoteProgress(recipe.total_steps, start_step, desc="train")
-            if remote_progress
-            # the driver draws it
-            else tqdm(total=recipe.total_steps, initial=start_step, desc="train", file=sys.stderr, dynamic_ncols=True)
-        )
-        self.sync()
-
-    def sync(self) -> None:
-        from pipelines.train.metrics import METRICS_FILE, TENSORBOARD_DIR
-
-        self.log.flush()
-        self.mirror.sync(WORKERS_FILE, METRICS_FILE, TENSORBOARD_DIR)
-
-    def write_export(
-        self, rel: str, weights: dict[str, torch.Tensor], ema_weights: dict[str, torch.Tensor] | None
-    ) -> None:
-        from pipelines.train.finetune import write_lora_export
-        from sora_model.pipeline import save_export
-
-        if self.recipe.lora is not None:  # the adapters (+ ema/, merged/): the base is init_from, unchanged
-            write_lora_export(self.mirror.path(rel), self.recipe, weights, ema_weights)
-        else:
-            save_export(self.mirror.path(rel), self.recipe.pipeline_config(), weights, ema_weights)
-        self.mirror.sync(rel)
-
-    def write_fatal(self, message: str, step: int) -> None:
-        with open(self.mirror.path(FATAL_FILE), "w") as f:
-            json.dump({"reason": message, "step": step}, f)
-        self.mirror.sync(FATAL_FILE)
-
-    def close(self, plot: bool = False) -> None:
-        from pipelines.train.metrics import LOSS_PLOT, plot_loss
-
-        self.progress.close()
-        self.log.close()
-        if plot:
-            plot_loss(self.mirror.root)
-        self.sync()
-        self.mirror.sync(LOSS_PLOT)
-        self.mirror.close()
 
 
 def _device(declared: str, local_rank: int) -> torch.device:
@@ -240,7 +176,11 @@ class RankRun:
         note = f"resumed at step {self.state['global_step']}" if saved is not None else "fresh start"
         if saved is not None and saved["world_size"] != self.world:
             note += f" (checkpoint of {saved['world_size']} workers, re-partitioned for {self.world})"
-        self.zero = self._start_rank_zero(note)
+        # 2. Where each rank's parameters live; rank 0 records it (workers.json) and owns the run folder.
+        self.placement = gather_placement(self.module, self.rank, self.world, self.bf16)
+        self.zero: RankZero | None = start_rank_zero(
+            config, self.placement, self.rank, self.device, self.state["global_step"], note
+        )
         self.perceptual_nets: dict[str, torch.nn.Module] = {}
         self.last_metrics: dict[str, Any] = {}
         self.final: tuple[dict | None, dict | None] = (None, None)
@@ -252,46 +192,6 @@ class RankRun:
             self.profiler = StepProfiler(
                 config.profile_steps, config.run_dir, self.rank, self.device, self.state["global_step"]
             )
-
-    def _start_rank_zero(self, note: str) -> RankZero | None:
-        """Where each rank's parameters live (the partition sizes prove ZeRO-3 sharded them); rank 0 records it."""
-        import ray
-        import torch.distributed as dist
-
-        from pipelines.train.ema import is_zero3, weights_digest
-
-        params = list(self.module.parameters())
-        self.local_numel = sum((p.ds_tensor if is_zero3(p) else p).numel() for p in params)
-        self.num_params = sum(int(p.ds_numel) if is_zero3(p) else p.numel() for p in params)
-        self.placement: list[Any] = [None] * self.world
-        me = {
-            "rank": self.rank,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "partition_numel": self.local_numel,
-        }
-        dist.all_gather_object(self.placement, me)
-        digest = weights_digest(self.module, self.bf16)
-        if self.rank != 0:
-            return None
-        r = self.recipe
-        info = {
-            "total_numel": self.num_params,
-            "world_size": self.world,
-            "zero_stage": r.deepspeed.zero_stage,
-            "bf16": self.bf16,
-            "device": str(self.device),
-            "start": note,
-            "workers": self.placement,
-            "weights_digest": digest,
-        }
-        print(
-            f"[sora train] {self.world} workers, ZeRO-{r.deepspeed.zero_stage}, {'bf16' if self.bf16 else 'fp32'} on "
-            f"{r.device}, {self.num_params:,} parameters ({self.local_numel:,} on rank 0); {note}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return RankZero(self.config.run_dir, r, self.state["global_step"], info, self.config.remote_progress)
 
     def checkpoint(self, si: int, stage_step: int, consumed_samples: int) -> None:
         """Every rank writes its shard (+ EMA slices, RNG) and reports; Ray Train merges the folders."""
@@ -321,10 +221,7 @@ class RankRun:
                 **self.last_metrics,
                 "step": self.state["global_step"],
                 "stage": stage,
-                "partition_numel": self.local_numel,
-                "total_numel": self.num_params,
-                **{f"partition_numel_rank{p['rank']}": p["partition_numel"] for p in self.placement},
-                **{f"node_id_rank{p['rank']}": p["node_id"] for p in self.placement},
+                **self.placement.report_fields(),
             }
             ray.train.report(
                 report,
