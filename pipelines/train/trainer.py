@@ -1,4 +1,4 @@
-"""`sora train`: Ray Train + DeepSpeed through a recipe's curriculum, then `RUN/export/`.
+r"""`sora train`: Ray Train + DeepSpeed through a recipe's curriculum, then `RUN/export/`.
 
     sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
     sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke --resume --workers 1
