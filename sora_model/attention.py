@@ -301,7 +301,7 @@ class CrossAttention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout
     ) -> torch.Tensor:
         """context_mask (clips, L): bool, True for tokens to attend; or float, added to the logits (the log-weights
-        of `dit.collapse_zero_padding`); None attends to all L (padding included)."""
+        of `captions.collapse_zero_padding`); None attends to all L (padding included)."""
         b, n, dim = x.shape
         q = _norm_heads(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), self.q_norm)  # (B, N, H, Dh)
         kv = self.kv(context).unflatten(-1, (2, self.num_heads, self.head_dim))  # (clips, L, 2, H, Dh)

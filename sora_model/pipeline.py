@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from .autoencoder import Autoencoder, build_autoencoder, model_to_pixels
+from .captions import trim_text_padding
 from .config import PipelineConfig
 from .diffusion import build_diffusion, is_stochastic, sampler_nfe
-from .dit import DiT, trim_text_padding
+from .dit import DiT
 from .dit_load import load_dit
 from .export_io import EMA_FILE, MODEL_2_FILE, MODEL_FILE, cpu_state, load_export_config, local_paths, save_export
 from .i2v_condition import image_condition

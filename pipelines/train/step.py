@@ -102,7 +102,7 @@ class Stepper:
         return t.tolist()
 
     def _losses(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        from sora_model.dit import null_text_drop
+        from sora_model.captions import null_text_drop
 
         if "grids" in batch:
             return self._packed_losses(batch, gen)
@@ -147,7 +147,7 @@ class Stepper:
     def _packed_losses(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         """A mixed stage's packed micro-batch: clips of several grids in one forward (`grids=`), no padding."""
         from sora_model.attention import TokenLayout
-        from sora_model.dit import null_text_drop
+        from sora_model.captions import null_text_drop
         from sora_model.patch import patchify, unpatchify
 
         cfg, engine, dtype = self.model_cfg, self.engine, self.dtype
