@@ -122,7 +122,8 @@ class AdapterCache:
             bound = BoundAdapter(name, self._file(name).bind(self.model, self.dtype))
             if bound.nbytes > self.max_bytes:
                 raise ValueError(
-                    f"LoRA '{name}' needs {bound.nbytes} bytes resident, over the adapter budget of {self.max_bytes} bytes"
+                    f"LoRA '{name}' needs {bound.nbytes} bytes resident, over the adapter budget "
+                    f"of {self.max_bytes} bytes"
                 )
             while self._resident and self.bytes + bound.nbytes > self.max_bytes:
                 self._resident.popitem(last=False)

@@ -173,7 +173,8 @@ class DiffusersAutoencoder(Autoencoder):
         class_name = json.loads(config_file.read_text()).get("_class_name")
         if class_name not in VAE_CLASSES:
             raise ValueError(
-                f"autoencoder.path '{path}' holds a {class_name}, which is not supported; supported: {', '.join(VAE_CLASSES)}"
+                f"autoencoder.path '{path}' holds a {class_name}, which is not supported; supported: "
+                f"{', '.join(VAE_CLASSES)}"
             )
         import diffusers
 

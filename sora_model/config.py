@@ -256,7 +256,8 @@ class DiffusionConfig:
         diffusers_grid = self.time_grid in ("unipc", "dpm_solver")
         if self.multistep.final_sigma == "sigma_min" and not diffusers_grid:
             raise ConfigError(
-                f"diffusion.multistep.final_sigma 'sigma_min' needs time_grid 'unipc' or 'dpm_solver', got '{self.time_grid}'"
+                "diffusion.multistep.final_sigma 'sigma_min' needs time_grid 'unipc' or "
+                f"'dpm_solver', got '{self.time_grid}'"
             )
         ends_at_zero = self.multistep.final_sigma == "zero" or not diffusers_grid
         if (

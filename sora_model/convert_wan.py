@@ -126,7 +126,8 @@ def dit_config_from_wan(config: dict, image_tokens: int | None = None) -> DiTCon
         for key, what in IMAGE_KEYS.items():
             if config.get(key) is not None:
                 raise WanFolderError(
-                    f"transformer config sets {key}: {what} needs a WanImageToVideoPipeline folder with its image encoder"
+                    f"transformer config sets {key}: {what} needs a WanImageToVideoPipeline "
+                    "folder with its image encoder"
                 )
     if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
         raise WanFolderError(
@@ -141,7 +142,8 @@ def dit_config_from_wan(config: dict, image_tokens: int | None = None) -> DiTCon
     out_channels = int(config.get("out_channels") or channels)
     if out_channels != channels and image_tokens is None:
         raise WanFolderError(
-            f"transformer out_channels {out_channels} differs from in_channels {channels} (image-to-video needs a WanImageToVideoPipeline folder)"
+            f"transformer out_channels {out_channels} differs from in_channels {channels} (image-to-video needs a "
+            "WanImageToVideoPipeline folder)"
         )
     hw = 2 * (head_dim // 6)  # Wan's RoPE split: equal even h and w parts, the rest rotates with t
     return DiTConfig(
@@ -171,7 +173,8 @@ def _image_options(config: dict, image_tokens: int | None, width: int) -> dict:
         raise WanFolderError(f"transformer sets image_dim {image_dim} but the folder has no image_encoder")
     if int(config.get("added_kv_proj_dim") or 0) != width:
         raise WanFolderError(
-            f"transformer added_kv_proj_dim {config.get('added_kv_proj_dim')} must equal its width {width} (Wan's image keys read embedded tokens)"
+            f"transformer added_kv_proj_dim {config.get('added_kv_proj_dim')} must equal its width {width} (Wan's "
+            "image keys read embedded tokens)"
         )
     positions = config.get("pos_embed_seq_len")
     if positions is not None and int(positions) != 2 * image_tokens:
@@ -300,7 +303,8 @@ def load_wan_weights(transformer_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def convert_wan_state_dict(wan: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
-    """Wan transformer weights -> our DiT's state dict for `cfg` (from `dit_config_from_wan`); every weight used once."""
+    """Wan transformer weights -> our DiT's state dict for `cfg` (from `dit_config_from_wan`); every weight used
+    once."""
     linears: dict[str, dict[str, list[torch.Tensor | None]]] = {}
     out: dict[str, torch.Tensor] = {}
     unused = []

@@ -215,12 +215,13 @@ class DiT(nn.Module):
         inference the float log-weights of `collapse_zero_padding` (context then (clips, L', D)).
 
         No host syncs and no data-dependent shapes (but `collapse_zero_padding` in eager inference): dropped captions
-        and empty masks are selected with `where`, never by indexing with a boolean tensor. (Trimming caption padding is the caller's job,
-        once per batch: see `captions.trim_text_padding`.)
+        and empty masks are selected with `where`, never by indexing with a boolean tensor. (Trimming caption padding
+        is the caller's job, once per batch: see `captions.trim_text_padding`.)
         """
         if text_tokens.shape[-1] != self.cfg.text_dim:
             raise ValueError(
-                f"text embeddings have width {text_tokens.shape[-1]} but the model expects model.text_dim={self.cfg.text_dim}"
+                f"text embeddings have width {text_tokens.shape[-1]} but the model expects "
+                f"model.text_dim={self.cfg.text_dim}"
             )
         if drop_text is not None and self.cfg.null_text != "learned":
             raise ValueError(
@@ -316,7 +317,8 @@ class DiT(nn.Module):
         if features is None or features.ndim != 3 or tuple(features.shape[1:]) != expected:
             got = None if features is None else tuple(features.shape)
             raise ValueError(
-                f"this image-conditioned model needs image_features of shape (clips, {expected[0]}, {expected[1]}), got {got}"
+                f"this image-conditioned model needs image_features of shape (clips, {expected[0]}, "
+                f"{expected[1]}), got {got}"
             )
         return features
 
@@ -412,7 +414,8 @@ class DiT(nn.Module):
                 or (token_mask is not None and not bool(token_mask[i, :length].all()))
             ):
                 raise ValueError(
-                    f"clip {i}: its {length} real tokens must be the first tokens of its row, in t-major order of a full grid"
+                    f"clip {i}: its {length} real tokens must be the first tokens of its row, in "
+                    "t-major order of a full grid"
                 )
         packed = torch.cat([tokens[i, :length] for i, length in enumerate(lengths)])  # (ΣN, P)
         out = self(packed, timestep, text_tokens, text_mask, text_pooled, drop_text=drop_text, grids=grids)  # (ΣN, P)

@@ -36,7 +36,8 @@ class ImageEmbedder(nn.Module):
         if self.pos_embed is not None:
             if features.shape[1] != self.pos_embed.shape[1]:
                 raise ValueError(
-                    f"image features have {features.shape[1]} tokens per clip, the position embedding {self.pos_embed.shape[1]}"
+                    f"image features have {features.shape[1]} tokens per clip, the position embedding "
+                    f"{self.pos_embed.shape[1]}"
                 )
             features = features + self.pos_embed.to(features.dtype)  # (clips, 2 Ti, Di)
         x = self.mlp(self.norm1(features).to(weight_dtype(self.mlp[0])))  # (clips, Li, D)
@@ -55,7 +56,8 @@ class ImageTextCrossAttention(CrossAttention):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, layout: TokenLayout
     ) -> torch.Tensor:
-        """context_mask (clips, L) covers the caption only (as `CrossAttention`'s); the image tokens are all attended."""
+        """context_mask (clips, L) covers the caption only (as `CrossAttention`'s); the image tokens are all
+        attended."""
         b, n, dim = x.shape
         image, text = context[:, : self.image_tokens], context[:, self.image_tokens :]  # (clips, Li, D), (clips, L, D)
         q = _norm_heads(self.q(x).unflatten(-1, (self.num_heads, self.head_dim)), self.q_norm)  # (B, N, H, Dh)

@@ -43,7 +43,8 @@ adapters (diffusers' and DiffSynth's Wan recipes target the same projections).""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
-"""What peft (`save_pretrained`), diffusers (`save_lora_weights`) and the Wan community files put before module names."""
+"""What peft (`save_pretrained`), diffusers (`save_lora_weights`) and the Wan community files put before module
+names."""
 KOHYA_PREFIX = "lora_unet_"
 _DOTTED = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight")
 _KOHYA = re.compile(rf"{KOHYA_PREFIX}(?P<module>[^.]+)\.(?:(?P<kind>lora_down|lora_up)\.weight|(?P<alpha>alpha))")
@@ -111,7 +112,8 @@ class LoraFile:
         if root.is_dir():
             if not (root / ADAPTER_WEIGHTS).is_file():
                 raise ValueError(
-                    f"LoRA '{path}' is a folder without {ADAPTER_WEIGHTS} (give a peft adapter folder or a .safetensors file)"
+                    f"LoRA '{path}' is a folder without {ADAPTER_WEIGHTS} (give a peft adapter folder "
+                    "or a .safetensors file)"
                 )
             if (root / ADAPTER_CONFIG).is_file():
                 self.config = self._read_config(root / ADAPTER_CONFIG)
@@ -140,7 +142,7 @@ class LoraFile:
         """{key: shape} from the safetensors header; a file that is not one is a one-line error."""
         try:
             with safe_open(self.weights, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - no __iter__
         except (SafetensorError, OSError, ValueError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(
@@ -160,7 +162,8 @@ class LoraFile:
             else:
                 hint = " (full-weight diff/diff_b keys are not LoRA)" if key.endswith((".diff", ".diff_b")) else ""
                 raise ValueError(
-                    f"LoRA '{self.path}': key '{key}' is no LoRA weight (lora_A/lora_B, lora_down/lora_up or alpha){hint}"
+                    f"LoRA '{self.path}': key '{key}' is no LoRA weight (lora_A/lora_B, "
+                    f"lora_down/lora_up or alpha){hint}"
                 )
             if kind in parts.setdefault(module, {}):
                 raise ValueError(f"LoRA '{self.path}': key '{key}' repeats {module}'s {kind} (one adapter per file)")
@@ -170,12 +173,14 @@ class LoraFile:
             if "A" not in keys or "B" not in keys:
                 have = next(iter(keys.values()))
                 raise ValueError(
-                    f"LoRA '{self.path}': key '{have}' has no matching {'lora_B/lora_up' if 'A' in keys else 'lora_A/lora_down'} weight"
+                    f"LoRA '{self.path}': key '{have}' has no matching "
+                    f"{'lora_B/lora_up' if 'A' in keys else 'lora_A/lora_down'} weight"
                 )
             a, b = header[keys["A"]], header[keys["B"]]
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
                 raise ValueError(
-                    f"LoRA '{self.path}': key '{keys['B']}' has shape {b} for '{keys['A']}' of shape {a}; expected (out, {a[0] if a else 'r'})"
+                    f"LoRA '{self.path}': key '{keys['B']}' has shape {b} for '{keys['A']}' of shape {a}; expected "
+                    f"(out, {a[0] if a else 'r'})"
                 )
             if keys.get("alpha") and math.prod(header[keys["alpha"]]) != 1:
                 raise ValueError(
@@ -196,7 +201,8 @@ class LoraFile:
             found = _resolve(entry.module, modules)
             if found is None:
                 raise ValueError(
-                    f"LoRA '{self.path}': key '{entry.a_key}' targets '{entry.module.lstrip('_')}', which is no Linear of this DiT nor of a Wan transformer"
+                    f"LoRA '{self.path}': key '{entry.a_key}' targets '{entry.module.lstrip('_')}', which is no Linear "
+                    "of this DiT nor of a Wan transformer"
                 )
             target, part, parts, reorder = found
             linear = modules[target]
@@ -339,7 +345,8 @@ def _by_target(placements: list[Placement]) -> dict[str, list[Placement]]:
 
 
 def _padded(group: list[Placement]) -> bool:
-    """Whether a target's adapters need one padded B: a whole-Linear adapter, parts counted differently, or a part twice."""
+    """Whether a target's adapters need one padded B: a whole-Linear adapter, parts counted differently, or a part
+    twice."""
     parts = [p.part for p in group]
     return any(p.parts == 1 for p in group) or len({p.parts for p in group}) > 1 or len(set(parts)) != len(parts)
 

@@ -485,7 +485,10 @@ class TextToVideoPipeline:
         m = self.config.model
         if m.in_channels == m.predicted_channels:
             if image or last_image:
-                return "this export is text-to-video only: it takes no image (convert a WanImageToVideoPipeline for image-to-video)"
+                return (
+                    "this export is text-to-video only: it takes no image (convert a WanImageToVideoPipeline for "
+                    "image-to-video)"
+                )
             return None
         if not image:
             return "this export is image-to-video: give the first frame as image"

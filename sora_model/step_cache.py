@@ -76,7 +76,8 @@ class StepCacheStats:
     skipped: int = 0
 
     def summary(self) -> str:
-        return f"step cache {self.method} (threshold {self.threshold:g}): skipped {self.skipped} of {self.calls} transformer calls"
+        skipped = f"skipped {self.skipped} of {self.calls} transformer calls"
+        return f"step cache {self.method} (threshold {self.threshold:g}): {skipped}"
 
 
 def check_step_cache(method: str | None, threshold: float | None) -> tuple[str | None, float | None]:

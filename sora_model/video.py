@@ -19,9 +19,9 @@ Rotation: phones store portrait video as landscape frames plus a display matrix.
 always as a player shows them: decord 0.6 applies the matrix itself (checked for 90, -90, 180 and 270 in
 tests/unit/test_video.py), and the PyAV path turns each frame by `VideoFrame.rotation`.
 
-Remote files: `probe_video` and `video_presence.require_frames_present` also take an open binary file (readable, seekable; e.g.
-a reader of an object store's byte ranges). They then read only what FFmpeg asks for: the container's header
-and index, the first frame, and the packets around the last frame needed (by seeking), not the whole file.
+Remote files: `probe_video` and `video_presence.require_frames_present` also take an open binary file (readable,
+seekable; e.g. a reader of an object store's byte ranges). They then read only what FFmpeg asks for: the container's
+header and index, the first frame, and the packets around the last frame needed (by seeking), not the whole file.
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from sora_model.video_grid import make_grid  # noqa: F401 - re-exported from its old home
-from sora_model.video_write import MP4_CODEC, MP4_CRF, MP4_PIX_FMT, NPZ_KEY, WRITE_EXTENSIONS, write_video  # noqa: F401 - ditto
+from sora_model.video_write import (  # noqa: F401 - ditto
+    MP4_CODEC,
+    MP4_CRF,
+    MP4_PIX_FMT,
+    NPZ_KEY,
+    WRITE_EXTENSIONS,
+    write_video,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """Still images probe and read as one-frame videos (the curriculum's image stage)."""

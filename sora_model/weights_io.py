@@ -157,7 +157,8 @@ def write_tensors(
             shape, dtype = shapes[expected]
             if name != expected or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                 raise ValueError(
-                    f"write_tensors: got '{name}' {tuple(tensor.shape)} {tensor.dtype}, expected '{expected}' {shape} {dtype}"
+                    f"write_tensors: got '{name}' {tuple(tensor.shape)} {tensor.dtype}, expected "
+                    f"'{expected}' {shape} {dtype}"
                 )
             f.write(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
 

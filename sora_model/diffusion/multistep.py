@@ -172,7 +172,8 @@ def unipc_sample(
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got '{variant}'")
     if not lower_order_final and order > 1 and sigmas[-1] == 0:
         raise ValueError(
-            "UniPC without lower_order_final needs a grid ending at sigma_min: a step of order > 1 into sigma 0 is not finite"
+            "UniPC without lower_order_final needs a grid ending at sigma_min: a step of order > 1 "
+            "into sigma 0 is not finite"
         )
     total = len(times)
     levels = _levels(_guard_first(sigmas))

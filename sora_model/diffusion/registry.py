@@ -101,7 +101,8 @@ def sampler_problem(name: str, schedule: str) -> str | None:
     if name in SAMPLER_NAMES[family]:
         return None
     known = "" if name in SAMPLERS else "unknown "
-    return f"{known}sampler '{name}' is not available for schedule '{schedule}'; choose one of: {', '.join(SAMPLER_NAMES[family])}"
+    choices = ", ".join(SAMPLER_NAMES[family])
+    return f"{known}sampler '{name}' is not available for schedule '{schedule}'; choose one of: {choices}"
 
 
 def is_stochastic(name: str, ddim_eta: float = 0.0) -> bool:

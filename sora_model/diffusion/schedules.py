@@ -168,7 +168,8 @@ class Diffusion(ABC):
         """
         if not x0s or any(x0.ndim != 5 for x0 in x0s):
             raise ValueError(
-                f"training_losses_packed expects a list of (n, C, T, H, W) groups, got shapes {[tuple(x.shape) for x in x0s]}"
+                "training_losses_packed expects a list of (n, C, T, H, W) groups, got shapes "
+                f"{[tuple(x.shape) for x in x0s]}"
             )
         counts = num_tokens if num_tokens is not None else [None] * len(x0s)
         # 1. Each group's timesteps then noise, groups in order (one group draws as `training_losses` does).
