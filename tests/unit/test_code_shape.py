@@ -2,7 +2,8 @@
 
 - no import circles among the modules of `sora_model/` and `pipelines/` (function-level imports count: a lazy
   import hides a circle from Python, not from the reader);
-- no function longer than a screen (FUNCTION_LINES, decorators and docstring included);
+- no function longer than a screen (FUNCTION_LINES, decorators and docstring included), and no module longer than
+  one sitting's reading (MODULE_LINES: the aim is under ~500, the guard leaves that aim a little room);
 - `sora_model` never imports Ray, DeepSpeed or torch.distributed (parallelism is applied from `pipelines/`).
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("sora_model", "pipelines")
 FUNCTION_LINES = 60
+MODULE_LINES = 520
 
 
 @cache
@@ -121,6 +123,15 @@ def test_functions_fit_a_screen():
                         f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - start + 1} lines)"
                     )
     assert not long, f"functions over {FUNCTION_LINES} lines (split them by concern):\n" + "\n".join(long)
+
+
+def test_modules_fit_a_sitting():
+    long = [
+        f"{path.relative_to(ROOT)} ({n} lines)"
+        for path in modules().values()
+        if (n := len(path.read_text().splitlines())) > MODULE_LINES
+    ]
+    assert not long, f"modules over {MODULE_LINES} lines (split them along a seam, one idea each):\n" + "\n".join(long)
 
 
 def test_sora_model_never_imports_distributed_code():
