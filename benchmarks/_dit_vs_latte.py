@@ -166,8 +166,8 @@ def measure(mode: str, quick: bool) -> dict[str, Any]:
         ),
         "compared": (
             f"{'train step (fwd+bwd+AdamW)' if mode == 'train' else 'forward'} tokens/s, our DiT (factorized, "
-            f"{s.blocks} blocks) / diffusers LatteTransformer3DModel ({s.blocks // 2} spatial + {s.blocks // 2} temporal), "
-            f"width {s.hidden}, {s.heads} heads, {s.batch}x{s.tokens_per_sample} tokens, CPU fp32"
+            f"{s.blocks} blocks) / diffusers LatteTransformer3DModel ({s.blocks // 2} spatial + {s.blocks // 2} "
+            f"temporal), width {s.hidden}, {s.heads} heads, {s.batch}x{s.tokens_per_sample} tokens, CPU fp32"
         ),
         "details": {
             "size": s.__dict__,

@@ -107,7 +107,10 @@ def not_measured() -> dict[str, Any]:
         "value": None,
         "compared": {},
         "details": {},
-        "note": f"no trained demo export at {os.environ.get(EXPORT_ENV, DEFAULT_EXPORT)} (run `sora demo`, or set {EXPORT_ENV})",
+        "note": (
+            f"no trained demo export at {os.environ.get(EXPORT_ENV, DEFAULT_EXPORT)} (run `sora demo`, or set "
+            f"{EXPORT_ENV})"
+        ),
     }
 
 

@@ -31,8 +31,11 @@ def run(quick: bool) -> dict:
     gaps = relative_gaps(curves)
     return {
         "value": round(max(gaps), 6),
-        "compared": f"max over {STEPS} steps of /bf16 - fp32/ / fp32 loss, smoke recipe's clips stage (DiT-tiny, 8x16x16), "
-        "trainer engine (DeepSpeed ZeRO-3, 1 gloo rank) + step function, same seed and batches, CPU",
+        "compared": (
+            f"max over {STEPS} steps of /bf16 - fp32/ / fp32 loss, smoke recipe's clips stage (DiT-tiny, "
+            "8x16x16), trainer engine (DeepSpeed ZeRO-3, 1 gloo rank) + step function, same seed and "
+            "batches, CPU"
+        ),
         "details": {
             "final_relative_gap": round(gaps[-1], 6),
             "mean_relative_gap": round(sum(gaps) / len(gaps), 6),

@@ -99,9 +99,9 @@ def run(quick: bool) -> dict:
     return {
         "value": round(arrow["true_length"] / arrow["padded"], 4),
         "compared": (
-            f"Arrow bytes per row of the caption tokens, stored at their true length ÷ padded to {MAX_LENGTH}x{WIDTH} fp16 "
-            f"(umT5-XXL / Wan2.1 shapes), {rows} rows of {len(CAPTIONS)} real captions' lengths "
-            f"({min(counts)}-{max(counts)} tokens, mean {np.mean(counts):.0f})"
+            "Arrow bytes per row of the caption tokens, stored at their true length ÷ padded to "
+            f"{MAX_LENGTH}x{WIDTH} fp16 (umT5-XXL / Wan2.1 shapes), {rows} rows of {len(CAPTIONS)} real captions' "
+            f"lengths ({min(counts)}-{max(counts)} tokens, mean {np.mean(counts):.0f})"
         ),
         "details": {
             "arrow_bytes_per_row": {k: round(v) for k, v in arrow.items()},

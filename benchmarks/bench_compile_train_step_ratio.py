@@ -64,8 +64,9 @@ def run(quick: bool) -> dict:
     result = {
         "value": ratio,
         "compared": (
-            f"train step (fwd+bwd+AdamW) time eager / torch.compile (Inductor, fullgraph), demo recipe model "
-            f"(DiT-demo, {model.num_parameters():,} parameters), {batch}x{frames}x{res}x{res} ({batch * frames * 64} tokens), CPU fp32"
+            "train step (fwd+bwd+AdamW) time eager / torch.compile (Inductor, fullgraph), demo recipe model "
+            f"(DiT-demo, {model.num_parameters():,} parameters), {batch}x{frames}x{res}x{res} ({batch * frames * 64} "
+            "tokens), CPU fp32"
         ),
         "details": {
             "seconds_eager": summary(times["eager"]),
@@ -79,8 +80,8 @@ def run(quick: bool) -> dict:
     }
     if ratio < 1.0:
         result["note"] = (
-            f"compiled steps are slower here ({median(times['compiled']):.3f} s vs {median(times['eager']):.3f} s eager), "
-            "so the demo recipe keeps compile: false"
+            f"compiled steps are slower here ({median(times['compiled']):.3f} s vs {median(times['eager']):.3f} s "
+            "eager), so the demo recipe keeps compile: false"
         )
     return result
 

@@ -166,7 +166,8 @@ def vae_encode(quick: bool) -> dict:
                 batch = max(1, batch // 2)
                 # the stage cuts by the byte budget; a smaller stage batch is what a smaller budget would give
                 stage.patchify.rows_per_call = lambda shape, b=batch: b  # type: ignore[method-assign]
-        stage.patchify.rows_per_call = type(stage.patchify).rows_per_call.__get__(stage.patchify)  # type: ignore[method-assign]
+        bound = type(stage.patchify).rows_per_call.__get__(stage.patchify)
+        stage.patchify.rows_per_call = bound  # type: ignore[method-assign]
     del stage
     torch.cuda.empty_cache()
     return out

@@ -40,7 +40,8 @@ WARMUP, TIMED = 1, 3
 
 
 def _measure(step, device: str) -> tuple[list[float], float | None]:
-    """Step times (1 warm-up, then TIMED timed) and peak GiB on cuda; one wall time and no peak elsewhere (CPU checks)."""
+    """Step times (1 warm-up, then TIMED timed) and peak GiB on cuda; one wall time and no peak elsewhere (CPU
+    checks)."""
     if device != "cuda":
         return [_wall(step)], None
     import torch

@@ -110,9 +110,9 @@ def run(quick: bool) -> dict:
     return {
         "value": new["ratio"],
         "compared": (
-            f"peak RSS increase of loading a Wan2.1-1.3B-shaped fp32 export ({n_full:,} parameters) in bf16, in a fresh "
-            f"process, over the loaded weights' bytes; the loader before issue 29: {old_short['ratio']} (at 6 of 30 blocks, "
-            f"the new one {new_short['ratio']} there)"
+            f"peak RSS increase of loading a Wan2.1-1.3B-shaped fp32 export ({n_full:,} parameters) in bf16, in a "
+            f"fresh process, over the loaded weights' bytes; the loader before issue 29: {old_short['ratio']} (at 6 "
+            f"of 30 blocks, the new one {new_short['ratio']} there)"
         ),
         "details": {
             "meta_load_1_3b": new,

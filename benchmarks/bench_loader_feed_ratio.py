@@ -166,7 +166,10 @@ def run(quick: bool) -> dict:
     ratio = paired_ratio(memory, loader)  # throughput ratio = time(memory) / time(loader)
     return {
         "value": round(ratio, 3),
-        "compared": f"train steps/s of DiT-demo on 2 ZeRO-3 CPU workers: Ray Data loader / batches in memory ({steps} steps x {rounds} rounds)",
+        "compared": (
+            "train steps/s of DiT-demo on 2 ZeRO-3 CPU workers: Ray Data loader / batches in memory "
+            f"({steps} steps x {rounds} rounds)"
+        ),
         "details": {
             "loader_seconds": summary(loader),
             "memory_seconds": summary(memory),

@@ -6,9 +6,10 @@ with NAME None (the base model, nothing applied). The model is Wan2.1-1.3B's wid
 modulation, QK RMSNorm over the width) at 2 layers, with the packaged MiniLM text encoder and the pixel-space
 autoencoder; the request is 2 frames at 32x32 (512 tokens), 4 steps, CFG. The adapter is a community-layout Wan LoRA
 of rank 32 on every projection Wan LoRAs target (self q/k/v/o, cross q/k/v/o, FFN in/out: 10 per block), applied
-unmerged through forward hooks that accumulate B's GEMM into the Linear's output in place. Few tokens make the ratio pessimistic: the adapter's matmuls grow with tokens like the
-Linears', attention grows faster, so at Wan's 32k tokens its share is smaller still. The Ray Serve round trip is left
-out (its noise on a shared 2-core machine is larger than the effect); it is the same with and without an adapter.
+unmerged through forward hooks that accumulate B's GEMM into the Linear's output in place. Few tokens make the ratio
+pessimistic: the adapter's matmuls grow with tokens like the Linears', attention grows faster, so at Wan's 32k tokens
+its share is smaller still. The Ray Serve round trip is left out (its noise on a shared 2-core machine is larger than
+the effect); it is the same with and without an adapter.
 
 Why fair: the same pipeline object, prompt, seed and shape on both sides, interleaved call by call on one torch thread,
 timed with the process CPU clock (other processes' load barely moves it); the figure is the median of per-round
@@ -113,8 +114,8 @@ def run(quick: bool) -> dict:
     return {
         "value": round(paired_ratio(times["lora"], times["base"]), 4),
         "compared": (
-            f"CPU s per request, rank-{RANK} Wan LoRA resident and applied unmerged ({median(times['lora']):.3f}) / base "
-            f"model ({median(times['base']):.3f}); Wan-1.3B width, 2 layers, 512 tokens, 4 CFG steps, 1 thread"
+            f"CPU s per request, rank-{RANK} Wan LoRA resident and applied unmerged ({median(times['lora']):.3f}) / "
+            f"base model ({median(times['base']):.3f}); Wan-1.3B width, 2 layers, 512 tokens, 4 CFG steps, 1 thread"
         ),
         "details": {
             "wall_clock_ratio": round(paired_ratio(wall["lora"], wall["base"]), 4),
@@ -131,7 +132,9 @@ def run(quick: bool) -> dict:
             "tokens": 512,
             "request": request,
             "torch_threads": 1,
-            "path": "generator sampling call (AdapterCache.applied + TextToVideoPipeline.__call__), no Serve round trip",
+            "path": (
+                "generator sampling call (AdapterCache.applied + TextToVideoPipeline.__call__), no Serve round trip"
+            ),
         },
     }
 

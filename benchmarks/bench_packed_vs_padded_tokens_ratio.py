@@ -156,7 +156,10 @@ def run(quick: bool) -> dict:
             f"packed attention runs as per-segment SDPA calls: measured fastest of the implementations here "
             f"({choice['fastest']} was fastest for the packed batch's attention, forward + backward)"
             if choice["fastest"] == "per_segment_sdpa"
-            else f"per-segment SDPA is what the model runs, but {choice['fastest']} measured faster for this batch's attention"
+            else (
+                f"per-segment SDPA is what the model runs, but {choice['fastest']} measured faster for this batch's "
+                "attention"
+            )
         ),
     }
     return result

@@ -82,9 +82,9 @@ def run(quick: bool) -> dict:
     return {
         "value": round(paired_ratio(cpu["two_ranks"], cpu["one_rank"]), 4),
         "compared": (
-            f"CPU s per sampling call ({steps} CFG step{'s' if steps > 1 else ''}) summed over ranks, 2 gloo sequence-parallel "
-            f"ranks ({median(cpu['two_ranks']):.3f}) / 1 rank ({median(cpu['one_rank']):.3f}); 1 thread a rank, Wan-1.3B width, "
-            "2 layers, 512 tokens"
+            f"CPU s per sampling call ({steps} CFG step{'s' if steps > 1 else ''}) summed over ranks, 2 gloo "
+            f"sequence-parallel ranks ({median(cpu['two_ranks']):.3f}) / 1 rank ({median(cpu['one_rank']):.3f}); 1 "
+            "thread a rank, Wan-1.3B width, 2 layers, 512 tokens"
         ),
         "details": {
             "wall_speedup_two_ranks_on_two_cores": round(paired_ratio(wall["one_rank"], wall["two_ranks"]), 4),

@@ -5,9 +5,9 @@ grow with the manifest. Both runs take the same few real synthetic videos (`sora
 again and again with other start times and other captions, MSR-VTT-style: each (video, start) clip is
 listed CAPTIONS_PER_CLIP times with different captions, so 50,000 rows are 10,000 one-frame clips, each
 probed, decoded once, patchified and written with its 5 captions' embeddings (500 different captions,
-cycled: the caption stage's cache serves the repeats; 8 text tokens per caption keep the shards small). Each run is a fresh driver process (`python -m
-benchmarks.bench_prepare_driver_rss_ratio_50k_over_500 --child ...`) joined to one Ray cluster that the
-benchmark starts (2 CPUs), so both pay the same imports; its peak RSS is `getrusage` max RSS at exit.
+cycled: the caption stage's cache serves the repeats; 8 text tokens per caption keep the shards small). Each run is a
+fresh driver process (`python -m benchmarks.bench_prepare_driver_rss_ratio_50k_over_500 --child ...`) joined to one Ray
+cluster that the benchmark starts (2 CPUs), so both pay the same imports; its peak RSS is `getrusage` max RSS at exit.
 The details also give each driver's growth: peak minus its RSS just before `prepare` was called.
 """
 

@@ -187,9 +187,10 @@ def run(quick: bool) -> dict:
     return {
         "value": round(value, 3),
         "compared": (
-            f"share of {len(points)} real kill points (driver SIGKILLed at {', '.join(kill_points)}) after which "
-            f"the resumed `sora data prepare` equals the uninterrupted run (clip ids, rejects.jsonl, count: "
-            f"{full['num_clips']} clips); held-out videos with corrupt middle GOPs, 2 clips per shard, a multi-caption line, 2 CPUs"
+            f"share of {len(points)} real kill points (driver SIGKILLed at {', '.join(kill_points)}) after which the "
+            "resumed `sora data prepare` equals the uninterrupted run (clip ids, rejects.jsonl, count: "
+            f"{full['num_clips']} clips); held-out videos with corrupt middle GOPs, 2 clips per shard, a "
+            "multi-caption line, 2 CPUs"
         ),
         "details": {
             "points": points,

@@ -38,8 +38,10 @@ def run(quick: bool) -> dict:
     slowest = max(seconds, key=seconds.get)
     out = {
         "value": seconds[slowest],
-        "compared": "seconds of `sora train --rehearse` per recipe (tiny data prepared per bucket + the recipe's settings on "
-        f"2 CPU workers, one worker killed and resumed); slowest: {slowest}; "
+        "compared": (
+            "seconds of `sora train --rehearse` per recipe (tiny data prepared per bucket + the recipe's "
+            f"settings on 2 CPU workers, one worker killed and resumed); slowest: {slowest}; "
+        )
         + ", ".join(f"{k} {v:g}s" for k, v in seconds.items()),
         "details": {"seconds": seconds, "lines": lines},
     }

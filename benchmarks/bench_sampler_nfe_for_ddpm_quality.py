@@ -150,9 +150,9 @@ def run(quick: bool) -> dict:
     return {
         "value": value,
         "compared": (
-            f"smallest NFE where rectified flow's default sampler ({default}, default config) reaches DDPM-1000's MMD^2 to the true data "
-            f"(Euler: {first_nfe(by_nfe['euler'], ddpm_mmd)}); "
-            f"exact denoiser of a {COMPONENTS}-component Gaussian mixture in {DIM}-D, {n} samples x {len(seeds)} seeds"
+            f"smallest NFE where rectified flow's default sampler ({default}, default config) reaches DDPM-1000's "
+            f"MMD^2 to the true data (Euler: {first_nfe(by_nfe['euler'], ddpm_mmd)}); exact denoiser of a "
+            f"{COMPONENTS}-component Gaussian mixture in {DIM}-D, {n} samples x {len(seeds)} seeds"
         ),
         "details": {
             "ddpm_1000_mmd2": ddpm_mmd,

@@ -105,7 +105,8 @@ def _serving_pids(ingress_pid: int) -> dict[str, int]:
 
 
 def _watch(pids: dict[str, int], body) -> dict:
-    """Run `body()` while sampling the servers' RSS every 10 ms; its result with the peak growth (sum and per process)."""
+    """Run `body()` while sampling the servers' RSS every 10 ms; its result with the peak growth (sum and per
+    process)."""
     import psutil
 
     procs = {k: psutil.Process(v) for k, v in pids.items()}
@@ -247,12 +248,13 @@ def run(quick: bool) -> dict:
         if peak["folder"] <= GOAL[1]
         else (f"the folder store's file server grew {peak['folder']:.0f} MB (ingress + proxy); see details"),
         "compared": (
-            f"peak RSS growth (MB) of the ingress replica + Serve proxy while a client downloads a {VIDEO_MB} MB video from "
-            f"the default folder store (307 to the replica's file server); same command: an S3 store (307 to a presigned "
-            f"URL) {peak['s3']:.1f} MB, the folder streamed through Serve's proxy {peak['folder_through_serve']:.0f} MB, "
-            f"reading it whole as the first ingress did {baseline_mb:.0f} MB; {CLIENTS} clients at once through Serve: "
-            f"{peak['through_serve_3_clients_4_slots']:.0f} MB with max_streaming_downloads 4, "
-            f"{peak['through_serve_3_clients_1_slot']:.0f} MB with 1 (the others 503 + Retry-After, then retry)"
+            f"peak RSS growth (MB) of the ingress replica + Serve proxy while a client downloads a {VIDEO_MB} MB "
+            "video from the default folder store (307 to the replica's file server); same command: an S3 store (307 "
+            f"to a presigned URL) {peak['s3']:.1f} MB, the folder streamed through Serve's proxy "
+            f"{peak['folder_through_serve']:.0f} MB, reading it whole as the first ingress did {baseline_mb:.0f} MB; "
+            f"{CLIENTS} clients at once through Serve: {peak['through_serve_3_clients_4_slots']:.0f} MB with "
+            f"max_streaming_downloads 4, {peak['through_serve_3_clients_1_slot']:.0f} MB with 1 (the others 503 + "
+            "Retry-After, then retry)"
         ),
         "details": {
             "downloads": runs,

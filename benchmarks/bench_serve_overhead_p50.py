@@ -84,8 +84,8 @@ def run(quick: bool) -> dict:
         if sampling is not None
         else "the replica recorded no timings, so where the time went is unknown.",
         "compared": (
-            f"p50 latency, one request at a time: through the Serve app (HTTP create + poll) / direct TextToVideoPipeline call; "
-            f"DiT-demo export, 8x32x32, {steps} steps, CFG on, 1 CPU thread each"
+            "p50 latency, one request at a time: through the Serve app (HTTP create + poll) / direct "
+            f"TextToVideoPipeline call; DiT-demo export, 8x32x32, {steps} steps, CFG on, 1 CPU thread each"
         ),
         "details": {
             "seconds": {n: summary(ts, 3) for n, ts in times.items()},

@@ -159,7 +159,9 @@ def run(quick: bool) -> dict:
             "rows": {"small": 100, "big": big_n},
             "big_db_mb": round(size_mb, 1),
             "build_s": round(build_s, 1),
-            "old_json_store": "listed by reading every job file: a list at 100k jobs read 1000x the files of one at 100",
+            "old_json_store": (
+                "listed by reading every job file: a list at 100k jobs read 1000x the files of one at 100"
+            ),
         },
     }
 

@@ -2,8 +2,9 @@
 
 Each pass samples `sora demo`'s eval workload (32 prompts x 3 seeds, batches of 8, the export's 10 ab2 steps with
 CFG; `benchmarks/_step_cache.py`) through `TextToVideoPipeline`, uncached, with TeaCache and with First-Block-Cache
-at their default thresholds (--quick: 16 of the prompts, seen and held-out, with one seed). Passes are interleaved (A B C, C B A, ...) on one torch thread and the figure is the
-median of per-round ratios for TeaCache, so load from other processes on a shared machine lands on both sides.
+at their default thresholds (--quick: 16 of the prompts, seen and held-out, with one seed). Passes are interleaved
+(A B C, C B A, ...) on one torch thread and the figure is the median of per-round ratios for TeaCache, so load from
+other processes on a shared machine lands on both sides.
 The accuracy cost of the same passes is `bench_step_cache_accuracy_drop.py`.
 
     python -m benchmarks.bench_step_cache_speedup [--quick]
@@ -43,8 +44,10 @@ def run(quick: bool) -> dict:
     speedups = {m: round(paired_ratio(times["uncached"], times[m]), 3) for m in sc.CACHES}
     return {
         "value": speedups[sc.HEADLINE],
-        "compared": f"median of {len(times['uncached'])} paired rounds of uncached ÷ {sc.HEADLINE} wall seconds for a pass of "
-        f"{len(prompts) * len(seeds)} clips (medians alone: "
+        "compared": (
+            f"median of {len(times['uncached'])} paired rounds of uncached ÷ {sc.HEADLINE} wall seconds for "
+            f"a pass of {len(prompts) * len(seeds)} clips (medians alone: "
+        )
         + ", ".join(f"{name} {median(ts):.2f} s" for name, ts in times.items())
         + ")",
         "details": {

@@ -118,10 +118,11 @@ def run(quick: bool) -> dict:
     result["details"]["diffusers_share_in_shared_kernels"] = round(shared, 3)
     if ratio < GOAL[1]:
         result["note"] = (
-            f"matrix products, GELU and attention, the same kernels on the same shapes on both sides, are {shared:.0%} of "
-            f"diffusers' forward (profiled once); ours computes the same products except cross-attention's over "
-            f"{REAL_TOKENS + 1} caption columns instead of {TEXT_TOKENS} (exact: one copy of the zero tail, weighted), so "
-            f"1.2x would need ours at {1 / GOAL[1]:.0%} of diffusers' time with {shared:.0%} of it shared"
+            "matrix products, GELU and attention, the same kernels on the same shapes on both sides, are "
+            f"{shared:.0%} of diffusers' forward (profiled once); ours computes the same products except "
+            f"cross-attention's over {REAL_TOKENS + 1} caption columns instead of {TEXT_TOKENS} (exact: one copy of "
+            f"the zero tail, weighted), so 1.2x would need ours at {1 / GOAL[1]:.0%} of diffusers' time with "
+            f"{shared:.0%} of it shared"
         )
     return result
 

@@ -149,8 +149,9 @@ def run(quick: bool) -> dict:
     return {
         "value": round(max(per_rank), 3),
         "compared": (
-            f"per-rank parameter + optimizer bytes, ZeRO-3 / ZeRO-0, 2 Ray Train workers (DeepSpeed, gloo, CPU fp32, torch AdamW), "
-            f"DiT width {model['hidden_size']} depth {model['depth']} ({z0[0]['model_numel']:,} parameters); the larger rank's ratio"
+            "per-rank parameter + optimizer bytes, ZeRO-3 / ZeRO-0, 2 Ray Train workers (DeepSpeed, gloo, CPU fp32, "
+            f"torch AdamW), DiT width {model['hidden_size']} depth {model['depth']} ({z0[0]['model_numel']:,} "
+            "parameters); the larger rank's ratio"
         ),
         "details": {
             "ratio_per_rank": [round(x, 4) for x in per_rank],

@@ -101,8 +101,8 @@ def run(quick: bool) -> dict:
     result = {
         "value": ratio,
         "compared": (
-            "ZeRO-3 train-step time, DeepSpeed defaults / param_persistence_threshold 0 + gather_per_block (the demo's), "
-            f"DiT-demo, {BATCH}x{FRAMES}x{RES}x{RES} a rank, 2 gloo ranks x 1 thread, CPU fp32"
+            "ZeRO-3 train-step time, DeepSpeed defaults / param_persistence_threshold 0 + gather_per_block (the "
+            f"demo's), DiT-demo, {BATCH}x{FRAMES}x{RES}x{RES} a rank, 2 gloo ranks x 1 thread, CPU fp32"
         ),
         "details": {
             "seconds_defaults": summary(times["defaults"]),

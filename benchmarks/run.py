@@ -116,7 +116,8 @@ GPU_FIGURES = (
     ("gpu_wan_1_3b_lora_step_seconds", "the same model: seconds per LoRA r32 training step (checkpointed, bf16)"),
     (
         "gpu_parallel_sampling_speedup_81x720x1280",
-        "Wan2.1-14B, 81x720x1280: sampling speedup of `sora generate --sequence-parallel N` over 1 GPU; goal >= 1.7x at 2 GPUs, >= 3x at 4 (not measured: no multi-GPU machine lent)",
+        "Wan2.1-14B, 81x720x1280: sampling speedup of `sora generate --sequence-parallel N` over 1 GPU; goal >= 1.7x "
+        "at 2 GPUs, >= 3x at 4 (not measured: no multi-GPU machine lent)",
     ),
 )
 TIMEOUT_S = 900
@@ -191,8 +192,8 @@ def write_markdown(results: dict) -> None:
     lines += ["", "## GPU figures", ""]
     if gpu.get("device"):
         lines += [
-            f"Measured on {gpu['device']}, {gpu.get('date', '')}, with `{gpu.get('command', '')}`; every script's full output "
-            "is under `gpu.details` in results.json.",
+            f"Measured on {gpu['device']}, {gpu.get('date', '')}, with `{gpu.get('command', '')}`; every script's "
+            "full output is under `gpu.details` in results.json.",
             "",
         ]
     lines += ["| figure | value | what | status |", "| --- | --- | --- | --- |"]
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         r["run_command"] = command
         results["figures"][name] = r
         print(
-            f"[bench] {name}: {fmt(r.get('value'))} (goal {GOALS[name]}, {r.get('seconds')}s){' ' + r['error'] if r.get('error') else ''}",
+            f"[bench] {name}: {fmt(r.get('value'))} (goal {GOALS[name]}, "
+            f"{r.get('seconds')}s){' ' + r['error'] if r.get('error') else ''}",
             file=sys.stderr,
             flush=True,
         )
