@@ -76,13 +76,18 @@ def _add_clip_arguments(p: argparse.ArgumentParser) -> None:
         "--max-upscale",
         type=float,
         default=DEFAULT_MAX_UPSCALE,
-        help="reject inputs that would be scaled up more than this to fill their bucket (default %(default)g: never upscale)",
+        help=(
+            "reject inputs that would be scaled up more than this to fill their bucket (default %(default)g: never "
+            "upscale)"
+        ),
     )
     p.add_argument(
         "--max-fps-ratio",
         type=float,
         default=DEFAULT_MAX_FPS_RATIO,
-        help="reject inputs whose fps is below --fps by more than this factor: frames would repeat (default %(default)g)",
+        help=(
+            "reject inputs whose fps is below --fps by more than this factor: frames would repeat (default %(default)g)"
+        ),
     )
 
 
@@ -96,18 +101,26 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode-batch-mib",
         type=int,
-        help="decoded pixels per decode task, MiB (default: a quarter of a task's share of the smallest node's memory, 128 MiB-4 GiB)",
+        help=(
+            "decoded pixels per decode task, MiB (default: a quarter of a task's share of the smallest node's "
+            "memory, 128 MiB-4 GiB)"
+        ),
     )
     p.add_argument(
         "--vae-batch-clips",
         type=int,
-        help="clips per VAE encode call (default: from the GPU's free memory and a per-clip estimate; on CPU 2 GiB of input)",
+        help=(
+            "clips per VAE encode call (default: from the GPU's free memory and a per-clip estimate; on CPU 2 GiB "
+            "of input)"
+        ),
     )
     p.add_argument(
         "--decode-timeout",
         type=float,
         default=DECODE_TIMEOUT_S,
-        help="seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)",
+        help=(
+            "seconds a probe or a clip's decode may take; longer is a 'decoder timed out' reject (default %(default)g)"
+        ),
     )
     p.add_argument(
         "--caption-actors",
@@ -175,8 +188,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     console.start_for(args, "sora data prepare")
     info = prepare(opts)
     console.say(
-        f"sora data prepare: {info['num_clips']} clips in {len(info['buckets'])} bucket(s), {info['num_rejected']} inputs "
-        f"rejected, {info['seconds']:.0f}s → {opts.out}"
+        f"sora data prepare: {info['num_clips']} clips in {len(info['buckets'])} bucket(s), {info['num_rejected']} "
+        f"inputs rejected, {info['seconds']:.0f}s → {opts.out}"
     )
     return 0
 

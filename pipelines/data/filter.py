@@ -137,7 +137,8 @@ def decide(
             drop(
                 i,
                 "duplicate",
-                f"within {bits} bits of clip {cols['clip_id'][j]} ({cols['source'][j]} at {float(cols['start_s'][j]):g}s)",
+                f"within {bits} bits of clip {cols['clip_id'][j]} ({cols['source'][j]} at "
+                f"{float(cols['start_s'][j]):g}s)",
             )
     return keep, sorted(dropped, key=lambda r: (r["bucket"], r["source"], r["start_s"]))
 
@@ -178,7 +179,8 @@ def filter_dataset(opts: FilterOptions) -> dict[str, Any]:
     info = read_dataset_info(opts.src)
     if "curate" not in info:
         raise FilterError(
-            f"{opts.src} was prepared without --curate (no scene, motion, phash columns); prepare it again with --curate"
+            f"{opts.src} was prepared without --curate (no scene, motion, phash columns); prepare it again with "
+            "--curate"
         )
     shards, cols = _read_all(opts.src, info)
     keep, dropped = decide(opts, shards, cols)
@@ -272,8 +274,8 @@ def run_filter(args: argparse.Namespace) -> int:
     info = filter_dataset(opts)
     step = info["filters"][-1]
     print(
-        f"sora data filter: kept {step['clips_kept']} of {step['clips_in']} clips ({step['dropped']['low motion']} low motion, "
-        f"{step['dropped']['duplicate']} duplicates) → {opts.out}"
+        f"sora data filter: kept {step['clips_kept']} of {step['clips_in']} clips ({step['dropped']['low motion']} "
+        f"low motion, {step['dropped']['duplicate']} duplicates) → {opts.out}"
     )
     return 0
 

@@ -85,7 +85,8 @@ def _endpoint() -> str:
 def remote_failure(uri: str, err: BaseException) -> RemoteAccessError | None:
     """The one-line error for a failed read of `uri` that the user's settings must fix, else None.
 
-    botocore's errors are matched by name: s3fs raises them unwrapped, and other stores' libraries are not imported here.
+    botocore's errors are matched by name: s3fs raises them unwrapped, and other stores' libraries are not imported
+    here.
     """
     name = type(err).__name__
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
@@ -123,7 +124,8 @@ def read_dataset_info(path: str | Path) -> dict[str, Any]:
             _check_bucket(root, fs, p)
             if fs.exists(_fs(f"{root}/{RUN_STATE}")[1]):
                 raise FileNotFoundError(
-                    f"{root} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same command to finish it"
+                    f"{root} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same "
+                    "command to finish it"
                 ) from None
             raise FileNotFoundError(
                 f"{root} is not a prepared dataset (no {DATASET_INFO}); make one with `sora data prepare`"
@@ -139,7 +141,8 @@ def read_dataset_info(path: str | Path) -> dict[str, Any]:
     if not info_path.is_file():
         if (folder / RUN_STATE).is_file():
             raise FileNotFoundError(
-                f"{folder} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same command to finish it"
+                f"{folder} holds an interrupted `sora data prepare` run (no {DATASET_INFO} yet); re-run the same "
+                "command to finish it"
             )
         what = "does not exist" if not folder.exists() else f"has no {DATASET_INFO}"
         raise FileNotFoundError(f"{folder} is not a prepared dataset ({what}); make one with `sora data prepare`")
@@ -150,7 +153,8 @@ def read_dataset_info(path: str | Path) -> dict[str, Any]:
 
 
 def list_buckets(path: str | Path) -> list[dict[str, Any]]:
-    """The buckets of a prepared folder as recorded in dataset.json ({frames, height, width, grid, num_clips, path, name})."""
+    """The buckets of a prepared folder as recorded in dataset.json ({frames, height, width, grid, num_clips, path,
+    name})."""
     return read_dataset_info(path)["buckets"]
 
 

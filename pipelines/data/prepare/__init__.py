@@ -78,9 +78,9 @@ that were rejected whole, are dropped before probing (not probed again, no rejec
 written or rejected clips of other lines are dropped after planning. A clip that fails to decode is a reject
 of that clip only (its row in rejects.jsonl names its `clip_id`): the video's other clips are still made.
 A failure of the run's own storage (disk full, I/O error, a store unreachable after retries) stops the run
-with one line and rejects nothing; the null prompt (when the model needs one) is written first. A shard that does not parse is moved to `_damaged/`
-and its clips are written again. `_run.json` pins the settings (a different setting refuses to resume),
-and `dataset.json` is only written once the run is done.
+with one line and rejects nothing; the null prompt (when the model needs one) is written first. A shard that does not
+parse is moved to `_damaged/` and its clips are written again. `_run.json` pins the settings (a different setting
+refuses to resume), and `dataset.json` is only written once the run is done.
 
 Modules, one idea each (this package re-exports what callers use):
 

@@ -60,7 +60,8 @@ Decoder = Callable[[str, list[int], int, int], np.ndarray]
 def decode_clips(local: str, clips: list[list[int]], height: int, width: int) -> list[np.ndarray]:
     """All clips of one video from one open reader, decoded at the size the bucket's aspect-kept resize would
     produce (FFmpeg scales each frame as it is decoded, so no source-size RGB frame is made), then centre-cropped.
-    Pixels stay within a few grey levels of `resize_center_crop` on source-size frames (tests/unit/test_video_target.py)."""
+    Pixels stay within a few grey levels of `resize_center_crop` on source-size frames
+    (tests/unit/test_video_target.py)."""
     from sora_model.video import read_clips
 
     return [fit_decoded(f, height, width) for f in read_clips(local, clips, cover=(height, width))]

@@ -144,7 +144,8 @@ def vae_batch_clips(clip_shape: tuple[int, ...], free_device_bytes: int | None, 
     """Clips per autoencoder call, at least one: `override` (--vae-batch-clips) when given; on a GPU
     (`free_device_bytes`: its free memory with the weights loaded) VAE_DEVICE_FRACTION of that over the per-clip
     estimate, VAE_PEAK_BYTES_PER_VALUE x the clip's values (F x H x W x 3); on CPU (None) VAE_BATCH_BYTES of
-    float32 input, as before. On an 80 GB H100 (79 GiB free) at 17x256x256: 134 clips (160 peaked at 76 GiB on an H200)."""
+    float32 input, as before. On an 80 GB H100 (79 GiB free) at 17x256x256: 134 clips (160 peaked at 76 GiB on an
+    H200)."""
     if override is not None:
         return max(1, int(override))
     values = int(np.prod(clip_shape))

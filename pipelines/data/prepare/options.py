@@ -249,7 +249,8 @@ class PrepareOptions:
     workers: int | None = None
     """Decode tasks at once at most; None: no cap (one per free CPU, and more as an autoscaler adds CPUs)."""
     decode_batch_mib: int | None = None
-    """Decoded pixels per decode task, MiB (`--decode-batch-mib`); None: from the nodes' memory (`decode_batch_bytes`)."""
+    """Decoded pixels per decode task, MiB (`--decode-batch-mib`); None: from the nodes' memory
+    (`decode_batch_bytes`)."""
     vae_batch_clips: int | None = None
     """Clips per VAE encode call (`--vae-batch-clips`); None: from the GPU's free memory (encode.vae_batch_clips)."""
     progress: bool = True

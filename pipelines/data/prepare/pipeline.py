@@ -140,7 +140,8 @@ def _prepare(options: PrepareOptions) -> dict[str, Any]:
             summary = ray.get(summary_ref)
             if opts.progress:
                 print(
-                    f"resuming {out}: {summary['written']} clips already written, {summary['lines']} manifest lines finished"
+                    f"resuming {out}: {summary['written']} clips already written, {summary['lines']} manifest lines "
+                    "finished"
                     + (
                         f", {summary['damaged']} damaged shards set aside to be rewritten" if summary["damaged"] else ""
                     ),
@@ -334,7 +335,8 @@ def _drain(ds: Any, progress: bool, num_rows: int, t0: float) -> tuple[int, int]
         if progress and now - last > 2:
             last = now
             console.status(
-                f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest {num_rows} rows)"
+                f"prepare: {written} clips in {shards} shards ({written / (now - t0):.1f} clips/s; manifest "
+                f"{num_rows} rows)"
             )
     return written, shards
 
@@ -343,7 +345,9 @@ def _append_stats(out: str, stats: str, written: int, shards: int, seconds: floa
     fs, p = filesystem(join(out, STATS_LOG))
     with fs.open(p, "ab" if not is_uri(out) else "wb") as f:  # object stores cannot append: the last run's stats
         f.write(
-            f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n".encode()
+            (
+                f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {written} clips, {shards} shards, {seconds:.1f}s\n{stats}\n"
+            ).encode()
         )
 
 
@@ -403,8 +407,9 @@ def _finish(
     write_json(join(out, DATASET_INFO), info)
     if info["text_truncated"]:
         print(
-            f"warning: {info['text_truncated']} captions were longer than the text encoder's {opts.text_encoder.max_length} "
-            "tokens and were cut (raise --max-text-length; per clip: the text_truncated column)",
+            f"warning: {info['text_truncated']} captions were longer than the text encoder's "
+            f"{opts.text_encoder.max_length} tokens and were cut (raise --max-text-length; per clip: the "
+            "text_truncated column)",
             file=sys.stderr,
         )
     print(f"{num_clips} clips written, {num_rejected} inputs rejected ({out}; {elapsed:.1f}s)")

@@ -209,7 +209,8 @@ class ClipPlanner:
     def plan_source(
         self, good: list[dict[str, Any]], where: str | Remote
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(plans, rejects) of the usable rows of one file (see PlanInputs): a local path, or a Remote read by ranges."""
+        """(plans, rejects) of the usable rows of one file (see PlanInputs): a local path, or a Remote read by
+        ranges."""
         if not isinstance(where, Remote):
             return self._plan_file(good, where)
         try:

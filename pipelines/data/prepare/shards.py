@@ -8,8 +8,8 @@ Resume is a filter on what is written (`resume_state`, run as a Ray task, never 
 clip ids of complete shards and of clips rejected at decode, and the manifest lines that are finished (each
 clip a line planned is in a shard or rejected, or the line itself was rejected). Finished lines are dropped
 before probing; written and rejected clips of unfinished lines are dropped after planning. A failure of the
-storage itself (StorageUnavailable) is never taken for a damaged shard or a bad input: it stops the run. A shard that cannot be parsed is moved to `_damaged/`
-(kept for a look, never deleted) and its clips are written again.
+storage itself (StorageUnavailable) is never taken for a damaged shard or a bad input: it stops the run. A shard that
+cannot be parsed is moved to `_damaged/` (kept for a look, never deleted) and its clips are written again.
 """
 
 from __future__ import annotations
