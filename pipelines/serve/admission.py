@@ -62,7 +62,8 @@ class Admission:
             refuse(
                 503,
                 "queue_full",
-                f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after {q.retry_after_s}s.",
+                f"The server is at capacity ({q.max_pending_jobs} jobs waiting, queue.max_pending_jobs); retry after "
+                f"{q.retry_after_s}s.",
             )
         if tier.max_pending_jobs is not None:
             n = self.db.count_unfinished(tier=tier_name)
@@ -70,7 +71,8 @@ class Admission:
                 refuse(
                     429,
                     "tier_limit",
-                    f"Tier '{tier_name}' already has {n} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry after {q.retry_after_s}s.",
+                    f"Tier '{tier_name}' already has {n} jobs waiting (tiers.{tier_name}.max_pending_jobs); retry "
+                    f"after {q.retry_after_s}s.",
                 )
         if tier.max_pending_per_key is not None:
             n = self.db.count_unfinished(owner=owner)
@@ -78,6 +80,7 @@ class Admission:
                 refuse(
                     429,
                     "key_in_flight",
-                    f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} (tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.",
+                    f"This API key already has {n} jobs waiting or running; the limit is {tier.max_pending_per_key} "
+                    f"(tiers.{tier_name}.max_pending_per_key). Retry after {q.retry_after_s}s.",
                 )
         self.check_quota(tier_name, tier, owner, 1.0)

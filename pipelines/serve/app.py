@@ -5,7 +5,8 @@
     serve run cluster/serve/local.yaml              # import_path: pipelines.serve.app:app_builder, args: {model: ...}
     serve deploy cluster/serve/local.yaml           # onto a running cluster (RAY_ADDRESS / KubeRay RayService)
 
-then `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x").videos.create_and_poll(prompt="a red circle moving left")`.
+then
+`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x").videos.create_and_poll(prompt="a red circle moving left")`.
 
 Job flow: POST validates against the limits (global, then the caller's tier and key), writes a `queued`
 row to the job database (db.py) and wakes this replica's dispatcher (dispatch.py). Every ingress
@@ -479,6 +480,7 @@ def _settings_from_env() -> ServeSettings:
 
 
 app = build_app(_settings_from_env())
-"""`serve run pipelines.serve.app:app` with SORA_MODEL=EXPORT_DIR (and optionally SORA_SERVE_STORE; SORA_SERVE_DB is read by every replica)."""
+"""`serve run pipelines.serve.app:app` with SORA_MODEL=EXPORT_DIR (and optionally SORA_SERVE_STORE; SORA_SERVE_DB is
+read by every replica)."""
 
 __all__ = ["APP_NAME", "Generator", "VideoAPI", "app", "app_builder", "build_app"]

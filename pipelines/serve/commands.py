@@ -153,7 +153,8 @@ def _serve_until_stopped(
         else "API keys off"
     )
     console.say(
-        f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store {settings.store_uri}; db {_redacted(settings.db_url)}"
+        f"sora serve: http://{shown}:{port}/v1 serving '{settings.model_name}' from {settings.model}; {keys}; store "
+        f"{settings.store_uri}; db {_redacted(settings.db_url)}"
     )
     console.say("sora serve: Ctrl-C to stop")
 

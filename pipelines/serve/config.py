@@ -161,7 +161,8 @@ class ServeSettings:
                 raise ConfigError(f"api_keys maps a key to tier '{tier}', which is not one of: {', '.join(self.tiers)}")
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError(
-                    "api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora serve --hash-key KEY`"
+                    "api_keys must map sha256 hex digests (64 lowercase hex chars) to tiers; hash a key with `sora "
+                    "serve --hash-key KEY`"
                 )
 
     def _check_limits(self) -> None:
@@ -198,7 +199,8 @@ class ServeSettings:
         for name, path in self.loras.items():
             if not LORA_NAME.fullmatch(str(name)):
                 raise ConfigError(
-                    f"loras: name '{name}' must be 1-64 letters, digits, '.', '_' or '-' (it is what requests send as 'lora')"
+                    f"loras: name '{name}' must be 1-64 letters, digits, '.', '_' or '-' (it is what requests send "
+                    "as 'lora')"
                 )
             if not isinstance(path, str) or not path:
                 raise ConfigError(f"loras.{name} must be a path to a LoRA adapter folder or .safetensors file")

@@ -364,7 +364,8 @@ class JobDB:
         return self._job(row) if row is not None else None
 
     def progress(self, held: dict[str, str], pct: int, eta_ns: int | None, ttl_s: float) -> set[str]:
-        """Progress of the jobs {id: token} of one pipeline call: a heartbeat that renews their leases; the ids still held."""
+        """Progress of the jobs {id: token} of one pipeline call: a heartbeat that renews their leases; the ids still
+        held."""
         kept: set[str] = set()
         with self.engine.begin() as conn:
             for job_id, token in held.items():

@@ -164,7 +164,8 @@ class Dispatcher:
             self.wake()
 
     async def _sweep(self, s: ServeSettings) -> None:
-        """Fail jobs past their deadline that nobody holds; purge expired jobs and their files (reference images too)."""
+        """Fail jobs past their deadline that nobody holds; purge expired jobs and their files (reference images
+        too)."""
         failed = await asyncio.to_thread(self.db.fail_past_deadline, s.retention_s)
         if failed:
             self.stats["deadline_exceeded"] += len(failed)

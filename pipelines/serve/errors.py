@@ -1,5 +1,6 @@
-"""OpenAI-shaped errors of the HTTP surface: `{"error": {"message", "type", "param", "code"}}`, the shape the `openai` SDK
-parses into `openai.BadRequestError` and friends. Pure Python and pydantic, imported by every serve module that answers."""
+"""OpenAI-shaped errors of the HTTP surface: `{"error": {"message", "type", "param", "code"}}`, the shape the
+`openai` SDK parses into `openai.BadRequestError` and friends. Pure Python and pydantic, imported by every serve
+module that answers."""
 
 from __future__ import annotations
 

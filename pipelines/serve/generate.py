@@ -163,7 +163,8 @@ def generate(args: argparse.Namespace) -> str:
         bar.close()
     out = write_video(args.out, clip, fps=args.fps or card.fps)
     print(
-        f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps"
+        f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} "
+        f"{sampler} steps"
     )
     for s in stats:
         print(s.summary())

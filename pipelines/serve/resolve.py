@@ -101,7 +101,8 @@ def resolve_references(req: VideoCreateRequest, card: ModelCard) -> dict[str, by
         if card.image_inputs == (0,):
             raise invalid(
                 "input_reference",
-                "This model generates from text only and cannot use 'input_reference' (image-to-video is not supported).",
+                "This model generates from text only and cannot use 'input_reference' (image-to-video is not "
+                "supported).",
                 code="unsupported_parameter",
             )
         if count == 0:
@@ -118,7 +119,8 @@ def resolve_references(req: VideoCreateRequest, card: ModelCard) -> dict[str, by
             )
         raise invalid(
             "last_frame_reference",
-            "This model conditions on one image ('input_reference') and cannot use 'last_frame_reference' (that needs a first-last-frame model).",
+            "This model conditions on one image ('input_reference') and cannot use 'last_frame_reference' (that "
+            "needs a first-last-frame model).",
             code="unsupported_parameter",
         )
     refs = {name: reference_bytes(getattr(req, name), name) for name in IMAGE_FIELDS}
@@ -146,7 +148,8 @@ def resolve_prompts(req: VideoCreateRequest, limits: Limits) -> tuple[str, str |
     if negative is not None and len(negative) > limits.max_prompt_chars:
         raise invalid(
             "negative_prompt",
-            f"'negative_prompt' has {len(negative)} characters; the limit is {limits.max_prompt_chars} (limits.max_prompt_chars).",
+            f"'negative_prompt' has {len(negative)} characters; the limit is {limits.max_prompt_chars} "
+            "(limits.max_prompt_chars).",
             code="string_above_max_length",
         )
     return prompt, negative or None
@@ -160,7 +163,8 @@ def resolve_size(req: VideoCreateRequest, card: ModelCard, limits: Limits, tier:
         if not m:
             raise invalid(
                 "size",
-                f"'size' must be 'WIDTHxHEIGHT' with positive integers, e.g. '{card.width}x{card.height}'; got {req.size!r}.",
+                f"'size' must be 'WIDTHxHEIGHT' with positive integers, e.g. '{card.width}x{card.height}'; got "
+                f"{req.size!r}.",
             )
         width, height = int(m.group(1)), int(m.group(2))
     if width < 1 or height < 1:
@@ -171,12 +175,14 @@ def resolve_size(req: VideoCreateRequest, card: ModelCard, limits: Limits, tier:
     if width * height > max_pixels:
         raise invalid(
             "size",
-            f"'size' {width}x{height} is {width * height} pixels per frame; the limit is {max_pixels} (limits.max_pixels).",
+            f"'size' {width}x{height} is {width * height} pixels per frame; the limit is {max_pixels} "
+            "(limits.max_pixels).",
         )
     if width % card.spatial_multiple or height % card.spatial_multiple:
         raise invalid(
             "size",
-            f"'size' width and height must be multiples of {card.spatial_multiple} for this model, got {width}x{height}.",
+            f"'size' width and height must be multiples of {card.spatial_multiple} for this model, got "
+            f"{width}x{height}.",
         )
     return width, height
 
@@ -228,7 +234,8 @@ def resolve_sampling(
     if not math.isfinite(guidance) or not limits.min_guidance <= guidance <= limits.max_guidance:
         raise invalid(
             "guidance_scale",
-            f"'guidance_scale' must be between {limits.min_guidance:g} and {limits.max_guidance:g} (limits.min_guidance, limits.max_guidance), got {guidance:g}.",
+            f"'guidance_scale' must be between {limits.min_guidance:g} and {limits.max_guidance:g} "
+            f"(limits.min_guidance, limits.max_guidance), got {guidance:g}.",
         )
     allowed = [s for s in (limits.samplers or card.samplers) if s in card.samplers]
     sampler = req.sampler or card.sampler
