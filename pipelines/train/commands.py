@@ -1,7 +1,8 @@
 """`sora train ...` and `sora export ...`: see `pipelines.train.trainer` for the run folder and the Ray job form.
 
 sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
-sora train --recipe cluster/recipes/article-5stage.yaml --rehearse --run-dir /tmp/rehearse   (pipelines/train/rehearse.py)
+sora train --recipe cluster/recipes/article-5stage.yaml --rehearse --run-dir /tmp/rehearse
+    (pipelines/train/rehearse.py)
 ray job submit --working-dir . -- python -m pipelines.train.trainer --recipe ... --data ... --run-dir ...
 sora export --checkpoint runs/smoke/ray_results/smoke-cpu/checkpoint_0000008 --out export8 --ema
 sora export --checkpoint runs/wan-lora/ray_results/wan-1.3b-lora/checkpoint_0001000 --out wan-merged --merge-lora

@@ -78,8 +78,10 @@ def check_init_weights(cfg: DiTConfig, export_dir: str) -> None:
     path = os.path.join(export_dir, MODEL_FILE)
     try:
         with safe_open(path, framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except Exception as err:  # noqa: BLE001 - any reader error (missing, truncated, not safetensors) is the file's fault
+            # safe_open has no __iter__
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as err:  # noqa: BLE001
+        # any reader error (missing, truncated, not safetensors) is the file's fault
         raise ConfigError(f"init_from: cannot read {path}: {_one_line(err)}") from None
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}

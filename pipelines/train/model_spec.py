@@ -69,7 +69,9 @@ def resolve_init(data: dict[str, Any]) -> dict[str, Any]:
     if model.get("base") is not None:
         return data
     if not os.path.exists(path):
-        return data  # not on this machine (a shipped recipe names a cluster path): parsing defers to `check_init`, which fails `sora train` in one line
+        # not on this machine (a shipped recipe names a cluster path): parsing defers to `check_init`, which fails
+        # `sora train` in one line
+        return data
     try:
         export = load_export_config(path)
     except (OSError, ValueError) as err:  # ConfigError is a ValueError: a bad config.json names its key

@@ -1,7 +1,8 @@
 """Training recipes: YAML curricula loaded into typed dataclasses (unknown keys and wrong types are errors).
 
     recipe = load_recipe("cluster/recipes/smoke-cpu.yaml")
-    buckets = resolve_stage_data(recipe, ["data/images", "data/clips"])   # stage_data.py: stage name -> prepared folders
+    # stage_data.py: stage name -> prepared folders
+    buckets = resolve_stage_data(recipe, ["data/images", "data/clips"])
 
 A recipe is one model trained through a list of stages (the article's curriculum, 4.1): each stage
 names a prepared bucket (`FRAMESxHEIGHTxWIDTH`, as `sora data prepare` writes it), its batch, steps,
@@ -209,7 +210,8 @@ class StageSpec:
     """Optimizer steps in this stage."""
     lr: float
     resolution: int = 0
-    """Square clip size in pixels; must equal the bucket's height and width (a mixed stage: one bucket's, the shape it samples at)."""
+    """Square clip size in pixels; must equal the bucket's height and width (a mixed stage: one bucket's, the shape it
+    samples at)."""
     height: int = 0
     width: int = 0
     """A non-square clip size in pixels (e.g. Wan's 480x832), given instead of `resolution`; 0 takes `resolution`."""
@@ -222,7 +224,8 @@ class StageSpec:
     tokens_per_batch: int = 0
     """A mixed stage's token budget per rank and micro-batch (clips are added while they fit; at least one)."""
     micro_batch: int = 1
-    """Clips per rank per forward pass (a mixed stage: the fewest clips its token budget holds, for the clip count check)."""
+    """Clips per rank per forward pass (a mixed stage: the fewest clips its token budget holds, for the clip count
+    check)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step: global batch = micro_batch * grad_accum * workers."""
     warmup_steps: int = 0
@@ -262,7 +265,8 @@ class StageSpec:
             raise ConfigError(f"datasets lists a bucket twice: {self.datasets}")
         if self.datasets and self.tokens_per_batch < 1:
             raise ConfigError(
-                "tokens_per_batch must be >= 1 for a mixed stage (datasets: [...]): the packed micro-batch's token budget"
+                "tokens_per_batch must be >= 1 for a mixed stage (datasets: [...]): the packed micro-batch's token "
+                "budget"
             )
         if self.tokens_per_batch and not self.datasets:
             raise ConfigError(
@@ -375,7 +379,8 @@ class Recipe:
             raise ConfigError(f"process_group_timeout_s must be >= 1, got {self.process_group_timeout_s}")
         if self.compile and self.deepspeed.zero_stage == 3:
             raise ConfigError(
-                "compile: true needs deepspeed.zero_stage <= 2 (ZeRO-3's parameter hooks recompile the graph per module)"
+                "compile: true needs deepspeed.zero_stage <= 2 (ZeRO-3's parameter hooks recompile the graph per "
+                "module)"
             )
         if not 0.0 <= self.checkpoint_fraction <= 1.0:
             raise ConfigError(f"checkpoint_fraction must be in [0, 1], got {self.checkpoint_fraction}")
@@ -421,16 +426,19 @@ def _check_stage_shapes(recipe: Recipe, model: DiTConfig) -> None:
     for i, stage in enumerate(recipe.stages):
         if stage.mixed and sp > 1:
             raise ConfigError(
-                f"stages[{i}]: a mixed stage (datasets) packs clips of several shapes, which sequence_parallel_size {sp} cannot shard; use 1"
+                f"stages[{i}]: a mixed stage (datasets) packs clips of several shapes, which sequence_parallel_size "
+                f"{sp} cannot shard; use 1"
             )
         if stage.mixed and recipe.compile:
             raise ConfigError(
-                f"stages[{i}]: a mixed stage's packed batches change shape every step (a graph each); set compile: false"
+                f"stages[{i}]: a mixed stage's packed batches change shape every step (a graph each); set compile: "
+                "false"
             )
         pt, ph, pw = model.patch_size
         if stage.frames % pt or stage.height % ph or stage.width % pw:
             raise ConfigError(
-                f"stages[{i}]: {stage.frames} frames at {stage.height}x{stage.width}px do not divide by model.patch_size {list(model.patch_size)}"
+                f"stages[{i}]: {stage.frames} frames at {stage.height}x{stage.width}px do not divide by "
+                f"model.patch_size {list(model.patch_size)}"
             )
         tokens = (stage.frames // pt) * (stage.height // ph) * (stage.width // pw)
         if tokens % sp:

@@ -247,7 +247,8 @@ class Plan:
             self.not_cpu.append(f"ZeRO++ hpZ groups of {full.deepspeed.hpz_partition_size} (rehearsed as {WORKERS})")
 
     def crash_step(self) -> int:
-        """The global step after which the last worker dies: the last stage's second step (its first is checkpointed)."""
+        """The global step after which the last worker dies: the last stage's second step (its first is
+        checkpointed)."""
         return sum(s["steps"] for s in self.recipe["stages"]) - 1
 
 

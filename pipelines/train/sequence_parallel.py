@@ -11,11 +11,11 @@ activation memory falls as 1/sp; communication per layer is 4 all-to-alls of the
                                     drop_text, group)   # (B, C, T, H, W) on every rank of the group
 
 How training uses it (`pipelines/train/worker.py`, recipe `sequence_parallel_size`): the ranks of a group
-train on the same micro-batch (the group's first rank, its only reader, broadcasts it) with the same noise; the prediction is
-all-gathered so every rank computes the same loss, and the backward of that gather hands each rank its
-piece's gradient. Each rank's weight gradients are then its piece's share of the full gradient, so the loss
-is scaled by sp before backward: DeepSpeed's mean over the data-parallel world (ZeRO-3's reduce-scatter
-over all ranks) then sums the shares within a group and averages over groups.
+train on the same micro-batch (the group's first rank, its only reader, broadcasts it) with the same noise; the
+prediction is all-gathered so every rank computes the same loss, and the backward of that gather hands each rank its
+piece's gradient. Each rank's weight gradients are then its piece's share of the full gradient, so the loss is scaled by
+sp before backward: DeepSpeed's mean over the data-parallel world (ZeRO-3's reduce-scatter over all ranks) then sums the
+shares within a group and averages over groups.
 
 `sora_model` never imports torch.distributed: the model only offers the attention hook and the
 shard layout (`TokenLayout.shard`); every collective lives here.

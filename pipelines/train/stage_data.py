@@ -100,15 +100,15 @@ def resolve_stage_data(recipe: Recipe, roots: list[str]) -> dict[str, StageData]
         shapes = {p.shape: p for p in parts}
         if want not in shapes:
             raise ConfigError(
-                f"stages[{i}] samples at {stage.size_text}, which none of its "
-                f"datasets ({', '.join(stage.datasets)}) holds; set frames and resolution (or height and width) to one of them"
+                f"stages[{i}] samples at {stage.size_text}, which none of its datasets ({', '.join(stage.datasets)}) "
+                "holds; set frames and resolution (or height and width) to one of them"
             )
         for p in parts:
             tokens = p.grid[0] * p.grid[1] * p.grid[2]
             if tokens > stage.tokens_per_batch:
                 raise ConfigError(
-                    f"stages[{i}].tokens_per_batch {stage.tokens_per_batch} is below the {tokens} tokens of one clip of "
-                    f"bucket {p.bucket}; raise it to at least {tokens}"
+                    f"stages[{i}].tokens_per_batch {stage.tokens_per_batch} is below the {tokens} tokens of one clip "
+                    f"of bucket {p.bucket}; raise it to at least {tokens}"
                 )
         out[stage.name] = StageData(
             paths=sorted({r for p in parts for r in p.paths}),
@@ -151,7 +151,8 @@ def _check_image_conditioning(model: DiTConfig, info: dict[str, Any], where: str
     if int(cond.get("channels", 0)) + model.predicted_channels != model.in_channels:
         raise ConfigError(
             f"{where}: the data's image condition has {cond.get('channels')} channels, the model reads "
-            f"{model.in_channels - model.predicted_channels} beside its noisy latents (model.in_channels {model.in_channels})"
+            f"{model.in_channels - model.predicted_channels} beside its noisy latents (model.in_channels "
+            f"{model.in_channels})"
         )
     if model.image_dim is None:
         return
@@ -159,7 +160,8 @@ def _check_image_conditioning(model: DiTConfig, info: dict[str, Any], where: str
     if got != (model.image_count, model.image_tokens, model.image_dim):
         raise ConfigError(
             f"{where}: the data's image features are (images, tokens, width) {got}, the model reads "
-            f"{(model.image_count, model.image_tokens, model.image_dim)}; prepare with the model's own export ({IMAGE_FLAG})"
+            f"{(model.image_count, model.image_tokens, model.image_dim)}; prepare with the model's own export "
+            f"({IMAGE_FLAG})"
         )
 
 
@@ -189,7 +191,8 @@ def _find_bucket(infos: dict[str, dict[str, Any]], roots: list[str], where: str,
     if not hits:
         have = sorted({_bucket_name(b) for info in infos.values() for b in info["buckets"]})
         raise ConfigError(
-            f"{where} '{name}' is not a bucket of the data ({', '.join(roots)}); buckets there: {', '.join(have) or 'none'}"
+            f"{where} '{name}' is not a bucket of the data ({', '.join(roots)}); buckets there: "
+            f"{', '.join(have) or 'none'}"
         )
     return hits
 
@@ -199,7 +202,8 @@ def _check_fits(recipe: Recipe, model: DiTConfig, hits: list[Hit], where: str) -
     _, info, _ = hits[0]
     if tuple(info["patch_size"]) != tuple(model.patch_size):
         raise ConfigError(
-            f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is {list(model.patch_size)}"
+            f"{where}: the data was prepared with patch {info['patch_size']} but model.patch_size is "
+            f"{list(model.patch_size)}"
         )
     if model.in_channels != model.predicted_channels:
         for root, root_info, _ in hits:  # every root read for this bucket must carry the condition

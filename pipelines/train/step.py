@@ -42,7 +42,8 @@ class StepResult:
     skipped: int
     """Non-finite micro-batches skipped during this step."""
     rows: int = 0
-    """Rows of the stage stream all ranks drew in this step (skipped micro-batches included): the stream position moves by this."""
+    """Rows of the stage stream all ranks drew in this step (skipped micro-batches included): the stream position moves
+    by this."""
     clips: int = 0
     """Clips all ranks trained on (a sequence-parallel group's shared clips counted once)."""
     tokens: int = 0
@@ -85,7 +86,8 @@ class Stepper:
             self.null_prompt = {k: torch.as_tensor(v).to(self.device) for k, v in self.null_prompt.items()}
 
     def _drop_captions(self, tokens, mask, pooled, drop):
-        """Caption dropout: a learned null (drop_text) or, for empty-prompt models, rows replaced by the "" embedding."""
+        """Caption dropout: a learned null (drop_text) or, for empty-prompt models, rows replaced by the ""
+        embedding."""
         if self.null_prompt is None:
             return tokens, mask, pooled, drop
         null, where = self.null_prompt, drop.view(-1, 1)  # (B, 1)

@@ -1,10 +1,13 @@
 r"""`sora train`: Ray Train + DeepSpeed through a recipe's curriculum, then `RUN/export/`.
 
     sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke
-    sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke --resume --workers 1
-    python -m pipelines.train.trainer --recipe cluster/recipes/demo-cpu.yaml --data data/images,data/short,data/long --run-dir runs/demo
+    sora train --recipe cluster/recipes/smoke-cpu.yaml --data data/images,data/clips --run-dir runs/smoke \
+        --resume --workers 1
+    python -m pipelines.train.trainer --recipe cluster/recipes/demo-cpu.yaml \
+        --data data/images,data/short,data/long --run-dir runs/demo
     ray job submit --working-dir . -- python -m pipelines.train.trainer --device cuda \
-        --recipe cluster/recipes/article-5stage.yaml --data /mnt/prepared/s1,/mnt/prepared/s2 --run-dir s3://bucket/runs/article
+        --recipe cluster/recipes/article-5stage.yaml --data /mnt/prepared/s1,/mnt/prepared/s2 \
+        --run-dir s3://bucket/runs/article
 
 The device is declared (recipe `device:` or `--device`): cuda workers each ask Ray for a GPU, so an
 autoscaler adds GPU nodes; a cluster with too few GPUs and no autoscaler is an error in seconds. The run
@@ -100,7 +103,8 @@ def _check_run_dir(opts: TrainOptions, recipe: Recipe) -> RunStore:
     if opts.resume:
         if not store.exists(f"{RAY_RESULTS}/{recipe.name}"):
             raise _user_error(
-                f"nothing to resume: {store.url(RAY_RESULTS + '/' + recipe.name)} does not exist (start the run without --resume)"
+                f"nothing to resume: {store.url(RAY_RESULTS + '/' + recipe.name)} does not exist (start the run "
+                "without --resume)"
             )
     elif not store.is_empty():
         raise _user_error(
@@ -177,7 +181,8 @@ def check_devices(recipe: Recipe, num_workers: int, deadline_s: float = DEVICE_W
         return
     if autoscaler_running():
         console.say(
-            f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting up to {deadline_s:.0f}s for the autoscaler to add nodes"
+            f"[sora train] {num_workers} GPU workers asked for, {have:g} GPUs now: waiting up to {deadline_s:.0f}s "
+            "for the autoscaler to add nodes"
         )
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
@@ -186,9 +191,9 @@ def check_devices(recipe: Recipe, num_workers: int, deadline_s: float = DEVICE_W
             if have >= num_workers:
                 return
         raise _user_error(
-            f"device cuda needs {num_workers} GPUs (one per worker) but after {deadline_s:.0f}s the autoscaler has added "
-            f"only {have:g}: {num_workers - have:g} GPU(s) missing (check the cluster's GPU node types and max_workers, "
-            f"lower --workers, or wait longer: {DEVICE_WAIT_ENV}=SECONDS)"
+            f"device cuda needs {num_workers} GPUs (one per worker) but after {deadline_s:.0f}s the autoscaler has "
+            f"added only {have:g}: {num_workers - have:g} GPU(s) missing (check the cluster's GPU node types and "
+            f"max_workers, lower --workers, or wait longer: {DEVICE_WAIT_ENV}=SECONDS)"
         )
     raise _user_error(
         f"device cuda needs {num_workers} GPUs (one per worker) but this cluster has {have:g} and no autoscaler to add "
@@ -216,8 +221,8 @@ def _stage_streams(
         sd = stage_data[stage.name]
         if sd.num_clips < stage.micro_batch * groups:
             raise _user_error(
-                f"stages[{i}] ({stage.name}): {sd.num_clips} clips in bucket {sd.bucket} are fewer than "
-                f"micro_batch {stage.micro_batch} x {groups} data-parallel groups; prepare more clips or lower micro_batch"
+                f"stages[{i}] ({stage.name}): {sd.num_clips} clips in bucket {sd.bucket} are fewer than micro_batch "
+                f"{stage.micro_batch} x {groups} data-parallel groups; prepare more clips or lower micro_batch"
             )
         if i < first:
             continue

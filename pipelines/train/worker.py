@@ -47,7 +47,8 @@ def _device(declared: str, local_rank: int) -> torch.device:
     if declared == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
-                "the recipe declares device cuda but this worker sees no GPU (check the node's drivers and CUDA_VISIBLE_DEVICES)"
+                "the recipe declares device cuda but this worker sees no GPU (check the node's drivers and "
+                "CUDA_VISIBLE_DEVICES)"
             )
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
