@@ -334,7 +334,8 @@ def _train_step(
 
 
 def _eval_step(out: Path, summary: dict[str, Any], export: Path) -> None:
-    """4 + 5. Evaluate, then show the first seed's clip of some prompts (eval generated them; nothing is generated twice)."""
+    """4 + 5. Evaluate, then show the first seed's clip of some prompts (eval generated them; nothing is generated
+    twice)."""
     from pipelines.demo_report import showcase
     from pipelines.evaluate.run import evaluate_export
     from sora_model.pipeline import TextToVideoPipeline
@@ -381,10 +382,12 @@ def _report_step(out: Path, summary: dict[str, Any], export: Path) -> None:
         a = acc.get(key) or {}
         if a:
             _log(
-                f"    {key:8s}: colour {a['color']:.0%}  shape {a['shape']:.0%}  direction {a['direction']:.0%}  all {a['all']:.0%}"
+                f"    {key:8s}: colour {a['color']:.0%}  shape {a['shape']:.0%}  direction {a['direction']:.0%}  all "
+                f"{a['all']:.0%}"
             )
     _log(
-        f"    samples: {summary['samples']['gif']}, {summary['samples']['png']}; loss curve: {out / 'report' / 'loss.png'}"
+        f"    samples: {summary['samples']['gif']}, {summary['samples']['png']}; loss curve: "
+        f"{out / 'report' / 'loss.png'}"
     )
     _log(f"    export:  {export}")
 
@@ -433,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.minutes < FIXED_MINUTES + 1:
         raise UserError(
-            f"--minutes must be at least {FIXED_MINUTES + 1:g} (the fixed steps alone take ~{FIXED_MINUTES:g}), got {args.minutes:g}"
+            f"--minutes must be at least {FIXED_MINUTES + 1:g} (the fixed steps alone take ~{FIXED_MINUTES:g}), got "
+            f"{args.minutes:g}"
         )
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")

@@ -109,8 +109,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     lines = [
         "# sora demo report",
         "",
-        f"Run on {time.strftime('%Y-%m-%d %H:%M')} with `{summary['command']}`; total {summary['seconds'] / 60:.1f} min. "
-        "Open `report.html` for the animated samples.",
+        f"Run on {time.strftime('%Y-%m-%d %H:%M')} with `{summary['command']}`; total {summary['seconds'] / 60:.1f} "
+        "min. Open `report.html` for the animated samples.",
         "",
         "## Data",
         f"- {synth['videos']} synthetic videos ({synth['frames']} frames, 32x32); held out of training: "
@@ -130,12 +130,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         "| --- | --- | --- | --- | --- | --- |",
         *(row(name, a) for name, a in _acc_rows(acc)),
         "",
-        f"Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips. "
-        f"Temporal consistency {summary['eval']['temporal_consistency']:.3f}, diversity across seeds {summary['eval']['diversity']:.3f}.",
+        "Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips. Temporal consistency "
+        f"{summary['eval']['temporal_consistency']:.3f}, diversity across seeds {summary['eval']['diversity']:.3f}.",
         "",
         "## Samples",
-        "`samples.gif` / `samples.mp4` (animated), `samples.png` (rows = prompts, columns = frames). Each clip is labelled "
-        "with its prompt, *held out of training* where it was, and what the judge read: red where it differs.",
+        "`samples.gif` / `samples.mp4` (animated), `samples.png` (rows = prompts, columns = frames). Each clip is "
+        "labelled with its prompt, *held out of training* where it was, and what the judge read: red where it "
+        "differs.",
         "",
         "![samples](samples.png)",
         "",
@@ -143,7 +144,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         _serve_line(summary),
         "",
         "## Files",
-        f'- export: `{summary["export"]}` (try `sora generate --model {summary["export"]} --prompt "a red circle moving left" --out clip.gif`)',
+        f'- export: `{summary["export"]}` (try `sora generate --model {summary["export"]} --prompt "a red circle '
+        'moving left" --out clip.gif`)',
         f"- run folder: `{out / 'run'}` (metrics.csv, tensorboard/, samples/)",
         f"- log: `{summary.get('log') or '-'}` (what Ray, DeepSpeed and torch printed)",
         "- metrics: `metrics.json`",
@@ -156,7 +158,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
 PAGE_STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } .muted { color: #666; }
-table { border-collapse: collapse; margin: 0.5em 0; } th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+table { border-collapse: collapse; margin: 0.5em 0; } \
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; } td.all { font-weight: bold; }
 img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; background: #181818; }
 .stages { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
@@ -194,14 +197,16 @@ def write_html(out: Path, summary: dict[str, Any]) -> Path:
 <html lang="en"><head><meta charset="utf-8"><title>sora demo report</title><style>{PAGE_STYLE}</style></head>
 <body data-images="pending">
 <h1>sora demo report</h1>
-<p class="muted">{e(time.strftime("%Y-%m-%d %H:%M"))} · <code>{e(summary["command"])}</code> · {summary["seconds"] / 60:.1f} min</p>
+<p class="muted">{e(time.strftime("%Y-%m-%d %H:%M"))} · <code>{e(summary["command"])}</code> · \
+{summary["seconds"] / 60:.1f} min</p>
 <h2>Prompt following</h2>
 <p>Judged by <code>sora eval</code>'s attribute detector over {summary["eval"].get("num_clips", "")} clips.
 Targets: all three right on ≥ 80% of seen and ≥ 60% of held-out clips.</p>
 <table><tr><th>prompts</th><th>colour</th><th>shape</th><th>direction</th><th>all three</th><th>clips</th></tr>
 {"".join(_accuracy_row(n, a) for n, a in _acc_rows(acc))}
 </table>
-<p class="muted">Temporal consistency {summary["eval"]["temporal_consistency"]:.3f}, diversity across seeds {summary["eval"]["diversity"]:.3f}.</p>
+<p class="muted">Temporal consistency {summary["eval"]["temporal_consistency"]:.3f}, \
+diversity across seeds {summary["eval"]["diversity"]:.3f}.</p>
 <h2>Samples</h2>
 <p class="legend">Each clip under its prompt: <span class="held">held out of training</span>
 <span class="right">judged: as asked</span> <span class="wrong">judged: what the detector read instead</span>

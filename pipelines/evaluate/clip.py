@@ -23,8 +23,9 @@ class ClipScorer:
         path = str(path)
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(
-                f"CLIP checkpoint not found: {path} ({option} takes a local folder written by CLIPModel.save_pretrained "
-                "and CLIPProcessor.save_pretrained: config.json, weights, tokenizer and preprocessor files)"
+                f"CLIP checkpoint not found: {path} ({option} takes a local folder written by "
+                "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained: config.json, weights, tokenizer and "
+                "preprocessor files)"
             )
         from transformers import CLIPModel, CLIPProcessor
 

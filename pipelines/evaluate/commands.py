@@ -10,7 +10,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="generate clips for a prompt list and measure them (attributes, consistency, diversity, FID/FVD, CLIP)",
-        description="Generate clips from an export for every prompt and seed, then write metrics.json and print a table.",
+        description=(
+            "Generate clips from an export for every prompt and seed, then write metrics.json and print a table."
+        ),
     )
     p.add_argument(
         "--model", required=True, metavar="EXPORT_DIR", help="export folder (model.safetensors + config.json)"

@@ -124,8 +124,9 @@ def load_feature_extractor(path: str, device: str = "cpu", option: str = "--feat
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"feature extractor not found: {path} ({option} takes a local TorchScript {'/'.join(TORCHSCRIPT_EXTENSIONS)} "
-            f"file or a {SAFETENSORS_EXTENSION} file written by pipelines.evaluate.features.save_small_encoder)"
+            f"feature extractor not found: {path} ({option} takes a local TorchScript "
+            f"{'/'.join(TORCHSCRIPT_EXTENSIONS)} file or a {SAFETENSORS_EXTENSION} file written by "
+            "pipelines.evaluate.features.save_small_encoder)"
         )
     ext = os.path.splitext(path)[1].lower()
     if ext == SAFETENSORS_EXTENSION:
@@ -151,5 +152,6 @@ def load_feature_extractor(path: str, device: str = "cpu", option: str = "--feat
             raise ValueError(f"{option} {path} is not a TorchScript file: {str(err).splitlines()[0]}") from None
         return FeatureExtractor(module, path, device=device)
     raise ValueError(
-        f"{option} {path}: unknown extension '{ext}'; use TorchScript ({', '.join(TORCHSCRIPT_EXTENSIONS)}) or {SAFETENSORS_EXTENSION}"
+        f"{option} {path}: unknown extension '{ext}'; use TorchScript ({', '.join(TORCHSCRIPT_EXTENSIONS)}) or "
+        f"{SAFETENSORS_EXTENSION}"
     )

@@ -160,6 +160,6 @@ def _generate_rank(groups: Any, device: str, args: argparse.Namespace) -> tuple[
     out = write_video(args.out, clip, fps=args.fps or card.fps)
     p = groups.parallel
     return out, (
-        f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} {sampler} steps, "
-        f"{p.world_size} ranks (sequence {p.sequence}{', cfg 2' if p.cfg else ''})"
+        f"wrote {out}: {clip.shape[0]} frames at {clip.shape[2]}x{clip.shape[1]}, seed {args.seed}, {steps} "
+        f"{sampler} steps, {p.world_size} ranks (sequence {p.sequence}{', cfg 2' if p.cfg else ''})"
     )

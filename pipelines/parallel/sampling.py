@@ -2,9 +2,9 @@
 
 The DiT is unchanged (`sora_model` never imports torch.distributed). `ParallelDiT` wraps it: each rank of a
 sequence-parallel group embeds its contiguous 1/sp of the clip's tokens, the text, timestep and its own tokens'
-RoPE positions (a sharded `TokenLayout` given as `grids`), and the attention hook of `pipelines/train/sequence_parallel.py`
-all-to-alls around every self-attention so attention sees the whole clip with H/sp heads. The prediction is
-all-gathered, so every rank holds the same latents and runs the same sampler step.
+RoPE positions (a sharded `TokenLayout` given as `grids`), and the attention hook of
+`pipelines/train/sequence_parallel.py` all-to-alls around every self-attention so attention sees the whole clip with
+H/sp heads. The prediction is all-gathered, so every rank holds the same latents and runs the same sampler step.
 
 A clip whose token count N does not divide by sp is padded, never refused: the token grid grows along the axis
 that needs the fewest extra tokens (so real tokens keep their (t, h, w) positions and RoPE), the padding rows are
@@ -66,7 +66,8 @@ def new_sampling_groups(parallel: ParallelConfig) -> SamplingGroups:
     world, rank, sp = dist.get_world_size(), dist.get_rank(), parallel.sequence
     if world != parallel.world_size:
         raise ValueError(
-            f"parallel sampling with sequence={sp}, cfg={parallel.cfg} needs {parallel.world_size} ranks, the world has {world}"
+            f"parallel sampling with sequence={sp}, cfg={parallel.cfg} needs {parallel.world_size} ranks, the world "
+            f"has {world}"
         )
     branches = 2 if parallel.cfg else 1
     sequence_group = cfg_group = None
@@ -225,7 +226,8 @@ class ParallelPipeline(TextToVideoPipeline):
         """`TextToVideoPipeline.sample_latents` on every rank (the same latents everywhere), without step caches."""
         if options.get("step_cache") not in (None, "none"):
             raise ValueError(
-                "step caches are not available with sequence or CFG parallelism (each rank would decide on its own tokens)"
+                "step caches are not available with sequence or CFG parallelism (each rank would decide on its own "
+                "tokens)"
             )
         options.pop("step_cache", None)
         return super().sample_latents(prompts, **options)
