@@ -187,7 +187,8 @@ def test_filter_drops_static_clips_and_duplicates_without_decoding(curated, tmp_
 
 
 def test_vae_path_gives_the_same_curation_columns(videos, curated, tmp_path):
-    """With a VAE the columns come from the decode tasks (the encode actors never see them computed): the same values."""
+    """With a VAE the columns come from the decode tasks (the encode actors never see them computed): the same
+    values."""
     pytest.importorskip("diffusers")
     from sora_model.config import AutoencoderConfig
 

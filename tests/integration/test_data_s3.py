@@ -186,7 +186,8 @@ def _sora_train(data: str, env: dict[str, str], tmp_path: Path) -> subprocess.Co
 
 
 def test_missing_bucket_and_no_credentials_are_one_line(s3, tmp_path):
-    """`sora train --data s3://...`: a bucket that does not exist, or no credentials at all: exit 2, one line naming the URI."""
+    """`sora train --data s3://...`: a bucket that does not exist, or no credentials at all: exit 2, one line naming the
+    URI."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env = {
         **base,

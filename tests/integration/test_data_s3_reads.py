@@ -110,5 +110,6 @@ def test_each_remote_video_is_read_once(s3):
     assert got["cut.mp4"] < 0.5 * len(data) / 2  # rejected by the probe's ranges: never downloaded
     assert info["num_clips"] == 2 and info["num_rejected"] == 1
     rejects = [json.loads(line) for line in (local / "out" / "rejects.jsonl").read_text().splitlines()]
-    # The index promises 96 frames, the data of frame 72 on is missing (a downloaded copy's decord index says 'too short').
+    # The index promises 96 frames, the data of frame 72 on is missing (a downloaded copy's decord index says 'too
+    # short').
     assert [(r["path"], r["reason"]) for r in rejects] == [("cut.mp4", "truncated")]

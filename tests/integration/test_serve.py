@@ -293,7 +293,8 @@ def test_concurrent_requests_share_one_forward_pass(http):
     after = http.get("/healthz").json()
     calls = after["stats"]["pipeline_calls"] - before.get("pipeline_calls", 0)
     print(
-        f"\n4 concurrent requests: {calls} pipeline call(s), {batched_s:.2f}s; batch sizes {after['stats']['batch_sizes']}"
+        f"\n4 concurrent requests: {calls} pipeline call(s), {batched_s:.2f}s; batch sizes "
+        f"{after['stats']['batch_sizes']}"
     )
     assert calls < 4, after["stats"]
     assert max(int(k) for k in after["stats"]["batch_sizes"]) > 1

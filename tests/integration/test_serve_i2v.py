@@ -1,9 +1,10 @@
 """Image-to-video through the Serve app on a local Ray: a tiny Wan2.1 I2V export (a WanImageToVideoPipeline folder
 written here and converted by `sora convert --from-diffusers`). The official SDK sends `input_reference` as a file
 part; a second request with another image goes as JSON with a base64 data: URL at the same moment (the two may share
-a dynamic batch; the generator splits batches by image). Each served clip equals the clip sampled here, directly, with the same seed and image (the lossless
-PNG thumbnail within 2 levels, the MP4 by its mean); the two images give two different clips. Bad images and fields
-the export cannot use are 400s naming the field, answered before any job exists."""
+a dynamic batch; the generator splits batches by image). Each served clip equals the clip sampled here, directly, with
+the same seed and image (the lossless PNG thumbnail within 2 levels, the MP4 by its mean); the two images give two
+different clips. Bad images and fields the export cannot use are 400s naming the field, answered before any job
+exists."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ GENERATOR = {
 
 
 def wan_file(model: torch.nn.Module, path: Path, seed: int) -> Path:
-    """A community-layout Wan LoRA (diffusion_model.blocks.N.self_attn.q.lora_A.weight + .alpha) for `model`'s blocks."""
+    """A community-layout Wan LoRA (diffusion_model.blocks.N.self_attn.q.lora_A.weight + .alpha) for `model`'s
+    blocks."""
     g = torch.Generator().manual_seed(seed)
     d, hidden, tensors = model.cfg.hidden_size, model.blocks[0].mlp[0].out_features, {}
     for i in range(len(model.blocks)):

@@ -237,6 +237,7 @@ def test_two_ingress_replicas_one_killed_under_load_every_job_completes_exactly_
     # Exactly once: each job started sampling once (no generator died here), whichever replica held it.
     assert all(r["_runs"] == 1 for r in rows), [(r["id"], r["_runs"], r["_attempts"]) for r in rows]
     print(
-        f"\n{len(accepted)} jobs accepted under load; re-claimed after the kill: {sum(r['_attempts'] > 1 for r in rows)}"
+        f"\n{len(accepted)} jobs accepted under load; re-claimed after the kill: "
+        f"{sum(r['_attempts'] > 1 for r in rows)}"
     )
     assert all(http.get(f"/v1/videos/{i}/content", follow_redirects=True).status_code == 200 for i in accepted[:3])

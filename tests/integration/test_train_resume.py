@@ -2,9 +2,9 @@
 
 Two ZeRO-3 workers on the smoke model, five steps over two stages (one with gradient accumulation), run two
 ways: uninterrupted; and stopped after step 2, `--resume`d, with the last rank dying after step 5 of the resumed
-attempt, which Ray Train restarts from step 4's checkpoint inside the same run. Equality needs what the issue named: each step's
-noise seeded by (seed, step, rank, micro-batch), not a per-attempt counter; each rank's micro-batches dealt from
-the stage stream by position, not by a shuffle buffer that a restart empties; and a restart reading from the
+attempt, which Ray Train restarts from step 4's checkpoint inside the same run. Equality needs what the issue named:
+each step's noise seeded by (seed, step, rank, micro-batch), not a per-attempt counter; each rank's micro-batches dealt
+from the stage stream by position, not by a shuffle buffer that a restart empties; and a restart reading from the
 checkpoint's sample, not replaying the stream. Before those fixes the resumed losses differed from step 3 on.
 """
 

@@ -1,4 +1,5 @@
-"""The evaluator's parts: the attribute detector on real synthetic clips, metrics on known inputs, local-file loaders."""
+"""The evaluator's parts: the attribute detector on real synthetic clips, metrics on known inputs, local-file
+loaders."""
 
 from __future__ import annotations
 

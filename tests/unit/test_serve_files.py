@@ -46,9 +46,15 @@ def test_bad_expired_or_foreign_links_are_refused(server):
     url = srv.url("http", "127.0.0.1", "video_abc-ref1.mp4", 60)
     assert httpx.get(url.replace("sig=", "sig=0")).status_code == 403
     past = int(time.time()) - 1
-    expired = f"http://127.0.0.1:{srv.port}/files/video_abc-ref1.mp4?expires={past}&sig={signature(srv.key, 'video_abc-ref1.mp4', past)}"
+    expired = (
+        f"http://127.0.0.1:{srv.port}/files/video_abc-ref1.mp4?expires={past}"
+        f"&sig={signature(srv.key, 'video_abc-ref1.mp4', past)}"
+    )
     assert httpx.get(expired).status_code == 403
-    forged = f"http://127.0.0.1:{srv.port}/files/{KEY_FILE}?expires={past + 99}&sig={signature(b'x' * 32, KEY_FILE, past + 99)}"
+    forged = (
+        f"http://127.0.0.1:{srv.port}/files/{KEY_FILE}?expires={past + 99}"
+        f"&sig={signature(b'x' * 32, KEY_FILE, past + 99)}"
+    )
     assert httpx.get(forged).status_code == 403
     assert store_key(str(root)) == srv.key  # a second replica reads the same key
 

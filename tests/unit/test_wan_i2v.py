@@ -5,7 +5,8 @@
 - the converted DiT's output equals `WanTransformer3DModel`'s with image features (asserted <= 1e-4);
 - 3 CFG sampling steps from an input image of another size than the output (non-square) equal the pipeline's
   latents with the same seed (asserted <= 1e-4), for I2V and FLF2V;
-- bad inputs (a text-only export given an image, a missing or unreadable image, a missing last image) fail with one line.
+- bad inputs (a text-only export given an image, a missing or unreadable image, a missing last image) fail with
+  one line.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def test_dit_output_equals_wan_transformer(case) -> None:
         )
     diff = (got - expected).abs().max().item()
     print(
-        f"{kind}: DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale {expected.abs().max().item():.2f})"
+        f"{kind}: DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale "
+        f"{expected.abs().max().item():.2f})"
     )
     assert got.shape == (2, WAN_CHANNELS, 3, 8, 12)
     assert diff <= TOL
@@ -297,6 +299,7 @@ def test_i2v_without_image_encoder_equals_wan_pipeline(tmp_path: Path, monkeypat
     assert pipe.image_encoder is None
     diff = (pipe.sample_latents(PROMPT, image=first, steps=3, seed=7, **OPTIONS) - expected).abs().max().item()
     print(
-        f"I2V without CLIP (Wan2.2 form), 3 CFG steps vs WanImageToVideoPipeline, fp32: max abs latent difference {diff:.2e}"
+        "I2V without CLIP (Wan2.2 form), 3 CFG steps vs WanImageToVideoPipeline, fp32: max abs latent difference "
+        f"{diff:.2e}"
     )
     assert diff <= TOL
