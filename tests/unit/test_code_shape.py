@@ -4,7 +4,9 @@
   import hides a circle from Python, not from the reader);
 - no function longer than a screen (FUNCTION_LINES, decorators and docstring included), and no module longer than
   one sitting's reading (MODULE_LINES: the aim is under ~500, the guard leaves that aim a little room);
-- `sora_model` never imports Ray, DeepSpeed or torch.distributed (parallelism is applied from `pipelines/`).
+- `sora_model` never imports Ray, DeepSpeed or torch.distributed (parallelism is applied from `pipelines/`);
+- one form for the whole tree: `ruff format` at the line length in pyproject.toml, and `ruff check` clean (E501
+  included: strings and comments the formatter cannot split are wrapped by hand).
 """
 
 from __future__ import annotations
@@ -148,3 +150,14 @@ def test_sora_model_never_imports_distributed_code():
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if any(n == b or n.startswith(b + ".") for b in banned)]
     assert not offenders, offenders
+
+
+def test_one_form_for_the_whole_tree():
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    for args in (["format", "--check"], ["check"]):
+        out = subprocess.run([ruff, *args, "."], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, f"ruff {' '.join(args)} (run it to fix or see where):\n{out.stdout[-3000:]}"

@@ -70,7 +70,8 @@ WAN_MODULES = [
 
 
 def wan_lora(model: DiT, seed: int, alpha: float | None) -> list[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
-    """Random adapters for every Wan Linear of `model`'s blocks and the head: (original name, diffusers name, A, B, alpha)."""
+    """Random adapters for every Wan Linear of `model`'s blocks and the head:
+    (original name, diffusers name, A, B, alpha)."""
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     out = []

@@ -1,5 +1,5 @@
-"""Wan2.2 A14B's two experts: a tiny random `WanPipeline` folder with `transformer_2` and `boundary_ratio` (made here with
-`save_pretrained`) converts into one export (`model.safetensors` + `model_2.safetensors`) whose sampling switches
+"""Wan2.2 A14B's two experts: a tiny random `WanPipeline` folder with `transformer_2` and `boundary_ratio` (made here
+with `save_pretrained`) converts into one export (`model.safetensors` + `model_2.safetensors`) whose sampling switches
 from the high-noise to the low-noise expert at the boundary timestep exactly as diffusers' WanPipeline does
 (4 CFG steps on both sides of the boundary, fp32, asserted <= 1e-4). Inconsistent folders fail with one line.
 """

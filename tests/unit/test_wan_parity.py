@@ -106,7 +106,8 @@ def test_dit_output_equals_wan_transformer(export: Path, wan_folder: Path) -> No
         )
     diff = (got - expected).abs().max().item()
     print(
-        f"DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} (output scale {expected.abs().max().item():.2f})"
+        f"DiT vs WanTransformer3DModel, fp32: max abs difference {diff:.2e} "
+        f"(output scale {expected.abs().max().item():.2f})"
     )
     assert diff <= TOL
     assert (torch.cat([_patchify(c) for c in got]) - packed).abs().max().item() <= TOL
