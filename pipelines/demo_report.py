@@ -44,9 +44,8 @@ def showcase(
     sheet = labelled_sheet(frames, prompts, held_out, judged, scale=SHOWCASE_SCALE)  # (H', W', 3)
     paths = {"gif": str(report / "samples.gif"), "mp4": str(report / "samples.mp4"), "png": str(report / "samples.png")}
     write_video(paths["gif"], grid, fps=4)
-    write_video(
-        paths["mp4"], grid[:, : grid.shape[1] // 2 * 2, : grid.shape[2] // 2 * 2], fps=4
-    )  # H.264 wants even sizes
+    # H.264 wants even sizes
+    write_video(paths["mp4"], grid[:, : grid.shape[1] // 2 * 2, : grid.shape[2] // 2 * 2], fps=4)
     write_video(paths["png"], sheet[None], fps=1)
     rows = []
     for i, p in enumerate(prompts):

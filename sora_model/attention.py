@@ -119,9 +119,8 @@ class TokenLayout:
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """adaLN: tokens times (1 + their clip's scale) plus its shift; shift, scale (clips, D)."""
         parts = zip(self.split(x), self.per_clip(shift), self.per_clip(scale))
-        return self.merge(
-            [torch.addcmul(sh[:, None], p, 1 + sc[:, None]) for p, sh, sc in parts]
-        )  # one pass over the tokens
+        # one pass over the tokens
+        return self.merge([torch.addcmul(sh[:, None], p, 1 + sc[:, None]) for p, sh, sc in parts])
 
     def gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Tokens times their clip's (clips, D) gate."""

@@ -139,9 +139,8 @@ class DiT(nn.Module):
         self.patch_embed = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(d, cfg.timestep_freq_dim)
         if cfg.pooled_text:
-            self.pooled_embedder = nn.Sequential(
-                FP32Linear(cfg.text_dim, d), nn.SiLU(), FP32Linear(d, d)
-            )  # condition path: fp32
+            # condition path: fp32
+            self.pooled_embedder = nn.Sequential(FP32Linear(cfg.text_dim, d), nn.SiLU(), FP32Linear(d, d))
         self.context_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         if cfg.null_text == "learned":
             # The null condition for classifier-free guidance: one learned token and pooled vector, in text space.

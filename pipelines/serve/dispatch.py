@@ -76,9 +76,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._last_sweep = 0.0
-        self._last_orphan_sweep = time.monotonic() - random.uniform(
-            0, settings().orphan_sweep_interval_s
-        )  # replicas spread out
+        # replicas spread out
+        self._last_orphan_sweep = time.monotonic() - random.uniform(0, settings().orphan_sweep_interval_s)
         self._orphan_task: asyncio.Task | None = None
 
     def wake(self) -> None:

@@ -219,9 +219,8 @@ class _ReadSegments:
             epoch, i, ranges = self.segments[int(s)]
             order = self.plan.row_order(epoch, i)
             take = np.concatenate([order[a:b] for a, b in ranges])
-            shard = open_parquet(
-                self.plan.files[i]
-            )  # one open: the footer says which caption columns exist (local or s3://)
+            # one open: the footer says which caption columns exist (local or s3://)
+            shard = open_parquet(self.plan.files[i])
             names = shard.schema_arrow.names
             extra = [EXTRA_OF[c] for c in EXTRA_OF if c in self.columns and EXTRA_OF[c] in names]
             table = shard.read(columns=self.columns + extra)

@@ -198,8 +198,7 @@ def weights_digest(module: torch.nn.Module, bf16: bool = False) -> dict[str, flo
     sums = torch.tensor([float(masters[n].double().sum()) for n in names], dtype=torch.float64)
     partitioned = any(is_zero3(p) for p in module.parameters())
     if partitioned and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = sums.to(
-            _collective_device()
-        )  # not the masters' device: offloaded ones live on the host, NCCL wants CUDA
+        # not the masters' device: offloaded ones live on the host, NCCL wants CUDA
+        sums = sums.to(_collective_device())
         dist.all_reduce(sums)
     return dict(zip(names, sums.cpu().tolist()))

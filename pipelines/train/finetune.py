@@ -117,9 +117,8 @@ def build_model(recipe: Any, ds_config: dict[str, Any] | None = None) -> torch.n
     """
     from sora_model.dit import DiT
 
-    torch.manual_seed(
-        recipe.seed
-    )  # same on every rank: identical initial weights (and adapters), which ZeRO-3 partitions
+    # same on every rank: identical initial weights (and adapters), which ZeRO-3 partitions
+    torch.manual_seed(recipe.seed)
     cfg = recipe.model_config()
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     if not recipe.init_from:

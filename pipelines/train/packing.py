@@ -58,9 +58,8 @@ def collate_pack(pack: list[Row], device: torch.device, pin: bool = False, trim_
     order = sorted(range(len(pack)), key=lambda i: tuple(int(v) for v in pack[i]["grid"]))
     rows = [pack[i] for i in order]
     mask = np.stack([np.asarray(r["text_mask"], dtype=bool) for r in rows])  # (clips, L)
-    keep = (
-        int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if trim_text else mask.shape[1]
-    )  # unused columns stay on the host
+    # unused columns stay on the host
+    keep = int(np.flatnonzero(mask.any(0)).max(initial=0)) + 1 if trim_text else mask.shape[1]
     host = {
         "patches": torch.as_tensor(
             np.concatenate([np.asarray(r["patches"], dtype=np.float32) for r in rows])

@@ -386,9 +386,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     if store.exists(FATAL_FILE):
         fatal = json.loads(store.read_text(FATAL_FILE))
         raise _user_error(fatal["reason"])
-    done = store.exists("export/config.json") or store.exists(
-        "export/adapter_config.json"
-    )  # a LoRA run's: an adapter folder
+    # a LoRA run's: an adapter folder
+    done = store.exists("export/config.json") or store.exists("export/adapter_config.json")
     export = store.url("export") if done else None
     return {
         "run_dir": store.url(),

@@ -167,9 +167,8 @@ class RankRun:
             self._open_early(0)
         # 1. Engine, EMA and position: fresh, or from the last checkpoint (a restart, or --resume).
         self.engine, self.module, self.ema, saved = _restore(self.recipe, self.world, self.rank, self.bf16, checkpoint)
-        self.par = parallelize(
-            self.engine, self.recipe, self.world, self.device
-        )  # sequence parallelism and compile, as the recipe asks
+        # sequence parallelism and compile, as the recipe asks
+        self.par = parallelize(self.engine, self.recipe, self.world, self.device)
         self.diffusion = build_diffusion(self.recipe.diffusion)
         self.state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "consumed_samples": 0, "nonfinite_total": 0}
         if saved is not None:

@@ -93,9 +93,8 @@ def test_synth_writes_the_grammar_and_is_deterministic(shapes, tmp_path):
         combo = tuple(r["attributes"][k] for k in grammar.ATTRIBUTES)
         spec = SynthSpec(size=32, frames=16, fps=8, seed=0)
         decoded = read_frames(str(again / r["path"]), range(16)).astype(int)
-        assert (
-            np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 8
-        )  # the seeded rendering (1.6-3.2 seen), not a neighbour (12-38)
+        # the seeded rendering (1.6-3.2 seen), not a neighbour (12-38)
+        assert np.abs(decoded - make_video(spec, i, combo).astype(int)).mean() < 8
     other = tmp_path / "other"
     synth(str(other), num_videos=2, seed=1, progress=False)
     assert not np.array_equal(

@@ -155,9 +155,8 @@ def test_uploaded_dataset_streams_and_resumes_from_s3(s3, tmp_path):
     assert plan.rows == [1, 1, 1, 1]
     whole = _stream(plan, 0, 10)  # two and a half epochs, each in its own file order
     assert sum(whole.values()) == 10 and len({d for _, d in whole}) == 4
-    assert whole == _stream(
-        StagePlan.from_files(local_files, seed=3, stage_index=1), 0, 10
-    )  # what the local copy gives
+    # what the local copy gives
+    assert whole == _stream(StagePlan.from_files(local_files, seed=3, stage_index=1), 0, 10)
     for k in (3, 6):  # resumed inside the first epoch, and inside the second
         before, after = _stream(plan, 0, k), _stream(plan, k, 10 - k)
         assert sum(after.values()) == 10 - k and before + after == whole

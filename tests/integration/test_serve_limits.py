@@ -62,9 +62,8 @@ def service(tmp_path_factory):
 
 def client(key: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(
-        base_url=BASE, timeout=60, headers=headers, follow_redirects=True
-    )  # folder-store downloads are a 307
+    # folder-store downloads are a 307
+    return httpx.Client(base_url=BASE, timeout=60, headers=headers, follow_redirects=True)
 
 
 def wait_idle(timeout: float = 120) -> None:

@@ -100,9 +100,8 @@ def test_metrics_on_the_api_port_move_with_requests(service):
         b = before.text
         r = http.post("/v1/videos", json={"prompt": "a green triangle moving down", "seed": 11, "steps": 3})
         assert wait_done(http, r.json()["id"])["status"] == "completed"
-        r = http.post(
-            "/v1/videos", json={"prompt": "a green triangle moving down", "seed": 12, "steps": 3}
-        )  # the text cache hits
+        # the text cache hits
+        r = http.post("/v1/videos", json={"prompt": "a green triangle moving down", "seed": 12, "steps": 3})
         assert wait_done(http, r.json()["id"])["status"] == "completed"
         assert http.post("/v1/videos", json={"prompt": "x", "steps": 10**6}).status_code == 400
         assert http.get("/v1/videos/video_" + "0" * 32).status_code == 404

@@ -178,9 +178,8 @@ def test_lora_finetune_lowers_loss_and_changes_only_adapters(data: Path, export:
     out = Path(second["export"])
     config, pairs = read_adapter(out)
     assert config["base_model_name_or_path"] == str(export.resolve()) and config["r"] == LORA_RANK
-    assert len(pairs) == 2 * 7 and all(
-        b.abs().max() > 0 for _, b in pairs.values()
-    )  # B starts at 0: every adapter learned
+    # B starts at 0: every adapter learned
+    assert len(pairs) == 2 * 7 and all(b.abs().max() > 0 for _, b in pairs.values())
     _, ema_pairs = read_adapter(out / "ema")
     assert any(not torch.equal(ema_pairs[n][1], pairs[n][1]) for n in pairs)
     base, merged = load_file(str(export / "model.safetensors")), load_file(str(out / "merged" / "model.safetensors"))
@@ -220,9 +219,8 @@ def test_full_finetune_starts_from_init_from(data: Path, export: Path, tmp_path:
     print(f"full fine-tune, 4 steps: {time.perf_counter() - t0:.1f}s")
     base = load_file(str(export / "model.safetensors"))
     digest = json.loads((tmp_path / "run" / "workers.json").read_text())["weights_digest"]
-    assert (
-        max(abs(digest[k] - float(v.double().sum())) for k, v in base.items()) < 1e-3
-    )  # ZeRO-3 started from the export
+    # ZeRO-3 started from the export
+    assert max(abs(digest[k] - float(v.double().sum())) for k, v in base.items()) < 1e-3
     trained = load_file(str(Path(summary["export"]) / "model.safetensors"))
     assert trained.keys() == base.keys()
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])

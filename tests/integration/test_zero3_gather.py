@@ -77,9 +77,8 @@ def test_gather_per_block_trains_as_the_defaults_do(tmp_path):
     per_block = _train({"param_persistence_threshold": 0, "gather_per_block": True}, tmp_path / "per_block.pt")
     assert not any(default["leaves"]) and per_block["leaves"] and all(per_block["leaves"])
     assert default["losses"][0] > 0 and default["losses"][1] != default["losses"][0]
-    assert (
-        default["moved"] > len(default["weights"]) // 2
-    )  # the steps really trained (adaLN-Zero: blocks from step 2 on)
+    # the steps really trained (adaLN-Zero: blocks from step 2 on)
+    assert default["moved"] > len(default["weights"]) // 2
     assert per_block["losses"] == pytest.approx(default["losses"], rel=1e-5)
     assert default["weights"].keys() == per_block["weights"].keys()
     for name, w in default["weights"].items():

@@ -304,6 +304,5 @@ def test_fused_projection_with_some_parts_adapted(tmp_path: Path) -> None:
     with cache.applied("qv") as bound:
         unmerged = forward(model)
     assert (unmerged - forward(merged_reference(model, lora))).abs().max().item() <= TOL
-    assert (
-        bound.nbytes == cache.check("qv") == 4 * sum(a.numel() + b.numel() for _, _, a, b, _ in lora)
-    )  # no padded blocks
+    # no padded blocks
+    assert bound.nbytes == cache.check("qv") == 4 * sum(a.numel() + b.numel() for _, _, a, b, _ in lora)

@@ -125,9 +125,8 @@ def test_packs_fill_the_token_budget_in_stream_order():
     sizes = [[int(np.prod(r["grid"])) for r in p] for p in packs]
     assert sizes == [[16, 128, 16], [16, 128], [128, 16]]
     assert all(sum(s) <= 160 for s in sizes)
-    assert [int(r["patches"][0, 0]) for p in packs for r in p] == list(
-        range(len(grids))
-    )  # nothing dropped or reordered
+    # nothing dropped or reordered
+    assert [int(r["patches"][0, 0]) for p in packs for r in p] == list(range(len(grids)))
     # a clip larger than the budget still travels alone (the recipe check prevents it; the packer never loops)
     assert [len(p) for p in pack_rows([_row((8, 4, 4), 0), _row((8, 4, 4), 1)], budget=100)] == [1, 1]
 

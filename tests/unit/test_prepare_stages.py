@@ -200,9 +200,8 @@ def test_the_default_caption_length_is_the_encoders_own_maximum(tmp_path):
     (clip / "config.json").write_text(
         json.dumps({"model_type": "clip", "text_config": {"max_position_embeddings": 77}})
     )
-    (clip / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": int(1e30)})
-    )  # transformers' "unbounded"
+    # transformers' "unbounded"
+    (clip / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}))
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text(json.dumps({"model_type": "t5"}))

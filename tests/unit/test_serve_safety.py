@@ -327,9 +327,8 @@ def test_bad_images_are_400s_naming_the_field_and_the_limit():
     image_rejected(b"plain text, not an image", "not a PNG, JPEG or WebP image")
     image_rejected(encoded("TIFF"), "not a PNG, JPEG or WebP image")  # Pillow reads TIFF; the server never parses it
     image_rejected(encoded("BMP"), "not a PNG, JPEG or WebP image")
-    image_rejected(
-        png_declaring(5000, 5000), "5000x5000", str(MAX_IMAGE_PIXELS)
-    )  # over our limit: read from the header
+    # over our limit: read from the header
+    image_rejected(png_declaring(5000, 5000), "5000x5000", str(MAX_IMAGE_PIXELS))
     image_rejected(png_declaring(100_000, 100_000), "pixels", str(MAX_IMAGE_PIXELS))  # Pillow's DecompressionBombError
     image_rejected(png_declaring(0, 10), "not a PNG, JPEG or WebP image")  # Pillow refuses an empty PNG itself
     for fmt in ("PNG", "JPEG", "WEBP"):

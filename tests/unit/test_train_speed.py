@@ -48,9 +48,8 @@ def test_selected_blocks_recompute_in_the_backward_and_the_gradients_do_not_chan
     assert checkpoint_blocks(selective.blocks, 0.5) == [1, 3]  # applied again: no second wrapper
     calls = [0] * len(selective.blocks)
     for i, block in enumerate(selective.blocks):
-        block.register_forward_pre_hook(
-            lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)
-        )  # before forward: a recompute stops early
+        # before forward: a recompute stops early
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     expected = _grads(plain)
     got = _grads(selective)
     assert calls == [1, 2, 1, 2]
@@ -77,14 +76,12 @@ def test_flops_per_token_follow_the_width_depth_and_sequence():
     cfg = dit_preset("DiT-L/2", text_dim=4096)
     base = train_flops_per_token(cfg, 8192, 300)
     d, depth = cfg.hidden_size, cfg.depth
-    dense = (
-        3 * depth * (12 * d * d + 4 * d * (cfg.ffn_dim or int(d * cfg.mlp_ratio)))
-    )  # 6 x the block's matmul parameters
+    # 6 x the block's matmul parameters
+    dense = 3 * depth * (12 * d * d + 4 * d * (cfg.ffn_dim or int(d * cfg.mlp_ratio)))
     attention = 3 * depth * 4 * 8192 * d  # self-attention's scores and weighted sum: 4 N D a block
     assert dense < base - attention < 1.1 * dense  # the rest: caption cross-attention, patch embedding and head
-    assert train_flops_per_token(cfg, 16384, 300) - base == pytest.approx(
-        attention, rel=0.01
-    )  # less the caption K/V, shared by more tokens
+    # less the caption K/V, shared by more tokens
+    assert train_flops_per_token(cfg, 16384, 300) - base == pytest.approx(attention, rel=0.01)
 
 
 @pytest.mark.parametrize(

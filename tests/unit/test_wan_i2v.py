@@ -79,9 +79,8 @@ def test_dit_output_equals_wan_transformer(case) -> None:
     g = torch.Generator().manual_seed(1)
     images = 2 if kind == "flf2v" else 1
     x = torch.randn(2, IN_CHANNELS, 3, 8, 12, generator=g)
-    text = torch.randn(
-        2, 512, WAN_TEXT_DIM, generator=g
-    )  # Wan's attention takes the last 512 context tokens as the caption
+    # Wan's attention takes the last 512 context tokens as the caption
+    text = torch.randn(2, 512, WAN_TEXT_DIM, generator=g)
     text[:, 9:] = 0
     features = torch.randn(2, images * IMAGE_TOKENS, IMAGE_DIM, generator=g)
     t = torch.tensor([999.0, 321.5])

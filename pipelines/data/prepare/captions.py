@@ -58,10 +58,10 @@ class EmbedCaptions:
         if not gpu:
             torch.set_num_threads(1)  # on CPU it shares the cores with the decoders; one thread each
         config = dataclasses.replace(config, cache_size=CAPTION_CACHE_ENTRIES)
-        self.encoder = build_text_encoder(config, device="cuda" if gpu else "cpu")
+        # On a GPU the weights are read straight into bf16 (umT5-XXL: 11 GB, not 22 GB of fp32 on the host first).
+        dtype = getattr(torch, GPU_DTYPE) if gpu else None
+        self.encoder = build_text_encoder(config, device="cuda" if gpu else "cpu", dtype=dtype)
         self.encoder.cache.set_max_bytes(CAPTION_CACHE_BYTES)
-        if gpu:
-            self.encoder.model.to(getattr(torch, GPU_DTYPE))
         self.embedded = 0
 
     def embed(self, captions: list[str]) -> dict[str, np.ndarray]:

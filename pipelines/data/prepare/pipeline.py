@@ -115,9 +115,8 @@ def _prepare(options: PrepareOptions) -> dict[str, Any]:
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.op_resource_reservation_enabled)
-    ctx.enable_progress_bars = (
-        opts.progress and console.library_bars()
-    )  # progress=False (a library call), or a console: quiet
+    # progress=False (a library call), or a console: quiet
+    ctx.enable_progress_bars = opts.progress and console.library_bars()
     # Ray Data reserves CPUs per operator; on a small machine that held the decode stage to one task at a
     # time (2 cores: 55% busy). Without it every stage takes what is free (the streaming executor still
     # bounds each operator's queued output, which is what keeps memory flat).
