@@ -167,7 +167,7 @@ def stream_seeded_weights(model: torch.nn.Module, recorder: InitRecorder | None,
     replays (one line on every rank if not), last the generator's state after the build, which every rank takes."""
     import torch.distributed as dist
 
-    from pipelines.train.finetune import _broadcast_device
+    from pipelines.train.sequence_parallel import collective_device
 
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
@@ -177,7 +177,7 @@ def stream_seeded_weights(model: torch.nn.Module, recorder: InitRecorder | None,
         dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
         raise ValueError(message[0])
-    device = _broadcast_device() if distributed else CPU
+    device = collective_device(dist.get_backend()) if distributed else CPU  # NCCL: CUDA tensors, gloo: CPU
     for name, meta in named.items():
         if rank == 0:
             value = recorder.materialize(meta).to(device=device, dtype=dtype)
