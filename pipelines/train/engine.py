@@ -102,7 +102,8 @@ def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tu
 
     Same seed on every rank: identical initial weights, which ZeRO-3 then partitions. `init_from` weights and
     LoRA adapters are in place before that (finetune.py: under ZeRO-3 they arrive as partitions, built on the
-    meta device and read by rank 0 a tensor at a time); the optimizer steps only what trains.
+    meta device and read, or for a seeded init replayed, by rank 0 a tensor at a time); the optimizer steps only
+    what trains.
     """
     import deepspeed
 
@@ -110,7 +111,7 @@ def build_engine(recipe: Recipe, world: int, load_universal: bool = False) -> tu
 
     ds = recipe.deepspeed
     config = ds_config(recipe, recipe.stages[0], world, load_universal)
-    model = build_model(recipe, config)  # under ZeRO-3 from `init_from`, already partitioned (no rank holds it whole)
+    model = build_model(recipe, config)  # under ZeRO-3 already partitioned (no rank holds it whole)
     if ds.zero_stage == 3 and ds.gather_per_block:
         from deepspeed.utils import set_z3_leaf_modules
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,9 +112,10 @@ def build_model(recipe: Any, ds_config: dict[str, Any] | None = None) -> torch.n
     """The DiT a rank trains: seeded init or the `init_from` weights, then LoRA adapters; torch.distributed up.
 
     From `init_from` the DiT is built on the meta device (no random init, which the weights replace) and rank 0
-    reads the export tensor by tensor (`stream_init_weights`). Under ZeRO-3 (`ds_config` given, stage 3) each rank
-    then keeps only its partition (`_partition_from_export`): no rank ever holds the whole model; otherwise every
-    rank holds it whole, as ZeRO-0/1/2 train it.
+    reads the export tensor by tensor (`stream_init_weights`). From scratch under ZeRO-3, rank 0 builds it on the
+    meta device too and replays the seeded init a tensor at a time (`seeded_init`: the same bits as `DiT(cfg)`
+    after the seed). Under ZeRO-3 (`ds_config` given, stage 3) each rank then keeps only its partition
+    (`_partition`): no rank ever holds the whole model; otherwise every rank holds it whole, as ZeRO-0/1/2 train it.
     """
     from sora_model.dit import DiT
 
@@ -121,23 +123,44 @@ def build_model(recipe: Any, ds_config: dict[str, Any] | None = None) -> torch.n
     torch.manual_seed(recipe.seed)
     cfg = recipe.model_config()
     zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
-    if not recipe.init_from:
+    if not recipe.init_from and not zero3:
         model = DiT(cfg)
+    elif not recipe.init_from:
+        model = _partition_seeded(cfg, ds_config)
     else:
         with torch.device("meta"):
             model = DiT(cfg)
         if zero3:
-            _partition_from_export(model, recipe.init_from, ds_config)
+            _partition(model, stream_init_weights(model, recipe.init_from, _zero3_dtype(ds_config)), ds_config)
         else:
             model.to_empty(device="cpu")
             load_init_weights(model, recipe.init_from)
     if recipe.lora is not None:
         add_lora(model, recipe.lora, recipe.seed)
-        if zero3 and recipe.init_from and ds_config.get("bf16", {}).get("enabled"):
+        if zero3 and ds_config.get("bf16", {}).get("enabled"):
             # DeepSpeed casts no parameter of a model that ZeRO-Init partitioned: the adapters join its dtype here.
             for p in model.parameters():
                 if not hasattr(p, "ds_id"):
                     p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def _partition_seeded(cfg: DiTConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """From scratch under ZeRO-3: the seeded DiT as this rank's partitions. Rank 0 records the build on the meta
+    device (`seeded_init.record_init`) and sends each parameter's replayed init; the other ranks build it on the
+    meta device plainly. Every rank ends with the generator where `DiT(cfg)` leaves it."""
+    import torch.distributed as dist
+
+    from pipelines.train.seeded_init import record_init, stream_seeded_weights
+    from sora_model.dit import DiT
+
+    recorder = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model, recorder = record_init(lambda: DiT(cfg))
+    else:
+        with torch.device("meta"):
+            model = DiT(cfg)
+    _partition(model, stream_seeded_weights(model, recorder, _zero3_dtype(ds_config)), ds_config)
     return model
 
 
@@ -218,13 +241,19 @@ PARTITION_BATCH_BYTES = 256 << 20
 """Under ZeRO-3, at most this many bytes of whole parameters are held before DeepSpeed partitions them."""
 
 
+def _zero3_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype ZeRO-Init gives parameters: the engine's (bf16 when its bf16 mode is on)."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
 @torch.no_grad()
-def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: dict[str, Any]) -> None:
-    """Fill a meta-device DiT with the export's weights as ZeRO-3 partitions: parameters arrive from rank 0 a tensor
-    at a time and, every PARTITION_BATCH_BYTES, go through `deepspeed.zero.Init(module=...)` (the first batch) or the
-    converter it attaches to its parameters (the next ones: what `deepspeed.initialize` uses for parameters added
-    later), which keep this rank's partition and free the rest. Parameters are in the engine's dtype (bf16 when
-    its bf16 mode is on), as ZeRO-Init's are; `deepspeed.initialize` then takes the model as ZeRO-Init built."""
+def _partition(model: torch.nn.Module, tensors: Iterator, ds_config: dict[str, Any]) -> None:
+    """Fill a meta-device DiT with whole tensors (name, value) as ZeRO-3 partitions: the export's weights
+    (`stream_init_weights`) or the seeded init (`seeded_init.stream_seeded_weights`), which arrive from rank 0 a
+    tensor at a time and, every PARTITION_BATCH_BYTES, go through `deepspeed.zero.Init(module=...)` (the first batch)
+    or the converter it attaches to its parameters (the next ones: what `deepspeed.initialize` uses for parameters
+    added later), which keep this rank's partition and free the rest. Parameters are in the engine's dtype
+    (`_zero3_dtype`), as ZeRO-Init's are; `deepspeed.initialize` then takes the model as ZeRO-Init built."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -232,7 +261,6 @@ def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: d
     deepspeed.comm.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False
     )
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     owners = {
         f"{m}.{n}" if m else n: (module, n)
         for m, module in model.named_modules()
@@ -253,7 +281,7 @@ def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: d
         batch.clear()
 
     held = 0
-    for name, value in stream_init_weights(model, export_dir, dtype):
+    for name, value in tensors:
         module, attr = owners[name]
         param = torch.nn.Parameter(value, requires_grad=True)
         setattr(module, attr, param)
@@ -266,7 +294,7 @@ def _partition_from_export(model: torch.nn.Module, export_dir: str, ds_config: d
         partition()
     left = [n for n, p in model.named_parameters() if p.is_meta or not hasattr(p, "ds_id")]
     if left:
-        raise AssertionError(f"init_from under ZeRO-3 left {left[:3]} unpartitioned")
+        raise AssertionError(f"the ZeRO-3 build left {left[:3]} unpartitioned")
 
 
 def add_lora(model: torch.nn.Module, spec: Any, seed: int) -> list[str]:
