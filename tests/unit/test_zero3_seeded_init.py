@@ -152,6 +152,7 @@ def _zero3_rank(rank: int, world: int, port: int, bf16: bool, out: str) -> None:
             f,
         )
     dist.destroy_process_group()
+    os._exit(0)  # results written: skip the teardown where a library thread can abort (see test_bounded_load)
 
 
 @pytest.mark.slow
