@@ -88,17 +88,20 @@ class InitRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         written = _written(func, args, kwargs)
-        rng = self._advance(func, args, kwargs, written) if torch.Tag.nondeterministic_seeded in func.tags else None
+        seeded = torch.Tag.nondeterministic_seeded in func.tags
+        rng = self._advance(func, args, kwargs, written) if seeded else None
+        replayable = not seeded or rng is not None
+        how = str(func) if replayable else f"{func}, which reads a tensor or its own generator"
         out = func(*args, **kwargs)
         inputs = {_key(t) for t in _tensors((args, kwargs))}
         for t in written:
             k = _key(t)
-            if func in PURE_WRITES and t is args[0] and k in self.history:
+            if replayable and func in PURE_WRITES and t is args[0] and k in self.history:
                 op = _Op(func, args[1:], kwargs, rng, (tuple(t.shape), tuple(t.stride()), t.storage_offset()))
                 self.history[k] = [self.history[k][0], op] if _covers(t) else [*self.history[k], op]
             else:
                 self.history.pop(k, None)
-                self.unknown[k] = str(func)
+                self.unknown[k] = how
         if not written:
             for t in _tensors(out):
                 k = _key(t)
@@ -106,19 +109,20 @@ class InitRecorder(TorchDispatchMode):
                     continue  # a view
                 self.history.pop(k, None)
                 self.unknown.pop(k, None)
-                if inputs:
-                    self.unknown[k] = str(func)
+                if inputs or not replayable:
+                    self.unknown[k] = how
                 else:
                     self.history[k] = [_Op(func, args, kwargs, rng)]
         return out
 
     @staticmethod
-    def _advance(func: Any, args: tuple, kwargs: dict, written: list[torch.Tensor]) -> torch.Tensor:
+    def _advance(func: Any, args: tuple, kwargs: dict, written: list[torch.Tensor]) -> torch.Tensor | None:
         """Run the random operation `func` on CPU scratch (advancing the generator as the eager build does);
-        returns the generator's state before it."""
+        returns the generator's state before it, or None for one that reads a tensor or takes its own generator
+        (not replayed: the tensors it makes or writes are named by `problem`, on every rank)."""
         others = [t for t in _tensors((args, kwargs)) if not any(t is w for w in written)]
         if others or kwargs.get("generator") is not None or len(written) > 1 or (written and written[0] is not args[0]):
-            raise NotImplementedError(f"seeded init: {func} reads a tensor or its own generator; it cannot be replayed")
+            return None
         rng = torch.get_rng_state()
         if written:
             t = written[0]

@@ -76,8 +76,9 @@ def test_an_init_it_cannot_replay_is_named():
     )
     with pytest.raises(ValueError, match="the seeded init of 'w' cannot be replayed"):
         list(stream_seeded_weights(model, recorder, torch.float32))
-    with pytest.raises(NotImplementedError, match="aten.uniform_.default reads a tensor or its own generator"):
-        record_init(_OwnGenerator)
+    model, recorder = record_init(_OwnGenerator)  # named on every rank, not raised on rank 0 alone
+    with pytest.raises(ValueError, match="aten.uniform_.default, which reads a tensor or its own generator"):
+        list(stream_seeded_weights(model, recorder, torch.float32))
 
 
 BIG = dict(hidden_size=512, depth=4, num_heads=8, text_dim=64)  # ~25 M parameters: ~100 MB in fp32
